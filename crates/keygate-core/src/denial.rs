@@ -1,0 +1,255 @@
+//! Denials: why a request was refused, with stable codes shared by responses, audit records
+//! and metrics.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::time::Duration;
+
+use crate::key::KeyParseError;
+
+/// A stable denial code. The text forms (`as_str`) never change; responses, audit records
+/// and metrics all use them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum DenialCode {
+    /// No credential in the request.
+    MissingKey,
+    /// A credential that is not a well-formed key (or two different ones).
+    MalformedKey,
+    /// A well-formed key that is unknown or whose secret does not match.
+    InvalidKey,
+    /// The key has expired.
+    ExpiredKey,
+    /// The key was revoked.
+    RevokedKey,
+    /// The key is disabled.
+    DisabledKey,
+    /// The key lacks the scope the operation needs.
+    InsufficientScope,
+    /// The key may not touch this resource (collection).
+    ResourceForbidden,
+    /// The request comes from an address that is not allowed.
+    IpNotAllowed,
+    /// The caller is going too fast.
+    RateLimited,
+    /// The caller has used up its allowance for the period.
+    QuotaExceeded,
+    /// The key store could not be reached to decide.
+    StoreUnavailable,
+}
+
+impl DenialCode {
+    /// Every code, in a stable order.
+    pub const ALL: [DenialCode; 12] = [
+        DenialCode::MissingKey,
+        DenialCode::MalformedKey,
+        DenialCode::InvalidKey,
+        DenialCode::ExpiredKey,
+        DenialCode::RevokedKey,
+        DenialCode::DisabledKey,
+        DenialCode::InsufficientScope,
+        DenialCode::ResourceForbidden,
+        DenialCode::IpNotAllowed,
+        DenialCode::RateLimited,
+        DenialCode::QuotaExceeded,
+        DenialCode::StoreUnavailable,
+    ];
+
+    /// The stable text form (`missing_key`, `rate_limited`, ...).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DenialCode::MissingKey => "missing_key",
+            DenialCode::MalformedKey => "malformed_key",
+            DenialCode::InvalidKey => "invalid_key",
+            DenialCode::ExpiredKey => "expired_key",
+            DenialCode::RevokedKey => "revoked_key",
+            DenialCode::DisabledKey => "disabled_key",
+            DenialCode::InsufficientScope => "insufficient_scope",
+            DenialCode::ResourceForbidden => "resource_forbidden",
+            DenialCode::IpNotAllowed => "ip_not_allowed",
+            DenialCode::RateLimited => "rate_limited",
+            DenialCode::QuotaExceeded => "quota_exceeded",
+            DenialCode::StoreUnavailable => "store_unavailable",
+        }
+    }
+
+    /// Whether the code is about the credential itself (authentication, HTTP 401).
+    pub const fn is_authentication(self) -> bool {
+        matches!(
+            self,
+            DenialCode::MissingKey
+                | DenialCode::MalformedKey
+                | DenialCode::InvalidKey
+                | DenialCode::ExpiredKey
+                | DenialCode::RevokedKey
+                | DenialCode::DisabledKey
+        )
+    }
+
+    /// The code a client is shown by default: `revoked_key` and `disabled_key` read
+    /// `invalid_key`, so a client learns no more than it needs; every other code reads as
+    /// itself. Audit records keep the exact code.
+    pub const fn public(self) -> DenialCode {
+        match self {
+            DenialCode::RevokedKey | DenialCode::DisabledKey => DenialCode::InvalidKey,
+            other => other,
+        }
+    }
+
+    /// A short, fixed, secret-free sentence describing the code.
+    pub const fn description(self) -> &'static str {
+        match self {
+            DenialCode::MissingKey => "No API key was provided.",
+            DenialCode::MalformedKey => "The API key is not well-formed.",
+            DenialCode::InvalidKey => "The API key is not valid.",
+            DenialCode::ExpiredKey => "The API key has expired.",
+            DenialCode::RevokedKey => "The API key has been revoked.",
+            DenialCode::DisabledKey => "The API key is disabled.",
+            DenialCode::InsufficientScope => "The API key lacks the scope this operation needs.",
+            DenialCode::ResourceForbidden => "The API key may not access this resource.",
+            DenialCode::IpNotAllowed => "Requests from this address are not allowed.",
+            DenialCode::RateLimited => "Too many requests; slow down.",
+            DenialCode::QuotaExceeded => "The quota for this period is used up.",
+            DenialCode::StoreUnavailable => "The key store is unavailable; try again later.",
+        }
+    }
+}
+
+impl fmt::Display for DenialCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refusal: a stable [`DenialCode`] plus optional details for the response.
+///
+/// It carries no secret: details are fixed strings or values the server chose (scope names,
+/// wait times), never the presented credential.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Denial {
+    code: DenialCode,
+    detail: Option<Cow<'static, str>>,
+    retry_after: Option<Duration>,
+    required_scope: Option<Cow<'static, str>>,
+}
+
+impl Denial {
+    /// A denial with `code` and no details.
+    pub const fn new(code: DenialCode) -> Self {
+        Denial {
+            code,
+            detail: None,
+            retry_after: None,
+            required_scope: None,
+        }
+    }
+
+    /// A `malformed_key` denial saying which check failed.
+    pub fn malformed(err: KeyParseError) -> Self {
+        let detail: &'static str = match err {
+            KeyParseError::Empty => "The API key is empty.",
+            KeyParseError::TooLong => "The API key is too long.",
+            KeyParseError::MissingSeparator => "The API key has no prefix separator.",
+            KeyParseError::UnknownPrefix => "The API key has an unknown prefix.",
+            KeyParseError::BadLength => "The API key has the wrong length.",
+            KeyParseError::BadCharacter => "The API key contains an invalid character.",
+            KeyParseError::BadChecksum => "The API key checksum does not match.",
+        };
+        Denial::new(DenialCode::MalformedKey).with_detail(detail)
+    }
+
+    /// Adds a human-readable detail. Never put a credential here.
+    pub fn with_detail(mut self, detail: impl Into<Cow<'static, str>>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// Adds how long to wait before retrying (429, 503).
+    pub fn with_retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
+    }
+
+    /// Names the scope the operation needed (for `insufficient_scope`).
+    pub fn with_required_scope(mut self, scope: impl Into<Cow<'static, str>>) -> Self {
+        self.required_scope = Some(scope.into());
+        self
+    }
+
+    /// The exact code.
+    pub fn code(&self) -> DenialCode {
+        self.code
+    }
+
+    /// The detail, or the code's fixed description.
+    pub fn detail(&self) -> &str {
+        self.detail
+            .as_deref()
+            .unwrap_or_else(|| self.code.description())
+    }
+
+    /// How long to wait before retrying, if known.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// The scope the operation needed, if this is a scope denial.
+    pub fn required_scope(&self) -> Option<&str> {
+        self.required_scope.as_deref()
+    }
+}
+
+impl From<DenialCode> for Denial {
+    fn from(code: DenialCode) -> Self {
+        Denial::new(code)
+    }
+}
+
+impl fmt::Debug for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Denial")
+            .field("code", &self.code.as_str())
+            .field("detail", &self.detail())
+            .field("retry_after", &self.retry_after)
+            .field("required_scope", &self.required_scope)
+            .finish()
+    }
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.detail())
+    }
+}
+
+impl std::error::Error for Denial {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_stable_and_distinct() {
+        let names: Vec<&str> = DenialCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "missing_key",
+                "malformed_key",
+                "invalid_key",
+                "expired_key",
+                "revoked_key",
+                "disabled_key",
+                "insufficient_scope",
+                "resource_forbidden",
+                "ip_not_allowed",
+                "rate_limited",
+                "quota_exceeded",
+                "store_unavailable"
+            ]
+        );
+        assert_eq!(DenialCode::RevokedKey.public(), DenialCode::InvalidKey);
+        assert_eq!(DenialCode::DisabledKey.public(), DenialCode::InvalidKey);
+        assert_eq!(DenialCode::ExpiredKey.public(), DenialCode::ExpiredKey);
+    }
+}

@@ -1,0 +1,47 @@
+//! keygate-core: API keys, key records, principals, the verifier and the store traits.
+//!
+//! This crate knows nothing about HTTP; the tower layers live in the `keygate` crate.
+//!
+//! ```
+//! use keygate_core::{KeyRecord, MemoryStore, KeyStore, Prefix, Verifier, DenialCode};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let store = MemoryStore::new();
+//! let verifier = Verifier::new(store.clone());
+//! let (key, record) = KeyRecord::generate(&Prefix::default(), verifier.hasher(), "ci", verifier.clock().now()).unwrap();
+//! store.insert(&record).await.unwrap();
+//!
+//! let principal = verifier.verify(key.expose_secret()).await.unwrap();
+//! assert_eq!(principal.key_id(), key.id());
+//! let denial = verifier.verify("kg_nonsense").await.unwrap_err();
+//! assert_eq!(denial.code(), DenialCode::MalformedKey);
+//! # }
+//! ```
+#![deny(unsafe_code, unreachable_pub)]
+#![warn(missing_docs)]
+
+mod clock;
+mod denial;
+mod digest;
+mod key;
+mod principal;
+mod record;
+mod store;
+mod verifier;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use denial::{Denial, DenialCode};
+pub use digest::{InvalidDigest, KeyDigest, KeyHasher};
+pub use key::{
+    ApiKey, InvalidKeyId, InvalidPrefix, KeyGenError, KeyId, KeyParseError, KeyParser, ParsedKey,
+    Prefix, BODY_LEN, CHECKSUM_LEN, KEY_ID_LEN, MAX_KEY_LEN, MAX_PREFIX_LEN, SCANNER_REGEX,
+    SECRET_LEN,
+};
+pub use principal::Principal;
+pub use record::{
+    InvalidPolicy, InvalidStatus, KeyInfo, KeyRecord, KeyStatus, QuotaPolicy, QuotaWindow,
+    RateLimitPolicy,
+};
+pub use store::{KeyFilter, KeyStore, MemoryStore, StoreError};
+pub use verifier::{Lookup, PendingLookup, Verifier, VerifierBuilder};

@@ -1,0 +1,490 @@
+//! The [`Verifier`]: from a presented credential to a [`Principal`] or a [`Denial`].
+//!
+//! ```text
+//! parse (prefix, length, alphabet, CRC32)      -> malformed_key, no lookup
+//! negative cache (ids recently found unknown)  -> invalid_key, no lookup
+//! positive cache (dashmap, by key id)          -> digest check, status, expiry
+//! store, on a miss only                        -> cached, then the same checks
+//! ```
+//!
+//! The hot path, a request with a cached key, does no I/O, takes no global lock and
+//! allocates nothing: one CRC32, one blake3 of ~40 bytes, one sharded map read, one
+//! constant-time compare and one reference-count increment.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use dashmap::{DashMap, DashSet};
+
+use crate::clock::{Clock, SystemClock};
+use crate::denial::{Denial, DenialCode};
+use crate::digest::{KeyDigest, KeyHasher};
+use crate::key::{KeyId, KeyParser, ParsedKey};
+use crate::principal::Principal;
+use crate::record::{KeyRecord, KeyStatus};
+use crate::store::{KeyFilter, KeyStore, StoreError};
+
+/// Verifies presented keys against a [`KeyStore`] through an in-memory cache. Cheap to
+/// clone; clones share the cache.
+#[derive(Clone)]
+pub struct Verifier {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: Arc<dyn KeyStore>,
+    parser: KeyParser,
+    hasher: KeyHasher,
+    clock: Arc<dyn Clock>,
+    cache: DashMap<KeyId, Entry>,
+    negative: NegativeCache,
+    refresh_after: Duration,
+    max_stale: Duration,
+    /// Set once [`Verifier::preload`] has loaded every record: a miss then means unknown.
+    complete: AtomicBool,
+    /// In complete mode, ids invalidated while absent from the cache (they may be new).
+    recheck: DashSet<KeyId>,
+    /// Bumped by every invalidation, so a lookup that raced one does not cache old data.
+    epoch: AtomicU64,
+}
+
+struct Entry {
+    digest: KeyDigest,
+    status: KeyStatus,
+    expires_at: Option<SystemTime>,
+    principal: Principal,
+    fetched_at: SystemTime,
+    refreshing: AtomicBool,
+}
+
+impl Entry {
+    fn new(record: &KeyRecord, now: SystemTime) -> Self {
+        Entry {
+            digest: record.digest,
+            status: record.status,
+            expires_at: record.expires_at,
+            principal: Principal::from_record(record),
+            fetched_at: now,
+            refreshing: AtomicBool::new(false),
+        }
+    }
+
+    fn age(&self, now: SystemTime) -> Duration {
+        // A clock that went backwards reads as "just fetched".
+        now.duration_since(self.fetched_at).unwrap_or_default()
+    }
+
+    fn evaluate(&self, digest: &KeyDigest, now: SystemTime) -> Result<Principal, Denial> {
+        // The secret is checked first, so nobody learns a key's status without its secret.
+        if !self.digest.ct_eq(digest) {
+            return Err(Denial::new(DenialCode::InvalidKey));
+        }
+        match self.status {
+            KeyStatus::Revoked => return Err(Denial::new(DenialCode::RevokedKey)),
+            KeyStatus::Disabled => return Err(Denial::new(DenialCode::DisabledKey)),
+            KeyStatus::Active => {}
+        }
+        if self.expires_at.is_some_and(|e| now >= e) {
+            return Err(Denial::new(DenialCode::ExpiredKey));
+        }
+        Ok(self.principal.clone())
+    }
+}
+
+/// The result of the synchronous part of verification ([`Verifier::lookup`]).
+#[derive(Debug)]
+pub enum Lookup {
+    /// Decided without I/O.
+    Done(Result<Principal, Denial>),
+    /// The store must be asked: pass this to [`Verifier::finish`].
+    Pending(PendingLookup),
+}
+
+/// A verification waiting for the store. Holds the key id and the digest of the presented
+/// secret, never the secret itself.
+#[derive(Debug)]
+pub struct PendingLookup {
+    id: KeyId,
+    digest: KeyDigest,
+}
+
+impl PendingLookup {
+    /// The key id being looked up.
+    pub fn key_id(&self) -> KeyId {
+        self.id
+    }
+}
+
+/// Configures a [`Verifier`].
+pub struct VerifierBuilder {
+    store: Arc<dyn KeyStore>,
+    parser: KeyParser,
+    hasher: KeyHasher,
+    clock: Arc<dyn Clock>,
+    negative_capacity: usize,
+    negative_ttl: Duration,
+    refresh_after: Duration,
+    max_stale: Duration,
+}
+
+impl VerifierBuilder {
+    /// Accept these prefixes (default: `kg` only).
+    pub fn parser(mut self, parser: KeyParser) -> Self {
+        self.parser = parser;
+        self
+    }
+    /// Use this hasher (for a pepper); it must match the one keys were issued with.
+    pub fn hasher(mut self, hasher: KeyHasher) -> Self {
+        self.hasher = hasher;
+        self
+    }
+    /// Read time from this clock (default: the system clock).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+    /// Read time from this shared clock.
+    pub fn shared_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+    /// How many unknown key ids to remember at most (default 65,536; 0 turns the negative
+    /// cache off). Memory stays below about 64 bytes per entry.
+    pub fn negative_capacity(mut self, n: usize) -> Self {
+        self.negative_capacity = n;
+        self
+    }
+    /// How long an unknown id is remembered as unknown (default 30 s). Keys created through
+    /// this verifier's [`Verifier::invalidate`] are usable at once regardless.
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.negative_ttl = ttl;
+        self
+    }
+    /// How long a cached record is trusted before it is read again from the store
+    /// (default 30 s). This bounds how long a change made by another process without change
+    /// notification takes to be seen.
+    pub fn refresh_after(mut self, d: Duration) -> Self {
+        self.refresh_after = d;
+        self
+    }
+    /// How long past its refresh a cached record may still be used while the store is
+    /// unreachable (default 5 min). Past it, requests with that key get `store_unavailable`.
+    pub fn max_stale(mut self, d: Duration) -> Self {
+        self.max_stale = d;
+        self
+    }
+    /// Builds the verifier.
+    pub fn build(self) -> Verifier {
+        Verifier {
+            shared: Arc::new(Shared {
+                store: self.store,
+                parser: self.parser,
+                hasher: self.hasher,
+                clock: self.clock,
+                cache: DashMap::new(),
+                negative: NegativeCache::new(self.negative_capacity, self.negative_ttl),
+                refresh_after: self.refresh_after,
+                max_stale: self.max_stale,
+                complete: AtomicBool::new(false),
+                recheck: DashSet::new(),
+                epoch: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+impl Verifier {
+    /// A verifier over `store` with default settings.
+    pub fn new(store: impl KeyStore) -> Self {
+        Self::builder(store).build()
+    }
+
+    /// Configures a verifier over `store`.
+    pub fn builder(store: impl KeyStore) -> VerifierBuilder {
+        Self::builder_shared(Arc::new(store))
+    }
+
+    /// Configures a verifier over a shared store.
+    pub fn builder_shared(store: Arc<dyn KeyStore>) -> VerifierBuilder {
+        VerifierBuilder {
+            store,
+            parser: KeyParser::default(),
+            hasher: KeyHasher::new(),
+            clock: Arc::new(SystemClock),
+            negative_capacity: 65_536,
+            negative_ttl: Duration::from_secs(30),
+            refresh_after: Duration::from_secs(30),
+            max_stale: Duration::from_secs(300),
+        }
+    }
+
+    /// The store behind the cache.
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.shared.store
+    }
+    /// The parser (accepted prefixes).
+    pub fn parser(&self) -> &KeyParser {
+        &self.shared.parser
+    }
+    /// The hasher keys must be issued with.
+    pub fn hasher(&self) -> &KeyHasher {
+        &self.shared.hasher
+    }
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.shared.clock
+    }
+    /// How many records are cached.
+    pub fn cached(&self) -> usize {
+        self.shared.cache.len()
+    }
+
+    /// Verifies `presented`, asking the store on a cache miss.
+    pub async fn verify(&self, presented: &str) -> Result<Principal, Denial> {
+        match self.lookup(presented) {
+            Lookup::Done(result) => result,
+            Lookup::Pending(p) => self.finish(p).await,
+        }
+    }
+
+    /// The synchronous part of verification: decides without I/O when it can (malformed,
+    /// known unknown, cached), or says the store must be asked.
+    pub fn lookup(&self, presented: &str) -> Lookup {
+        let s = &*self.shared;
+        let parsed = match s.parser.parse(presented) {
+            Ok(p) => p,
+            Err(e) => return Lookup::Done(Err(Denial::malformed(e))),
+        };
+        self.lookup_parsed(&parsed)
+    }
+
+    /// [`Verifier::lookup`] for an already parsed key.
+    pub fn lookup_parsed(&self, parsed: &ParsedKey<'_>) -> Lookup {
+        let s = &*self.shared;
+        let id = parsed.id();
+        let now = s.clock.now();
+        if let Some(entry) = s.cache.get(&id) {
+            let age = entry.age(now);
+            let must_refresh = age >= s.refresh_after;
+            // One request refreshes a stale entry; the others keep using it meanwhile, as
+            // long as it is within the staleness bound.
+            let use_cached = !must_refresh
+                || (age < s.refresh_after.saturating_add(s.max_stale)
+                    && entry.refreshing.swap(true, Ordering::AcqRel));
+            if use_cached {
+                let digest = s.hasher.digest(parsed);
+                return Lookup::Done(entry.evaluate(&digest, now));
+            }
+        } else if s.complete.load(Ordering::Acquire) {
+            if !s.recheck.contains(&id) {
+                return Lookup::Done(Err(Denial::new(DenialCode::InvalidKey)));
+            }
+        } else if s.negative.contains(&id, now) {
+            return Lookup::Done(Err(Denial::new(DenialCode::InvalidKey)));
+        }
+        Lookup::Pending(PendingLookup {
+            id,
+            digest: s.hasher.digest(parsed),
+        })
+    }
+
+    /// Finishes a verification that needs the store: reads the record, caches it (or
+    /// remembers the id as unknown), and checks it. If the store fails, a cached record
+    /// within the staleness bound still answers; otherwise `store_unavailable`.
+    pub async fn finish(&self, pending: PendingLookup) -> Result<Principal, Denial> {
+        let s = &*self.shared;
+        let epoch = s.epoch.load(Ordering::Acquire);
+        let fetched = s.store.get(&pending.id).await;
+        let now = s.clock.now();
+        let unchanged = s.epoch.load(Ordering::Acquire) == epoch;
+        match fetched {
+            Ok(Some(record)) if record.id == pending.id => {
+                let entry = Entry::new(&record, now);
+                let result = entry.evaluate(&pending.digest, now);
+                if unchanged {
+                    s.cache.insert(pending.id, entry);
+                    s.recheck.remove(&pending.id);
+                }
+                s.negative.remove(&pending.id);
+                result
+            }
+            Ok(_) => {
+                if unchanged {
+                    s.cache.remove(&pending.id);
+                    s.recheck.remove(&pending.id);
+                    s.negative.insert(pending.id, now);
+                }
+                Err(Denial::new(DenialCode::InvalidKey))
+            }
+            Err(err) => {
+                tracing::warn!(key_id = %pending.id, error = %err, "key store lookup failed");
+                if let Some(entry) = s.cache.get(&pending.id) {
+                    entry.refreshing.store(false, Ordering::Release);
+                    if entry.age(now) < s.refresh_after.saturating_add(s.max_stale) {
+                        return entry.evaluate(&pending.digest, now);
+                    }
+                }
+                Err(Denial::new(DenialCode::StoreUnavailable).with_retry_after(Duration::from_secs(1)))
+            }
+        }
+    }
+
+    /// Forgets what the cache knows about `id`, so the next request reads the store. Call it
+    /// after changing a record (lifecycle operations and change notification do).
+    pub fn invalidate(&self, id: &KeyId) {
+        let s = &*self.shared;
+        s.epoch.fetch_add(1, Ordering::AcqRel);
+        s.cache.remove(id);
+        s.negative.remove(id);
+        if s.complete.load(Ordering::Acquire) {
+            s.recheck.insert(*id);
+        }
+    }
+
+    /// Forgets the whole cache (and leaves preloaded mode).
+    pub fn invalidate_all(&self) {
+        let s = &*self.shared;
+        s.epoch.fetch_add(1, Ordering::AcqRel);
+        s.complete.store(false, Ordering::Release);
+        s.cache.clear();
+        s.negative.clear();
+        s.recheck.clear();
+    }
+
+    /// Reads `id` from the store now and updates the cache.
+    pub async fn refresh(&self, id: &KeyId) -> Result<(), StoreError> {
+        let s = &*self.shared;
+        s.epoch.fetch_add(1, Ordering::AcqRel);
+        let record = s.store.get(id).await?;
+        let now = s.clock.now();
+        match record {
+            Some(r) => {
+                s.cache.insert(*id, Entry::new(&r, now));
+                s.negative.remove(id);
+            }
+            None => {
+                s.cache.remove(id);
+            }
+        }
+        s.recheck.remove(id);
+        Ok(())
+    }
+
+    /// Loads every record into the cache and switches to preloaded mode: from then on an id
+    /// missing from the cache is unknown without asking the store, so a flood of random
+    /// well-formed keys never reaches it. Changes must then reach the cache through
+    /// [`Verifier::invalidate`] or [`Verifier::refresh`]. Returns how many records loaded.
+    pub async fn preload(&self) -> Result<usize, StoreError> {
+        let s = &*self.shared;
+        s.recheck.clear();
+        let records = s.store.list(&KeyFilter::default()).await?;
+        let now = s.clock.now();
+        for r in &records {
+            s.cache.insert(r.id, Entry::new(r, now));
+        }
+        s.complete.store(true, Ordering::Release);
+        Ok(records.len())
+    }
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("cached", &self.shared.cache.len())
+            .field("prefixes", &self.shared.parser.prefixes())
+            .field("preloaded", &self.shared.complete.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A bounded memory of unknown key ids: sharded, two generations per shard (when the
+/// current one fills up it becomes the previous one and the oldest is dropped), each entry
+/// valid for a time-to-live.
+struct NegativeCache {
+    shards: Box<[Mutex<Generations>]>,
+    per_generation: usize,
+    ttl: Duration,
+}
+
+#[derive(Default)]
+struct Generations {
+    current: std::collections::HashMap<KeyId, SystemTime>,
+    previous: std::collections::HashMap<KeyId, SystemTime>,
+}
+
+const NEGATIVE_SHARDS: usize = 16;
+
+impl NegativeCache {
+    fn new(capacity: usize, ttl: Duration) -> Self {
+        let shards = if capacity == 0 { 0 } else { NEGATIVE_SHARDS };
+        NegativeCache {
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
+            per_generation: (capacity / NEGATIVE_SHARDS / 2).max(1),
+            ttl,
+        }
+    }
+
+    fn shard(&self, id: &KeyId) -> Option<&Mutex<Generations>> {
+        if self.shards.is_empty() {
+            return None;
+        }
+        let b = id.as_bytes();
+        let h = (b[0] as usize) ^ ((b[1] as usize) << 3) ^ ((b[2] as usize) << 6);
+        Some(&self.shards[h % self.shards.len()])
+    }
+
+    fn lock(m: &Mutex<Generations>) -> std::sync::MutexGuard<'_, Generations> {
+        m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn contains(&self, id: &KeyId, now: SystemTime) -> bool {
+        let Some(shard) = self.shard(id) else {
+            return false;
+        };
+        let g = Self::lock(shard);
+        let at = g.current.get(id).or_else(|| g.previous.get(id));
+        at.is_some_and(|t| now.duration_since(*t).unwrap_or_default() < self.ttl)
+    }
+
+    fn insert(&self, id: KeyId, now: SystemTime) {
+        let Some(shard) = self.shard(&id) else {
+            return;
+        };
+        let mut g = Self::lock(shard);
+        if g.current.len() >= self.per_generation {
+            g.previous = std::mem::take(&mut g.current);
+        }
+        g.current.insert(id, now);
+    }
+
+    fn remove(&self, id: &KeyId) {
+        if let Some(shard) = self.shard(id) {
+            let mut g = Self::lock(shard);
+            g.current.remove(id);
+            g.previous.remove(id);
+        }
+    }
+
+    fn clear(&self) {
+        for shard in self.shards.iter() {
+            let mut g = Self::lock(shard);
+            g.current.clear();
+            g.previous.clear();
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                let g = Self::lock(s);
+                g.current.len() + g.previous.len()
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,309 @@
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::*;
+use crate::{ApiKey, ManualClock, MemoryStore, Prefix};
+
+/// A store that counts reads and can be switched off.
+#[derive(Clone, Default)]
+struct CountingStore {
+    inner: MemoryStore,
+    gets: Arc<AtomicUsize>,
+    down: Arc<AtomicBool>,
+}
+
+impl CountingStore {
+    fn gets(&self) -> usize {
+        self.gets.load(Ordering::SeqCst)
+    }
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(StoreError::Unavailable("switched off by the test".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl KeyStore for CountingStore {
+    async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        self.check()?;
+        self.inner.get(id).await
+    }
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.insert(record).await
+    }
+    async fn update(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.update(record).await
+    }
+    async fn list(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
+        self.check()?;
+        self.inner.list(filter).await
+    }
+}
+
+struct Fixture {
+    store: CountingStore,
+    clock: ManualClock,
+    verifier: Verifier,
+}
+
+fn fixture(configure: impl FnOnce(VerifierBuilder) -> VerifierBuilder) -> Fixture {
+    let store = CountingStore::default();
+    let clock = ManualClock::at_2026();
+    let verifier = configure(Verifier::builder(store.clone()).clock(clock.clone())).build();
+    Fixture {
+        store,
+        clock,
+        verifier,
+    }
+}
+
+impl Fixture {
+    async fn issue(&self, edit: impl FnOnce(&mut KeyRecord)) -> (ApiKey, KeyRecord) {
+        let (key, mut record) = KeyRecord::generate(
+            &Prefix::default(),
+            self.verifier.hasher(),
+            "test",
+            self.clock.now(),
+        )
+        .unwrap();
+        edit(&mut record);
+        self.store.inner.insert(&record).await.unwrap();
+        (key, record)
+    }
+}
+
+fn code(r: Result<Principal, Denial>) -> DenialCode {
+    r.expect_err("expected a denial").code()
+}
+
+#[tokio::test]
+async fn a_known_key_is_read_once_then_served_from_cache() {
+    let f = fixture(|b| b);
+    let (key, record) = f
+        .issue(|r| {
+            r.owner = Some("alice".into());
+            r.attributes.insert("tenant".into(), "acme".into());
+        })
+        .await;
+    for _ in 0..5 {
+        let p = f.verifier.verify(key.expose_secret()).await.unwrap();
+        assert_eq!(p.key_id(), record.id);
+        assert_eq!(p.subject(), Some("alice"));
+        assert_eq!(p.tenant(), Some("acme"));
+    }
+    assert_eq!(f.store.gets(), 1);
+    assert!(matches!(f.verifier.lookup(key.expose_secret()), Lookup::Done(Ok(_))));
+}
+
+#[tokio::test]
+async fn wrong_secret_for_a_known_id_is_invalid() {
+    let f = fixture(|b| b);
+    let (key, record) = f.issue(|_| {}).await;
+    // Same id and prefix, other secret, valid checksum.
+    let other = ApiKey::generate(&Prefix::default()).unwrap();
+    let forged = forge(&record.id, other.parsed().secret());
+    assert_eq!(code(f.verifier.verify(&forged).await), DenialCode::InvalidKey);
+    assert!(f.verifier.verify(key.expose_secret()).await.is_ok());
+}
+
+/// Builds a well-formed key text for `id` with `secret` (valid checksum).
+fn forge(id: &KeyId, secret: &str) -> String {
+    let head = format!("kg_{id}{secret}");
+    let mut n = crc32fast::hash(head.as_bytes());
+    let alphabet = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut sum = [b'0'; 6];
+    for slot in sum.iter_mut().rev() {
+        *slot = alphabet[(n % 62) as usize];
+        n /= 62;
+    }
+    head + std::str::from_utf8(&sum).unwrap()
+}
+
+#[tokio::test]
+async fn status_and_expiry_are_enforced_after_the_secret_check() {
+    let f = fixture(|b| b);
+    let (revoked, _) = f.issue(|r| r.status = KeyStatus::Revoked).await;
+    let (disabled, _) = f.issue(|r| r.status = KeyStatus::Disabled).await;
+    let now = f.clock.now();
+    let (expiring, _) = f
+        .issue(|r| r.expires_at = Some(now + Duration::from_secs(60)))
+        .await;
+    assert_eq!(code(f.verifier.verify(revoked.expose_secret()).await), DenialCode::RevokedKey);
+    assert_eq!(code(f.verifier.verify(disabled.expose_secret()).await), DenialCode::DisabledKey);
+    assert!(f.verifier.verify(expiring.expose_secret()).await.is_ok());
+    f.clock.advance(Duration::from_secs(59));
+    assert!(f.verifier.verify(expiring.expose_secret()).await.is_ok());
+    f.clock.advance(Duration::from_secs(1));
+    assert_eq!(code(f.verifier.verify(expiring.expose_secret()).await), DenialCode::ExpiredKey);
+    // A forged secret for the revoked id reads invalid, not revoked.
+    let forged = forge(&revoked.id(), ApiKey::generate(&Prefix::default()).unwrap().parsed().secret());
+    assert_eq!(code(f.verifier.verify(&forged).await), DenialCode::InvalidKey);
+}
+
+#[tokio::test]
+async fn malformed_keys_never_reach_the_store() {
+    let f = fixture(|b| b);
+    for bad in ["", "kg_", "nope", "kg_abc", &"x".repeat(5000), "zz_0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdef"] {
+        assert_eq!(code(f.verifier.verify(bad).await), DenialCode::MalformedKey, "{bad:.20}");
+    }
+    assert_eq!(f.store.gets(), 0);
+}
+
+#[tokio::test]
+async fn unknown_ids_are_remembered_until_the_ttl_or_an_invalidation() {
+    let f = fixture(|b| b.negative_ttl(Duration::from_secs(10)));
+    let unknown = ApiKey::generate(&Prefix::default()).unwrap();
+    for _ in 0..100 {
+        assert_eq!(code(f.verifier.verify(unknown.expose_secret()).await), DenialCode::InvalidKey);
+    }
+    assert_eq!(f.store.gets(), 1, "a repeated unknown id reaches the store once");
+    f.clock.advance(Duration::from_secs(10));
+    assert_eq!(code(f.verifier.verify(unknown.expose_secret()).await), DenialCode::InvalidKey);
+    assert_eq!(f.store.gets(), 2, "after the ttl the store is asked again");
+
+    // A key created after its id was seen as unknown works once invalidated.
+    let (key, record) = f.issue(|_| {}).await;
+    let _ = f.verifier.verify(&forge(&record.id, key.parsed().secret())).await;
+    f.verifier.invalidate(&record.id);
+    assert!(f.verifier.verify(key.expose_secret()).await.is_ok());
+}
+
+#[tokio::test]
+async fn the_negative_cache_is_bounded() {
+    let f = fixture(|b| b.negative_capacity(1_000));
+    for _ in 0..20_000 {
+        let k = ApiKey::generate(&Prefix::default()).unwrap();
+        let _ = f.verifier.verify(k.expose_secret()).await;
+    }
+    let len = f.verifier.shared.negative.len();
+    assert!(len <= 1_000, "negative cache holds {len} entries");
+    assert!(len >= 400, "negative cache holds only {len} entries");
+}
+
+#[tokio::test]
+async fn preloaded_mode_answers_random_ids_without_the_store() {
+    let f = fixture(|b| b);
+    let (key, _) = f.issue(|_| {}).await;
+    assert_eq!(f.verifier.preload().await.unwrap(), 1);
+    for _ in 0..1_000 {
+        let k = ApiKey::generate(&Prefix::default()).unwrap();
+        assert_eq!(code(f.verifier.verify(k.expose_secret()).await), DenialCode::InvalidKey);
+    }
+    assert!(f.verifier.verify(key.expose_secret()).await.is_ok());
+    assert_eq!(f.store.gets(), 0);
+
+    // A key created later becomes usable once its id is invalidated.
+    let (late, record) = f.issue(|_| {}).await;
+    assert_eq!(code(f.verifier.verify(late.expose_secret()).await), DenialCode::InvalidKey);
+    f.verifier.invalidate(&record.id);
+    assert!(f.verifier.verify(late.expose_secret()).await.is_ok());
+    assert_eq!(f.store.gets(), 1);
+}
+
+#[tokio::test]
+async fn a_revocation_is_seen_after_invalidate_or_refresh() {
+    let f = fixture(|b| b);
+    let (key, mut record) = f.issue(|_| {}).await;
+    assert!(f.verifier.verify(key.expose_secret()).await.is_ok());
+    record.status = KeyStatus::Revoked;
+    f.store.inner.update(&record).await.unwrap();
+    // Still cached.
+    assert!(f.verifier.verify(key.expose_secret()).await.is_ok());
+    f.verifier.refresh(&record.id).await.unwrap();
+    assert_eq!(code(f.verifier.verify(key.expose_secret()).await), DenialCode::RevokedKey);
+}
+
+#[tokio::test]
+async fn cached_records_are_refreshed_after_refresh_after() {
+    let f = fixture(|b| b.refresh_after(Duration::from_secs(30)));
+    let (key, mut record) = f.issue(|_| {}).await;
+    assert!(f.verifier.verify(key.expose_secret()).await.is_ok());
+    record.status = KeyStatus::Disabled;
+    f.store.inner.update(&record).await.unwrap();
+    f.clock.advance(Duration::from_secs(29));
+    assert!(f.verifier.verify(key.expose_secret()).await.is_ok());
+    f.clock.advance(Duration::from_secs(1));
+    assert_eq!(code(f.verifier.verify(key.expose_secret()).await), DenialCode::DisabledKey);
+    assert_eq!(f.store.gets(), 2);
+}
+
+#[tokio::test]
+async fn store_outage_serves_cached_keys_within_the_bound_and_fails_closed_otherwise() {
+    let f = fixture(|b| b.refresh_after(Duration::from_secs(30)).max_stale(Duration::from_secs(60)));
+    let (cached, _) = f.issue(|_| {}).await;
+    let (uncached, _) = f.issue(|_| {}).await;
+    assert!(f.verifier.verify(cached.expose_secret()).await.is_ok());
+    f.store.set_down(true);
+
+    assert_eq!(
+        code(f.verifier.verify(uncached.expose_secret()).await),
+        DenialCode::StoreUnavailable
+    );
+    f.clock.advance(Duration::from_secs(45));
+    assert!(f.verifier.verify(cached.expose_secret()).await.is_ok(), "within the staleness bound");
+    f.clock.advance(Duration::from_secs(45));
+    let denial = f.verifier.verify(cached.expose_secret()).await.unwrap_err();
+    assert_eq!(denial.code(), DenialCode::StoreUnavailable);
+    assert_eq!(denial.retry_after(), Some(Duration::from_secs(1)));
+
+    // Recovers by itself.
+    f.store.set_down(false);
+    assert!(f.verifier.verify(cached.expose_secret()).await.is_ok());
+    assert!(f.verifier.verify(uncached.expose_secret()).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_stale_entry_is_refreshed_by_one_request_while_others_use_it() {
+    let f = fixture(|b| b.refresh_after(Duration::from_secs(30)));
+    let (key, _) = f.issue(|_| {}).await;
+    assert!(f.verifier.verify(key.expose_secret()).await.is_ok());
+    f.clock.advance(Duration::from_secs(31));
+    let first = f.verifier.lookup(key.expose_secret());
+    assert!(matches!(first, Lookup::Pending(_)), "the first request refreshes");
+    for _ in 0..10 {
+        assert!(matches!(f.verifier.lookup(key.expose_secret()), Lookup::Done(Ok(_))));
+    }
+    let Lookup::Pending(p) = first else { unreachable!() };
+    assert!(f.verifier.finish(p).await.is_ok());
+    assert_eq!(f.store.gets(), 2);
+}
+
+#[tokio::test]
+async fn a_record_under_another_id_is_not_accepted() {
+    // A misbehaving store answering with another record must not authenticate.
+    #[derive(Clone)]
+    struct Liar(KeyRecord);
+    #[async_trait]
+    impl KeyStore for Liar {
+        async fn get(&self, _: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+            Ok(Some(self.0.clone()))
+        }
+        async fn insert(&self, _: &KeyRecord) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn update(&self, _: &KeyRecord) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn list(&self, _: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
+            Ok(vec![])
+        }
+    }
+    let clock = ManualClock::at_2026();
+    let (_, record) =
+        KeyRecord::generate(&Prefix::default(), &KeyHasher::new(), "x", clock.now()).unwrap();
+    let v = Verifier::builder(Liar(record)).clock(clock).build();
+    let other = ApiKey::generate(&Prefix::default()).unwrap();
+    assert_eq!(code(v.verify(other.expose_secret()).await), DenialCode::InvalidKey);
+}
