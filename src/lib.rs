@@ -1,1 +1,68 @@
-pub fn y(){}
+//! # keygate
+//!
+//! API-key authentication and access control for Rust services, as composable tower layers.
+//!
+//! Build one [`KeyGate`] (the hub: verifier, clock, credential sources, renderer) and stack
+//! its layers in front of an axum, tonic or plain hyper service. The resolved
+//! [`Principal`] travels in the request's extensions; a rejection is an `Ok` response
+//! (problem+json for HTTP, trailers-only for gRPC) carrying a typed [`Denial`] in its
+//! extensions.
+//!
+//! ```
+//! use axum::{routing::get, Router};
+//! use keygate::{Authenticated, KeyGate, KeyRecord, KeyStore, MemoryStore, Prefix, Verifier};
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let store = MemoryStore::new();
+//! let gate = KeyGate::new(Verifier::new(store.clone()));
+//! let (key, record) = KeyRecord::generate(&Prefix::default(), gate.verifier().hasher(), "demo", gate.clock().now()).unwrap();
+//! store.insert(&record).await.unwrap();
+//!
+//! let app = Router::new()
+//!     .route("/whoami", get(|Authenticated(p): Authenticated| async move { p.name().to_owned() }))
+//!     .layer(gate.auth_layer());
+//!
+//! let res = app
+//!     .oneshot(http::Request::get("/whoami").header("authorization", format!("Bearer {}", key.expose_secret())).body(axum::body::Body::empty()).unwrap())
+//!     .await
+//!     .unwrap();
+//! assert_eq!(res.status(), 200);
+//! # }
+//! ```
+//!
+//! ## Features
+//! - `auth` (default): [`ApiKeyAuthLayer`].
+//! - `axum`: the [`Authenticated`] extractor.
+//! - `full`: everything.
+#![deny(unsafe_code, unreachable_pub)]
+#![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+pub use keygate_core as core;
+pub use keygate_core::{
+    ApiKey, Clock, Denial, DenialCode, KeyDigest, KeyFilter, KeyHasher, KeyId, KeyInfo,
+    KeyParseError, KeyParser, KeyRecord, KeyStatus, KeyStore, Lookup, ManualClock, MemoryStore,
+    PendingLookup, Prefix, Principal, QuotaPolicy, QuotaWindow, RateLimitPolicy, StoreError,
+    SystemClock, Verifier, VerifierBuilder, SCANNER_REGEX,
+};
+
+mod builder;
+pub mod credentials;
+mod gate;
+pub mod reject;
+
+#[cfg(feature = "auth")]
+pub mod auth;
+#[cfg(feature = "axum")]
+mod extract;
+
+#[cfg(feature = "auth")]
+pub use auth::ApiKeyAuthLayer;
+pub use builder::ServiceBuilderExt;
+pub use credentials::{CredentialSource, Credentials};
+#[cfg(feature = "axum")]
+pub use extract::{Authenticated, MissingPrincipal};
+pub use gate::{resolution, KeyGate, KeyGateBuilder};
+pub use reject::{DefaultRenderer, Protocol, RenderContext, Renderer, ResponseBody};

@@ -75,7 +75,10 @@ impl Clock for ManualClock {
 impl fmt::Debug for ManualClock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("ManualClock")
-            .field(&format_args!("{}", humantime::format_rfc3339_nanos(self.now())))
+            .field(&format_args!(
+                "{}",
+                humantime::format_rfc3339_nanos(self.now())
+            ))
             .finish()
     }
 }
@@ -97,7 +100,10 @@ mod tests {
         assert_eq!(c.now(), t0);
         let shared = c.clone();
         shared.advance(Duration::from_millis(1500));
-        assert_eq!(c.now().duration_since(t0).unwrap(), Duration::from_millis(1500));
+        assert_eq!(
+            c.now().duration_since(t0).unwrap(),
+            Duration::from_millis(1500)
+        );
         c.set(UNIX_EPOCH);
         assert_eq!(shared.now(), UNIX_EPOCH);
         assert!(format!("{c:?}").contains("1970-01-01T00:00:00"));

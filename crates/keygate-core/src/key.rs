@@ -89,8 +89,7 @@ impl Prefix {
             && b[0].is_ascii_lowercase()
             && b[b.len() - 1] != b'_'
             && !prefix.contains("__")
-            && b
-                .iter()
+            && b.iter()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_');
         if ok {
             Ok(Prefix(prefix.into()))
@@ -450,7 +449,15 @@ mod tests {
             assert!(Prefix::new(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "", "Kg", "1kg", "kg_", "sk__live", "kg-live", "kg live", "_kg", "ké",
+            "",
+            "Kg",
+            "1kg",
+            "kg_",
+            "sk__live",
+            "kg-live",
+            "kg live",
+            "_kg",
+            "ké",
             "abcdefghijklmnopqrstuvwxyzabcdefg",
         ] {
             assert!(Prefix::new(bad).is_err(), "{bad}");
@@ -481,7 +488,10 @@ mod tests {
         );
         let mut bad_char = s.to_string();
         bad_char.replace_range(10..11, "-");
-        assert_eq!(parser.parse(&bad_char).unwrap_err(), KeyParseError::BadCharacter);
+        assert_eq!(
+            parser.parse(&bad_char).unwrap_err(),
+            KeyParseError::BadCharacter
+        );
         // Change one secret character: the checksum catches it.
         let mut typo = s.as_bytes().to_vec();
         typo[20] = if typo[20] == b'a' { b'b' } else { b'a' };

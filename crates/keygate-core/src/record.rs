@@ -151,8 +151,7 @@ impl FromStr for RateLimitPolicy {
     /// `hour`, `d`, `day`: `burst=20/s`, `hourly=10000/h`.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let (name, n, unit) = split_policy(text)?;
-        let limit =
-            u32::try_from(n).map_err(|_| InvalidPolicy::new(text, "N is too large"))?;
+        let limit = u32::try_from(n).map_err(|_| InvalidPolicy::new(text, "N is too large"))?;
         let period = match unit {
             "s" | "sec" | "second" => 1,
             "m" | "min" | "minute" => 60,
@@ -224,12 +223,7 @@ impl FromStr for QuotaPolicy {
             "h" | "hour" => QuotaWindow::Hour,
             "d" | "day" => QuotaWindow::Day,
             "mo" | "month" => QuotaWindow::Month,
-            _ => {
-                return Err(InvalidPolicy::new(
-                    text,
-                    "UNIT must be hour, day or month",
-                ))
-            }
+            _ => return Err(InvalidPolicy::new(text, "UNIT must be hour, day or month")),
         };
         Ok(Self::new(name, n, window))
     }
@@ -433,7 +427,16 @@ mod tests {
         assert_eq!(p.period, Duration::from_secs(3600));
         let q: QuotaPolicy = "daily=5000/day".parse().unwrap();
         assert_eq!(q, QuotaPolicy::new("daily", 5000, QuotaWindow::Day));
-        for bad in ["", "burst", "burst=20", "burst=0/s", "burst=x/s", "=1/s", "b=1/week", "b c=1/s"] {
+        for bad in [
+            "",
+            "burst",
+            "burst=20",
+            "burst=0/s",
+            "burst=x/s",
+            "=1/s",
+            "b=1/week",
+            "b c=1/s",
+        ] {
             assert!(bad.parse::<RateLimitPolicy>().is_err(), "{bad}");
         }
         assert!("m=1/s".parse::<QuotaPolicy>().is_err());

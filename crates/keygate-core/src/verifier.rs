@@ -325,7 +325,8 @@ impl Verifier {
                         return entry.evaluate(&pending.digest, now);
                     }
                 }
-                Err(Denial::new(DenialCode::StoreUnavailable).with_retry_after(Duration::from_secs(1)))
+                Err(Denial::new(DenialCode::StoreUnavailable)
+                    .with_retry_after(Duration::from_secs(1)))
             }
         }
     }

@@ -104,7 +104,10 @@ async fn a_known_key_is_read_once_then_served_from_cache() {
         assert_eq!(p.tenant(), Some("acme"));
     }
     assert_eq!(f.store.gets(), 1);
-    assert!(matches!(f.verifier.lookup(key.expose_secret()), Lookup::Done(Ok(_))));
+    assert!(matches!(
+        f.verifier.lookup(key.expose_secret()),
+        Lookup::Done(Ok(_))
+    ));
 }
 
 #[tokio::test]
@@ -114,7 +117,10 @@ async fn wrong_secret_for_a_known_id_is_invalid() {
     // Same id and prefix, other secret, valid checksum.
     let other = ApiKey::generate(&Prefix::default()).unwrap();
     let forged = forge(&record.id, other.parsed().secret());
-    assert_eq!(code(f.verifier.verify(&forged).await), DenialCode::InvalidKey);
+    assert_eq!(
+        code(f.verifier.verify(&forged).await),
+        DenialCode::InvalidKey
+    );
     assert!(f.verifier.verify(key.expose_secret()).await.is_ok());
 }
 
@@ -140,23 +146,52 @@ async fn status_and_expiry_are_enforced_after_the_secret_check() {
     let (expiring, _) = f
         .issue(|r| r.expires_at = Some(now + Duration::from_secs(60)))
         .await;
-    assert_eq!(code(f.verifier.verify(revoked.expose_secret()).await), DenialCode::RevokedKey);
-    assert_eq!(code(f.verifier.verify(disabled.expose_secret()).await), DenialCode::DisabledKey);
+    assert_eq!(
+        code(f.verifier.verify(revoked.expose_secret()).await),
+        DenialCode::RevokedKey
+    );
+    assert_eq!(
+        code(f.verifier.verify(disabled.expose_secret()).await),
+        DenialCode::DisabledKey
+    );
     assert!(f.verifier.verify(expiring.expose_secret()).await.is_ok());
     f.clock.advance(Duration::from_secs(59));
     assert!(f.verifier.verify(expiring.expose_secret()).await.is_ok());
     f.clock.advance(Duration::from_secs(1));
-    assert_eq!(code(f.verifier.verify(expiring.expose_secret()).await), DenialCode::ExpiredKey);
+    assert_eq!(
+        code(f.verifier.verify(expiring.expose_secret()).await),
+        DenialCode::ExpiredKey
+    );
     // A forged secret for the revoked id reads invalid, not revoked.
-    let forged = forge(&revoked.id(), ApiKey::generate(&Prefix::default()).unwrap().parsed().secret());
-    assert_eq!(code(f.verifier.verify(&forged).await), DenialCode::InvalidKey);
+    let forged = forge(
+        &revoked.id(),
+        ApiKey::generate(&Prefix::default())
+            .unwrap()
+            .parsed()
+            .secret(),
+    );
+    assert_eq!(
+        code(f.verifier.verify(&forged).await),
+        DenialCode::InvalidKey
+    );
 }
 
 #[tokio::test]
 async fn malformed_keys_never_reach_the_store() {
     let f = fixture(|b| b);
-    for bad in ["", "kg_", "nope", "kg_abc", &"x".repeat(5000), "zz_0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdef"] {
-        assert_eq!(code(f.verifier.verify(bad).await), DenialCode::MalformedKey, "{bad:.20}");
+    for bad in [
+        "",
+        "kg_",
+        "nope",
+        "kg_abc",
+        &"x".repeat(5000),
+        "zz_0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdef",
+    ] {
+        assert_eq!(
+            code(f.verifier.verify(bad).await),
+            DenialCode::MalformedKey,
+            "{bad:.20}"
+        );
     }
     assert_eq!(f.store.gets(), 0);
 }
@@ -166,16 +201,29 @@ async fn unknown_ids_are_remembered_until_the_ttl_or_an_invalidation() {
     let f = fixture(|b| b.negative_ttl(Duration::from_secs(10)));
     let unknown = ApiKey::generate(&Prefix::default()).unwrap();
     for _ in 0..100 {
-        assert_eq!(code(f.verifier.verify(unknown.expose_secret()).await), DenialCode::InvalidKey);
+        assert_eq!(
+            code(f.verifier.verify(unknown.expose_secret()).await),
+            DenialCode::InvalidKey
+        );
     }
-    assert_eq!(f.store.gets(), 1, "a repeated unknown id reaches the store once");
+    assert_eq!(
+        f.store.gets(),
+        1,
+        "a repeated unknown id reaches the store once"
+    );
     f.clock.advance(Duration::from_secs(10));
-    assert_eq!(code(f.verifier.verify(unknown.expose_secret()).await), DenialCode::InvalidKey);
+    assert_eq!(
+        code(f.verifier.verify(unknown.expose_secret()).await),
+        DenialCode::InvalidKey
+    );
     assert_eq!(f.store.gets(), 2, "after the ttl the store is asked again");
 
     // A key created after its id was seen as unknown works once invalidated.
     let (key, record) = f.issue(|_| {}).await;
-    let _ = f.verifier.verify(&forge(&record.id, key.parsed().secret())).await;
+    let _ = f
+        .verifier
+        .verify(&forge(&record.id, key.parsed().secret()))
+        .await;
     f.verifier.invalidate(&record.id);
     assert!(f.verifier.verify(key.expose_secret()).await.is_ok());
 }
@@ -199,14 +247,20 @@ async fn preloaded_mode_answers_random_ids_without_the_store() {
     assert_eq!(f.verifier.preload().await.unwrap(), 1);
     for _ in 0..1_000 {
         let k = ApiKey::generate(&Prefix::default()).unwrap();
-        assert_eq!(code(f.verifier.verify(k.expose_secret()).await), DenialCode::InvalidKey);
+        assert_eq!(
+            code(f.verifier.verify(k.expose_secret()).await),
+            DenialCode::InvalidKey
+        );
     }
     assert!(f.verifier.verify(key.expose_secret()).await.is_ok());
     assert_eq!(f.store.gets(), 0);
 
     // A key created later becomes usable once its id is invalidated.
     let (late, record) = f.issue(|_| {}).await;
-    assert_eq!(code(f.verifier.verify(late.expose_secret()).await), DenialCode::InvalidKey);
+    assert_eq!(
+        code(f.verifier.verify(late.expose_secret()).await),
+        DenialCode::InvalidKey
+    );
     f.verifier.invalidate(&record.id);
     assert!(f.verifier.verify(late.expose_secret()).await.is_ok());
     assert_eq!(f.store.gets(), 1);
@@ -222,7 +276,10 @@ async fn a_revocation_is_seen_after_invalidate_or_refresh() {
     // Still cached.
     assert!(f.verifier.verify(key.expose_secret()).await.is_ok());
     f.verifier.refresh(&record.id).await.unwrap();
-    assert_eq!(code(f.verifier.verify(key.expose_secret()).await), DenialCode::RevokedKey);
+    assert_eq!(
+        code(f.verifier.verify(key.expose_secret()).await),
+        DenialCode::RevokedKey
+    );
 }
 
 #[tokio::test]
@@ -235,13 +292,19 @@ async fn cached_records_are_refreshed_after_refresh_after() {
     f.clock.advance(Duration::from_secs(29));
     assert!(f.verifier.verify(key.expose_secret()).await.is_ok());
     f.clock.advance(Duration::from_secs(1));
-    assert_eq!(code(f.verifier.verify(key.expose_secret()).await), DenialCode::DisabledKey);
+    assert_eq!(
+        code(f.verifier.verify(key.expose_secret()).await),
+        DenialCode::DisabledKey
+    );
     assert_eq!(f.store.gets(), 2);
 }
 
 #[tokio::test]
 async fn store_outage_serves_cached_keys_within_the_bound_and_fails_closed_otherwise() {
-    let f = fixture(|b| b.refresh_after(Duration::from_secs(30)).max_stale(Duration::from_secs(60)));
+    let f = fixture(|b| {
+        b.refresh_after(Duration::from_secs(30))
+            .max_stale(Duration::from_secs(60))
+    });
     let (cached, _) = f.issue(|_| {}).await;
     let (uncached, _) = f.issue(|_| {}).await;
     assert!(f.verifier.verify(cached.expose_secret()).await.is_ok());
@@ -252,7 +315,10 @@ async fn store_outage_serves_cached_keys_within_the_bound_and_fails_closed_other
         DenialCode::StoreUnavailable
     );
     f.clock.advance(Duration::from_secs(45));
-    assert!(f.verifier.verify(cached.expose_secret()).await.is_ok(), "within the staleness bound");
+    assert!(
+        f.verifier.verify(cached.expose_secret()).await.is_ok(),
+        "within the staleness bound"
+    );
     f.clock.advance(Duration::from_secs(45));
     let denial = f.verifier.verify(cached.expose_secret()).await.unwrap_err();
     assert_eq!(denial.code(), DenialCode::StoreUnavailable);
@@ -271,11 +337,19 @@ async fn a_stale_entry_is_refreshed_by_one_request_while_others_use_it() {
     assert!(f.verifier.verify(key.expose_secret()).await.is_ok());
     f.clock.advance(Duration::from_secs(31));
     let first = f.verifier.lookup(key.expose_secret());
-    assert!(matches!(first, Lookup::Pending(_)), "the first request refreshes");
+    assert!(
+        matches!(first, Lookup::Pending(_)),
+        "the first request refreshes"
+    );
     for _ in 0..10 {
-        assert!(matches!(f.verifier.lookup(key.expose_secret()), Lookup::Done(Ok(_))));
+        assert!(matches!(
+            f.verifier.lookup(key.expose_secret()),
+            Lookup::Done(Ok(_))
+        ));
     }
-    let Lookup::Pending(p) = first else { unreachable!() };
+    let Lookup::Pending(p) = first else {
+        unreachable!()
+    };
     assert!(f.verifier.finish(p).await.is_ok());
     assert_eq!(f.store.gets(), 2);
 }
@@ -305,5 +379,8 @@ async fn a_record_under_another_id_is_not_accepted() {
         KeyRecord::generate(&Prefix::default(), &KeyHasher::new(), "x", clock.now()).unwrap();
     let v = Verifier::builder(Liar(record)).clock(clock).build();
     let other = ApiKey::generate(&Prefix::default()).unwrap();
-    assert_eq!(code(v.verify(other.expose_secret()).await), DenialCode::InvalidKey);
+    assert_eq!(
+        code(v.verify(other.expose_secret()).await),
+        DenialCode::InvalidKey
+    );
 }

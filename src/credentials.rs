@@ -1,0 +1,375 @@
+//! Where a request carries its key, and how it is read.
+
+use std::borrow::Cow;
+
+use http::header::{HeaderName, AUTHORIZATION};
+use http::{HeaderMap, Request, Uri};
+
+use crate::{Denial, DenialCode};
+
+/// One place a request may carry its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CredentialSource {
+    /// `Authorization: Bearer <key>` (RFC 6750). The scheme is matched case-insensitively;
+    /// an `Authorization` header with another scheme (`Basic ...`) is not a keygate
+    /// credential and is ignored.
+    Bearer,
+    /// A header whose whole value is the key (`X-API-Key`, Qdrant's `api-key`).
+    Header(HeaderName),
+    /// A query parameter (`?api_key=...`). Off unless configured: URLs end up in logs,
+    /// browser history and referrers.
+    Query(Cow<'static, str>),
+}
+
+/// The places a request may carry its key, in order. Every configured place is read; a
+/// request that carries two *different* values (in two places or twice in one) is
+/// `malformed_key`, never a guess. The same key in two places is fine.
+///
+/// Rules, each tested:
+/// - a present but empty value, `Bearer` with no token, or a token with inner whitespace:
+///   `malformed_key`;
+/// - non-ASCII or non-UTF-8 bytes in a credential header: `malformed_key`;
+/// - leading and trailing spaces and tabs around a value are not part of it (RFC 9110
+///   field values) and are ignored;
+/// - no credential at all: `missing_key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    sources: Vec<CredentialSource>,
+}
+
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+static API_KEY: HeaderName = HeaderName::from_static("api-key");
+
+impl Default for Credentials {
+    /// `Authorization: Bearer`, `X-API-Key` and `api-key`; no query parameter.
+    fn default() -> Self {
+        Credentials {
+            sources: vec![
+                CredentialSource::Bearer,
+                CredentialSource::Header(X_API_KEY.clone()),
+                CredentialSource::Header(API_KEY.clone()),
+            ],
+        }
+    }
+}
+
+impl Credentials {
+    /// Exactly these sources.
+    pub fn new(sources: impl IntoIterator<Item = CredentialSource>) -> Self {
+        Credentials {
+            sources: sources.into_iter().collect(),
+        }
+    }
+
+    /// Adds a header carrying the bare key.
+    pub fn with_header(mut self, name: HeaderName) -> Self {
+        let source = CredentialSource::Header(name);
+        if !self.sources.contains(&source) {
+            self.sources.push(source);
+        }
+        self
+    }
+
+    /// Also reads the key from the query parameter `name`.
+    pub fn with_query(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        let source = CredentialSource::Query(name.into());
+        if !self.sources.contains(&source) {
+            self.sources.push(source);
+        }
+        self
+    }
+
+    /// The configured sources.
+    pub fn sources(&self) -> &[CredentialSource] {
+        &self.sources
+    }
+
+    /// Reads the credential of a request: `Ok(None)` when there is none, `Err` with a
+    /// `malformed_key` denial when what is there cannot be a key. Borrows from the request;
+    /// allocates only for a percent-encoded query value.
+    pub fn extract<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        uri: &'a Uri,
+    ) -> Result<Option<Cow<'a, str>>, Denial> {
+        let mut found: Option<Cow<'a, str>> = None;
+        let mut offer = |candidate: Cow<'a, str>| -> Result<(), Denial> {
+            match &found {
+                Some(prev) if *prev != candidate => Err(malformed(
+                    "The request carries more than one different API key.",
+                )),
+                Some(_) => Ok(()),
+                None => {
+                    found = Some(candidate);
+                    Ok(())
+                }
+            }
+        };
+        for source in &self.sources {
+            match source {
+                CredentialSource::Bearer => {
+                    for value in headers.get_all(AUTHORIZATION) {
+                        let text = value.to_str().map_err(|_| non_ascii())?;
+                        let text = text.trim_matches(is_ows);
+                        let (scheme, token) = text.split_once([' ', '\t']).unwrap_or((text, ""));
+                        if !scheme.eq_ignore_ascii_case("bearer") {
+                            continue;
+                        }
+                        let token = token.trim_matches(is_ows);
+                        if token.is_empty() {
+                            return Err(malformed(
+                                "The Authorization header has the Bearer scheme but no token.",
+                            ));
+                        }
+                        if token.contains(is_ows) {
+                            return Err(malformed("The bearer token contains whitespace."));
+                        }
+                        offer(Cow::Borrowed(token))?;
+                    }
+                }
+                CredentialSource::Header(name) => {
+                    for value in headers.get_all(name) {
+                        let text = value.to_str().map_err(|_| non_ascii())?;
+                        let text = text.trim_matches(is_ows);
+                        if text.is_empty() {
+                            return Err(malformed("An API key header is present but empty."));
+                        }
+                        offer(Cow::Borrowed(text))?;
+                    }
+                }
+                CredentialSource::Query(param) => {
+                    let Some(query) = uri.query() else { continue };
+                    for pair in query.split('&') {
+                        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                        if name != param.as_ref() {
+                            continue;
+                        }
+                        let value: Cow<'a, str> = if value.contains(['%', '+']) {
+                            form_urlencoded::parse(pair.as_bytes())
+                                .next()
+                                .map(|(_, v)| Cow::Owned(v.into_owned()))
+                                .unwrap_or_default()
+                        } else {
+                            Cow::Borrowed(value)
+                        };
+                        if value.is_empty() {
+                            return Err(malformed("The API key query parameter is empty."));
+                        }
+                        offer(value)?;
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Removes every configured credential from the request, so the inner service never sees
+    /// the key: the credential headers, `Authorization` only when it uses the Bearer scheme,
+    /// and the query parameter.
+    pub fn strip<B>(&self, req: &mut Request<B>) {
+        for source in &self.sources {
+            match source {
+                CredentialSource::Bearer => {
+                    let bearer = req.headers().get_all(AUTHORIZATION).iter().any(|v| {
+                        v.as_bytes().len() >= 6 && v.as_bytes()[..6].eq_ignore_ascii_case(b"bearer")
+                    });
+                    if bearer {
+                        req.headers_mut().remove(AUTHORIZATION);
+                    }
+                }
+                CredentialSource::Header(name) => {
+                    req.headers_mut().remove(name);
+                }
+                CredentialSource::Query(param) => strip_query(req, param),
+            }
+        }
+    }
+}
+
+fn strip_query<B>(req: &mut Request<B>, param: &str) {
+    let Some(query) = req.uri().query() else {
+        return;
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| pair.split_once('=').map_or(*pair, |(n, _)| n) != param)
+        .collect();
+    if kept.len() == query.split('&').count() {
+        return;
+    }
+    let path = req.uri().path();
+    let path_and_query = if kept.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{}", kept.join("&"))
+    };
+    let mut parts = req.uri().clone().into_parts();
+    if let Ok(pq) = path_and_query.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+}
+
+fn is_ows(c: char) -> bool {
+    c == ' ' || c == '\t'
+}
+
+fn malformed(detail: &'static str) -> Denial {
+    Denial::new(DenialCode::MalformedKey).with_detail(detail)
+}
+
+fn non_ascii() -> Denial {
+    malformed("An API key header contains bytes that are not visible ASCII.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn extract(
+        headers: &[(&str, &[u8])],
+        uri: &str,
+        creds: &Credentials,
+    ) -> Result<Option<String>, DenialCode> {
+        let mut map = HeaderMap::new();
+        for (n, v) in headers {
+            map.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(v).unwrap(),
+            );
+        }
+        let uri: Uri = uri.parse().unwrap();
+        creds
+            .extract(&map, &uri)
+            .map(|o| o.map(|c| c.into_owned()))
+            .map_err(|d| d.code())
+    }
+
+    #[test]
+    fn reads_each_default_source() {
+        let c = Credentials::default();
+        assert_eq!(
+            extract(&[("authorization", b"Bearer abc")], "/", &c),
+            Ok(Some("abc".into()))
+        );
+        assert_eq!(
+            extract(&[("authorization", b"bEaReR  abc ")], "/", &c),
+            Ok(Some("abc".into()))
+        );
+        assert_eq!(
+            extract(&[("x-api-key", b" abc\t")], "/", &c),
+            Ok(Some("abc".into()))
+        );
+        assert_eq!(
+            extract(&[("api-key", b"abc")], "/", &c),
+            Ok(Some("abc".into()))
+        );
+        assert_eq!(
+            extract(&[], "/?api_key=abc", &c),
+            Ok(None),
+            "query is off by default"
+        );
+        assert_eq!(
+            extract(&[("authorization", b"Basic dXNlcjpwYXNz")], "/", &c),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn same_key_twice_is_fine_different_keys_are_malformed() {
+        let c = Credentials::default();
+        assert_eq!(
+            extract(
+                &[("authorization", b"Bearer abc"), ("x-api-key", b"abc")],
+                "/",
+                &c
+            ),
+            Ok(Some("abc".into()))
+        );
+        assert_eq!(
+            extract(
+                &[("authorization", b"Bearer abc"), ("x-api-key", b"abd")],
+                "/",
+                &c
+            ),
+            Err(DenialCode::MalformedKey)
+        );
+        assert_eq!(
+            extract(&[("x-api-key", b"abc"), ("x-api-key", b"xyz")], "/", &c),
+            Err(DenialCode::MalformedKey)
+        );
+    }
+
+    #[test]
+    fn unusable_values_are_malformed() {
+        let c = Credentials::default();
+        for (name, value) in [
+            ("authorization", &b"Bearer"[..]),
+            ("authorization", b"Bearer    "),
+            ("authorization", b"Bearer a b"),
+            ("x-api-key", b""),
+            ("x-api-key", b"   "),
+            ("x-api-key", b"caf\xc3\xa9"),
+            ("x-api-key", b"\xff\xfe"),
+        ] {
+            assert_eq!(
+                extract(&[(name, value)], "/", &c),
+                Err(DenialCode::MalformedKey),
+                "{name}: {value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn query_parameter_when_enabled() {
+        let c = Credentials::default().with_query("api_key");
+        assert_eq!(
+            extract(&[], "/p?x=1&api_key=abc", &c),
+            Ok(Some("abc".into()))
+        );
+        assert_eq!(extract(&[], "/p?api_key=a%62c", &c), Ok(Some("abc".into())));
+        assert_eq!(
+            extract(&[], "/p?api_key=", &c),
+            Err(DenialCode::MalformedKey)
+        );
+        assert_eq!(
+            extract(&[("x-api-key", b"abc")], "/p?api_key=abd", &c),
+            Err(DenialCode::MalformedKey)
+        );
+    }
+
+    #[test]
+    fn strip_removes_every_credential() {
+        let c = Credentials::default().with_query("api_key");
+        let mut req = Request::builder()
+            .uri("/p?x=1&api_key=abc&y=2")
+            .header("authorization", "Bearer abc")
+            .header("x-api-key", "abc")
+            .header("api-key", "abc")
+            .header("x-other", "kept")
+            .body(())
+            .unwrap();
+        c.strip(&mut req);
+        assert_eq!(req.uri(), "/p?x=1&y=2");
+        assert!(req.headers().get("authorization").is_none());
+        assert!(req.headers().get("x-api-key").is_none());
+        assert!(req.headers().get("api-key").is_none());
+        assert_eq!(req.headers()["x-other"], "kept");
+
+        let mut basic = Request::builder()
+            .uri("/p?api_key=abc")
+            .header("authorization", "Basic dXNlcjpwYXNz")
+            .body(())
+            .unwrap();
+        c.strip(&mut basic);
+        assert_eq!(basic.uri(), "/p");
+        assert!(
+            basic.headers().get("authorization").is_some(),
+            "other schemes are kept"
+        );
+    }
+}

@@ -1,0 +1,412 @@
+//! Rejections: how a [`Denial`] becomes a response, and the response body every keygate layer
+//! returns.
+//!
+//! HTTP clients get RFC 9457 `application/problem+json`:
+//!
+//! ```json
+//! {"type":"about:blank","title":"Unauthorized","status":401,
+//!  "detail":"The API key is not valid.","code":"invalid_key"}
+//! ```
+//!
+//! with `WWW-Authenticate` on 401 (RFC 6750) and on `insufficient_scope`, and `Retry-After`
+//! (whole seconds, rounded up, at least 1) when the denial says how long to wait. Requests
+//! whose `content-type` starts with `application/grpc` get a trailers-only gRPC answer: HTTP
+//! 200, `grpc-status` (16 UNAUTHENTICATED, 7 PERMISSION_DENIED, 8 RESOURCE_EXHAUSTED,
+//! 14 UNAVAILABLE) and `grpc-message`, never a bare HTTP error status.
+//!
+//! The layer puts the exact [`Denial`] in the response's extensions after rendering, so
+//! outer layers (audit) see it whatever the renderer did.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::{Denial, DenialCode};
+
+/// The protocol a request speaks, as far as rejections care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Protocol {
+    /// Plain HTTP.
+    Http,
+    /// gRPC (`content-type: application/grpc...`).
+    Grpc,
+}
+
+impl Protocol {
+    /// Detects the protocol from the request's `content-type`.
+    pub fn of<B>(req: &Request<B>) -> Self {
+        match req.headers().get(CONTENT_TYPE) {
+            Some(ct) if ct.as_bytes().starts_with(b"application/grpc") => Protocol::Grpc,
+            _ => Protocol::Http,
+        }
+    }
+}
+
+/// What a renderer knows about the rejected request.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct RenderContext<'a> {
+    /// The protocol of the request.
+    pub protocol: Protocol,
+    /// The request method.
+    pub method: &'a Method,
+    /// The request path (no query string).
+    pub path: &'a str,
+}
+
+impl<'a> RenderContext<'a> {
+    /// The context of `req`.
+    pub fn of<B>(req: &'a Request<B>) -> Self {
+        RenderContext {
+            protocol: Protocol::of(req),
+            method: req.method(),
+            path: req.uri().path(),
+        }
+    }
+}
+
+/// Turns a denial into a response. Implement it for your own error shape; the layers add the
+/// [`Denial`] to the response's extensions afterwards.
+///
+/// A custom renderer that only wants its own JSON can delegate gRPC requests to
+/// [`DefaultRenderer`].
+pub trait Renderer: Send + Sync + 'static {
+    /// The response for `denial`. It must not contain the presented credential (it is not
+    /// given one).
+    fn render(&self, denial: &Denial, cx: &RenderContext<'_>) -> Response<Bytes>;
+}
+
+/// The HTTP status of a denial code: 401 for credential problems, 403 for authorization,
+/// 429 for rate and quota, 503 for an unreachable store.
+pub fn http_status(code: DenialCode) -> StatusCode {
+    match code {
+        DenialCode::InsufficientScope
+        | DenialCode::ResourceForbidden
+        | DenialCode::IpNotAllowed => StatusCode::FORBIDDEN,
+        DenialCode::RateLimited | DenialCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+        DenialCode::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::UNAUTHORIZED,
+    }
+}
+
+/// The gRPC status code of a denial code: 16 UNAUTHENTICATED, 7 PERMISSION_DENIED,
+/// 8 RESOURCE_EXHAUSTED, 14 UNAVAILABLE.
+pub fn grpc_status(code: DenialCode) -> u8 {
+    match http_status(code) {
+        StatusCode::FORBIDDEN => 7,
+        StatusCode::TOO_MANY_REQUESTS => 8,
+        StatusCode::SERVICE_UNAVAILABLE => 14,
+        _ => 16,
+    }
+}
+
+/// Whole seconds to wait, rounded up, at least 1 (a 0.3 s wait is `1`, never `0`).
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+/// The default renderer: problem+json for HTTP, trailers-only for gRPC.
+#[derive(Debug, Clone)]
+pub struct DefaultRenderer {
+    realm: String,
+    exact_codes: bool,
+}
+
+impl Default for DefaultRenderer {
+    fn default() -> Self {
+        DefaultRenderer {
+            realm: "keygate".to_owned(),
+            exact_codes: false,
+        }
+    }
+}
+
+impl DefaultRenderer {
+    /// The default renderer (realm `keygate`, public codes).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the realm of `WWW-Authenticate` challenges. Quotes and backslashes are dropped.
+    pub fn realm(mut self, realm: &str) -> Self {
+        self.realm = realm
+            .chars()
+            .filter(|c| *c != '"' && *c != '\\' && (' '..='~').contains(c))
+            .collect();
+        self
+    }
+
+    /// Shows clients the exact code (`revoked_key`, `disabled_key`) instead of the public one
+    /// (`invalid_key`; see [`DenialCode::public`]). Off by default.
+    pub fn expose_exact_codes(mut self, yes: bool) -> Self {
+        self.exact_codes = yes;
+        self
+    }
+
+    fn shown(&self, denial: &Denial) -> (DenialCode, &'static str) {
+        if self.exact_codes || denial.code().public() == denial.code() {
+            (denial.code(), "")
+        } else {
+            let public = denial.code().public();
+            (public, public.description())
+        }
+    }
+}
+
+impl Renderer for DefaultRenderer {
+    fn render(&self, denial: &Denial, cx: &RenderContext<'_>) -> Response<Bytes> {
+        let (code, replaced_detail) = self.shown(denial);
+        let detail = if replaced_detail.is_empty() {
+            denial.detail()
+        } else {
+            replaced_detail
+        };
+        match cx.protocol {
+            Protocol::Grpc => grpc_response(code, detail),
+            Protocol::Http => self.http_response(denial, code, detail),
+        }
+    }
+}
+
+impl DefaultRenderer {
+    fn http_response(&self, denial: &Denial, code: DenialCode, detail: &str) -> Response<Bytes> {
+        let status = http_status(code);
+        let mut body = serde_json::json!({
+            "type": "about:blank",
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "detail": detail,
+            "code": code.as_str(),
+        });
+        if let Some(scope) = denial.required_scope() {
+            body["required_scope"] = scope.into();
+        }
+        let mut res = Response::new(Bytes::from(body.to_string()));
+        *res.status_mut() = status;
+        let h = res.headers_mut();
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(challenge) = self.challenge(denial, code, detail) {
+            h.insert(WWW_AUTHENTICATE, challenge);
+        }
+        if let Some(wait) = denial.retry_after() {
+            h.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(wait)));
+        }
+        res
+    }
+
+    fn challenge(&self, denial: &Denial, code: DenialCode, detail: &str) -> Option<HeaderValue> {
+        let realm = &self.realm;
+        let text = match code {
+            DenialCode::MissingKey => format!("Bearer realm=\"{realm}\""),
+            DenialCode::InsufficientScope => match denial.required_scope() {
+                Some(scope) => format!(
+                    "Bearer realm=\"{realm}\", error=\"insufficient_scope\", scope=\"{}\"",
+                    quoted_safe(scope)
+                ),
+                None => format!("Bearer realm=\"{realm}\", error=\"insufficient_scope\""),
+            },
+            c if c.is_authentication() => format!(
+                "Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{}\"",
+                quoted_safe(detail)
+            ),
+            _ => return None,
+        };
+        HeaderValue::from_str(&text).ok()
+    }
+}
+
+/// Keeps the characters RFC 6750 allows in `error_description` and `scope` values.
+fn quoted_safe(s: &str) -> String {
+    s.chars()
+        .filter(|c| matches!(c, ' '..='~') && *c != '"' && *c != '\\')
+        .collect()
+}
+
+fn grpc_response(code: DenialCode, detail: &str) -> Response<Bytes> {
+    let mut res = Response::new(Bytes::new());
+    let h = res.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert(
+        "grpc-status",
+        HeaderValue::from(u16::from(grpc_status(code))),
+    );
+    if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(&format!("{code}: {detail}"))) {
+        h.insert("grpc-message", v);
+    }
+    res
+}
+
+/// Percent-encodes a `grpc-message` as the gRPC HTTP/2 spec asks (bytes outside 0x20–0x7E
+/// and `%`).
+fn grpc_percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Builds the rejection response of `denial` for `req` with `renderer`, and puts the denial
+/// in its extensions.
+pub(crate) fn rejection<B, ReqB>(
+    renderer: &dyn Renderer,
+    denial: Denial,
+    req: &Request<ReqB>,
+) -> Response<ResponseBody<B>> {
+    tracing::debug!(
+        code = denial.code().as_str(),
+        method = %req.method(),
+        path = req.uri().path(),
+        "request denied"
+    );
+    let res = renderer.render(&denial, &RenderContext::of(req));
+    let mut res = res.map(ResponseBody::rejected);
+    res.extensions_mut().insert(denial);
+    res
+}
+
+pin_project! {
+    /// Response body of every keygate layer: the inner service's body, or the bytes of a
+    /// rejection.
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Inner { #[pin] body: B },
+        Rejected { data: Option<Bytes> },
+    }
+}
+
+impl<B> ResponseBody<B> {
+    /// Wraps the inner service's body.
+    pub fn inner(body: B) -> Self {
+        ResponseBody {
+            kind: Kind::Inner { body },
+        }
+    }
+
+    /// A rejection body of these bytes.
+    pub fn rejected(data: Bytes) -> Self {
+        ResponseBody {
+            kind: Kind::Rejected {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
+    }
+
+    /// Whether this is a rejection body.
+    pub fn is_rejection(&self) -> bool {
+        matches!(self.kind, Kind::Rejected { .. })
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Inner { body } => body.poll_frame(cx),
+            KindProj::Rejected { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Inner { body } => body.is_end_stream(),
+            Kind::Rejected { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Inner { body } => body.size_hint(),
+            Kind::Rejected { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+impl<B: Default> Default for ResponseBody<B> {
+    fn default() -> Self {
+        ResponseBody::inner(B::default())
+    }
+}
+
+impl<B> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Inner { .. } => f.write_str("ResponseBody::Inner"),
+            Kind::Rejected { data } => f
+                .debug_struct("ResponseBody::Rejected")
+                .field("len", &data.as_ref().map_or(0, Bytes::len))
+                .finish(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_to_at_least_one() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(300)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1000)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(59)), 59);
+    }
+
+    #[test]
+    fn every_code_has_a_status_and_a_grpc_code() {
+        for code in DenialCode::ALL {
+            let s = http_status(code);
+            let g = grpc_status(code);
+            assert!(matches!(s.as_u16(), 401 | 403 | 429 | 503), "{code}");
+            assert!(matches!(g, 16 | 7 | 8 | 14), "{code}");
+        }
+        assert_eq!(grpc_status(DenialCode::InvalidKey), 16);
+        assert_eq!(grpc_status(DenialCode::RateLimited), 8);
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(grpc_percent_encode("a b%é"), "a b%25%C3%A9");
+    }
+
+    #[test]
+    fn realm_drops_quotes() {
+        let r = DefaultRenderer::new().realm("my \"realm\"");
+        assert_eq!(r.realm, "my realm");
+    }
+}
