@@ -34,11 +34,20 @@
 //!
 //! ## Features
 //! - `auth` (default): [`ApiKeyAuthLayer`].
+//! - `scope`: `ScopeLayer` (operations and collections).
+//! - `ip-allow`: `IpAllowLayer` (client addresses).
+//! - `rate-limit`: `RateLimitLayer` (per-key GCRA).
+//! - `quota`: `QuotaLayer` (per-key allowances).
+//! - `audit`: `AuditLayer` (one event per request).
 //! - `axum`: the [`Authenticated`] extractor.
 //! - `full`: everything.
 #![deny(unsafe_code, unreachable_pub)]
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+#[cfg(all(doctest, feature = "axum"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 pub use keygate_core as core;
 pub use keygate_core::{
@@ -50,13 +59,25 @@ pub use keygate_core::{
 
 mod builder;
 pub mod credentials;
+pub mod future;
 mod gate;
+mod guard;
 pub mod reject;
 
+#[cfg(feature = "audit")]
+pub mod audit;
 #[cfg(feature = "auth")]
 pub mod auth;
 #[cfg(feature = "axum")]
 mod extract;
+#[cfg(feature = "ip-allow")]
+pub mod ip;
+#[cfg(feature = "quota")]
+pub mod quota;
+#[cfg(feature = "rate-limit")]
+pub mod rate_limit;
+#[cfg(feature = "scope")]
+pub mod scope;
 
 #[cfg(feature = "auth")]
 pub use auth::ApiKeyAuthLayer;

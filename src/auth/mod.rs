@@ -31,10 +31,9 @@
 //! # }
 //! ```
 
-mod future;
 mod layer;
 mod service;
 
-pub use future::ResponseFuture;
+pub use crate::future::ResponseFuture;
 pub use layer::ApiKeyAuthLayer;
 pub use service::ApiKeyAuth;

@@ -1,12 +1,13 @@
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::future::ResponseFuture;
-use crate::gate::{remember, Begin};
-use crate::reject::{rejection, ResponseBody};
-use crate::{KeyGate, Principal};
+use crate::future::ResponseFuture;
+use crate::guard::{self, Check, Resolver};
+use crate::reject::ResponseBody;
+use crate::{Credentials, Denial, KeyGate, Principal};
 
 /// Middleware that authenticates requests by API key. See [`ApiKeyAuthLayer`].
 ///
@@ -14,20 +15,20 @@ use crate::{KeyGate, Principal};
 #[derive(Clone, Debug)]
 pub struct ApiKeyAuth<S> {
     inner: S,
-    gate: KeyGate,
-    strip_credentials: bool,
+    resolver: Resolver,
+    strip: Option<Arc<Credentials>>,
 }
 
 impl<S> ApiKeyAuth<S> {
     pub(crate) fn new(inner: S, gate: KeyGate, strip_credentials: bool) -> Self {
         ApiKeyAuth {
             inner,
-            gate,
-            strip_credentials,
+            strip: strip_credentials.then(|| Arc::new(gate.credentials().clone())),
+            resolver: Resolver::Hub(gate),
         }
     }
 
-    /// Wraps `inner` with the authentication of `gate`.
+    /// The layer of `gate`.
     pub fn layer(gate: KeyGate) -> super::ApiKeyAuthLayer {
         super::ApiKeyAuthLayer::new(gate)
     }
@@ -35,6 +36,25 @@ impl<S> ApiKeyAuth<S> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+}
+
+/// The authentication check: the resolution itself is the verdict.
+struct Authenticate(Option<Arc<Credentials>>);
+
+impl<ReqB> Check<ReqB> for Authenticate {
+    type Note = ();
+
+    fn check(
+        self,
+        req: &mut Request<ReqB>,
+        who: Result<&Principal, &Denial>,
+    ) -> Result<(), Denial> {
+        who.map_err(Denial::clone)?;
+        if let Some(credentials) = self.0 {
+            credentials.strip(req);
+        }
+        Ok(())
     }
 }
 
@@ -53,43 +73,12 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
-        let result = match self.gate.begin(&req) {
-            Begin::Done(r) => r,
-            Begin::Fresh(r) => {
-                remember(req.extensions_mut(), &r);
-                r
-            }
-            Begin::Pending(pending) => {
-                // Drive the service that was polled ready; leave a fresh clone behind.
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                let gate = self.gate.clone();
-                let strip = self.strip_credentials;
-                return ResponseFuture::resolving(Box::pin(async move {
-                    let result = gate.verifier().finish(pending).await;
-                    remember(req.extensions_mut(), &result);
-                    match result {
-                        Ok(_) => {
-                            if strip {
-                                gate.credentials().strip(&mut req);
-                            }
-                            Ok(inner.call(req))
-                        }
-                        Err(denial) => Err(rejection(gate.renderer(), denial, &req)),
-                    }
-                }));
-            }
-        };
-        match result {
-            Ok(_principal) => {
-                debug_assert!(req.extensions().get::<Principal>().is_some());
-                if self.strip_credentials {
-                    self.gate.credentials().strip(&mut req);
-                }
-                ResponseFuture::inner(self.inner.call(req))
-            }
-            Err(denial) => ResponseFuture::rejected(rejection(self.gate.renderer(), denial, &req)),
-        }
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        guard::call(
+            &mut self.inner,
+            &self.resolver,
+            req,
+            Authenticate(self.strip.clone()),
+        )
     }
 }
