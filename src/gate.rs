@@ -2,10 +2,12 @@
 //! the renderer, from which every layer is built.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::{Extensions, Request};
 
+use crate::client_ip::{ClientIp, TrustedProxies};
 use crate::credentials::Credentials;
 use crate::reject::{DefaultRenderer, Renderer};
 use crate::{Clock, Denial, DenialCode, PendingLookup, Principal, Verifier};
@@ -25,6 +27,7 @@ struct Inner {
     verifier: Verifier,
     credentials: Credentials,
     renderer: Arc<dyn Renderer>,
+    proxies: TrustedProxies,
 }
 
 /// Configures a [`KeyGate`].
@@ -32,6 +35,7 @@ pub struct KeyGateBuilder {
     verifier: Verifier,
     credentials: Credentials,
     renderer: Arc<dyn Renderer>,
+    proxies: TrustedProxies,
 }
 
 impl KeyGateBuilder {
@@ -48,6 +52,13 @@ impl KeyGateBuilder {
         self
     }
 
+    /// The proxies whose `X-Forwarded-For` / `Forwarded` headers are believed (default:
+    /// none). Every layer of the hub settles on the same client address.
+    pub fn trusted_proxies(mut self, proxies: TrustedProxies) -> Self {
+        self.proxies = proxies;
+        self
+    }
+
     /// Builds the hub.
     pub fn build(self) -> KeyGate {
         KeyGate {
@@ -55,6 +66,7 @@ impl KeyGateBuilder {
                 verifier: self.verifier,
                 credentials: self.credentials,
                 renderer: self.renderer,
+                proxies: self.proxies,
             }),
         }
     }
@@ -72,6 +84,7 @@ impl KeyGate {
             verifier,
             credentials: Credentials::default(),
             renderer: Arc::new(DefaultRenderer::default()),
+            proxies: TrustedProxies::none(),
         }
     }
 
@@ -93,6 +106,23 @@ impl KeyGate {
     /// The renderer.
     pub fn renderer(&self) -> &dyn Renderer {
         &*self.inner.renderer
+    }
+
+    /// The trusted proxies.
+    pub fn trusted_proxies(&self) -> &TrustedProxies {
+        &self.inner.proxies
+    }
+
+    /// The client address of `req`, settled once per request: an earlier layer's
+    /// [`ClientIp`] extension if present, else the peer address (through trusted proxies'
+    /// forwarded headers), memoized as a [`ClientIp`] extension. `None` when unknown.
+    pub fn client_ip<B>(&self, req: &mut Request<B>) -> Option<IpAddr> {
+        if let Some(ClientIp(ip)) = req.extensions().get::<ClientIp>() {
+            return Some(*ip);
+        }
+        let ip = self.inner.proxies.client_ip(req)?;
+        req.extensions_mut().insert(ClientIp(ip));
+        Some(ip)
     }
 
     /// The authentication layer of this hub.

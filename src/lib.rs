@@ -58,6 +58,7 @@ pub use keygate_core::{
 };
 
 mod builder;
+pub mod client_ip;
 pub mod credentials;
 pub mod future;
 mod gate;
