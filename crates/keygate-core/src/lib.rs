@@ -27,6 +27,7 @@ mod digest;
 mod key;
 mod principal;
 mod record;
+mod scope;
 mod store;
 mod verifier;
 
@@ -43,5 +44,6 @@ pub use record::{
     InvalidPolicy, InvalidStatus, KeyInfo, KeyRecord, KeyStatus, QuotaPolicy, QuotaWindow,
     RateLimitPolicy,
 };
+pub use scope::{validate_resource_pattern, InvalidScope, ResourceSet, Scope, ScopeSet};
 pub use store::{KeyFilter, KeyStore, MemoryStore, StoreError};
 pub use verifier::{Lookup, PendingLookup, Verifier, VerifierBuilder};

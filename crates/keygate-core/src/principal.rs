@@ -9,6 +9,7 @@ use ipnet::IpNet;
 
 use crate::key::{KeyId, Prefix};
 use crate::record::{KeyRecord, QuotaPolicy, RateLimitPolicy};
+use crate::scope::{ResourceSet, Scope, ScopeSet};
 
 /// Who is calling: the key a request was authenticated with and what its record grants.
 ///
@@ -27,6 +28,8 @@ struct Inner {
     expires_at: Option<SystemTime>,
     scopes: Vec<String>,
     resources: Vec<String>,
+    granted: ScopeSet,
+    collections: ResourceSet,
     attributes: BTreeMap<String, String>,
     allowed_ips: Vec<IpNet>,
     rate_limits: Vec<RateLimitPolicy>,
@@ -45,8 +48,10 @@ impl Principal {
                 expires_at: record.expires_at,
                 scopes: record.scopes.clone(),
                 resources: record.resources.clone(),
+                granted: ScopeSet::compile(&record.scopes),
+                collections: ResourceSet::compile(&record.resources),
                 attributes: record.attributes.clone(),
-                allowed_ips: record.allowed_ips.clone(),
+                allowed_ips: record.allowed_ips.iter().map(|n| canonical(*n)).collect(),
                 rate_limits: record.rate_limits.clone(),
                 quotas: record.quotas.clone(),
             }),
@@ -81,6 +86,19 @@ impl Principal {
     pub fn resources(&self) -> &[String] {
         &self.inner.resources
     }
+    /// The granted scopes, compiled.
+    pub fn granted(&self) -> &ScopeSet {
+        &self.inner.granted
+    }
+    /// Whether the key grants `scope`.
+    pub fn has_scope(&self, scope: &Scope) -> bool {
+        self.inner.granted.allows(scope)
+    }
+    /// Whether the key may touch the resource (collection) `name`. A key with no resource
+    /// patterns may touch none.
+    pub fn can_access(&self, name: &str) -> bool {
+        self.inner.collections.allows(name)
+    }
     /// All attributes.
     pub fn attributes(&self) -> &BTreeMap<String, String> {
         &self.inner.attributes
@@ -109,6 +127,19 @@ impl Principal {
     pub fn ptr_eq(a: &Principal, b: &Principal) -> bool {
         Arc::ptr_eq(&a.inner, &b.inner)
     }
+}
+
+/// IPv4-mapped IPv6 networks (`::ffff:10.0.0.0/104`) as IPv4 (`10.0.0.0/8`), so they match
+/// the canonical client addresses the layers compare them with.
+fn canonical(net: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = net {
+        if let (Some(v4), true) = (v6.addr().to_ipv4_mapped(), v6.prefix_len() >= 96) {
+            if let Ok(n) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96) {
+                return IpNet::V4(n.trunc());
+            }
+        }
+    }
+    net
 }
 
 impl fmt::Debug for Principal {

@@ -1,0 +1,330 @@
+//! Route tables: method + path pattern -> required scope, and which path parameter names the
+//! resource.
+
+use std::fmt;
+use std::ops::Range;
+
+use http::Method;
+
+use crate::core::{InvalidScope, Scope};
+
+/// Why a route table could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidRule {
+    /// The scope does not parse.
+    #[error(transparent)]
+    Scope(#[from] InvalidScope),
+    /// The path pattern is not valid.
+    #[error("invalid path pattern {pattern:?}: {reason}")]
+    Pattern {
+        /// The pattern (shortened).
+        pattern: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The method is not a valid HTTP method.
+    #[error("invalid method {0:?}")]
+    Method(String),
+}
+
+fn bad_pattern(pattern: &str, reason: &'static str) -> InvalidRule {
+    InvalidRule::Pattern {
+        pattern: pattern.chars().take(128).collect(),
+        reason,
+    }
+}
+
+#[derive(Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(Box<str>),
+    Param(Box<str>),
+}
+
+/// A parsed path pattern: `/collections/{collection}/points/search` or a gRPC path
+/// `/qdrant.Points/Search`. Segments are literal or `{name}` (one whole segment); literals
+/// are compared to the raw (still percent-encoded) request path, exactly. A trailing slash
+/// is a segment of its own: `/collections/` does not match `/collections`.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct PathPattern {
+    text: Box<str>,
+    segments: Box<[Segment]>,
+}
+
+impl fmt::Debug for PathPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.text, f)
+    }
+}
+
+/// At most this many path segments are matched (longer paths match no rule).
+const MAX_SEGMENTS: usize = 32;
+
+impl PathPattern {
+    pub(crate) fn parse(pattern: &str) -> Result<Self, InvalidRule> {
+        let rest = pattern
+            .strip_prefix('/')
+            .ok_or_else(|| bad_pattern(pattern, "must start with /"))?;
+        let mut segments = Vec::new();
+        for seg in rest.split('/') {
+            if let Some(inner) = seg.strip_prefix('{') {
+                let name = inner
+                    .strip_suffix('}')
+                    .ok_or_else(|| bad_pattern(pattern, "a parameter must be a whole {segment}"))?;
+                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                {
+                    return Err(bad_pattern(pattern, "parameter names are [A-Za-z0-9_]+"));
+                }
+                if segments
+                    .iter()
+                    .any(|s| matches!(s, Segment::Param(n) if &**n == name))
+                {
+                    return Err(bad_pattern(pattern, "a parameter name appears twice"));
+                }
+                segments.push(Segment::Param(name.into()));
+            } else {
+                if seg.contains(['{', '}']) {
+                    return Err(bad_pattern(
+                        pattern,
+                        "a parameter must be a whole {segment}",
+                    ));
+                }
+                if seg
+                    .bytes()
+                    .any(|b| b <= b' ' || b == 0x7f || b == b'?' || b == b'#')
+                {
+                    return Err(bad_pattern(
+                        pattern,
+                        "literals must not contain spaces, controls, ? or #",
+                    ));
+                }
+                segments.push(Segment::Literal(seg.into()));
+            }
+        }
+        if segments.len() > MAX_SEGMENTS {
+            return Err(bad_pattern(pattern, "more than 32 segments"));
+        }
+        Ok(PathPattern {
+            text: pattern.into(),
+            segments: segments.into(),
+        })
+    }
+
+    pub(crate) fn has_param(&self, name: &str) -> bool {
+        self.segments
+            .iter()
+            .any(|s| matches!(s, Segment::Param(n) if &**n == name))
+    }
+
+    /// Matches `path` (without query); on success returns the byte range of parameter
+    /// `param` in `path`, if the pattern has it.
+    pub(crate) fn matches(&self, path: &str, param: Option<&str>) -> Option<Option<Range<usize>>> {
+        let rest = path.strip_prefix('/')?;
+        let mut offset = 1;
+        let mut found = None;
+        let mut segs = self.segments.iter();
+        for part in rest.split('/') {
+            let seg = segs.next()?;
+            match seg {
+                Segment::Literal(l) => {
+                    if **l != *part {
+                        return None;
+                    }
+                }
+                Segment::Param(name) => {
+                    if part.is_empty() {
+                        return None;
+                    }
+                    if param == Some(&**name) {
+                        found = Some(offset..offset + part.len());
+                    }
+                }
+            }
+            offset += part.len() + 1;
+        }
+        if segs.next().is_some() {
+            return None;
+        }
+        Some(found)
+    }
+}
+
+/// What a matched rule asks for.
+#[derive(Debug, Clone)]
+pub(crate) enum Need {
+    /// No key needed.
+    Public,
+    /// This scope, and (when the pattern names it) access to the resource in the path.
+    Scope(Scope),
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    method: Option<Method>,
+    pattern: PathPattern,
+    need: Need,
+    /// The resource parameter, when the pattern has it.
+    resource: Option<Box<str>>,
+}
+
+/// A route table: for each request, the first rule whose method and path pattern match says
+/// which scope it needs and which path parameter names the resource (collection).
+///
+/// ```
+/// use keygate::scope::RouteScopes;
+///
+/// let rules = RouteScopes::builder()
+///     .route("GET", "/collections", "collections:read")
+///     .route("PUT", "/collections/{collection}", "collections:manage")
+///     // Qdrant sends reads as POST: declare them as reads.
+///     .reads("POST", ["/collections/{collection}/points/search",
+///                     "/collections/{collection}/points/scroll"], "points:read")
+///     .grpc("/qdrant.Points/Search", "points:read")
+///     .public("GET", "/healthz")
+///     .build()
+///     .unwrap();
+/// # let _ = rules;
+/// ```
+///
+/// A request matching no rule is denied (`insufficient_scope`) unless the table was built
+/// with [`RouteScopesBuilder::allow_unmatched`]. The resource is the parameter named
+/// `collection` unless [`RouteScopesBuilder::resource_param`] says otherwise; its value is
+/// percent-decoded before it is checked against the key's resource patterns (a value that
+/// does not decode to UTF-8 is forbidden).
+#[derive(Debug, Clone)]
+pub struct RouteScopes {
+    rules: Vec<Rule>,
+    allow_unmatched: bool,
+}
+
+/// Builds a [`RouteScopes`]. Errors are collected and reported by
+/// [`RouteScopesBuilder::build`], so a bad rule fails at start-up, never at request time.
+#[derive(Debug, Clone)]
+pub struct RouteScopesBuilder {
+    entries: Vec<(String, String, Option<String>)>,
+    resource_param: String,
+    allow_unmatched: bool,
+}
+
+impl RouteScopes {
+    /// Starts a table.
+    pub fn builder() -> RouteScopesBuilder {
+        RouteScopesBuilder {
+            entries: Vec::new(),
+            resource_param: "collection".to_owned(),
+            allow_unmatched: false,
+        }
+    }
+
+    /// The index of the first rule matching `method` and `path`, and where the resource is
+    /// in the path.
+    pub(crate) fn find_index(
+        &self,
+        method: &Method,
+        path: &str,
+    ) -> Option<(usize, Option<Range<usize>>)> {
+        self.rules.iter().enumerate().find_map(|(i, rule)| {
+            if rule.method.as_ref().is_some_and(|m| m != method) {
+                return None;
+            }
+            let resource = rule.pattern.matches(path, rule.resource.as_deref())?;
+            Some((i, resource))
+        })
+    }
+
+    /// What rule `index` needs.
+    pub(crate) fn need(&self, index: usize) -> &Need {
+        &self.rules[index].need
+    }
+
+    /// Whether requests matching no rule pass.
+    pub fn allows_unmatched(&self) -> bool {
+        self.allow_unmatched
+    }
+}
+
+impl RouteScopesBuilder {
+    /// A rule: requests with `method` (`GET`, `POST`, ..., or `*` for any) on paths matching
+    /// `pattern` need `scope`, and access to the resource named by the resource parameter
+    /// when the pattern has it.
+    pub fn route(mut self, method: &str, pattern: &str, scope: &str) -> Self {
+        self.entries.push((
+            method.to_owned(),
+            pattern.to_owned(),
+            Some(scope.to_owned()),
+        ));
+        self
+    }
+
+    /// Several paths with one method and one scope: for reads sent as POST (search, query,
+    /// scroll, count, retrieve).
+    pub fn reads<I, T>(mut self, method: &str, patterns: I, scope: &str) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: AsRef<str>,
+    {
+        for p in patterns {
+            self = self.route(method, p.as_ref(), scope);
+        }
+        self
+    }
+
+    /// A gRPC method (`/package.Service/Method`) needing `scope`. gRPC carries the
+    /// collection in the message body, which a layer does not read: check it in the handler
+    /// with [`Principal::can_access`](crate::Principal::can_access).
+    pub fn grpc(self, path: &str, scope: &str) -> Self {
+        self.route("POST", path, scope)
+    }
+
+    /// A route that needs no key.
+    pub fn public(mut self, method: &str, pattern: &str) -> Self {
+        self.entries
+            .push((method.to_owned(), pattern.to_owned(), None));
+        self
+    }
+
+    /// The path parameter that names the resource (default `collection`).
+    pub fn resource_param(mut self, name: &str) -> Self {
+        self.resource_param = name.to_owned();
+        self
+    }
+
+    /// Lets requests that match no rule pass (default: they are denied).
+    pub fn allow_unmatched(mut self, yes: bool) -> Self {
+        self.allow_unmatched = yes;
+        self
+    }
+
+    /// Validates every rule and builds the table.
+    pub fn build(self) -> Result<RouteScopes, InvalidRule> {
+        let mut rules = Vec::with_capacity(self.entries.len());
+        for (method, pattern, scope) in self.entries {
+            let method = if method == "*" {
+                None
+            } else {
+                Some(
+                    Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+                        .map_err(|_| InvalidRule::Method(method.chars().take(32).collect()))?,
+                )
+            };
+            let pattern = PathPattern::parse(&pattern)?;
+            let need = match scope {
+                Some(s) => Need::Scope(Scope::parse(&s)?),
+                None => Need::Public,
+            };
+            let resource = pattern
+                .has_param(&self.resource_param)
+                .then(|| self.resource_param.as_str().into());
+            rules.push(Rule {
+                method,
+                pattern,
+                need,
+                resource,
+            });
+        }
+        Ok(RouteScopes {
+            rules,
+            allow_unmatched: self.allow_unmatched,
+        })
+    }
+}

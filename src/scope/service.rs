@@ -1,0 +1,162 @@
+use std::borrow::Cow;
+use std::ops::Range;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use super::rules::{Need, PathPattern, RouteScopes};
+use crate::core::Scope;
+use crate::future::ResponseFuture;
+use crate::guard::{self, Check, Resolver};
+use crate::reject::ResponseBody;
+use crate::{Denial, DenialCode, Principal};
+
+/// What a [`Scoped`] service enforces.
+#[derive(Debug)]
+pub(crate) enum Policy {
+    Require {
+        scope: Scope,
+        resource: Option<(PathPattern, Box<str>)>,
+    },
+    Table(RouteScopes),
+}
+
+/// Middleware that checks scopes and resources. See [`ScopeLayer`](super::ScopeLayer).
+#[derive(Clone, Debug)]
+pub struct Scoped<S> {
+    inner: S,
+    policy: Arc<Policy>,
+    resolver: Resolver,
+}
+
+impl<S> Scoped<S> {
+    pub(crate) fn new(inner: S, policy: Arc<Policy>, resolver: Resolver) -> Self {
+        Scoped {
+            inner,
+            policy,
+            resolver,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+/// Where the request landed in the policy, found before resolution.
+enum Decision {
+    /// No rule matched (and unmatched requests are denied).
+    Unmatched,
+    /// A table rule needing a scope.
+    Rule {
+        index: usize,
+        resource: Option<Range<usize>>,
+    },
+    /// `require`; `Err(())` when the resource pattern did not match.
+    Require {
+        resource: Result<Option<Range<usize>>, ()>,
+    },
+}
+
+struct ScopeCheck {
+    policy: Arc<Policy>,
+    decision: Decision,
+}
+
+impl<ReqB> Check<ReqB> for ScopeCheck {
+    type Note = ();
+
+    fn check(
+        self,
+        req: &mut Request<ReqB>,
+        who: Result<&Principal, &Denial>,
+    ) -> Result<(), Denial> {
+        let principal = who.map_err(Denial::clone)?;
+        let (scope, resource) = match (&*self.policy, self.decision) {
+            (_, Decision::Unmatched) => {
+                return Err(Denial::new(DenialCode::InsufficientScope)
+                    .with_detail("No rule grants access to this route."))
+            }
+            (Policy::Table(table), Decision::Rule { index, resource }) => match table.need(index) {
+                Need::Scope(scope) => (scope, resource),
+                Need::Public => return Ok(()),
+            },
+            (Policy::Require { scope, .. }, Decision::Require { resource }) => match resource {
+                Ok(r) => (scope, r),
+                Err(()) => {
+                    return Err(Denial::new(DenialCode::ResourceForbidden)
+                        .with_detail("The path names no resource this route allows."))
+                }
+            },
+            _ => return Err(Denial::new(DenialCode::InsufficientScope)),
+        };
+        if !principal.has_scope(scope) {
+            return Err(
+                Denial::new(DenialCode::InsufficientScope).with_required_scope(scope.to_string())
+            );
+        }
+        if let Some(range) = resource {
+            let raw = req.uri().path().get(range).unwrap_or("");
+            let allowed = decode(raw).is_some_and(|name| principal.can_access(&name));
+            if !allowed {
+                return Err(Denial::new(DenialCode::ResourceForbidden));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Percent-decodes a path segment; `None` if it does not decode to UTF-8.
+fn decode(raw: &str) -> Option<Cow<'_, str>> {
+    if !raw.contains('%') {
+        return Some(Cow::Borrowed(raw));
+    }
+    percent_encoding::percent_decode_str(raw).decode_utf8().ok()
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for Scoped<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqB: Send + 'static,
+    ResB: Send + 'static,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResB>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let decision = match &*self.policy {
+            Policy::Table(table) => match table.find_index(req.method(), req.uri().path()) {
+                Some((index, _)) if matches!(table.need(index), Need::Public) => {
+                    return ResponseFuture::inner(self.inner.call(req), ());
+                }
+                Some((index, resource)) => Decision::Rule { index, resource },
+                None if table.allows_unmatched() => {
+                    return ResponseFuture::inner(self.inner.call(req), ());
+                }
+                None => Decision::Unmatched,
+            },
+            Policy::Require { resource, .. } => Decision::Require {
+                resource: match resource {
+                    None => Ok(None),
+                    Some((pattern, param)) => {
+                        pattern.matches(req.uri().path(), Some(param)).ok_or(())
+                    }
+                },
+            },
+        };
+        let check = ScopeCheck {
+            policy: self.policy.clone(),
+            decision,
+        };
+        guard::call(&mut self.inner, &self.resolver, req, check)
+    }
+}
