@@ -62,18 +62,43 @@ pub fn peer_addr<B>(req: &Request<B>) -> Option<IpAddr> {
 
 /// Why a network list is invalid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid network {0:?}: expected an address or CIDR such as 10.0.0.0/8 or 2001:db8::/32")]
-pub struct InvalidNetwork(pub String);
+#[error("invalid network {text:?}: {reason}")]
+pub struct InvalidNetwork {
+    text: String,
+    reason: &'static str,
+}
+
+impl InvalidNetwork {
+    fn new(text: &str, reason: &'static str) -> Self {
+        InvalidNetwork {
+            text: text.chars().take(64).collect(),
+            reason,
+        }
+    }
+}
 
 /// Parses an address or CIDR (`10.0.0.1`, `10.0.0.0/8`, `2001:db8::/32`) into a network; a
 /// bare address is a /32 or /128. IPv4-mapped IPv6 networks are turned into IPv4 ones.
+/// A CIDR with host bits set (`10.1.2.3/8`) is an error, not silently widened: it usually
+/// means a typo.
 pub fn parse_network(text: &str) -> Result<IpNet, InvalidNetwork> {
     let t = text.trim();
     let net = match t.parse::<IpNet>() {
-        Ok(net) => net,
+        Ok(net) if net.trunc() == net => net,
+        Ok(_) => {
+            return Err(InvalidNetwork::new(
+                text,
+                "host bits are set (did you mean the network address?)",
+            ))
+        }
         Err(_) => match t.parse::<IpAddr>() {
             Ok(ip) => IpNet::from(ip),
-            Err(_) => return Err(InvalidNetwork(text.chars().take(64).collect())),
+            Err(_) => {
+                return Err(InvalidNetwork::new(
+                    text,
+                    "expected an address or CIDR such as 10.0.0.0/8 or 2001:db8::/32",
+                ))
+            }
         },
     };
     Ok(canonical_net(net))
@@ -106,7 +131,8 @@ impl TrustedProxies {
     }
 
     /// Proxies given as addresses or CIDRs; an invalid entry is an error now, not at request
-    /// time.
+    /// time. So is a /0 network (`0.0.0.0/0`, `::/0`): trusting every address would let any
+    /// client choose its own.
     pub fn new<I, T>(nets: I) -> Result<Self, InvalidNetwork>
     where
         I: IntoIterator<Item = T>,
@@ -114,7 +140,16 @@ impl TrustedProxies {
     {
         let nets = nets
             .into_iter()
-            .map(|n| parse_network(n.as_ref()))
+            .map(|n| {
+                let net = parse_network(n.as_ref())?;
+                if net.prefix_len() == 0 {
+                    return Err(InvalidNetwork::new(
+                        n.as_ref(),
+                        "a /0 network would trust every address",
+                    ));
+                }
+                Ok(net)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(TrustedProxies { nets })
     }
@@ -131,8 +166,13 @@ impl TrustedProxies {
     }
 
     /// The client address of `req`: the peer when it is not a trusted proxy; otherwise the
-    /// first untrusted address reading the forwarded chain from the right (`Forwarded` when
-    /// present, else `X-Forwarded-For`). When every hop is trusted, the leftmost one.
+    /// first untrusted address reading the forwarded chain from the right, skipping trusted
+    /// hops. When every hop is trusted, the leftmost one.
+    ///
+    /// Both `Forwarded` and `X-Forwarded-For` are read. When a request carries both, they
+    /// must name the same client, or the address is unknown: many proxies append to
+    /// `X-Forwarded-For` but pass a client-written `Forwarded` through untouched, and the
+    /// client must not get to choose.
     ///
     /// `None` (unknown) when there is no peer address, or when the chain behind a trusted
     /// proxy holds something that is not an address (garbage, `unknown`, an obfuscated
@@ -144,20 +184,33 @@ impl TrustedProxies {
             return Some(peer);
         }
         let headers = req.headers();
-        let use_forwarded = headers.contains_key(FORWARDED);
-        let name = if use_forwarded { &FORWARDED } else { &X_FORWARDED_FOR };
+        let forwarded = headers
+            .contains_key(FORWARDED)
+            .then(|| self.walk(req, &FORWARDED, peer));
+        let xff = headers
+            .contains_key(&X_FORWARDED_FOR)
+            .then(|| self.walk(req, &X_FORWARDED_FOR, peer));
+        match (forwarded, xff) {
+            (Some(a), Some(b)) => a.filter(|a| Some(*a) == b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => Some(peer),
+        }
+    }
+
+    /// Walks one forwarded header from the right.
+    fn walk<B>(&self, req: &Request<B>, name: &HeaderName, peer: IpAddr) -> Option<IpAddr> {
+        let rfc7239 = name == FORWARDED;
         let mut leftmost = peer;
         let mut hops = 0;
         // Header lines are read last to first; within a line, entries right to left.
-        let lines: Vec<&http::HeaderValue> = headers.get_all(name).iter().collect();
-        for line in lines.iter().rev() {
+        for line in req.headers().get_all(name).iter().rev() {
             let text = line.to_str().ok()?;
             for entry in text.rsplit(',') {
                 let entry = entry.trim();
                 if entry.is_empty() {
                     continue;
                 }
-                let ip = if use_forwarded {
+                let ip = if rfc7239 {
                     forwarded_for(entry)?
                 } else {
                     parse_node(entry)?
@@ -203,7 +256,10 @@ fn parse_node(node: &str) -> Option<IpAddr> {
         if !(after.is_empty() || after.strip_prefix(':').is_some_and(is_port)) {
             return None;
         }
-        return addr.parse::<std::net::Ipv6Addr>().ok().map(|a| IpAddr::V6(a).to_canonical());
+        return addr
+            .parse::<std::net::Ipv6Addr>()
+            .ok()
+            .map(|a| IpAddr::V6(a).to_canonical());
     }
     if let Ok(ip) = node.parse::<IpAddr>() {
         return Some(ip.to_canonical());
@@ -229,7 +285,8 @@ mod tests {
             b = b.header(*n, *v);
         }
         let mut r = b.body(()).unwrap();
-        r.extensions_mut().insert(peer.parse::<SocketAddr>().unwrap());
+        r.extensions_mut()
+            .insert(peer.parse::<SocketAddr>().unwrap());
         r
     }
 
@@ -250,15 +307,28 @@ mod tests {
         let p = TrustedProxies::new(["10.0.0.0/8", "192.168.0.0/16"]).unwrap();
         let r = req(
             "10.0.0.1:443",
-            &[("x-forwarded-for", "1.1.1.1, 203.0.113.7, 192.168.1.1, 10.2.2.2")],
+            &[(
+                "x-forwarded-for",
+                "1.1.1.1, 203.0.113.7, 192.168.1.1, 10.2.2.2",
+            )],
         );
-        assert_eq!(p.client_ip(&r), ip("203.0.113.7"), "the spoofable leftmost entry is not believed");
+        assert_eq!(
+            p.client_ip(&r),
+            ip("203.0.113.7"),
+            "the spoofable leftmost entry is not believed"
+        );
         let two_lines = req(
             "10.0.0.1:443",
-            &[("x-forwarded-for", "203.0.113.7"), ("x-forwarded-for", "10.9.9.9")],
+            &[
+                ("x-forwarded-for", "203.0.113.7"),
+                ("x-forwarded-for", "10.9.9.9"),
+            ],
         );
         assert_eq!(p.client_ip(&two_lines), ip("203.0.113.7"));
-        let all_trusted = req("10.0.0.1:443", &[("x-forwarded-for", "192.168.3.3, 10.2.2.2")]);
+        let all_trusted = req(
+            "10.0.0.1:443",
+            &[("x-forwarded-for", "192.168.3.3, 10.2.2.2")],
+        );
         assert_eq!(p.client_ip(&all_trusted), ip("192.168.3.3"));
         let none = req("10.0.0.1:443", &[]);
         assert_eq!(p.client_ip(&none), ip("10.0.0.1"));
@@ -279,7 +349,10 @@ mod tests {
         }
         let f = req(
             "10.0.0.1:1",
-            &[("forwarded", "for=198.51.100.1, for=\"[2001:db8:cafe::17]:4711\";proto=https, for=10.0.0.9")],
+            &[(
+                "forwarded",
+                "for=198.51.100.1, for=\"[2001:db8:cafe::17]:4711\";proto=https, for=10.0.0.9",
+            )],
         );
         assert_eq!(p.client_ip(&f), ip("2001:db8:cafe::17"));
     }
@@ -287,7 +360,15 @@ mod tests {
     #[test]
     fn garbage_behind_a_trusted_proxy_is_unknown() {
         let p = TrustedProxies::new(["10.0.0.0/8"]).unwrap();
-        for value in ["garbage", "unknown", "_hidden", "1.2.3.4:99999", "[::1", "1.2.3.4.5", "1.2.3.4 5"] {
+        for value in [
+            "garbage",
+            "unknown",
+            "_hidden",
+            "1.2.3.4:99999",
+            "[::1",
+            "1.2.3.4.5",
+            "1.2.3.4 5",
+        ] {
             let r = req("10.0.0.1:1", &[("x-forwarded-for", value)]);
             assert_eq!(p.client_ip(&r), None, "{value:?}");
         }
@@ -306,9 +387,17 @@ mod tests {
     fn networks_parse_and_fail_early() {
         assert!(TrustedProxies::new(["10.0.0.0/33"]).is_err());
         assert!(TrustedProxies::new(["nope"]).is_err());
-        assert_eq!(parse_network("10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
-        assert_eq!(parse_network("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
-        assert_eq!(parse_network("::ffff:10.0.0.0/104").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(
+            parse_network("10.1.2.3").unwrap().to_string(),
+            "10.1.2.3/32"
+        );
+        assert!(parse_network("10.1.2.3/8").is_err(), "host bits set");
+        assert!(TrustedProxies::new(["0.0.0.0/0"]).is_err());
+        assert!(TrustedProxies::new(["::/0"]).is_err());
+        assert_eq!(
+            parse_network("::ffff:10.0.0.0/104").unwrap().to_string(),
+            "10.0.0.0/8"
+        );
         let p = TrustedProxies::new(["::ffff:10.0.0.1"]).unwrap();
         assert!(p.is_trusted("10.0.0.1".parse().unwrap()));
     }

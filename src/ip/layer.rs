@@ -97,13 +97,16 @@ impl IpAllowLayer {
         self
     }
 
-    /// Believes forwarded headers from these proxies (for a layer built without the hub).
+    /// Believes forwarded headers from these proxies (for a layer built without the hub; a
+    /// layer built [`with_gate`](IpAllowLayer::with_gate) settles the address through the
+    /// hub, whose trusted proxies win).
     pub fn trusted_proxies(mut self, proxies: TrustedProxies) -> Self {
         self.proxies = Arc::new(proxies);
         self
     }
 
-    /// Renders denials with `renderer` (for a layer built without the hub).
+    /// Renders denials with `renderer` (for a layer built without the hub; with the hub, the
+    /// hub's renderer is used).
     pub fn renderer(mut self, renderer: impl Renderer) -> Self {
         if let Resolver::Extensions(_) = self.resolver {
             self.resolver = Resolver::Extensions(Arc::new(renderer));

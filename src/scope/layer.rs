@@ -33,9 +33,14 @@ impl ScopeLayer {
     /// Also checks the resource named by path parameter `param` of `pattern` (for
     /// `require`): `require("points:write")?.resource_in_path("/collections/{collection}/points", "collection")?`.
     /// A request whose path does not match the pattern is denied `resource_forbidden`.
+    /// On a layer built with [`ScopeLayer::table`] it is an error (tables name their
+    /// resource parameter per rule).
     pub fn resource_in_path(self, pattern: &str, param: &str) -> Result<Self, InvalidRule> {
         let Policy::Require { scope, .. } = &*self.policy else {
-            return Ok(self);
+            return Err(InvalidRule::Pattern {
+                pattern: pattern.chars().take(128).collect(),
+                reason: "resource_in_path applies to ScopeLayer::require, not to route tables",
+            });
         };
         let pattern = PathPattern::parse(pattern)?;
         if !pattern.has_param(param) {

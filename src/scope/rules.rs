@@ -116,36 +116,79 @@ impl PathPattern {
             .any(|s| matches!(s, Segment::Param(n) if &**n == name))
     }
 
+    /// The index of segment parameter `name`, if the pattern has it.
+    fn param_index(&self, name: &str) -> Option<usize> {
+        self.segments
+            .iter()
+            .position(|s| matches!(s, Segment::Param(n) if &**n == name))
+    }
+
     /// Matches `path` (without query); on success returns the byte range of parameter
     /// `param` in `path`, if the pattern has it.
     pub(crate) fn matches(&self, path: &str, param: Option<&str>) -> Option<Option<Range<usize>>> {
-        let rest = path.strip_prefix('/')?;
-        let mut offset = 1;
-        let mut found = None;
-        let mut segs = self.segments.iter();
-        for part in rest.split('/') {
-            let seg = segs.next()?;
+        let split = SplitPath::new(path)?;
+        self.matches_split(path, &split, param.and_then(|p| self.param_index(p)))
+    }
+
+    /// Matches an already split path; `resource_at` is the segment index of the resource
+    /// parameter.
+    fn matches_split(
+        &self,
+        path: &str,
+        split: &SplitPath,
+        resource_at: Option<usize>,
+    ) -> Option<Option<Range<usize>>> {
+        let parts = split.parts();
+        if parts.len() != self.segments.len() {
+            return None;
+        }
+        let bytes = path.as_bytes();
+        for (seg, &(a, b)) in self.segments.iter().zip(parts) {
             match seg {
                 Segment::Literal(l) => {
-                    if **l != *part {
+                    if bytes[a..b] != *l.as_bytes() {
                         return None;
                     }
                 }
-                Segment::Param(name) => {
-                    if part.is_empty() {
+                Segment::Param(_) => {
+                    if a == b {
                         return None;
-                    }
-                    if param == Some(&**name) {
-                        found = Some(offset..offset + part.len());
                     }
                 }
             }
-            offset += part.len() + 1;
         }
-        if segs.next().is_some() {
-            return None;
+        Some(resource_at.map(|i| parts[i].0..parts[i].1))
+    }
+}
+
+/// A request path split once into the byte ranges of its segments (no allocation).
+pub(crate) struct SplitPath {
+    bounds: [(usize, usize); MAX_SEGMENTS],
+    len: usize,
+}
+
+impl SplitPath {
+    /// `None` when the path does not start with `/` or has more than 32 segments.
+    pub(crate) fn new(path: &str) -> Option<Self> {
+        let rest = path.strip_prefix('/')?;
+        let mut split = SplitPath {
+            bounds: [(0, 0); MAX_SEGMENTS],
+            len: 0,
+        };
+        let mut start = 1;
+        for part in rest.split('/') {
+            if split.len == MAX_SEGMENTS {
+                return None;
+            }
+            split.bounds[split.len] = (start, start + part.len());
+            split.len += 1;
+            start += part.len() + 1;
         }
-        Some(found)
+        Some(split)
+    }
+
+    fn parts(&self) -> &[(usize, usize)] {
+        &self.bounds[..self.len]
     }
 }
 
@@ -163,8 +206,8 @@ struct Rule {
     method: Option<Method>,
     pattern: PathPattern,
     need: Need,
-    /// The resource parameter, when the pattern has it.
-    resource: Option<Box<str>>,
+    /// The segment index of the resource parameter, when the pattern has it.
+    resource: Option<usize>,
 }
 
 /// A route table: for each request, the first rule whose method and path pattern match says
@@ -190,10 +233,14 @@ struct Rule {
 /// with [`RouteScopesBuilder::allow_unmatched`]. The resource is the parameter named
 /// `collection` unless [`RouteScopesBuilder::resource_param`] says otherwise; its value is
 /// percent-decoded before it is checked against the key's resource patterns (a value that
-/// does not decode to UTF-8 is forbidden).
+/// does not decode to UTF-8, or decodes to a name with `/` or a control character, is
+/// forbidden). `HEAD` requests match `GET` rules, as axum serves them from GET routes.
 #[derive(Debug, Clone)]
 pub struct RouteScopes {
     rules: Vec<Rule>,
+    /// Rule indexes by segment count, in table order: only rules with as many segments as
+    /// the path can match it.
+    by_len: Vec<Vec<usize>>,
     allow_unmatched: bool,
 }
 
@@ -223,11 +270,18 @@ impl RouteScopes {
         method: &Method,
         path: &str,
     ) -> Option<(usize, Option<Range<usize>>)> {
-        self.rules.iter().enumerate().find_map(|(i, rule)| {
-            if rule.method.as_ref().is_some_and(|m| m != method) {
-                return None;
+        let split = SplitPath::new(path)?;
+        let candidates = self.by_len.get(split.len)?;
+        candidates.iter().find_map(|&i| {
+            let rule = &self.rules[i];
+            if let Some(m) = &rule.method {
+                // HEAD is served by GET routes (as axum does), so GET rules cover it.
+                let same = m == method || (*m == Method::GET && method == Method::HEAD);
+                if !same {
+                    return None;
+                }
             }
-            let resource = rule.pattern.matches(path, rule.resource.as_deref())?;
+            let resource = rule.pattern.matches_split(path, &split, rule.resource)?;
             Some((i, resource))
         })
     }
@@ -312,9 +366,7 @@ impl RouteScopesBuilder {
                 Some(s) => Need::Scope(Scope::parse(&s)?),
                 None => Need::Public,
             };
-            let resource = pattern
-                .has_param(&self.resource_param)
-                .then(|| self.resource_param.as_str().into());
+            let resource = pattern.param_index(&self.resource_param);
             rules.push(Rule {
                 method,
                 pattern,
@@ -322,9 +374,37 @@ impl RouteScopesBuilder {
                 resource,
             });
         }
+        let mut by_len: Vec<Vec<usize>> = vec![Vec::new(); MAX_SEGMENTS + 1];
+        for (i, rule) in rules.iter().enumerate() {
+            by_len[rule.pattern.segments.len()].push(i);
+        }
         Ok(RouteScopes {
             rules,
+            by_len,
             allow_unmatched: self.allow_unmatched,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_requests_match_get_rules_and_first_rule_wins() {
+        let t = RouteScopes::builder()
+            .route("GET", "/collections/{collection}", "collections:read")
+            .route("*", "/collections/{collection}", "collections:manage")
+            .build()
+            .unwrap();
+        let (i, r) = t.find_index(&Method::HEAD, "/collections/abc").unwrap();
+        assert_eq!(i, 0);
+        assert_eq!(r, Some(13..16));
+        let (i, _) = t.find_index(&Method::DELETE, "/collections/abc").unwrap();
+        assert_eq!(i, 1);
+        assert!(t.find_index(&Method::GET, "/collections/").is_none());
+        assert!(t.find_index(&Method::GET, "/collections").is_none());
+        let long = "/a".repeat(40);
+        assert!(t.find_index(&Method::GET, &long).is_none());
     }
 }

@@ -109,12 +109,19 @@ impl<ReqB> Check<ReqB> for ScopeCheck {
     }
 }
 
-/// Percent-decodes a path segment; `None` if it does not decode to UTF-8.
+/// Percent-decodes a path segment; `None` if it does not decode to UTF-8 or decodes to a
+/// name no resource pattern may hold (`/`, control characters).
 fn decode(raw: &str) -> Option<Cow<'_, str>> {
     if !raw.contains('%') {
         return Some(Cow::Borrowed(raw));
     }
-    percent_encoding::percent_decode_str(raw).decode_utf8().ok()
+    let name = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()?;
+    if name.chars().any(|c| c == '/' || c.is_control()) {
+        return None;
+    }
+    Some(name)
 }
 
 impl<S, ReqB, ResB> Service<Request<ReqB>> for Scoped<S>
@@ -158,5 +165,20 @@ where
             decision,
         };
         guard::call(&mut self.inner, &self.resolver, req, check)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode;
+
+    #[test]
+    fn decoded_names_with_slashes_or_controls_are_refused() {
+        assert_eq!(decode("tenant-a").as_deref(), Some("tenant-a"));
+        assert_eq!(decode("tenant%2Da").as_deref(), Some("tenant-a"));
+        assert_eq!(decode("100%"), Some("100%".into()));
+        assert_eq!(decode("tenant-x%2F..%2Fother"), None);
+        assert_eq!(decode("a%00b"), None);
+        assert_eq!(decode("%FF"), None);
     }
 }

@@ -6,6 +6,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::key::KeyParseError;
+use crate::usage::LimitState;
 
 /// A stable denial code. The text forms (`as_str`) never change; responses, audit records
 /// and metrics all use them.
@@ -131,6 +132,7 @@ pub struct Denial {
     detail: Option<Cow<'static, str>>,
     retry_after: Option<Duration>,
     required_scope: Option<Cow<'static, str>>,
+    limits: Vec<LimitState>,
 }
 
 impl Denial {
@@ -141,6 +143,7 @@ impl Denial {
             detail: None,
             retry_after: None,
             required_scope: None,
+            limits: Vec::new(),
         }
     }
 
@@ -174,6 +177,27 @@ impl Denial {
     pub fn with_required_scope(mut self, scope: impl Into<Cow<'static, str>>) -> Self {
         self.required_scope = Some(scope.into());
         self
+    }
+
+    /// Attaches the state of the rate-limit or quota policies that decided (those the
+    /// request broke marked [`LimitState::violated`]); renderers write them as the
+    /// `RateLimit-Policy` / `RateLimit` fields and `violated-policies`.
+    pub fn with_limits(mut self, limits: Vec<LimitState>) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The state of the rate-limit or quota policies that decided (empty for other denials).
+    pub fn limits(&self) -> &[LimitState] {
+        &self.limits
+    }
+
+    /// The names of the policies the request broke.
+    pub fn violated_policies(&self) -> impl Iterator<Item = &str> {
+        self.limits
+            .iter()
+            .filter(|l| l.violated)
+            .map(|l| l.name.as_str())
     }
 
     /// The exact code.
@@ -212,6 +236,7 @@ impl fmt::Debug for Denial {
             .field("detail", &self.detail())
             .field("retry_after", &self.retry_after)
             .field("required_scope", &self.required_scope)
+            .field("limits", &self.limits)
             .finish()
     }
 }

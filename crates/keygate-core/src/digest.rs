@@ -4,10 +4,13 @@ use std::fmt;
 
 use subtle::ConstantTimeEq;
 
-use crate::key::{KeyId, ParsedKey};
+use crate::key::{KeyId, ParsedKey, KEY_ID_LEN, MAX_PREFIX_LEN, SECRET_LEN};
 
 /// The blake3 key-derivation context; changing it invalidates every stored digest.
 const CONTEXT: &str = "keygate 2026-11 api key digest v1";
+
+/// The longest message hashed in one shot: length byte, longest prefix, key id, secret.
+const DIGEST_INPUT_MAX: usize = 1 + MAX_PREFIX_LEN + KEY_ID_LEN + SECRET_LEN;
 
 /// Computes key digests. Built once (it derives its hashing key from the optional pepper)
 /// and shared.
@@ -41,12 +44,27 @@ impl KeyHasher {
 
     /// The digest of a key given as its parts.
     pub fn digest_parts(&self, prefix: &str, id: &KeyId, secret: &str) -> KeyDigest {
+        // The hashed message: the prefix length as one byte (so no two inputs collide),
+        // the prefix, the key id and the secret.
+        let (p, i, s) = (prefix.as_bytes(), id.as_bytes(), secret.as_bytes());
+        let len = 1 + p.len() + i.len() + s.len();
+        let mut buf = [0u8; DIGEST_INPUT_MAX];
+        if len <= buf.len() {
+            // Hot path (every key of this format fits): one-shot hashing of a stack buffer.
+            // `blake3::Hasher` is about 2 KB and its incremental API costs several times
+            // the single compression a key needs.
+            buf[0] = p.len() as u8;
+            buf[1..1 + p.len()].copy_from_slice(p);
+            buf[1 + p.len()..1 + p.len() + i.len()].copy_from_slice(i);
+            buf[1 + p.len() + i.len()..len].copy_from_slice(s);
+            return KeyDigest(*blake3::keyed_hash(&self.key, &buf[..len]).as_bytes());
+        }
+        // Same message, streamed (only for parts longer than any key has).
         let mut h = blake3::Hasher::new_keyed(&self.key);
-        // Length-prefix the variable-length part so no two inputs collide.
-        h.update(&[prefix.len() as u8]);
-        h.update(prefix.as_bytes());
-        h.update(id.as_bytes());
-        h.update(secret.as_bytes());
+        h.update(&[p.len() as u8]);
+        h.update(p);
+        h.update(i);
+        h.update(s);
         KeyDigest(*h.finalize().as_bytes())
     }
 }
@@ -116,8 +134,20 @@ impl KeyDigest {
 
     /// Constant-time equality.
     pub fn ct_eq(&self, other: &KeyDigest) -> bool {
-        self.0.ct_eq(&other.0).into()
+        // `subtle`'s comparison on four 64-bit words rather than 32 bytes: the same
+        // guarantee (no data-dependent branch), an eighth of the work.
+        words(&self.0).ct_eq(&words(&other.0)).into()
     }
+}
+
+fn words(bytes: &[u8; 32]) -> [u64; 4] {
+    let mut out = [0u64; 4];
+    for (w, chunk) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        *w = u64::from_ne_bytes(b);
+    }
+    out
 }
 
 impl fmt::Debug for KeyDigest {
@@ -143,6 +173,79 @@ mod tests {
         let mut other = p.secret().to_string();
         other.replace_range(0..1, if other.starts_with('a') { "b" } else { "a" });
         assert!(!d.ct_eq(&h.digest_parts("kg", &p.id(), &other)));
+    }
+
+    /// The message as first defined: streamed, part by part.
+    fn streamed(hasher: &KeyHasher, prefix: &str, id: &[u8], secret: &str) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&hasher.key);
+        h.update(&[prefix.len() as u8]);
+        h.update(prefix.as_bytes());
+        h.update(id);
+        h.update(secret.as_bytes());
+        *h.finalize().as_bytes()
+    }
+
+    #[test]
+    fn stored_digests_stay_valid() {
+        // Known answers computed with the original, streamed implementation: a change here
+        // would invalidate every digest already in a store.
+        let id = KeyId::parse("0123456789ab").unwrap();
+        let secret = "ABCDEFGHIJKLMNOPQRSTUV";
+        assert_eq!(
+            KeyHasher::new().digest_parts("kg", &id, secret).to_hex(),
+            "0fc17f5d358b0eaabda33229700a127422e4705afec2cb9130d67467ffc8ef24"
+        );
+        assert_eq!(
+            KeyHasher::with_pepper(b"pepper")
+                .digest_parts("sk_live", &id, secret)
+                .to_hex(),
+            "17b4562de0c6650558eb149b8d6de12dabcd78a71d2055f29268e1b93b73bfde"
+        );
+    }
+
+    #[test]
+    fn one_shot_digest_equals_the_streamed_definition() {
+        let h = KeyHasher::with_pepper(b"p");
+        let id = KeyId::generate().unwrap();
+        let longest = "a".repeat(MAX_PREFIX_LEN);
+        let too_long = "b".repeat(MAX_PREFIX_LEN + 1);
+        for prefix in [
+            "",
+            "k",
+            "kg",
+            "sk_live",
+            longest.as_str(),
+            too_long.as_str(),
+        ] {
+            for secret in [
+                "",
+                "x",
+                "ABCDEFGHIJKLMNOPQRSTUV",
+                &"s".repeat(SECRET_LEN + 9),
+            ] {
+                assert_eq!(
+                    h.digest_parts(prefix, &id, secret).as_bytes(),
+                    &streamed(&h, prefix, id.as_bytes(), secret),
+                    "{prefix:?} {secret:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn ct_eq_sees_every_byte() {
+        let d = KeyDigest::from_bytes([7; 32]);
+        assert!(d.ct_eq(&KeyDigest::from_bytes([7; 32])));
+        for i in 0..32 {
+            for bit in 0..8 {
+                let mut other = [7u8; 32];
+                other[i] ^= 1 << bit;
+                assert!(
+                    !d.ct_eq(&KeyDigest::from_bytes(other)),
+                    "byte {i} bit {bit}"
+                );
+            }
+        }
     }
 
     #[test]

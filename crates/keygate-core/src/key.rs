@@ -385,18 +385,30 @@ impl KeyParser {
         if presented.len() > MAX_KEY_LEN {
             return Err(KeyParseError::TooLong);
         }
-        let (prefix, body) = presented
-            .rsplit_once('_')
-            .ok_or(KeyParseError::MissingSeparator)?;
+        // Fast path for the usual shape, `_` then 40 base62 characters at the end: then that
+        // `_` is the last one, so the split below is the one `rsplit_once` would make, and
+        // the length and alphabet checks are already passed. Anything else takes the
+        // general path, which reports the first failing check.
+        let (prefix, body, well_shaped) = match split_well_shaped(presented) {
+            Some((prefix, body)) => (prefix, body, true),
+            None => {
+                let (prefix, body) = presented
+                    .rsplit_once('_')
+                    .ok_or(KeyParseError::MissingSeparator)?;
+                (prefix, body, false)
+            }
+        };
         if !self.prefixes.iter().any(|p| p.as_str() == prefix) {
             return Err(KeyParseError::UnknownPrefix);
         }
         let b = body.as_bytes();
-        if b.len() != BODY_LEN {
-            return Err(KeyParseError::BadLength);
-        }
-        if !b.iter().all(u8::is_ascii_alphanumeric) {
-            return Err(KeyParseError::BadCharacter);
+        if !well_shaped {
+            if b.len() != BODY_LEN {
+                return Err(KeyParseError::BadLength);
+            }
+            if !all_base62(b) {
+                return Err(KeyParseError::BadCharacter);
+            }
         }
         let head_len = presented.len() - CHECKSUM_LEN;
         let expected = checksum(&presented.as_bytes()[..head_len]);
@@ -411,6 +423,30 @@ impl KeyParser {
             secret: &body[KEY_ID_LEN..KEY_ID_LEN + SECRET_LEN],
         })
     }
+}
+
+/// Splits `presented` into prefix and body when it ends in `_` and [`BODY_LEN`] base62
+/// characters; `None` otherwise.
+fn split_well_shaped(presented: &str) -> Option<(&str, &str)> {
+    let sep = presented.len().checked_sub(BODY_LEN + 1)?;
+    let b = presented.as_bytes();
+    if b[sep] != b'_' || !all_base62(&b[sep + 1..]) {
+        return None;
+    }
+    // `sep` is an ASCII byte, so both sides are on character boundaries.
+    Some((presented.get(..sep)?, presented.get(sep + 1..)?))
+}
+
+/// Whether every byte is in `[0-9A-Za-z]`. Checks all bytes without an early exit, which
+/// lets the compiler vectorize it.
+fn all_base62(b: &[u8]) -> bool {
+    b.iter().fold(true, |ok, &c| {
+        // Digits, or (after folding case) letters; wrapping subtraction turns each range
+        // test into one comparison.
+        let digit = c.wrapping_sub(b'0') < 10;
+        let letter = (c | 0x20).wrapping_sub(b'a') < 26;
+        ok & (digit | letter)
+    })
 }
 
 #[cfg(test)]
@@ -497,6 +533,87 @@ mod tests {
         typo[20] = if typo[20] == b'a' { b'b' } else { b'a' };
         let typo = String::from_utf8(typo).unwrap();
         assert_eq!(parser.parse(&typo).unwrap_err(), KeyParseError::BadChecksum);
+    }
+
+    /// The parser as first written (one general path), to check the fast path against.
+    fn reference_parse<'a>(
+        parser: &KeyParser,
+        presented: &'a str,
+    ) -> Result<(&'a str, KeyId, &'a str), KeyParseError> {
+        if presented.is_empty() {
+            return Err(KeyParseError::Empty);
+        }
+        if presented.len() > MAX_KEY_LEN {
+            return Err(KeyParseError::TooLong);
+        }
+        let (prefix, body) = presented
+            .rsplit_once('_')
+            .ok_or(KeyParseError::MissingSeparator)?;
+        if !parser.prefixes.iter().any(|p| p.as_str() == prefix) {
+            return Err(KeyParseError::UnknownPrefix);
+        }
+        let b = body.as_bytes();
+        if b.len() != BODY_LEN {
+            return Err(KeyParseError::BadLength);
+        }
+        if !b.iter().all(u8::is_ascii_alphanumeric) {
+            return Err(KeyParseError::BadCharacter);
+        }
+        let expected = checksum(&presented.as_bytes()[..presented.len() - CHECKSUM_LEN]);
+        if expected != b[KEY_ID_LEN + SECRET_LEN..] {
+            return Err(KeyParseError::BadChecksum);
+        }
+        let id = KeyId::parse(&body[..KEY_ID_LEN]).unwrap();
+        Ok((prefix, id, &body[KEY_ID_LEN..KEY_ID_LEN + SECRET_LEN]))
+    }
+
+    #[test]
+    fn parse_agrees_with_the_reference_on_every_mutation() {
+        let kg = Prefix::default();
+        let live = Prefix::new("sk_live").unwrap();
+        let parser = KeyParser::new([kg.clone(), live.clone()]);
+        let mut inputs: Vec<String> = vec![
+            String::new(),
+            "_".into(),
+            "kg_".into(),
+            "a".repeat(MAX_KEY_LEN),
+            "a".repeat(MAX_KEY_LEN + 1),
+            format!("_{}", "a".repeat(BODY_LEN)),
+            format!("kg__{}", "a".repeat(BODY_LEN - 1)),
+        ];
+        for prefix in [&kg, &live] {
+            let key = ApiKey::generate(prefix).unwrap();
+            let text = key.expose_secret().to_string();
+            inputs.push(text.clone());
+            inputs.push(format!("x{text}"));
+            inputs.push(format!("{text}x"));
+            inputs.push(text[1..].to_string());
+            inputs.push(text[..text.len() - 1].to_string());
+            for i in 0..text.len() {
+                for replacement in ["_", "-", "a", "Z", "0", " ", "é", "\u{0}"] {
+                    let mut m = text.clone();
+                    m.replace_range(i..i + 1, replacement);
+                    inputs.push(m);
+                }
+                let mut cut = text.clone();
+                cut.remove(i);
+                inputs.push(cut);
+            }
+        }
+        for input in &inputs {
+            let fast = parser
+                .parse(input)
+                .map(|p| (p.prefix(), p.id(), p.secret()));
+            assert_eq!(fast, reference_parse(&parser, input), "{input:?}");
+        }
+        assert!(inputs.iter().filter(|i| parser.parse(i).is_ok()).count() >= 2);
+    }
+
+    #[test]
+    fn base62_check_matches_ascii_alphanumeric() {
+        for c in 0..=255u8 {
+            assert_eq!(all_base62(&[c]), c.is_ascii_alphanumeric(), "{c}");
+        }
     }
 
     #[test]

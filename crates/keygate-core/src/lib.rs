@@ -21,14 +21,17 @@
 #![deny(unsafe_code, unreachable_pub)]
 #![warn(missing_docs)]
 
+pub mod audit;
 mod clock;
 mod denial;
 mod digest;
 mod key;
+mod lifecycle;
 mod principal;
 mod record;
 mod scope;
 mod store;
+pub mod usage;
 mod verifier;
 
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -39,10 +42,14 @@ pub use key::{
     Prefix, BODY_LEN, CHECKSUM_LEN, KEY_ID_LEN, MAX_KEY_LEN, MAX_PREFIX_LEN, SCANNER_REGEX,
     SECRET_LEN,
 };
+pub use lifecycle::{
+    Expiry, InvalidSpec, IssuedKey, KeyManager, KeyManagerBuilder, KeySpec, KeyUpdate,
+    LifecycleError, MAX_ATTRIBUTE_VALUE_LEN, MAX_METADATA_BYTES, MAX_NAME_LEN, MAX_OWNER_LEN,
+};
 pub use principal::Principal;
 pub use record::{
     InvalidPolicy, InvalidStatus, KeyInfo, KeyRecord, KeyStatus, QuotaPolicy, QuotaWindow,
-    RateLimitPolicy,
+    RateLimitPolicy, Refill,
 };
 pub use scope::{validate_resource_pattern, InvalidScope, ResourceSet, Scope, ScopeSet};
 pub use store::{KeyFilter, KeyStore, MemoryStore, StoreError};

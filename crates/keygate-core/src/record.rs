@@ -178,15 +178,38 @@ pub enum QuotaWindow {
     Day,
     /// A UTC calendar month.
     Month,
+    /// Credits (Unkey's model): the allowance is spent down and refills to the whole limit
+    /// on `Refill`'s schedule, or never. Serialized as `{"credits":"never"}`,
+    /// `{"credits":"daily"}` or `{"credits":{"monthly":{"day":15}}}`.
+    Credits(Refill),
+}
+
+/// When credits refill to their limit (see [`QuotaWindow::Credits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refill {
+    /// Never: a one-time allowance.
+    Never,
+    /// Every day at 00:00 UTC.
+    Daily,
+    /// Every month on `day` (1 to 31) at 00:00 UTC; a day past the end of a month falls on
+    /// its last day.
+    Monthly {
+        /// Day of the month, 1 to 31.
+        day: u8,
+    },
 }
 
 impl QuotaWindow {
-    /// `hour`, `day` or `month`.
+    /// `hour`, `day`, `month`, `credits`, `credits_daily` or `credits_monthly`.
     pub fn as_str(self) -> &'static str {
         match self {
             QuotaWindow::Hour => "hour",
             QuotaWindow::Day => "day",
             QuotaWindow::Month => "month",
+            QuotaWindow::Credits(Refill::Never) => "credits",
+            QuotaWindow::Credits(Refill::Daily) => "credits_daily",
+            QuotaWindow::Credits(Refill::Monthly { .. }) => "credits_monthly",
         }
     }
 }

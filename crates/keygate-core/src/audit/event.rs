@@ -1,0 +1,376 @@
+//! Audit events: one per request ([`RequestEvent`]) and one per key lifecycle change
+//! ([`LifecycleEvent`]).
+//!
+//! Events never hold a key, a digest, a credential header or a query string. Their JSON form
+//! (one object, `"type": "request"` or `"type": "lifecycle"`) is stable: fields are only
+//! ever added.
+//!
+//! ```
+//! use keygate_core::audit::{AuditEvent, LifecycleAction};
+//!
+//! let json = r#"{"type":"lifecycle","time":"2026-01-01T00:00:00Z","actor":"alice","action":"revoked",
+//!   "key_id":"3hG7xQ2mPa9Z","key_name":"ci","subject":null,"status":"revoked","related_key":null,
+//!   "changes":[{"field":"status","old":"active","new":"revoked"}]}"#;
+//! let event: AuditEvent = serde_json::from_str(json).unwrap();
+//! assert_eq!(event.as_lifecycle().unwrap().action, LifecycleAction::Revoked);
+//! assert_eq!(event.key_id().unwrap().as_str(), "3hG7xQ2mPa9Z");
+//! ```
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::denial::DenialCode;
+use crate::key::KeyId;
+use crate::record::KeyStatus;
+
+/// One audit event.
+///
+/// ```
+/// use keygate_core::audit::{AuditEvent, Decision, RequestEvent, Transport};
+/// use std::time::{Duration, UNIX_EPOCH};
+///
+/// let mut event = RequestEvent::new(UNIX_EPOCH, "req-1", "GET", "/collections");
+/// event.status = Some(200);
+/// event.latency = Duration::from_micros(42);
+/// let json = serde_json::to_string(&AuditEvent::Request(event)).unwrap();
+/// assert!(json.starts_with(r#"{"type":"request","time":"1970-01-01T00:00:00.000000Z""#));
+/// let back: AuditEvent = serde_json::from_str(&json).unwrap();
+/// assert!(matches!(back, AuditEvent::Request(ref r) if r.decision == Decision::Allowed && r.protocol == Transport::Http));
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AuditEvent {
+    /// A request went through an audit layer.
+    Request(RequestEvent),
+    /// A key was issued, rotated, revoked, disabled, enabled or changed.
+    Lifecycle(LifecycleEvent),
+}
+
+impl AuditEvent {
+    /// When the event happened.
+    pub fn time(&self) -> SystemTime {
+        match self {
+            AuditEvent::Request(r) => r.time,
+            AuditEvent::Lifecycle(l) => l.time,
+        }
+    }
+
+    /// The key the event is about, if any.
+    pub fn key_id(&self) -> Option<KeyId> {
+        match self {
+            AuditEvent::Request(r) => r.key_id,
+            AuditEvent::Lifecycle(l) => Some(l.key_id),
+        }
+    }
+
+    /// The request event, if this is one.
+    pub fn as_request(&self) -> Option<&RequestEvent> {
+        match self {
+            AuditEvent::Request(r) => Some(r),
+            AuditEvent::Lifecycle(_) => None,
+        }
+    }
+
+    /// The lifecycle event, if this is one.
+    pub fn as_lifecycle(&self) -> Option<&LifecycleEvent> {
+        match self {
+            AuditEvent::Lifecycle(l) => Some(l),
+            AuditEvent::Request(_) => None,
+        }
+    }
+}
+
+impl From<RequestEvent> for AuditEvent {
+    fn from(e: RequestEvent) -> Self {
+        AuditEvent::Request(e)
+    }
+}
+
+impl From<LifecycleEvent> for AuditEvent {
+    fn from(e: LifecycleEvent) -> Self {
+        AuditEvent::Lifecycle(e)
+    }
+}
+
+/// The wire protocol of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// Plain HTTP.
+    #[default]
+    Http,
+    /// gRPC (`content-type: application/grpc...`).
+    Grpc,
+}
+
+/// What became of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// The request reached the service behind the layers (whatever the service answered).
+    #[default]
+    Allowed,
+    /// A keygate layer refused it; [`RequestEvent::denial`] says why.
+    Denied,
+    /// The service behind the layer failed without a response (an `Err` from the service).
+    Error,
+    /// The request was abandoned (the client went away, a timeout dropped it) before any
+    /// response.
+    Cancelled,
+}
+
+/// One request, as an audit layer saw it.
+///
+/// Never holds the key, credential headers or the query string. `path` is the request path
+/// only; for gRPC it is `/package.Service/Method` and [`RequestEvent::rpc`] repeats the
+/// method without the leading slash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestEvent {
+    /// When the request arrived (the audit layer's clock).
+    #[serde(with = "rfc3339")]
+    pub time: SystemTime,
+    /// The request id: the client's `x-request-id` when it was acceptable, else generated.
+    pub request_id: String,
+    /// The key's public id, when the caller was identified.
+    pub key_id: Option<KeyId>,
+    /// The key's name.
+    pub key_name: Option<String>,
+    /// The key's owner (subject).
+    pub subject: Option<String>,
+    /// The key's `tenant` attribute.
+    pub tenant: Option<String>,
+    /// The client's address, when known.
+    pub client_ip: Option<IpAddr>,
+    /// HTTP or gRPC.
+    pub protocol: Transport,
+    /// For gRPC, the method (`package.Service/Method`).
+    pub rpc: Option<String>,
+    /// The HTTP method.
+    pub method: Cow<'static, str>,
+    /// The request path, without the query string.
+    pub path: String,
+    /// The HTTP status of the response (absent when the service failed without one).
+    pub status: Option<u16>,
+    /// The gRPC status when the response headers carry it (trailers-only answers, rejections
+    /// among them). A streamed gRPC answer carries its status in the trailers, which the layer
+    /// does not wait for: then this is absent.
+    pub grpc_status: Option<u16>,
+    /// What became of the request.
+    pub decision: Decision,
+    /// The exact denial code when a keygate layer refused the request (`revoked_key` even
+    /// when the client was shown `invalid_key`).
+    #[serde(with = "denial_code")]
+    pub denial: Option<DenialCode>,
+    /// Time from the request reaching the audit layer to the response head leaving it.
+    #[serde(rename = "latency_us", with = "micros")]
+    pub latency: Duration,
+}
+
+impl RequestEvent {
+    /// An allowed HTTP request with no key, status or latency yet.
+    pub fn new(
+        time: SystemTime,
+        request_id: impl Into<String>,
+        method: impl Into<Cow<'static, str>>,
+        path: impl Into<String>,
+    ) -> Self {
+        RequestEvent {
+            time,
+            request_id: request_id.into(),
+            key_id: None,
+            key_name: None,
+            subject: None,
+            tenant: None,
+            client_ip: None,
+            protocol: Transport::Http,
+            rpc: None,
+            method: method.into(),
+            path: path.into(),
+            status: None,
+            grpc_status: None,
+            decision: Decision::Allowed,
+            denial: None,
+            latency: Duration::ZERO,
+        }
+    }
+}
+
+/// What a lifecycle event did to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LifecycleAction {
+    /// A new key was issued (also the new key of a rotation).
+    Issued,
+    /// The key was rotated: a new key replaces it, and it stops working when the grace period
+    /// ends.
+    Rotated,
+    /// The key was revoked (permanently).
+    Revoked,
+    /// The key was disabled.
+    Disabled,
+    /// The key was enabled again.
+    Enabled,
+    /// The key's policies or descriptive fields changed.
+    Updated,
+}
+
+impl LifecycleAction {
+    /// `issued`, `rotated`, `revoked`, `disabled`, `enabled` or `updated`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LifecycleAction::Issued => "issued",
+            LifecycleAction::Rotated => "rotated",
+            LifecycleAction::Revoked => "revoked",
+            LifecycleAction::Disabled => "disabled",
+            LifecycleAction::Enabled => "enabled",
+            LifecycleAction::Updated => "updated",
+        }
+    }
+}
+
+impl fmt::Display for LifecycleAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One field of a key record that changed, with its old and new public values (JSON, as in
+/// [`KeyInfo`](crate::KeyInfo)). Digests are never part of a change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FieldChange {
+    /// The field (`status`, `scopes`, `expires_at`, ...).
+    pub field: String,
+    /// The value before (`null` when the key was just issued).
+    pub old: serde_json::Value,
+    /// The value after.
+    pub new: serde_json::Value,
+}
+
+/// A change to a key, made by someone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LifecycleEvent {
+    /// When it happened.
+    #[serde(with = "rfc3339")]
+    pub time: SystemTime,
+    /// Who made the change (a user, an admin token's name, `cli`).
+    pub actor: String,
+    /// What was done.
+    pub action: LifecycleAction,
+    /// The key changed.
+    pub key_id: KeyId,
+    /// The key's name (after the change).
+    pub key_name: String,
+    /// The key's owner (after the change).
+    pub subject: Option<String>,
+    /// The key's status after the change.
+    pub status: KeyStatus,
+    /// The other key of a rotation: on `rotated`, the new key; on the new key's `issued`,
+    /// the old one.
+    pub related_key: Option<KeyId>,
+    /// Each field that changed, old and new.
+    pub changes: Vec<FieldChange>,
+}
+
+/// RFC 3339 UTC timestamps with microseconds.
+pub(crate) mod rfc3339 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::SystemTime;
+
+    pub(crate) fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_micros(*t))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Durations as whole microseconds.
+mod micros {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_micros(u64::deserialize(d)?))
+    }
+}
+
+/// Denial codes as their stable text.
+mod denial_code {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::denial::DenialCode;
+
+    pub(super) fn serialize<S: Serializer>(
+        code: &Option<DenialCode>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match code {
+            Some(c) => s.serialize_some(c.as_str()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<DenialCode>, D::Error> {
+        let text = <Option<std::borrow::Cow<'de, str>>>::deserialize(d)?;
+        match text {
+            None => Ok(None),
+            Some(t) => DenialCode::ALL
+                .iter()
+                .copied()
+                .find(|c| c.as_str() == t)
+                .map(Some)
+                .ok_or_else(|| serde::de::Error::custom("unknown denial code")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn request_event_round_trips_with_stable_names() {
+        let mut e = RequestEvent::new(
+            UNIX_EPOCH + Duration::from_millis(1500),
+            "abc",
+            "POST",
+            "/x",
+        );
+        e.denial = Some(DenialCode::RevokedKey);
+        e.decision = Decision::Denied;
+        e.status = Some(401);
+        e.latency = Duration::from_micros(7);
+        let v = serde_json::to_value(AuditEvent::Request(e.clone())).unwrap();
+        assert_eq!(v["type"], "request");
+        assert_eq!(v["time"], "1970-01-01T00:00:01.500000Z");
+        assert_eq!(v["denial"], "revoked_key");
+        assert_eq!(v["decision"], "denied");
+        assert_eq!(v["protocol"], "http");
+        assert_eq!(v["latency_us"], 7);
+        let back: AuditEvent = serde_json::from_value(v).unwrap();
+        assert_eq!(back, AuditEvent::Request(e));
+    }
+
+    #[test]
+    fn unknown_denial_code_is_an_error() {
+        let mut v = serde_json::to_value(AuditEvent::Request(RequestEvent::new(
+            UNIX_EPOCH, "a", "GET", "/",
+        )))
+        .unwrap();
+        v["denial"] = "nope".into();
+        assert!(serde_json::from_value::<AuditEvent>(v).is_err());
+    }
+}

@@ -1,0 +1,211 @@
+//! Where audit events go: the [`AuditSink`] trait, an in-memory sink for tests and a
+//! `tracing` sink.
+//!
+//! ```
+//! use keygate_core::audit::{AuditError, AuditEvent, AuditSink};
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//!
+//! /// A sink of your own: count events.
+//! #[derive(Default)]
+//! struct Counter(AtomicUsize);
+//!
+//! impl AuditSink for Counter {
+//!     fn record(&self, _event: &AuditEvent) -> Result<(), AuditError> {
+//!         self.0.fetch_add(1, Ordering::Relaxed);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let c = Counter::default();
+//! c.record(&keygate_core::audit::RequestEvent::new(std::time::UNIX_EPOCH, "r", "GET", "/").into()).unwrap();
+//! assert_eq!(c.0.load(Ordering::Relaxed), 1);
+//! ```
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::event::AuditEvent;
+
+/// Why a sink could not record or flush.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    /// Reading or writing a file failed.
+    #[error("audit i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// An event could not be encoded.
+    #[error("audit event could not be encoded: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// The background writer has shut down; the event was not recorded.
+    #[error("the audit writer has shut down")]
+    Closed,
+    /// Another sink-specific failure.
+    #[error("audit sink error: {0}")]
+    Other(String),
+}
+
+/// A destination for audit events.
+///
+/// Called from one background writer thread (see [`Auditor::spawn`](super::Auditor::spawn)),
+/// or directly on the request path for sinks that never block (see
+/// [`Auditor::direct`](super::Auditor::direct)). Implementations must never record a secret:
+/// events carry none, so a sink that writes what it is given is safe.
+pub trait AuditSink: Send + Sync + 'static {
+    /// Records one event. A sink may buffer; [`AuditSink::flush`] pushes buffers out.
+    fn record(&self, event: &AuditEvent) -> Result<(), AuditError>;
+
+    /// Hands buffered events to the operating system (or the next stage). The background
+    /// writer calls it whenever its queue runs dry.
+    fn flush(&self) -> Result<(), AuditError> {
+        Ok(())
+    }
+
+    /// Makes everything recorded so far durable (`fsync` for files). Called by
+    /// [`Auditor::flush`](super::Auditor::flush) and at shutdown. Defaults to
+    /// [`AuditSink::flush`].
+    fn sync(&self) -> Result<(), AuditError> {
+        self.flush()
+    }
+}
+
+impl<T: AuditSink + ?Sized> AuditSink for Arc<T> {
+    fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
+        (**self).record(event)
+    }
+    fn flush(&self) -> Result<(), AuditError> {
+        (**self).flush()
+    }
+    fn sync(&self) -> Result<(), AuditError> {
+        (**self).sync()
+    }
+}
+
+/// Keeps every event in memory, in order. For tests and examples; clones share the events.
+///
+/// ```
+/// use keygate_core::audit::{AuditEvent, AuditSink, MemorySink, RequestEvent};
+/// use std::time::UNIX_EPOCH;
+///
+/// let sink = MemorySink::new();
+/// sink.record(&RequestEvent::new(UNIX_EPOCH, "r1", "GET", "/").into()).unwrap();
+/// assert_eq!(sink.len(), 1);
+/// assert_eq!(sink.events()[0].as_request().unwrap().request_id, "r1");
+/// ```
+#[derive(Clone, Default)]
+pub struct MemorySink {
+    events: Arc<Mutex<Vec<AuditEvent>>>,
+}
+
+impl MemorySink {
+    /// An empty sink.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A copy of the events recorded so far, oldest first.
+    pub fn events(&self) -> Vec<AuditEvent> {
+        self.events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Takes the events recorded so far, leaving the sink empty.
+    pub fn take(&self) -> Vec<AuditEvent> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// How many events are held.
+    pub fn len(&self) -> usize {
+        self.events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether no event is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl std::fmt::Debug for MemorySink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemorySink")
+            .field("events", &self.len())
+            .finish()
+    }
+}
+
+impl AuditSink for MemorySink {
+    fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
+        self.events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(event.clone());
+        Ok(())
+    }
+}
+
+/// Emits each event as a `tracing` event at `INFO` on the target `keygate::audit`, with one
+/// field per event field. The default sink: the subscriber decides where events go (for
+/// files off the request path, use `tracing-appender`'s non-blocking writer, or the
+/// [`FileSink`](super::FileSink) behind a background [`Auditor`](super::Auditor)).
+///
+/// ```
+/// use keygate_core::audit::{AuditSink, RequestEvent, TracingSink};
+/// use std::time::UNIX_EPOCH;
+///
+/// // Without a subscriber the event goes nowhere, and that is not an error.
+/// assert!(TracingSink.record(&RequestEvent::new(UNIX_EPOCH, "r1", "GET", "/").into()).is_ok());
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TracingSink;
+
+impl AuditSink for TracingSink {
+    fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
+        match event {
+            AuditEvent::Request(r) => {
+                tracing::info!(
+                    target: "keygate::audit",
+                    kind = "request",
+                    time = %humantime::format_rfc3339_micros(r.time),
+                    request_id = %r.request_id,
+                    key_id = r.key_id.as_ref().map(|k| k.as_str()),
+                    key_name = r.key_name.as_deref(),
+                    subject = r.subject.as_deref(),
+                    tenant = r.tenant.as_deref(),
+                    client_ip = r.client_ip.map(tracing::field::display),
+                    protocol = ?r.protocol,
+                    rpc = r.rpc.as_deref(),
+                    method = %r.method,
+                    path = %r.path,
+                    status = r.status,
+                    grpc_status = r.grpc_status,
+                    decision = ?r.decision,
+                    denial = r.denial.map(|d| d.as_str()),
+                    latency_us = u64::try_from(r.latency.as_micros()).unwrap_or(u64::MAX),
+                    "request"
+                );
+            }
+            AuditEvent::Lifecycle(l) => {
+                let changes = serde_json::to_string(&l.changes)?;
+                tracing::info!(
+                    target: "keygate::audit",
+                    kind = "lifecycle",
+                    time = %humantime::format_rfc3339_micros(l.time),
+                    actor = %l.actor,
+                    action = l.action.as_str(),
+                    key_id = l.key_id.as_str(),
+                    key_name = %l.key_name,
+                    subject = l.subject.as_deref(),
+                    status = l.status.as_str(),
+                    related_key = l.related_key.as_ref().map(|k| k.as_str()),
+                    changes = %changes,
+                    "key {}",
+                    l.action
+                );
+            }
+        }
+        Ok(())
+    }
+}
