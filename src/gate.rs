@@ -131,6 +131,13 @@ impl KeyGate {
         crate::auth::ApiKeyAuthLayer::new(self.clone())
     }
 
+    /// The audit layer of this hub, recording through `auditor` (see
+    /// [`AuditLayer::with_gate`](crate::audit::AuditLayer::with_gate)).
+    #[cfg(feature = "audit")]
+    pub fn audit_layer(&self, auditor: crate::core::audit::Auditor) -> crate::audit::AuditLayer {
+        crate::audit::AuditLayer::with_gate(self, auditor)
+    }
+
     /// Resolves the caller of `req` once: reuses an earlier verdict from the extensions, or
     /// reads the credential and verifies it (asking the store only on a cache miss), then
     /// memoizes the verdict in the extensions. For custom layers and handlers.

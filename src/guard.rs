@@ -1,6 +1,8 @@
 //! The machinery every keygate layer shares: find out who is calling (through the hub, or
 //! from the extensions alone), run the layer's check, then call the inner service or reject.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use http::{Request, Response};
@@ -56,6 +58,39 @@ pub(crate) trait Check<ReqB>: Send + 'static {
         req: &mut Request<ReqB>,
         who: Result<&Principal, &Denial>,
     ) -> Result<Self::Note, Denial>;
+
+    /// Like [`Check::check`], but may defer the decision to an async step (a usage store).
+    /// The default decides now, through `check`.
+    fn begin(
+        self,
+        req: &mut Request<ReqB>,
+        who: Result<&Principal, &Denial>,
+    ) -> Step<ReqB, Self::Note>
+    where
+        Self: Sized,
+    {
+        Step::Now(self.check(req, who))
+    }
+}
+
+/// The async step of a deferred decision: takes the request and yields it back with the
+/// verdict.
+pub(crate) type Deferred<ReqB, N> = Box<
+    dyn FnOnce(
+            Request<ReqB>,
+        )
+            -> Pin<Box<dyn Future<Output = (Request<ReqB>, Result<N, Denial>)> + Send + 'static>>
+        + Send
+        + 'static,
+>;
+
+/// A check's verdict: made now, or after an async step.
+pub(crate) enum Step<ReqB, N> {
+    /// Decided without I/O.
+    Now(Result<N, Denial>),
+    /// Decided by an async step (a usage-store round trip).
+    #[cfg_attr(not(feature = "quota"), allow(dead_code))]
+    Later(Deferred<ReqB, N>),
 }
 
 /// Resolves the caller, runs `check`, then calls `inner` or rejects.
@@ -91,7 +126,11 @@ where
                 return ResponseFuture::resolving(Box::pin(async move {
                     let result = gate.verifier().finish(pending).await;
                     remember(req.extensions_mut(), &result);
-                    match check.check(&mut req, result.as_ref()) {
+                    let (req, verdict) = match check.begin(&mut req, result.as_ref()) {
+                        Step::Now(verdict) => (req, verdict),
+                        Step::Later(step) => step(req).await,
+                    };
+                    match verdict {
                         Ok(note) => Ok((ready.call(req), note)),
                         Err(denial) => Err(rejection(gate.renderer(), denial, &req)),
                     }
@@ -106,8 +145,23 @@ where
             }
         },
     };
-    match check.check(&mut req, result.as_ref()) {
-        Ok(note) => ResponseFuture::inner(inner.call(req), note),
-        Err(denial) => ResponseFuture::rejected(rejection(resolver.renderer(), denial, &req)),
+    match check.begin(&mut req, result.as_ref()) {
+        Step::Now(Ok(note)) => ResponseFuture::inner(inner.call(req), note),
+        Step::Now(Err(denial)) => {
+            ResponseFuture::rejected(rejection(resolver.renderer(), denial, &req))
+        }
+        Step::Later(step) => {
+            // Drive the service that was polled ready; leave a fresh clone behind.
+            let clone = inner.clone();
+            let mut ready = std::mem::replace(inner, clone);
+            let resolver = resolver.clone();
+            ResponseFuture::resolving(Box::pin(async move {
+                let (req, verdict) = step(req).await;
+                match verdict {
+                    Ok(note) => Ok((ready.call(req), note)),
+                    Err(denial) => Err(rejection(resolver.renderer(), denial, &req)),
+                }
+            }))
+        }
     }
 }

@@ -41,6 +41,7 @@
 //! - `audit`: `AuditLayer` (one event per request).
 //! - `axum`: the [`Authenticated`] extractor.
 //! - `full`: everything.
+//! - `sql`: `sql::SqlStore`, the SQLite and PostgreSQL key store (crate `keygate-sql`).
 #![deny(unsafe_code, unreachable_pub)]
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
@@ -53,12 +54,18 @@ pub use keygate_core as core;
 pub use keygate_core::{
     ApiKey, Clock, Denial, DenialCode, KeyDigest, KeyFilter, KeyHasher, KeyId, KeyInfo,
     KeyParseError, KeyParser, KeyRecord, KeyStatus, KeyStore, Lookup, ManualClock, MemoryStore,
-    PendingLookup, Prefix, Principal, QuotaPolicy, QuotaWindow, RateLimitPolicy, StoreError,
-    SystemClock, Verifier, VerifierBuilder, SCANNER_REGEX,
+    PendingLookup, Prefix, Principal, QuotaPolicy, QuotaWindow, RateLimitPolicy, Refill,
+    StoreError, SystemClock, Verifier, VerifierBuilder, SCANNER_REGEX,
 };
+pub use keygate_core::{KeyManager, KeySpec, KeyUpdate};
+/// The SQLite and PostgreSQL key store (crate `keygate-sql`).
+#[cfg(feature = "sql")]
+pub use keygate_sql as sql;
 
 mod builder;
 pub mod client_ip;
+#[cfg(any(feature = "rate-limit", feature = "quota"))]
+pub mod cost;
 pub mod credentials;
 pub mod future;
 mod gate;
@@ -80,6 +87,8 @@ pub mod rate_limit;
 #[cfg(feature = "scope")]
 pub mod scope;
 
+#[cfg(feature = "audit")]
+pub use audit::AuditLayer;
 #[cfg(feature = "auth")]
 pub use auth::ApiKeyAuthLayer;
 pub use builder::ServiceBuilderExt;
@@ -87,4 +96,8 @@ pub use credentials::{CredentialSource, Credentials};
 #[cfg(feature = "axum")]
 pub use extract::{Authenticated, MissingPrincipal};
 pub use gate::{resolution, KeyGate, KeyGateBuilder};
+#[cfg(feature = "quota")]
+pub use quota::QuotaLayer;
+#[cfg(feature = "rate-limit")]
+pub use rate_limit::RateLimitLayer;
 pub use reject::{DefaultRenderer, Protocol, RenderContext, Renderer, ResponseBody};

@@ -14,6 +14,12 @@
 //! 200, `grpc-status` (16 UNAUTHENTICATED, 7 PERMISSION_DENIED, 8 RESOURCE_EXHAUSTED,
 //! 14 UNAVAILABLE) and `grpc-message`, never a bare HTTP error status.
 //!
+//! Rate and quota denials carry the state of their policies ([`Denial::limits`]): the
+//! default renderer writes them as the `RateLimit-Policy` and `RateLimit` fields of
+//! draft-ietf-httpapi-ratelimit-headers-10 ([`append_ratelimit_fields`]), lists the broken
+//! ones as `violated-policies`, and gives `quota_exceeded` the problem type
+//! [`QUOTA_EXCEEDED_TYPE`].
+//!
 //! The layer puts the exact [`Denial`] in the response's extensions after rendering, so
 //! outer layers (audit) see it whatever the renderer did.
 
@@ -190,6 +196,12 @@ impl DefaultRenderer {
         if let Some(scope) = denial.required_scope() {
             body["required_scope"] = scope.into();
         }
+        if code == DenialCode::QuotaExceeded {
+            body["type"] = QUOTA_EXCEEDED_TYPE.into();
+        }
+        if denial.violated_policies().next().is_some() {
+            body["violated-policies"] = denial.violated_policies().collect::<Vec<_>>().into();
+        }
         let mut res = Response::new(Bytes::from(body.to_string()));
         *res.status_mut() = status;
         let h = res.headers_mut();
@@ -204,6 +216,7 @@ impl DefaultRenderer {
         if let Some(wait) = denial.retry_after() {
             h.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(wait)));
         }
+        append_ratelimit_fields(h, denial.limits());
         res
     }
 
@@ -227,6 +240,36 @@ impl DefaultRenderer {
         HeaderValue::from_str(&text).ok()
     }
 }
+
+/// The problem type of `quota_exceeded` rejections (draft-ietf-httpapi-ratelimit-headers-10,
+/// section 4.1), with the `violated-policies` member.
+pub const QUOTA_EXCEEDED_TYPE: &str =
+    "https://iana.org/assignments/http-problem-types#quota-exceeded";
+
+/// Appends the IETF `RateLimit-Policy` and `RateLimit` fields
+/// (draft-ietf-httpapi-ratelimit-headers-10) describing `states`; nothing when empty. Fields
+/// already present (another layer's policies) are kept: a structured-field list may be split
+/// over several field lines.
+pub fn append_ratelimit_fields(h: &mut http::HeaderMap, states: &[crate::core::usage::LimitState]) {
+    if states.is_empty() {
+        return;
+    }
+    let policy = crate::core::usage::LimitState::policy_field(states);
+    let limit = crate::core::usage::LimitState::limit_field(states);
+    if let (Ok(p), Ok(l)) = (
+        HeaderValue::from_str(&policy),
+        HeaderValue::from_str(&limit),
+    ) {
+        h.append(&RATELIMIT_POLICY, p);
+        h.append(&RATELIMIT, l);
+    }
+}
+
+/// The `RateLimit-Policy` field name.
+pub static RATELIMIT_POLICY: http::header::HeaderName =
+    http::header::HeaderName::from_static("ratelimit-policy");
+/// The `RateLimit` field name.
+pub static RATELIMIT: http::header::HeaderName = http::header::HeaderName::from_static("ratelimit");
 
 /// Keeps the characters RFC 6750 allows in `error_description` and `scope` values.
 fn quoted_safe(s: &str) -> String {

@@ -14,11 +14,17 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
+use keygate::audit::AuditLayer;
+use keygate::core::audit::{Auditor, MemorySink};
+use keygate::core::usage::MemoryUsageStore;
+use keygate::cost::RequestHead;
 use keygate::ip::{IpAllowLayer, IpPolicy};
+use keygate::quota::{QuotaConfig, QuotaLayer};
+use keygate::rate_limit::{LimiterClock, RateLimitConfig, RateLimitLayer};
 use keygate::scope::{RouteScopes, ScopeLayer};
 use keygate::{
     ApiKey, Clock, Denial, KeyGate, KeyRecord, KeyStatus, KeyStore, ManualClock, MemoryStore,
-    Prefix, Verifier,
+    Prefix, QuotaPolicy, QuotaWindow, RateLimitPolicy, Verifier,
 };
 use tower::util::BoxCloneService;
 use tower::{Layer, ServiceExt};
@@ -32,12 +38,38 @@ enum Kind {
     Auth,
     Scope,
     Ip,
+    Rate,
+    Quota,
+    Audit,
 }
 
-const ALL: [Kind; 3] = [Kind::Auth, Kind::Scope, Kind::Ip];
+const ALL: [Kind; 6] = [
+    Kind::Auth,
+    Kind::Scope,
+    Kind::Ip,
+    Kind::Rate,
+    Kind::Quota,
+    Kind::Audit,
+];
+
+impl Kind {
+    /// Whether the layer needs a principal (and so denies with the authentication verdict
+    /// without one). The rate limiter limits anonymous callers by address instead, and
+    /// quotas are per key: both pass requests without a principal on. Audit never rejects.
+    fn needs_principal(self) -> bool {
+        matches!(self, Kind::Auth | Kind::Scope | Kind::Ip)
+    }
+}
+
+/// A cost read from a request header, so one request breaks one traffic policy on purpose.
+fn header_cost(h: &RequestHead<'_>, name: &str) -> Option<u64> {
+    h.headers().get(name)?.to_str().ok()?.parse().ok()
+}
 
 struct World {
     gate: KeyGate,
+    clock: ManualClock,
+    sink: MemorySink,
     rules: RouteScopes,
     ip: IpPolicy,
     good: ApiKey,
@@ -79,6 +111,7 @@ impl World {
                 "198.51.100.0/24".parse().unwrap(),
                 "192.0.2.0/24".parse().unwrap(),
             ];
+            record.quotas = vec![QuotaPolicy::new("daily", 1_000, QuotaWindow::Day)];
             edit(&mut record);
             (key, record)
         };
@@ -108,6 +141,8 @@ impl World {
         let mut keys = keys.into_iter();
         World {
             gate,
+            clock,
+            sink: MemorySink::new(),
             rules,
             ip,
             good: keys.next().unwrap(),
@@ -127,9 +162,48 @@ impl World {
         }))
     }
 
+    fn rate_config(&self) -> RateLimitConfig {
+        RateLimitConfig::new()
+            .clock(LimiterClock::manual(self.clock.clone()))
+            .default_policies([RateLimitPolicy::per_minute("default", 1_000)])
+            .anonymous_policies([RateLimitPolicy::per_minute("anonymous", 1_000)])
+            .cost(|h| header_cost(h, "x-rate-cost").map_or(1, |c| c as u32))
+    }
+
+    fn quota_config(&self) -> QuotaConfig {
+        QuotaConfig::new(MemoryUsageStore::new())
+            .clock(self.clock.clone())
+            .cost(|h| header_cost(h, "x-quota-cost").unwrap_or(1))
+    }
+
+    /// Wraps `svc` in a fresh layer of `kind` (fresh counters for every stack).
     fn wrap(&self, kind: Kind, svc: Svc, with_gate: bool) -> Svc {
         let g = &self.gate;
         match (kind, with_gate) {
+            (Kind::Audit, true) => {
+                boxed(g.audit_layer(Auditor::direct(self.sink.clone())).layer(svc))
+            }
+            (Kind::Audit, false) => {
+                boxed(AuditLayer::new(Auditor::direct(self.sink.clone())).layer(svc))
+            }
+            (Kind::Rate, true) => boxed(
+                RateLimitLayer::new(g, self.rate_config())
+                    .unwrap()
+                    .layer(svc),
+            ),
+            (Kind::Rate, false) => boxed(
+                RateLimitLayer::standalone(self.rate_config())
+                    .unwrap()
+                    .layer(svc),
+            ),
+            (Kind::Quota, true) => {
+                boxed(QuotaLayer::new(g, self.quota_config()).unwrap().layer(svc))
+            }
+            (Kind::Quota, false) => boxed(
+                QuotaLayer::standalone(self.quota_config())
+                    .unwrap()
+                    .layer(svc),
+            ),
             (Kind::Auth, _) => boxed(g.auth_layer().layer(svc)),
             (Kind::Scope, true) => boxed(
                 ScopeLayer::table(self.rules.clone())
@@ -157,6 +231,8 @@ struct Case {
     method: &'static str,
     path: &'static str,
     key: Option<String>,
+    /// An extra request header (a cost).
+    header: Option<(&'static str, &'static str)>,
     peer: [u8; 4],
     status: StatusCode,
     /// Client-facing code (`None` for success).
@@ -176,6 +252,7 @@ fn cases(w: &World) -> Vec<Case> {
         method,
         path,
         key,
+        header: None,
         peer,
         status,
         code,
@@ -334,6 +411,9 @@ async fn run(w: &World, svc: Svc, case: &Case) -> Outcome {
     if let Some(k) = &case.key {
         req = req.header("x-api-key", k);
     }
+    if let Some((name, value)) = case.header {
+        req = req.header(name, value);
+    }
     let mut req = req.body(()).unwrap();
     req.extensions_mut()
         .insert(SocketAddr::from((case.peer, 40_000)));
@@ -390,11 +470,13 @@ fn permutations<T: Copy>(items: &[T]) -> Vec<Vec<T>> {
 async fn every_permutation_of_the_layers_gives_the_same_verdict() {
     let w = World::new().await;
     let perms = permutations(&ALL);
-    assert_eq!(perms.len(), 6);
+    assert_eq!(perms.len(), 720);
     let cases = cases(&w);
     let mut checked = 0;
     for order in &perms {
         let svc = w.stack(order, true);
+        let audit_at = order.iter().position(|k| *k == Kind::Audit).unwrap_or(0);
+        let outside = &order[..audit_at];
         for case in &cases {
             let got = run(&w, svc.clone(), case).await;
             assert_eq!(
@@ -403,10 +485,40 @@ async fn every_permutation_of_the_layers_gives_the_same_verdict() {
                 "case {:?} with order {order:?}",
                 case.name
             );
+            // The audit layer records the request, with its exact code, whenever the request
+            // reaches it: not when a layer outside it refused first (for an authentication
+            // failure, any layer that needs a principal refuses it).
+            let refused_outside = match case.breaks {
+                None => false,
+                Some(Kind::Auth) => outside.iter().any(|k| k.needs_principal()),
+                Some(k) => outside.contains(&k),
+            };
+            let events = w.sink.take();
+            assert_eq!(
+                events.len(),
+                usize::from(!refused_outside),
+                "events for {:?} with {order:?}",
+                case.name
+            );
+            for e in &events {
+                let e = e.as_request().expect("a request event");
+                assert_eq!(
+                    e.denial.map(|c| c.as_str()),
+                    case.exact,
+                    "{:?} {order:?}",
+                    case.name
+                );
+                assert_eq!(
+                    e.status,
+                    Some(case.status.as_u16()),
+                    "{:?} {order:?}",
+                    case.name
+                );
+            }
             checked += 1;
         }
     }
-    assert_eq!(checked, 6 * cases.len());
+    assert_eq!(checked, 720 * cases.len());
 }
 
 #[tokio::test]
@@ -415,7 +527,7 @@ async fn standalone_layers_inside_the_auth_layer_agree_too() {
     // outermost, any order of the others gives the same verdicts.
     let w = World::new().await;
     let cases = cases(&w);
-    for rest in permutations(&[Kind::Scope, Kind::Ip]) {
+    for rest in permutations(&ALL[1..]) {
         let mut order = vec![Kind::Auth];
         order.extend(rest);
         let svc = w.stack(&order, false);
@@ -442,7 +554,8 @@ async fn each_layer_alone_with_the_hub_decides_what_it_checks() {
             // A layer that needs a principal resolves it through the hub and denies with the
             // authentication verdict; policies of other layers are not its business.
             let want = match case.breaks {
-                Some(k) if k == kind || k == Kind::Auth => expected(case),
+                Some(k) if k == kind => expected(case),
+                Some(Kind::Auth) if kind.needs_principal() => expected(case),
                 _ => Outcome {
                     status: StatusCode::OK,
                     code: None,
@@ -451,6 +564,31 @@ async fn each_layer_alone_with_the_hub_decides_what_it_checks() {
                 },
             };
             assert_eq!(got, want, "case {:?} with {kind:?} alone", case.name);
+        }
+    }
+}
+
+#[tokio::test]
+async fn traffic_layers_built_without_the_hub_still_limit() {
+    // Without a principal the rate limiter limits by address and the quota layer passes the
+    // request on (quotas are per key): neither needs the hub to enforce what it can.
+    let w = World::new().await;
+    let cases = cases(&w);
+    for kind in [Kind::Rate, Kind::Quota, Kind::Audit] {
+        let svc = w.stack(&[kind], false);
+        for case in &cases {
+            let got = run(&w, svc.clone(), case).await;
+            let want = if kind == Kind::Rate && case.breaks == Some(Kind::Rate) {
+                expected(case)
+            } else {
+                Outcome {
+                    status: StatusCode::OK,
+                    code: None,
+                    exact: None,
+                    called: true,
+                }
+            };
+            assert_eq!(got, want, "case {:?} with standalone {kind:?}", case.name);
         }
     }
 }

@@ -1,0 +1,226 @@
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use std::sync::Arc;
+
+use http::header::HeaderValue;
+use http::Response;
+use pin_project_lite::pin_project;
+
+use super::layer::Config;
+use crate::core::audit::{AuditEvent, Decision, RequestEvent, Transport};
+use crate::{Denial, Principal};
+
+/// What the layer learned from the request, kept until the response.
+pub(crate) struct Capture {
+    pub(crate) start: Instant,
+    pub(crate) time: SystemTime,
+    pub(crate) request_id: HeaderValue,
+    pub(crate) method: Cow<'static, str>,
+    pub(crate) path: String,
+    pub(crate) grpc: bool,
+    pub(crate) client_ip: Option<IpAddr>,
+    pub(crate) principal: Option<Principal>,
+}
+
+impl Capture {
+    fn event(self, decision: Decision) -> RequestEvent {
+        let request_id = std::str::from_utf8(self.request_id.as_bytes())
+            .unwrap_or_default()
+            .to_owned();
+        let rpc = if self.grpc {
+            self.path.strip_prefix('/').map(str::to_owned)
+        } else {
+            None
+        };
+        let (key_id, key_name, subject, tenant) = match &self.principal {
+            Some(p) => (
+                Some(p.key_id()),
+                Some(p.name().to_owned()),
+                p.subject().map(str::to_owned),
+                p.tenant().map(str::to_owned),
+            ),
+            None => (None, None, None, None),
+        };
+        RequestEvent {
+            time: self.time,
+            request_id,
+            key_id,
+            key_name,
+            subject,
+            tenant,
+            client_ip: self.client_ip,
+            protocol: if self.grpc {
+                Transport::Grpc
+            } else {
+                Transport::Http
+            },
+            rpc,
+            method: self.method,
+            path: self.path,
+            status: None,
+            grpc_status: None,
+            decision,
+            denial: None,
+            latency: self.start.elapsed(),
+        }
+    }
+
+    /// The event of a response; sets the request id on it when it has none.
+    fn respond<B>(self, res: &mut Response<B>, config: &Config) -> RequestEvent {
+        if !res.headers().contains_key(&config.header) {
+            res.headers_mut()
+                .insert(config.header.clone(), self.request_id.clone());
+        }
+        let denial = res.extensions().get::<Denial>().map(Denial::code);
+        let decision = if denial.is_some() {
+            Decision::Denied
+        } else {
+            Decision::Allowed
+        };
+        let mut event = self.event(decision);
+        event.status = Some(res.status().as_u16());
+        event.grpc_status = res
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+            .and_then(|s| s.trim().parse().ok());
+        event.denial = denial;
+        event
+    }
+}
+
+/// The boxed step of a key-cache miss: reads the store, memoizes the verdict, then calls the
+/// inner service, yielding its future and the principal.
+type Resolving<F> = Pin<Box<dyn Future<Output = (F, Option<Principal>)> + Send + 'static>>;
+
+pin_project! {
+    /// Response future for [`Audit`](super::Audit).
+    ///
+    /// Records the request's event when the inner service's response (or error) arrives. If
+    /// the future is dropped first (the client went away), it records a `cancelled` event.
+    pub struct ResponseFuture<F>
+    where
+        F: Future,
+    {
+        #[pin]
+        state: State<F>,
+        capture: Option<Capture>,
+        config: Arc<Config>,
+    }
+
+    impl<F> PinnedDrop for ResponseFuture<F>
+    where
+        F: Future,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(capture) = this.capture.take() {
+                this.config
+                    .auditor
+                    .record_nowait(AuditEvent::Request(capture.event(Decision::Cancelled)));
+            }
+        }
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F>
+    where
+        F: Future,
+    {
+        Resolving { fut: Resolving<F> },
+        Inner { #[pin] fut: F },
+        Sending { send: Pin<Box<dyn Future<Output = ()> + Send + 'static>>, output: Option<F::Output> },
+    }
+}
+
+impl<F: Future> ResponseFuture<F> {
+    pub(crate) fn inner(fut: F, capture: Capture, config: Arc<Config>) -> Self {
+        ResponseFuture {
+            state: State::Inner { fut },
+            capture: Some(capture),
+            config,
+        }
+    }
+
+    pub(crate) fn resolving(fut: Resolving<F>, capture: Capture, config: Arc<Config>) -> Self {
+        ResponseFuture {
+            state: State::Resolving { fut },
+            capture: Some(capture),
+            config,
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Resolving { fut } => {
+                    let (inner, principal) = ready!(fut.as_mut().poll(cx));
+                    if let Some(c) = this.capture.as_mut() {
+                        c.principal = principal;
+                    }
+                    this.state.set(State::Inner { fut: inner });
+                }
+                StateProj::Inner { fut } => {
+                    let mut output = ready!(fut.poll(cx));
+                    let Some(capture) = this.capture.take() else {
+                        return Poll::Ready(output);
+                    };
+                    let event = match &mut output {
+                        Ok(res) => capture.respond(res, this.config),
+                        Err(_) => capture.event(Decision::Error),
+                    };
+                    match this.config.auditor.try_record(AuditEvent::Request(event)) {
+                        Ok(()) => return Poll::Ready(output),
+                        Err(event) => {
+                            // The queue is full under `Overflow::Block`: the response waits
+                            // until its event is queued.
+                            let auditor = this.config.auditor.clone();
+                            let send = Box::pin(async move {
+                                // Fails only after shutdown; counted as dropped there.
+                                let _ = auditor.record(event).await;
+                            });
+                            this.state.set(State::Sending {
+                                send,
+                                output: Some(output),
+                            });
+                        }
+                    }
+                }
+                StateProj::Sending { send, output } => {
+                    ready!(send.as_mut().poll(cx));
+                    let output = output
+                        .take()
+                        .expect("audit ResponseFuture polled after completion");
+                    return Poll::Ready(output);
+                }
+            }
+        }
+    }
+}
+
+impl<F: Future> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            State::Resolving { .. } => "Resolving",
+            State::Inner { .. } => "Inner",
+            State::Sending { .. } => "Sending",
+        };
+        f.debug_tuple("ResponseFuture").field(&state).finish()
+    }
+}

@@ -1,0 +1,284 @@
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use http::header::HeaderValue;
+use http::{Method, Request, Response};
+use tower_service::Service;
+
+use super::future::{Capture, ResponseFuture};
+use super::layer::{AuditLayer, Config};
+use super::RequestId;
+use crate::client_ip::{peer_addr, ClientIp};
+use crate::core::audit::Auditor;
+use crate::core::BODY_LEN;
+use crate::gate::{remember, resolution, Begin};
+use crate::reject::Protocol;
+
+/// Longest path recorded, in bytes; longer paths are cut (on a character boundary).
+const MAX_PATH: usize = 2048;
+/// Longest client request id reused.
+const MAX_REQUEST_ID: usize = 128;
+
+/// Middleware that records one audit event per request. See [`AuditLayer`].
+#[derive(Clone, Debug)]
+pub struct Audit<S> {
+    pub(crate) inner: S,
+    pub(crate) config: Arc<Config>,
+}
+
+impl<S> Audit<S> {
+    /// The layer recording through `auditor` (see [`AuditLayer::new`]).
+    pub fn layer(auditor: Auditor) -> AuditLayer {
+        AuditLayer::new(auditor)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The auditor.
+    pub fn auditor(&self) -> &Auditor {
+        &self.config.auditor
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for Audit<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqB: Send + 'static,
+{
+    type Response = Response<ResB>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        let start = Instant::now();
+        let config = &*self.config;
+        let time = config.clock.now();
+
+        let request_id = match req.headers().get(&config.header) {
+            Some(v) if config.trust_incoming && acceptable_id(v) => v.clone(),
+            _ => {
+                let id = generate_id();
+                req.headers_mut().insert(config.header.clone(), id.clone());
+                id
+            }
+        };
+        req.extensions_mut().insert(RequestId(request_id.clone()));
+
+        let client_ip = match &config.gate {
+            Some(gate) => gate.client_ip(&mut req),
+            None => client_ip(config, &req),
+        };
+        let grpc = Protocol::of(&req) == Protocol::Grpc;
+        let mut capture = Capture {
+            start,
+            time,
+            request_id,
+            method: method(req.method()),
+            path: path(req.uri().path()),
+            grpc,
+            client_ip,
+            principal: None,
+        };
+
+        match &config.gate {
+            Some(gate) => match gate.begin(&req) {
+                Begin::Done(r) => capture.principal = r.ok(),
+                Begin::Fresh(r) => {
+                    remember(req.extensions_mut(), &r);
+                    capture.principal = r.ok();
+                }
+                Begin::Pending(pending) => {
+                    // Drive the service that was polled ready; leave a fresh clone behind.
+                    let clone = self.inner.clone();
+                    let mut ready = std::mem::replace(&mut self.inner, clone);
+                    let gate = gate.clone();
+                    let fut = Box::pin(async move {
+                        let result = gate.verifier().finish(pending).await;
+                        remember(req.extensions_mut(), &result);
+                        (ready.call(req), result.ok())
+                    });
+                    return ResponseFuture::resolving(fut, capture, self.config.clone());
+                }
+            },
+            None => {
+                capture.principal = resolution(req.extensions()).and_then(|r| r.ok().cloned());
+            }
+        }
+        ResponseFuture::inner(self.inner.call(req), capture, self.config.clone())
+    }
+}
+
+fn client_ip<B>(config: &Config, req: &Request<B>) -> Option<IpAddr> {
+    if let Some(ClientIp(ip)) = req.extensions().get::<ClientIp>() {
+        return Some(*ip);
+    }
+    match &config.proxies {
+        Some(p) => p.client_ip(req),
+        None => peer_addr(req),
+    }
+}
+
+/// A client request id is reused when it is 1 to 128 visible ASCII characters and does not
+/// look like an API key (a client sending its key as a request id must not get it logged).
+fn acceptable_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_REQUEST_ID
+        && b.iter().all(|c| (0x21..=0x7e).contains(c))
+        && !looks_like_key(b)
+}
+
+/// Whether `b` has the shape of a key of any prefix: `{prefix}_{40 base62}`.
+fn looks_like_key(b: &[u8]) -> bool {
+    if b.len() < BODY_LEN + 2 {
+        return false;
+    }
+    let (head, body) = b.split_at(b.len() - BODY_LEN);
+    head.last() == Some(&b'_')
+        && body.iter().all(u8::is_ascii_alphanumeric)
+        && head[..head.len() - 1]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+}
+
+/// The method as text; the standard ones without allocating.
+fn method(m: &Method) -> Cow<'static, str> {
+    let s: &'static str = match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => return Cow::Owned(m.as_str().to_owned()),
+    };
+    Cow::Borrowed(s)
+}
+
+fn path(p: &str) -> String {
+    if p.len() <= MAX_PATH {
+        return p.to_owned();
+    }
+    let mut end = MAX_PATH;
+    while !p.is_char_boundary(end) {
+        end -= 1;
+    }
+    p[..end].to_owned()
+}
+
+/// A new 128-bit request id, 32 lower-case hex characters: a random per-process half and a
+/// bijective mix of a per-process counter, so ids never repeat within a process and collide
+/// across processes only with negligible probability. No system call per request.
+pub(crate) fn generate_id() -> HeaderValue {
+    static SEED: OnceLock<(u64, u64)> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let (high, salt) = *SEED.get_or_init(|| {
+        let mut b = [0u8; 16];
+        if getrandom::fill(&mut b).is_err() {
+            // No OS randomness: fall back to time and process id (still unique per process).
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            b[..8].copy_from_slice(&t.to_le_bytes());
+            b[8..].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
+        }
+        let mut hi = [0u8; 8];
+        let mut lo = [0u8; 8];
+        hi.copy_from_slice(&b[..8]);
+        lo.copy_from_slice(&b[8..]);
+        (u64::from_le_bytes(hi), u64::from_le_bytes(lo))
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let low = mix(n.wrapping_add(salt));
+    let mut out = [0u8; 32];
+    write_hex(&mut out[..16], high);
+    write_hex(&mut out[16..], low);
+    // Ids are cut from a per-thread buffer: no allocation per request.
+    let bytes = ID_CHUNK.with(|chunk| {
+        let mut chunk = chunk.borrow_mut();
+        if chunk.capacity() - chunk.len() < out.len() {
+            *chunk = BytesMut::with_capacity(out.len() * 256);
+        }
+        chunk.extend_from_slice(&out);
+        chunk.split().freeze()
+    });
+    HeaderValue::from_maybe_shared(bytes).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+thread_local! {
+    static ID_CHUNK: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// The splitmix64 finalizer: a bijection on `u64`.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn write_hex(out: &mut [u8], v: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, slot) in out.iter_mut().enumerate() {
+        let shift = 60 - 4 * i;
+        *slot = DIGITS[((v >> shift) & 0xf) as usize];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_distinct_hex() {
+        let a = generate_id();
+        let b = generate_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(a.as_bytes().iter().all(|c| c.is_ascii_hexdigit()));
+        assert!(acceptable_id(&a));
+    }
+
+    #[test]
+    fn request_id_acceptance() {
+        assert!(acceptable_id(&HeaderValue::from_static("abc-123")));
+        assert!(!acceptable_id(&HeaderValue::from_static("")));
+        assert!(!acceptable_id(&HeaderValue::from_static("has space")));
+        assert!(!acceptable_id(
+            &HeaderValue::from_str(&"a".repeat(129)).unwrap()
+        ));
+        assert!(!acceptable_id(
+            &HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap()
+        ));
+        // A key sent as a request id is not reused (it would end up in the log).
+        let key = crate::ApiKey::generate(&crate::Prefix::new("sk_live").unwrap()).unwrap();
+        assert!(!acceptable_id(
+            &HeaderValue::from_str(key.expose_secret()).unwrap()
+        ));
+        assert!(acceptable_id(&HeaderValue::from_static(
+            "4bf92f35-77b3-4da6-a3ce-929d0e0e4736"
+        )));
+    }
+
+    #[test]
+    fn long_paths_are_cut() {
+        assert_eq!(path(&"a".repeat(5000)).len(), MAX_PATH);
+        assert_eq!(path("/x"), "/x");
+    }
+}

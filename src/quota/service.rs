@@ -1,0 +1,478 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderValue, Request, Response};
+use smallvec::SmallVec;
+use tower_service::Service;
+
+use super::layer::{validate_policy, Shared};
+use super::meter::KeyCounters;
+use crate::core::usage::{
+    violated_limits, Admission, Increment, Limit, LimitState, Usage, Window, MAX_SF_INTEGER,
+};
+use crate::cost::{FieldBuf, RequestHead};
+use crate::future::{ResponseFuture, ResponseNote};
+use crate::guard::{self, Check, Resolver, Step};
+use crate::reject::{ResponseBody, RATELIMIT, RATELIMIT_POLICY};
+use crate::{Denial, DenialCode, KeyId, Principal, QuotaWindow};
+
+/// Middleware that enforces per-key quotas. See [`QuotaLayer`](super::QuotaLayer).
+#[derive(Clone)]
+pub struct Quota<S> {
+    pub(crate) inner: S,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) resolver: Resolver,
+}
+
+impl<S> Quota<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S> std::fmt::Debug for Quota<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quota")
+            .field("resolver", &self.resolver)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for Quota<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqB: Send + 'static,
+    ResB: Send + 'static,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResB, QuotaNote>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let check = QuotaCheck {
+            shared: self.shared.clone(),
+        };
+        guard::call(&mut self.inner, &self.resolver, req, check)
+    }
+}
+
+/// Where one quota of the caller stands, as a handler sees it in [`QuotaStatus`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaState<'a> {
+    /// The policy's name.
+    pub name: &'a str,
+    /// Its limit per window.
+    pub limit: u64,
+    /// Its window.
+    pub window: QuotaWindow,
+    /// What is left after this request.
+    pub remaining: u64,
+    /// How long until the window resets (`None`: credits that never refill).
+    pub reset_after: Option<Duration>,
+}
+
+/// The caller's remaining allowance, in the request's extensions for handlers (when the key
+/// has quotas and the request passed). Values are as of this request, after counting it.
+#[derive(Clone, Debug)]
+pub struct QuotaStatus {
+    principal: Principal,
+    states: SmallVec<[(u64, Option<Duration>); 2]>,
+}
+
+impl QuotaStatus {
+    /// Every quota of the key, in the record's order.
+    pub fn iter(&self) -> impl Iterator<Item = QuotaState<'_>> + '_ {
+        self.principal
+            .quotas()
+            .iter()
+            .zip(&self.states)
+            .map(|(p, (remaining, reset_after))| QuotaState {
+                name: &p.name,
+                limit: p.limit,
+                window: p.window,
+                remaining: *remaining,
+                reset_after: *reset_after,
+            })
+    }
+
+    /// The quota named `name`.
+    pub fn get(&self, name: &str) -> Option<QuotaState<'_>> {
+        self.iter().find(|s| s.name == name)
+    }
+
+    /// The smallest remaining allowance across the key's quotas.
+    pub fn remaining(&self) -> Option<u64> {
+        self.states.iter().map(|(r, _)| *r).min()
+    }
+}
+
+/// What [`Quota`] writes on the inner service's response: the `RateLimit-Policy` and
+/// `RateLimit` fields of the key's quotas, and, when another layer then refused the request
+/// (a [`Denial`] on the response), the refund of what was counted.
+pub struct QuotaNote {
+    fields: Option<(HeaderValue, HeaderValue)>,
+    refund: Option<Refund>,
+}
+
+struct Refund {
+    shared: Arc<Shared>,
+    key: KeyId,
+    windows: SmallVec<[Window; 3]>,
+    cost: u64,
+}
+
+impl QuotaNote {
+    fn none() -> Self {
+        QuotaNote {
+            fields: None,
+            refund: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for QuotaNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuotaNote")
+            .field("fields", &self.fields)
+            .field("refund", &self.refund.as_ref().map(|r| r.cost))
+            .finish()
+    }
+}
+
+impl ResponseNote for QuotaNote {
+    fn apply<B>(self, res: &mut Response<B>) {
+        if let Some(r) = self.refund {
+            if res.extensions().get::<Denial>().is_some() {
+                r.run();
+            }
+        }
+        if let Some((policy, limit)) = self.fields {
+            let h = res.headers_mut();
+            h.append(&RATELIMIT_POLICY, policy);
+            h.append(&RATELIMIT, limit);
+        }
+    }
+}
+
+impl Refund {
+    fn run(self) {
+        let usage = Usage {
+            cost: self.cost,
+            requests: 1,
+        };
+        if !self.shared.strict {
+            self.shared.meter.refund(self.key, &self.windows, usage);
+            return;
+        }
+        let decrements: Vec<Increment> = self
+            .windows
+            .iter()
+            .map(|w| Increment {
+                key: self.key,
+                window: *w,
+                usage,
+            })
+            .collect();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if let Err(e) = self.shared.store.subtract(&decrements).await {
+                        tracing::warn!(error = %e, "quota refund failed");
+                    }
+                });
+            }
+            Err(_) => tracing::warn!("quota refund skipped: no tokio runtime"),
+        }
+    }
+}
+
+/// The quota decision of one request.
+struct QuotaCheck {
+    shared: Arc<Shared>,
+}
+
+/// What one request is checked against: its windows (quota windows, deduplicated, then the
+/// meter's) and, per policy, the window it counts in.
+struct Plan {
+    principal: Principal,
+    now: SystemTime,
+    cost: u64,
+    windows: SmallVec<[Window; 3]>,
+    limits: SmallVec<[Limit; 3]>,
+}
+
+impl<ReqB: Send + 'static> Check<ReqB> for QuotaCheck {
+    type Note = QuotaNote;
+
+    fn check(
+        self,
+        req: &mut Request<ReqB>,
+        who: Result<&Principal, &Denial>,
+    ) -> Result<QuotaNote, Denial> {
+        match self.begin(req, who) {
+            Step::Now(verdict) => verdict,
+            Step::Later(_) => Err(Denial::new(DenialCode::StoreUnavailable)),
+        }
+    }
+
+    fn begin(
+        self,
+        req: &mut Request<ReqB>,
+        who: Result<&Principal, &Denial>,
+    ) -> Step<ReqB, QuotaNote> {
+        // Quotas are per key: requests without a principal pass unchanged.
+        let Ok(principal) = who else {
+            return Step::Now(Ok(QuotaNote::none()));
+        };
+        let shared = self.shared;
+        let quotas = principal.quotas();
+        if quotas.is_empty() && shared.meter_window.is_none() {
+            return Step::Now(Ok(QuotaNote::none()));
+        }
+        if let Some(bad) = quotas.iter().find(|q| validate_policy(q).is_err()) {
+            // A stored record that bypassed validation: fail closed.
+            tracing::warn!(policy = %bad.name, "invalid quota policy on a key record; refusing its requests");
+            return Step::Now(Err(Denial::new(DenialCode::QuotaExceeded)
+                .with_detail("The key's quota policy is invalid.")));
+        }
+        let cost = match &shared.cost {
+            Some(f) => f(&RequestHead::of(req, Some(principal))),
+            None => 1,
+        };
+        if cost == 0 {
+            // Free requests pass uncounted.
+            return Step::Now(Ok(QuotaNote::none()));
+        }
+        let plan = plan(&shared, principal.clone(), cost);
+        if shared.strict {
+            return Step::Later(Box::new(move |mut req| {
+                Box::pin(async move {
+                    let verdict = strict(&shared, plan, &mut req).await;
+                    (req, verdict)
+                })
+            }));
+        }
+        if let Some(verdict) = count(&shared, &plan) {
+            return Step::Now(finish(&shared, plan, verdict, req));
+        }
+        Step::Later(Box::new(move |mut req| {
+            Box::pin(async move {
+                let verdict = load_then_count(&shared, plan, &mut req).await;
+                (req, verdict)
+            })
+        }))
+    }
+}
+
+fn plan(shared: &Shared, principal: Principal, cost: u64) -> Plan {
+    let now = shared.clock.now();
+    let mut windows: SmallVec<[Window; 3]> = SmallVec::new();
+    let mut limits: SmallVec<[Limit; 3]> = SmallVec::new();
+    let mut window_of = |kind: QuotaWindow| -> usize {
+        let w = Window::containing(kind, now);
+        match windows.iter().position(|x| *x == w) {
+            Some(i) => i,
+            None => {
+                windows.push(w);
+                windows.len() - 1
+            }
+        }
+    };
+    for q in principal.quotas() {
+        limits.push(Limit {
+            window: window_of(q.window),
+            limit: q.limit,
+        });
+    }
+    if let Some(kind) = shared.meter_window {
+        window_of(kind);
+    }
+    Plan {
+        principal,
+        now,
+        cost,
+        windows,
+        limits,
+    }
+}
+
+/// The outcome of counting: the usage of each window after the request, or the usage and
+/// the violated limits.
+type Counted = Result<SmallVec<[Usage; 3]>, (SmallVec<[Usage; 3]>, Vec<usize>)>;
+
+/// Batched counting in memory; `None` when a window is not loaded yet.
+fn count(shared: &Shared, plan: &Plan) -> Option<Counted> {
+    let entry = shared.meter.keys.get(&plan.principal.key_id())?;
+    let mut c: std::sync::MutexGuard<'_, KeyCounters> =
+        entry.lock().unwrap_or_else(|p| p.into_inner());
+    let mut idx: SmallVec<[usize; 3]> = SmallVec::new();
+    for w in &plan.windows {
+        idx.push(c.find(w)?);
+    }
+    let usage: SmallVec<[Usage; 3]> = idx.iter().map(|i| c.windows[*i].total()).collect();
+    let violated = violated_limits(&usage, &plan.limits, plan.cost);
+    if !violated.is_empty() {
+        return Some(Err((usage, violated)));
+    }
+    let one = Usage {
+        cost: plan.cost,
+        requests: 1,
+    };
+    for i in &idx {
+        c.windows[*i].pending = c.windows[*i].pending.plus(one);
+    }
+    c.touched = true;
+    Some(Ok(usage.iter().map(|u| u.plus(one)).collect()))
+}
+
+async fn load_then_count<B>(
+    shared: &Arc<Shared>,
+    plan: Plan,
+    req: &mut Request<B>,
+) -> Result<QuotaNote, Denial> {
+    let key = plan.principal.key_id();
+    for _ in 0..3 {
+        let usage = shared
+            .store
+            .load(&key, &plan.windows)
+            .await
+            .map_err(unavailable)?;
+        shared.meter.loaded(key, &plan.windows, &usage);
+        if let Some(verdict) = count(shared, &plan) {
+            return finish(shared, plan, verdict, req);
+        }
+    }
+    Err(Denial::new(DenialCode::StoreUnavailable))
+}
+
+async fn strict<B>(
+    shared: &Arc<Shared>,
+    plan: Plan,
+    req: &mut Request<B>,
+) -> Result<QuotaNote, Denial> {
+    let key = plan.principal.key_id();
+    let verdict = match shared
+        .store
+        .check_and_add(&key, &plan.windows, &plan.limits, plan.cost)
+        .await
+        .map_err(unavailable)?
+    {
+        Admission::Admitted(usage) => Ok(usage.into_iter().collect()),
+        Admission::Refused { usage, violated } => Err((usage.into_iter().collect(), violated)),
+    };
+    finish(shared, plan, verdict, req)
+}
+
+fn unavailable(e: crate::core::usage::UsageError) -> Denial {
+    tracing::warn!(error = %e, "usage store unavailable; refusing");
+    Denial::new(DenialCode::StoreUnavailable)
+}
+
+/// Turns a count into the note (and the status extension) or the denial.
+fn finish<B>(
+    shared: &Arc<Shared>,
+    plan: Plan,
+    verdict: Counted,
+    req: &mut Request<B>,
+) -> Result<QuotaNote, Denial> {
+    let quotas = plan.principal.quotas();
+    let standing = |usage: &[Usage], i: usize| {
+        let l = plan.limits[i];
+        let w = plan.windows[l.window];
+        let used = usage.get(l.window).map_or(0, |u| u.cost);
+        (l.limit.saturating_sub(used), w.remaining_at(plan.now))
+    };
+    let usage = match verdict {
+        Ok(usage) => usage,
+        Err((usage, violated)) => {
+            let mut retry: Option<Duration> = Some(Duration::ZERO);
+            let states = (0..plan.limits.len())
+                .map(|i| {
+                    let (remaining, reset_after) = standing(&usage, i);
+                    let is_violated = violated.contains(&i);
+                    if is_violated {
+                        retry = match (retry, reset_after) {
+                            (Some(r), Some(w)) if plan.cost <= plan.limits[i].limit => {
+                                Some(r.max(w))
+                            }
+                            _ => None,
+                        };
+                    }
+                    LimitState {
+                        name: quotas[i].name.clone(),
+                        limit: quotas[i].limit,
+                        remaining,
+                        reset_after,
+                        window: plan.windows[plan.limits[i].window].length(),
+                        violated: is_violated,
+                    }
+                })
+                .collect();
+            let mut denial = Denial::new(DenialCode::QuotaExceeded).with_limits(states);
+            if let Some(wait) = retry {
+                denial = denial.with_retry_after(wait);
+            }
+            return Err(denial);
+        }
+    };
+    if !shared.strict {
+        shared.maybe_flush(plan.now);
+    }
+    let fields = (shared.headers && !quotas.is_empty())
+        .then(|| fields(&plan, &usage))
+        .flatten();
+    if shared.status && !quotas.is_empty() {
+        let states = (0..plan.limits.len())
+            .map(|i| standing(&usage, i))
+            .collect();
+        req.extensions_mut().insert(QuotaStatus {
+            principal: plan.principal.clone(),
+            states,
+        });
+    }
+    Ok(QuotaNote {
+        fields,
+        refund: Some(Refund {
+            shared: shared.clone(),
+            key: plan.principal.key_id(),
+            windows: plan.windows,
+            cost: plan.cost,
+        }),
+    })
+}
+
+fn fields(plan: &Plan, usage: &[Usage]) -> Option<(HeaderValue, HeaderValue)> {
+    let quotas = plan.principal.quotas();
+    let mut policy = FieldBuf::new();
+    let mut limit = FieldBuf::new();
+    for (i, (q, l)) in quotas.iter().zip(&plan.limits).enumerate() {
+        if i > 0 {
+            policy.push_str(", ");
+            limit.push_str(", ");
+        }
+        let w = plan.windows[l.window];
+        policy.push_sf_string(&q.name);
+        policy.push_str(";q=");
+        policy.push_u64(q.limit.min(MAX_SF_INTEGER));
+        if let Some(len) = w.length() {
+            policy.push_str(";w=");
+            policy.push_u64(len.as_secs());
+        }
+        let used = usage.get(l.window).map_or(0, |u| u.cost);
+        limit.push_sf_string(&q.name);
+        limit.push_str(";r=");
+        limit.push_u64(q.limit.saturating_sub(used).min(MAX_SF_INTEGER));
+        if let Some(t) = w.remaining_at(plan.now) {
+            limit.push_str(";t=");
+            limit.push_u64(t.as_secs() + u64::from(t.subsec_nanos() > 0));
+        }
+    }
+    Some((policy.to_header()?, limit.to_header()?))
+}
