@@ -1,0 +1,86 @@
+//! keygate-sql: keygate's key store in SQLite (the embedded default) or PostgreSQL (shared
+//! by replicas), through sqlx, with embedded migrations and change propagation to running
+//! verifiers.
+//!
+//! ```
+//! use keygate_core::{KeyRecord, KeyStore, Prefix, Verifier, DenialCode, KeyStatus};
+//! use keygate_sql::SqlStore;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! // `sqlite://keygate.db` for a file (created if missing); `postgres://...` for PostgreSQL.
+//! let store = SqlStore::open("sqlite::memory:").await.unwrap();
+//! let verifier = Verifier::new(store.clone());
+//! // Follow the store's changes: a revocation by any process reaches this verifier.
+//! let follower = store.watch(&verifier).await.unwrap();
+//!
+//! let (key, mut record) =
+//!     KeyRecord::generate(&Prefix::default(), verifier.hasher(), "ci", verifier.clock().now()).unwrap();
+//! store.insert(&record).await.unwrap();
+//! assert_eq!(verifier.verify(key.expose_secret()).await.unwrap().key_id(), key.id());
+//!
+//! record.status = KeyStatus::Revoked;
+//! store.update(&record).await.unwrap();
+//! follower.caught_up(store.last_change().await.unwrap()).await;
+//! let denial = verifier.verify(key.expose_secret()).await.unwrap_err();
+//! assert_eq!(denial.code(), DenialCode::RevokedKey);
+//! follower.shutdown().await;
+//! # }
+//! ```
+//!
+//! # What it provides
+//! - [`SqlStore`]: a [`KeyStore`](keygate_core::KeyStore) chosen by URL
+//!   ([`SqlStore::open`]), with [`SqlStore::insert_many`] for bulk creation.
+//! - Migrations embedded in the binary, applied on open, safe when several processes open
+//!   the same database at once (see `SCHEMA.md` in this crate for the tables and how to add
+//!   a version).
+//! - A change sequence advanced by every write (by database triggers, so writes made by
+//!   hand count too) and a [`ChangeFollower`] ([`SqlStore::watch`]) that makes a running
+//!   [`Verifier`](keygate_core::Verifier)'s cache follow it: LISTEN/NOTIFY on PostgreSQL,
+//!   with a poll behind it; a poll on SQLite.
+//!
+//! # Failure behaviour
+//! Every database failure is [`StoreError::Unavailable`](keygate_core::StoreError) (the
+//! verifier answers `store_unavailable`, 503, on a cache miss, and keeps serving cached
+//! keys within its `max_stale` bound); a damaged row is
+//! [`StoreError::Corrupt`](keygate_core::StoreError) naming the key and column. Nothing
+//! here panics on what it reads from a database.
+#![deny(unsafe_code, unreachable_pub)]
+#![warn(missing_docs)]
+
+mod error;
+mod follow;
+mod migrate;
+mod options;
+mod row;
+mod store;
+
+pub use error::OpenError;
+pub use follow::{ChangeFollower, ChangeHandler};
+pub use options::{SqlOptions, POSTGRES_POLL_INTERVAL, SQLITE_POLL_INTERVAL};
+pub use store::{Change, SqlStore};
+
+/// The database behind a [`SqlStore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// SQLite (a file, or in memory).
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+impl Backend {
+    /// `sqlite` or `postgres`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,243 @@
+//! A key record as a table row, both ways. Reading checks every column and turns anything
+//! damaged into [`StoreError::Corrupt`] naming the key and the column; it never panics.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use keygate_core::{
+    KeyDigest, KeyId, KeyRecord, KeyStatus, Prefix, QuotaPolicy, RateLimitPolicy, StoreError,
+};
+use serde::de::DeserializeOwned;
+use sqlx::{ColumnIndex, Decode, Row, Type};
+
+/// How many columns `keygate_keys` has (the values [`KeyRow`] binds).
+pub(crate) const COLUMN_COUNT: usize = 17;
+
+/// A record's column values, ready to bind.
+pub(crate) struct KeyRow {
+    pub(crate) id: String,
+    pub(crate) prefix: String,
+    pub(crate) digest: Vec<u8>,
+    pub(crate) name: String,
+    pub(crate) owner: Option<String>,
+    pub(crate) status: &'static str,
+    pub(crate) created_at: i64,
+    pub(crate) updated_at: i64,
+    pub(crate) expires_at: Option<i64>,
+    pub(crate) scopes: String,
+    pub(crate) resources: String,
+    pub(crate) attributes: String,
+    pub(crate) allowed_ips: String,
+    pub(crate) rate_limits: String,
+    pub(crate) quotas: String,
+    pub(crate) metadata: String,
+    pub(crate) rotated_from: Option<String>,
+}
+
+impl KeyRow {
+    /// The row for `record`.
+    pub(crate) fn from_record(r: &KeyRecord) -> Result<Self, StoreError> {
+        let json = |column: &str, v: Result<String, serde_json::Error>| {
+            v.map_err(|e| {
+                StoreError::Corrupt(format!(
+                    "key {}: column {column} cannot be encoded: {e}",
+                    r.id
+                ))
+            })
+        };
+        Ok(KeyRow {
+            id: r.id.as_str().to_owned(),
+            prefix: r.prefix.as_str().to_owned(),
+            digest: r.digest.as_bytes().to_vec(),
+            name: r.name.clone(),
+            owner: r.owner.clone(),
+            status: r.status.as_str(),
+            created_at: to_ms(r.created_at),
+            updated_at: to_ms(r.updated_at),
+            expires_at: r.expires_at.map(to_ms),
+            scopes: json("scopes", serde_json::to_string(&r.scopes))?,
+            resources: json("resources", serde_json::to_string(&r.resources))?,
+            attributes: json("attributes", serde_json::to_string(&r.attributes))?,
+            allowed_ips: json("allowed_ips", serde_json::to_string(&r.allowed_ips))?,
+            rate_limits: json("rate_limits", serde_json::to_string(&r.rate_limits))?,
+            quotas: json("quotas", serde_json::to_string(&r.quotas))?,
+            metadata: json("metadata", serde_json::to_string(&r.metadata))?,
+            rotated_from: r.rotated_from.map(|id| id.as_str().to_owned()),
+        })
+    }
+}
+
+/// A time as milliseconds since the Unix epoch, saturating at the ends of `i64` (about
+/// 292 million years either way).
+pub(crate) fn to_ms(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
+}
+
+/// Milliseconds since the Unix epoch as a time, if representable.
+pub(crate) fn from_ms(ms: i64) -> Option<SystemTime> {
+    if ms >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_millis(ms.unsigned_abs()))
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_millis(ms.unsigned_abs()))
+    }
+}
+
+/// A stored text shown in an error: at most 32 characters, escaped.
+fn shown(text: &str) -> String {
+    let cut: String = text.chars().take(32).collect();
+    format!("{cut:?}")
+}
+
+/// Reads one `keygate_keys` row (selected with [`COLUMNS`]) back into a record.
+pub(crate) fn decode<'r, R>(row: &'r R) -> Result<KeyRecord, StoreError>
+where
+    R: Row,
+    &'static str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let raw_id: String = row
+        .try_get("id")
+        .map_err(|e| StoreError::Corrupt(format!("a key row has an unreadable id: {e}")))?;
+    let id = KeyId::parse(&raw_id).map_err(|_| {
+        StoreError::Corrupt(format!(
+            "key row {}: column id is not a key id (12 base62 characters)",
+            shown(&raw_id)
+        ))
+    })?;
+    let d = Decoder { row, id };
+    let prefix = d.text("prefix")?;
+    let prefix = Prefix::new(&prefix).map_err(|_| d.bad("prefix", "not a valid key prefix"))?;
+    let digest: Vec<u8> = d.get("digest")?;
+    let digest = KeyDigest::from_slice(&digest).map_err(|_| {
+        d.bad(
+            "digest",
+            &format!("expected 32 bytes, found {}", digest.len()),
+        )
+    })?;
+    let status = d.text("status")?;
+    let status: KeyStatus = status.parse().map_err(|_| {
+        d.bad(
+            "status",
+            &format!("{} is not active, disabled or revoked", shown(&status)),
+        )
+    })?;
+    let rotated_from = match d.get::<Option<String>>("rotated_from")? {
+        None => None,
+        Some(text) => Some(KeyId::parse(&text).map_err(|_| d.bad("rotated_from", "not a key id"))?),
+    };
+    Ok(KeyRecord {
+        id,
+        prefix,
+        digest,
+        name: d.text("name")?,
+        owner: d.get("owner")?,
+        status,
+        created_at: d.time("created_at")?,
+        updated_at: d.time("updated_at")?,
+        expires_at: match d.get::<Option<i64>>("expires_at")? {
+            None => None,
+            Some(ms) => Some(from_ms(ms).ok_or_else(|| d.bad("expires_at", "out of range"))?),
+        },
+        scopes: d.json::<Vec<String>>("scopes")?,
+        resources: d.json::<Vec<String>>("resources")?,
+        attributes: d.json::<BTreeMap<String, String>>("attributes")?,
+        allowed_ips: d.json::<Vec<ipnet::IpNet>>("allowed_ips")?,
+        rate_limits: d.json::<Vec<RateLimitPolicy>>("rate_limits")?,
+        quotas: d.json::<Vec<QuotaPolicy>>("quotas")?,
+        metadata: d.json::<serde_json::Value>("metadata")?,
+        rotated_from,
+    })
+}
+
+struct Decoder<'a, R> {
+    row: &'a R,
+    id: KeyId,
+}
+
+impl<'r, R> Decoder<'r, R>
+where
+    R: Row,
+    &'static str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    fn bad(&self, column: &str, why: &str) -> StoreError {
+        StoreError::Corrupt(format!("key {}: column {column}: {why}", self.id))
+    }
+
+    fn get<T>(&self, column: &'static str) -> Result<T, StoreError>
+    where
+        T: Decode<'r, R::Database> + Type<R::Database>,
+    {
+        self.row
+            .try_get::<T, _>(column)
+            .map_err(|e| self.bad(column, &format!("unreadable: {}", short(&e))))
+    }
+
+    fn text(&self, column: &'static str) -> Result<String, StoreError> {
+        self.get::<String>(column)
+    }
+
+    fn time(&self, column: &'static str) -> Result<SystemTime, StoreError> {
+        let ms: i64 = self.get(column)?;
+        from_ms(ms).ok_or_else(|| self.bad(column, "out of range"))
+    }
+
+    fn json<T: DeserializeOwned>(&self, column: &'static str) -> Result<T, StoreError> {
+        let text = self.text(column)?;
+        serde_json::from_str(&text).map_err(|e| {
+            // serde's message can quote stored values; keep only its class and position.
+            let class = match e.classify() {
+                serde_json::error::Category::Io => "unreadable",
+                serde_json::error::Category::Syntax => "not valid JSON",
+                serde_json::error::Category::Data => "JSON of the wrong shape",
+                serde_json::error::Category::Eof => "truncated JSON",
+            };
+            self.bad(
+                column,
+                &format!("{class} (line {}, column {})", e.line(), e.column()),
+            )
+        })
+    }
+}
+
+/// A decode error in a few words (sqlx's messages name types, not values).
+fn short(e: &sqlx::Error) -> String {
+    let mut s = e.to_string();
+    if s.len() > 160 {
+        let mut cut = 160;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip_to_the_millisecond() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_780_000_000_123);
+        assert_eq!(from_ms(to_ms(t)), Some(t));
+        let before = UNIX_EPOCH - Duration::from_millis(5);
+        assert_eq!(to_ms(before), -5);
+        assert_eq!(from_ms(-5), Some(before));
+        // Sub-millisecond parts are dropped.
+        let fine = t + Duration::from_micros(999);
+        assert_eq!(from_ms(to_ms(fine)), Some(t));
+    }
+
+    #[test]
+    fn shown_text_is_cut_and_escaped() {
+        assert_eq!(shown("a\"b"), "\"a\\\"b\"");
+        assert_eq!(shown(&"x".repeat(100)).len(), 34);
+    }
+}

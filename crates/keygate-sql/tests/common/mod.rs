@@ -1,0 +1,411 @@
+//! Shared test fixtures: a database per test (a SQLite temp file, or a PostgreSQL schema of
+//! its own, dropped at the end), records, a TCP proxy that can cut connections, polling.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use keygate_core::{
+    ApiKey, KeyHasher, KeyId, KeyRecord, Prefix, QuotaPolicy, QuotaWindow, RateLimitPolicy,
+};
+use keygate_sql::{SqlOptions, SqlStore};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{ConnectOptions, Connection, Executor};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// The variable naming the test PostgreSQL server.
+pub const PG_ENV: &str = "KEYGATE_TEST_POSTGRES_URL";
+
+/// A database for one test.
+pub enum Db {
+    /// A SQLite file in a temporary directory (removed at the end).
+    Sqlite { dir: tempfile::TempDir, url: String },
+    /// A PostgreSQL schema of its own (dropped at the end).
+    Postgres(PgSchema),
+}
+
+impl Db {
+    /// A new SQLite database file (not created yet: opening creates it).
+    pub fn sqlite() -> Db {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("keygate.db").display());
+        Db::Sqlite { dir, url }
+    }
+
+    /// A new PostgreSQL schema, or `None` (after printing the skip line) when
+    /// `KEYGATE_TEST_POSTGRES_URL` is unset.
+    pub async fn postgres() -> Option<Db> {
+        PgSchema::create().await.map(Db::Postgres)
+    }
+
+    /// The database URL.
+    pub fn url(&self) -> &str {
+        match self {
+            Db::Sqlite { url, .. } => url,
+            Db::Postgres(pg) => &pg.url,
+        }
+    }
+
+    /// Options placing the store in this database (the schema, on PostgreSQL).
+    pub fn options(&self) -> SqlOptions {
+        match self {
+            Db::Sqlite { .. } => SqlOptions::new(),
+            Db::Postgres(pg) => SqlOptions::new().schema(pg.schema.clone()),
+        }
+    }
+
+    /// Opens a store handle (its own pool).
+    pub async fn open(&self) -> SqlStore {
+        self.open_with(self.options()).await
+    }
+
+    /// Opens a store handle with `options`.
+    pub async fn open_with(&self, options: SqlOptions) -> SqlStore {
+        SqlStore::open_with(self.url(), options)
+            .await
+            .expect("open the store")
+    }
+
+    /// Runs `sql` on a connection of its own, outside the store (to damage rows, read
+    /// tables directly).
+    pub async fn exec(&self, sql: &str) {
+        match self {
+            Db::Sqlite { url, .. } => {
+                let mut c = SqliteConnectOptions::from_str(url)
+                    .expect("url")
+                    .connect()
+                    .await
+                    .expect("connect");
+                c.execute(sql).await.expect("exec");
+                c.close().await.expect("close");
+            }
+            Db::Postgres(pg) => {
+                let mut c = pg.connect().await;
+                c.execute(sql).await.expect("exec");
+                c.close().await.expect("close");
+            }
+        }
+    }
+
+    /// One integer from `sql`, on a connection of its own.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        match self {
+            Db::Sqlite { url, .. } => {
+                let mut c = SqliteConnectOptions::from_str(url)
+                    .expect("url")
+                    .connect()
+                    .await
+                    .expect("connect");
+                let v: i64 = sqlx::query_scalar(sql)
+                    .fetch_one(&mut c)
+                    .await
+                    .expect("scalar");
+                c.close().await.expect("close");
+                v
+            }
+            Db::Postgres(pg) => {
+                let mut c = pg.connect().await;
+                let v: i64 = sqlx::query_scalar(sql)
+                    .fetch_one(&mut c)
+                    .await
+                    .expect("scalar");
+                c.close().await.expect("close");
+                v
+            }
+        }
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Db::Sqlite { .. } => "sqlite",
+            Db::Postgres(_) => "postgres",
+        }
+    }
+}
+
+/// A PostgreSQL schema `kg_test_<random>` created for one test and dropped (with
+/// everything in it) when this value is dropped, even if the test panicked.
+pub struct PgSchema {
+    pub url: String,
+    pub schema: String,
+}
+
+impl PgSchema {
+    /// Creates the schema, or prints the skip line and returns `None` when the server is
+    /// not configured.
+    pub async fn create() -> Option<PgSchema> {
+        let Ok(url) = std::env::var(PG_ENV) else {
+            println!("skipped: {PG_ENV} is not set");
+            return None;
+        };
+        let schema = format!(
+            "kg_test_{}",
+            KeyId::generate()
+                .expect("random")
+                .as_str()
+                .to_ascii_lowercase()
+        );
+        let mut c = PgConnectOptions::from_str(&url)
+            .expect("KEYGATE_TEST_POSTGRES_URL")
+            .connect()
+            .await
+            .expect("connect to KEYGATE_TEST_POSTGRES_URL");
+        c.execute(format!("CREATE SCHEMA {schema}").as_str())
+            .await
+            .expect("create schema");
+        c.close().await.expect("close");
+        Some(PgSchema { url, schema })
+    }
+
+    /// A guard that drops schema `name` (made by someone else) at the end of the test.
+    pub fn adopt(url: &str, name: &str) -> PgSchema {
+        PgSchema {
+            url: url.to_owned(),
+            schema: name.to_owned(),
+        }
+    }
+
+    /// A connection whose search_path is the schema.
+    pub async fn connect(&self) -> sqlx::PgConnection {
+        PgConnectOptions::from_str(&self.url)
+            .expect("url")
+            .options([("search_path", self.schema.as_str())])
+            .connect()
+            .await
+            .expect("connect")
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        let schema = self.schema.clone();
+        // Drop runs inside the test's runtime: do the async cleanup on a thread of its own.
+        let done = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let mut c = PgConnectOptions::from_str(&url)
+                    .ok()?
+                    .connect()
+                    .await
+                    .ok()?;
+                c.execute(format!("DROP SCHEMA IF EXISTS {schema} CASCADE").as_str())
+                    .await
+                    .ok()?;
+                c.close().await.ok()
+            })
+        })
+        .join();
+        if !matches!(done, Ok(Some(()))) {
+            eprintln!("warning: could not drop test schema {}", self.schema);
+        }
+    }
+}
+
+/// Generates both backends' tests from one async check `fn(&Db)`.
+#[macro_export]
+macro_rules! both {
+    ($sqlite:ident, $postgres:ident, $check:path) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sqlite() {
+            let db = $crate::common::Db::sqlite();
+            $check(&db).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $postgres() {
+            let Some(db) = $crate::common::Db::postgres().await else {
+                return;
+            };
+            $check(&db).await;
+        }
+    };
+}
+
+/// Milliseconds since the epoch as a time.
+pub fn at_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// A key and its active record named `name`, created at `created` (whole milliseconds,
+/// so it survives the store's precision), with no policies.
+pub fn plain(hasher: &KeyHasher, name: &str, created: SystemTime) -> (ApiKey, KeyRecord) {
+    KeyRecord::generate(&Prefix::default(), hasher, name, created).expect("generate")
+}
+
+/// A key whose record sets every field.
+pub fn full(hasher: &KeyHasher, name: &str, created: SystemTime) -> (ApiKey, KeyRecord) {
+    let prefix = Prefix::new("sk_live").expect("prefix");
+    let (key, mut r) = KeyRecord::generate(&prefix, hasher, name, created).expect("generate");
+    r.owner = Some("acme".into());
+    r.updated_at = created + Duration::from_millis(5);
+    r.expires_at = Some(created + Duration::from_secs(86_400 * 90));
+    r.scopes = vec!["points:read".into(), "collections:*".into()];
+    r.resources = vec!["tenant-*".into(), "shared".into()];
+    r.attributes = BTreeMap::from([
+        ("tenant".to_string(), "acme".to_string()),
+        ("région".to_string(), "eu \"west\"".to_string()),
+    ]);
+    r.allowed_ips = vec![
+        "10.0.0.0/8".parse().expect("net"),
+        "2001:db8::/32".parse().expect("net"),
+    ];
+    r.rate_limits = vec![
+        RateLimitPolicy::per_second("burst", 20),
+        RateLimitPolicy::per_hour("hourly", 10_000),
+    ];
+    r.quotas = vec![
+        QuotaPolicy::new("daily", 5_000, QuotaWindow::Day),
+        QuotaPolicy::new(
+            "credits",
+            100,
+            QuotaWindow::Credits(keygate_core::Refill::Monthly { day: 15 }),
+        ),
+    ];
+    r.metadata = serde_json::json!({"team": "search", "n": [1, 2.5, null], "ok": true});
+    r.rotated_from = Some(KeyId::generate().expect("id"));
+    (key, r)
+}
+
+/// Whether two records are equal in every field (digest included).
+pub fn same(a: &KeyRecord, b: &KeyRecord) -> bool {
+    a.info() == b.info() && a.digest.ct_eq(&b.digest)
+}
+
+/// Polls `check` (every millisecond) until it returns `Some`, failing the test after
+/// `limit`. Returns the value and how long it took.
+pub async fn poll_until<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> (T, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return (v, start.elapsed());
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// What a [`Proxy`] does with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Forwards both ways.
+    On,
+    /// Drops every open connection and closes new ones as soon as they are accepted.
+    Cut,
+    /// Keeps every connection open but forwards nothing (a hung server or a black hole).
+    Stall,
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `target`, with a switch ([`Mode`]). Leaving
+/// `Stall` closes the stalled connections.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    mode: watch::Sender<Mode>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (mode, mode_rx) = watch::channel(Mode::On);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut mode_rx = mode_rx.clone();
+                let now = *mode_rx.borrow_and_update();
+                tokio::spawn(async move {
+                    match now {
+                        Mode::Cut => return,
+                        Mode::Stall => {
+                            // Hold the socket, say nothing, until the mode changes.
+                            let _held = client;
+                            let _ = mode_rx.changed().await;
+                            return;
+                        }
+                        Mode::On => {}
+                    }
+                    let Ok(mut server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let mut client = client;
+                    let stalled = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                        m = mode_rx.wait_for(|m| *m != Mode::On) => {
+                            matches!(m.as_deref(), Ok(Mode::Stall))
+                        }
+                    };
+                    if stalled {
+                        // Keep both sockets open and silent until the mode changes again.
+                        let _ = mode_rx.changed().await;
+                    }
+                    // Both sockets close here.
+                });
+            }
+        });
+        Proxy { addr, mode, task }
+    }
+
+    /// Sets what the proxy does from now on.
+    pub fn set(&self, mode: Mode) {
+        self.mode.send_replace(mode);
+    }
+
+    /// `On` (`true`) or `Cut` (`false`).
+    pub fn set_on(&self, on: bool) {
+        self.set(if on { Mode::On } else { Mode::Cut });
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The host and port of a `postgres://` URL.
+pub fn pg_addr(url: &str) -> SocketAddr {
+    let (_, authority, _) = split_authority(url);
+    let hostport = authority.rsplit('@').next().unwrap_or_default();
+    let hostport = if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:5432")
+    };
+    let hostport = hostport.replace("localhost", "127.0.0.1");
+    hostport.parse().expect("host:port of the PostgreSQL URL")
+}
+
+/// `url` with its host and port replaced by `addr`.
+pub fn with_addr(url: &str, addr: SocketAddr) -> String {
+    let (scheme, authority, rest) = split_authority(url);
+    let userinfo = authority
+        .rsplit_once('@')
+        .map(|(u, _)| format!("{u}@"))
+        .unwrap_or_default();
+    format!("{scheme}://{userinfo}{addr}{rest}")
+}
+
+fn split_authority(url: &str) -> (&str, &str, &str) {
+    let (scheme, after) = url.split_once("://").expect("scheme://");
+    let end = after.find(['/', '?']).unwrap_or(after.len());
+    (scheme, &after[..end], &after[end..])
+}

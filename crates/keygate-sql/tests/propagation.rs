@@ -1,0 +1,259 @@
+//! Change propagation, measured: a key revoked through one store handle (another pool, or
+//! another process) stops working in a verifier fed by a different handle within 1 s on
+//! SQLite and 200 ms on PostgreSQL. The verifiers here trust their cache for 30 s
+//! (`refresh_after`), so only the change follower can make them see a change in time.
+//!
+//! The measured times are printed (`cargo test -p keygate-sql --test propagation --
+//! --nocapture`).
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use keygate_core::{DenialCode, KeyHasher, KeyId, KeyStatus, KeyStore, Verifier};
+use keygate_sql::{Backend, SqlOptions, SqlStore};
+
+/// The propagation bound the issue sets for each backend.
+fn bound(db: &Db) -> Duration {
+    match db.name() {
+        "postgres" => Duration::from_millis(200),
+        _ => Duration::from_secs(1),
+    }
+}
+
+fn now_us() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros()
+}
+
+/// Polls `verifier` with `key` until it is denied with `code`; fails the test after
+/// `limit`. Returns the wall-clock time of the first denial (µs since the epoch).
+async fn until_denied(verifier: &Verifier, key: &str, code: DenialCode, limit: Duration) -> u128 {
+    poll_until(limit, "the verifier to deny the revoked key", || async {
+        match verifier.verify(key).await {
+            Ok(_) => None,
+            Err(d) if d.code() == code => Some(now_us()),
+            Err(d) => panic!("unexpected denial {:?}", d.code()),
+        }
+    })
+    .await
+    .0
+}
+
+async fn revocation_reaches_another_handle(db: &Db) {
+    let serving = db.open().await;
+    let admin = db.open().await;
+    let verifier = Verifier::builder(serving.clone())
+        .refresh_after(Duration::from_secs(30))
+        .build();
+    let follower = serving.watch(&verifier).await.unwrap();
+    let h = KeyHasher::new();
+    let bound = bound(db);
+    let mut times = Vec::new();
+    for i in 0..10 {
+        let (key, mut rec) = plain(&h, &format!("k{i}"), SystemTime::now());
+        admin.insert(&rec).await.unwrap();
+        // The new key works here as soon as the store has it (a miss reads the store).
+        verifier.verify(key.expose_secret()).await.unwrap();
+        follower.caught_up(admin.last_change().await.unwrap()).await;
+        verifier.verify(key.expose_secret()).await.unwrap();
+
+        rec.status = KeyStatus::Revoked;
+        let start = now_us();
+        admin.update(&rec).await.unwrap();
+        let denied = until_denied(
+            &verifier,
+            key.expose_secret(),
+            DenialCode::RevokedKey,
+            bound,
+        )
+        .await;
+        times.push(Duration::from_micros((denied - start) as u64));
+    }
+    times.sort();
+    println!(
+        "{}: revocation through another handle reached the verifier in min {:?}, median {:?}, max {:?} (10 runs, bound {:?})",
+        db.name(),
+        times[0],
+        times[times.len() / 2],
+        times[times.len() - 1],
+        bound
+    );
+    assert!(times.iter().all(|t| *t <= bound));
+    follower.shutdown().await;
+}
+both!(
+    sqlite_revocation_reaches_another_handle,
+    postgres_revocation_reaches_another_handle,
+    revocation_reaches_another_handle
+);
+
+const CHILD_URL: &str = "KEYGATE_SQL_CHILD_URL";
+const CHILD_SCHEMA: &str = "KEYGATE_SQL_CHILD_SCHEMA";
+const CHILD_KEY: &str = "KEYGATE_SQL_CHILD_KEY";
+
+/// Run as a separate process by the cross-process tests (the test binary re-executes
+/// itself): opens the store named by the environment, revokes the key, prints when.
+#[tokio::test]
+#[ignore = "a helper: the cross-process propagation tests run it as a child process"]
+async fn child_revokes_a_key() {
+    let (Ok(url), Ok(id)) = (std::env::var(CHILD_URL), std::env::var(CHILD_KEY)) else {
+        println!("nothing to do: run by the propagation tests only");
+        return;
+    };
+    let mut options = SqlOptions::new();
+    if let Ok(schema) = std::env::var(CHILD_SCHEMA) {
+        options = options.schema(schema);
+    }
+    let store = SqlStore::open_with(&url, options)
+        .await
+        .expect("child: open");
+    let id = KeyId::parse(&id).expect("child: key id");
+    let mut rec = store
+        .get(&id)
+        .await
+        .expect("child: get")
+        .expect("child: the key");
+    rec.status = KeyStatus::Revoked;
+    rec.updated_at = SystemTime::now();
+    let start = now_us();
+    store.update(&rec).await.expect("child: revoke");
+    let done = now_us();
+    println!("KEYGATE_CHILD revoke_start_us={start} revoke_done_us={done}");
+}
+
+async fn revocation_reaches_another_process(db: &Db) {
+    let serving = db.open().await;
+    let verifier = Verifier::builder(serving.clone())
+        .refresh_after(Duration::from_secs(30))
+        .build();
+    let follower = serving.watch(&verifier).await.unwrap();
+    let (key, rec) = plain(&KeyHasher::new(), "cross-process", SystemTime::now());
+    serving.insert(&rec).await.unwrap();
+    follower
+        .caught_up(serving.last_change().await.unwrap())
+        .await;
+    verifier.verify(key.expose_secret()).await.unwrap();
+
+    let mut cmd = tokio::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["child_revokes_a_key", "--exact", "--ignored", "--nocapture"])
+        .env(CHILD_URL, db.url())
+        .env(CHILD_KEY, rec.id.as_str())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Db::Postgres(pg) = db {
+        cmd.env(CHILD_SCHEMA, &pg.schema);
+    } else {
+        cmd.env_remove(CHILD_SCHEMA);
+    }
+    let child = cmd.spawn().expect("spawn the child process");
+    // The child needs time to start and open its store; the bound is checked against the
+    // moment it wrote, which it reports.
+    let denied = until_denied(
+        &verifier,
+        key.expose_secret(),
+        DenialCode::RevokedKey,
+        Duration::from_secs(60),
+    )
+    .await;
+    let out = child.wait_with_output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("KEYGATE_CHILD "))
+        .unwrap_or_else(|| panic!("no report from the child: {stdout}"));
+    let field = |name: &str| -> u128 {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {line}"))
+    };
+    let start = field("revoke_start_us=");
+    let done = field("revoke_done_us=");
+    let from_start = Duration::from_micros(denied.saturating_sub(start) as u64);
+    let from_commit = Duration::from_micros(denied.saturating_sub(done) as u64);
+    println!(
+        "{}: revocation by another process reached the verifier {:?} after its write started ({:?} after it committed; bound {:?})",
+        db.name(),
+        from_start,
+        from_commit,
+        bound(db)
+    );
+    assert!(from_start <= bound(db), "{from_start:?}");
+    follower.shutdown().await;
+}
+both!(
+    sqlite_revocation_reaches_another_process,
+    postgres_revocation_reaches_another_process,
+    revocation_reaches_another_process
+);
+
+/// A preloaded verifier answers unknown ids without the store; keys created elsewhere
+/// reach it through the follower, and so do disable and enable.
+async fn preloaded_verifier_follows_creation_and_status(db: &Db) {
+    let serving = db.open().await;
+    let admin = db.open().await;
+    let h = KeyHasher::new();
+    let (old_key, old) = plain(&h, "old", SystemTime::now());
+    admin.insert(&old).await.unwrap();
+    let verifier = Verifier::builder(serving.clone())
+        .refresh_after(Duration::from_secs(30))
+        .build();
+    // Follower first, then preload: nothing written in between is missed.
+    let follower = serving.watch(&verifier).await.unwrap();
+    assert_eq!(verifier.preload().await.unwrap(), 1);
+    verifier.verify(old_key.expose_secret()).await.unwrap();
+
+    let (key, mut rec) = plain(&h, "new", SystemTime::now());
+    // Unknown to the preloaded cache: denied without asking the store.
+    assert_eq!(
+        verifier
+            .verify(key.expose_secret())
+            .await
+            .unwrap_err()
+            .code(),
+        DenialCode::InvalidKey
+    );
+    admin.insert(&rec).await.unwrap();
+    let bound = bound(db);
+    poll_until(bound, "the new key to work", || async {
+        verifier.verify(key.expose_secret()).await.ok()
+    })
+    .await;
+
+    rec.status = KeyStatus::Disabled;
+    admin.update(&rec).await.unwrap();
+    until_denied(
+        &verifier,
+        key.expose_secret(),
+        DenialCode::DisabledKey,
+        bound,
+    )
+    .await;
+    rec.status = KeyStatus::Active;
+    admin.update(&rec).await.unwrap();
+    poll_until(bound, "the enabled key to work", || async {
+        verifier.verify(key.expose_secret()).await.ok()
+    })
+    .await;
+    assert_eq!(
+        serving.backend() == Backend::Postgres,
+        follower.is_listening()
+    );
+    follower.shutdown().await;
+}
+both!(
+    sqlite_preloaded_verifier_follows_creation_and_status,
+    postgres_preloaded_verifier_follows_creation_and_status,
+    preloaded_verifier_follows_creation_and_status
+);
