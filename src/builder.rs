@@ -1,5 +1,6 @@
 //! `ServiceBuilder` shortcuts.
 
+#[cfg(feature = "auth")]
 use tower::layer::util::Stack;
 use tower::ServiceBuilder;
 

@@ -44,6 +44,17 @@ pin_project! {
     }
 }
 
+// The audit layer has a future of its own; with only `audit` these go unused.
+#[cfg_attr(
+    not(any(
+        feature = "auth",
+        feature = "scope",
+        feature = "ip-allow",
+        feature = "rate-limit",
+        feature = "quota"
+    )),
+    allow(dead_code)
+)]
 impl<F, B, N> ResponseFuture<F, B, N> {
     pub(crate) fn inner(fut: F, note: N) -> Self {
         ResponseFuture {

@@ -1,6 +1,21 @@
 //! The machinery every keygate layer shares: find out who is calling (through the hub, or
 //! from the extensions alone), run the layer's check, then call the inner service or reject.
 
+// With only `auth` every layer is built from the hub (the standalone parts go unused); with
+// only `audit` nothing here is used.
+#![cfg_attr(
+    not(all(
+        feature = "auth",
+        any(
+            feature = "scope",
+            feature = "ip-allow",
+            feature = "rate-limit",
+            feature = "quota"
+        )
+    )),
+    allow(dead_code)
+)]
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;

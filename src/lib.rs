@@ -44,6 +44,18 @@
 //! - `sql`: `sql::SqlStore`, the SQLite and PostgreSQL key store (crate `keygate-sql`).
 #![deny(unsafe_code, unreachable_pub)]
 #![warn(missing_docs)]
+// Without any layer feature only the shared parts are built, and some of them go unused.
+#![cfg_attr(
+    not(any(
+        feature = "auth",
+        feature = "scope",
+        feature = "ip-allow",
+        feature = "rate-limit",
+        feature = "quota",
+        feature = "audit"
+    )),
+    allow(dead_code, unused_imports)
+)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 #[cfg(all(doctest, feature = "axum"))]

@@ -186,23 +186,21 @@ impl Renderer for DefaultRenderer {
 impl DefaultRenderer {
     fn http_response(&self, denial: &Denial, code: DenialCode, detail: &str) -> Response<Bytes> {
         let status = http_status(code);
-        let mut body = serde_json::json!({
-            "type": "about:blank",
-            "title": status.canonical_reason().unwrap_or("Error"),
-            "status": status.as_u16(),
-            "detail": detail,
-            "code": code.as_str(),
-        });
-        if let Some(scope) = denial.required_scope() {
-            body["required_scope"] = scope.into();
-        }
-        if code == DenialCode::QuotaExceeded {
-            body["type"] = QUOTA_EXCEEDED_TYPE.into();
-        }
-        if denial.violated_policies().next().is_some() {
-            body["violated-policies"] = denial.violated_policies().collect::<Vec<_>>().into();
-        }
-        let mut res = Response::new(Bytes::from(body.to_string()));
+        let problem = Problem {
+            kind: if code == DenialCode::QuotaExceeded {
+                QUOTA_EXCEEDED_TYPE
+            } else {
+                "about:blank"
+            },
+            title: status.canonical_reason().unwrap_or("Error"),
+            status: status.as_u16(),
+            detail,
+            code: code.as_str(),
+            required_scope: denial.required_scope(),
+            violated_policies: denial.violated_policies().collect(),
+        };
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let mut res = Response::new(Bytes::from(body));
         *res.status_mut() = status;
         let h = res.headers_mut();
         h.insert(
@@ -270,6 +268,21 @@ pub static RATELIMIT_POLICY: http::header::HeaderName =
     http::header::HeaderName::from_static("ratelimit-policy");
 /// The `RateLimit` field name.
 pub static RATELIMIT: http::header::HeaderName = http::header::HeaderName::from_static("ratelimit");
+
+/// The RFC 9457 problem document, its members in the RFC's order.
+#[derive(serde::Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    title: &'a str,
+    status: u16,
+    detail: &'a str,
+    code: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    required_scope: Option<&'a str>,
+    #[serde(rename = "violated-policies", skip_serializing_if = "Vec::is_empty")]
+    violated_policies: Vec<&'a str>,
+}
 
 /// Keeps the characters RFC 6750 allows in `error_description` and `scope` values.
 fn quoted_safe(s: &str) -> String {
