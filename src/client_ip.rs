@@ -60,6 +60,19 @@ pub fn peer_addr<B>(req: &Request<B>) -> Option<IpAddr> {
     ext.get::<SocketAddr>().map(|a| a.ip().to_canonical())
 }
 
+/// The address an earlier layer settled on (the [`ClientIp`] extension), else the one
+/// `proxies` give, else (without proxies) the peer. Does not memoize: for layers built
+/// without the hub, which has its own memoizing [`KeyGate::client_ip`](crate::KeyGate::client_ip).
+pub(crate) fn settled<B>(req: &Request<B>, proxies: Option<&TrustedProxies>) -> Option<IpAddr> {
+    if let Some(ClientIp(ip)) = req.extensions().get::<ClientIp>() {
+        return Some(*ip);
+    }
+    match proxies {
+        Some(p) => p.client_ip(req),
+        None => peer_addr(req),
+    }
+}
+
 /// Why a network list is invalid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid network {text:?}: {reason}")]

@@ -1,6 +1,5 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -14,7 +13,6 @@ use tower_service::Service;
 use super::future::{Capture, ResponseFuture};
 use super::layer::{AuditLayer, Config};
 use super::RequestId;
-use crate::client_ip::{peer_addr, ClientIp};
 use crate::core::audit::Auditor;
 use crate::core::BODY_LEN;
 use crate::gate::{remember, resolution, Begin};
@@ -80,7 +78,7 @@ where
 
         let client_ip = match &config.gate {
             Some(gate) => gate.client_ip(&mut req),
-            None => client_ip(config, &req),
+            None => crate::client_ip::settled(&req, config.proxies.as_ref()),
         };
         let grpc = Protocol::of(&req) == Protocol::Grpc;
         let mut capture = Capture {
@@ -119,16 +117,6 @@ where
             }
         }
         ResponseFuture::inner(self.inner.call(req), capture, self.config.clone())
-    }
-}
-
-fn client_ip<B>(config: &Config, req: &Request<B>) -> Option<IpAddr> {
-    if let Some(ClientIp(ip)) = req.extensions().get::<ClientIp>() {
-        return Some(*ip);
-    }
-    match &config.proxies {
-        Some(p) => p.client_ip(req),
-        None => peer_addr(req),
     }
 }
 

@@ -7,7 +7,7 @@ use ipnet::IpNet;
 use tower_service::Service;
 
 use super::IpPolicy;
-use crate::client_ip::{ClientIp, TrustedProxies};
+use crate::client_ip::{settled, ClientIp, TrustedProxies};
 use crate::future::ResponseFuture;
 use crate::guard::{self, Check, Resolver};
 use crate::reject::ResponseBody;
@@ -113,16 +113,13 @@ where
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
         let ip = match &self.resolver {
             Resolver::Hub(gate) => gate.client_ip(&mut req),
-            Resolver::Extensions(_) => match req.extensions().get::<ClientIp>() {
-                Some(ClientIp(ip)) => Some(*ip),
-                None => {
-                    let ip = self.proxies.client_ip(&req);
-                    if let Some(ip) = ip {
-                        req.extensions_mut().insert(ClientIp(ip));
-                    }
-                    ip
+            Resolver::Extensions(_) => {
+                let ip = settled(&req, Some(&self.proxies));
+                if let Some(ip) = ip {
+                    req.extensions_mut().insert(ClientIp(ip));
                 }
-            },
+                ip
+            }
         };
         let check = IpCheck {
             policy: self.policy.clone(),

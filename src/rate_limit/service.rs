@@ -157,11 +157,7 @@ fn client_address<B>(
 ) -> Subject {
     let ip = match hub {
         Some(gate) => gate.client_ip(req),
-        None => req
-            .extensions()
-            .get::<client_ip::ClientIp>()
-            .map(|c| c.0)
-            .or_else(|| client_ip::peer_addr(req)),
+        None => client_ip::settled(req, None),
     };
     Subject::of_addr(ip, shared.ipv6_prefix)
 }
