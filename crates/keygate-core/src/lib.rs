@@ -28,6 +28,7 @@ mod digest;
 mod key;
 mod lifecycle;
 mod principal;
+pub mod rate;
 mod record;
 mod scope;
 mod store;
@@ -46,7 +47,7 @@ pub use lifecycle::{
     Expiry, InvalidSpec, IssuedKey, KeyManager, KeyManagerBuilder, KeySpec, KeyUpdate,
     LifecycleError, MAX_ATTRIBUTE_VALUE_LEN, MAX_METADATA_BYTES, MAX_NAME_LEN, MAX_OWNER_LEN,
 };
-pub use principal::Principal;
+pub use principal::{Attributes, Principal};
 pub use record::{
     InvalidPolicy, InvalidStatus, KeyInfo, KeyRecord, KeyStatus, QuotaPolicy, QuotaWindow,
     RateLimitPolicy, Refill,

@@ -2,9 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use dashmap::DashMap;
 use ipnet::IpNet;
 
 use crate::key::{KeyId, Prefix};
@@ -15,6 +17,11 @@ use crate::scope::{ResourceSet, Scope, ScopeSet};
 ///
 /// Cloning is one reference-count increment. A `Principal` never holds the key's secret or
 /// digest, so it is safe to pass to handlers, log with `Debug`, and keep.
+///
+/// Memory: the parts many keys share in practice (the granted scopes, the collection
+/// patterns, the attributes) are compiled once and shared between the principals a
+/// [`Verifier`](crate::Verifier) caches, so a cache of a million keys that share roles and
+/// tenants costs a few hundred bytes per key.
 #[derive(Clone)]
 pub struct Principal {
     inner: Arc<Inner>,
@@ -22,38 +29,141 @@ pub struct Principal {
 
 struct Inner {
     key_id: KeyId,
-    prefix: Prefix,
-    name: String,
-    owner: Option<String>,
     expires_at: Option<SystemTime>,
-    scopes: Vec<String>,
-    resources: Vec<String>,
+    prefix: Prefix,
+    name: Box<str>,
+    owner: Option<Box<str>>,
+    grants: Arc<Grants>,
+    access: Arc<Access>,
+    attributes: Arc<Attributes>,
+    allowed_ips: Box<[IpNet]>,
+    rate_limits: Box<[RateLimitPolicy]>,
+    quotas: Box<[QuotaPolicy]>,
+}
+
+/// Granted scopes, as stored and compiled.
+struct Grants {
+    scopes: Box<[String]>,
     granted: ScopeSet,
+}
+
+impl Grants {
+    fn new(scopes: &[String]) -> Self {
+        Grants {
+            scopes: scopes.into(),
+            granted: ScopeSet::compile(scopes),
+        }
+    }
+}
+
+/// Collection patterns, as stored and compiled.
+struct Access {
+    resources: Box<[String]>,
     collections: ResourceSet,
-    attributes: BTreeMap<String, String>,
-    allowed_ips: Vec<IpNet>,
-    rate_limits: Vec<RateLimitPolicy>,
-    quotas: Vec<QuotaPolicy>,
+}
+
+impl Access {
+    fn new(resources: &[String]) -> Self {
+        Access {
+            resources: resources.into(),
+            collections: ResourceSet::compile(resources),
+        }
+    }
+}
+
+/// A key's attributes (`tenant=acme`): a small read-only map, sorted by name.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Attributes {
+    pairs: Box<[(Box<str>, Box<str>)]>,
+}
+
+impl Attributes {
+    /// The attributes of a record.
+    pub fn from_map(map: &BTreeMap<String, String>) -> Self {
+        // A BTreeMap iterates in key order, so the pairs are sorted.
+        Attributes {
+            pairs: map
+                .iter()
+                .map(|(k, v)| (Box::from(k.as_str()), Box::from(v.as_str())))
+                .collect(),
+        }
+    }
+
+    /// The value of attribute `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.pairs
+            .binary_search_by(|(k, _)| (**k).cmp(name))
+            .ok()
+            .map(|i| &*self.pairs[i].1)
+    }
+
+    /// The attributes as `(name, value)`, sorted by name.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + '_ {
+        self.pairs.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    /// How many attributes there are.
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    /// A copy as a map (as in [`KeyRecord::attributes`]).
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        self.iter().map(|(k, v)| (k.into(), v.into())).collect()
+    }
+}
+
+impl fmt::Debug for Attributes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
 }
 
 impl Principal {
     /// The principal a record grants (its digest is not copied).
     pub fn from_record(record: &KeyRecord) -> Self {
+        Self::build(
+            record,
+            Arc::new(Grants::new(&record.scopes)),
+            Arc::new(Access::new(&record.resources)),
+            Arc::new(Attributes::from_map(&record.attributes)),
+        )
+    }
+
+    /// [`Principal::from_record`], sharing compiled parts with earlier principals.
+    pub(crate) fn from_record_shared(record: &KeyRecord, interner: &Interner) -> Self {
+        Self::build(
+            record,
+            interner.grants(&record.scopes),
+            interner.access(&record.resources),
+            interner.attributes(&record.attributes),
+        )
+    }
+
+    fn build(
+        record: &KeyRecord,
+        grants: Arc<Grants>,
+        access: Arc<Access>,
+        attributes: Arc<Attributes>,
+    ) -> Self {
         Principal {
             inner: Arc::new(Inner {
                 key_id: record.id,
-                prefix: record.prefix.clone(),
-                name: record.name.clone(),
-                owner: record.owner.clone(),
                 expires_at: record.expires_at,
-                scopes: record.scopes.clone(),
-                resources: record.resources.clone(),
-                granted: ScopeSet::compile(&record.scopes),
-                collections: ResourceSet::compile(&record.resources),
-                attributes: record.attributes.clone(),
+                prefix: record.prefix.clone(),
+                name: record.name.as_str().into(),
+                owner: record.owner.as_deref().map(Box::from),
+                grants,
+                access,
+                attributes,
                 allowed_ips: record.allowed_ips.iter().map(|n| canonical(*n)).collect(),
-                rate_limits: record.rate_limits.clone(),
-                quotas: record.quotas.clone(),
+                rate_limits: record.rate_limits.iter().cloned().collect(),
+                quotas: record.quotas.iter().cloned().collect(),
             }),
         }
     }
@@ -80,32 +190,32 @@ impl Principal {
     }
     /// Granted scopes as stored.
     pub fn scopes(&self) -> &[String] {
-        &self.inner.scopes
+        &self.inner.grants.scopes
     }
     /// Collection patterns the key may touch, as stored.
     pub fn resources(&self) -> &[String] {
-        &self.inner.resources
+        &self.inner.access.resources
     }
     /// The granted scopes, compiled.
     pub fn granted(&self) -> &ScopeSet {
-        &self.inner.granted
+        &self.inner.grants.granted
     }
     /// Whether the key grants `scope`.
     pub fn has_scope(&self, scope: &Scope) -> bool {
-        self.inner.granted.allows(scope)
+        self.inner.grants.granted.allows(scope)
     }
     /// Whether the key may touch the resource (collection) `name`. A key with no resource
     /// patterns may touch none.
     pub fn can_access(&self, name: &str) -> bool {
-        self.inner.collections.allows(name)
+        self.inner.access.collections.allows(name)
     }
     /// All attributes.
-    pub fn attributes(&self) -> &BTreeMap<String, String> {
+    pub fn attributes(&self) -> &Attributes {
         &self.inner.attributes
     }
     /// One attribute (`principal.attribute("tenant")`).
     pub fn attribute(&self, name: &str) -> Option<&str> {
-        self.inner.attributes.get(name).map(String::as_str)
+        self.inner.attributes.get(name)
     }
     /// The `tenant` attribute, for row-level filtering.
     pub fn tenant(&self) -> Option<&str> {
@@ -129,6 +239,82 @@ impl Principal {
     }
 }
 
+/// Shares the compiled parts of principals between cache entries: keys with the same
+/// scopes, collection patterns or attributes point at one copy. Entries no principal uses
+/// any more are swept when the tables have doubled since the last sweep, so the tables stay
+/// within about twice the number of distinct live values.
+pub(crate) struct Interner {
+    grants: Table<Box<[String]>, Grants>,
+    access: Table<Box<[String]>, Access>,
+    attributes: Table<Attributes, Attributes>,
+}
+
+struct Table<K, V> {
+    map: DashMap<K, Arc<V>>,
+    sweep_at: AtomicUsize,
+}
+
+const FIRST_SWEEP: usize = 1024;
+
+impl<K: Eq + std::hash::Hash, V> Table<K, V> {
+    fn new() -> Self {
+        Table {
+            map: DashMap::new(),
+            sweep_at: AtomicUsize::new(FIRST_SWEEP),
+        }
+    }
+
+    fn get_or_insert<Q>(&self, probe: &Q, make: impl FnOnce() -> (K, V)) -> Arc<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + std::hash::Hash + ?Sized,
+    {
+        if let Some(v) = self.map.get(probe) {
+            return v.clone();
+        }
+        let (k, v) = make();
+        let v = self.map.entry(k).or_insert_with(|| Arc::new(v)).clone();
+        if self.map.len() >= self.sweep_at.load(Ordering::Relaxed) {
+            self.map.retain(|_, v| Arc::strong_count(v) > 1);
+            let live = self.map.len();
+            self.sweep_at
+                .store((live * 2).max(FIRST_SWEEP), Ordering::Relaxed);
+        }
+        v
+    }
+}
+
+impl Interner {
+    pub(crate) fn new() -> Self {
+        Interner {
+            grants: Table::new(),
+            access: Table::new(),
+            attributes: Table::new(),
+        }
+    }
+
+    fn grants(&self, scopes: &[String]) -> Arc<Grants> {
+        self.grants
+            .get_or_insert(scopes, || (scopes.into(), Grants::new(scopes)))
+    }
+
+    fn access(&self, resources: &[String]) -> Arc<Access> {
+        self.access
+            .get_or_insert(resources, || (resources.into(), Access::new(resources)))
+    }
+
+    fn attributes(&self, map: &BTreeMap<String, String>) -> Arc<Attributes> {
+        if map.is_empty() {
+            return self.attributes.get_or_insert(&Attributes::default(), || {
+                (Attributes::default(), Attributes::default())
+            });
+        }
+        let probe = Attributes::from_map(map);
+        self.attributes
+            .get_or_insert(&probe, || (probe.clone(), probe.clone()))
+    }
+}
+
 /// IPv4-mapped IPv6 networks (`::ffff:10.0.0.0/104`) as IPv4 (`10.0.0.0/8`), so they match
 /// the canonical client addresses the layers compare them with.
 fn canonical(net: IpNet) -> IpNet {
@@ -148,7 +334,36 @@ impl fmt::Debug for Principal {
             .field("key_id", &self.inner.key_id)
             .field("name", &self.inner.name)
             .field("subject", &self.inner.owner)
-            .field("scopes", &self.inner.scopes)
+            .field("scopes", &self.inner.grants.scopes)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod interner_tests {
+    use super::*;
+
+    #[test]
+    fn unused_entries_are_swept() {
+        let interner = Interner::new();
+        let kept: Vec<_> = (0..10)
+            .map(|i| interner.grants(&[format!("kept{i}:read")]))
+            .collect();
+        for i in 0..10_000 {
+            drop(interner.grants(&[format!("c{i}:read")]));
+        }
+        // Swept whenever the table doubles: never more than twice the first sweep size.
+        assert!(interner.grants.map.len() <= 2 * FIRST_SWEEP);
+        // Values still in use survive and are shared.
+        for (i, k) in kept.iter().enumerate() {
+            let again = interner.grants(&[format!("kept{i}:read")]);
+            assert!(Arc::ptr_eq(k, &again));
+        }
+        let attrs = BTreeMap::from([("tenant".to_string(), "acme".to_string())]);
+        let a = interner.attributes(&attrs);
+        assert!(Arc::ptr_eq(&a, &interner.attributes(&attrs)));
+        assert_eq!(a.get("tenant"), Some("acme"));
+        assert_eq!(a.get("other"), None);
+        assert_eq!(format!("{a:?}"), r#"{"tenant": "acme"}"#);
     }
 }

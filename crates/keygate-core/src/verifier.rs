@@ -12,7 +12,7 @@
 //! constant-time compare and one reference-count increment.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use dashmap::{DashMap, DashSet};
@@ -21,7 +21,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::denial::{Denial, DenialCode};
 use crate::digest::{KeyDigest, KeyHasher};
 use crate::key::{KeyId, KeyParser, ParsedKey};
-use crate::principal::Principal;
+use crate::principal::{Interner, Principal};
 use crate::record::{KeyRecord, KeyStatus};
 use crate::store::{KeyFilter, KeyStore, StoreError};
 
@@ -47,6 +47,11 @@ struct Shared {
     recheck: DashSet<KeyId>,
     /// Bumped by every invalidation, so a lookup that raced one does not cache old data.
     epoch: AtomicU64,
+    /// While a preload runs: how many run, and the ids invalidated meanwhile (the loaded
+    /// copy of those may be older than the change, so they are dropped after loading).
+    loading: Mutex<(usize, Vec<KeyId>)>,
+    /// Compiled scopes, patterns and attributes shared between cached principals.
+    interner: Interner,
 }
 
 struct Entry {
@@ -59,12 +64,12 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(record: &KeyRecord, now: SystemTime) -> Self {
+    fn new(record: &KeyRecord, now: SystemTime, interner: &Interner) -> Self {
         Entry {
             digest: record.digest,
             status: record.status,
             expires_at: record.expires_at,
-            principal: Principal::from_record(record),
+            principal: Principal::from_record_shared(record, interner),
             fetched_at: now,
             refreshing: AtomicBool::new(false),
         }
@@ -189,6 +194,8 @@ impl VerifierBuilder {
                 complete: AtomicBool::new(false),
                 recheck: DashSet::new(),
                 epoch: AtomicU64::new(0),
+                loading: Mutex::new((0, Vec::new())),
+                interner: Interner::new(),
             }),
         }
     }
@@ -300,7 +307,7 @@ impl Verifier {
         let unchanged = s.epoch.load(Ordering::Acquire) == epoch;
         match fetched {
             Ok(Some(record)) if record.id == pending.id => {
-                let entry = Entry::new(&record, now);
+                let entry = Entry::new(&record, now, &s.interner);
                 let result = entry.evaluate(&pending.digest, now);
                 if unchanged {
                     s.cache.insert(pending.id, entry);
@@ -335,6 +342,12 @@ impl Verifier {
     /// after changing a record (lifecycle operations and change notification do).
     pub fn invalidate(&self, id: &KeyId) {
         let s = &*self.shared;
+        {
+            let mut loading = s.loading.lock().unwrap_or_else(PoisonError::into_inner);
+            if loading.0 > 0 {
+                loading.1.push(*id);
+            }
+        }
         s.epoch.fetch_add(1, Ordering::AcqRel);
         s.cache.remove(id);
         s.negative.remove(id);
@@ -361,7 +374,7 @@ impl Verifier {
         let now = s.clock.now();
         match record {
             Some(r) => {
-                s.cache.insert(*id, Entry::new(&r, now));
+                s.cache.insert(*id, Entry::new(&r, now, &s.interner));
                 s.negative.remove(id);
             }
             None => {
@@ -378,13 +391,41 @@ impl Verifier {
     /// [`Verifier::invalidate`] or [`Verifier::refresh`]. Returns how many records loaded.
     pub async fn preload(&self) -> Result<usize, StoreError> {
         let s = &*self.shared;
-        s.recheck.clear();
+        s.loading.lock().unwrap_or_else(PoisonError::into_inner).0 += 1;
+        // Ends the loading window however this returns (error or cancellation included).
+        struct Loading<'a>(&'a Shared);
+        impl Drop for Loading<'_> {
+            fn drop(&mut self) {
+                let s = self.0;
+                let raced = {
+                    let mut loading = s.loading.lock().unwrap_or_else(PoisonError::into_inner);
+                    loading.0 -= 1;
+                    if loading.0 == 0 {
+                        std::mem::take(&mut loading.1)
+                    } else {
+                        loading.1.clone()
+                    }
+                };
+                // A change that landed while the list was read may be missing from the
+                // loaded copy: forget it, and ask the store for it on its next use.
+                let complete = s.complete.load(Ordering::Acquire);
+                for id in raced {
+                    s.cache.remove(&id);
+                    if complete {
+                        s.recheck.insert(id);
+                    }
+                }
+            }
+        }
+        let guard = Loading(s);
         let records = s.store.list(&KeyFilter::default()).await?;
         let now = s.clock.now();
+        s.recheck.clear();
         for r in &records {
-            s.cache.insert(r.id, Entry::new(r, now));
+            s.cache.insert(r.id, Entry::new(r, now, &s.interner));
         }
         s.complete.store(true, Ordering::Release);
+        drop(guard);
         Ok(records.len())
     }
 }

@@ -384,3 +384,96 @@ async fn a_record_under_another_id_is_not_accepted() {
         DenialCode::InvalidKey
     );
 }
+
+/// A store whose `list` reads its records, then waits for the test before answering: the
+/// test changes a record in that gap, as another process would.
+#[derive(Clone)]
+struct SlowListStore {
+    inner: MemoryStore,
+    listed: Arc<tokio::sync::Notify>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait]
+impl KeyStore for SlowListStore {
+    async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.inner.insert(record).await
+    }
+    async fn update(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.inner.update(record).await
+    }
+    async fn list(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
+        let snapshot = self.inner.list(filter).await;
+        self.listed.notify_one();
+        self.release.notified().await;
+        snapshot
+    }
+}
+
+#[tokio::test]
+async fn a_change_during_preload_is_not_lost() {
+    let store = SlowListStore {
+        inner: MemoryStore::new(),
+        listed: Arc::new(tokio::sync::Notify::new()),
+        release: Arc::new(tokio::sync::Notify::new()),
+    };
+    let clock = ManualClock::at_2026();
+    let verifier = Verifier::builder(store.clone())
+        .clock(clock.clone())
+        .build();
+    let (key, mut record) =
+        KeyRecord::generate(&Prefix::default(), verifier.hasher(), "t", clock.now()).unwrap();
+    store.inner.insert(&record).await.unwrap();
+
+    let loader = {
+        let verifier = verifier.clone();
+        tokio::spawn(async move { verifier.preload().await })
+    };
+    // The list has been read (the key still active in it); now the key is revoked and the
+    // verifier told, before the preload stores what it read.
+    store.listed.notified().await;
+    record.status = KeyStatus::Revoked;
+    store.inner.update(&record).await.unwrap();
+    verifier.invalidate(&record.id);
+    store.release.notify_one();
+    assert_eq!(loader.await.unwrap().unwrap(), 1);
+
+    assert_eq!(
+        code(verifier.verify(key.expose_secret()).await),
+        DenialCode::RevokedKey
+    );
+}
+
+#[tokio::test]
+async fn cached_principals_share_compiled_grants() {
+    let f = fixture(|b| b);
+    let edit = |r: &mut KeyRecord| {
+        r.scopes = vec!["points:read".into(), "points:write".into()];
+        r.resources = vec!["docs-*".into()];
+        r.attributes.insert("tenant".into(), "acme".into());
+    };
+    let (a, _) = f.issue(edit).await;
+    let (b, _) = f.issue(edit).await;
+    let (c, _) = f
+        .issue(|r| {
+            edit(r);
+            r.attributes.insert("tenant".into(), "globex".into());
+        })
+        .await;
+    let pa = f.verifier.verify(a.expose_secret()).await.unwrap();
+    let pb = f.verifier.verify(b.expose_secret()).await.unwrap();
+    let pc = f.verifier.verify(c.expose_secret()).await.unwrap();
+    assert!(std::ptr::eq(pa.granted(), pb.granted()));
+    assert!(std::ptr::eq(pa.granted(), pc.granted()));
+    assert!(std::ptr::eq(pa.attributes(), pb.attributes()));
+    assert!(!std::ptr::eq(pa.attributes(), pc.attributes()));
+    assert_eq!(pc.tenant(), Some("globex"));
+    assert_eq!(pa.tenant(), Some("acme"));
+    assert!(pa.can_access("docs-1") && !pa.can_access("other"));
+    assert_eq!(pa.scopes(), ["points:read", "points:write"]);
+    let attrs: Vec<_> = pc.attributes().iter().collect();
+    assert_eq!(attrs, [("tenant", "globex")]);
+}
