@@ -57,9 +57,9 @@ struct Shared {
 struct Entry {
     digest: KeyDigest,
     status: KeyStatus,
-    expires_at: Option<SystemTime>,
     principal: Principal,
-    fetched_at: SystemTime,
+    /// When the record was read, in nanoseconds since the Unix epoch (8 bytes, not 16).
+    fetched_at: u64,
     refreshing: AtomicBool,
 }
 
@@ -68,16 +68,15 @@ impl Entry {
         Entry {
             digest: record.digest,
             status: record.status,
-            expires_at: record.expires_at,
             principal: Principal::from_record_shared(record, interner),
-            fetched_at: now,
+            fetched_at: unix_nanos(now),
             refreshing: AtomicBool::new(false),
         }
     }
 
     fn age(&self, now: SystemTime) -> Duration {
         // A clock that went backwards reads as "just fetched".
-        now.duration_since(self.fetched_at).unwrap_or_default()
+        Duration::from_nanos(unix_nanos(now).saturating_sub(self.fetched_at))
     }
 
     fn evaluate(&self, digest: &KeyDigest, now: SystemTime) -> Result<Principal, Denial> {
@@ -90,11 +89,17 @@ impl Entry {
             KeyStatus::Disabled => return Err(Denial::new(DenialCode::DisabledKey)),
             KeyStatus::Active => {}
         }
-        if self.expires_at.is_some_and(|e| now >= e) {
+        if self.principal.expires_at().is_some_and(|e| now >= e) {
             return Err(Denial::new(DenialCode::ExpiredKey));
         }
         Ok(self.principal.clone())
     }
+}
+
+/// `t` in nanoseconds since the Unix epoch (0 before it; saturating in year 2554).
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// The result of the synchronous part of verification ([`Verifier::lookup`]).
