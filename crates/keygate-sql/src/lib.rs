@@ -38,6 +38,13 @@
 //!   hand count too) and a [`ChangeFollower`] ([`SqlStore::watch`]) that makes a running
 //!   [`Verifier`](keygate_core::Verifier)'s cache follow it: LISTEN/NOTIFY on PostgreSQL,
 //!   with a poll behind it; a poll on SQLite.
+//! - [`SqlUsageStore`] ([`SqlStore::usage_store`]): quota counters, a
+//!   [`UsageStore`](keygate_core::usage::UsageStore) whose `check_and_add` is atomic per key
+//!   across processes and replicas (a transaction holding the key's counters locked).
+//! - [`SqlAuditSink`] ([`SqlStore::audit_sink`]): an
+//!   [`AuditSink`](keygate_core::audit::AuditSink) writing events into a table, run behind
+//!   the background [`Auditor`](keygate_core::audit::Auditor); [`SqlStore::audit_events`]
+//!   reads them back.
 //!
 //! # Failure behaviour
 //! Every database failure is [`StoreError::Unavailable`](keygate_core::StoreError) (the
@@ -48,17 +55,21 @@
 #![deny(unsafe_code, unreachable_pub)]
 #![warn(missing_docs)]
 
+mod audit;
 mod error;
 mod follow;
 mod migrate;
 mod options;
 mod row;
 mod store;
+mod usage;
 
+pub use audit::{AuditQuery, SqlAuditSink, SqlAuditSinkBuilder, StoredEvent};
 pub use error::OpenError;
 pub use follow::{ChangeFollower, ChangeHandler};
 pub use options::{SqlOptions, POSTGRES_POLL_INTERVAL, SQLITE_POLL_INTERVAL};
 pub use store::{Change, SqlStore};
+pub use usage::{parse_window_kind, window_kind, SqlUsageStore};
 
 /// The database behind a [`SqlStore`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -44,18 +44,32 @@ impl Migration {
 
 /// SQLite's migrations, in order. Add a version: put `migrations/sqlite/NNNN_name.sql` next
 /// to the others and a line here (and the PostgreSQL twin in [`POSTGRES`]).
-pub(crate) const SQLITE: &[Migration] = &[Migration {
-    version: 1,
-    description: "keys",
-    sql: include_str!("../migrations/sqlite/0001_keys.sql"),
-}];
+pub(crate) const SQLITE: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "keys",
+        sql: include_str!("../migrations/sqlite/0001_keys.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "usage_audit",
+        sql: include_str!("../migrations/sqlite/0002_usage_audit.sql"),
+    },
+];
 
 /// PostgreSQL's migrations, in order (same versions as [`SQLITE`]).
-pub(crate) const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    description: "keys",
-    sql: include_str!("../migrations/postgres/0001_keys.sql"),
-}];
+pub(crate) const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "keys",
+        sql: include_str!("../migrations/postgres/0001_keys.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "usage_audit",
+        sql: include_str!("../migrations/postgres/0002_usage_audit.sql"),
+    },
+];
 
 /// The advisory-lock class of the migration lock (PostgreSQL); the second key is
 /// `hashtext(schema)`.

@@ -400,6 +400,9 @@ both!(
     pruned_changes_force_a_resync
 );
 
+/// The newest migration version this build embeds (1: keys; 2: usage and audit).
+const LATEST: i64 = 2;
+
 async fn migrations_apply_once_under_concurrency(db: &Db) {
     // Eight handles open the same new database at once.
     let opens = (0..8).map(|_| {
@@ -411,10 +414,10 @@ async fn migrations_apply_once_under_concurrency(db: &Db) {
     for o in opens {
         stores.push(o.await.unwrap().expect("every concurrent open succeeds"));
     }
-    assert!(stores.iter().all(|s| s.schema_version() == 1));
+    assert!(stores.iter().all(|s| s.schema_version() == LATEST));
     assert_eq!(
         db.scalar("SELECT COUNT(*) FROM keygate_migrations").await,
-        1
+        LATEST
     );
     assert_eq!(
         db.scalar("SELECT COUNT(*) FROM keygate_meta WHERE name = 'changes_pruned_through'")
@@ -427,10 +430,10 @@ async fn migrations_apply_once_under_concurrency(db: &Db) {
     assert!(stores[6].get(&r.id).await.unwrap().is_some());
     // Opening again applies nothing.
     let again = db.open().await;
-    assert_eq!(again.schema_version(), 1);
+    assert_eq!(again.schema_version(), LATEST);
     assert_eq!(
         db.scalar("SELECT COUNT(*) FROM keygate_migrations").await,
-        1
+        LATEST
     );
 
     // A database whose applied migration differs from the embedded one is refused.

@@ -1,0 +1,267 @@
+//! The command line: every command, option and environment variable.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+use keygate_core::{KeyId, KeyStatus, Prefix, QuotaPolicy, RateLimitPolicy};
+
+use crate::parse;
+
+/// Manage keygate API keys, read quota usage, verify and read audit logs.
+///
+/// Exit codes: 0 success, 1 failure (unknown key, database unreachable, broken audit log),
+/// 2 usage (a bad option or value; nothing was changed).
+#[derive(Debug, Parser)]
+#[command(name = "keygate", version, about, max_term_width = 100)]
+pub(crate) struct Cli {
+    /// The key database: sqlite://PATH (created by `keys create` if missing) or
+    /// postgres://USER:PASSWORD@HOST:PORT/DATABASE.
+    #[arg(
+        long,
+        global = true,
+        env = "KEYGATE_DATABASE_URL",
+        default_value = "sqlite://keygate.db",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub(crate) database_url: String,
+
+    /// PostgreSQL only: keep keygate's tables in this schema (created if missing).
+    #[arg(
+        long,
+        global = true,
+        env = "KEYGATE_DATABASE_SCHEMA",
+        hide_env_values = true,
+        value_name = "NAME"
+    )]
+    pub(crate) schema: Option<String>,
+
+    /// Who makes the changes, as recorded in the audit log (default: cli:$USER).
+    #[arg(
+        long,
+        global = true,
+        env = "KEYGATE_ACTOR",
+        hide_env_values = true,
+        value_name = "NAME"
+    )]
+    pub(crate) actor: Option<String>,
+
+    /// Also append the audit events of key changes to the hash-chained log in this
+    /// directory (they always go to the database's keygate_audit table).
+    #[arg(
+        long,
+        global = true,
+        env = "KEYGATE_AUDIT_DIR",
+        hide_env_values = true,
+        value_name = "DIR"
+    )]
+    pub(crate) audit_dir: Option<PathBuf>,
+
+    /// Print JSON (documented in the README) instead of tables.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Create, list, show, rotate, revoke, disable and enable keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Quota usage in the current windows, per key.
+    Usage(UsageArgs),
+    /// Verify hash-chained audit logs, read them, read the database's audit table.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum KeysCommand {
+    /// Create a key and print it (once: it cannot be shown again).
+    Create(CreateArgs),
+    /// List keys, oldest first.
+    List(ListArgs),
+    /// Show one key.
+    Show(IdArg),
+    /// Replace a key by a new one; the old key keeps working for the grace period.
+    Rotate(RotateArgs),
+    /// Revoke a key: it stops working at once, for good.
+    Revoke(IdArg),
+    /// Disable a key (it can be enabled again).
+    Disable(IdArg),
+    /// Enable a disabled key.
+    Enable(IdArg),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CreateArgs {
+    /// A human name for the key (1 to 128 characters).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) name: String,
+    /// Who the key belongs to (a user, a service, a customer).
+    #[arg(long, value_name = "S")]
+    pub(crate) owner: Option<String>,
+    /// A granted scope: points:read, points:*, * (repeatable).
+    #[arg(long = "scope", value_name = "S", value_parser = parse::scope)]
+    pub(crate) scopes: Vec<String>,
+    /// A collection the key may use: a name or a pattern like tenant-* (repeatable).
+    #[arg(long = "collection", value_name = "C", value_parser = parse::collection)]
+    pub(crate) collections: Vec<String>,
+    /// An attribute passed to handlers, like tenant=acme (repeatable).
+    #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse::attribute)]
+    pub(crate) attributes: Vec<(String, String)>,
+    /// A network the key may be used from, like 10.0.0.0/8 or 2001:db8::/32 (repeatable;
+    /// none: any address). A bare address is one host.
+    #[arg(long = "allow-ip", value_name = "CIDR", value_parser = parse::cidr)]
+    pub(crate) allow_ips: Vec<IpNet>,
+    /// A rate limit NAME=N/UNIT, UNIT one of s, m, h, d: burst=20/s (repeatable).
+    #[arg(long = "rate", value_name = "NAME=N/UNIT", value_parser = parse::rate)]
+    pub(crate) rates: Vec<RateLimitPolicy>,
+    /// A quota NAME=N/UNIT, UNIT one of h, d, month (UTC calendar windows):
+    /// daily=10000/d (repeatable).
+    #[arg(long = "quota", value_name = "NAME=N/UNIT", value_parser = parse::quota)]
+    pub(crate) quotas: Vec<QuotaPolicy>,
+    /// The key stops working this long after now: 30s, 15m, 12h, 90d.
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, value_parser = parse::duration)]
+    pub(crate) expires_in: Option<Duration>,
+    /// The key's prefix (default kg).
+    #[arg(long, value_name = "P", value_parser = parse::prefix)]
+    pub(crate) prefix: Option<Prefix>,
+    /// Free JSON metadata (at most 64 KiB).
+    #[arg(long, value_name = "JSON", value_parser = parse::json)]
+    pub(crate) meta: Option<serde_json::Value>,
+}
+
+/// A status to filter on.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum StatusArg {
+    Active,
+    Disabled,
+    Revoked,
+}
+
+impl From<StatusArg> for KeyStatus {
+    fn from(s: StatusArg) -> Self {
+        match s {
+            StatusArg::Active => KeyStatus::Active,
+            StatusArg::Disabled => KeyStatus::Disabled,
+            StatusArg::Revoked => KeyStatus::Revoked,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ListArgs {
+    /// Only keys of this owner.
+    #[arg(long, value_name = "S")]
+    pub(crate) owner: Option<String>,
+    /// Only keys with this status.
+    #[arg(long, value_name = "STATUS")]
+    pub(crate) status: Option<StatusArg>,
+    /// Only keys with this prefix.
+    #[arg(long, value_name = "P")]
+    pub(crate) prefix: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct IdArg {
+    /// The key's id (12 characters, the part after the prefix).
+    #[arg(value_name = "ID", value_parser = parse::key_id)]
+    pub(crate) id: KeyId,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RotateArgs {
+    /// The key's id.
+    #[arg(value_name = "ID", value_parser = parse::key_id)]
+    pub(crate) id: KeyId,
+    /// How long the old key keeps working: 0s (stops at once), 15m, 24h, 7d.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "24h",
+        allow_hyphen_values = true,
+        value_parser = parse::duration
+    )]
+    pub(crate) grace: Duration,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct UsageArgs {
+    /// One key (default: every key with a quota).
+    #[arg(value_name = "ID", value_parser = parse::key_id)]
+    pub(crate) id: Option<KeyId>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuditCommand {
+    /// Verify the hash chain of audit log files, in the order given (a directory stands
+    /// for its log's files, oldest first). Names the first broken line.
+    Verify(VerifyArgs),
+    /// Print the events of an audit log file (or of a log directory's files).
+    Tail(TailArgs),
+    /// Print events from the database's keygate_audit table (the CLI's own changes go
+    /// there).
+    Events(EventsArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct VerifyArgs {
+    /// Log files (oldest first) or log directories.
+    #[arg(value_name = "FILE", required = true)]
+    pub(crate) files: Vec<PathBuf>,
+    /// The file-name stem of the log in directories (audit-000001.jsonl: audit).
+    #[arg(long, default_value = "audit", value_name = "STEM")]
+    pub(crate) stem: String,
+    /// A file holding the secret chain key the log was written with (default: the public
+    /// key).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) chain_key_file: Option<PathBuf>,
+    /// The line just before the first file (older files removed on purpose), as SEQ:HASH.
+    #[arg(long, value_name = "SEQ:HASH", value_parser = parse::chain_point)]
+    pub(crate) start: Option<keygate_core::audit::ChainPoint>,
+    /// The line the log must end with (an anchor kept elsewhere), as SEQ:HASH.
+    #[arg(long, value_name = "SEQ:HASH", value_parser = parse::chain_point)]
+    pub(crate) end: Option<keygate_core::audit::ChainPoint>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TailArgs {
+    /// A log file, or a log directory (its files, oldest first).
+    #[arg(value_name = "FILE")]
+    pub(crate) file: PathBuf,
+    /// The file-name stem of the log in a directory.
+    #[arg(long, default_value = "audit", value_name = "STEM")]
+    pub(crate) stem: String,
+    /// How many of the last events to print first.
+    #[arg(short = 'n', long = "lines", default_value_t = 10, value_name = "N")]
+    pub(crate) lines: usize,
+    /// Print every event, not only the last ones.
+    #[arg(long, conflicts_with = "lines")]
+    pub(crate) all: bool,
+    /// Keep printing events as they are appended (and follow a directory's log into new
+    /// files), until interrupted.
+    #[arg(short, long)]
+    pub(crate) follow: bool,
+    /// While following, how often to look for new lines.
+    #[arg(long, default_value = "250ms", value_name = "DURATION", value_parser = parse::poll_interval)]
+    pub(crate) interval: Duration,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct EventsArgs {
+    /// Only events about this key.
+    #[arg(long = "key", value_name = "ID", value_parser = parse::key_id)]
+    pub(crate) key_id: Option<KeyId>,
+    /// Only events numbered above this.
+    #[arg(long, value_name = "SEQ")]
+    pub(crate) after: Option<i64>,
+    /// At most this many: the latest ones, unless --after is given (then the first ones
+    /// after it).
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub(crate) limit: u32,
+}

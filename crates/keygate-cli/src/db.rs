@@ -1,0 +1,185 @@
+//! Opening the store, and where the CLI's audit events go.
+//!
+//! Every key change is made through a [`KeyManager`], which records a lifecycle event per
+//! change. The CLI sends those events to the database's `keygate_audit` table (a
+//! [`SqlAuditSink`] behind a background [`Auditor`]) and, with `--audit-dir`, also to the
+//! hash-chained file log in that directory. A command that changed a key waits until its
+//! events are written; if they cannot be, it says so and exits 1 (the change itself was
+//! made).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use keygate_core::audit::{AuditError, AuditEvent, AuditSink, Auditor, FileSink};
+use keygate_core::{KeyHasher, KeyManager, KeyStore};
+use keygate_sql::{OpenError, SqlAuditSink, SqlOptions, SqlStore};
+
+use crate::cli::Cli;
+use crate::Failure;
+
+/// The environment variable holding the server's pepper, if it uses one.
+pub(crate) const PEPPER_ENV: &str = "KEYGATE_PEPPER";
+
+/// The path of a SQLite file URL (`None` for PostgreSQL and in-memory databases).
+pub(crate) fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path.is_empty() || path == ":memory:" || query.contains("mode=memory") {
+        return None;
+    }
+    Some(PathBuf::from(path))
+}
+
+/// Opens the store. `create`: a missing SQLite file may be created (`keys create` only;
+/// other commands say there is no database instead of making an empty one).
+pub(crate) async fn open(cli: &Cli, create: bool) -> Result<SqlStore, Failure> {
+    let url = cli.database_url.as_str();
+    let mut options = SqlOptions::new();
+    if let Some(schema) = &cli.schema {
+        if !(url.starts_with("postgres:") || url.starts_with("postgresql:")) {
+            return Err(Failure::Usage(
+                "--schema (KEYGATE_DATABASE_SCHEMA) applies to PostgreSQL only".into(),
+            ));
+        }
+        options = options.schema(schema.clone());
+    }
+    if let Some(path) = sqlite_path(url) {
+        if !create && !path.exists() {
+            return Err(Failure::Failed(format!(
+                "no database at {} (keygate keys create makes one)",
+                path.display()
+            )));
+        }
+    }
+    SqlStore::open_with(url, options)
+        .await
+        .map_err(|e| match e {
+            OpenError::UnsupportedScheme
+            | OpenError::InvalidUrl(_)
+            | OpenError::InvalidOption(_) => Failure::Usage(e.to_string()),
+            _ => Failure::Failed(e.to_string()),
+        })
+}
+
+/// The hasher: with the pepper from `KEYGATE_PEPPER` when set (it must match the
+/// server's, or its keys will not verify).
+pub(crate) fn hasher() -> KeyHasher {
+    match std::env::var_os(PEPPER_ENV) {
+        Some(p) if !p.is_empty() => KeyHasher::with_pepper(p.as_encoded_bytes()),
+        _ => KeyHasher::new(),
+    }
+}
+
+/// The actor recorded for changes: `--actor`, else `cli:$USER`, else `cli`.
+pub(crate) fn actor(cli: &Cli) -> String {
+    if let Some(a) = &cli.actor {
+        return a.clone();
+    }
+    match std::env::var("USER") {
+        Ok(u) if !u.is_empty() && u.len() <= 64 && !u.chars().any(char::is_control) => {
+            format!("cli:{u}")
+        }
+        _ => "cli".into(),
+    }
+}
+
+/// The database table, and optionally the file log.
+struct Tee {
+    sql: Arc<SqlAuditSink>,
+    file: Option<FileSink>,
+}
+
+impl AuditSink for Tee {
+    fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
+        let a = self.sql.record(event);
+        let b = self.file.as_ref().map_or(Ok(()), |f| f.record(event));
+        a.and(b)
+    }
+    fn flush(&self) -> Result<(), AuditError> {
+        let a = self.sql.flush();
+        let b = self.file.as_ref().map_or(Ok(()), |f| f.flush());
+        a.and(b)
+    }
+    fn sync(&self) -> Result<(), AuditError> {
+        let a = self.sql.sync();
+        let b = self.file.as_ref().map_or(Ok(()), |f| f.sync());
+        a.and(b)
+    }
+}
+
+/// A key manager over `store` whose events go where the module docs say.
+pub(crate) struct Managed {
+    pub(crate) keys: KeyManager,
+    auditor: Auditor,
+    sql: Arc<SqlAuditSink>,
+}
+
+impl Managed {
+    /// Sets up the audit path (before any change, so a bad `--audit-dir` changes nothing).
+    pub(crate) fn new(cli: &Cli, store: &SqlStore) -> Result<Managed, Failure> {
+        let sql = Arc::new(
+            store
+                .audit_sink()
+                .map_err(|e| Failure::Failed(format!("audit: {e}")))?,
+        );
+        let file = match &cli.audit_dir {
+            Some(dir) => Some(FileSink::builder(dir).open().map_err(|e| {
+                Failure::Failed(format!(
+                    "cannot open the audit log in {}: {e}",
+                    dir.display()
+                ))
+            })?),
+            None => None,
+        };
+        let auditor = Auditor::spawn(Tee {
+            sql: sql.clone(),
+            file,
+        })
+        .map_err(|e| Failure::Failed(format!("cannot start the audit writer: {e}")))?;
+        let keys = KeyManager::builder(Arc::new(store.clone()) as Arc<dyn KeyStore>)
+            .hasher(hasher())
+            .auditor(auditor.clone())
+            .build();
+        Ok(Managed { keys, auditor, sql })
+    }
+
+    /// Waits until every event is written (database and file); an error if one could not
+    /// be.
+    pub(crate) async fn finish(self) -> Result<(), Failure> {
+        let flushed = self.auditor.flush().await;
+        self.auditor.shutdown().await;
+        let lost = self.sql.buffered() as u64 + self.sql.dropped();
+        match flushed {
+            Ok(()) if lost == 0 => Ok(()),
+            Ok(()) => Err(Failure::Failed(format!(
+                "the change was made, but {lost} audit event(s) could not be written to the database"
+            ))),
+            Err(e) => Err(Failure::Failed(format!(
+                "the change was made, but its audit event could not be written: {e}"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_paths() {
+        assert_eq!(
+            sqlite_path("sqlite://keygate.db"),
+            Some("keygate.db".into())
+        );
+        assert_eq!(
+            sqlite_path("sqlite:///var/lib/k.db"),
+            Some("/var/lib/k.db".into())
+        );
+        assert_eq!(sqlite_path("sqlite:k.db?mode=rwc"), Some("k.db".into()));
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_path("sqlite://x?mode=memory"), None);
+        assert_eq!(sqlite_path("postgres://u@h/db"), None);
+    }
+}

@@ -1,0 +1,221 @@
+//! `keygate keys ...`: every change goes through a `KeyManager` (validated, audited).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use keygate_core::audit::{Auditor, MemorySink};
+use keygate_core::{
+    IssuedKey, KeyFilter, KeyId, KeyManager, KeyRecord, KeySpec, KeyStore, LifecycleError,
+    MemoryStore, StoreError,
+};
+use serde_json::Value;
+
+use crate::cli::{Cli, CreateArgs, ListArgs, RotateArgs};
+use crate::db::{self, Managed};
+use crate::output::{self, key_json, print, print_json};
+use crate::Failure;
+
+/// The warning printed (on stderr) with every new plaintext key.
+const SHOWN_ONCE: &str =
+    "this is the only time the key is shown: store it now, it cannot be recovered";
+
+/// A lifecycle error as a failure: bad input is a usage error (2), the rest failures (1).
+pub(crate) fn failure(e: LifecycleError) -> Failure {
+    match e {
+        LifecycleError::Invalid(_) => Failure::Usage(e.to_string()),
+        other => Failure::Failed(other.to_string()),
+    }
+}
+
+fn store_failure(e: StoreError) -> Failure {
+    Failure::Failed(e.to_string())
+}
+
+fn spec(args: &CreateArgs) -> KeySpec {
+    let mut spec = KeySpec::new(args.name.clone());
+    spec.owner = args.owner.clone();
+    spec.scopes = args.scopes.clone();
+    spec.resources = args.collections.clone();
+    spec.attributes = args.attributes.iter().cloned().collect();
+    spec.allowed_ips = args.allow_ips.clone();
+    spec.rate_limits = args.rates.clone();
+    spec.quotas = args.quotas.clone();
+    spec.expires = args.expires_in.map(keygate_core::Expiry::In);
+    spec.prefix = args.prefix.clone();
+    spec.metadata = args.meta.clone().unwrap_or(Value::Null);
+    spec
+}
+
+/// Checks `spec` with the key manager's own rules, against a throwaway in-memory store,
+/// before the database is opened (or created): bad input changes nothing.
+async fn validate(actor: &str, spec: &KeySpec) -> Result<(), Failure> {
+    let dry = KeyManager::builder(Arc::new(MemoryStore::new()))
+        .hasher(db::hasher())
+        .auditor(Auditor::direct(MemorySink::new()))
+        .build();
+    dry.issue(actor, spec.clone())
+        .await
+        .map(|_| ())
+        .map_err(failure)
+}
+
+/// Prints a new key: its record and the plaintext (once), with the warning on stderr.
+fn print_issued(
+    cli: &Cli,
+    issued: &IssuedKey,
+    previous: Option<&KeyRecord>,
+    now: SystemTime,
+) -> Result<(), Failure> {
+    crate::warning(SHOWN_ONCE);
+    if cli.json {
+        let mut v = key_json(&issued.record, now);
+        if let Value::Object(m) = &mut v {
+            m.insert(
+                "key".into(),
+                Value::String(issued.key.expose_secret().to_owned()),
+            );
+            if let Some(old) = previous {
+                m.insert("previous".into(), key_json(old, now));
+            }
+        }
+        print_json(&v)
+    } else {
+        let mut text = output::key_details(&issued.record, now);
+        if let Some(old) = previous {
+            text.push_str(&format!(
+                "\nthe old key {} works until {}\n",
+                old.id,
+                old.expires_at.map_or_else(|| "-".into(), output::time)
+            ));
+        }
+        text.push_str(&format!("\nkey: {}\n", issued.key.expose_secret()));
+        print(&text)
+    }
+}
+
+/// `keys create`.
+pub(crate) async fn create(cli: &Cli, args: &CreateArgs) -> Result<(), Failure> {
+    let actor = db::actor(cli);
+    let spec = spec(args);
+    validate(&actor, &spec).await?;
+    let store = db::open(cli, true).await?;
+    let managed = Managed::new(cli, &store)?;
+    let issued = managed.keys.issue(&actor, spec).await.map_err(failure);
+    // The events of whatever was done are written before anything is printed.
+    let audited = managed.finish().await;
+    let issued = issued?;
+    let now = SystemTime::now();
+    print_issued(cli, &issued, None, now)?;
+    audited
+}
+
+/// `keys list`.
+pub(crate) async fn list(cli: &Cli, args: &ListArgs) -> Result<(), Failure> {
+    let store = db::open(cli, false).await?;
+    let filter = KeyFilter {
+        owner: args.owner.clone(),
+        status: args.status.map(Into::into),
+        prefix: args.prefix.clone(),
+    };
+    let records = store.list(&filter).await.map_err(store_failure)?;
+    let now = SystemTime::now();
+    if cli.json {
+        return print_json(&Value::Array(
+            records.iter().map(|r| key_json(r, now)).collect(),
+        ));
+    }
+    let rows: Vec<Vec<String>> = records
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.to_string(),
+                r.name.clone(),
+                r.owner.clone().unwrap_or_else(|| "-".into()),
+                output::status(r, now),
+                output::time(r.created_at),
+                r.expires_at.map_or_else(|| "never".into(), output::time),
+            ]
+        })
+        .collect();
+    print(&output::table(
+        &["ID", "NAME", "OWNER", "STATUS", "CREATED", "EXPIRES"],
+        &rows,
+    ))
+}
+
+async fn get(store: &keygate_sql::SqlStore, id: KeyId) -> Result<KeyRecord, Failure> {
+    match store.get(&id).await.map_err(store_failure)? {
+        Some(r) => Ok(r),
+        None => Err(Failure::Failed(format!("no key with id {id}"))),
+    }
+}
+
+/// `keys show`.
+pub(crate) async fn show(cli: &Cli, id: KeyId) -> Result<(), Failure> {
+    let store = db::open(cli, false).await?;
+    let record = get(&store, id).await?;
+    let now = SystemTime::now();
+    if cli.json {
+        print_json(&key_json(&record, now))
+    } else {
+        print(&output::key_details(&record, now))
+    }
+}
+
+/// `keys rotate`.
+pub(crate) async fn rotate(cli: &Cli, args: &RotateArgs) -> Result<(), Failure> {
+    let actor = db::actor(cli);
+    let store = db::open(cli, false).await?;
+    let managed = Managed::new(cli, &store)?;
+    let issued = managed
+        .keys
+        .rotate(&actor, args.id, args.grace)
+        .await
+        .map_err(failure);
+    let audited = managed.finish().await;
+    let issued = issued?;
+    let previous = get(&store, args.id).await.ok();
+    print_issued(cli, &issued, previous.as_ref(), SystemTime::now())?;
+    audited
+}
+
+/// A status change.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum StatusChange {
+    Revoke,
+    Disable,
+    Enable,
+}
+
+/// `keys revoke`, `keys disable`, `keys enable`.
+pub(crate) async fn set_status(cli: &Cli, id: KeyId, change: StatusChange) -> Result<(), Failure> {
+    let actor = db::actor(cli);
+    let store = db::open(cli, false).await?;
+    let managed = Managed::new(cli, &store)?;
+    let before = managed.keys.show(id).await.map_err(failure);
+    let done = match &before {
+        Ok(_) => match change {
+            StatusChange::Revoke => managed.keys.revoke(&actor, id).await,
+            StatusChange::Disable => managed.keys.disable(&actor, id).await,
+            StatusChange::Enable => managed.keys.enable(&actor, id).await,
+        }
+        .map_err(failure),
+        Err(_) => Err(Failure::Failed(format!("no key with id {id}"))),
+    };
+    let audited = managed.finish().await;
+    let (before, record) = (before?, done?);
+    let unchanged = before.status == record.status;
+    let now = SystemTime::now();
+    if cli.json {
+        print_json(&key_json(&record, now))?;
+    } else {
+        print(&format!(
+            "key {} ({}) is {}{}\n",
+            record.id,
+            record.name,
+            record.status,
+            if unchanged { " (unchanged)" } else { "" }
+        ))?;
+    }
+    audited
+}

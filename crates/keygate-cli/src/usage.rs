@@ -1,0 +1,149 @@
+//! `keygate usage [ID]`: each quota's use in its current window, from the SQL usage store.
+
+use std::time::SystemTime;
+
+use keygate_core::usage::{UsageStore, Window};
+use keygate_core::{KeyFilter, KeyRecord, KeyStatus, KeyStore};
+use keygate_sql::{window_kind, SqlStore};
+use serde_json::{json, Value};
+
+use crate::cli::{Cli, UsageArgs};
+use crate::db;
+use crate::output::{self, print, print_json};
+use crate::Failure;
+
+/// One quota of one key, now.
+struct Line {
+    name: String,
+    window: Window,
+    limit: u64,
+    used: u64,
+    requests: u64,
+}
+
+async fn lines(
+    store: &SqlStore,
+    record: &KeyRecord,
+    now: SystemTime,
+) -> Result<Vec<Line>, Failure> {
+    if record.quotas.is_empty() {
+        return Ok(Vec::new());
+    }
+    let windows: Vec<Window> = record
+        .quotas
+        .iter()
+        .map(|q| Window::containing(q.window, now))
+        .collect();
+    let used = store
+        .usage_store()
+        .load(&record.id, &windows)
+        .await
+        .map_err(|e| Failure::Failed(e.to_string()))?;
+    Ok(record
+        .quotas
+        .iter()
+        .zip(windows)
+        .zip(used)
+        .map(|((q, w), u)| Line {
+            name: q.name.clone(),
+            window: w,
+            limit: q.limit,
+            used: u.cost,
+            requests: u.requests,
+        })
+        .collect())
+}
+
+fn key_object(record: &KeyRecord, lines: &[Line]) -> Value {
+    json!({
+        "id": record.id,
+        "name": record.name,
+        "owner": record.owner,
+        "status": record.status,
+        "quotas": lines.iter().map(|l| json!({
+            "name": l.name,
+            "window": l.window.kind,
+            "window_kind": window_kind(l.window.kind),
+            "window_start": output::time(l.window.start),
+            "window_end": l.window.end.map(output::time),
+            "limit": l.limit,
+            "used": l.used,
+            "remaining": l.limit.saturating_sub(l.used),
+            "requests": l.requests,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn rows(record: &KeyRecord, lines: &[Line], now: SystemTime) -> Vec<Vec<String>> {
+    lines
+        .iter()
+        .map(|l| {
+            vec![
+                record.id.to_string(),
+                record.name.clone(),
+                l.name.clone(),
+                output::window(l.window.kind),
+                l.limit.to_string(),
+                l.used.to_string(),
+                l.limit.saturating_sub(l.used).to_string(),
+                l.requests.to_string(),
+                output::until(l.window.end, now),
+            ]
+        })
+        .collect()
+}
+
+const HEADER: [&str; 9] = [
+    "ID",
+    "NAME",
+    "QUOTA",
+    "WINDOW",
+    "LIMIT",
+    "USED",
+    "REMAINING",
+    "REQUESTS",
+    "RESETS IN",
+];
+
+/// `keygate usage [ID]`.
+pub(crate) async fn usage(cli: &Cli, args: &UsageArgs) -> Result<(), Failure> {
+    let store = db::open(cli, false).await?;
+    let now = SystemTime::now();
+    if let Some(id) = args.id {
+        let record = store
+            .get(&id)
+            .await
+            .map_err(|e| Failure::Failed(e.to_string()))?
+            .ok_or_else(|| Failure::Failed(format!("no key with id {id}")))?;
+        let lines = lines(&store, &record, now).await?;
+        if cli.json {
+            return print_json(&key_object(&record, &lines));
+        }
+        if lines.is_empty() {
+            return print(&format!("key {id} ({}) has no quotas\n", record.name));
+        }
+        return print(&output::table(&HEADER, &rows(&record, &lines, now)));
+    }
+    // Every key with a quota that can still be used.
+    let records = store
+        .list(&KeyFilter::default())
+        .await
+        .map_err(|e| Failure::Failed(e.to_string()))?;
+    let mut objects = Vec::new();
+    let mut table = Vec::new();
+    for record in records
+        .iter()
+        .filter(|r| !r.quotas.is_empty() && r.status != KeyStatus::Revoked)
+    {
+        let lines = lines(&store, record, now).await?;
+        objects.push(key_object(record, &lines));
+        table.extend(rows(record, &lines, now));
+    }
+    if cli.json {
+        print_json(&Value::Array(objects))
+    } else if table.is_empty() {
+        print("no key has a quota\n")
+    } else {
+        print(&output::table(&HEADER, &table))
+    }
+}
