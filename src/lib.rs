@@ -40,8 +40,11 @@
 //! - `quota`: `QuotaLayer` (per-key allowances).
 //! - `audit`: `AuditLayer` (one event per request).
 //! - `axum`: the [`Authenticated`] extractor.
+//! - `admin`: `admin::AdminApi`, an axum router managing keys over HTTP.
 //! - `full`: everything.
 //! - `sql`: `sql::SqlStore`, the SQLite and PostgreSQL key store (crate `keygate-sql`).
+//! - `redis`: `redis::RedisRateLimiter`, `redis::RedisUsageStore` and key-change
+//!   propagation for replicas (crate `keygate-redis`).
 #![deny(unsafe_code, unreachable_pub)]
 #![warn(missing_docs)]
 // Without any layer feature only the shared parts are built, and some of them go unused.
@@ -70,6 +73,9 @@ pub use keygate_core::{
     StoreError, SystemClock, Verifier, VerifierBuilder, SCANNER_REGEX,
 };
 pub use keygate_core::{KeyManager, KeySpec, KeyUpdate};
+/// Redis-backed rate limits, quota counters and key-change propagation (crate `keygate-redis`).
+#[cfg(feature = "redis")]
+pub use keygate_redis as redis;
 /// The SQLite and PostgreSQL key store (crate `keygate-sql`).
 #[cfg(feature = "sql")]
 pub use keygate_sql as sql;
@@ -84,6 +90,8 @@ mod gate;
 mod guard;
 pub mod reject;
 
+#[cfg(feature = "admin")]
+pub mod admin;
 #[cfg(feature = "audit")]
 pub mod audit;
 #[cfg(feature = "auth")]
@@ -99,6 +107,8 @@ pub mod rate_limit;
 #[cfg(feature = "scope")]
 pub mod scope;
 
+#[cfg(feature = "admin")]
+pub use admin::AdminApi;
 #[cfg(feature = "audit")]
 pub use audit::AuditLayer;
 #[cfg(feature = "auth")]

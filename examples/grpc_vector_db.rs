@@ -1,0 +1,928 @@
+//! A small gRPC vector database behind keygate's six layers, with tonic 0.14.
+//!
+//! ```text
+//! cargo run --example grpc_vector_db --features full                # 127.0.0.1:50051
+//! cargo run --example grpc_vector_db --features full -- --listen 127.0.0.1:6334 --audit-dir audit
+//! ```
+//!
+//! It keeps keys in memory, creates two at start and prints them once: `demo` (may create
+//! collections, write and read points, in every collection) and `reader` (reads only). Then,
+//! from another terminal, with the example as its own client:
+//!
+//! ```text
+//! export KEYGATE_API_KEY=kg_...   # the demo key
+//! cargo run --example grpc_vector_db --features full -- client create docs 3
+//! cargo run --example grpc_vector_db --features full -- client upsert docs 1 0.1,0.9,0.0 lang=en
+//! cargo run --example grpc_vector_db --features full -- client search docs 0.1,0.8,0.1
+//! ```
+//!
+//! Ctrl-C or SIGTERM shuts it down gracefully: calls in flight finish, then quota counts and
+//! audit events are flushed.
+//!
+//! The service is `keygate.vectordb.v1.VectorDb` (`CreateCollection`, `Upsert`, `Search`);
+//! `examples/grpc_vector_db.proto` describes it for other languages and grpcurl. Nothing
+//! here needs a protobuf compiler: the messages are hand-written prost structs
+//! (`#[derive(prost::Message)]`, the same code `prost-build` would emit) and the server and
+//! client glue is the few lines of `tonic-build`'s output a unary service needs, with
+//! tonic-prost's `ProstCodec`.
+//!
+//! The layers, outermost first: audit (every call, with its gRPC method and status), auth
+//! (the key in `authorization: Bearer`, `x-api-key` or `api-key` metadata), IP lists,
+//! scopes (one `RouteScopes::grpc` rule per method; a method without a rule is refused),
+//! rate limits and quotas. Denials are gRPC statuses, never bare HTTP errors:
+//! UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNAVAILABLE (key store down).
+//! gRPC carries the collection in the message, which no layer reads, so the handlers check
+//! it with `Principal::can_access` (PERMISSION_DENIED `resource_forbidden`). A key with a
+//! `tenant` attribute writes into and searches only its tenant's points.
+//!
+//! Tests (`tests/examples_grpc.rs`) include this file as a module and run [`serve`] on an
+//! ephemeral port with their own hub, clock and audit sink.
+
+use std::collections::{BTreeMap, HashMap};
+use std::error::Error;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{PoisonError, RwLock};
+
+use keygate::core::audit::{Auditor, FileSink};
+use keygate::core::usage::MemoryUsageStore;
+use keygate::ip::{IpAllowLayer, IpPolicy};
+use keygate::quota::{QuotaConfig, QuotaLayer};
+use keygate::rate_limit::{RateLimitConfig, RateLimitLayer};
+use keygate::scope::{InvalidRule, RouteScopes, ScopeLayer};
+use keygate::{
+    KeyGate, KeyRecord, KeyStore, MemoryStore, Prefix, Principal, QuotaPolicy, QuotaWindow,
+    RateLimitPolicy, Verifier,
+};
+use tonic::{Request, Response, Status};
+
+use pb::{
+    CreateCollectionRequest, CreateCollectionResponse, Distance, Point, ScoredPoint, SearchRequest,
+    SearchResponse, UpsertRequest, UpsertResponse,
+};
+
+// ---------------------------------------------------------------------------------------
+// Messages and gRPC glue (what protoc + prost-build + tonic-build would generate)
+// ---------------------------------------------------------------------------------------
+
+/// The protobuf messages of `keygate.vectordb.v1`, the gRPC server and a client.
+pub mod pb {
+    use std::collections::BTreeMap;
+    use std::convert::Infallible;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use tonic::codegen::{http, Body, StdError};
+    use tonic::{Request, Response, Status};
+
+    /// The full name of the service.
+    pub const SERVICE: &str = "keygate.vectordb.v1.VectorDb";
+    /// The path of `CreateCollection`.
+    pub const CREATE_COLLECTION: &str = "/keygate.vectordb.v1.VectorDb/CreateCollection";
+    /// The path of `Upsert`.
+    pub const UPSERT: &str = "/keygate.vectordb.v1.VectorDb/Upsert";
+    /// The path of `Search`.
+    pub const SEARCH: &str = "/keygate.vectordb.v1.VectorDb/Search";
+
+    /// How vectors are compared.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+    #[repr(i32)]
+    pub enum Distance {
+        /// Cosine similarity (vectors are normalized on the way in); higher is closer.
+        Cosine = 0,
+        /// Dot product; higher is closer.
+        Dot = 1,
+        /// Euclidean distance; lower is closer.
+        Euclid = 2,
+    }
+
+    /// `CreateCollection`'s request.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct CreateCollectionRequest {
+        /// The collection's name.
+        #[prost(string, tag = "1")]
+        pub collection: String,
+        /// The length of every vector in it.
+        #[prost(uint32, tag = "2")]
+        pub dimension: u32,
+        /// How its vectors are compared.
+        #[prost(enumeration = "Distance", tag = "3")]
+        pub distance: i32,
+    }
+
+    /// `CreateCollection`'s response.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct CreateCollectionResponse {
+        /// False when the collection already existed with the same settings.
+        #[prost(bool, tag = "1")]
+        pub created: bool,
+    }
+
+    /// A point: an id, a vector and a string payload.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Point {
+        /// The point's id (per tenant).
+        #[prost(uint64, tag = "1")]
+        pub id: u64,
+        /// The vector.
+        #[prost(float, repeated, tag = "2")]
+        pub vector: Vec<f32>,
+        /// Free string fields.
+        #[prost(btree_map = "string, string", tag = "3")]
+        pub payload: BTreeMap<String, String>,
+    }
+
+    /// `Upsert`'s request.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct UpsertRequest {
+        /// The collection.
+        #[prost(string, tag = "1")]
+        pub collection: String,
+        /// The points to insert or replace.
+        #[prost(message, repeated, tag = "2")]
+        pub points: Vec<Point>,
+    }
+
+    /// `Upsert`'s response.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct UpsertResponse {
+        /// How many points were written.
+        #[prost(uint64, tag = "1")]
+        pub upserted: u64,
+    }
+
+    /// `Search`'s request.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SearchRequest {
+        /// The collection.
+        #[prost(string, tag = "1")]
+        pub collection: String,
+        /// The query vector.
+        #[prost(float, repeated, tag = "2")]
+        pub vector: Vec<f32>,
+        /// How many hits at most (0 means 10; at most 100).
+        #[prost(uint32, tag = "3")]
+        pub limit: u32,
+    }
+
+    /// A search hit.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ScoredPoint {
+        /// The point's id.
+        #[prost(uint64, tag = "1")]
+        pub id: u64,
+        /// Its score (similarity, or distance for `EUCLID`).
+        #[prost(float, tag = "2")]
+        pub score: f32,
+        /// Its payload.
+        #[prost(btree_map = "string, string", tag = "3")]
+        pub payload: BTreeMap<String, String>,
+    }
+
+    /// `Search`'s response.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SearchResponse {
+        /// The hits, closest first.
+        #[prost(message, repeated, tag = "1")]
+        pub hits: Vec<ScoredPoint>,
+    }
+
+    /// What the server calls: one method per RPC.
+    pub trait VectorDbService: Send + Sync + 'static {
+        /// `CreateCollection`.
+        fn create_collection(
+            &self,
+            req: Request<CreateCollectionRequest>,
+        ) -> Result<Response<CreateCollectionResponse>, Status>;
+        /// `Upsert`.
+        fn upsert(&self, req: Request<UpsertRequest>) -> Result<Response<UpsertResponse>, Status>;
+        /// `Search`.
+        fn search(&self, req: Request<SearchRequest>) -> Result<Response<SearchResponse>, Status>;
+    }
+
+    /// The gRPC server of a [`VectorDbService`]: a tower service over `http::Request`s, to
+    /// add to `tonic::transport::Server` (after its layers).
+    pub struct VectorDbServer<T> {
+        inner: Arc<T>,
+    }
+
+    impl<T> VectorDbServer<T> {
+        /// Serves `inner`.
+        pub fn new(inner: T) -> Self {
+            VectorDbServer {
+                inner: Arc::new(inner),
+            }
+        }
+    }
+
+    impl<T> Clone for VectorDbServer<T> {
+        fn clone(&self) -> Self {
+            VectorDbServer {
+                inner: self.inner.clone(),
+            }
+        }
+    }
+
+    impl<T> tonic::server::NamedService for VectorDbServer<T> {
+        const NAME: &'static str = SERVICE;
+    }
+
+    type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Infallible>> + Send>>;
+
+    /// Decodes one request message, calls `handler`, encodes its answer (or its status).
+    async fn unary<B, Req, Res>(
+        req: http::Request<B>,
+        mut handler: impl FnMut(Request<Req>) -> Result<Response<Res>, Status> + Send + 'static,
+    ) -> http::Response<tonic::body::Body>
+    where
+        B: Body + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+        Req: prost::Message + Default + Send + 'static,
+        Res: prost::Message + Send + 'static,
+    {
+        let codec = tonic_prost::ProstCodec::<Res, Req>::default();
+        let svc = tower::service_fn(move |r| std::future::ready(handler(r)));
+        tonic::server::Grpc::new(codec).unary(svc, req).await
+    }
+
+    impl<T, B> tower::Service<http::Request<B>> for VectorDbServer<T>
+    where
+        T: VectorDbService,
+        B: Body + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = Infallible;
+        type Future = BoxFuture<Self::Response>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            let db = self.inner.clone();
+            match req.uri().path() {
+                CREATE_COLLECTION => {
+                    Box::pin(async move { Ok(unary(req, move |r| db.create_collection(r)).await) })
+                }
+                UPSERT => Box::pin(async move { Ok(unary(req, move |r| db.upsert(r)).await) }),
+                SEARCH => Box::pin(async move { Ok(unary(req, move |r| db.search(r)).await) }),
+                _ => Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) }),
+            }
+        }
+    }
+
+    /// A client of the service.
+    #[derive(Debug, Clone)]
+    pub struct VectorDbClient {
+        inner: tonic::client::Grpc<tonic::transport::Channel>,
+    }
+
+    impl VectorDbClient {
+        /// Connects to `dst` (`http://127.0.0.1:50051`).
+        pub async fn connect(dst: String) -> Result<Self, tonic::transport::Error> {
+            let channel = tonic::transport::Endpoint::from_shared(dst)?
+                .connect()
+                .await?;
+            Ok(Self::new(channel))
+        }
+
+        /// A client over `channel`.
+        pub fn new(channel: tonic::transport::Channel) -> Self {
+            VectorDbClient {
+                inner: tonic::client::Grpc::new(channel),
+            }
+        }
+
+        /// Calls `path` (one of this module's constants) with `req`.
+        pub async fn unary<Req, Res>(
+            &mut self,
+            path: &'static str,
+            req: Request<Req>,
+        ) -> Result<Response<Res>, Status>
+        where
+            Req: prost::Message + Send + Sync + 'static,
+            Res: prost::Message + Default + Send + Sync + 'static,
+        {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| Status::unavailable(format!("service was not ready: {e}")))?;
+            let codec = tonic_prost::ProstCodec::<Req, Res>::default();
+            let path = http::uri::PathAndQuery::from_static(path);
+            self.inner.unary(req, path, codec).await
+        }
+
+        /// `CreateCollection`.
+        pub async fn create_collection(
+            &mut self,
+            req: Request<CreateCollectionRequest>,
+        ) -> Result<Response<CreateCollectionResponse>, Status> {
+            self.unary(CREATE_COLLECTION, req).await
+        }
+
+        /// `Upsert`.
+        pub async fn upsert(
+            &mut self,
+            req: Request<UpsertRequest>,
+        ) -> Result<Response<UpsertResponse>, Status> {
+            self.unary(UPSERT, req).await
+        }
+
+        /// `Search`.
+        pub async fn search(
+            &mut self,
+            req: Request<SearchRequest>,
+        ) -> Result<Response<SearchResponse>, Status> {
+            self.unary(SEARCH, req).await
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The vector store
+// ---------------------------------------------------------------------------------------
+
+/// Longest collection name.
+pub const MAX_NAME: usize = 64;
+/// Longest vector.
+pub const MAX_DIMENSION: u32 = 4096;
+/// Most points in one upsert.
+pub const MAX_BATCH: usize = 1000;
+/// Most hits in one search.
+pub const MAX_LIMIT: u32 = 100;
+/// Most payload fields per point, and the longest field name and value (bytes).
+pub const MAX_FIELDS: usize = 32;
+const MAX_FIELD_NAME: usize = 64;
+const MAX_FIELD_VALUE: usize = 1024;
+/// Most numbers held over all collections (200 MB of `f32`), so memory stays bounded.
+pub const MAX_FLOATS: usize = 50_000_000;
+/// Most collections.
+pub const MAX_COLLECTIONS: usize = 1000;
+
+/// An in-memory vector database: collections of points, exact search.
+#[derive(Default)]
+pub struct VectorDb {
+    inner: RwLock<Collections>,
+}
+
+#[derive(Default)]
+struct Collections {
+    map: HashMap<String, Collection>,
+    floats: usize,
+}
+
+struct Collection {
+    dimension: u32,
+    distance: Distance,
+    /// Points by (tenant, id): a tenant's ids are its own.
+    points: HashMap<(Option<Box<str>>, u64), Stored>,
+}
+
+struct Stored {
+    vector: Vec<f32>,
+    payload: BTreeMap<String, String>,
+}
+
+/// The caller, as the layers resolved it.
+fn caller<T>(req: &Request<T>) -> Result<Principal, Status> {
+    req.extensions().get::<Principal>().cloned().ok_or_else(|| {
+        // Only when the service is served without keygate's layers: fail closed.
+        Status::unauthenticated("missing_key: no authenticated caller")
+    })
+}
+
+/// Validates `name` and checks that `p` may use it.
+fn collection_for(p: &Principal, name: &str) -> Result<(), Status> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if !valid {
+        return Err(Status::invalid_argument(format!(
+            "a collection name is 1 to {MAX_NAME} letters, digits, '_', '-' or '.'"
+        )));
+    }
+    if !p.can_access(name) {
+        return Err(Status::permission_denied(format!(
+            "resource_forbidden: this key may not use collection {name:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a vector's length and values; normalizes it for cosine.
+fn prepare(mut v: Vec<f32>, dimension: u32, distance: Distance) -> Result<Vec<f32>, Status> {
+    if v.len() != dimension as usize {
+        return Err(Status::invalid_argument(format!(
+            "the vector has {} numbers, the collection {dimension}",
+            v.len()
+        )));
+    }
+    if !v.iter().all(|x| x.is_finite()) {
+        return Err(Status::invalid_argument("vectors hold finite numbers only"));
+    }
+    if distance == Distance::Cosine {
+        let norm = v
+            .iter()
+            .map(|x| f64::from(*x) * f64::from(*x))
+            .sum::<f64>()
+            .sqrt();
+        if norm == 0.0 || !norm.is_finite() {
+            return Err(Status::invalid_argument(
+                "a cosine vector must have a finite, non-zero length",
+            ));
+        }
+        for x in &mut v {
+            *x = (f64::from(*x) / norm) as f32;
+        }
+    }
+    Ok(v)
+}
+
+fn check_payload(payload: &BTreeMap<String, String>) -> Result<(), Status> {
+    if payload.len() > MAX_FIELDS
+        || payload
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.len() > MAX_FIELD_NAME || v.len() > MAX_FIELD_VALUE)
+    {
+        return Err(Status::invalid_argument(format!(
+            "a payload has at most {MAX_FIELDS} fields, names of 1 to {MAX_FIELD_NAME} bytes, \
+             values of at most {MAX_FIELD_VALUE} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn score(distance: Distance, a: &[f32], b: &[f32]) -> f32 {
+    match distance {
+        Distance::Cosine | Distance::Dot => a.iter().zip(b).map(|(x, y)| x * y).sum(),
+        Distance::Euclid => a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f32>()
+            .sqrt(),
+    }
+}
+
+impl VectorDb {
+    /// An empty database.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Collections> {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Collections> {
+        self.inner.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl pb::VectorDbService for VectorDb {
+    fn create_collection(
+        &self,
+        req: Request<CreateCollectionRequest>,
+    ) -> Result<Response<CreateCollectionResponse>, Status> {
+        let p = caller(&req)?;
+        let req = req.into_inner();
+        collection_for(&p, &req.collection)?;
+        if req.dimension == 0 || req.dimension > MAX_DIMENSION {
+            return Err(Status::invalid_argument(format!(
+                "the dimension is 1 to {MAX_DIMENSION}"
+            )));
+        }
+        let distance = Distance::try_from(req.distance)
+            .map_err(|_| Status::invalid_argument("unknown distance"))?;
+        let mut db = self.write();
+        if let Some(c) = db.map.get(&req.collection) {
+            return if c.dimension == req.dimension && c.distance == distance {
+                Ok(Response::new(CreateCollectionResponse { created: false }))
+            } else {
+                Err(Status::already_exists(
+                    "the collection exists with other settings",
+                ))
+            };
+        }
+        if db.map.len() >= MAX_COLLECTIONS {
+            return Err(Status::resource_exhausted("too many collections"));
+        }
+        db.map.insert(
+            req.collection,
+            Collection {
+                dimension: req.dimension,
+                distance,
+                points: HashMap::new(),
+            },
+        );
+        Ok(Response::new(CreateCollectionResponse { created: true }))
+    }
+
+    fn upsert(&self, req: Request<UpsertRequest>) -> Result<Response<UpsertResponse>, Status> {
+        let p = caller(&req)?;
+        let tenant = p.tenant().map(Box::<str>::from);
+        let req = req.into_inner();
+        collection_for(&p, &req.collection)?;
+        if req.points.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} points per upsert"
+            )));
+        }
+        let (dimension, distance) = {
+            let db = self.read();
+            let c = db
+                .map
+                .get(&req.collection)
+                .ok_or_else(|| Status::not_found("no such collection"))?;
+            (c.dimension, c.distance)
+        };
+        // Validate the whole batch before writing any of it.
+        let mut batch = Vec::with_capacity(req.points.len());
+        for Point {
+            id,
+            vector,
+            mut payload,
+        } in req.points
+        {
+            check_payload(&payload)?;
+            if let Some(t) = &tenant {
+                payload.insert("tenant".to_owned(), t.to_string());
+            }
+            batch.push((id, prepare(vector, dimension, distance)?, payload));
+        }
+        let mut guard = self.write();
+        let db = &mut *guard;
+        let c = db
+            .map
+            .get_mut(&req.collection)
+            .ok_or_else(|| Status::not_found("no such collection"))?;
+        let new = batch
+            .iter()
+            .filter(|(id, _, _)| !c.points.contains_key(&(tenant.clone(), *id)))
+            .count();
+        if db.floats + new * dimension as usize > MAX_FLOATS {
+            return Err(Status::resource_exhausted("the database is full"));
+        }
+        db.floats += new * dimension as usize;
+        let n = batch.len() as u64;
+        for (id, vector, payload) in batch {
+            c.points
+                .insert((tenant.clone(), id), Stored { vector, payload });
+        }
+        Ok(Response::new(UpsertResponse { upserted: n }))
+    }
+
+    fn search(&self, req: Request<SearchRequest>) -> Result<Response<SearchResponse>, Status> {
+        let p = caller(&req)?;
+        let req = req.into_inner();
+        collection_for(&p, &req.collection)?;
+        let limit = match req.limit {
+            0 => 10,
+            n if n <= MAX_LIMIT => n as usize,
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "the limit is at most {MAX_LIMIT}"
+                )))
+            }
+        };
+        let db = self.read();
+        let c = db
+            .map
+            .get(&req.collection)
+            .ok_or_else(|| Status::not_found("no such collection"))?;
+        let query = prepare(req.vector, c.dimension, c.distance)?;
+        // A tenant's key sees its tenant's points only; a key without a tenant sees all.
+        let mut hits: Vec<ScoredPoint> = c
+            .points
+            .iter()
+            .filter(|((t, _), _)| p.tenant().is_none() || t.as_deref() == p.tenant())
+            .map(|((_, id), s)| ScoredPoint {
+                id: *id,
+                score: score(c.distance, &query, &s.vector),
+                payload: s.payload.clone(),
+            })
+            .collect();
+        match c.distance {
+            Distance::Euclid => hits.sort_by(|a, b| a.score.total_cmp(&b.score)),
+            _ => hits.sort_by(|a, b| b.score.total_cmp(&a.score)),
+        }
+        hits.truncate(limit);
+        Ok(Response::new(SearchResponse { hits }))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The protected server
+// ---------------------------------------------------------------------------------------
+
+/// The scope each method needs. A method with no rule is refused (`insufficient_scope`).
+pub fn rules() -> Result<RouteScopes, InvalidRule> {
+    RouteScopes::builder()
+        .grpc(pb::CREATE_COLLECTION, "collections:manage")
+        .grpc(pb::UPSERT, "points:write")
+        .grpc(pb::SEARCH, "points:read")
+        .build()
+}
+
+/// What protects the service: the hub and each layer's settings.
+pub struct Protection {
+    /// The hub (verifier, clock, credentials, renderer).
+    pub gate: KeyGate,
+    /// Global and per-key address lists.
+    pub ip: IpPolicy,
+    /// Rate limits.
+    pub rate_limit: RateLimitConfig,
+    /// Quotas.
+    pub quota: QuotaConfig,
+    /// Where audit events go.
+    pub auditor: Auditor,
+}
+
+/// Serves `db` on `listener` behind the six layers until `shutdown` completes, then writes
+/// pending quota counts and audit events.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    protection: Protection,
+    db: VectorDb,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Box<dyn Error + Send + Sync>> {
+    let Protection {
+        gate,
+        ip,
+        rate_limit,
+        quota,
+        auditor,
+    } = protection;
+    let quota = QuotaLayer::new(&gate, quota)?;
+    let usage = quota.handle();
+    tonic::transport::Server::builder()
+        .layer(gate.audit_layer(auditor.clone()))
+        .layer(gate.auth_layer())
+        .layer(IpAllowLayer::new(ip).with_gate(&gate))
+        .layer(ScopeLayer::table(rules()?).with_gate(&gate))
+        .layer(RateLimitLayer::new(&gate, rate_limit)?)
+        .layer(quota)
+        .add_service(pb::VectorDbServer::new(db))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        )
+        .await?;
+    usage.flush().await?;
+    auditor.flush().await?;
+    Ok(())
+}
+
+/// Creates the two demo keys in `store`; returns (demo, reader) plaintexts.
+async fn demo_keys(
+    gate: &KeyGate,
+    store: &MemoryStore,
+) -> Result<(keygate::ApiKey, keygate::ApiKey), Box<dyn Error + Send + Sync>> {
+    let now = gate.clock().now();
+    let hasher = gate.verifier().hasher();
+    let (demo, mut record) = KeyRecord::generate(&Prefix::default(), hasher, "demo", now)?;
+    record.owner = Some("you".into());
+    record.scopes = vec![
+        "collections:manage".into(),
+        "points:write".into(),
+        "points:read".into(),
+    ];
+    record.resources = vec!["*".into()];
+    record.rate_limits = vec![RateLimitPolicy::per_second("demo", 20)];
+    record.quotas = vec![QuotaPolicy::new("daily", 10_000, QuotaWindow::Day)];
+    store.insert(&record).await?;
+    let (reader, mut record) = KeyRecord::generate(&Prefix::default(), hasher, "reader", now)?;
+    record.scopes = vec!["points:read".into()];
+    record.resources = vec!["*".into()];
+    store.insert(&record).await?;
+    Ok((demo, reader))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("client") {
+        args.next();
+        return client(args.collect()).await;
+    }
+    let (listen, audit_dir) = parse_serve_args(args)?;
+
+    let store = MemoryStore::new();
+    let gate = KeyGate::new(Verifier::new(store.clone()));
+    let (demo, reader) = demo_keys(&gate, &store).await?;
+    let auditor = match &audit_dir {
+        // Hash-chained JSON Lines (`keygate audit verify` checks them), written by a
+        // background thread through a bounded queue.
+        Some(dir) => Auditor::spawn(FileSink::builder(dir).open()?)?,
+        None => {
+            tracing_subscriber::fmt()
+                .with_target(false)
+                .with_writer(std::io::stderr)
+                .init();
+            Auditor::tracing()
+        }
+    };
+    let protection = Protection {
+        gate,
+        // Per-key lists only (keys without one may call from anywhere).
+        ip: IpPolicy::new(),
+        // Keys without their own limits: 50 calls per second.
+        rate_limit: RateLimitConfig::new()
+            .default_policies([RateLimitPolicy::per_second("default", 50)]),
+        quota: QuotaConfig::new(MemoryUsageStore::new()),
+        auditor: auditor.clone(),
+    };
+
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    println!(
+        "keygate gRPC vector db listening on http://{addr} (service {})",
+        pb::SERVICE
+    );
+    println!(
+        "demo key (all scopes; shown once):  {}",
+        demo.expose_secret()
+    );
+    println!(
+        "reader key (points:read only):      {}",
+        reader.expose_secret()
+    );
+    match &audit_dir {
+        Some(dir) => println!("audit log: {}", dir.display()),
+        None => println!("audit events: on stderr (--audit-dir DIR for a hash-chained file)"),
+    }
+    println!("try:  export KEYGATE_API_KEY={}", demo.expose_secret());
+    println!("      cargo run --example grpc_vector_db --features full -- client create docs 3");
+    serve(listener, protection, VectorDb::new(), stop_signal()).await?;
+    let stats = auditor.shutdown().await;
+    println!(
+        "stopped; audit events written: {}, dropped: {}",
+        stats.written, stats.dropped
+    );
+    Ok(())
+}
+
+/// Resolves when SIGINT (Ctrl-C) or, on Unix, SIGTERM arrives.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn parse_serve_args(
+    mut args: impl Iterator<Item = String>,
+) -> Result<(SocketAddr, Option<PathBuf>), String> {
+    let mut listen: SocketAddr = ([127, 0, 0, 1], 50051).into();
+    let mut audit_dir = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--listen" => {
+                let v = args.next().ok_or("--listen needs an address")?;
+                listen = v.parse().map_err(|_| {
+                    format!("--listen: {v:?} is not an address like 127.0.0.1:50051")
+                })?;
+            }
+            "--audit-dir" => {
+                audit_dir = Some(PathBuf::from(
+                    args.next().ok_or("--audit-dir needs a folder")?,
+                ));
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}; try --help")),
+        }
+    }
+    Ok((listen, audit_dir))
+}
+
+const USAGE: &str = "\
+usage: grpc_vector_db [--listen ADDR] [--audit-dir DIR]      serve (default 127.0.0.1:50051)
+       grpc_vector_db client [--connect URL] COMMAND            call it, with $KEYGATE_API_KEY
+commands:
+  create COLLECTION DIMENSION [cosine|dot|euclid]
+  upsert COLLECTION ID V1,V2,... [NAME=VALUE ...]
+  search COLLECTION V1,V2,... [LIMIT]";
+
+fn parse_vector(text: &str) -> Result<Vec<f32>, String> {
+    text.split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<f32>()
+                .map_err(|_| format!("{x:?} is not a number (vectors are V1,V2,...)"))
+        })
+        .collect()
+}
+
+fn parse_num<T: std::str::FromStr>(what: &str, text: Option<&String>) -> Result<T, String> {
+    let text = text.ok_or_else(|| format!("missing {what}\n{USAGE}"))?;
+    text.parse()
+        .map_err(|_| format!("{what}: {text:?} is not a number"))
+}
+
+/// The example as its own client: one call, its answer printed.
+async fn client(mut args: Vec<String>) -> Result<(), Box<dyn Error + Send + Sync>> {
+    let mut dst = "http://127.0.0.1:50051".to_owned();
+    if args.first().map(String::as_str) == Some("--connect") {
+        if args.len() < 2 {
+            return Err("--connect needs a URL like http://127.0.0.1:50051".into());
+        }
+        dst = args.remove(1);
+        args.remove(0);
+    }
+    // From the environment, so the key stays out of shell history and `ps`.
+    let key = std::env::var("KEYGATE_API_KEY").map_err(|_| "set KEYGATE_API_KEY to a key")?;
+    let key: tonic::metadata::AsciiMetadataValue = key
+        .parse()
+        .map_err(|_| "KEYGATE_API_KEY is not a valid header value")?;
+    fn with_key<T>(msg: T, key: &tonic::metadata::AsciiMetadataValue) -> Request<T> {
+        let mut req = Request::new(msg);
+        req.metadata_mut().insert("x-api-key", key.clone());
+        req
+    }
+    let mut c = pb::VectorDbClient::connect(dst).await?;
+    let collection = args.get(1).cloned().unwrap_or_default();
+    let answer = match args.first().map(String::as_str) {
+        Some("create") => {
+            let distance = match args.get(3).map(String::as_str) {
+                None | Some("cosine") => Distance::Cosine,
+                Some("dot") => Distance::Dot,
+                Some("euclid") => Distance::Euclid,
+                Some(other) => return Err(format!("unknown distance {other:?}").into()),
+            };
+            let req = CreateCollectionRequest {
+                collection,
+                dimension: parse_num("DIMENSION", args.get(2))?,
+                distance: distance as i32,
+            };
+            c.create_collection(with_key(req, &key))
+                .await
+                .map(|r| format!("{:?}", r.into_inner()))
+        }
+        Some("upsert") => {
+            let mut payload = BTreeMap::new();
+            for field in args.iter().skip(4) {
+                let (k, v) = field
+                    .split_once('=')
+                    .ok_or_else(|| format!("payload fields are NAME=VALUE, not {field:?}"))?;
+                payload.insert(k.to_owned(), v.to_owned());
+            }
+            let point = Point {
+                id: parse_num("ID", args.get(2))?,
+                vector: parse_vector(args.get(3).ok_or("missing the vector")?)?,
+                payload,
+            };
+            let req = UpsertRequest {
+                collection,
+                points: vec![point],
+            };
+            c.upsert(with_key(req, &key))
+                .await
+                .map(|r| format!("{:?}", r.into_inner()))
+        }
+        Some("search") => {
+            let req = SearchRequest {
+                collection,
+                vector: parse_vector(args.get(2).ok_or("missing the vector")?)?,
+                limit: match args.get(3) {
+                    Some(_) => parse_num("LIMIT", args.get(3))?,
+                    None => 0,
+                },
+            };
+            c.search(with_key(req, &key))
+                .await
+                .map(|r| format!("{:?}", r.into_inner()))
+        }
+        _ => return Err(USAGE.into()),
+    };
+    match answer {
+        Ok(text) => println!("{text}"),
+        Err(status) => {
+            return Err(format!("{:?}: {}", status.code(), status.message()).into());
+        }
+    }
+    Ok(())
+}

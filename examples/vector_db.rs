@@ -1,0 +1,204 @@
+//! The keygate showcase: a vector database speaking a subset of Qdrant's REST API, behind
+//! all six keygate layers, with the admin API at `/admin`. Walk-through: `docs/WALKTHROUGH.md`.
+//!
+//! ```text
+//! cargo run --release --example vector_db --all-features
+//! cargo run --release --example vector_db --all-features -- --listen 0.0.0.0:6333 --audit-log /var/log/keygate/audit.jsonl
+//! KEYGATE_DATABASE_URL=postgres://user@host/db cargo run --release --example vector_db --all-features
+//! ```
+//!
+//! - Keys live in SQLite `keygate.db` (created if missing) or wherever
+//!   `KEYGATE_DATABASE_URL` / `--database-url` points (`sqlite://...`, `postgres://...`).
+//!   The server follows the database's change sequence, so keys created, revoked or disabled
+//!   by the `keygate` CLI (or another replica) take effect here without a restart.
+//! - On first start, with no key in the database, it issues an admin key (`*` on every
+//!   collection) and prints it once.
+//! - Audit events go to a hash-chained JSON Lines log: `--audit-log keygate-audit.jsonl`
+//!   writes `keygate-audit-000001.jsonl`, `keygate-audit-000002.jsonl`, ... (one file per
+//!   start; each continues the chain of the one before). Verify with
+//!   `keygate audit verify keygate-audit-*.jsonl`.
+//! - Ctrl-C or SIGTERM: stop accepting, let in-flight requests finish, flush quota usage,
+//!   then drain and fsync the audit log.
+//!
+//! - Quota usage is counted in the same database (`keygate usage ID` reads it), in batches
+//!   flushed every second and at shutdown.
+//!
+//! Vectors are kept in memory and lost at exit.
+
+// Shared with the tests (`tests/showcase_*.rs`), which use parts this binary does not.
+#[allow(dead_code)]
+#[path = "vector_db/mod.rs"]
+mod server;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Parser;
+use keygate::core::audit::{Auditor, FileSink};
+use keygate::sql::SqlStore;
+use keygate::{KeyFilter, KeySpec, Verifier};
+
+/// A vector database (a subset of Qdrant's REST API) behind keygate.
+#[derive(Debug, Parser)]
+#[command(name = "vector_db", version)]
+struct Args {
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1:6333")]
+    listen: SocketAddr,
+    /// The key database: `sqlite://FILE` (created if missing) or `postgres://...`.
+    #[arg(
+        long,
+        env = "KEYGATE_DATABASE_URL",
+        default_value = "sqlite://keygate.db"
+    )]
+    database_url: String,
+    /// The audit log: `DIR/NAME.jsonl` writes `DIR/NAME-000001.jsonl`, ... (one file per
+    /// start, one hash chain across them).
+    #[arg(long, default_value = "keygate-audit.jsonl")]
+    audit_log: PathBuf,
+}
+
+/// The directory and file stem of the audit log named `path`.
+fn audit_location(path: &Path) -> Result<(PathBuf, String), String> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("--audit-log {path:?}: not a file name"))?;
+    let stem = name.strip_suffix(".jsonl").unwrap_or(name);
+    if stem.is_empty()
+        || !stem
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+    {
+        return Err(format!(
+            "--audit-log {path:?}: the file name may use letters, digits, _, - and . only"
+        ));
+    }
+    Ok((dir, stem.to_owned()))
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+/// Hides a database URL's password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let (audit_dir, audit_stem) = audit_location(&args.audit_log)?;
+
+    // Keys: the SQL store, followed so changes made elsewhere reach this server's cache.
+    let store = SqlStore::open(&args.database_url).await.map_err(|e| {
+        format!(
+            "cannot open the key database {}: {e}",
+            redact(&args.database_url)
+        )
+    })?;
+    let verifier = Verifier::new(store.clone());
+    let follower = store.watch(&verifier).await?;
+
+    // Audit: the hash-chained file log, written off the request path.
+    let sink = FileSink::builder(&audit_dir)
+        .stem(audit_stem.clone())
+        .open()?;
+    let auditor = Auditor::spawn(sink)?;
+
+    // Quota counters in the same database (batched, flushed every second and at shutdown),
+    // where `keygate usage` reads them.
+    let mut opts = server::Options::new(verifier, auditor.clone());
+    opts.usage = Arc::new(store.usage_store());
+    let app = server::build(opts)?;
+
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    println!("keygate vector_db listening on http://{addr}");
+    println!("keys: {} ({})", redact(&args.database_url), store.backend());
+    println!(
+        "audit log: {}/{audit_stem}-NNNNNN.jsonl",
+        audit_dir.display()
+    );
+
+    if app.keys.list(&KeyFilter::default()).await?.is_empty() {
+        let issued = app
+            .keys
+            .issue(
+                "vector_db",
+                KeySpec::new("admin")
+                    .owner("vector_db")
+                    .scope("*")
+                    .resource("*"),
+            )
+            .await?;
+        println!("no keys yet: created an admin key (scope *, every collection).");
+        println!(
+            "admin key (shown once, store it now): {}",
+            issued.key.expose_secret()
+        );
+        eprintln!(
+            "warning: this key is not stored in plaintext anywhere and will not be shown again"
+        );
+    }
+    println!("ready");
+
+    axum::serve(
+        listener,
+        app.router
+            .into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await?;
+
+    // In-flight requests are done: flush what they counted and recorded.
+    println!("shutting down: flushing quota usage and the audit log");
+    if let Err(e) = app.quota.flush().await {
+        eprintln!("quota usage flush failed: {e}");
+    }
+    follower.shutdown().await;
+    let stats = auditor.shutdown().await;
+    store.close().await;
+    println!(
+        "audit: {} events written, {} dropped",
+        stats.written, stats.dropped
+    );
+    Ok(())
+}

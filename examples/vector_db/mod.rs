@@ -1,0 +1,331 @@
+//! The showcase server, as a library the binary (`examples/vector_db.rs`) and the tests
+//! (`tests/showcase_*.rs`, through `#[path]`) share: [`build`] turns [`Options`] into an
+//! axum router behind all six keygate layers, with the admin API at `/admin`.
+//!
+//! # The stack (outermost first)
+//! 1. `AuditLayer`: one event per request, denied ones included, into the auditor.
+//! 2. [`count_upserted_points`]: for an upsert by a valid key only, reads the body (at most
+//!    [`MAX_BODY`]), counts its points and puts a [`PointCount`] in the request's extensions.
+//! 3. `RateLimitLayer`: per key (cost: [`PointCount`], else 1); requests without a valid key
+//!    are limited per client address, so guessing keys gets 429 after a few 401s. It sits
+//!    outside the auth layer for that reason (inside it, failed attempts would never reach
+//!    it); it resolves the key through the hub itself, and refunds what another layer
+//!    refuses.
+//! 4. `ApiKeyAuthLayer`: 401 for missing, malformed, unknown, revoked, disabled and expired
+//!    keys (`Authorization: Bearer`, `X-API-Key`, or Qdrant's `api-key` header).
+//! 5. `IpAllowLayer`: the key's own CIDR allowlist (403 `ip_not_allowed`).
+//! 6. `ScopeLayer` with the route table of [`routes`]: 403 `insufficient_scope` /
+//!    `resource_forbidden` (per-collection keys).
+//! 7. `QuotaLayer`: per key (cost: [`PointCount`], else 1); innermost, so only requests
+//!    every other layer let through are counted.
+//!
+//! Why a middleware for the cost: the layers decide before the body is read and their cost
+//! functions see only the request head (`keygate::cost::RequestHead`), while the point count
+//! is in the body. The middleware resolves the key through the hub first (memoized: the
+//! layers reuse the verdict) and buffers only upserts of valid keys, so a stranger cannot
+//! make the server hold a 32 MiB body; the handler parses the same bytes afterwards.
+//!
+//! `/`, `/healthz`, `/livez` and `/readyz` are outside the stack: open, unaudited, unlimited
+//! (like Qdrant, which exempts them from its API key).
+
+pub mod filter;
+pub mod qdrant;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post, put};
+use axum::Router;
+use keygate::admin::AdminApi;
+use keygate::core::audit::Auditor;
+use keygate::core::usage::{MemoryUsageStore, UsageStore};
+use keygate::ip::{IpAllowLayer, IpPolicy};
+use keygate::quota::{Counting, QuotaConfig, QuotaHandle, QuotaLayer};
+use keygate::rate_limit::{LimiterClock, RateLimitConfig, RateLimitLayer};
+use keygate::scope::{RouteScopes, ScopeLayer};
+use keygate::{KeyGate, KeyId, KeyManager, QuotaWindow, RateLimitPolicy, Verifier};
+use tower::ServiceBuilder;
+
+use store::VectorStore;
+
+/// The largest request body (Qdrant's default limit, 32 MiB).
+pub const MAX_BODY: usize = 32 * 1024 * 1024;
+
+/// The number of points in an upsert, set by [`count_upserted_points`] and read by the
+/// rate-limit and quota cost functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PointCount(pub usize);
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The vectors.
+    pub vectors: VectorStore,
+    /// The key store, for `/readyz`.
+    pub keys: KeyManager,
+    /// The audit log, for `/readyz`.
+    pub auditor: Auditor,
+}
+
+/// How to build the server. [`Options::new`] sets the defaults; tests replace the clocks
+/// and the usage store.
+pub struct Options {
+    /// The verifier over the key store (its clock is the clock of every decision).
+    pub verifier: Verifier,
+    /// Where audit events go.
+    pub auditor: Auditor,
+    /// Where quota usage is counted.
+    pub usage: Arc<dyn UsageStore>,
+    /// How quota counts reach the usage store.
+    pub counting: Counting,
+    /// The rate limiter's clock.
+    pub limiter_clock: LimiterClock,
+    /// Rate limits of keys whose record has none.
+    pub default_rate_limits: Vec<RateLimitPolicy>,
+    /// Rate limits of requests without a valid key, per client address.
+    pub anonymous_rate_limits: Vec<RateLimitPolicy>,
+}
+
+impl Options {
+    /// Defaults: usage counted in memory (batched, flushed every second), keys without
+    /// limits get 100 requests (or points) per second, callers without a valid key 10 per
+    /// second per address.
+    pub fn new(verifier: Verifier, auditor: Auditor) -> Self {
+        Options {
+            verifier,
+            auditor,
+            usage: Arc::new(MemoryUsageStore::new()),
+            counting: Counting::Batched {
+                flush_every: Duration::from_secs(1),
+            },
+            limiter_clock: LimiterClock::default(),
+            default_rate_limits: vec![RateLimitPolicy::per_second("default", 100)],
+            anonymous_rate_limits: vec![RateLimitPolicy::per_second("anonymous", 10)],
+        }
+    }
+}
+
+/// The built server.
+pub struct Showcase {
+    /// The router; serve it with
+    /// `into_make_service_with_connect_info::<SocketAddr>()` (the IP layer needs the peer).
+    pub router: Router,
+    /// The hub.
+    pub gate: KeyGate,
+    /// The key manager (what the admin API uses).
+    pub keys: KeyManager,
+    /// The quota layer's counters: flush them at shutdown.
+    pub quota: QuotaHandle,
+    /// The vectors.
+    pub vectors: VectorStore,
+}
+
+/// The route table: which scope each route needs; `{collection}` is checked against the
+/// key's collection patterns. Search, query, scroll, count and retrieve are reads.
+pub fn routes() -> Result<RouteScopes, keygate::scope::InvalidRule> {
+    RouteScopes::builder()
+        .route("GET", "/collections", "collections:read")
+        .route("GET", "/collections/{collection}", "collections:read")
+        .route(
+            "GET",
+            "/collections/{collection}/exists",
+            "collections:read",
+        )
+        .route("PUT", "/collections/{collection}", "collections:manage")
+        .route("DELETE", "/collections/{collection}", "collections:manage")
+        .route("PUT", "/collections/{collection}/points", "points:write")
+        .route(
+            "POST",
+            "/collections/{collection}/points/delete",
+            "points:write",
+        )
+        .reads(
+            "POST",
+            [
+                "/collections/{collection}/points",
+                "/collections/{collection}/points/search",
+                "/collections/{collection}/points/query",
+                "/collections/{collection}/points/scroll",
+                "/collections/{collection}/points/count",
+            ],
+            "points:read",
+        )
+        .route(
+            "GET",
+            "/collections/{collection}/points/{id}",
+            "points:read",
+        )
+        .route("*", "/admin/keys", "keys:admin")
+        .route("*", "/admin/keys/{id}", "keys:admin")
+        .route("*", "/admin/keys/{id}/{action}", "keys:admin")
+        .build()
+}
+
+fn is_upsert(method: &Method, path: &str) -> bool {
+    let mut parts = path.split('/');
+    method == Method::PUT
+        && parts.next() == Some("")
+        && parts.next() == Some("collections")
+        && parts.next().is_some_and(|c| !c.is_empty())
+        && parts.next() == Some("points")
+        && parts.next().is_none()
+}
+
+/// Counts the points of an upsert by a valid key into a [`PointCount`] extension (at least
+/// 1); every other request passes untouched. A body over [`MAX_BODY`] is refused with 413.
+pub async fn count_upserted_points(
+    State(gate): State<KeyGate>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    if !is_upsert(req.method(), req.uri().path()) || gate.resolve(&mut req).await.is_err() {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
+        return qdrant::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Payload too large: the body is over 32 MiB or could not be read",
+            std::time::Instant::now(),
+        );
+    };
+    let n = qdrant::count_points(&bytes).unwrap_or(1).max(1);
+    let mut req = Request::from_parts(parts, Body::from(bytes));
+    req.extensions_mut().insert(PointCount(n));
+    next.run(req).await
+}
+
+fn point_cost(ext: &axum::http::Extensions) -> usize {
+    ext.get::<PointCount>().map_or(1, |c| c.0)
+}
+
+/// `GET /readyz`: 200 when the key store answers and the audit log is open, else 503.
+async fn readyz(State(app): State<AppState>) -> (StatusCode, &'static str) {
+    if app.auditor.is_closed() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the audit log is closed");
+    }
+    let probe = KeyId::parse("000000000000");
+    match probe {
+        Ok(id) => match app.keys.store().get(&id).await {
+            Ok(_) => (StatusCode::OK, "all shards are ready"),
+            Err(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the key store is unavailable",
+            ),
+        },
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the key store is unavailable",
+        ),
+    }
+}
+
+/// Builds the server: the Qdrant routes and the admin API behind the six layers.
+pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send + Sync>> {
+    let gate = KeyGate::new(opts.verifier);
+    let keys = KeyManager::for_verifier(gate.verifier(), opts.auditor.clone());
+    let rate = RateLimitLayer::new(
+        &gate,
+        RateLimitConfig::new()
+            .default_policies(opts.default_rate_limits)
+            .anonymous_policies(opts.anonymous_rate_limits)
+            .clock(opts.limiter_clock)
+            .cost(|h| u32::try_from(point_cost(h.extensions())).unwrap_or(u32::MAX)),
+    )?;
+    let quota = QuotaLayer::new(
+        &gate,
+        QuotaConfig::new(opts.usage)
+            .counting(opts.counting)
+            .meter(QuotaWindow::Day)
+            .cost(|h| u64::try_from(point_cost(h.extensions())).unwrap_or(u64::MAX)),
+    )?;
+    let handle = quota.handle();
+    let admin = AdminApi::new(keys.clone())
+        .gate(&gate)
+        .quota(handle.clone());
+    let vectors = VectorStore::new();
+    let state = AppState {
+        vectors: vectors.clone(),
+        keys: keys.clone(),
+        auditor: opts.auditor.clone(),
+    };
+
+    let api = Router::new()
+        .route("/collections", get(qdrant::list_collections))
+        .route(
+            "/collections/{collection}",
+            put(qdrant::create_collection)
+                .get(qdrant::collection_info)
+                .delete(qdrant::delete_collection),
+        )
+        .route(
+            "/collections/{collection}/exists",
+            get(qdrant::collection_exists),
+        )
+        .route(
+            "/collections/{collection}/points",
+            put(qdrant::upsert).post(qdrant::retrieve),
+        )
+        .route(
+            "/collections/{collection}/points/{id}",
+            get(qdrant::get_point),
+        )
+        .route(
+            "/collections/{collection}/points/search",
+            post(qdrant::search),
+        )
+        .route(
+            "/collections/{collection}/points/query",
+            post(qdrant::query),
+        )
+        .route(
+            "/collections/{collection}/points/scroll",
+            post(qdrant::scroll),
+        )
+        .route(
+            "/collections/{collection}/points/count",
+            post(qdrant::count),
+        )
+        .route(
+            "/collections/{collection}/points/delete",
+            post(qdrant::delete_points),
+        )
+        .nest("/admin", admin.router())
+        .fallback(qdrant::not_found)
+        .with_state(state.clone())
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(
+            ServiceBuilder::new()
+                .layer(gate.audit_layer(opts.auditor))
+                .layer(axum::middleware::from_fn_with_state(
+                    gate.clone(),
+                    count_upserted_points,
+                ))
+                .layer(rate)
+                .layer(gate.auth_layer())
+                .layer(IpAllowLayer::new(IpPolicy::new()).with_gate(&gate))
+                .layer(ScopeLayer::table(routes()?).with_gate(&gate))
+                .layer(quota),
+        );
+
+    let open = Router::new()
+        .route("/", get(qdrant::root))
+        .route("/healthz", get(qdrant::healthz))
+        .route("/livez", get(qdrant::healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state);
+
+    Ok(Showcase {
+        router: open.merge(api),
+        gate,
+        keys,
+        quota: handle,
+        vectors,
+    })
+}

@@ -1,0 +1,607 @@
+//! The in-memory vector store behind the showcase: collections of points (id, dense vector,
+//! JSON payload), exact search (cosine, dot, euclid, manhattan), payload filters, and
+//! row-level security by tenant.
+//!
+//! Row-level security: every operation takes the caller's tenant (`None` for keys without a
+//! `tenant` attribute). A point belongs to the tenant written in its payload's `tenant`
+//! field. With a tenant, upserts stamp that field (whatever the client sent), every read
+//! and delete sees only the tenant's points, and overwriting a point of another tenant is
+//! refused, so one tenant can neither read nor change another's points. Without a tenant
+//! (operators, admins) everything is visible and payloads are stored as sent.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use http::StatusCode;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+use super::filter::Filter;
+
+/// The payload field that names a point's tenant.
+pub const TENANT_FIELD: &str = "tenant";
+/// The largest vector dimension accepted (Qdrant's limit).
+pub const MAX_DIMENSION: u64 = 65_536;
+/// The longest collection name.
+pub const MAX_NAME_LEN: usize = 255;
+
+/// A point id: an unsigned integer or a UUID (Qdrant's `ExtendedPointId`). Integers sort
+/// before UUIDs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PointId {
+    /// `42`.
+    Num(u64),
+    /// `"550e8400-e29b-41d4-a716-446655440000"`.
+    Uuid(u128),
+}
+
+impl PointId {
+    /// Parses a path segment: digits are an integer id, anything else must be a UUID.
+    pub fn parse(text: &str) -> Option<PointId> {
+        if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+            return text.parse().ok().map(PointId::Num);
+        }
+        parse_uuid(text).map(PointId::Uuid)
+    }
+}
+
+/// A UUID in its hyphenated (`8-4-4-4-12`) or simple (32 hex digits) form.
+fn parse_uuid(text: &str) -> Option<u128> {
+    let hex: String = match text.len() {
+        36 => {
+            let b = text.as_bytes();
+            if [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
+                return None;
+            }
+            text.chars().filter(|c| *c != '-').collect()
+        }
+        32 => text.to_owned(),
+        _ => return None,
+    };
+    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u128::from_str_radix(&hex, 16).ok()
+}
+
+impl fmt::Display for PointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PointId::Num(n) => write!(f, "{n}"),
+            PointId::Uuid(u) => {
+                let h = format!("{u:032x}");
+                write!(
+                    f,
+                    "{}-{}-{}-{}-{}",
+                    &h[..8],
+                    &h[8..12],
+                    &h[12..16],
+                    &h[16..20],
+                    &h[20..]
+                )
+            }
+        }
+    }
+}
+
+impl Serialize for PointId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PointId::Num(n) => s.serialize_u64(*n),
+            PointId::Uuid(_) => s.serialize_str(&self.to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PointId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(PointId::Num(n)),
+            Raw::Text(t) => parse_uuid(&t).map(PointId::Uuid).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "{:?} is not a valid point id: expected an unsigned integer or a UUID",
+                    t.chars().take(64).collect::<String>()
+                ))
+            }),
+        }
+    }
+}
+
+/// How vectors are compared (Qdrant's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Distance {
+    /// Cosine similarity (vectors are normalized when stored); higher is closer.
+    Cosine,
+    /// Dot product; higher is closer.
+    Dot,
+    /// Euclidean distance; lower is closer.
+    Euclid,
+    /// Manhattan distance; lower is closer.
+    Manhattan,
+}
+
+impl Distance {
+    fn higher_is_closer(self) -> bool {
+        matches!(self, Distance::Cosine | Distance::Dot)
+    }
+
+    fn score(self, a: &[f32], b: &[f32]) -> f32 {
+        let pairs = a.iter().zip(b);
+        match self {
+            Distance::Cosine | Distance::Dot => pairs.map(|(x, y)| x * y).sum(),
+            Distance::Euclid => pairs.map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt(),
+            Distance::Manhattan => pairs.map(|(x, y)| (x - y).abs()).sum(),
+        }
+    }
+}
+
+/// A stored point.
+#[derive(Debug, Clone)]
+pub struct Point {
+    /// The vector (normalized for cosine collections).
+    pub vector: Vec<f32>,
+    /// The payload.
+    pub payload: Map<String, Value>,
+    /// The operation that last wrote it.
+    pub version: u64,
+}
+
+impl Point {
+    fn tenant(&self) -> Option<&str> {
+        self.payload.get(TENANT_FIELD).and_then(Value::as_str)
+    }
+
+    fn visible_to(&self, tenant: Option<&str>) -> bool {
+        tenant.is_none_or(|t| self.tenant() == Some(t))
+    }
+}
+
+/// A collection's vector parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VectorParams {
+    /// Dimension.
+    pub size: u64,
+    /// Metric.
+    pub distance: Distance,
+}
+
+/// A collection: its parameters and points.
+#[derive(Debug)]
+pub struct Collection {
+    /// Vector parameters.
+    pub params: VectorParams,
+    points: BTreeMap<PointId, Point>,
+    /// The last operation id.
+    operations: u64,
+}
+
+/// A point as a read returns it.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// Id.
+    pub id: PointId,
+    /// Score (searches) or 1.0 (listings).
+    pub score: f32,
+    /// The point.
+    pub point: Point,
+}
+
+/// Why an operation failed: an HTTP status and Qdrant's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError {
+    /// The status to answer with.
+    pub status: StatusCode,
+    /// The message (`Not found: Collection `x` doesn't exist!`).
+    pub message: String,
+}
+
+impl StoreError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        StoreError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// 400 `Wrong input: ...`.
+    pub fn wrong_input(what: impl fmt::Display) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, format!("Wrong input: {what}"))
+    }
+
+    fn missing(name: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            format!("Not found: Collection `{name}` doesn't exist!"),
+        )
+    }
+}
+
+/// What to do with each point's vector in a read.
+#[derive(Debug, Clone, Copy)]
+pub struct Read<'a> {
+    /// The caller's tenant.
+    pub tenant: Option<&'a str>,
+    /// The filter, if any.
+    pub filter: Option<&'a Filter>,
+}
+
+/// Which points a delete selects.
+#[derive(Debug, Clone)]
+pub enum Selector {
+    /// These ids.
+    Ids(Vec<PointId>),
+    /// Those matching this filter.
+    Filter(Box<Filter>),
+}
+
+/// The store: named collections, shared by every clone.
+#[derive(Debug, Clone, Default)]
+pub struct VectorStore {
+    collections: Arc<RwLock<BTreeMap<String, Arc<RwLock<Collection>>>>>,
+}
+
+/// Checks a collection name: 1 to 255 characters, no `/`, `\` or control characters.
+pub fn check_name(name: &str) -> Result<(), StoreError> {
+    if name.is_empty() || name.chars().count() > MAX_NAME_LEN {
+        return Err(StoreError::wrong_input(
+            "collection name must be 1 to 255 characters",
+        ));
+    }
+    if name
+        .chars()
+        .any(|c| c.is_control() || c == '/' || c == '\\')
+    {
+        return Err(StoreError::wrong_input(
+            "collection name must not contain /, \\ or control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a vector against a collection's dimension; normalizes it for cosine.
+fn prepare(params: &VectorParams, mut v: Vec<f32>) -> Result<Vec<f32>, StoreError> {
+    if v.len() as u64 != params.size {
+        return Err(StoreError::wrong_input(format!(
+            "Vector dimension error: expected dim: {}, got {}",
+            params.size,
+            v.len()
+        )));
+    }
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(StoreError::wrong_input("vectors must hold finite numbers"));
+    }
+    if params.distance == Distance::Cosine {
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if norm > f32::EPSILON {
+            v.iter_mut().for_each(|x| *x /= norm);
+        }
+    }
+    Ok(v)
+}
+
+impl VectorStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn get(&self, name: &str) -> Result<Arc<RwLock<Collection>>, StoreError> {
+        self.collections
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::missing(name))
+    }
+
+    /// Every collection name, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.collections
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Whether `name` exists.
+    pub fn exists(&self, name: &str) -> bool {
+        self.collections
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(name)
+    }
+
+    /// Creates a collection; 409 if it exists.
+    pub fn create(&self, name: &str, params: VectorParams) -> Result<(), StoreError> {
+        check_name(name)?;
+        if params.size == 0 || params.size > MAX_DIMENSION {
+            return Err(StoreError::wrong_input(format!(
+                "vector size must be 1 to {MAX_DIMENSION}"
+            )));
+        }
+        let mut all = self
+            .collections
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if all.contains_key(name) {
+            return Err(StoreError::new(
+                StatusCode::CONFLICT,
+                format!("Wrong input: Collection `{name}` already exists!"),
+            ));
+        }
+        all.insert(
+            name.to_owned(),
+            Arc::new(RwLock::new(Collection {
+                params,
+                points: BTreeMap::new(),
+                operations: 0,
+            })),
+        );
+        Ok(())
+    }
+
+    /// Deletes a collection; `false` if there was none. A tenant may not delete a collection
+    /// holding other tenants' points (403).
+    pub fn delete(&self, name: &str, tenant: Option<&str>) -> Result<bool, StoreError> {
+        let mut all = self
+            .collections
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(c) = all.get(name) else {
+            return Ok(false);
+        };
+        if tenant.is_some() {
+            let c = c.read().unwrap_or_else(PoisonError::into_inner);
+            if c.points.values().any(|p| !p.visible_to(tenant)) {
+                return Err(StoreError::new(
+                    StatusCode::FORBIDDEN,
+                    format!("Forbidden: collection `{name}` holds points of other tenants"),
+                ));
+            }
+        }
+        all.remove(name);
+        Ok(true)
+    }
+
+    /// The collection's parameters and how many points the caller can see.
+    pub fn info(
+        &self,
+        name: &str,
+        tenant: Option<&str>,
+    ) -> Result<(VectorParams, usize), StoreError> {
+        let c = self.get(name)?;
+        let c = c.read().unwrap_or_else(PoisonError::into_inner);
+        let n = match tenant {
+            None => c.points.len(),
+            Some(_) => c.points.values().filter(|p| p.visible_to(tenant)).count(),
+        };
+        Ok((c.params, n))
+    }
+
+    /// Inserts or replaces points, all or none; returns the operation id.
+    pub fn upsert(
+        &self,
+        name: &str,
+        points: Vec<(PointId, Vec<f32>, Map<String, Value>)>,
+        tenant: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let c = self.get(name)?;
+        let mut c = c.write().unwrap_or_else(PoisonError::into_inner);
+        let mut ready = Vec::with_capacity(points.len());
+        for (id, vector, mut payload) in points {
+            let vector = prepare(&c.params, vector)?;
+            if let Some(t) = tenant {
+                if c.points.get(&id).is_some_and(|p| !p.visible_to(tenant)) {
+                    return Err(StoreError::new(
+                        StatusCode::FORBIDDEN,
+                        format!("Forbidden: point id {id} is not available to this key"),
+                    ));
+                }
+                payload.insert(TENANT_FIELD.to_owned(), Value::String(t.to_owned()));
+            }
+            ready.push((id, vector, payload));
+        }
+        c.operations += 1;
+        let version = c.operations;
+        for (id, vector, payload) in ready {
+            c.points.insert(
+                id,
+                Point {
+                    vector,
+                    payload,
+                    version,
+                },
+            );
+        }
+        Ok(version)
+    }
+
+    /// Deletes the selected points the caller can see; returns the operation id.
+    pub fn delete_points(
+        &self,
+        name: &str,
+        selector: &Selector,
+        tenant: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let c = self.get(name)?;
+        let mut c = c.write().unwrap_or_else(PoisonError::into_inner);
+        match selector {
+            Selector::Ids(ids) => {
+                for id in ids {
+                    if c.points.get(id).is_some_and(|p| p.visible_to(tenant)) {
+                        c.points.remove(id);
+                    }
+                }
+            }
+            Selector::Filter(f) => c
+                .points
+                .retain(|id, p| !(p.visible_to(tenant) && f.matches(*id, &p.payload))),
+        }
+        c.operations += 1;
+        Ok(c.operations)
+    }
+
+    /// The points with these ids the caller can see, in the order asked (missing ids are
+    /// left out).
+    pub fn retrieve(
+        &self,
+        name: &str,
+        ids: &[PointId],
+        tenant: Option<&str>,
+    ) -> Result<Vec<Found>, StoreError> {
+        let c = self.get(name)?;
+        let c = c.read().unwrap_or_else(PoisonError::into_inner);
+        Ok(ids
+            .iter()
+            .filter_map(|id| {
+                let p = c.points.get(id).filter(|p| p.visible_to(tenant))?;
+                Some(Found {
+                    id: *id,
+                    score: 1.0,
+                    point: p.clone(),
+                })
+            })
+            .collect())
+    }
+
+    /// The vector of a point the caller can see (for queries by id).
+    pub fn vector_of(
+        &self,
+        name: &str,
+        id: PointId,
+        tenant: Option<&str>,
+    ) -> Result<Vec<f32>, StoreError> {
+        self.retrieve(name, &[id], tenant)?
+            .pop()
+            .map(|f| f.point.vector)
+            .ok_or_else(|| {
+                StoreError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("Not found: No point with id {id} found"),
+                )
+            })
+    }
+
+    /// Exact nearest neighbours of `vector` among the points the caller can see and the
+    /// filter keeps: best first, `offset` skipped, at most `limit`, only scores passing
+    /// `threshold` (at least it for cosine and dot, at most it for distances).
+    pub fn search(
+        &self,
+        name: &str,
+        vector: Vec<f32>,
+        read: Read<'_>,
+        limit: usize,
+        offset: usize,
+        threshold: Option<f32>,
+    ) -> Result<Vec<Found>, StoreError> {
+        let c = self.get(name)?;
+        let c = c.read().unwrap_or_else(PoisonError::into_inner);
+        let query = prepare(&c.params, vector)?;
+        let metric = c.params.distance;
+        let mut scored: Vec<(f32, PointId)> = c
+            .points
+            .iter()
+            .filter(|(id, p)| {
+                p.visible_to(read.tenant) && read.filter.is_none_or(|f| f.matches(**id, &p.payload))
+            })
+            .map(|(id, p)| (metric.score(&query, &p.vector), *id))
+            .filter(|(s, _)| {
+                threshold.is_none_or(|t| {
+                    if metric.higher_is_closer() {
+                        *s >= t
+                    } else {
+                        *s <= t
+                    }
+                })
+            })
+            .collect();
+        scored.sort_by(|a, b| {
+            let order = a.0.total_cmp(&b.0);
+            let order = if metric.higher_is_closer() {
+                order.reverse()
+            } else {
+                order
+            };
+            order.then(a.1.cmp(&b.1))
+        });
+        Ok(scored
+            .into_iter()
+            .skip(offset)
+            .take(limit)
+            .filter_map(|(score, id)| {
+                c.points.get(&id).map(|p| Found {
+                    id,
+                    score,
+                    point: p.clone(),
+                })
+            })
+            .collect())
+    }
+
+    /// Points the caller can see and the filter keeps, by id from `from`: at most `limit`,
+    /// and the id to continue from.
+    pub fn scroll(
+        &self,
+        name: &str,
+        read: Read<'_>,
+        from: Option<PointId>,
+        limit: usize,
+    ) -> Result<(Vec<Found>, Option<PointId>), StoreError> {
+        let c = self.get(name)?;
+        let c = c.read().unwrap_or_else(PoisonError::into_inner);
+        let start = from.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Included);
+        let mut page = c
+            .points
+            .range((start, std::ops::Bound::Unbounded))
+            .filter(|(id, p)| {
+                p.visible_to(read.tenant) && read.filter.is_none_or(|f| f.matches(**id, &p.payload))
+            })
+            .take(limit.saturating_add(1))
+            .map(|(id, p)| Found {
+                id: *id,
+                score: 1.0,
+                point: p.clone(),
+            })
+            .collect::<Vec<_>>();
+        let next = if page.len() > limit {
+            page.pop().map(|f| f.id)
+        } else {
+            None
+        };
+        Ok((page, next))
+    }
+
+    /// How many points the caller can see and the filter keeps.
+    pub fn count(&self, name: &str, read: Read<'_>) -> Result<usize, StoreError> {
+        let c = self.get(name)?;
+        let c = c.read().unwrap_or_else(PoisonError::into_inner);
+        Ok(c.points
+            .iter()
+            .filter(|(id, p)| {
+                p.visible_to(read.tenant) && read.filter.is_none_or(|f| f.matches(**id, &p.payload))
+            })
+            .count())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_parse_and_print_like_qdrant() {
+        let u = PointId::parse("550E8400-E29B-41D4-A716-446655440000").unwrap();
+        assert_eq!(u.to_string(), "550e8400-e29b-41d4-a716-446655440000");
+        assert_eq!(PointId::parse("42"), Some(PointId::Num(42)));
+        assert_eq!(PointId::parse("x"), None);
+        assert_eq!(PointId::parse("99999999999999999999999"), None);
+    }
+}

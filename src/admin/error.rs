@@ -1,0 +1,168 @@
+//! Admin API errors: problem+json with a stable `code`.
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use http::StatusCode;
+use serde::Serialize;
+
+use crate::core::usage::UsageError;
+use crate::core::LifecycleError;
+use crate::StoreError;
+
+/// A refused admin call: status, stable code and a detail that never holds a key.
+#[derive(Debug)]
+pub(crate) struct AdminError {
+    status: StatusCode,
+    code: &'static str,
+    detail: String,
+}
+
+impl AdminError {
+    pub(crate) fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        AdminError {
+            status,
+            code,
+            detail: detail.into(),
+        }
+    }
+
+    /// 400 `invalid_request`.
+    pub(crate) fn invalid(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", detail)
+    }
+
+    /// 400 `invalid_json`, from serde's message (which quotes at most a short piece of
+    /// input: a field name or a value's type).
+    pub(crate) fn json(e: &serde_json::Error) -> Self {
+        let what = match e.classify() {
+            serde_json::error::Category::Data => "the body does not have the expected fields",
+            _ => "the body is not valid JSON",
+        };
+        let msg: String = e.to_string().chars().take(200).collect();
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("{what}: {msg}"),
+        )
+    }
+
+    /// 404 `key_not_found`.
+    pub(crate) fn not_found(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "key_not_found",
+            format!("no key with id {id}"),
+        )
+    }
+
+    /// 403 `privilege_escalation`.
+    pub(crate) fn escalation(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "privilege_escalation", detail)
+    }
+
+    /// The detail text.
+    #[cfg(test)]
+    pub(crate) fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    pub(crate) fn store(e: &StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the key store could not be reached; nothing was changed",
+            ),
+            StoreError::NotFound(id) => Self::not_found(id.as_str()),
+            StoreError::AlreadyExists(_) => Self::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "a key with this id already exists",
+            ),
+            _ => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "store_corrupt",
+                "a stored key record could not be read",
+            ),
+        }
+    }
+
+    pub(crate) fn usage(e: &UsageError) -> Self {
+        match e {
+            UsageError::Unavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the usage store could not be reached",
+            ),
+            _ => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "store_corrupt",
+                "stored usage could not be read",
+            ),
+        }
+    }
+}
+
+impl From<LifecycleError> for AdminError {
+    fn from(e: LifecycleError) -> Self {
+        match e {
+            LifecycleError::Invalid(spec) => Self::invalid(spec.to_string()),
+            LifecycleError::NotFound(id) => Self::not_found(id.as_str()),
+            e @ LifecycleError::WrongStatus { .. } => {
+                Self::new(StatusCode::CONFLICT, "wrong_status", e.to_string())
+            }
+            e @ LifecycleError::Expired(_) => {
+                Self::new(StatusCode::CONFLICT, "wrong_status", e.to_string())
+            }
+            LifecycleError::Store(e) => Self::store(&e),
+            LifecycleError::AuditClosed => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_unavailable",
+                "the audit log is shut down; nothing was changed",
+            ),
+            LifecycleError::KeyGen(_) => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "key_generation_failed",
+                "the operating system's random number generator failed; nothing was changed",
+            ),
+            _ => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the operation failed",
+            ),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    title: &'a str,
+    status: u16,
+    detail: &'a str,
+    code: &'a str,
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let problem = Problem {
+            kind: "about:blank",
+            title: self.status.canonical_reason().unwrap_or("Error"),
+            status: self.status.as_u16(),
+            detail: &self.detail,
+            code: self.code,
+        };
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let mut res = Response::new(Body::from(body));
+        *res.status_mut() = self.status;
+        let h = res.headers_mut();
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        res
+    }
+}

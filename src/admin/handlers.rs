@@ -1,0 +1,479 @@
+//! The admin API's handlers.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use http::request::Parts;
+use http::StatusCode;
+use serde::Serialize;
+
+use super::error::AdminError;
+use super::input::{self, CreateKey, NoFields, RotateKey};
+use super::{Shared, UsageSource};
+use crate::core::usage::{UsageRecord, Window};
+use crate::core::{validate_resource_pattern, Scope};
+use crate::reject::{DefaultRenderer, RenderContext, Renderer};
+use crate::{resolution, Denial, DenialCode, KeyId, KeyInfo, KeyRecord, Principal, QuotaWindow};
+
+type St = State<Arc<Shared>>;
+type IdPath = Result<Path<String>, PathRejection>;
+
+/// The largest request body read (a key's metadata is at most 64 KiB).
+const MAX_BODY: usize = 256 * 1024;
+
+// ---------------------------------------------------------------------------------------
+// Who is calling
+// ---------------------------------------------------------------------------------------
+
+/// The caller, if it holds the required scope; otherwise the rendered denial (401 for
+/// credential problems, 403 `insufficient_scope`). Fails closed: no principal and no hub
+/// to resolve one is `missing_key`.
+async fn caller(shared: &Shared, parts: Parts) -> (Parts, Result<Principal, Response>) {
+    let mut req = http::Request::from_parts(parts, ());
+    let verdict = match &shared.gate {
+        Some(gate) => gate.resolve(&mut req).await,
+        None => match resolution(req.extensions()) {
+            Some(Ok(p)) => Ok(p.clone()),
+            Some(Err(d)) => Err(d.clone()),
+            None => Err(Denial::new(DenialCode::MissingKey)),
+        },
+    };
+    let result = match verdict {
+        Ok(p) if p.has_scope(&shared.scope) => Ok(p),
+        Ok(_) => Err(render(
+            shared,
+            &req,
+            Denial::new(DenialCode::InsufficientScope)
+                .with_required_scope(shared.scope.to_string()),
+        )),
+        Err(d) => Err(render(shared, &req, d)),
+    };
+    (req.into_parts().0, result)
+}
+
+fn render(shared: &Shared, req: &http::Request<()>, denial: Denial) -> Response {
+    let cx = RenderContext::of(req);
+    let res = match &shared.gate {
+        Some(g) => g.renderer().render(&denial, &cx),
+        None => DefaultRenderer::default().render(&denial, &cx),
+    };
+    let mut res = res.map(Body::from);
+    res.extensions_mut().insert(denial);
+    res
+}
+
+fn actor(p: &Principal) -> String {
+    format!("key:{}", p.key_id())
+}
+
+/// Splits the request, checks the caller, reads the body (bounded).
+async fn begin(shared: &Shared, req: Request) -> Result<(Parts, Principal, Bytes), Response> {
+    let (parts, body) = req.into_parts();
+    let (parts, who) = caller(shared, parts).await;
+    let who = who?;
+    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+        AdminError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is larger than {MAX_BODY} bytes or could not be read"),
+        )
+        .into_response()
+    })?;
+    Ok((parts, who, bytes))
+}
+
+fn key_id(path: IdPath) -> Result<KeyId, AdminError> {
+    let Path(text) =
+        path.map_err(|_| AdminError::invalid("the key id in the path is not valid"))?;
+    KeyId::parse(&text).map_err(|_| {
+        AdminError::invalid(format!(
+            "{:?} is not a key id (12 letters and digits)",
+            input::clip(&text)
+        ))
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Escalation and tenants
+// ---------------------------------------------------------------------------------------
+
+fn scope_covered(caller: &Principal, scope: &str) -> Result<bool, AdminError> {
+    let s = Scope::parse(scope).map_err(|e| AdminError::invalid(format!("scopes: {e}")))?;
+    Ok(caller.has_scope(&s))
+}
+
+/// Whether every collection `pattern` matches is one the caller may access: exactly when
+/// the caller holds `*` or the same pattern, the pattern is a plain name the caller may
+/// access, or the caller holds `P*` (one trailing star) and the pattern starts with `P`.
+fn collection_covered(caller: &Principal, pattern: &str) -> Result<bool, AdminError> {
+    validate_resource_pattern(pattern)
+        .map_err(|e| AdminError::invalid(format!("collections: {e}")))?;
+    let held = caller.resources();
+    if held.iter().any(|r| r == "*" || r == pattern) {
+        return Ok(true);
+    }
+    if !pattern.contains('*') {
+        return Ok(caller.can_access(pattern));
+    }
+    Ok(held.iter().any(|r| {
+        r.strip_suffix('*')
+            .is_some_and(|p| !p.contains('*') && pattern.starts_with(p))
+    }))
+}
+
+/// Refuses grants beyond the caller's own.
+fn check_grants(
+    caller: &Principal,
+    scopes: &[String],
+    collections: &[String],
+    what: &str,
+) -> Result<(), AdminError> {
+    for s in scopes {
+        if !scope_covered(caller, s)? {
+            return Err(AdminError::escalation(format!(
+                "{what} scope {:?}, which the calling key does not hold",
+                input::clip(s)
+            )));
+        }
+    }
+    for c in collections {
+        if !collection_covered(caller, c)? {
+            return Err(AdminError::escalation(format!(
+                "{what} collections {:?}, beyond the calling key's own",
+                input::clip(c)
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn same_tenant(caller: &Principal, record: &KeyRecord) -> bool {
+    caller
+        .tenant()
+        .is_none_or(|t| record.attributes.get("tenant").map(String::as_str) == Some(t))
+}
+
+/// The key `id`, if the caller may see it (a tenant admin sees only its tenant's keys).
+async fn visible(shared: &Shared, caller: &Principal, id: KeyId) -> Result<KeyRecord, AdminError> {
+    let record = shared.keys.show(id).await?;
+    if !same_tenant(caller, &record) {
+        return Err(AdminError::not_found(id.as_str()));
+    }
+    Ok(record)
+}
+
+/// The key `id`, if the caller may manage it: visible, and holding nothing the caller lacks.
+async fn manageable(
+    shared: &Shared,
+    caller: &Principal,
+    id: KeyId,
+) -> Result<KeyRecord, AdminError> {
+    let record = visible(shared, caller, id).await?;
+    check_grants(caller, &record.scopes, &record.resources, "the key holds")?;
+    Ok(record)
+}
+
+// ---------------------------------------------------------------------------------------
+// Answers
+// ---------------------------------------------------------------------------------------
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => {
+            let mut res = Response::new(Body::from(body));
+            *res.status_mut() = status;
+            let h = res.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            res
+        }
+        Err(_) => AdminError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "the answer could not be encoded",
+        )
+        .into_response(),
+    }
+}
+
+/// A key and its plaintext, shown once.
+#[derive(Serialize)]
+struct WithKey<'a> {
+    key: &'a str,
+    #[serde(flatten)]
+    info: KeyInfo,
+}
+
+#[derive(Serialize)]
+struct KeyList {
+    keys: Vec<KeyInfo>,
+}
+
+fn done(result: Result<Response, AdminError>) -> Response {
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+// ---------------------------------------------------------------------------------------
+// Routes
+// ---------------------------------------------------------------------------------------
+
+pub(crate) async fn create(State(s): St, req: Request) -> Response {
+    let (_, who, body) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let body: CreateKey = input::json_required(&body)?;
+            let mut spec = body.into_spec()?;
+            check_grants(&who, &spec.scopes, &spec.resources, "cannot grant")?;
+            if let Some(t) = who.tenant() {
+                match spec.attributes.get("tenant") {
+                    None => {
+                        spec.attributes.insert("tenant".into(), t.to_owned());
+                    }
+                    Some(v) if v == t => {}
+                    Some(_) => {
+                        return Err(AdminError::escalation(
+                            "a tenant admin issues keys of its own tenant only",
+                        ))
+                    }
+                }
+            }
+            let issued = s.keys.issue(&actor(&who), spec).await?;
+            Ok(json(
+                StatusCode::CREATED,
+                &WithKey {
+                    key: issued.key.expose_secret(),
+                    info: issued.record.info(),
+                },
+            ))
+        }
+        .await,
+    )
+}
+
+pub(crate) async fn list(State(s): St, req: Request) -> Response {
+    let (parts, who, _) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let filter = input::list_filter(parts.uri.query())?;
+            let keys = s
+                .keys
+                .list(&filter)
+                .await?
+                .iter()
+                .filter(|r| same_tenant(&who, r))
+                .map(KeyRecord::info)
+                .collect();
+            Ok(json(StatusCode::OK, &KeyList { keys }))
+        }
+        .await,
+    )
+}
+
+pub(crate) async fn show(State(s): St, path: IdPath, req: Request) -> Response {
+    let (_, who, _) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let record = visible(&s, &who, key_id(path)?).await?;
+            Ok(json(StatusCode::OK, &record.info()))
+        }
+        .await,
+    )
+}
+
+pub(crate) async fn rotate(State(s): St, path: IdPath, req: Request) -> Response {
+    let (_, who, body) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let id = key_id(path)?;
+            let body: RotateKey = input::json_body(&body, true)?;
+            let grace = match body.grace {
+                Some(g) => input::duration("grace", &g)?,
+                None => Duration::ZERO,
+            };
+            manageable(&s, &who, id).await?;
+            let issued = s.keys.rotate(&actor(&who), id, grace).await?;
+            Ok(json(
+                StatusCode::CREATED,
+                &WithKey {
+                    key: issued.key.expose_secret(),
+                    info: issued.record.info(),
+                },
+            ))
+        }
+        .await,
+    )
+}
+
+#[derive(Clone, Copy)]
+enum Switch {
+    Revoke,
+    Disable,
+    Enable,
+}
+
+async fn switch(s: Arc<Shared>, path: IdPath, req: Request, to: Switch) -> Response {
+    let (_, who, body) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let id = key_id(path)?;
+            let _: NoFields = input::json_body(&body, true)?;
+            manageable(&s, &who, id).await?;
+            let actor = actor(&who);
+            let record = match to {
+                Switch::Revoke => s.keys.revoke(&actor, id).await?,
+                Switch::Disable => s.keys.disable(&actor, id).await?,
+                Switch::Enable => s.keys.enable(&actor, id).await?,
+            };
+            Ok(json(StatusCode::OK, &record.info()))
+        }
+        .await,
+    )
+}
+
+pub(crate) async fn revoke(State(s): St, path: IdPath, req: Request) -> Response {
+    switch(s, path, req, Switch::Revoke).await
+}
+
+pub(crate) async fn disable(State(s): St, path: IdPath, req: Request) -> Response {
+    switch(s, path, req, Switch::Disable).await
+}
+
+pub(crate) async fn enable(State(s): St, path: IdPath, req: Request) -> Response {
+    switch(s, path, req, Switch::Enable).await
+}
+
+// ---------------------------------------------------------------------------------------
+// Usage
+// ---------------------------------------------------------------------------------------
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+#[derive(Serialize)]
+struct WindowUsage {
+    window: QuotaWindow,
+    start: String,
+    end: Option<String>,
+    cost: u64,
+    requests: u64,
+}
+
+#[derive(Serialize)]
+struct QuotaUsage {
+    name: String,
+    window: QuotaWindow,
+    limit: u64,
+    used: u64,
+    remaining: u64,
+    resets_at: Option<String>,
+}
+
+#[derive(Serialize)]
+struct UsageReport {
+    key_id: KeyId,
+    from: String,
+    to: String,
+    /// Every counted window starting in `[from, to)`.
+    windows: Vec<WindowUsage>,
+    /// The key's quotas in their current windows.
+    quotas: Vec<QuotaUsage>,
+}
+
+pub(crate) async fn usage(State(s): St, path: IdPath, req: Request) -> Response {
+    let (parts, who, _) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let id = key_id(path)?;
+            let now = s.clock.now();
+            let (from, to) = input::usage_range(parts.uri.query(), now)?;
+            let Some(source) = &s.usage else {
+                return Err(AdminError::new(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "usage_unavailable",
+                    "this admin API was built without a usage source",
+                ));
+            };
+            let record = visible(&s, &who, id).await?;
+            let current: Vec<Window> = record
+                .quotas
+                .iter()
+                .map(|q| Window::containing(q.window, now))
+                .collect();
+            // Read wide enough to include the current windows, then keep what was asked.
+            let lo = current.iter().map(|w| w.start).fold(from, SystemTime::min);
+            let hi = to.max(now + Duration::from_secs(1));
+            let rows: Vec<UsageRecord> = match source {
+                UsageSource::Store(store) => store.report(&id, lo, hi).await,
+                #[cfg(feature = "quota")]
+                UsageSource::Quota(handle) => handle.report(&id, lo, hi).await,
+            }
+            .map_err(|e| AdminError::usage(&e))?;
+            let quotas = record
+                .quotas
+                .iter()
+                .zip(&current)
+                .map(|(q, w)| {
+                    let used = rows
+                        .iter()
+                        .find(|r| r.window == *w)
+                        .map_or(0, |r| r.usage.cost);
+                    QuotaUsage {
+                        name: q.name.clone(),
+                        window: q.window,
+                        limit: q.limit,
+                        used,
+                        remaining: q.limit.saturating_sub(used),
+                        resets_at: w.end.map(rfc3339),
+                    }
+                })
+                .collect();
+            let windows = rows
+                .iter()
+                .filter(|r| r.window.start >= from && r.window.start < to)
+                .map(|r| WindowUsage {
+                    window: r.window.kind,
+                    start: rfc3339(r.window.start),
+                    end: r.window.end.map(rfc3339),
+                    cost: r.usage.cost,
+                    requests: r.usage.requests,
+                })
+                .collect();
+            Ok(json(
+                StatusCode::OK,
+                &UsageReport {
+                    key_id: id,
+                    from: rfc3339(from),
+                    to: rfc3339(to),
+                    windows,
+                    quotas,
+                },
+            ))
+        }
+        .await,
+    )
+}

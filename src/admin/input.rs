@@ -1,0 +1,292 @@
+//! What the admin API reads: request bodies and query strings, validated into lifecycle
+//! inputs.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use super::error::AdminError;
+use crate::core::{Expiry, KeyFilter, KeySpec, Prefix};
+use crate::{KeyStatus, QuotaPolicy, RateLimitPolicy};
+
+/// The body of `POST /keys`. Only `name` is required; unknown fields are refused.
+///
+/// ```json
+/// {"name": "reader", "owner": "acme", "scopes": ["points:read"], "collections": ["docs*"],
+///  "attributes": {"tenant": "acme"}, "allowed_ips": ["10.0.0.0/8"],
+///  "rate_limits": ["burst=20/s"], "quotas": ["daily=10000/day"], "expires_in": "90d",
+///  "metadata": {"ticket": 42}}
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    /// A human name.
+    pub name: String,
+    /// The owner (subject).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Granted scopes (`points:read`, `points:*`, `*`).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Collections (names or patterns such as `docs*`); also accepted as `resources`.
+    #[serde(default, alias = "resources")]
+    pub collections: Vec<String>,
+    /// Attributes (`{"tenant": "acme"}`).
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// Networks the key may be used from (`10.0.0.0/8`, `2001:db8::1`).
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
+    /// Rate limits: `"burst=20/s"` or `{"name": "burst", "limit": 20, "period": 1000}`
+    /// (period in milliseconds).
+    #[serde(default)]
+    pub rate_limits: Vec<PolicyInput<RateLimitPolicy>>,
+    /// Quotas: `"daily=10000/day"` or `{"name": "daily", "limit": 10000, "window": "day"}`.
+    #[serde(default)]
+    pub quotas: Vec<PolicyInput<QuotaPolicy>>,
+    /// Expires this long after creation: `30s`, `15m`, `12h`, `90d`.
+    #[serde(default)]
+    pub expires_in: Option<String>,
+    /// Expires at this instant (RFC 3339, `2027-01-01T00:00:00Z`).
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    /// The key's prefix (default: the manager's).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Free JSON metadata.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// A policy written as text (`burst=20/s`, `daily=10000/day`) or as its JSON object.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PolicyInput<P> {
+    /// `NAME=N/UNIT`.
+    Text(String),
+    /// The policy's JSON form (as [`KeyInfo`](crate::KeyInfo) shows it).
+    Object(P),
+}
+
+impl<P: FromStr> PolicyInput<P>
+where
+    P::Err: std::fmt::Display,
+{
+    fn resolve(self, field: &'static str) -> Result<P, AdminError> {
+        match self {
+            PolicyInput::Object(p) => Ok(p),
+            PolicyInput::Text(t) => t
+                .parse()
+                .map_err(|e: P::Err| AdminError::invalid(format!("{field}: {e}"))),
+        }
+    }
+}
+
+/// The body of `POST /keys/{id}/rotate` (may be empty).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKey {
+    /// How long the old key keeps working (`0s`, `15m`, `24h`; default: it stops at once).
+    #[serde(default)]
+    pub grace: Option<String>,
+}
+
+/// The body of revoke, disable and enable: empty or `{}`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NoFields {}
+
+/// Parses a JSON body; an empty body reads as `{}` when `empty_ok`.
+pub(crate) fn json_body<T: DeserializeOwned + Default>(
+    bytes: &[u8],
+    empty_ok: bool,
+) -> Result<T, AdminError> {
+    if empty_ok && bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| AdminError::json(&e))
+}
+
+/// Parses a JSON body that must be present.
+pub(crate) fn json_required<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdminError> {
+    serde_json::from_slice(bytes).map_err(|e| AdminError::json(&e))
+}
+
+/// A duration such as `30s`, `15m`, `12h`, `90d` (humantime syntax).
+pub(crate) fn duration(field: &'static str, text: &str) -> Result<Duration, AdminError> {
+    humantime::parse_duration(text.trim()).map_err(|_| {
+        AdminError::invalid(format!(
+            "{field}: {:?} is not a duration such as 30s, 15m, 12h or 90d",
+            clip(text)
+        ))
+    })
+}
+
+/// An RFC 3339 instant.
+pub(crate) fn instant(field: &'static str, text: &str) -> Result<SystemTime, AdminError> {
+    humantime::parse_rfc3339_weak(text.trim()).map_err(|_| {
+        AdminError::invalid(format!(
+            "{field}: {:?} is not an RFC 3339 time such as 2027-01-01T00:00:00Z",
+            clip(text)
+        ))
+    })
+}
+
+/// At most 64 characters of user input, for error messages.
+pub(crate) fn clip(text: &str) -> String {
+    text.chars().take(64).collect()
+}
+
+impl CreateKey {
+    /// The lifecycle spec this body asks for (the manager validates names, scopes,
+    /// collections, attributes, policies and expiry further).
+    pub(crate) fn into_spec(self) -> Result<KeySpec, AdminError> {
+        let mut spec = KeySpec::new(self.name);
+        spec.owner = self.owner;
+        spec.scopes = self.scopes;
+        spec.resources = self.collections;
+        spec.attributes = self.attributes;
+        for text in &self.allowed_ips {
+            let net = crate::client_ip::parse_network(text)
+                .map_err(|e| AdminError::invalid(format!("allowed_ips: {e}")))?;
+            spec.allowed_ips.push(net);
+        }
+        for p in self.rate_limits {
+            spec.rate_limits.push(p.resolve("rate_limits")?);
+        }
+        for p in self.quotas {
+            spec.quotas.push(p.resolve("quotas")?);
+        }
+        spec.expires = match (self.expires_in, self.expires_at) {
+            (Some(_), Some(_)) => {
+                return Err(AdminError::invalid(
+                    "give expires_in or expires_at, not both",
+                ))
+            }
+            (Some(d), None) => Some(Expiry::In(duration("expires_in", &d)?)),
+            (None, Some(t)) => Some(Expiry::At(instant("expires_at", &t)?)),
+            (None, None) => None,
+        };
+        if let Some(p) = self.prefix {
+            spec.prefix =
+                Some(Prefix::new(&p).map_err(|e| AdminError::invalid(format!("prefix: {e}")))?);
+        }
+        if let Some(m) = self.metadata {
+            spec.metadata = m;
+        }
+        Ok(spec)
+    }
+}
+
+/// The query of `GET /keys`: `owner`, `status`, `prefix`.
+pub(crate) fn list_filter(query: Option<&str>) -> Result<KeyFilter, AdminError> {
+    let mut filter = KeyFilter::default();
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*k {
+            "owner" => filter.owner = Some(v.into_owned()),
+            "status" => {
+                filter.status = Some(
+                    KeyStatus::from_str(&v)
+                        .map_err(|e| AdminError::invalid(format!("status: {e}")))?,
+                )
+            }
+            "prefix" => filter.prefix = Some(v.into_owned()),
+            other => {
+                return Err(AdminError::invalid(format!(
+                    "unknown query parameter {:?} (expected owner, status or prefix)",
+                    clip(other)
+                )))
+            }
+        }
+    }
+    Ok(filter)
+}
+
+/// The query of `GET /keys/{id}/usage`: `from` and `to` (RFC 3339).
+pub(crate) fn usage_range(
+    query: Option<&str>,
+    now: SystemTime,
+) -> Result<(SystemTime, SystemTime), AdminError> {
+    let mut from = SystemTime::UNIX_EPOCH;
+    let mut to = now + Duration::from_secs(1);
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*k {
+            "from" => from = instant("from", &v)?,
+            "to" => to = instant("to", &v)?,
+            other => {
+                return Err(AdminError::invalid(format!(
+                    "unknown query parameter {:?} (expected from or to)",
+                    clip(other)
+                )))
+            }
+        }
+    }
+    if from >= to {
+        return Err(AdminError::invalid("from must be before to"));
+    }
+    Ok((from, to))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_read_as_text_or_objects() {
+        let body: CreateKey = serde_json::from_str(
+            r#"{"name":"n","rate_limits":["burst=20/s",{"name":"slow","limit":1,"period":60000}],
+                "quotas":["daily=5/day"],"collections":["docs*"],"expires_in":"90d"}"#,
+        )
+        .unwrap();
+        let spec = body.into_spec().unwrap();
+        assert_eq!(
+            spec.rate_limits[0],
+            RateLimitPolicy::per_second("burst", 20)
+        );
+        assert_eq!(spec.rate_limits[1], RateLimitPolicy::per_minute("slow", 1));
+        assert_eq!(spec.quotas[0].limit, 5);
+        assert_eq!(spec.resources, ["docs*"]);
+        assert_eq!(
+            spec.expires,
+            Some(Expiry::In(Duration::from_secs(90 * 86_400)))
+        );
+    }
+
+    #[test]
+    fn bad_input_is_refused_with_the_field() {
+        for (body, field) in [
+            (r#"{"name":"n","rate_limits":["burst=0/s"]}"#, "rate_limits"),
+            (
+                r#"{"name":"n","allowed_ips":["10.0.0.1/8"]}"#,
+                "allowed_ips",
+            ),
+            (r#"{"name":"n","expires_in":"soon"}"#, "expires_in"),
+            (r#"{"name":"n","expires_at":"tomorrow"}"#, "expires_at"),
+            (r#"{"name":"n","prefix":"Bad Prefix"}"#, "prefix"),
+        ] {
+            let parsed: CreateKey = serde_json::from_str(body).unwrap();
+            let err = parsed.into_spec().unwrap_err();
+            assert!(err.detail().starts_with(field), "{body}: {}", err.detail());
+        }
+        assert!(json_required::<CreateKey>(br#"{"name":"n","scope":["x:y"]}"#).is_err());
+        assert!(json_required::<CreateKey>(b"{}").is_err());
+        assert!(json_body::<RotateKey>(b"", true).is_ok());
+        assert!(json_body::<NoFields>(b"{\"x\":1}", true).is_err());
+    }
+
+    #[test]
+    fn query_strings() {
+        let f = list_filter(Some("owner=acme&status=revoked")).unwrap();
+        assert_eq!(f.owner.as_deref(), Some("acme"));
+        assert_eq!(f.status, Some(KeyStatus::Revoked));
+        assert!(list_filter(Some("status=gone")).is_err());
+        assert!(list_filter(Some("limit=3")).is_err());
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert!(usage_range(Some("from=2030-01-01T00:00:00Z"), now).is_err());
+        let (from, _) = usage_range(Some("from=1970-01-02T00:00:00Z"), now).unwrap();
+        assert_eq!(from, SystemTime::UNIX_EPOCH + Duration::from_secs(86_400));
+    }
+}

@@ -1,0 +1,214 @@
+//! The admin API: an axum `Router` that manages keys over HTTP, built from a
+//! [`KeyManager`] ([`AdminApi`]).
+//!
+//! | method and path (mounted at `/admin`) | what it does | success |
+//! |---|---|---|
+//! | `POST /admin/keys` | issues a key; the plaintext is in the answer, once | 201 |
+//! | `GET /admin/keys` | lists keys (`?owner=`, `?status=`, `?prefix=`) | 200 |
+//! | `GET /admin/keys/{id}` | one key | 200 |
+//! | `POST /admin/keys/{id}/rotate` | rotates (`{"grace": "1h"}`, default none); the new plaintext once | 201 |
+//! | `POST /admin/keys/{id}/revoke` | revokes, for good | 200 |
+//! | `POST /admin/keys/{id}/disable` / `enable` | switches a key off and on | 200 |
+//! | `GET /admin/keys/{id}/usage` | quota usage (`?from=`, `?to=`, RFC 3339) | 200 |
+//!
+//! JSON in and out. Keys are shown as [`KeyInfo`](crate::KeyInfo) (never a digest); issue and
+//! rotate answers add `"key"`, the plaintext, shown this once (`Cache-Control: no-store` on
+//! every answer). Errors are `application/problem+json` with a stable `code`:
+//!
+//! | status | code | when |
+//! |---|---|---|
+//! | 400 | `invalid_json` | the body is not JSON of the expected shape (unknown fields included) |
+//! | 400 | `invalid_request` | a field's value is refused (name, scope, CIDR, policy, duration, id, ...) |
+//! | 401 / 403 | keygate's denial codes | no key, a bad key, or a key without `keys:admin` |
+//! | 403 | `privilege_escalation` | the key would grant (or manage a key holding) more than its caller holds |
+//! | 404 | `key_not_found` | no such key (or one of another tenant) |
+//! | 409 | `wrong_status` | the key's status forbids it (enable a revoked key, rotate a disabled one) |
+//! | 501 | `usage_unavailable` | `usage` asked of an API built without a usage source |
+//! | 503 | `store_unavailable`, `audit_unavailable` | the key or usage store, or the audit log, is down: nothing changed |
+//!
+//! # Who may call it
+//! Every route needs a caller whose key grants `keys:admin` (configurable with
+//! [`AdminApi::required_scope`]). The router checks this itself, from the
+//! [`Principal`](crate::Principal) an earlier keygate layer resolved or, with
+//! [`AdminApi::gate`], by resolving the key through the hub: mounted without any keygate
+//! layer in front, it still refuses everyone without the scope (fail closed).
+//!
+//! It also refuses privilege escalation:
+//! - a key may issue only keys whose scopes and collections it holds itself, and may rotate,
+//!   revoke, disable or enable only such keys (a `points:*` admin cannot mint or rotate a `*`
+//!   key);
+//! - a key with a `tenant` attribute is a tenant admin: it sees and manages only keys of its
+//!   tenant (others read as `key_not_found`), and the keys it issues carry its tenant.
+//!
+//! # Audit
+//! [`KeyManager`] records every change (issue, rotate, revoke, disable, enable) as a
+//! lifecycle event naming the caller as `key:{id}`; mount the router behind an
+//! `AuditLayer` (feature `audit`) for one request event per call, reads included.
+//! A revocation reaches the manager's verifier at once, so the revoked key fails on the
+//! very next request.
+//!
+//! ```
+//! use axum::Router;
+//! use keygate::admin::AdminApi;
+//! use keygate::core::audit::Auditor;
+//! use keygate::{KeyGate, KeyManager, KeySpec, MemoryStore, Verifier};
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let gate = KeyGate::new(Verifier::new(MemoryStore::new()));
+//! let keys = KeyManager::for_verifier(gate.verifier(), Auditor::tracing());
+//! let admin = keys.issue("setup", KeySpec::new("admin").scope("*").resource("*")).await.unwrap();
+//!
+//! let app = Router::new().nest("/admin", AdminApi::new(keys).gate(&gate).router());
+//! let create = |key: &str| {
+//!     http::Request::post("/admin/keys")
+//!         .header("authorization", format!("Bearer {key}"))
+//!         .body(axum::body::Body::from(r#"{"name":"reader","scopes":["points:read"],"collections":["docs"]}"#))
+//!         .unwrap()
+//! };
+//! let res = app.clone().oneshot(create(admin.key.expose_secret())).await.unwrap();
+//! assert_eq!(res.status(), 201);
+//!
+//! // Without a key the router refuses, even with no auth layer in front of it.
+//! let res = app.oneshot(http::Request::get("/admin/keys").body(axum::body::Body::empty()).unwrap()).await.unwrap();
+//! assert_eq!(res.status(), 401);
+//! # }
+//! ```
+
+mod error;
+mod handlers;
+mod input;
+
+use std::fmt;
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::core::usage::UsageStore;
+use crate::core::{InvalidScope, Scope};
+use crate::{Clock, KeyGate, KeyManager, SystemClock};
+
+pub use input::{CreateKey, PolicyInput, RotateKey};
+
+/// The admin API over a [`KeyManager`]: configure it, then take its [`router`](Self::router)
+/// and mount it (`Router::new().nest("/admin", api.router())`). See the
+/// [module docs](self) for the routes, answers and who may call them.
+#[derive(Clone)]
+pub struct AdminApi {
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) keys: KeyManager,
+    pub(crate) gate: Option<KeyGate>,
+    pub(crate) usage: Option<UsageSource>,
+    pub(crate) scope: Scope,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+/// Where usage reports come from.
+#[derive(Clone)]
+pub(crate) enum UsageSource {
+    Store(Arc<dyn UsageStore>),
+    #[cfg(feature = "quota")]
+    Quota(crate::quota::QuotaHandle),
+}
+
+impl AdminApi {
+    /// An admin API over `keys`, requiring `keys:admin`, without usage reports.
+    pub fn new(keys: KeyManager) -> Self {
+        AdminApi {
+            shared: Arc::new(Shared {
+                keys,
+                gate: None,
+                usage: None,
+                scope: Scope::parse("keys:admin").expect("a constant, valid scope"),
+                clock: Arc::new(SystemClock),
+            }),
+        }
+    }
+
+    fn edit(mut self, f: impl FnOnce(&mut Shared)) -> Self {
+        match Arc::get_mut(&mut self.shared) {
+            Some(s) => f(s),
+            None => {
+                let s = &*self.shared;
+                let mut copy = Shared {
+                    keys: s.keys.clone(),
+                    gate: s.gate.clone(),
+                    usage: s.usage.clone(),
+                    scope: s.scope.clone(),
+                    clock: s.clock.clone(),
+                };
+                f(&mut copy);
+                self.shared = Arc::new(copy);
+            }
+        }
+        self
+    }
+
+    /// Resolves callers through `gate` when no earlier layer has (memoized: the key is
+    /// verified once per request), renders denials with its renderer, and reads time from
+    /// its clock.
+    pub fn gate(self, gate: &KeyGate) -> Self {
+        let gate = gate.clone();
+        self.edit(|s| {
+            s.clock = gate.clock().clone();
+            s.gate = Some(gate);
+        })
+    }
+
+    /// The scope every route requires (default `keys:admin`).
+    pub fn required_scope(self, scope: &str) -> Result<Self, InvalidScope> {
+        let scope = Scope::parse(scope)?;
+        Ok(self.edit(|s| s.scope = scope))
+    }
+
+    /// Answers `GET /keys/{id}/usage` from this store.
+    pub fn usage_store(self, store: Arc<dyn UsageStore>) -> Self {
+        self.edit(|s| s.usage = Some(UsageSource::Store(store)))
+    }
+
+    /// Answers `GET /keys/{id}/usage` from a quota layer's counters, flushed first so the
+    /// report includes every request counted so far.
+    #[cfg(feature = "quota")]
+    pub fn quota(self, handle: crate::quota::QuotaHandle) -> Self {
+        self.edit(|s| s.usage = Some(UsageSource::Quota(handle)))
+    }
+
+    /// Reads time (usage windows, the default report range) from `clock` (default: the
+    /// hub's, or the system clock).
+    pub fn clock(self, clock: Arc<dyn Clock>) -> Self {
+        self.edit(|s| s.clock = clock)
+    }
+
+    /// The routes, relative to where they are mounted: `/keys`, `/keys/{id}`,
+    /// `/keys/{id}/rotate`, `/keys/{id}/revoke`, `/keys/{id}/disable`, `/keys/{id}/enable`,
+    /// `/keys/{id}/usage`. Nest them (`.nest("/admin", api.router())`).
+    pub fn router<S>(self) -> Router<S>
+    where
+        S: Clone + Send + Sync + 'static,
+    {
+        Router::new()
+            .route("/keys", post(handlers::create).get(handlers::list))
+            .route("/keys/{id}", get(handlers::show))
+            .route("/keys/{id}/rotate", post(handlers::rotate))
+            .route("/keys/{id}/revoke", post(handlers::revoke))
+            .route("/keys/{id}/disable", post(handlers::disable))
+            .route("/keys/{id}/enable", post(handlers::enable))
+            .route("/keys/{id}/usage", get(handlers::usage))
+            .with_state(self.shared)
+    }
+}
+
+impl fmt::Debug for AdminApi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminApi")
+            .field("scope", &self.shared.scope.to_string())
+            .field("gate", &self.shared.gate.is_some())
+            .field("usage", &self.shared.usage.is_some())
+            .finish_non_exhaustive()
+    }
+}

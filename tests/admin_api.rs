@@ -1,0 +1,547 @@
+//! The admin API as a library router: it fails closed however it is mounted, refuses
+//! privilege escalation, confines tenant admins to their tenant, answers bad input with
+//! clear 4xx errors and changes nothing then, and reports usage.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::Router;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use keygate::admin::AdminApi;
+use keygate::core::audit::{Auditor, MemorySink};
+use keygate::core::usage::{Increment, MemoryUsageStore, Usage, UsageStore, Window};
+use keygate::{
+    Clock, KeyFilter, KeyGate, KeyManager, KeySpec, ManualClock, MemoryStore, QuotaWindow, Verifier,
+};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+struct Setup {
+    gate: KeyGate,
+    keys: KeyManager,
+    sink: MemorySink,
+    clock: ManualClock,
+}
+
+fn setup() -> Setup {
+    let clock = ManualClock::at_2026();
+    let gate = KeyGate::new(
+        Verifier::builder(MemoryStore::new())
+            .clock(clock.clone())
+            .build(),
+    );
+    let sink = MemorySink::new();
+    let keys = KeyManager::for_verifier(gate.verifier(), Auditor::direct(sink.clone()));
+    Setup {
+        gate,
+        keys,
+        sink,
+        clock,
+    }
+}
+
+impl Setup {
+    async fn key(&self, spec: KeySpec) -> (String, String) {
+        let k = self.keys.issue("test", spec).await.unwrap();
+        (k.key.expose_secret().to_owned(), k.key.id().to_string())
+    }
+
+    async fn count(&self) -> usize {
+        self.keys.list(&KeyFilter::default()).await.unwrap().len()
+    }
+}
+
+struct Answer {
+    status: StatusCode,
+    json: Value,
+    headers: http::HeaderMap,
+}
+
+async fn send(app: &Router, method: &str, path: &str, key: Option<&str>, body: &str) -> Answer {
+    let mut req = Request::builder().method(method).uri(path);
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let res = app
+        .clone()
+        .oneshot(req.body(Body::from(body.to_owned())).unwrap())
+        .await
+        .unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        json: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        headers,
+    }
+}
+
+fn admin_spec() -> KeySpec {
+    KeySpec::new("admin").scope("*").resource("*")
+}
+
+#[tokio::test]
+async fn mounted_without_any_keygate_layer_or_hub_it_refuses_everyone() {
+    let s = setup();
+    let (admin, id) = s.key(admin_spec()).await;
+    let app = Router::new().nest("/admin", AdminApi::new(s.keys.clone()).router());
+    let before = s.count().await;
+    for (method, path, body) in [
+        ("POST", "/admin/keys".to_owned(), r#"{"name":"x"}"#),
+        ("GET", "/admin/keys".to_owned(), ""),
+        ("GET", format!("/admin/keys/{id}"), ""),
+        ("POST", format!("/admin/keys/{id}/rotate"), ""),
+        ("POST", format!("/admin/keys/{id}/revoke"), ""),
+        ("POST", format!("/admin/keys/{id}/disable"), ""),
+        ("GET", format!("/admin/keys/{id}/usage"), ""),
+    ] {
+        let r = send(&app, method, &path, Some(&admin), body).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{method} {path}");
+        assert_eq!(r.json["code"], "missing_key");
+    }
+    assert_eq!(s.count().await, before);
+    assert_eq!(
+        s.keys
+            .show(id.parse().unwrap())
+            .await
+            .unwrap()
+            .status
+            .as_str(),
+        "active"
+    );
+}
+
+#[tokio::test]
+async fn behind_the_auth_layer_or_with_the_hub_it_checks_keys_admin() {
+    let s = setup();
+    let (admin, _) = s.key(admin_spec()).await;
+    let (reader, _) = s
+        .key(KeySpec::new("reader").scope("points:read").resource("*"))
+        .await;
+    let behind_auth = Router::new()
+        .nest("/admin", AdminApi::new(s.keys.clone()).router())
+        .layer(s.gate.auth_layer());
+    let with_hub = Router::new().nest(
+        "/admin",
+        AdminApi::new(s.keys.clone()).gate(&s.gate).router(),
+    );
+    for app in [&behind_auth, &with_hub] {
+        let r = send(app, "GET", "/admin/keys", Some(&admin), "").await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.json["keys"].as_array().unwrap().len(), 2);
+        assert!(r.json["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k.get("digest").is_none()));
+        let r = send(app, "GET", "/admin/keys", Some(&reader), "").await;
+        assert_eq!(
+            (r.status, r.json["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("insufficient_scope"))
+        );
+        assert!(r.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("scope=\"keys:admin\""));
+        let r = send(app, "GET", "/admin/keys", None, "").await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    // A custom required scope.
+    let app = Router::new().nest(
+        "/admin",
+        AdminApi::new(s.keys.clone())
+            .gate(&s.gate)
+            .required_scope("points:read")
+            .unwrap()
+            .router(),
+    );
+    assert_eq!(
+        send(&app, "GET", "/admin/keys", Some(&reader), "")
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn a_key_grants_and_manages_only_what_it_holds() {
+    let s = setup();
+    let (root, root_id) = s.key(admin_spec()).await;
+    let (sub, _) = s
+        .key(
+            KeySpec::new("sub")
+                .scope("keys:admin")
+                .scope("points:*")
+                .resource("docs*"),
+        )
+        .await;
+    let app = Router::new().nest(
+        "/admin",
+        AdminApi::new(s.keys.clone()).gate(&s.gate).router(),
+    );
+    let create = |body: &'static str| send(&app, "POST", "/admin/keys", Some(&sub), body);
+
+    let r = create(r#"{"name":"ok","scopes":["points:read"],"collections":["docs-a","docs-x*"]}"#)
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    let ok_id = r.json["id"].as_str().unwrap().to_owned();
+    let before = s.count().await;
+    for body in [
+        r#"{"name":"all","scopes":["*"],"collections":["docs-a"]}"#,
+        r#"{"name":"admin","scopes":["keys:admin","collections:manage"],"collections":["docs-a"]}"#,
+        r#"{"name":"wide","scopes":["points:read"],"collections":["*"]}"#,
+        r#"{"name":"other","scopes":["points:read"],"collections":["other"]}"#,
+        r#"{"name":"glob","scopes":["points:read"],"collections":["d*"]}"#,
+    ] {
+        let r = create(body).await;
+        assert_eq!(
+            (r.status, r.json["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("privilege_escalation")),
+            "{body}"
+        );
+    }
+    assert_eq!(s.count().await, before, "nothing was issued");
+    // It may not rotate (and so obtain) or switch off a key holding more than it does.
+    for action in ["rotate", "revoke", "disable"] {
+        let r = send(
+            &app,
+            "POST",
+            &format!("/admin/keys/{root_id}/{action}"),
+            Some(&sub),
+            "",
+        )
+        .await;
+        assert_eq!(r.json["code"], "privilege_escalation", "{action}");
+    }
+    assert_eq!(
+        send(&app, "GET", "/admin/keys", Some(&root), "")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    // What it issued, it manages.
+    let r = send(
+        &app,
+        "POST",
+        &format!("/admin/keys/{ok_id}/rotate"),
+        Some(&sub),
+        r#"{"grace":"10m"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    // Changes are audited with the caller as actor.
+    let sub_id = &sub["kg_".len().."kg_".len() + 12];
+    let actors: Vec<String> = s
+        .sink
+        .events()
+        .iter()
+        .filter_map(|e| e.as_lifecycle())
+        .filter(|l| l.actor != "test")
+        .map(|l| l.actor.clone())
+        .collect();
+    assert_eq!(
+        actors,
+        vec![format!("key:{sub_id}"); 3],
+        "issued, rotated, issued"
+    );
+}
+
+#[tokio::test]
+async fn tenant_admins_see_and_manage_only_their_tenant() {
+    let s = setup();
+    let (acme_admin, _) = s
+        .key(admin_spec().attribute("tenant", "acme").scope("keys:admin"))
+        .await;
+    let (_, globex_id) = s
+        .key(
+            KeySpec::new("g")
+                .scope("points:read")
+                .resource("*")
+                .attribute("tenant", "globex"),
+        )
+        .await;
+    let (_, plain_id) = s.key(KeySpec::new("no-tenant").scope("points:read")).await;
+    let app = Router::new().nest(
+        "/admin",
+        AdminApi::new(s.keys.clone()).gate(&s.gate).router(),
+    );
+    let k = Some(acme_admin.as_str());
+
+    let r = send(
+        &app,
+        "POST",
+        "/admin/keys",
+        k,
+        r#"{"name":"a","scopes":["points:read"],"collections":["x"]}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(
+        r.json["attributes"]["tenant"], "acme",
+        "stamped with the admin's tenant"
+    );
+    let r = send(
+        &app,
+        "POST",
+        "/admin/keys",
+        k,
+        r#"{"name":"b","attributes":{"tenant":"globex"}}"#,
+    )
+    .await;
+    assert_eq!(r.json["code"], "privilege_escalation");
+    let r = send(&app, "GET", "/admin/keys", k, "").await;
+    let mut names: Vec<&str> = r.json["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["a", "admin"]);
+    for id in [&globex_id, &plain_id] {
+        let r = send(&app, "GET", &format!("/admin/keys/{id}"), k, "").await;
+        assert_eq!(
+            (r.status, r.json["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("key_not_found"))
+        );
+        let r = send(&app, "POST", &format!("/admin/keys/{id}/revoke"), k, "").await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+    }
+    assert_eq!(
+        s.keys
+            .show(globex_id.parse().unwrap())
+            .await
+            .unwrap()
+            .status
+            .as_str(),
+        "active"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_is_a_clear_4xx_and_changes_nothing() {
+    let s = setup();
+    let (admin, admin_id) = s.key(admin_spec()).await;
+    let (_, dead_id) = s.key(KeySpec::new("dead")).await;
+    s.keys
+        .revoke("test", dead_id.parse().unwrap())
+        .await
+        .unwrap();
+    let app = Router::new().nest(
+        "/admin",
+        AdminApi::new(s.keys.clone()).gate(&s.gate).router(),
+    );
+    let k = Some(admin.as_str());
+    let before = s.count().await;
+    let big = format!(r#"{{"name":"n","metadata":"{}"}}"#, "x".repeat(300 * 1024));
+    for (method, path, body, status, code) in [
+        ("POST", "/admin/keys", "{not json", 400, "invalid_json"),
+        ("POST", "/admin/keys", "", 400, "invalid_json"),
+        (
+            "POST",
+            "/admin/keys",
+            r#"{"name":"n","scope":["points:read"]}"#,
+            400,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/admin/keys",
+            r#"{"scopes":["points:read"]}"#,
+            400,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/admin/keys",
+            r#"{"name":"n","scopes":["points"]}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/admin/keys",
+            r#"{"name":"n","collections":["a/b"]}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/admin/keys",
+            r#"{"name":"","scopes":[]}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/admin/keys",
+            r#"{"name":"n","allowed_ips":["10.0.0.1/8"]}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/admin/keys",
+            r#"{"name":"n","rate_limits":["burst=0/s"]}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/admin/keys",
+            r#"{"name":"n","quotas":["q=5/week"]}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/admin/keys",
+            r#"{"name":"n","expires_in":"-1d"}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/admin/keys",
+            r#"{"name":"n","expires_at":"2020-01-01T00:00:00Z"}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/admin/keys",
+            r#"{"name":"n","attributes":{"bad name":"x"}}"#,
+            400,
+            "invalid_request",
+        ),
+        ("POST", "/admin/keys", &big, 413, "payload_too_large"),
+        ("GET", "/admin/keys?status=gone", "", 400, "invalid_request"),
+        ("GET", "/admin/keys/not-an-id", "", 400, "invalid_request"),
+        ("GET", "/admin/keys/AAAAAAAAAAAA", "", 404, "key_not_found"),
+        (
+            "POST",
+            "/admin/keys/AAAAAAAAAAAA/revoke",
+            "",
+            404,
+            "key_not_found",
+        ),
+        (
+            "POST",
+            &format!("/admin/keys/{dead_id}/enable"),
+            "",
+            409,
+            "wrong_status",
+        ),
+        (
+            "POST",
+            &format!("/admin/keys/{dead_id}/rotate"),
+            "",
+            409,
+            "wrong_status",
+        ),
+        (
+            "POST",
+            &format!("/admin/keys/{admin_id}/rotate"),
+            r#"{"grace":"soon"}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            &format!("/admin/keys/{admin_id}/disable"),
+            r#"{"now":true}"#,
+            400,
+            "invalid_json",
+        ),
+        (
+            "GET",
+            &format!("/admin/keys/{admin_id}/usage"),
+            "",
+            501,
+            "usage_unavailable",
+        ),
+    ] {
+        let r = send(&app, method, path, k, body).await;
+        assert_eq!(
+            (r.status.as_u16(), r.json["code"].as_str()),
+            (status, Some(code)),
+            "{method} {path} {}",
+            body.chars().take(80).collect::<String>()
+        );
+        assert_eq!(r.headers["content-type"], "application/problem+json");
+        assert!(r.json["detail"].as_str().is_some_and(|d| !d.is_empty()));
+    }
+    assert_eq!(s.count().await, before);
+    assert_eq!(
+        s.keys
+            .show(admin_id.parse().unwrap())
+            .await
+            .unwrap()
+            .status
+            .as_str(),
+        "active"
+    );
+}
+
+#[tokio::test]
+async fn usage_comes_from_the_usage_store() {
+    let s = setup();
+    let (admin, _) = s.key(admin_spec()).await;
+    let issued = s
+        .keys
+        .issue(
+            "test",
+            KeySpec::new("metered").quota("daily=100/day".parse().unwrap()),
+        )
+        .await
+        .unwrap();
+    let id = issued.key.id();
+    let usage = Arc::new(MemoryUsageStore::new());
+    let now = s.clock.now();
+    let day = Window::containing(QuotaWindow::Day, now);
+    usage
+        .add(&[Increment {
+            key: id,
+            window: day,
+            usage: Usage {
+                cost: 30,
+                requests: 3,
+            },
+        }])
+        .await
+        .unwrap();
+    let app = Router::new().nest(
+        "/admin",
+        AdminApi::new(s.keys.clone())
+            .gate(&s.gate)
+            .usage_store(usage.clone())
+            .router(),
+    );
+    let r = send(
+        &app,
+        "GET",
+        &format!("/admin/keys/{id}/usage"),
+        Some(&admin),
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(r.json["quotas"][0]["used"], 30);
+    assert_eq!(r.json["quotas"][0]["remaining"], 70);
+    assert_eq!(r.json["windows"][0]["requests"], 3);
+    // A range that excludes today lists no window, but the quota still reads today's use.
+    s.clock.advance(Duration::from_secs(3600));
+    let r = send(
+        &app,
+        "GET",
+        &format!("/admin/keys/{id}/usage?from=2020-01-01T00:00:00Z&to=2021-01-01T00:00:00Z"),
+        Some(&admin),
+        "",
+    )
+    .await;
+    assert_eq!(r.json["windows"], json!([]));
+    assert_eq!(r.json["quotas"][0]["used"], 30);
+}

@@ -1,0 +1,394 @@
+//! The showcase binary as a process: first start issues and prints an admin key, keys and
+//! quota usage persist in SQLite across restarts, SIGTERM shuts down gracefully with usage
+//! and the audit log flushed, and the log (one file per start, one chain) verifies.
+//!
+//! The binary is the one `cargo test` builds next to this test
+//! (`target/<profile>/examples/vector_db`; `cargo test --workspace --all-features` builds
+//! examples). When it is missing or older than the example's sources (a run limited with
+//! `--test`), the test says so and skips: build it with
+//! `cargo build --example vector_db --all-features`.
+
+mod showcase_support;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, SystemTime};
+
+use http::StatusCode;
+use keygate::core::audit::{verify_dir, VerifyOptions};
+use serde_json::json;
+use showcase_support::call;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+fn newest_source() -> SystemTime {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut files = vec![root.join("vector_db.rs")];
+    if let Ok(dir) = std::fs::read_dir(root.join("vector_db")) {
+        files.extend(dir.filter_map(|e| e.ok().map(|e| e.path())));
+    }
+    files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+        .max()
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// The example binary, if built and newer than its sources.
+fn binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let profile_dir = exe.parent()?.parent()?;
+    let bin = profile_dir
+        .join("examples")
+        .join(format!("vector_db{}", std::env::consts::EXE_SUFFIX));
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+    match built {
+        None => {
+            println!(
+                "SKIPPED: {} is not built (cargo build --example vector_db --all-features)",
+                bin.display()
+            );
+            None
+        }
+        Some(t) if t < newest_source() => {
+            println!(
+                "SKIPPED: {} is older than examples/vector_db* (rebuild it)",
+                bin.display()
+            );
+            None
+        }
+        Some(_) => Some(bin),
+    }
+}
+
+struct Server {
+    child: Child,
+    out: Lines<BufReader<ChildStdout>>,
+    addr: std::net::SocketAddr,
+    admin_key: Option<String>,
+}
+
+async fn start(bin: &Path, dir: &Path) -> Server {
+    let mut child = Command::new(bin)
+        .args(["--listen", "127.0.0.1:0"])
+        .current_dir(dir)
+        .env_remove("KEYGATE_DATABASE_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the example");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut addr = None;
+    let mut admin_key = None;
+    let read = async {
+        while let Some(line) = out.next_line().await.expect("stdout") {
+            if let Some(a) = line.strip_prefix("keygate vector_db listening on http://") {
+                addr = Some(a.parse().expect("address"));
+            }
+            if let Some(k) = line.strip_prefix("admin key (shown once, store it now): ") {
+                admin_key = Some(k.to_owned());
+            }
+            if line == "ready" {
+                return;
+            }
+        }
+        panic!("the example exited before it was ready");
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("the example is ready within 60 s");
+    Server {
+        child,
+        out,
+        addr: addr.expect("the listening line"),
+        admin_key,
+    }
+}
+
+impl Server {
+    /// SIGTERM, then the rest of stdout and the exit status.
+    async fn terminate(mut self) -> Vec<String> {
+        let pid = self.child.id().expect("running").to_string();
+        let killed = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .expect("kill");
+        assert!(killed.success());
+        let mut rest = Vec::new();
+        let finish = async {
+            while let Some(line) = self.out.next_line().await.expect("stdout") {
+                rest.push(line);
+            }
+            self.child.wait().await.expect("wait")
+        };
+        let status = tokio::time::timeout(Duration::from_secs(30), finish)
+            .await
+            .expect("graceful shutdown within 30 s");
+        assert!(status.success(), "exit status {status:?}");
+        rest
+    }
+}
+
+fn written(lines: &[String]) -> u64 {
+    lines
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("audit: ")?
+                .strip_suffix(" events written, 0 dropped")?
+                .parse()
+                .ok()
+        })
+        .expect("the shutdown line reports no dropped event")
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn first_start_restart_and_graceful_shutdown() {
+    let Some(bin) = binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+
+    let server = start(&bin, dir.path()).await;
+    let admin = server
+        .admin_key
+        .clone()
+        .expect("the first start prints an admin key");
+    let addr = server.addr;
+    assert!(
+        dir.path().join("keygate.db").exists(),
+        "SQLite file created"
+    );
+    let a = Some(admin.as_str());
+    let r = call(
+        addr,
+        "PUT",
+        "/collections/docs",
+        a,
+        Some(&json!({"vectors": {"size": 2, "distance": "Dot"}})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = call(
+        addr,
+        "PUT",
+        "/collections/docs/points",
+        a,
+        Some(
+            &json!({"points": [{"id": 1, "vector": [1.0, 0.0]}, {"id": 2, "vector": [0.0, 1.0]}]}),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = call(addr, "POST", "/admin/keys", a,
+                 Some(&json!({"name": "reader", "scopes": ["points:read", "collections:read"], "collections": ["docs*"]}))).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let reader = r.json["key"].as_str().unwrap().to_owned();
+    let r = call(
+        addr,
+        "POST",
+        "/collections/docs/points/search",
+        Some(&reader),
+        Some(&json!({"vector": [0.9, 0.1], "limit": 1})),
+    )
+    .await;
+    assert_eq!(r.json["result"][0]["id"], 1);
+    let r = call(
+        addr,
+        "PUT",
+        "/collections/docs/points",
+        Some(&reader),
+        Some(&json!({"points": []})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let first = written(&server.terminate().await);
+    assert!(
+        first >= 6,
+        "{first} events: 5 requests and the admin key's issue"
+    );
+
+    // Restart: the keys are still there, so no new admin key; vectors were in memory.
+    let server = start(&bin, dir.path()).await;
+    assert_eq!(server.admin_key, None, "no second admin key");
+    let r = call(server.addr, "GET", "/collections", Some(&reader), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json["result"]["collections"], json!([]));
+    // Quota usage of the first run was flushed to the database at shutdown: the admin key's
+    // metered day holds its 3 requests there (cost 4: the upsert of 2 points cost 2), plus
+    // this one.
+    let admin_id = &admin["kg_".len().."kg_".len() + 12];
+    let r = call(
+        server.addr,
+        "GET",
+        &format!("/admin/keys/{admin_id}/usage"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let day = &r.json["windows"][0];
+    assert_eq!(
+        (
+            day["window"].as_str(),
+            day["cost"].as_u64(),
+            day["requests"].as_u64()
+        ),
+        (Some("day"), Some(5), Some(4)),
+        "{}",
+        r.text
+    );
+    let second = written(&server.terminate().await);
+    assert_eq!(second, 2);
+
+    let report = verify_dir(dir.path(), "keygate-audit", &VerifyOptions::default()).unwrap();
+    assert_eq!((report.files, report.lines), (2, first + second));
+    let mut text = String::new();
+    for f in keygate::core::audit::log_files(dir.path(), "keygate-audit").unwrap() {
+        text.push_str(&std::fs::read_to_string(f).unwrap());
+    }
+    for k in [&admin, &reader] {
+        assert!(
+            !text.contains(&k["kg_".len() + 12..]),
+            "a key's secret is in the audit log"
+        );
+    }
+}
+
+/// The `keygate` CLI binary `cargo test --workspace` builds next to this test, if it is
+/// there and newer than its sources.
+fn cli_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe
+        .parent()?
+        .parent()?
+        .join(format!("keygate{}", std::env::consts::EXE_SUFFIX));
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/keygate-cli/src");
+    let newest = std::fs::read_dir(&src)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+        .max()
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    match std::fs::metadata(&bin).and_then(|m| m.modified()) {
+        Ok(t) if t >= newest => Some(bin),
+        Ok(_) => {
+            println!(
+                "SKIPPED: {} is older than its sources (rebuild it)",
+                bin.display()
+            );
+            None
+        }
+        Err(_) => {
+            println!(
+                "SKIPPED: {} is not built (cargo build -p keygate-cli)",
+                bin.display()
+            );
+            None
+        }
+    }
+}
+
+/// Runs the CLI on the showcase's database; its stdout parsed as JSON.
+async fn cli(bin: &Path, dir: &Path, args: &[&str]) -> serde_json::Value {
+    let db = format!("sqlite://{}", dir.join("keygate.db").display());
+    let out = Command::new(bin)
+        .arg("--database-url")
+        .arg(&db)
+        .args(args)
+        .arg("--json")
+        .env_remove("KEYGATE_DATABASE_URL")
+        .output()
+        .await
+        .expect("run the CLI");
+    assert!(
+        out.status.success(),
+        "keygate {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+/// Polls `key`'s search until it answers `want`; how long that took.
+async fn until_status(addr: std::net::SocketAddr, key: &str, want: StatusCode) -> Duration {
+    let start = std::time::Instant::now();
+    loop {
+        let r = call(addr, "GET", "/collections/docs", Some(key), None).await;
+        if r.status == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "still {} after 5 s",
+            r.status
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn keys_from_the_cli_work_in_the_running_showcase() {
+    let (Some(bin), Some(keygate)) = (binary(), cli_binary()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&bin, dir.path()).await;
+    let admin = server.admin_key.clone().expect("admin key");
+    let addr = server.addr;
+    let r = call(
+        addr,
+        "PUT",
+        "/collections/docs",
+        Some(&admin),
+        Some(&json!({"vectors": {"size": 2, "distance": "Cosine"}})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+
+    // A key created by the CLI, in another process, works at once.
+    let created = cli(
+        &keygate,
+        dir.path(),
+        &[
+            "keys",
+            "create",
+            "--name",
+            "cli-reader",
+            "--scope",
+            "collections:read",
+            "--collection",
+            "docs*",
+        ],
+    )
+    .await;
+    let (id, key) = (
+        created["id"].as_str().unwrap().to_owned(),
+        created["key"].as_str().unwrap().to_owned(),
+    );
+    until_status(addr, &key, StatusCode::OK).await;
+    let r = call(addr, "DELETE", "/collections/docs", Some(&key), None).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "read-only key");
+
+    // Rotation: the new key works; the old one keeps working during the grace period.
+    let rotated = cli(
+        &keygate,
+        dir.path(),
+        &["keys", "rotate", &id, "--grace", "1h"],
+    )
+    .await;
+    let new_id = rotated["id"].as_str().unwrap().to_owned();
+    let new_key = rotated["key"].as_str().unwrap().to_owned();
+    assert_ne!(new_id, id);
+    until_status(addr, &new_key, StatusCode::OK).await;
+    let r = call(addr, "GET", "/collections/docs", Some(&key), None).await;
+    assert_eq!(r.status, StatusCode::OK, "old key within its grace period");
+
+    // Revocation from the CLI reaches the running server within the SQLite bound (1 s).
+    cli(&keygate, dir.path(), &["keys", "revoke", &new_id]).await;
+    let took = until_status(addr, &new_key, StatusCode::UNAUTHORIZED).await;
+    println!("CLI revocation reached the running showcase in {took:?} (SQLite, bound 1 s)");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    server.terminate().await;
+}
