@@ -7,6 +7,7 @@ use tower_layer::Layer;
 
 use super::limiter::{Limiter, LimiterClock, Shape, ShapeError, ShapeHash};
 use super::RateLimit;
+use crate::core::rate::RateBackend;
 use crate::cost::RequestHead;
 use crate::guard::Resolver;
 use crate::{KeyGate, RateLimitPolicy};
@@ -89,6 +90,8 @@ fn validate_set(policies: &[RateLimitPolicy]) -> Result<(), ConfigError> {
 /// | [`ipv6_prefix`](Self::ipv6_prefix) | 64 |
 /// | [`max_tracked_addresses`](Self::max_tracked_addresses) | 262,144 per policy shape |
 /// | [`housekeeping_every`](Self::housekeeping_every) | 65,536 new subjects |
+/// | [`backend`](Self::backend) (state shared by replicas) | none: in-process GCRA |
+/// | [`fallback`](Self::fallback) (when the backend fails) | [`Fallback::Deny`] (503 `store_unavailable`) |
 #[derive(Clone)]
 pub struct RateLimitConfig {
     pub(crate) defaults: Vec<RateLimitPolicy>,
@@ -99,6 +102,23 @@ pub struct RateLimitConfig {
     pub(crate) ipv6_prefix: u8,
     pub(crate) max_tracked_addresses: usize,
     pub(crate) housekeeping_every: usize,
+    pub(crate) backend: Option<Arc<dyn RateBackend>>,
+    pub(crate) fallback: Fallback,
+}
+
+/// What a [`RateLimitLayer`] with a [backend](RateLimitConfig::backend) does when the
+/// backend cannot answer ([`RateError::Unavailable`](crate::core::rate::RateError)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Fallback {
+    /// Refuse the request: 503 `store_unavailable` with `Retry-After: 1` (gRPC UNAVAILABLE).
+    /// Fail closed; the default.
+    #[default]
+    Deny,
+    /// Limit in-process (this replica's own GCRA state, with the same policies) until the
+    /// backend answers again. Stays available, but while it lasts each replica allows the
+    /// whole limit, so `n` replicas allow up to `n` times it.
+    Local,
 }
 
 impl Default for RateLimitConfig {
@@ -112,6 +132,8 @@ impl Default for RateLimitConfig {
             ipv6_prefix: 64,
             max_tracked_addresses: 1 << 18,
             housekeeping_every: 1 << 16,
+            backend: None,
+            fallback: Fallback::Deny,
         }
     }
 }
@@ -191,6 +213,25 @@ impl RateLimitConfig {
         self
     }
 
+    /// Keeps rate-limit state in `backend` instead of in-process, so replicas sharing it
+    /// enforce one limit together (`keygate::redis::RedisRateLimiter`). Every request with
+    /// policies then costs one backend call (an async step), unless the backend's
+    /// [`precheck`](RateBackend::precheck) refuses it at once. Policies, costs, fields and
+    /// refunds behave as in-process; a refund (another layer refused the request) is sent
+    /// to the backend in the background, and the response's `RateLimit` field is corrected
+    /// locally. A free request (cost 0) asks the backend only for the fields, and not at
+    /// all when [`headers`](Self::headers) are off.
+    pub fn backend(mut self, backend: impl RateBackend) -> Self {
+        self.backend = Some(Arc::new(backend));
+        self
+    }
+
+    /// What to do when the backend cannot answer (default [`Fallback::Deny`]).
+    pub fn fallback(mut self, fallback: Fallback) -> Self {
+        self.fallback = fallback;
+        self
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         validate_set(&self.defaults)?;
         validate_set(&self.anonymous)?;
@@ -218,6 +259,8 @@ impl fmt::Debug for RateLimitConfig {
             .field("ipv6_prefix", &self.ipv6_prefix)
             .field("max_tracked_addresses", &self.max_tracked_addresses)
             .field("housekeeping_every", &self.housekeeping_every)
+            .field("backend", &self.backend.as_ref().map(|_| "dyn RateBackend"))
+            .field("fallback", &self.fallback)
             .finish()
     }
 }
@@ -225,6 +268,8 @@ impl fmt::Debug for RateLimitConfig {
 /// A configured policy set (defaults or anonymous), resolved to limiters once.
 pub(crate) struct PolicySet {
     pub(crate) entries: Vec<(RateLimitPolicy, Arc<Limiter>)>,
+    /// The policies alone (what a backend is asked about).
+    pub(crate) policies: Vec<RateLimitPolicy>,
     /// The `RateLimit-Policy` field of the set, formatted once.
     pub(crate) policy_field: Option<HeaderValue>,
 }
@@ -239,6 +284,9 @@ pub(crate) struct Shared {
     pub(crate) ipv6_prefix: u8,
     /// The hub, when the layer was built from one (client addresses through its proxies).
     pub(crate) gate: Option<KeyGate>,
+    /// Shared state, when configured (otherwise the limiters above decide).
+    pub(crate) backend: Option<Arc<dyn RateBackend>>,
+    pub(crate) fallback: Fallback,
     clock: LimiterClock,
     max_tracked_addresses: usize,
     housekeeping_every: usize,
@@ -251,16 +299,20 @@ impl Shared {
             limiters: DashMap::default(),
             defaults: PolicySet {
                 entries: Vec::new(),
+                policies: Vec::new(),
                 policy_field: None,
             },
             anonymous: PolicySet {
                 entries: Vec::new(),
+                policies: Vec::new(),
                 policy_field: None,
             },
             cost: config.cost,
             headers: config.headers,
             ipv6_prefix: config.ipv6_prefix,
             gate,
+            backend: config.backend,
+            fallback: config.fallback,
             clock: config.clock,
             max_tracked_addresses: config.max_tracked_addresses,
             housekeeping_every: config.housekeeping_every,
@@ -272,6 +324,7 @@ impl Shared {
 
     fn set(&self, policies: Vec<RateLimitPolicy>) -> Result<PolicySet, ConfigError> {
         let mut entries = Vec::with_capacity(policies.len());
+        let list = policies.clone();
         for p in policies {
             let shape = Shape::of(&p).map_err(|e| invalid(&p, e))?;
             let limiter = self.limiter(shape);
@@ -287,6 +340,7 @@ impl Shared {
         let policy_field = (!entries.is_empty()).then(|| field.to_header()).flatten();
         Ok(PolicySet {
             entries,
+            policies: list,
             policy_field,
         })
     }

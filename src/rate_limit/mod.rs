@@ -67,6 +67,22 @@
 //!   [`max_tracked_addresses`](RateLimitConfig::max_tracked_addresses) addresses are tracked
 //!   per policy shape, and new ones beyond that share one `overflow` bucket.
 //!
+//! # Shared state for replicas
+//! In-process state limits each replica on its own: `n` replicas allow `n` times the limit.
+//! [`RateLimitConfig::backend`] keeps the state in a
+//! [`RateBackend`](crate::core::rate::RateBackend) instead (feature `redis`:
+//! `keygate::redis::RedisRateLimiter`, GCRA in one Lua script per request), so every
+//! replica enforces one limit. Policies, costs, all-or-nothing counting, anonymous
+//! addresses, fields and refunds behave as in-process (the Redis tests compare both answer
+//! for answer); the differences:
+//! - each request with policies makes one backend round trip (an async step), unless the
+//!   backend's local pre-check already knows the caller has no room;
+//! - a refund (another layer refused the request) is sent in the background; the
+//!   response's `RateLimit` field is corrected at once;
+//! - when the backend cannot answer, [`Fallback::Deny`] (the default) refuses with 503
+//!   `store_unavailable` and `Retry-After: 1`, and [`Fallback::Local`] limits in-process
+//!   (each replica the whole limit) until the backend is back.
+//!
 //! # Fields
 //! Responses carry `RateLimit-Policy` (`"burst";q=20;w=1`) and `RateLimit`
 //! (`"burst";r=19;t=1`) as in draft-ietf-httpapi-ratelimit-headers-10: `q` the limit, `w`
@@ -81,6 +97,6 @@ mod limiter;
 mod service;
 
 pub use crate::future::ResponseFuture;
-pub use layer::{validate_policy, ConfigError, RateLimitConfig, RateLimitLayer};
+pub use layer::{validate_policy, ConfigError, Fallback, RateLimitConfig, RateLimitLayer};
 pub use limiter::{LimiterClock, MAX_PERIOD};
 pub use service::{RateLimit, RateLimitNote};

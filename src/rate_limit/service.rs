@@ -7,12 +7,13 @@ use http::{HeaderValue, Request, Response};
 use smallvec::SmallVec;
 use tower_service::Service;
 
-use super::layer::Shared;
+use super::layer::{Fallback, Shared};
 use super::limiter::{Limiter, Shape, Standing, Subject, Verdict};
+use crate::core::rate::{RateBackend, RateDecision, RateError, RateSubject};
 use crate::core::usage::{LimitState, MAX_SF_INTEGER};
 use crate::cost::{FieldBuf, RequestHead};
 use crate::future::{ResponseFuture, ResponseNote};
-use crate::guard::{self, Check, Resolver};
+use crate::guard::{self, Check, Resolver, Step};
 use crate::reject::{ResponseBody, RATELIMIT, RATELIMIT_POLICY};
 use crate::{client_ip, Denial, DenialCode, Principal, RateLimitPolicy};
 
@@ -69,6 +70,8 @@ where
 pub struct RateLimitNote {
     fields: Option<(HeaderValue, HeaderValue)>,
     refund: Option<Refund>,
+    /// The refund of a request counted by the backend.
+    remote: Option<Box<RemoteRefund>>,
 }
 
 struct Refund {
@@ -77,17 +80,59 @@ struct Refund {
     cost: u32,
 }
 
+struct RemoteRefund {
+    backend: Arc<dyn RateBackend>,
+    shared: Arc<Shared>,
+    principal: Principal,
+    cost: u32,
+    /// The standings the fields were written from (to correct them after the refund).
+    standings: SmallVec<[Standing; 2]>,
+}
+
+impl RemoteRefund {
+    fn run(self, fields: &mut Option<(HeaderValue, HeaderValue)>) {
+        let (policies, policy_field) = policies_of(&self.shared, Some(&self.principal));
+        self.backend.refund(
+            RateSubject::Key(self.principal.key_id()),
+            policies,
+            self.cost,
+        );
+        if fields.is_some() {
+            // What the backend will hold once the refund lands.
+            let standings: SmallVec<[Standing; 2]> = policies
+                .iter()
+                .zip(&self.standings)
+                .map(|(p, s)| Standing {
+                    remaining: (s.remaining + u64::from(self.cost)).min(u64::from(p.limit)),
+                    reset_after: s.reset_after.saturating_sub(
+                        (p.period / p.limit.max(1))
+                            .checked_mul(self.cost)
+                            .unwrap_or(p.period),
+                    ),
+                })
+                .collect();
+            *fields = fields_of(policies, policy_field, &standings);
+        }
+    }
+}
+
 impl std::fmt::Debug for RateLimitNote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimitNote")
             .field("fields", &self.fields)
             .field("refund", &self.refund.as_ref().map(|r| r.cost))
+            .field("remote", &self.remote.as_ref().map(|r| r.cost))
             .finish()
     }
 }
 
 impl ResponseNote for RateLimitNote {
     fn apply<B>(mut self, res: &mut Response<B>) {
+        if let Some(r) = self.remote {
+            if res.extensions().get::<Denial>().is_some() {
+                r.run(&mut self.fields);
+            }
+        }
         if let Some(r) = self.refund {
             if res.extensions().get::<Denial>().is_some() {
                 if let Ok(plan) = plan(&r.shared, Some(&r.principal)) {
@@ -162,49 +207,248 @@ fn client_address<B>(
     Subject::of_addr(ip, shared.ipv6_prefix)
 }
 
-impl<ReqB> Check<ReqB> for RateCheck {
+impl<ReqB: Send + 'static> Check<ReqB> for RateCheck {
     type Note = RateLimitNote;
+
+    fn begin(
+        self,
+        req: &mut Request<ReqB>,
+        who: Result<&Principal, &Denial>,
+    ) -> Step<ReqB, RateLimitNote> {
+        match &self.shared.backend {
+            None => Step::Now(self.check(req, who)),
+            Some(backend) => {
+                let backend = backend.clone();
+                begin_remote(self.shared, backend, req, who)
+            }
+        }
+    }
 
     fn check(
         self,
         req: &mut Request<ReqB>,
         who: Result<&Principal, &Denial>,
     ) -> Result<RateLimitNote, Denial> {
-        let shared = &*self.shared;
         let principal = who.ok();
         let subject = match principal {
             Some(p) => Subject::Key(p.key_id()),
-            None => client_address(shared, shared.gate.as_ref(), req),
+            None => client_address(&self.shared, self.shared.gate.as_ref(), req),
         };
-        let plan = plan(shared, principal)?;
-        if plan.entries.is_empty() {
-            return Ok(RateLimitNote {
-                fields: None,
-                refund: None,
-            });
+        let req = &*req;
+        decide_locally(self.shared, principal, subject, |shared| {
+            match &shared.cost {
+                Some(f) => f(&RequestHead::of(req, principal)),
+                None => 1,
+            }
+        })
+    }
+}
+
+/// The in-process decision: the policies' governor limiters count `cost` for `subject`.
+fn decide_locally(
+    shared_arc: Arc<Shared>,
+    principal: Option<&Principal>,
+    subject: Subject,
+    cost: impl FnOnce(&Shared) -> u32,
+) -> Result<RateLimitNote, Denial> {
+    let shared = &*shared_arc;
+    let plan = plan(shared, principal)?;
+    if plan.entries.is_empty() {
+        return Ok(RateLimitNote {
+            fields: None,
+            refund: None,
+            remote: None,
+        });
+    }
+    let cost = cost(shared);
+    let standings = decide(&plan, subject, cost)?;
+    for e in &plan.entries {
+        if e.limiter.take_due() {
+            e.limiter.housekeeping();
         }
-        let cost = match &shared.cost {
-            Some(f) => f(&RequestHead::of(req, principal)),
-            None => 1,
-        };
-        let standings = decide(&plan, subject, cost)?;
-        for e in &plan.entries {
-            if e.limiter.take_due() {
-                e.limiter.housekeeping();
+    }
+    let fields = shared.headers.then(|| fields(&plan, &standings)).flatten();
+    drop(plan);
+    let refund = match principal {
+        Some(p) if cost > 0 => Some(Refund {
+            principal: p.clone(),
+            cost,
+            shared: shared_arc,
+        }),
+        _ => None,
+    };
+    Ok(RateLimitNote {
+        fields,
+        refund,
+        remote: None,
+    })
+}
+
+/// The policies a request is decided on (the key's own, or a configured set) and, for a
+/// configured set, its precomputed `RateLimit-Policy` field.
+fn policies_of<'a>(
+    shared: &'a Shared,
+    principal: Option<&'a Principal>,
+) -> (&'a [RateLimitPolicy], Option<&'a HeaderValue>) {
+    let own = principal.map_or(&[][..], Principal::rate_limits);
+    if !own.is_empty() {
+        return (own, None);
+    }
+    let set = if principal.is_some() {
+        &shared.defaults
+    } else {
+        &shared.anonymous
+    };
+    (&set.policies, set.policy_field.as_ref())
+}
+
+fn rate_subject(subject: Subject) -> RateSubject {
+    match subject {
+        Subject::Key(id) => RateSubject::Key(id),
+        Subject::V4(a) => RateSubject::Ipv4(a),
+        Subject::V6(p) => RateSubject::Ipv6(p),
+        Subject::Unknown | Subject::Overflow => RateSubject::Unknown,
+    }
+}
+
+/// The backend's path: validates the policies, asks the pre-check, then the backend (an
+/// async step).
+fn begin_remote<ReqB: Send + 'static>(
+    shared: Arc<Shared>,
+    backend: Arc<dyn RateBackend>,
+    req: &mut Request<ReqB>,
+    who: Result<&Principal, &Denial>,
+) -> Step<ReqB, RateLimitNote> {
+    let principal = who.ok();
+    let subject = match principal {
+        Some(p) => Subject::Key(p.key_id()),
+        None => client_address(&shared, shared.gate.as_ref(), req),
+    };
+    let (policies, _) = policies_of(&shared, principal);
+    if policies.is_empty() {
+        return Step::Now(Ok(RateLimitNote {
+            fields: None,
+            refund: None,
+            remote: None,
+        }));
+    }
+    if let Some(bad) = policies.iter().find(|p| Shape::of(p).is_err()) {
+        // A stored record that bypassed validation: fail closed, as in-process.
+        tracing::warn!(policy = %bad.name, "invalid rate-limit policy on a key record; refusing its requests");
+        return Step::Now(Err(Denial::new(DenialCode::RateLimited)
+            .with_detail("The key's rate-limit policy is invalid.")));
+    }
+    let cost = match &shared.cost {
+        Some(f) => f(&RequestHead::of(req, principal)),
+        None => 1,
+    };
+    if cost == 0 && !shared.headers {
+        return Step::Now(Ok(RateLimitNote {
+            fields: None,
+            refund: None,
+            remote: None,
+        }));
+    }
+    let remote = rate_subject(subject);
+    if let Some(decision) = backend.precheck(remote, policies, cost) {
+        return Step::Now(settle(&shared, &backend, principal, cost, decision));
+    }
+    let principal = principal.cloned();
+    Step::Later(Box::new(move |req| {
+        Box::pin(async move {
+            let (policies, _) = policies_of(&shared, principal.as_ref());
+            let verdict = match backend.check(remote, policies, cost).await {
+                Ok(decision) => settle(&shared, &backend, principal.as_ref(), cost, decision),
+                Err(RateError::InvalidPolicy { name, reason }) => {
+                    tracing::warn!(policy = %name, reason, "rate-limit policy refused by the backend; refusing its requests");
+                    Err(Denial::new(DenialCode::RateLimited)
+                        .with_detail("The key's rate-limit policy is invalid."))
+                }
+                Err(e) => match shared.fallback {
+                    Fallback::Local => {
+                        tracing::debug!(error = %e, "rate-limit backend unavailable; limiting in-process");
+                        decide_locally(shared.clone(), principal.as_ref(), subject, |_| cost)
+                    }
+                    Fallback::Deny => {
+                        tracing::warn!(error = %e, "rate-limit backend unavailable; refusing");
+                        Err(Denial::new(DenialCode::StoreUnavailable)
+                            .with_detail("The rate-limit store is unavailable; try again later.")
+                            .with_retry_after(Duration::from_secs(1)))
+                    }
+                },
+            };
+            (req, verdict)
+        })
+    }))
+}
+
+/// Turns a backend's decision into the note (fields, refund) or the denial.
+fn settle(
+    shared: &Arc<Shared>,
+    backend: &Arc<dyn RateBackend>,
+    principal: Option<&Principal>,
+    cost: u32,
+    decision: RateDecision,
+) -> Result<RateLimitNote, Denial> {
+    let (policies, policy_field) = policies_of(shared, principal);
+    let standings: SmallVec<[Standing; 2]> = decision
+        .standings
+        .iter()
+        .map(|s| Standing {
+            remaining: s.remaining,
+            reset_after: s.reset_after,
+        })
+        .collect();
+    if standings.len() != policies.len() {
+        tracing::warn!("rate-limit backend answered for the wrong number of policies; refusing");
+        return Err(Denial::new(DenialCode::StoreUnavailable)
+            .with_detail("The rate-limit store is unavailable; try again later.")
+            .with_retry_after(Duration::from_secs(1)));
+    }
+    if !decision.allowed {
+        // As in-process: a cost above a limit names only the policies it exceeds.
+        let oversized = decision.standings.iter().any(|d| d.wait.is_none());
+        let states = policies
+            .iter()
+            .zip(&standings)
+            .zip(&decision.standings)
+            .map(|((p, s), d)| {
+                let violated = if oversized {
+                    d.wait.is_none()
+                } else {
+                    d.violated()
+                };
+                state(p, *s, violated)
+            })
+            .collect();
+        let denial = Denial::new(DenialCode::RateLimited);
+        return Err(match decision.retry_after() {
+            Some(wait) => denial.with_retry_after(wait),
+            None => {
+                denial.with_detail("The request costs more than the rate limit allows at once.")
             }
         }
-        let fields = shared.headers.then(|| fields(&plan, &standings)).flatten();
-        drop(plan);
-        let refund = match principal {
-            Some(p) if cost > 0 => Some(Refund {
-                principal: p.clone(),
-                cost,
-                shared: self.shared,
-            }),
-            _ => None,
-        };
-        Ok(RateLimitNote { fields, refund })
+        .with_limits(states));
     }
+    let fields = shared
+        .headers
+        .then(|| fields_of(policies, policy_field, &standings))
+        .flatten();
+    let remote = match principal {
+        Some(p) if cost > 0 => Some(Box::new(RemoteRefund {
+            backend: backend.clone(),
+            shared: shared.clone(),
+            principal: p.clone(),
+            cost,
+            standings,
+        })),
+        _ => None,
+    };
+    Ok(RateLimitNote {
+        fields,
+        refund: None,
+        remote,
+    })
 }
 
 fn plan<'a>(shared: &'a Shared, principal: Option<&'a Principal>) -> Result<Plan<'a>, Denial> {
@@ -355,25 +599,46 @@ pub(crate) fn write_policy_item(out: &mut FieldBuf, name: &str, limit: u32, peri
 
 /// The `RateLimit-Policy` and `RateLimit` fields of a request that passed.
 fn fields(plan: &Plan<'_>, standings: &[Standing]) -> Option<(HeaderValue, HeaderValue)> {
-    let policy = match plan.policy_field {
+    write_fields(
+        plan.entries.iter().map(|e| e.policy),
+        plan.policy_field,
+        standings,
+    )
+}
+
+/// [`fields`] for a list of policies (the backend's path).
+fn fields_of(
+    policies: &[RateLimitPolicy],
+    policy_field: Option<&HeaderValue>,
+    standings: &[Standing],
+) -> Option<(HeaderValue, HeaderValue)> {
+    write_fields(policies.iter(), policy_field, standings)
+}
+
+fn write_fields<'a>(
+    policies: impl Iterator<Item = &'a RateLimitPolicy> + Clone,
+    policy_field: Option<&HeaderValue>,
+    standings: &[Standing],
+) -> Option<(HeaderValue, HeaderValue)> {
+    let policy = match policy_field {
         Some(v) => v.clone(),
         None => {
             let mut out = FieldBuf::new();
-            for (i, e) in plan.entries.iter().enumerate() {
+            for (i, p) in policies.clone().enumerate() {
                 if i > 0 {
                     out.push_str(", ");
                 }
-                write_policy_item(&mut out, &e.policy.name, e.policy.limit, e.policy.period);
+                write_policy_item(&mut out, &p.name, p.limit, p.period);
             }
             out.to_header()?
         }
     };
     let mut out = FieldBuf::new();
-    for (i, (e, s)) in plan.entries.iter().zip(standings).enumerate() {
+    for (i, (p, s)) in policies.zip(standings).enumerate() {
         if i > 0 {
             out.push_str(", ");
         }
-        out.push_sf_string(&e.policy.name);
+        out.push_sf_string(&p.name);
         let reset = s.reset_after.as_secs() + u64::from(s.reset_after.subsec_nanos() > 0);
         out.push_str(";r=");
         out.push_u64(s.remaining);

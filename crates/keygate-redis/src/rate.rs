@@ -1,0 +1,672 @@
+//! [`RedisRateLimiter`]: GCRA in one Lua script per request, shared by every replica.
+//!
+//! # State and arithmetic
+//! One Redis string per (subject, policy shape): `{prefix}:rl:{<subject>}:<limit>:<period µs>`
+//! holding `"<base> <units>"`, meaning the theoretical arrival time (GCRA's TAT) is
+//! `base + units · period / limit` microseconds since the Unix epoch. `base` and `units` are
+//! integers (whole periods are folded from `units` into `base`), so the state never drifts
+//! however long a key stays busy, and every comparison is made on differences of a few
+//! periods, far inside a double's exact range. A request of cost `c` fits a policy when
+//! `max(TAT, now) + c · period / limit - now <= period` (bursts of up to `limit`, one unit
+//! every `period / limit`), exactly as the in-process limiter. Keys expire when their state
+//! is back to fresh.
+//!
+//! # One round trip
+//! The script decides every policy of the request (deduplicated by shape) and writes only if
+//! all have room, so a request is counted everywhere or nowhere; Redis runs scripts one at a
+//! time, so concurrent replicas cannot both take the last unit. It answers each policy's
+//! remaining units, time until full, and wait, which is all the `RateLimit` fields and
+//! `Retry-After` need.
+//!
+//! # Time
+//! [`TimeSource::Server`] (the default) reads Redis's clock (`TIME`) inside the script: one
+//! clock for every replica, so clock skew between replicas cannot matter.
+//! [`TimeSource::Clock`] passes the caller's clock instead (a `ManualClock` in tests, so
+//! windows can be stepped). Then replicas must agree on the time: a replica whose clock runs
+//! `δ` ahead sees every state `δ` older and may let up to `δ / (period / limit)` extra units
+//! through early; one running behind is stricter. Key expiry always uses Redis's clock
+//! (relative TTLs), so a caller clock must advance at the real rate.
+//!
+//! Time resolution is one microsecond: a policy of more than one unit per microsecond is
+//! refused ([`RateError::InvalidPolicy`]), and periods count in whole microseconds.
+//!
+//! # Local pre-check
+//! With [`RedisRateLimiter::local_precheck`] the limiter remembers, per subject and shape,
+//! the TAT of the last answer (bounded memory). A request whose cost cannot fit according to
+//! that memory is refused without a round trip. Other replicas only add to the state and the
+//! memory is never ahead of Redis, so this refuses only what Redis would refuse, except
+//! right after a refund made by another replica (its own refunds correct the memory),
+//! which it does not see: such a subject may be refused up to its wait early. Errs toward
+//! refusing.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use keygate_core::rate::{RateBackend, RateDecision, RateError, RateStanding, RateSubject};
+use keygate_core::{Clock, RateLimitPolicy};
+use redis::Script;
+
+use crate::conn::{micros, Error, Redis};
+
+/// The longest period a policy may have (366 days), as in-process.
+const MAX_PERIOD_US: u64 = 366 * 86_400 * 1_000_000;
+
+/// Below this (µs), a computed wait counts as zero (rounding of `period / limit`).
+const EPS: f64 = 0.001;
+
+static GCRA: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- GCRA over the policies of one subject, all or nothing.
+-- KEYS[i]: state of shape i, "<base> <units>" (TAT = base + units * period / limit, in us).
+-- ARGV[1]: now (us since the Unix epoch), or "" to read the server's clock.
+-- ARGV[2]: cost (0: count nothing, report only).
+-- ARGV[1 + 2i], ARGV[2 + 2i]: period (us) and limit of shape i.
+-- Returns {allowed, now, then per shape: remaining, ahead (us, floor), wait (us, ceil;
+-- 0 fits, -1 never)}.
+local now = tonumber(ARGV[1])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local cost = tonumber(ARGV[2])
+local eps = 0.001
+local out = {1, now}
+local st = {}
+for i = 1, #KEYS do
+  local period = tonumber(ARGV[1 + 2 * i])
+  local limit = tonumber(ARGV[2 + 2 * i])
+  local base, units = now, 0
+  local raw = redis.call('GET', KEYS[i])
+  if raw then
+    local b, u = string.match(raw, '^(%d+) (%d+)$')
+    if not b then
+      return redis.error_reply('keygate: unreadable rate-limit state at ' .. KEYS[i])
+    end
+    base, units = tonumber(b), tonumber(u)
+  end
+  local ahead = (base - now) + units * period / limit
+  if ahead <= 0 then
+    base, units, ahead = now, 0, 0
+  end
+  local wait
+  if cost > limit then
+    wait = -1
+  else
+    wait = ahead + cost * period / limit - period
+    if wait <= eps then wait = 0 else wait = math.ceil(wait) end
+  end
+  if wait ~= 0 then out[1] = 0 end
+  st[i] = {base, units, ahead, period, limit, wait}
+end
+for i = 1, #KEYS do
+  local base, units, ahead, period, limit, wait = unpack(st[i])
+  if out[1] == 1 and cost > 0 then
+    units = units + cost
+    local k = math.floor(units / limit)
+    base = base + k * period
+    units = units - k * limit
+    ahead = (base - now) + units * period / limit
+    redis.call('SET', KEYS[i], string.format('%.0f %.0f', base, units),
+      'PX', math.ceil(ahead / 1000) + 1)
+  end
+  local spent = math.ceil(ahead * limit / period - eps)
+  if spent < 0 then spent = 0 end
+  if spent > limit then spent = limit end
+  out[#out + 1] = limit - spent
+  out[#out + 1] = math.floor(ahead)
+  out[#out + 1] = wait
+end
+return out
+"#,
+    )
+});
+
+static REFUND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- Gives back ARGV[2] units in every shape (same KEYS and ARGV as the check).
+local now = tonumber(ARGV[1])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local cost = tonumber(ARGV[2])
+for i = 1, #KEYS do
+  local period = tonumber(ARGV[1 + 2 * i])
+  local limit = tonumber(ARGV[2 + 2 * i])
+  local raw = redis.call('GET', KEYS[i])
+  local b, u
+  if raw then b, u = string.match(raw, '^(%d+) (%d+)$') end
+  if b then
+    local base, units = tonumber(b), tonumber(u) - cost
+    if units < 0 then
+      local k = math.ceil(-units / limit)
+      base = base - k * period
+      units = units + k * limit
+    end
+    local ahead = (base - now) + units * period / limit
+    if ahead <= 0 then
+      redis.call('DEL', KEYS[i])
+    else
+      redis.call('SET', KEYS[i], string.format('%.0f %.0f', base, units),
+        'PX', math.ceil(ahead / 1000) + 1)
+    end
+  end
+end
+return 0
+"#,
+    )
+});
+
+/// Where a [`RedisRateLimiter`] reads the time.
+#[derive(Clone, Default)]
+pub enum TimeSource {
+    /// Redis's own clock (`TIME` inside the script): one clock for all replicas.
+    #[default]
+    Server,
+    /// The caller's clock, passed to the script (tests step a `ManualClock`). Replicas'
+    /// clocks must agree; see the module docs for what skew does.
+    Clock(Arc<dyn Clock>),
+}
+
+impl std::fmt::Debug for TimeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TimeSource::Server => f.write_str("Server"),
+            TimeSource::Clock(_) => f.write_str("Clock"),
+        }
+    }
+}
+
+/// A [`RateBackend`] on Redis: GCRA for every replica at once, one Lua script (one round
+/// trip) per request. See the [module docs](self) for the arithmetic, the time source and
+/// the local pre-check. Cheap to clone; clones share the pre-check memory and counters.
+///
+/// ```no_run
+/// use keygate_redis::{Redis, RedisRateLimiter};
+/// use keygate_core::rate::{RateBackend, RateSubject};
+/// use keygate_core::{KeyId, RateLimitPolicy};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let redis = Redis::open("redis://127.0.0.1:6379").await.unwrap();
+/// let limiter = RedisRateLimiter::new(&redis);
+/// let key = RateSubject::Key(KeyId::parse("AbCdEfGhIjKl").unwrap());
+/// let policies = [RateLimitPolicy::per_second("burst", 20), RateLimitPolicy::per_hour("hourly", 10_000)];
+/// let decision = limiter.check(key, &policies, 1).await.unwrap();
+/// assert!(decision.allowed);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisRateLimiter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    redis: Redis,
+    time: TimeSource,
+    origin: Instant,
+    memory: Option<Memory>,
+    round_trips: AtomicU64,
+    prechecked: AtomicU64,
+    refunding: AtomicU64,
+}
+
+/// The local pre-check's memory: the TAT (local µs) last seen per subject and shape.
+struct Memory {
+    tats: DashMap<(RateSubject, u32, u64), f64>,
+    capacity: usize,
+    /// Local µs before which no sweep runs again (a full map sweeps at most every 100 ms).
+    next_sweep: AtomicU64,
+}
+
+/// One distinct policy shape of a call.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    limit: u32,
+    period_us: u64,
+}
+
+impl Shape {
+    fn of(p: &RateLimitPolicy) -> Result<Shape, RateError> {
+        let invalid = |reason| RateError::InvalidPolicy {
+            name: p.name.chars().take(64).collect(),
+            reason,
+        };
+        let period_us = micros(p.period);
+        if p.limit == 0 {
+            return Err(invalid("the limit must be at least 1"));
+        }
+        if period_us == 0 || period_us > MAX_PERIOD_US {
+            return Err(invalid("the period must be 1 microsecond to 366 days"));
+        }
+        if period_us < u64::from(p.limit) {
+            return Err(invalid(
+                "more than one unit per microsecond (the Redis backend's resolution)",
+            ));
+        }
+        Ok(Shape {
+            limit: p.limit,
+            period_us,
+        })
+    }
+
+    fn t(&self) -> f64 {
+        self.period_us as f64 / f64::from(self.limit)
+    }
+
+    /// Remaining units, time until full, and the wait for `cost` (None: never) when the TAT
+    /// is `ahead` µs past now.
+    fn standing(&self, ahead: f64, cost: u32) -> RateStanding {
+        let ahead = ahead.max(0.0);
+        let limit = f64::from(self.limit);
+        let spent = (ahead * limit / self.period_us as f64 - EPS)
+            .ceil()
+            .clamp(0.0, limit);
+        let wait = if cost > self.limit {
+            None
+        } else {
+            let w = ahead + f64::from(cost) * self.t() - self.period_us as f64;
+            Some(if w <= EPS {
+                Duration::ZERO
+            } else {
+                Duration::from_micros(w.ceil() as u64)
+            })
+        };
+        RateStanding {
+            remaining: u64::from(self.limit) - spent as u64,
+            reset_after: Duration::from_micros(ahead.floor() as u64),
+            wait,
+        }
+    }
+}
+
+/// The distinct shapes of a call and, per policy, the index of its shape.
+struct Shapes {
+    shapes: Vec<Shape>,
+    index: Vec<usize>,
+}
+
+impl Shapes {
+    fn of(policies: &[RateLimitPolicy]) -> Result<Shapes, RateError> {
+        let mut shapes: Vec<Shape> = Vec::with_capacity(policies.len());
+        let mut index = Vec::with_capacity(policies.len());
+        for p in policies {
+            let s = Shape::of(p)?;
+            match shapes.iter().position(|x| *x == s) {
+                Some(i) => index.push(i),
+                None => {
+                    shapes.push(s);
+                    index.push(shapes.len() - 1);
+                }
+            }
+        }
+        Ok(Shapes { shapes, index })
+    }
+}
+
+impl RedisRateLimiter {
+    /// A limiter on `redis` reading Redis's clock, without the local pre-check.
+    pub fn new(redis: &Redis) -> Self {
+        RedisRateLimiter {
+            inner: Arc::new(Inner {
+                redis: redis.clone(),
+                time: TimeSource::Server,
+                origin: Instant::now(),
+                memory: None,
+                round_trips: AtomicU64::new(0),
+                prechecked: AtomicU64::new(0),
+                refunding: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    fn edit(mut self, f: impl FnOnce(&mut Inner)) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => f(inner),
+            None => {
+                // Shared already: rebuild (counters start over).
+                let mut inner = Inner {
+                    redis: self.inner.redis.clone(),
+                    time: self.inner.time.clone(),
+                    origin: self.inner.origin,
+                    memory: self.inner.memory.as_ref().map(|m| Memory::new(m.capacity)),
+                    round_trips: AtomicU64::new(0),
+                    prechecked: AtomicU64::new(0),
+                    refunding: AtomicU64::new(0),
+                };
+                f(&mut inner);
+                self.inner = Arc::new(inner);
+            }
+        }
+        self
+    }
+
+    /// Where the time comes from (default [`TimeSource::Server`]).
+    pub fn time_source(self, time: TimeSource) -> Self {
+        self.edit(|i| i.time = time)
+    }
+
+    /// Turns on the local pre-check, remembering at most `capacity` (subject, shape) states
+    /// (about 80 bytes each); beyond it new subjects are simply not remembered.
+    pub fn local_precheck(self, capacity: NonZeroUsize) -> Self {
+        self.edit(|i| i.memory = Some(Memory::new(capacity.get())))
+    }
+
+    /// How many scripts (checks and refunds) were sent to Redis.
+    pub fn round_trips(&self) -> u64 {
+        self.inner.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// How many requests the local pre-check refused without a round trip.
+    pub fn prechecked(&self) -> u64 {
+        self.inner.prechecked.load(Ordering::Relaxed)
+    }
+
+    /// How many refunds were started and have not finished (sent, or failed) yet.
+    pub fn refunds_in_flight(&self) -> u64 {
+        self.inner.refunding.load(Ordering::Acquire)
+    }
+
+    /// How many (subject, shape) states the pre-check remembers.
+    pub fn remembered(&self) -> usize {
+        self.inner.memory.as_ref().map_or(0, |m| m.tats.len())
+    }
+
+    /// The Redis handle.
+    pub fn redis(&self) -> &Redis {
+        &self.inner.redis
+    }
+}
+
+impl Inner {
+    /// The script's `now` argument: empty for the server's clock.
+    fn now_arg(&self) -> String {
+        match &self.time {
+            TimeSource::Server => String::new(),
+            TimeSource::Clock(c) => {
+                micros(c.now().duration_since(UNIX_EPOCH).unwrap_or_default()).to_string()
+            }
+        }
+    }
+
+    /// The pre-check's time base: the caller's clock, or a local monotonic count.
+    fn local_now(&self) -> f64 {
+        match &self.time {
+            TimeSource::Server => micros(self.origin.elapsed()) as f64,
+            TimeSource::Clock(c) => {
+                micros(c.now().duration_since(UNIX_EPOCH).unwrap_or_default()) as f64
+            }
+        }
+    }
+
+    fn key(&self, subject: RateSubject, s: &Shape) -> String {
+        self.redis
+            .key(format_args!("rl:{{{subject}}}:{}:{}", s.limit, s.period_us))
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        script: &'static Script,
+        subject: RateSubject,
+        shapes: &[Shape],
+        cost: u32,
+    ) -> Result<T, Error> {
+        let keys: Vec<String> = shapes.iter().map(|s| self.key(subject, s)).collect();
+        let now = self.now_arg();
+        let mut args: Vec<u64> = Vec::with_capacity(2 * shapes.len());
+        for s in shapes {
+            args.push(s.period_us);
+            args.push(u64::from(s.limit));
+        }
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.redis
+            .run(move |mut c| async move {
+                let mut inv = script.prepare_invoke();
+                for k in &keys {
+                    inv.key(k);
+                }
+                inv.arg(now).arg(cost);
+                for a in &args {
+                    inv.arg(*a);
+                }
+                inv.invoke_async(&mut c).await
+            })
+            .await
+    }
+
+    fn remember(&self, subject: RateSubject, shape: &Shape, local_now: f64, ahead: f64) {
+        let Some(m) = &self.memory else { return };
+        let key = (subject, shape.limit, shape.period_us);
+        if ahead <= 0.0 {
+            m.tats.remove(&key);
+            return;
+        }
+        let tat = local_now + ahead;
+        if let Some(mut v) = m.tats.get_mut(&key) {
+            *v = tat;
+            return;
+        }
+        if m.tats.len() >= m.capacity {
+            m.sweep(local_now);
+            if m.tats.len() >= m.capacity {
+                return;
+            }
+        }
+        m.tats.insert(key, tat);
+    }
+}
+
+impl Memory {
+    fn new(capacity: usize) -> Memory {
+        Memory {
+            tats: DashMap::new(),
+            capacity: capacity.max(1),
+            next_sweep: AtomicU64::new(0),
+        }
+    }
+
+    /// Drops states back to fresh (at most once per 100 ms).
+    fn sweep(&self, now: f64) {
+        let at = self.next_sweep.load(Ordering::Relaxed);
+        if (now as u64) < at
+            || self
+                .next_sweep
+                .compare_exchange(
+                    at,
+                    now as u64 + 100_000,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return;
+        }
+        self.tats.retain(|_, tat| *tat > now);
+        self.tats.shrink_to_fit();
+    }
+}
+
+fn unavailable(e: Error) -> RateError {
+    match e {
+        Error::Unavailable(s) | Error::Unexpected(s) => RateError::Unavailable(s),
+    }
+}
+
+#[async_trait]
+impl RateBackend for RedisRateLimiter {
+    async fn check(
+        &self,
+        subject: RateSubject,
+        policies: &[RateLimitPolicy],
+        cost: u32,
+    ) -> Result<RateDecision, RateError> {
+        let inner = &*self.inner;
+        let Shapes { shapes, index } = Shapes::of(policies)?;
+        if shapes.is_empty() {
+            return Ok(RateDecision {
+                allowed: true,
+                standings: Vec::new(),
+            });
+        }
+        let local_now = inner.local_now();
+        let out: Vec<i64> = inner
+            .run(&GCRA, subject, &shapes, cost)
+            .await
+            .map_err(unavailable)?;
+        if out.len() != 2 + 3 * shapes.len() {
+            return Err(RateError::Unavailable(format!(
+                "the rate-limit script answered {} values",
+                out.len()
+            )));
+        }
+        let allowed = out[0] == 1;
+        let mut per_shape = Vec::with_capacity(shapes.len());
+        for (i, s) in shapes.iter().enumerate() {
+            let remaining = u64::try_from(out[2 + 3 * i]).unwrap_or(0);
+            let ahead = out[3 + 3 * i].max(0);
+            let wait = out[4 + 3 * i];
+            inner.remember(subject, s, local_now, ahead as f64);
+            per_shape.push(RateStanding {
+                remaining: remaining.min(u64::from(s.limit)),
+                reset_after: Duration::from_micros(ahead as u64),
+                wait: u64::try_from(wait).ok().map(Duration::from_micros),
+            });
+        }
+        Ok(RateDecision {
+            allowed,
+            standings: index.iter().map(|i| per_shape[*i]).collect(),
+        })
+    }
+
+    fn precheck(
+        &self,
+        subject: RateSubject,
+        policies: &[RateLimitPolicy],
+        cost: u32,
+    ) -> Option<RateDecision> {
+        let inner = &*self.inner;
+        let memory = inner.memory.as_ref()?;
+        if cost == 0 || memory.tats.is_empty() {
+            return None;
+        }
+        let now = inner.local_now();
+        let mut standings = Vec::with_capacity(policies.len());
+        let mut refused = false;
+        for p in policies {
+            let shape = Shape::of(p).ok()?;
+            let ahead = memory
+                .tats
+                .get(&(subject, shape.limit, shape.period_us))
+                .map_or(0.0, |tat| *tat - now);
+            let s = shape.standing(ahead, cost);
+            refused |= s.wait.is_some_and(|w| !w.is_zero());
+            standings.push(s);
+        }
+        if !refused {
+            return None;
+        }
+        inner.prechecked.fetch_add(1, Ordering::Relaxed);
+        Some(RateDecision {
+            allowed: false,
+            standings,
+        })
+    }
+
+    fn refund(&self, subject: RateSubject, policies: &[RateLimitPolicy], cost: u32) {
+        if cost == 0 {
+            return;
+        }
+        let Ok(Shapes { shapes, .. }) = Shapes::of(policies) else {
+            return;
+        };
+        if shapes.is_empty() {
+            return;
+        }
+        if let Some(m) = &self.inner.memory {
+            for s in &shapes {
+                if let Some(mut tat) = m.tats.get_mut(&(subject, s.limit, s.period_us)) {
+                    *tat -= f64::from(cost) * s.t();
+                }
+            }
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("rate-limit refund skipped: no tokio runtime");
+            return;
+        };
+        let inner = self.inner.clone();
+        inner.refunding.fetch_add(1, Ordering::AcqRel);
+        rt.spawn(async move {
+            if let Err(e) = inner.run::<i64>(&REFUND, subject, &shapes, cost).await {
+                tracing::warn!(error = %e, "rate-limit refund failed; the cost stays counted");
+            }
+            inner.refunding.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+}
+
+impl std::fmt::Debug for RedisRateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisRateLimiter")
+            .field("redis", &self.inner.redis)
+            .field("time", &self.inner.time)
+            .field("precheck", &self.inner.memory.is_some())
+            .field("round_trips", &self.round_trips())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_are_validated_and_deduplicated() {
+        let p =
+            |name: &str, limit, ms| RateLimitPolicy::new(name, limit, Duration::from_millis(ms));
+        let s = Shapes::of(&[p("a", 20, 1000), p("b", 10, 60_000), p("c", 20, 1000)])
+            .ok()
+            .unwrap();
+        assert_eq!(s.shapes.len(), 2);
+        assert_eq!(s.index, vec![0, 1, 0]);
+        assert!(matches!(
+            Shapes::of(&[p("fine", 2_000_000, 1000)]),
+            Err(RateError::InvalidPolicy { .. })
+        ));
+        assert!(matches!(
+            Shapes::of(&[p("zero", 0, 1000)]),
+            Err(RateError::InvalidPolicy { .. })
+        ));
+        assert!(matches!(
+            Shapes::of(&[p("long", 1, 367 * 86_400_000)]),
+            Err(RateError::InvalidPolicy { .. })
+        ));
+    }
+
+    #[test]
+    fn standings_match_gcra() {
+        let s = Shape {
+            limit: 20,
+            period_us: 1_000_000,
+        };
+        // Fresh: everything left, fits.
+        let fresh = s.standing(0.0, 1);
+        assert_eq!(fresh.remaining, 20);
+        assert_eq!(fresh.wait, Some(Duration::ZERO));
+        // Full (TAT one period ahead): nothing left, one unit in 50 ms.
+        let full = s.standing(1_000_000.0, 1);
+        assert_eq!(full.remaining, 0);
+        assert_eq!(full.wait, Some(Duration::from_millis(50)));
+        assert_eq!(full.reset_after, Duration::from_secs(1));
+        // Half used: 10 left; 11 do not fit (wait one unit), more than the limit never.
+        let half = s.standing(500_000.0, 11);
+        assert_eq!(half.remaining, 10);
+        assert_eq!(half.wait, Some(Duration::from_millis(50)));
+        assert_eq!(s.standing(0.0, 21).wait, None);
+    }
+}

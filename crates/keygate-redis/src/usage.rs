@@ -1,0 +1,534 @@
+//! [`RedisUsageStore`]: quota counters in Redis, shared by every replica.
+//!
+//! # Layout
+//! - One hash per key and window, `{prefix}:q:{<key id>}:<kind>:<start>` (`<start>` in
+//!   seconds since the Unix epoch), with fields `c` (summed cost) and `r` (requests).
+//!   It expires [`retention`](RedisUsageStore::retention) plus the window's length after its
+//!   last write, so it outlives its window by at least the retention whatever clock the
+//!   caller uses. Credits that never refill never expire.
+//! - One sorted set per key, `{prefix}:q:{<key id>}:w`, listing the key's windows by start
+//!   (for [`report`](keygate_core::usage::UsageStore::report)), trimmed and expiring with the
+//!   same horizon.
+//!
+//! # Atomicity
+//! [`check_and_add`](keygate_core::usage::UsageStore::check_and_add) is one Lua script:
+//! Redis runs scripts one at a time, so no two replicas can both take the last unit of a
+//! window. [`add`](keygate_core::usage::UsageStore::add) (batched counting) is one
+//! `MULTI`/`EXEC` transaction per call; [`subtract`](keygate_core::usage::UsageStore::subtract)
+//! a script that saturates at zero.
+//!
+//! Counts are exact up to 2^53 (Lua numbers); a cost above that is refused with
+//! [`UsageError::Corrupt`], and larger limits behave as 2^53.
+
+use std::sync::LazyLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use keygate_core::usage::{Admission, Increment, Limit, Usage, UsageError, UsageRecord, Window};
+use keygate_core::{KeyId, QuotaWindow, Refill};
+use redis::Script;
+
+use crate::conn::{Error, Redis};
+
+/// The largest count kept exactly (2^53).
+const MAX_EXACT: u64 = 1 << 53;
+
+/// The longest window (a calendar month or a monthly credit period), for the index's
+/// horizon.
+const LONGEST_WINDOW: Duration = Duration::from_secs(31 * 86_400);
+
+static CHECK_AND_ADD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS[1..n]: window hashes; KEYS[n + 1]: the key's window index.
+-- ARGV[1]: cost; ARGV[2]: number of limits m; ARGV[3]: index ttl (ms); ARGV[4]: index trim
+-- score (windows starting before it are dropped from the index);
+-- then per window: ttl (ms, 0: never expires), member, start;
+-- then per limit: window (1-based), limit.
+-- Returns {admitted, then per window: cost, requests, then the violated limits (0-based)}.
+local n = #KEYS - 1
+local cost = tonumber(ARGV[1])
+local m = tonumber(ARGV[2])
+local usage = {}
+for i = 1, n do
+  local v = redis.call('HMGET', KEYS[i], 'c', 'r')
+  usage[i] = {tonumber(v[1]) or 0, tonumber(v[2]) or 0}
+end
+local at = 5 + 3 * n
+local violated = {}
+for j = 1, m do
+  local w = tonumber(ARGV[at + 2 * (j - 1)])
+  local lim = tonumber(ARGV[at + 2 * (j - 1) + 1])
+  if usage[w][1] + cost > lim then violated[#violated + 1] = j - 1 end
+end
+local out = {0}
+if #violated == 0 then
+  out[1] = 1
+  local idx = KEYS[n + 1]
+  for i = 1, n do
+    usage[i][1] = redis.call('HINCRBY', KEYS[i], 'c', cost)
+    usage[i][2] = redis.call('HINCRBY', KEYS[i], 'r', 1)
+    local ttl = tonumber(ARGV[5 + 3 * (i - 1)])
+    if ttl > 0 then
+      redis.call('PEXPIRE', KEYS[i], ttl)
+      redis.call('ZADD', idx, tonumber(ARGV[7 + 3 * (i - 1)]), ARGV[6 + 3 * (i - 1)])
+    end
+  end
+  if redis.call('EXISTS', idx) == 1 then
+    redis.call('ZREMRANGEBYSCORE', idx, '-inf', '(' .. ARGV[4])
+    redis.call('PEXPIRE', idx, ARGV[3])
+  end
+end
+for i = 1, n do
+  out[#out + 1] = usage[i][1]
+  out[#out + 1] = usage[i][2]
+end
+for _, v in ipairs(violated) do out[#out + 1] = v end
+return out
+"#,
+    )
+});
+
+static SUBTRACT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS[i]: window hashes; ARGV[2i - 1], ARGV[2i]: cost and requests to remove (at most
+-- down to zero). Windows that do not exist are left alone.
+for i = 1, #KEYS do
+  local v = redis.call('HMGET', KEYS[i], 'c', 'r')
+  if v[1] or v[2] then
+    local c = math.max(0, (tonumber(v[1]) or 0) - tonumber(ARGV[2 * i - 1]))
+    local r = math.max(0, (tonumber(v[2]) or 0) - tonumber(ARGV[2 * i]))
+    redis.call('HSET', KEYS[i], 'c', string.format('%.0f', c), 'r', string.format('%.0f', r))
+  end
+end
+return 0
+"#,
+    )
+});
+
+/// A [`UsageStore`](keygate_core::usage::UsageStore) on Redis (see the [module docs](self)).
+/// Give it to `keygate::quota::QuotaConfig::new`; with `Counting::Strict` every request is
+/// one atomic check-and-add, exact across replicas.
+///
+/// ```no_run
+/// use keygate_core::usage::{Admission, Limit, UsageStore, Window};
+/// use keygate_core::{KeyId, QuotaWindow};
+/// use keygate_redis::{Redis, RedisUsageStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let store = RedisUsageStore::new(&Redis::open("redis://127.0.0.1:6379").await.unwrap());
+/// let key = KeyId::parse("AbCdEfGhIjKl").unwrap();
+/// let day = Window::containing(QuotaWindow::Day, std::time::SystemTime::now());
+/// let admitted = store.check_and_add(&key, &[day], &[Limit { window: 0, limit: 1000 }], 1).await.unwrap();
+/// assert!(matches!(admitted, Admission::Admitted(_)));
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisUsageStore {
+    redis: Redis,
+    retention: Duration,
+}
+
+impl RedisUsageStore {
+    /// A store on `redis`, keeping counters 35 days past their window (so last month's
+    /// usage can still be reported).
+    pub fn new(redis: &Redis) -> Self {
+        RedisUsageStore {
+            redis: redis.clone(),
+            retention: Duration::from_secs(35 * 86_400),
+        }
+    }
+
+    /// How long counters are kept after their window ends (default 35 days).
+    pub fn retention(mut self, keep: Duration) -> Self {
+        self.retention = keep;
+        self
+    }
+
+    fn window_key(&self, key: &KeyId, w: &Window) -> String {
+        self.redis.key(format_args!("q:{{{key}}}:{}", member(w)))
+    }
+
+    fn index_key(&self, key: &KeyId) -> String {
+        self.redis.key(format_args!("q:{{{key}}}:w"))
+    }
+
+    /// How long a window's hash lives after a write (ms); 0: forever.
+    fn ttl_ms(&self, w: &Window) -> u64 {
+        match w.length() {
+            Some(len) => millis(len.saturating_add(self.retention)).max(1),
+            None => 0,
+        }
+    }
+
+    /// The index's lifetime after a write (ms), longer than any window's.
+    fn index_ttl_ms(&self) -> u64 {
+        millis(LONGEST_WINDOW.saturating_add(self.retention)).max(1)
+    }
+
+    /// Windows starting before this (seconds) are dropped from the index.
+    fn trim_before(&self, windows: &[Window]) -> u64 {
+        let earliest = windows
+            .iter()
+            .filter(|w| w.end.is_some())
+            .map(Window::start_secs)
+            .min()
+            .unwrap_or(0);
+        earliest.saturating_sub(LONGEST_WINDOW.saturating_add(self.retention).as_secs())
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The kind of a window as stored: `hour`, `day`, `month`, `credits`, `credits_daily`,
+/// `credits_monthly15`.
+fn kind_token(kind: QuotaWindow) -> String {
+    match kind {
+        QuotaWindow::Credits(Refill::Monthly { day }) => format!("credits_monthly{day}"),
+        other => other.as_str().to_owned(),
+    }
+}
+
+fn parse_kind(token: &str) -> Option<QuotaWindow> {
+    Some(match token {
+        "hour" => QuotaWindow::Hour,
+        "day" => QuotaWindow::Day,
+        "month" => QuotaWindow::Month,
+        "credits" => QuotaWindow::Credits(Refill::Never),
+        "credits_daily" => QuotaWindow::Credits(Refill::Daily),
+        other => {
+            let day: u8 = other.strip_prefix("credits_monthly")?.parse().ok()?;
+            QuotaWindow::Credits(Refill::Monthly { day })
+        }
+    })
+}
+
+/// The index member (and hash-name suffix) of a window: `<kind>:<start>`.
+fn member(w: &Window) -> String {
+    format!("{}:{}", kind_token(w.kind), w.start_secs())
+}
+
+/// The window of an index member; `None` if unreadable or not the window its start implies.
+fn parse_member(s: &str) -> Option<Window> {
+    let (kind, start) = s.rsplit_once(':')?;
+    let kind = parse_kind(kind)?;
+    let start: u64 = start.parse().ok()?;
+    let w = Window::containing(kind, UNIX_EPOCH + Duration::from_secs(start));
+    (w.start_secs() == start).then_some(w)
+}
+
+fn usage_error(e: Error) -> UsageError {
+    match e {
+        Error::Unavailable(s) => UsageError::Unavailable(s),
+        Error::Unexpected(s) => UsageError::Corrupt(s),
+    }
+}
+
+fn to_usage(cost: i64, requests: i64) -> Result<Usage, UsageError> {
+    match (u64::try_from(cost), u64::try_from(requests)) {
+        (Ok(cost), Ok(requests)) => Ok(Usage { cost, requests }),
+        _ => Err(UsageError::Corrupt(format!(
+            "negative usage ({cost}, {requests})"
+        ))),
+    }
+}
+
+fn parse_count(v: Option<String>, what: &str) -> Result<u64, UsageError> {
+    match v {
+        None => Ok(0),
+        Some(s) => s
+            .parse()
+            .map_err(|_| UsageError::Corrupt(format!("unreadable {what} counter"))),
+    }
+}
+
+impl RedisUsageStore {
+    /// The usage of each window; `None` for a window never counted (or expired).
+    async fn read(
+        &self,
+        key: &KeyId,
+        windows: &[Window],
+    ) -> Result<Vec<Option<Usage>>, UsageError> {
+        if windows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for w in windows {
+            pipe.cmd("HMGET")
+                .arg(self.window_key(key, w))
+                .arg("c")
+                .arg("r");
+        }
+        let rows: Vec<(Option<String>, Option<String>)> = self
+            .redis
+            .run(move |mut c| async move { pipe.query_async(&mut c).await })
+            .await
+            .map_err(usage_error)?;
+        rows.into_iter()
+            .map(|(c, r)| {
+                if c.is_none() && r.is_none() {
+                    return Ok(None);
+                }
+                Ok(Some(Usage {
+                    cost: parse_count(c, "cost")?,
+                    requests: parse_count(r, "request")?,
+                }))
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl keygate_core::usage::UsageStore for RedisUsageStore {
+    async fn load(&self, key: &KeyId, windows: &[Window]) -> Result<Vec<Usage>, UsageError> {
+        Ok(self
+            .read(key, windows)
+            .await?
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect())
+    }
+
+    async fn check_and_add(
+        &self,
+        key: &KeyId,
+        windows: &[Window],
+        limits: &[Limit],
+        cost: u64,
+    ) -> Result<Admission, UsageError> {
+        if cost > MAX_EXACT {
+            return Err(UsageError::Corrupt(format!(
+                "a cost of {cost} is above what Redis counts exactly (2^53)"
+            )));
+        }
+        if let Some(l) = limits.iter().find(|l| l.window >= windows.len()) {
+            return Err(UsageError::Corrupt(format!(
+                "limit names window {} of {}",
+                l.window,
+                windows.len()
+            )));
+        }
+        let mut keys: Vec<String> = windows.iter().map(|w| self.window_key(key, w)).collect();
+        keys.push(self.index_key(key));
+        let mut args: Vec<String> = vec![
+            cost.to_string(),
+            limits.len().to_string(),
+            self.index_ttl_ms().to_string(),
+            self.trim_before(windows).to_string(),
+        ];
+        for w in windows {
+            args.push(self.ttl_ms(w).to_string());
+            args.push(member(w));
+            args.push(w.start_secs().to_string());
+        }
+        for l in limits {
+            args.push((l.window + 1).to_string());
+            args.push(l.limit.min(MAX_EXACT).to_string());
+        }
+        let out: Vec<i64> = self
+            .redis
+            .run(move |mut c| async move {
+                let mut inv = CHECK_AND_ADD.prepare_invoke();
+                for k in &keys {
+                    inv.key(k);
+                }
+                for a in &args {
+                    inv.arg(a);
+                }
+                inv.invoke_async(&mut c).await
+            })
+            .await
+            .map_err(usage_error)?;
+        let n = windows.len();
+        if out.len() < 1 + 2 * n {
+            return Err(UsageError::Corrupt(format!(
+                "the quota script answered {} values",
+                out.len()
+            )));
+        }
+        let usage = (0..n)
+            .map(|i| to_usage(out[1 + 2 * i], out[2 + 2 * i]))
+            .collect::<Result<Vec<_>, _>>()?;
+        if out[0] == 1 {
+            return Ok(Admission::Admitted(usage));
+        }
+        let violated = out[1 + 2 * n..]
+            .iter()
+            .map(|v| usize::try_from(*v).map_err(|_| UsageError::Corrupt("bad index".into())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Admission::Refused { usage, violated })
+    }
+
+    async fn add(&self, increments: &[Increment]) -> Result<(), UsageError> {
+        if increments.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for inc in increments {
+            if inc.usage.cost > MAX_EXACT || inc.usage.requests > MAX_EXACT {
+                return Err(UsageError::Corrupt(
+                    "usage above what Redis counts exactly (2^53)".into(),
+                ));
+            }
+            let wkey = self.window_key(&inc.key, &inc.window);
+            pipe.cmd("HINCRBY")
+                .arg(&wkey)
+                .arg("c")
+                .arg(inc.usage.cost)
+                .ignore();
+            pipe.cmd("HINCRBY")
+                .arg(&wkey)
+                .arg("r")
+                .arg(inc.usage.requests)
+                .ignore();
+            let ttl = self.ttl_ms(&inc.window);
+            if ttl > 0 {
+                let idx = self.index_key(&inc.key);
+                pipe.cmd("PEXPIRE").arg(&wkey).arg(ttl).ignore();
+                pipe.cmd("ZADD")
+                    .arg(&idx)
+                    .arg(inc.window.start_secs())
+                    .arg(member(&inc.window))
+                    .ignore();
+                pipe.cmd("ZREMRANGEBYSCORE")
+                    .arg(&idx)
+                    .arg("-inf")
+                    .arg(format!(
+                        "({}",
+                        self.trim_before(std::slice::from_ref(&inc.window))
+                    ))
+                    .ignore();
+                pipe.cmd("PEXPIRE")
+                    .arg(&idx)
+                    .arg(self.index_ttl_ms())
+                    .ignore();
+            }
+        }
+        self.redis
+            .run(move |mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
+            .map_err(usage_error)
+    }
+
+    async fn subtract(&self, decrements: &[Increment]) -> Result<(), UsageError> {
+        if decrements.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = decrements
+            .iter()
+            .map(|d| self.window_key(&d.key, &d.window))
+            .collect();
+        let args: Vec<u64> = decrements
+            .iter()
+            .flat_map(|d| [d.usage.cost.min(MAX_EXACT), d.usage.requests.min(MAX_EXACT)])
+            .collect();
+        self.redis
+            .run(move |mut c| async move {
+                let mut inv = SUBTRACT.prepare_invoke();
+                for k in &keys {
+                    inv.key(k);
+                }
+                for a in &args {
+                    inv.arg(*a);
+                }
+                inv.invoke_async::<i64>(&mut c).await
+            })
+            .await
+            .map(drop)
+            .map_err(usage_error)
+    }
+
+    async fn report(
+        &self,
+        key: &KeyId,
+        from: SystemTime,
+        to: SystemTime,
+    ) -> Result<Vec<UsageRecord>, UsageError> {
+        let secs_ceil = |t: SystemTime| {
+            let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+            d.as_secs() + u64::from(d.subsec_nanos() > 0)
+        };
+        let (lo, hi) = (secs_ceil(from), secs_ceil(to));
+        if lo >= hi {
+            return Ok(Vec::new());
+        }
+        let idx = self.index_key(key);
+        let members: Vec<String> = self
+            .redis
+            .run(move |mut c| async move {
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(idx)
+                    .arg(lo)
+                    .arg(format!("({hi}"))
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+            .map_err(usage_error)?;
+        let mut windows: Vec<Window> = members.iter().filter_map(|m| parse_member(m)).collect();
+        // Never-refilling credits start at the epoch and are not indexed.
+        if lo == 0 {
+            windows.push(Window::containing(
+                QuotaWindow::Credits(Refill::Never),
+                UNIX_EPOCH,
+            ));
+        }
+        let usage = self.read(key, &windows).await?;
+        let mut rows: Vec<UsageRecord> = windows
+            .into_iter()
+            .zip(usage)
+            .filter_map(|(window, usage)| {
+                Some(UsageRecord {
+                    key: *key,
+                    window,
+                    usage: usage?,
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            (a.window.start, a.window.kind.as_str()).cmp(&(b.window.start, b.window.kind.as_str()))
+        });
+        Ok(rows)
+    }
+}
+
+impl std::fmt::Debug for RedisUsageStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisUsageStore")
+            .field("redis", &self.redis)
+            .field("retention", &self.retention)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keygate_core::usage::utc;
+
+    #[test]
+    fn members_round_trip() {
+        let at = utc(2026, 5, 17, 10, 30, 0);
+        for kind in [
+            QuotaWindow::Hour,
+            QuotaWindow::Day,
+            QuotaWindow::Month,
+            QuotaWindow::Credits(Refill::Never),
+            QuotaWindow::Credits(Refill::Daily),
+            QuotaWindow::Credits(Refill::Monthly { day: 15 }),
+            QuotaWindow::Credits(Refill::Monthly { day: 31 }),
+        ] {
+            let w = Window::containing(kind, at);
+            assert_eq!(parse_member(&member(&w)), Some(w), "{kind:?}");
+        }
+        assert_eq!(parse_member("hour:12"), None, "not an hour's start");
+        assert_eq!(parse_member("weekly:0"), None);
+        assert_eq!(parse_member("credits_monthlyX:0"), None);
+        assert_eq!(parse_member("nonsense"), None);
+    }
+}

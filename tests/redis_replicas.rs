@@ -1,0 +1,269 @@
+//! Three replicas (three axum servers on loopback, each with its own hub, verifier, change
+//! watcher, rate-limit and quota layers and Redis connection) sharing one key store and one
+//! Redis (`KEYGATE_TEST_REDIS_URL`, a key prefix per test): limits and quotas hold across
+//! all three under concurrent load, and a revocation made on one reaches the others.
+
+mod common;
+mod redis_support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::send;
+use http::{HeaderMap, StatusCode};
+use keygate::{
+    ApiKey, KeyRecord, KeySpec, KeyStatus, KeyStore, ManualClock, MemoryStore, Prefix, QuotaPolicy,
+    QuotaWindow, RateLimitPolicy,
+};
+use redis_support::*;
+
+fn with_key(key: &ApiKey) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("x-api-key", key.expose_secret().parse().unwrap());
+    h
+}
+
+async fn three(spec: &ReplicaSpec) -> Vec<Replica> {
+    let mut replicas = vec![];
+    for _ in 0..3 {
+        let r = spec.spawn().await;
+        r.watcher.subscribed().await;
+        replicas.push(r);
+    }
+    replicas
+}
+
+/// Sends `per_replica` requests with `key` to every replica at once; returns the statuses.
+async fn load(replicas: &[Replica], key: &ApiKey, per_replica: usize) -> Vec<StatusCode> {
+    let mut tasks = vec![];
+    for r in replicas {
+        for _ in 0..per_replica {
+            let (addr, headers) = (r.addr, with_key(key));
+            tasks.push(tokio::spawn(
+                async move { send(addr, "/", headers).await.0 },
+            ));
+        }
+    }
+    let mut statuses = vec![];
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    statuses
+}
+
+fn count(statuses: &[StatusCode], s: StatusCode) -> usize {
+    statuses.iter().filter(|x| **x == s).count()
+}
+
+async fn issue(
+    store: &MemoryStore,
+    clock: &ManualClock,
+    edit: impl FnOnce(&mut KeyRecord),
+) -> ApiKey {
+    let (key, mut record) = KeyRecord::generate(
+        &Prefix::default(),
+        &keygate::KeyHasher::new(),
+        "replicated",
+        keygate::Clock::now(clock),
+    )
+    .unwrap();
+    edit(&mut record);
+    store.insert(&record).await.unwrap();
+    key
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_allowed_n_per_minute_gets_n_across_three_replicas() {
+    let Some(t) = TestRedis::new().await else {
+        return;
+    };
+    let (store, clock) = (MemoryStore::new(), ManualClock::at_2026());
+    let replicas = three(&ReplicaSpec::new(&t, store.clone(), clock.clone())).await;
+    let n = 50;
+    let key = issue(&store, &clock, |r| {
+        r.rate_limits = vec![RateLimitPolicy::per_minute("per-minute", n)]
+    })
+    .await;
+    // 300 concurrent requests, 100 per replica, with the clock standing still: exactly the
+    // limit passes (tolerance 0: one script decides each request for all replicas).
+    let statuses = load(&replicas, &key, 100).await;
+    let ok = count(&statuses, StatusCode::OK);
+    let limited = count(&statuses, StatusCode::TOO_MANY_REQUESTS);
+    println!("rate limit {n}/min, 300 concurrent requests over 3 replicas: {ok} allowed, {limited} limited");
+    assert_eq!(ok, n as usize);
+    assert_eq!(limited, 300 - n as usize);
+    // One interval (1.2 s) later exactly one more passes, whichever replica is asked.
+    clock.advance(Duration::from_millis(1200));
+    let statuses = load(&replicas, &key, 10).await;
+    assert_eq!(count(&statuses, StatusCode::OK), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_redis_clock_the_limit_holds_within_what_refills_meanwhile() {
+    let Some(t) = TestRedis::new().await else {
+        return;
+    };
+    let (store, clock) = (MemoryStore::new(), ManualClock::at_2026());
+    let mut spec = ReplicaSpec::new(&t, store.clone(), clock.clone());
+    spec.server_time = true;
+    let replicas = three(&spec).await;
+    let n = 60;
+    let key = issue(&store, &clock, |r| {
+        r.rate_limits = vec![RateLimitPolicy::per_minute("per-minute", n)]
+    })
+    .await;
+    let start = Instant::now();
+    let statuses = load(&replicas, &key, 100).await;
+    let took = start.elapsed();
+    let ok = count(&statuses, StatusCode::OK);
+    // Real time passes here: one unit refills every second.
+    let tolerance = took.as_secs() as usize + 1;
+    println!(
+        "rate limit {n}/min on Redis's clock, 300 requests in {took:?}: {ok} allowed (limit + at most {tolerance})"
+    );
+    assert!(ok >= n as usize && ok <= n as usize + tolerance, "{ok}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_quota_holds_across_three_replicas() {
+    let Some(t) = TestRedis::new().await else {
+        return;
+    };
+    let (store, clock) = (MemoryStore::new(), ManualClock::at_2026());
+    let replicas = three(&ReplicaSpec::new(&t, store.clone(), clock.clone())).await;
+    let n = 40;
+    let key = issue(&store, &clock, |r| {
+        r.quotas = vec![QuotaPolicy::new("daily", n, QuotaWindow::Day)]
+    })
+    .await;
+    let statuses = load(&replicas, &key, 70).await;
+    let ok = count(&statuses, StatusCode::OK);
+    println!("quota {n}/day, 210 concurrent requests over 3 replicas: {ok} allowed");
+    assert_eq!(ok, n as usize);
+    assert_eq!(
+        count(&statuses, StatusCode::TOO_MANY_REQUESTS),
+        210 - n as usize
+    );
+    // The next day the allowance is whole again, on every replica.
+    clock.advance(Duration::from_secs(86_400));
+    for r in &replicas {
+        let (status, headers, _) = send(r.addr, "/", with_key(&key)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(headers["ratelimit"].to_str().unwrap().contains("r="));
+    }
+}
+
+/// Polls `addr` with `key` until it answers 401; how long after `start` that was.
+async fn until_refused(addr: SocketAddr, key: &ApiKey, start: Instant) -> Duration {
+    loop {
+        let (status, _, _) = send(addr, "/", with_key(key)).await;
+        if status == StatusCode::UNAUTHORIZED {
+            return start.elapsed();
+        }
+        assert_eq!(status, StatusCode::OK);
+        assert!(start.elapsed() < Duration::from_secs(5), "never refused");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revocation_reaches_all_three_within_100_ms() {
+    let Some(t) = TestRedis::new().await else {
+        return;
+    };
+    let (store, clock) = (MemoryStore::new(), ManualClock::at_2026());
+    let replicas = three(&ReplicaSpec::new(&t, store.clone(), clock.clone())).await;
+    let mut worst = Duration::ZERO;
+    let mut all = vec![];
+    for round in 0..5 {
+        // Issued through replica 0's manager: the insert is published too.
+        let issued = replicas[0]
+            .manager
+            .issue("test", KeySpec::new(format!("round-{round}")))
+            .await
+            .unwrap();
+        let key = issued.key;
+        // Every replica caches the key (its clock stands still: no refresh by age).
+        for r in &replicas {
+            assert_eq!(send(r.addr, "/", with_key(&key)).await.0, StatusCode::OK);
+        }
+        // Timed from the call (the store write and the publish included).
+        let revoked_at = Instant::now();
+        replicas[0].manager.revoke("test", key.id()).await.unwrap();
+        let mut pollers = vec![];
+        for r in &replicas {
+            let (addr, key) = (r.addr, key.clone());
+            pollers.push(tokio::spawn(async move {
+                until_refused(addr, &key, revoked_at).await
+            }));
+        }
+        let mut times = vec![];
+        for p in pollers {
+            times.push(p.await.unwrap());
+        }
+        println!("round {round}: revocation seen by replicas 0, 1, 2 after {times:?}");
+        worst = worst.max(times.iter().copied().max().unwrap());
+        all.extend(times);
+    }
+    let (median, p99) = percentiles(&mut all);
+    println!("revocation propagation over 5 rounds x 3 replicas: median {median:?}, worst {worst:?} (p99 {p99:?})");
+    assert!(worst < Duration::from_millis(100), "{worst:?}");
+    for r in &replicas {
+        assert!(
+            r.watcher.messages() >= 10,
+            "issues and revocations were published"
+        );
+        assert_eq!(r.watcher.resyncs(), 0);
+    }
+    assert_eq!(
+        store
+            .get(&replicas[0].manager.list(&Default::default()).await.unwrap()[0].id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        KeyStatus::Revoked
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_missed_message_heals_at_the_periodic_resync() {
+    let Some(t) = TestRedis::new().await else {
+        return;
+    };
+    let (store, clock) = (MemoryStore::new(), ManualClock::at_2026());
+    let mut spec = ReplicaSpec::new(&t, store.clone(), clock.clone());
+    spec.resync_every = Duration::from_millis(50);
+    let replica = spec.spawn().await;
+    replica.watcher.subscribed().await;
+    let (key, mut record) = KeyRecord::generate(
+        &Prefix::default(),
+        &keygate::KeyHasher::new(),
+        "missed",
+        keygate::Clock::now(&clock),
+    )
+    .unwrap();
+    store.insert(&record).await.unwrap();
+    assert_eq!(
+        send(replica.addr, "/", with_key(&key)).await.0,
+        StatusCode::OK
+    );
+    // Revoked behind the publisher's back, and the change's message lost: only the
+    // sequence moved (as when a publish reached Redis but not this subscriber).
+    record.status = KeyStatus::Revoked;
+    store.update(&record).await.unwrap();
+    let mut c = t
+        .redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: u64 = keygate::redis::redis::cmd("INCR")
+        .arg(format!("{}:changes:seq", t.prefix))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let healed = until_refused(replica.addr, &key, Instant::now()).await;
+    println!("missed message healed after {healed:?} (resync every 50 ms)");
+    assert!(healed < Duration::from_millis(500), "{healed:?}");
+    assert_eq!(replica.watcher.resyncs(), 1);
+}

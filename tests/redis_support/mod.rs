@@ -1,0 +1,339 @@
+//! Shared fixtures of the Redis tests (`tests/redis_*.rs`): a key prefix per test on the
+//! real Redis (`KEYGATE_TEST_REDIS_URL`, everything under it deleted at the end), a TCP
+//! proxy that can cut or stall the connection, replicas (an axum server each, with its own
+//! hub, verifier, change watcher and layers, all over one Redis), polling, and percentiles.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::routing::get;
+use axum::Router;
+use keygate::core::audit::Auditor;
+use keygate::quota::{Counting, QuotaConfig, QuotaLayer};
+use keygate::rate_limit::{Fallback, LimiterClock, RateLimitConfig, RateLimitLayer};
+use keygate::redis::{
+    ChangeWatcher, Publishing, Redis, RedisOptions, RedisRateLimiter, RedisUsageStore, TimeSource,
+    WatchOptions,
+};
+use keygate::{KeyGate, KeyId, KeyManager, ManualClock, MemoryStore, RateLimitPolicy, Verifier};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// The variable naming the test Redis server.
+pub const REDIS_ENV: &str = "KEYGATE_TEST_REDIS_URL";
+
+/// A key prefix of its own on the test Redis, for one test. Every key under it is deleted
+/// when this value is dropped (even if the test panicked).
+pub struct TestRedis {
+    pub url: String,
+    pub prefix: String,
+    pub redis: Redis,
+}
+
+impl TestRedis {
+    /// A new prefix, or `None` (after printing the skip line) when `KEYGATE_TEST_REDIS_URL`
+    /// is unset.
+    pub async fn new() -> Option<TestRedis> {
+        let Ok(url) = std::env::var(REDIS_ENV) else {
+            println!("skipped: {REDIS_ENV} is not set");
+            return None;
+        };
+        let prefix = format!("kgtest:{}", KeyId::generate().expect("random"));
+        let redis = Redis::open_with(&url, RedisOptions::new().prefix(prefix.clone()))
+            .await
+            .expect("open KEYGATE_TEST_REDIS_URL");
+        redis.ping().await.expect("the test Redis answers PING");
+        Some(TestRedis { url, prefix, redis })
+    }
+
+    /// Options with this test's prefix.
+    pub fn options(&self) -> RedisOptions {
+        RedisOptions::new().prefix(self.prefix.clone())
+    }
+
+    /// Another handle on the same prefix (its own connection), at `url` (a proxy, say).
+    pub async fn handle(&self, url: &str, options: RedisOptions) -> Redis {
+        Redis::open_with(url, options).await.expect("open")
+    }
+
+    /// The server's address (for a proxy in front of it).
+    pub fn addr(&self) -> SocketAddr {
+        redis_addr(&self.url)
+    }
+
+    /// How many keys exist under the prefix.
+    pub async fn key_count(&self) -> usize {
+        let mut c = self
+            .redis
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let keys: Vec<String> = keygate::redis::redis::cmd("KEYS")
+            .arg(format!("{}:*", self.prefix))
+            .query_async(&mut c)
+            .await
+            .expect("KEYS");
+        keys.len()
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        let prefix = self.prefix.clone();
+        // Drop runs inside the test's runtime: clean up on a thread of its own.
+        let done = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let redis = Redis::open_with(
+                    &url,
+                    RedisOptions::new()
+                        .prefix(prefix)
+                        .timeout(Duration::from_secs(5)),
+                )
+                .await
+                .ok()?;
+                redis.delete_all().await.ok()
+            })
+        })
+        .join();
+        if !matches!(done, Ok(Some(_))) {
+            eprintln!("warning: could not delete the keys under {}", self.prefix);
+        }
+    }
+}
+
+/// The host and port of a `redis://` URL.
+pub fn redis_addr(url: &str) -> SocketAddr {
+    let after = url.split_once("://").expect("scheme://").1;
+    let end = after.find(['/', '?']).unwrap_or(after.len());
+    let hostport = after[..end].rsplit('@').next().unwrap_or_default();
+    let hostport = if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:6379")
+    };
+    hostport
+        .replace("localhost", "127.0.0.1")
+        .parse()
+        .expect("host:port of the Redis URL")
+}
+
+/// `url` with its host and port replaced by `addr`.
+pub fn with_addr(url: &str, addr: SocketAddr) -> String {
+    let (scheme, after) = url.split_once("://").expect("scheme://");
+    let end = after.find(['/', '?']).unwrap_or(after.len());
+    let authority = &after[..end];
+    let userinfo = authority
+        .rsplit_once('@')
+        .map(|(u, _)| format!("{u}@"))
+        .unwrap_or_default();
+    format!("{scheme}://{userinfo}{addr}{}", &after[end..])
+}
+
+/// Polls `check` (every millisecond) until it returns `Some`, failing the test after
+/// `limit`. Returns the value and how long it took.
+pub async fn poll_until<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> (T, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return (v, start.elapsed());
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// What a [`Proxy`] does with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Forwards both ways.
+    On,
+    /// Drops every open connection and closes new ones as soon as they are accepted.
+    Cut,
+    /// Keeps every connection open but forwards nothing (a hung server or a black hole).
+    Stall,
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `target`, with a switch ([`Mode`]). Leaving
+/// `Stall` closes the stalled connections. (The proxy of keygate-sql's tests.)
+pub struct Proxy {
+    pub addr: SocketAddr,
+    mode: watch::Sender<Mode>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (mode, mode_rx) = watch::channel(Mode::On);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut mode_rx = mode_rx.clone();
+                let now = *mode_rx.borrow_and_update();
+                tokio::spawn(async move {
+                    match now {
+                        Mode::Cut => return,
+                        Mode::Stall => {
+                            let _held = client;
+                            let _ = mode_rx.changed().await;
+                            return;
+                        }
+                        Mode::On => {}
+                    }
+                    let Ok(mut server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let mut client = client;
+                    let stalled = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                        m = mode_rx.wait_for(|m| *m != Mode::On) => {
+                            matches!(m.as_deref(), Ok(Mode::Stall))
+                        }
+                    };
+                    if stalled {
+                        let _ = mode_rx.changed().await;
+                    }
+                });
+            }
+        });
+        Proxy { addr, mode, task }
+    }
+
+    /// Sets what the proxy does from now on.
+    pub fn set(&self, mode: Mode) {
+        self.mode.send_replace(mode);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One replica: an axum server on loopback with its own hub, verifier (over the shared
+/// store, through [`Publishing`]), change watcher, Redis connection, and the layers auth →
+/// rate limit (Redis backend) → quota (Redis usage store, strict) → handler.
+pub struct Replica {
+    pub addr: SocketAddr,
+    pub gate: KeyGate,
+    pub watcher: ChangeWatcher,
+    pub limiter: RedisRateLimiter,
+    pub manager: KeyManager,
+}
+
+/// How replicas are built.
+#[derive(Clone)]
+pub struct ReplicaSpec {
+    pub store: MemoryStore,
+    pub clock: ManualClock,
+    pub url: String,
+    pub options: RedisOptions,
+    pub fallback: Fallback,
+    pub resync_every: Duration,
+    pub precheck: bool,
+    /// Rate limits read Redis's clock instead of the manual one.
+    pub server_time: bool,
+}
+
+impl ReplicaSpec {
+    pub fn new(t: &TestRedis, store: MemoryStore, clock: ManualClock) -> Self {
+        ReplicaSpec {
+            store,
+            clock,
+            url: t.url.clone(),
+            options: t.options(),
+            fallback: Fallback::Deny,
+            resync_every: Duration::from_secs(1),
+            precheck: false,
+            server_time: false,
+        }
+    }
+
+    pub async fn spawn(&self) -> Replica {
+        let redis = Redis::open_with(&self.url, self.options.clone())
+            .await
+            .expect("open");
+        let verifier = Verifier::builder(Publishing::new(self.store.clone(), &redis))
+            .clock(self.clock.clone())
+            .build();
+        let watcher = redis
+            .watch(
+                &verifier,
+                WatchOptions::new().resync_every(self.resync_every),
+            )
+            .await;
+        let gate = KeyGate::new(verifier.clone());
+        let mut limiter = RedisRateLimiter::new(&redis);
+        if !self.server_time {
+            limiter = limiter.time_source(TimeSource::Clock(Arc::new(self.clock.clone())));
+        }
+        if self.precheck {
+            limiter = limiter.local_precheck(std::num::NonZeroUsize::new(10_000).unwrap());
+        }
+        let rate = RateLimitLayer::new(
+            &gate,
+            RateLimitConfig::new()
+                .default_policies([])
+                .anonymous_policies([RateLimitPolicy::per_minute("anonymous", 1000)])
+                .clock(LimiterClock::manual(self.clock.clone()))
+                .backend(limiter.clone())
+                .fallback(self.fallback),
+        )
+        .expect("rate-limit layer");
+        let quota = QuotaLayer::new(
+            &gate,
+            QuotaConfig::new(RedisUsageStore::new(&redis)).counting(Counting::Strict),
+        )
+        .expect("quota layer");
+        let app = Router::new()
+            .route("/", get(|| async { "ok" }))
+            .layer(quota)
+            .layer(rate)
+            .layer(gate.auth_layer());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await
+            .expect("axum server");
+        });
+        let manager = KeyManager::for_verifier(&verifier, Auditor::tracing());
+        Replica {
+            addr,
+            gate,
+            watcher,
+            limiter,
+            manager,
+        }
+    }
+}
+
+/// The median and 99th percentile of `samples` (sorted in place).
+pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    (at(0.5), at(0.99))
+}
