@@ -22,6 +22,10 @@
 //!
 //! - Quota usage is counted in the same database (`keygate usage ID` reads it), in batches
 //!   flushed every second and at shutdown.
+//! - Several replicas: give each the same PostgreSQL `KEYGATE_DATABASE_URL` and
+//!   `KEYGATE_REDIS_URL` (`--redis-url`). Rate limits and quotas are then counted in Redis
+//!   (one atomic script per request, shared by the replicas; `GET /admin/keys/{id}/usage`
+//!   reads them), and key changes are announced through Redis pub/sub.
 //!
 //! Vectors are kept in memory and lost at exit.
 
@@ -36,6 +40,10 @@ use std::sync::Arc;
 
 use clap::Parser;
 use keygate::core::audit::{Auditor, FileSink};
+use keygate::quota::Counting;
+use keygate::redis::{
+    Publishing, Redis, RedisOptions, RedisRateLimiter, RedisUsageStore, WatchOptions,
+};
 use keygate::sql::SqlStore;
 use keygate::{KeyFilter, KeySpec, Verifier};
 
@@ -57,6 +65,14 @@ struct Args {
     /// start, one hash chain across them).
     #[arg(long, default_value = "keygate-audit.jsonl")]
     audit_log: PathBuf,
+    /// Redis, for several replicas: rate limits and quota counters shared by every replica,
+    /// and key changes announced to all of them (`redis://HOST:6379`). Unset: limits and
+    /// quota counting are per process (quota usage flushed to the key database).
+    #[arg(long, env = "KEYGATE_REDIS_URL")]
+    redis_url: Option<String>,
+    /// The prefix of every Redis key this server writes (replicas of one service share it).
+    #[arg(long, env = "KEYGATE_REDIS_PREFIX", default_value = "keygate")]
+    redis_prefix: String,
 }
 
 /// The directory and file stem of the audit log named `path`.
@@ -134,8 +150,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             redact(&args.database_url)
         )
     })?;
-    let verifier = Verifier::new(store.clone());
+    // With Redis: key writes made here are announced to every replica at once (the SQL
+    // follower still catches writes made elsewhere, e.g. by the CLI), and rate limits and
+    // quotas are counted in Redis, shared by the replicas.
+    let redis = match &args.redis_url {
+        Some(url) => Some(
+            Redis::open_with(url, RedisOptions::new().prefix(args.redis_prefix.clone()))
+                .await
+                .map_err(|e| format!("cannot open Redis {}: {e}", redact(url)))?,
+        ),
+        None => None,
+    };
+    let verifier = match &redis {
+        Some(r) => Verifier::new(Publishing::new(store.clone(), r)),
+        None => Verifier::new(store.clone()),
+    };
     let follower = store.watch(&verifier).await?;
+    let watcher = match &redis {
+        Some(r) => Some(r.watch(&verifier, WatchOptions::new()).await),
+        None => None,
+    };
 
     // Audit: the hash-chained file log, written off the request path.
     let sink = FileSink::builder(&audit_dir)
@@ -147,6 +181,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // where `keygate usage` reads them.
     let mut opts = server::Options::new(verifier, auditor.clone());
     opts.usage = Arc::new(store.usage_store());
+    if let Some(r) = &redis {
+        opts.rate_backend = Some(Arc::new(RedisRateLimiter::new(r)));
+        // Strict: every request is one atomic check-and-add in Redis, so replicas cannot
+        // overshoot a quota together.
+        opts.usage = Arc::new(RedisUsageStore::new(r));
+        opts.counting = Counting::Strict;
+    }
     let app = server::build(opts)?;
 
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
@@ -157,6 +198,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         "audit log: {}/{audit_stem}-NNNNNN.jsonl",
         audit_dir.display()
     );
+    if let Some(url) = &args.redis_url {
+        println!(
+            "limits, quotas and key changes shared through {} (prefix {})",
+            redact(url),
+            args.redis_prefix
+        );
+    }
 
     if app.keys.list(&KeyFilter::default()).await?.is_empty() {
         let issued = app
@@ -194,6 +242,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         eprintln!("quota usage flush failed: {e}");
     }
     follower.shutdown().await;
+    if let Some(w) = watcher {
+        w.shutdown().await;
+    }
     let stats = auditor.shutdown().await;
     store.close().await;
     println!(

@@ -90,6 +90,9 @@ pub struct Options {
     pub default_rate_limits: Vec<RateLimitPolicy>,
     /// Rate limits of requests without a valid key, per client address.
     pub anonymous_rate_limits: Vec<RateLimitPolicy>,
+    /// Where rate limits are counted: `None` in this process, or a shared backend (Redis,
+    /// so several replicas share one limit).
+    pub rate_backend: Option<Arc<dyn keygate::core::rate::RateBackend>>,
 }
 
 impl Options {
@@ -107,6 +110,7 @@ impl Options {
             limiter_clock: LimiterClock::default(),
             default_rate_limits: vec![RateLimitPolicy::per_second("default", 100)],
             anonymous_rate_limits: vec![RateLimitPolicy::per_second("anonymous", 10)],
+            rate_backend: None,
         }
     }
 }
@@ -230,14 +234,15 @@ async fn readyz(State(app): State<AppState>) -> (StatusCode, &'static str) {
 pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send + Sync>> {
     let gate = KeyGate::new(opts.verifier);
     let keys = KeyManager::for_verifier(gate.verifier(), opts.auditor.clone());
-    let rate = RateLimitLayer::new(
-        &gate,
-        RateLimitConfig::new()
-            .default_policies(opts.default_rate_limits)
-            .anonymous_policies(opts.anonymous_rate_limits)
-            .clock(opts.limiter_clock)
-            .cost(|h| u32::try_from(point_cost(h.extensions())).unwrap_or(u32::MAX)),
-    )?;
+    let mut rate_config = RateLimitConfig::new()
+        .default_policies(opts.default_rate_limits)
+        .anonymous_policies(opts.anonymous_rate_limits)
+        .clock(opts.limiter_clock)
+        .cost(|h| u32::try_from(point_cost(h.extensions())).unwrap_or(u32::MAX));
+    if let Some(backend) = opts.rate_backend {
+        rate_config = rate_config.backend(backend);
+    }
+    let rate = RateLimitLayer::new(&gate, rate_config)?;
     let quota = QuotaLayer::new(
         &gate,
         QuotaConfig::new(opts.usage)
