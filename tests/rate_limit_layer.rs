@@ -773,3 +773,25 @@ async fn addresses_beyond_the_cap_share_the_overflow_bucket() {
     layer.housekeeping();
     assert_eq!(layer.tracked(), 0);
 }
+
+/// On the real (monotonic) clock, the time between the layer's clock reading and
+/// governor's own must not read as a spent unit: one request of ten per second leaves nine.
+#[tokio::test]
+async fn the_first_request_on_the_real_clock_leaves_limit_minus_one() {
+    let layer = RateLimitLayer::standalone(
+        RateLimitConfig::new()
+            .anonymous_policies([RateLimitPolicy::per_second("anonymous", 10)])
+            .headers(true),
+    )
+    .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(counting_ok::<Body>(calls.clone()));
+    let mut req = Request::get("/").body(Body::default()).unwrap();
+    req.extensions_mut()
+        .insert(SocketAddr::from(([198, 51, 100, 9], 4000)));
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "ratelimit"), Some(r#""anonymous";r=9;t=1"#));
+}

@@ -420,7 +420,13 @@ impl Limiter {
             now: now.as_u64(),
         };
         match self.gov.check_key_n(&probe, cost) {
-            Ok(Ok(())) => Verdict::Allowed(self.standing(probe.tat.get(), self.t0(now))),
+            // Governor read the clock again, a little later than `now`: the standing is
+            // taken as of a reading after its own, so the time in between does not count
+            // as a spent unit (ceil((T + δ) / T) = 2 with the earlier reading).
+            Ok(Ok(())) => {
+                let after = self.clock.now();
+                Verdict::Allowed(self.standing(probe.tat.get(), self.t0(after)))
+            }
             Ok(Err(not_until)) => Verdict::Denied(not_until.wait_time_from(now)),
             // The caller never asks for more than the limit.
             Err(_) => Verdict::Denied(self.shape.period),
