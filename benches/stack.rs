@@ -254,11 +254,14 @@ fn futures_executor_block_on<F: Future>(mut fut: std::pin::Pin<&mut F>) -> F::Ou
     }
 }
 
+/// Sends one request through a variant's service (counting requests not ready at once).
+type Driver = Box<dyn Fn(Request<Body>, &AtomicU64) -> Response<Body> + Send + Sync>;
+
 /// The variants, each as a clonable service plus whether its requests carry the principal.
 struct Variant {
     name: &'static str,
     resolved: bool,
-    svc: Box<dyn Fn(Request<Body>, &AtomicU64) -> Response<Body> + Send + Sync>,
+    svc: Driver,
 }
 
 fn variant<S>(name: &'static str, resolved: bool, svc: S) -> Variant

@@ -63,6 +63,7 @@ pub fn peer_addr<B>(req: &Request<B>) -> Option<IpAddr> {
 /// The address an earlier layer settled on (the [`ClientIp`] extension), else the one
 /// `proxies` give, else (without proxies) the peer. Does not memoize: for layers built
 /// without the hub, which has its own memoizing [`KeyGate::client_ip`](crate::KeyGate::client_ip).
+#[cfg(any(feature = "ip-allow", feature = "rate-limit", feature = "audit"))]
 pub(crate) fn settled<B>(req: &Request<B>, proxies: Option<&TrustedProxies>) -> Option<IpAddr> {
     if let Some(ClientIp(ip)) = req.extensions().get::<ClientIp>() {
         return Some(*ip);

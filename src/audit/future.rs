@@ -8,13 +8,15 @@ use std::time::{Instant, SystemTime};
 
 use std::sync::Arc;
 
-use http::header::HeaderValue;
+use http::header::{Entry, HeaderName, HeaderValue};
 use http::Response;
 use pin_project_lite::pin_project;
 
 use super::layer::Config;
 use crate::core::audit::{AuditEvent, Decision, RequestEvent, Transport};
 use crate::{Denial, Principal};
+
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// What the layer learned from the request, kept until the response.
 pub(crate) struct Capture {
@@ -73,9 +75,8 @@ impl Capture {
 
     /// The event of a response; sets the request id on it when it has none.
     fn respond<B>(self, res: &mut Response<B>, config: &Config) -> RequestEvent {
-        if !res.headers().contains_key(&config.header) {
-            res.headers_mut()
-                .insert(config.header.clone(), self.request_id.clone());
+        if let Entry::Vacant(v) = res.headers_mut().entry(&config.header) {
+            v.insert(self.request_id.clone());
         }
         let denial = res.extensions().get::<Denial>().map(Denial::code);
         let decision = if denial.is_some() {
@@ -87,7 +88,7 @@ impl Capture {
         event.status = Some(res.status().as_u16());
         event.grpc_status = res
             .headers()
-            .get("grpc-status")
+            .get(&GRPC_STATUS)
             .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
             .and_then(|s| s.trim().parse().ok());
         event.denial = denial;

@@ -7,7 +7,7 @@ use smallvec::SmallVec;
 use tower_service::Service;
 
 use super::layer::{validate_policy, Shared};
-use super::meter::KeyCounters;
+use super::meter::{KeyCounters, PolicyField};
 use crate::core::usage::{
     violated_limits, Admission, Increment, Limit, LimitState, Usage, Window, MAX_SF_INTEGER,
 };
@@ -124,7 +124,10 @@ pub struct QuotaNote {
 struct Refund {
     shared: Arc<Shared>,
     key: KeyId,
-    windows: SmallVec<[Window; 3]>,
+    /// The windows counted in, each as its kind and start: a window is rebuilt from its start
+    /// on the rare refund, which keeps the note (moved with every response future around it)
+    /// small.
+    windows: SmallVec<[(QuotaWindow, SystemTime); 3]>,
     cost: u64,
 }
 
@@ -167,12 +170,16 @@ impl Refund {
             cost: self.cost,
             requests: 1,
         };
+        let windows: SmallVec<[Window; 3]> = self
+            .windows
+            .iter()
+            .map(|&(kind, start)| Window::containing(kind, start))
+            .collect();
         if !self.shared.strict {
-            self.shared.meter.refund(self.key, &self.windows, usage);
+            self.shared.meter.refund(self.key, &windows, usage);
             return;
         }
-        let decrements: Vec<Increment> = self
-            .windows
+        let decrements: Vec<Increment> = windows
             .iter()
             .map(|w| Increment {
                 key: self.key,
@@ -259,8 +266,8 @@ impl<ReqB: Send + 'static> Check<ReqB> for QuotaCheck {
                 })
             }));
         }
-        if let Some(verdict) = count(&shared, &plan) {
-            return Step::Now(finish(&shared, plan, verdict, req));
+        if let Some((verdict, policy)) = count(&shared, &plan) {
+            return Step::Now(finish(&shared, plan, verdict, policy, req));
         }
         Step::Later(Box::new(move |mut req| {
             Box::pin(async move {
@@ -307,8 +314,9 @@ fn plan(shared: &Shared, principal: Principal, cost: u64) -> Plan {
 /// the violated limits.
 type Counted = Result<SmallVec<[Usage; 3]>, (SmallVec<[Usage; 3]>, Vec<usize>)>;
 
-/// Batched counting in memory; `None` when a window is not loaded yet.
-fn count(shared: &Shared, plan: &Plan) -> Option<Counted> {
+/// Batched counting in memory; `None` when a window is not loaded yet. Also yields the
+/// key's `RateLimit-Policy` field when headers are on (cached with the counters).
+fn count(shared: &Shared, plan: &Plan) -> Option<(Counted, Option<HeaderValue>)> {
     let entry = shared.meter.keys.get(&plan.principal.key_id())?;
     let mut c: std::sync::MutexGuard<'_, KeyCounters> =
         entry.lock().unwrap_or_else(|p| p.into_inner());
@@ -316,20 +324,48 @@ fn count(shared: &Shared, plan: &Plan) -> Option<Counted> {
     for w in &plan.windows {
         idx.push(c.find(w)?);
     }
-    let usage: SmallVec<[Usage; 3]> = idx.iter().map(|i| c.windows[*i].total()).collect();
+    let policy = if shared.headers && !plan.principal.quotas().is_empty() {
+        cached_policy_field(&mut c, plan)
+    } else {
+        None
+    };
+    // Pushes, not `collect`: SmallVec's `Extend` costs more than the loop at these sizes.
+    let mut usage: SmallVec<[Usage; 3]> = SmallVec::new();
+    for i in &idx {
+        usage.push(c.windows[*i].total());
+    }
     let violated = violated_limits(&usage, &plan.limits, plan.cost);
     if !violated.is_empty() {
-        return Some(Err((usage, violated)));
+        return Some((Err((usage, violated)), policy));
     }
     let one = Usage {
         cost: plan.cost,
         requests: 1,
     };
-    for i in &idx {
+    for (i, u) in idx.iter().zip(usage.iter_mut()) {
         c.windows[*i].pending = c.windows[*i].pending.plus(one);
+        *u = u.plus(one);
     }
     c.touched = true;
-    Some(Ok(usage.iter().map(|u| u.plus(one)).collect()))
+    Some((Ok(usage), policy))
+}
+
+/// The `RateLimit-Policy` field of `plan`: the one cached with the key's counters when it was
+/// formatted from the same policies and windows, else formatted now and cached.
+fn cached_policy_field(c: &mut KeyCounters, plan: &Plan) -> Option<HeaderValue> {
+    let quotas = plan.principal.quotas();
+    if let Some(f) = &c.policy_field {
+        if f.windows == plan.windows && *f.quotas == *quotas {
+            return Some(f.value.clone());
+        }
+    }
+    let value = policy_field(plan)?;
+    c.policy_field = Some(PolicyField {
+        quotas: quotas.into(),
+        windows: plan.windows.clone(),
+        value: value.clone(),
+    });
+    Some(value)
 }
 
 async fn load_then_count<B>(
@@ -345,8 +381,8 @@ async fn load_then_count<B>(
             .await
             .map_err(unavailable)?;
         shared.meter.loaded(key, &plan.windows, &usage);
-        if let Some(verdict) = count(shared, &plan) {
-            return finish(shared, plan, verdict, req);
+        if let Some((verdict, policy)) = count(shared, &plan) {
+            return finish(shared, plan, verdict, policy, req);
         }
     }
     Err(Denial::new(DenialCode::StoreUnavailable))
@@ -367,7 +403,7 @@ async fn strict<B>(
         Admission::Admitted(usage) => Ok(usage.into_iter().collect()),
         Admission::Refused { usage, violated } => Err((usage.into_iter().collect(), violated)),
     };
-    finish(shared, plan, verdict, req)
+    finish(shared, plan, verdict, None, req)
 }
 
 fn unavailable(e: crate::core::usage::UsageError) -> Denial {
@@ -375,11 +411,13 @@ fn unavailable(e: crate::core::usage::UsageError) -> Denial {
     Denial::new(DenialCode::StoreUnavailable)
 }
 
-/// Turns a count into the note (and the status extension) or the denial.
+/// Turns a count into the note (and the status extension) or the denial. `policy` is the
+/// key's `RateLimit-Policy` field when already at hand (formatted here otherwise).
 fn finish<B>(
     shared: &Arc<Shared>,
     plan: Plan,
     verdict: Counted,
+    policy: Option<HeaderValue>,
     req: &mut Request<B>,
 ) -> Result<QuotaNote, Denial> {
     let quotas = plan.principal.quotas();
@@ -426,14 +464,29 @@ fn finish<B>(
         shared.maybe_flush(plan.now);
     }
     let fields = (shared.headers && !quotas.is_empty())
-        .then(|| fields(&plan, &usage))
+        .then(|| {
+            Some((
+                policy.or_else(|| policy_field(&plan))?,
+                limit_field(&plan, &usage)?,
+            ))
+        })
         .flatten();
-    if shared.status && !quotas.is_empty() {
-        let states = (0..plan.limits.len())
-            .map(|i| standing(&usage, i))
-            .collect();
+    let status = (shared.status && !quotas.is_empty()).then(|| {
+        let mut states = SmallVec::new();
+        for i in 0..plan.limits.len() {
+            states.push(standing(&usage, i));
+        }
+        states
+    });
+    let mut windows = SmallVec::new();
+    for w in &plan.windows {
+        windows.push((w.kind, w.start));
+    }
+    let key = plan.principal.key_id();
+    if let Some(states) = status {
+        // The plan ends here: its principal moves into the status.
         req.extensions_mut().insert(QuotaStatus {
-            principal: plan.principal.clone(),
+            principal: plan.principal,
             states,
         });
     }
@@ -441,21 +494,20 @@ fn finish<B>(
         fields,
         refund: Some(Refund {
             shared: shared.clone(),
-            key: plan.principal.key_id(),
-            windows: plan.windows,
+            key,
+            windows,
             cost: plan.cost,
         }),
     })
 }
 
-fn fields(plan: &Plan, usage: &[Usage]) -> Option<(HeaderValue, HeaderValue)> {
+/// The `RateLimit-Policy` field of the key's quotas: `"name";q=limit;w=secs, ...`.
+fn policy_field(plan: &Plan) -> Option<HeaderValue> {
     let quotas = plan.principal.quotas();
     let mut policy = FieldBuf::new();
-    let mut limit = FieldBuf::new();
     for (i, (q, l)) in quotas.iter().zip(&plan.limits).enumerate() {
         if i > 0 {
             policy.push_str(", ");
-            limit.push_str(", ");
         }
         let w = plan.windows[l.window];
         policy.push_sf_string(&q.name);
@@ -465,6 +517,19 @@ fn fields(plan: &Plan, usage: &[Usage]) -> Option<(HeaderValue, HeaderValue)> {
             policy.push_str(";w=");
             policy.push_u64(len.as_secs());
         }
+    }
+    policy.to_header()
+}
+
+/// The `RateLimit` field after this request: `"name";r=remaining;t=secs, ...`.
+fn limit_field(plan: &Plan, usage: &[Usage]) -> Option<HeaderValue> {
+    let quotas = plan.principal.quotas();
+    let mut limit = FieldBuf::new();
+    for (i, (q, l)) in quotas.iter().zip(&plan.limits).enumerate() {
+        if i > 0 {
+            limit.push_str(", ");
+        }
+        let w = plan.windows[l.window];
         let used = usage.get(l.window).map_or(0, |u| u.cost);
         limit.push_sf_string(&q.name);
         limit.push_str(";r=");
@@ -474,5 +539,5 @@ fn fields(plan: &Plan, usage: &[Usage]) -> Option<(HeaderValue, HeaderValue)> {
             limit.push_u64(t.as_secs() + u64::from(t.subsec_nanos() > 0));
         }
     }
-    Some((policy.to_header()?, limit.to_header()?))
+    limit.to_header()
 }

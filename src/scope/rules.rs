@@ -144,6 +144,7 @@ impl PathPattern {
         }
         let bytes = path.as_bytes();
         for (seg, &(a, b)) in self.segments.iter().zip(parts) {
+            let (a, b) = (a as usize, b as usize);
             match seg {
                 Segment::Literal(l) => {
                     if bytes[a..b] != *l.as_bytes() {
@@ -157,37 +158,50 @@ impl PathPattern {
                 }
             }
         }
-        Some(resource_at.map(|i| parts[i].0..parts[i].1))
+        Some(resource_at.map(|i| parts[i].0 as usize..parts[i].1 as usize))
     }
 }
 
 /// A request path split once into the byte ranges of its segments (no allocation).
 pub(crate) struct SplitPath {
-    bounds: [(usize, usize); MAX_SEGMENTS],
+    /// `(start, end)` byte offsets of each segment (32-bit: a URI is far shorter).
+    bounds: [(u32, u32); MAX_SEGMENTS],
     len: usize,
 }
 
 impl SplitPath {
     /// `None` when the path does not start with `/` or has more than 32 segments.
     pub(crate) fn new(path: &str) -> Option<Self> {
-        let rest = path.strip_prefix('/')?;
+        let bytes = path.as_bytes();
+        if bytes.first() != Some(&b'/') || u32::try_from(bytes.len()).is_err() {
+            return None;
+        }
         let mut split = SplitPath {
             bounds: [(0, 0); MAX_SEGMENTS],
             len: 0,
         };
-        let mut start = 1;
-        for part in rest.split('/') {
-            if split.len == MAX_SEGMENTS {
-                return None;
+        // Offsets fit in u32 (checked above).
+        let mut start = 1u32;
+        for (i, &c) in bytes[1..].iter().enumerate() {
+            if c == b'/' {
+                if split.len == MAX_SEGMENTS {
+                    return None;
+                }
+                let at = i as u32 + 1;
+                split.bounds[split.len] = (start, at);
+                split.len += 1;
+                start = at + 1;
             }
-            split.bounds[split.len] = (start, start + part.len());
-            split.len += 1;
-            start += part.len() + 1;
         }
+        if split.len == MAX_SEGMENTS {
+            return None;
+        }
+        split.bounds[split.len] = (start, bytes.len() as u32);
+        split.len += 1;
         Some(split)
     }
 
-    fn parts(&self) -> &[(usize, usize)] {
+    fn parts(&self) -> &[(u32, u32)] {
         &self.bounds[..self.len]
     }
 }
@@ -389,6 +403,49 @@ impl RouteScopesBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The segments as `str::split` sees them (what the byte loop must reproduce).
+    fn reference(path: &str) -> Option<Vec<(usize, usize)>> {
+        let rest = path.strip_prefix('/')?;
+        let mut out = Vec::new();
+        let mut start = 1;
+        for part in rest.split('/') {
+            out.push((start, start + part.len()));
+            start += part.len() + 1;
+        }
+        (out.len() <= MAX_SEGMENTS).then_some(out)
+    }
+
+    #[test]
+    fn split_path_matches_str_split() {
+        let long32 = "/a".repeat(32);
+        let long33 = "/a".repeat(33);
+        let trailing32 = format!("{}/", "/a".repeat(31));
+        let trailing33 = format!("{}/", "/a".repeat(32));
+        for p in [
+            "/",
+            "//",
+            "/a",
+            "/a/",
+            "/collections/docs/points/search",
+            "///x//",
+            "/é/ü",
+            "",
+            "a/b",
+            &long32,
+            &long33,
+            &trailing32,
+            &trailing33,
+        ] {
+            let got = SplitPath::new(p).map(|s| {
+                s.parts()
+                    .iter()
+                    .map(|&(a, b)| (a as usize, b as usize))
+                    .collect::<Vec<_>>()
+            });
+            assert_eq!(got, reference(p), "{p:?}");
+        }
+    }
 
     #[test]
     fn head_requests_match_get_rules_and_first_rule_wins() {

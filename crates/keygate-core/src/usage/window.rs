@@ -82,7 +82,9 @@ fn month_span(secs: u64, day: u8) -> (u64, Option<u64>) {
     let (y, m, _) = civil_from_days(days);
     let anchor = |y: i64, m: u32| -> u64 {
         let d = u32::from(day).min(days_in_month(y, m));
-        (days_from_civil(y, m, d) as u64) * DAY
+        // A window that would start before 1970 (January 1970 with a refill day past the
+        // 1st) starts at the epoch, like every instant before it.
+        (days_from_civil(y, m, d).max(0) as u64) * DAY
     };
     let this = anchor(y, m);
     let (ny, nm) = next_month(y, m);
@@ -162,6 +164,49 @@ mod tests {
 
     fn at(y: i64, m: u32, d: u32, hh: u32, mm: u32, ss: u32) -> SystemTime {
         utc(y, m, d, hh, mm, ss)
+    }
+
+    /// A window is the window of its own start (the quota layer keeps only kind and start).
+    #[test]
+    fn a_window_is_rebuilt_from_its_start() {
+        let kinds = [
+            QuotaWindow::Hour,
+            QuotaWindow::Day,
+            QuotaWindow::Month,
+            QuotaWindow::Credits(Refill::Daily),
+            QuotaWindow::Credits(Refill::Never),
+            QuotaWindow::Credits(Refill::Monthly { day: 1 }),
+            QuotaWindow::Credits(Refill::Monthly { day: 15 }),
+            QuotaWindow::Credits(Refill::Monthly { day: 29 }),
+            QuotaWindow::Credits(Refill::Monthly { day: 31 }),
+        ];
+        let instants = [
+            UNIX_EPOCH,
+            at(2024, 1, 31, 23, 59, 59),
+            at(2024, 2, 29, 0, 0, 0),
+            at(2024, 2, 29, 12, 0, 0),
+            at(2023, 2, 28, 12, 0, 0),
+            at(2024, 3, 1, 0, 0, 1),
+            at(2024, 12, 31, 23, 0, 0),
+            at(2025, 4, 30, 6, 30, 0),
+        ];
+        // Early January 1970 with a refill day past the 1st: the window starts at the epoch
+        // (it used to overflow computing a start in December 1969).
+        let w = Window::containing(
+            QuotaWindow::Credits(Refill::Monthly { day: 15 }),
+            at(1970, 1, 3, 0, 0, 0),
+        );
+        assert_eq!(w.start, UNIX_EPOCH);
+        assert_eq!(w.end, Some(at(1970, 1, 15, 0, 0, 0)));
+        for kind in kinds {
+            for t in instants {
+                let w = Window::containing(kind, t);
+                assert_eq!(Window::containing(kind, w.start), w, "{kind:?} at {t:?}");
+                let again =
+                    Window::containing(kind, UNIX_EPOCH + Duration::from_secs(w.start_secs()));
+                assert_eq!(again, w, "{kind:?} at {t:?}");
+            }
+        }
     }
 
     #[test]
