@@ -391,4 +391,17 @@ async fn keys_from_the_cli_work_in_the_running_showcase() {
     println!("CLI revocation reached the running showcase in {took:?} (SQLite, bound 1 s)");
     assert!(took < Duration::from_secs(1), "{took:?}");
     server.terminate().await;
+
+    // The audit log the server wrote passes the CLI's verification.
+    let files: Vec<String> = keygate::core::audit::log_files(dir.path(), "keygate-audit")
+        .unwrap()
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect();
+    assert!(!files.is_empty());
+    let mut args = vec!["audit", "verify"];
+    args.extend(files.iter().map(String::as_str));
+    let report = cli(&keygate, dir.path(), &args).await;
+    assert_eq!(report["ok"], true, "{report}");
+    assert!(report["lines"].as_u64().unwrap() >= 8, "{report}");
 }
