@@ -9,6 +9,7 @@ use http::HeaderValue;
 use smallvec::SmallVec;
 
 use crate::core::usage::{Increment, Usage, UsageError, UsageStore, Window};
+use crate::core::KeyIdHashBuilder;
 use crate::{KeyId, QuotaPolicy};
 
 /// One window of one key.
@@ -54,68 +55,10 @@ impl KeyCounters {
     }
 }
 
-/// Hashes the meter's key ids: a seeded multiply-fold instead of SipHash (a fraction of the
-/// cost on every request). Only verified keys reach the meter, and their ids are random, so
-/// a request cannot choose what collides; the per-process seed keeps it that way.
-#[derive(Debug, Clone)]
-pub(crate) struct IdHashBuilder(u64);
-
-impl Default for IdHashBuilder {
-    fn default() -> Self {
-        use std::hash::BuildHasher;
-        IdHashBuilder(
-            std::collections::hash_map::RandomState::new().hash_one(0x006b_6579_6761_7465_u64),
-        )
-    }
-}
-
-impl std::hash::BuildHasher for IdHashBuilder {
-    type Hasher = IdHasher;
-    fn build_hasher(&self) -> IdHasher {
-        IdHasher(self.0)
-    }
-}
-
-pub(crate) struct IdHasher(u64);
-
-impl IdHasher {
-    /// Multiplies by 2^64 / golden ratio to 128 bits and folds the halves: every input bit
-    /// reaches the whole output.
-    fn mix(&mut self, word: u64) {
-        let r = u128::from(self.0 ^ word) * 0x9e37_79b9_7f4a_7c15u128;
-        self.0 = (r as u64) ^ ((r >> 64) as u64);
-    }
-}
-
-impl std::hash::Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(chunk);
-            self.mix(u64::from_le_bytes(w));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut w = [0u8; 8];
-            w[..rest.len()].copy_from_slice(rest);
-            self.mix(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 56));
-        }
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.mix(n as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
 /// Every key's counters.
 #[derive(Debug, Default)]
 pub(crate) struct Meter {
-    pub(crate) keys: DashMap<KeyId, Mutex<KeyCounters>, IdHashBuilder>,
+    pub(crate) keys: DashMap<KeyId, Mutex<KeyCounters>, KeyIdHashBuilder>,
     /// Serializes flushes.
     flushing: tokio::sync::Mutex<()>,
 }
@@ -250,31 +193,5 @@ impl Meter {
     /// How many keys are held in memory.
     pub(crate) fn keys(&self) -> usize {
         self.keys.len()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::hash::BuildHasher;
-
-    use super::*;
-
-    #[test]
-    fn id_hashes_depend_on_every_byte_and_the_seed() {
-        let b = IdHashBuilder::default();
-        let base = [7u8; 16];
-        let h0 = b.hash_one(base);
-        for i in 0..16 {
-            let mut other = base;
-            other[i] ^= 1;
-            assert_ne!(b.hash_one(other), h0, "byte {i}");
-        }
-        assert_eq!(b.hash_one(base), h0);
-        assert_ne!(
-            IdHashBuilder(1).hash_one(base),
-            IdHashBuilder(2).hash_one(base)
-        );
-        // Lengths count: a shorter slice of zeros is not a longer one.
-        assert_ne!(b.hash_one(&[0u8; 3][..]), b.hash_one(&[0u8; 4][..]));
     }
 }

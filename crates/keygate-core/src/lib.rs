@@ -25,6 +25,7 @@ pub mod audit;
 mod clock;
 mod denial;
 mod digest;
+mod idhash;
 mod key;
 mod lifecycle;
 mod principal;
@@ -38,6 +39,7 @@ mod verifier;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use denial::{Denial, DenialCode};
 pub use digest::{InvalidDigest, KeyDigest, KeyHasher};
+pub use idhash::{KeyIdHashBuilder, KeyIdHasher};
 pub use key::{
     ApiKey, InvalidKeyId, InvalidPrefix, KeyGenError, KeyId, KeyParseError, KeyParser, ParsedKey,
     Prefix, BODY_LEN, CHECKSUM_LEN, KEY_ID_LEN, MAX_KEY_LEN, MAX_PREFIX_LEN, SCANNER_REGEX,

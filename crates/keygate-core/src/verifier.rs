@@ -20,6 +20,7 @@ use dashmap::{DashMap, DashSet};
 use crate::clock::{Clock, SystemClock};
 use crate::denial::{Denial, DenialCode};
 use crate::digest::{KeyDigest, KeyHasher};
+use crate::idhash::KeyIdHashBuilder;
 use crate::key::{KeyId, KeyParser, ParsedKey};
 use crate::principal::{Interner, Principal};
 use crate::record::{KeyRecord, KeyStatus};
@@ -37,7 +38,7 @@ struct Shared {
     parser: KeyParser,
     hasher: KeyHasher,
     clock: Arc<dyn Clock>,
-    cache: DashMap<KeyId, Entry, IdHashBuilder>,
+    cache: DashMap<KeyId, Entry, KeyIdHashBuilder>,
     negative: NegativeCache,
     refresh_after: Duration,
     max_stale: Duration,
@@ -192,7 +193,7 @@ impl VerifierBuilder {
                 parser: self.parser,
                 hasher: self.hasher,
                 clock: self.clock,
-                cache: DashMap::with_hasher(IdHashBuilder::new()),
+                cache: DashMap::with_hasher(KeyIdHashBuilder::new()),
                 negative: NegativeCache::new(self.negative_capacity, self.negative_ttl),
                 refresh_after: self.refresh_after,
                 max_stale: self.max_stale,
@@ -445,76 +446,6 @@ impl std::fmt::Debug for Verifier {
     }
 }
 
-/// Hashes key ids for the positive cache: a keyed multiply-fold hash, several times
-/// cheaper than the default SipHash on a 12-byte id (it runs on every request).
-///
-/// Flooding resistance does not depend on it: the cache only ever holds ids of records read
-/// from the store, so a caller cannot choose what lands in it, only what is looked up. The
-/// negative cache, which does hold caller-chosen ids, keeps SipHash.
-#[derive(Clone)]
-struct IdHashBuilder {
-    seed: u64,
-}
-
-impl IdHashBuilder {
-    fn new() -> Self {
-        use std::hash::BuildHasher;
-        // A per-map random seed, taken from std's randomly keyed SipHash.
-        let seed = std::collections::hash_map::RandomState::new().hash_one(0x6b67_u64);
-        IdHashBuilder { seed }
-    }
-}
-
-impl std::hash::BuildHasher for IdHashBuilder {
-    type Hasher = IdHasher;
-    fn build_hasher(&self) -> IdHasher {
-        IdHasher(self.seed)
-    }
-}
-
-struct IdHasher(u64);
-
-/// 2^64 divided by the golden ratio, odd.
-const ID_HASH_MUL: u64 = 0x9e37_79b9_7f4a_7c15;
-
-/// Multiplies to 128 bits and folds the halves together: every input bit reaches the
-/// whole output.
-fn fold_mul(a: u64, b: u64) -> u64 {
-    let r = u128::from(a) * u128::from(b);
-    (r as u64) ^ ((r >> 64) as u64)
-}
-
-impl IdHasher {
-    fn mix(&mut self, word: u64) {
-        self.0 = fold_mul(self.0 ^ word, ID_HASH_MUL);
-    }
-}
-
-impl std::hash::Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(chunk);
-            self.mix(u64::from_le_bytes(w));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut w = [0u8; 8];
-            w[..rest.len()].copy_from_slice(rest);
-            self.mix(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 56));
-        }
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.mix(n as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        fold_mul(self.0, ID_HASH_MUL.rotate_left(29))
-    }
-}
-
 /// A bounded memory of unknown key ids: sharded, two generations per shard (when the
 /// current one fills up it becomes the previous one and the oldest is dropped), each entry
 /// valid for a time-to-live.
@@ -605,35 +536,3 @@ impl NegativeCache {
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(test)]
-mod id_hash_tests {
-    use std::collections::HashSet;
-    use std::hash::BuildHasher;
-
-    use super::IdHashBuilder;
-    use crate::key::KeyId;
-
-    #[test]
-    fn ids_spread_over_buckets_and_shards() {
-        let b = IdHashBuilder::new();
-        let ids: Vec<KeyId> = (0..10_000).map(|_| KeyId::generate().unwrap()).collect();
-        let hashes: HashSet<u64> = ids.iter().map(|id| b.hash_one(id)).collect();
-        assert_eq!(hashes.len(), ids.len());
-        assert_eq!(b.hash_one(ids[0]), b.hash_one(ids[0]));
-        // Low bits pick hashbrown's bucket, high bits dashmap's shard and hashbrown's tag:
-        // with 10,000 random ids over 64 slots (about 156 each) none may stand out.
-        for shift in [0, 57] {
-            let mut slots = [0u32; 64];
-            for h in &hashes {
-                slots[((h >> shift) & 63) as usize] += 1;
-            }
-            let (min, max) = (slots.iter().min().unwrap(), slots.iter().max().unwrap());
-            assert!(*min > 90 && *max < 230, "shift {shift}: {min}..{max}");
-        }
-        // Ids differing in one character hash apart.
-        let a = KeyId::parse("aaaaaaaaaaaa").unwrap();
-        let c = KeyId::parse("aaaaaaaaaaab").unwrap();
-        assert_ne!(b.hash_one(a), b.hash_one(c));
-    }
-}
