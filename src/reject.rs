@@ -177,7 +177,7 @@ impl Renderer for DefaultRenderer {
             replaced_detail
         };
         match cx.protocol {
-            Protocol::Grpc => grpc_response(code, detail),
+            Protocol::Grpc => grpc_response(denial, code, detail),
             Protocol::Http => self.http_response(denial, code, detail),
         }
     }
@@ -291,7 +291,11 @@ fn quoted_safe(s: &str) -> String {
         .collect()
 }
 
-fn grpc_response(code: DenialCode, detail: &str) -> Response<Bytes> {
+/// A trailers-only gRPC answer. Besides `grpc-status` and `grpc-message`, a rate-limit or
+/// quota refusal carries the same hints as over HTTP, as ASCII metadata a client can read
+/// from the status: `retry-after` (whole seconds, rounded up) and the `ratelimit-policy` /
+/// `ratelimit` fields.
+fn grpc_response(denial: &Denial, code: DenialCode, detail: &str) -> Response<Bytes> {
     let mut res = Response::new(Bytes::new());
     let h = res.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
@@ -302,6 +306,10 @@ fn grpc_response(code: DenialCode, detail: &str) -> Response<Bytes> {
     if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(&format!("{code}: {detail}"))) {
         h.insert("grpc-message", v);
     }
+    if let Some(wait) = denial.retry_after() {
+        h.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(wait)));
+    }
+    append_ratelimit_fields(h, denial.limits());
     res
 }
 

@@ -646,6 +646,11 @@ async fn an_unreachable_store_fails_closed_and_loses_no_count() {
             res.extensions().get::<Denial>().unwrap().code(),
             DenialCode::StoreUnavailable
         );
+        assert_eq!(
+            res.headers().get("retry-after").map(|v| v.as_bytes()),
+            Some(&b"1"[..]),
+            "{counting:?}"
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 0);
         store.down.store(false, Ordering::SeqCst);
         assert_eq!(

@@ -463,6 +463,13 @@ async fn grpc_requests_get_resource_exhausted() {
     assert!(header(&res, "grpc-message")
         .unwrap()
         .starts_with("rate_limited"));
+    // The same hints as over HTTP, as metadata of the status.
+    assert_eq!(header(&res, "retry-after"), Some("60"));
+    assert_eq!(header(&res, "ratelimit"), Some(r#""burst";r=0;t=60"#));
+    assert_eq!(
+        header(&res, "ratelimit-policy"),
+        Some(r#""burst";q=1;w=60"#)
+    );
     assert!(body_bytes(res.into_body()).await.is_empty());
 }
 

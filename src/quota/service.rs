@@ -225,7 +225,7 @@ impl<ReqB: Send + 'static> Check<ReqB> for QuotaCheck {
     ) -> Result<QuotaNote, Denial> {
         match self.begin(req, who) {
             Step::Now(verdict) => verdict,
-            Step::Later(_) => Err(Denial::new(DenialCode::StoreUnavailable)),
+            Step::Later(_) => Err(store_unavailable()),
         }
     }
 
@@ -385,7 +385,7 @@ async fn load_then_count<B>(
             return finish(shared, plan, verdict, policy, req);
         }
     }
-    Err(Denial::new(DenialCode::StoreUnavailable))
+    Err(store_unavailable())
 }
 
 async fn strict<B>(
@@ -408,7 +408,7 @@ async fn strict<B>(
 
 fn unavailable(e: crate::core::usage::UsageError) -> Denial {
     tracing::warn!(error = %e, "usage store unavailable; refusing");
-    Denial::new(DenialCode::StoreUnavailable)
+    store_unavailable()
 }
 
 /// Turns a count into the note (and the status extension) or the denial. `policy` is the
@@ -540,4 +540,10 @@ fn limit_field(plan: &Plan, usage: &[Usage]) -> Option<HeaderValue> {
         }
     }
     limit.to_header()
+}
+
+/// The usage store could not answer: 503 `store_unavailable`, to be retried in a second
+/// (as the verifier and the rate limiter answer).
+fn store_unavailable() -> Denial {
+    Denial::new(DenialCode::StoreUnavailable).with_retry_after(Duration::from_secs(1))
 }
