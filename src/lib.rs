@@ -67,7 +67,7 @@ struct ReadmeDoctests;
 
 pub use keygate_core as core;
 pub use keygate_core::{
-    ApiKey, Clock, Denial, DenialCode, KeyDigest, KeyFilter, KeyHasher, KeyId, KeyInfo,
+    ApiKey, Attributes, Clock, Denial, DenialCode, KeyDigest, KeyFilter, KeyHasher, KeyId, KeyInfo,
     KeyParseError, KeyParser, KeyRecord, KeyStatus, KeyStore, Lookup, ManualClock, MemoryStore,
     PendingLookup, Prefix, Principal, QuotaPolicy, QuotaWindow, RateLimitPolicy, Refill,
     StoreError, SystemClock, Verifier, VerifierBuilder, SCANNER_REGEX,
