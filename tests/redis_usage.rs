@@ -218,6 +218,30 @@ async fn windows_expire_after_their_retention_and_credits_never() {
         s.check_and_add(&k, &[hour], &[], 1 << 54).await,
         Err(UsageError::Corrupt(_))
     ));
+    // Refused before any write: a readable window of the same call is not counted either,
+    // and a refund does not "repair" the unreadable one to zero.
+    assert!(matches!(
+        s.check_and_add(&k, &[credits, hour], &[], 1).await,
+        Err(UsageError::Corrupt(_))
+    ));
+    assert_eq!(s.load(&k, &[credits]).await.unwrap(), [u(1, 1)]);
+    let refund = [credits, hour].map(|window| Increment {
+        key: k,
+        window,
+        usage: u(1, 1),
+    });
+    assert!(matches!(
+        s.subtract(&refund).await,
+        Err(UsageError::Corrupt(_))
+    ));
+    assert_eq!(s.load(&k, &[credits]).await.unwrap(), [u(1, 1)]);
+    let raw: String = keygate::redis::redis::cmd("HGET")
+        .arg(format!("{p}:q:{{{k}}}:hour:{}", hour.start_secs()))
+        .arg("c")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(raw, "lots");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

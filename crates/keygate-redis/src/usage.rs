@@ -49,10 +49,22 @@ static CHECK_AND_ADD: LazyLock<Script> = LazyLock::new(|| {
 local n = #KEYS - 1
 local cost = tonumber(ARGV[1])
 local m = tonumber(ARGV[2])
+-- A stored count: 0 when absent, nil when not a non-negative integer (then nothing is
+-- written: the script refuses before its first write, so no window is left half-counted).
+local function count(x)
+  if not x then return 0 end
+  local v = tonumber(x)
+  if not v or v < 0 or v ~= math.floor(v) then return nil end
+  return v
+end
 local usage = {}
 for i = 1, n do
   local v = redis.call('HMGET', KEYS[i], 'c', 'r')
-  usage[i] = {tonumber(v[1]) or 0, tonumber(v[2]) or 0}
+  local c, r = count(v[1]), count(v[2])
+  if c == nil or r == nil then
+    return redis.error_reply('keygate: unreadable usage counter')
+  end
+  usage[i] = {c, r}
 end
 local at = 5 + 3 * n
 local violated = {}
@@ -93,12 +105,27 @@ static SUBTRACT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 -- KEYS[i]: window hashes; ARGV[2i - 1], ARGV[2i]: cost and requests to remove (at most
--- down to zero). Windows that do not exist are left alone.
+-- down to zero). Windows that do not exist are left alone. An unreadable counter refuses
+-- the whole call before any write (it is not "repaired" to zero).
+local function count(x)
+  if not x then return 0 end
+  local v = tonumber(x)
+  if not v or v < 0 or v ~= math.floor(v) then return nil end
+  return v
+end
+local now = {}
 for i = 1, #KEYS do
   local v = redis.call('HMGET', KEYS[i], 'c', 'r')
-  if v[1] or v[2] then
-    local c = math.max(0, (tonumber(v[1]) or 0) - tonumber(ARGV[2 * i - 1]))
-    local r = math.max(0, (tonumber(v[2]) or 0) - tonumber(ARGV[2 * i]))
+  local c, r = count(v[1]), count(v[2])
+  if c == nil or r == nil then
+    return redis.error_reply('keygate: unreadable usage counter')
+  end
+  now[i] = {c, r, v[1] or v[2]}
+end
+for i = 1, #KEYS do
+  if now[i][3] then
+    local c = math.max(0, now[i][1] - tonumber(ARGV[2 * i - 1]))
+    local r = math.max(0, now[i][2] - tonumber(ARGV[2 * i]))
     redis.call('HSET', KEYS[i], 'c', string.format('%.0f', c), 'r', string.format('%.0f', r))
   end
 end
