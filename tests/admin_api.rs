@@ -2,6 +2,7 @@
 //! privilege escalation, confines tenant admins to their tenant, answers bad input with
 //! clear 4xx errors and changes nothing then, and reports usage.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use axum::Router;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use keygate::admin::AdminApi;
+use keygate::client_ip::{parse_network, TrustedProxies};
 use keygate::core::audit::{Auditor, MemorySink};
 use keygate::core::usage::{Increment, MemoryUsageStore, Usage, UsageStore, Window};
 use keygate::{
@@ -60,15 +62,33 @@ struct Answer {
 }
 
 async fn send(app: &Router, method: &str, path: &str, key: Option<&str>, body: &str) -> Answer {
+    send_from(app, None, &[], method, path, key, body).await
+}
+
+/// Sends from the connection peer `peer` (none: unknown), with extra `headers`.
+async fn send_from(
+    app: &Router,
+    peer: Option<&str>,
+    headers: &[(&str, &str)],
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &str,
+) -> Answer {
     let mut req = Request::builder().method(method).uri(path);
     if let Some(k) = key {
         req = req.header("authorization", format!("Bearer {k}"));
     }
-    let res = app
-        .clone()
-        .oneshot(req.body(Body::from(body.to_owned())).unwrap())
-        .await
-        .unwrap();
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let mut req = req.body(Body::from(body.to_owned())).unwrap();
+    if let Some(ip) = peer {
+        let addr = SocketAddr::new(ip.parse().unwrap(), 40_000);
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(addr));
+    }
+    let res = app.clone().oneshot(req).await.unwrap();
     let status = res.status();
     let headers = res.headers().clone();
     let bytes = res.into_body().collect().await.unwrap().to_bytes();
@@ -544,4 +564,288 @@ async fn usage_comes_from_the_usage_store() {
     .await;
     assert_eq!(r.json["windows"], json!([]));
     assert_eq!(r.json["quotas"][0]["used"], 30);
+}
+
+/// An admin key that expires in a day and works only from 10.0.0.0/8.
+fn limited_admin_spec() -> KeySpec {
+    KeySpec::new("limited")
+        .scope("keys:admin")
+        .scope("points:*")
+        .resource("*")
+        .expires_in(Duration::from_secs(86_400))
+        .allow_ip(parse_network("10.0.0.0/8").unwrap())
+}
+
+const INSIDE: Option<&str> = Some("10.1.2.3");
+
+#[tokio::test]
+async fn a_limited_admin_issues_only_keys_as_limited_as_itself() {
+    let s = setup();
+    let (limited, limited_id) = s.key(limited_admin_spec()).await;
+    let limit = s
+        .keys
+        .show(limited_id.parse().unwrap())
+        .await
+        .unwrap()
+        .expires_at
+        .unwrap();
+    let app = Router::new().nest(
+        "/admin",
+        AdminApi::new(s.keys.clone()).gate(&s.gate).router(),
+    );
+    let k = Some(limited.as_str());
+    let create = |body: &'static str| send_from(&app, INSIDE, &[], "POST", "/admin/keys", k, body);
+
+    // Unspecified: the new key inherits the caller's expiry and networks.
+    let r = create(r#"{"name":"plain","scopes":["points:*"],"collections":["docs"]}"#).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    let plain = s
+        .keys
+        .show(r.json["id"].as_str().unwrap().parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(plain.expires_at, Some(limit), "the caller's expiry");
+    assert_eq!(plain.allowed_ips, [parse_network("10.0.0.0/8").unwrap()]);
+    assert_eq!(r.json["allowed_ips"], json!(["10.0.0.0/8"]));
+    assert!(r.json["expires_at"].is_string());
+
+    // Narrower is fine.
+    let r = create(
+        r#"{"name":"narrow","scopes":["points:read"],"expires_in":"1h","allowed_ips":["10.1.0.0/16","10.2.3.4"]}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    let narrow = s
+        .keys
+        .show(r.json["id"].as_str().unwrap().parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        narrow.expires_at,
+        Some(s.clock.now() + Duration::from_secs(3600))
+    );
+    assert_eq!(narrow.allowed_ips.len(), 2);
+
+    // Longer-lived or wider is escalation, and nothing is issued.
+    let before = s.count().await;
+    for body in [
+        r#"{"name":"x","scopes":["points:read"],"expires_in":"2d"}"#,
+        r#"{"name":"x","scopes":["points:read"],"expires_at":"2099-01-01T00:00:00Z"}"#,
+        r#"{"name":"x","scopes":["points:read"],"allowed_ips":["0.0.0.0/0"]}"#,
+        r#"{"name":"x","scopes":["points:read"],"allowed_ips":["::/0"]}"#,
+        r#"{"name":"x","scopes":["points:read"],"allowed_ips":["192.168.0.0/16"]}"#,
+        r#"{"name":"x","scopes":["points:read"],"allowed_ips":["10.0.0.0/7"]}"#,
+        r#"{"name":"x","scopes":["points:read"],"allowed_ips":["10.0.0.0/8","192.0.2.1"]}"#,
+    ] {
+        let r = create(body).await;
+        assert_eq!(
+            (r.status, r.json["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("privilege_escalation")),
+            "{body}"
+        );
+    }
+    assert_eq!(s.count().await, before, "nothing was issued");
+
+    // An unrestricted admin is not bounded.
+    let (root, _) = s.key(admin_spec()).await;
+    let r = send(
+        &app,
+        "POST",
+        "/admin/keys",
+        Some(&root),
+        r#"{"name":"free","scopes":["points:read"]}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(r.json["expires_at"], Value::Null);
+    assert_eq!(r.json["allowed_ips"], json!([]));
+}
+
+#[tokio::test]
+async fn a_limited_admin_manages_only_keys_as_limited_as_itself() {
+    let s = setup();
+    let (limited, _) = s.key(limited_admin_spec()).await;
+    let peer = || KeySpec::new("peer").scope("points:read").resource("docs");
+    let ten = || parse_network("10.0.0.0/8").unwrap();
+    let (_, free) = s.key(peer()).await;
+    let (_, later) = s
+        .key(
+            peer()
+                .allow_ip(ten())
+                .expires_in(Duration::from_secs(2 * 86_400)),
+        )
+        .await;
+    let (_, never) = s.key(peer().allow_ip(ten())).await;
+    let (_, anywhere) = s.key(peer().expires_in(Duration::from_secs(3600))).await;
+    let (_, outside) = s
+        .key(
+            peer()
+                .allow_ip(parse_network("10.0.0.0/8").unwrap())
+                .allow_ip(parse_network("192.0.2.0/24").unwrap())
+                .expires_in(Duration::from_secs(3600)),
+        )
+        .await;
+    let (_, within) = s
+        .key(
+            peer()
+                .allow_ip(parse_network("10.1.0.0/16").unwrap())
+                .expires_in(Duration::from_secs(3600)),
+        )
+        .await;
+    let (_, off) = s.key(peer()).await;
+    s.keys.disable("test", off.parse().unwrap()).await.unwrap();
+    let app = Router::new().nest(
+        "/admin",
+        AdminApi::new(s.keys.clone()).gate(&s.gate).router(),
+    );
+    let k = Some(limited.as_str());
+    let before = s.count().await;
+    let events = s.sink.events().len();
+
+    for id in [&free, &later, &never, &anywhere, &outside] {
+        for action in ["rotate", "revoke", "disable"] {
+            let r = send_from(
+                &app,
+                INSIDE,
+                &[],
+                "POST",
+                &format!("/admin/keys/{id}/{action}"),
+                k,
+                "",
+            )
+            .await;
+            assert_eq!(
+                (r.status, r.json["code"].as_str()),
+                (StatusCode::FORBIDDEN, Some("privilege_escalation")),
+                "{action} {id}"
+            );
+            assert!(r.json.get("key").is_none(), "no plaintext");
+        }
+    }
+    let r = send_from(
+        &app,
+        INSIDE,
+        &[],
+        "POST",
+        &format!("/admin/keys/{off}/enable"),
+        k,
+        "",
+    )
+    .await;
+    assert_eq!(r.json["code"], "privilege_escalation");
+    assert_eq!(s.count().await, before, "nothing was rotated");
+    assert_eq!(s.sink.events().len(), events, "nothing was changed");
+    for id in [&free, &later, &never, &anywhere, &outside] {
+        let r = s.keys.show(id.parse().unwrap()).await.unwrap();
+        assert_eq!(r.status.as_str(), "active");
+    }
+
+    // A key at least as restricted as the caller it manages; the rotated key keeps the
+    // restrictions.
+    let r = send_from(
+        &app,
+        INSIDE,
+        &[],
+        "POST",
+        &format!("/admin/keys/{within}/rotate"),
+        k,
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    assert_eq!(r.json["allowed_ips"], json!(["10.1.0.0/16"]));
+    let r = send_from(
+        &app,
+        INSIDE,
+        &[],
+        "POST",
+        &format!("/admin/keys/{within}/revoke"),
+        k,
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+}
+
+#[tokio::test]
+async fn an_admin_key_with_an_allowlist_is_refused_from_elsewhere() {
+    let s = setup();
+    let (admin, _) = s
+        .key(admin_spec().allow_ip(parse_network("10.0.0.0/8").unwrap()))
+        .await;
+    let k = Some(admin.as_str());
+    let standalone = Router::new().nest(
+        "/admin",
+        AdminApi::new(s.keys.clone()).gate(&s.gate).router(),
+    );
+    let behind_auth = Router::new()
+        .nest("/admin", AdminApi::new(s.keys.clone()).router())
+        .layer(s.gate.auth_layer());
+    let before = s.count().await;
+    for app in [&standalone, &behind_auth] {
+        let r = send_from(app, INSIDE, &[], "GET", "/admin/keys", k, "").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+        for peer in [Some("192.0.2.1"), Some("::1"), None] {
+            let r = send_from(app, peer, &[], "GET", "/admin/keys", k, "").await;
+            assert_eq!(
+                (r.status, r.json["code"].as_str()),
+                (StatusCode::FORBIDDEN, Some("ip_not_allowed")),
+                "{peer:?}"
+            );
+            assert_eq!(r.headers["content-type"], "application/problem+json");
+            let r = send_from(
+                app,
+                peer,
+                &[],
+                "POST",
+                "/admin/keys",
+                k,
+                r#"{"name":"x","scopes":["points:read"]}"#,
+            )
+            .await;
+            assert_eq!(r.json["code"], "ip_not_allowed");
+        }
+        // A forwarded header from an untrusted peer is not believed.
+        let r = send_from(
+            app,
+            Some("192.0.2.1"),
+            &[("x-forwarded-for", "10.1.2.3")],
+            "GET",
+            "/admin/keys",
+            k,
+            "",
+        )
+        .await;
+        assert_eq!(r.json["code"], "ip_not_allowed");
+    }
+    assert_eq!(s.count().await, before, "nothing was issued");
+
+    // Behind a trusted proxy the hub's client address counts.
+    let proxied_gate = KeyGate::builder(s.gate.verifier().clone())
+        .trusted_proxies(TrustedProxies::new(["127.0.0.1"]).unwrap())
+        .build();
+    let proxied = Router::new().nest(
+        "/admin",
+        AdminApi::new(s.keys.clone()).gate(&proxied_gate).router(),
+    );
+    for (xff, code) in [("10.9.9.9", None), ("192.0.2.1", Some("ip_not_allowed"))] {
+        let r = send_from(
+            &proxied,
+            Some("127.0.0.1"),
+            &[("x-forwarded-for", xff)],
+            "GET",
+            "/admin/keys",
+            k,
+            "",
+        )
+        .await;
+        assert_eq!(r.json["code"].as_str(), code, "{xff}");
+        let ok = code.is_none();
+        assert_eq!(r.status == StatusCode::OK, ok, "{xff}");
+    }
+
+    // A key without an allowlist may call from anywhere, or from an unknown address.
+    let (open, _) = s.key(admin_spec()).await;
+    let r = send(&standalone, "GET", "/admin/keys", Some(&open), "").await;
+    assert_eq!(r.status, StatusCode::OK);
 }

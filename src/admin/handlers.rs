@@ -1,5 +1,6 @@
 //! The admin API's handlers.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -11,13 +12,15 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use http::request::Parts;
 use http::StatusCode;
+use ipnet::IpNet;
 use serde::Serialize;
 
 use super::error::AdminError;
 use super::input::{self, CreateKey, NoFields, RotateKey};
 use super::{Shared, UsageSource};
+use crate::client_ip::{peer_addr, ClientIp};
 use crate::core::usage::{UsageRecord, Window};
-use crate::core::{validate_resource_pattern, Scope};
+use crate::core::{validate_resource_pattern, Expiry, KeySpec, Scope};
 use crate::reject::{DefaultRenderer, RenderContext, Renderer};
 use crate::{resolution, Denial, DenialCode, KeyId, KeyInfo, KeyRecord, Principal, QuotaWindow};
 
@@ -31,9 +34,10 @@ const MAX_BODY: usize = 256 * 1024;
 // Who is calling
 // ---------------------------------------------------------------------------------------
 
-/// The caller, if it holds the required scope; otherwise the rendered denial (401 for
-/// credential problems, 403 `insufficient_scope`). Fails closed: no principal and no hub
-/// to resolve one is `missing_key`.
+/// The caller, if it may call from where it calls and holds the required scope; otherwise
+/// the rendered denial (401 for credential problems, 403 `ip_not_allowed`, 403
+/// `insufficient_scope`). Fails closed: no principal and no hub to resolve one is
+/// `missing_key`.
 async fn caller(shared: &Shared, parts: Parts) -> (Parts, Result<Principal, Response>) {
     let mut req = http::Request::from_parts(parts, ());
     let verdict = match &shared.gate {
@@ -44,6 +48,10 @@ async fn caller(shared: &Shared, parts: Parts) -> (Parts, Result<Principal, Resp
             None => Err(Denial::new(DenialCode::MissingKey)),
         },
     };
+    let verdict = verdict.and_then(|p| {
+        from_allowed_address(shared, &mut req, &p)?;
+        Ok(p)
+    });
     let result = match verdict {
         Ok(p) if p.has_scope(&shared.scope) => Ok(p),
         Ok(_) => Err(render(
@@ -55,6 +63,44 @@ async fn caller(shared: &Shared, parts: Parts) -> (Parts, Result<Principal, Resp
         Err(d) => Err(render(shared, &req, d)),
     };
     (req.into_parts().0, result)
+}
+
+/// The client address: through the hub (an earlier layer's [`ClientIp`], else the peer
+/// through trusted proxies, memoized), or without a hub an earlier layer's [`ClientIp`],
+/// else the connection's peer (forwarded headers are not believed).
+fn client_addr(shared: &Shared, req: &mut http::Request<()>) -> Option<IpAddr> {
+    match &shared.gate {
+        Some(gate) => gate.client_ip(req),
+        None => match req.extensions().get::<ClientIp>() {
+            Some(ClientIp(ip)) => Some(*ip),
+            None => peer_addr(req),
+        },
+    }
+}
+
+/// Enforces the caller's own allowlist (whether or not an `IpAllowLayer` is in front):
+/// a key with a non-empty `allowed_ips` is refused (`ip_not_allowed`) from any other
+/// address, and when the address is unknown.
+fn from_allowed_address(
+    shared: &Shared,
+    req: &mut http::Request<()>,
+    caller: &Principal,
+) -> Result<(), Denial> {
+    let own = caller.allowed_ips();
+    if own.is_empty() {
+        return Ok(());
+    }
+    let not_allowed =
+        |detail: &'static str| Denial::new(DenialCode::IpNotAllowed).with_detail(detail);
+    let ip =
+        client_addr(shared, req).ok_or_else(|| not_allowed("The client address is unknown."))?;
+    if own.iter().any(|n| n.contains(&ip)) {
+        Ok(())
+    } else {
+        Err(not_allowed(
+            "This API key may not be used from this address.",
+        ))
+    }
 }
 
 fn render(shared: &Shared, req: &http::Request<()>, denial: Denial) -> Response {
@@ -168,7 +214,68 @@ async fn visible(shared: &Shared, caller: &Principal, id: KeyId) -> Result<KeyRe
     Ok(record)
 }
 
-/// The key `id`, if the caller may manage it: visible, and holding nothing the caller lacks.
+/// Whether every network of `nets` lies inside one of `within` (an empty `nets`, meaning
+/// anywhere, does not).
+fn networks_within(nets: &[IpNet], within: &[IpNet]) -> bool {
+    !nets.is_empty() && nets.iter().all(|n| within.iter().any(|w| w.contains(n)))
+}
+
+/// Bounds a new key by the caller's expiry and allowlist: when unspecified they default to
+/// the caller's; a later expiry (or none) or a network outside the caller's is refused.
+/// A relative expiry is made absolute with `now` so the bound holds exactly.
+fn bound_restrictions(
+    caller: &Principal,
+    spec: &mut KeySpec,
+    now: SystemTime,
+) -> Result<(), AdminError> {
+    if let Some(limit) = caller.expires_at() {
+        let at = match spec.expires {
+            None => limit,
+            Some(Expiry::At(t)) => t,
+            Some(Expiry::In(d)) => now
+                .checked_add(d)
+                .ok_or_else(|| AdminError::invalid("expires_in: too far in the future"))?,
+        };
+        if at > limit {
+            return Err(AdminError::escalation(
+                "cannot grant an expiry later than the calling key's own",
+            ));
+        }
+        spec.expires = Some(Expiry::At(at));
+    }
+    let own = caller.allowed_ips();
+    if !own.is_empty() {
+        if spec.allowed_ips.is_empty() {
+            spec.allowed_ips = own.to_vec();
+        } else if !networks_within(&spec.allowed_ips, own) {
+            return Err(AdminError::escalation(
+                "cannot grant allowed_ips outside the calling key's own networks",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses managing a key less restricted than the caller in expiry or allowlist.
+fn check_restrictions(caller: &Principal, record: &KeyRecord) -> Result<(), AdminError> {
+    if let Some(limit) = caller.expires_at() {
+        if record.expires_at.is_none_or(|e| e > limit) {
+            return Err(AdminError::escalation(
+                "the key expires later than the calling key (or never)",
+            ));
+        }
+    }
+    let own = caller.allowed_ips();
+    if !own.is_empty() && !networks_within(&record.allowed_ips, own) {
+        return Err(AdminError::escalation(
+            "the key may be used from addresses outside the calling key's own networks",
+        ));
+    }
+    Ok(())
+}
+
+/// The key `id`, if the caller may manage it: visible, holding nothing the caller lacks,
+/// and no less restricted than the caller (expiry, allowlist).
 async fn manageable(
     shared: &Shared,
     caller: &Principal,
@@ -176,6 +283,7 @@ async fn manageable(
 ) -> Result<KeyRecord, AdminError> {
     let record = visible(shared, caller, id).await?;
     check_grants(caller, &record.scopes, &record.resources, "the key holds")?;
+    check_restrictions(caller, &record)?;
     Ok(record)
 }
 
@@ -233,6 +341,7 @@ pub(crate) async fn create(State(s): St, req: Request) -> Response {
             let body: CreateKey = input::json_required(&body)?;
             let mut spec = body.into_spec()?;
             check_grants(&who, &spec.scopes, &spec.resources, "cannot grant")?;
+            bound_restrictions(&who, &mut spec, s.clock.now())?;
             if let Some(t) = who.tenant() {
                 match spec.attributes.get("tenant") {
                     None => {

@@ -19,8 +19,8 @@
 //! |---|---|---|
 //! | 400 | `invalid_json` | the body is not JSON of the expected shape (unknown fields included) |
 //! | 400 | `invalid_request` | a field's value is refused (name, scope, CIDR, policy, duration, id, ...) |
-//! | 401 / 403 | keygate's denial codes | no key, a bad key, or a key without `keys:admin` |
-//! | 403 | `privilege_escalation` | the key would grant (or manage a key holding) more than its caller holds |
+//! | 401 / 403 | keygate's denial codes | no key, a bad key, a key used from outside its `allowed_ips` (`ip_not_allowed`), or a key without `keys:admin` |
+//! | 403 | `privilege_escalation` | the key would grant (or manage a key holding or allowed) more than its caller holds or is allowed |
 //! | 404 | `key_not_found` | no such key (or one of another tenant) |
 //! | 409 | `wrong_status` | the key's status forbids it (enable a revoked key, rotate a disabled one) |
 //! | 501 | `usage_unavailable` | `usage` asked of an API built without a usage source |
@@ -33,12 +33,40 @@
 //! [`AdminApi::gate`], by resolving the key through the hub: mounted without any keygate
 //! layer in front, it still refuses everyone without the scope (fail closed).
 //!
+//! A caller whose key has its own `allowed_ips` is refused (403 `ip_not_allowed`) from any
+//! other address, and when the address is unknown, whether or not an `IpAllowLayer` is in
+//! front. The address is the hub's ([`KeyGate::client_ip`]: an earlier layer's
+//! [`ClientIp`](crate::client_ip::ClientIp), else the peer, through trusted proxies); without
+//! a hub, an earlier layer's `ClientIp`, else the connection's peer (forwarded headers are
+//! then not believed: behind a proxy, use [`AdminApi::gate`] with trusted proxies, or an
+//! `IpAllowLayer` in front).
+//!
 //! It also refuses privilege escalation:
 //! - a key may issue only keys whose scopes and collections it holds itself, and may rotate,
 //!   revoke, disable or enable only such keys (a `points:*` admin cannot mint or rotate a `*`
 //!   key);
+//! - a key that expires issues only keys expiring no later (a key asked without an expiry
+//!   gets the caller's; a relative `expires_in` is counted from now), and a key with its own
+//!   `allowed_ips` issues only keys whose networks each lie inside one of its own (a key
+//!   asked without `allowed_ips` gets the caller's list);
+//! - likewise it may rotate, revoke, disable or enable only keys no less restricted than
+//!   itself: when the caller expires, the key must expire no later; when the caller has
+//!   `allowed_ips`, the key's must be a non-empty list inside them. So a key limited to
+//!   `10.0.0.0/8` until tomorrow cannot obtain (by issuing or rotating) a key that works
+//!   from anywhere or for longer;
 //! - a key with a `tenant` attribute is a tenant admin: it sees and manages only keys of its
 //!   tenant (others read as `key_not_found`), and the keys it issues carry its tenant.
+//!
+//! Rate limits and quotas are neither compared nor inherited: they meter a key's own
+//! traffic, not the authority it carries, so a rate-limited or metered admin key may issue
+//! keys with any limits (or none) within its scopes, collections, expiry and networks; a new
+//! key has exactly the limits its request names.
+//!
+//! # Limitations
+//! The permission check and the change are not atomic: the target key is read and checked
+//! (scopes, collections, tenant, expiry, allowlist) outside the [`KeyManager`]'s lock, and
+//! then changed, so an update landing in between (for example one that widens the key's
+//! scopes through [`KeyManager::update`]) is not seen by the check.
 //!
 //! # Audit
 //! [`KeyManager`] records every change (issue, rotate, revoke, disable, enable) as a
