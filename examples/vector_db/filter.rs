@@ -6,16 +6,27 @@
 //! refused with 400 rather than ignored: a filter that was silently dropped would return
 //! more points than the client asked for.
 
-use serde::Deserialize;
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
 use super::store::PointId;
 
-/// One condition or a list of them (Qdrant accepts both).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+/// The deepest nesting of filters accepted (a filter inside a condition inside a filter
+/// counts two levels); deeper ones are refused with 400.
+pub const MAX_DEPTH: usize = 32;
+
+// Parsing: every type below is read by hand from a `serde_json::Value` (itself read once,
+// in linear time), dispatching on the JSON type and keys. Derived `#[serde(untagged)]`
+// enums would try every alternative at every level, and derived structs also read JSON
+// arrays by position, so nested arrays took time exponential in their depth; here a wrong
+// shape is refused at the first level where it appears.
+
+/// One condition or a list of them (Qdrant accepts both): a JSON array is `Many`, a JSON
+/// object `One`.
+#[derive(Debug, Clone)]
 pub enum OneOrMany<T> {
-    /// A list (tried first: a derived struct would also read a list, by position).
+    /// A list.
     Many(Vec<T>),
     /// One.
     One(T),
@@ -31,26 +42,20 @@ impl<T> OneOrMany<T> {
 }
 
 /// A filter.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default)]
 pub struct Filter {
     /// All must match.
-    #[serde(default)]
     pub must: Option<OneOrMany<Condition>>,
     /// At least one must match (when any is given).
-    #[serde(default)]
     pub should: Option<OneOrMany<Condition>>,
     /// None may match.
-    #[serde(default)]
     pub must_not: Option<OneOrMany<Condition>>,
     /// At least `min_count` of `conditions` must match.
-    #[serde(default)]
     pub min_should: Option<MinShould>,
 }
 
 /// `min_should`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct MinShould {
     /// The conditions.
     pub conditions: Vec<Condition>,
@@ -59,8 +64,7 @@ pub struct MinShould {
 }
 
 /// A condition.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum Condition {
     /// On a payload field.
     Field(FieldCondition),
@@ -76,28 +80,22 @@ pub enum Condition {
 
 /// A condition on a payload field (`key` is a dotted path; `[]` after a name reads every
 /// element of a list).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct FieldCondition {
     /// The field.
     pub key: String,
     /// Equality-like matches.
-    #[serde(default, rename = "match")]
     pub matches: Option<Match>,
     /// A numeric range.
-    #[serde(default)]
     pub range: Option<Range>,
     /// `true`: the field is empty.
-    #[serde(default)]
     pub is_empty: Option<bool>,
     /// `true`: the field is null.
-    #[serde(default)]
     pub is_null: Option<bool>,
 }
 
 /// `match`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum Match {
     /// `{"value": "red"}`.
     Value {
@@ -122,53 +120,310 @@ pub enum Match {
 }
 
 /// `range`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default)]
 pub struct Range {
     /// `<`.
-    #[serde(default)]
     pub lt: Option<f64>,
     /// `>`.
-    #[serde(default)]
     pub gt: Option<f64>,
     /// `>=`.
-    #[serde(default)]
     pub gte: Option<f64>,
     /// `<=`.
-    #[serde(default)]
     pub lte: Option<f64>,
 }
 
 /// `{"has_id": [1, 2]}`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct HasId {
     /// The ids.
     pub has_id: Vec<PointId>,
 }
 
 /// `{"is_empty": {"key": "tags"}}`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct IsEmpty {
     /// The field.
     pub is_empty: KeyRef,
 }
 
 /// `{"is_null": {"key": "tags"}}`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct IsNull {
     /// The field.
     pub is_null: KeyRef,
 }
 
 /// `{"key": "..."}`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct KeyRef {
     /// The field.
     pub key: String,
+}
+
+type Parsed<T> = Result<T, String>;
+
+/// The JSON type of `v`, for messages.
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn object<'a>(v: &'a Value, what: &str) -> Parsed<&'a Map<String, Value>> {
+    v.as_object()
+        .ok_or_else(|| format!("{what} must be a JSON object, not {}", kind(v)))
+}
+
+/// Refuses keys of `m` outside `allowed`.
+fn only(m: &Map<String, Value>, allowed: &[&str], what: &str) -> Parsed<()> {
+    match m.keys().find(|k| !allowed.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(k) => Err(format!(
+            "unknown field `{}` in {what} (expected one of: {})",
+            k.chars().take(64).collect::<String>(),
+            allowed.join(", ")
+        )),
+    }
+}
+
+/// `m[name]`, a missing field and `null` both reading as `None`.
+fn field<'a>(m: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    m.get(name).filter(|v| !v.is_null())
+}
+
+fn opt_bool(m: &Map<String, Value>, name: &str) -> Parsed<Option<bool>> {
+    field(m, name)
+        .map(|v| {
+            v.as_bool()
+                .ok_or_else(|| format!("`{name}` must be a boolean, not {}", kind(v)))
+        })
+        .transpose()
+}
+
+fn opt_number(m: &Map<String, Value>, name: &str) -> Parsed<Option<f64>> {
+    field(m, name)
+        .map(|v| {
+            v.as_f64()
+                .ok_or_else(|| format!("range `{name}` must be a number, not {}", kind(v)))
+        })
+        .transpose()
+}
+
+fn string(v: Option<&Value>, what: &str) -> Parsed<String> {
+    match v {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(format!("{what} must be a string, not {}", kind(other))),
+        None => Err(format!("{what} is missing")),
+    }
+}
+
+fn array<'a>(v: &'a Value, what: &str) -> Parsed<&'a Vec<Value>> {
+    v.as_array()
+        .ok_or_else(|| format!("{what} must be a JSON array, not {}", kind(v)))
+}
+
+impl Filter {
+    /// Reads a filter at nesting level `depth` (the outermost is 1).
+    fn parse(v: &Value, depth: usize) -> Parsed<Filter> {
+        if depth > MAX_DEPTH {
+            return Err(format!(
+                "the filter is nested deeper than {MAX_DEPTH} levels"
+            ));
+        }
+        let m = object(v, "a filter")?;
+        only(m, &["must", "should", "must_not", "min_should"], "a filter")?;
+        let list = |name: &str| {
+            field(m, name)
+                .map(|v| OneOrMany::parse(v, depth))
+                .transpose()
+        };
+        Ok(Filter {
+            must: list("must")?,
+            should: list("should")?,
+            must_not: list("must_not")?,
+            min_should: field(m, "min_should")
+                .map(|v| MinShould::parse(v, depth))
+                .transpose()?,
+        })
+    }
+}
+
+impl OneOrMany<Condition> {
+    /// A condition or a list of them, in a filter at level `depth`.
+    fn parse(v: &Value, depth: usize) -> Parsed<Self> {
+        match v {
+            Value::Array(items) => items
+                .iter()
+                .map(|c| Condition::parse(c, depth))
+                .collect::<Parsed<Vec<_>>>()
+                .map(OneOrMany::Many),
+            Value::Object(_) => Condition::parse(v, depth).map(OneOrMany::One),
+            other => Err(format!(
+                "conditions must be an object or a list of objects, not {}",
+                kind(other)
+            )),
+        }
+    }
+}
+
+impl MinShould {
+    fn parse(v: &Value, depth: usize) -> Parsed<Self> {
+        let m = object(v, "`min_should`")?;
+        only(m, &["conditions", "min_count"], "`min_should`")?;
+        let conditions = array(
+            m.get("conditions").unwrap_or(&Value::Null),
+            "`min_should.conditions`",
+        )?
+        .iter()
+        .map(|c| Condition::parse(c, depth))
+        .collect::<Parsed<Vec<_>>>()?;
+        let min_count = m
+            .get("min_count")
+            .and_then(Value::as_u64)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or("`min_should.min_count` must be an unsigned integer")?;
+        Ok(MinShould {
+            conditions,
+            min_count,
+        })
+    }
+}
+
+/// Condition kinds Qdrant has and this server refuses (rather than ignore).
+const UNSUPPORTED: &[&str] = &[
+    "nested",
+    "has_vector",
+    "geo_bounding_box",
+    "geo_radius",
+    "geo_polygon",
+    "values_count",
+    "datetime_range",
+];
+
+impl Condition {
+    /// A condition inside a filter at level `depth`: the object's keys say which kind.
+    fn parse(v: &Value, depth: usize) -> Parsed<Self> {
+        let m = object(v, "a filter condition")?;
+        if let Some(k) = UNSUPPORTED.iter().find(|k| m.contains_key(**k)) {
+            return Err(format!("`{k}` conditions are not supported by this server"));
+        }
+        if m.contains_key("key") {
+            return FieldCondition::parse(m).map(Condition::Field);
+        }
+        if let Some(ids) = m.get("has_id") {
+            only(m, &["has_id"], "a `has_id` condition")?;
+            let has_id = array(ids, "`has_id`")?
+                .iter()
+                .map(|id| PointId::deserialize(id).map_err(|e| e.to_string()))
+                .collect::<Parsed<Vec<_>>>()?;
+            return Ok(Condition::HasId(HasId { has_id }));
+        }
+        if let Some(k) = m.get("is_empty") {
+            only(m, &["is_empty"], "an `is_empty` condition")?;
+            let is_empty = KeyRef::parse(k, "`is_empty`")?;
+            return Ok(Condition::IsEmpty(IsEmpty { is_empty }));
+        }
+        if let Some(k) = m.get("is_null") {
+            only(m, &["is_null"], "an `is_null` condition")?;
+            let is_null = KeyRef::parse(k, "`is_null`")?;
+            return Ok(Condition::IsNull(IsNull { is_null }));
+        }
+        Filter::parse(v, depth + 1).map(|f| Condition::Filter(Box::new(f)))
+    }
+}
+
+impl KeyRef {
+    fn parse(v: &Value, what: &str) -> Parsed<Self> {
+        let m = object(v, what)?;
+        only(m, &["key"], what)?;
+        Ok(KeyRef {
+            key: string(m.get("key"), &format!("{what}.key"))?,
+        })
+    }
+}
+
+impl FieldCondition {
+    fn parse(m: &Map<String, Value>) -> Parsed<Self> {
+        only(
+            m,
+            &["key", "match", "range", "is_empty", "is_null"],
+            "a field condition",
+        )?;
+        Ok(FieldCondition {
+            key: string(m.get("key"), "`key`")?,
+            matches: field(m, "match").map(Match::parse).transpose()?,
+            range: field(m, "range").map(Range::parse).transpose()?,
+            is_empty: opt_bool(m, "is_empty")?,
+            is_null: opt_bool(m, "is_null")?,
+        })
+    }
+}
+
+impl Match {
+    fn parse(v: &Value) -> Parsed<Self> {
+        let m = object(v, "`match`")?;
+        let mut kinds = m.iter();
+        let (Some((k, v)), None) = (kinds.next(), kinds.next()) else {
+            return Err(
+                "`match` must have exactly one of `value`, `any`, `except` or `text`".to_owned(),
+            );
+        };
+        match k.as_str() {
+            "value" => Ok(Match::Value { value: v.clone() }),
+            "any" => Ok(Match::Any {
+                any: array(v, "`match.any`")?.clone(),
+            }),
+            "except" => Ok(Match::Except {
+                except: array(v, "`match.except`")?.clone(),
+            }),
+            "text" => Ok(Match::Text {
+                text: string(Some(v), "`match.text`")?,
+            }),
+            other => Err(format!(
+                "`match` with `{}` is not supported by this server (use `value`, `any`, `except` or `text`)",
+                other.chars().take(64).collect::<String>()
+            )),
+        }
+    }
+}
+
+impl Range {
+    fn parse(v: &Value) -> Parsed<Self> {
+        let m = object(v, "`range`")?;
+        only(m, &["lt", "gt", "gte", "lte"], "`range`")?;
+        Ok(Range {
+            lt: opt_number(m, "lt")?,
+            gt: opt_number(m, "gt")?,
+            gte: opt_number(m, "gte")?,
+            lte: opt_number(m, "lte")?,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Filter {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        Filter::parse(&v, 1).map_err(D::Error::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for Condition {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        Condition::parse(&v, 1).map_err(D::Error::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for OneOrMany<Condition> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        OneOrMany::parse(&v, 1).map_err(D::Error::custom)
+    }
 }
 
 /// The values at a dotted path, lists flattened.
@@ -369,11 +624,69 @@ mod tests {
             json!({"must": [{"key": "loc", "geo_radius": {"center": {"lon": 0, "lat": 0}, "radius": 1}}]}),
             json!({"must": [{"nested": {"key": "a", "filter": {}}}]}),
             json!({"filters": []}),
+            json!({"must": [["tenant"]]}),
+            json!({"must": [{"key": "n", "range": [1, 2, 3, 4]}]}),
+            json!({"must": [{"key": "n", "match": {"value": 1, "any": [1]}}]}),
+            json!({"must": [{"has_id": [1], "key": "n"}]}),
+            json!({"min_should": {"conditions": [], "min_count": -1}}),
+            json!({"must": 7}),
+            json!([]),
         ] {
             assert!(
                 serde_json::from_value::<Filter>(bad.clone()).is_err(),
                 "{bad}"
             );
+        }
+    }
+
+    /// `{"must": [{"must": [ ... ]}]}` with `levels` filters in all.
+    fn nested(levels: usize) -> Value {
+        let mut v = json!({"must": [{"key": "n", "match": {"value": 5}}]});
+        for _ in 1..levels {
+            v = json!({ "must": [v] });
+        }
+        v
+    }
+
+    #[test]
+    fn nesting_is_capped() {
+        let p = payload(json!({"n": 5}));
+        assert!(filter(nested(MAX_DEPTH)).matches(PointId::Num(1), &p));
+        let err = serde_json::from_value::<Filter>(nested(MAX_DEPTH + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nested deeper than 32 levels"), "{err}");
+    }
+
+    #[test]
+    fn every_accepted_shape_still_reads() {
+        let p = payload(json!({"n": 5, "t": "red fox", "z": null}));
+        let id = PointId::Num(3);
+        for (f, want) in [
+            (json!({}), true),
+            (json!({"must": null, "should": []}), true),
+            (json!({"must": {"has_id": [3]}}), true),
+            (json!({"must": [{}]}), true),
+            (
+                json!({"must": [{"key": "t", "match": {"text": "fox"}}]}),
+                true,
+            ),
+            (
+                json!({"must": [{"key": "n", "range": {"gt": 5, "lte": null}}]}),
+                false,
+            ),
+            (json!({"must": [{"is_null": {"key": "z"}}]}), true),
+            (json!({"must": [{"key": "z", "is_null": true}]}), true),
+            (
+                json!({"min_should": {"conditions": [{"has_id": [3]}, {"has_id": [4]}], "min_count": 2}}),
+                false,
+            ),
+            (
+                json!({"should": {"must_not": {"key": "n", "match": {"value": 5}}}}),
+                false,
+            ),
+        ] {
+            assert_eq!(filter(f.clone()).matches(id, &p), want, "{f}");
         }
     }
 }

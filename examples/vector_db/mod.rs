@@ -4,8 +4,9 @@
 //!
 //! # The stack (outermost first)
 //! 1. `AuditLayer`: one event per request, denied ones included, into the auditor.
-//! 2. [`count_upserted_points`]: for an upsert by a valid key only, reads the body (at most
-//!    [`MAX_BODY`]), counts its points and puts a [`PointCount`] in the request's extensions.
+//! 2. [`count_upserted_points`]: for an upsert by a valid key that may write points to that
+//!    collection only, reads the body (at most [`MAX_BODY`]), counts its points and puts a
+//!    [`PointCount`] in the request's extensions.
 //! 3. `RateLimitLayer`: per key (cost: [`PointCount`], else 1); requests without a valid key
 //!    are limited per client address, so guessing keys gets 429 after a few 401s. It sits
 //!    outside the auth layer for that reason (inside it, failed attempts would never reach
@@ -22,8 +23,10 @@
 //! Why a middleware for the cost: the layers decide before the body is read and their cost
 //! functions see only the request head (`keygate::cost::RequestHead`), while the point count
 //! is in the body. The middleware resolves the key through the hub first (memoized: the
-//! layers reuse the verdict) and buffers only upserts of valid keys, so a stranger cannot
-//! make the server hold a 32 MiB body; the handler parses the same bytes afterwards.
+//! layers reuse the verdict) and buffers only upserts of valid keys allowed to make them, so
+//! neither a stranger nor a key without `points:write` on the collection can make the
+//! server hold a 32 MiB body; the handler parses the same bytes afterwards, with the same
+//! parser, and refuses an upsert whose count differs from what was charged.
 //!
 //! `/`, `/healthz`, `/livez` and `/readyz` are outside the stack: open, unaudited, unlimited
 //! (like Qdrant, which exempts them from its API key).
@@ -143,7 +146,7 @@ pub fn routes() -> Result<RouteScopes, keygate::scope::InvalidRule> {
         )
         .route("PUT", "/collections/{collection}", "collections:manage")
         .route("DELETE", "/collections/{collection}", "collections:manage")
-        .route("PUT", "/collections/{collection}/points", "points:write")
+        .route("PUT", "/collections/{collection}/points", WRITE_POINTS)
         .route(
             "POST",
             "/collections/{collection}/points/delete",
@@ -171,25 +174,50 @@ pub fn routes() -> Result<RouteScopes, keygate::scope::InvalidRule> {
         .build()
 }
 
-fn is_upsert(method: &Method, path: &str) -> bool {
+/// The scope an upsert needs (see [`routes`]).
+const WRITE_POINTS: &str = "points:write";
+
+/// The collection an upsert (`PUT /collections/{c}/points`) writes to, still
+/// percent-encoded; `None` for any other request.
+fn upserted_collection<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
     let mut parts = path.split('/');
-    method == Method::PUT
-        && parts.next() == Some("")
-        && parts.next() == Some("collections")
-        && parts.next().is_some_and(|c| !c.is_empty())
-        && parts.next() == Some("points")
-        && parts.next().is_none()
+    let ok =
+        method == Method::PUT && parts.next() == Some("") && parts.next() == Some("collections");
+    let collection = parts.next().filter(|c| ok && !c.is_empty())?;
+    (parts.next() == Some("points") && parts.next().is_none()).then_some(collection)
 }
 
-/// Counts the points of an upsert by a valid key into a [`PointCount`] extension (at least
-/// 1); every other request passes untouched. A body over [`MAX_BODY`] is refused with 413.
+/// Whether the scope layer will let `p` upsert into `raw` (the collection as it appears in
+/// the path): the key grants [`WRITE_POINTS`] and may access the collection (decoded as the
+/// scope layer decodes it).
+fn may_upsert(p: &keygate::Principal, raw: &str) -> bool {
+    let name = match percent_encoding::percent_decode_str(raw).decode_utf8() {
+        Ok(name) if !name.chars().any(|c| c == '/' || c.is_control()) => name,
+        _ => return false,
+    };
+    keygate::core::Scope::parse(WRITE_POINTS).is_ok_and(|s| p.has_scope(&s)) && p.can_access(&name)
+}
+
+/// Counts the points of an upsert by a key that may make it into a [`PointCount`]
+/// extension (at least 1); every other request passes untouched (an upsert the scope layer
+/// will refuse is refused there, its body never read). A body over [`MAX_BODY`] is refused
+/// with 413.
+///
+/// The count is read with the handler's own parser ([`qdrant::count_points`]); a body it
+/// cannot read gets `PointCount(1)` and is refused by the handler with 400, which parses
+/// the same bytes the same way, so nothing is ever written at a cost other than its point
+/// count.
 pub async fn count_upserted_points(
     State(gate): State<KeyGate>,
     mut req: Request,
     next: Next,
 ) -> Response {
-    if !is_upsert(req.method(), req.uri().path()) || gate.resolve(&mut req).await.is_err() {
+    let Some(raw) = upserted_collection(req.method(), req.uri().path()).map(str::to_owned) else {
         return next.run(req).await;
+    };
+    match gate.resolve(&mut req).await {
+        Ok(p) if may_upsert(&p, &raw) => {}
+        _ => return next.run(req).await,
     }
     let (parts, body) = req.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {

@@ -14,14 +14,15 @@ use axum::extract::{Path, State};
 use axum::http::header::{HeaderValue, CONTENT_TYPE};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use keygate::{Authenticated, Principal};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::filter::Filter;
-use super::store::{Distance, Found, PointId, Read, Selector, StoreError, VectorParams};
-use super::AppState;
+use super::store::{Distance, Found, Point, PointId, Read, Selector, StoreError, VectorParams};
+use super::{AppState, PointCount};
 
 /// The Qdrant version whose REST API this server imitates (what `GET /` reports).
 pub const QDRANT_VERSION: &str = "1.19.0";
@@ -199,26 +200,24 @@ enum Upsert {
     },
 }
 
-/// Just enough of an upsert body to count its points (for the cost of the request).
-#[derive(Deserialize)]
-struct CountOnly {
-    #[serde(default)]
-    points: Option<Vec<serde::de::IgnoredAny>>,
-    #[serde(default)]
-    batch: Option<BatchIds>,
+impl Upsert {
+    /// The number of points it writes (if it is written at all: a batch whose lists differ
+    /// in length is refused).
+    fn len(&self) -> usize {
+        match self {
+            Upsert::List { points, .. } => points.len(),
+            Upsert::Batch { batch, .. } => batch.ids.len(),
+        }
+    }
 }
 
-#[derive(Deserialize)]
-struct BatchIds {
-    ids: Vec<serde::de::IgnoredAny>,
-}
-
-/// The number of points in an upsert body, if it reads as one.
+/// The number of points in an upsert body, read exactly as [`upsert`] reads it (the same
+/// type and parser, so the count charged is the count written); `None` if the body does not
+/// parse, in which case [`upsert`] refuses it with 400.
 pub fn count_points(bytes: &[u8]) -> Option<usize> {
-    let c: CountOnly = serde_json::from_slice(bytes).ok()?;
-    c.points
-        .map(|p| p.len())
-        .or_else(|| c.batch.map(|b| b.ids.len()))
+    serde_json::from_slice::<Upsert>(bytes)
+        .ok()
+        .map(|u| u.len())
 }
 
 /// `WithPayloadInterface`.
@@ -292,6 +291,15 @@ fn record(f: Found, payload: &WithPayload, vector: &WithVector) -> Record {
         id: f.id,
         payload: shape_payload(&f.point.payload, payload),
         vector: wants_vector(vector).then_some(f.point.vector),
+    }
+}
+
+/// A [`Record`] copying from `point` only what was asked for.
+fn record_of(id: PointId, point: &Point, payload: &WithPayload, vector: &WithVector) -> Record {
+    Record {
+        id,
+        payload: shape_payload(&point.payload, payload),
+        vector: wants_vector(vector).then(|| point.vector.clone()),
     }
 }
 
@@ -460,10 +468,16 @@ pub async fn collection_exists(State(app): State<AppState>, Path(name): Path<Str
 // ---------------------------------------------------------------------------------------
 
 /// `PUT /collections/{c}/points`: upsert a list or a batch (all or nothing).
+///
+/// The rate limit and the quota charged the [`PointCount`] that
+/// [`super::count_upserted_points`] read from these bytes; an upsert that was not counted,
+/// or whose count differs from what is written, is refused (500: a wiring error, never
+/// written at the wrong cost).
 pub async fn upsert(
     State(app): State<AppState>,
     Authenticated(p): Authenticated,
     Path(name): Path<String>,
+    counted: Option<Extension<PointCount>>,
     bytes: Bytes,
 ) -> Response {
     let started = Instant::now();
@@ -471,6 +485,13 @@ pub async fn upsert(
         Ok(r) => r,
         Err(res) => return *res,
     };
+    if counted.map(|Extension(PointCount(n))| n) != Some(req.len().max(1)) {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Service internal error: the upsert was not counted",
+            started,
+        );
+    }
     let points = match to_points(req) {
         Ok(p) => p,
         Err(e) => return store_error(e, started),
@@ -554,16 +575,23 @@ pub async fn retrieve(
         Ok(r) => r,
         Err(res) => return *res,
     };
+    if req.ids.len() > MAX_LIMIT {
+        return store_error(
+            StoreError::wrong_input(format!(
+                "at most {MAX_LIMIT} ids can be retrieved at once, got {}",
+                req.ids.len()
+            )),
+            started,
+        );
+    }
     let payload = req.with_payload.unwrap_or(WithPayload::All(true));
     let vector = req.with_vector.unwrap_or(WithVector::All(false));
-    match app.vectors.retrieve(&name, &req.ids, tenant(&p)) {
-        Ok(found) => ok(
-            found
-                .into_iter()
-                .map(|f| record(f, &payload, &vector))
-                .collect::<Vec<_>>(),
-            started,
-        ),
+    match app
+        .vectors
+        .retrieve(&name, &req.ids, tenant(&p), |id, point| {
+            record_of(id, point, &payload, &vector)
+        }) {
+        Ok(records) => ok(records, started),
         Err(e) => store_error(e, started),
     }
 }
@@ -584,12 +612,12 @@ pub async fn get_point(
             started,
         );
     };
-    match app.vectors.retrieve(&name, &[id], tenant(&p)) {
+    let everything = |id: PointId, point: &Point| {
+        record_of(id, point, &WithPayload::All(true), &WithVector::All(true))
+    };
+    match app.vectors.retrieve(&name, &[id], tenant(&p), everything) {
         Ok(mut found) => match found.pop() {
-            Some(f) => ok(
-                record(f, &WithPayload::All(true), &WithVector::All(true)),
-                started,
-            ),
+            Some(r) => ok(r, started),
             None => error(
                 StatusCode::NOT_FOUND,
                 &format!("Not found: No point with id {id} found"),
@@ -754,6 +782,12 @@ pub async fn query(
     let with_vector = req.with_vector.unwrap_or(WithVector::All(false));
     let n = limit(req.limit, 10);
     let offset = req.offset.unwrap_or(0);
+    if offset.saturating_add(n) > MAX_LIMIT {
+        return store_error(
+            StoreError::wrong_input(format!("offset + limit must be at most {MAX_LIMIT}")),
+            started,
+        );
+    }
     let target = match req.query {
         None => None,
         Some(
@@ -778,8 +812,8 @@ pub async fn query(
             .search(&name, v, read, n, offset, req.score_threshold),
         None => app
             .vectors
-            .scroll(&name, read, None, offset.saturating_add(n))
-            .map(|(all, _)| all.into_iter().skip(offset).collect()),
+            .scroll(&name, read, None, offset, n)
+            .map(|(page, _)| page),
     };
     match found {
         Ok(found) => ok(
@@ -837,7 +871,7 @@ pub async fn scroll(
     };
     match app
         .vectors
-        .scroll(&name, read, req.offset, limit(req.limit, 10))
+        .scroll(&name, read, req.offset, 0, limit(req.limit, 10))
     {
         Ok((found, next)) => ok(
             ScrollResult {

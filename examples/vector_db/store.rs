@@ -9,7 +9,7 @@
 //! refused, so one tenant can neither read nor change another's points. Without a tenant
 //! (operators, admins) everything is visible and payloads are stored as sent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -402,7 +402,9 @@ impl VectorStore {
                 if c.points.get(&id).is_some_and(|p| !p.visible_to(tenant)) {
                     return Err(StoreError::new(
                         StatusCode::FORBIDDEN,
-                        format!("Forbidden: point id {id} is not available to this key"),
+                        // The same words whatever the id: naming it would tell which
+                        // ids other tenants use.
+                        "Forbidden: one or more point ids are not available to this key",
                     ));
                 }
                 payload.insert(TENANT_FIELD.to_owned(), Value::String(t.to_owned()));
@@ -449,25 +451,25 @@ impl VectorStore {
         Ok(c.operations)
     }
 
-    /// The points with these ids the caller can see, in the order asked (missing ids are
-    /// left out).
-    pub fn retrieve(
+    /// The points with these ids the caller can see, in the order first asked (missing ids
+    /// are left out, repeated ones answered once), each turned into what `pick` takes from
+    /// it (so only what the caller asked for is copied).
+    pub fn retrieve<T>(
         &self,
         name: &str,
         ids: &[PointId],
         tenant: Option<&str>,
-    ) -> Result<Vec<Found>, StoreError> {
+        mut pick: impl FnMut(PointId, &Point) -> T,
+    ) -> Result<Vec<T>, StoreError> {
         let c = self.get(name)?;
         let c = c.read().unwrap_or_else(PoisonError::into_inner);
+        let mut seen = HashSet::with_capacity(ids.len());
         Ok(ids
             .iter()
+            .filter(|id| seen.insert(**id))
             .filter_map(|id| {
                 let p = c.points.get(id).filter(|p| p.visible_to(tenant))?;
-                Some(Found {
-                    id: *id,
-                    score: 1.0,
-                    point: p.clone(),
-                })
+                Some(pick(*id, p))
             })
             .collect())
     }
@@ -479,9 +481,8 @@ impl VectorStore {
         id: PointId,
         tenant: Option<&str>,
     ) -> Result<Vec<f32>, StoreError> {
-        self.retrieve(name, &[id], tenant)?
+        self.retrieve(name, &[id], tenant, |_, p| p.vector.clone())?
             .pop()
-            .map(|f| f.point.vector)
             .ok_or_else(|| {
                 StoreError::new(
                     StatusCode::NOT_FOUND,
@@ -546,13 +547,14 @@ impl VectorStore {
             .collect())
     }
 
-    /// Points the caller can see and the filter keeps, by id from `from`: at most `limit`,
-    /// and the id to continue from.
+    /// Points the caller can see and the filter keeps, by id from `from`, the first `skip`
+    /// of them passed over (not copied): at most `limit`, and the id to continue from.
     pub fn scroll(
         &self,
         name: &str,
         read: Read<'_>,
         from: Option<PointId>,
+        skip: usize,
         limit: usize,
     ) -> Result<(Vec<Found>, Option<PointId>), StoreError> {
         let c = self.get(name)?;
@@ -564,6 +566,7 @@ impl VectorStore {
             .filter(|(id, p)| {
                 p.visible_to(read.tenant) && read.filter.is_none_or(|f| f.matches(**id, &p.payload))
             })
+            .skip(skip)
             .take(limit.saturating_add(1))
             .map(|(id, p)| Found {
                 id: *id,
