@@ -4,10 +4,9 @@
 //! hub, verifier, change watcher and layers, all over one Redis), polling, and percentiles.
 #![allow(dead_code)]
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
@@ -19,8 +18,7 @@ use keygate::redis::{
     WatchOptions,
 };
 use keygate::{KeyGate, KeyId, KeyManager, ManualClock, MemoryStore, RateLimitPolicy, Verifier};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::net::TcpListener;
 
 /// The variable naming the test Redis server.
 pub const REDIS_ENV: &str = "KEYGATE_TEST_REDIS_URL";
@@ -110,124 +108,13 @@ impl Drop for TestRedis {
     }
 }
 
+#[path = "../support/net.rs"]
+mod net;
+pub use net::*;
+
 /// The host and port of a `redis://` URL.
 pub fn redis_addr(url: &str) -> SocketAddr {
-    let after = url.split_once("://").expect("scheme://").1;
-    let end = after.find(['/', '?']).unwrap_or(after.len());
-    let hostport = after[..end].rsplit('@').next().unwrap_or_default();
-    let hostport = if hostport.contains(':') {
-        hostport.to_owned()
-    } else {
-        format!("{hostport}:6379")
-    };
-    hostport
-        .replace("localhost", "127.0.0.1")
-        .parse()
-        .expect("host:port of the Redis URL")
-}
-
-/// `url` with its host and port replaced by `addr`.
-pub fn with_addr(url: &str, addr: SocketAddr) -> String {
-    let (scheme, after) = url.split_once("://").expect("scheme://");
-    let end = after.find(['/', '?']).unwrap_or(after.len());
-    let authority = &after[..end];
-    let userinfo = authority
-        .rsplit_once('@')
-        .map(|(u, _)| format!("{u}@"))
-        .unwrap_or_default();
-    format!("{scheme}://{userinfo}{addr}{}", &after[end..])
-}
-
-/// Polls `check` (every millisecond) until it returns `Some`, failing the test after
-/// `limit`. Returns the value and how long it took.
-pub async fn poll_until<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> (T, Duration)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return (v, start.elapsed());
-        }
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-/// What a [`Proxy`] does with traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Forwards both ways.
-    On,
-    /// Drops every open connection and closes new ones as soon as they are accepted.
-    Cut,
-    /// Keeps every connection open but forwards nothing (a hung server or a black hole).
-    Stall,
-}
-
-/// A TCP proxy on 127.0.0.1 in front of `target`, with a switch ([`Mode`]). Leaving
-/// `Stall` closes the stalled connections. (The proxy of keygate-sql's tests.)
-pub struct Proxy {
-    pub addr: SocketAddr,
-    mode: watch::Sender<Mode>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    pub async fn start(target: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (mode, mode_rx) = watch::channel(Mode::On);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    continue;
-                };
-                let mut mode_rx = mode_rx.clone();
-                let now = *mode_rx.borrow_and_update();
-                tokio::spawn(async move {
-                    match now {
-                        Mode::Cut => return,
-                        Mode::Stall => {
-                            let _held = client;
-                            let _ = mode_rx.changed().await;
-                            return;
-                        }
-                        Mode::On => {}
-                    }
-                    let Ok(mut server) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    let mut client = client;
-                    let stalled = tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
-                        m = mode_rx.wait_for(|m| *m != Mode::On) => {
-                            matches!(m.as_deref(), Ok(Mode::Stall))
-                        }
-                    };
-                    if stalled {
-                        let _ = mode_rx.changed().await;
-                    }
-                });
-            }
-        });
-        Proxy { addr, mode, task }
-    }
-
-    /// Sets what the proxy does from now on.
-    pub fn set(&self, mode: Mode) {
-        self.mode.send_replace(mode);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    url_addr(url, 6379)
 }
 
 /// One replica: an axum server on loopback with its own hub, verifier (over the shared
