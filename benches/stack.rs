@@ -10,7 +10,8 @@
 //!
 //! Every request is one `oneshot` on a clone of the service (as axum does per request),
 //! polled once with `now_or_never`: every variant completes on its first poll (a pending
-//! future would be driven to the end on a tokio runtime, so nothing is skipped). Requests
+//! future would be driven to the end on the calling thread and counted, so nothing is
+//! skipped). Requests
 //! are built outside the timed part, the same way for every variant:
 //! `POST /collections/docs/points/search` with `Authorization: Bearer <key>`, three common
 //! headers, and the peer address as axum's `ConnectInfo` and a `SocketAddr` extension.
@@ -222,8 +223,8 @@ impl World {
     }
 }
 
-/// Drives one request: polled once; a future that is not ready yet is finished on the
-/// runtime (none is expected: the counters printed at the end show it).
+/// Drives one request: polled once; a future that is not ready yet is counted and finished
+/// on this thread (none is expected: the count printed at the end shows it).
 fn drive<F: Future>(fut: F, pending: &AtomicU64) -> F::Output {
     let mut fut = std::pin::pin!(fut);
     match fut.as_mut().now_or_never() {
