@@ -91,6 +91,7 @@ pub trait Renderer: Send + Sync + 'static {
 }
 
 /// The HTTP status of a denial code: 401 for credential problems, 403 for authorization,
+/// 404 for a route no rule knows, 413 for a request costing more than a limit ever allows,
 /// 429 for rate and quota, 503 for an unreachable store.
 pub fn http_status(code: DenialCode) -> StatusCode {
     match code {
@@ -98,17 +99,21 @@ pub fn http_status(code: DenialCode) -> StatusCode {
         | DenialCode::ResourceForbidden
         | DenialCode::IpNotAllowed => StatusCode::FORBIDDEN,
         DenialCode::RateLimited | DenialCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+        DenialCode::CostExceedsLimit => StatusCode::PAYLOAD_TOO_LARGE,
+        DenialCode::UnknownRoute => StatusCode::NOT_FOUND,
         DenialCode::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::UNAUTHORIZED,
     }
 }
 
 /// The gRPC status code of a denial code: 16 UNAUTHENTICATED, 7 PERMISSION_DENIED,
-/// 8 RESOURCE_EXHAUSTED, 14 UNAVAILABLE.
+/// 8 RESOURCE_EXHAUSTED (rate, quota, and a request costing more than a limit allows),
+/// 12 UNIMPLEMENTED (unknown route), 14 UNAVAILABLE.
 pub fn grpc_status(code: DenialCode) -> u8 {
     match http_status(code) {
         StatusCode::FORBIDDEN => 7,
-        StatusCode::TOO_MANY_REQUESTS => 8,
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::PAYLOAD_TOO_LARGE => 8,
+        StatusCode::NOT_FOUND => 12,
         StatusCode::SERVICE_UNAVAILABLE => 14,
         _ => 16,
     }
@@ -456,11 +461,25 @@ mod tests {
         for code in DenialCode::ALL {
             let s = http_status(code);
             let g = grpc_status(code);
-            assert!(matches!(s.as_u16(), 401 | 403 | 429 | 503), "{code}");
-            assert!(matches!(g, 16 | 7 | 8 | 14), "{code}");
+            assert!(
+                matches!(s.as_u16(), 401 | 403 | 404 | 413 | 429 | 503),
+                "{code}"
+            );
+            assert!(matches!(g, 16 | 7 | 8 | 12 | 14), "{code}");
         }
         assert_eq!(grpc_status(DenialCode::InvalidKey), 16);
         assert_eq!(grpc_status(DenialCode::RateLimited), 8);
+        assert_eq!(
+            http_status(DenialCode::CostExceedsLimit),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        assert_eq!(grpc_status(DenialCode::CostExceedsLimit), 8);
+        assert_eq!(http_status(DenialCode::UnknownRoute), StatusCode::NOT_FOUND);
+        assert_eq!(grpc_status(DenialCode::UnknownRoute), 12);
+        assert_eq!(
+            http_status(DenialCode::CorruptKey),
+            StatusCode::UNAUTHORIZED
+        );
     }
 
     #[test]

@@ -37,11 +37,19 @@ pub enum DenialCode {
     QuotaExceeded,
     /// The key store could not be reached to decide.
     StoreUnavailable,
+    /// The key's stored record is unreadable (a corrupt row): refused, not retryable. Clients
+    /// read `invalid_key`; the audit record keeps this code.
+    CorruptKey,
+    /// The request alone costs more than the limit or quota ever allows (a batch larger
+    /// than the burst or the whole period's allowance): waiting does not help.
+    CostExceedsLimit,
+    /// No rule of the route table knows this route (HTTP 404): not a permission problem.
+    UnknownRoute,
 }
 
 impl DenialCode {
     /// Every code, in a stable order.
-    pub const ALL: [DenialCode; 12] = [
+    pub const ALL: [DenialCode; 15] = [
         DenialCode::MissingKey,
         DenialCode::MalformedKey,
         DenialCode::InvalidKey,
@@ -54,6 +62,9 @@ impl DenialCode {
         DenialCode::RateLimited,
         DenialCode::QuotaExceeded,
         DenialCode::StoreUnavailable,
+        DenialCode::CorruptKey,
+        DenialCode::CostExceedsLimit,
+        DenialCode::UnknownRoute,
     ];
 
     /// The stable text form (`missing_key`, `rate_limited`, ...).
@@ -71,6 +82,9 @@ impl DenialCode {
             DenialCode::RateLimited => "rate_limited",
             DenialCode::QuotaExceeded => "quota_exceeded",
             DenialCode::StoreUnavailable => "store_unavailable",
+            DenialCode::CorruptKey => "corrupt_key",
+            DenialCode::CostExceedsLimit => "cost_exceeds_limit",
+            DenialCode::UnknownRoute => "unknown_route",
         }
     }
 
@@ -84,15 +98,18 @@ impl DenialCode {
                 | DenialCode::ExpiredKey
                 | DenialCode::RevokedKey
                 | DenialCode::DisabledKey
+                | DenialCode::CorruptKey
         )
     }
 
-    /// The code a client is shown by default: `revoked_key` and `disabled_key` read
-    /// `invalid_key`, so a client learns no more than it needs; every other code reads as
-    /// itself. Audit records keep the exact code.
+    /// The code a client is shown by default: `revoked_key`, `disabled_key` and
+    /// `corrupt_key` read `invalid_key`, so a client learns no more than it needs; every
+    /// other code reads as itself. Audit records keep the exact code.
     pub const fn public(self) -> DenialCode {
         match self {
-            DenialCode::RevokedKey | DenialCode::DisabledKey => DenialCode::InvalidKey,
+            DenialCode::RevokedKey | DenialCode::DisabledKey | DenialCode::CorruptKey => {
+                DenialCode::InvalidKey
+            }
             other => other,
         }
     }
@@ -112,6 +129,12 @@ impl DenialCode {
             DenialCode::RateLimited => "Too many requests; slow down.",
             DenialCode::QuotaExceeded => "The quota for this period is used up.",
             DenialCode::StoreUnavailable => "The key store is unavailable; try again later.",
+            DenialCode::CorruptKey => "The API key's stored record is unreadable.",
+            DenialCode::CostExceedsLimit => {
+                "This request costs more than the key's limit or quota allows at all; \
+                 send a smaller request."
+            }
+            DenialCode::UnknownRoute => "No such route.",
         }
     }
 }
@@ -270,11 +293,15 @@ mod tests {
                 "ip_not_allowed",
                 "rate_limited",
                 "quota_exceeded",
-                "store_unavailable"
+                "store_unavailable",
+                "corrupt_key",
+                "cost_exceeds_limit",
+                "unknown_route"
             ]
         );
         assert_eq!(DenialCode::RevokedKey.public(), DenialCode::InvalidKey);
         assert_eq!(DenialCode::DisabledKey.public(), DenialCode::InvalidKey);
+        assert_eq!(DenialCode::CorruptKey.public(), DenialCode::InvalidKey);
         assert_eq!(DenialCode::ExpiredKey.public(), DenialCode::ExpiredKey);
     }
 }
