@@ -1,4 +1,4 @@
-//! Benchmarks for issue 5: the audit layer's cost on the request path, and the file sink's
+//! Benchmarks of auditing: the audit layer's cost on the request path, and the file sink's
 //! throughput.
 //!
 //! Run with `cargo bench --features audit --bench audit` (quick form:

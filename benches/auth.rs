@@ -1,4 +1,4 @@
-//! Hot-path benchmarks for issue 2: the verifier and the authentication layer.
+//! Hot-path benchmarks of authentication: the verifier and the authentication layer.
 //!
 //! Run with `cargo bench --bench auth` (quick form:
 //! `cargo bench --bench auth -- --warm-up-time 1 --measurement-time 3`). `cargo test` does

@@ -1,4 +1,4 @@
-//! Hot-path benchmarks for issue 3: `ScopeLayer` and `IpAllowLayer` on a hot (cached) key.
+//! Hot-path benchmarks of authorization: `ScopeLayer` and `IpAllowLayer` on a hot (cached) key.
 //!
 //! Run with `cargo bench --bench authz --features scope,ip-allow` (quick form: append
 //! `-- --warm-up-time 1 --measurement-time 3`). `cargo test --benches` runs each benchmark

@@ -1,4 +1,4 @@
-//! The performance report of issue 8, in one run: each layer alone and the full six-layer
+//! The performance report, in one run: each layer alone and the full six-layer
 //! stack against the bare service, the peers (tower-http's bearer check, tower_governor),
 //! per-request latency percentiles, multi-thread throughput, and cached verification at
 //! 1k, 100k and 1M keys.

@@ -1,4 +1,4 @@
-//! Hot-path benchmarks for issue 4: the rate-limit and quota layers on a hot key, against
+//! Hot-path benchmarks of the traffic layers: the rate-limit and quota layers on a hot key, against
 //! the bare service and tower_governor's `GovernorLayer`, all in one run.
 //!
 //! Run with `cargo bench --bench traffic --features rate-limit,quota` (quick form: add

@@ -1,4 +1,4 @@
-//! The bad-input matrix of issue 2 under every way of running `ApiKeyAuthLayer`: in-process
+//! The bad-input matrix of the authentication layer under every way of running `ApiKeyAuthLayer`: in-process
 //! (`ServiceBuilder` + `oneshot`, HTTP and gRPC), axum 0.8, plain hyper 1 and tonic 0.14 over
 //! loopback sockets, and raw HTTP/1.1 bytes written to the axum and hyper servers.
 //!

@@ -1,4 +1,4 @@
-//! Regression tests for bugs found while testing issue 3, each stating the documented
+//! Regression tests for bugs found while testing scopes and IP policies, each stating the documented
 //! behaviour (the client-chosen `Forwarded` header: fixed by requiring `Forwarded` and
 //! `X-Forwarded-For` to agree when both are present).
 #![cfg(feature = "ip-allow")]

@@ -1,4 +1,4 @@
-//! Order-independence of keygate's layers (DESIGN.md "shared extension"): for every request
+//! Order-independence of keygate's layers (docs/ARCHITECTURE.md, "Order independence"): for every request
 //! of a matrix that breaks at most one policy, every permutation of the layers gives the same
 //! status, the same client-facing code and the same exact `Denial` code. Also: each layer
 //! alone, built from the hub, reaches the same verdicts for what it checks; built without

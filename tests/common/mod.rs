@@ -4,7 +4,7 @@
 //! - [`Fixture`]: a hub over a counting store and a [`ManualClock`], with key issuing helpers.
 //! - [`forge`] / [`wrong_secret`]: well-formed keys (valid checksum) that were never issued.
 //! - [`Capture`]: a tracing subscriber writing into a buffer, for leakage checks.
-//! - [`Row`] / [`matrix`]: the bad-input matrix of issue 2, shared by every framework.
+//! - [`Row`] / [`matrix`]: the bad-input matrix of the authentication layer, shared by every framework.
 //! - Loopback servers and clients: [`spawn_axum`], [`spawn_hyper`], [`send`], [`send_raw`].
 //!
 //! Each test binary uses a different part of this module.
@@ -470,7 +470,7 @@ pub async fn matrix_keys(fx: &Fixture) -> MatrixKeys {
     }
 }
 
-/// The bad-input matrix of issue 2 (and the accepted variants), with the decisions documented
+/// The bad-input matrix of the authentication layer (and the accepted variants), with the decisions documented
 /// in `src/credentials.rs` and the README.
 pub fn matrix(k: &MatrixKeys) -> Vec<Row> {
     use DenialCode::*;
