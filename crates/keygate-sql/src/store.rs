@@ -490,6 +490,19 @@ impl SqlStore {
         .await
     }
 
+    /// The highest change number deleted by pruning and the highest change number still
+    /// stored (`None` when the table is empty), read in one statement.
+    pub(crate) async fn sequence_bounds(&self) -> Result<(i64, Option<i64>), StoreError> {
+        self.timed("sequence_bounds", async {
+            let (pruned, newest): (Option<i64>, Option<i64>) = with_pool!(self, pool => {
+                sqlx::query_as(SEQUENCE_BOUNDS).fetch_one(pool).await
+            })
+            .map_err(|e| unavailable("sequence_bounds", e))?;
+            Ok((pruned.unwrap_or(0), newest))
+        })
+        .await
+    }
+
     /// Deletes the changes recorded before `before` and returns how many. A follower whose
     /// position falls in the deleted range notices it and clears its verifier's cache
     /// ([`ChangeHandler::resync`](crate::ChangeHandler::resync)) instead of missing
@@ -543,6 +556,10 @@ impl SqlStore {
 }
 
 const PRUNED_THROUGH: &str = "SELECT value FROM keygate_meta WHERE name = 'changes_pruned_through'";
+
+const SEQUENCE_BOUNDS: &str = "SELECT \
+     (SELECT value FROM keygate_meta WHERE name = 'changes_pruned_through'), \
+     (SELECT MAX(seq) FROM keygate_changes)";
 
 /// `INSERT INTO keygate_keys (...) VALUES (?, ...), ...` for `rows` rows.
 fn sqlite_values(rows: usize) -> String {

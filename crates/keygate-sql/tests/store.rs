@@ -191,10 +191,11 @@ async fn damaged_rows_are_corrupt(db: &Db) {
             store.list(&KeyFilter::default()).await,
             Err(StoreError::Corrupt(_))
         ));
-        // A verifier fails closed on it (never a panic, never a pass).
+        // A verifier refuses it as corrupt (never a panic, never a pass, not an outage).
         let verifier = Verifier::new(store.clone());
         let denial = verifier.verify(key.expose_secret()).await.unwrap_err();
-        assert_eq!(denial.code(), DenialCode::StoreUnavailable, "{column}");
+        assert_eq!(denial.code(), DenialCode::CorruptKey, "{column}");
+        assert_eq!(denial.retry_after(), None, "{column}");
         db.exec(&format!("DELETE FROM keygate_keys WHERE id = '{}'", rec.id))
             .await;
     }
@@ -215,6 +216,45 @@ both!(
     sqlite_damaged_rows_are_corrupt,
     postgres_damaged_rows_are_corrupt,
     damaged_rows_are_corrupt
+);
+
+/// A cached key whose row goes bad is evicted at its next refresh and refused with
+/// `corrupt_key`, not served stale as if the store were down.
+async fn a_corrupt_row_does_not_keep_a_cached_key_alive(db: &Db) {
+    let store = db.open().await;
+    let h = KeyHasher::new();
+    let clock = keygate_core::ManualClock::at_2026();
+    let verifier = Verifier::builder(store.clone())
+        .clock(clock.clone())
+        .refresh_after(Duration::from_secs(30))
+        .max_stale(Duration::from_secs(300))
+        .build();
+    let (key, rec) = plain(&h, "soon-corrupt", keygate_core::Clock::now(&clock));
+    store.insert(&rec).await.unwrap();
+    verifier.verify(key.expose_secret()).await.unwrap();
+    db.exec(&format!(
+        "UPDATE keygate_keys SET status = 'Active' WHERE id = '{}'",
+        rec.id
+    ))
+    .await;
+    clock.advance(Duration::from_secs(31));
+    let denial = verifier.verify(key.expose_secret()).await.unwrap_err();
+    assert_eq!(denial.code(), DenialCode::CorruptKey);
+    assert_eq!(denial.retry_after(), None);
+    assert_eq!(verifier.cached(), 0);
+    assert_eq!(
+        verifier
+            .verify(key.expose_secret())
+            .await
+            .unwrap_err()
+            .code(),
+        DenialCode::CorruptKey
+    );
+}
+both!(
+    sqlite_a_corrupt_row_does_not_keep_a_cached_key_alive,
+    postgres_a_corrupt_row_does_not_keep_a_cached_key_alive,
+    a_corrupt_row_does_not_keep_a_cached_key_alive
 );
 
 async fn insert_many_is_all_or_nothing(db: &Db) {
