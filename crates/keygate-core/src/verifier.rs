@@ -543,6 +543,10 @@ impl Verifier {
     /// missing from the cache is unknown without asking the store, so a flood of random
     /// well-formed keys never reaches it. Changes must then reach the cache through
     /// [`Verifier::invalidate`] or [`Verifier::refresh`]. Returns how many records loaded.
+    ///
+    /// Rows the store cannot read are left out with a warning each (one corrupt row does
+    /// not stop the others from loading); requests with such a key still ask the store and
+    /// are refused with `corrupt_key` until the row is repaired.
     pub async fn preload(&self) -> Result<usize, StoreError> {
         let s = &*self.shared;
         s.loading.lock().unwrap_or_else(PoisonError::into_inner).0 += 1;
@@ -572,15 +576,23 @@ impl Verifier {
             }
         }
         let guard = Loading(s);
-        let records = s.store.list(&KeyFilter::default()).await?;
+        let listing = s.store.list_report(&KeyFilter::default()).await?;
         let now = s.clock.now();
         s.recheck.clear();
-        for r in &records {
+        for r in &listing.records {
             s.cache.insert(r.id, Entry::new(r, now, &s.interner));
+        }
+        for bad in &listing.skipped {
+            tracing::warn!(key_id = %bad.id, column = %bad.column, reason = %bad.reason, "preload: left out a key record that cannot be read; requests with that key are refused (corrupt_key)");
+            if let Some(id) = bad.key_id {
+                // Not loaded, yet not unknown: ask the store for it (which refuses it as
+                // corrupt, or finds it repaired).
+                s.recheck.insert(id);
+            }
         }
         s.complete.store(true, Ordering::Release);
         drop(guard);
-        Ok(records.len())
+        Ok(listing.records.len())
     }
 }
 

@@ -9,7 +9,9 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
-use keygate_core::{KeyFilter, KeyId, KeyRecord, KeyStore, StoreError};
+use keygate_core::{
+    KeyFilter, KeyId, KeyListing, KeyRecord, KeyStatus, KeyStore, StatusWrite, StoreError,
+};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{PgPool, SqlitePool};
@@ -108,6 +110,10 @@ const UPDATE: &str = "UPDATE keygate_keys SET prefix = $2, digest = $3, name = $
      status = $6, created_at = $7, updated_at = $8, expires_at = $9, scopes = $10, \
      resources = $11, attributes = $12, allowed_ips = $13, rate_limits = $14, quotas = $15, \
      metadata = $16, rotated_from = $17 WHERE id = $1";
+
+/// Writes a status unless the row has it already or is revoked.
+const SET_STATUS: &str = "UPDATE keygate_keys SET status = $2, updated_at = $3 \
+     WHERE id = $1 AND status <> $2 AND status <> 'revoked'";
 
 const LIST: &str = concat!(
     "SELECT ",
@@ -713,6 +719,14 @@ impl KeyStore for SqlStore {
     }
 
     async fn list(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
+        let listing = self.list_report(filter).await?;
+        for row in &listing.skipped {
+            tracing::warn!(key_id = %row.id, column = %row.column, reason = %row.reason, "key listing: left out a row that cannot be read");
+        }
+        Ok(listing.records)
+    }
+
+    async fn list_report(&self, filter: &KeyFilter) -> Result<KeyListing, StoreError> {
         let owner = filter.owner.as_deref();
         let status = filter.status.map(|s| s.as_str());
         let prefix = filter.prefix.as_deref();
@@ -720,7 +734,7 @@ impl KeyStore for SqlStore {
         // operation timeout (a database that stops answering mid-list is Unavailable).
         let limit = self.inner.options.operation_timeout;
         with_pool!(self, pool => {
-            let mut out = Vec::new();
+            let mut out = KeyListing::default();
             let mut rows = sqlx::query(LIST)
                 .bind(owner)
                 .bind(status)
@@ -728,7 +742,11 @@ impl KeyStore for SqlStore {
                 .fetch(pool);
             loop {
                 match tokio::time::timeout(limit, rows.try_next()).await {
-                    Ok(Ok(Some(row))) => out.push(row::decode(&row)?),
+                    Ok(Ok(Some(row))) => match row::decode_checked(&row) {
+                        Ok(record) => out.records.push(record),
+                        // One damaged row must not hide the others.
+                        Err(bad) => out.skipped.push(bad.into_skipped()),
+                    },
                     Ok(Ok(None)) => break Ok(out),
                     Ok(Err(e)) => break Err(unavailable("list", e)),
                     Err(_) => {
@@ -740,6 +758,47 @@ impl KeyStore for SqlStore {
                 }
             }
         })
+    }
+
+    /// One `UPDATE` of the status and `updated_at` columns only (a revoked row is left
+    /// alone), so it works on a row whose other columns cannot be read.
+    async fn set_status(
+        &self,
+        id: &KeyId,
+        status: KeyStatus,
+        at: SystemTime,
+    ) -> Result<StatusWrite, StoreError> {
+        let at = row::to_ms(at);
+        self.timed("set_status", async {
+            let found: Result<(u64, Option<String>), sqlx::Error> = with_pool!(self, pool => {
+                async {
+                    let n = sqlx::query(SET_STATUS)
+                        .bind(id.as_str())
+                        .bind(status.as_str())
+                        .bind(at)
+                        .execute(pool)
+                        .await?
+                        .rows_affected();
+                    if n > 0 {
+                        return Ok((n, None));
+                    }
+                    let now: Option<String> =
+                        sqlx::query_scalar("SELECT status FROM keygate_keys WHERE id = $1")
+                            .bind(id.as_str())
+                            .fetch_optional(pool)
+                            .await?;
+                    Ok((0, now))
+                }
+                .await
+            });
+            match found.map_err(|e| unavailable("set_status", e))? {
+                (n, _) if n > 0 => Ok(StatusWrite::Written),
+                (_, None) => Err(StoreError::NotFound(*id)),
+                (_, Some(now)) if now == KeyStatus::Revoked.as_str() => Ok(StatusWrite::Revoked),
+                (_, Some(_)) => Ok(StatusWrite::Unchanged),
+            }
+        })
+        .await
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use common::*;
 use keygate_core::{
     DenialCode, KeyFilter, KeyHasher, KeyId, KeyRecord, KeyStatus, KeyStore, MemoryStore, Prefix,
-    StoreError, Verifier,
+    StatusWrite, StoreError, Verifier,
 };
 use keygate_sql::{Backend, ChangeHandler, OpenError, SqlOptions, SqlStore};
 
@@ -187,10 +187,13 @@ async fn damaged_rows_are_corrupt(db: &Db) {
             }
             r => panic!("{column}: expected Corrupt, got {r:?}"),
         }
-        assert!(matches!(
-            store.list(&KeyFilter::default()).await,
-            Err(StoreError::Corrupt(_))
-        ));
+        // A listing leaves it out and says which key and column (it does not fail).
+        assert!(store.list(&KeyFilter::default()).await.unwrap().is_empty());
+        let listing = store.list_report(&KeyFilter::default()).await.unwrap();
+        assert!(listing.records.is_empty(), "{column}");
+        assert_eq!(listing.skipped.len(), 1, "{column}");
+        assert_eq!(listing.skipped[0].key_id, Some(rec.id), "{column}");
+        assert_eq!(listing.skipped[0].column, *column);
         // A verifier refuses it as corrupt (never a panic, never a pass, not an outage).
         let verifier = Verifier::new(store.clone());
         let denial = verifier.verify(key.expose_secret()).await.unwrap_err();
@@ -207,11 +210,181 @@ async fn damaged_rows_are_corrupt(db: &Db) {
         rec.id
     ))
     .await;
-    match store.list(&KeyFilter::default()).await {
-        Err(StoreError::Corrupt(msg)) => assert!(msg.contains("column id"), "{msg}"),
-        r => panic!("expected Corrupt, got {r:?}"),
-    }
+    let listing = store.list_report(&KeyFilter::default()).await.unwrap();
+    assert!(listing.records.is_empty());
+    assert_eq!(listing.skipped.len(), 1);
+    assert_eq!(listing.skipped[0].key_id, None);
+    assert_eq!(listing.skipped[0].column, "id");
+    assert_eq!(listing.skipped[0].id, "\"bad id \\\"x\\\"\"");
 }
+
+/// One corrupt row among good ones: listings and preload go on without it (and say so),
+/// and it can still be revoked or disabled by a status-only write.
+async fn a_corrupt_row_is_skipped_reported_and_revocable(db: &Db) {
+    let store = db.open().await;
+    let h = KeyHasher::new();
+    let mut good = Vec::new();
+    for i in 0..3 {
+        let (key, rec) = plain(&h, &format!("good{i}"), at_ms(T0 + i));
+        store.insert(&rec).await.unwrap();
+        good.push((key, rec));
+    }
+    let (bad_key, bad) = plain(&h, "bad", at_ms(T0 + 1));
+    store.insert(&bad).await.unwrap();
+    db.exec(&format!(
+        "UPDATE keygate_keys SET scopes = '[oops' WHERE id = '{}'",
+        bad.id
+    ))
+    .await;
+
+    let listing = store.list_report(&KeyFilter::default()).await.unwrap();
+    let ids: Vec<KeyId> = listing.records.iter().map(|r| r.id).collect();
+    assert_eq!(ids, good.iter().map(|(_, r)| r.id).collect::<Vec<_>>());
+    assert_eq!(listing.skipped.len(), 1);
+    let skipped = &listing.skipped[0];
+    assert_eq!(
+        (skipped.key_id, skipped.column.as_str()),
+        (Some(bad.id), "scopes")
+    );
+    assert_eq!(skipped.id, bad.id.as_str());
+    assert!(skipped.to_string().contains("column scopes"), "{skipped}");
+    assert_eq!(store.list(&KeyFilter::default()).await.unwrap().len(), 3);
+
+    // Preload loads the good ones; the corrupt key is refused as corrupt, not unknown.
+    let verifier = Verifier::new(store.clone());
+    assert_eq!(verifier.preload().await.unwrap(), 3);
+    for (key, _) in &good {
+        verifier.verify(key.expose_secret()).await.unwrap();
+    }
+    assert_eq!(
+        verifier
+            .verify(bad_key.expose_secret())
+            .await
+            .unwrap_err()
+            .code(),
+        DenialCode::CorruptKey
+    );
+
+    // Status-only writes: disable, then revoke; a revoked row stays revoked.
+    let at = at_ms(T0 + 1_000);
+    assert_eq!(
+        store
+            .set_status(&bad.id, KeyStatus::Disabled, at)
+            .await
+            .unwrap(),
+        StatusWrite::Written
+    );
+    assert_eq!(
+        store
+            .set_status(&bad.id, KeyStatus::Disabled, at)
+            .await
+            .unwrap(),
+        StatusWrite::Unchanged
+    );
+    assert_eq!(
+        store
+            .set_status(&bad.id, KeyStatus::Revoked, at)
+            .await
+            .unwrap(),
+        StatusWrite::Written
+    );
+    assert_eq!(
+        store
+            .set_status(&bad.id, KeyStatus::Active, at)
+            .await
+            .unwrap(),
+        StatusWrite::Revoked
+    );
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT COUNT(*) FROM keygate_keys WHERE id = '{}' AND status = 'revoked' AND updated_at = {}",
+            bad.id,
+            T0 + 1_000
+        ))
+        .await,
+        1
+    );
+    // Its other columns are untouched (still unreadable).
+    assert!(matches!(
+        store.get(&bad.id).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    let (_, ghost) = plain(&h, "ghost", at_ms(T0));
+    assert!(matches!(
+        store.set_status(&ghost.id, KeyStatus::Revoked, at).await,
+        Err(StoreError::NotFound(id)) if id == ghost.id
+    ));
+
+    // A corrupt status column is repaired by revoking: the record reads again, revoked.
+    let (_, odd) = plain(&h, "odd-status", at_ms(T0 + 2));
+    store.insert(&odd).await.unwrap();
+    db.exec(&format!(
+        "UPDATE keygate_keys SET status = 'Active' WHERE id = '{}'",
+        odd.id
+    ))
+    .await;
+    assert_eq!(
+        store
+            .set_status(&odd.id, KeyStatus::Revoked, at)
+            .await
+            .unwrap(),
+        StatusWrite::Written
+    );
+    assert_eq!(
+        store.get(&odd.id).await.unwrap().unwrap().status,
+        KeyStatus::Revoked
+    );
+    // Through the key manager, audited; enabling blind is refused.
+    let (_, third) = plain(&h, "third", at_ms(T0 + 3));
+    store.insert(&third).await.unwrap();
+    db.exec(&format!(
+        "UPDATE keygate_keys SET metadata = '{{nope' WHERE id = '{}'",
+        third.id
+    ))
+    .await;
+    let sink = keygate_core::audit::MemorySink::new();
+    let keys = keygate_core::KeyManager::builder(Arc::new(store.clone()))
+        .auditor(keygate_core::audit::Auditor::direct(sink.clone()))
+        .build();
+    assert!(matches!(
+        keys.revoke("ops", third.id).await,
+        Err(keygate_core::LifecycleError::Store(StoreError::Corrupt(_)))
+    ));
+    assert!(matches!(
+        keys.set_status_only("ops", third.id, KeyStatus::Active)
+            .await,
+        Err(keygate_core::LifecycleError::Invalid(_))
+    ));
+    assert_eq!(
+        keys.set_status_only("ops", third.id, KeyStatus::Revoked)
+            .await
+            .unwrap(),
+        StatusWrite::Written
+    );
+    assert_eq!(
+        keys.set_status_only("ops", third.id, KeyStatus::Revoked)
+            .await
+            .unwrap(),
+        StatusWrite::Unchanged
+    );
+    assert!(matches!(
+        keys.set_status_only("ops", third.id, KeyStatus::Disabled)
+            .await,
+        Err(keygate_core::LifecycleError::WrongStatus { .. })
+    ));
+    let events = sink.events();
+    assert_eq!(events.len(), 1);
+    let e = events[0].as_lifecycle().unwrap();
+    assert_eq!(
+        (e.key_id, e.status, e.actor.as_str()),
+        (third.id, KeyStatus::Revoked, "ops")
+    );
+}
+both!(
+    sqlite_a_corrupt_row_is_skipped_reported_and_revocable,
+    postgres_a_corrupt_row_is_skipped_reported_and_revocable,
+    a_corrupt_row_is_skipped_reported_and_revocable
+);
 both!(
     sqlite_damaged_rows_are_corrupt,
     postgres_damaged_rows_are_corrupt,
