@@ -481,7 +481,9 @@ impl KeyManager {
     /// Rotates a key: issues a new key that inherits everything (name, owner, scopes,
     /// collections, attributes, networks, policies, metadata and expiry) with
     /// `rotated_from` set, and makes the old key expire `grace` from now (at once for
-    /// zero; an earlier expiry stays). Only active, unexpired keys rotate.
+    /// zero; an earlier expiry stays). Only active, unexpired keys rotate. The new key
+    /// keeps the old one's lineage ([`KeyRecord::lineage`]), so rate limits and quotas go on
+    /// counting where they were, and old and new key share one allowance during the grace.
     pub async fn rotate(
         &self,
         actor: &str,
@@ -514,6 +516,8 @@ impl KeyManager {
         new.metadata = old.metadata.clone();
         new.expires_at = old.expires_at;
         new.rotated_from = Some(old.id);
+        // Usage is counted per lineage: the new key goes on with the old one's.
+        new.lineage = old.lineage;
         self.inner.store.insert(&new).await?;
 
         let mut ending = old.clone();

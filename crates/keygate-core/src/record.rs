@@ -291,10 +291,16 @@ pub struct KeyRecord {
     pub metadata: serde_json::Value,
     /// The key this one replaced in a rotation.
     pub rotated_from: Option<KeyId>,
+    /// The id of the first key of this key's rotation chain (its own id for a key that
+    /// replaced none). Rate limits and quotas are counted per lineage, so a rotated key
+    /// goes on with the usage of the key it replaced, and both share one allowance during
+    /// the grace period. Stores keep it; rows written before stores knew it read as the
+    /// key's own id.
+    pub lineage: KeyId,
 }
 
 impl KeyRecord {
-    /// A new active record with no policies, created at `now`.
+    /// A new active record with no policies, created at `now`, first of its lineage.
     pub fn new(
         id: KeyId,
         prefix: Prefix,
@@ -320,6 +326,7 @@ impl KeyRecord {
             quotas: Vec::new(),
             metadata: serde_json::Value::Null,
             rotated_from: None,
+            lineage: id,
         }
     }
 

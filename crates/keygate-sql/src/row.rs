@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 /// How many columns `keygate_keys` has (the values [`KeyRow`] binds).
-pub(crate) const COLUMN_COUNT: usize = 17;
+pub(crate) const COLUMN_COUNT: usize = 18;
 
 /// A record's column values, ready to bind.
 pub(crate) struct KeyRow {
@@ -33,6 +33,8 @@ pub(crate) struct KeyRow {
     pub(crate) quotas: String,
     pub(crate) metadata: String,
     pub(crate) rotated_from: Option<String>,
+    /// `NULL` when the key is the first of its lineage (as rows from before migration 5).
+    pub(crate) lineage: Option<String>,
 }
 
 impl KeyRow {
@@ -64,6 +66,7 @@ impl KeyRow {
             quotas: json("quotas", serde_json::to_string(&r.quotas))?,
             metadata: json("metadata", serde_json::to_string(&r.metadata))?,
             rotated_from: r.rotated_from.map(|id| id.as_str().to_owned()),
+            lineage: (r.lineage != r.id).then(|| r.lineage.as_str().to_owned()),
         })
     }
 }
@@ -182,6 +185,11 @@ where
         None => None,
         Some(text) => Some(KeyId::parse(&text).map_err(|_| d.bad("rotated_from", "not a key id"))?),
     };
+    // NULL: the key is the first of its lineage (every row from before migration 5).
+    let lineage = match d.get::<Option<String>>("lineage")? {
+        None => id,
+        Some(text) => KeyId::parse(&text).map_err(|_| d.bad("lineage", "not a key id"))?,
+    };
     Ok(KeyRecord {
         id,
         prefix,
@@ -203,6 +211,7 @@ where
         quotas: d.json::<Vec<QuotaPolicy>>("quotas")?,
         metadata: d.json::<serde_json::Value>("metadata")?,
         rotated_from,
+        lineage,
     })
 }
 

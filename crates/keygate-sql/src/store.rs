@@ -25,7 +25,7 @@ use crate::{migrate, Backend};
 macro_rules! key_columns {
     () => {
         "id, prefix, digest, name, owner, status, created_at, updated_at, expires_at, scopes, \
-         resources, attributes, allowed_ips, rate_limits, quotas, metadata, rotated_from"
+         resources, attributes, allowed_ips, rate_limits, quotas, metadata, rotated_from, lineage"
     };
 }
 
@@ -39,7 +39,7 @@ macro_rules! with_pool {
     };
 }
 
-/// Binds a [`KeyRow`]'s 17 values in column order.
+/// Binds a [`KeyRow`]'s 18 values in column order.
 macro_rules! bind_row {
     ($query:expr, $row:expr) => {{
         let r = $row;
@@ -61,6 +61,7 @@ macro_rules! bind_row {
             .bind(r.quotas)
             .bind(r.metadata)
             .bind(r.rotated_from)
+            .bind(r.lineage)
     }};
 }
 
@@ -103,13 +104,13 @@ const GET: &str = concat!(
 const INSERT: &str = concat!(
     "INSERT INTO keygate_keys (",
     key_columns!(),
-    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
 );
 
 const UPDATE: &str = "UPDATE keygate_keys SET prefix = $2, digest = $3, name = $4, owner = $5, \
      status = $6, created_at = $7, updated_at = $8, expires_at = $9, scopes = $10, \
      resources = $11, attributes = $12, allowed_ips = $13, rate_limits = $14, quotas = $15, \
-     metadata = $16, rotated_from = $17 WHERE id = $1";
+     metadata = $16, rotated_from = $17, lineage = $18 WHERE id = $1";
 
 /// Writes a status unless the row has it already or is revoked.
 const SET_STATUS: &str = "UPDATE keygate_keys SET status = $2, updated_at = $3 \
@@ -130,13 +131,13 @@ const PG_INSERT_MANY: &str = concat!(
     key_columns!(),
     ") SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[], $5::text[], \
      $6::text[], $7::int8[], $8::int8[], $9::int8[], $10::text[], $11::text[], $12::text[], \
-     $13::text[], $14::text[], $15::text[], $16::text[], $17::text[])"
+     $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[])"
 );
 
-/// Rows per multi-row `INSERT` on SQLite (17 values each, well under SQLite's 32,766
+/// Rows per multi-row `INSERT` on SQLite (18 values each, well under SQLite's 32,766
 /// parameters).
 const SQLITE_BATCH: usize = 500;
-/// Rows per `INSERT ... SELECT FROM UNNEST(...)` on PostgreSQL (17 array parameters).
+/// Rows per `INSERT ... SELECT FROM UNNEST(...)` on PostgreSQL (18 array parameters).
 const POSTGRES_BATCH: usize = 5_000;
 
 pub(crate) enum Pool {
@@ -387,6 +388,7 @@ impl SqlStore {
                         .bind(c.quotas)
                         .bind(c.metadata)
                         .bind(c.rotated_from)
+                        .bind(c.lineage)
                         .execute(&mut *tx)
                         .await?
                         .rows_affected();
@@ -605,6 +607,7 @@ struct PgColumns {
     quotas: Vec<String>,
     metadata: Vec<String>,
     rotated_from: Vec<Option<String>>,
+    lineage: Vec<Option<String>>,
 }
 
 impl PgColumns {
@@ -629,6 +632,7 @@ impl PgColumns {
             c.quotas.push(r.quotas);
             c.metadata.push(r.metadata);
             c.rotated_from.push(r.rotated_from);
+            c.lineage.push(r.lineage);
         }
         Ok(c)
     }

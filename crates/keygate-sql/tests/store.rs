@@ -430,6 +430,112 @@ both!(
     a_corrupt_row_does_not_keep_a_cached_key_alive
 );
 
+/// Every record's lineage is stored (rows from before it existed read as their own id),
+/// rotation through the key manager carries it over, and the verifier's principal names it.
+async fn lineage_is_stored_and_carried_by_rotation(db: &Db) {
+    let store = db.open().await;
+    let h = KeyHasher::new();
+    let (_, fresh) = plain(&h, "fresh", at_ms(T0));
+    assert_eq!(fresh.lineage, fresh.id);
+    store.insert(&fresh).await.unwrap();
+    assert_eq!(
+        store.get(&fresh.id).await.unwrap().unwrap().lineage,
+        fresh.id
+    );
+    // Stored as NULL for a key of its own lineage (as every row from before migration 5).
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT COUNT(*) FROM keygate_keys WHERE id = '{}' AND lineage IS NULL",
+            fresh.id
+        ))
+        .await,
+        1
+    );
+
+    let (_, mut child) = plain(&h, "child", at_ms(T0 + 1));
+    child.lineage = fresh.id;
+    store.insert(&child).await.unwrap();
+    assert_eq!(
+        store.get(&child.id).await.unwrap().unwrap().lineage,
+        fresh.id
+    );
+    let (_, mut bulk) = plain(&h, "bulk", at_ms(T0 + 2));
+    bulk.lineage = fresh.id;
+    store
+        .insert_many(std::slice::from_ref(&bulk))
+        .await
+        .unwrap();
+    let listed = store.list(&KeyFilter::default()).await.unwrap();
+    let lineages: Vec<KeyId> = listed.iter().map(|r| r.lineage).collect();
+    assert_eq!(lineages, [fresh.id, fresh.id, fresh.id]);
+    // Updates keep it (and can change it).
+    let mut moved = child.clone();
+    moved.lineage = child.id;
+    store.update(&moved).await.unwrap();
+    assert_eq!(
+        store.get(&child.id).await.unwrap().unwrap().lineage,
+        child.id
+    );
+
+    // A row written without the column (an older keygate, or by hand).
+    let old_id = KeyId::generate().unwrap();
+    let digest = if db.name() == "postgres" {
+        "decode(repeat('00', 32), 'hex')"
+    } else {
+        "zeroblob(32)"
+    };
+    db.exec(&format!(
+        "INSERT INTO keygate_keys (id, prefix, digest, name, status, created_at, updated_at) \
+         VALUES ('{old_id}', 'kg', {digest}, 'old', 'active', 0, 0)"
+    ))
+    .await;
+    assert_eq!(store.get(&old_id).await.unwrap().unwrap().lineage, old_id);
+    // A lineage that is not a key id is a corrupt row naming the column.
+    db.exec(&format!(
+        "UPDATE keygate_keys SET lineage = 'nope' WHERE id = '{old_id}'"
+    ))
+    .await;
+    match store.get(&old_id).await {
+        Err(StoreError::Corrupt(msg)) => assert!(msg.contains("column lineage"), "{msg}"),
+        r => panic!("expected Corrupt, got {r:?}"),
+    }
+    db.exec(&format!("DELETE FROM keygate_keys WHERE id = '{old_id}'"))
+        .await;
+
+    // Rotation through the key manager: the whole chain has the first key's lineage.
+    let verifier = Verifier::new(store.clone());
+    let keys = keygate_core::KeyManager::for_verifier(
+        &verifier,
+        keygate_core::audit::Auditor::direct(keygate_core::audit::MemorySink::new()),
+    );
+    let first = keys
+        .issue("ops", keygate_core::KeySpec::new("chain"))
+        .await
+        .unwrap();
+    let second = keys
+        .rotate("ops", first.key.id(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let third = keys
+        .rotate("ops", second.key.id(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    for k in [&first, &second, &third] {
+        assert_eq!(
+            store.get(&k.key.id()).await.unwrap().unwrap().lineage,
+            first.key.id()
+        );
+        let fresh_verifier = Verifier::new(store.clone());
+        let p = fresh_verifier.verify(k.key.expose_secret()).await.unwrap();
+        assert_eq!((p.key_id(), p.lineage_id()), (k.key.id(), first.key.id()));
+    }
+}
+both!(
+    sqlite_lineage_is_stored_and_carried_by_rotation,
+    postgres_lineage_is_stored_and_carried_by_rotation,
+    lineage_is_stored_and_carried_by_rotation
+);
+
 async fn insert_many_is_all_or_nothing(db: &Db) {
     let store = db.open().await;
     let h = KeyHasher::new();
@@ -613,8 +719,10 @@ both!(
     pruned_changes_force_a_resync
 );
 
-/// The newest migration version this build embeds (1: keys; 2: usage and audit).
-const LATEST: i64 = 2;
+/// The newest migration version this build embeds (1: keys; 2: usage and audit; 5:
+/// lineage), and how many versions it embeds.
+const LATEST: i64 = 5;
+const EMBEDDED: i64 = 3;
 
 async fn migrations_apply_once_under_concurrency(db: &Db) {
     // Eight handles open the same new database at once.
@@ -630,7 +738,7 @@ async fn migrations_apply_once_under_concurrency(db: &Db) {
     assert!(stores.iter().all(|s| s.schema_version() == LATEST));
     assert_eq!(
         db.scalar("SELECT COUNT(*) FROM keygate_migrations").await,
-        LATEST
+        EMBEDDED
     );
     assert_eq!(
         db.scalar("SELECT COUNT(*) FROM keygate_meta WHERE name = 'changes_pruned_through'")
@@ -646,7 +754,7 @@ async fn migrations_apply_once_under_concurrency(db: &Db) {
     assert_eq!(again.schema_version(), LATEST);
     assert_eq!(
         db.scalar("SELECT COUNT(*) FROM keygate_migrations").await,
-        LATEST
+        EMBEDDED
     );
 
     // A database whose applied migration differs from the embedded one is refused.
