@@ -96,7 +96,7 @@ async fn a_rotated_key_keeps_its_rate_limit_and_shares_it_during_the_grace() {
         .rotate("ops", old.key.id(), Duration::from_secs(3600))
         .await
         .unwrap();
-    assert_eq!(new.record.lineage, old.key.id());
+    assert_eq!(new.record.lineage, Some(old.key.id()));
     assert_eq!(send(&svc, &new.key).await, LIMITED);
     assert_eq!(send(&svc, &old.key).await, LIMITED);
 
@@ -116,7 +116,7 @@ async fn a_rotated_key_keeps_its_rate_limit_and_shares_it_during_the_grace() {
         )
         .await
         .unwrap();
-    assert_eq!(other.record.lineage, other.key.id());
+    assert_eq!(other.record.lineage_id(), other.key.id());
     assert_eq!(send(&svc, &other.key).await, OK);
 }
 
@@ -160,7 +160,7 @@ async fn a_rotated_key_keeps_its_quota_and_shares_it_during_the_grace() {
         .rotate("ops", new.key.id(), Duration::ZERO)
         .await
         .unwrap();
-    assert_eq!(third.record.lineage, old.key.id());
+    assert_eq!(third.record.lineage, Some(old.key.id()));
     assert_eq!(send(&svc, &third.key).await, EXCEEDED);
 
     // Counted under the lineage: the first key's id.

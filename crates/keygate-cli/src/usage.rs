@@ -37,7 +37,7 @@ async fn lines(
     // Counted per lineage: a rotated key's usage is its chain's.
     let used = store
         .usage_store()
-        .load(&record.lineage, &windows)
+        .load(&record.lineage_id(), &windows)
         .await
         .map_err(|e| Failure::Failed(e.to_string()))?;
     Ok(record

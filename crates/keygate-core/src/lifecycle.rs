@@ -517,7 +517,7 @@ impl KeyManager {
         new.expires_at = old.expires_at;
         new.rotated_from = Some(old.id);
         // Usage is counted per lineage: the new key goes on with the old one's.
-        new.lineage = old.lineage;
+        new.lineage = Some(old.lineage_id());
         self.inner.store.insert(&new).await?;
 
         let mut ending = old.clone();

@@ -155,7 +155,7 @@ impl Principal {
         Principal {
             inner: Arc::new(Inner {
                 key_id: record.id,
-                lineage_id: record.lineage,
+                lineage_id: record.lineage_id(),
                 expires_at: record.expires_at,
                 prefix: record.prefix.clone(),
                 name: record.name.as_str().into(),

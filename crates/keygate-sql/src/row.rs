@@ -33,7 +33,7 @@ pub(crate) struct KeyRow {
     pub(crate) quotas: String,
     pub(crate) metadata: String,
     pub(crate) rotated_from: Option<String>,
-    /// `NULL` when the key is the first of its lineage (as rows from before migration 5).
+    /// `NULL` when the key is the first of its lineage (as every row from before migration 5).
     pub(crate) lineage: Option<String>,
 }
 
@@ -66,7 +66,7 @@ impl KeyRow {
             quotas: json("quotas", serde_json::to_string(&r.quotas))?,
             metadata: json("metadata", serde_json::to_string(&r.metadata))?,
             rotated_from: r.rotated_from.map(|id| id.as_str().to_owned()),
-            lineage: (r.lineage != r.id).then(|| r.lineage.as_str().to_owned()),
+            lineage: r.lineage.map(|id| id.as_str().to_owned()),
         })
     }
 }
@@ -187,8 +187,8 @@ where
     };
     // NULL: the key is the first of its lineage (every row from before migration 5).
     let lineage = match d.get::<Option<String>>("lineage")? {
-        None => id,
-        Some(text) => KeyId::parse(&text).map_err(|_| d.bad("lineage", "not a key id"))?,
+        None => None,
+        Some(text) => Some(KeyId::parse(&text).map_err(|_| d.bad("lineage", "not a key id"))?),
     };
     Ok(KeyRecord {
         id,

@@ -436,12 +436,9 @@ async fn lineage_is_stored_and_carried_by_rotation(db: &Db) {
     let store = db.open().await;
     let h = KeyHasher::new();
     let (_, fresh) = plain(&h, "fresh", at_ms(T0));
-    assert_eq!(fresh.lineage, fresh.id);
+    assert_eq!((fresh.lineage, fresh.lineage_id()), (None, fresh.id));
     store.insert(&fresh).await.unwrap();
-    assert_eq!(
-        store.get(&fresh.id).await.unwrap().unwrap().lineage,
-        fresh.id
-    );
+    assert_eq!(store.get(&fresh.id).await.unwrap().unwrap().lineage, None);
     // Stored as NULL for a key of its own lineage (as every row from before migration 5).
     assert_eq!(
         db.scalar(&format!(
@@ -453,29 +450,26 @@ async fn lineage_is_stored_and_carried_by_rotation(db: &Db) {
     );
 
     let (_, mut child) = plain(&h, "child", at_ms(T0 + 1));
-    child.lineage = fresh.id;
+    child.lineage = Some(fresh.id);
     store.insert(&child).await.unwrap();
     assert_eq!(
         store.get(&child.id).await.unwrap().unwrap().lineage,
-        fresh.id
+        Some(fresh.id)
     );
     let (_, mut bulk) = plain(&h, "bulk", at_ms(T0 + 2));
-    bulk.lineage = fresh.id;
+    bulk.lineage = Some(fresh.id);
     store
         .insert_many(std::slice::from_ref(&bulk))
         .await
         .unwrap();
     let listed = store.list(&KeyFilter::default()).await.unwrap();
-    let lineages: Vec<KeyId> = listed.iter().map(|r| r.lineage).collect();
+    let lineages: Vec<KeyId> = listed.iter().map(|r| r.lineage_id()).collect();
     assert_eq!(lineages, [fresh.id, fresh.id, fresh.id]);
     // Updates keep it (and can change it).
     let mut moved = child.clone();
-    moved.lineage = child.id;
+    moved.lineage = None;
     store.update(&moved).await.unwrap();
-    assert_eq!(
-        store.get(&child.id).await.unwrap().unwrap().lineage,
-        child.id
-    );
+    assert_eq!(store.get(&child.id).await.unwrap().unwrap().lineage, None);
 
     // A row written without the column (an older keygate, or by hand).
     let old_id = KeyId::generate().unwrap();
@@ -489,7 +483,10 @@ async fn lineage_is_stored_and_carried_by_rotation(db: &Db) {
          VALUES ('{old_id}', 'kg', {digest}, 'old', 'active', 0, 0)"
     ))
     .await;
-    assert_eq!(store.get(&old_id).await.unwrap().unwrap().lineage, old_id);
+    assert_eq!(
+        store.get(&old_id).await.unwrap().unwrap().lineage_id(),
+        old_id
+    );
     // A lineage that is not a key id is a corrupt row naming the column.
     db.exec(&format!(
         "UPDATE keygate_keys SET lineage = 'nope' WHERE id = '{old_id}'"
@@ -522,7 +519,7 @@ async fn lineage_is_stored_and_carried_by_rotation(db: &Db) {
         .unwrap();
     for k in [&first, &second, &third] {
         assert_eq!(
-            store.get(&k.key.id()).await.unwrap().unwrap().lineage,
+            store.get(&k.key.id()).await.unwrap().unwrap().lineage_id(),
             first.key.id()
         );
         let fresh_verifier = Verifier::new(store.clone());
