@@ -317,7 +317,7 @@ type Counted = Result<SmallVec<[Usage; 3]>, (SmallVec<[Usage; 3]>, Vec<usize>)>;
 /// Batched counting in memory; `None` when a window is not loaded yet. Also yields the
 /// key's `RateLimit-Policy` field when headers are on (cached with the counters).
 fn count(shared: &Shared, plan: &Plan) -> Option<(Counted, Option<HeaderValue>)> {
-    let entry = shared.meter.keys.get(&plan.principal.key_id())?;
+    let entry = shared.meter.keys.get(&plan.principal.lineage_id())?;
     let mut c: std::sync::MutexGuard<'_, KeyCounters> =
         entry.lock().unwrap_or_else(|p| p.into_inner());
     let mut idx: SmallVec<[usize; 3]> = SmallVec::new();
@@ -373,7 +373,7 @@ async fn load_then_count<B>(
     plan: Plan,
     req: &mut Request<B>,
 ) -> Result<QuotaNote, Denial> {
-    let key = plan.principal.key_id();
+    let key = plan.principal.lineage_id();
     for _ in 0..3 {
         let usage = shared
             .store
@@ -393,7 +393,7 @@ async fn strict<B>(
     plan: Plan,
     req: &mut Request<B>,
 ) -> Result<QuotaNote, Denial> {
-    let key = plan.principal.key_id();
+    let key = plan.principal.lineage_id();
     let verdict = match shared
         .store
         .check_and_add(&key, &plan.windows, &plan.limits, plan.cost)
@@ -482,7 +482,7 @@ fn finish<B>(
     for w in &plan.windows {
         windows.push((w.kind, w.start));
     }
-    let key = plan.principal.key_id();
+    let key = plan.principal.lineage_id();
     if let Some(states) = status {
         // The plan ends here: its principal moves into the status.
         req.extensions_mut().insert(QuotaStatus {

@@ -93,7 +93,7 @@ impl RemoteRefund {
     fn run(self, fields: &mut Option<(HeaderValue, HeaderValue)>) {
         let (policies, policy_field) = policies_of(&self.shared, Some(&self.principal));
         self.backend.refund(
-            RateSubject::Key(self.principal.key_id()),
+            RateSubject::Key(self.principal.lineage_id()),
             policies,
             self.cost,
         );
@@ -136,7 +136,7 @@ impl ResponseNote for RateLimitNote {
         if let Some(r) = self.refund {
             if res.extensions().get::<Denial>().is_some() {
                 if let Ok(plan) = plan(&r.shared, Some(&r.principal)) {
-                    let subject = Subject::Key(r.principal.key_id());
+                    let subject = Subject::Key(r.principal.lineage_id());
                     for e in plan.entries.iter().filter(|e| e.same_as.is_none()) {
                         e.limiter.refund(subject, r.cost);
                     }
@@ -231,7 +231,7 @@ impl<ReqB: Send + 'static> Check<ReqB> for RateCheck {
     ) -> Result<RateLimitNote, Denial> {
         let principal = who.ok();
         let subject = match principal {
-            Some(p) => Subject::Key(p.key_id()),
+            Some(p) => Subject::Key(p.lineage_id()),
             None => client_address(&self.shared, self.shared.gate.as_ref(), req),
         };
         let req = &*req;
@@ -321,7 +321,7 @@ fn begin_remote<ReqB: Send + 'static>(
 ) -> Step<ReqB, RateLimitNote> {
     let principal = who.ok();
     let subject = match principal {
-        Some(p) => Subject::Key(p.key_id()),
+        Some(p) => Subject::Key(p.lineage_id()),
         None => client_address(&shared, shared.gate.as_ref(), req),
     };
     let (policies, _) = policies_of(&shared, principal);

@@ -5,8 +5,8 @@ use std::time::SystemTime;
 
 use keygate_core::audit::{Auditor, MemorySink};
 use keygate_core::{
-    IssuedKey, KeyFilter, KeyId, KeyManager, KeyRecord, KeySpec, KeyStore, LifecycleError,
-    MemoryStore, StoreError,
+    IssuedKey, KeyFilter, KeyId, KeyManager, KeyRecord, KeySpec, KeyStatus, KeyStore,
+    LifecycleError, MemoryStore, StatusWrite, StoreError,
 };
 use serde_json::Value;
 
@@ -117,7 +117,16 @@ pub(crate) async fn list(cli: &Cli, args: &ListArgs) -> Result<(), Failure> {
         status: args.status.map(Into::into),
         prefix: args.prefix.clone(),
     };
-    let records = store.list(&filter).await.map_err(store_failure)?;
+    let listing = store.list_report(&filter).await.map_err(store_failure)?;
+    // A row that cannot be read is left out, said on stderr, and does not fail the
+    // listing (exit 0): the other keys are still listed, and the id is there to act on.
+    for row in &listing.skipped {
+        crate::warning(&format!(
+            "skipped key {}: column {} cannot be read ({}); repair the row, or revoke the key with `keygate keys revoke {}`",
+            row.id, row.column, row.reason, row.id
+        ));
+    }
+    let records = listing.records;
     let now = SystemTime::now();
     if cli.json {
         return print_json(&Value::Array(
@@ -192,7 +201,45 @@ pub(crate) async fn set_status(cli: &Cli, id: KeyId, change: StatusChange) -> Re
     let actor = db::actor(cli);
     let store = db::open(cli, false).await?;
     let managed = Managed::new(cli, &store)?;
-    let before = managed.keys.show(id).await.map_err(failure);
+    let before = managed.keys.show(id).await;
+    if let (
+        Err(LifecycleError::Store(StoreError::Corrupt(why))),
+        StatusChange::Revoke | StatusChange::Disable,
+    ) = (&before, change)
+    {
+        // The record cannot be read: write the status alone (still audited).
+        let why = why.clone();
+        let to = match change {
+            StatusChange::Revoke => KeyStatus::Revoked,
+            _ => KeyStatus::Disabled,
+        };
+        let done = managed
+            .keys
+            .set_status_only(&actor, id, to)
+            .await
+            .map_err(failure);
+        let audited = managed.finish().await;
+        let written = done?;
+        crate::warning(&format!(
+            "the record of key {id} cannot be read ({why}); only its status was written"
+        ));
+        let unchanged = written != StatusWrite::Written;
+        if cli.json {
+            print_json(&serde_json::json!({
+                "id": id,
+                "status": to,
+                "unchanged": unchanged,
+                "unreadable": why,
+            }))?;
+        } else {
+            print(&format!(
+                "key {id} is {to}{}\n",
+                if unchanged { " (unchanged)" } else { "" }
+            ))?;
+        }
+        return audited;
+    }
+    let before = before.map_err(failure);
     let done = match &before {
         Ok(_) => match change {
             StatusChange::Revoke => managed.keys.revoke(&actor, id).await,

@@ -34,9 +34,10 @@ async fn lines(
         .iter()
         .map(|q| Window::containing(q.window, now))
         .collect();
+    // Counted per lineage: a rotated key's usage is its chain's.
     let used = store
         .usage_store()
-        .load(&record.id, &windows)
+        .load(&record.lineage_id(), &windows)
         .await
         .map_err(|e| Failure::Failed(e.to_string()))?;
     Ok(record

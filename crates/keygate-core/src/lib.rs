@@ -55,5 +55,7 @@ pub use record::{
     RateLimitPolicy, Refill,
 };
 pub use scope::{validate_resource_pattern, InvalidScope, ResourceSet, Scope, ScopeSet};
-pub use store::{KeyFilter, KeyStore, MemoryStore, StoreError};
+pub use store::{
+    KeyFilter, KeyListing, KeyStore, MemoryStore, SkippedRow, StatusWrite, StoreError,
+};
 pub use verifier::{Lookup, PendingLookup, Verifier, VerifierBuilder};

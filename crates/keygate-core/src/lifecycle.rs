@@ -41,7 +41,7 @@ use crate::digest::KeyHasher;
 use crate::key::{ApiKey, KeyGenError, KeyId, Prefix};
 use crate::record::{KeyRecord, KeyStatus, QuotaPolicy, RateLimitPolicy};
 use crate::scope::{validate_resource_pattern, Scope};
-use crate::store::{KeyFilter, KeyStore, StoreError};
+use crate::store::{KeyFilter, KeyStore, StatusWrite, StoreError};
 use crate::verifier::Verifier;
 
 /// Longest key name, in characters.
@@ -481,7 +481,9 @@ impl KeyManager {
     /// Rotates a key: issues a new key that inherits everything (name, owner, scopes,
     /// collections, attributes, networks, policies, metadata and expiry) with
     /// `rotated_from` set, and makes the old key expire `grace` from now (at once for
-    /// zero; an earlier expiry stays). Only active, unexpired keys rotate.
+    /// zero; an earlier expiry stays). Only active, unexpired keys rotate. The new key
+    /// keeps the old one's lineage ([`KeyRecord::lineage`]), so rate limits and quotas go on
+    /// counting where they were, and old and new key share one allowance during the grace.
     pub async fn rotate(
         &self,
         actor: &str,
@@ -514,6 +516,8 @@ impl KeyManager {
         new.metadata = old.metadata.clone();
         new.expires_at = old.expires_at;
         new.rotated_from = Some(old.id);
+        // Usage is counted per lineage: the new key goes on with the old one's.
+        new.lineage = Some(old.lineage_id());
         self.inner.store.insert(&new).await?;
 
         let mut ending = old.clone();
@@ -569,6 +573,77 @@ impl KeyManager {
     /// be enabled.
     pub async fn enable(&self, actor: &str, id: KeyId) -> Result<KeyRecord, LifecycleError> {
         self.set_status(actor, id, KeyStatus::Active).await
+    }
+
+    /// Revokes or disables key `id` by writing only its status ([`KeyStore::set_status`]),
+    /// for a key whose stored record cannot be read ([`KeyManager::revoke`] and
+    /// [`KeyManager::disable`] read the record first, so they fail on it with
+    /// [`StoreError::Corrupt`]). A revoked key stays revoked (disabling it is
+    /// [`LifecycleError::WrongStatus`]); enabling this way is refused (`Invalid`), since a
+    /// key nobody can read must not be switched on blind.
+    ///
+    /// The change is audited like any other; its event has an empty `key_name`, no
+    /// `subject`, and `null` as the old status (none of them could be read).
+    pub async fn set_status_only(
+        &self,
+        actor: &str,
+        id: KeyId,
+        to: KeyStatus,
+    ) -> Result<StatusWrite, LifecycleError> {
+        self.preflight(actor)?;
+        let (action, operation) = match to {
+            KeyStatus::Revoked => (LifecycleAction::Revoked, "revoke"),
+            KeyStatus::Disabled => (LifecycleAction::Disabled, "disable"),
+            KeyStatus::Active => {
+                return Err(invalid(
+                    "status",
+                    "a key whose record cannot be read can only be revoked or disabled",
+                )
+                .into())
+            }
+        };
+        let _guard = self.inner.lock.lock().await;
+        let now = self.inner.clock.now();
+        let written = self.inner.store.set_status(&id, to, now).await?;
+        match written {
+            StatusWrite::Written => {}
+            StatusWrite::Unchanged => return Ok(written),
+            StatusWrite::Revoked => {
+                if to == KeyStatus::Revoked {
+                    return Ok(StatusWrite::Unchanged);
+                }
+                return Err(LifecycleError::WrongStatus {
+                    id,
+                    status: KeyStatus::Revoked,
+                    operation,
+                });
+            }
+        }
+        self.notify(&id).await;
+        let event = LifecycleEvent {
+            time: now,
+            actor: actor.to_owned(),
+            action,
+            key_id: id,
+            key_name: String::new(),
+            subject: None,
+            status: to,
+            related_key: None,
+            changes: vec![FieldChange {
+                field: "status".into(),
+                old: serde_json::Value::Null,
+                new: serde_json::Value::String(to.as_str().into()),
+            }],
+        };
+        if let Err(e) = self
+            .inner
+            .auditor
+            .record(AuditEvent::Lifecycle(event))
+            .await
+        {
+            tracing::error!(key_id = %id, action = action.as_str(), error = %e, "lifecycle change could not be audited");
+        }
+        Ok(written)
     }
 
     /// Changes a key's policies or descriptive fields. A revoked key cannot be changed. An

@@ -29,6 +29,7 @@ pub struct Principal {
 
 struct Inner {
     key_id: KeyId,
+    lineage_id: KeyId,
     expires_at: Option<SystemTime>,
     prefix: Prefix,
     name: Box<str>,
@@ -154,6 +155,7 @@ impl Principal {
         Principal {
             inner: Arc::new(Inner {
                 key_id: record.id,
+                lineage_id: record.lineage_id(),
                 expires_at: record.expires_at,
                 prefix: record.prefix.clone(),
                 name: record.name.as_str().into(),
@@ -171,6 +173,12 @@ impl Principal {
     /// The public key id.
     pub fn key_id(&self) -> KeyId {
         self.inner.key_id
+    }
+    /// The id of the first key of this key's rotation chain (its own id for a key that
+    /// replaced none): what rate limits and quotas count by, so rotating a key neither
+    /// resets its usage nor doubles it during the grace period.
+    pub fn lineage_id(&self) -> KeyId {
+        self.inner.lineage_id
     }
     /// The key's prefix.
     pub fn prefix(&self) -> &Prefix {

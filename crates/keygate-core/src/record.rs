@@ -291,10 +291,16 @@ pub struct KeyRecord {
     pub metadata: serde_json::Value,
     /// The key this one replaced in a rotation.
     pub rotated_from: Option<KeyId>,
+    /// The id of the first key of this key's rotation chain; `None` for a key that is the
+    /// first of its own (read it with [`KeyRecord::lineage_id`]). Rate limits and quotas
+    /// are counted per lineage, so a rotated key goes on with the usage of the key it
+    /// replaced, and both share one allowance during the grace period. Stores keep it;
+    /// rows written before stores knew it read as `None`.
+    pub lineage: Option<KeyId>,
 }
 
 impl KeyRecord {
-    /// A new active record with no policies, created at `now`.
+    /// A new active record with no policies, created at `now`, first of its lineage.
     pub fn new(
         id: KeyId,
         prefix: Prefix,
@@ -320,7 +326,14 @@ impl KeyRecord {
             quotas: Vec::new(),
             metadata: serde_json::Value::Null,
             rotated_from: None,
+            lineage: None,
         }
+    }
+
+    /// The id of the first key of this key's rotation chain: [`KeyRecord::lineage`], or
+    /// the key's own id.
+    pub fn lineage_id(&self) -> KeyId {
+        self.lineage.unwrap_or(self.id)
     }
 
     /// Generates a new key with `prefix` and its active record named `name`, created at

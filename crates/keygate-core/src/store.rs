@@ -1,6 +1,7 @@
 //! Where key records live: the [`KeyStore`] trait and the in-memory [`MemoryStore`].
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use dashmap::DashMap;
@@ -52,10 +53,58 @@ impl KeyFilter {
     }
 }
 
+/// A stored row that [`KeyStore::list_report`] could not read and left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedRow {
+    /// The key id, when the row's id is a valid one.
+    pub key_id: Option<KeyId>,
+    /// The id as stored (cut to 32 characters and escaped when it is not a key id).
+    pub id: String,
+    /// The first column that could not be read (`status`, `scopes`, `id`, ...).
+    pub column: String,
+    /// Why, in a few words. Never a stored secret or digest.
+    pub reason: String,
+}
+
+impl std::fmt::Display for SkippedRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "key {}: column {}: {}",
+            self.id, self.column, self.reason
+        )
+    }
+}
+
+/// The readable records of a listing and the rows left out ([`KeyStore::list_report`]).
+#[derive(Debug, Clone, Default)]
+pub struct KeyListing {
+    /// The records passing the filter, ordered by creation time, then id.
+    pub records: Vec<KeyRecord>,
+    /// The rows that could not be read, in the order met.
+    pub skipped: Vec<SkippedRow>,
+}
+
+/// What [`KeyStore::set_status`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusWrite {
+    /// The status was written.
+    Written,
+    /// The key already had that status: nothing was written.
+    Unchanged,
+    /// The key is revoked (for good): nothing was written.
+    Revoked,
+}
+
 /// Persistent storage of key records.
 ///
 /// The verifier calls [`KeyStore::get`] only on a cache miss; it is never on the hot path of
 /// a known key.
+///
+/// A stored record that cannot be read (a corrupt row) is [`StoreError::Corrupt`] from
+/// [`KeyStore::get`] (the verifier refuses the key with `corrupt_key`); listings leave such
+/// rows out instead of failing ([`KeyStore::list_report`] says which), and
+/// [`KeyStore::set_status`] can still revoke or disable them.
 #[async_trait]
 pub trait KeyStore: Send + Sync + 'static {
     /// The record with this id, if any.
@@ -64,8 +113,47 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError>;
     /// Replaces an existing record; [`StoreError::NotFound`] if there is none.
     async fn update(&self, record: &KeyRecord) -> Result<(), StoreError>;
-    /// The records passing `filter`, ordered by creation time, then id.
+    /// The records passing `filter`, ordered by creation time, then id. Rows that cannot
+    /// be read are left out (stores that can have such rows log a warning for each; use
+    /// [`KeyStore::list_report`] to learn which).
     async fn list(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// [`KeyStore::list`], with the rows that could not be read and were left out. The
+    /// default has none to report (a store that never holds unreadable rows).
+    async fn list_report(&self, filter: &KeyFilter) -> Result<KeyListing, StoreError> {
+        Ok(KeyListing {
+            records: self.list(filter).await?,
+            skipped: Vec::new(),
+        })
+    }
+
+    /// Sets only the status (and `updated_at`) of key `id`, without reading the rest of its
+    /// record, so a key whose other columns are unreadable can still be revoked or
+    /// disabled. A revoked key stays revoked ([`StatusWrite::Revoked`]);
+    /// [`StoreError::NotFound`] if there is no such key.
+    ///
+    /// The default reads the record and writes it back whole (so it fails on a record it
+    /// cannot read); stores that can hold unreadable rows override it.
+    async fn set_status(
+        &self,
+        id: &KeyId,
+        status: KeyStatus,
+        at: SystemTime,
+    ) -> Result<StatusWrite, StoreError> {
+        let Some(mut record) = self.get(id).await?.filter(|r| r.id == *id) else {
+            return Err(StoreError::NotFound(*id));
+        };
+        if record.status == status {
+            return Ok(StatusWrite::Unchanged);
+        }
+        if record.status == KeyStatus::Revoked {
+            return Ok(StatusWrite::Revoked);
+        }
+        record.status = status;
+        record.updated_at = at;
+        self.update(&record).await?;
+        Ok(StatusWrite::Written)
+    }
 }
 
 #[async_trait]
@@ -81,6 +169,17 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
     }
     async fn list(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
         (**self).list(filter).await
+    }
+    async fn list_report(&self, filter: &KeyFilter) -> Result<KeyListing, StoreError> {
+        (**self).list_report(filter).await
+    }
+    async fn set_status(
+        &self,
+        id: &KeyId,
+        status: KeyStatus,
+        at: SystemTime,
+    ) -> Result<StatusWrite, StoreError> {
+        (**self).set_status(id, status, at).await
     }
 }
 

@@ -7,6 +7,15 @@
 //! store, on a miss only                        -> cached, then the same checks
 //! ```
 //!
+//! Concurrent misses for one key id share one store read (single flight): the first
+//! request reads, the others wait for its result and check their own secret against it.
+//!
+//! A record the store cannot decode (a corrupt row, [`StoreError::Corrupt`]) is not an
+//! outage: the key is evicted from the cache and refused with
+//! [`DenialCode::CorruptKey`] (clients see `invalid_key`; no `Retry-After`), and a warning
+//! names the key id and the column. Only [`StoreError::Unavailable`] and the like let a
+//! cached record be served past its refresh (within `max_stale`).
+//!
 //! The hot path, a request with a cached key, does no I/O, takes no global lock and
 //! allocates nothing: one CRC32, one blake3 of ~40 bytes, one sharded map read, one
 //! constant-time compare and one reference-count increment.
@@ -16,6 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use dashmap::{DashMap, DashSet};
+use tokio::sync::watch;
 
 use crate::clock::{Clock, SystemClock};
 use crate::denial::{Denial, DenialCode};
@@ -53,6 +63,29 @@ struct Shared {
     loading: Mutex<(usize, Vec<KeyId>)>,
     /// Compiled scopes, patterns and attributes shared between cached principals.
     interner: Interner,
+    /// Store reads under way, by key id: later misses for the same id wait for its result.
+    inflight: DashMap<KeyId, Arc<Flight>, KeyIdHashBuilder>,
+}
+
+/// One store read shared by every concurrent miss of a key id. The value is set once, when
+/// the read ends; a flight dropped without a value (its reader was cancelled) makes the
+/// waiters start over.
+type Flight = watch::Sender<Option<Arc<Fetched>>>;
+
+/// What one store read found, as every waiter needs it.
+enum Fetched {
+    /// The record (its checked parts).
+    Found {
+        digest: KeyDigest,
+        status: KeyStatus,
+        principal: Principal,
+    },
+    /// No such key.
+    Missing,
+    /// The stored record is unreadable.
+    Corrupt,
+    /// The store did not answer.
+    Failed,
 }
 
 struct Entry {
@@ -81,20 +114,31 @@ impl Entry {
     }
 
     fn evaluate(&self, digest: &KeyDigest, now: SystemTime) -> Result<Principal, Denial> {
-        // The secret is checked first, so nobody learns a key's status without its secret.
-        if !self.digest.ct_eq(digest) {
-            return Err(Denial::new(DenialCode::InvalidKey));
-        }
-        match self.status {
-            KeyStatus::Revoked => return Err(Denial::new(DenialCode::RevokedKey)),
-            KeyStatus::Disabled => return Err(Denial::new(DenialCode::DisabledKey)),
-            KeyStatus::Active => {}
-        }
-        if self.principal.expires_at().is_some_and(|e| now >= e) {
-            return Err(Denial::new(DenialCode::ExpiredKey));
-        }
-        Ok(self.principal.clone())
+        evaluate(&self.digest, self.status, &self.principal, digest, now)
     }
+}
+
+/// Checks a presented digest against a record's digest, status and expiry.
+fn evaluate(
+    stored: &KeyDigest,
+    status: KeyStatus,
+    principal: &Principal,
+    presented: &KeyDigest,
+    now: SystemTime,
+) -> Result<Principal, Denial> {
+    // The secret is checked first, so nobody learns a key's status without its secret.
+    if !stored.ct_eq(presented) {
+        return Err(Denial::new(DenialCode::InvalidKey));
+    }
+    match status {
+        KeyStatus::Revoked => return Err(Denial::new(DenialCode::RevokedKey)),
+        KeyStatus::Disabled => return Err(Denial::new(DenialCode::DisabledKey)),
+        KeyStatus::Active => {}
+    }
+    if principal.expires_at().is_some_and(|e| now >= e) {
+        return Err(Denial::new(DenialCode::ExpiredKey));
+    }
+    Ok(principal.clone())
 }
 
 /// `t` in nanoseconds since the Unix epoch (0 before it; saturating in year 2554).
@@ -202,6 +246,7 @@ impl VerifierBuilder {
                 epoch: AtomicU64::new(0),
                 loading: Mutex::new((0, Vec::new())),
                 interner: Interner::new(),
+                inflight: DashMap::with_hasher(KeyIdHashBuilder::new()),
             }),
         }
     }
@@ -303,37 +348,128 @@ impl Verifier {
     }
 
     /// Finishes a verification that needs the store: reads the record, caches it (or
-    /// remembers the id as unknown), and checks it. If the store fails, a cached record
-    /// within the staleness bound still answers; otherwise `store_unavailable`.
+    /// remembers the id as unknown), and checks it. Concurrent calls for one key id share
+    /// one store read. If the store fails, a cached record within the staleness bound still
+    /// answers; otherwise `store_unavailable`. A corrupt record is evicted and refused with
+    /// `corrupt_key`.
     pub async fn finish(&self, pending: PendingLookup) -> Result<Principal, Denial> {
         let s = &*self.shared;
+        let id = pending.id;
+        loop {
+            let joined = match s.inflight.entry(id) {
+                dashmap::Entry::Occupied(e) => Ok(e.get().subscribe()),
+                dashmap::Entry::Vacant(v) => {
+                    let flight = Arc::new(watch::channel(None).0);
+                    v.insert(flight.clone());
+                    Err(flight)
+                }
+            };
+            match joined {
+                Ok(mut rx) => {
+                    // Another request is reading this id: wait for its result.
+                    let done = rx
+                        .wait_for(Option::is_some)
+                        .await
+                        .ok()
+                        .and_then(|v| v.clone());
+                    match done {
+                        Some(fetched) => return self.conclude(&fetched, &pending),
+                        // Its reader was cancelled before the end: start over.
+                        None => continue,
+                    }
+                }
+                Err(flight) => {
+                    // Ends the flight however this returns (cancellation included).
+                    struct Landing<'a> {
+                        s: &'a Shared,
+                        id: KeyId,
+                        flight: Arc<Flight>,
+                    }
+                    impl Drop for Landing<'_> {
+                        fn drop(&mut self) {
+                            self.s
+                                .inflight
+                                .remove_if(&self.id, |_, f| Arc::ptr_eq(f, &self.flight));
+                        }
+                    }
+                    let landing = Landing { s, id, flight };
+                    let fetched = Arc::new(self.fetch(id).await);
+                    landing.flight.send_replace(Some(fetched.clone()));
+                    drop(landing);
+                    return self.conclude(&fetched, &pending);
+                }
+            }
+        }
+    }
+
+    /// Reads `id` from the store and updates the cache with what it finds.
+    async fn fetch(&self, id: KeyId) -> Fetched {
+        let s = &*self.shared;
         let epoch = s.epoch.load(Ordering::Acquire);
-        let fetched = s.store.get(&pending.id).await;
+        let fetched = s.store.get(&id).await;
         let now = s.clock.now();
         let unchanged = s.epoch.load(Ordering::Acquire) == epoch;
         match fetched {
-            Ok(Some(record)) if record.id == pending.id => {
+            Ok(Some(record)) if record.id == id => {
                 let entry = Entry::new(&record, now, &s.interner);
-                let result = entry.evaluate(&pending.digest, now);
+                let found = Fetched::Found {
+                    digest: entry.digest,
+                    status: entry.status,
+                    principal: entry.principal.clone(),
+                };
                 if unchanged {
-                    s.cache.insert(pending.id, entry);
-                    s.recheck.remove(&pending.id);
+                    s.cache.insert(id, entry);
+                    s.recheck.remove(&id);
                 }
-                s.negative.remove(&pending.id);
-                result
+                s.negative.remove(&id);
+                found
             }
             Ok(_) => {
                 if unchanged {
-                    s.cache.remove(&pending.id);
-                    s.recheck.remove(&pending.id);
-                    s.negative.insert(pending.id, now);
+                    s.cache.remove(&id);
+                    s.recheck.remove(&id);
+                    s.negative.insert(id, now);
                 }
-                Err(Denial::new(DenialCode::InvalidKey))
+                Fetched::Missing
+            }
+            Err(StoreError::Corrupt(why)) => {
+                // Not an outage: the record is wrong, and a cached copy of it must not keep
+                // the key alive. The message names the key and the column, never a value
+                // that could be a secret.
+                tracing::warn!(key_id = %id, error = %why, "stored key record is unreadable; the key is refused (corrupt_key) until the row is repaired");
+                s.cache.remove(&id);
+                s.negative.remove(&id);
+                if s.complete.load(Ordering::Acquire) {
+                    // Preloaded mode: keep asking the store for it (so it reads corrupt_key,
+                    // and a repaired row works again).
+                    s.recheck.insert(id);
+                }
+                Fetched::Corrupt
             }
             Err(err) => {
-                tracing::warn!(key_id = %pending.id, error = %err, "key store lookup failed");
-                if let Some(entry) = s.cache.get(&pending.id) {
+                tracing::warn!(key_id = %id, error = %err, "key store lookup failed");
+                if let Some(entry) = s.cache.get(&id) {
                     entry.refreshing.store(false, Ordering::Release);
+                }
+                Fetched::Failed
+            }
+        }
+    }
+
+    /// The verdict for `pending` from what the store read found.
+    fn conclude(&self, fetched: &Fetched, pending: &PendingLookup) -> Result<Principal, Denial> {
+        let s = &*self.shared;
+        let now = s.clock.now();
+        match fetched {
+            Fetched::Found {
+                digest,
+                status,
+                principal,
+            } => evaluate(digest, *status, principal, &pending.digest, now),
+            Fetched::Missing => Err(Denial::new(DenialCode::InvalidKey)),
+            Fetched::Corrupt => Err(Denial::new(DenialCode::CorruptKey)),
+            Fetched::Failed => {
+                if let Some(entry) = s.cache.get(&pending.id) {
                     if entry.age(now) < s.refresh_after.saturating_add(s.max_stale) {
                         return entry.evaluate(&pending.digest, now);
                     }
@@ -355,6 +491,8 @@ impl Verifier {
             }
         }
         s.epoch.fetch_add(1, Ordering::AcqRel);
+        // A read under way may predate the change: later misses start a read of their own.
+        s.inflight.remove(id);
         s.cache.remove(id);
         s.negative.remove(id);
         if s.complete.load(Ordering::Acquire) {
@@ -367,6 +505,7 @@ impl Verifier {
         let s = &*self.shared;
         s.epoch.fetch_add(1, Ordering::AcqRel);
         s.complete.store(false, Ordering::Release);
+        s.inflight.clear();
         s.cache.clear();
         s.negative.clear();
         s.recheck.clear();
@@ -376,7 +515,16 @@ impl Verifier {
     pub async fn refresh(&self, id: &KeyId) -> Result<(), StoreError> {
         let s = &*self.shared;
         s.epoch.fetch_add(1, Ordering::AcqRel);
-        let record = s.store.get(id).await?;
+        let record = match s.store.get(id).await {
+            Ok(r) => r,
+            Err(e) => {
+                if matches!(e, StoreError::Corrupt(_)) {
+                    // A corrupt record must not stay cached.
+                    s.cache.remove(id);
+                }
+                return Err(e);
+            }
+        };
         let now = s.clock.now();
         match record {
             Some(r) => {
@@ -395,6 +543,10 @@ impl Verifier {
     /// missing from the cache is unknown without asking the store, so a flood of random
     /// well-formed keys never reaches it. Changes must then reach the cache through
     /// [`Verifier::invalidate`] or [`Verifier::refresh`]. Returns how many records loaded.
+    ///
+    /// Rows the store cannot read are left out with a warning each (one corrupt row does
+    /// not stop the others from loading); requests with such a key still ask the store and
+    /// are refused with `corrupt_key` until the row is repaired.
     pub async fn preload(&self) -> Result<usize, StoreError> {
         let s = &*self.shared;
         s.loading.lock().unwrap_or_else(PoisonError::into_inner).0 += 1;
@@ -424,15 +576,23 @@ impl Verifier {
             }
         }
         let guard = Loading(s);
-        let records = s.store.list(&KeyFilter::default()).await?;
+        let listing = s.store.list_report(&KeyFilter::default()).await?;
         let now = s.clock.now();
         s.recheck.clear();
-        for r in &records {
+        for r in &listing.records {
             s.cache.insert(r.id, Entry::new(r, now, &s.interner));
+        }
+        for bad in &listing.skipped {
+            tracing::warn!(key_id = %bad.id, column = %bad.column, reason = %bad.reason, "preload: left out a key record that cannot be read; requests with that key are refused (corrupt_key)");
+            if let Some(id) = bad.key_id {
+                // Not loaded, yet not unknown: ask the store for it (which refuses it as
+                // corrupt, or finds it repaired).
+                s.recheck.insert(id);
+            }
         }
         s.complete.store(true, Ordering::Release);
         drop(guard);
-        Ok(records.len())
+        Ok(listing.records.len())
     }
 }
 

@@ -248,6 +248,26 @@ impl<S: KeyStore> KeyStore for Publishing<S> {
     async fn list(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
         self.inner.list(filter).await
     }
+
+    async fn list_report(
+        &self,
+        filter: &KeyFilter,
+    ) -> Result<keygate_core::KeyListing, StoreError> {
+        self.inner.list_report(filter).await
+    }
+
+    async fn set_status(
+        &self,
+        id: &KeyId,
+        status: keygate_core::KeyStatus,
+        at: std::time::SystemTime,
+    ) -> Result<keygate_core::StatusWrite, StoreError> {
+        let written = self.inner.set_status(id, status, at).await?;
+        if written == keygate_core::StatusWrite::Written {
+            self.publisher.announce(id).await;
+        }
+        Ok(written)
+    }
 }
 
 /// What a [`ChangeWatcher`] tells about changes. [`Verifier`] implements it by

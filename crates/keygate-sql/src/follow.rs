@@ -34,6 +34,15 @@
 //! poll; the verifier keeps serving cached keys within its `max_stale` bound meanwhile.
 //! If changes it had not read were pruned ([`SqlStore::prune_changes`]), it calls
 //! [`ChangeHandler::resync`] (the verifier forgets its whole cache) and goes on.
+//!
+//! If the store's sequence is *behind* the follower (the newest change number, or the
+//! pruned one, is below the last change it handled), the change table was emptied with
+//! its numbering restarted, which is what restoring an older backup does. The follower
+//! logs a warning, calls [`ChangeHandler::resync`] and continues from the store's current
+//! number, so changes made after the restore reach the verifier again within one poll.
+//! It can only tell from the numbers: if the restored database has already taken more
+//! changes than the follower had seen before it next reads, the gap is invisible; restart
+//! (or resync) the processes after a restore to be sure.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -276,7 +285,20 @@ async fn catch_up<H: ChangeHandler>(
         let before = cursor;
         let batch = store.changes_since(cursor, BATCH).await?;
         // Read after the changes: a prune that committed before that read shows here.
-        let pruned = store.pruned_through().await?;
+        let (pruned, newest) = store.sequence_bounds().await?;
+        let last = newest.unwrap_or(0).max(pruned);
+        if batch.is_empty() && last < before {
+            // Numbers this follower has seen no longer exist and were not pruned: the
+            // change table was reset (a restored backup). Whatever it missed is unknown.
+            tracing::warn!(
+                cursor = before,
+                store_sequence = last,
+                "the store's change sequence is behind this follower (the change table was reset, as restoring an older backup does); clearing the cache and following from the store's number"
+            );
+            handler.resync();
+            cursor_tx.send_replace(last);
+            return Ok(last);
+        }
         if pruned > before {
             tracing::warn!(
                 cursor = before,

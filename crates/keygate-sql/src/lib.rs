@@ -50,8 +50,15 @@
 //! Every database failure is [`StoreError::Unavailable`](keygate_core::StoreError) (the
 //! verifier answers `store_unavailable`, 503, on a cache miss, and keeps serving cached
 //! keys within its `max_stale` bound); a damaged row is
-//! [`StoreError::Corrupt`](keygate_core::StoreError) naming the key and column. Nothing
-//! here panics on what it reads from a database.
+//! [`StoreError::Corrupt`](keygate_core::StoreError) naming the key and column, which the
+//! verifier answers `corrupt_key` (the key is evicted, not served stale). Listings skip
+//! damaged rows and report them ([`KeyStore::list_report`](keygate_core::KeyStore)), and
+//! [`KeyStore::set_status`](keygate_core::KeyStore) revokes or disables a damaged row by
+//! writing its status alone. Nothing here panics on what it reads from a database.
+//!
+//! A change sequence found behind a follower (the change table emptied and its numbering
+//! restarted, as restoring an older backup does) makes the follower clear its verifier's
+//! cache and follow the store's numbers from there (see [`ChangeFollower`]).
 #![deny(unsafe_code, unreachable_pub)]
 #![warn(missing_docs)]
 

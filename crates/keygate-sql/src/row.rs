@@ -5,13 +5,14 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keygate_core::{
-    KeyDigest, KeyId, KeyRecord, KeyStatus, Prefix, QuotaPolicy, RateLimitPolicy, StoreError,
+    KeyDigest, KeyId, KeyRecord, KeyStatus, Prefix, QuotaPolicy, RateLimitPolicy, SkippedRow,
+    StoreError,
 };
 use serde::de::DeserializeOwned;
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 /// How many columns `keygate_keys` has (the values [`KeyRow`] binds).
-pub(crate) const COLUMN_COUNT: usize = 17;
+pub(crate) const COLUMN_COUNT: usize = 18;
 
 /// A record's column values, ready to bind.
 pub(crate) struct KeyRow {
@@ -32,6 +33,8 @@ pub(crate) struct KeyRow {
     pub(crate) quotas: String,
     pub(crate) metadata: String,
     pub(crate) rotated_from: Option<String>,
+    /// `NULL` when the key is the first of its lineage (as every row from before migration 5).
+    pub(crate) lineage: Option<String>,
 }
 
 impl KeyRow {
@@ -63,6 +66,7 @@ impl KeyRow {
             quotas: json("quotas", serde_json::to_string(&r.quotas))?,
             metadata: json("metadata", serde_json::to_string(&r.metadata))?,
             rotated_from: r.rotated_from.map(|id| id.as_str().to_owned()),
+            lineage: r.lineage.map(|id| id.as_str().to_owned()),
         })
     }
 }
@@ -91,6 +95,42 @@ fn shown(text: &str) -> String {
     format!("{cut:?}")
 }
 
+/// A row that could not be read: which key (as far as known) and which column.
+#[derive(Debug, Clone)]
+pub(crate) struct BadRow {
+    /// The key id, when the id column itself is readable.
+    pub(crate) key_id: Option<KeyId>,
+    /// The id as stored, cut and escaped (for rows whose id is not a key id).
+    pub(crate) shown_id: String,
+    /// The first column that could not be read.
+    pub(crate) column: &'static str,
+    /// Why, in a few words (never a stored secret or digest).
+    pub(crate) why: String,
+}
+
+impl BadRow {
+    /// As the store error [`decode`] returns.
+    pub(crate) fn into_error(self) -> StoreError {
+        StoreError::Corrupt(match self.key_id {
+            Some(id) => format!("key {id}: column {}: {}", self.column, self.why),
+            None => format!(
+                "key row {}: column {}: {}",
+                self.shown_id, self.column, self.why
+            ),
+        })
+    }
+
+    /// As the skipped-row report of a listing.
+    pub(crate) fn into_skipped(self) -> SkippedRow {
+        SkippedRow {
+            key_id: self.key_id,
+            id: self.key_id.map_or(self.shown_id, |id| id.to_string()),
+            column: self.column.to_owned(),
+            reason: self.why,
+        }
+    }
+}
+
 /// Reads one `keygate_keys` row (selected with [`COLUMNS`]) back into a record.
 pub(crate) fn decode<'r, R>(row: &'r R) -> Result<KeyRecord, StoreError>
 where
@@ -100,14 +140,29 @@ where
     Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
     i64: Decode<'r, R::Database> + Type<R::Database>,
 {
-    let raw_id: String = row
-        .try_get("id")
-        .map_err(|e| StoreError::Corrupt(format!("a key row has an unreadable id: {e}")))?;
-    let id = KeyId::parse(&raw_id).map_err(|_| {
-        StoreError::Corrupt(format!(
-            "key row {}: column id is not a key id (12 base62 characters)",
-            shown(&raw_id)
-        ))
+    decode_checked(row).map_err(BadRow::into_error)
+}
+
+/// [`decode`], saying which column of which key is damaged.
+pub(crate) fn decode_checked<'r, R>(row: &'r R) -> Result<KeyRecord, BadRow>
+where
+    R: Row,
+    &'static str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let raw_id: String = row.try_get("id").map_err(|e| BadRow {
+        key_id: None,
+        shown_id: "(unreadable)".into(),
+        column: "id",
+        why: format!("unreadable: {}", short(&e)),
+    })?;
+    let id = KeyId::parse(&raw_id).map_err(|_| BadRow {
+        key_id: None,
+        shown_id: shown(&raw_id),
+        column: "id",
+        why: "not a key id (12 base62 characters)".into(),
     })?;
     let d = Decoder { row, id };
     let prefix = d.text("prefix")?;
@@ -130,6 +185,11 @@ where
         None => None,
         Some(text) => Some(KeyId::parse(&text).map_err(|_| d.bad("rotated_from", "not a key id"))?),
     };
+    // NULL: the key is the first of its lineage (every row from before migration 5).
+    let lineage = match d.get::<Option<String>>("lineage")? {
+        None => None,
+        Some(text) => Some(KeyId::parse(&text).map_err(|_| d.bad("lineage", "not a key id"))?),
+    };
     Ok(KeyRecord {
         id,
         prefix,
@@ -151,6 +211,7 @@ where
         quotas: d.json::<Vec<QuotaPolicy>>("quotas")?,
         metadata: d.json::<serde_json::Value>("metadata")?,
         rotated_from,
+        lineage,
     })
 }
 
@@ -166,11 +227,16 @@ where
     String: Decode<'r, R::Database> + Type<R::Database>,
     i64: Decode<'r, R::Database> + Type<R::Database>,
 {
-    fn bad(&self, column: &str, why: &str) -> StoreError {
-        StoreError::Corrupt(format!("key {}: column {column}: {why}", self.id))
+    fn bad(&self, column: &'static str, why: &str) -> BadRow {
+        BadRow {
+            key_id: Some(self.id),
+            shown_id: String::new(),
+            column,
+            why: why.to_owned(),
+        }
     }
 
-    fn get<T>(&self, column: &'static str) -> Result<T, StoreError>
+    fn get<T>(&self, column: &'static str) -> Result<T, BadRow>
     where
         T: Decode<'r, R::Database> + Type<R::Database>,
     {
@@ -179,16 +245,16 @@ where
             .map_err(|e| self.bad(column, &format!("unreadable: {}", short(&e))))
     }
 
-    fn text(&self, column: &'static str) -> Result<String, StoreError> {
+    fn text(&self, column: &'static str) -> Result<String, BadRow> {
         self.get::<String>(column)
     }
 
-    fn time(&self, column: &'static str) -> Result<SystemTime, StoreError> {
+    fn time(&self, column: &'static str) -> Result<SystemTime, BadRow> {
         let ms: i64 = self.get(column)?;
         from_ms(ms).ok_or_else(|| self.bad(column, "out of range"))
     }
 
-    fn json<T: DeserializeOwned>(&self, column: &'static str) -> Result<T, StoreError> {
+    fn json<T: DeserializeOwned>(&self, column: &'static str) -> Result<T, BadRow> {
         let text = self.text(column)?;
         serde_json::from_str(&text).map_err(|e| {
             // serde's message can quote stored values; keep only its class and position.

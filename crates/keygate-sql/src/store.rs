@@ -9,7 +9,9 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
-use keygate_core::{KeyFilter, KeyId, KeyRecord, KeyStore, StoreError};
+use keygate_core::{
+    KeyFilter, KeyId, KeyListing, KeyRecord, KeyStatus, KeyStore, StatusWrite, StoreError,
+};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{PgPool, SqlitePool};
@@ -23,7 +25,7 @@ use crate::{migrate, Backend};
 macro_rules! key_columns {
     () => {
         "id, prefix, digest, name, owner, status, created_at, updated_at, expires_at, scopes, \
-         resources, attributes, allowed_ips, rate_limits, quotas, metadata, rotated_from"
+         resources, attributes, allowed_ips, rate_limits, quotas, metadata, rotated_from, lineage"
     };
 }
 
@@ -37,7 +39,7 @@ macro_rules! with_pool {
     };
 }
 
-/// Binds a [`KeyRow`]'s 17 values in column order.
+/// Binds a [`KeyRow`]'s 18 values in column order.
 macro_rules! bind_row {
     ($query:expr, $row:expr) => {{
         let r = $row;
@@ -59,6 +61,7 @@ macro_rules! bind_row {
             .bind(r.quotas)
             .bind(r.metadata)
             .bind(r.rotated_from)
+            .bind(r.lineage)
     }};
 }
 
@@ -101,13 +104,17 @@ const GET: &str = concat!(
 const INSERT: &str = concat!(
     "INSERT INTO keygate_keys (",
     key_columns!(),
-    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
 );
 
 const UPDATE: &str = "UPDATE keygate_keys SET prefix = $2, digest = $3, name = $4, owner = $5, \
      status = $6, created_at = $7, updated_at = $8, expires_at = $9, scopes = $10, \
      resources = $11, attributes = $12, allowed_ips = $13, rate_limits = $14, quotas = $15, \
-     metadata = $16, rotated_from = $17 WHERE id = $1";
+     metadata = $16, rotated_from = $17, lineage = $18 WHERE id = $1";
+
+/// Writes a status unless the row has it already or is revoked.
+const SET_STATUS: &str = "UPDATE keygate_keys SET status = $2, updated_at = $3 \
+     WHERE id = $1 AND status <> $2 AND status <> 'revoked'";
 
 const LIST: &str = concat!(
     "SELECT ",
@@ -124,13 +131,13 @@ const PG_INSERT_MANY: &str = concat!(
     key_columns!(),
     ") SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[], $5::text[], \
      $6::text[], $7::int8[], $8::int8[], $9::int8[], $10::text[], $11::text[], $12::text[], \
-     $13::text[], $14::text[], $15::text[], $16::text[], $17::text[])"
+     $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[])"
 );
 
-/// Rows per multi-row `INSERT` on SQLite (17 values each, well under SQLite's 32,766
+/// Rows per multi-row `INSERT` on SQLite (18 values each, well under SQLite's 32,766
 /// parameters).
 const SQLITE_BATCH: usize = 500;
-/// Rows per `INSERT ... SELECT FROM UNNEST(...)` on PostgreSQL (17 array parameters).
+/// Rows per `INSERT ... SELECT FROM UNNEST(...)` on PostgreSQL (18 array parameters).
 const POSTGRES_BATCH: usize = 5_000;
 
 pub(crate) enum Pool {
@@ -381,6 +388,7 @@ impl SqlStore {
                         .bind(c.quotas)
                         .bind(c.metadata)
                         .bind(c.rotated_from)
+                        .bind(c.lineage)
                         .execute(&mut *tx)
                         .await?
                         .rows_affected();
@@ -490,6 +498,19 @@ impl SqlStore {
         .await
     }
 
+    /// The highest change number deleted by pruning and the highest change number still
+    /// stored (`None` when the table is empty), read in one statement.
+    pub(crate) async fn sequence_bounds(&self) -> Result<(i64, Option<i64>), StoreError> {
+        self.timed("sequence_bounds", async {
+            let (pruned, newest): (Option<i64>, Option<i64>) = with_pool!(self, pool => {
+                sqlx::query_as(SEQUENCE_BOUNDS).fetch_one(pool).await
+            })
+            .map_err(|e| unavailable("sequence_bounds", e))?;
+            Ok((pruned.unwrap_or(0), newest))
+        })
+        .await
+    }
+
     /// Deletes the changes recorded before `before` and returns how many. A follower whose
     /// position falls in the deleted range notices it and clears its verifier's cache
     /// ([`ChangeHandler::resync`](crate::ChangeHandler::resync)) instead of missing
@@ -544,6 +565,10 @@ impl SqlStore {
 
 const PRUNED_THROUGH: &str = "SELECT value FROM keygate_meta WHERE name = 'changes_pruned_through'";
 
+const SEQUENCE_BOUNDS: &str = "SELECT \
+     (SELECT value FROM keygate_meta WHERE name = 'changes_pruned_through'), \
+     (SELECT MAX(seq) FROM keygate_changes)";
+
 /// `INSERT INTO keygate_keys (...) VALUES (?, ...), ...` for `rows` rows.
 fn sqlite_values(rows: usize) -> String {
     let one = format!("({})", vec!["?"; COLUMN_COUNT].join(", "));
@@ -582,6 +607,7 @@ struct PgColumns {
     quotas: Vec<String>,
     metadata: Vec<String>,
     rotated_from: Vec<Option<String>>,
+    lineage: Vec<Option<String>>,
 }
 
 impl PgColumns {
@@ -606,6 +632,7 @@ impl PgColumns {
             c.quotas.push(r.quotas);
             c.metadata.push(r.metadata);
             c.rotated_from.push(r.rotated_from);
+            c.lineage.push(r.lineage);
         }
         Ok(c)
     }
@@ -696,6 +723,14 @@ impl KeyStore for SqlStore {
     }
 
     async fn list(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
+        let listing = self.list_report(filter).await?;
+        for row in &listing.skipped {
+            tracing::warn!(key_id = %row.id, column = %row.column, reason = %row.reason, "key listing: left out a row that cannot be read");
+        }
+        Ok(listing.records)
+    }
+
+    async fn list_report(&self, filter: &KeyFilter) -> Result<KeyListing, StoreError> {
         let owner = filter.owner.as_deref();
         let status = filter.status.map(|s| s.as_str());
         let prefix = filter.prefix.as_deref();
@@ -703,7 +738,7 @@ impl KeyStore for SqlStore {
         // operation timeout (a database that stops answering mid-list is Unavailable).
         let limit = self.inner.options.operation_timeout;
         with_pool!(self, pool => {
-            let mut out = Vec::new();
+            let mut out = KeyListing::default();
             let mut rows = sqlx::query(LIST)
                 .bind(owner)
                 .bind(status)
@@ -711,7 +746,11 @@ impl KeyStore for SqlStore {
                 .fetch(pool);
             loop {
                 match tokio::time::timeout(limit, rows.try_next()).await {
-                    Ok(Ok(Some(row))) => out.push(row::decode(&row)?),
+                    Ok(Ok(Some(row))) => match row::decode_checked(&row) {
+                        Ok(record) => out.records.push(record),
+                        // One damaged row must not hide the others.
+                        Err(bad) => out.skipped.push(bad.into_skipped()),
+                    },
                     Ok(Ok(None)) => break Ok(out),
                     Ok(Err(e)) => break Err(unavailable("list", e)),
                     Err(_) => {
@@ -723,6 +762,47 @@ impl KeyStore for SqlStore {
                 }
             }
         })
+    }
+
+    /// One `UPDATE` of the status and `updated_at` columns only (a revoked row is left
+    /// alone), so it works on a row whose other columns cannot be read.
+    async fn set_status(
+        &self,
+        id: &KeyId,
+        status: KeyStatus,
+        at: SystemTime,
+    ) -> Result<StatusWrite, StoreError> {
+        let at = row::to_ms(at);
+        self.timed("set_status", async {
+            let found: Result<(u64, Option<String>), sqlx::Error> = with_pool!(self, pool => {
+                async {
+                    let n = sqlx::query(SET_STATUS)
+                        .bind(id.as_str())
+                        .bind(status.as_str())
+                        .bind(at)
+                        .execute(pool)
+                        .await?
+                        .rows_affected();
+                    if n > 0 {
+                        return Ok((n, None));
+                    }
+                    let now: Option<String> =
+                        sqlx::query_scalar("SELECT status FROM keygate_keys WHERE id = $1")
+                            .bind(id.as_str())
+                            .fetch_optional(pool)
+                            .await?;
+                    Ok((0, now))
+                }
+                .await
+            });
+            match found.map_err(|e| unavailable("set_status", e))? {
+                (n, _) if n > 0 => Ok(StatusWrite::Written),
+                (_, None) => Err(StoreError::NotFound(*id)),
+                (_, Some(now)) if now == KeyStatus::Revoked.as_str() => Ok(StatusWrite::Revoked),
+                (_, Some(_)) => Ok(StatusWrite::Unchanged),
+            }
+        })
+        .await
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use common::*;
 use keygate_core::{
     DenialCode, KeyFilter, KeyHasher, KeyId, KeyRecord, KeyStatus, KeyStore, MemoryStore, Prefix,
-    StoreError, Verifier,
+    StatusWrite, StoreError, Verifier,
 };
 use keygate_sql::{Backend, ChangeHandler, OpenError, SqlOptions, SqlStore};
 
@@ -187,14 +187,18 @@ async fn damaged_rows_are_corrupt(db: &Db) {
             }
             r => panic!("{column}: expected Corrupt, got {r:?}"),
         }
-        assert!(matches!(
-            store.list(&KeyFilter::default()).await,
-            Err(StoreError::Corrupt(_))
-        ));
-        // A verifier fails closed on it (never a panic, never a pass).
+        // A listing leaves it out and says which key and column (it does not fail).
+        assert!(store.list(&KeyFilter::default()).await.unwrap().is_empty());
+        let listing = store.list_report(&KeyFilter::default()).await.unwrap();
+        assert!(listing.records.is_empty(), "{column}");
+        assert_eq!(listing.skipped.len(), 1, "{column}");
+        assert_eq!(listing.skipped[0].key_id, Some(rec.id), "{column}");
+        assert_eq!(listing.skipped[0].column, *column);
+        // A verifier refuses it as corrupt (never a panic, never a pass, not an outage).
         let verifier = Verifier::new(store.clone());
         let denial = verifier.verify(key.expose_secret()).await.unwrap_err();
-        assert_eq!(denial.code(), DenialCode::StoreUnavailable, "{column}");
+        assert_eq!(denial.code(), DenialCode::CorruptKey, "{column}");
+        assert_eq!(denial.retry_after(), None, "{column}");
         db.exec(&format!("DELETE FROM keygate_keys WHERE id = '{}'", rec.id))
             .await;
     }
@@ -206,15 +210,327 @@ async fn damaged_rows_are_corrupt(db: &Db) {
         rec.id
     ))
     .await;
-    match store.list(&KeyFilter::default()).await {
-        Err(StoreError::Corrupt(msg)) => assert!(msg.contains("column id"), "{msg}"),
-        r => panic!("expected Corrupt, got {r:?}"),
-    }
+    let listing = store.list_report(&KeyFilter::default()).await.unwrap();
+    assert!(listing.records.is_empty());
+    assert_eq!(listing.skipped.len(), 1);
+    assert_eq!(listing.skipped[0].key_id, None);
+    assert_eq!(listing.skipped[0].column, "id");
+    assert_eq!(listing.skipped[0].id, "\"bad id \\\"x\\\"\"");
 }
+
+/// One corrupt row among good ones: listings and preload go on without it (and say so),
+/// and it can still be revoked or disabled by a status-only write.
+async fn a_corrupt_row_is_skipped_reported_and_revocable(db: &Db) {
+    let store = db.open().await;
+    let h = KeyHasher::new();
+    let mut good = Vec::new();
+    for i in 0..3 {
+        let (key, rec) = plain(&h, &format!("good{i}"), at_ms(T0 + i));
+        store.insert(&rec).await.unwrap();
+        good.push((key, rec));
+    }
+    let (bad_key, bad) = plain(&h, "bad", at_ms(T0 + 1));
+    store.insert(&bad).await.unwrap();
+    db.exec(&format!(
+        "UPDATE keygate_keys SET scopes = '[oops' WHERE id = '{}'",
+        bad.id
+    ))
+    .await;
+
+    let listing = store.list_report(&KeyFilter::default()).await.unwrap();
+    let ids: Vec<KeyId> = listing.records.iter().map(|r| r.id).collect();
+    assert_eq!(ids, good.iter().map(|(_, r)| r.id).collect::<Vec<_>>());
+    assert_eq!(listing.skipped.len(), 1);
+    let skipped = &listing.skipped[0];
+    assert_eq!(
+        (skipped.key_id, skipped.column.as_str()),
+        (Some(bad.id), "scopes")
+    );
+    assert_eq!(skipped.id, bad.id.as_str());
+    assert!(skipped.to_string().contains("column scopes"), "{skipped}");
+    assert_eq!(store.list(&KeyFilter::default()).await.unwrap().len(), 3);
+
+    // Preload loads the good ones; the corrupt key is refused as corrupt, not unknown.
+    let verifier = Verifier::new(store.clone());
+    assert_eq!(verifier.preload().await.unwrap(), 3);
+    for (key, _) in &good {
+        verifier.verify(key.expose_secret()).await.unwrap();
+    }
+    assert_eq!(
+        verifier
+            .verify(bad_key.expose_secret())
+            .await
+            .unwrap_err()
+            .code(),
+        DenialCode::CorruptKey
+    );
+
+    // Status-only writes: disable, then revoke; a revoked row stays revoked.
+    let at = at_ms(T0 + 1_000);
+    assert_eq!(
+        store
+            .set_status(&bad.id, KeyStatus::Disabled, at)
+            .await
+            .unwrap(),
+        StatusWrite::Written
+    );
+    assert_eq!(
+        store
+            .set_status(&bad.id, KeyStatus::Disabled, at)
+            .await
+            .unwrap(),
+        StatusWrite::Unchanged
+    );
+    assert_eq!(
+        store
+            .set_status(&bad.id, KeyStatus::Revoked, at)
+            .await
+            .unwrap(),
+        StatusWrite::Written
+    );
+    assert_eq!(
+        store
+            .set_status(&bad.id, KeyStatus::Active, at)
+            .await
+            .unwrap(),
+        StatusWrite::Revoked
+    );
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT COUNT(*) FROM keygate_keys WHERE id = '{}' AND status = 'revoked' AND updated_at = {}",
+            bad.id,
+            T0 + 1_000
+        ))
+        .await,
+        1
+    );
+    // Its other columns are untouched (still unreadable).
+    assert!(matches!(
+        store.get(&bad.id).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    let (_, ghost) = plain(&h, "ghost", at_ms(T0));
+    assert!(matches!(
+        store.set_status(&ghost.id, KeyStatus::Revoked, at).await,
+        Err(StoreError::NotFound(id)) if id == ghost.id
+    ));
+
+    // A corrupt status column is repaired by revoking: the record reads again, revoked.
+    let (_, odd) = plain(&h, "odd-status", at_ms(T0 + 2));
+    store.insert(&odd).await.unwrap();
+    db.exec(&format!(
+        "UPDATE keygate_keys SET status = 'Active' WHERE id = '{}'",
+        odd.id
+    ))
+    .await;
+    assert_eq!(
+        store
+            .set_status(&odd.id, KeyStatus::Revoked, at)
+            .await
+            .unwrap(),
+        StatusWrite::Written
+    );
+    assert_eq!(
+        store.get(&odd.id).await.unwrap().unwrap().status,
+        KeyStatus::Revoked
+    );
+    // Through the key manager, audited; enabling blind is refused.
+    let (_, third) = plain(&h, "third", at_ms(T0 + 3));
+    store.insert(&third).await.unwrap();
+    db.exec(&format!(
+        "UPDATE keygate_keys SET metadata = '{{nope' WHERE id = '{}'",
+        third.id
+    ))
+    .await;
+    let sink = keygate_core::audit::MemorySink::new();
+    let keys = keygate_core::KeyManager::builder(Arc::new(store.clone()))
+        .auditor(keygate_core::audit::Auditor::direct(sink.clone()))
+        .build();
+    assert!(matches!(
+        keys.revoke("ops", third.id).await,
+        Err(keygate_core::LifecycleError::Store(StoreError::Corrupt(_)))
+    ));
+    assert!(matches!(
+        keys.set_status_only("ops", third.id, KeyStatus::Active)
+            .await,
+        Err(keygate_core::LifecycleError::Invalid(_))
+    ));
+    assert_eq!(
+        keys.set_status_only("ops", third.id, KeyStatus::Revoked)
+            .await
+            .unwrap(),
+        StatusWrite::Written
+    );
+    assert_eq!(
+        keys.set_status_only("ops", third.id, KeyStatus::Revoked)
+            .await
+            .unwrap(),
+        StatusWrite::Unchanged
+    );
+    assert!(matches!(
+        keys.set_status_only("ops", third.id, KeyStatus::Disabled)
+            .await,
+        Err(keygate_core::LifecycleError::WrongStatus { .. })
+    ));
+    let events = sink.events();
+    assert_eq!(events.len(), 1);
+    let e = events[0].as_lifecycle().unwrap();
+    assert_eq!(
+        (e.key_id, e.status, e.actor.as_str()),
+        (third.id, KeyStatus::Revoked, "ops")
+    );
+}
+both!(
+    sqlite_a_corrupt_row_is_skipped_reported_and_revocable,
+    postgres_a_corrupt_row_is_skipped_reported_and_revocable,
+    a_corrupt_row_is_skipped_reported_and_revocable
+);
 both!(
     sqlite_damaged_rows_are_corrupt,
     postgres_damaged_rows_are_corrupt,
     damaged_rows_are_corrupt
+);
+
+/// A cached key whose row goes bad is evicted at its next refresh and refused with
+/// `corrupt_key`, not served stale as if the store were down.
+async fn a_corrupt_row_does_not_keep_a_cached_key_alive(db: &Db) {
+    let store = db.open().await;
+    let h = KeyHasher::new();
+    let clock = keygate_core::ManualClock::at_2026();
+    let verifier = Verifier::builder(store.clone())
+        .clock(clock.clone())
+        .refresh_after(Duration::from_secs(30))
+        .max_stale(Duration::from_secs(300))
+        .build();
+    let (key, rec) = plain(&h, "soon-corrupt", keygate_core::Clock::now(&clock));
+    store.insert(&rec).await.unwrap();
+    verifier.verify(key.expose_secret()).await.unwrap();
+    db.exec(&format!(
+        "UPDATE keygate_keys SET status = 'Active' WHERE id = '{}'",
+        rec.id
+    ))
+    .await;
+    clock.advance(Duration::from_secs(31));
+    let denial = verifier.verify(key.expose_secret()).await.unwrap_err();
+    assert_eq!(denial.code(), DenialCode::CorruptKey);
+    assert_eq!(denial.retry_after(), None);
+    assert_eq!(verifier.cached(), 0);
+    assert_eq!(
+        verifier
+            .verify(key.expose_secret())
+            .await
+            .unwrap_err()
+            .code(),
+        DenialCode::CorruptKey
+    );
+}
+both!(
+    sqlite_a_corrupt_row_does_not_keep_a_cached_key_alive,
+    postgres_a_corrupt_row_does_not_keep_a_cached_key_alive,
+    a_corrupt_row_does_not_keep_a_cached_key_alive
+);
+
+/// Every record's lineage is stored (rows from before it existed read as their own id),
+/// rotation through the key manager carries it over, and the verifier's principal names it.
+async fn lineage_is_stored_and_carried_by_rotation(db: &Db) {
+    let store = db.open().await;
+    let h = KeyHasher::new();
+    let (_, fresh) = plain(&h, "fresh", at_ms(T0));
+    assert_eq!((fresh.lineage, fresh.lineage_id()), (None, fresh.id));
+    store.insert(&fresh).await.unwrap();
+    assert_eq!(store.get(&fresh.id).await.unwrap().unwrap().lineage, None);
+    // Stored as NULL for a key of its own lineage (as every row from before migration 5).
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT COUNT(*) FROM keygate_keys WHERE id = '{}' AND lineage IS NULL",
+            fresh.id
+        ))
+        .await,
+        1
+    );
+
+    let (_, mut child) = plain(&h, "child", at_ms(T0 + 1));
+    child.lineage = Some(fresh.id);
+    store.insert(&child).await.unwrap();
+    assert_eq!(
+        store.get(&child.id).await.unwrap().unwrap().lineage,
+        Some(fresh.id)
+    );
+    let (_, mut bulk) = plain(&h, "bulk", at_ms(T0 + 2));
+    bulk.lineage = Some(fresh.id);
+    store
+        .insert_many(std::slice::from_ref(&bulk))
+        .await
+        .unwrap();
+    let listed = store.list(&KeyFilter::default()).await.unwrap();
+    let lineages: Vec<KeyId> = listed.iter().map(|r| r.lineage_id()).collect();
+    assert_eq!(lineages, [fresh.id, fresh.id, fresh.id]);
+    // Updates keep it (and can change it).
+    let mut moved = child.clone();
+    moved.lineage = None;
+    store.update(&moved).await.unwrap();
+    assert_eq!(store.get(&child.id).await.unwrap().unwrap().lineage, None);
+
+    // A row written without the column (an older keygate, or by hand).
+    let old_id = KeyId::generate().unwrap();
+    let digest = if db.name() == "postgres" {
+        "decode(repeat('00', 32), 'hex')"
+    } else {
+        "zeroblob(32)"
+    };
+    db.exec(&format!(
+        "INSERT INTO keygate_keys (id, prefix, digest, name, status, created_at, updated_at) \
+         VALUES ('{old_id}', 'kg', {digest}, 'old', 'active', 0, 0)"
+    ))
+    .await;
+    assert_eq!(
+        store.get(&old_id).await.unwrap().unwrap().lineage_id(),
+        old_id
+    );
+    // A lineage that is not a key id is a corrupt row naming the column.
+    db.exec(&format!(
+        "UPDATE keygate_keys SET lineage = 'nope' WHERE id = '{old_id}'"
+    ))
+    .await;
+    match store.get(&old_id).await {
+        Err(StoreError::Corrupt(msg)) => assert!(msg.contains("column lineage"), "{msg}"),
+        r => panic!("expected Corrupt, got {r:?}"),
+    }
+    db.exec(&format!("DELETE FROM keygate_keys WHERE id = '{old_id}'"))
+        .await;
+
+    // Rotation through the key manager: the whole chain has the first key's lineage.
+    let verifier = Verifier::new(store.clone());
+    let keys = keygate_core::KeyManager::for_verifier(
+        &verifier,
+        keygate_core::audit::Auditor::direct(keygate_core::audit::MemorySink::new()),
+    );
+    let first = keys
+        .issue("ops", keygate_core::KeySpec::new("chain"))
+        .await
+        .unwrap();
+    let second = keys
+        .rotate("ops", first.key.id(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let third = keys
+        .rotate("ops", second.key.id(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    for k in [&first, &second, &third] {
+        assert_eq!(
+            store.get(&k.key.id()).await.unwrap().unwrap().lineage_id(),
+            first.key.id()
+        );
+        let fresh_verifier = Verifier::new(store.clone());
+        let p = fresh_verifier.verify(k.key.expose_secret()).await.unwrap();
+        assert_eq!((p.key_id(), p.lineage_id()), (k.key.id(), first.key.id()));
+    }
+}
+both!(
+    sqlite_lineage_is_stored_and_carried_by_rotation,
+    postgres_lineage_is_stored_and_carried_by_rotation,
+    lineage_is_stored_and_carried_by_rotation
 );
 
 async fn insert_many_is_all_or_nothing(db: &Db) {
@@ -400,8 +716,10 @@ both!(
     pruned_changes_force_a_resync
 );
 
-/// The newest migration version this build embeds (1: keys; 2: usage and audit).
-const LATEST: i64 = 2;
+/// The newest migration version this build embeds (1: keys; 2: usage and audit; 5:
+/// lineage), and how many versions it embeds.
+const LATEST: i64 = 5;
+const EMBEDDED: i64 = 3;
 
 async fn migrations_apply_once_under_concurrency(db: &Db) {
     // Eight handles open the same new database at once.
@@ -417,7 +735,7 @@ async fn migrations_apply_once_under_concurrency(db: &Db) {
     assert!(stores.iter().all(|s| s.schema_version() == LATEST));
     assert_eq!(
         db.scalar("SELECT COUNT(*) FROM keygate_migrations").await,
-        LATEST
+        EMBEDDED
     );
     assert_eq!(
         db.scalar("SELECT COUNT(*) FROM keygate_meta WHERE name = 'changes_pruned_through'")
@@ -433,7 +751,7 @@ async fn migrations_apply_once_under_concurrency(db: &Db) {
     assert_eq!(again.schema_version(), LATEST);
     assert_eq!(
         db.scalar("SELECT COUNT(*) FROM keygate_migrations").await,
-        LATEST
+        EMBEDDED
     );
 
     // A database whose applied migration differs from the embedded one is refused.

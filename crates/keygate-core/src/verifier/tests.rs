@@ -7,12 +7,15 @@ use async_trait::async_trait;
 use super::*;
 use crate::{ApiKey, ManualClock, MemoryStore, Prefix};
 
-/// A store that counts reads and can be switched off.
+/// A store that counts reads and can be switched off, made to return corrupt records, or
+/// made to hold reads until the test lets them through.
 #[derive(Clone, Default)]
 struct CountingStore {
     inner: MemoryStore,
     gets: Arc<AtomicUsize>,
     down: Arc<AtomicBool>,
+    corrupt: Arc<AtomicBool>,
+    gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl CountingStore {
@@ -35,7 +38,16 @@ impl CountingStore {
 impl KeyStore for CountingStore {
     async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
         self.gets.fetch_add(1, Ordering::SeqCst);
+        if let Some(gate) = &self.gate {
+            // Held until the test adds a permit; each read takes one for good.
+            gate.acquire().await.expect("gate open").forget();
+        }
         self.check()?;
+        if self.corrupt.load(Ordering::SeqCst) {
+            return Err(StoreError::Corrupt(format!(
+                "key {id}: column status: \"Active\" is not active, disabled or revoked"
+            )));
+        }
         self.inner.get(id).await
     }
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
@@ -476,4 +488,171 @@ async fn cached_principals_share_compiled_grants() {
     assert_eq!(pa.scopes(), ["points:read", "points:write"]);
     let attrs: Vec<_> = pc.attributes().iter().collect();
     assert_eq!(attrs, [("tenant", "globex")]);
+}
+
+#[tokio::test]
+async fn a_corrupt_record_evicts_the_cached_key_and_is_refused_without_retry() {
+    let f = fixture(|b| {
+        b.refresh_after(Duration::from_secs(30))
+            .max_stale(Duration::from_secs(300))
+    });
+    let (key, _) = f.issue(|_| {}).await;
+    assert!(f.verifier.verify(key.expose_secret()).await.is_ok());
+    assert_eq!(f.verifier.cached(), 1);
+    // The row goes bad; the cached copy is due for a refresh but well within max_stale.
+    f.store.corrupt.store(true, Ordering::SeqCst);
+    f.clock.advance(Duration::from_secs(31));
+    let denial = f.verifier.verify(key.expose_secret()).await.unwrap_err();
+    assert_eq!(denial.code(), DenialCode::CorruptKey);
+    assert_eq!(denial.code().public(), DenialCode::InvalidKey);
+    assert_eq!(denial.retry_after(), None);
+    assert_eq!(f.verifier.cached(), 0, "the corrupt key is evicted");
+    // Every later request is refused too (no stale copy comes back).
+    let gets = f.store.gets();
+    assert_eq!(
+        code(f.verifier.verify(key.expose_secret()).await),
+        DenialCode::CorruptKey
+    );
+    assert_eq!(f.store.gets(), gets + 1);
+    // A repaired row works again.
+    f.store.corrupt.store(false, Ordering::SeqCst);
+    assert!(f.verifier.verify(key.expose_secret()).await.is_ok());
+}
+
+#[tokio::test]
+async fn refresh_of_a_corrupt_record_evicts_it() {
+    let f = fixture(|b| b);
+    let (key, record) = f.issue(|_| {}).await;
+    assert!(f.verifier.verify(key.expose_secret()).await.is_ok());
+    f.store.corrupt.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        f.verifier.refresh(&record.id).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    assert_eq!(f.verifier.cached(), 0);
+    assert_eq!(
+        code(f.verifier.verify(key.expose_secret()).await),
+        DenialCode::CorruptKey
+    );
+}
+
+/// A fixture whose store holds every read until the test adds permits to the gate.
+fn gated() -> (Fixture, Arc<tokio::sync::Semaphore>) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let store = CountingStore {
+        gate: Some(gate.clone()),
+        ..CountingStore::default()
+    };
+    let clock = ManualClock::at_2026();
+    let verifier = Verifier::builder(store.clone())
+        .clock(clock.clone())
+        .build();
+    (
+        Fixture {
+            store,
+            clock,
+            verifier,
+        },
+        gate,
+    )
+}
+
+/// How many requests wait on the store read of `id` under way.
+fn waiting(v: &Verifier, id: &KeyId) -> usize {
+    v.shared.inflight.get(id).map_or(0, |f| f.receiver_count())
+}
+
+/// Polls `check` (yielding to the runtime) until it holds; fails after 10 s.
+async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_misses_of_one_key_share_one_store_read() {
+    let (f, gate) = gated();
+    let (key, record) = f.issue(|_| {}).await;
+    let other = ApiKey::generate(&Prefix::default()).unwrap();
+    let forged = forge(&record.id, other.parsed().secret());
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let v = f.verifier.clone();
+            // Every eighth request presents a wrong secret for the same id.
+            let text = if i % 8 == 7 {
+                forged.clone()
+            } else {
+                key.expose_secret().to_owned()
+            };
+            tokio::spawn(async move { v.verify(&text).await.map(|p| p.key_id()) })
+        })
+        .collect();
+    // One read is under way and the 63 others wait for it.
+    until("63 requests waiting on one read", || {
+        waiting(&f.verifier, &record.id) == 63
+    })
+    .await;
+    assert_eq!(f.store.gets(), 1);
+    gate.add_permits(1);
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap();
+        if i % 8 == 7 {
+            assert_eq!(r.unwrap_err().code(), DenialCode::InvalidKey, "{i}");
+        } else {
+            assert_eq!(r.unwrap(), record.id, "{i}");
+        }
+    }
+    assert_eq!(f.store.gets(), 1, "exactly one store read");
+    assert!(f.verifier.shared.inflight.is_empty());
+    // The cached hot path needs no read at all.
+    assert!(matches!(
+        f.verifier.lookup(key.expose_secret()),
+        Lookup::Done(Ok(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_reader_hands_the_read_to_a_waiter() {
+    let (f, gate) = gated();
+    let (key, record) = f.issue(|_| {}).await;
+    let v = f.verifier.clone();
+    let text = key.expose_secret().to_owned();
+    let leader = tokio::spawn(async move { v.verify(&text).await.is_ok() });
+    until("the first read to start", || f.store.gets() == 1).await;
+    let v = f.verifier.clone();
+    let text = key.expose_secret().to_owned();
+    let waiter = tokio::spawn(async move { v.verify(&text).await.map(|p| p.key_id()) });
+    until("a waiter", || waiting(&f.verifier, &record.id) == 1).await;
+    // The reader goes away mid-read: the waiter reads for itself.
+    leader.abort();
+    until("the waiter's own read", || f.store.gets() == 2).await;
+    gate.add_permits(1);
+    assert_eq!(waiter.await.unwrap().unwrap(), record.id);
+    assert!(f.verifier.shared.inflight.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_during_a_read_is_not_answered_by_it() {
+    let (f, gate) = gated();
+    let (key, mut record) = f.issue(|_| {}).await;
+    let v = f.verifier.clone();
+    let text = key.expose_secret().to_owned();
+    let early = tokio::spawn(async move { v.verify(&text).await.is_ok() });
+    until("the first read to start", || f.store.gets() == 1).await;
+    // Revoked while that read is under way (it may have read the old record).
+    record.status = KeyStatus::Revoked;
+    f.store.inner.update(&record).await.unwrap();
+    f.verifier.invalidate(&record.id);
+    let v = f.verifier.clone();
+    let text = key.expose_secret().to_owned();
+    let late = tokio::spawn(async move { v.verify(&text).await.map_err(|d| d.code()) });
+    until("a second read", || f.store.gets() == 2).await;
+    gate.add_permits(2);
+    early.await.unwrap();
+    assert_eq!(late.await.unwrap().unwrap_err(), DenialCode::RevokedKey);
 }
