@@ -77,7 +77,7 @@ impl fmt::Debug for ManualClock {
         f.debug_tuple("ManualClock")
             .field(&format_args!(
                 "{}",
-                humantime::format_rfc3339_nanos(self.now())
+                crate::time::rfc3339_micros(self.now())
             ))
             .finish()
     }

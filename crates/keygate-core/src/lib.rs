@@ -33,6 +33,7 @@ pub mod rate;
 mod record;
 mod scope;
 mod store;
+pub mod time;
 pub mod usage;
 mod verifier;
 
