@@ -118,7 +118,8 @@ pub(crate) fn json_required<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Admi
 /// A duration such as `30s`, `15m`, `12h`, `90d`, at most `36500d` (the CLI's syntax and
 /// limit: `keygate_core::time::parse_duration`).
 pub(crate) fn duration(field: &'static str, text: &str) -> Result<Duration, AdminError> {
-    keygate_core::time::parse_duration(text).map_err(|e| AdminError::invalid(format!("{field}: {e}")))
+    keygate_core::time::parse_duration(text)
+        .map_err(|e| AdminError::invalid(format!("{field}: {e}")))
 }
 
 /// An RFC 3339 instant.

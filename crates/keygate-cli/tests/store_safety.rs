@@ -39,7 +39,9 @@ async fn exec(env: &Env, sql: &str) {
 }
 
 fn str_of<'a>(v: &'a serde_json::Value, field: &str) -> &'a str {
-    v[field].as_str().unwrap_or_else(|| panic!("{field} in {v}"))
+    v[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("{field} in {v}"))
 }
 
 async fn far_times_are_refused_not_panicked_on(env: &Env) {
@@ -83,7 +85,8 @@ async fn far_times_are_refused_not_panicked_on(env: &Env) {
             let out = env.run(&args);
             out.fails(1);
             assert!(
-                out.stderr.contains(&format!("key {id}: column {column}: out of range")),
+                out.stderr
+                    .contains(&format!("key {id}: column {column}: out of range")),
                 "{args:?}: {}",
                 out.stderr
             );
@@ -102,7 +105,11 @@ async fn far_times_are_refused_not_panicked_on(env: &Env) {
     .await;
     let out = env.run(&["keys", "show", &id]);
     out.ok();
-    assert!(out.stdout.contains("1969-12-31T23:59:59Z"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("1969-12-31T23:59:59Z"),
+        "{}",
+        out.stdout
+    );
     let shown = env.run(&["keys", "show", &id, "--json"]).ok().json();
     assert_eq!(str_of(&shown, "created_at"), "1969-12-31T23:59:59.995Z");
 }

@@ -193,7 +193,8 @@ mod tests {
         if secs >= 0 {
             UNIX_EPOCH + Duration::new(secs as u64, nanos)
         } else {
-            UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nanos.into())
+            UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+                + Duration::from_nanos(nanos.into())
         }
     }
 
@@ -269,7 +270,10 @@ mod tests {
         assert!(in_stored_range(at(-62_167_219_200, 0)));
         assert!(!in_stored_range(at(-62_167_219_201, 0)));
         assert_eq!(from_unix_ms(0), Some(UNIX_EPOCH));
-        assert_eq!(from_unix_ms(-5), Some(UNIX_EPOCH - Duration::from_millis(5)));
+        assert_eq!(
+            from_unix_ms(-5),
+            Some(UNIX_EPOCH - Duration::from_millis(5))
+        );
         assert_eq!(
             rfc3339_millis(from_unix_ms(MIN_UNIX_MS).unwrap()).to_string(),
             "0000-01-01T00:00:00.000Z"

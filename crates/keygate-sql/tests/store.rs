@@ -400,8 +400,8 @@ both!(
     pruned_changes_force_a_resync
 );
 
-/// The newest migration version this build embeds (1: keys; 2: usage and audit).
-const LATEST: i64 = 2;
+/// The newest migration version this build embeds (1: keys; 2: usage and audit; 3: meta).
+const LATEST: i64 = 3;
 
 async fn migrations_apply_once_under_concurrency(db: &Db) {
     // Eight handles open the same new database at once.
