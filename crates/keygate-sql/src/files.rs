@@ -54,7 +54,8 @@ fn set_mode(_: &Path, _: u32) -> std::io::Result<()> {
 
 /// Opens a SQLite database read-only: nothing created, nothing migrated. A WAL database
 /// whose `-shm` file this process cannot create is unreadable that way; it is then opened
-/// as immutable, with a warning.
+/// as immutable, with a warning, unless its `-wal` file holds changes (an immutable open
+/// would not see them: refused).
 pub(crate) async fn open_sqlite_read_only(
     connect: SqliteConnectOptions,
     options: &SqlOptions,
@@ -67,6 +68,18 @@ pub(crate) async fn open_sqlite_read_only(
     };
     if in_memory {
         return Err(OpenError::Unavailable(describe(&first)));
+    }
+    // An immutable open ignores the write-ahead log: with one holding changes it would
+    // show an old state. Refuse then.
+    let wal = std::path::PathBuf::from(format!("{}-wal", connect.get_filename().display()));
+    if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+        return Err(OpenError::Unavailable(format!(
+            "{}; the database has a write-ahead log ({}) this process cannot use: run as a \
+             user who may write the database's directory, or let its writers finish (the \
+             log is merged into the file when the last one closes)",
+            describe(&first),
+            wal.display()
+        )));
     }
     match try_open(connect.immutable(true), options, in_memory).await {
         Ok(Ok((pool, mut opened))) => {
