@@ -27,6 +27,11 @@
 //!   (one atomic script per request, shared by the replicas; `GET /admin/keys/{id}/usage`
 //!   reads them), and key changes are announced through Redis pub/sub.
 //!
+//! - Pepper: `KEYGATE_PEPPER`, or `KEYGATE_PEPPER_FILE` naming an owner-only file (mode
+//!   600), hashes keys with a server-side secret; the CLI must be given the same one. The
+//!   database records the pepper's fingerprint at first start and the server refuses to
+//!   start with another pepper (or without one, if it was started with one).
+//!
 //! Vectors are kept in memory and lost at exit.
 
 // Shared with the tests (`tests/showcase_*.rs`), which use parts this binary does not.
@@ -142,6 +147,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .init();
     let args = Args::parse();
     let (audit_dir, audit_stem) = audit_location(&args.audit_log)?;
+    // The pepper (KEYGATE_PEPPER or an owner-only KEYGATE_PEPPER_FILE), checked against
+    // the fingerprint the database recorded at first use once the store is open.
+    let hasher = keygate::core::KeyHasher::from_env().map_err(|e| e.to_string())?;
 
     // Keys: the SQL store, followed so changes made elsewhere reach this server's cache.
     let store = SqlStore::open(&args.database_url).await.map_err(|e| {
@@ -161,9 +169,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         ),
         None => None,
     };
+    store
+        .check_pepper(&hasher)
+        .await
+        .map_err(|e| format!("{e} (KEYGATE_PEPPER or KEYGATE_PEPPER_FILE); not starting"))?;
     let verifier = match &redis {
-        Some(r) => Verifier::new(Publishing::new(store.clone(), r)),
-        None => Verifier::new(store.clone()),
+        Some(r) => Verifier::builder(Publishing::new(store.clone(), r))
+            .hasher(hasher)
+            .build(),
+        None => Verifier::builder(store.clone()).hasher(hasher).build(),
     };
     let follower = store.watch(&verifier).await?;
     let watcher = match &redis {

@@ -423,6 +423,14 @@ async fn bad_input_is_a_clear_4xx_and_changes_nothing() {
             400,
             "invalid_request",
         ),
+        // Past the 36500d maximum (it once reached past year 9999 and broke every listing).
+        (
+            "POST",
+            "/admin/keys",
+            r#"{"name":"n","expires_in":"3000000d"}"#,
+            400,
+            "invalid_request",
+        ),
         (
             "POST",
             "/admin/keys",

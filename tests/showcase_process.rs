@@ -405,3 +405,106 @@ async fn keys_from_the_cli_work_in_the_running_showcase() {
     assert_eq!(report["ok"], true, "{report}");
     assert!(report["lines"].as_u64().unwrap() >= 8, "{report}");
 }
+
+/// Runs the showcase in `dir` with `env` until it is ready (`Ok(admin key)`) or exits
+/// (`Err(stderr)`).
+async fn start_with(
+    bin: &Path,
+    dir: &Path,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Result<(Child, String), String> {
+    let mut cmd = Command::new(bin);
+    cmd.args(["--listen", "127.0.0.1:0"])
+        .current_dir(dir)
+        .env_remove("KEYGATE_DATABASE_URL")
+        .env_remove("KEYGATE_PEPPER")
+        .env_remove("KEYGATE_PEPPER_FILE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("start the example");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut admin = String::new();
+    let ready = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = out.next_line().await {
+            if let Some(k) = line.strip_prefix("admin key (shown once, store it now): ") {
+                admin = k.to_owned();
+            }
+            if line == "ready" {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("ready or exited within 60 s");
+    if ready {
+        return Ok((child, admin));
+    }
+    let out = child.wait_with_output().await.expect("wait");
+    assert!(!out.status.success(), "exited without being ready");
+    Err(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_showcase_refuses_a_pepper_other_than_the_databases() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(bin) = binary() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pepper");
+    std::fs::write(&file, "the-right-pepper\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // First start: the pepper from the file; its fingerprint is recorded.
+    let (child, admin) = start_with(
+        &bin,
+        dir.path(),
+        &[("KEYGATE_PEPPER_FILE", file.as_os_str())],
+    )
+    .await
+    .expect("starts");
+    assert!(!admin.is_empty());
+    drop(child);
+    // The same pepper given directly: it starts.
+    let (child, _) = start_with(
+        &bin,
+        dir.path(),
+        &[("KEYGATE_PEPPER", std::ffi::OsStr::new("the-right-pepper"))],
+    )
+    .await
+    .expect("starts with the same pepper");
+    drop(child);
+    // A typo, or none, is refused before serving, saying what to do.
+    for (env, says) in [
+        (
+            vec![("KEYGATE_PEPPER", std::ffi::OsStr::new("the-rihgt-pepper"))],
+            "fingerprint differs",
+        ),
+        (vec![], "none was given"),
+    ] {
+        let stderr = start_with(&bin, dir.path(), &env)
+            .await
+            .expect_err("refused");
+        assert!(
+            stderr.contains(says) && stderr.contains("KEYGATE_PEPPER_FILE"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("rihgt"), "{stderr}");
+    }
+    // A pepper file others can read is refused.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let stderr = start_with(
+        &bin,
+        dir.path(),
+        &[("KEYGATE_PEPPER_FILE", file.as_os_str())],
+    )
+    .await
+    .expect_err("refused");
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+}

@@ -477,7 +477,7 @@ pub(crate) async fn enable(State(s): St, path: IdPath, req: Request) -> Response
 // ---------------------------------------------------------------------------------------
 
 fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
+    keygate_core::time::rfc3339_millis(t).to_string()
 }
 
 #[derive(Serialize)]

@@ -115,14 +115,11 @@ pub(crate) fn json_required<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Admi
     serde_json::from_slice(bytes).map_err(|e| AdminError::json(&e))
 }
 
-/// A duration such as `30s`, `15m`, `12h`, `90d` (humantime syntax).
+/// A duration such as `30s`, `15m`, `12h`, `90d`, at most `36500d` (the CLI's syntax and
+/// limit: `keygate_core::time::parse_duration`).
 pub(crate) fn duration(field: &'static str, text: &str) -> Result<Duration, AdminError> {
-    humantime::parse_duration(text.trim()).map_err(|_| {
-        AdminError::invalid(format!(
-            "{field}: {:?} is not a duration such as 30s, 15m, 12h or 90d",
-            clip(text)
-        ))
-    })
+    keygate_core::time::parse_duration(text)
+        .map_err(|e| AdminError::invalid(format!("{field}: {e}")))
 }
 
 /// An RFC 3339 instant.

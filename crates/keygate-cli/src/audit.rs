@@ -268,7 +268,7 @@ fn print_new(r: &mut Reader, json: bool) -> Result<(), Failure> {
 
 /// `audit events`: the database's audit table.
 pub(crate) async fn events(cli: &Cli, args: &EventsArgs) -> Result<(), Failure> {
-    let store = db::open(cli, false).await?;
+    let store = db::open(cli, db::Access::Read).await?;
     let query = AuditQuery {
         after: args.after,
         key_id: args.key_id,

@@ -11,14 +11,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use keygate_core::audit::{AuditError, AuditEvent, AuditSink, Auditor, FileSink};
-use keygate_core::{KeyHasher, KeyManager, KeyStore};
-use keygate_sql::{OpenError, SqlAuditSink, SqlOptions, SqlStore};
+use keygate_core::{KeyHasher, KeyManager, KeyStore, PEPPER_ENV, PEPPER_FILE_ENV};
+use keygate_sql::{OpenError, PepperCheckError, SqlAuditSink, SqlOptions, SqlStore};
 
 use crate::cli::Cli;
 use crate::Failure;
-
-/// The environment variable holding the server's pepper, if it uses one.
-pub(crate) const PEPPER_ENV: &str = "KEYGATE_PEPPER";
 
 /// The path of a SQLite file URL (`None` for PostgreSQL and in-memory databases).
 pub(crate) fn sqlite_path(url: &str) -> Option<PathBuf> {
@@ -32,9 +29,35 @@ pub(crate) fn sqlite_path(url: &str) -> Option<PathBuf> {
     Some(PathBuf::from(path))
 }
 
-/// Opens the store. `create`: a missing SQLite file may be created (`keys create` only;
-/// other commands say there is no database instead of making an empty one).
-pub(crate) async fn open(cli: &Cli, create: bool) -> Result<SqlStore, Failure> {
+/// Every store this process opened, closed by [`close_opened`] when the command is done.
+static OPENED: std::sync::Mutex<Vec<SqlStore>> = std::sync::Mutex::new(Vec::new());
+
+/// Closes every store [`open`] returned: a SQLite database's write-ahead log is merged into
+/// the file and removed when its last connection closes, so the file alone holds
+/// everything (a reader that cannot write can then read it).
+pub(crate) async fn close_opened() {
+    let stores = std::mem::take(&mut *OPENED.lock().unwrap_or_else(|p| p.into_inner()));
+    for s in stores {
+        s.close().await;
+    }
+}
+
+/// How a command uses the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// `keys create`: a missing SQLite file is created.
+    Create,
+    /// Other changes: the database must exist.
+    Write,
+    /// Reading only (`keys list`, `keys show`, `usage`, `audit events`): opened read-only,
+    /// nothing created or migrated (a database whose schema is older than this keygate is
+    /// upgraded only if it can be written).
+    Read,
+}
+
+/// Opens the store and prints its warnings on stderr. Commands that do not create say
+/// there is no database, or no such PostgreSQL schema, instead of making an empty one.
+pub(crate) async fn open(cli: &Cli, access: Access) -> Result<SqlStore, Failure> {
     let url = cli.database_url.as_str();
     let mut options = SqlOptions::new();
     if let Some(schema) = &cli.schema {
@@ -46,30 +69,65 @@ pub(crate) async fn open(cli: &Cli, create: bool) -> Result<SqlStore, Failure> {
         options = options.schema(schema.clone());
     }
     if let Some(path) = sqlite_path(url) {
-        if !create && !path.exists() {
+        if access != Access::Create && !path.exists() {
             return Err(Failure::Failed(format!(
                 "no database at {} (keygate keys create makes one)",
                 path.display()
             )));
         }
     }
-    SqlStore::open_with(url, options)
-        .await
-        .map_err(|e| match e {
-            OpenError::UnsupportedScheme
-            | OpenError::InvalidUrl(_)
-            | OpenError::InvalidOption(_) => Failure::Usage(e.to_string()),
-            _ => Failure::Failed(e.to_string()),
-        })
+    let opened = match access {
+        Access::Read => match SqlStore::open_with(url, options.clone().read_only(true)).await {
+            // Older than this keygate: upgrade it if it can be written, else say so.
+            Err(outdated @ OpenError::Outdated { .. }) => SqlStore::open_with(url, options)
+                .await
+                .map_err(|_| outdated),
+            other => other,
+        },
+        Access::Create | Access::Write => SqlStore::open_with(url, options).await,
+    };
+    let store = opened.map_err(|e| match e {
+        OpenError::UnsupportedScheme | OpenError::InvalidUrl(_) | OpenError::InvalidOption(_) => {
+            Failure::Usage(e.to_string())
+        }
+        OpenError::NoSchema(_) => Failure::Failed(format!(
+            "{e} (check --schema / KEYGATE_DATABASE_SCHEMA; keygate keys create makes one)"
+        )),
+        OpenError::NotInitialized => {
+            Failure::Failed(format!("{e}: keygate keys create makes them"))
+        }
+        _ => Failure::Failed(e.to_string()),
+    })?;
+    for w in store.warnings() {
+        crate::warning(w);
+    }
+    OPENED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(store.clone());
+    Ok(store)
 }
 
-/// The hasher: with the pepper from `KEYGATE_PEPPER` when set (it must match the
-/// server's, or its keys will not verify).
-pub(crate) fn hasher() -> KeyHasher {
-    match std::env::var_os(PEPPER_ENV) {
-        Some(p) if !p.is_empty() => KeyHasher::with_pepper(p.as_encoded_bytes()),
-        _ => KeyHasher::new(),
-    }
+/// The hasher: with the pepper from `KEYGATE_PEPPER` or the file named by
+/// `KEYGATE_PEPPER_FILE` (owner-only) when set. It must match the server's, which
+/// [`check_pepper`] makes sure of.
+pub(crate) fn hasher() -> Result<KeyHasher, Failure> {
+    KeyHasher::from_env().map_err(|e| Failure::Usage(e.to_string()))
+}
+
+/// Refuses to make keys with a pepper other than the one the database was first used
+/// with (recording this one if it has none yet).
+pub(crate) async fn check_pepper(store: &SqlStore, hasher: &KeyHasher) -> Result<(), Failure> {
+    store
+        .check_pepper(hasher)
+        .await
+        .map(|_| ())
+        .map_err(|e| match e {
+            PepperCheckError::Mismatch { .. } => Failure::Failed(format!(
+                "{e} ({PEPPER_ENV} or {PEPPER_FILE_ENV}); nothing was changed"
+            )),
+            other => Failure::Failed(other.to_string()),
+        })
 }
 
 /// The actor recorded for changes: `--actor`, else `cli:$USER`, else `cli`.
@@ -118,7 +176,7 @@ pub(crate) struct Managed {
 
 impl Managed {
     /// Sets up the audit path (before any change, so a bad `--audit-dir` changes nothing).
-    pub(crate) fn new(cli: &Cli, store: &SqlStore) -> Result<Managed, Failure> {
+    pub(crate) fn new(cli: &Cli, store: &SqlStore, hasher: KeyHasher) -> Result<Managed, Failure> {
         let sql = Arc::new(
             store
                 .audit_sink()
@@ -139,7 +197,7 @@ impl Managed {
         })
         .map_err(|e| Failure::Failed(format!("cannot start the audit writer: {e}")))?;
         let keys = KeyManager::builder(Arc::new(store.clone()) as Arc<dyn KeyStore>)
-            .hasher(hasher())
+            .hasher(hasher)
             .auditor(auditor.clone())
             .build();
         Ok(Managed { keys, auditor, sql })

@@ -5,13 +5,13 @@ use std::time::SystemTime;
 
 use keygate_core::audit::{Auditor, MemorySink};
 use keygate_core::{
-    IssuedKey, KeyFilter, KeyId, KeyManager, KeyRecord, KeySpec, KeyStatus, KeyStore,
+    IssuedKey, KeyFilter, KeyHasher, KeyId, KeyManager, KeyRecord, KeySpec, KeyStatus, KeyStore,
     LifecycleError, MemoryStore, StatusWrite, StoreError,
 };
 use serde_json::Value;
 
 use crate::cli::{Cli, CreateArgs, ListArgs, RotateArgs};
-use crate::db::{self, Managed};
+use crate::db::{self, Access, Managed};
 use crate::output::{self, key_json, print, print_json};
 use crate::Failure;
 
@@ -48,9 +48,9 @@ fn spec(args: &CreateArgs) -> KeySpec {
 
 /// Checks `spec` with the key manager's own rules, against a throwaway in-memory store,
 /// before the database is opened (or created): bad input changes nothing.
-async fn validate(actor: &str, spec: &KeySpec) -> Result<(), Failure> {
+async fn validate(actor: &str, spec: &KeySpec, hasher: &KeyHasher) -> Result<(), Failure> {
     let dry = KeyManager::builder(Arc::new(MemoryStore::new()))
-        .hasher(db::hasher())
+        .hasher(hasher.clone())
         .auditor(Auditor::direct(MemorySink::new()))
         .build();
     dry.issue(actor, spec.clone())
@@ -97,9 +97,11 @@ fn print_issued(
 pub(crate) async fn create(cli: &Cli, args: &CreateArgs) -> Result<(), Failure> {
     let actor = db::actor(cli);
     let spec = spec(args);
-    validate(&actor, &spec).await?;
-    let store = db::open(cli, true).await?;
-    let managed = Managed::new(cli, &store)?;
+    let hasher = db::hasher()?;
+    validate(&actor, &spec, &hasher).await?;
+    let store = db::open(cli, Access::Create).await?;
+    db::check_pepper(&store, &hasher).await?;
+    let managed = Managed::new(cli, &store, hasher)?;
     let issued = managed.keys.issue(&actor, spec).await.map_err(failure);
     // The events of whatever was done are written before anything is printed.
     let audited = managed.finish().await;
@@ -111,7 +113,7 @@ pub(crate) async fn create(cli: &Cli, args: &CreateArgs) -> Result<(), Failure> 
 
 /// `keys list`.
 pub(crate) async fn list(cli: &Cli, args: &ListArgs) -> Result<(), Failure> {
-    let store = db::open(cli, false).await?;
+    let store = db::open(cli, Access::Read).await?;
     let filter = KeyFilter {
         owner: args.owner.clone(),
         status: args.status.map(Into::into),
@@ -161,7 +163,7 @@ async fn get(store: &keygate_sql::SqlStore, id: KeyId) -> Result<KeyRecord, Fail
 
 /// `keys show`.
 pub(crate) async fn show(cli: &Cli, id: KeyId) -> Result<(), Failure> {
-    let store = db::open(cli, false).await?;
+    let store = db::open(cli, Access::Read).await?;
     let record = get(&store, id).await?;
     let now = SystemTime::now();
     if cli.json {
@@ -174,8 +176,10 @@ pub(crate) async fn show(cli: &Cli, id: KeyId) -> Result<(), Failure> {
 /// `keys rotate`.
 pub(crate) async fn rotate(cli: &Cli, args: &RotateArgs) -> Result<(), Failure> {
     let actor = db::actor(cli);
-    let store = db::open(cli, false).await?;
-    let managed = Managed::new(cli, &store)?;
+    let hasher = db::hasher()?;
+    let store = db::open(cli, Access::Write).await?;
+    db::check_pepper(&store, &hasher).await?;
+    let managed = Managed::new(cli, &store, hasher)?;
     let issued = managed
         .keys
         .rotate(&actor, args.id, args.grace)
@@ -199,8 +203,9 @@ pub(crate) enum StatusChange {
 /// `keys revoke`, `keys disable`, `keys enable`.
 pub(crate) async fn set_status(cli: &Cli, id: KeyId, change: StatusChange) -> Result<(), Failure> {
     let actor = db::actor(cli);
-    let store = db::open(cli, false).await?;
-    let managed = Managed::new(cli, &store)?;
+    // A status change hashes nothing: the pepper is neither needed nor checked.
+    let store = db::open(cli, Access::Write).await?;
+    let managed = Managed::new(cli, &store, KeyHasher::new())?;
     let before = managed.keys.show(id).await;
     if let (
         Err(LifecycleError::Store(StoreError::Corrupt(why))),

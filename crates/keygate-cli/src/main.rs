@@ -126,7 +126,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 .enable_all()
                 .build()
                 .map_err(|e| Failure::Failed(format!("cannot start the runtime: {e}")))?;
-            runtime.block_on(run_async(&cli))
+            runtime.block_on(async {
+                let result = run_async(&cli).await;
+                db::close_opened().await;
+                result
+            })
         }
     }
 }

@@ -38,7 +38,7 @@ pub(crate) fn key_json(record: &KeyRecord, now: SystemTime) -> Value {
 
 /// An instant to the second, UTC: `2026-05-01T10:30:00Z`.
 pub(crate) fn time(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    keygate_core::time::rfc3339_seconds(t).to_string()
 }
 
 /// A rate limit as the `--rate` spelling: `burst=20/s` (`name=N/Pms` for other periods).
@@ -171,7 +171,7 @@ pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 
 /// An audit event on one line: `time  [#seq]  kind  details`.
 pub(crate) fn event_line(seq: Option<u64>, event: &AuditEvent) -> String {
-    let when = humantime::format_rfc3339_millis(event.time()).to_string();
+    let when = keygate_core::time::rfc3339_millis(event.time()).to_string();
     let seq = seq.map(|s| format!("#{s}  ")).unwrap_or_default();
     match event {
         AuditEvent::Lifecycle(l) => format!(

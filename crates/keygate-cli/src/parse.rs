@@ -7,13 +7,10 @@ use ipnet::IpNet;
 use keygate_core::audit::ChainPoint;
 use keygate_core::{validate_resource_pattern, KeyId, Prefix, QuotaPolicy, RateLimitPolicy, Scope};
 
-/// `30s`, `15m`, `12h`, `90d`: a whole number and a unit (seconds, minutes, hours, days).
+/// `30s`, `15m`, `12h`, `90d`: a whole number and a unit (seconds, minutes, hours, days),
+/// at most `36500d` (the syntax and limit the admin API shares, `keygate_core::time`).
 pub(crate) fn duration(text: &str) -> Result<Duration, String> {
-    duration_with(
-        text,
-        &[("s", 1), ("m", 60), ("h", 3600), ("d", 86_400)],
-        "30s, 15m, 12h or 90d",
-    )
+    keygate_core::time::parse_duration(text).map_err(|e| e.to_string())
 }
 
 /// A polling interval: like [`duration`], plus `ms`; at least 10 ms.
@@ -29,29 +26,6 @@ pub(crate) fn poll_interval(text: &str) -> Result<Duration, String> {
         return Err("the interval must be at least 10ms".into());
     }
     Ok(d)
-}
-
-fn duration_with(text: &str, units: &[(&str, u64)], example: &str) -> Result<Duration, String> {
-    let bad = || format!("{:?} is not a duration like {example}", shorten(text));
-    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
-    let (n, unit) = text.split_at(digits);
-    if n.is_empty() {
-        return Err(bad());
-    }
-    let secs_per = units
-        .iter()
-        .find(|(u, _)| *u == unit)
-        .map(|(_, s)| *s)
-        .ok_or_else(bad)?;
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{:?} is too large", shorten(text)))?;
-    // Limit to about 10,000 years: far beyond any real expiry, far from overflow.
-    const MAX_SECS: u64 = 10_000 * 366 * 86_400;
-    n.checked_mul(secs_per)
-        .filter(|s| *s <= MAX_SECS)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{:?} is too large", shorten(text)))
 }
 
 /// `10.0.0.0/8`, `2001:db8::/32`, or a bare address (one host). Host bits are refused.
@@ -170,9 +144,14 @@ mod tests {
             "10S",
             "99999999999999999999d",
             "4000000d",
+            "2914000d",
+            "36501d",
         ] {
             assert!(duration(bad).is_err(), "{bad}");
         }
+        assert_eq!(duration("36500d"), Ok(Duration::from_secs(36_500 * 86_400)));
+        let e = duration("2914000d").unwrap_err();
+        assert!(e.contains("the maximum is 36500d"), "{e}");
         assert_eq!(poll_interval("250ms"), Ok(Duration::from_millis(250)));
         assert!(poll_interval("1ms").is_err());
     }

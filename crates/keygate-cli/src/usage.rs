@@ -108,7 +108,7 @@ const HEADER: [&str; 9] = [
 
 /// `keygate usage [ID]`.
 pub(crate) async fn usage(cli: &Cli, args: &UsageArgs) -> Result<(), Failure> {
-    let store = db::open(cli, false).await?;
+    let store = db::open(cli, db::Access::Read).await?;
     let now = SystemTime::now();
     if let Some(id) = args.id {
         let record = store

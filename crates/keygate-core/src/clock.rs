@@ -75,10 +75,7 @@ impl Clock for ManualClock {
 impl fmt::Debug for ManualClock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("ManualClock")
-            .field(&format_args!(
-                "{}",
-                humantime::format_rfc3339_nanos(self.now())
-            ))
+            .field(&format_args!("{}", crate::time::rfc3339_micros(self.now())))
             .finish()
     }
 }

@@ -33,12 +33,16 @@ pub mod rate;
 mod record;
 mod scope;
 mod store;
+pub mod time;
 pub mod usage;
 mod verifier;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use denial::{Denial, DenialCode};
-pub use digest::{InvalidDigest, KeyDigest, KeyHasher};
+pub use digest::{
+    InvalidDigest, KeyDigest, KeyHasher, PepperError, MAX_PEPPER_FILE_LEN, NO_PEPPER_FINGERPRINT,
+    PEPPER_ENV, PEPPER_FILE_ENV,
+};
 pub use idhash::{KeyIdHashBuilder, KeyIdHasher};
 pub use key::{
     ApiKey, InvalidKeyId, InvalidPrefix, KeyGenError, KeyId, KeyParseError, KeyParser, ParsedKey,

@@ -394,7 +394,7 @@ impl fmt::Debug for KeyRecord {
 }
 
 fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
+    crate::time::rfc3339_millis(t).to_string()
 }
 
 /// The public view of a [`KeyRecord`]: no digest, times as RFC 3339 text.

@@ -24,6 +24,38 @@ pub enum OpenError {
     /// migration whose text differs from the one this build embeds).
     #[error("database migration failed: {0}")]
     Migration(String),
+    /// The database records that it needs a newer keygate than this one
+    /// (`keygate_settings.min_keygate_version`): a newer keygate changed it in a way this
+    /// build would misread. Nothing was read or written.
+    #[error("this database needs keygate >= {needs}; you run {runs} (upgrade keygate to use it)")]
+    NeedsNewer {
+        /// The oldest keygate the database allows.
+        needs: String,
+        /// This keygate's version.
+        runs: String,
+    },
+    /// Opened read-only ([`SqlOptions::read_only`](crate::SqlOptions::read_only)), the
+    /// schema is older than this build's and cannot be upgraded without writing.
+    #[error(
+        "the database schema is at version {version} and this keygate needs version {needs}; \
+         open it once with write access (any command that changes keys, or the server) to \
+         upgrade it"
+    )]
+    Outdated {
+        /// The newest version applied to the database.
+        version: i64,
+        /// The newest version this build knows.
+        needs: i64,
+    },
+    /// Opened read-only: the database has no keygate tables (it was never opened with
+    /// write access). Nothing was created.
+    #[error("the database has no keygate tables yet (nothing was created)")]
+    NotInitialized,
+    /// Opened read-only: the PostgreSQL schema named by
+    /// [`SqlOptions::schema`](crate::SqlOptions::schema) does not exist. Nothing was
+    /// created.
+    #[error("no keygate schema `{0}` in this database")]
+    NoSchema(String),
 }
 
 impl From<OpenError> for StoreError {

@@ -46,6 +46,16 @@
 //!   the background [`Auditor`](keygate_core::audit::Auditor); [`SqlStore::audit_events`]
 //!   reads them back.
 //!
+//! - Guards against silent misuse (`keygate_settings`, migration 3): a database that needs
+//!   a newer keygate is refused ([`OpenError::NeedsNewer`]), schema versions from a newer
+//!   keygate that allows this one are reported ([`SqlStore::warnings`]), and
+//!   [`SqlStore::check_pepper`] refuses a process whose pepper differs from the one the
+//!   database was first used with.
+//! - Read-only use ([`SqlOptions::read_only`]): nothing created or migrated, a missing
+//!   PostgreSQL schema refused rather than created.
+//! - SQLite files it creates are owner-only: the database (and so its `-wal` and `-shm`
+//!   files) mode 0600.
+//!
 //! # Failure behaviour
 //! Every database failure is [`StoreError::Unavailable`](keygate_core::StoreError) (the
 //! verifier answers `store_unavailable`, 503, on a cache miss, and keeps serving cached
@@ -64,10 +74,12 @@
 
 mod audit;
 mod error;
+mod files;
 mod follow;
 mod migrate;
 mod options;
 mod row;
+mod settings;
 mod store;
 mod usage;
 
@@ -75,6 +87,7 @@ pub use audit::{AuditQuery, SqlAuditSink, SqlAuditSinkBuilder, StoredEvent};
 pub use error::OpenError;
 pub use follow::{ChangeFollower, ChangeHandler};
 pub use options::{SqlOptions, POSTGRES_POLL_INTERVAL, SQLITE_POLL_INTERVAL};
+pub use settings::{PepperCheck, PepperCheckError};
 pub use store::{Change, SqlStore};
 pub use usage::{parse_window_kind, window_kind, SqlUsageStore};
 

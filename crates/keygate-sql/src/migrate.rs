@@ -12,15 +12,22 @@
 //!   behind.
 //!
 //! `keygate_migrations` records each applied version with a blake3 checksum of its text; a
-//! database whose applied migration differs from the embedded one is refused. A database
-//! with versions this build does not know (written by a newer keygate) is used as is:
-//! migrations only add.
+//! database whose applied migration differs from the embedded one is refused.
+//!
+//! Compatibility: `keygate_settings.min_keygate_version` (migration 3) names the oldest
+//! keygate that may use the database. A build older than it refuses to open it
+//! ([`OpenError::NeedsNewer`]); a build whose schema needs a newer reader than recorded
+//! raises it ([`REQUIRES`]). A database with versions this build does not know, written by
+//! a newer keygate that still allows this build, is used as is (migrations only add), with
+//! a warning returned to the caller ([`SqlStore::warnings`]).
+//!
+//! [`SqlStore::warnings`]: crate::SqlStore::warnings
 //!
 //! [`SqlStore::open`]: crate::SqlStore::open
 
 use std::collections::BTreeMap;
 
-use sqlx::{Executor, PgPool, Row, SqlitePool};
+use sqlx::{Executor, PgPool, SqlitePool};
 
 use crate::error::{describe, OpenError};
 use crate::row::to_ms;
@@ -56,6 +63,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         sql: include_str!("../migrations/sqlite/0002_usage_audit.sql"),
     },
     Migration {
+        version: 3,
+        description: "meta",
+        sql: include_str!("../migrations/sqlite/0003_meta.sql"),
+    },
+    Migration {
         version: 5,
         description: "lineage",
         sql: include_str!("../migrations/sqlite/0005_lineage.sql"),
@@ -75,11 +87,85 @@ pub(crate) const POSTGRES: &[Migration] = &[
         sql: include_str!("../migrations/postgres/0002_usage_audit.sql"),
     },
     Migration {
+        version: 3,
+        description: "meta",
+        sql: include_str!("../migrations/postgres/0003_meta.sql"),
+    },
+    Migration {
         version: 5,
         description: "lineage",
         sql: include_str!("../migrations/postgres/0005_lineage.sql"),
     },
 ];
+
+/// This keygate's version (the workspace shares one).
+pub(crate) const RUNNING: &str = env!("CARGO_PKG_VERSION");
+
+/// The oldest keygate that can use a database this build has migrated: raised when a
+/// release changes the schema in a way older builds would misread (they then refuse the
+/// database instead of using it wrongly).
+pub(crate) const REQUIRES: &str = "0.1.0";
+
+/// The migration that creates `keygate_settings`.
+const SETTINGS_VERSION: i64 = 3;
+
+const MIN_VERSION: &str = "SELECT value FROM keygate_settings WHERE name = 'min_keygate_version'";
+
+/// What opening found out, besides errors.
+#[derive(Debug, Default)]
+pub(crate) struct Opened {
+    /// The newest applied version.
+    pub(crate) version: i64,
+    /// Things the caller should be told (a schema newer than this build, ...).
+    pub(crate) warnings: Vec<String>,
+}
+
+/// `MAJOR.MINOR.PATCH` as numbers (a pre-release or build suffix is ignored).
+pub(crate) fn parse_version(text: &str) -> Option<(u64, u64, u64)> {
+    let core = text.trim().split(['-', '+']).next()?;
+    let mut parts = core.split('.');
+    let mut next = || parts.next()?.parse::<u64>().ok();
+    let v = (next()?, next()?, next()?);
+    parts.next().is_none().then_some(v)
+}
+
+/// Refuses a database that needs a newer keygate than this one.
+pub(crate) fn check_compatible(min: Option<&str>) -> Result<(), OpenError> {
+    let Some(min) = min else { return Ok(()) };
+    let needs = parse_version(min).ok_or_else(|| {
+        OpenError::Migration(format!(
+            "keygate_settings.min_keygate_version is not a version (MAJOR.MINOR.PATCH): {:?}",
+            min.chars().take(32).collect::<String>()
+        ))
+    })?;
+    let runs = parse_version(RUNNING).unwrap_or((0, 0, 0));
+    if runs < needs {
+        return Err(OpenError::NeedsNewer {
+            needs: min.trim().to_owned(),
+            runs: RUNNING.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// The warning for versions this build does not know, if any.
+fn newer_warning(migrations: &[Migration], applied: &BTreeMap<i64, Vec<u8>>) -> Option<String> {
+    let newest = applied.keys().next_back()?;
+    let known = migrations.last()?;
+    let unknown: Vec<String> = applied
+        .keys()
+        .filter(|v| **v > known.version)
+        .map(i64::to_string)
+        .collect();
+    (*newest > known.version).then(|| {
+        format!(
+            "the database has schema version(s) {} from a newer keygate (this one, {RUNNING}, \
+             knows up to {}); it allows this version, so it is used as is",
+            unknown.join(", "),
+            known.version
+        )
+    })
+}
 
 /// The advisory-lock class of the migration lock (PostgreSQL); the second key is
 /// `hashtext(schema)`.
@@ -117,15 +203,6 @@ fn pending(
             None => out.push(m),
         }
     }
-    if let (Some(newest), Some(known)) = (applied.keys().next_back(), migrations.last()) {
-        if *newest > known.version {
-            tracing::warn!(
-                database = *newest,
-                known = known.version,
-                "the database schema is newer than this build; using it as is"
-            );
-        }
-    }
     Ok(out)
 }
 
@@ -151,24 +228,53 @@ where
     Some(rows.into_iter().collect())
 }
 
-/// The fast path of opening: a database already up to date needs no lock (so a server
-/// starts at once even while another process holds the write lock for a bulk insert).
-fn up_to_date(
-    migrations: &'static [Migration],
-    applied: Option<BTreeMap<i64, Vec<u8>>>,
-) -> Result<Option<i64>, OpenError> {
-    match applied {
-        Some(applied) if pending(migrations, &applied)?.is_empty() => {
-            Ok(applied.keys().next_back().copied())
+/// The oldest keygate the database allows, read with `$executor`; `None` before migration
+/// 3 (no `keygate_settings` yet, no requirement). A macro rather than a generic function:
+/// a generic executor makes the opening future lose `Send`.
+macro_rules! read_min_version {
+    ($executor:expr, $applied:expr) => {
+        async {
+            if !$applied.contains_key(&SETTINGS_VERSION) {
+                return Ok::<Option<String>, OpenError>(None);
+            }
+            let row: Option<String> = sqlx::query_scalar(MIN_VERSION)
+                .fetch_optional($executor)
+                .await
+                .map_err(|e| failed("reading keygate_settings", e))?;
+            Ok(row)
         }
-        _ => Ok(None),
-    }
+    };
 }
 
-/// Brings a SQLite database up to date. Returns the newest applied version.
-pub(crate) async fn sqlite(pool: &SqlitePool) -> Result<i64, OpenError> {
-    if let Some(version) = up_to_date(SQLITE, applied_unlocked(pool).await)? {
-        return Ok(version);
+/// Checks a database that needs no migration: compatible with this build, and what to
+/// warn about.
+fn current(
+    migrations: &'static [Migration],
+    applied: &BTreeMap<i64, Vec<u8>>,
+    min: Option<&str>,
+) -> Result<Opened, OpenError> {
+    check_compatible(min)?;
+    Ok(Opened {
+        version: applied.keys().next_back().copied().unwrap_or(0),
+        warnings: newer_warning(migrations, applied).into_iter().collect(),
+    })
+}
+
+/// The value `min_keygate_version` should be raised to after migrating, if any.
+fn raised(min: Option<&str>) -> Option<&'static str> {
+    let now = min.and_then(parse_version).unwrap_or((0, 0, 0));
+    (parse_version(REQUIRES).unwrap_or((0, 0, 0)) > now).then_some(REQUIRES)
+}
+
+/// Brings a SQLite database up to date.
+pub(crate) async fn sqlite(pool: &SqlitePool) -> Result<Opened, OpenError> {
+    // The fast path: a database already up to date needs no lock (so a server starts at
+    // once even while another process holds the write lock for a bulk insert).
+    if let Some(applied) = applied_unlocked(pool).await {
+        if pending(SQLITE, &applied)?.is_empty() {
+            let min = read_min_version!(pool, applied).await?;
+            return current(SQLITE, &applied, min.as_deref());
+        }
     }
     let mut tx = pool
         .begin_with("BEGIN IMMEDIATE")
@@ -178,16 +284,13 @@ pub(crate) async fn sqlite(pool: &SqlitePool) -> Result<i64, OpenError> {
         .execute(&mut *tx)
         .await
         .map_err(|e| failed("creating keygate_migrations", e))?;
-    let rows = sqlx::query("SELECT version, checksum FROM keygate_migrations")
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(|e| failed("reading keygate_migrations", e))?;
-    let mut applied = BTreeMap::new();
-    for row in &rows {
-        let version: i64 = row.try_get(0).map_err(|e| failed("reading versions", e))?;
-        let sum: Vec<u8> = row.try_get(1).map_err(|e| failed("reading checksums", e))?;
-        applied.insert(version, sum);
-    }
+    let rows: Vec<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT version, checksum FROM keygate_migrations")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| failed("reading keygate_migrations", e))?;
+    let mut applied: BTreeMap<i64, Vec<u8>> = rows.into_iter().collect();
+    check_compatible(read_min_version!(&mut *tx, applied).await?.as_deref())?;
     for m in pending(SQLITE, &applied)? {
         tracing::info!(
             version = m.version,
@@ -211,17 +314,30 @@ pub(crate) async fn sqlite(pool: &SqlitePool) -> Result<i64, OpenError> {
         .map_err(|e| failed("recording a migration", e))?;
         applied.insert(m.version, m.checksum());
     }
+    let min = read_min_version!(&mut *tx, applied).await?;
+    if let Some(to) = raised(min.as_deref()) {
+        sqlx::query("UPDATE keygate_settings SET value = $1 WHERE name = 'min_keygate_version'")
+            .bind(to)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| failed("raising min_keygate_version", e))?;
+    }
     tx.commit()
         .await
         .map_err(|e| failed("committing migrations", e))?;
-    Ok(applied.keys().next_back().copied().unwrap_or(0))
+    current(SQLITE, &applied, raised(min.as_deref()).or(min.as_deref()))
 }
 
-/// Brings a PostgreSQL schema up to date, creating `create_schema` first if given. Returns
-/// the newest applied version.
-pub(crate) async fn postgres(pool: &PgPool, create_schema: Option<&str>) -> Result<i64, OpenError> {
-    if let Some(version) = up_to_date(POSTGRES, applied_unlocked(pool).await)? {
-        return Ok(version);
+/// Brings a PostgreSQL schema up to date, creating `create_schema` first if given.
+pub(crate) async fn postgres(
+    pool: &PgPool,
+    create_schema: Option<&str>,
+) -> Result<Opened, OpenError> {
+    if let Some(applied) = applied_unlocked(pool).await {
+        if pending(POSTGRES, &applied)?.is_empty() {
+            let min = read_min_version!(pool, applied).await?;
+            return current(POSTGRES, &applied, min.as_deref());
+        }
     }
     let mut tx = pool
         .begin()
@@ -246,16 +362,13 @@ pub(crate) async fn postgres(pool: &PgPool, create_schema: Option<&str>) -> Resu
         .execute(&mut *tx)
         .await
         .map_err(|e| failed("creating keygate_migrations", e))?;
-    let rows = sqlx::query("SELECT version, checksum FROM keygate_migrations")
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(|e| failed("reading keygate_migrations", e))?;
-    let mut applied = BTreeMap::new();
-    for row in &rows {
-        let version: i64 = row.try_get(0).map_err(|e| failed("reading versions", e))?;
-        let sum: Vec<u8> = row.try_get(1).map_err(|e| failed("reading checksums", e))?;
-        applied.insert(version, sum);
-    }
+    let rows: Vec<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT version, checksum FROM keygate_migrations")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| failed("reading keygate_migrations", e))?;
+    let mut applied: BTreeMap<i64, Vec<u8>> = rows.into_iter().collect();
+    check_compatible(read_min_version!(&mut *tx, applied).await?.as_deref())?;
     for m in pending(POSTGRES, &applied)? {
         tracing::info!(
             version = m.version,
@@ -279,10 +392,102 @@ pub(crate) async fn postgres(pool: &PgPool, create_schema: Option<&str>) -> Resu
         .map_err(|e| failed("recording a migration", e))?;
         applied.insert(m.version, m.checksum());
     }
+    let min = read_min_version!(&mut *tx, applied).await?;
+    if let Some(to) = raised(min.as_deref()) {
+        sqlx::query("UPDATE keygate_settings SET value = $1 WHERE name = 'min_keygate_version'")
+            .bind(to)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| failed("raising min_keygate_version", e))?;
+    }
     tx.commit()
         .await
         .map_err(|e| failed("committing migrations", e))?;
-    Ok(applied.keys().next_back().copied().unwrap_or(0))
+    current(
+        POSTGRES,
+        &applied,
+        raised(min.as_deref()).or(min.as_deref()),
+    )
+}
+
+/// Read-only opening: checks that the database is current without writing anything (no
+/// migration, no schema creation). `exists`: whether `keygate_migrations` exists.
+fn read_only_check(
+    migrations: &'static [Migration],
+    exists: bool,
+    applied: Option<BTreeMap<i64, Vec<u8>>>,
+    min: Option<&str>,
+) -> Result<Opened, OpenError> {
+    let applied = match (exists, applied) {
+        (false, _) | (true, None) => return Err(OpenError::NotInitialized),
+        (true, Some(a)) => a,
+    };
+    check_compatible(min)?;
+    let missing = pending(migrations, &applied)?;
+    if let Some(first) = missing.first() {
+        return Err(OpenError::Outdated {
+            version: applied.keys().next_back().copied().unwrap_or(0),
+            needs: migrations.last().map_or(first.version, |m| m.version),
+        });
+    }
+    current(migrations, &applied, min)
+}
+
+/// Checks a SQLite database opened read-only. The outer error: the database could not be
+/// read at all (the caller may retry differently); the inner one: its verdict.
+pub(crate) async fn sqlite_read_only(
+    pool: &SqlitePool,
+) -> Result<Result<Opened, OpenError>, sqlx::Error> {
+    let exists: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'keygate_migrations'",
+    )
+    .fetch_one(pool)
+    .await?;
+    let outcome = async {
+        if exists == 0 {
+            return read_only_check(SQLITE, false, None, None);
+        }
+        let applied = applied_unlocked(pool).await;
+        let min = match &applied {
+            Some(a) => read_min_version!(pool, a).await?,
+            None => None,
+        };
+        read_only_check(SQLITE, true, applied, min.as_deref())
+    }
+    .await;
+    Ok(outcome)
+}
+
+/// Checks a PostgreSQL schema opened read-only: `schema` (when named) must exist.
+pub(crate) async fn postgres_read_only(
+    pool: &PgPool,
+    schema: Option<&str>,
+) -> Result<Opened, OpenError> {
+    let unavailable = |e: sqlx::Error| OpenError::Unavailable(describe(&e));
+    if let Some(schema) = schema {
+        let found: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                .bind(schema)
+                .fetch_one(pool)
+                .await
+                .map_err(unavailable)?;
+        if !found {
+            return Err(OpenError::NoSchema(schema.to_owned()));
+        }
+    }
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('keygate_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await
+        .map_err(unavailable)?;
+    if !exists {
+        return read_only_check(POSTGRES, false, None, None);
+    }
+    let applied = applied_unlocked(pool).await;
+    let min = match &applied {
+        Some(a) => read_min_version!(pool, a).await?,
+        None => None,
+    };
+    read_only_check(POSTGRES, true, applied, min.as_deref())
 }
 
 #[cfg(test)]
@@ -308,8 +513,39 @@ mod tests {
         assert!(err.to_string().contains("migration 1"), "{err}");
         applied.insert(1, SQLITE[0].checksum());
         assert!(pending(SQLITE, &applied).unwrap().len() == SQLITE.len() - 1);
-        // Unknown newer versions are tolerated.
+        // Unknown newer versions are tolerated, and named in a warning.
+        assert_eq!(newer_warning(SQLITE, &applied), None);
         applied.insert(999, vec![1]);
         assert!(pending(SQLITE, &applied).is_ok());
+        let w = newer_warning(SQLITE, &applied).unwrap();
+        assert!(
+            w.contains("version(s) 999") && w.contains("knows up to 3"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn versions_are_compared_as_numbers() {
+        assert_eq!(parse_version("0.10.2"), Some((0, 10, 2)));
+        assert_eq!(parse_version("1.2.3-rc.1"), Some((1, 2, 3)));
+        for bad in ["", "1.2", "1.2.3.4", "a.b.c", "1.-2.3"] {
+            assert_eq!(parse_version(bad), None, "{bad}");
+        }
+        assert!(parse_version(RUNNING).is_some());
+        assert!(parse_version(REQUIRES) <= parse_version(RUNNING));
+        assert!(check_compatible(None).is_ok());
+        assert!(check_compatible(Some(RUNNING)).is_ok());
+        assert!(check_compatible(Some("0.0.1")).is_ok());
+        let e = check_compatible(Some("0.100.0")).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("this database needs keygate >= 0.100.0; you run {RUNNING} (upgrade keygate to use it)")
+        );
+        assert!(matches!(
+            check_compatible(Some("soon")),
+            Err(OpenError::Migration(_))
+        ));
+        assert_eq!(raised(Some("0.0.9")), Some(REQUIRES));
+        assert_eq!(raised(Some("99.0.0")), None);
     }
 }

@@ -25,6 +25,7 @@ pub struct SqlOptions {
     pub(crate) busy_timeout: Duration,
     pub(crate) schema: Option<String>,
     pub(crate) poll_interval: Option<Duration>,
+    pub(crate) read_only: bool,
 }
 
 impl Default for SqlOptions {
@@ -36,6 +37,7 @@ impl Default for SqlOptions {
             busy_timeout: Duration::from_secs(5),
             schema: None,
             poll_interval: None,
+            read_only: false,
         }
     }
 }
@@ -85,7 +87,7 @@ impl SqlOptions {
     }
 
     /// PostgreSQL only: keep keygate's tables in this schema (set as the connections'
-    /// `search_path`; created if missing). A plain identifier: 1 to 63 characters of
+    /// `search_path`; created if missing, unless [`SqlOptions::read_only`]). A plain identifier: 1 to 63 characters of
     /// `[a-z0-9_]`, not starting with a digit. Default: the server's `search_path`
     /// (normally `public`).
     pub fn schema(mut self, schema: impl Into<String>) -> Self {
@@ -98,6 +100,30 @@ impl SqlOptions {
     pub fn poll_interval(mut self, d: Duration) -> Self {
         self.poll_interval = Some(d);
         self
+    }
+
+    /// Open for reading only (default `false`): nothing is created or migrated, and the
+    /// database must already be current.
+    ///
+    /// - SQLite: the file is opened read-only and must exist; a file this process cannot
+    ///   write (and whose WAL index it cannot create) is read as an immutable snapshot,
+    ///   with a warning ([`SqlStore::warnings`](crate::SqlStore::warnings)).
+    /// - PostgreSQL: transactions are read-only (`default_transaction_read_only`); the
+    ///   schema set with [`SqlOptions::schema`] must exist
+    ///   ([`OpenError::NoSchema`](crate::OpenError::NoSchema)), never created.
+    ///
+    /// A database without keygate tables is
+    /// [`OpenError::NotInitialized`](crate::OpenError::NotInitialized); one whose schema
+    /// is older than this build is [`OpenError::Outdated`](crate::OpenError::Outdated).
+    /// Writes through such a store fail.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Whether the store opens read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     /// The configured pool size, if set.

@@ -48,6 +48,18 @@ impl KeyRow {
                 ))
             })
         };
+        let time = |column: &str, t: SystemTime| {
+            if keygate_core::time::in_stored_range(t) {
+                Ok(to_ms(t))
+            } else {
+                Err(StoreError::Corrupt(format!(
+                    "key {}: column {column} cannot be stored: {} is outside \
+                     0000-01-01T00:00:00Z..9999-12-31T23:59:59.999Z",
+                    r.id,
+                    keygate_core::time::rfc3339_millis(t)
+                )))
+            }
+        };
         Ok(KeyRow {
             id: r.id.as_str().to_owned(),
             prefix: r.prefix.as_str().to_owned(),
@@ -55,9 +67,9 @@ impl KeyRow {
             name: r.name.clone(),
             owner: r.owner.clone(),
             status: r.status.as_str(),
-            created_at: to_ms(r.created_at),
-            updated_at: to_ms(r.updated_at),
-            expires_at: r.expires_at.map(to_ms),
+            created_at: time("created_at", r.created_at)?,
+            updated_at: time("updated_at", r.updated_at)?,
+            expires_at: r.expires_at.map(|t| time("expires_at", t)).transpose()?,
             scopes: json("scopes", serde_json::to_string(&r.scopes))?,
             resources: json("resources", serde_json::to_string(&r.resources))?,
             attributes: json("attributes", serde_json::to_string(&r.attributes))?,
@@ -88,6 +100,15 @@ pub(crate) fn from_ms(ms: i64) -> Option<SystemTime> {
         UNIX_EPOCH.checked_sub(Duration::from_millis(ms.unsigned_abs()))
     }
 }
+
+/// What a key row's time column must hold: milliseconds from year 0 to the end of 9999
+/// (`keygate_core::time::{MIN_UNIX_MS, MAX_UNIX_MS}`, RFC 3339's range); anything else is
+/// a damaged row, reported rather than read.
+fn stored_time(ms: i64) -> Option<SystemTime> {
+    keygate_core::time::from_unix_ms(ms)
+}
+
+const OUT_OF_RANGE: &str = "out of range (not a time from year 0 to 9999)";
 
 /// A stored text shown in an error: at most 32 characters, escaped.
 fn shown(text: &str) -> String {
@@ -201,7 +222,7 @@ where
         updated_at: d.time("updated_at")?,
         expires_at: match d.get::<Option<i64>>("expires_at")? {
             None => None,
-            Some(ms) => Some(from_ms(ms).ok_or_else(|| d.bad("expires_at", "out of range"))?),
+            Some(ms) => Some(stored_time(ms).ok_or_else(|| d.bad("expires_at", OUT_OF_RANGE))?),
         },
         scopes: d.json::<Vec<String>>("scopes")?,
         resources: d.json::<Vec<String>>("resources")?,
@@ -251,7 +272,7 @@ where
 
     fn time(&self, column: &'static str) -> Result<SystemTime, BadRow> {
         let ms: i64 = self.get(column)?;
-        from_ms(ms).ok_or_else(|| self.bad(column, "out of range"))
+        stored_time(ms).ok_or_else(|| self.bad(column, OUT_OF_RANGE))
     }
 
     fn json<T: DeserializeOwned>(&self, column: &'static str) -> Result<T, BadRow> {

@@ -151,6 +151,7 @@ pub(crate) struct Inner {
     /// PostgreSQL: how to connect (the change listener opens its own connection).
     pub(crate) pg_connect: Option<PgConnectOptions>,
     schema_version: i64,
+    warnings: Vec<String>,
 }
 
 /// A [`KeyStore`] in SQLite (the embedded default) or PostgreSQL (shared by replicas),
@@ -188,34 +189,34 @@ impl SqlStore {
     async fn open_sqlite(url: &str, options: SqlOptions) -> Result<SqlStore, OpenError> {
         let connect = SqliteConnectOptions::from_str(url)
             .map_err(|e| OpenError::InvalidUrl(describe(&e)))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(options.busy_timeout);
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-        let mut pool = SqlitePoolOptions::new()
-            .acquire_timeout(options.acquire_timeout)
-            // A local file: no network between the pool and the database to test.
-            .test_before_acquire(false);
-        pool = if in_memory {
-            // The database lives as long as a connection does: keep exactly one.
-            pool.max_connections(1)
-                .min_connections(1)
-                .idle_timeout(None)
-                .max_lifetime(None)
+        let (pool, opened) = if options.read_only {
+            crate::files::open_sqlite_read_only(connect, &options, in_memory).await?
         } else {
-            pool.max_connections(options.max_connections.unwrap_or(4))
+            if !in_memory {
+                crate::files::create_owner_only(connect.get_filename())?;
+            }
+            let connect = connect
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal);
+            let pool = sqlite_pool(&options, in_memory)
+                .connect_with(connect)
+                .await
+                .map_err(|e| OpenError::Unavailable(describe(&e)))?;
+            let opened = migrate::sqlite(&pool).await?;
+            (pool, opened)
         };
-        let pool = pool
-            .connect_with(connect)
-            .await
-            .map_err(|e| OpenError::Unavailable(describe(&e)))?;
-        let schema_version = migrate::sqlite(&pool).await?;
+        for w in &opened.warnings {
+            tracing::warn!("{w}");
+        }
         Ok(SqlStore {
             inner: Arc::new(Inner {
                 pool: Pool::Sqlite(pool),
                 options,
                 pg_connect: None,
-                schema_version,
+                schema_version: opened.version,
+                warnings: opened.warnings,
             }),
         })
     }
@@ -226,21 +227,46 @@ impl SqlStore {
         if let Some(schema) = &options.schema {
             connect = connect.options([("search_path", schema.as_str())]);
         }
+        if options.read_only {
+            connect = connect.options([("default_transaction_read_only", "on")]);
+        }
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.unwrap_or(10))
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect.clone())
             .await
             .map_err(|e| OpenError::Unavailable(describe(&e)))?;
-        let schema_version = migrate::postgres(&pool, options.schema.as_deref()).await?;
+        let opened = if options.read_only {
+            migrate::postgres_read_only(&pool, options.schema.as_deref()).await
+        } else {
+            migrate::postgres(&pool, options.schema.as_deref()).await
+        };
+        let opened = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                pool.close().await;
+                return Err(e);
+            }
+        };
+        for w in &opened.warnings {
+            tracing::warn!("{w}");
+        }
         Ok(SqlStore {
             inner: Arc::new(Inner {
                 pool: Pool::Postgres(pool),
                 options,
                 pg_connect: Some(connect),
-                schema_version,
+                schema_version: opened.version,
+                warnings: opened.warnings,
             }),
         })
+    }
+
+    /// What opening found that the caller should pass on (the CLI prints each on stderr):
+    /// a schema written by a newer keygate that allows this one, a SQLite file read as an
+    /// immutable snapshot. Empty normally.
+    pub fn warnings(&self) -> &[String] {
+        &self.inner.warnings
     }
 
     /// Which database this store talks to.
@@ -568,6 +594,22 @@ const PRUNED_THROUGH: &str = "SELECT value FROM keygate_meta WHERE name = 'chang
 const SEQUENCE_BOUNDS: &str = "SELECT \
      (SELECT value FROM keygate_meta WHERE name = 'changes_pruned_through'), \
      (SELECT MAX(seq) FROM keygate_changes)";
+/// The SQLite pool settings for `options`.
+pub(crate) fn sqlite_pool(options: &SqlOptions, in_memory: bool) -> SqlitePoolOptions {
+    let pool = SqlitePoolOptions::new()
+        .acquire_timeout(options.acquire_timeout)
+        // A local file: no network between the pool and the database to test.
+        .test_before_acquire(false);
+    if in_memory {
+        // The database lives as long as a connection does: keep exactly one.
+        pool.max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+    } else {
+        pool.max_connections(options.max_connections.unwrap_or(4))
+    }
+}
 
 /// `INSERT INTO keygate_keys (...) VALUES (?, ...), ...` for `rows` rows.
 fn sqlite_values(rows: usize) -> String {
@@ -813,6 +855,7 @@ impl fmt::Debug for SqlStore {
             .field("backend", &self.backend())
             .field("schema", &self.inner.options.schema)
             .field("schema_version", &self.inner.schema_version)
+            .field("read_only", &self.inner.options.read_only)
             .field("connections", &size)
             .field("idle", &idle)
             .finish()

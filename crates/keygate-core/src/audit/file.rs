@@ -149,7 +149,8 @@ impl FileSinkBuilder {
         self
     }
 
-    /// Creates the directory if needed and continues the chain of the files already in it
+    /// Creates the directory if needed (each directory created is mode 0700 on unix,
+    /// whatever the umask; existing ones are left as they are) and continues the chain of the files already in it
     /// (from the last complete line of the newest file) in a new file, opened on the first
     /// event.
     pub fn open(self) -> Result<FileSink, AuditError> {
@@ -164,7 +165,7 @@ impl FileSinkBuilder {
                 self.stem.chars().take(64).collect::<String>()
             )));
         }
-        std::fs::create_dir_all(&self.dir)?;
+        create_private_dirs(&self.dir)?;
         let segments = segments(&self.dir, &self.stem)?;
         let next_index = segments.last().map_or(1, |(i, _)| i + 1);
         let mut head: Option<(u64, [u8; 32])> = None;
@@ -732,6 +733,31 @@ pub fn verify_dir(
     verify_files(&files, options)
 }
 
+/// `create_dir_all`, but each directory it creates is owner-only (0700 on unix, set after
+/// creation so the umask does not matter).
+fn create_private_dirs(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut next = Some(dir);
+    while let Some(d) = next.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        missing.push(d);
+        next = d.parent();
+    }
+    for d in missing.into_iter().rev() {
+        match std::fs::create_dir(d) {
+            Ok(()) => {
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -748,5 +774,26 @@ mod tests {
     #[test]
     fn segment_names_sort_by_index() {
         assert_eq!(segment_name("audit", 7), "audit-000007.jsonl");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn created_directories_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = std::env::temp_dir().join(format!(
+            "keygate-dirs-{}",
+            crate::KeyId::generate().unwrap()
+        ));
+        std::fs::create_dir(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = root.join("a").join("b");
+        FileSink::builder(&dir).open().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&root.join("a")), 0o700);
+        assert_eq!(mode(&dir), 0o700);
+        // An existing directory is left as it is.
+        assert_eq!(mode(&root), 0o755);
+        FileSink::builder(&dir).open().unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

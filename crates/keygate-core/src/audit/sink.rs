@@ -168,7 +168,7 @@ impl AuditSink for TracingSink {
                 tracing::info!(
                     target: "keygate::audit",
                     kind = "request",
-                    time = %humantime::format_rfc3339_micros(r.time),
+                    time = %crate::time::rfc3339_micros(r.time),
                     request_id = %r.request_id,
                     key_id = r.key_id.as_ref().map(|k| k.as_str()),
                     key_name = r.key_name.as_deref(),
@@ -192,7 +192,7 @@ impl AuditSink for TracingSink {
                 tracing::info!(
                     target: "keygate::audit",
                     kind = "lifecycle",
-                    time = %humantime::format_rfc3339_micros(l.time),
+                    time = %crate::time::rfc3339_micros(l.time),
                     actor = %l.actor,
                     action = l.action.as_str(),
                     key_id = l.key_id.as_str(),
