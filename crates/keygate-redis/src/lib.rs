@@ -46,11 +46,13 @@
 
 mod changes;
 mod conn;
+pub mod epoch;
 mod rate;
 mod usage;
 
 pub use changes::{ChangeHandler, ChangeWatcher, Publisher, Publishing, WatchOptions};
 pub use conn::{Error, OpenError, Redis, RedisOptions};
+pub use epoch::RestartMonitor;
 pub use rate::{RedisRateLimiter, TimeSource};
 pub use usage::RedisUsageStore;
 
