@@ -439,6 +439,8 @@ async fn a_restart_that_brings_back_an_older_snapshot_is_noticed() {
         durable: Some(Arc::new(db.store.usage_store())),
         hold: Some(Duration::from_secs(60)),
         restart_every: Some(Duration::from_millis(20)),
+        resync_interval: Duration::from_secs(1),
+        signing_key: None,
     }
     .spawn()
     .await;

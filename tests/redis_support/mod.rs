@@ -15,8 +15,8 @@ use keygate::core::usage::UsageStore;
 use keygate::quota::{Counting, QuotaConfig, QuotaLayer};
 use keygate::rate_limit::{Fallback, LimiterClock, RateLimitConfig, RateLimitLayer};
 use keygate::redis::{
-    ChangeWatcher, Publishing, Redis, RedisOptions, RedisRateLimiter, RedisUsageStore,
-    RestartMonitor, TimeSource, WatchOptions,
+    ChangeKey, ChangeWatcher, Publisher, Publishing, Redis, RedisOptions, RedisRateLimiter,
+    RedisUsageStore, RestartMonitor, TimeSource, WatchOptions,
 };
 use keygate::{KeyGate, KeyId, KeyManager, ManualClock, MemoryStore, RateLimitPolicy, Verifier};
 use tokio::net::TcpListener;
@@ -151,6 +151,10 @@ pub struct ReplicaSpec {
     pub hold: Option<Duration>,
     /// Runs a restart monitor with this period.
     pub restart_every: Option<Duration>,
+    /// The watcher's least time between two cache drops.
+    pub resync_interval: Duration,
+    /// Signs published changes and accepts only signed ones.
+    pub signing_key: Option<ChangeKey>,
 }
 
 impl ReplicaSpec {
@@ -167,6 +171,8 @@ impl ReplicaSpec {
             durable: None,
             hold: None,
             restart_every: None,
+            resync_interval: Duration::from_secs(1),
+            signing_key: None,
         }
     }
 
@@ -174,15 +180,18 @@ impl ReplicaSpec {
         let redis = Redis::open_with(&self.url, self.options.clone())
             .await
             .expect("open");
-        let verifier = Verifier::builder(Publishing::new(self.store.clone(), &redis))
+        let mut publisher = Publisher::new(&redis);
+        let mut watch = WatchOptions::new()
+            .resync_every(self.resync_every)
+            .resync_interval(self.resync_interval);
+        if let Some(key) = &self.signing_key {
+            publisher = publisher.signing_key(key.clone());
+            watch = watch.signing_key(key.clone());
+        }
+        let verifier = Verifier::builder(Publishing::with_publisher(self.store.clone(), publisher))
             .clock(self.clock.clone())
             .build();
-        let watcher = redis
-            .watch(
-                &verifier,
-                WatchOptions::new().resync_every(self.resync_every),
-            )
-            .await;
+        let watcher = redis.watch(&verifier, watch).await;
         let gate = KeyGate::new(verifier.clone());
         let mut limiter = RedisRateLimiter::new(&redis);
         if !self.server_time {

@@ -50,7 +50,10 @@ pub mod epoch;
 mod rate;
 mod usage;
 
-pub use changes::{ChangeHandler, ChangeWatcher, Publisher, Publishing, WatchOptions};
+pub use changes::{
+    ChangeHandler, ChangeKey, ChangeWatcher, InvalidChangeKey, Publisher, Publishing, WatchOptions,
+    LOG_LENGTH,
+};
 pub use conn::{Error, OpenError, Redis, RedisOptions};
 pub use epoch::RestartMonitor;
 pub use rate::{RedisRateLimiter, TimeSource};
