@@ -517,3 +517,41 @@ async fn a_restart_that_brings_back_an_older_snapshot_is_noticed() {
     assert_eq!(code(&body).await, "store_unavailable");
     println!("restart from an older snapshot: quota re-seeded, rate limit held (the quota answered {took:?} after the restart was noticed)");
 }
+
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "prints latency figures; run with --ignored --nocapture"]
+async fn what_the_durable_copy_costs_per_strict_check() {
+    use keygate::core::usage::{Limit, MemoryUsageStore};
+    use keygate::redis::RedisUsageStore;
+    let Some(t) = TestRedis::new().await else {
+        return;
+    };
+    let day = Window::containing(QuotaWindow::Day, ManualClock::at_2026().now());
+    let limits = [Limit {
+        window: 0,
+        limit: u64::MAX,
+    }];
+    let mut stores: Vec<(&str, RedisUsageStore, Option<Db>)> = vec![
+        ("redis only", RedisUsageStore::new(&t.redis), None),
+        (
+            "redis + memory copy",
+            RedisUsageStore::new(&t.redis).durable(MemoryUsageStore::new()),
+            None,
+        ),
+    ];
+    for db in databases().await {
+        let store = RedisUsageStore::new(&t.redis).durable(db.store.usage_store());
+        stores.push((db.name, store, Some(db)));
+    }
+    for (name, store, _db) in &stores {
+        let key = keygate::KeyId::generate().unwrap();
+        let mut samples = Vec::with_capacity(2000);
+        for _ in 0..2000 {
+            let start = std::time::Instant::now();
+            store.check_and_add(&key, &[day], &limits, 1).await.unwrap();
+            samples.push(start.elapsed());
+        }
+        let (median, p99) = percentiles(&mut samples);
+        println!("check_and_add, {name}: median {median:?}, p99 {p99:?}");
+    }
+}

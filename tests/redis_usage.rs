@@ -356,6 +356,6 @@ async fn delete_all_spares_nested_prefixes_and_foreign_keys() {
 
     // The nested prefix deletes its own keys the same way.
     assert_eq!(staging.delete_all().await.unwrap(), staged.len() as u64);
-    assert_eq!(keys(format!("{}:*", t.prefix)).await, [foreign.clone()]);
+    assert_eq!(keys(format!("{}:*", t.prefix)).await, [foreign.as_str()]);
     let _: () = cmd("DEL").arg(&foreign).query_async(&mut c).await.unwrap();
 }

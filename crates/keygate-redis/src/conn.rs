@@ -71,7 +71,8 @@ impl RedisOptions {
 
     /// The prefix of every key and channel (1 to 64 characters of `[A-Za-z0-9_.:-]`), so
     /// several services, or tests, can share one Redis. Keys read `{prefix}:rl:{...`,
-    /// `{prefix}:q:{...`, `{prefix}:changes:seq`, `{prefix}:epoch...`, the channel
+    /// `{prefix}:q:{...`, `{prefix}:changes:seq`, `{prefix}:changes:log`,
+    /// `{prefix}:epoch...`, the channel
     /// `{prefix}:changes`. One prefix may be nested in another (`keygate` and
     /// `keygate:staging`): their keys never collide, and [`Redis::delete_all`] on one leaves
     /// the other alone.
@@ -204,7 +205,8 @@ impl Redis {
     /// decommissioning; returns how many keys were deleted.
     ///
     /// Only keys of keygate's own layout directly under the prefix are matched
-    /// (`{prefix}:rl:{…`, `{prefix}:q:{…`, `{prefix}:changes:seq`, `{prefix}:epoch…`), so
+    /// (`{prefix}:rl:{…`, `{prefix}:q:{…`, `{prefix}:changes:seq`, `{prefix}:changes:log`,
+    /// `{prefix}:epoch…`), so
     /// a prefix nested under this one (`keygate:staging` under `keygate`) and keys of other
     /// software that happen to start with `{prefix}:` are left alone. Nested prefixes are
     /// allowed: no key of one can have the name of a key of the other, because a prefix never
@@ -216,6 +218,7 @@ impl Redis {
             format!("{p}:rl:{{*"),
             format!("{p}:q:{{*"),
             format!("{p}:changes:seq"),
+            format!("{p}:changes:log"),
             format!("{p}:epoch"),
             format!("{p}:epoch:*"),
         ];

@@ -492,10 +492,8 @@ impl Inner {
         shapes: &[Shape],
         cost: u32,
     ) -> Result<T, Error> {
-        let mut keys: Vec<String> = Vec::with_capacity(shapes.len() + 2);
-        keys.extend(shapes.iter().map(|s| self.key(subject, s)));
-        keys.push(self.epoch_key.clone());
-        keys.push(self.hold_key.clone());
+        let keys: Vec<String> = shapes.iter().map(|s| self.key(subject, s)).collect();
+        let (epoch_key, hold_key) = (&self.epoch_key, &self.hold_key);
         let now = self.now_arg();
         let mut args: Vec<u64> = Vec::with_capacity(3 + 2 * shapes.len());
         args.push(self.epoch.known());
@@ -512,6 +510,7 @@ impl Inner {
                 for k in &keys {
                     inv.key(k);
                 }
+                inv.key(epoch_key).key(hold_key);
                 inv.arg(now).arg(cost);
                 for a in &args {
                     inv.arg(*a);
