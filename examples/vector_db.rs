@@ -25,7 +25,8 @@
 //! - Several replicas: give each the same PostgreSQL `KEYGATE_DATABASE_URL` and
 //!   `KEYGATE_REDIS_URL` (`--redis-url`). Rate limits and quotas are then counted in Redis
 //!   (one atomic script per request, shared by the replicas; `GET /admin/keys/{id}/usage`
-//!   reads them), and key changes are announced through Redis pub/sub.
+//!   reads them; quota usage is written through to the key database too, so a Redis flush
+//!   or restart resets nothing), and key changes are announced through Redis pub/sub.
 //!
 //! - Pepper: `KEYGATE_PEPPER`, or `KEYGATE_PEPPER_FILE` naming an owner-only file (mode
 //!   600), hashes keys with a server-side secret; the CLI must be given the same one. The
@@ -184,6 +185,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         Some(r) => Some(r.watch(&verifier, WatchOptions::new()).await),
         None => None,
     };
+    // A Redis restart that brought back an older snapshot starts a new epoch: quotas are
+    // re-seeded from the database, rate limits hold (a flush is noticed by every call).
+    let _restarts = redis
+        .as_ref()
+        .map(|r| r.detect_restarts(std::time::Duration::from_secs(1)));
 
     // Audit: the hash-chained file log, written off the request path.
     let sink = FileSink::builder(&audit_dir)
@@ -198,8 +204,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     if let Some(r) = &redis {
         opts.rate_backend = Some(Arc::new(RedisRateLimiter::new(r)));
         // Strict: every request is one atomic check-and-add in Redis, so replicas cannot
-        // overshoot a quota together.
-        opts.usage = Arc::new(RedisUsageStore::new(r));
+        // overshoot a quota together; written through to the database, so losing Redis's
+        // data resets no quota (windows are re-seeded from it).
+        opts.usage = Arc::new(RedisUsageStore::new(r).durable(store.usage_store()));
         opts.counting = Counting::Strict;
     }
     let app = server::build(opts)?;

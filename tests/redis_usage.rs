@@ -286,3 +286,76 @@ async fn three_replicas_never_overshoot_a_window_together() {
     // 300 requests of cost 1 to 3 ask for 600: the window is filled to within one cost.
     assert!(total > limit - 3, "{total}");
 }
+
+#[tokio::test]
+async fn delete_all_spares_nested_prefixes_and_foreign_keys() {
+    use keygate::core::rate::{RateBackend, RateSubject};
+    use keygate::redis::{Publisher, RedisOptions, RedisRateLimiter};
+    use keygate::RateLimitPolicy;
+
+    let Some(t) = TestRedis::new().await else {
+        return;
+    };
+    // `{p}` and `{p}:staging`, as `keygate` and `keygate:staging` would be.
+    let staging = Redis::open_with(
+        &t.url,
+        RedisOptions::new().prefix(format!("{}:staging", t.prefix)),
+    )
+    .await
+    .unwrap();
+    let k = key("EEEEEEEEEEEE");
+    let day = Window::containing(QuotaWindow::Day, utc(2026, 5, 1, 10, 30, 0));
+    for r in [&t.redis, &staging] {
+        RedisUsageStore::new(r)
+            .check_and_add(&k, &[day], &[], 1)
+            .await
+            .unwrap();
+        RedisRateLimiter::new(r)
+            .check(
+                RateSubject::Key(k),
+                &[RateLimitPolicy::per_minute("m", 5)],
+                1,
+            )
+            .await
+            .unwrap();
+        Publisher::new(r).publish(&k).await.unwrap();
+    }
+    let mut c = t
+        .redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let cmd = keygate::redis::redis::cmd;
+    // Another program's key that merely starts with the prefix.
+    let foreign = format!("{}:sessions:42", t.prefix);
+    let _: () = cmd("SET")
+        .arg(&foreign)
+        .arg("x")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let keys = |pattern: String| {
+        let mut c = c.clone();
+        async move {
+            let mut v: Vec<String> = cmd("KEYS").arg(pattern).query_async(&mut c).await.unwrap();
+            v.sort();
+            v
+        }
+    };
+    let staged = keys(format!("{}:staging:*", t.prefix)).await;
+    assert!(staged.len() >= 4, "{staged:?}");
+
+    let deleted = t.redis.delete_all().await.unwrap();
+    let left = keys(format!("{}:*", t.prefix)).await;
+    let mut expected = staged.clone();
+    expected.push(foreign.clone());
+    expected.sort();
+    assert_eq!(left, expected, "only the parent's own keys are gone");
+    assert!(deleted >= 4, "{deleted}");
+
+    // The nested prefix deletes its own keys the same way.
+    assert_eq!(staging.delete_all().await.unwrap(), staged.len() as u64);
+    assert_eq!(keys(format!("{}:*", t.prefix)).await, [foreign.as_str()]);
+    let _: () = cmd("DEL").arg(&foreign).query_async(&mut c).await.unwrap();
+}

@@ -11,11 +11,12 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use keygate::core::audit::Auditor;
+use keygate::core::usage::UsageStore;
 use keygate::quota::{Counting, QuotaConfig, QuotaLayer};
 use keygate::rate_limit::{Fallback, LimiterClock, RateLimitConfig, RateLimitLayer};
 use keygate::redis::{
-    ChangeWatcher, Publishing, Redis, RedisOptions, RedisRateLimiter, RedisUsageStore, TimeSource,
-    WatchOptions,
+    ChangeKey, ChangeWatcher, Publisher, Publishing, Redis, RedisOptions, RedisRateLimiter,
+    RedisUsageStore, RestartMonitor, TimeSource, WatchOptions,
 };
 use keygate::{KeyGate, KeyId, KeyManager, ManualClock, MemoryStore, RateLimitPolicy, Verifier};
 use tokio::net::TcpListener;
@@ -62,7 +63,8 @@ impl TestRedis {
         redis_addr(&self.url)
     }
 
-    /// How many keys exist under the prefix.
+    /// How many keys exist under the prefix, not counting the epoch markers
+    /// (`{prefix}:epoch...`), which live as long as the prefix is used.
     pub async fn key_count(&self) -> usize {
         let mut c = self
             .redis
@@ -75,7 +77,8 @@ impl TestRedis {
             .query_async(&mut c)
             .await
             .expect("KEYS");
-        keys.len()
+        let epoch = format!("{}:epoch", self.prefix);
+        keys.iter().filter(|k| !k.starts_with(&epoch)).count()
     }
 }
 
@@ -125,7 +128,9 @@ pub struct Replica {
     pub gate: KeyGate,
     pub watcher: ChangeWatcher,
     pub limiter: RedisRateLimiter,
+    pub usage: RedisUsageStore,
     pub manager: KeyManager,
+    pub monitor: Option<RestartMonitor>,
 }
 
 /// How replicas are built.
@@ -140,6 +145,16 @@ pub struct ReplicaSpec {
     pub precheck: bool,
     /// Rate limits read Redis's clock instead of the manual one.
     pub server_time: bool,
+    /// The durable copy of quota usage, if any.
+    pub durable: Option<Arc<dyn UsageStore>>,
+    /// The rate limiter's hold after Redis lost its state (its default when `None`).
+    pub hold: Option<Duration>,
+    /// Runs a restart monitor with this period.
+    pub restart_every: Option<Duration>,
+    /// The watcher's least time between two cache drops.
+    pub resync_interval: Duration,
+    /// Signs published changes and accepts only signed ones.
+    pub signing_key: Option<ChangeKey>,
 }
 
 impl ReplicaSpec {
@@ -153,6 +168,11 @@ impl ReplicaSpec {
             resync_every: Duration::from_secs(1),
             precheck: false,
             server_time: false,
+            durable: None,
+            hold: None,
+            restart_every: None,
+            resync_interval: Duration::from_secs(1),
+            signing_key: None,
         }
     }
 
@@ -160,15 +180,18 @@ impl ReplicaSpec {
         let redis = Redis::open_with(&self.url, self.options.clone())
             .await
             .expect("open");
-        let verifier = Verifier::builder(Publishing::new(self.store.clone(), &redis))
+        let mut publisher = Publisher::new(&redis);
+        let mut watch = WatchOptions::new()
+            .resync_every(self.resync_every)
+            .resync_interval(self.resync_interval);
+        if let Some(key) = &self.signing_key {
+            publisher = publisher.signing_key(key.clone());
+            watch = watch.signing_key(key.clone());
+        }
+        let verifier = Verifier::builder(Publishing::with_publisher(self.store.clone(), publisher))
             .clock(self.clock.clone())
             .build();
-        let watcher = redis
-            .watch(
-                &verifier,
-                WatchOptions::new().resync_every(self.resync_every),
-            )
-            .await;
+        let watcher = redis.watch(&verifier, watch).await;
         let gate = KeyGate::new(verifier.clone());
         let mut limiter = RedisRateLimiter::new(&redis);
         if !self.server_time {
@@ -176,6 +199,9 @@ impl ReplicaSpec {
         }
         if self.precheck {
             limiter = limiter.local_precheck(std::num::NonZeroUsize::new(10_000).unwrap());
+        }
+        if let Some(hold) = self.hold {
+            limiter = limiter.hold_after_loss(hold);
         }
         let rate = RateLimitLayer::new(
             &gate,
@@ -187,9 +213,13 @@ impl ReplicaSpec {
                 .fallback(self.fallback),
         )
         .expect("rate-limit layer");
+        let mut usage = RedisUsageStore::new(&redis);
+        if let Some(durable) = &self.durable {
+            usage = usage.durable(durable.clone());
+        }
         let quota = QuotaLayer::new(
             &gate,
-            QuotaConfig::new(RedisUsageStore::new(&redis)).counting(Counting::Strict),
+            QuotaConfig::new(usage.clone()).counting(Counting::Strict),
         )
         .expect("quota layer");
         let app = Router::new()
@@ -208,12 +238,15 @@ impl ReplicaSpec {
             .expect("axum server");
         });
         let manager = KeyManager::for_verifier(&verifier, Auditor::tracing());
+        let monitor = self.restart_every.map(|every| redis.detect_restarts(every));
         Replica {
             addr,
             gate,
             watcher,
             limiter,
+            usage,
             manager,
+            monitor,
         }
     }
 }

@@ -3,22 +3,40 @@
 //!
 //! - A writer wraps its key store in [`Publishing`] (or calls [`Publisher::publish`]
 //!   itself): after each successful insert or update, one Lua script increments the
-//!   sequence `{prefix}:changes:seq` and publishes `"<seq> <key id>"` on `{prefix}:changes`.
-//!   A publish that fails (Redis down) never fails the write: the id is queued and published
-//!   again in the background until Redis answers.
+//!   sequence `{prefix}:changes:seq` and appends `"<seq> <key id>"` to the change log
+//!   `{prefix}:changes:log` (a sorted set by sequence, the last [`LOG_LENGTH`] changes);
+//!   then the same line (signed, with a [`ChangeKey`]) is published on `{prefix}:changes`.
+//!   A change that cannot be logged (Redis down) never fails the write: the id is queued
+//!   and published again in the background until Redis answers.
 //! - Every replica runs a [`ChangeWatcher`] ([`Redis::watch`]): a subscriber that calls
 //!   [`Verifier::invalidate`] for each message, so the next request with that key reads the
 //!   store again.
-//! - Messages can be lost (pub/sub delivers at most once: a subscriber that was disconnected
-//!   misses what was published meanwhile). The sequence number heals that: a message whose
-//!   number skips one, a sequence read after reconnecting that moved while the subscriber
-//!   was away, or a sequence that stays ahead of the last message across two periodic checks
-//!   ([`WatchOptions::resync_every`]), makes the watcher call [`Verifier::invalidate_all`]:
-//!   the cache starts over from the store. A Redis restart (the sequence going back) does
-//!   the same.
+//!
+//! # What the watcher trusts
+//! Messages are only hints: pub/sub delivers at most once, and anyone allowed to publish on
+//! the channel can send anything. The watcher's accounting uses only what is stored: every
+//! [`WatchOptions::resync_every`] (and soon after a message whose number does not follow
+//! the previous one) it reads the stored sequence, the [epoch](crate::epoch) and the log
+//! entries it has not applied, and evicts each logged key that no message named with the
+//! same number. So a lost message is healed within one period, and a forged one can neither
+//! hide a lost real change (the log still names it) nor make the watcher drop its cache.
+//! The whole cache is dropped ([`Verifier::invalidate_all`]) only when the stored state says
+//! changes may be unaccounted for: the epoch changed (Redis lost or replaced its state), the
+//! sequence went back, or the log no longer reaches back to the last change applied.
+//! Drops happen at most once per [`WatchOptions::resync_interval`]; further reasons within
+//! it coalesce into one drop at its end.
+//!
+//! A forged message still evicts the key it names (the next request for it reads the store)
+//! unless messages are signed: with a [`ChangeKey`] given to the publishers
+//! ([`Publisher::signing_key`]) and the watchers ([`WatchOptions::signing_key`]), each
+//! message carries a keyed blake3 MAC of the channel, sequence and key id, and watchers
+//! ignore (and count, [`ChangeWatcher::rejected`]) messages without a valid one. Roll out
+//! signing publishers first: a watcher without a key accepts signed messages too. A replayed
+//! signed message only evicts its key again. Better still, allow only the writers to
+//! publish (Redis ACLs, see the crate README section of the workspace README).
 //!
 //! So a change reaches every connected replica within one pub/sub delivery, and a replica
-//! that missed it within two resync periods (or at once on reconnecting).
+//! that missed it within one resync period (or at once on reconnecting).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,16 +49,47 @@ use keygate_core::{KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, Verifier};
 use redis::Script;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::conn::{describe, Error, Redis};
+use crate::epoch::{epoch_key, new_token};
 
-static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
+/// How many changes the log keeps: a watcher further behind than this drops its cache.
+pub const LOG_LENGTH: u64 = 10_000;
+
+/// The most (message, key) pairs a watcher remembers between two checks; beyond it,
+/// logged changes are evicted again even if a message named them.
+const RECENT_CAP: usize = 4096;
+
+static LOG: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS[1]: the sequence; ARGV[1]: the channel; ARGV[2]: the key id.
+-- KEYS[1]: the sequence; KEYS[2]: the log; KEYS[3]: the epoch.
+-- ARGV[1]: the key id; ARGV[2]: an epoch to create if there is none; ARGV[3]: log length.
 local seq = redis.call('INCR', KEYS[1])
-redis.call('PUBLISH', ARGV[1], seq .. ' ' .. ARGV[2])
+if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('SET', KEYS[3], ARGV[2]) end
+redis.call('ZADD', KEYS[2], seq, seq .. ' ' .. ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -1 - tonumber(ARGV[3]))
 return seq
+"#,
+    )
+});
+
+static READ_LOG: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS[1]: the sequence; KEYS[2]: the log; KEYS[3]: the epoch.
+-- ARGV[1]: the last sequence applied; ARGV[2]: the most entries to return.
+-- Returns {epoch or '', sequence, the log entries after ARGV[1] up to the sequence}.
+local cur = redis.call('GET', KEYS[1]) or '0'
+local out = {redis.call('GET', KEYS[3]) or '', cur}
+local from, n = tonumber(ARGV[1]), tonumber(cur)
+if n and n > from and n - from <= tonumber(ARGV[2]) then
+  for _, e in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], cur)) do
+    out[#out + 1] = e
+  end
+end
+return out
 "#,
     )
 });
@@ -57,6 +106,64 @@ fn sequence(redis: &Redis) -> String {
     redis.key(format_args!("changes:seq"))
 }
 
+fn log_key(redis: &Redis) -> String {
+    redis.key(format_args!("changes:log"))
+}
+
+/// The key that signs change messages (a keyed blake3 MAC). 32 bytes, from configuration;
+/// give the same key to every publisher and watcher of a prefix. Never shown by `Debug`.
+#[derive(Clone)]
+pub struct ChangeKey([u8; 32]);
+
+/// Why [`ChangeKey::from_hex`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a change-signing key is 64 hexadecimal digits (32 bytes)")]
+pub struct InvalidChangeKey;
+
+impl ChangeKey {
+    /// A key from 32 bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        ChangeKey(bytes)
+    }
+
+    /// A key from 64 hexadecimal digits (surrounding whitespace ignored); the error does not
+    /// repeat the input.
+    pub fn from_hex(hex: &str) -> Result<Self, InvalidChangeKey> {
+        let hex = hex.trim().as_bytes();
+        if hex.len() != 64 {
+            return Err(InvalidChangeKey);
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in hex.chunks(2).enumerate() {
+            let digit = |b: u8| (b as char).to_digit(16).ok_or(InvalidChangeKey);
+            out[i] = u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?)
+                .map_err(|_| InvalidChangeKey)?;
+        }
+        Ok(ChangeKey(out))
+    }
+
+    /// The MAC of one message line on `channel`.
+    fn mac(&self, channel: &str, line: &str) -> blake3::Hash {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(b"keygate change v1\n");
+        h.update(channel.as_bytes());
+        h.update(b"\n");
+        h.update(line.as_bytes());
+        h.finalize()
+    }
+
+    /// Whether `mac` (hex) signs `line` on `channel` (compared in constant time).
+    fn verify(&self, channel: &str, line: &str, mac: &str) -> bool {
+        blake3::Hash::from_hex(mac).is_ok_and(|m| m == self.mac(channel, line))
+    }
+}
+
+impl std::fmt::Debug for ChangeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChangeKey(..)")
+    }
+}
+
 /// Announces key changes to every replica (see the [module docs](self)). Cheap to clone;
 /// clones share the retry queue.
 #[derive(Clone)]
@@ -68,40 +175,92 @@ struct PublisherInner {
     redis: Redis,
     channel: String,
     sequence: String,
+    log: String,
+    epoch: String,
+    key: Option<ChangeKey>,
     /// Ids whose publish failed, published again by the retry task.
     pending: Mutex<HashSet<KeyId>>,
     retrying: AtomicBool,
 }
 
 impl Publisher {
-    /// A publisher on `redis`'s prefix.
+    /// A publisher on `redis`'s prefix, sending unsigned messages.
     pub fn new(redis: &Redis) -> Self {
         Publisher {
             inner: Arc::new(PublisherInner {
                 redis: redis.clone(),
                 channel: channel(redis),
                 sequence: sequence(redis),
+                log: log_key(redis),
+                epoch: epoch_key(redis),
+                key: None,
                 pending: Mutex::new(HashSet::new()),
                 retrying: AtomicBool::new(false),
             }),
         }
     }
 
-    /// Publishes that `id` changed; returns its sequence number.
+    /// Signs every message with `key` (watchers given the same key ignore messages not
+    /// signed with it). Call before sharing the publisher.
+    pub fn signing_key(mut self, key: ChangeKey) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.key = Some(key),
+            None => {
+                let mut p = Publisher::new(&self.inner.redis);
+                if let Some(inner) = Arc::get_mut(&mut p.inner) {
+                    inner.key = Some(key);
+                }
+                self = p;
+            }
+        }
+        self
+    }
+
+    /// Logs that `id` changed and publishes it; returns its sequence number. Once the change
+    /// is logged it counts as announced: if only the publish fails, watchers find it in the
+    /// log at their next check.
     pub async fn publish(&self, id: &KeyId) -> Result<u64, Error> {
         let inner = &*self.inner;
-        let (seq_key, channel, id) = (inner.sequence.clone(), inner.channel.clone(), *id);
-        inner
+        let keys = [
+            inner.sequence.clone(),
+            inner.log.clone(),
+            inner.epoch.clone(),
+        ];
+        let (id, token) = (*id, new_token());
+        let seq: u64 = inner
             .redis
             .run(move |mut c| async move {
-                PUBLISH
-                    .key(seq_key)
-                    .arg(channel)
-                    .arg(id.as_str())
+                let mut inv = LOG.prepare_invoke();
+                for k in &keys {
+                    inv.key(k);
+                }
+                inv.arg(id.as_str())
+                    .arg(token.to_string())
+                    .arg(LOG_LENGTH)
                     .invoke_async(&mut c)
                     .await
             })
-            .await
+            .await?;
+        let line = format!("{seq} {id}");
+        let message = match &inner.key {
+            Some(key) => format!("{line} {}", key.mac(&inner.channel, &line).to_hex()),
+            None => line,
+        };
+        let channel = inner.channel.clone();
+        let sent = inner
+            .redis
+            .run(move |mut c| async move {
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(message)
+                    .query_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+        if let Err(e) = sent {
+            tracing::warn!(key_id = %id, error = %e, "a key change was logged but not published; watchers find it at their next check");
+        }
+        Ok(seq)
     }
 
     /// Publishes that `id` changed; if Redis cannot take it now, queues it and publishes it
@@ -173,6 +332,7 @@ impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Publisher")
             .field("channel", &self.inner.channel)
+            .field("signed", &self.inner.key.is_some())
             .field("pending", &self.pending())
             .finish()
     }
@@ -301,26 +461,49 @@ impl<H: ChangeHandler + ?Sized> ChangeHandler for Arc<H> {
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
     resync_every: Duration,
+    resync_interval: Duration,
+    key: Option<ChangeKey>,
 }
 
 impl Default for WatchOptions {
     fn default() -> Self {
         WatchOptions {
             resync_every: Duration::from_secs(1),
+            resync_interval: Duration::from_secs(1),
+            key: None,
         }
     }
 }
 
 impl WatchOptions {
-    /// The defaults: the sequence is checked every second.
+    /// The defaults: the stored sequence is checked every second, the cache dropped at most
+    /// once a second, messages not signed.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// How often the sequence is read (and the subscription pinged): a missed message is
-    /// healed within two of these (default 1 s; at least 10 ms).
+    /// How often the stored sequence and change log are read (and the subscription
+    /// pinged): a missed message is healed within one of these (default 1 s; at least
+    /// 10 ms).
     pub fn resync_every(mut self, every: Duration) -> Self {
         self.resync_every = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// The least time between two drops of the whole cache, and between two extra checks
+    /// asked for by out-of-order messages (default 1 s; at least 10 ms). Reasons arising
+    /// within it coalesce into one drop (or check) at its end, so nobody who can publish on
+    /// the channel, or flush Redis, can make a replica reload its keys more often.
+    pub fn resync_interval(mut self, interval: Duration) -> Self {
+        self.resync_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Accepts only messages signed with `key` (see the [module docs](self)); others are
+    /// ignored and counted ([`ChangeWatcher::rejected`]). The change log still heals what
+    /// they would have announced.
+    pub fn signing_key(mut self, key: ChangeKey) -> Self {
+        self.key = Some(key);
         self
     }
 }
@@ -330,6 +513,9 @@ struct State {
     subscribed: AtomicBool,
     resyncs: AtomicU64,
     messages: AtomicU64,
+    rejected: AtomicU64,
+    checks: AtomicU64,
+    healed: AtomicU64,
 }
 
 /// A running task that makes a [`ChangeHandler`] (a replica's [`Verifier`]) follow the key
@@ -344,7 +530,8 @@ pub struct ChangeWatcher {
 }
 
 impl ChangeWatcher {
-    /// The sequence number of the last change handled (or resynced past).
+    /// The sequence number of the last change handled (announced by a message in order, or
+    /// read from the log), or resynced past.
     pub fn seq(&self) -> u64 {
         *self.seq.borrow()
     }
@@ -380,6 +567,22 @@ impl ChangeWatcher {
         self.state.messages.load(Ordering::Acquire)
     }
 
+    /// How many messages were ignored: unreadable, or (with a signing key) not signed with
+    /// it.
+    pub fn rejected(&self) -> u64 {
+        self.state.rejected.load(Ordering::Acquire)
+    }
+
+    /// How many times the stored sequence and change log were read.
+    pub fn checks(&self) -> u64 {
+        self.state.checks.load(Ordering::Acquire)
+    }
+
+    /// How many logged changes were applied from the log because no message announced them.
+    pub fn healed(&self) -> u64 {
+        self.state.healed.load(Ordering::Acquire)
+    }
+
     /// Stops the task and waits for it to end.
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.shutdown.take() {
@@ -405,13 +608,15 @@ impl std::fmt::Debug for ChangeWatcher {
             .field("seq", &self.seq())
             .field("subscribed", &self.is_subscribed())
             .field("resyncs", &self.resyncs())
+            .field("rejected", &self.rejected())
             .finish()
     }
 }
 
 impl Redis {
     /// Makes `verifier` follow the key changes published on this prefix: each message
-    /// evicts its key; a missed message drops the whole cache (see the [module
+    /// evicts its key; the change log heals missed messages; the whole cache is dropped only
+    /// when the stored state says changes may be unaccounted for (see the [module
     /// docs](crate::changes)). Changes published before the subscription is up are not
     /// reported; wait for [`ChangeWatcher::subscribed`] before relying on it. Must be
     /// called within a tokio runtime.
@@ -445,83 +650,205 @@ impl Redis {
     }
 }
 
-/// The watcher's view of the sequence.
+/// What one check read: the epoch (empty when none exists), the stored sequence, and the
+/// log entries after the last applied sequence (empty when too many).
+struct Stored {
+    epoch: String,
+    current: u64,
+    entries: Vec<(u64, KeyId)>,
+    /// Every entry was readable.
+    readable: bool,
+}
+
+impl Stored {
+    fn parse(mut raw: Vec<String>) -> Result<Stored, Error> {
+        if raw.len() < 2 {
+            return Err(Error::Unexpected("short answer from the change log".into()));
+        }
+        let rest = raw.split_off(2);
+        let current = raw[1]
+            .parse()
+            .map_err(|_| Error::Unexpected("unreadable change sequence".into()))?;
+        let mut readable = true;
+        let entries = rest
+            .iter()
+            .filter_map(|e| {
+                let parsed = parse_line(e);
+                readable &= parsed.is_some();
+                parsed
+            })
+            .collect();
+        Ok(Stored {
+            epoch: std::mem::take(&mut raw[0]),
+            current,
+            entries,
+            readable,
+        })
+    }
+}
+
+/// `"<seq> <key id>"`.
+fn parse_line(line: &str) -> Option<(u64, KeyId)> {
+    let (seq, id) = line.split_once(' ')?;
+    Some((seq.parse().ok()?, KeyId::parse(id).ok()?))
+}
+
+/// The watcher's view of the changes.
 struct Follow<H> {
     handler: H,
-    /// The last sequence number handled; `None` before the first subscription.
-    last: Option<u64>,
-    /// A sequence read ahead of `last` at the previous check (messages may be in flight).
-    suspect: Option<u64>,
+    channel: String,
+    key: Option<ChangeKey>,
+    /// The log was applied through this sequence; `None` before the first check.
+    confirmed: Option<u64>,
+    /// The epoch at the last check ("" when there was none).
+    epoch: String,
+    /// The sequence of the last message.
+    last_message: Option<u64>,
+    /// Messages handled since the last check, so the log does not evict their keys twice.
+    recent: HashSet<(u64, KeyId)>,
+    /// A message suggested a gap: check soon.
+    check_wanted: bool,
+    /// A drop is due but was deferred by the interval.
+    drop_pending: bool,
+    interval: Duration,
+    last_drop: Option<Instant>,
     seq_tx: watch::Sender<u64>,
     state: Arc<State>,
 }
 
 impl<H: ChangeHandler> Follow<H> {
-    fn set(&mut self, seq: u64) {
-        self.last = Some(seq);
-        self.seq_tx.send_replace(seq);
+    fn publish_seq(&self, seq: u64) {
+        self.seq_tx.send_if_modified(|s| {
+            let moved = seq > *s;
+            if moved {
+                *s = seq;
+            }
+            moved
+        });
     }
 
-    fn resync(&mut self, seq: u64, why: &str) {
-        tracing::warn!(
-            seq,
-            reason = why,
-            "key changes may have been missed; dropping the key cache"
-        );
-        self.handler.resync();
-        self.state.resyncs.fetch_add(1, Ordering::AcqRel);
-        self.suspect = None;
-        self.set(seq);
+    fn reject(&self, why: &str) {
+        let n = self.state.rejected.fetch_add(1, Ordering::AcqRel) + 1;
+        // First, second, fourth, ...: a flood cannot flood the log too.
+        if n.is_power_of_two() {
+            tracing::warn!(rejected = n, reason = why, "key-change message ignored");
+        }
     }
 
     fn message(&mut self, payload: &str) {
-        let Some((seq, id)) = payload.split_once(' ') else {
-            tracing::warn!("unreadable key-change message ignored");
-            return;
+        let mut parts = payload.splitn(3, ' ');
+        let (Some(seq), Some(id)) = (parts.next(), parts.next()) else {
+            return self.reject("unreadable");
         };
+        let mac = parts.next();
+        let line_len = seq.len() + 1 + id.len();
         let (Ok(seq), Ok(id)) = (seq.parse::<u64>(), KeyId::parse(id)) else {
-            tracing::warn!("unreadable key-change message ignored");
-            return;
+            return self.reject("unreadable");
         };
+        if let Some(key) = &self.key {
+            let signed = mac.is_some_and(|m| key.verify(&self.channel, &payload[..line_len], m));
+            if !signed {
+                return self.reject("not signed with the configured key");
+            }
+        }
         self.handler.changed(&id);
         self.state.messages.fetch_add(1, Ordering::AcqRel);
-        match self.last {
-            Some(last) if seq == last + 1 => self.set(seq),
-            Some(last) if seq > last + 1 => self.resync(seq, "a message was skipped"),
-            Some(last) if seq < last => {
-                self.resync(seq, "the sequence went back (Redis restarted?)")
-            }
-            Some(_) => {}
-            None => self.set(seq),
+        if self.recent.len() < RECENT_CAP {
+            self.recent.insert((seq, id));
+        }
+        let in_order = self.last_message.is_some_and(|l| seq == l + 1);
+        self.last_message = Some(seq);
+        if in_order {
+            self.publish_seq(seq);
+        } else {
+            // Out of order, or a gap: the log will tell (never the message itself).
+            self.check_wanted = true;
         }
     }
 
-    /// Compares the stored sequence with what was handled.
-    fn check(&mut self, current: u64, reconnected: bool) {
-        let Some(last) = self.last else {
-            self.set(current);
+    /// Applies what a check read.
+    fn apply(&mut self, stored: Stored, now: Instant) {
+        self.state.checks.fetch_add(1, Ordering::AcqRel);
+        self.check_wanted = false;
+        let Some(confirmed) = self.confirmed else {
+            // The first check: the baseline.
+            self.confirmed = Some(stored.current);
+            self.epoch = stored.epoch;
+            self.last_message = Some(stored.current);
+            self.recent.clear();
+            self.publish_seq(stored.current);
             return;
         };
-        if current == last {
-            self.suspect = None;
-        } else if current < last {
-            self.resync(current, "the sequence went back (Redis restarted?)");
-        } else if reconnected {
-            self.resync(current, "changes were published while disconnected");
-        } else if self.suspect.is_some_and(|s| last < s) {
-            self.resync(current, "a message did not arrive");
+        let gap = stored.current.saturating_sub(confirmed);
+        let reason = if !self.epoch.is_empty() && stored.epoch != self.epoch {
+            Some("Redis lost or replaced its state (the epoch changed)")
+        } else if stored.current < confirmed {
+            Some("the sequence went back")
+        } else if gap > 0
+            && (!stored.readable
+                || stored.entries.len() as u64 != gap
+                || stored
+                    .entries
+                    .iter()
+                    .zip(confirmed + 1..)
+                    .any(|((seq, _), want)| *seq != want))
+        {
+            Some("the change log does not cover the changes missed")
         } else {
-            self.suspect = Some(current);
+            None
+        };
+        if let Some(why) = reason {
+            if self.last_drop.is_some_and(|at| now < at + self.interval) {
+                // Coalesce: dropped once the interval is over.
+                self.drop_pending = true;
+                return;
+            }
+            tracing::warn!(
+                seq = stored.current,
+                reason = why,
+                "key changes may have been missed; dropping the key cache"
+            );
+            self.handler.resync();
+            self.state.resyncs.fetch_add(1, Ordering::AcqRel);
+            self.last_drop = Some(now);
+        } else {
+            for (seq, id) in &stored.entries {
+                if !self.recent.contains(&(*seq, *id)) {
+                    self.handler.changed(id);
+                    self.state.healed.fetch_add(1, Ordering::AcqRel);
+                }
+            }
         }
+        self.drop_pending = false;
+        self.confirmed = Some(stored.current);
+        self.epoch = stored.epoch;
+        let current = stored.current;
+        self.recent.retain(|(seq, _)| *seq > current);
+        self.publish_seq(current);
+    }
+
+    /// When the next extra check may run, if one is wanted.
+    fn next_extra(&self, last_extra: Option<Instant>, now: Instant) -> Option<Instant> {
+        if self.drop_pending {
+            return Some(self.last_drop.map_or(now, |at| at + self.interval));
+        }
+        self.check_wanted
+            .then(|| last_extra.map_or(now, |at| (at + self.interval).max(now)))
     }
 }
 
-async fn read_seq(redis: &Redis, key: &str) -> Result<u64, Error> {
-    let key = key.to_owned();
-    let v: Option<u64> = redis
-        .run(move |mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+async fn read_stored(redis: &Redis, keys: &[String; 3], after: u64) -> Result<Stored, Error> {
+    let keys = keys.clone();
+    let raw: Vec<String> = redis
+        .run(move |mut c| async move {
+            let mut inv = READ_LOG.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            inv.arg(after).arg(LOG_LENGTH).invoke_async(&mut c).await
+        })
         .await?;
-    Ok(v.unwrap_or(0))
+    Stored::parse(raw)
 }
 
 async fn run<H: ChangeHandler>(
@@ -533,17 +860,26 @@ async fn run<H: ChangeHandler>(
     state: Arc<State>,
 ) {
     let channel = channel(&redis);
-    let seq_key = sequence(&redis);
+    let keys = [sequence(&redis), log_key(&redis), epoch_key(&redis)];
     let timeout = redis.timeout();
     let mut f = Follow {
         handler,
-        last: None,
-        suspect: None,
+        channel: channel.clone(),
+        key: options.key.clone(),
+        confirmed: None,
+        epoch: String::new(),
+        last_message: None,
+        recent: HashSet::new(),
+        check_wanted: false,
+        drop_pending: false,
+        interval: options.resync_interval,
+        last_drop: None,
         seq_tx,
         state: state.clone(),
     };
     let mut backoff = BACKOFF_START;
     let mut failing = false;
+    let mut last_extra: Option<Instant> = None;
     loop {
         let connected = tokio::time::timeout(timeout, async {
             let mut pubsub = redis.client().get_async_pubsub().await?;
@@ -571,11 +907,10 @@ async fn run<H: ChangeHandler>(
                 continue;
             }
         };
-        // Subscribed: anything published from now on arrives. Read the sequence to learn
-        // what was missed before.
-        let reconnected = f.last.is_some();
-        match read_seq(&redis, &seq_key).await {
-            Ok(current) => f.check(current, reconnected),
+        // Subscribed: anything published from now on arrives. Read the stored state to
+        // learn what was missed before.
+        match read_stored(&redis, &keys, f.confirmed.unwrap_or(0)).await {
+            Ok(stored) => f.apply(stored, Instant::now()),
             Err(_) => {
                 failing = true;
                 if sleep_or_stop(&mut shutdown, &mut backoff).await {
@@ -596,6 +931,7 @@ async fn run<H: ChangeHandler>(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         let lost = loop {
+            let extra = f.next_extra(last_extra, Instant::now());
             tokio::select! {
                 biased;
                 _ = &mut shutdown => {
@@ -605,18 +941,25 @@ async fn run<H: ChangeHandler>(
                 msg = stream.next() => match msg {
                     Some(msg) => match msg.get_payload::<String>() {
                         Ok(payload) => f.message(&payload),
-                        Err(_) => tracing::warn!("unreadable key-change message ignored"),
+                        Err(_) => f.reject("unreadable"),
                     },
                     None => break "connection lost",
                 },
+                _ = tokio::time::sleep_until(extra.unwrap_or_else(Instant::now)), if extra.is_some() => {
+                    last_extra = Some(Instant::now());
+                    match read_stored(&redis, &keys, f.confirmed.unwrap_or(0)).await {
+                        Ok(stored) => f.apply(stored, Instant::now()),
+                        Err(_) => break "the change log cannot be read",
+                    }
+                }
                 _ = tick.tick() => {
                     let alive = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
                     if !matches!(alive, Ok(Ok(_))) {
                         break "the subscription stopped answering";
                     }
-                    match read_seq(&redis, &seq_key).await {
-                        Ok(current) => f.check(current, false),
-                        Err(_) => break "the sequence cannot be read",
+                    match read_stored(&redis, &keys, f.confirmed.unwrap_or(0)).await {
+                        Ok(stored) => f.apply(stored, Instant::now()),
+                        Err(_) => break "the change log cannot be read",
                     }
                 }
             }
@@ -659,14 +1002,22 @@ mod tests {
         }
     }
 
-    fn follow() -> (Follow<Arc<Log>>, Arc<Log>) {
+    fn follow(key: Option<ChangeKey>) -> (Follow<Arc<Log>>, Arc<Log>) {
         let log = Arc::new(Log::default());
         let (seq_tx, _) = watch::channel(0);
         (
             Follow {
                 handler: log.clone(),
-                last: None,
-                suspect: None,
+                channel: "p:changes".into(),
+                key,
+                confirmed: None,
+                epoch: String::new(),
+                last_message: None,
+                recent: HashSet::new(),
+                check_wanted: false,
+                drop_pending: false,
+                interval: Duration::from_secs(1),
+                last_drop: None,
                 seq_tx,
                 state: Arc::default(),
             },
@@ -674,47 +1025,133 @@ mod tests {
         )
     }
 
-    #[test]
-    fn gaps_and_restarts_resync() {
-        let (mut f, log) = follow();
-        f.check(5, false);
-        f.message("6 AAAAAAAAAAAA");
-        f.message("6 AAAAAAAAAAAA");
-        f.message("8 BBBBBBBBBBBB");
-        f.message("2 CCCCCCCCCCCC");
-        f.message("garbage");
-        f.message("3 not-an-id");
-        assert_eq!(
-            *log.0.lock().unwrap(),
-            [
-                "AAAAAAAAAAAA",
-                "AAAAAAAAAAAA",
-                "BBBBBBBBBBBB",
-                "resync",
-                "CCCCCCCCCCCC",
-                "resync"
-            ]
-        );
-        assert_eq!(f.last, Some(2));
+    fn stored(epoch: &str, current: u64, entries: &[(u64, &str)]) -> Stored {
+        Stored {
+            epoch: epoch.into(),
+            current,
+            entries: entries
+                .iter()
+                .map(|(s, id)| (*s, KeyId::parse(id).unwrap()))
+                .collect(),
+            readable: true,
+        }
+    }
+
+    fn seen(log: &Log) -> Vec<String> {
+        std::mem::take(&mut *log.0.lock().unwrap())
     }
 
     #[test]
-    fn a_lost_last_message_heals_on_the_second_check() {
-        let (mut f, log) = follow();
-        f.check(10, false);
-        // The sequence moved but its message is (maybe) in flight: wait one check.
-        f.check(11, false);
-        assert!(log.0.lock().unwrap().is_empty());
-        // It arrived: nothing to do.
-        f.message("11 AAAAAAAAAAAA");
-        f.check(11, false);
-        f.check(12, false);
-        // Still missing at the next check: resync.
-        f.check(12, false);
-        assert_eq!(*log.0.lock().unwrap(), ["AAAAAAAAAAAA", "resync"]);
-        // After a reconnection any difference resyncs at once.
-        f.check(13, true);
-        assert_eq!(log.0.lock().unwrap().len(), 3);
-        assert_eq!(f.last, Some(13));
+    fn messages_are_hints_and_the_log_decides() {
+        let (mut f, log) = follow(None);
+        let t0 = Instant::now();
+        f.apply(stored("E", 5, &[]), t0);
+        f.message("6 AAAAAAAAAAAA");
+        assert!(!f.check_wanted, "in order");
+        // Forged, out of order: evicts its key, asks for a check, drops nothing.
+        f.message("99 BBBBBBBBBBBB");
+        f.message("1 BBBBBBBBBBBB");
+        assert!(f.check_wanted);
+        f.message("garbage");
+        f.message("3 not-an-id");
+        assert_eq!(f.state.rejected.load(Ordering::Relaxed), 2);
+        assert_eq!(seen(&log), ["AAAAAAAAAAAA", "BBBBBBBBBBBB", "BBBBBBBBBBBB"]);
+        // The log holds 6 (announced) and 7 (lost): only 7 is applied again.
+        f.apply(
+            stored("E", 7, &[(6, "AAAAAAAAAAAA"), (7, "CCCCCCCCCCCC")]),
+            t0,
+        );
+        assert_eq!(seen(&log), ["CCCCCCCCCCCC"]);
+        assert_eq!(f.state.healed.load(Ordering::Relaxed), 1);
+        assert_eq!(f.state.resyncs.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_forged_message_cannot_hide_a_lost_one() {
+        let (mut f, log) = follow(None);
+        let t0 = Instant::now();
+        f.apply(stored("E", 10, &[]), t0);
+        // Real 11 (key C) lost; a forged 11 names key F.
+        f.message("11 FFFFFFFFFFFF");
+        f.apply(stored("E", 11, &[(11, "CCCCCCCCCCCC")]), t0);
+        assert_eq!(seen(&log), ["FFFFFFFFFFFF", "CCCCCCCCCCCC"]);
+    }
+
+    #[test]
+    fn drops_only_on_stored_evidence_and_at_most_once_per_interval() {
+        let (mut f, log) = follow(None);
+        let t0 = Instant::now();
+        f.apply(stored("E", 10, &[]), t0);
+        // The log does not reach back (a trimmed log, or INCR without a log entry).
+        f.apply(stored("E", 12, &[(12, "AAAAAAAAAAAA")]), t0);
+        assert_eq!(seen(&log), ["resync"]);
+        // The epoch changed: a drop is due, but within the interval it waits.
+        f.apply(stored("F", 1, &[]), t0 + Duration::from_millis(10));
+        assert!(seen(&log).is_empty());
+        assert!(f.drop_pending);
+        assert_eq!(
+            f.next_extra(None, t0 + Duration::from_millis(10)),
+            Some(t0 + Duration::from_secs(1))
+        );
+        f.apply(stored("F", 1, &[]), t0 + Duration::from_secs(1));
+        assert_eq!(seen(&log), ["resync"]);
+        assert!(!f.drop_pending);
+        // The sequence going back is a reason too.
+        f.apply(stored("F", 0, &[]), t0 + Duration::from_secs(3));
+        assert_eq!(seen(&log), ["resync"]);
+        assert_eq!(f.state.resyncs.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn signed_messages_only_when_a_key_is_set() {
+        let key = ChangeKey::from_bytes([7; 32]);
+        let (mut f, log) = follow(Some(key.clone()));
+        f.apply(stored("E", 0, &[]), Instant::now());
+        let good = format!(
+            "1 AAAAAAAAAAAA {}",
+            key.mac("p:changes", "1 AAAAAAAAAAAA").to_hex()
+        );
+        let other_channel = format!(
+            "2 BBBBBBBBBBBB {}",
+            key.mac("q:changes", "2 BBBBBBBBBBBB").to_hex()
+        );
+        let other_key = format!(
+            "2 BBBBBBBBBBBB {}",
+            ChangeKey::from_bytes([8; 32])
+                .mac("p:changes", "2 BBBBBBBBBBBB")
+                .to_hex()
+        );
+        let tampered = good.replace("AAAAAAAAAAAA", "CCCCCCCCCCCC");
+        for m in [
+            good.as_str(),
+            "2 BBBBBBBBBBBB",
+            &other_channel,
+            &other_key,
+            &tampered,
+            "2 BBBBBBBBBBBB zz",
+        ] {
+            f.message(m);
+        }
+        assert_eq!(seen(&log), ["AAAAAAAAAAAA"]);
+        assert_eq!(f.state.rejected.load(Ordering::Relaxed), 5);
+        // Without a key, signed messages are accepted as well (publishers sign first).
+        let (mut f, log) = follow(None);
+        f.message(&good);
+        assert_eq!(seen(&log), ["AAAAAAAAAAAA"]);
+    }
+
+    #[test]
+    fn keys_parse_from_hex_without_echoing_it() {
+        let hex = "00".repeat(31) + "ff";
+        assert!(ChangeKey::from_hex(&hex).is_ok());
+        assert!(ChangeKey::from_hex(&format!(" {hex}\n")).is_ok());
+        for bad in ["", "abc", &"g".repeat(64), &"0".repeat(66), &"é".repeat(32)] {
+            let e = ChangeKey::from_hex(bad).unwrap_err();
+            assert!(!e.to_string().contains(bad) || bad.is_empty());
+        }
+        assert_eq!(
+            format!("{:?}", ChangeKey::from_hex(&hex).unwrap()),
+            "ChangeKey(..)"
+        );
     }
 }

@@ -70,8 +70,12 @@ impl RedisOptions {
     }
 
     /// The prefix of every key and channel (1 to 64 characters of `[A-Za-z0-9_.:-]`), so
-    /// several services, or tests, can share one Redis. Keys read `{prefix}:rl:...`,
-    /// `{prefix}:q:...`, `{prefix}:changes`.
+    /// several services, or tests, can share one Redis. Keys read `{prefix}:rl:{...`,
+    /// `{prefix}:q:{...`, `{prefix}:changes:seq`, `{prefix}:changes:log`,
+    /// `{prefix}:epoch...`, the channel
+    /// `{prefix}:changes`. One prefix may be nested in another (`keygate` and
+    /// `keygate:staging`): their keys never collide, and [`Redis::delete_all`] on one leaves
+    /// the other alone.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
@@ -197,11 +201,35 @@ impl Redis {
             .map(drop)
     }
 
-    /// Deletes every key under the prefix (`SCAN` + `UNLINK`), for tests and
-    /// decommissioning; returns how many keys were deleted. Never use it on a prefix that
-    /// other services share.
+    /// Deletes keygate's keys under exactly this prefix (`SCAN` + `UNLINK`), for tests and
+    /// decommissioning; returns how many keys were deleted.
+    ///
+    /// Only keys of keygate's own layout directly under the prefix are matched
+    /// (`{prefix}:rl:{…`, `{prefix}:q:{…`, `{prefix}:changes:seq`, `{prefix}:changes:log`,
+    /// `{prefix}:epoch…`), so
+    /// a prefix nested under this one (`keygate:staging` under `keygate`) and keys of other
+    /// software that happen to start with `{prefix}:` are left alone. Nested prefixes are
+    /// allowed: no key of one can have the name of a key of the other, because a prefix never
+    /// contains `{` and every name ends its fixed part differently.
     pub async fn delete_all(&self) -> Result<u64, Error> {
-        let pattern = format!("{}:*", self.inner.prefix);
+        let p = &self.inner.prefix;
+        // Prefix characters ([A-Za-z0-9_.:-]) are never glob metacharacters.
+        let patterns = [
+            format!("{p}:rl:{{*"),
+            format!("{p}:q:{{*"),
+            format!("{p}:changes:seq"),
+            format!("{p}:changes:log"),
+            format!("{p}:epoch"),
+            format!("{p}:epoch:*"),
+        ];
+        let mut deleted = 0;
+        for pattern in patterns {
+            deleted += self.delete_matching(pattern).await?;
+        }
+        Ok(deleted)
+    }
+
+    async fn delete_matching(&self, pattern: String) -> Result<u64, Error> {
         let mut cursor: u64 = 0;
         let mut deleted = 0;
         loop {

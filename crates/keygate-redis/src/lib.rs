@@ -6,11 +6,24 @@
 //!   its limit costs no round trip. Give it to `keygate::rate_limit::RateLimitConfig::backend`.
 //! - [`RedisUsageStore`]: a [`UsageStore`](keygate_core::usage::UsageStore) for quotas:
 //!   per-window counters with expiry, and an atomic check-and-add (a Lua script), so
-//!   replicas counting strictly cannot overshoot together.
-//! - Change propagation: [`Publishing`] wraps a [`KeyStore`](keygate_core::KeyStore) and
-//!   publishes the id of every key it writes; [`Redis::watch`] makes a replica's
-//!   [`Verifier`](keygate_core::Verifier) evict that key, and resyncs (forgets its whole
-//!   cache) when a sequence number shows that it missed a message.
+//!   replicas counting strictly cannot overshoot together; with a durable copy
+//!   ([`RedisUsageStore::durable`], the SQL usage store) losing Redis resets no quota.
+//! - Change propagation: [`Publishing`] wraps a [`KeyStore`](keygate_core::KeyStore),
+//!   logs and publishes the id of every key it writes; [`Redis::watch`] makes a replica's
+//!   [`Verifier`](keygate_core::Verifier) evict that key, heals lost messages from the log,
+//!   and trusts no message for more than an eviction (optionally signed: [`ChangeKey`]).
+//! - Losing state: an [epoch](epoch) marks what Redis holds, so a flush, an eviction or a
+//!   restart ([`Redis::detect_restarts`]) is noticed instead of silently resetting limits.
+//!
+//! # What the Redis server needs
+//! - **Persistence** (`appendonly yes`, `appendfsync everysec`, and RDB snapshots as a
+//!   backup), so a restart keeps the state: without it every restart is a loss (quotas are
+//!   re-seeded from their durable copy, rate limits hold for
+//!   [`RedisRateLimiter::hold_after_loss`]). `maxmemory-policy noeviction` (or a `volatile-*`
+//!   policy): evicting keygate's keys is a loss too.
+//! - **Who may publish**: only the writers of keys (the replicas, the admin tooling) need
+//!   `PUBLISH` on `{prefix}:changes`; watchers need `SUBSCRIBE`. Anyone who can publish can
+//!   evict keys from caches (not drop them whole) unless messages are signed.
 //!
 //! Everything goes through one [`Redis`] handle: a connection that reconnects by itself,
 //! a key prefix (so services and tests can share a server), a timeout per call and a
@@ -46,11 +59,16 @@
 
 mod changes;
 mod conn;
+pub mod epoch;
 mod rate;
 mod usage;
 
-pub use changes::{ChangeHandler, ChangeWatcher, Publisher, Publishing, WatchOptions};
+pub use changes::{
+    ChangeHandler, ChangeKey, ChangeWatcher, InvalidChangeKey, Publisher, Publishing, WatchOptions,
+    LOG_LENGTH,
+};
 pub use conn::{Error, OpenError, Redis, RedisOptions};
+pub use epoch::RestartMonitor;
 pub use rate::{RedisRateLimiter, TimeSource};
 pub use usage::RedisUsageStore;
 

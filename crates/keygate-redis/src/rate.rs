@@ -30,6 +30,25 @@
 //! Time resolution is one microsecond: a policy of more than one unit per microsecond is
 //! refused ([`RateError::InvalidPolicy`]), and periods count in whole microseconds.
 //!
+//! # When Redis loses the state
+//! GCRA state lost to a flush, an eviction or a restart cannot be recovered exactly: it
+//! exists nowhere else. Every script reads the [epoch](crate::epoch), so a replica notices
+//! the loss on its first call after it (a restart that brought back an older snapshot: when
+//! a [`RestartMonitor`](crate::RestartMonitor) notices it). It then holds for
+//! [`hold_after_loss`](RedisRateLimiter::hold_after_loss) (default 60 s, shared by every
+//! replica through `{prefix}:epoch:hold`): checks fail with [`RateError::Unavailable`], so
+//! the layer answers 503 `store_unavailable` (`Fallback::Deny`) or limits in-process
+//! (`Fallback::Local`); then counting starts over from a fresh state.
+//!
+//! The bound: a subject's lost TAT was at most one period `P` ahead of the moment of the
+//! loss, so after a hold `H` a policy of `limit` per `P` lets through at most
+//! `ceil(limit · (P − H) / P)` units more than had nothing been lost (none when `H ≥ P`),
+//! per loss and subject. With `Fallback::Local`, add what each replica allows in-process
+//! during the hold (up to `limit` each). Not covered: calls made between the loss and the
+//! first call of a replica that had seen the old state (only a replica started after the loss
+//! can make them), and, after a restart that brought back an older state, calls until the
+//! restart monitor's next check.
+//!
 //! # Local pre-check
 //! With [`RedisRateLimiter::local_precheck`] the limiter remembers, per subject and shape,
 //! the TAT of the last answer (bounded memory). A request whose cost cannot fit according to
@@ -51,6 +70,10 @@ use keygate_core::{Clock, RateLimitPolicy};
 use redis::Script;
 
 use crate::conn::{micros, Error, Redis};
+use crate::epoch::{epoch_key, hold_key, EpochView};
+
+/// The default hold after Redis lost the rate-limit state.
+const DEFAULT_HOLD: Duration = Duration::from_secs(60);
 
 /// The longest period a policy may have (366 days), as in-process.
 const MAX_PERIOD_US: u64 = 366 * 86_400 * 1_000_000;
@@ -62,24 +85,44 @@ static GCRA: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 -- GCRA over the policies of one subject, all or nothing.
--- KEYS[i]: state of shape i, "<base> <units>" (TAT = base + units * period / limit, in us).
+-- KEYS[i], i <= n: state of shape i, "<base> <units>" (TAT = base + units * period / limit,
+-- in us); KEYS[n + 1]: the epoch; KEYS[n + 2]: the hold after a loss, "<epoch> <until us>".
 -- ARGV[1]: now (us since the Unix epoch), or "" to read the server's clock.
 -- ARGV[2]: cost (0: count nothing, report only).
--- ARGV[1 + 2i], ARGV[2 + 2i]: period (us) and limit of shape i.
--- Returns {allowed, now, then per shape: remaining, ahead (us, floor), wait (us, ceil;
--- 0 fits, -1 never)}.
+-- ARGV[3]: the epoch this replica saw last ("0": none); ARGV[4]: the epoch to create if
+-- there is none; ARGV[5]: how long to hold after a loss (us).
+-- ARGV[4 + 2i], ARGV[5 + 2i]: period (us) and limit of shape i.
+-- Returns {allowed, now, epoch, then per shape: remaining, ahead (us, floor), wait (us,
+-- ceil; 0 fits, -1 never)}, or {-1, now, epoch, hold until} while holding after a loss.
 local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+local n = #KEYS - 2
+local epoch = redis.call('GET', KEYS[n + 1])
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('SET', KEYS[n + 1], epoch)
+end
+local held = redis.call('GET', KEYS[n + 2])
+local held_epoch, held_until
+if held then held_epoch, held_until = string.match(held, '^(%d+) (%d+)$') end
+if ARGV[3] ~= '0' and epoch ~= ARGV[3] and held_epoch ~= epoch then
+  -- The state this replica counted in is gone: hold once per epoch, from now.
+  held_epoch, held_until = epoch, string.format('%.0f', now + tonumber(ARGV[5]))
+  redis.call('SET', KEYS[n + 2], held_epoch .. ' ' .. held_until)
+end
+if held_epoch == epoch and now < tonumber(held_until) then
+  return {-1, now, tonumber(epoch), tonumber(held_until)}
+end
 local cost = tonumber(ARGV[2])
 local eps = 0.001
-local out = {1, now}
+local out = {1, now, tonumber(epoch)}
 local st = {}
-for i = 1, #KEYS do
-  local period = tonumber(ARGV[1 + 2 * i])
-  local limit = tonumber(ARGV[2 + 2 * i])
+for i = 1, n do
+  local period = tonumber(ARGV[4 + 2 * i])
+  local limit = tonumber(ARGV[5 + 2 * i])
   local base, units = now, 0
   local raw = redis.call('GET', KEYS[i])
   if raw then
@@ -103,7 +146,7 @@ for i = 1, #KEYS do
   if wait ~= 0 then out[1] = 0 end
   st[i] = {base, units, ahead, period, limit, wait}
 end
-for i = 1, #KEYS do
+for i = 1, n do
   local base, units, ahead, period, limit, wait = unpack(st[i])
   if out[1] == 1 and cost > 0 then
     units = units + cost
@@ -129,16 +172,17 @@ return out
 static REFUND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- Gives back ARGV[2] units in every shape (same KEYS and ARGV as the check).
+-- Gives back ARGV[2] units in every shape (same KEYS and ARGV as the check; the epoch is
+-- not consulted: giving back to a state that started over only makes it fresher).
 local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local cost = tonumber(ARGV[2])
-for i = 1, #KEYS do
-  local period = tonumber(ARGV[1 + 2 * i])
-  local limit = tonumber(ARGV[2 + 2 * i])
+for i = 1, #KEYS - 2 do
+  local period = tonumber(ARGV[4 + 2 * i])
+  local limit = tonumber(ARGV[5 + 2 * i])
   local raw = redis.call('GET', KEYS[i])
   local b, u
   if raw then b, u = string.match(raw, '^(%d+) (%d+)$') end
@@ -209,6 +253,11 @@ pub struct RedisRateLimiter {
 
 struct Inner {
     redis: Redis,
+    epoch_key: String,
+    hold_key: String,
+    epoch: EpochView,
+    hold: Duration,
+    losses: AtomicU64,
     time: TimeSource,
     origin: Instant,
     memory: Option<Memory>,
@@ -316,6 +365,11 @@ impl RedisRateLimiter {
         RedisRateLimiter {
             inner: Arc::new(Inner {
                 redis: redis.clone(),
+                epoch_key: epoch_key(redis),
+                hold_key: hold_key(redis),
+                epoch: EpochView::new(),
+                hold: DEFAULT_HOLD,
+                losses: AtomicU64::new(0),
                 time: TimeSource::Server,
                 origin: Instant::now(),
                 memory: None,
@@ -333,6 +387,11 @@ impl RedisRateLimiter {
                 // Shared already: rebuild (counters start over).
                 let mut inner = Inner {
                     redis: self.inner.redis.clone(),
+                    epoch_key: self.inner.epoch_key.clone(),
+                    hold_key: self.inner.hold_key.clone(),
+                    epoch: EpochView::new(),
+                    hold: self.inner.hold,
+                    losses: AtomicU64::new(0),
                     time: self.inner.time.clone(),
                     origin: self.inner.origin,
                     memory: self.inner.memory.as_ref().map(|m| Memory::new(m.capacity)),
@@ -356,6 +415,22 @@ impl RedisRateLimiter {
     /// (about 80 bytes each); beyond it new subjects are simply not remembered.
     pub fn local_precheck(self, capacity: NonZeroUsize) -> Self {
         self.edit(|i| i.memory = Some(Memory::new(capacity.get())))
+    }
+
+    /// How long to refuse after Redis lost the rate-limit state (default 60 s; zero: go on
+    /// from a fresh state at once). While it lasts, checks fail with
+    /// [`RateError::Unavailable`], so the rate-limit layer applies its failure policy:
+    /// 503 `store_unavailable` with `Fallback::Deny`, in-process limits with
+    /// `Fallback::Local`. See the [module docs](self) for what a loss costs with and
+    /// without it.
+    pub fn hold_after_loss(self, hold: Duration) -> Self {
+        self.edit(|i| i.hold = hold)
+    }
+
+    /// How many times this limiter found that Redis had lost (or replaced) the state it
+    /// counted in.
+    pub fn losses(&self) -> u64 {
+        self.inner.losses.load(Ordering::Relaxed)
     }
 
     /// How many scripts (checks and refunds) were sent to Redis.
@@ -418,8 +493,12 @@ impl Inner {
         cost: u32,
     ) -> Result<T, Error> {
         let keys: Vec<String> = shapes.iter().map(|s| self.key(subject, s)).collect();
+        let (epoch_key, hold_key) = (&self.epoch_key, &self.hold_key);
         let now = self.now_arg();
-        let mut args: Vec<u64> = Vec::with_capacity(2 * shapes.len());
+        let mut args: Vec<u64> = Vec::with_capacity(3 + 2 * shapes.len());
+        args.push(self.epoch.known());
+        args.push(self.epoch.candidate());
+        args.push(micros(self.hold));
         for s in shapes {
             args.push(s.period_us);
             args.push(u64::from(s.limit));
@@ -431,6 +510,7 @@ impl Inner {
                 for k in &keys {
                     inv.key(k);
                 }
+                inv.key(epoch_key).key(hold_key);
                 inv.arg(now).arg(cost);
                 for a in &args {
                     inv.arg(*a);
@@ -519,7 +599,27 @@ impl RateBackend for RedisRateLimiter {
             .run(&GCRA, subject, &shapes, cost)
             .await
             .map_err(unavailable)?;
-        if out.len() != 2 + 3 * shapes.len() {
+        if out.len() >= 3 {
+            let token = u64::try_from(out[2]).unwrap_or(0);
+            if inner.epoch.saw(token) {
+                inner.losses.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    hold = ?inner.hold,
+                    "Redis lost the shared rate-limit state (flushed, evicted or restarted); \
+                     holding before counting from a fresh state"
+                );
+            }
+            if out[0] == -1 {
+                let left = out
+                    .get(3)
+                    .map_or(0, |until| until.saturating_sub(out[1]).max(0));
+                return Err(RateError::Unavailable(format!(
+                    "Redis lost the shared rate-limit state; limits resume in {:?}",
+                    Duration::from_micros(left as u64)
+                )));
+            }
+        }
+        if out.len() != 3 + 3 * shapes.len() {
             return Err(RateError::Unavailable(format!(
                 "the rate-limit script answered {} values",
                 out.len()
@@ -528,9 +628,9 @@ impl RateBackend for RedisRateLimiter {
         let allowed = out[0] == 1;
         let mut per_shape = Vec::with_capacity(shapes.len());
         for (i, s) in shapes.iter().enumerate() {
-            let remaining = u64::try_from(out[2 + 3 * i]).unwrap_or(0);
-            let ahead = out[3 + 3 * i].max(0);
-            let wait = out[4 + 3 * i];
+            let remaining = u64::try_from(out[3 + 3 * i]).unwrap_or(0);
+            let ahead = out[4 + 3 * i].max(0);
+            let wait = out[5 + 3 * i];
             inner.remember(subject, s, local_now, ahead as f64);
             per_shape.push(RateStanding {
                 remaining: remaining.min(u64::from(s.limit)),

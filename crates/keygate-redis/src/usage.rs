@@ -19,8 +19,26 @@
 //!
 //! Counts are exact up to 2^53 (Lua numbers); a cost above that is refused with
 //! [`UsageError::Corrupt`], and larger limits behave as 2^53.
+//!
+//! # Losing Redis
+//! Redis may lose the counters (`FLUSHALL`, the prefix's keys deleted, eviction, a restart
+//! without persistence) or bring back older ones (a restart from an RDB snapshot). In strict
+//! counting Redis would then hold the only copy, and every loss would reset every quota. So
+//! give the store a durable copy ([`RedisUsageStore::durable`], `keygate_sql`'s usage store
+//! on the key database): every count is written to it too, and a window is trusted in Redis
+//! only once it was seeded in the current [epoch](crate::epoch). A window that is missing,
+//! or was written in an earlier epoch, is seeded first (the larger of Redis's count and the
+//! durable one, atomically in the script) and only then admits anything. A new epoch starts
+//! when the epoch key is gone (a flush or a restart without persistence: noticed on the
+//! next call) or when a [`RestartMonitor`](crate::RestartMonitor) sees another Redis
+//! process (noticed within its period).
+//!
+//! What stays uncovered: requests admitted in Redis whose durable write was still in flight
+//! at the moment of the loss (at most the requests in flight then), and, after a restart
+//! that brought back an older state, the requests admitted before the monitor's next check.
+//! Without a durable copy a loss resets the windows it hit to zero.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -29,6 +47,8 @@ use keygate_core::{KeyId, QuotaWindow, Refill};
 use redis::Script;
 
 use crate::conn::{Error, Redis};
+use crate::epoch::{epoch_key, EpochView};
+use keygate_core::usage::UsageStore;
 
 /// The largest count kept exactly (2^53).
 const MAX_EXACT: u64 = 1 << 53;
@@ -40,15 +60,24 @@ const LONGEST_WINDOW: Duration = Duration::from_secs(31 * 86_400);
 static CHECK_AND_ADD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS[1..n]: window hashes; KEYS[n + 1]: the key's window index.
+-- KEYS[1..n]: window hashes; KEYS[n + 1]: the key's window index; KEYS[n + 2]: the epoch.
 -- ARGV[1]: cost; ARGV[2]: number of limits m; ARGV[3]: index ttl (ms); ARGV[4]: index trim
--- score (windows starting before it are dropped from the index);
--- then per window: ttl (ms, 0: never expires), member, start;
+-- score (windows starting before it are dropped from the index); ARGV[5]: the epoch to
+-- create if there is none; ARGV[6]: '1' when a durable copy exists (windows not seeded in
+-- this epoch must be seeded from it first); ARGV[7]: the epoch the seeds below were read
+-- for ('0': no seeds);
+-- then per window: ttl (ms, 0: never expires), member, start, seed cost, seed requests;
 -- then per limit: window (1-based), limit.
--- Returns {admitted, then per window: cost, requests, then the violated limits (0-based)}.
-local n = #KEYS - 1
+-- Returns {admitted, epoch, then per window: cost, requests, then the violated limits
+-- (0-based)}, or {-1, epoch} when windows need seeds read for that epoch.
+local n = #KEYS - 2
 local cost = tonumber(ARGV[1])
 local m = tonumber(ARGV[2])
+local epoch = redis.call('GET', KEYS[n + 2])
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('SET', KEYS[n + 2], epoch)
+end
 -- A stored count: 0 when absent, nil when not a non-negative integer (then nothing is
 -- written: the script refuses before its first write, so no window is left half-counted).
 local function count(x)
@@ -58,32 +87,51 @@ local function count(x)
   return v
 end
 local usage = {}
+local unseeded = {}
 for i = 1, n do
-  local v = redis.call('HMGET', KEYS[i], 'c', 'r')
+  local v = redis.call('HMGET', KEYS[i], 'c', 'r', 'e')
   local c, r = count(v[1]), count(v[2])
   if c == nil or r == nil then
     return redis.error_reply('keygate: unreadable usage counter')
   end
   usage[i] = {c, r}
+  if ARGV[6] == '1' and v[3] ~= epoch then unseeded[#unseeded + 1] = i end
 end
-local at = 5 + 3 * n
+local idx = KEYS[n + 1]
+if #unseeded > 0 then
+  if ARGV[7] ~= epoch then return {-1, tonumber(epoch)} end
+  -- Seed: what the durable copy holds, unless Redis already counted more.
+  for _, i in ipairs(unseeded) do
+    local at = 8 + 5 * (i - 1)
+    usage[i][1] = math.max(usage[i][1], tonumber(ARGV[at + 3]))
+    usage[i][2] = math.max(usage[i][2], tonumber(ARGV[at + 4]))
+    redis.call('HSET', KEYS[i], 'c', string.format('%.0f', usage[i][1]),
+      'r', string.format('%.0f', usage[i][2]), 'e', epoch)
+    local ttl = tonumber(ARGV[at])
+    if ttl > 0 then
+      redis.call('PEXPIRE', KEYS[i], ttl)
+      redis.call('ZADD', idx, tonumber(ARGV[at + 2]), ARGV[at + 1])
+    end
+  end
+  if redis.call('EXISTS', idx) == 1 then redis.call('PEXPIRE', idx, ARGV[3]) end
+end
+local at = 8 + 5 * n
 local violated = {}
 for j = 1, m do
   local w = tonumber(ARGV[at + 2 * (j - 1)])
   local lim = tonumber(ARGV[at + 2 * (j - 1) + 1])
   if usage[w][1] + cost > lim then violated[#violated + 1] = j - 1 end
 end
-local out = {0}
+local out = {0, tonumber(epoch)}
 if #violated == 0 then
   out[1] = 1
-  local idx = KEYS[n + 1]
   for i = 1, n do
     usage[i][1] = redis.call('HINCRBY', KEYS[i], 'c', cost)
     usage[i][2] = redis.call('HINCRBY', KEYS[i], 'r', 1)
-    local ttl = tonumber(ARGV[5 + 3 * (i - 1)])
+    local ttl = tonumber(ARGV[8 + 5 * (i - 1)])
     if ttl > 0 then
       redis.call('PEXPIRE', KEYS[i], ttl)
-      redis.call('ZADD', idx, tonumber(ARGV[7 + 3 * (i - 1)]), ARGV[6 + 3 * (i - 1)])
+      redis.call('ZADD', idx, tonumber(ARGV[10 + 5 * (i - 1)]), ARGV[9 + 5 * (i - 1)])
     end
   end
   if redis.call('EXISTS', idx) == 1 then
@@ -156,6 +204,9 @@ return 0
 pub struct RedisUsageStore {
     redis: Redis,
     retention: Duration,
+    epoch_key: String,
+    epoch: Arc<EpochView>,
+    durable: Option<Arc<dyn UsageStore>>,
 }
 
 impl RedisUsageStore {
@@ -165,7 +216,30 @@ impl RedisUsageStore {
         RedisUsageStore {
             redis: redis.clone(),
             retention: Duration::from_secs(35 * 86_400),
+            epoch_key: epoch_key(redis),
+            epoch: Arc::new(EpochView::new()),
+            durable: None,
         }
+    }
+
+    /// Keeps a durable copy of every count in `store` (`keygate_sql`'s usage store, say),
+    /// so that losing Redis's data does not reset quotas. See [Losing Redis](self#losing-redis).
+    ///
+    /// Every admitted [`check_and_add`](UsageStore::check_and_add), every
+    /// [`add`](UsageStore::add) and [`subtract`](UsageStore::subtract) is written to `store`
+    /// too, before the call returns; when that write fails, the Redis count is taken back and
+    /// the call fails with [`UsageError::Unavailable`] (the quota layer answers 503
+    /// `store_unavailable`). A window that Redis has not counted in the current epoch is
+    /// seeded from `store` before it admits anything; [`report`](UsageStore::report) reads
+    /// `store`.
+    pub fn durable(mut self, store: impl UsageStore) -> Self {
+        self.durable = Some(Arc::new(store));
+        self
+    }
+
+    /// Whether a durable copy is kept.
+    pub fn has_durable_copy(&self) -> bool {
+        self.durable.is_some()
     }
 
     /// How long counters are kept after their window ends (default 35 days).
@@ -280,84 +354,101 @@ impl RedisUsageStore {
         key: &KeyId,
         windows: &[Window],
     ) -> Result<Vec<Option<Usage>>, UsageError> {
+        Ok(self
+            .read_seeded(key, windows)
+            .await?
+            .into_iter()
+            .map(|row| row.map(|(usage, _)| usage))
+            .collect())
+    }
+
+    /// The usage of each window (`None`: never counted, or expired) and whether it was
+    /// seeded (or counted by a check-and-add) in the current epoch.
+    async fn read_seeded(
+        &self,
+        key: &KeyId,
+        windows: &[Window],
+    ) -> Result<Vec<Option<(Usage, bool)>>, UsageError> {
         if windows.is_empty() {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(&self.epoch_key);
         for w in windows {
             pipe.cmd("HMGET")
                 .arg(self.window_key(key, w))
                 .arg("c")
-                .arg("r");
+                .arg("r")
+                .arg("e");
         }
-        let rows: Vec<(Option<String>, Option<String>)> = self
+        let mut values: Vec<redis::Value> = self
             .redis
             .run(move |mut c| async move { pipe.query_async(&mut c).await })
             .await
             .map_err(usage_error)?;
+        if values.len() != windows.len() + 1 {
+            return Err(UsageError::Corrupt("short answer to a usage read".into()));
+        }
+        let unreadable = |_| UsageError::Corrupt("unreadable usage counter".into());
+        let rows = values.split_off(1);
+        let epoch: Option<String> =
+            redis::from_redis_value(values.remove(0)).map_err(unreadable)?;
         rows.into_iter()
-            .map(|(c, r)| {
+            .map(|v| {
+                let (c, r, e): (Option<String>, Option<String>, Option<String>) =
+                    redis::from_redis_value(v).map_err(unreadable)?;
                 if c.is_none() && r.is_none() {
                     return Ok(None);
                 }
-                Ok(Some(Usage {
-                    cost: parse_count(c, "cost")?,
-                    requests: parse_count(r, "request")?,
-                }))
+                let seeded = epoch.is_some() && e == epoch;
+                Ok(Some((
+                    Usage {
+                        cost: parse_count(c, "cost")?,
+                        requests: parse_count(r, "request")?,
+                    },
+                    seeded,
+                )))
             })
             .collect()
     }
-}
 
-#[async_trait]
-impl keygate_core::usage::UsageStore for RedisUsageStore {
-    async fn load(&self, key: &KeyId, windows: &[Window]) -> Result<Vec<Usage>, UsageError> {
-        Ok(self
-            .read(key, windows)
-            .await?
-            .into_iter()
-            .map(Option::unwrap_or_default)
-            .collect())
-    }
-
-    async fn check_and_add(
+    /// One run of the check-and-add script; `seeds`: the epoch and the durable usage of
+    /// every window.
+    async fn invoke(
         &self,
         key: &KeyId,
         windows: &[Window],
         limits: &[Limit],
         cost: u64,
-    ) -> Result<Admission, UsageError> {
-        if cost > MAX_EXACT {
-            return Err(UsageError::Corrupt(format!(
-                "a cost of {cost} is above what Redis counts exactly (2^53)"
-            )));
-        }
-        if let Some(l) = limits.iter().find(|l| l.window >= windows.len()) {
-            return Err(UsageError::Corrupt(format!(
-                "limit names window {} of {}",
-                l.window,
-                windows.len()
-            )));
-        }
+        seeds: Option<&(u64, Vec<Usage>)>,
+    ) -> Result<Vec<i64>, UsageError> {
         let mut keys: Vec<String> = windows.iter().map(|w| self.window_key(key, w)).collect();
         keys.push(self.index_key(key));
+        keys.push(self.epoch_key.clone());
         let mut args: Vec<String> = vec![
             cost.to_string(),
             limits.len().to_string(),
             self.index_ttl_ms().to_string(),
             self.trim_before(windows).to_string(),
+            self.epoch.candidate().to_string(),
+            if self.durable.is_some() { "1" } else { "0" }.to_owned(),
+            seeds.map_or(0, |(epoch, _)| *epoch).to_string(),
         ];
-        for w in windows {
+        for (i, w) in windows.iter().enumerate() {
+            let seed = seeds
+                .and_then(|(_, usage)| usage.get(i).copied())
+                .unwrap_or_default();
             args.push(self.ttl_ms(w).to_string());
             args.push(member(w));
             args.push(w.start_secs().to_string());
+            args.push(seed.cost.min(MAX_EXACT).to_string());
+            args.push(seed.requests.min(MAX_EXACT).to_string());
         }
         for l in limits {
             args.push((l.window + 1).to_string());
             args.push(l.limit.min(MAX_EXACT).to_string());
         }
-        let out: Vec<i64> = self
-            .redis
+        self.redis
             .run(move |mut c| async move {
                 let mut inv = CHECK_AND_ADD.prepare_invoke();
                 for k in &keys {
@@ -369,28 +460,46 @@ impl keygate_core::usage::UsageStore for RedisUsageStore {
                 inv.invoke_async(&mut c).await
             })
             .await
-            .map_err(usage_error)?;
-        let n = windows.len();
-        if out.len() < 1 + 2 * n {
-            return Err(UsageError::Corrupt(format!(
-                "the quota script answered {} values",
-                out.len()
-            )));
-        }
-        let usage = (0..n)
-            .map(|i| to_usage(out[1 + 2 * i], out[2 + 2 * i]))
-            .collect::<Result<Vec<_>, _>>()?;
-        if out[0] == 1 {
-            return Ok(Admission::Admitted(usage));
-        }
-        let violated = out[1 + 2 * n..]
-            .iter()
-            .map(|v| usize::try_from(*v).map_err(|_| UsageError::Corrupt("bad index".into())))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Admission::Refused { usage, violated })
+            .map_err(usage_error)
     }
 
-    async fn add(&self, increments: &[Increment]) -> Result<(), UsageError> {
+    /// What the durable copy holds for `windows`.
+    async fn durable_load(
+        &self,
+        durable: &dyn UsageStore,
+        key: &KeyId,
+        windows: &[Window],
+    ) -> Result<Vec<Usage>, UsageError> {
+        let usage = durable.load(key, windows).await?;
+        if usage.len() != windows.len() {
+            return Err(UsageError::Corrupt(format!(
+                "the durable usage copy answered {} windows of {}",
+                usage.len(),
+                windows.len()
+            )));
+        }
+        Ok(usage)
+    }
+
+    /// Writes `increments` to the durable copy; if that fails, takes them back from Redis
+    /// (best effort) and fails.
+    async fn write_through(&self, increments: &[Increment]) -> Result<(), UsageError> {
+        let Some(durable) = &self.durable else {
+            return Ok(());
+        };
+        if let Err(e) = durable.add(increments).await {
+            tracing::warn!(error = %e, "the durable usage copy could not be written; the Redis count is taken back");
+            if let Err(undo) = self.redis_subtract(increments).await {
+                tracing::warn!(error = %undo, "could not take back the Redis count: it stays counted");
+            }
+            return Err(UsageError::Unavailable(format!(
+                "the durable usage copy could not be written: {e}"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn redis_add(&self, increments: &[Increment]) -> Result<(), UsageError> {
         if increments.is_empty() {
             return Ok(());
         }
@@ -442,7 +551,7 @@ impl keygate_core::usage::UsageStore for RedisUsageStore {
             .map_err(usage_error)
     }
 
-    async fn subtract(&self, decrements: &[Increment]) -> Result<(), UsageError> {
+    async fn redis_subtract(&self, decrements: &[Increment]) -> Result<(), UsageError> {
         if decrements.is_empty() {
             return Ok(());
         }
@@ -469,6 +578,104 @@ impl keygate_core::usage::UsageStore for RedisUsageStore {
             .map(drop)
             .map_err(usage_error)
     }
+}
+
+#[async_trait]
+impl keygate_core::usage::UsageStore for RedisUsageStore {
+    async fn load(&self, key: &KeyId, windows: &[Window]) -> Result<Vec<Usage>, UsageError> {
+        let rows = self.read_seeded(key, windows).await?;
+        let mut usage: Vec<Usage> = rows
+            .iter()
+            .map(|r| r.map(|(u, _)| u).unwrap_or_default())
+            .collect();
+        if let Some(durable) = &self.durable {
+            if rows.iter().any(|r| !r.is_some_and(|(_, seeded)| seeded)) {
+                // Not counted in this epoch: Redis may have lost it; the durable copy did not.
+                let kept = self.durable_load(&**durable, key, windows).await?;
+                for ((u, row), k) in usage.iter_mut().zip(&rows).zip(kept) {
+                    if !row.is_some_and(|(_, seeded)| seeded) {
+                        u.cost = u.cost.max(k.cost);
+                        u.requests = u.requests.max(k.requests);
+                    }
+                }
+            }
+        }
+        Ok(usage)
+    }
+
+    async fn check_and_add(
+        &self,
+        key: &KeyId,
+        windows: &[Window],
+        limits: &[Limit],
+        cost: u64,
+    ) -> Result<Admission, UsageError> {
+        if cost > MAX_EXACT {
+            return Err(UsageError::Corrupt(format!(
+                "a cost of {cost} is above what Redis counts exactly (2^53)"
+            )));
+        }
+        if let Some(l) = limits.iter().find(|l| l.window >= windows.len()) {
+            return Err(UsageError::Corrupt(format!(
+                "limit names window {} of {}",
+                l.window,
+                windows.len()
+            )));
+        }
+        let mut seeds: Option<(u64, Vec<Usage>)> = None;
+        // A new epoch can start between reading the seeds and using them (a flush, again):
+        // then they are read again, a few times at most.
+        for _ in 0..3 {
+            let out = self
+                .invoke(key, windows, limits, cost, seeds.as_ref())
+                .await?;
+            let epoch = out.get(1).and_then(|e| u64::try_from(*e).ok()).unwrap_or(0);
+            if out.first() == Some(&-1) {
+                let Some(durable) = &self.durable else {
+                    return Err(UsageError::Corrupt(
+                        "the quota script asked for seeds without a durable copy".into(),
+                    ));
+                };
+                seeds = Some((epoch, self.durable_load(&**durable, key, windows).await?));
+                continue;
+            }
+            if self.epoch.saw(epoch) {
+                tracing::warn!(
+                    "Redis lost keygate's quota counters (flushed, evicted or restarted); {}",
+                    if self.durable.is_some() {
+                        "windows are re-seeded from the durable copy"
+                    } else {
+                        "without a durable copy they start over from zero"
+                    }
+                );
+            }
+            return self.admission(key, windows, cost, &out).await;
+        }
+        Err(UsageError::Unavailable(
+            "Redis kept losing its state while quota counters were re-seeded".into(),
+        ))
+    }
+
+    async fn add(&self, increments: &[Increment]) -> Result<(), UsageError> {
+        if increments
+            .iter()
+            .any(|inc| inc.usage.cost > MAX_EXACT || inc.usage.requests > MAX_EXACT)
+        {
+            return Err(UsageError::Corrupt(
+                "usage above what Redis counts exactly (2^53)".into(),
+            ));
+        }
+        self.redis_add(increments).await?;
+        self.write_through(increments).await
+    }
+
+    async fn subtract(&self, decrements: &[Increment]) -> Result<(), UsageError> {
+        let in_redis = self.redis_subtract(decrements).await;
+        if let Some(durable) = &self.durable {
+            durable.subtract(decrements).await?;
+        }
+        in_redis
+    }
 
     async fn report(
         &self,
@@ -476,6 +683,10 @@ impl keygate_core::usage::UsageStore for RedisUsageStore {
         from: SystemTime,
         to: SystemTime,
     ) -> Result<Vec<UsageRecord>, UsageError> {
+        if let Some(durable) = &self.durable {
+            // Complete even after Redis lost windows.
+            return durable.report(key, from, to).await;
+        }
         let secs_ceil = |t: SystemTime| {
             let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
             d.as_secs() + u64::from(d.subsec_nanos() > 0)
@@ -524,11 +735,51 @@ impl keygate_core::usage::UsageStore for RedisUsageStore {
     }
 }
 
+impl RedisUsageStore {
+    /// The answer of an (unseeded or seeded) check-and-add; writes an admission through.
+    async fn admission(
+        &self,
+        key: &KeyId,
+        windows: &[Window],
+        cost: u64,
+        out: &[i64],
+    ) -> Result<Admission, UsageError> {
+        let n = windows.len();
+        if out.len() < 2 + 2 * n {
+            return Err(UsageError::Corrupt(format!(
+                "the quota script answered {} values",
+                out.len()
+            )));
+        }
+        let usage = (0..n)
+            .map(|i| to_usage(out[2 + 2 * i], out[3 + 2 * i]))
+            .collect::<Result<Vec<_>, _>>()?;
+        if out[0] == 1 {
+            let increments: Vec<Increment> = windows
+                .iter()
+                .map(|w| Increment {
+                    key: *key,
+                    window: *w,
+                    usage: Usage { cost, requests: 1 },
+                })
+                .collect();
+            self.write_through(&increments).await?;
+            return Ok(Admission::Admitted(usage));
+        }
+        let violated = out[2 + 2 * n..]
+            .iter()
+            .map(|v| usize::try_from(*v).map_err(|_| UsageError::Corrupt("bad index".into())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Admission::Refused { usage, violated })
+    }
+}
+
 impl std::fmt::Debug for RedisUsageStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisUsageStore")
             .field("redis", &self.redis)
             .field("retention", &self.retention)
+            .field("durable", &self.durable.is_some())
             .finish()
     }
 }
