@@ -31,10 +31,12 @@ mod lifecycle;
 mod principal;
 pub mod rate;
 mod record;
+mod redact;
 mod scope;
 mod store;
 pub mod usage;
 mod verifier;
+mod vocabulary;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use denial::{Denial, DenialCode};
@@ -54,6 +56,8 @@ pub use record::{
     InvalidPolicy, InvalidStatus, KeyInfo, KeyRecord, KeyStatus, QuotaPolicy, QuotaWindow,
     RateLimitPolicy, Refill,
 };
+pub use redact::{redact_url, REDACTED};
 pub use scope::{validate_resource_pattern, InvalidScope, ResourceSet, Scope, ScopeSet};
 pub use store::{KeyFilter, KeyStore, MemoryStore, StoreError};
 pub use verifier::{Lookup, PendingLookup, Verifier, VerifierBuilder};
+pub use vocabulary::{KnownScope, ScopeVocabulary, UnknownScope};

@@ -61,6 +61,7 @@ mod follow;
 mod migrate;
 mod options;
 mod row;
+mod scopes;
 mod store;
 mod usage;
 

@@ -55,6 +55,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         description: "usage_audit",
         sql: include_str!("../migrations/sqlite/0002_usage_audit.sql"),
     },
+    Migration {
+        version: 4,
+        description: "scopes",
+        sql: include_str!("../migrations/sqlite/0004_scopes.sql"),
+    },
 ];
 
 /// PostgreSQL's migrations, in order (same versions as [`SQLITE`]).
@@ -68,6 +73,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 2,
         description: "usage_audit",
         sql: include_str!("../migrations/postgres/0002_usage_audit.sql"),
+    },
+    Migration {
+        version: 4,
+        description: "scopes",
+        sql: include_str!("../migrations/postgres/0004_scopes.sql"),
     },
 ];
 

@@ -401,7 +401,7 @@ both!(
 );
 
 /// The newest migration version this build embeds (1: keys; 2: usage and audit).
-const LATEST: i64 = 2;
+const LATEST: i64 = 4;
 
 async fn migrations_apply_once_under_concurrency(db: &Db) {
     // Eight handles open the same new database at once.
