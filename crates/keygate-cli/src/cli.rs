@@ -91,6 +91,8 @@ pub(crate) enum Command {
     Audit(AuditCommand),
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub(crate) enum KeysCommand {
     /// Create a key and print it (once: it cannot be shown again).
