@@ -159,6 +159,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             redact(&args.database_url)
         )
     })?;
+    // The route table's scopes, so `keygate keys create` refuses a typo in a scope.
+    store
+        .register_scopes(&keygate::core::ScopeVocabulary::new(
+            server::routes()?.scopes(),
+        ))
+        .await
+        .map_err(|e| format!("cannot register the scope vocabulary: {e}"))?;
     // With Redis: key writes made here are announced to every replica at once (the SQL
     // follower still catches writes made elsewhere, e.g. by the CLI), and rate limits and
     // quotas are counted in Redis, shared by the replicas.

@@ -1,6 +1,8 @@
 //! The admin API as a library router: it fails closed however it is mounted, refuses
 //! privilege escalation, confines tenant admins to their tenant, answers bad input with
-//! clear 4xx errors and changes nothing then, and reports usage.
+//! clear 4xx errors and changes nothing then, and reports usage. A narrow admin sees and
+//! manages only keys within its own grants and limits; new keys' scopes are checked against
+//! the server's scope vocabulary.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use keygate::admin::AdminApi;
 use keygate::client_ip::{parse_network, TrustedProxies};
 use keygate::core::audit::{Auditor, MemorySink};
 use keygate::core::usage::{Increment, MemoryUsageStore, Usage, UsageStore, Window};
+use keygate::core::{KnownScope, ScopeVocabulary};
 use keygate::{
     Clock, KeyFilter, KeyGate, KeyManager, KeySpec, ManualClock, MemoryStore, QuotaWindow, Verifier,
 };
@@ -224,7 +227,8 @@ async fn a_key_grants_and_manages_only_what_it_holds() {
         );
     }
     assert_eq!(s.count().await, before, "nothing was issued");
-    // It may not rotate (and so obtain) or switch off a key holding more than it does.
+    // It may not rotate (and so obtain) or switch off a key holding more than it does:
+    // such a key reads as not found, as if it did not exist.
     for action in ["rotate", "revoke", "disable"] {
         let r = send(
             &app,
@@ -234,7 +238,12 @@ async fn a_key_grants_and_manages_only_what_it_holds() {
             "",
         )
         .await;
-        assert_eq!(r.json["code"], "privilege_escalation", "{action}");
+        assert_eq!(
+            (r.status, r.json["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("key_not_found")),
+            "{action}"
+        );
+        assert!(r.json.get("key").is_none(), "no plaintext");
     }
     assert_eq!(
         send(&app, "GET", "/admin/keys", Some(&root), "")
@@ -724,7 +733,7 @@ async fn a_limited_admin_manages_only_keys_as_limited_as_itself() {
             .await;
             assert_eq!(
                 (r.status, r.json["code"].as_str()),
-                (StatusCode::FORBIDDEN, Some("privilege_escalation")),
+                (StatusCode::NOT_FOUND, Some("key_not_found")),
                 "{action} {id}"
             );
             assert!(r.json.get("key").is_none(), "no plaintext");
@@ -740,7 +749,7 @@ async fn a_limited_admin_manages_only_keys_as_limited_as_itself() {
         "",
     )
     .await;
-    assert_eq!(r.json["code"], "privilege_escalation");
+    assert_eq!(r.json["code"], "key_not_found");
     assert_eq!(s.count().await, before, "nothing was rotated");
     assert_eq!(s.sink.events().len(), events, "nothing was changed");
     for id in [&free, &later, &never, &anywhere, &outside] {
@@ -856,4 +865,372 @@ async fn an_admin_key_with_an_allowlist_is_refused_from_elsewhere() {
     let (open, _) = s.key(admin_spec()).await;
     let r = send(&standalone, "GET", "/admin/keys", Some(&open), "").await;
     assert_eq!(r.status, StatusCode::OK);
+}
+
+/// The ids of the keys `key` lists.
+async fn listed(app: &Router, key: &str) -> Vec<String> {
+    let r = send(app, "GET", "/admin/keys", Some(key), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    let mut ids: Vec<String> = r.json["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn a_narrow_admin_sees_only_keys_within_its_grants() {
+    let s = setup();
+    let (root, root_id) = s.key(admin_spec()).await;
+    let (narrow, narrow_id) = s
+        .key(
+            KeySpec::new("narrow")
+                .scope("keys:admin")
+                .scope("points:*")
+                .resource("docs*"),
+        )
+        .await;
+    let metered = || {
+        KeySpec::new("reader")
+            .scope("points:read")
+            .resource("docs-a")
+            .quota("daily=100/day".parse().unwrap())
+    };
+    let (_, inside) = s.key(metered()).await;
+    let (_, wider_scope) = s.key(metered().scope("collections:manage")).await;
+    let (_, wider_collection) = s.key(metered().resource("other")).await;
+    let usage = Arc::new(MemoryUsageStore::new());
+    let app = Router::new().nest(
+        "/admin",
+        AdminApi::new(s.keys.clone())
+            .gate(&s.gate)
+            .usage_store(usage)
+            .router(),
+    );
+
+    // The `*` admin sees everything; the narrow one only itself and the key within it.
+    assert_eq!(listed(&app, &root).await.len(), 5);
+    let mut expected = vec![narrow_id.clone(), inside.clone()];
+    expected.sort();
+    assert_eq!(listed(&app, &narrow).await, expected);
+    for id in [&root_id, &wider_scope, &wider_collection] {
+        for path in [
+            format!("/admin/keys/{id}"),
+            format!("/admin/keys/{id}/usage"),
+        ] {
+            let r = send(&app, "GET", &path, Some(&narrow), "").await;
+            assert_eq!(
+                (r.status, r.json["code"].as_str()),
+                (StatusCode::NOT_FOUND, Some("key_not_found")),
+                "{path}"
+            );
+            assert_eq!(r.json["detail"], format!("no key with id {id}"));
+        }
+        let r = send(
+            &app,
+            "POST",
+            &format!("/admin/keys/{id}/rotate"),
+            Some(&narrow),
+            "",
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.json);
+    }
+    for path in [
+        format!("/admin/keys/{inside}"),
+        format!("/admin/keys/{inside}/usage"),
+    ] {
+        let r = send(&app, "GET", &path, Some(&narrow), "").await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.json);
+    }
+}
+
+#[tokio::test]
+async fn a_metered_admin_grants_no_looser_limits_than_its_own() {
+    let s = setup();
+    let (admin, admin_id) = s
+        .key(
+            KeySpec::new("metered-admin")
+                .scope("keys:admin")
+                .scope("points:*")
+                .resource("*")
+                .rate_limit("burst=10/s".parse().unwrap())
+                .quota("daily=1000/day".parse().unwrap()),
+        )
+        .await;
+    let (_, unlimited) = s
+        .key(KeySpec::new("free").scope("points:read").resource("docs"))
+        .await;
+    let (_, tighter) = s
+        .key(
+            KeySpec::new("tight")
+                .scope("points:read")
+                .resource("docs")
+                .rate_limit("slow=5/s".parse().unwrap())
+                .quota("monthly=900/month".parse().unwrap()),
+        )
+        .await;
+    let app = Router::new().nest(
+        "/admin",
+        AdminApi::new(s.keys.clone()).gate(&s.gate).router(),
+    );
+    let k = Some(admin.as_str());
+    let before = s.count().await;
+    for limits in [
+        r#""rate_limits":["burst=20/s"]"#,
+        r#""rate_limits":["burst=100/m"]"#,
+        r#""rate_limits":[{"name":"fast","limit":10,"period":500}]"#,
+        r#""rate_limits":["burst=10/s"],"quotas":["daily=2000/day"]"#,
+        r#""rate_limits":["burst=10/s"],"quotas":["hourly=1000/hour"]"#,
+    ] {
+        let body =
+            format!(r#"{{"name":"x","scopes":["points:read"],"collections":["d"],{limits}}}"#);
+        let r = send(&app, "POST", "/admin/keys", k, &body).await;
+        assert_eq!(
+            (r.status, r.json["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("privilege_escalation")),
+            "{limits}"
+        );
+        assert!(r.json.get("key").is_none());
+    }
+    assert_eq!(s.count().await, before, "nothing was issued");
+
+    // Asked without limits, the key gets the caller's.
+    let r = send(
+        &app,
+        "POST",
+        "/admin/keys",
+        k,
+        r#"{"name":"plain","scopes":["points:read"],"collections":["d"]}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    assert_eq!(
+        r.json["rate_limits"],
+        json!([{"name":"burst","limit":10,"period":1000}])
+    );
+    assert_eq!(
+        r.json["quotas"],
+        json!([{"name":"daily","limit":1000,"window":"day"}])
+    );
+    // Tighter limits (a smaller burst at a lower rate, a longer quota window) are fine.
+    let r = send(
+        &app,
+        "POST",
+        "/admin/keys",
+        k,
+        r#"{"name":"tight","scopes":["points:read"],"collections":["d"],
+            "rate_limits":["slow=10/m"],"quotas":["m=1000/month"]}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+
+    // An unlimited key is invisible to it and cannot be rotated by it; a tighter one can.
+    assert!(!listed(&app, &admin).await.contains(&unlimited));
+    assert!(listed(&app, &admin).await.contains(&admin_id));
+    let r = send(
+        &app,
+        "POST",
+        &format!("/admin/keys/{unlimited}/rotate"),
+        k,
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.json);
+    let r = send(
+        &app,
+        "POST",
+        &format!("/admin/keys/{tighter}/rotate"),
+        k,
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    assert_eq!(r.json["rate_limits"][0]["name"], "slow");
+}
+
+fn showcase_vocabulary() -> ScopeVocabulary {
+    ScopeVocabulary::new([
+        KnownScope::new("collections:read", false),
+        KnownScope::new("collections:manage", true),
+        KnownScope::new("points:read", true),
+        KnownScope::new("points:write", true),
+        KnownScope::new("keys:admin", false),
+    ])
+}
+
+#[tokio::test]
+async fn unknown_scopes_are_refused_with_a_suggestion_unless_allowed() {
+    let s = setup();
+    let (admin, _) = s.key(admin_spec()).await;
+    let app = Router::new().nest(
+        "/admin",
+        AdminApi::new(s.keys.clone())
+            .gate(&s.gate)
+            .scope_vocabulary(showcase_vocabulary())
+            .router(),
+    );
+    let k = Some(admin.as_str());
+    let before = s.count().await;
+    for (typo, fix) in [
+        ("point:read", "points:read"),
+        ("points:raed", "points:read"),
+        ("Points:Read", "points:read"),
+        ("pionts:*", "points:*"),
+    ] {
+        let body = format!(r#"{{"name":"x","scopes":["{typo}"],"collections":["d"]}}"#);
+        let r = send(&app, "POST", "/admin/keys", k, &body).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{typo}");
+        assert_eq!(r.json["code"], "unknown_scope");
+        assert_eq!(
+            r.json["detail"],
+            format!(
+                "scopes: unknown scope \"{typo}\" (did you mean `{fix}`?); set \"allow_unknown_scopes\": true to grant it anyway"
+            )
+        );
+    }
+    let r = send(
+        &app,
+        "POST",
+        "/admin/keys",
+        k,
+        r#"{"name":"x","scopes":["billing:*"]}"#,
+    )
+    .await;
+    assert_eq!(r.json["code"], "unknown_scope");
+    assert_eq!(s.count().await, before, "nothing was issued");
+
+    // Known scopes and wildcards of known families pass, without warnings.
+    for scopes in [
+        r#"["points:read"]"#,
+        r#"["points:*","collections:read"]"#,
+        r#"["*"]"#,
+    ] {
+        let body = format!(r#"{{"name":"ok","scopes":{scopes},"collections":["d"]}}"#);
+        let r = send(&app, "POST", "/admin/keys", k, &body).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{scopes}: {}", r.json);
+        assert_eq!(r.json["warnings"], json!([]), "{scopes}");
+    }
+    // A custom scope on purpose: issued, with a warning that says so.
+    let r = send(
+        &app,
+        "POST",
+        "/admin/keys",
+        k,
+        r#"{"name":"custom","scopes":["billing:export"],"collections":["d"],"allow_unknown_scopes":true}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    assert_eq!(r.json["scopes"], json!(["billing:export"]));
+    assert_eq!(r.json["warnings"][0], "granted on purpose: unknown scope \"billing:export\" (not a scope this server's routes require)");
+}
+
+#[tokio::test]
+async fn a_key_that_can_reach_nothing_is_issued_with_a_warning() {
+    let s = setup();
+    let (admin, _) = s.key(admin_spec()).await;
+    let with = Router::new().nest(
+        "/admin",
+        AdminApi::new(s.keys.clone())
+            .gate(&s.gate)
+            .scope_vocabulary(showcase_vocabulary())
+            .router(),
+    );
+    let without = Router::new().nest(
+        "/admin",
+        AdminApi::new(s.keys.clone()).gate(&s.gate).router(),
+    );
+    let k = Some(admin.as_str());
+    let r = send(
+        &with,
+        "POST",
+        "/admin/keys",
+        k,
+        r#"{"name":"r","scopes":["points:read","points:write"]}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    assert_eq!(
+        r.json["warnings"],
+        json!(["every route these scopes open needs a collection and the key has none: it can use none of them"])
+    );
+    // collections:read lists collections without naming one: reachable.
+    let r = send(
+        &with,
+        "POST",
+        "/admin/keys",
+        k,
+        r#"{"name":"r","scopes":["points:read","collections:read"]}"#,
+    )
+    .await;
+    assert_eq!(r.json["warnings"], json!([]));
+    // No vocabulary: nothing was checked, and the answer says so.
+    let r = send(
+        &without,
+        "POST",
+        "/admin/keys",
+        k,
+        r#"{"name":"r","scopes":["points:raed"]}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    assert_eq!(
+        r.json["warnings"],
+        json!(["no scope vocabulary is registered: the scopes were not checked against the server's routes"])
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_field_is_named_with_every_allowed_field() {
+    let s = setup();
+    let (admin, _) = s.key(admin_spec()).await;
+    let app = Router::new().nest(
+        "/admin",
+        AdminApi::new(s.keys.clone()).gate(&s.gate).router(),
+    );
+    let r = send(
+        &app,
+        "POST",
+        "/admin/keys",
+        Some(&admin),
+        r#"{"name":"n","scope":["points:read"]}"#,
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_json"))
+    );
+    assert_eq!(
+        r.json["detail"],
+        "unknown field \"scope\"; the allowed fields are: name, owner, scopes, collections, \
+         resources, attributes, allowed_ips, rate_limits, quotas, expires_in, expires_at, \
+         prefix, metadata, allow_unknown_scopes"
+    );
+    let r = send(
+        &app,
+        "POST",
+        "/admin/keys/AAAAAAAAAAAA/rotate",
+        Some(&admin),
+        r#"{"grace":"1m","graec":1}"#,
+    )
+    .await;
+    assert_eq!(
+        r.json["detail"],
+        "unknown field \"graec\"; the allowed fields are: grace"
+    );
+    let r = send(
+        &app,
+        "POST",
+        "/admin/keys/AAAAAAAAAAAA/revoke",
+        Some(&admin),
+        r#"{"why":1}"#,
+    )
+    .await;
+    assert_eq!(
+        r.json["detail"],
+        "unknown field \"why\": this body takes no fields"
+    );
 }

@@ -370,6 +370,23 @@ async fn keys_from_the_cli_work_in_the_running_showcase() {
     until_status(addr, &key, StatusCode::OK).await;
     let r = call(addr, "DELETE", "/collections/docs", Some(&key), None).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN, "read-only key");
+    // The showcase registered its routes' scopes at start-up: the CLI refuses a typo.
+    let typo = Command::new(&keygate)
+        .arg("--database-url")
+        .arg(format!(
+            "sqlite://{}",
+            dir.path().join("keygate.db").display()
+        ))
+        .args(["keys", "create", "--name", "typo", "--scope", "points:raed"])
+        .output()
+        .await
+        .expect("run the CLI");
+    assert_eq!(typo.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&typo.stderr),
+        "keygate: unknown scope \"points:raed\" (did you mean `points:read`?); pass \
+         --allow-unknown-scope to grant it anyway\n"
+    );
 
     // Rotation: the new key works; the old one keeps working during the grace period.
     let rotated = cli(

@@ -281,7 +281,8 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
     let handle = quota.handle();
     let admin = AdminApi::new(keys.clone())
         .gate(&gate)
-        .quota(handle.clone());
+        .quota(handle.clone())
+        .scope_vocabulary(keygate::core::ScopeVocabulary::new(routes()?.scopes()));
     let vectors = VectorStore::new();
     let state = AppState {
         vectors: vectors.clone(),

@@ -32,21 +32,24 @@ impl AdminError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", detail)
     }
 
-    /// 400 `invalid_json`, from serde's message (which quotes at most a short piece of
-    /// input: a field name or a value's type).
+    /// 400 `invalid_json`. An unknown field is named with the full list of allowed ones;
+    /// other messages are serde's, which quote at most a short piece of input (a field
+    /// name, a value's type), clipped and with anything shaped like an API key hidden.
     pub(crate) fn json(e: &serde_json::Error) -> Self {
         let what = match e.classify() {
             serde_json::error::Category::Data => "the body does not have the expected fields",
             _ => "the body is not valid JSON",
         };
-        let msg: String = e.to_string().chars().take(200).collect();
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("{what}: {msg}"),
-        )
+        let text = e.to_string();
+        let detail = match unknown_field(&text) {
+            Some(message) => message,
+            None => {
+                let msg: String = hide_keys(&text).chars().take(300).collect();
+                format!("{what}: {msg}")
+            }
+        };
+        Self::new(StatusCode::BAD_REQUEST, "invalid_json", detail)
     }
-
     /// 404 `key_not_found`.
     pub(crate) fn not_found(id: &str) -> Self {
         Self::new(
@@ -133,6 +136,49 @@ impl From<LifecycleError> for AdminError {
             ),
         }
     }
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b` at line 1 column 9" as
+/// `unknown field "x"; the allowed fields are: a, b` (the field name clipped to 64
+/// characters).
+fn unknown_field(text: &str) -> Option<String> {
+    let rest = text.strip_prefix("unknown field `")?;
+    let (field, rest) = rest.split_once('`')?;
+    let field: String = hide_keys(field).chars().take(64).collect();
+    let allowed: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
+    Some(if allowed.is_empty() {
+        format!("unknown field {field:?}: this body takes no fields")
+    } else {
+        format!(
+            "unknown field {field:?}; the allowed fields are: {}",
+            allowed.join(", ")
+        )
+    })
+}
+
+/// `text` with every run of 20 or more letters and digits (the secret part of an API key,
+/// never a field name) replaced by `[hidden]`.
+fn hide_keys(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.chars().count() >= 20 {
+            out.push_str("[hidden]");
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_alphanumeric() {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
 }
 
 #[derive(Serialize)]

@@ -20,9 +20,12 @@ use super::input::{self, CreateKey, NoFields, RotateKey};
 use super::{Shared, UsageSource};
 use crate::client_ip::{peer_addr, ClientIp};
 use crate::core::usage::{UsageRecord, Window};
-use crate::core::{validate_resource_pattern, Expiry, KeySpec, Scope};
+use crate::core::{validate_resource_pattern, Expiry, KeySpec, Refill, Scope};
 use crate::reject::{DefaultRenderer, RenderContext, Renderer};
-use crate::{resolution, Denial, DenialCode, KeyId, KeyInfo, KeyRecord, Principal, QuotaWindow};
+use crate::{
+    resolution, Denial, DenialCode, KeyId, KeyInfo, KeyRecord, Principal, QuotaPolicy, QuotaWindow,
+    RateLimitPolicy,
+};
 
 type St = State<Arc<Shared>>;
 type IdPath = Result<Path<String>, PathRejection>;
@@ -205,13 +208,79 @@ fn same_tenant(caller: &Principal, record: &KeyRecord) -> bool {
         .is_none_or(|t| record.attributes.get("tenant").map(String::as_str) == Some(t))
 }
 
-/// The key `id`, if the caller may see it (a tenant admin sees only its tenant's keys).
+/// Whether the caller may see and manage `record`: of its tenant (for a tenant admin),
+/// holding no scope or collection the caller lacks, and no less restricted than the caller
+/// (expiry, allowlist, rate limits, quotas).
+fn within_caller(caller: &Principal, record: &KeyRecord) -> bool {
+    same_tenant(caller, record)
+        && check_grants(caller, &record.scopes, &record.resources, "the key holds").is_ok()
+        && check_restrictions(caller, record).is_ok()
+        && limits_within(caller, &record.rate_limits, &record.quotas)
+}
+
+/// The key `id`, if the caller may see it ([`within_caller`]); any other reads as
+/// `key_not_found`, so an admin cannot learn of keys beyond its own authority.
 async fn visible(shared: &Shared, caller: &Principal, id: KeyId) -> Result<KeyRecord, AdminError> {
     let record = shared.keys.show(id).await?;
-    if !same_tenant(caller, &record) {
+    if !within_caller(caller, &record) {
         return Err(AdminError::not_found(id.as_str()));
     }
     Ok(record)
+}
+
+/// Whether rate limit `q` never lets more through than `p`: no larger burst, no higher
+/// sustained rate.
+fn rate_within(q: &RateLimitPolicy, p: &RateLimitPolicy) -> bool {
+    q.limit <= p.limit
+        && u128::from(q.limit) * p.period.as_nanos() <= u128::from(p.limit) * q.period.as_nanos()
+}
+
+/// How long a quota window is, for comparing: a longer window contains every shorter one
+/// (all are aligned to UTC midnight), credits that never refill last for ever.
+fn window_rank(w: QuotaWindow) -> u8 {
+    match w {
+        QuotaWindow::Hour => 1,
+        QuotaWindow::Day | QuotaWindow::Credits(Refill::Daily) => 2,
+        QuotaWindow::Month | QuotaWindow::Credits(Refill::Monthly { .. }) => 3,
+        QuotaWindow::Credits(Refill::Never) => 4,
+    }
+}
+
+/// Whether quota `q` never allows more than `p` in any of `p`'s windows: no larger limit,
+/// over the same window or a longer one.
+fn quota_within(q: &QuotaPolicy, p: &QuotaPolicy) -> bool {
+    q.limit <= p.limit && (q.window == p.window || window_rank(q.window) > window_rank(p.window))
+}
+
+/// Whether a key with these limits is metered at least as tightly as the caller: each of
+/// the caller's rate limits and quotas is matched by one of the key's that is no looser
+/// (a key without limits is looser than any limit).
+fn limits_within(caller: &Principal, rates: &[RateLimitPolicy], quotas: &[QuotaPolicy]) -> bool {
+    caller
+        .rate_limits()
+        .iter()
+        .all(|p| rates.iter().any(|q| rate_within(q, p)))
+        && caller
+            .quotas()
+            .iter()
+            .all(|p| quotas.iter().any(|q| quota_within(q, p)))
+}
+
+/// Bounds a new key's limits by the caller's: a key asked without rate limits (quotas)
+/// gets the caller's; one asked with limits looser than the caller's is refused.
+fn bound_limits(caller: &Principal, spec: &mut KeySpec) -> Result<(), AdminError> {
+    if spec.rate_limits.is_empty() {
+        spec.rate_limits = caller.rate_limits().to_vec();
+    }
+    if spec.quotas.is_empty() {
+        spec.quotas = caller.quotas().to_vec();
+    }
+    if !limits_within(caller, &spec.rate_limits, &spec.quotas) {
+        return Err(AdminError::escalation(
+            "cannot grant rate limits or quotas looser than the calling key's own",
+        ));
+    }
+    Ok(())
 }
 
 /// Whether every network of `nets` lies inside one of `within` (an empty `nets`, meaning
@@ -274,17 +343,13 @@ fn check_restrictions(caller: &Principal, record: &KeyRecord) -> Result<(), Admi
     Ok(())
 }
 
-/// The key `id`, if the caller may manage it: visible, holding nothing the caller lacks,
-/// and no less restricted than the caller (expiry, allowlist).
+/// The key `id`, if the caller may manage it: exactly the keys it may see.
 async fn manageable(
     shared: &Shared,
     caller: &Principal,
     id: KeyId,
 ) -> Result<KeyRecord, AdminError> {
-    let record = visible(shared, caller, id).await?;
-    check_grants(caller, &record.scopes, &record.resources, "the key holds")?;
-    check_restrictions(caller, &record)?;
-    Ok(record)
+    visible(shared, caller, id).await
 }
 
 // ---------------------------------------------------------------------------------------
@@ -318,6 +383,16 @@ struct WithKey<'a> {
     info: KeyInfo,
 }
 
+/// A new key, its plaintext (shown once), and what looks wrong with it.
+#[derive(Serialize)]
+struct Issued<'a> {
+    #[serde(flatten)]
+    key: WithKey<'a>,
+    /// Why the key may not work as meant (it can reach no route, its scopes were not
+    /// checked); empty when nothing looks wrong.
+    warnings: Vec<String>,
+}
+
 #[derive(Serialize)]
 struct KeyList {
     keys: Vec<KeyInfo>,
@@ -339,9 +414,12 @@ pub(crate) async fn create(State(s): St, req: Request) -> Response {
     done(
         async {
             let body: CreateKey = input::json_required(&body)?;
+            let allow_unknown = body.allow_unknown_scopes;
             let mut spec = body.into_spec()?;
+            let warnings = vocabulary_check(&s, &spec, allow_unknown)?;
             check_grants(&who, &spec.scopes, &spec.resources, "cannot grant")?;
             bound_restrictions(&who, &mut spec, s.clock.now())?;
+            bound_limits(&who, &mut spec)?;
             if let Some(t) = who.tenant() {
                 match spec.attributes.get("tenant") {
                     None => {
@@ -358,14 +436,56 @@ pub(crate) async fn create(State(s): St, req: Request) -> Response {
             let issued = s.keys.issue(&actor(&who), spec).await?;
             Ok(json(
                 StatusCode::CREATED,
-                &WithKey {
-                    key: issued.key.expose_secret(),
-                    info: issued.record.info(),
+                &Issued {
+                    key: WithKey {
+                        key: issued.key.expose_secret(),
+                        info: issued.record.info(),
+                    },
+                    warnings,
                 },
             ))
         }
         .await,
     )
+}
+
+/// Checks the new key's scopes against the vocabulary (400 `unknown_scope` for one that is
+/// not in it, unless `allow_unknown`), and returns the warnings for the answer: the scopes
+/// could not be checked (no vocabulary), unknown scopes granted on purpose, a key that can
+/// reach no route.
+fn vocabulary_check(
+    shared: &Shared,
+    spec: &KeySpec,
+    allow_unknown: bool,
+) -> Result<Vec<String>, AdminError> {
+    let vocabulary = &shared.vocabulary;
+    let mut warnings = Vec::new();
+    if vocabulary.is_empty() {
+        if !spec.scopes.is_empty() {
+            warnings.push(
+                "no scope vocabulary is registered: the scopes were not checked against the \
+                 server's routes"
+                    .to_owned(),
+            );
+        }
+        return Ok(warnings);
+    }
+    for scope in &spec.scopes {
+        if let Err(e) = vocabulary.check(scope) {
+            if !allow_unknown {
+                return Err(AdminError::new(
+                    StatusCode::BAD_REQUEST,
+                    "unknown_scope",
+                    format!("scopes: {e}; set \"allow_unknown_scopes\": true to grant it anyway"),
+                ));
+            }
+            warnings.push(format!("granted on purpose: {e}"));
+        }
+    }
+    if let Some(w) = vocabulary.reach_warning(&spec.scopes, &spec.resources) {
+        warnings.push(w);
+    }
+    Ok(warnings)
 }
 
 pub(crate) async fn list(State(s): St, req: Request) -> Response {
@@ -381,7 +501,7 @@ pub(crate) async fn list(State(s): St, req: Request) -> Response {
                 .list(&filter)
                 .await?
                 .iter()
-                .filter(|r| same_tenant(&who, r))
+                .filter(|r| within_caller(&who, r))
                 .map(KeyRecord::info)
                 .collect();
             Ok(json(StatusCode::OK, &KeyList { keys }))

@@ -18,7 +18,7 @@ use crate::{KeyStatus, QuotaPolicy, RateLimitPolicy};
 /// {"name": "reader", "owner": "acme", "scopes": ["points:read"], "collections": ["docs*"],
 ///  "attributes": {"tenant": "acme"}, "allowed_ips": ["10.0.0.0/8"],
 ///  "rate_limits": ["burst=20/s"], "quotas": ["daily=10000/day"], "expires_in": "90d",
-///  "metadata": {"ticket": 42}}
+///  "metadata": {"ticket": 42}, "allow_unknown_scopes": false}
 /// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,6 +59,10 @@ pub struct CreateKey {
     /// Free JSON metadata.
     #[serde(default)]
     pub metadata: Option<serde_json::Value>,
+    /// Grant scopes that are not in the API's scope vocabulary (custom scopes checked by a
+    /// handler rather than the route table); default `false`: such a scope is refused.
+    #[serde(default)]
+    pub allow_unknown_scopes: bool,
 }
 
 /// A policy written as text (`burst=20/s`, `daily=10000/day`) or as its JSON object.

@@ -12,16 +12,18 @@
 //! | `GET /admin/keys/{id}/usage` | quota usage (`?from=`, `?to=`, RFC 3339) | 200 |
 //!
 //! JSON in and out. Keys are shown as [`KeyInfo`](crate::KeyInfo) (never a digest); issue and
-//! rotate answers add `"key"`, the plaintext, shown this once (`Cache-Control: no-store` on
+//! rotate answers add `"key"`, the plaintext, shown this once (issue answers also
+//! `"warnings"`, see [below](#scope-vocabulary)) (`Cache-Control: no-store` on
 //! every answer). Errors are `application/problem+json` with a stable `code`:
 //!
 //! | status | code | when |
 //! |---|---|---|
-//! | 400 | `invalid_json` | the body is not JSON of the expected shape (unknown fields included) |
+//! | 400 | `invalid_json` | the body is not JSON of the expected shape (an unknown field is named with the list of allowed ones) |
+//! | 400 | `unknown_scope` | a scope not in the [scope vocabulary](AdminApi::scope_vocabulary), with the closest known one |
 //! | 400 | `invalid_request` | a field's value is refused (name, scope, CIDR, policy, duration, id, ...) |
 //! | 401 / 403 | keygate's denial codes | no key, a bad key, a key used from outside its `allowed_ips` (`ip_not_allowed`), or a key without `keys:admin` |
 //! | 403 | `privilege_escalation` | the key would grant (or manage a key holding or allowed) more than its caller holds or is allowed |
-//! | 404 | `key_not_found` | no such key (or one of another tenant) |
+//! | 404 | `key_not_found` | no such key (or one beyond the caller's authority: another tenant's, more scopes, collections or looser restrictions or limits) |
 //! | 409 | `wrong_status` | the key's status forbids it (enable a revoked key, rotate a disabled one) |
 //! | 501 | `usage_unavailable` | `usage` asked of an API built without a usage source |
 //! | 503 | `store_unavailable`, `audit_unavailable` | the key or usage store, or the audit log, is down: nothing changed |
@@ -57,11 +59,27 @@
 //! - a key with a `tenant` attribute is a tenant admin: it sees and manages only keys of its
 //!   tenant (others read as `key_not_found`), and the keys it issues carry its tenant.
 //!
-//! Rate limits and quotas are neither compared nor inherited: they meter a key's own
-//! traffic, not the authority it carries, so a rate-limited or metered admin key may issue
-//! keys with any limits (or none) within its scopes, collections, expiry and networks; a new
-//! key has exactly the limits its request names.
+//! - a key sees and manages only keys within its own authority: their scopes and
+//!   collections are ones it holds, and they are no less restricted than itself (expiry,
+//!   allowlist, rate limits, quotas). Any other key, the `*` admin's included, reads as
+//!   `key_not_found` in `GET /keys/{id}`, `usage` and every change, and is left out of
+//!   `GET /keys`;
+//! - a key with rate limits or quotas issues only keys metered at least as tightly: each of
+//!   its limits must be matched by one of the new key's that is no looser (a rate limit with
+//!   no larger burst and no higher rate; a quota with no larger limit over the same window
+//!   or a longer one: hour < day < month < credits that never refill). A key asked without
+//!   rate limits (quotas) gets the caller's; a key without any limit is looser than every
+//!   limit.
 //!
+//! # Scope vocabulary
+//! With [`AdminApi::scope_vocabulary`] (the scopes of the server's route table), a new
+//! key's scope that is not in it is refused (400 `unknown_scope`, naming the closest known
+//! scope: "did you mean `points:read`?"), unless the body sets `"allow_unknown_scopes":
+//! true`. `*` and `family:*` pass when the family is known. The 201 answer of `POST /keys`
+//! carries a `warnings` array: the scopes were not checked (no vocabulary), an unknown
+//! scope granted on purpose, or a key that can use none of the routes (for example scopes
+//! whose routes all need a collection, and no collection).
+
 //! # Limitations
 //! The permission check and the change are not atomic: the target key is read and checked
 //! (scopes, collections, tenant, expiry, allowlist) outside the [`KeyManager`]'s lock, and
@@ -115,7 +133,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::core::usage::UsageStore;
-use crate::core::{InvalidScope, Scope};
+use crate::core::{InvalidScope, Scope, ScopeVocabulary};
 use crate::{Clock, KeyGate, KeyManager, SystemClock};
 
 pub use input::{CreateKey, PolicyInput, RotateKey};
@@ -134,6 +152,7 @@ pub(crate) struct Shared {
     pub(crate) usage: Option<UsageSource>,
     pub(crate) scope: Scope,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) vocabulary: ScopeVocabulary,
 }
 
 /// Where usage reports come from.
@@ -154,6 +173,7 @@ impl AdminApi {
                 usage: None,
                 scope: Scope::parse("keys:admin").expect("a constant, valid scope"),
                 clock: Arc::new(SystemClock),
+                vocabulary: ScopeVocabulary::default(),
             }),
         }
     }
@@ -169,6 +189,7 @@ impl AdminApi {
                     usage: s.usage.clone(),
                     scope: s.scope.clone(),
                     clock: s.clock.clone(),
+                    vocabulary: s.vocabulary.clone(),
                 };
                 f(&mut copy);
                 self.shared = Arc::new(copy);
@@ -206,6 +227,15 @@ impl AdminApi {
         self.edit(|s| s.usage = Some(UsageSource::Quota(handle)))
     }
 
+    /// Checks new keys' scopes against this vocabulary (build it from the server's route
+    /// table: `ScopeVocabulary::new(routes.scopes())`): a scope not in it is refused with
+    /// 400 `unknown_scope` and the closest known scope as a suggestion, unless the request
+    /// sets `"allow_unknown_scopes": true`. Without one (the default) scopes are not checked
+    /// and the answer says so in its `warnings`.
+    pub fn scope_vocabulary(self, vocabulary: ScopeVocabulary) -> Self {
+        self.edit(|s| s.vocabulary = vocabulary)
+    }
+
     /// Reads time (usage windows, the default report range) from `clock` (default: the
     /// hub's, or the system clock).
     pub fn clock(self, clock: Arc<dyn Clock>) -> Self {
@@ -237,6 +267,7 @@ impl fmt::Debug for AdminApi {
             .field("scope", &self.shared.scope.to_string())
             .field("gate", &self.shared.gate.is_some())
             .field("usage", &self.shared.usage.is_some())
+            .field("vocabulary", &self.shared.vocabulary.scopes().len())
             .finish_non_exhaustive()
     }
 }

@@ -309,6 +309,26 @@ impl RouteScopes {
     pub fn allows_unmatched(&self) -> bool {
         self.allow_unmatched
     }
+
+    /// The scopes the table's rules require, each once, with whether every rule requiring
+    /// it names a resource (so a key holding it but no resource can use none of them): the
+    /// vocabulary to register where keys are issued (`SqlStore::register_scopes`, the admin
+    /// API's `scope_vocabulary`), so a typo in a new key's scope is refused.
+    pub fn scopes(&self) -> Vec<crate::core::KnownScope> {
+        let mut out: Vec<crate::core::KnownScope> = Vec::new();
+        for rule in &self.rules {
+            let Need::Scope(scope) = &rule.need else {
+                continue;
+            };
+            let text = scope.to_string();
+            let needs = rule.resource.is_some();
+            match out.iter_mut().find(|k| k.scope == text) {
+                Some(k) => k.needs_collection &= needs,
+                None => out.push(crate::core::KnownScope::new(text, needs)),
+            }
+        }
+        out
+    }
 }
 
 impl RouteScopesBuilder {
@@ -463,5 +483,29 @@ mod tests {
         assert!(t.find_index(&Method::GET, "/collections").is_none());
         let long = "/a".repeat(40);
         assert!(t.find_index(&Method::GET, &long).is_none());
+    }
+
+    #[test]
+    fn scopes_lists_each_required_scope_once() {
+        let rules = RouteScopes::builder()
+            .route("GET", "/collections", "collections:read")
+            .route("GET", "/collections/{collection}", "collections:read")
+            .route("POST", "/collections/{collection}/points", "points:read")
+            .route(
+                "GET",
+                "/collections/{collection}/points/{id}",
+                "points:read",
+            )
+            .public("GET", "/healthz")
+            .build()
+            .unwrap();
+        let scopes = rules.scopes();
+        assert_eq!(
+            scopes,
+            [
+                crate::core::KnownScope::new("collections:read", false),
+                crate::core::KnownScope::new("points:read", true),
+            ]
+        );
     }
 }

@@ -17,7 +17,8 @@ use crate::parse;
 #[command(name = "keygate", version, about, max_term_width = 100)]
 pub(crate) struct Cli {
     /// The key database: sqlite://PATH (created by `keys create` if missing) or
-    /// postgres://USER:PASSWORD@HOST:PORT/DATABASE.
+    /// postgres://USER:PASSWORD@HOST:PORT/DATABASE. A password given here is visible to
+    /// every user (ps): prefer KEYGATE_DATABASE_URL or --database-url-file.
     #[arg(
         long,
         global = true,
@@ -27,6 +28,17 @@ pub(crate) struct Cli {
         value_name = "URL"
     )]
     pub(crate) database_url: String,
+
+    /// Read the database URL from this file (it must not be readable by every user), so the
+    /// password is neither on the command line nor in the environment.
+    #[arg(
+        long,
+        global = true,
+        env = "KEYGATE_DATABASE_URL_FILE",
+        hide_env_values = true,
+        value_name = "PATH"
+    )]
+    pub(crate) database_url_file: Option<PathBuf>,
 
     /// PostgreSQL only: keep keygate's tables in this schema (created if missing).
     #[arg(
@@ -79,6 +91,8 @@ pub(crate) enum Command {
     Audit(AuditCommand),
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub(crate) enum KeysCommand {
     /// Create a key and print it (once: it cannot be shown again).
@@ -105,9 +119,14 @@ pub(crate) struct CreateArgs {
     /// Who the key belongs to (a user, a service, a customer).
     #[arg(long, value_name = "S")]
     pub(crate) owner: Option<String>,
-    /// A granted scope: points:read, points:*, * (repeatable).
+    /// A granted scope: points:read, points:*, * (repeatable). Checked against the scopes
+    /// the server registered in the database (a typo is refused with a suggestion).
     #[arg(long = "scope", value_name = "S", value_parser = parse::scope)]
     pub(crate) scopes: Vec<String>,
+    /// Grant --scope values the server did not register (custom scopes checked by its own
+    /// handlers).
+    #[arg(long)]
+    pub(crate) allow_unknown_scope: bool,
     /// A collection the key may use: a name or a pattern like tenant-* (repeatable).
     #[arg(long = "collection", value_name = "C", value_parser = parse::collection)]
     pub(crate) collections: Vec<String>,
@@ -134,6 +153,18 @@ pub(crate) struct CreateArgs {
     /// Free JSON metadata (at most 64 KiB).
     #[arg(long, value_name = "JSON", value_parser = parse::json)]
     pub(crate) meta: Option<serde_json::Value>,
+}
+
+/// A key id; a whole API key is refused without being repeated, naming only its id.
+fn key_id(text: &str) -> Result<KeyId, String> {
+    match crate::output::key_shaped(text) {
+        Some(Some(id)) => Err(format!(
+            "that looks like a full API key; pass its id (the part after the prefix, first \
+             12 characters) instead: {id}"
+        )),
+        Some(None) => Err("that looks like an API key (not repeated here)".into()),
+        None => parse::key_id(text),
+    }
 }
 
 /// A status to filter on.
@@ -170,14 +201,14 @@ pub(crate) struct ListArgs {
 #[derive(Debug, Args)]
 pub(crate) struct IdArg {
     /// The key's id (12 characters, the part after the prefix).
-    #[arg(value_name = "ID", value_parser = parse::key_id)]
+    #[arg(value_name = "ID", value_parser = key_id)]
     pub(crate) id: KeyId,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct RotateArgs {
     /// The key's id.
-    #[arg(value_name = "ID", value_parser = parse::key_id)]
+    #[arg(value_name = "ID", value_parser = key_id)]
     pub(crate) id: KeyId,
     /// How long the old key keeps working: 0s (stops at once), 15m, 24h, 7d.
     #[arg(
@@ -193,7 +224,7 @@ pub(crate) struct RotateArgs {
 #[derive(Debug, Args)]
 pub(crate) struct UsageArgs {
     /// One key (default: every key with a quota).
-    #[arg(value_name = "ID", value_parser = parse::key_id)]
+    #[arg(value_name = "ID", value_parser = key_id)]
     pub(crate) id: Option<KeyId>,
 }
 
@@ -255,7 +286,7 @@ pub(crate) struct TailArgs {
 #[derive(Debug, Args)]
 pub(crate) struct EventsArgs {
     /// Only events about this key.
-    #[arg(long = "key", value_name = "ID", value_parser = parse::key_id)]
+    #[arg(long = "key", value_name = "ID", value_parser = key_id)]
     pub(crate) key_id: Option<KeyId>,
     /// Only events numbered above this.
     #[arg(long, value_name = "SEQ")]

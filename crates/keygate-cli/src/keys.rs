@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use keygate_core::audit::{Auditor, MemorySink};
 use keygate_core::{
     IssuedKey, KeyFilter, KeyHasher, KeyId, KeyManager, KeyRecord, KeySpec, KeyStatus, KeyStore,
-    LifecycleError, MemoryStore, StatusWrite, StoreError,
+    LifecycleError, MemoryStore, ScopeVocabulary, StatusWrite, StoreError,
 };
 use serde_json::Value;
 
@@ -19,12 +19,72 @@ use crate::Failure;
 const SHOWN_ONCE: &str =
     "this is the only time the key is shown: store it now, it cannot be recovered";
 
-/// A lifecycle error as a failure: bad input is a usage error (2), the rest failures (1).
+/// The option (or variable) a key manager's field name stands for, so messages name what
+/// the user typed.
+fn flag(field: &str) -> &str {
+    match field {
+        "name" => "--name",
+        "owner" => "--owner",
+        "scopes" => "--scope",
+        "resources" => "--collection",
+        "attributes" => "--attr",
+        "allowed_ips" => "--allow-ip",
+        "rate_limits" => "--rate",
+        "quotas" => "--quota",
+        "expires" => "--expires-in",
+        "metadata" => "--meta",
+        "prefix" => "--prefix",
+        "actor" => "--actor (KEYGATE_ACTOR)",
+        "grace" => "--grace",
+        other => other,
+    }
+}
+
+/// A lifecycle error as a failure: bad input is a usage error (2) naming the option, the
+/// rest failures (1).
 pub(crate) fn failure(e: LifecycleError) -> Failure {
     match e {
-        LifecycleError::Invalid(_) => Failure::Usage(e.to_string()),
+        LifecycleError::Invalid(spec) => {
+            Failure::Usage(format!("invalid {}: {}", flag(spec.field), spec.reason))
+        }
         other => Failure::Failed(other.to_string()),
     }
+}
+
+/// Checks the key's scopes against the vocabulary the server registered in the database:
+/// an unknown scope is a usage error (with the closest known one) unless
+/// `--allow-unknown-scope`. Returns the warnings to print once the key is made: scopes not
+/// checked (no vocabulary), unknown scopes granted on purpose, a key that can use no route.
+fn check_scopes(vocabulary: &ScopeVocabulary, args: &CreateArgs) -> Result<Vec<String>, Failure> {
+    let mut warnings = Vec::new();
+    if vocabulary.is_empty() {
+        if !args.scopes.is_empty() {
+            warnings.push(
+                "no scope vocabulary is registered in this database (a server registers its \
+                 routes' scopes when it starts): the scopes were not checked"
+                    .to_owned(),
+            );
+        }
+        return Ok(warnings);
+    }
+    for scope in &args.scopes {
+        if let Err(e) = vocabulary.check(scope) {
+            if !args.allow_unknown_scope {
+                return Err(Failure::Usage(format!(
+                    "{e}; pass --allow-unknown-scope to grant it anyway"
+                )));
+            }
+            warnings.push(format!("granting on purpose: {e}"));
+        }
+    }
+    if let Some(w) = vocabulary.reach_warning(&args.scopes, &args.collections) {
+        warnings.push(if args.collections.is_empty() {
+            format!("{w} (add --collection)")
+        } else {
+            w
+        });
+    }
+    Ok(warnings)
 }
 
 fn store_failure(e: StoreError) -> Failure {
@@ -101,11 +161,16 @@ pub(crate) async fn create(cli: &Cli, args: &CreateArgs) -> Result<(), Failure> 
     validate(&actor, &spec, &hasher).await?;
     let store = db::open(cli, Access::Create).await?;
     db::check_pepper(&store, &hasher).await?;
+    let vocabulary = store.scope_vocabulary().await.map_err(store_failure)?;
+    let warnings = check_scopes(&vocabulary, args)?;
     let managed = Managed::new(cli, &store, hasher)?;
     let issued = managed.keys.issue(&actor, spec).await.map_err(failure);
     // The events of whatever was done are written before anything is printed.
     let audited = managed.finish().await;
     let issued = issued?;
+    for w in &warnings {
+        crate::warning(w);
+    }
     let now = SystemTime::now();
     print_issued(cli, &issued, None, now)?;
     audited

@@ -18,8 +18,9 @@ mod usage;
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::error::ErrorKind;
-use clap::Parser;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
 
 use crate::cli::{AuditCommand, Cli, Command, KeysCommand};
 
@@ -51,7 +52,8 @@ impl Failure {
     }
 }
 
-/// Prints `keygate: <message>` as exactly one line on stderr.
+/// Prints `keygate: <message>` as exactly one line on stderr, with credentials in URLs
+/// and anything shaped like an API key hidden.
 pub(crate) fn error_line(message: &str) {
     let one: String = message
         .split(['\n', '\r'])
@@ -59,6 +61,7 @@ pub(crate) fn error_line(message: &str) {
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join("; ");
+    let one = output::hide_keys(&keygate_core::redact_url(&one));
     let _ = writeln!(std::io::stderr().lock(), "keygate: {one}");
 }
 
@@ -68,11 +71,17 @@ pub(crate) fn warning(message: &str) {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => return clap_failure(e),
+    };
+    let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => return clap_failure(e),
     };
-    match run(cli) {
+    let url_source = matches.value_source("database_url");
+    let resolved = database_url(&mut cli, url_source);
+    match resolved.and_then(|()| run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             error_line(f.message());
@@ -93,27 +102,161 @@ fn clap_failure(e: clap::Error) -> ExitCode {
             error_line("a command is missing (see keygate --help)");
             ExitCode::from(2)
         }
-        _ => {
-            // The first paragraph of clap's message (a missing argument is listed on the
-            // lines after the first), as one line.
-            let text = e.render().to_string();
-            let first: Vec<&str> = text
-                .lines()
-                .map(str::trim)
-                .skip_while(|l| l.is_empty())
-                .take_while(|l| !l.is_empty())
-                .collect();
-            let first = first.join(" ");
-            let first = first.strip_prefix("error: ").unwrap_or(&first);
-            let first = if first.is_empty() {
-                "invalid command line"
-            } else {
-                first
-            };
-            error_line(&format!("{first} (see --help)"));
-            ExitCode::from(2)
+        ErrorKind::ValueValidation => match invalid_key_shaped_value(&e) {
+            Some(line) => {
+                error_line(&line);
+                ExitCode::from(2)
+            }
+            None => clap_first_paragraph(&e),
+        },
+        _ => clap_first_paragraph(&e),
+    }
+}
+
+/// An invalid value that looks like an API key, as a message that does not repeat it:
+/// `invalid value for <ID>: that looks like a full API key; ...`.
+fn invalid_key_shaped_value(e: &clap::Error) -> Option<String> {
+    let value = match e.get(ContextKind::InvalidValue)? {
+        ContextValue::String(v) => v,
+        _ => return None,
+    };
+    let id = output::key_shaped(value)?;
+    // `<ID>`, `[ID]` (optional) or `--key <ID>`: the option, or the positional as `<ID>`.
+    let arg = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(a)) => a.split(' ').next().unwrap_or("").replace(['[', ']'], ""),
+        _ => String::new(),
+    };
+    let arg = if arg.starts_with('-') || arg.starts_with('<') {
+        arg
+    } else {
+        format!("<{arg}>")
+    };
+    let hint = match id {
+        Some(id) if arg == "<ID>" || arg == "--key" => format!(
+            "that looks like a full API key; pass its id (the part after the prefix, first \
+             12 characters) instead: {id}"
+        ),
+        _ => "that looks like an API key (not repeated here)".to_owned(),
+    };
+    Some(format!("invalid value for {arg}: {hint} (see --help)"))
+}
+
+/// What clap suggests instead of a mistyped command or option (`'create'`), if anything.
+fn suggestion(e: &clap::Error) -> Option<String> {
+    for kind in [
+        ContextKind::SuggestedSubcommand,
+        ContextKind::SuggestedArg,
+        ContextKind::SuggestedValue,
+    ] {
+        match e.get(kind) {
+            Some(ContextValue::String(s)) => return Some(format!("'{s}'")),
+            Some(ContextValue::Strings(v)) if !v.is_empty() => {
+                return Some(
+                    v.iter()
+                        .map(|s| format!("'{s}'"))
+                        .collect::<Vec<_>>()
+                        .join(" or "),
+                )
+            }
+            _ => {}
         }
     }
+    None
+}
+
+/// The first paragraph of clap's message (a missing argument is listed on the lines after
+/// the first), as one line, with clap's suggestion: exit 2.
+fn clap_first_paragraph(e: &clap::Error) -> ExitCode {
+    let text = e.render().to_string();
+    let first: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let first = first.join(" ");
+    let first = first.strip_prefix("error: ").unwrap_or(&first);
+    let first = if first.is_empty() {
+        "invalid command line"
+    } else {
+        first
+    };
+    match suggestion(e) {
+        Some(s) => error_line(&format!("{first} (did you mean {s}? see --help)")),
+        None => error_line(&format!("{first} (see --help)")),
+    }
+    ExitCode::from(2)
+}
+
+/// Settles the database URL: from `KEYGATE_DATABASE_URL_FILE` / `--database-url-file` when
+/// given (a file no other user may read; the URL given twice is a usage error), and warns
+/// when a password was typed on the command line, where `ps` shows it to every user.
+fn database_url(cli: &mut Cli, source: Option<ValueSource>) -> Result<(), Failure> {
+    let typed = source == Some(ValueSource::CommandLine);
+    if let Some(path) = cli.database_url_file.clone() {
+        if matches!(
+            source,
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            return Err(Failure::Usage(
+                "give the database URL once: --database-url (KEYGATE_DATABASE_URL) or \
+                 --database-url-file (KEYGATE_DATABASE_URL_FILE), not both"
+                    .into(),
+            ));
+        }
+        cli.database_url = read_url_file(&path)?;
+    } else if typed && keygate_core::redact_url(&cli.database_url) != cli.database_url {
+        warning(
+            "a password on the command line can be read by every user of this machine (ps); \
+             use KEYGATE_DATABASE_URL or KEYGATE_DATABASE_URL_FILE instead",
+        );
+    }
+    Ok(())
+}
+
+/// The database URL in `path`: the file's text, surrounding whitespace removed. Refused when
+/// every user may read it (its mode grants "others" read), when it is empty, larger than
+/// 64 KiB or not UTF-8. Messages never quote its contents.
+fn read_url_file(path: &std::path::Path) -> Result<String, Failure> {
+    use std::io::Read;
+    let shown = path.display();
+    let file = std::fs::File::open(path)
+        .map_err(|e| Failure::Usage(format!("cannot read the database URL file {shown}: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Failure::Usage(format!("cannot read the database URL file {shown}: {e}")))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o004 != 0 {
+            return Err(Failure::Usage(format!(
+                "the database URL file {shown} can be read by every user (mode {mode:o}); \
+                 make it private first (chmod 600)"
+            )));
+        }
+    }
+    if !meta.is_file() {
+        return Err(Failure::Usage(format!(
+            "the database URL file {shown} is not a file"
+        )));
+    }
+    let mut text = String::new();
+    file.take(64 * 1024 + 1)
+        .read_to_string(&mut text)
+        .map_err(|_| Failure::Usage(format!("the database URL file {shown} is not UTF-8 text")))?;
+    if text.len() > 64 * 1024 {
+        return Err(Failure::Usage(format!(
+            "the database URL file {shown} is larger than 64 KiB"
+        )));
+    }
+    let url = text.trim();
+    if url.is_empty() {
+        return Err(Failure::Usage(format!(
+            "the database URL file {shown} is empty"
+        )));
+    }
+    Ok(url.to_owned())
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {

@@ -232,3 +232,83 @@ pub(crate) fn until(end: Option<SystemTime>, now: SystemTime) -> String {
 pub(crate) fn event_json(event: &AuditEvent) -> Value {
     serde_json::to_value(event).unwrap_or(Value::Null)
 }
+
+/// Whether `text` looks like an API key (`prefix_` and 20 or more letters and digits, or
+/// 34 to 40 letters and digits mixing upper and lower case, as a key's body): `Some` with
+/// the key id it starts with when one can be read, `None` when it is not key-shaped.
+pub(crate) fn key_shaped(text: &str) -> Option<Option<String>> {
+    let alnum = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric());
+    if let Some((prefix, body)) = text.rsplit_once('_') {
+        let prefix_ok = !prefix.is_empty()
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if prefix_ok && alnum(body) && body.len() >= 20 {
+            return Some(body.get(..keygate_core::KEY_ID_LEN).map(str::to_owned));
+        }
+    }
+    let mixed = text.bytes().any(|b| b.is_ascii_uppercase())
+        && text.bytes().any(|b| b.is_ascii_lowercase());
+    if alnum(text) && (34..=keygate_core::BODY_LEN).contains(&text.len()) && mixed {
+        return Some(text.get(..keygate_core::KEY_ID_LEN).map(str::to_owned));
+    }
+    None
+}
+
+/// `text` with every word (a run of letters, digits and `_`) that [`key_shaped`] calls a
+/// key replaced by `[key hidden]`.
+pub(crate) fn hide_keys(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if key_shaped(word).is_some() {
+            out.push_str("[key hidden]");
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_recognised_and_hidden() {
+        let key = "kg_3hG7xQ2mPa9Zk0Lr8VbN4sTu6WyE1cFd5gHj2KoMnP7qR9";
+        assert_eq!(key_shaped(key), Some(Some("3hG7xQ2mPa9Z".into())));
+        assert_eq!(
+            key_shaped("sk_live_3hG7xQ2mPa9Zk0Lr8VbN4sTu6WyE1cFd5gHj2KoMnP7qR9"),
+            Some(Some("3hG7xQ2mPa9Z".into()))
+        );
+        assert_eq!(
+            key_shaped("3hG7xQ2mPa9Zk0Lr8VbN4sTu6WyE1cFd5gHj2KoMnP7qR9"[..40].as_ref()),
+            Some(Some("3hG7xQ2mPa9Z".into()))
+        );
+        // Ids, names, hex digests are not keys.
+        for not in [
+            "3hG7xQ2mPa9Z",
+            "kg_3hG7xQ2mPa9Z",
+            "ci-pipeline",
+            "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "",
+        ] {
+            assert_eq!(key_shaped(not), None, "{not}");
+        }
+        assert_eq!(
+            hide_keys(&format!("no key {key:?} here, id 3hG7xQ2mPa9Z")),
+            "no key \"[key hidden]\" here, id 3hG7xQ2mPa9Z"
+        );
+    }
+}

@@ -31,11 +31,13 @@ mod lifecycle;
 mod principal;
 pub mod rate;
 mod record;
+mod redact;
 mod scope;
 mod store;
 pub mod time;
 pub mod usage;
 mod verifier;
+mod vocabulary;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use denial::{Denial, DenialCode};
@@ -58,8 +60,10 @@ pub use record::{
     InvalidPolicy, InvalidStatus, KeyInfo, KeyRecord, KeyStatus, QuotaPolicy, QuotaWindow,
     RateLimitPolicy, Refill,
 };
+pub use redact::{redact_url, REDACTED};
 pub use scope::{validate_resource_pattern, InvalidScope, ResourceSet, Scope, ScopeSet};
 pub use store::{
     KeyFilter, KeyListing, KeyStore, MemoryStore, SkippedRow, StatusWrite, StoreError,
 };
 pub use verifier::{Lookup, PendingLookup, Verifier, VerifierBuilder};
+pub use vocabulary::{KnownScope, ScopeVocabulary, UnknownScope};

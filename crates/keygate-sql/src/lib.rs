@@ -79,6 +79,7 @@ mod follow;
 mod migrate;
 mod options;
 mod row;
+mod scopes;
 mod settings;
 mod store;
 mod usage;

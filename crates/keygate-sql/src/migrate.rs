@@ -68,6 +68,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         sql: include_str!("../migrations/sqlite/0003_meta.sql"),
     },
     Migration {
+        version: 4,
+        description: "scopes",
+        sql: include_str!("../migrations/sqlite/0004_scopes.sql"),
+    },
+    Migration {
         version: 5,
         description: "lineage",
         sql: include_str!("../migrations/sqlite/0005_lineage.sql"),
@@ -90,6 +95,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 3,
         description: "meta",
         sql: include_str!("../migrations/postgres/0003_meta.sql"),
+    },
+    Migration {
+        version: 4,
+        description: "scopes",
+        sql: include_str!("../migrations/postgres/0004_scopes.sql"),
     },
     Migration {
         version: 5,
