@@ -41,6 +41,16 @@ pub enum AuditError {
     /// Another sink-specific failure.
     #[error("audit sink error: {0}")]
     Other(String),
+    /// Another writer held the log's lock for too long.
+    #[error("audit log locked: {0}")]
+    Locked(String),
+    /// The log does not match its checkpoint (or has none): it was cut, changed or
+    /// replaced, and is not continued.
+    #[error("audit log refused: {0}")]
+    Tampered(String),
+    /// The chain key could not be loaded (the message names the source, never the key).
+    #[error("audit chain key: {0}")]
+    Key(String),
 }
 
 /// A destination for audit events.
