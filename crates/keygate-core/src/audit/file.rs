@@ -167,9 +167,13 @@ impl ChainKey {
     }
 
     /// The key in the file at `path`, creating the file (owner-only, 0600, with 32 random
-    /// bytes as hex) when it does not exist. Returns the key and whether it was created.
+    /// bytes as hex; its directory 0700 if missing) when it does not exist. Returns the key
+    /// and whether it was created.
     pub fn load_or_create(path: impl AsRef<Path>) -> Result<(Self, bool), AuditError> {
         let path = path.as_ref();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_dir(dir)?;
+        }
         let mut secret = [0u8; 32];
         getrandom::fill(&mut secret)
             .map_err(|e| AuditError::Key(format!("no randomness for a chain key: {e}")))?;
@@ -1169,6 +1173,10 @@ pub struct VerifyOptions {
     /// existed). Then lines cut off the end go unnoticed unless [`VerifyOptions::end`] is
     /// given. Default `false`: a missing checkpoint fails verification.
     pub allow_missing_checkpoint: bool,
+    /// [`verify_files`] only: the checkpoint to check the files against (as
+    /// [`read_checkpoint`] returns it; [`verify_dir`] reads it itself). Its start point is
+    /// used when [`VerifyOptions::start`] is not set.
+    pub checkpoint: Option<Checkpoint>,
 }
 
 /// What a successful verification saw.
@@ -1328,12 +1336,35 @@ fn parse_line(
 }
 
 /// Verifies the chain through `files`, in the order given (oldest first). Stops at the first
-/// broken line. Does not read a checkpoint (see [`verify_dir`]).
+/// broken line. Does not read a checkpoint itself (see [`verify_dir`]); checks against
+/// [`VerifyOptions::checkpoint`] when given.
 pub fn verify_files<P: AsRef<Path>>(
     files: &[P],
     options: &VerifyOptions,
 ) -> Result<VerifyReport, BrokenChain> {
-    walk(files, options, None)
+    let Some(cp) = &options.checkpoint else {
+        return walk(files, options, None);
+    };
+    let malformed = || BrokenChain {
+        file: PathBuf::new(),
+        line: 0,
+        seq: None,
+        problem: Problem::BadCheckpoint("not a chain point".into()),
+    };
+    let a = Anchor {
+        first_file: cp.first_file,
+        start_seq: cp.start.seq,
+        start_hash: unhex(&cp.start.hash).ok_or_else(malformed)?,
+        file: cp.file,
+        seq: cp.last.seq,
+        hash: unhex(&cp.last.hash).ok_or_else(malformed)?,
+    };
+    let mut opts = options.clone();
+    if opts.start.is_none() {
+        opts.start = Some(cp.start.clone());
+    }
+    let none = PathBuf::new();
+    walk(files, &opts, Some((&a, &none)))
 }
 
 fn walk<P: AsRef<Path>>(

@@ -30,14 +30,17 @@
 //! # }
 //! ```
 
+mod aggregate;
 mod event;
 mod file;
 mod queue;
 mod redact;
 mod sink;
 
+pub use aggregate::AggregateSink;
 pub use event::{
-    AuditEvent, Decision, FieldChange, LifecycleAction, LifecycleEvent, RequestEvent, Transport,
+    AuditEvent, Decision, DenialSummary, FieldChange, LifecycleAction, LifecycleEvent,
+    RequestEvent, Transport,
 };
 pub use file::{
     checkpoint_path, log_files, log_stems, read_checkpoint, verify_dir, verify_files, BrokenChain,
@@ -46,4 +49,4 @@ pub use file::{
 };
 pub use queue::{AuditStats, Auditor, AuditorBuilder, Overflow};
 pub use redact::{contains_key_like, mask_keys, mask_keys_in};
-pub use sink::{AuditError, AuditSink, MemorySink, TracingSink};
+pub use sink::{AuditError, AuditSink, MemorySink, TeeSink, TracingSink};
