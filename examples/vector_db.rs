@@ -15,8 +15,12 @@
 //!   collection) and prints it once.
 //! - Audit events go to a hash-chained JSON Lines log: `--audit-log keygate-audit.jsonl`
 //!   writes `keygate-audit-000001.jsonl`, `keygate-audit-000002.jsonl`, ... (one file per
-//!   start; each continues the chain of the one before). Verify with
-//!   `keygate audit verify keygate-audit-*.jsonl`.
+//!   start; each continues the chain of the one before), anchored by
+//!   `keygate-audit.checkpoint` and keyed by the secret in `KEYGATE_AUDIT_KEY` /
+//!   `KEYGATE_AUDIT_KEY_FILE`, else in `keygate-audit.key` beside the log (created on first
+//!   start). Key changes also go to the database's audit table, where the CLI's go too.
+//!   Repeated denials without a key from one source are folded into one event per
+//!   `--audit-window`. Verify with `keygate audit verify .`.
 //! - Ctrl-C or SIGTERM: stop accepting, let in-flight requests finish, flush quota usage,
 //!   then drain and fsync the audit log.
 //!
@@ -45,7 +49,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::Parser;
-use keygate::core::audit::{Auditor, FileSink};
+use keygate::core::audit::{AggregateSink, Auditor, ChainKey, FileSink, TeeSink};
 use keygate::quota::Counting;
 use keygate::redis::{
     Publishing, Redis, RedisOptions, RedisRateLimiter, RedisUsageStore, WatchOptions,
@@ -71,6 +75,10 @@ struct Args {
     /// start, one hash chain across them).
     #[arg(long, default_value = "keygate-audit.jsonl")]
     audit_log: PathBuf,
+    /// Repeated denials without a key from one client, code and route are folded into one
+    /// audit event per window of this many seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    audit_window: u64,
     /// Redis, for several replicas: rate limits and quota counters shared by every replica,
     /// and key changes announced to all of them (`redis://HOST:6379`). Unset: limits and
     /// quota counting are per process (quota usage flushed to the key database).
@@ -198,10 +206,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .as_ref()
         .map(|r| r.detect_restarts(std::time::Duration::from_secs(1)));
 
-    // Audit: the hash-chained file log, written off the request path.
-    let sink = FileSink::builder(&audit_dir)
+    // Audit: the hash-chained file log, written off the request path, with key changes also
+    // in the database's audit table (where the CLI records its own).
+    let key = match ChainKey::from_env()? {
+        Some(k) => k,
+        None => ChainKey::load_or_create(audit_dir.join(format!("{audit_stem}.key")))?.0,
+    };
+    let file = FileSink::builder(&audit_dir)
         .stem(audit_stem.clone())
+        .key(key)
         .open()?;
+    let sink = AggregateSink::new(TeeSink::lifecycle(file, store.audit_sink()?))
+        .window(std::time::Duration::from_secs(args.audit_window));
     let auditor = Auditor::spawn(sink)?;
 
     // Quota counters in the same database (batched, flushed every second and at shutdown),

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keygate::core::audit::{
-    log_files, verify_dir, verify_files, AuditEvent, AuditSink, Auditor, BrokenChain, ChainKey,
-    ChainPoint, FileSink, Problem, RequestEvent, VerifyOptions,
+    log_files, verify_dir, verify_files, AuditError, AuditEvent, AuditSink, Auditor, BrokenChain,
+    ChainKey, ChainPoint, FileSink, Problem, RequestEvent, VerifyOptions,
 };
 
 /// A fresh directory under the system temp dir, removed on drop.
@@ -197,7 +197,7 @@ fn a_truncated_line_is_named() {
 }
 
 #[test]
-fn lines_cut_off_the_end_are_detected_against_an_anchor() {
+fn lines_cut_off_the_end_fail_against_the_checkpoint_and_an_explicit_anchor() {
     let d = TempDir::new("anchor");
     let sink = write_log(d.path(), 10, None);
     let anchor = sink.head().unwrap();
@@ -206,14 +206,27 @@ fn lines_cut_off_the_end_are_detected_against_an_anchor() {
     let file = &log_files(d.path(), "audit").unwrap()[0];
     let ls = lines(file);
     write_lines(file, &ls[..8]);
-    // Without an anchor the shorter log is consistent...
-    assert_eq!(verify(d.path()).unwrap().lines, 8);
-    // ...with one, the cut shows.
+    // The checkpoint beside the log says 10: the first missing line is named.
+    let err = verify(d.path()).unwrap_err();
+    assert_eq!(
+        (&err.file, err.line, &err.problem),
+        (
+            file,
+            9,
+            &Problem::CutShort {
+                checkpoint: 10,
+                found: 8
+            }
+        )
+    );
+    assert!(err.to_string().contains("line 9"), "{err}");
+    // An anchor kept elsewhere says the same, without the checkpoint.
     let opts = VerifyOptions {
         end: Some(anchor),
+        allow_missing_checkpoint: true,
         ..VerifyOptions::default()
     };
-    let err = verify_dir(d.path(), "audit", &opts).unwrap_err();
+    let err = verify_files(&[file], &opts).unwrap_err();
     assert_eq!(
         err.problem,
         Problem::EndMismatch {
@@ -333,6 +346,7 @@ fn a_secret_chain_key_is_needed_to_verify() {
         sink.record(&event(i, UNIX_EPOCH)).unwrap();
     }
     sink.sync().unwrap();
+    // With the public key, the first line already fails.
     let err = verify(d.path()).unwrap_err();
     assert_eq!((err.line, &err.problem), (1, &Problem::HashMismatch));
     let opts = VerifyOptions {
@@ -380,4 +394,414 @@ fn an_invalid_stem_is_refused() {
     let d = TempDir::new("stem");
     assert!(FileSink::builder(d.path()).stem("../x").open().is_err());
     assert!(FileSink::builder(d.path()).stem("").open().is_err());
+}
+
+/// A secret key, as an operator would configure it.
+fn secret() -> ChainKey {
+    ChainKey::new(b"kept away from the people being audited")
+}
+
+fn verify_with(
+    dir: &Path,
+    key: &ChainKey,
+) -> Result<keygate::core::audit::VerifyReport, BrokenChain> {
+    let opts = VerifyOptions {
+        key: key.clone(),
+        ..VerifyOptions::default()
+    };
+    verify_dir(dir, "audit", &opts)
+}
+
+fn write_keyed(dir: &Path, key: &ChainKey, from: u64, n: u64) {
+    let sink = FileSink::builder(dir).key(key.clone()).open().unwrap();
+    for i in from..from + n {
+        sink.record(&event(i, UNIX_EPOCH + Duration::from_secs(T0 + i)))
+            .unwrap();
+    }
+    sink.sync().unwrap();
+}
+
+#[test]
+fn keeping_only_two_lines_emptying_or_deleting_the_log_fails_verify() {
+    let key = secret();
+    // Keep two lines.
+    let d = TempDir::new("two");
+    write_keyed(d.path(), &key, 1, 10);
+    let file = log_files(d.path(), "audit").unwrap()[0].clone();
+    write_lines(&file, &lines(&file)[..2]);
+    let err = verify_with(d.path(), &key).unwrap_err();
+    assert_eq!(
+        (err.line, err.problem.clone()),
+        (
+            3,
+            Problem::CutShort {
+                checkpoint: 10,
+                found: 2
+            }
+        )
+    );
+
+    // Empty the file.
+    fs::write(&file, b"").unwrap();
+    let err = verify_with(d.path(), &key).unwrap_err();
+    assert_eq!((&err.file, err.line), (&file, 1));
+    assert_eq!(
+        err.problem,
+        Problem::CutShort {
+            checkpoint: 10,
+            found: 0
+        }
+    );
+
+    // Delete it.
+    fs::remove_file(&file).unwrap();
+    let err = verify_with(d.path(), &key).unwrap_err();
+    assert_eq!(
+        err.problem,
+        Problem::CutShort {
+            checkpoint: 10,
+            found: 0
+        }
+    );
+
+    // Delete the checkpoint too, leaving a shortened log: still refused.
+    let d = TempDir::new("nocp");
+    write_keyed(d.path(), &key, 1, 5);
+    fs::remove_file(d.path().join("audit.checkpoint")).unwrap();
+    let err = verify_with(d.path(), &key).unwrap_err();
+    assert_eq!(err.problem, Problem::MissingCheckpoint);
+    assert!(err.to_string().contains("audit.checkpoint"), "{err}");
+}
+
+#[test]
+fn a_full_rewrite_rehashed_with_the_default_key_fails_at_its_first_line() {
+    let key = secret();
+    let d = TempDir::new("rewrite");
+    write_keyed(d.path(), &key, 1, 6);
+    // The attacker writes a different history with the public key (checkpoint included)
+    // and puts it in place of the real one.
+    let forged = TempDir::new("forged");
+    let sink = FileSink::builder(forged.path()).open().unwrap();
+    for i in 1..=6 {
+        sink.record(&event(100 + i, UNIX_EPOCH)).unwrap();
+    }
+    sink.sync().unwrap();
+    drop(sink);
+    for name in ["audit-000001.jsonl", "audit.checkpoint"] {
+        fs::copy(forged.path().join(name), d.path().join(name)).unwrap();
+    }
+    // Consistent under the public key...
+    assert_eq!(verify(d.path()).unwrap().lines, 6);
+    // ...but not under the real one: the first line is named.
+    let err = verify_with(d.path(), &key).unwrap_err();
+    assert_eq!(
+        (
+            err.file.file_name().unwrap().to_str().unwrap(),
+            err.line,
+            &err.problem
+        ),
+        ("audit-000001.jsonl", 1, &Problem::HashMismatch)
+    );
+    // A forged checkpoint alone (the log untouched) is named too.
+    let d = TempDir::new("forgedcp");
+    write_keyed(d.path(), &key, 1, 3);
+    fs::copy(
+        forged.path().join("audit.checkpoint"),
+        d.path().join("audit.checkpoint"),
+    )
+    .unwrap();
+    let err = verify_with(d.path(), &key).unwrap_err();
+    assert!(matches!(err.problem, Problem::BadCheckpoint(_)), "{err}");
+    assert!(err.to_string().contains("seal"), "{err}");
+}
+
+#[test]
+fn a_rewritten_line_at_the_checkpoint_is_named() {
+    // With the public key an attacker can re-hash the whole chain, but not a checkpoint
+    // sealed with the secret key: the line the checkpoint recorded no longer matches.
+    let key = secret();
+    let d = TempDir::new("cpline");
+    write_keyed(d.path(), &key, 1, 4);
+    let file = log_files(d.path(), "audit").unwrap()[0].clone();
+    // Re-chain every line with the secret key after an edit (only possible with the key):
+    // then verification passes, which is the documented limit.
+    let ls = lines(&file);
+    let mut prev = "0".repeat(64);
+    let mut out = Vec::new();
+    for l in &ls {
+        let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+        v["prev"] = prev.clone().into();
+        let event = v["event"]
+            .to_string()
+            .replace("\"status\":200", "\"status\":204");
+        let body = format!(
+            "{{\"seq\":{},\"prev\":\"{prev}\",\"event\":{event}",
+            v["seq"]
+        );
+        let hash = key.line_hash(body.as_bytes());
+        out.push(format!("{body},\"hash\":\"{hash}\"}}"));
+        prev = hash;
+    }
+    write_lines(&file, &out);
+    let err = verify_with(d.path(), &key).unwrap_err();
+    assert_eq!((err.line, &err.problem), (4, &Problem::CheckpointMismatch));
+}
+
+#[test]
+fn a_writer_refuses_to_continue_a_cut_log() {
+    let key = secret();
+    let d = TempDir::new("refuse");
+    write_keyed(d.path(), &key, 1, 10);
+    let file = log_files(d.path(), "audit").unwrap()[0].clone();
+    write_lines(&file, &lines(&file)[..7]);
+    let err = FileSink::builder(d.path())
+        .key(key.clone())
+        .open()
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, AuditError::Tampered(_)), "{text}");
+    assert!(
+        text.contains("ends at seq 7") && text.contains("checkpoint says seq 10"),
+        "{text}"
+    );
+    // Nothing was added.
+    assert_eq!(log_files(d.path(), "audit").unwrap().len(), 1);
+
+    // Opening with the wrong key is refused too (the checkpoint's seal does not match).
+    let d = TempDir::new("wrongkey");
+    write_keyed(d.path(), &key, 1, 2);
+    let err = FileSink::builder(d.path()).open().unwrap_err();
+    assert!(err.to_string().contains("seal"), "{err}");
+
+    // Files without a checkpoint are not continued either.
+    let d = TempDir::new("nocheckpoint");
+    write_keyed(d.path(), &key, 1, 2);
+    fs::remove_file(d.path().join("audit.checkpoint")).unwrap();
+    let err = FileSink::builder(d.path())
+        .key(key.clone())
+        .open()
+        .unwrap_err();
+    assert!(err.to_string().contains("no checkpoint"), "{err}");
+}
+
+#[test]
+fn a_writer_cut_off_between_its_lines_and_its_checkpoint_is_continued() {
+    // Lines written after the last checkpoint (a crash before it was updated) chain from
+    // it: the next writer continues after them.
+    let key = secret();
+    let d = TempDir::new("crash");
+    write_keyed(d.path(), &key, 1, 3);
+    let cp = fs::read(d.path().join("audit.checkpoint")).unwrap();
+    write_keyed(d.path(), &key, 4, 2);
+    fs::write(d.path().join("audit.checkpoint"), cp).unwrap();
+    let sink = FileSink::builder(d.path()).key(key.clone()).open().unwrap();
+    assert_eq!(sink.head().unwrap().seq, 5);
+    sink.record(&event(6, UNIX_EPOCH)).unwrap();
+    sink.sync().unwrap();
+    assert_eq!(verify_with(d.path(), &key).unwrap().lines, 6);
+}
+
+#[test]
+fn two_writers_on_one_log_take_turns_and_keep_one_chain() {
+    let key = secret();
+    let d = TempDir::new("two-writers");
+    let a = FileSink::builder(d.path()).key(key.clone()).open().unwrap();
+    let b = FileSink::builder(d.path())
+        .key(key.clone())
+        .lock_timeout(Duration::from_millis(50))
+        .open()
+        .unwrap();
+    a.record(&event(1, UNIX_EPOCH)).unwrap();
+    // `a` holds the lock until it flushes: `b` gives up after its timeout, writing nothing.
+    let err = b.record(&event(100, UNIX_EPOCH)).unwrap_err();
+    assert!(matches!(err, AuditError::Locked(_)), "{err}");
+    a.record(&event(2, UNIX_EPOCH)).unwrap();
+    a.flush().unwrap();
+    b.record(&event(3, UNIX_EPOCH)).unwrap();
+    b.record(&event(4, UNIX_EPOCH)).unwrap();
+    b.flush().unwrap();
+    a.record(&event(5, UNIX_EPOCH)).unwrap();
+    a.sync().unwrap();
+    assert_eq!(a.head().unwrap().seq, 5);
+    let report = verify_with(d.path(), &key).unwrap();
+    assert_eq!(report.lines, 5);
+    let ids: Vec<String> = log_files(d.path(), "audit")
+        .unwrap()
+        .iter()
+        .flat_map(|f| lines(f))
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+            v["event"]["request_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids, ["req-1", "req-2", "req-3", "req-4", "req-5"]);
+}
+
+#[test]
+fn two_background_writers_interleave_into_one_verifiable_chain() {
+    let key = secret();
+    let d = TempDir::new("threads");
+    let mut handles = Vec::new();
+    for t in 0..3u64 {
+        let dir = d.path().to_path_buf();
+        let key = key.clone();
+        handles.push(std::thread::spawn(move || {
+            let sink = FileSink::builder(&dir).key(key).open().unwrap();
+            for i in 0..200 {
+                sink.record(&event(t * 1000 + i, UNIX_EPOCH)).unwrap();
+                if i % 7 == 0 {
+                    sink.flush().unwrap();
+                }
+            }
+            sink.sync().unwrap();
+        }));
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(verify_with(d.path(), &key).unwrap().lines, 600);
+}
+
+#[cfg(unix)]
+#[test]
+fn files_are_owner_only_and_a_created_directory_is_0700() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = TempDir::new("modes");
+    let dir = d.path().join("new").join("audit");
+    write_log(&dir, 3, None);
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&d.path().join("new")), 0o700);
+    for name in ["audit-000001.jsonl", "audit.checkpoint", "audit.lock"] {
+        assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn chain_key_files_must_not_be_readable_by_others() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = TempDir::new("keyfile");
+    let path = d.path().join("audit.key");
+    let (created, fresh) = ChainKey::load_or_create(&path).unwrap();
+    assert!(fresh);
+    assert_eq!(
+        fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (again, fresh) = ChainKey::load_or_create(&path).unwrap();
+    assert!(!fresh);
+    assert_eq!(created, again);
+    assert!(!created.is_default());
+    assert_eq!(ChainKey::from_file(&path).unwrap(), created);
+
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    let err = ChainKey::from_file(&path).unwrap_err().to_string();
+    assert!(err.contains("other users") && err.contains("644"), "{err}");
+    let secret_text = fs::read_to_string(&path).unwrap();
+    assert!(
+        !err.contains(secret_text.trim()),
+        "the key is not in the error"
+    );
+
+    let empty = d.path().join("empty.key");
+    fs::write(&empty, b"\n").unwrap();
+    fs::set_permissions(&empty, fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(ChainKey::from_file(&empty)
+        .unwrap_err()
+        .to_string()
+        .contains("empty"));
+}
+
+#[test]
+fn retention_keeps_at_most_n_files_and_the_rest_still_verifies() {
+    let key = secret();
+    let d = TempDir::new("keep");
+    let sink = FileSink::builder(d.path())
+        .key(key.clone())
+        .rotate_bytes(2_000)
+        .max_files(3)
+        .open()
+        .unwrap();
+    for i in 1..=60 {
+        sink.record(&event(i, UNIX_EPOCH + Duration::from_secs(T0 + i)))
+            .unwrap();
+    }
+    sink.sync().unwrap();
+    let files = log_files(d.path(), "audit").unwrap();
+    assert_eq!(files.len(), 3);
+    assert!(!files[0].ends_with("audit-000001.jsonl"));
+    let report = verify_with(d.path(), &key).unwrap();
+    assert_eq!(report.last.unwrap().seq, 60);
+    assert!(report.lines < 60);
+    // Removing one of the kept files is still detected.
+    fs::remove_file(&files[0]).unwrap();
+    let err = verify_with(d.path(), &key).unwrap_err();
+    assert!(matches!(err.problem, Problem::SequenceGap { .. }), "{err}");
+}
+
+#[test]
+fn retention_by_age_removes_files_last_written_long_ago() {
+    let key = secret();
+    let d = TempDir::new("age");
+    write_keyed(d.path(), &key, 1, 5);
+    write_keyed(d.path(), &key, 6, 5);
+    let old = SystemTime::now() - Duration::from_secs(3 * 86_400);
+    for f in log_files(d.path(), "audit").unwrap() {
+        fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+    }
+    let sink = FileSink::builder(d.path())
+        .key(key.clone())
+        .max_age(Duration::from_secs(86_400))
+        .open()
+        .unwrap();
+    sink.record(&event(11, UNIX_EPOCH)).unwrap();
+    sink.sync().unwrap();
+    let files = log_files(d.path(), "audit").unwrap();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let report = verify_with(d.path(), &key).unwrap();
+    assert_eq!((report.lines, report.last.unwrap().seq), (1, 11));
+}
+
+#[test]
+fn hourly_rotation_follows_event_time() {
+    let d = TempDir::new("hourly");
+    let sink = FileSink::builder(d.path())
+        .rotate_every(Duration::from_secs(3600))
+        .open()
+        .unwrap();
+    for t in [T0, T0 + 100, T0 + 3600, T0 + 3 * 3600 + 5] {
+        sink.record(&event(t, UNIX_EPOCH + Duration::from_secs(t)))
+            .unwrap();
+    }
+    sink.sync().unwrap();
+    let counts: Vec<usize> = log_files(d.path(), "audit")
+        .unwrap()
+        .iter()
+        .map(|f| lines(f).len())
+        .collect();
+    assert_eq!(counts, [2, 1, 1]);
+    assert_eq!(verify(d.path()).unwrap().lines, 4);
+}
+
+#[test]
+fn a_key_anywhere_in_an_event_is_masked_in_the_file() {
+    let d = TempDir::new("mask");
+    let key = keygate::ApiKey::generate(&keygate::Prefix::default()).unwrap();
+    let k = key.expose_secret().to_owned();
+    let body = &k[k.len() - 40..];
+    let mut e = RequestEvent::new(UNIX_EPOCH, format!("req-{k}"), "GET", format!("/c/{k}/x"));
+    e.key_name = Some(format!("named {k}"));
+    let sink = FileSink::builder(d.path()).open().unwrap();
+    sink.record(&e.into()).unwrap();
+    sink.sync().unwrap();
+    let text = fs::read_to_string(&log_files(d.path(), "audit").unwrap()[0]).unwrap();
+    assert!(!text.contains(body), "{text}");
+    assert!(text.contains(&"*".repeat(40)));
+    assert_eq!(verify(d.path()).unwrap().lines, 1);
 }

@@ -15,7 +15,7 @@ use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
-use keygate::core::audit::{verify_dir, VerifyOptions};
+use keygate::core::audit::{verify_dir, ChainKey, VerifyOptions};
 use serde_json::json;
 use showcase_support::call;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
@@ -242,7 +242,12 @@ async fn first_start_restart_and_graceful_shutdown() {
     let second = written(&server.terminate().await);
     assert_eq!(second, 2);
 
-    let report = verify_dir(dir.path(), "keygate-audit", &VerifyOptions::default()).unwrap();
+    // Keyed with the secret the server made beside its log on first start.
+    let options = VerifyOptions {
+        key: ChainKey::from_file(dir.path().join("keygate-audit.key")).unwrap(),
+        ..VerifyOptions::default()
+    };
+    let report = verify_dir(dir.path(), "keygate-audit", &options).unwrap();
     assert_eq!((report.files, report.lines), (2, first + second));
     let mut text = String::new();
     for f in keygate::core::audit::log_files(dir.path(), "keygate-audit").unwrap() {

@@ -100,6 +100,14 @@ impl AuditLayer {
     pub fn auditor(&self) -> &Auditor {
         &self.config.auditor
     }
+
+    /// The layer that makes this audit trail fail closed: placed just inside this layer,
+    /// it refuses requests with 503 `store_unavailable` while the auditor cannot write
+    /// (see [`AuditGuardLayer`](super::AuditGuardLayer)). Without it, requests carry on
+    /// when the log cannot be written, and the auditor counts the lost events.
+    pub fn fail_closed(&self) -> super::AuditGuardLayer {
+        super::AuditGuardLayer::new(self.config.auditor.clone(), self.config.gate.clone())
+    }
 }
 
 impl Default for AuditLayer {

@@ -31,6 +31,17 @@
 //! time to the response head, and a request dropped before any response (client gone) is
 //! recorded as `cancelled`.
 //!
+//! ## Failing closed
+//! By default the layer never rejects: when the log cannot be written, requests carry on and
+//! the auditor counts the lost events. [`AuditLayer::fail_closed`] gives a second layer, to
+//! place just inside the audit layer, that refuses requests with 503 `store_unavailable`
+//! while the auditor is failing (see [`AuditGuardLayer`]).
+//!
+//! ## Keys in recorded values
+//! A client request id that holds anything shaped like an API key (anywhere, not only as
+//! the whole value) is not reused; a key in the path or a custom method is masked
+//! (`kg_****...`). The file sink masks keys in every field as well.
+//!
 //! ## Delivery
 //! Through an [`Auditor`](crate::core::audit::Auditor): directly into a sink, or through a
 //! bounded queue and a background writer ([`Auditor::spawn`](crate::core::audit::Auditor::spawn));
@@ -77,12 +88,14 @@
 //! ```
 
 mod future;
+mod guard;
 mod layer;
 mod service;
 
 use http::header::HeaderValue;
 
 pub use future::ResponseFuture;
+pub use guard::{AuditGuard, AuditGuardLayer};
 pub use layer::AuditLayer;
 pub use service::Audit;
 

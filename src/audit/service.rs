@@ -13,8 +13,7 @@ use tower_service::Service;
 use super::future::{Capture, ResponseFuture};
 use super::layer::{AuditLayer, Config};
 use super::RequestId;
-use crate::core::audit::Auditor;
-use crate::core::BODY_LEN;
+use crate::core::audit::{contains_key_like, mask_keys_in, Auditor};
 use crate::gate::{remember, resolution, Begin};
 use crate::reject::Protocol;
 
@@ -129,27 +128,15 @@ where
     }
 }
 
-/// A client request id is reused when it is 1 to 128 visible ASCII characters and does not
-/// look like an API key (a client sending its key as a request id must not get it logged).
+/// A client request id is reused when it is 1 to 128 visible ASCII characters and holds
+/// nothing shaped like an API key anywhere (a client sending its key as, or inside, a
+/// request id must not get it logged).
 fn acceptable_id(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     !b.is_empty()
         && b.len() <= MAX_REQUEST_ID
         && b.iter().all(|c| (0x21..=0x7e).contains(c))
-        && !looks_like_key(b)
-}
-
-/// Whether `b` has the shape of a key of any prefix: `{prefix}_{40 base62}`.
-fn looks_like_key(b: &[u8]) -> bool {
-    if b.len() < BODY_LEN + 2 {
-        return false;
-    }
-    let (head, body) = b.split_at(b.len() - BODY_LEN);
-    head.last() == Some(&b'_')
-        && body.iter().all(u8::is_ascii_alphanumeric)
-        && head[..head.len() - 1]
-            .iter()
-            .all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+        && !contains_key_like(b)
 }
 
 /// The method as text; the standard ones without allocating.
@@ -164,20 +151,24 @@ fn method(m: &Method) -> Cow<'static, str> {
         Method::OPTIONS => "OPTIONS",
         Method::CONNECT => "CONNECT",
         Method::TRACE => "TRACE",
-        _ => return Cow::Owned(m.as_str().to_owned()),
+        _ => {
+            let mut s = m.as_str().to_owned();
+            mask_keys_in(&mut s);
+            return Cow::Owned(s);
+        }
     };
     Cow::Borrowed(s)
 }
 
+/// The path as recorded: cut to `MAX_PATH` bytes, anything shaped like a key masked.
 fn path(p: &str) -> String {
-    if p.len() <= MAX_PATH {
-        return p.to_owned();
-    }
-    let mut end = MAX_PATH;
+    let mut end = p.len().min(MAX_PATH);
     while !p.is_char_boundary(end) {
         end -= 1;
     }
-    p[..end].to_owned()
+    let mut out = p[..end].to_owned();
+    mask_keys_in(&mut out);
+    out
 }
 
 /// A new 128-bit request id, 32 lower-case hex characters: a random per-process half and a
@@ -287,6 +278,28 @@ mod tests {
         assert!(acceptable_id(&HeaderValue::from_static(
             "4bf92f35-77b3-4da6-a3ce-929d0e0e4736"
         )));
+        // Nor one that holds a key anywhere.
+        for id in [
+            format!("req-{}", key.expose_secret()),
+            format!("{}.1", key.expose_secret()),
+        ] {
+            assert!(!acceptable_id(&HeaderValue::from_str(&id).unwrap()), "{id}");
+        }
+    }
+
+    #[test]
+    fn keys_in_paths_and_methods_are_masked() {
+        let key = crate::ApiKey::generate(&crate::Prefix::default()).unwrap();
+        let k = key.expose_secret();
+        let p = path(&format!("/collections/{k}/points"));
+        assert!(!p.contains(&k[k.len() - 40..]), "{p}");
+        assert!(
+            p.starts_with("/collections/") && p.ends_with("/points"),
+            "{p}"
+        );
+        let m = Method::from_bytes(format!("X{k}").as_bytes()).unwrap();
+        assert!(!method(&m).contains(&k[k.len() - 40..]));
+        assert_eq!(method(&Method::GET), "GET");
     }
 
     #[test]

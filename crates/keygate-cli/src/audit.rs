@@ -5,7 +5,10 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use keygate_core::audit::{log_files, verify_files, AuditEvent, ChainKey, VerifyOptions};
+use keygate_core::audit::{
+    checkpoint_path, log_files, log_stems, read_checkpoint, verify_dir, verify_files, AuditEvent,
+    BrokenChain, ChainKey, Problem, VerifyOptions, VerifyReport,
+};
 use keygate_sql::AuditQuery;
 use serde_json::{json, Value};
 
@@ -13,48 +16,154 @@ use crate::cli::{Cli, EventsArgs, TailArgs, VerifyArgs};
 use crate::output::{self, print, print_json};
 use crate::{db, warning, Failure};
 
-/// The files of `path`: itself, or a directory's log files (oldest first).
-fn expand(path: &Path, stem: &str) -> Result<Vec<PathBuf>, Failure> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| Failure::Failed(format!("cannot read {}: {e}", path.display())))?;
-    if !meta.is_dir() {
-        return Ok(vec![path.to_path_buf()]);
+/// The stem of a log file's name (`keygate-audit-000001.jsonl`: `keygate-audit`).
+fn stem_of(path: &Path) -> Option<(PathBuf, String)> {
+    let name = path.file_name()?.to_str()?;
+    let (stem, n) = name.strip_suffix(".jsonl")?.rsplit_once('-')?;
+    if stem.is_empty() || n.is_empty() || !n.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
     }
-    let files = log_files(path, stem)
-        .map_err(|e| Failure::Failed(format!("cannot list {}: {e}", path.display())))?;
-    if files.is_empty() {
-        return Err(Failure::Failed(format!(
-            "no audit log files ({stem}-NNNNNN.jsonl) in {}",
-            path.display()
-        )));
-    }
-    Ok(files)
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Some((dir, stem.to_owned()))
 }
 
-/// `audit verify FILE...`.
-pub(crate) fn verify(args: &VerifyArgs, json: bool) -> Result<(), Failure> {
-    let key = match &args.chain_key_file {
-        Some(p) => {
-            let mut secret = std::fs::read(p)
-                .map_err(|e| Failure::Failed(format!("cannot read {}: {e}", p.display())))?;
-            while matches!(secret.last(), Some(b'\n' | b'\r')) {
-                secret.pop();
-            }
-            ChainKey::new(&secret)
-        }
-        None => ChainKey::default(),
-    };
-    let mut files = Vec::new();
-    for f in &args.files {
-        files.extend(expand(f, &args.stem)?);
+/// The stems of the logs in `dir` (`stem` when given), or a failure when there is none.
+fn stems(dir: &Path, stem: Option<&str>) -> Result<Vec<String>, Failure> {
+    if let Some(s) = stem {
+        return Ok(vec![s.to_owned()]);
     }
-    let options = VerifyOptions {
-        key,
-        start: args.start.clone(),
-        end: args.end.clone(),
+    let found = log_stems(dir)
+        .map_err(|e| Failure::Failed(format!("cannot list {}: {e}", dir.display())))?;
+    if found.is_empty() {
+        return Err(Failure::Failed(format!(
+            "no audit log files (STEM-NNNNNN.jsonl) in {}",
+            dir.display()
+        )));
+    }
+    Ok(found)
+}
+
+/// The chain key for the log `stem` in `dir`: --chain-key-file, the environment, the key
+/// file beside the log, or the public key. The last two come with a caveat for the reader
+/// (printed on stderr when the log verifies).
+fn chain_key(
+    args: &VerifyArgs,
+    dir: &Path,
+    stem: &str,
+    caveats: &mut Vec<String>,
+) -> Result<ChainKey, Failure> {
+    if let Some(p) = &args.chain_key_file {
+        return ChainKey::from_file(p).map_err(|e| Failure::Failed(e.to_string()));
+    }
+    if let Some(k) = ChainKey::from_env().map_err(|e| Failure::Failed(e.to_string()))? {
+        return Ok(k);
+    }
+    let beside = dir.join(format!("{stem}.key"));
+    if beside.exists() {
+        caveats.push(format!(
+            "checked with the chain key in {} beside the log: a rewrite by someone who can read that file would not be detected",
+            beside.display()
+        ));
+        return ChainKey::from_file(&beside).map_err(|e| Failure::Failed(e.to_string()));
+    }
+    caveats.push(
+        "checked with the public default chain key (none given with --chain-key-file, KEYGATE_AUDIT_KEY or KEYGATE_AUDIT_KEY_FILE): a rewrite of the whole log would not be detected".into(),
+    );
+    Ok(ChainKey::default())
+}
+
+/// `audit verify FILE...`: every log of each directory against its checkpoint; files given
+/// one by one in the order given, against their log's checkpoint.
+pub(crate) fn verify(args: &VerifyArgs, json: bool) -> Result<(), Failure> {
+    let mut total = VerifyReport {
+        files: 0,
+        lines: 0,
+        last: None,
+        checkpoint: None,
     };
-    match verify_files(&files, &options) {
-        Ok(report) => {
+    // Files given one by one: one run per log (same directory and stem), in order.
+    let mut runs: Vec<(PathBuf, String, Vec<PathBuf>)> = Vec::new();
+    let mut dirs: Vec<(PathBuf, String)> = Vec::new();
+    for f in &args.files {
+        let meta = std::fs::metadata(f)
+            .map_err(|e| Failure::Failed(format!("cannot read {}: {e}", f.display())))?;
+        if meta.is_dir() {
+            for stem in stems(f, args.stem.as_deref())? {
+                dirs.push((f.clone(), stem));
+            }
+            continue;
+        }
+        let (dir, stem) = stem_of(f).unwrap_or_else(|| {
+            (
+                f.parent()
+                    .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+                String::new(),
+            )
+        });
+        match runs.last_mut() {
+            Some((d, s, files)) if *d == dir && *s == stem => files.push(f.clone()),
+            _ => runs.push((dir, stem, vec![f.clone()])),
+        }
+    }
+    let mut caveats = Vec::new();
+    let result = (|| -> Result<(), Stop> {
+        for (dir, stem) in &dirs {
+            let options = VerifyOptions {
+                key: chain_key(args, dir, stem, &mut caveats).map_err(Stop::Failed)?,
+                start: args.start.clone(),
+                end: args.end.clone(),
+                allow_missing_checkpoint: args.no_checkpoint,
+                checkpoint: None,
+            };
+            add(&mut total, verify_dir(dir, stem, &options)?);
+        }
+        for (dir, stem, files) in &runs {
+            let key = chain_key(args, dir, stem, &mut caveats).map_err(Stop::Failed)?;
+            let checkpoint = if stem.is_empty() {
+                None
+            } else {
+                read_checkpoint(dir, stem, &key).map_err(|e| {
+                    Stop::Broken(BrokenChain {
+                        file: checkpoint_path(dir, stem),
+                        line: 1,
+                        seq: None,
+                        problem: Problem::BadCheckpoint(e.to_string()),
+                    })
+                })?
+            };
+            if checkpoint.is_none() && !args.no_checkpoint {
+                return Err(Stop::Broken(BrokenChain {
+                    file: if stem.is_empty() {
+                        files[0].clone()
+                    } else {
+                        checkpoint_path(dir, stem)
+                    },
+                    line: 0,
+                    seq: None,
+                    problem: Problem::MissingCheckpoint,
+                }));
+            }
+            let options = VerifyOptions {
+                key,
+                start: args.start.clone(),
+                end: args.end.clone(),
+                allow_missing_checkpoint: args.no_checkpoint,
+                checkpoint,
+            };
+            add(&mut total, verify_files(files, &options)?);
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            caveats.dedup();
+            for c in &caveats {
+                warning(c);
+            }
+            let report = total;
             if json {
                 print_json(&json!({
                     "ok": true,
@@ -74,7 +183,8 @@ pub(crate) fn verify(args: &VerifyArgs, json: bool) -> Result<(), Failure> {
                 ))
             }
         }
-        Err(broken) => {
+        Err(Stop::Failed(f)) => Err(f),
+        Err(Stop::Broken(broken)) => {
             if json {
                 print_json(&json!({
                     "ok": false,
@@ -87,6 +197,25 @@ pub(crate) fn verify(args: &VerifyArgs, json: bool) -> Result<(), Failure> {
             Err(Failure::Reported(format!("audit log broken: {broken}")))
         }
     }
+}
+
+/// Why verification stopped: a broken log, or something else (a chain key that could not
+/// be loaded).
+enum Stop {
+    Broken(BrokenChain),
+    Failed(Failure),
+}
+
+impl From<BrokenChain> for Stop {
+    fn from(b: BrokenChain) -> Self {
+        Stop::Broken(b)
+    }
+}
+
+fn add(total: &mut VerifyReport, r: VerifyReport) {
+    total.files += r.files;
+    total.lines += r.lines;
+    total.last = r.last;
 }
 
 /// One line of a log: a chain line (`{"seq":..,"event":{..},..}`) or a bare event.
@@ -189,16 +318,45 @@ pub(crate) fn tail(args: &TailArgs, json: bool) -> Result<(), Failure> {
     let is_dir = std::fs::metadata(&args.file)
         .map_err(|e| Failure::Failed(format!("cannot read {}: {e}", args.file.display())))?
         .is_dir();
+    let stem = match (&args.stem, is_dir) {
+        (Some(s), _) => s.clone(),
+        (None, false) => String::new(),
+        (None, true) => {
+            let found = log_stems(&args.file).map_err(|e| {
+                Failure::Failed(format!("cannot list {}: {e}", args.file.display()))
+            })?;
+            match found.as_slice() {
+                [one] => one.clone(),
+                [] if args.follow => {
+                    return Err(Failure::Usage(
+                        "no log in that directory yet: name the one to follow with --stem".into(),
+                    ))
+                }
+                [] => {
+                    return Err(Failure::Failed(format!(
+                        "no audit log files (STEM-NNNNNN.jsonl) in {}",
+                        args.file.display()
+                    )))
+                }
+                many => {
+                    return Err(Failure::Usage(format!(
+                        "{} holds several logs ({}): choose one with --stem",
+                        args.file.display(),
+                        many.join(", ")
+                    )))
+                }
+            }
+        }
+    };
     let mut files = if is_dir {
-        log_files(&args.file, &args.stem)
+        log_files(&args.file, &stem)
             .map_err(|e| Failure::Failed(format!("cannot list {}: {e}", args.file.display())))?
     } else {
         vec![args.file.clone()]
     };
     if files.is_empty() && !args.follow {
         return Err(Failure::Failed(format!(
-            "no audit log files ({}-NNNNNN.jsonl) in {}",
-            args.stem,
+            "no audit log files ({stem}-NNNNNN.jsonl) in {}",
             args.file.display()
         )));
     }
@@ -236,7 +394,7 @@ pub(crate) fn tail(args: &TailArgs, json: bool) -> Result<(), Failure> {
         if is_dir {
             // A newer file: the log rotated (or its first file appeared). Finish the
             // current file, then move to the next one (one at a time, in order).
-            let now = log_files(&args.file, &args.stem).map_err(|e| {
+            let now = log_files(&args.file, &stem).map_err(|e| {
                 Failure::Failed(format!("cannot list {}: {e}", args.file.display()))
             })?;
             if let Some(next) = now.iter().find(|f| !files.contains(f)).cloned() {
@@ -275,22 +433,44 @@ pub(crate) async fn events(cli: &Cli, args: &EventsArgs) -> Result<(), Failure> 
         limit: args.limit,
         latest: args.after.is_none(),
     };
-    let events = store
-        .audit_events(&query)
+    let entries = store
+        .audit_entries(&query)
         .await
         .map_err(|e| Failure::Failed(e.to_string()))?;
+    // A row that cannot be read is reported and skipped; the others are printed.
+    let mut events = Vec::with_capacity(entries.len());
+    let mut skipped = 0u64;
+    for e in entries {
+        match e.event {
+            Ok(event) => events.push((e.seq, event)),
+            Err(why) => {
+                skipped += 1;
+                warning(&format!(
+                    "audit event {} in the database is unreadable ({why}); skipped",
+                    e.seq
+                ));
+            }
+        }
+    }
     if cli.json {
-        return print_json(&Value::Array(
+        print_json(&Value::Array(
             events
                 .iter()
-                .map(|e| json!({"seq": e.seq, "event": output::event_json(&e.event)}))
+                .map(|(seq, e)| json!({"seq": seq, "event": output::event_json(e)}))
                 .collect(),
-        ));
+        ))?;
+    } else {
+        let mut text = String::new();
+        for (seq, e) in &events {
+            text.push_str(&output::event_line(u64::try_from(*seq).ok(), e));
+            text.push('\n');
+        }
+        print(&text)?;
     }
-    let mut text = String::new();
-    for e in &events {
-        text.push_str(&output::event_line(u64::try_from(e.seq).ok(), &e.event));
-        text.push('\n');
+    if skipped > 0 {
+        return Err(Failure::Reported(format!(
+            "{skipped} unreadable audit event(s) skipped"
+        )));
     }
-    print(&text)
+    Ok(())
 }

@@ -61,7 +61,10 @@ pub(crate) struct Cli {
     pub(crate) actor: Option<String>,
 
     /// Also append the audit events of key changes to the hash-chained log in this
-    /// directory (they always go to the database's keygate_audit table).
+    /// directory (they always go to the database's keygate_audit table). Default: the
+    /// directory of a sqlite:// database when a log named by --audit-stem is already there
+    /// (as the showcase server keeps it), else none. The chain key comes from
+    /// KEYGATE_AUDIT_KEY or KEYGATE_AUDIT_KEY_FILE, else DIR/STEM.key (created if missing).
     #[arg(
         long,
         global = true,
@@ -70,6 +73,16 @@ pub(crate) struct Cli {
         value_name = "DIR"
     )]
     pub(crate) audit_dir: Option<PathBuf>,
+
+    /// The file-name stem of that log (STEM-000001.jsonl, STEM.checkpoint).
+    #[arg(
+        long,
+        global = true,
+        env = "KEYGATE_AUDIT_STEM",
+        default_value = "keygate-audit",
+        value_name = "STEM"
+    )]
+    pub(crate) audit_stem: String,
 
     /// Print JSON (documented in the README) instead of tables.
     #[arg(long, global = true)]
@@ -231,7 +244,9 @@ pub(crate) struct UsageArgs {
 #[derive(Debug, Subcommand)]
 pub(crate) enum AuditCommand {
     /// Verify the hash chain of audit log files, in the order given (a directory stands
-    /// for its log's files, oldest first). Names the first broken line.
+    /// for each log in it, oldest file first), against each log's checkpoint. Names the
+    /// first broken line. The chain key: --chain-key-file, else KEYGATE_AUDIT_KEY or
+    /// KEYGATE_AUDIT_KEY_FILE, else STEM.key beside the log, else the public default key.
     Verify(VerifyArgs),
     /// Print the events of an audit log file (or of a log directory's files).
     Tail(TailArgs),
@@ -245,13 +260,17 @@ pub(crate) struct VerifyArgs {
     /// Log files (oldest first) or log directories.
     #[arg(value_name = "FILE", required = true)]
     pub(crate) files: Vec<PathBuf>,
-    /// The file-name stem of the log in directories (audit-000001.jsonl: audit).
-    #[arg(long, default_value = "audit", value_name = "STEM")]
-    pub(crate) stem: String,
-    /// A file holding the secret chain key the log was written with (default: the public
-    /// key).
+    /// The file-name stem of the log in directories (audit-000001.jsonl: audit). Default:
+    /// every log found in the directory.
+    #[arg(long, value_name = "STEM")]
+    pub(crate) stem: Option<String>,
+    /// A file holding the secret chain key the log was written with.
     #[arg(long, value_name = "PATH")]
     pub(crate) chain_key_file: Option<PathBuf>,
+    /// Accept a log without a checkpoint (STEM.checkpoint, written since checkpoints
+    /// exist): then lines cut off its end cannot be detected.
+    #[arg(long)]
+    pub(crate) no_checkpoint: bool,
     /// The line just before the first file (older files removed on purpose), as SEQ:HASH.
     #[arg(long, value_name = "SEQ:HASH", value_parser = parse::chain_point)]
     pub(crate) start: Option<keygate_core::audit::ChainPoint>,
@@ -265,9 +284,9 @@ pub(crate) struct TailArgs {
     /// A log file, or a log directory (its files, oldest first).
     #[arg(value_name = "FILE")]
     pub(crate) file: PathBuf,
-    /// The file-name stem of the log in a directory.
-    #[arg(long, default_value = "audit", value_name = "STEM")]
-    pub(crate) stem: String,
+    /// The file-name stem of the log in a directory (default: the one log found there).
+    #[arg(long, value_name = "STEM")]
+    pub(crate) stem: Option<String>,
     /// How many of the last events to print first.
     #[arg(short = 'n', long = "lines", default_value_t = 10, value_name = "N")]
     pub(crate) lines: usize,

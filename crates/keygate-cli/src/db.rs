@@ -1,16 +1,20 @@
 //! Opening the store, and where the CLI's audit events go.
 //!
 //! Every key change is made through a [`KeyManager`], which records a lifecycle event per
-//! change. The CLI sends those events to the database's `keygate_audit` table (a
-//! [`SqlAuditSink`] behind a background [`Auditor`]) and, with `--audit-dir`, also to the
-//! hash-chained file log in that directory. A command that changed a key waits until its
-//! events are written; if they cannot be, it says so and exits 1 (the change itself was
-//! made).
+//! change and waits until it is written. The CLI sends those events to the database's
+//! `keygate_audit` table (a [`SqlAuditSink`] behind a background [`Auditor`]) and to the
+//! hash-chained file log of `--audit-dir` (by default the one the showcase server keeps
+//! beside a SQLite database, when there is one). The file log's lock makes the CLI and a
+//! running server take turns, so the chain stays one line after another. A change whose
+//! event cannot be written fails (exit 1): changes that grant access are undone, revocations
+//! and disables stay.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use keygate_core::audit::{AuditError, AuditEvent, AuditSink, Auditor, FileSink};
+use keygate_core::audit::{
+    checkpoint_path, AuditError, AuditEvent, AuditSink, Auditor, ChainKey, FileSink,
+};
 use keygate_core::{KeyHasher, KeyManager, KeyStore, PEPPER_ENV, PEPPER_FILE_ENV};
 use keygate_sql::{OpenError, PepperCheckError, SqlAuditSink, SqlOptions, SqlStore};
 
@@ -182,13 +186,8 @@ impl Managed {
                 .audit_sink()
                 .map_err(|e| Failure::Failed(format!("audit: {e}")))?,
         );
-        let file = match &cli.audit_dir {
-            Some(dir) => Some(FileSink::builder(dir).open().map_err(|e| {
-                Failure::Failed(format!(
-                    "cannot open the audit log in {}: {e}",
-                    dir.display()
-                ))
-            })?),
+        let file = match audit_dir(cli) {
+            Some(dir) => Some(open_file_log(&dir, &cli.audit_stem)?),
             None => None,
         };
         let auditor = Auditor::spawn(Tee {
@@ -207,18 +206,58 @@ impl Managed {
     /// be.
     pub(crate) async fn finish(self) -> Result<(), Failure> {
         let flushed = self.auditor.flush().await;
-        self.auditor.shutdown().await;
-        let lost = self.sql.buffered() as u64 + self.sql.dropped();
+        let stats = self.auditor.shutdown().await;
+        let lost = self.sql.buffered() as u64 + self.sql.dropped() + stats.failed;
         match flushed {
             Ok(()) if lost == 0 => Ok(()),
             Ok(()) => Err(Failure::Failed(format!(
-                "the change was made, but {lost} audit event(s) could not be written to the database"
+                "the change was made, but {lost} audit event(s) could not be written"
             ))),
             Err(e) => Err(Failure::Failed(format!(
                 "the change was made, but its audit event could not be written: {e}"
             ))),
         }
     }
+}
+
+/// The file log's directory: `--audit-dir`, else the directory of a `sqlite://` database
+/// when a log with the CLI's stem is already there (the showcase keeps it so).
+fn audit_dir(cli: &Cli) -> Option<PathBuf> {
+    if let Some(d) = &cli.audit_dir {
+        return Some(d.clone());
+    }
+    let db = sqlite_path(&cli.database_url)?;
+    let dir = match db.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    checkpoint_path(&dir, &cli.audit_stem)
+        .exists()
+        .then_some(dir)
+}
+
+/// Opens the file log in `dir` with the chain key from the environment, else from
+/// `dir/STEM.key` (created, owner-only, when missing).
+fn open_file_log(dir: &std::path::Path, stem: &str) -> Result<FileSink, Failure> {
+    let failed = |e: AuditError| {
+        Failure::Failed(format!(
+            "cannot open the audit log in {}: {e}",
+            dir.display()
+        ))
+    };
+    let key = match ChainKey::from_env().map_err(failed)? {
+        Some(k) => k,
+        None => {
+            ChainKey::load_or_create(dir.join(format!("{stem}.key")))
+                .map_err(failed)?
+                .0
+        }
+    };
+    FileSink::builder(dir)
+        .stem(stem)
+        .key(key)
+        .open()
+        .map_err(failed)
 }
 
 #[cfg(test)]

@@ -185,6 +185,26 @@ pub(crate) fn event_line(seq: Option<u64>, event: &AuditEvent) -> String {
                 .map(|k| format!("  related={k}"))
                 .unwrap_or_default()
         ),
+        AuditEvent::Denials(d) => {
+            let mut s = format!(
+                "{when}  {seq}denials    {} {} -> {} denied",
+                d.method,
+                d.path,
+                d.status.map_or_else(|| "-".into(), |s| s.to_string()),
+            );
+            if let Some(c) = d.denial {
+                s.push_str(&format!(" ({})", c.as_str()));
+            }
+            if let Some(ip) = d.client_ip {
+                s.push_str(&format!("  ip={ip}"));
+            }
+            s.push_str(&format!(
+                "  x{} until {}",
+                d.count,
+                humantime::format_rfc3339_millis(d.until)
+            ));
+            s
+        }
         AuditEvent::Request(r) => {
             let decision = match r.decision {
                 Decision::Allowed => "allowed",

@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use common::*;
-use keygate_core::audit::{log_files, AuditEvent, Auditor, FileSink, RequestEvent};
+use keygate_core::audit::{log_files, AuditEvent, AuditSink, Auditor, FileSink, RequestEvent};
 
 /// Writes `n` request events (`r{from}`..) into the log in `dir` (a new file per call,
 /// continuing the chain; a new file every `rotate` bytes).
@@ -294,7 +294,7 @@ async fn cli_changes_go_to_the_audit_dir_too() {
             ("revoked".into(), id.to_owned())
         ]
     );
-    for f in files(&dir) {
+    for f in log_files(&dir, "keygate-audit").unwrap() {
         let text = std::fs::read_to_string(f).unwrap();
         assert!(
             !text.contains(created["key"].as_str().unwrap()),
@@ -304,4 +304,260 @@ async fn cli_changes_go_to_the_audit_dir_too() {
     // The database table has them as well.
     let out = env.run(&["audit", "events", "--json"]).ok().json();
     assert_eq!(out.as_array().unwrap().len(), 2);
+}
+
+/// Writes `n` request events into the log `stem` in `dir` with the public key.
+fn write_stem(dir: &Path, stem: &str, n: usize) {
+    let sink = FileSink::builder(dir).stem(stem).open().unwrap();
+    for i in 0..n {
+        let e = RequestEvent::new(UNIX_EPOCH, format!("r{i}"), "GET", "/collections");
+        sink.record(&e.into()).unwrap();
+    }
+    sink.sync().unwrap();
+}
+
+/// `keygate audit verify .` in the showcase's folder finds its `keygate-audit-*` files and
+/// checks them against their checkpoint: lines cut off the end fail, naming the first
+/// missing line; so does an emptied file.
+#[tokio::test]
+async fn verify_finds_the_showcase_log_in_a_folder_and_catches_a_cut() {
+    let env = Env::sqlite();
+    let dir = env.dir.path();
+    write_stem(dir, "keygate-audit", 6);
+    let out = env.run(&["audit", "verify", "."]);
+    out.ok();
+    assert!(
+        out.stdout.starts_with("ok: 6 lines in 1 file(s)"),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("public default chain key"), "{out:?}");
+    env.run(&["audit", "tail", "."]).ok();
+
+    let file = dir.join("keygate-audit-000001.jsonl");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let kept: String = text.lines().take(4).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&file, kept).unwrap();
+    let out = env.run(&["audit", "verify", "."]);
+    out.fails(1);
+    assert!(
+        out.stderr.contains("keygate-audit-000001.jsonl: line 5: missing: the log ends at seq 4 but its checkpoint says seq 6"),
+        "{out:?}"
+    );
+    // The files named one by one are checked against the checkpoint too.
+    env.run(&["audit", "verify", "keygate-audit-000001.jsonl"])
+        .fails(1);
+    std::fs::write(&file, "").unwrap();
+    let out = env.run(&["audit", "verify", "."]);
+    out.fails(1);
+    assert!(out.stderr.contains("line 1: missing"), "{out:?}");
+    // Without the checkpoint, verification refuses to vouch for the log...
+    std::fs::remove_file(dir.join("keygate-audit.checkpoint")).unwrap();
+    let out = env.run(&["audit", "verify", "."]);
+    out.fails(1);
+    assert!(out.stderr.contains("no checkpoint"), "{out:?}");
+    // ...unless told to.
+    env.run(&["audit", "verify", ".", "--no-checkpoint"]).ok();
+}
+
+/// A log rewritten with the public key fails when verified with the secret key it was
+/// written with (from the environment or from the key file beside the log).
+#[tokio::test]
+async fn verify_uses_the_secret_key_and_catches_a_rewrite() {
+    let env = Env::sqlite();
+    let dir = env.dir.path();
+    // The CLI makes the log (and its key file) in the folder of the database.
+    env.run(&["--audit-dir", ".", "keys", "create", "--name", "a"])
+        .ok();
+    assert!(dir.join("keygate-audit.key").exists());
+    let out = env.run(&["audit", "verify", "."]);
+    out.ok();
+    assert!(
+        out.stderr.contains("keygate-audit.key beside the log"),
+        "{out:?}"
+    );
+    // Rewritten with the public key (checkpoint included).
+    for f in log_files(dir, "keygate-audit").unwrap() {
+        std::fs::remove_file(f).unwrap();
+    }
+    std::fs::remove_file(dir.join("keygate-audit.checkpoint")).unwrap();
+    write_stem(dir, "keygate-audit", 1);
+    let out = env.run(&["audit", "verify", "."]);
+    out.fails(1);
+    assert!(
+        out.stderr
+            .contains("keygate-audit-000001.jsonl: line 1: hash does not match"),
+        "{out:?}"
+    );
+    // The same with the key given in the environment (the file beside the log removed).
+    let secret = std::fs::read_to_string(dir.join("keygate-audit.key")).unwrap();
+    std::fs::remove_file(dir.join("keygate-audit.key")).unwrap();
+    let out = Out::from(
+        env.cmd()
+            .env("KEYGATE_AUDIT_KEY", secret.trim())
+            .args(["audit", "verify", "."])
+            .output()
+            .unwrap(),
+    );
+    out.fails(1);
+    assert!(
+        !out.stderr.contains(secret.trim()),
+        "the key is never printed"
+    );
+}
+
+/// Six CLI processes creating keys at once into one log: each waits for the log's lock,
+/// every key has its `issued` line, the chain verifies, and every process exits 0.
+#[tokio::test]
+async fn parallel_cli_runs_keep_one_verifiable_chain() {
+    let env = Env::sqlite();
+    // The database first (its creation is not what is tested here).
+    let first = env
+        .run(&[
+            "--audit-dir",
+            "log",
+            "keys",
+            "create",
+            "--name",
+            "k0",
+            "--json",
+        ])
+        .ok()
+        .json();
+    let mut ids = vec![first["id"].as_str().unwrap().to_owned()];
+    let children: Vec<_> = (1..=6)
+        .map(|i| {
+            env.cmd()
+                .args([
+                    "--audit-dir",
+                    "log",
+                    "keys",
+                    "create",
+                    "--name",
+                    &format!("k{i}"),
+                    "--json",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = Out::from(c.wait_with_output().unwrap());
+        let id = out.ok().json()["id"].as_str().unwrap().to_owned();
+        ids.push(id);
+    }
+    let dir = env.dir.path().join("log");
+    let out = env.run(&["audit", "verify", "log"]);
+    out.ok();
+    assert!(out.stdout.starts_with("ok: 7 lines"), "{out:?}");
+    let mut logged: Vec<String> = log_files(&dir, "keygate-audit")
+        .unwrap()
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    assert_eq!(v["event"]["action"], "issued");
+                    v["event"]["key_id"].as_str().unwrap().to_owned()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    logged.sort();
+    ids.sort();
+    assert_eq!(logged, ids);
+}
+
+/// With a SQLite database beside the showcase's log, the CLI writes its key changes into
+/// that log without being told; a log it must not continue (cut) makes the change fail
+/// with exit 1 and no key made.
+#[tokio::test]
+async fn cli_changes_join_the_servers_log_and_fail_when_it_cannot_be_written() {
+    let env = Env::sqlite();
+    let dir = env.dir.path();
+    env.run(&["keys", "create", "--name", "before"]).ok();
+    // No log there yet: nothing written to a file.
+    assert!(log_files(dir, "keygate-audit").unwrap().is_empty());
+    // The server's log (as the showcase keeps it, with its key file).
+    let (key, _) =
+        keygate_core::audit::ChainKey::load_or_create(dir.join("keygate-audit.key")).unwrap();
+    let sink = FileSink::builder(dir)
+        .stem("keygate-audit")
+        .key(key)
+        .open()
+        .unwrap();
+    for i in 0..3 {
+        sink.record(&RequestEvent::new(UNIX_EPOCH, format!("r{i}"), "GET", "/").into())
+            .unwrap();
+    }
+    sink.sync().unwrap();
+    drop(sink);
+    let made = env
+        .run(&["keys", "create", "--name", "joined", "--json"])
+        .ok()
+        .json();
+    let out = env
+        .run(&["audit", "tail", ".", "--json"])
+        .ok()
+        .stdout
+        .clone();
+    let last: AuditEvent = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        last.as_lifecycle().unwrap().key_id.as_str(),
+        made["id"].as_str().unwrap()
+    );
+    let out = env.run(&["audit", "verify", "."]);
+    out.ok();
+    assert!(out.stdout.starts_with("ok: 4 lines"), "{out:?}");
+
+    // Cut the log's last line (the CLI's, in a file of its own): the next change is
+    // refused before anything is changed.
+    let files = log_files(dir, "keygate-audit").unwrap();
+    assert_eq!(files.len(), 2, "a new file per writer start");
+    std::fs::write(&files[1], "").unwrap();
+    let out = env.run(&["keys", "create", "--name", "refused"]);
+    out.fails(1);
+    assert!(out.stderr.contains("refusing to continue it"), "{out:?}");
+    let list = env.run(&["keys", "list", "--json"]).ok().json();
+    assert!(
+        !list
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["name"] == "refused"),
+        "no key was made: {list}"
+    );
+}
+
+/// `audit events` reports an unreadable row, prints the others, and exits 1.
+#[tokio::test]
+async fn audit_events_skips_and_reports_a_corrupt_row() {
+    let env = Env::sqlite();
+    let made = env
+        .run(&["keys", "create", "--name", "a", "--json"])
+        .ok()
+        .json();
+    env.run(&["keys", "revoke", made["id"].as_str().unwrap()])
+        .ok();
+    {
+        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&env.url)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE keygate_audit SET event = '{not json' WHERE seq = (SELECT MIN(seq) FROM keygate_audit)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    let out = env.run(&["audit", "events", "--json"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let events = out.json();
+    assert_eq!(events.as_array().unwrap().len(), 1, "{events}");
+    assert_eq!(events[0]["event"]["action"], "revoked");
+    assert!(
+        out.stderr.contains("unreadable") && out.stderr.contains("skipped"),
+        "{out:?}"
+    );
 }

@@ -311,6 +311,17 @@ pub enum LifecycleError {
     /// The auditor has shut down, so the change would go unrecorded: refused.
     #[error("the audit log is shut down; no change was made")]
     AuditClosed,
+    /// The change's audit event could not be written. A change that grants access (issue,
+    /// rotate, enable, update) was undone (`kept` is `false`; an issued key is revoked, its
+    /// plaintext never shown); one that takes access away (revoke, disable) was kept
+    /// (`kept` is `true`: failing closed).
+    #[error("{}: {reason}", if *kept { "the change was made but could not be audited" } else { "the change could not be audited and was undone" })]
+    AuditFailed {
+        /// Whether the change stays.
+        kept: bool,
+        /// The audit sink's error.
+        reason: String,
+    },
 }
 
 /// A newly issued key: the plaintext (show it once, then drop it) and its record.
@@ -473,8 +484,13 @@ impl KeyManager {
         record.metadata = check_metadata(spec.metadata)?;
         self.inner.store.insert(&record).await?;
         self.notify(&record.id).await;
-        self.emit(actor, LifecycleAction::Issued, None, &record, None, now)
-            .await;
+        if let Err(e) = self
+            .emit(actor, LifecycleAction::Issued, None, &record, None, now)
+            .await
+        {
+            self.undo(None, &record).await;
+            return Err(e);
+        }
         Ok(IssuedKey { key, record })
     }
 
@@ -536,24 +552,35 @@ impl KeyManager {
         }
         self.notify(&new.id).await;
         self.notify(&old.id).await;
-        self.emit(
-            actor,
-            LifecycleAction::Rotated,
-            Some(&old),
-            &ending,
-            Some(new.id),
-            now,
-        )
-        .await;
-        self.emit(
-            actor,
-            LifecycleAction::Issued,
-            None,
-            &new,
-            Some(old.id),
-            now,
-        )
-        .await;
+        let audited = match self
+            .emit(
+                actor,
+                LifecycleAction::Rotated,
+                Some(&old),
+                &ending,
+                Some(new.id),
+                now,
+            )
+            .await
+        {
+            Ok(()) => {
+                self.emit(
+                    actor,
+                    LifecycleAction::Issued,
+                    None,
+                    &new,
+                    Some(old.id),
+                    now,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = audited {
+            self.undo(Some(&old), &ending).await;
+            self.undo(None, &new).await;
+            return Err(e);
+        }
         Ok(IssuedKey { key, record: new })
     }
 
@@ -702,8 +729,13 @@ impl KeyManager {
         new.updated_at = now;
         self.inner.store.update(&new).await?;
         self.notify(&id).await;
-        self.emit(actor, LifecycleAction::Updated, Some(&old), &new, None, now)
-            .await;
+        if let Err(e) = self
+            .emit(actor, LifecycleAction::Updated, Some(&old), &new, None, now)
+            .await
+        {
+            self.undo(Some(&old), &new).await;
+            return Err(e);
+        }
         Ok(new)
     }
 
@@ -747,7 +779,12 @@ impl KeyManager {
         new.updated_at = now;
         self.inner.store.update(&new).await?;
         self.notify(&id).await;
-        self.emit(actor, action, Some(&old), &new, None, now).await;
+        if let Err(e) = self.emit(actor, action, Some(&old), &new, None, now).await {
+            if to == KeyStatus::Active {
+                self.undo(Some(&old), &new).await;
+            }
+            return Err(e);
+        }
         Ok(new)
     }
 
@@ -775,6 +812,26 @@ impl KeyManager {
         }
     }
 
+    /// Takes back an unaudited change that granted access: `old` is restored, or (for a
+    /// key that did not exist before) `new` is revoked. Best effort: a store failure here is
+    /// logged.
+    async fn undo(&self, old: Option<&KeyRecord>, new: &KeyRecord) {
+        let restore = match old {
+            Some(old) => old.clone(),
+            None => {
+                let mut dead = new.clone();
+                dead.status = KeyStatus::Revoked;
+                dead
+            }
+        };
+        if let Err(e) = self.inner.store.update(&restore).await {
+            tracing::error!(key_id = %new.id, error = %e, "could not undo an unaudited key change");
+        }
+        self.notify(&new.id).await;
+    }
+
+    /// Records a change's event and waits until it is written; an error (the change is
+    /// to be undone or reported) when it cannot be.
     async fn emit(
         &self,
         actor: &str,
@@ -783,7 +840,7 @@ impl KeyManager {
         new: &KeyRecord,
         related_key: Option<KeyId>,
         now: SystemTime,
-    ) {
+    ) -> Result<(), LifecycleError> {
         let event = LifecycleEvent {
             time: now,
             actor: actor.to_owned(),
@@ -795,14 +852,17 @@ impl KeyManager {
             related_key,
             changes: changes(old, new),
         };
-        if let Err(e) = self
-            .inner
+        self.inner
             .auditor
-            .record(AuditEvent::Lifecycle(event))
+            .record_durable(AuditEvent::Lifecycle(event))
             .await
-        {
-            tracing::error!(key_id = %new.id, action = action.as_str(), error = %e, "lifecycle change could not be audited");
-        }
+            .map_err(|e| {
+                tracing::error!(key_id = %new.id, action = action.as_str(), error = %e, "lifecycle change could not be audited");
+                LifecycleError::AuditFailed {
+                    kept: matches!(action, LifecycleAction::Revoked | LifecycleAction::Disabled),
+                    reason: e.to_string(),
+                }
+            })
     }
 }
 

@@ -35,6 +35,7 @@ impl AuditRow {
             AuditEvent::Lifecycle(l) => {
                 ("lifecycle", Some(l.action.as_str()), Some(l.actor.clone()))
             }
+            AuditEvent::Denials(_) => ("denials", Some("denied"), None),
         };
         Ok(AuditRow {
             at: to_ms(event.time()),
@@ -173,7 +174,24 @@ impl SqlStore {
     }
 
     /// Audit events from the `keygate_audit` table, oldest first (see [`AuditQuery`]).
+    /// Fails with [`StoreError::Corrupt`] if a row cannot be read back as an event; see
+    /// [`SqlStore::audit_entries`] to read the others anyway.
     pub async fn audit_events(&self, query: &AuditQuery) -> Result<Vec<StoredEvent>, StoreError> {
+        self.audit_entries(query)
+            .await?
+            .into_iter()
+            .map(|e| {
+                let seq = e.seq;
+                e.event
+                    .map(|event| StoredEvent { seq, event })
+                    .map_err(|why| StoreError::Corrupt(format!("audit event {seq}: {why}")))
+            })
+            .collect()
+    }
+
+    /// Like [`SqlStore::audit_events`], but a row that cannot be read back as an event is
+    /// returned as an error of its own (with its `seq`) instead of failing the whole read.
+    pub async fn audit_entries(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
         const SQL_FIRST: &str = "SELECT seq, event FROM keygate_audit \
              WHERE seq > $1 AND (CAST($2 AS TEXT) IS NULL OR key_id = $2) \
              ORDER BY seq LIMIT $3";
@@ -210,15 +228,14 @@ impl SqlStore {
         if query.latest {
             rows.reverse();
         }
-        rows.into_iter()
-            .map(|(seq, json)| {
-                serde_json::from_str(&json)
-                    .map(|event| StoredEvent { seq, event })
-                    .map_err(|e| {
-                        StoreError::Corrupt(format!("audit event {seq}: unreadable JSON: {e}"))
-                    })
+        Ok(rows
+            .into_iter()
+            .map(|(seq, json)| AuditEntry {
+                seq,
+                // serde's messages name a position, never the row's content.
+                event: serde_json::from_str(&json).map_err(|e| format!("unreadable JSON: {e}")),
             })
-            .collect()
+            .collect())
     }
 
     /// Writes `rows` in one transaction.
@@ -314,6 +331,16 @@ pub struct StoredEvent {
     pub seq: i64,
     /// The event.
     pub event: AuditEvent,
+}
+
+/// A row read back from the table ([`SqlStore::audit_entries`]): its event, or why it
+/// could not be read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEntry {
+    /// Its number.
+    pub seq: i64,
+    /// The event, or what is wrong with the row.
+    pub event: Result<AuditEvent, String>,
 }
 
 impl SqlAuditSink {

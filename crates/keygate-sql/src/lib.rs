@@ -84,7 +84,7 @@ mod settings;
 mod store;
 mod usage;
 
-pub use audit::{AuditQuery, SqlAuditSink, SqlAuditSinkBuilder, StoredEvent};
+pub use audit::{AuditEntry, AuditQuery, SqlAuditSink, SqlAuditSinkBuilder, StoredEvent};
 pub use error::OpenError;
 pub use follow::{ChangeFollower, ChangeHandler};
 pub use options::{SqlOptions, POSTGRES_POLL_INTERVAL, SQLITE_POLL_INTERVAL};

@@ -48,6 +48,9 @@ pub enum AuditEvent {
     Request(RequestEvent),
     /// A key was issued, rotated, revoked, disabled, enabled or changed.
     Lifecycle(LifecycleEvent),
+    /// Repeated anonymous denials from one source in one window, folded into one event by
+    /// an [`AggregateSink`](super::AggregateSink).
+    Denials(DenialSummary),
 }
 
 impl AuditEvent {
@@ -56,6 +59,7 @@ impl AuditEvent {
         match self {
             AuditEvent::Request(r) => r.time,
             AuditEvent::Lifecycle(l) => l.time,
+            AuditEvent::Denials(d) => d.time,
         }
     }
 
@@ -64,6 +68,7 @@ impl AuditEvent {
         match self {
             AuditEvent::Request(r) => r.key_id,
             AuditEvent::Lifecycle(l) => Some(l.key_id),
+            AuditEvent::Denials(_) => None,
         }
     }
 
@@ -71,7 +76,7 @@ impl AuditEvent {
     pub fn as_request(&self) -> Option<&RequestEvent> {
         match self {
             AuditEvent::Request(r) => Some(r),
-            AuditEvent::Lifecycle(_) => None,
+            AuditEvent::Lifecycle(_) | AuditEvent::Denials(_) => None,
         }
     }
 
@@ -79,7 +84,15 @@ impl AuditEvent {
     pub fn as_lifecycle(&self) -> Option<&LifecycleEvent> {
         match self {
             AuditEvent::Lifecycle(l) => Some(l),
-            AuditEvent::Request(_) => None,
+            AuditEvent::Request(_) | AuditEvent::Denials(_) => None,
+        }
+    }
+
+    /// The denial summary, if this is one.
+    pub fn as_denials(&self) -> Option<&DenialSummary> {
+        match self {
+            AuditEvent::Denials(d) => Some(d),
+            AuditEvent::Request(_) | AuditEvent::Lifecycle(_) => None,
         }
     }
 }
@@ -273,6 +286,50 @@ pub struct LifecycleEvent {
     pub related_key: Option<KeyId>,
     /// Each field that changed, old and new.
     pub changes: Vec<FieldChange>,
+}
+
+/// Denied requests without a key from one source (client address, denial code, method and
+/// path) in one window, beyond the first (which is recorded as a [`RequestEvent`] of its
+/// own): how many, and when.
+///
+/// ```
+/// use keygate_core::audit::AuditEvent;
+///
+/// let json = r#"{"type":"denials","time":"2026-01-01T00:00:00Z","until":"2026-01-01T00:00:10Z",
+///   "first":"2026-01-01T00:00:00.5Z","last":"2026-01-01T00:00:09Z","client_ip":"203.0.113.9",
+///   "protocol":"http","method":"GET","path":"/collections","status":401,"denial":"missing_key","count":4999}"#;
+/// let event: AuditEvent = serde_json::from_str(json).unwrap();
+/// assert_eq!(event.as_denials().unwrap().count, 4999);
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DenialSummary {
+    /// The start of the window.
+    #[serde(with = "rfc3339")]
+    pub time: SystemTime,
+    /// The end of the window (exclusive).
+    #[serde(with = "rfc3339")]
+    pub until: SystemTime,
+    /// The first folded request's time.
+    #[serde(with = "rfc3339")]
+    pub first: SystemTime,
+    /// The last folded request's time.
+    #[serde(with = "rfc3339")]
+    pub last: SystemTime,
+    /// The client's address, when known.
+    pub client_ip: Option<IpAddr>,
+    /// HTTP or gRPC.
+    pub protocol: Transport,
+    /// The HTTP method.
+    pub method: Cow<'static, str>,
+    /// The request path, without the query string.
+    pub path: String,
+    /// The HTTP status the requests got (that of the first folded one).
+    pub status: Option<u16>,
+    /// The exact denial code.
+    #[serde(with = "denial_code")]
+    pub denial: Option<DenialCode>,
+    /// How many requests were folded into this event (not recorded one by one).
+    pub count: u64,
 }
 
 /// RFC 3339 UTC timestamps with microseconds.

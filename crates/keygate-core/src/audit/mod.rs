@@ -30,17 +30,23 @@
 //! # }
 //! ```
 
+mod aggregate;
 mod event;
 mod file;
 mod queue;
+mod redact;
 mod sink;
 
+pub use aggregate::AggregateSink;
 pub use event::{
-    AuditEvent, Decision, FieldChange, LifecycleAction, LifecycleEvent, RequestEvent, Transport,
+    AuditEvent, Decision, DenialSummary, FieldChange, LifecycleAction, LifecycleEvent,
+    RequestEvent, Transport,
 };
 pub use file::{
-    log_files, verify_dir, verify_files, BrokenChain, ChainKey, ChainPoint, FileSink,
-    FileSinkBuilder, Problem, VerifyOptions, VerifyReport,
+    checkpoint_path, log_files, log_stems, read_checkpoint, verify_dir, verify_files, BrokenChain,
+    ChainKey, ChainPoint, Checkpoint, FileSink, FileSinkBuilder, Problem, VerifyOptions,
+    VerifyReport, KEY_ENV, KEY_FILE_ENV,
 };
 pub use queue::{AuditStats, Auditor, AuditorBuilder, Overflow};
-pub use sink::{AuditError, AuditSink, MemorySink, TracingSink};
+pub use redact::{contains_key_like, mask_keys, mask_keys_in};
+pub use sink::{AuditError, AuditSink, MemorySink, TeeSink, TracingSink};

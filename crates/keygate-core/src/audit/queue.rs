@@ -55,9 +55,23 @@ struct Counters {
     written: AtomicU64,
     dropped: AtomicU64,
     failed: AtomicU64,
+    /// The sink's last record or flush failed (cleared by the next success).
+    failing: AtomicBool,
 }
 
 impl Counters {
+    fn ok(&self) {
+        self.written.fetch_add(1, Ordering::AcqRel);
+        if self.failing.load(Ordering::Relaxed) {
+            self.failing.store(false, Ordering::Release);
+        }
+    }
+
+    fn fail(&self) {
+        self.failed.fetch_add(1, Ordering::AcqRel);
+        self.failing.store(true, Ordering::Release);
+    }
+
     fn snapshot(&self) -> AuditStats {
         AuditStats {
             written: self.written.load(Ordering::Acquire),
@@ -269,20 +283,12 @@ impl Auditor {
     pub async fn record(&self, mut event: AuditEvent) -> Result<(), AuditError> {
         let q = match &self.handle.target {
             Target::Direct(sink) => {
-                return match catch_unwind(AssertUnwindSafe(|| sink.record(&event))) {
-                    Ok(Ok(())) => {
-                        self.handle.counters.written.fetch_add(1, Ordering::AcqRel);
-                        Ok(())
-                    }
-                    Ok(Err(e)) => {
-                        self.handle.counters.failed.fetch_add(1, Ordering::AcqRel);
-                        Err(e)
-                    }
-                    Err(_) => {
-                        self.handle.counters.failed.fetch_add(1, Ordering::AcqRel);
-                        Err(AuditError::Other("the audit sink panicked".into()))
-                    }
-                };
+                let result = call(&**sink, |s| s.record(&event));
+                match &result {
+                    Ok(()) => self.handle.counters.ok(),
+                    Err(_) => self.handle.counters.fail(),
+                }
+                return result;
             }
             Target::Queued(q) => q,
         };
@@ -351,17 +357,47 @@ impl Auditor {
     }
 
     fn direct_record(&self, sink: &Arc<dyn AuditSink>, event: &AuditEvent) {
-        match catch_unwind(AssertUnwindSafe(|| sink.record(event))) {
-            Ok(Ok(())) => {
-                self.handle.counters.written.fetch_add(1, Ordering::AcqRel);
-            }
-            Ok(Err(e)) => {
-                self.handle.counters.failed.fetch_add(1, Ordering::AcqRel);
+        match call(&**sink, |s| s.record(event)) {
+            Ok(()) => self.handle.counters.ok(),
+            Err(e) => {
+                self.handle.counters.fail();
                 tracing::error!(error = %e, "audit sink failed to record an event");
             }
-            Err(_) => {
-                self.handle.counters.failed.fetch_add(1, Ordering::AcqRel);
-                tracing::error!("audit sink panicked while recording an event");
+        }
+    }
+
+    /// Whether events are being written: `false` after shutdown, and while the sink's last
+    /// record or flush failed (until one succeeds again). One atomic load or two: cheap
+    /// enough for the request path (the `keygate` crate's `AuditLayer::fail_closed` reads it
+    /// per request).
+    #[inline]
+    pub fn is_healthy(&self) -> bool {
+        !self.handle.counters.failing.load(Ordering::Acquire) && !self.is_closed()
+    }
+
+    /// Records `event` and waits until the sink has written it and made it durable
+    /// ([`AuditSink::record`], then [`AuditSink::sync`]), returning the sink's error if
+    /// either failed. For events that must not be lost silently (key changes: the
+    /// [`KeyManager`](crate::KeyManager) uses it). Queued auditors write it on the writer
+    /// thread, after the events already queued, so the chain stays in one order.
+    pub async fn record_durable(&self, event: AuditEvent) -> Result<(), AuditError> {
+        match &self.handle.target {
+            Target::Direct(sink) => {
+                let result =
+                    call(&**sink, |s| s.record(&event)).and_then(|()| call(&**sink, |s| s.sync()));
+                match &result {
+                    Ok(()) => self.handle.counters.ok(),
+                    Err(_) => self.handle.counters.fail(),
+                }
+                result
+            }
+            Target::Queued(q) => {
+                let (tx, rx) = oneshot::channel();
+                if !q.control(Control::Record(Box::new(event), tx)) {
+                    self.handle.counters.dropped.fetch_add(1, Ordering::AcqRel);
+                    return Err(AuditError::Closed);
+                }
+                rx.await.unwrap_or(Err(AuditError::Closed))
             }
         }
     }
@@ -404,6 +440,8 @@ impl fmt::Debug for Auditor {
 
 enum Control {
     Flush(oneshot::Sender<Result<(), AuditError>>),
+    /// Write this event, sync, and say how it went.
+    Record(Box<AuditEvent>, oneshot::Sender<Result<(), AuditError>>),
     Shutdown(oneshot::Sender<()>),
     /// The last handle was dropped: shut down, nobody waits.
     Close,
@@ -510,7 +548,7 @@ impl Queue {
 
 fn answer_finished(c: Control) {
     match c {
-        Control::Flush(tx) => {
+        Control::Flush(tx) | Control::Record(_, tx) => {
             let _ = tx.send(Err(AuditError::Closed));
         }
         Control::Shutdown(tx) => {
@@ -547,7 +585,10 @@ fn writer(q: Arc<Queue>, sink: Box<dyn AuditSink>, counters: Arc<Counters>) {
         let n = drain(&q, sink, &counters);
         if n > 0 {
             q.space.notify_waiters();
-            guarded("flush", || sink.flush());
+            if let Err(e) = call(sink, |s| s.flush()) {
+                counters.failing.store(true, Ordering::Release);
+                tracing::error!(error = %e, "audit sink flush failed");
+            }
         }
         let mut shutdown = Vec::new();
         let mut close = false;
@@ -555,6 +596,9 @@ fn writer(q: Arc<Queue>, sink: Box<dyn AuditSink>, counters: Arc<Counters>) {
             match c {
                 Control::Flush(tx) => {
                     let _ = tx.send(call(sink, |s| s.sync()));
+                }
+                Control::Record(event, tx) => {
+                    let _ = tx.send(durable(sink, &event, &counters));
                 }
                 Control::Shutdown(tx) => shutdown.push(tx),
                 Control::Close => close = true,
@@ -571,6 +615,9 @@ fn writer(q: Arc<Queue>, sink: Box<dyn AuditSink>, counters: Arc<Counters>) {
                 match c {
                     Control::Flush(tx) => {
                         let _ = tx.send(Ok(()));
+                    }
+                    Control::Record(event, tx) => {
+                        let _ = tx.send(durable(sink, &event, &counters));
                     }
                     Control::Shutdown(tx) => shutdown.push(tx),
                     Control::Close => {}
@@ -597,11 +644,9 @@ fn drain(q: &Queue, sink: &dyn AuditSink, counters: &Counters) -> usize {
     while let Some(event) = q.events.pop() {
         n += 1;
         match call(sink, |s| s.record(&event)) {
-            Ok(()) => {
-                counters.written.fetch_add(1, Ordering::AcqRel);
-            }
+            Ok(()) => counters.ok(),
             Err(e) => {
-                counters.failed.fetch_add(1, Ordering::AcqRel);
+                counters.fail();
                 tracing::error!(error = %e, "audit sink failed to record an event");
             }
         }
@@ -611,6 +656,23 @@ fn drain(q: &Queue, sink: &dyn AuditSink, counters: &Counters) -> usize {
         }
     }
     n
+}
+
+/// Writes one event and syncs, counting the outcome.
+fn durable(
+    sink: &dyn AuditSink,
+    event: &AuditEvent,
+    counters: &Counters,
+) -> Result<(), AuditError> {
+    let result = call(sink, |s| s.record(event)).and_then(|()| call(sink, |s| s.sync()));
+    match &result {
+        Ok(()) => counters.ok(),
+        Err(e) => {
+            counters.fail();
+            tracing::error!(error = %e, "audit sink failed to record an event");
+        }
+    }
+    result
 }
 
 fn call(

@@ -41,6 +41,16 @@ pub enum AuditError {
     /// Another sink-specific failure.
     #[error("audit sink error: {0}")]
     Other(String),
+    /// Another writer held the log's lock for too long.
+    #[error("audit log locked: {0}")]
+    Locked(String),
+    /// The log does not match its checkpoint (or has none): it was cut, changed or
+    /// replaced, and is not continued.
+    #[error("audit log refused: {0}")]
+    Tampered(String),
+    /// The chain key could not be loaded (the message names the source, never the key).
+    #[error("audit chain key: {0}")]
+    Key(String),
 }
 
 /// A destination for audit events.
@@ -76,6 +86,67 @@ impl<T: AuditSink + ?Sized> AuditSink for Arc<T> {
     }
     fn sync(&self) -> Result<(), AuditError> {
         (**self).sync()
+    }
+}
+
+/// Records into two sinks: every event into the first, and every event (or, built with
+/// [`TeeSink::lifecycle`], only key lifecycle events) into the second. Both are always
+/// tried; the first error is returned. For one trail of key changes in two places (a
+/// server's file log and the key database's audit table).
+///
+/// ```
+/// use keygate_core::audit::{AuditSink, MemorySink, RequestEvent, TeeSink};
+/// use std::time::UNIX_EPOCH;
+///
+/// let (all, keys) = (MemorySink::new(), MemorySink::new());
+/// let tee = TeeSink::lifecycle(all.clone(), keys.clone());
+/// tee.record(&RequestEvent::new(UNIX_EPOCH, "r1", "GET", "/").into()).unwrap();
+/// assert_eq!((all.len(), keys.len()), (1, 0));
+/// ```
+#[derive(Debug)]
+pub struct TeeSink<A, B> {
+    first: A,
+    second: B,
+    lifecycle_only: bool,
+}
+
+impl<A: AuditSink, B: AuditSink> TeeSink<A, B> {
+    /// Every event into both.
+    pub fn new(first: A, second: B) -> Self {
+        TeeSink {
+            first,
+            second,
+            lifecycle_only: false,
+        }
+    }
+
+    /// Every event into `first`; lifecycle events also into `second`.
+    pub fn lifecycle(first: A, second: B) -> Self {
+        TeeSink {
+            first,
+            second,
+            lifecycle_only: true,
+        }
+    }
+}
+
+impl<A: AuditSink, B: AuditSink> AuditSink for TeeSink<A, B> {
+    fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
+        let a = self.first.record(event);
+        let b = if self.lifecycle_only && event.as_lifecycle().is_none() {
+            Ok(())
+        } else {
+            self.second.record(event)
+        };
+        a.and(b)
+    }
+    fn flush(&self) -> Result<(), AuditError> {
+        let a = self.first.flush();
+        a.and(self.second.flush())
+    }
+    fn sync(&self) -> Result<(), AuditError> {
+        let a = self.first.sync();
+        a.and(self.second.sync())
     }
 }
 
@@ -185,6 +256,22 @@ impl AuditSink for TracingSink {
                     denial = r.denial.map(|d| d.as_str()),
                     latency_us = u64::try_from(r.latency.as_micros()).unwrap_or(u64::MAX),
                     "request"
+                );
+            }
+            AuditEvent::Denials(d) => {
+                tracing::info!(
+                    target: "keygate::audit",
+                    kind = "denials",
+                    time = %humantime::format_rfc3339_micros(d.time),
+                    until = %humantime::format_rfc3339_micros(d.until),
+                    client_ip = d.client_ip.map(tracing::field::display),
+                    protocol = ?d.protocol,
+                    method = %d.method,
+                    path = %d.path,
+                    status = d.status,
+                    denial = d.denial.map(|c| c.as_str()),
+                    count = d.count,
+                    "denials"
                 );
             }
             AuditEvent::Lifecycle(l) => {
