@@ -183,6 +183,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     opts.usage = Arc::new(store.usage_store());
     if let Some(r) = &redis {
         opts.rate_backend = Some(Arc::new(RedisRateLimiter::new(r)));
+        // The bytes limit uses the same policy names: its counters live under a prefix of
+        // their own.
+        let bytes = Redis::open_with(
+            args.redis_url.as_deref().unwrap_or_default(),
+            RedisOptions::new().prefix(format!("{}-bytes", args.redis_prefix)),
+        )
+        .await
+        .map_err(|e| format!("cannot open Redis: {e}"))?;
+        opts.bytes_rate_backend = Some(Arc::new(RedisRateLimiter::new(&bytes)));
         // Strict: every request is one atomic check-and-add in Redis, so replicas cannot
         // overshoot a quota together.
         opts.usage = Arc::new(RedisUsageStore::new(r));

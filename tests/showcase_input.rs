@@ -206,17 +206,20 @@ async fn an_upsert_is_charged_the_points_it_writes() {
         )
         .await;
     let path = "/collections/docs/points";
-    // A field of the wrong type next to the points: the list still upserts, so it must
-    // still cost its 8 points (more than the limit), not 1.
-    let mut body = points(1, 8);
-    body["batch"] = json!(0);
-    let r = within(&w, "PUT", path, &key, body).await;
+    // 8 points are more than the limit: refused, nothing written.
+    let r = within(&w, "PUT", path, &key, points(1, 8)).await;
     assert_eq!(
         (r.status, r.code()),
         (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
         "{}",
         r.text
     );
+    // A body with both shapes is refused whole (it is not read as one of them): it costs 1.
+    let mut body = points(1, 3);
+    body["batch"] = json!(0);
+    let r = within(&w, "PUT", path, &key, body).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert_eq!(r.header("ratelimit"), Some(r#""burst";r=4;t=12"#));
     let r = within(
         &w,
         "POST",
@@ -226,11 +229,10 @@ async fn an_upsert_is_charged_the_points_it_writes() {
     )
     .await;
     assert_eq!(r.json["result"]["count"], 0, "nothing was written");
+    w.clock.advance(Duration::from_secs(12));
 
-    // The same shape within the limit passes and costs its 3 points.
-    let mut body = points(1, 3);
-    body["batch"] = json!(0);
-    let r = within(&w, "PUT", path, &key, body).await;
+    // Within the limit it passes and costs its 3 points.
+    let r = within(&w, "PUT", path, &key, points(1, 3)).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(
         r.header("ratelimit"),
@@ -297,14 +299,20 @@ async fn query_cannot_page_past_the_limit() {
     assert_eq!(r.json["result"]["next_page_offset"], 4);
 }
 
-/// Sends the head of a `PUT path` announcing a `MAX_BODY` body, and 1 KiB of it, then
-/// waits for the status line (the rest of the body never comes).
+/// Sends the head of a `PUT path` announcing the largest body a 4-dimension collection
+/// takes, and 1 KiB of it, then waits for the status line (the rest of the body never
+/// comes).
 async fn announce_large_upsert(w: &World, path: &str, key: &str) -> String {
+    announce_upsert(w, path, key, server::body::upsert_cap(4)).await
+}
+
+/// Sends the head of a `PUT path` announcing a body of `size` bytes, and 1 KiB of it, then
+/// waits for the status line (the rest of the body never comes).
+async fn announce_upsert(w: &World, path: &str, key: &str, size: usize) -> String {
     let mut s = TcpStream::connect(w.addr).await.expect("connect");
     let head = format!(
-        "PUT {path} HTTP/1.1\r\nhost: {}\r\napi-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        "PUT {path} HTTP/1.1\r\nhost: {}\r\napi-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {size}\r\n\r\n",
         w.addr,
-        server::MAX_BODY
     );
     s.write_all(head.as_bytes()).await.expect("head");
     s.write_all(&[b' '; 1024]).await.expect("body");

@@ -20,9 +20,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use super::body::ParsedUpsert;
 use super::filter::Filter;
 use super::store::{Distance, Found, Point, PointId, Read, Selector, StoreError, VectorParams};
-use super::{AppState, PointCount};
+use super::AppState;
 
 /// The Qdrant version whose REST API this server imitates (what `GET /` reports).
 pub const QDRANT_VERSION: &str = "1.19.0";
@@ -143,81 +144,6 @@ struct CreateCollection {
     vectors: VectorsConfig,
     #[serde(default)]
     sparse_vectors: Option<Value>,
-}
-
-/// A dense vector, or `{"": [...]}` (Qdrant's name for the unnamed vector).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum VectorIn {
-    Dense(Vec<f32>),
-    Named(BTreeMap<String, Value>),
-}
-
-impl VectorIn {
-    fn dense(self) -> Result<Vec<f32>, StoreError> {
-        match self {
-            VectorIn::Dense(v) => Ok(v),
-            VectorIn::Named(mut m) if m.len() == 1 && m.contains_key("") => {
-                serde_json::from_value(m.remove("").unwrap_or(Value::Null))
-                    .map_err(|_| StoreError::wrong_input("the vector must be a list of numbers"))
-            }
-            VectorIn::Named(_) => Err(StoreError::wrong_input(
-                "named, sparse and multi-vectors are not supported by this server: send a list of numbers",
-            )),
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct PointStruct {
-    id: PointId,
-    vector: VectorIn,
-    #[serde(default)]
-    payload: Option<Map<String, Value>>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Batch {
-    ids: Vec<PointId>,
-    vectors: Vec<VectorIn>,
-    #[serde(default)]
-    payloads: Option<Vec<Option<Map<String, Value>>>>,
-}
-
-/// `PointInsertOperations`: a list of points or a batch.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Upsert {
-    List {
-        points: Vec<PointStruct>,
-        #[serde(default)]
-        update_filter: Option<Value>,
-    },
-    Batch {
-        batch: Batch,
-        #[serde(default)]
-        update_filter: Option<Value>,
-    },
-}
-
-impl Upsert {
-    /// The number of points it writes (if it is written at all: a batch whose lists differ
-    /// in length is refused).
-    fn len(&self) -> usize {
-        match self {
-            Upsert::List { points, .. } => points.len(),
-            Upsert::Batch { batch, .. } => batch.ids.len(),
-        }
-    }
-}
-
-/// The number of points in an upsert body, read exactly as [`upsert`] reads it (the same
-/// type and parser, so the count charged is the count written); `None` if the body does not
-/// parse, in which case [`upsert`] refuses it with 400.
-pub fn count_points(bytes: &[u8]) -> Option<usize> {
-    serde_json::from_slice::<Upsert>(bytes)
-        .ok()
-        .map(|u| u.len())
 }
 
 /// `WithPayloadInterface`.
@@ -469,88 +395,40 @@ pub async fn collection_exists(State(app): State<AppState>, Path(name): Path<Str
 
 /// `PUT /collections/{c}/points`: upsert a list or a batch (all or nothing).
 ///
-/// The rate limit and the quota charged the [`PointCount`] that
-/// [`super::count_upserted_points`] read from these bytes; an upsert that was not counted,
-/// or whose count differs from what is written, is refused (500: a wiring error, never
-/// written at the wrong cost).
+/// The points were read and parsed by [`super::body::read_upsert`], which charged their
+/// [`PointCount`](super::PointCount) to the rate limit and the quota; an upsert that was not parsed there
+/// (no such collection: 404; otherwise a wiring error, 500) is never written.
 pub async fn upsert(
     State(app): State<AppState>,
     Authenticated(p): Authenticated,
     Path(name): Path<String>,
-    counted: Option<Extension<PointCount>>,
-    bytes: Bytes,
+    parsed: Option<Extension<ParsedUpsert>>,
 ) -> Response {
     let started = Instant::now();
-    let req: Upsert = match body(&bytes, started) {
-        Ok(r) => r,
-        Err(res) => return *res,
-    };
-    if counted.map(|Extension(PointCount(n))| n) != Some(req.len().max(1)) {
+    let Some(Extension(parsed)) = parsed else {
+        if !app.vectors.exists(&name) {
+            return store_error(StoreError::missing(&name), started);
+        }
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Service internal error: the upsert was not counted",
             started,
         );
-    }
-    let points = match to_points(req) {
-        Ok(p) => p,
-        Err(e) => return store_error(e, started),
+    };
+    let points = match parsed.take() {
+        Some(Ok(points)) => points,
+        Some(Err(message)) => return error(StatusCode::BAD_REQUEST, &message, started),
+        None => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Service internal error: the upsert was not counted",
+                started,
+            )
+        }
     };
     match app.vectors.upsert(&name, points, tenant(&p)) {
         Ok(op) => ok(update_result(op), started),
         Err(e) => store_error(e, started),
-    }
-}
-
-type NewPoint = (PointId, Vec<f32>, Map<String, Value>);
-
-fn to_points(req: Upsert) -> Result<Vec<NewPoint>, StoreError> {
-    let unsupported = |f: &Option<Value>| f.as_ref().is_some_and(|v| !v.is_null());
-    match req {
-        Upsert::List {
-            points,
-            update_filter,
-        } => {
-            if unsupported(&update_filter) {
-                return Err(StoreError::wrong_input(
-                    "update_filter is not supported by this server",
-                ));
-            }
-            points
-                .into_iter()
-                .map(|p| Ok((p.id, p.vector.dense()?, p.payload.unwrap_or_default())))
-                .collect()
-        }
-        Upsert::Batch {
-            batch,
-            update_filter,
-        } => {
-            if unsupported(&update_filter) {
-                return Err(StoreError::wrong_input(
-                    "update_filter is not supported by this server",
-                ));
-            }
-            let n = batch.ids.len();
-            let payloads = batch.payloads.unwrap_or_default();
-            if batch.vectors.len() != n || (!payloads.is_empty() && payloads.len() != n) {
-                return Err(StoreError::wrong_input(
-                    "batch: ids, vectors and payloads must have the same length",
-                ));
-            }
-            let mut payloads = payloads.into_iter();
-            batch
-                .ids
-                .into_iter()
-                .zip(batch.vectors)
-                .map(|(id, v)| {
-                    Ok((
-                        id,
-                        v.dense()?,
-                        payloads.next().flatten().unwrap_or_default(),
-                    ))
-                })
-                .collect()
-        }
     }
 }
 

@@ -215,7 +215,8 @@ impl StoreError {
         Self::new(StatusCode::BAD_REQUEST, format!("Wrong input: {what}"))
     }
 
-    fn missing(name: &str) -> Self {
+    /// 404 `Not found: Collection `name` doesn't exist!`.
+    pub fn missing(name: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             format!("Not found: Collection `{name}` doesn't exist!"),
@@ -309,6 +310,18 @@ impl VectorStore {
             .keys()
             .cloned()
             .collect()
+    }
+
+    /// The vector dimension of collection `name`, if it exists.
+    pub fn dimension(&self, name: &str) -> Option<u64> {
+        let c = self
+            .collections
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned()?;
+        let size = c.read().unwrap_or_else(PoisonError::into_inner).params.size;
+        Some(size)
     }
 
     /// Whether `name` exists.
