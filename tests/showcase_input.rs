@@ -370,7 +370,7 @@ async fn upserts_the_scope_layer_refuses_are_not_buffered() {
 }
 
 #[tokio::test]
-async fn a_refused_upsert_does_not_name_the_ids_it_refused() {
+async fn foreign_ids_answer_exactly_as_absent_ones() {
     let w = World::new().await;
     w.collection("shared").await;
     let spec = |tenant: &str| {
@@ -380,35 +380,92 @@ async fn a_refused_upsert_does_not_name_the_ids_it_refused() {
     let (acme, _) = w.issue(spec("acme")).await;
     let (globex, _) = w.issue(spec("globex")).await;
     let path = "/collections/shared/points";
-    let r = within(&w, "PUT", path, &acme, points(1, 2)).await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-
-    let mut messages = Vec::new();
-    for first in [1, 2] {
-        // A new id of globex's own, then one of acme's.
-        let mut body = points(7, 1);
-        body["points"]
-            .as_array_mut()
-            .expect("points")
-            .push(points(first, 1)["points"][0].clone());
-        let r = within(&w, "PUT", path, &globex, body).await;
-        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text);
-        messages.push(error_text(&r).to_owned());
+    // acme writes 1 and 2 in two operations: its operation ids are 1 and 2.
+    for id in [1, 2] {
+        let r = within(&w, "PUT", path, &acme, points(id, 1)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.json["result"]["operation_id"], id, "{}", r.text);
     }
+
+    // For globex, acme's id 1 reads exactly as the free id 9: same status, same words.
+    let strip_time = |r: &Resp| {
+        let mut v = r.json.clone();
+        v["time"] = json!(0);
+        (r.status, v)
+    };
+    for (method, suffix, body) in [
+        ("GET", "/1", None),
+        ("POST", "/query", Some(json!({"query": 1}))),
+        ("POST", "", Some(json!({"ids": [1]}))),
+    ] {
+        let mine = w
+            .call(
+                method,
+                &format!("{path}{suffix}"),
+                Some(&globex),
+                body.clone(),
+            )
+            .await;
+        let free_path = format!("{path}{}", suffix.replace('1', "9"));
+        let free_body = body.map(|b| {
+            serde_json::from_str::<Value>(&b.to_string().replace('1', "9")).expect("json")
+        });
+        let free = w.call(method, &free_path, Some(&globex), free_body).await;
+        assert_eq!(
+            strip_time(&mine),
+            {
+                let (s, v) = strip_time(&free);
+                (
+                    s,
+                    serde_json::from_str(&v.to_string().replace('9', "1")).expect("json"),
+                )
+            },
+            "{method} {suffix}: {} / {}",
+            mine.text,
+            free.text
+        );
+    }
+    // Taking id 1 succeeds like taking id 9 would, and is globex's own id 1: operation
+    // ids count globex's writes only (acme's two are not visible in them).
+    let r = within(&w, "PUT", path, &globex, points(1, 1)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json["result"]["operation_id"], 1, "{}", r.text);
+    let mut mine = points(1, 1);
+    mine["points"][0]["vector"] = json!([0.0, 0.0, 1.0, 0.0]);
+    mine["points"][0]["payload"] = json!({"owner": "globex"});
+    let r = within(&w, "PUT", path, &globex, mine).await;
+    assert_eq!(r.json["result"]["operation_id"], 2, "{}", r.text);
+    // Each tenant reads its own point 1; acme's is untouched.
+    let r = w.call("GET", &format!("{path}/1"), Some(&acme), None).await;
     assert_eq!(
-        messages,
-        ["Forbidden: one or more point ids are not available to this key"; 2]
+        r.json["result"]["payload"],
+        json!({"n": 1, "tenant": "acme"})
     );
+    let r = w
+        .call("GET", &format!("{path}/1"), Some(&globex), None)
+        .await;
+    assert_eq!(
+        r.json["result"]["payload"],
+        json!({"owner": "globex", "tenant": "globex"})
+    );
+    // Deleting id 1 as globex deletes globex's point only.
     let r = within(
         &w,
         "POST",
-        "/collections/shared/points/count",
-        &w.admin,
-        json!({}),
+        &format!("{path}/delete"),
+        &globex,
+        json!({"points": [1]}),
     )
     .await;
-    assert_eq!(
-        r.json["result"]["count"], 2,
-        "nothing of either batch was written"
-    );
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json["result"]["operation_id"], 3);
+    let r = w.call("GET", &format!("{path}/1"), Some(&acme), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = w
+        .call("GET", &format!("{path}/1"), Some(&globex), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
+    // The admin (no tenant) sees both tenants' points.
+    let r = within(&w, "POST", &format!("{path}/count"), &w.admin, json!({})).await;
+    assert_eq!(r.json["result"]["count"], 2);
 }

@@ -4,12 +4,15 @@
 //!
 //! Row-level security: every operation takes the caller's tenant (`None` for keys without a
 //! `tenant` attribute). A point belongs to the tenant written in its payload's `tenant`
-//! field. With a tenant, upserts stamp that field (whatever the client sent), every read
-//! and delete sees only the tenant's points, and overwriting a point of another tenant is
-//! refused, so one tenant can neither read nor change another's points. Without a tenant
-//! (operators, admins) everything is visible and payloads are stored as sent.
+//! field. With a tenant, upserts stamp that field (whatever the client sent), and every read
+//! and delete sees only the tenant's points. Ids are per tenant: an id another tenant uses
+//! reads as absent and is free to take (both tenants then own a point with that id), and
+//! operation ids are counted per tenant, so one tenant can neither read, change nor detect
+//! another's points or writes. Without a tenant (operators, admins) everything is visible
+//! (an id may then answer one point per owner) and payloads are stored as sent; such an
+//! upsert writes the point of the tenant its payload names, or the untenanted one.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -173,13 +176,65 @@ pub struct VectorParams {
 }
 
 /// A collection: its parameters and points.
+///
+/// Ids are per tenant: each id holds at most one point per owner (the tenant named in the
+/// point's payload, or none), so two tenants may both own id 7 and neither can tell the
+/// other's ids from free ones. Operation ids are counted per owner too.
 #[derive(Debug)]
 pub struct Collection {
     /// Vector parameters.
     pub params: VectorParams,
-    points: BTreeMap<PointId, Point>,
-    /// The last operation id.
-    operations: u64,
+    points: BTreeMap<PointId, Vec<Point>>,
+    /// The last operation id of each owner.
+    operations: HashMap<Option<String>, u64>,
+}
+
+impl Collection {
+    /// The points `tenant` can see with ids in `range`, by id (a tenant's own; every point
+    /// for `None`).
+    fn visible<'a>(
+        &'a self,
+        tenant: Option<&'a str>,
+        range: (std::ops::Bound<PointId>, std::ops::Bound<PointId>),
+    ) -> impl Iterator<Item = (PointId, &'a Point)> + 'a {
+        self.points.range(range).flat_map(move |(id, owners)| {
+            owners
+                .iter()
+                .filter(move |p| p.visible_to(tenant))
+                .map(move |p| (*id, p))
+        })
+    }
+
+    /// Every point `tenant` can see, by id.
+    fn all<'a>(
+        &'a self,
+        tenant: Option<&'a str>,
+    ) -> impl Iterator<Item = (PointId, &'a Point)> + 'a {
+        self.visible(
+            tenant,
+            (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded),
+        )
+    }
+
+    /// The points with id `id` that `tenant` can see.
+    fn at<'a>(
+        &'a self,
+        id: &PointId,
+        tenant: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a Point> + 'a {
+        self.points
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter(move |p| p.visible_to(tenant))
+    }
+
+    /// The next operation id of `owner`.
+    fn next_operation(&mut self, owner: Option<&str>) -> u64 {
+        let n = self.operations.entry(owner.map(str::to_owned)).or_insert(0);
+        *n += 1;
+        *n
+    }
 }
 
 /// A point as a read returns it.
@@ -355,7 +410,7 @@ impl VectorStore {
             Arc::new(RwLock::new(Collection {
                 params,
                 points: BTreeMap::new(),
-                operations: 0,
+                operations: HashMap::new(),
             })),
         );
         Ok(())
@@ -373,7 +428,7 @@ impl VectorStore {
         };
         if tenant.is_some() {
             let c = c.read().unwrap_or_else(PoisonError::into_inner);
-            if c.points.values().any(|p| !p.visible_to(tenant)) {
+            if c.points.values().flatten().any(|p| !p.visible_to(tenant)) {
                 return Err(StoreError::new(
                     StatusCode::FORBIDDEN,
                     format!("Forbidden: collection `{name}` holds points of other tenants"),
@@ -392,10 +447,7 @@ impl VectorStore {
     ) -> Result<(VectorParams, usize), StoreError> {
         let c = self.get(name)?;
         let c = c.read().unwrap_or_else(PoisonError::into_inner);
-        let n = match tenant {
-            None => c.points.len(),
-            Some(_) => c.points.values().filter(|p| p.visible_to(tenant)).count(),
-        };
+        let n = c.all(tenant).count();
         Ok((c.params, n))
     }
 
@@ -412,29 +464,22 @@ impl VectorStore {
         for (id, vector, mut payload) in points {
             let vector = prepare(&c.params, vector)?;
             if let Some(t) = tenant {
-                if c.points.get(&id).is_some_and(|p| !p.visible_to(tenant)) {
-                    return Err(StoreError::new(
-                        StatusCode::FORBIDDEN,
-                        // The same words whatever the id: naming it would tell which
-                        // ids other tenants use.
-                        "Forbidden: one or more point ids are not available to this key",
-                    ));
-                }
                 payload.insert(TENANT_FIELD.to_owned(), Value::String(t.to_owned()));
             }
             ready.push((id, vector, payload));
         }
-        c.operations += 1;
-        let version = c.operations;
+        let version = c.next_operation(tenant);
         for (id, vector, payload) in ready {
-            c.points.insert(
-                id,
-                Point {
-                    vector,
-                    payload,
-                    version,
-                },
-            );
+            let point = Point {
+                vector,
+                payload,
+                version,
+            };
+            let owners = c.points.entry(id).or_default();
+            match owners.iter_mut().find(|p| p.tenant() == point.tenant()) {
+                Some(old) => *old = point,
+                None => owners.push(point),
+            }
         }
         Ok(version)
     }
@@ -451,17 +496,20 @@ impl VectorStore {
         match selector {
             Selector::Ids(ids) => {
                 for id in ids {
-                    if c.points.get(id).is_some_and(|p| p.visible_to(tenant)) {
-                        c.points.remove(id);
+                    if let Some(owners) = c.points.get_mut(id) {
+                        owners.retain(|p| !p.visible_to(tenant));
+                        if owners.is_empty() {
+                            c.points.remove(id);
+                        }
                     }
                 }
             }
-            Selector::Filter(f) => c
-                .points
-                .retain(|id, p| !(p.visible_to(tenant) && f.matches(*id, &p.payload))),
+            Selector::Filter(f) => c.points.retain(|id, owners| {
+                owners.retain(|p| !(p.visible_to(tenant) && f.matches(*id, &p.payload)));
+                !owners.is_empty()
+            }),
         }
-        c.operations += 1;
-        Ok(c.operations)
+        Ok(c.next_operation(tenant))
     }
 
     /// The points with these ids the caller can see, in the order first asked (missing ids
@@ -480,10 +528,8 @@ impl VectorStore {
         Ok(ids
             .iter()
             .filter(|id| seen.insert(**id))
-            .filter_map(|id| {
-                let p = c.points.get(id).filter(|p| p.visible_to(tenant))?;
-                Some(pick(*id, p))
-            })
+            .flat_map(|id| c.at(id, tenant).map(|p| (*id, p)))
+            .map(|(id, p)| pick(id, p))
             .collect())
     }
 
@@ -520,14 +566,11 @@ impl VectorStore {
         let c = c.read().unwrap_or_else(PoisonError::into_inner);
         let query = prepare(&c.params, vector)?;
         let metric = c.params.distance;
-        let mut scored: Vec<(f32, PointId)> = c
-            .points
-            .iter()
-            .filter(|(id, p)| {
-                p.visible_to(read.tenant) && read.filter.is_none_or(|f| f.matches(**id, &p.payload))
-            })
-            .map(|(id, p)| (metric.score(&query, &p.vector), *id))
-            .filter(|(s, _)| {
+        let mut scored: Vec<(f32, PointId, &Point)> = c
+            .all(read.tenant)
+            .filter(|(id, p)| read.filter.is_none_or(|f| f.matches(*id, &p.payload)))
+            .map(|(id, p)| (metric.score(&query, &p.vector), id, p))
+            .filter(|(s, _, _)| {
                 threshold.is_none_or(|t| {
                     if metric.higher_is_closer() {
                         *s >= t
@@ -550,12 +593,10 @@ impl VectorStore {
             .into_iter()
             .skip(offset)
             .take(limit)
-            .filter_map(|(score, id)| {
-                c.points.get(&id).map(|p| Found {
-                    id,
-                    score,
-                    point: p.clone(),
-                })
+            .map(|(score, id, p)| Found {
+                id,
+                score,
+                point: p.clone(),
             })
             .collect())
     }
@@ -574,15 +615,12 @@ impl VectorStore {
         let c = c.read().unwrap_or_else(PoisonError::into_inner);
         let start = from.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Included);
         let mut page = c
-            .points
-            .range((start, std::ops::Bound::Unbounded))
-            .filter(|(id, p)| {
-                p.visible_to(read.tenant) && read.filter.is_none_or(|f| f.matches(**id, &p.payload))
-            })
+            .visible(read.tenant, (start, std::ops::Bound::Unbounded))
+            .filter(|(id, p)| read.filter.is_none_or(|f| f.matches(*id, &p.payload)))
             .skip(skip)
             .take(limit.saturating_add(1))
             .map(|(id, p)| Found {
-                id: *id,
+                id,
                 score: 1.0,
                 point: p.clone(),
             })
@@ -599,11 +637,8 @@ impl VectorStore {
     pub fn count(&self, name: &str, read: Read<'_>) -> Result<usize, StoreError> {
         let c = self.get(name)?;
         let c = c.read().unwrap_or_else(PoisonError::into_inner);
-        Ok(c.points
-            .iter()
-            .filter(|(id, p)| {
-                p.visible_to(read.tenant) && read.filter.is_none_or(|f| f.matches(**id, &p.payload))
-            })
+        Ok(c.all(read.tenant)
+            .filter(|(id, p)| read.filter.is_none_or(|f| f.matches(*id, &p.payload)))
             .count())
     }
 }
