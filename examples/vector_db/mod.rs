@@ -166,12 +166,13 @@ impl Options {
     }
 }
 
-/// The rate limit of keys whose record has none: 1,000 per 10 seconds, counted in points
+/// The rate limit of keys whose record has none: 2,000 per 20 seconds, counted in points
 /// (every request costs at least 1, an upsert its point count) and, separately, in 64 KiB
-/// body units. A sustained 100 requests (or points) per second, and a burst of 1,000, so an
-/// ordinary client batch (64 to 1,000 points) passes at once.
+/// body units. A sustained 100 requests (or points) per second, and a burst of 2,000, so an
+/// ordinary client batch (64 to 1,000 points) passes at once, even right after other
+/// requests.
 pub fn default_rate_limit() -> RateLimitPolicy {
-    RateLimitPolicy::new("default", 1_000, Duration::from_secs(10))
+    RateLimitPolicy::new("default", 2_000, Duration::from_secs(20))
 }
 
 /// The built server.

@@ -117,6 +117,22 @@ fn tenant(p: &Principal) -> Option<&str> {
     p.tenant()
 }
 
+/// The caller's tenant, owned (for [`blocking`]).
+fn owned_tenant(p: &Principal) -> Option<String> {
+    p.tenant().map(str::to_owned)
+}
+
+/// Runs a store call on tokio's blocking pool: store calls take a collection's lock and may
+/// scan every point, which must not hold up the async workers (`/healthz` and every other
+/// request keep being answered while a scan runs).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|_| Err(StoreError::internal()))
+}
+
 // ---------------------------------------------------------------------------------------
 // Shapes
 // ---------------------------------------------------------------------------------------
@@ -337,7 +353,8 @@ pub async fn collection_info(
     Path(name): Path<String>,
 ) -> Response {
     let started = Instant::now();
-    match app.vectors.info(&name, tenant(&p)) {
+    let (vectors, t) = (app.vectors.clone(), owned_tenant(&p));
+    match blocking(move || vectors.info(&name, t.as_deref())).await {
         Ok((params, points)) => ok(
             json!({
                 "status": "green",
@@ -377,7 +394,8 @@ pub async fn delete_collection(
     Path(name): Path<String>,
 ) -> Response {
     let started = Instant::now();
-    match app.vectors.delete(&name, tenant(&p)) {
+    let (vectors, t) = (app.vectors.clone(), owned_tenant(&p));
+    match blocking(move || vectors.delete(&name, t.as_deref())).await {
         Ok(existed) => ok(existed, started),
         Err(e) => store_error(e, started),
     }
@@ -426,7 +444,8 @@ pub async fn upsert(
             )
         }
     };
-    match app.vectors.upsert(&name, points, tenant(&p)) {
+    let (vectors, t) = (app.vectors.clone(), owned_tenant(&p));
+    match blocking(move || vectors.upsert(&name, points, t.as_deref())).await {
         Ok(op) => ok(update_result(op), started),
         Err(e) => store_error(e, started),
     }
@@ -464,11 +483,13 @@ pub async fn retrieve(
     }
     let payload = req.with_payload.unwrap_or(WithPayload::All(true));
     let vector = req.with_vector.unwrap_or(WithVector::All(false));
-    match app
-        .vectors
-        .retrieve(&name, &req.ids, tenant(&p), |id, point| {
+    let (vectors, t) = (app.vectors.clone(), owned_tenant(&p));
+    let found = blocking(move || {
+        vectors.retrieve(&name, &req.ids, t.as_deref(), |id, point| {
             record_of(id, point, &payload, &vector)
-        }) {
+        })
+    });
+    match found.await {
         Ok(records) => ok(records, started),
         Err(e) => store_error(e, started),
     }
@@ -493,7 +514,8 @@ pub async fn get_point(
     let everything = |id: PointId, point: &Point| {
         record_of(id, point, &WithPayload::All(true), &WithVector::All(true))
     };
-    match app.vectors.retrieve(&name, &[id], tenant(&p), everything) {
+    let (vectors, t) = (app.vectors.clone(), owned_tenant(&p));
+    match blocking(move || vectors.retrieve(&name, &[id], t.as_deref(), everything)).await {
         Ok(mut found) => match found.pop() {
             Some(r) => ok(r, started),
             None => error(
@@ -557,18 +579,20 @@ pub async fn search(
     };
     let payload = req.with_payload.unwrap_or(WithPayload::All(false));
     let with_vector = req.with_vector.unwrap_or(WithVector::All(false));
-    let read = Read {
-        tenant: tenant(&p),
-        filter: req.filter.as_ref(),
-    };
-    match app.vectors.search(
-        &name,
-        vector,
-        read,
+    let (vectors, t, filter) = (app.vectors.clone(), owned_tenant(&p), req.filter);
+    let (n, offset, threshold) = (
         limit(Some(req.limit), 10),
         req.offset.unwrap_or(0),
         req.score_threshold,
-    ) {
+    );
+    let found = blocking(move || {
+        let read = Read {
+            tenant: t.as_deref(),
+            filter: filter.as_ref(),
+        };
+        vectors.search(&name, vector, read, n, offset, threshold)
+    });
+    match found.await {
         Ok(found) => ok(
             found
                 .into_iter()
@@ -651,11 +675,6 @@ pub async fn query(
     if req.using.as_deref().is_some_and(|u| !u.is_empty()) {
         return refused("a named vector (using)");
     }
-    let t = tenant(&p);
-    let read = Read {
-        tenant: t,
-        filter: req.filter.as_ref(),
-    };
     let payload = req.with_payload.unwrap_or(WithPayload::All(false));
     let with_vector = req.with_vector.unwrap_or(WithVector::All(false));
     let n = limit(req.limit, 10);
@@ -666,34 +685,42 @@ pub async fn query(
             started,
         );
     }
-    let target = match req.query {
-        None => None,
-        Some(
-            QueryInput::Vector(v)
-            | QueryInput::Nearest {
-                nearest: NearestInput::Vector(v),
-            },
-        ) => Some(v),
-        Some(
-            QueryInput::Id(id)
-            | QueryInput::Nearest {
-                nearest: NearestInput::Id(id),
-            },
-        ) => match app.vectors.vector_of(&name, id, t) {
-            Ok(v) => Some(v),
-            Err(e) => return store_error(e, started),
-        },
-    };
-    let found = match target {
-        Some(v) => app
-            .vectors
-            .search(&name, v, read, n, offset, req.score_threshold),
-        None => app
-            .vectors
-            .scroll(&name, read, None, offset, n)
-            .map(|(page, _)| page),
-    };
-    match found {
+    let query = req.query;
+    let (vectors, t, filter, threshold) = (
+        app.vectors.clone(),
+        owned_tenant(&p),
+        req.filter,
+        req.score_threshold,
+    );
+    let found = blocking(move || {
+        let t = t.as_deref();
+        let read = Read {
+            tenant: t,
+            filter: filter.as_ref(),
+        };
+        let target = match query {
+            None => None,
+            Some(
+                QueryInput::Vector(v)
+                | QueryInput::Nearest {
+                    nearest: NearestInput::Vector(v),
+                },
+            ) => Some(v),
+            Some(
+                QueryInput::Id(id)
+                | QueryInput::Nearest {
+                    nearest: NearestInput::Id(id),
+                },
+            ) => Some(vectors.vector_of(&name, id, t)?),
+        };
+        match target {
+            Some(v) => vectors.search(&name, v, read, n, offset, threshold),
+            None => vectors
+                .scroll(&name, read, None, offset, n)
+                .map(|(page, _)| page),
+        }
+    });
+    match found.await {
         Ok(found) => ok(
             QueryResponse {
                 points: found
@@ -743,14 +770,16 @@ pub async fn scroll(
     }
     let payload = req.with_payload.unwrap_or(WithPayload::All(true));
     let with_vector = req.with_vector.unwrap_or(WithVector::All(false));
-    let read = Read {
-        tenant: tenant(&p),
-        filter: req.filter.as_ref(),
-    };
-    match app
-        .vectors
-        .scroll(&name, read, req.offset, 0, limit(req.limit, 10))
-    {
+    let (vectors, t, filter) = (app.vectors.clone(), owned_tenant(&p), req.filter);
+    let (from, n) = (req.offset, limit(req.limit, 10));
+    let found = blocking(move || {
+        let read = Read {
+            tenant: t.as_deref(),
+            filter: filter.as_ref(),
+        };
+        vectors.scroll(&name, read, from, 0, n)
+    });
+    match found.await {
         Ok((found, next)) => ok(
             ScrollResult {
                 points: found
@@ -786,11 +815,15 @@ pub async fn count(
         Err(res) => return *res,
     };
     let _ = req.exact;
-    let read = Read {
-        tenant: tenant(&p),
-        filter: req.filter.as_ref(),
-    };
-    match app.vectors.count(&name, read) {
+    let (vectors, t, filter) = (app.vectors.clone(), owned_tenant(&p), req.filter);
+    let counted = blocking(move || {
+        let read = Read {
+            tenant: t.as_deref(),
+            filter: filter.as_ref(),
+        };
+        vectors.count(&name, read)
+    });
+    match counted.await {
         Ok(n) => ok(json!({ "count": n }), started),
         Err(e) => store_error(e, started),
     }
@@ -820,7 +853,8 @@ pub async fn delete_points(
         PointsSelector::Ids { points } => Selector::Ids(points),
         PointsSelector::Filter { filter } => Selector::Filter(filter),
     };
-    match app.vectors.delete_points(&name, &selector, tenant(&p)) {
+    let (vectors, t) = (app.vectors.clone(), owned_tenant(&p));
+    match blocking(move || vectors.delete_points(&name, &selector, t.as_deref())).await {
         Ok(op) => ok(update_result(op), started),
         Err(e) => store_error(e, started),
     }

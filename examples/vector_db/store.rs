@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use http::StatusCode;
@@ -265,6 +266,14 @@ impl StoreError {
         }
     }
 
+    /// 500 `Service internal error: ...` (a store call that did not finish).
+    pub fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Service internal error: the operation did not finish",
+        )
+    }
+
     /// 400 `Wrong input: ...`.
     pub fn wrong_input(what: impl fmt::Display) -> Self {
         Self::new(StatusCode::BAD_REQUEST, format!("Wrong input: {what}"))
@@ -298,9 +307,35 @@ pub enum Selector {
 }
 
 /// The store: named collections, shared by every clone.
+///
+/// Its methods block (they take the collection's lock and may scan every point): call them
+/// off the async workers (`tokio::task::spawn_blocking`), as the handlers do.
 #[derive(Debug, Clone, Default)]
 pub struct VectorStore {
     collections: Arc<RwLock<BTreeMap<String, Arc<RwLock<Collection>>>>>,
+    scans: Arc<AtomicUsize>,
+}
+
+/// Counts a scan in [`VectorStore::scans_in_flight`] while it lives.
+struct ScanGuard<'a>(&'a AtomicUsize);
+
+impl<'a> ScanGuard<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        ScanGuard(n)
+    }
+}
+
+impl Drop for ScanGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn check_budget(filter: Option<&Filter>, points: usize) -> Result<(), StoreError> {
+    filter
+        .map_or(Ok(()), |f| f.check_budget(points))
+        .map_err(StoreError::wrong_input)
 }
 
 /// Checks a collection name: 1 to 255 characters, no `/`, `\` or control characters.
@@ -365,6 +400,24 @@ impl VectorStore {
             .keys()
             .cloned()
             .collect()
+    }
+
+    /// How many searches, scrolls, counts and filtered deletes are running (waiting for
+    /// their collection's lock included).
+    pub fn scans_in_flight(&self) -> usize {
+        self.scans.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` while holding collection `name`'s write lock (every read and write of it
+    /// waits); `false` if there is no such collection. For maintenance, and for tests that
+    /// hold scans in flight.
+    pub fn while_locked(&self, name: &str, f: impl FnOnce()) -> bool {
+        let Ok(c) = self.get(name) else {
+            return false;
+        };
+        let _held = c.write().unwrap_or_else(PoisonError::into_inner);
+        f();
+        true
     }
 
     /// The vector dimension of collection `name`, if it exists.
@@ -491,8 +544,12 @@ impl VectorStore {
         selector: &Selector,
         tenant: Option<&str>,
     ) -> Result<u64, StoreError> {
+        let _scan = ScanGuard::new(&self.scans);
         let c = self.get(name)?;
         let mut c = c.write().unwrap_or_else(PoisonError::into_inner);
+        if let Selector::Filter(f) = selector {
+            check_budget(Some(f), c.points.len())?;
+        }
         match selector {
             Selector::Ids(ids) => {
                 for id in ids {
@@ -562,8 +619,10 @@ impl VectorStore {
         offset: usize,
         threshold: Option<f32>,
     ) -> Result<Vec<Found>, StoreError> {
+        let _scan = ScanGuard::new(&self.scans);
         let c = self.get(name)?;
         let c = c.read().unwrap_or_else(PoisonError::into_inner);
+        check_budget(read.filter, c.points.len())?;
         let query = prepare(&c.params, vector)?;
         let metric = c.params.distance;
         let mut scored: Vec<(f32, PointId, &Point)> = c
@@ -611,8 +670,10 @@ impl VectorStore {
         skip: usize,
         limit: usize,
     ) -> Result<(Vec<Found>, Option<PointId>), StoreError> {
+        let _scan = ScanGuard::new(&self.scans);
         let c = self.get(name)?;
         let c = c.read().unwrap_or_else(PoisonError::into_inner);
+        check_budget(read.filter, c.points.len())?;
         let start = from.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Included);
         let mut page = c
             .visible(read.tenant, (start, std::ops::Bound::Unbounded))
@@ -635,8 +696,10 @@ impl VectorStore {
 
     /// How many points the caller can see and the filter keeps.
     pub fn count(&self, name: &str, read: Read<'_>) -> Result<usize, StoreError> {
+        let _scan = ScanGuard::new(&self.scans);
         let c = self.get(name)?;
         let c = c.read().unwrap_or_else(PoisonError::into_inner);
+        check_budget(read.filter, c.points.len())?;
         Ok(c.all(read.tenant)
             .filter(|(id, p)| read.filter.is_none_or(|f| f.matches(*id, &p.payload)))
             .count())
