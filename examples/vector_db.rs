@@ -73,6 +73,17 @@ struct Args {
     /// The prefix of every Redis key this server writes (replicas of one service share it).
     #[arg(long, env = "KEYGATE_REDIS_PREFIX", default_value = "keygate")]
     redis_prefix: String,
+    /// Seconds a client has to send a request's head (counted from when the connection
+    /// waits for it, so it also closes idle kept-alive connections and slow-header clients).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    header_read_timeout: u64,
+    /// Seconds a connection may go without a byte read or written before it is closed (a
+    /// trickled body, a client that stopped reading).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    idle_timeout: u64,
+    /// The most connections held at once; more wait in the listen backlog until one closes.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: u64,
 }
 
 /// The directory and file stem of the audit log named `path`.
@@ -237,13 +248,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
     println!("ready");
 
-    axum::serve(
-        listener,
-        app.router
-            .into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await?;
+    let limits = server::serve::ConnLimits {
+        header_read_timeout: std::time::Duration::from_secs(args.header_read_timeout),
+        idle_timeout: std::time::Duration::from_secs(args.idle_timeout),
+        max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+    };
+    server::serve::serve(listener, app.router, limits, shutdown_signal(), None).await?;
 
     // In-flight requests are done: flush what they counted and recorded.
     println!("shutting down: flushing quota usage and the audit log");

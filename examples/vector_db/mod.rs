@@ -40,6 +40,7 @@
 pub mod body;
 pub mod filter;
 pub mod qdrant;
+pub mod serve;
 pub mod store;
 
 use std::sync::Arc;
