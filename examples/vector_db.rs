@@ -12,7 +12,12 @@
 //!   The server follows the database's change sequence, so keys created, revoked or disabled
 //!   by the `keygate` CLI (or another replica) take effect here without a restart.
 //! - On first start, with no key in the database, it issues an admin key (`*` on every
-//!   collection) and prints it once.
+//!   collection) and writes it to `keygate-admin.key` (`--admin-key-file`; created
+//!   owner-only, never overwritten); it prints the key too only when standard output is a
+//!   terminal. URLs with passwords belong in the environment or in a file
+//!   (`KEYGATE_DATABASE_URL_FILE`, `KEYGATE_REDIS_URL_FILE`), not on the command line.
+//! - Connections: `--header-read-timeout` (10 s), `--idle-timeout` (60 s) and
+//!   `--max-connections` (1,024) bound what slow or idle clients can hold.
 //! - Audit events go to a hash-chained JSON Lines log: `--audit-log keygate-audit.jsonl`
 //!   writes `keygate-audit-000001.jsonl`, `keygate-audit-000002.jsonl`, ... (one file per
 //!   start; each continues the chain of the one before). Verify with
@@ -54,22 +59,32 @@ struct Args {
     /// The address to listen on.
     #[arg(long, default_value = "127.0.0.1:6333")]
     listen: SocketAddr,
-    /// The key database: `sqlite://FILE` (created if missing) or `postgres://...`.
-    #[arg(
-        long,
-        env = "KEYGATE_DATABASE_URL",
-        default_value = "sqlite://keygate.db"
-    )]
-    database_url: String,
+    /// The key database: `sqlite://FILE` (created if missing) or `postgres://...` [default:
+    /// sqlite://keygate.db]. A URL with a password belongs in the environment or in a file
+    /// (`KEYGATE_DATABASE_URL_FILE`), not on the command line, where `ps` shows it.
+    #[arg(long, env = "KEYGATE_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// A file holding the key database URL (one line), instead of `--database-url`.
+    #[arg(long, env = "KEYGATE_DATABASE_URL_FILE")]
+    database_url_file: Option<PathBuf>,
     /// The audit log: `DIR/NAME.jsonl` writes `DIR/NAME-000001.jsonl`, ... (one file per
     /// start, one hash chain across them).
     #[arg(long, default_value = "keygate-audit.jsonl")]
     audit_log: PathBuf,
     /// Redis, for several replicas: rate limits and quota counters shared by every replica,
     /// and key changes announced to all of them (`redis://HOST:6379`). Unset: limits and
-    /// quota counting are per process (quota usage flushed to the key database).
-    #[arg(long, env = "KEYGATE_REDIS_URL")]
+    /// quota counting are per process (quota usage flushed to the key database). A URL with
+    /// a password belongs in the environment or in a file (`KEYGATE_REDIS_URL_FILE`).
+    #[arg(long, env = "KEYGATE_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
+    /// A file holding the Redis URL (one line), instead of `--redis-url`.
+    #[arg(long, env = "KEYGATE_REDIS_URL_FILE")]
+    redis_url_file: Option<PathBuf>,
+    /// Where the first start writes the admin key it issues (created owner-only; an
+    /// existing file is never overwritten). The key is also printed when standard output
+    /// is a terminal.
+    #[arg(long, default_value = "keygate-admin.key")]
+    admin_key_file: PathBuf,
     /// The prefix of every Redis key this server writes (replicas of one service share it).
     #[arg(long, env = "KEYGATE_REDIS_PREFIX", default_value = "keygate")]
     redis_prefix: String,
@@ -131,40 +146,55 @@ async fn shutdown_signal() {
     }
 }
 
-/// Hides a database URL's password.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
+use server::secrets::redact;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_writer(std::io::stderr)
-        .init();
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer;
+        // sqlx warns about connection parameters it does not know with their values
+        // (`?sslpassword=...`): that target stays silent, so no password reaches the log.
+        let targets = tracing_subscriber::filter::Targets::new()
+            .with_default(tracing::Level::WARN)
+            .with_target(
+                "sqlx_postgres::options",
+                tracing_subscriber::filter::LevelFilter::OFF,
+            );
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_filter(targets),
+            )
+            .init();
+    }
     let args = Args::parse();
     let (audit_dir, audit_stem) = audit_location(&args.audit_log)?;
+    let database_url = server::secrets::url_from(
+        args.database_url.clone(),
+        args.database_url_file.as_deref(),
+        "key database",
+    )?
+    .unwrap_or_else(|| "sqlite://keygate.db".to_owned());
+    let redis_url = server::secrets::url_from(
+        args.redis_url.clone(),
+        args.redis_url_file.as_deref(),
+        "Redis",
+    )?;
 
     // Keys: the SQL store, followed so changes made elsewhere reach this server's cache.
-    let store = SqlStore::open(&args.database_url).await.map_err(|e| {
+    let store = SqlStore::open(&database_url).await.map_err(|e| {
         format!(
             "cannot open the key database {}: {e}",
-            redact(&args.database_url)
+            redact(&database_url)
         )
     })?;
     // With Redis: key writes made here are announced to every replica at once (the SQL
     // follower still catches writes made elsewhere, e.g. by the CLI), and rate limits and
     // quotas are counted in Redis, shared by the replicas.
-    let redis = match &args.redis_url {
+    let redis = match &redis_url {
         Some(url) => Some(
             Redis::open_with(url, RedisOptions::new().prefix(args.redis_prefix.clone()))
                 .await
@@ -197,7 +227,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         // The bytes limit uses the same policy names: its counters live under a prefix of
         // their own.
         let bytes = Redis::open_with(
-            args.redis_url.as_deref().unwrap_or_default(),
+            redis_url.as_deref().unwrap_or_default(),
             RedisOptions::new().prefix(format!("{}-bytes", args.redis_prefix)),
         )
         .await
@@ -213,12 +243,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     println!("keygate vector_db listening on http://{addr}");
-    println!("keys: {} ({})", redact(&args.database_url), store.backend());
+    println!("keys: {} ({})", redact(&database_url), store.backend());
     println!(
         "audit log: {}/{audit_stem}-NNNNNN.jsonl",
         audit_dir.display()
     );
-    if let Some(url) = &args.redis_url {
+    if let Some(url) = &redis_url {
         println!(
             "limits, quotas and key changes shared through {} (prefix {})",
             redact(url),
@@ -227,23 +257,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
 
     if app.keys.list(&KeyFilter::default()).await?.is_empty() {
-        let issued = app
-            .keys
-            .issue(
-                "vector_db",
-                KeySpec::new("admin")
-                    .owner("vector_db")
-                    .scope("*")
-                    .resource("*"),
-            )
-            .await?;
+        // The file first: if it cannot be made, no key is issued.
+        let file = server::secrets::SecretFile::create(&args.admin_key_file)?;
+        let spec = KeySpec::new("admin")
+            .owner("vector_db")
+            .scope("*")
+            .resource("*");
+        let issued = match app.keys.issue("vector_db", spec).await {
+            Ok(issued) => issued,
+            Err(e) => {
+                file.discard();
+                return Err(e.into());
+            }
+        };
+        let path = file.path().display().to_string();
+        file.write(issued.key.expose_secret())?;
         println!("no keys yet: created an admin key (scope *, every collection).");
-        println!(
-            "admin key (shown once, store it now): {}",
-            issued.key.expose_secret()
-        );
+        println!("admin key written to {path} (owner-only)");
+        if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            println!(
+                "admin key (shown once, store it now): {}",
+                issued.key.expose_secret()
+            );
+        }
         eprintln!(
-            "warning: this key is not stored in plaintext anywhere and will not be shown again"
+            "warning: keygate keeps only the key's digest: move the key from {path} to where you keep secrets, then delete the file"
         );
     }
     println!("ready");

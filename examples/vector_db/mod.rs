@@ -40,6 +40,7 @@
 pub mod body;
 pub mod filter;
 pub mod qdrant;
+pub mod secrets;
 pub mod serve;
 pub mod store;
 
