@@ -26,10 +26,17 @@
 //! client glue is the few lines of `tonic-build`'s output a unary service needs, with
 //! tonic-prost's `ProstCodec`.
 //!
-//! The layers, outermost first: audit (every call, with its gRPC method and status), auth
-//! (the key in `authorization: Bearer`, `x-api-key` or `api-key` metadata), IP lists,
-//! scopes (one `RouteScopes::grpc` rule per method; a method without a rule is refused),
-//! rate limits and quotas. Denials are gRPC statuses, never bare HTTP errors:
+//! The layers, outermost first: audit (every call, with its gRPC method and status), the
+//! point counter ([`CountPoints`]: an `Upsert` by a key that may write costs its point
+//! count), rate limits (outside auth, so calls with bad keys are limited per address too),
+//! auth (the key in `authorization: Bearer`, `x-api-key` or `api-key` metadata), IP lists,
+//! scopes (one `RouteScopes::grpc` rule per method; a method without a rule is refused) and
+//! quotas (cost: the point count too).
+//!
+//! Connections are bounded: at most [`MAX_CONNECTIONS`] at once (more wait in the listen
+//! backlog), [`MAX_STREAMS`] calls in flight per connection, a [`CALL_TIMEOUT`] per call,
+//! and HTTP/2 keep-alive pings that close dead peers. Each tenant has its own share of the
+//! memory bound ([`MAX_TENANT_FLOATS`]). Denials are gRPC statuses, never bare HTTP errors:
 //! UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNAVAILABLE (key store down).
 //! gRPC carries the collection in the message, which no layer reads, so the handlers check
 //! it with `Principal::can_access` (PERMISSION_DENIED `resource_forbidden`). A key with a
@@ -44,6 +51,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{PoisonError, RwLock};
+use std::time::Duration;
 
 use keygate::core::audit::{Auditor, FileSink};
 use keygate::core::usage::MemoryUsageStore;
@@ -360,19 +368,39 @@ const MAX_FIELD_NAME: usize = 64;
 const MAX_FIELD_VALUE: usize = 1024;
 /// Most numbers held over all collections (200 MB of `f32`), so memory stays bounded.
 pub const MAX_FLOATS: usize = 50_000_000;
+/// Most numbers one tenant (or all keys without a tenant together) may hold (40 MB of
+/// `f32`), so one tenant cannot fill the database for the others.
+pub const MAX_TENANT_FLOATS: usize = 10_000_000;
+/// Most connections held at once.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Most calls in flight on one connection.
+pub const MAX_STREAMS: usize = 64;
+/// The longest a call may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest request message (tonic's default decoding limit).
+pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
 /// Most collections.
 pub const MAX_COLLECTIONS: usize = 1000;
 
 /// An in-memory vector database: collections of points, exact search.
-#[derive(Default)]
 pub struct VectorDb {
     inner: RwLock<Collections>,
+    /// Most numbers one tenant may hold.
+    tenant_share: usize,
+}
+
+impl Default for VectorDb {
+    fn default() -> Self {
+        VectorDb::with_tenant_share(MAX_TENANT_FLOATS)
+    }
 }
 
 #[derive(Default)]
 struct Collections {
     map: HashMap<String, Collection>,
     floats: usize,
+    /// Numbers held per tenant.
+    tenant_floats: HashMap<Option<Box<str>>, usize>,
 }
 
 struct Collection {
@@ -476,6 +504,15 @@ impl VectorDb {
         Self::default()
     }
 
+    /// An empty database where each tenant may hold at most `floats` numbers (at most
+    /// [`MAX_TENANT_FLOATS`]).
+    pub fn with_tenant_share(floats: usize) -> Self {
+        VectorDb {
+            inner: RwLock::default(),
+            tenant_share: floats.min(MAX_TENANT_FLOATS),
+        }
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Collections> {
         self.inner.read().unwrap_or_else(PoisonError::into_inner)
     }
@@ -566,10 +603,18 @@ impl pb::VectorDbService for VectorDb {
             .iter()
             .filter(|(id, _, _)| !c.points.contains_key(&(tenant.clone(), *id)))
             .count();
-        if db.floats + new * dimension as usize > MAX_FLOATS {
+        let added = new * dimension as usize;
+        let mine = db.tenant_floats.get(&tenant).copied().unwrap_or(0);
+        if mine + added > self.tenant_share {
+            return Err(Status::resource_exhausted(
+                "this tenant's share of the database is full",
+            ));
+        }
+        if db.floats + added > MAX_FLOATS {
             return Err(Status::resource_exhausted("the database is full"));
         }
-        db.floats += new * dimension as usize;
+        db.floats += added;
+        *db.tenant_floats.entry(tenant.clone()).or_insert(0) += added;
         let n = batch.len() as u64;
         for (id, vector, payload) in batch {
             c.points
@@ -645,7 +690,9 @@ pub struct Protection {
 }
 
 /// Serves `db` on `listener` behind the six layers until `shutdown` completes, then writes
-/// pending quota counts and audit events.
+/// pending quota counts and audit events. The rate limit and the quota charge each call its
+/// [`PointCount`] (1 for calls other than `Upsert`): a cost set on their configurations is
+/// replaced.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     protection: Protection,
@@ -659,24 +706,221 @@ pub async fn serve(
         quota,
         auditor,
     } = protection;
-    let quota = QuotaLayer::new(&gate, quota)?;
+    let quota = QuotaLayer::new(&gate, quota.cost(|h| u64::from(point_cost(h.extensions()))))?;
     let usage = quota.handle();
+    let rate = RateLimitLayer::new(&gate, rate_limit.cost(|h| point_cost(h.extensions())))?;
+    let counter = gate.clone();
     tonic::transport::Server::builder()
+        .timeout(CALL_TIMEOUT)
+        .concurrency_limit_per_connection(MAX_STREAMS)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(gate.audit_layer(auditor.clone()))
+        .layer(tower::layer::layer_fn(move |inner| CountPoints {
+            inner,
+            gate: counter.clone(),
+        }))
+        .layer(rate)
         .layer(gate.auth_layer())
         .layer(IpAllowLayer::new(ip).with_gate(&gate))
         .layer(ScopeLayer::table(rules()?).with_gate(&gate))
-        .layer(RateLimitLayer::new(&gate, rate_limit)?)
         .layer(quota)
         .add_service(pb::VectorDbServer::new(db))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(capped(listener, MAX_CONNECTIONS), shutdown)
         .await?;
     usage.flush().await?;
     auditor.flush().await?;
     Ok(())
+}
+
+/// The number of points in an `Upsert` call, put in its extensions by [`CountPoints`] and
+/// charged by the rate limit and the quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PointCount(pub u32);
+
+fn point_cost(ext: &http::Extensions) -> u32 {
+    ext.get::<PointCount>().map_or(1, |c| c.0)
+}
+
+/// Counts the points of an `Upsert` call by a key that may write points (resolved through
+/// the hub, memoized for the layers after it): reads its message (at most [`MAX_MESSAGE`];
+/// RESOURCE_EXHAUSTED past it) and puts a [`PointCount`] in its extensions. Every other
+/// call passes untouched, its body unread.
+#[derive(Clone)]
+pub struct CountPoints<S> {
+    inner: S,
+    gate: KeyGate,
+}
+
+type GrpcRequest = http::Request<tonic::body::Body>;
+
+impl<S, B> tower::Service<GrpcRequest> for CountPoints<S>
+where
+    S: tower::Service<GrpcRequest, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Default + Send + 'static,
+{
+    type Response = http::Response<B>;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<http::Response<B>, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: GrpcRequest) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let gate = self.gate.clone();
+        Box::pin(async move {
+            if req.uri().path() != pb::UPSERT {
+                return inner.call(req).await;
+            }
+            let writes = keygate::core::Scope::parse("points:write")
+                .ok()
+                .zip(gate.resolve(&mut req).await.ok())
+                .is_some_and(|(s, p)| p.has_scope(&s));
+            if !writes {
+                return inner.call(req).await;
+            }
+            let (parts, body) = req.into_parts();
+            use http_body_util::BodyExt;
+            let bytes = match http_body_util::Limited::new(body, MAX_MESSAGE + 5)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    return Ok(Status::resource_exhausted(format!(
+                        "the message is over {MAX_MESSAGE} bytes or could not be read"
+                    ))
+                    .into_http())
+                }
+            };
+            let n = count_points(&bytes);
+            let mut req = http::Request::from_parts(
+                parts,
+                tonic::body::Body::new(http_body_util::Full::new(bytes)),
+            );
+            req.extensions_mut().insert(PointCount(n));
+            inner.call(req).await
+        })
+    }
+}
+
+/// The number of points (field 2 of `UpsertRequest`) in a gRPC frame, read without
+/// decoding them; at least 1. A frame this cannot read counts 1 (the service refuses it).
+pub fn count_points(frame: &[u8]) -> u32 {
+    fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*i)?;
+            *i += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let count = || -> Option<u32> {
+        let (&flag, rest) = frame.split_first()?;
+        if flag != 0 || rest.len() < 4 {
+            return None;
+        }
+        let len = u32::from_be_bytes(rest[..4].try_into().ok()?) as usize;
+        let msg = rest.get(4..4 + len)?;
+        let (mut i, mut n) = (0usize, 0u32);
+        while i < msg.len() {
+            let key = varint(msg, &mut i)?;
+            match key & 7 {
+                0 => {
+                    varint(msg, &mut i)?;
+                }
+                1 => i += 8,
+                2 => {
+                    let l = usize::try_from(varint(msg, &mut i)?).ok()?;
+                    i = i.checked_add(l)?;
+                    if key >> 3 == 2 {
+                        n = n.saturating_add(1);
+                    }
+                }
+                5 => i += 4,
+                _ => return None,
+            }
+        }
+        (i == msg.len()).then_some(n)
+    };
+    count().unwrap_or(1).max(1)
+}
+
+/// A connection holding one of the server's connection permits until it closes.
+struct Permitted {
+    stream: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for Permitted {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for Permitted {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Permitted {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// Connections from `listener`, at most `max` held at once: the next is accepted only when
+/// one closes (meanwhile it waits in the listen backlog).
+fn capped(
+    listener: tokio::net::TcpListener,
+    max: usize,
+) -> impl futures_util::Stream<Item = std::io::Result<Permitted>> {
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+    futures_util::stream::unfold((listener, permits), |(listener, permits)| async move {
+        let permit = permits.clone().acquire_owned().await.ok()?;
+        let next = listener.accept().await.map(|(stream, _)| {
+            let _ = stream.set_nodelay(true);
+            Permitted {
+                stream,
+                _permit: permit,
+            }
+        });
+        Some((next, (listener, permits)))
+    })
 }
 
 /// Creates the two demo keys in `store`; returns (demo, reader) plaintexts.
@@ -694,7 +938,8 @@ async fn demo_keys(
         "points:read".into(),
     ];
     record.resources = vec!["*".into()];
-    record.rate_limits = vec![RateLimitPolicy::per_second("demo", 20)];
+    // 2,000 points (or calls) per 20 s: a full batch of 1,000 passes at once.
+    record.rate_limits = vec![RateLimitPolicy::new("demo", 2_000, Duration::from_secs(20))];
     record.quotas = vec![QuotaPolicy::new("daily", 10_000, QuotaWindow::Day)];
     store.insert(&record).await?;
     let (reader, mut record) = KeyRecord::generate(&Prefix::default(), hasher, "reader", now)?;
@@ -732,9 +977,13 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         gate,
         // Per-key lists only (keys without one may call from anywhere).
         ip: IpPolicy::new(),
-        // Keys without their own limits: 50 calls per second.
-        rate_limit: RateLimitConfig::new()
-            .default_policies([RateLimitPolicy::per_second("default", 50)]),
+        // Keys without their own limits: 2,000 points (or calls) per 20 s, so a full batch
+        // of 1,000 points passes.
+        rate_limit: RateLimitConfig::new().default_policies([RateLimitPolicy::new(
+            "default",
+            2_000,
+            Duration::from_secs(20),
+        )]),
         quota: QuotaConfig::new(MemoryUsageStore::new()),
         auditor: auditor.clone(),
     };

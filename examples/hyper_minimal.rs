@@ -51,14 +51,40 @@ async fn whoami<B>(req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible>
     Ok(res)
 }
 
+/// The most connections [`serve`] holds at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long a client has to send a request head (counted from when the connection waits
+/// for it, so idle kept-alive connections are closed after it too).
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Accepts HTTP/1.1 connections on `listener` and serves every request through the auth
 /// layer of `gate` and [`whoami`], until `shutdown` completes; then waits for open
-/// connections to finish their requests.
+/// connections to finish their requests. At most [`MAX_CONNECTIONS`] at once, each closed
+/// when a request head takes longer than [`HEADER_READ_TIMEOUT`].
 pub async fn serve(
     listener: TcpListener,
     gate: KeyGate,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    serve_with(
+        listener,
+        gate,
+        shutdown,
+        MAX_CONNECTIONS,
+        HEADER_READ_TIMEOUT,
+    )
+    .await
+}
+
+/// [`serve`] with a connection cap and a header read timeout of your own.
+pub async fn serve_with(
+    listener: TcpListener,
+    gate: KeyGate,
+    shutdown: impl Future<Output = ()>,
+    max_connections: usize,
+    header_read_timeout: std::time::Duration,
+) -> std::io::Result<()> {
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     let svc = ServiceBuilder::new()
         .layer(gate.auth_layer())
         .service_fn(whoami::<hyper::body::Incoming>);
@@ -66,6 +92,14 @@ pub async fn serve(
     let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        // A connection is accepted only with a permit: past the cap, the next one waits.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => stream,
@@ -81,7 +115,10 @@ pub async fn serve(
         let svc = TowerToHyperService::new(svc.clone());
         let mut stop = stop_rx.clone();
         connections.spawn(async move {
+            let _permit = permit;
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
                 .serve_connection(TokioIo::new(stream), svc);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {

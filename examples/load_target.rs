@@ -21,6 +21,10 @@
 //! SIGTERM it stops accepting, finishes open requests, flushes the quota counts and the audit
 //! queue, and prints `audit written=N dropped=N failed=N`.
 
+#[allow(dead_code)]
+#[path = "vector_db/serve.rs"]
+mod serve;
+
 use std::error::Error;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -197,16 +201,11 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<()>| async move {
         let _ = rx.changed().await;
     };
-    let bare_server = axum::serve(
-        bare,
-        bare_app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let stack_server = axum::serve(
-        stacked,
-        stack_app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stopped(stop_rx));
+    // The showcase's accept loop: a connection cap, a header read timeout and an idle
+    // timeout (the defaults of `vector_db`), the same on both ports.
+    let limits = serve::ConnLimits::default();
+    let bare_server = serve::serve(bare, bare_app, limits, stopped(stop_rx.clone()), None);
+    let stack_server = serve::serve(stacked, stack_app, limits, stopped(stop_rx), None);
     let signal = async move {
         stop_signal().await;
         let _ = stop_tx.send(());

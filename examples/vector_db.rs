@@ -12,7 +12,12 @@
 //!   The server follows the database's change sequence, so keys created, revoked or disabled
 //!   by the `keygate` CLI (or another replica) take effect here without a restart.
 //! - On first start, with no key in the database, it issues an admin key (`*` on every
-//!   collection) and prints it once.
+//!   collection) and writes it to `keygate-admin.key` (`--admin-key-file`; created
+//!   owner-only, never overwritten); it prints the key too only when standard output is a
+//!   terminal. URLs with passwords belong in the environment or in a file
+//!   (`KEYGATE_DATABASE_URL_FILE`, `KEYGATE_REDIS_URL_FILE`), not on the command line.
+//! - Connections: `--header-read-timeout` (10 s), `--idle-timeout` (60 s) and
+//!   `--max-connections` (1,024) bound what slow or idle clients can hold.
 //! - Audit events go to a hash-chained JSON Lines log: `--audit-log keygate-audit.jsonl`
 //!   writes `keygate-audit-000001.jsonl`, `keygate-audit-000002.jsonl`, ... (one file per
 //!   start; each continues the chain of the one before), anchored by
@@ -64,13 +69,14 @@ struct Args {
     /// The address to listen on.
     #[arg(long, default_value = "127.0.0.1:6333")]
     listen: SocketAddr,
-    /// The key database: `sqlite://FILE` (created if missing) or `postgres://...`.
-    #[arg(
-        long,
-        env = "KEYGATE_DATABASE_URL",
-        default_value = "sqlite://keygate.db"
-    )]
-    database_url: String,
+    /// The key database: `sqlite://FILE` (created if missing) or `postgres://...` [default:
+    /// sqlite://keygate.db]. A URL with a password belongs in the environment or in a file
+    /// (`KEYGATE_DATABASE_URL_FILE`), not on the command line, where `ps` shows it.
+    #[arg(long, env = "KEYGATE_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// A file holding the key database URL (one line), instead of `--database-url`.
+    #[arg(long, env = "KEYGATE_DATABASE_URL_FILE")]
+    database_url_file: Option<PathBuf>,
     /// The audit log: `DIR/NAME.jsonl` writes `DIR/NAME-000001.jsonl`, ... (one file per
     /// start, one hash chain across them).
     #[arg(long, default_value = "keygate-audit.jsonl")]
@@ -81,12 +87,32 @@ struct Args {
     audit_window: u64,
     /// Redis, for several replicas: rate limits and quota counters shared by every replica,
     /// and key changes announced to all of them (`redis://HOST:6379`). Unset: limits and
-    /// quota counting are per process (quota usage flushed to the key database).
-    #[arg(long, env = "KEYGATE_REDIS_URL")]
+    /// quota counting are per process (quota usage flushed to the key database). A URL with
+    /// a password belongs in the environment or in a file (`KEYGATE_REDIS_URL_FILE`).
+    #[arg(long, env = "KEYGATE_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
+    /// A file holding the Redis URL (one line), instead of `--redis-url`.
+    #[arg(long, env = "KEYGATE_REDIS_URL_FILE")]
+    redis_url_file: Option<PathBuf>,
+    /// Where the first start writes the admin key it issues (created owner-only; an
+    /// existing file is never overwritten). The key is also printed when standard output
+    /// is a terminal.
+    #[arg(long, default_value = "keygate-admin.key")]
+    admin_key_file: PathBuf,
     /// The prefix of every Redis key this server writes (replicas of one service share it).
     #[arg(long, env = "KEYGATE_REDIS_PREFIX", default_value = "keygate")]
     redis_prefix: String,
+    /// Seconds a client has to send a request's head (counted from when the connection
+    /// waits for it, so it also closes idle kept-alive connections and slow-header clients).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    header_read_timeout: u64,
+    /// Seconds a connection may go without a byte read or written before it is closed (a
+    /// trickled body, a client that stopped reading).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    idle_timeout: u64,
+    /// The most connections held at once; more wait in the listen backlog until one closes.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: u64,
 }
 
 /// The directory and file stem of the audit log named `path`.
@@ -134,37 +160,52 @@ async fn shutdown_signal() {
     }
 }
 
-/// Hides a database URL's password.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
+use server::secrets::redact;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_writer(std::io::stderr)
-        .init();
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer;
+        // sqlx warns about connection parameters it does not know with their values
+        // (`?sslpassword=...`): that target stays silent, so no password reaches the log.
+        let targets = tracing_subscriber::filter::Targets::new()
+            .with_default(tracing::Level::WARN)
+            .with_target(
+                "sqlx_postgres::options",
+                tracing_subscriber::filter::LevelFilter::OFF,
+            );
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_filter(targets),
+            )
+            .init();
+    }
     let args = Args::parse();
     let (audit_dir, audit_stem) = audit_location(&args.audit_log)?;
     // The pepper (KEYGATE_PEPPER or an owner-only KEYGATE_PEPPER_FILE), checked against
     // the fingerprint the database recorded at first use once the store is open.
     let hasher = keygate::core::KeyHasher::from_env().map_err(|e| e.to_string())?;
+    let database_url = server::secrets::url_from(
+        args.database_url.clone(),
+        args.database_url_file.as_deref(),
+        "key database",
+    )?
+    .unwrap_or_else(|| "sqlite://keygate.db".to_owned());
+    let redis_url = server::secrets::url_from(
+        args.redis_url.clone(),
+        args.redis_url_file.as_deref(),
+        "Redis",
+    )?;
 
     // Keys: the SQL store, followed so changes made elsewhere reach this server's cache.
-    let store = SqlStore::open(&args.database_url).await.map_err(|e| {
+    let store = SqlStore::open(&database_url).await.map_err(|e| {
         format!(
             "cannot open the key database {}: {e}",
-            redact(&args.database_url)
+            redact(&database_url)
         )
     })?;
     // The route table's scopes, so `keygate keys create` refuses a typo in a scope.
@@ -177,7 +218,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // With Redis: key writes made here are announced to every replica at once (the SQL
     // follower still catches writes made elsewhere, e.g. by the CLI), and rate limits and
     // quotas are counted in Redis, shared by the replicas.
-    let redis = match &args.redis_url {
+    let redis = match &redis_url {
         Some(url) => Some(
             Redis::open_with(url, RedisOptions::new().prefix(args.redis_prefix.clone()))
                 .await
@@ -226,6 +267,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     opts.usage = Arc::new(store.usage_store());
     if let Some(r) = &redis {
         opts.rate_backend = Some(Arc::new(RedisRateLimiter::new(r)));
+        // The bytes limit uses the same policy names: its counters live under a prefix of
+        // their own.
+        let bytes = Redis::open_with(
+            redis_url.as_deref().unwrap_or_default(),
+            RedisOptions::new().prefix(format!("{}-bytes", args.redis_prefix)),
+        )
+        .await
+        .map_err(|e| format!("cannot open Redis: {e}"))?;
+        opts.bytes_rate_backend = Some(Arc::new(RedisRateLimiter::new(&bytes)));
         // Strict: every request is one atomic check-and-add in Redis, so replicas cannot
         // overshoot a quota together; written through to the database, so losing Redis's
         // data resets no quota (windows are re-seeded from it).
@@ -237,12 +287,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     println!("keygate vector_db listening on http://{addr}");
-    println!("keys: {} ({})", redact(&args.database_url), store.backend());
+    println!("keys: {} ({})", redact(&database_url), store.backend());
     println!(
         "audit log: {}/{audit_stem}-NNNNNN.jsonl",
         audit_dir.display()
     );
-    if let Some(url) = &args.redis_url {
+    if let Some(url) = &redis_url {
         println!(
             "limits, quotas and key changes shared through {} (prefix {})",
             redact(url),
@@ -251,34 +301,41 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
 
     if app.keys.list(&KeyFilter::default()).await?.is_empty() {
-        let issued = app
-            .keys
-            .issue(
-                "vector_db",
-                KeySpec::new("admin")
-                    .owner("vector_db")
-                    .scope("*")
-                    .resource("*"),
-            )
-            .await?;
+        // The file first: if it cannot be made, no key is issued.
+        let file = server::secrets::SecretFile::create(&args.admin_key_file)?;
+        let spec = KeySpec::new("admin")
+            .owner("vector_db")
+            .scope("*")
+            .resource("*");
+        let issued = match app.keys.issue("vector_db", spec).await {
+            Ok(issued) => issued,
+            Err(e) => {
+                file.discard();
+                return Err(e.into());
+            }
+        };
+        let path = file.path().display().to_string();
+        file.write(issued.key.expose_secret())?;
         println!("no keys yet: created an admin key (scope *, every collection).");
-        println!(
-            "admin key (shown once, store it now): {}",
-            issued.key.expose_secret()
-        );
+        println!("admin key written to {path} (owner-only)");
+        if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            println!(
+                "admin key (shown once, store it now): {}",
+                issued.key.expose_secret()
+            );
+        }
         eprintln!(
-            "warning: this key is not stored in plaintext anywhere and will not be shown again"
+            "warning: keygate keeps only the key's digest: move the key from {path} to where you keep secrets, then delete the file"
         );
     }
     println!("ready");
 
-    axum::serve(
-        listener,
-        app.router
-            .into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await?;
+    let limits = server::serve::ConnLimits {
+        header_read_timeout: std::time::Duration::from_secs(args.header_read_timeout),
+        idle_timeout: std::time::Duration::from_secs(args.idle_timeout),
+        max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+    };
+    server::serve::serve(listener, app.router, limits, shutdown_signal(), None).await?;
 
     // In-flight requests are done: flush what they counted and recorded.
     println!("shutting down: flushing quota usage and the audit log");

@@ -40,6 +40,11 @@ struct Server {
 /// Serves the example on 127.0.0.1 with a fixture hub (manual clock, counting store that
 /// can fail), a limiter on the same manual clock, and a memory audit sink.
 async fn start() -> Server {
+    start_with(VectorDb::new()).await
+}
+
+/// Like [`start`], serving `db`.
+async fn start_with(db: VectorDb) -> Server {
     let fx = Fixture::new();
     let sink = MemorySink::new();
     let protection = Protection {
@@ -56,14 +61,9 @@ async fn start() -> Server {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
-        example::serve(
-            listener,
-            protection,
-            VectorDb::new(),
-            std::future::pending(),
-        )
-        .await
-        .expect("grpc server");
+        example::serve(listener, protection, db, std::future::pending())
+            .await
+            .expect("grpc server");
     });
     let client = VectorDbClient::connect(format!("http://{addr}"))
         .await
@@ -562,4 +562,111 @@ async fn key_store_down_is_unavailable() {
         .expect("a denied event");
     assert_eq!(event.denial, Some(DenialCode::StoreUnavailable));
     assert_eq!(event.grpc_status, Some(14));
+}
+
+#[tokio::test]
+async fn bad_keys_are_rate_limited_per_address() {
+    let mut s = start().await;
+    let good = s.key("good", ALL_SCOPES, |_| {}).await;
+    let bad = common::wrong_secret(&good);
+    let bad_req = || {
+        let mut r = Request::new(search("docs", [1.0, 0.0]));
+        r.metadata_mut()
+            .insert("x-api-key", bad.parse().expect("ASCII key"));
+        r
+    };
+    // The anonymous limit (10 per second per address) counts failed keys too: the rate
+    // limit sits outside auth.
+    for _ in 0..10 {
+        assert_status(s.client.search(bad_req()).await, Code::Unauthenticated, "");
+    }
+    assert_status(
+        s.client.search(bad_req()).await,
+        Code::ResourceExhausted,
+        "rate_limited",
+    );
+    // The valid key is not affected.
+    s.client
+        .create_collection(req(create("docs", 2), Some(&good)))
+        .await
+        .expect("a valid key still passes");
+}
+
+#[tokio::test]
+async fn an_upsert_costs_its_point_count() {
+    let mut s = start().await;
+    let key = s
+        .key("ingest", ALL_SCOPES, |r| {
+            r.rate_limits = vec![RateLimitPolicy::per_minute("burst", 6)]
+        })
+        .await;
+    s.client
+        .create_collection(req(create("docs", 2), Some(&key)))
+        .await
+        .expect("create (1)");
+    let three = [(1, [1.0, 0.0]), (2, [0.0, 1.0]), (3, [1.0, 1.0])];
+    s.client
+        .upsert(req(upsert("docs", &three), Some(&key)))
+        .await
+        .expect("3 points (4 of 6)");
+    // Three more points are more than the 2 left: refused, nothing written.
+    let more = [(4, [1.0, 0.0]), (5, [0.0, 1.0]), (6, [1.0, 1.0])];
+    assert_status(
+        s.client
+            .upsert(req(upsert("docs", &more), Some(&key)))
+            .await,
+        Code::ResourceExhausted,
+        "rate_limited",
+    );
+    // A search costs 1.
+    assert_eq!(hits(&mut s, &key, "docs", [1.0, 0.0]).await.len(), 3);
+    assert_eq!(
+        example::count_points(&[0, 0, 0, 0, 2, 0x12, 0]),
+        1,
+        "an empty point is one"
+    );
+}
+
+#[tokio::test]
+async fn each_tenant_has_its_own_share_of_memory() {
+    let mut s = start_with(VectorDb::with_tenant_share(8)).await;
+    let admin = s.key("admin", ALL_SCOPES, |_| {}).await;
+    let tenant = |t: &'static str| {
+        move |r: &mut KeyRecord| {
+            r.attributes.insert("tenant".into(), t.into());
+        }
+    };
+    let acme = s.key("acme", ALL_SCOPES, tenant("acme")).await;
+    let umbrella = s.key("umbrella", ALL_SCOPES, tenant("umbrella")).await;
+    s.client
+        .create_collection(req(create("shared", 2), Some(&admin)))
+        .await
+        .expect("create");
+    let four = [
+        (1, [1.0, 0.0]),
+        (2, [0.0, 1.0]),
+        (3, [1.0, 1.0]),
+        (4, [1.0, 2.0]),
+    ];
+    s.client
+        .upsert(req(upsert("shared", &four), Some(&acme)))
+        .await
+        .expect("acme fills its share (8 numbers)");
+    assert_status(
+        s.client
+            .upsert(req(upsert("shared", &[(5, [1.0, 0.0])]), Some(&acme)))
+            .await,
+        Code::ResourceExhausted,
+        "this tenant's share",
+    );
+    // Overwriting its own points needs no more room.
+    s.client
+        .upsert(req(upsert("shared", &[(1, [2.0, 0.0])]), Some(&acme)))
+        .await
+        .expect("acme overwrites");
+    // Umbrella's share is untouched by acme's.
+    s.client
+        .upsert(req(upsert("shared", &four), Some(&umbrella)))
+        .await
+        .expect("umbrella fills its own share");
 }

@@ -69,10 +69,20 @@ struct Server {
 }
 
 async fn start(bin: &Path, dir: &Path) -> Server {
+    start_with(bin, dir, &[], &[]).await
+}
+
+/// Starts the example in `dir` with extra `args` and environment `env`.
+async fn start_with(bin: &Path, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
     let mut child = Command::new(bin)
         .args(["--listen", "127.0.0.1:0"])
+        .args(args)
         .current_dir(dir)
         .env_remove("KEYGATE_DATABASE_URL")
+        .env_remove("KEYGATE_DATABASE_URL_FILE")
+        .env_remove("KEYGATE_REDIS_URL")
+        .env_remove("KEYGATE_REDIS_URL_FILE")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -87,8 +97,23 @@ async fn start(bin: &Path, dir: &Path) -> Server {
             if let Some(a) = line.strip_prefix("keygate vector_db listening on http://") {
                 addr = Some(a.parse().expect("address"));
             }
-            if let Some(k) = line.strip_prefix("admin key (shown once, store it now): ") {
-                admin_key = Some(k.to_owned());
+            assert!(
+                !line.contains("kg_"),
+                "a key on standard output (not a terminal): {line}"
+            );
+            if let Some(f) = line
+                .strip_prefix("admin key written to ")
+                .and_then(|l| l.strip_suffix(" (owner-only)"))
+            {
+                let path = dir.join(f);
+                let text = std::fs::read_to_string(&path).expect("the admin key file");
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+                    assert_eq!(mode & 0o777, 0o600, "the admin key file is owner-only");
+                }
+                admin_key = Some(text.trim_end().to_owned());
             }
             if line == "ready" {
                 return;
@@ -430,7 +455,7 @@ async fn keys_from_the_cli_work_in_the_running_showcase() {
 
 /// Runs the showcase in `dir` with `env` until it is ready (`Ok(admin key)`) or exits
 /// (`Err(stderr)`).
-async fn start_with(
+async fn start_or_fail(
     bin: &Path,
     dir: &Path,
     env: &[(&str, &std::ffi::OsStr)],
@@ -453,8 +478,14 @@ async fn start_with(
     let mut admin = String::new();
     let ready = tokio::time::timeout(Duration::from_secs(60), async {
         while let Ok(Some(line)) = out.next_line().await {
-            if let Some(k) = line.strip_prefix("admin key (shown once, store it now): ") {
-                admin = k.to_owned();
+            if let Some(f) = line
+                .strip_prefix("admin key written to ")
+                .and_then(|l| l.strip_suffix(" (owner-only)"))
+            {
+                admin = std::fs::read_to_string(dir.join(f))
+                    .expect("the admin key file")
+                    .trim_end()
+                    .to_owned();
             }
             if line == "ready" {
                 return true;
@@ -472,6 +503,36 @@ async fn start_with(
     Err(String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// Runs the example to completion (it is expected to exit by itself) with `args` and `env`
+/// in `dir`: exit success, stdout, stderr.
+async fn run_to_exit(
+    bin: &Path,
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
+    let out = Command::new(bin)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("KEYGATE_DATABASE_URL")
+        .env_remove("KEYGATE_DATABASE_URL_FILE")
+        .env_remove("KEYGATE_REDIS_URL")
+        .env_remove("KEYGATE_REDIS_URL_FILE")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("the example exits within 60 s")
+        .expect("run the example");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[cfg(unix)]
 #[tokio::test]
 async fn the_showcase_refuses_a_pepper_other_than_the_databases() {
@@ -484,7 +545,7 @@ async fn the_showcase_refuses_a_pepper_other_than_the_databases() {
     std::fs::write(&file, "the-right-pepper\n").unwrap();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
     // First start: the pepper from the file; its fingerprint is recorded.
-    let (child, admin) = start_with(
+    let (child, admin) = start_or_fail(
         &bin,
         dir.path(),
         &[("KEYGATE_PEPPER_FILE", file.as_os_str())],
@@ -494,7 +555,7 @@ async fn the_showcase_refuses_a_pepper_other_than_the_databases() {
     assert!(!admin.is_empty());
     drop(child);
     // The same pepper given directly: it starts.
-    let (child, _) = start_with(
+    let (child, _) = start_or_fail(
         &bin,
         dir.path(),
         &[("KEYGATE_PEPPER", std::ffi::OsStr::new("the-right-pepper"))],
@@ -510,7 +571,7 @@ async fn the_showcase_refuses_a_pepper_other_than_the_databases() {
         ),
         (vec![], "none was given"),
     ] {
-        let stderr = start_with(&bin, dir.path(), &env)
+        let stderr = start_or_fail(&bin, dir.path(), &env)
             .await
             .expect_err("refused");
         assert!(
@@ -521,7 +582,7 @@ async fn the_showcase_refuses_a_pepper_other_than_the_databases() {
     }
     // A pepper file others can read is refused.
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let stderr = start_with(
+    let stderr = start_or_fail(
         &bin,
         dir.path(),
         &[("KEYGATE_PEPPER_FILE", file.as_os_str())],
@@ -529,4 +590,92 @@ async fn the_showcase_refuses_a_pepper_other_than_the_databases() {
     .await
     .expect_err("refused");
     assert!(stderr.contains("chmod 600"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_admin_key_goes_to_an_owner_only_file_never_overwritten() {
+    let Some(bin) = binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keygate-admin.key"), "old\n").unwrap();
+    let (ok, stdout, stderr) =
+        run_to_exit(&bin, dir.path(), &["--listen", "127.0.0.1:0"], &[]).await;
+    assert!(!ok, "started although the key file exists: {stdout}");
+    assert!(
+        stderr.contains("keygate-admin.key already exists: refusing to overwrite it"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("keygate-admin.key")).unwrap(),
+        "old\n"
+    );
+    // No key was issued: the next start (with another file) issues the first one.
+    let server = start_with(
+        &bin,
+        dir.path(),
+        &["--admin-key-file", "elsewhere.key"],
+        &[],
+    )
+    .await;
+    let admin = server
+        .admin_key
+        .clone()
+        .expect("an admin key in elsewhere.key");
+    let r = call(server.addr, "GET", "/collections", Some(&admin), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    server.terminate().await;
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn urls_are_hidden_from_help_and_errors_and_can_come_from_files() {
+    let Some(bin) = binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let secret_env = [
+        (
+            "KEYGATE_DATABASE_URL",
+            "postgres://app:s3cretpw@127.0.0.1:1/db?sslpassword=s3cretpw",
+        ),
+        ("KEYGATE_REDIS_URL", "redis://:s3cretpw@127.0.0.1:1"),
+    ];
+    let (ok, help, _) = run_to_exit(&bin, dir.path(), &["--help"], &secret_env).await;
+    assert!(ok);
+    assert!(!help.contains("s3cretpw"), "{help}");
+    assert!(
+        help.contains("KEYGATE_DATABASE_URL_FILE") && help.contains("KEYGATE_REDIS_URL_FILE"),
+        "{help}"
+    );
+    assert!(
+        help.contains("belongs in the environment or in a file"),
+        "{help}"
+    );
+
+    // A database that cannot be opened: the error names it without its password.
+    let (ok, stdout, stderr) = run_to_exit(
+        &bin,
+        dir.path(),
+        &["--listen", "127.0.0.1:0"],
+        &secret_env[..1],
+    )
+    .await;
+    assert!(!ok);
+    assert!(stderr.contains("cannot open the key database"), "{stderr}");
+    assert!(
+        !stderr.contains("s3cretpw") && !stdout.contains("s3cretpw"),
+        "{stdout}{stderr}"
+    );
+
+    // The URL from a file (the way to keep a password off the command line).
+    let url_file = dir.path().join("db.url");
+    std::fs::write(&url_file, "sqlite://from-file.db\n").unwrap();
+    let server = start_with(
+        &bin,
+        dir.path(),
+        &[],
+        &[("KEYGATE_DATABASE_URL_FILE", url_file.to_str().unwrap())],
+    )
+    .await;
+    assert!(server.admin_key.is_some());
+    assert!(dir.path().join("from-file.db").exists());
+    assert!(!dir.path().join("keygate.db").exists());
+    server.terminate().await;
 }

@@ -15,6 +15,18 @@ use super::store::PointId;
 /// The deepest nesting of filters accepted (a filter inside a condition inside a filter
 /// counts two levels); deeper ones are refused with 400.
 pub const MAX_DEPTH: usize = 32;
+/// The most conditions one filter may hold, nested ones included.
+pub const MAX_CONDITIONS: usize = 1_000;
+/// The most parts (`a.b[].c` has three) of a payload key.
+pub const MAX_KEY_PARTS: usize = 16;
+/// The longest payload key, in bytes.
+pub const MAX_KEY_LEN: usize = 512;
+/// The most values of one `match.any` / `match.except` list, or ids of one `has_id`.
+pub const MAX_LIST: usize = 10_000;
+/// The most work one request's filter may take: points examined times the filter's
+/// [`weight`](Filter::weight). A filter over that for the collection is refused with 400
+/// before the scan starts.
+pub const WORK_BUDGET: u64 = 10_000_000;
 
 // Parsing: every type below is read by hand from a `serde_json::Value` (itself read once,
 // in linear time), dispatching on the JSON type and keys. Derived `#[serde(untagged)]`
@@ -222,6 +234,27 @@ fn string(v: Option<&Value>, what: &str) -> Parsed<String> {
     }
 }
 
+/// A payload key within [`MAX_KEY_LEN`] and [`MAX_KEY_PARTS`].
+fn key(v: Option<&Value>, what: &str) -> Parsed<String> {
+    let k = string(v, what)?;
+    if k.len() > MAX_KEY_LEN {
+        return Err(format!("{what} is longer than {MAX_KEY_LEN} bytes"));
+    }
+    if k.split('.').nth(MAX_KEY_PARTS).is_some() {
+        return Err(format!("{what} has more than {MAX_KEY_PARTS} parts"));
+    }
+    Ok(k)
+}
+
+/// A list of at most [`MAX_LIST`] items.
+fn list<'a>(v: &'a Value, what: &str) -> Parsed<&'a Vec<Value>> {
+    let items = array(v, what)?;
+    if items.len() > MAX_LIST {
+        return Err(format!("{what} has more than {MAX_LIST} items"));
+    }
+    Ok(items)
+}
+
 fn array<'a>(v: &'a Value, what: &str) -> Parsed<&'a Vec<Value>> {
     v.as_array()
         .ok_or_else(|| format!("{what} must be a JSON array, not {}", kind(v)))
@@ -275,7 +308,7 @@ impl MinShould {
     fn parse(v: &Value, depth: usize) -> Parsed<Self> {
         let m = object(v, "`min_should`")?;
         only(m, &["conditions", "min_count"], "`min_should`")?;
-        let conditions = array(
+        let conditions = list(
             m.get("conditions").unwrap_or(&Value::Null),
             "`min_should.conditions`",
         )?
@@ -317,7 +350,7 @@ impl Condition {
         }
         if let Some(ids) = m.get("has_id") {
             only(m, &["has_id"], "a `has_id` condition")?;
-            let has_id = array(ids, "`has_id`")?
+            let has_id = list(ids, "`has_id`")?
                 .iter()
                 .map(|id| PointId::deserialize(id).map_err(|e| e.to_string()))
                 .collect::<Parsed<Vec<_>>>()?;
@@ -342,7 +375,7 @@ impl KeyRef {
         let m = object(v, what)?;
         only(m, &["key"], what)?;
         Ok(KeyRef {
-            key: string(m.get("key"), &format!("{what}.key"))?,
+            key: key(m.get("key"), &format!("{what}.key"))?,
         })
     }
 }
@@ -355,7 +388,7 @@ impl FieldCondition {
             "a field condition",
         )?;
         Ok(FieldCondition {
-            key: string(m.get("key"), "`key`")?,
+            key: key(m.get("key"), "`key`")?,
             matches: field(m, "match").map(Match::parse).transpose()?,
             range: field(m, "range").map(Range::parse).transpose()?,
             is_empty: opt_bool(m, "is_empty")?,
@@ -376,10 +409,10 @@ impl Match {
         match k.as_str() {
             "value" => Ok(Match::Value { value: v.clone() }),
             "any" => Ok(Match::Any {
-                any: array(v, "`match.any`")?.clone(),
+                any: list(v, "`match.any`")?.clone(),
             }),
             "except" => Ok(Match::Except {
-                except: array(v, "`match.except`")?.clone(),
+                except: list(v, "`match.except`")?.clone(),
             }),
             "text" => Ok(Match::Text {
                 text: string(Some(v), "`match.text`")?,
@@ -408,7 +441,80 @@ impl Range {
 impl<'de> Deserialize<'de> for Filter {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = Value::deserialize(d)?;
-        Filter::parse(&v, 1).map_err(D::Error::custom)
+        let f = Filter::parse(&v, 1).map_err(D::Error::custom)?;
+        let n = f.conditions();
+        if n > MAX_CONDITIONS {
+            return Err(D::Error::custom(format!(
+                "the filter has {n} conditions, more than {MAX_CONDITIONS}"
+            )));
+        }
+        Ok(f)
+    }
+}
+
+fn parts(key: &str) -> u64 {
+    key.split('.').count() as u64
+}
+
+impl Condition {
+    /// How many conditions this is, nested ones included.
+    fn conditions(&self) -> usize {
+        match self {
+            Condition::Filter(f) => 1 + f.conditions(),
+            _ => 1,
+        }
+    }
+
+    /// The work of testing one point against it (see [`Filter::weight`]).
+    fn weight(&self) -> u64 {
+        match self {
+            Condition::Field(f) => {
+                let values = match &f.matches {
+                    Some(Match::Any { any }) => any.len() as u64,
+                    Some(Match::Except { except }) => except.len() as u64,
+                    _ => 1,
+                };
+                1 + parts(&f.key) + values
+            }
+            Condition::HasId(h) => 1 + h.has_id.len() as u64,
+            Condition::IsEmpty(e) => 1 + parts(&e.is_empty.key),
+            Condition::IsNull(n) => 1 + parts(&n.is_null.key),
+            Condition::Filter(f) => 1 + f.weight(),
+        }
+    }
+}
+
+impl Filter {
+    fn lists(&self) -> impl Iterator<Item = &Condition> {
+        [&self.must, &self.should, &self.must_not]
+            .into_iter()
+            .flatten()
+            .flat_map(|l| l.as_slice())
+            .chain(self.min_should.iter().flat_map(|m| &m.conditions))
+    }
+
+    /// How many conditions the filter holds, nested ones included.
+    pub fn conditions(&self) -> usize {
+        self.lists().map(Condition::conditions).sum()
+    }
+
+    /// The work of testing one point against the filter, in steps: per condition 1, plus
+    /// its key's parts, plus its list's values (`match.any`, `match.except`, `has_id`).
+    /// A scan's work is the points it examines times this ([`WORK_BUDGET`]).
+    pub fn weight(&self) -> u64 {
+        self.lists().map(Condition::weight).sum::<u64>().max(1)
+    }
+
+    /// Refuses a scan of `points` points with this filter when it would take more than
+    /// [`WORK_BUDGET`].
+    pub fn check_budget(&self, points: usize) -> Result<(), String> {
+        let work = (points as u64).saturating_mul(self.weight());
+        if work > WORK_BUDGET {
+            return Err(format!(
+                "the filter asks for more work than one request may take (points examined x conditions, at most {WORK_BUDGET}): use fewer conditions or shorter lists"
+            ));
+        }
+        Ok(())
     }
 }
 

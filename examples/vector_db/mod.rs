@@ -4,45 +4,51 @@
 //!
 //! # The stack (outermost first)
 //! 1. `AuditLayer`: one event per request, denied ones included, into the auditor.
-//! 2. [`count_upserted_points`]: for an upsert by a valid key that may write points to that
-//!    collection only, reads the body (at most [`MAX_BODY`]), counts its points and puts a
-//!    [`PointCount`] in the request's extensions.
-//! 3. `RateLimitLayer`: per key (cost: [`PointCount`], else 1); requests without a valid key
-//!    are limited per client address, so guessing keys gets 429 after a few 401s. It sits
-//!    outside the auth layer for that reason (inside it, failed attempts would never reach
-//!    it); it resolves the key through the hub itself, and refunds what another layer
-//!    refuses.
-//! 4. `ApiKeyAuthLayer`: 401 for missing, malformed, unknown, revoked, disabled and expired
+//! 2. [`body::admit`]: a body's size must be announced (`Content-Length`, else 411) and fit
+//!    the route ([`body::route_cap`], else 413), before anything of it is read.
+//! 3. The bytes rate limit: a `RateLimitLayer` with the same policies as the next one,
+//!    charging [`body::byte_units`] (one unit per started 64 KiB past the first), so a key
+//!    cannot make the server read more bytes than its limit allows. Refused before the body
+//!    is read.
+//! 4. [`body::read_upsert`]: for an upsert by a valid key that may write points to that
+//!    collection only, reads the body (one buffer of the announced size), parses it (vectors
+//!    no longer than the collection's dimension, at most [`body::MAX_BATCH_POINTS`] points)
+//!    and puts the points in the request's extensions with their [`PointCount`].
+//! 5. The points rate limit: per key (cost: [`PointCount`], else 1); requests without a
+//!    valid key are limited per client address, so guessing keys gets 429 after a few
+//!    401s. It sits outside the auth layer for that reason (inside it, failed attempts
+//!    would never reach it); it resolves the key through the hub itself, and refunds what
+//!    another layer refuses.
+//! 6. `ApiKeyAuthLayer`: 401 for missing, malformed, unknown, revoked, disabled and expired
 //!    keys (`Authorization: Bearer`, `X-API-Key`, or Qdrant's `api-key` header).
-//! 5. `IpAllowLayer`: the key's own CIDR allowlist (403 `ip_not_allowed`).
-//! 6. `ScopeLayer` with the route table of [`routes`]: 403 `insufficient_scope` /
+//! 7. `IpAllowLayer`: the key's own CIDR allowlist (403 `ip_not_allowed`).
+//! 8. `ScopeLayer` with the route table of [`routes`]: 403 `insufficient_scope` /
 //!    `resource_forbidden` (per-collection keys).
-//! 7. `QuotaLayer`: per key (cost: [`PointCount`], else 1); innermost, so only requests
+//! 9. `QuotaLayer`: per key (cost: points plus byte units); innermost, so only requests
 //!    every other layer let through are counted.
 //!
-//! Why a middleware for the cost: the layers decide before the body is read and their cost
+//! Why middlewares for the cost: the layers decide before the body is read and their cost
 //! functions see only the request head (`keygate::cost::RequestHead`), while the point count
-//! is in the body. The middleware resolves the key through the hub first (memoized: the
-//! layers reuse the verdict) and buffers only upserts of valid keys allowed to make them, so
-//! neither a stranger nor a key without `points:write` on the collection can make the
-//! server hold a 32 MiB body; the handler parses the same bytes afterwards, with the same
-//! parser, and refuses an upsert whose count differs from what was charged.
+//! is in the body. The byte count is in the head, so bytes are charged before reading; the
+//! upsert middleware resolves the key through the hub (memoized: the layers reuse the
+//! verdict) and reads only upserts of valid keys allowed to make them, once their bytes are
+//! paid for. The handler writes exactly the points that were counted.
 //!
 //! `/`, `/healthz`, `/livez` and `/readyz` are outside the stack: open, unaudited, unlimited
 //! (like Qdrant, which exempts them from its API key).
 
+pub mod body;
 pub mod filter;
 pub mod qdrant;
+pub mod secrets;
+pub mod serve;
 pub mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{Method, StatusCode};
-use axum::middleware::Next;
-use axum::response::Response;
 use axum::routing::{get, post, put};
 use axum::Router;
 use keygate::admin::AdminApi;
@@ -57,10 +63,9 @@ use tower::ServiceBuilder;
 
 use store::VectorStore;
 
-/// The largest request body (Qdrant's default limit, 32 MiB).
-pub const MAX_BODY: usize = 32 * 1024 * 1024;
+pub use body::MAX_BODY;
 
-/// The number of points in an upsert, set by [`count_upserted_points`] and read by the
+/// The number of points in an upsert, set by [`body::read_upsert`] and read by the
 /// rate-limit and quota cost functions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PointCount(pub usize);
@@ -74,6 +79,46 @@ pub struct AppState {
     pub keys: KeyManager,
     /// The audit log, for `/readyz`.
     pub auditor: Auditor,
+    /// `/readyz`'s last answer about the key store.
+    pub readiness: Arc<Readiness>,
+}
+
+/// How long `/readyz` reuses its answer about the key store.
+pub const READY_CACHE: Duration = Duration::from_secs(1);
+
+/// `/readyz`'s cache: at most one key-store query per [`READY_CACHE`] (read on the hub's
+/// clock), however many callers; callers arriving while a query runs wait for its answer.
+pub struct Readiness {
+    clock: Arc<dyn keygate::Clock>,
+    last: tokio::sync::Mutex<Option<(std::time::SystemTime, bool)>>,
+}
+
+impl Readiness {
+    /// A cache reading `clock`.
+    pub fn new(clock: Arc<dyn keygate::Clock>) -> Self {
+        Readiness {
+            clock,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether the key store answered, asking it only when the last answer is older than
+    /// [`READY_CACHE`].
+    pub async fn store_ready(&self, keys: &KeyManager) -> bool {
+        let mut last = self.last.lock().await;
+        let now = self.clock.now();
+        if let Some((at, ready)) = *last {
+            if now.duration_since(at).is_ok_and(|age| age < READY_CACHE) {
+                return ready;
+            }
+        }
+        let ready = match KeyId::parse("000000000000") {
+            Ok(id) => keys.store().get(&id).await.is_ok(),
+            Err(_) => false,
+        };
+        *last = Some((now, ready));
+        ready
+    }
 }
 
 /// How to build the server. [`Options::new`] sets the defaults; tests replace the clocks
@@ -96,11 +141,15 @@ pub struct Options {
     /// Where rate limits are counted: `None` in this process, or a shared backend (Redis,
     /// so several replicas share one limit).
     pub rate_backend: Option<Arc<dyn keygate::core::rate::RateBackend>>,
+    /// Where the bytes rate limit is counted (see [`body`]): `None` in this process, or a
+    /// shared backend of its own (not the one of `rate_backend`: the two limits use the
+    /// same policy names).
+    pub bytes_rate_backend: Option<Arc<dyn keygate::core::rate::RateBackend>>,
 }
 
 impl Options {
     /// Defaults: usage counted in memory (batched, flushed every second), keys without
-    /// limits get 100 requests (or points) per second, callers without a valid key 10 per
+    /// limits get [`default_rate_limit`], callers without a valid key 10 requests per
     /// second per address.
     pub fn new(verifier: Verifier, auditor: Auditor) -> Self {
         Options {
@@ -111,11 +160,21 @@ impl Options {
                 flush_every: Duration::from_secs(1),
             },
             limiter_clock: LimiterClock::default(),
-            default_rate_limits: vec![RateLimitPolicy::per_second("default", 100)],
+            default_rate_limits: vec![default_rate_limit()],
             anonymous_rate_limits: vec![RateLimitPolicy::per_second("anonymous", 10)],
             rate_backend: None,
+            bytes_rate_backend: None,
         }
     }
+}
+
+/// The rate limit of keys whose record has none: 2,000 per 20 seconds, counted in points
+/// (every request costs at least 1, an upsert its point count) and, separately, in 64 KiB
+/// body units. A sustained 100 requests (or points) per second, and a burst of 2,000, so an
+/// ordinary client batch (64 to 1,000 points) passes at once, even right after other
+/// requests.
+pub fn default_rate_limit() -> RateLimitPolicy {
+    RateLimitPolicy::new("default", 2_000, Duration::from_secs(20))
 }
 
 /// The built server.
@@ -179,7 +238,7 @@ const WRITE_POINTS: &str = "points:write";
 
 /// The collection an upsert (`PUT /collections/{c}/points`) writes to, still
 /// percent-encoded; `None` for any other request.
-fn upserted_collection<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
+pub(crate) fn upserted_collection<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
     let mut parts = path.split('/');
     let ok =
         method == Method::PUT && parts.next() == Some("") && parts.next() == Some("collections");
@@ -190,7 +249,7 @@ fn upserted_collection<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
 /// Whether the scope layer will let `p` upsert into `raw` (the collection as it appears in
 /// the path): the key grants [`WRITE_POINTS`] and may access the collection (decoded as the
 /// scope layer decodes it).
-fn may_upsert(p: &keygate::Principal, raw: &str) -> bool {
+pub(crate) fn may_upsert(p: &keygate::Principal, raw: &str) -> bool {
     let name = match percent_encoding::percent_decode_str(raw).decode_utf8() {
         Ok(name) if !name.chars().any(|c| c == '/' || c.is_control()) => name,
         _ => return false,
@@ -198,63 +257,28 @@ fn may_upsert(p: &keygate::Principal, raw: &str) -> bool {
     keygate::core::Scope::parse(WRITE_POINTS).is_ok_and(|s| p.has_scope(&s)) && p.can_access(&name)
 }
 
-/// Counts the points of an upsert by a key that may make it into a [`PointCount`]
-/// extension (at least 1); every other request passes untouched (an upsert the scope layer
-/// will refuse is refused there, its body never read). A body over [`MAX_BODY`] is refused
-/// with 413.
-///
-/// The count is read with the handler's own parser ([`qdrant::count_points`]); a body it
-/// cannot read gets `PointCount(1)` and is refused by the handler with 400, which parses
-/// the same bytes the same way, so nothing is ever written at a cost other than its point
-/// count.
-pub async fn count_upserted_points(
-    State(gate): State<KeyGate>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let Some(raw) = upserted_collection(req.method(), req.uri().path()).map(str::to_owned) else {
-        return next.run(req).await;
-    };
-    match gate.resolve(&mut req).await {
-        Ok(p) if may_upsert(&p, &raw) => {}
-        _ => return next.run(req).await,
-    }
-    let (parts, body) = req.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
-        return qdrant::error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "Payload too large: the body is over 32 MiB or could not be read",
-            std::time::Instant::now(),
-        );
-    };
-    let n = qdrant::count_points(&bytes).unwrap_or(1).max(1);
-    let mut req = Request::from_parts(parts, Body::from(bytes));
-    req.extensions_mut().insert(PointCount(n));
-    next.run(req).await
-}
-
 fn point_cost(ext: &axum::http::Extensions) -> usize {
     ext.get::<PointCount>().map_or(1, |c| c.0)
 }
 
-/// `GET /readyz`: 200 when the key store answers and the audit log is open, else 503.
+fn body_units(ext: &axum::http::Extensions) -> u64 {
+    ext.get::<body::BodySize>()
+        .map_or(0, |b| body::byte_units(b.0))
+}
+
+/// `GET /readyz`: 200 when the key store answers and the audit log is open, else 503. The
+/// store's answer is cached for [`READY_CACHE`] (the route is open and unlimited).
 async fn readyz(State(app): State<AppState>) -> (StatusCode, &'static str) {
     if app.auditor.is_closed() {
         return (StatusCode::SERVICE_UNAVAILABLE, "the audit log is closed");
     }
-    let probe = KeyId::parse("000000000000");
-    match probe {
-        Ok(id) => match app.keys.store().get(&id).await {
-            Ok(_) => (StatusCode::OK, "all shards are ready"),
-            Err(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the key store is unavailable",
-            ),
-        },
-        Err(_) => (
+    if app.readiness.store_ready(&app.keys).await {
+        (StatusCode::OK, "all shards are ready")
+    } else {
+        (
             StatusCode::SERVICE_UNAVAILABLE,
             "the key store is unavailable",
-        ),
+        )
     }
 }
 
@@ -262,32 +286,48 @@ async fn readyz(State(app): State<AppState>) -> (StatusCode, &'static str) {
 pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send + Sync>> {
     let gate = KeyGate::new(opts.verifier);
     let keys = KeyManager::for_verifier(gate.verifier(), opts.auditor.clone());
+    let vectors = VectorStore::new();
+    let bytes_config = RateLimitConfig::new()
+        .default_policies(opts.default_rate_limits.clone())
+        .anonymous_policies(Vec::new())
+        .clock(opts.limiter_clock.clone())
+        .headers(false)
+        .cost(|h| u32::try_from(body_units(h.extensions())).unwrap_or(u32::MAX));
     let mut rate_config = RateLimitConfig::new()
         .default_policies(opts.default_rate_limits)
         .anonymous_policies(opts.anonymous_rate_limits)
         .clock(opts.limiter_clock)
         .cost(|h| u32::try_from(point_cost(h.extensions())).unwrap_or(u32::MAX));
+    let mut bytes_config = bytes_config;
     if let Some(backend) = opts.rate_backend {
         rate_config = rate_config.backend(backend);
     }
+    if let Some(backend) = opts.bytes_rate_backend {
+        bytes_config = bytes_config.backend(backend);
+    }
+    let rate_bytes = RateLimitLayer::new(&gate, bytes_config)?;
     let rate = RateLimitLayer::new(&gate, rate_config)?;
     let quota = QuotaLayer::new(
         &gate,
         QuotaConfig::new(opts.usage)
             .counting(opts.counting)
             .meter(QuotaWindow::Day)
-            .cost(|h| u64::try_from(point_cost(h.extensions())).unwrap_or(u64::MAX)),
+            .cost(|h| {
+                u64::try_from(point_cost(h.extensions()))
+                    .unwrap_or(u64::MAX)
+                    .saturating_add(body_units(h.extensions()))
+            }),
     )?;
     let handle = quota.handle();
     let admin = AdminApi::new(keys.clone())
         .gate(&gate)
         .quota(handle.clone())
         .scope_vocabulary(keygate::core::ScopeVocabulary::new(routes()?.scopes()));
-    let vectors = VectorStore::new();
     let state = AppState {
         vectors: vectors.clone(),
         keys: keys.clone(),
         auditor: opts.auditor.clone(),
+        readiness: Arc::new(Readiness::new(gate.clock().clone())),
     };
 
     let api = Router::new()
@@ -337,9 +377,15 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         .layer(
             ServiceBuilder::new()
                 .layer(gate.audit_layer(opts.auditor))
+                .layer(axum::middleware::from_fn(body::restore_denial))
                 .layer(axum::middleware::from_fn_with_state(
-                    gate.clone(),
-                    count_upserted_points,
+                    vectors.clone(),
+                    body::admit,
+                ))
+                .layer(rate_bytes)
+                .layer(axum::middleware::from_fn_with_state(
+                    (gate.clone(), vectors.clone()),
+                    body::read_upsert,
                 ))
                 .layer(rate)
                 .layer(gate.auth_layer())

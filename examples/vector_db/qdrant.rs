@@ -20,9 +20,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use super::body::ParsedUpsert;
 use super::filter::Filter;
 use super::store::{Distance, Found, Point, PointId, Read, Selector, StoreError, VectorParams};
-use super::{AppState, PointCount};
+use super::AppState;
 
 /// The Qdrant version whose REST API this server imitates (what `GET /` reports).
 pub const QDRANT_VERSION: &str = "1.19.0";
@@ -116,6 +117,22 @@ fn tenant(p: &Principal) -> Option<&str> {
     p.tenant()
 }
 
+/// The caller's tenant, owned (for [`blocking`]).
+fn owned_tenant(p: &Principal) -> Option<String> {
+    p.tenant().map(str::to_owned)
+}
+
+/// Runs a store call on tokio's blocking pool: store calls take a collection's lock and may
+/// scan every point, which must not hold up the async workers (`/healthz` and every other
+/// request keep being answered while a scan runs).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|_| Err(StoreError::internal()))
+}
+
 // ---------------------------------------------------------------------------------------
 // Shapes
 // ---------------------------------------------------------------------------------------
@@ -143,81 +160,6 @@ struct CreateCollection {
     vectors: VectorsConfig,
     #[serde(default)]
     sparse_vectors: Option<Value>,
-}
-
-/// A dense vector, or `{"": [...]}` (Qdrant's name for the unnamed vector).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum VectorIn {
-    Dense(Vec<f32>),
-    Named(BTreeMap<String, Value>),
-}
-
-impl VectorIn {
-    fn dense(self) -> Result<Vec<f32>, StoreError> {
-        match self {
-            VectorIn::Dense(v) => Ok(v),
-            VectorIn::Named(mut m) if m.len() == 1 && m.contains_key("") => {
-                serde_json::from_value(m.remove("").unwrap_or(Value::Null))
-                    .map_err(|_| StoreError::wrong_input("the vector must be a list of numbers"))
-            }
-            VectorIn::Named(_) => Err(StoreError::wrong_input(
-                "named, sparse and multi-vectors are not supported by this server: send a list of numbers",
-            )),
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct PointStruct {
-    id: PointId,
-    vector: VectorIn,
-    #[serde(default)]
-    payload: Option<Map<String, Value>>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Batch {
-    ids: Vec<PointId>,
-    vectors: Vec<VectorIn>,
-    #[serde(default)]
-    payloads: Option<Vec<Option<Map<String, Value>>>>,
-}
-
-/// `PointInsertOperations`: a list of points or a batch.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Upsert {
-    List {
-        points: Vec<PointStruct>,
-        #[serde(default)]
-        update_filter: Option<Value>,
-    },
-    Batch {
-        batch: Batch,
-        #[serde(default)]
-        update_filter: Option<Value>,
-    },
-}
-
-impl Upsert {
-    /// The number of points it writes (if it is written at all: a batch whose lists differ
-    /// in length is refused).
-    fn len(&self) -> usize {
-        match self {
-            Upsert::List { points, .. } => points.len(),
-            Upsert::Batch { batch, .. } => batch.ids.len(),
-        }
-    }
-}
-
-/// The number of points in an upsert body, read exactly as [`upsert`] reads it (the same
-/// type and parser, so the count charged is the count written); `None` if the body does not
-/// parse, in which case [`upsert`] refuses it with 400.
-pub fn count_points(bytes: &[u8]) -> Option<usize> {
-    serde_json::from_slice::<Upsert>(bytes)
-        .ok()
-        .map(|u| u.len())
 }
 
 /// `WithPayloadInterface`.
@@ -411,7 +353,8 @@ pub async fn collection_info(
     Path(name): Path<String>,
 ) -> Response {
     let started = Instant::now();
-    match app.vectors.info(&name, tenant(&p)) {
+    let (vectors, t) = (app.vectors.clone(), owned_tenant(&p));
+    match blocking(move || vectors.info(&name, t.as_deref())).await {
         Ok((params, points)) => ok(
             json!({
                 "status": "green",
@@ -451,7 +394,8 @@ pub async fn delete_collection(
     Path(name): Path<String>,
 ) -> Response {
     let started = Instant::now();
-    match app.vectors.delete(&name, tenant(&p)) {
+    let (vectors, t) = (app.vectors.clone(), owned_tenant(&p));
+    match blocking(move || vectors.delete(&name, t.as_deref())).await {
         Ok(existed) => ok(existed, started),
         Err(e) => store_error(e, started),
     }
@@ -469,88 +413,41 @@ pub async fn collection_exists(State(app): State<AppState>, Path(name): Path<Str
 
 /// `PUT /collections/{c}/points`: upsert a list or a batch (all or nothing).
 ///
-/// The rate limit and the quota charged the [`PointCount`] that
-/// [`super::count_upserted_points`] read from these bytes; an upsert that was not counted,
-/// or whose count differs from what is written, is refused (500: a wiring error, never
-/// written at the wrong cost).
+/// The points were read and parsed by [`super::body::read_upsert`], which charged their
+/// [`PointCount`](super::PointCount) to the rate limit and the quota; an upsert that was not parsed there
+/// (no such collection: 404; otherwise a wiring error, 500) is never written.
 pub async fn upsert(
     State(app): State<AppState>,
     Authenticated(p): Authenticated,
     Path(name): Path<String>,
-    counted: Option<Extension<PointCount>>,
-    bytes: Bytes,
+    parsed: Option<Extension<ParsedUpsert>>,
 ) -> Response {
     let started = Instant::now();
-    let req: Upsert = match body(&bytes, started) {
-        Ok(r) => r,
-        Err(res) => return *res,
-    };
-    if counted.map(|Extension(PointCount(n))| n) != Some(req.len().max(1)) {
+    let Some(Extension(parsed)) = parsed else {
+        if !app.vectors.exists(&name) {
+            return store_error(StoreError::missing(&name), started);
+        }
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Service internal error: the upsert was not counted",
             started,
         );
-    }
-    let points = match to_points(req) {
-        Ok(p) => p,
-        Err(e) => return store_error(e, started),
     };
-    match app.vectors.upsert(&name, points, tenant(&p)) {
+    let points = match parsed.take() {
+        Some(Ok(points)) => points,
+        Some(Err(message)) => return error(StatusCode::BAD_REQUEST, &message, started),
+        None => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Service internal error: the upsert was not counted",
+                started,
+            )
+        }
+    };
+    let (vectors, t) = (app.vectors.clone(), owned_tenant(&p));
+    match blocking(move || vectors.upsert(&name, points, t.as_deref())).await {
         Ok(op) => ok(update_result(op), started),
         Err(e) => store_error(e, started),
-    }
-}
-
-type NewPoint = (PointId, Vec<f32>, Map<String, Value>);
-
-fn to_points(req: Upsert) -> Result<Vec<NewPoint>, StoreError> {
-    let unsupported = |f: &Option<Value>| f.as_ref().is_some_and(|v| !v.is_null());
-    match req {
-        Upsert::List {
-            points,
-            update_filter,
-        } => {
-            if unsupported(&update_filter) {
-                return Err(StoreError::wrong_input(
-                    "update_filter is not supported by this server",
-                ));
-            }
-            points
-                .into_iter()
-                .map(|p| Ok((p.id, p.vector.dense()?, p.payload.unwrap_or_default())))
-                .collect()
-        }
-        Upsert::Batch {
-            batch,
-            update_filter,
-        } => {
-            if unsupported(&update_filter) {
-                return Err(StoreError::wrong_input(
-                    "update_filter is not supported by this server",
-                ));
-            }
-            let n = batch.ids.len();
-            let payloads = batch.payloads.unwrap_or_default();
-            if batch.vectors.len() != n || (!payloads.is_empty() && payloads.len() != n) {
-                return Err(StoreError::wrong_input(
-                    "batch: ids, vectors and payloads must have the same length",
-                ));
-            }
-            let mut payloads = payloads.into_iter();
-            batch
-                .ids
-                .into_iter()
-                .zip(batch.vectors)
-                .map(|(id, v)| {
-                    Ok((
-                        id,
-                        v.dense()?,
-                        payloads.next().flatten().unwrap_or_default(),
-                    ))
-                })
-                .collect()
-        }
     }
 }
 
@@ -586,11 +483,13 @@ pub async fn retrieve(
     }
     let payload = req.with_payload.unwrap_or(WithPayload::All(true));
     let vector = req.with_vector.unwrap_or(WithVector::All(false));
-    match app
-        .vectors
-        .retrieve(&name, &req.ids, tenant(&p), |id, point| {
+    let (vectors, t) = (app.vectors.clone(), owned_tenant(&p));
+    let found = blocking(move || {
+        vectors.retrieve(&name, &req.ids, t.as_deref(), |id, point| {
             record_of(id, point, &payload, &vector)
-        }) {
+        })
+    });
+    match found.await {
         Ok(records) => ok(records, started),
         Err(e) => store_error(e, started),
     }
@@ -615,7 +514,8 @@ pub async fn get_point(
     let everything = |id: PointId, point: &Point| {
         record_of(id, point, &WithPayload::All(true), &WithVector::All(true))
     };
-    match app.vectors.retrieve(&name, &[id], tenant(&p), everything) {
+    let (vectors, t) = (app.vectors.clone(), owned_tenant(&p));
+    match blocking(move || vectors.retrieve(&name, &[id], t.as_deref(), everything)).await {
         Ok(mut found) => match found.pop() {
             Some(r) => ok(r, started),
             None => error(
@@ -679,18 +579,20 @@ pub async fn search(
     };
     let payload = req.with_payload.unwrap_or(WithPayload::All(false));
     let with_vector = req.with_vector.unwrap_or(WithVector::All(false));
-    let read = Read {
-        tenant: tenant(&p),
-        filter: req.filter.as_ref(),
-    };
-    match app.vectors.search(
-        &name,
-        vector,
-        read,
+    let (vectors, t, filter) = (app.vectors.clone(), owned_tenant(&p), req.filter);
+    let (n, offset, threshold) = (
         limit(Some(req.limit), 10),
         req.offset.unwrap_or(0),
         req.score_threshold,
-    ) {
+    );
+    let found = blocking(move || {
+        let read = Read {
+            tenant: t.as_deref(),
+            filter: filter.as_ref(),
+        };
+        vectors.search(&name, vector, read, n, offset, threshold)
+    });
+    match found.await {
         Ok(found) => ok(
             found
                 .into_iter()
@@ -773,11 +675,6 @@ pub async fn query(
     if req.using.as_deref().is_some_and(|u| !u.is_empty()) {
         return refused("a named vector (using)");
     }
-    let t = tenant(&p);
-    let read = Read {
-        tenant: t,
-        filter: req.filter.as_ref(),
-    };
     let payload = req.with_payload.unwrap_or(WithPayload::All(false));
     let with_vector = req.with_vector.unwrap_or(WithVector::All(false));
     let n = limit(req.limit, 10);
@@ -788,34 +685,42 @@ pub async fn query(
             started,
         );
     }
-    let target = match req.query {
-        None => None,
-        Some(
-            QueryInput::Vector(v)
-            | QueryInput::Nearest {
-                nearest: NearestInput::Vector(v),
-            },
-        ) => Some(v),
-        Some(
-            QueryInput::Id(id)
-            | QueryInput::Nearest {
-                nearest: NearestInput::Id(id),
-            },
-        ) => match app.vectors.vector_of(&name, id, t) {
-            Ok(v) => Some(v),
-            Err(e) => return store_error(e, started),
-        },
-    };
-    let found = match target {
-        Some(v) => app
-            .vectors
-            .search(&name, v, read, n, offset, req.score_threshold),
-        None => app
-            .vectors
-            .scroll(&name, read, None, offset, n)
-            .map(|(page, _)| page),
-    };
-    match found {
+    let query = req.query;
+    let (vectors, t, filter, threshold) = (
+        app.vectors.clone(),
+        owned_tenant(&p),
+        req.filter,
+        req.score_threshold,
+    );
+    let found = blocking(move || {
+        let t = t.as_deref();
+        let read = Read {
+            tenant: t,
+            filter: filter.as_ref(),
+        };
+        let target = match query {
+            None => None,
+            Some(
+                QueryInput::Vector(v)
+                | QueryInput::Nearest {
+                    nearest: NearestInput::Vector(v),
+                },
+            ) => Some(v),
+            Some(
+                QueryInput::Id(id)
+                | QueryInput::Nearest {
+                    nearest: NearestInput::Id(id),
+                },
+            ) => Some(vectors.vector_of(&name, id, t)?),
+        };
+        match target {
+            Some(v) => vectors.search(&name, v, read, n, offset, threshold),
+            None => vectors
+                .scroll(&name, read, None, offset, n)
+                .map(|(page, _)| page),
+        }
+    });
+    match found.await {
         Ok(found) => ok(
             QueryResponse {
                 points: found
@@ -865,14 +770,16 @@ pub async fn scroll(
     }
     let payload = req.with_payload.unwrap_or(WithPayload::All(true));
     let with_vector = req.with_vector.unwrap_or(WithVector::All(false));
-    let read = Read {
-        tenant: tenant(&p),
-        filter: req.filter.as_ref(),
-    };
-    match app
-        .vectors
-        .scroll(&name, read, req.offset, 0, limit(req.limit, 10))
-    {
+    let (vectors, t, filter) = (app.vectors.clone(), owned_tenant(&p), req.filter);
+    let (from, n) = (req.offset, limit(req.limit, 10));
+    let found = blocking(move || {
+        let read = Read {
+            tenant: t.as_deref(),
+            filter: filter.as_ref(),
+        };
+        vectors.scroll(&name, read, from, 0, n)
+    });
+    match found.await {
         Ok((found, next)) => ok(
             ScrollResult {
                 points: found
@@ -908,11 +815,15 @@ pub async fn count(
         Err(res) => return *res,
     };
     let _ = req.exact;
-    let read = Read {
-        tenant: tenant(&p),
-        filter: req.filter.as_ref(),
-    };
-    match app.vectors.count(&name, read) {
+    let (vectors, t, filter) = (app.vectors.clone(), owned_tenant(&p), req.filter);
+    let counted = blocking(move || {
+        let read = Read {
+            tenant: t.as_deref(),
+            filter: filter.as_ref(),
+        };
+        vectors.count(&name, read)
+    });
+    match counted.await {
         Ok(n) => ok(json!({ "count": n }), started),
         Err(e) => store_error(e, started),
     }
@@ -942,7 +853,8 @@ pub async fn delete_points(
         PointsSelector::Ids { points } => Selector::Ids(points),
         PointsSelector::Filter { filter } => Selector::Filter(filter),
     };
-    match app.vectors.delete_points(&name, &selector, tenant(&p)) {
+    let (vectors, t) = (app.vectors.clone(), owned_tenant(&p));
+    match blocking(move || vectors.delete_points(&name, &selector, t.as_deref())).await {
         Ok(op) => ok(update_result(op), started),
         Err(e) => store_error(e, started),
     }

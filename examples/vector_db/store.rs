@@ -4,13 +4,17 @@
 //!
 //! Row-level security: every operation takes the caller's tenant (`None` for keys without a
 //! `tenant` attribute). A point belongs to the tenant written in its payload's `tenant`
-//! field. With a tenant, upserts stamp that field (whatever the client sent), every read
-//! and delete sees only the tenant's points, and overwriting a point of another tenant is
-//! refused, so one tenant can neither read nor change another's points. Without a tenant
-//! (operators, admins) everything is visible and payloads are stored as sent.
+//! field. With a tenant, upserts stamp that field (whatever the client sent), and every read
+//! and delete sees only the tenant's points. Ids are per tenant: an id another tenant uses
+//! reads as absent and is free to take (both tenants then own a point with that id), and
+//! operation ids are counted per tenant, so one tenant can neither read, change nor detect
+//! another's points or writes. Without a tenant (operators, admins) everything is visible
+//! (an id may then answer one point per owner) and payloads are stored as sent; such an
+//! upsert writes the point of the tenant its payload names, or the untenanted one.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use http::StatusCode;
@@ -173,13 +177,65 @@ pub struct VectorParams {
 }
 
 /// A collection: its parameters and points.
+///
+/// Ids are per tenant: each id holds at most one point per owner (the tenant named in the
+/// point's payload, or none), so two tenants may both own id 7 and neither can tell the
+/// other's ids from free ones. Operation ids are counted per owner too.
 #[derive(Debug)]
 pub struct Collection {
     /// Vector parameters.
     pub params: VectorParams,
-    points: BTreeMap<PointId, Point>,
-    /// The last operation id.
-    operations: u64,
+    points: BTreeMap<PointId, Vec<Point>>,
+    /// The last operation id of each owner.
+    operations: HashMap<Option<String>, u64>,
+}
+
+impl Collection {
+    /// The points `tenant` can see with ids in `range`, by id (a tenant's own; every point
+    /// for `None`).
+    fn visible<'a>(
+        &'a self,
+        tenant: Option<&'a str>,
+        range: (std::ops::Bound<PointId>, std::ops::Bound<PointId>),
+    ) -> impl Iterator<Item = (PointId, &'a Point)> + 'a {
+        self.points.range(range).flat_map(move |(id, owners)| {
+            owners
+                .iter()
+                .filter(move |p| p.visible_to(tenant))
+                .map(move |p| (*id, p))
+        })
+    }
+
+    /// Every point `tenant` can see, by id.
+    fn all<'a>(
+        &'a self,
+        tenant: Option<&'a str>,
+    ) -> impl Iterator<Item = (PointId, &'a Point)> + 'a {
+        self.visible(
+            tenant,
+            (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded),
+        )
+    }
+
+    /// The points with id `id` that `tenant` can see.
+    fn at<'a>(
+        &'a self,
+        id: &PointId,
+        tenant: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a Point> + 'a {
+        self.points
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter(move |p| p.visible_to(tenant))
+    }
+
+    /// The next operation id of `owner`.
+    fn next_operation(&mut self, owner: Option<&str>) -> u64 {
+        let n = self.operations.entry(owner.map(str::to_owned)).or_insert(0);
+        *n += 1;
+        *n
+    }
 }
 
 /// A point as a read returns it.
@@ -210,12 +266,21 @@ impl StoreError {
         }
     }
 
+    /// 500 `Service internal error: ...` (a store call that did not finish).
+    pub fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Service internal error: the operation did not finish",
+        )
+    }
+
     /// 400 `Wrong input: ...`.
     pub fn wrong_input(what: impl fmt::Display) -> Self {
         Self::new(StatusCode::BAD_REQUEST, format!("Wrong input: {what}"))
     }
 
-    fn missing(name: &str) -> Self {
+    /// 404 `Not found: Collection `name` doesn't exist!`.
+    pub fn missing(name: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             format!("Not found: Collection `{name}` doesn't exist!"),
@@ -242,9 +307,35 @@ pub enum Selector {
 }
 
 /// The store: named collections, shared by every clone.
+///
+/// Its methods block (they take the collection's lock and may scan every point): call them
+/// off the async workers (`tokio::task::spawn_blocking`), as the handlers do.
 #[derive(Debug, Clone, Default)]
 pub struct VectorStore {
     collections: Arc<RwLock<BTreeMap<String, Arc<RwLock<Collection>>>>>,
+    scans: Arc<AtomicUsize>,
+}
+
+/// Counts a scan in [`VectorStore::scans_in_flight`] while it lives.
+struct ScanGuard<'a>(&'a AtomicUsize);
+
+impl<'a> ScanGuard<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        ScanGuard(n)
+    }
+}
+
+impl Drop for ScanGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn check_budget(filter: Option<&Filter>, points: usize) -> Result<(), StoreError> {
+    filter
+        .map_or(Ok(()), |f| f.check_budget(points))
+        .map_err(StoreError::wrong_input)
 }
 
 /// Checks a collection name: 1 to 255 characters, no `/`, `\` or control characters.
@@ -311,6 +402,36 @@ impl VectorStore {
             .collect()
     }
 
+    /// How many searches, scrolls, counts and filtered deletes are running (waiting for
+    /// their collection's lock included).
+    pub fn scans_in_flight(&self) -> usize {
+        self.scans.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` while holding collection `name`'s write lock (every read and write of it
+    /// waits); `false` if there is no such collection. For maintenance, and for tests that
+    /// hold scans in flight.
+    pub fn while_locked(&self, name: &str, f: impl FnOnce()) -> bool {
+        let Ok(c) = self.get(name) else {
+            return false;
+        };
+        let _held = c.write().unwrap_or_else(PoisonError::into_inner);
+        f();
+        true
+    }
+
+    /// The vector dimension of collection `name`, if it exists.
+    pub fn dimension(&self, name: &str) -> Option<u64> {
+        let c = self
+            .collections
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned()?;
+        let size = c.read().unwrap_or_else(PoisonError::into_inner).params.size;
+        Some(size)
+    }
+
     /// Whether `name` exists.
     pub fn exists(&self, name: &str) -> bool {
         self.collections
@@ -342,7 +463,7 @@ impl VectorStore {
             Arc::new(RwLock::new(Collection {
                 params,
                 points: BTreeMap::new(),
-                operations: 0,
+                operations: HashMap::new(),
             })),
         );
         Ok(())
@@ -360,7 +481,7 @@ impl VectorStore {
         };
         if tenant.is_some() {
             let c = c.read().unwrap_or_else(PoisonError::into_inner);
-            if c.points.values().any(|p| !p.visible_to(tenant)) {
+            if c.points.values().flatten().any(|p| !p.visible_to(tenant)) {
                 return Err(StoreError::new(
                     StatusCode::FORBIDDEN,
                     format!("Forbidden: collection `{name}` holds points of other tenants"),
@@ -379,10 +500,7 @@ impl VectorStore {
     ) -> Result<(VectorParams, usize), StoreError> {
         let c = self.get(name)?;
         let c = c.read().unwrap_or_else(PoisonError::into_inner);
-        let n = match tenant {
-            None => c.points.len(),
-            Some(_) => c.points.values().filter(|p| p.visible_to(tenant)).count(),
-        };
+        let n = c.all(tenant).count();
         Ok((c.params, n))
     }
 
@@ -399,29 +517,22 @@ impl VectorStore {
         for (id, vector, mut payload) in points {
             let vector = prepare(&c.params, vector)?;
             if let Some(t) = tenant {
-                if c.points.get(&id).is_some_and(|p| !p.visible_to(tenant)) {
-                    return Err(StoreError::new(
-                        StatusCode::FORBIDDEN,
-                        // The same words whatever the id: naming it would tell which
-                        // ids other tenants use.
-                        "Forbidden: one or more point ids are not available to this key",
-                    ));
-                }
                 payload.insert(TENANT_FIELD.to_owned(), Value::String(t.to_owned()));
             }
             ready.push((id, vector, payload));
         }
-        c.operations += 1;
-        let version = c.operations;
+        let version = c.next_operation(tenant);
         for (id, vector, payload) in ready {
-            c.points.insert(
-                id,
-                Point {
-                    vector,
-                    payload,
-                    version,
-                },
-            );
+            let point = Point {
+                vector,
+                payload,
+                version,
+            };
+            let owners = c.points.entry(id).or_default();
+            match owners.iter_mut().find(|p| p.tenant() == point.tenant()) {
+                Some(old) => *old = point,
+                None => owners.push(point),
+            }
         }
         Ok(version)
     }
@@ -433,22 +544,29 @@ impl VectorStore {
         selector: &Selector,
         tenant: Option<&str>,
     ) -> Result<u64, StoreError> {
+        let _scan = ScanGuard::new(&self.scans);
         let c = self.get(name)?;
         let mut c = c.write().unwrap_or_else(PoisonError::into_inner);
+        if let Selector::Filter(f) = selector {
+            check_budget(Some(f), c.points.len())?;
+        }
         match selector {
             Selector::Ids(ids) => {
                 for id in ids {
-                    if c.points.get(id).is_some_and(|p| p.visible_to(tenant)) {
-                        c.points.remove(id);
+                    if let Some(owners) = c.points.get_mut(id) {
+                        owners.retain(|p| !p.visible_to(tenant));
+                        if owners.is_empty() {
+                            c.points.remove(id);
+                        }
                     }
                 }
             }
-            Selector::Filter(f) => c
-                .points
-                .retain(|id, p| !(p.visible_to(tenant) && f.matches(*id, &p.payload))),
+            Selector::Filter(f) => c.points.retain(|id, owners| {
+                owners.retain(|p| !(p.visible_to(tenant) && f.matches(*id, &p.payload)));
+                !owners.is_empty()
+            }),
         }
-        c.operations += 1;
-        Ok(c.operations)
+        Ok(c.next_operation(tenant))
     }
 
     /// The points with these ids the caller can see, in the order first asked (missing ids
@@ -467,10 +585,8 @@ impl VectorStore {
         Ok(ids
             .iter()
             .filter(|id| seen.insert(**id))
-            .filter_map(|id| {
-                let p = c.points.get(id).filter(|p| p.visible_to(tenant))?;
-                Some(pick(*id, p))
-            })
+            .flat_map(|id| c.at(id, tenant).map(|p| (*id, p)))
+            .map(|(id, p)| pick(id, p))
             .collect())
     }
 
@@ -503,18 +619,17 @@ impl VectorStore {
         offset: usize,
         threshold: Option<f32>,
     ) -> Result<Vec<Found>, StoreError> {
+        let _scan = ScanGuard::new(&self.scans);
         let c = self.get(name)?;
         let c = c.read().unwrap_or_else(PoisonError::into_inner);
+        check_budget(read.filter, c.points.len())?;
         let query = prepare(&c.params, vector)?;
         let metric = c.params.distance;
-        let mut scored: Vec<(f32, PointId)> = c
-            .points
-            .iter()
-            .filter(|(id, p)| {
-                p.visible_to(read.tenant) && read.filter.is_none_or(|f| f.matches(**id, &p.payload))
-            })
-            .map(|(id, p)| (metric.score(&query, &p.vector), *id))
-            .filter(|(s, _)| {
+        let mut scored: Vec<(f32, PointId, &Point)> = c
+            .all(read.tenant)
+            .filter(|(id, p)| read.filter.is_none_or(|f| f.matches(*id, &p.payload)))
+            .map(|(id, p)| (metric.score(&query, &p.vector), id, p))
+            .filter(|(s, _, _)| {
                 threshold.is_none_or(|t| {
                     if metric.higher_is_closer() {
                         *s >= t
@@ -537,12 +652,10 @@ impl VectorStore {
             .into_iter()
             .skip(offset)
             .take(limit)
-            .filter_map(|(score, id)| {
-                c.points.get(&id).map(|p| Found {
-                    id,
-                    score,
-                    point: p.clone(),
-                })
+            .map(|(score, id, p)| Found {
+                id,
+                score,
+                point: p.clone(),
             })
             .collect())
     }
@@ -557,19 +670,18 @@ impl VectorStore {
         skip: usize,
         limit: usize,
     ) -> Result<(Vec<Found>, Option<PointId>), StoreError> {
+        let _scan = ScanGuard::new(&self.scans);
         let c = self.get(name)?;
         let c = c.read().unwrap_or_else(PoisonError::into_inner);
+        check_budget(read.filter, c.points.len())?;
         let start = from.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Included);
         let mut page = c
-            .points
-            .range((start, std::ops::Bound::Unbounded))
-            .filter(|(id, p)| {
-                p.visible_to(read.tenant) && read.filter.is_none_or(|f| f.matches(**id, &p.payload))
-            })
+            .visible(read.tenant, (start, std::ops::Bound::Unbounded))
+            .filter(|(id, p)| read.filter.is_none_or(|f| f.matches(*id, &p.payload)))
             .skip(skip)
             .take(limit.saturating_add(1))
             .map(|(id, p)| Found {
-                id: *id,
+                id,
                 score: 1.0,
                 point: p.clone(),
             })
@@ -584,13 +696,12 @@ impl VectorStore {
 
     /// How many points the caller can see and the filter keeps.
     pub fn count(&self, name: &str, read: Read<'_>) -> Result<usize, StoreError> {
+        let _scan = ScanGuard::new(&self.scans);
         let c = self.get(name)?;
         let c = c.read().unwrap_or_else(PoisonError::into_inner);
-        Ok(c.points
-            .iter()
-            .filter(|(id, p)| {
-                p.visible_to(read.tenant) && read.filter.is_none_or(|f| f.matches(**id, &p.payload))
-            })
+        check_budget(read.filter, c.points.len())?;
+        Ok(c.all(read.tenant)
+            .filter(|(id, p)| read.filter.is_none_or(|f| f.matches(*id, &p.payload)))
             .count())
     }
 }

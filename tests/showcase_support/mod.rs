@@ -131,10 +131,18 @@ impl World {
         sink: MemorySink,
         edit: impl FnOnce(Options) -> Options,
     ) -> World {
+        World::with_store(MemoryStore::new(), auditor, sink, edit).await
+    }
+
+    /// Keys in `store`, with this auditor.
+    pub async fn with_store(
+        store: impl keygate::KeyStore,
+        auditor: Auditor,
+        sink: MemorySink,
+        edit: impl FnOnce(Options) -> Options,
+    ) -> World {
         let clock = ManualClock::at_2026();
-        let verifier = Verifier::builder(MemoryStore::new())
-            .clock(clock.clone())
-            .build();
+        let verifier = Verifier::builder(store).clock(clock.clone()).build();
         let mut opts = Options::new(verifier, auditor.clone());
         opts.limiter_clock = LimiterClock::manual(clock.clone());
         opts.usage = Arc::new(MemoryUsageStore::new());
