@@ -351,15 +351,16 @@ fn cases(w: &World) -> Vec<Case> {
             Some("insufficient_scope"),
             Some(Scope),
         ),
+        // A route no rule knows does not exist (404), for a valid key in any order.
         c(
             "unmatched route",
             "GET",
             "/admin",
             good.clone(),
             ok_peer,
-            f,
-            Some("insufficient_scope"),
-            Some("insufficient_scope"),
+            StatusCode::NOT_FOUND,
+            Some("unknown_route"),
+            Some("unknown_route"),
             Some(Scope),
         ),
         c(
