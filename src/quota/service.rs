@@ -114,8 +114,9 @@ impl QuotaStatus {
 }
 
 /// What [`Quota`] writes on the inner service's response: the `RateLimit-Policy` and
-/// `RateLimit` fields of the key's quotas, and, when the request was then refused (see
-/// [`refused`]), the refund of what was counted.
+/// `RateLimit` fields of the key's quotas, and, when the request was then refused (a
+/// keygate denial, or a 4xx other than 429 from the service: see the
+/// [module docs](super)), the refund of what was counted.
 pub struct QuotaNote {
     fields: Option<(HeaderValue, HeaderValue)>,
     refund: Option<Refund>,
@@ -164,6 +165,8 @@ impl ResponseNote for QuotaNote {
     }
 }
 
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// Whether the request of `res` was refused, so a quota does not charge it:
 /// - a keygate layer refused it (a [`Denial`] in the response's extensions, whatever its
 ///   status: 401, 403, 404, 413, 429, 503);
@@ -176,7 +179,7 @@ impl ResponseNote for QuotaNote {
 ///   a call is charged.
 ///
 /// 5xx answers are charged: the service may have done the work before failing.
-pub(crate) fn refused<B>(res: &Response<B>) -> bool {
+fn refused<B>(res: &Response<B>) -> bool {
     if res.extensions().get::<Denial>().is_some() {
         return true;
     }
@@ -185,7 +188,7 @@ pub(crate) fn refused<B>(res: &Response<B>) -> bool {
         return status != http::StatusCode::TOO_MANY_REQUESTS;
     }
     if status == http::StatusCode::OK {
-        if let Some(code) = res.headers().get("grpc-status") {
+        if let Some(code) = res.headers().get(&GRPC_STATUS) {
             return matches!(
                 code.as_bytes(),
                 b"3" | b"5" | b"6" | b"7" | b"9" | b"11" | b"12" | b"16"
