@@ -230,7 +230,10 @@ impl Credentials {
                 .split([' ', '\t', ',', ';', '=', '"'])
                 .any(|t| !t.is_empty() && shaped(t))
             {
-                return Some(format!("the {:?} header", name.as_str()));
+                return Some(match safe_name(name.as_str(), 64) {
+                    Some(n) => format!("the {n:?} header"),
+                    None => "a request header".to_owned(),
+                });
             }
         }
         if let Some(query) = uri.query() {

@@ -118,6 +118,15 @@ async fn a_key_in_the_wrong_place_says_where_it_goes() {
             detail_for(r#"the "apikey" header"#),
         ),
         (
+            // A header name that is long or has odd characters is described, not echoed.
+            "an odd header name",
+            Request::get("/")
+                .header("x-weird!name", secret)
+                .body(Body::default())
+                .unwrap(),
+            detail_for("a request header"),
+        ),
+        (
             // The key format with another prefix.
             "another prefix",
             Request::get("/")
