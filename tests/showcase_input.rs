@@ -207,13 +207,13 @@ async fn an_upsert_is_charged_the_points_it_writes() {
         .await;
     let path = "/collections/docs/points";
     // A field of the wrong type next to the points: the list still upserts, so it must
-    // still cost its 8 points (more than the limit), not 1.
+    // still cost its 8 points (more than the limit: 413 cost_exceeds_limit), not 1.
     let mut body = points(1, 8);
     body["batch"] = json!(0);
     let r = within(&w, "PUT", path, &key, body).await;
     assert_eq!(
         (r.status, r.code()),
-        (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        (StatusCode::PAYLOAD_TOO_LARGE, "cost_exceeds_limit"),
         "{}",
         r.text
     );
