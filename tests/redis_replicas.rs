@@ -23,6 +23,15 @@ fn with_key(key: &ApiKey) -> HeaderMap {
     h
 }
 
+/// The replicas' settings. These tests are about exact counts across replicas, not latency:
+/// a per-call timeout of 2 s (not the default 250 ms) keeps a loaded machine's scheduling
+/// delays from turning into 503s that would hide what is counted.
+fn replica_spec(t: &TestRedis, store: MemoryStore, clock: ManualClock) -> ReplicaSpec {
+    let mut spec = ReplicaSpec::new(t, store, clock);
+    spec.options = t.options().timeout(Duration::from_secs(2));
+    spec
+}
+
 async fn three(spec: &ReplicaSpec) -> Vec<Replica> {
     let mut replicas = vec![];
     for _ in 0..3 {
@@ -78,7 +87,7 @@ async fn a_key_allowed_n_per_minute_gets_n_across_three_replicas() {
         return;
     };
     let (store, clock) = (MemoryStore::new(), ManualClock::at_2026());
-    let replicas = three(&ReplicaSpec::new(&t, store.clone(), clock.clone())).await;
+    let replicas = three(&replica_spec(&t, store.clone(), clock.clone())).await;
     let n = 50;
     let key = issue(&store, &clock, |r| {
         r.rate_limits = vec![RateLimitPolicy::per_minute("per-minute", n)]
@@ -104,7 +113,7 @@ async fn with_the_redis_clock_the_limit_holds_within_what_refills_meanwhile() {
         return;
     };
     let (store, clock) = (MemoryStore::new(), ManualClock::at_2026());
-    let mut spec = ReplicaSpec::new(&t, store.clone(), clock.clone());
+    let mut spec = replica_spec(&t, store.clone(), clock.clone());
     spec.server_time = true;
     let replicas = three(&spec).await;
     let n = 60;
@@ -130,7 +139,7 @@ async fn a_quota_holds_across_three_replicas() {
         return;
     };
     let (store, clock) = (MemoryStore::new(), ManualClock::at_2026());
-    let replicas = three(&ReplicaSpec::new(&t, store.clone(), clock.clone())).await;
+    let replicas = three(&replica_spec(&t, store.clone(), clock.clone())).await;
     let n = 40;
     let key = issue(&store, &clock, |r| {
         r.quotas = vec![QuotaPolicy::new("daily", n, QuotaWindow::Day)]
@@ -171,7 +180,7 @@ async fn a_revocation_reaches_all_three_within_100_ms() {
         return;
     };
     let (store, clock) = (MemoryStore::new(), ManualClock::at_2026());
-    let replicas = three(&ReplicaSpec::new(&t, store.clone(), clock.clone())).await;
+    let replicas = three(&replica_spec(&t, store.clone(), clock.clone())).await;
     let mut worst = Duration::ZERO;
     let mut all = vec![];
     for round in 0..5 {
@@ -236,7 +245,7 @@ async fn a_missed_message_heals_at_the_periodic_resync() {
         return;
     };
     let (store, clock) = (MemoryStore::new(), ManualClock::at_2026());
-    let mut spec = ReplicaSpec::new(&t, store.clone(), clock.clone());
+    let mut spec = replica_spec(&t, store.clone(), clock.clone());
     spec.resync_every = Duration::from_millis(50);
     let replica = spec.spawn().await;
     replica.watcher.subscribed().await;
