@@ -33,6 +33,7 @@
 
 pub mod filter;
 pub mod qdrant;
+pub mod qdrant_extra;
 pub mod store;
 
 use std::sync::Arc;
@@ -43,7 +44,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use keygate::admin::AdminApi;
 use keygate::core::audit::Auditor;
@@ -74,6 +75,8 @@ pub struct AppState {
     pub keys: KeyManager,
     /// The audit log, for `/readyz`.
     pub auditor: Auditor,
+    /// Aliases and payload indexes (`qdrant_extra`).
+    pub extras: qdrant_extra::Extras,
 }
 
 /// How to build the server. [`Options::new`] sets the defaults; tests replace the clocks
@@ -134,7 +137,10 @@ pub struct Showcase {
 }
 
 /// The route table: which scope each route needs; `{collection}` is checked against the
-/// key's collection patterns. Search, query, scroll, count and retrieve are reads.
+/// key's collection patterns. Search, query, scroll, count, retrieve, facets, groups and
+/// batches are reads; payload changes are point writes; payload indexes and aliases manage
+/// collections (`POST /collections/aliases` names its collections in the body: the handler
+/// checks them). A route no rule names is refused.
 pub fn routes() -> Result<RouteScopes, keygate::scope::InvalidRule> {
     RouteScopes::builder()
         .route("GET", "/collections", "collections:read")
@@ -146,6 +152,44 @@ pub fn routes() -> Result<RouteScopes, keygate::scope::InvalidRule> {
         )
         .route("PUT", "/collections/{collection}", "collections:manage")
         .route("DELETE", "/collections/{collection}", "collections:manage")
+        // Payload indexes and aliases change a collection's schema and names.
+        .route(
+            "PUT",
+            "/collections/{collection}/index",
+            "collections:manage",
+        )
+        .route(
+            "DELETE",
+            "/collections/{collection}/index/{field}",
+            "collections:manage",
+        )
+        .route("POST", "/collections/aliases", "collections:manage")
+        .route("GET", "/aliases", "collections:read")
+        .route(
+            "GET",
+            "/collections/{collection}/aliases",
+            "collections:read",
+        )
+        .route(
+            "POST",
+            "/collections/{collection}/points/payload",
+            "points:write",
+        )
+        .route(
+            "PUT",
+            "/collections/{collection}/points/payload",
+            "points:write",
+        )
+        .route(
+            "POST",
+            "/collections/{collection}/points/payload/delete",
+            "points:write",
+        )
+        .route(
+            "POST",
+            "/collections/{collection}/points/payload/clear",
+            "points:write",
+        )
         .route("PUT", "/collections/{collection}/points", WRITE_POINTS)
         .route(
             "POST",
@@ -160,6 +204,11 @@ pub fn routes() -> Result<RouteScopes, keygate::scope::InvalidRule> {
                 "/collections/{collection}/points/query",
                 "/collections/{collection}/points/scroll",
                 "/collections/{collection}/points/count",
+                "/collections/{collection}/points/search/batch",
+                "/collections/{collection}/points/query/batch",
+                "/collections/{collection}/points/search/groups",
+                "/collections/{collection}/points/query/groups",
+                "/collections/{collection}/facet",
             ],
             "points:read",
         )
@@ -283,10 +332,12 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         .gate(&gate)
         .quota(handle.clone());
     let vectors = VectorStore::new();
+    let extras = qdrant_extra::Extras::new();
     let state = AppState {
         vectors: vectors.clone(),
         keys: keys.clone(),
         auditor: opts.auditor.clone(),
+        extras: extras.clone(),
     };
 
     let api = Router::new()
@@ -295,7 +346,7 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
             "/collections/{collection}",
             put(qdrant::create_collection)
                 .get(qdrant::collection_info)
-                .delete(qdrant::delete_collection),
+                .delete(qdrant_extra::delete_collection),
         )
         .route(
             "/collections/{collection}/exists",
@@ -329,6 +380,49 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
             "/collections/{collection}/points/delete",
             post(qdrant::delete_points),
         )
+        .route("/aliases", get(qdrant_extra::list_aliases))
+        .route("/collections/aliases", post(qdrant_extra::change_aliases))
+        .route(
+            "/collections/{collection}/aliases",
+            get(qdrant_extra::collection_aliases),
+        )
+        .route(
+            "/collections/{collection}/index",
+            put(qdrant_extra::create_index),
+        )
+        .route(
+            "/collections/{collection}/index/{field}",
+            delete(qdrant_extra::delete_index),
+        )
+        .route(
+            "/collections/{collection}/points/payload",
+            post(qdrant_extra::set_payload).put(qdrant_extra::overwrite_payload),
+        )
+        .route(
+            "/collections/{collection}/points/payload/delete",
+            post(qdrant_extra::delete_payload),
+        )
+        .route(
+            "/collections/{collection}/points/payload/clear",
+            post(qdrant_extra::clear_payload),
+        )
+        .route(
+            "/collections/{collection}/points/search/batch",
+            post(qdrant_extra::search_batch),
+        )
+        .route(
+            "/collections/{collection}/points/query/batch",
+            post(qdrant_extra::query_batch),
+        )
+        .route(
+            "/collections/{collection}/points/search/groups",
+            post(qdrant_extra::search_groups),
+        )
+        .route(
+            "/collections/{collection}/points/query/groups",
+            post(qdrant_extra::query_groups),
+        )
+        .route("/collections/{collection}/facet", post(qdrant_extra::facet))
         .nest("/admin", admin.router())
         .fallback(qdrant::not_found)
         .with_state(state.clone())
@@ -354,8 +448,16 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         .route("/readyz", get(readyz))
         .with_state(state);
 
+    // Aliases are resolved before routing and before any layer (see
+    // `qdrant_extra::resolve_aliases`), so the whole router sits behind that middleware.
+    let routed = ServiceBuilder::new()
+        .layer(axum::middleware::from_fn_with_state(
+            extras,
+            qdrant_extra::resolve_aliases,
+        ))
+        .service(open.merge(api));
     Ok(Showcase {
-        router: open.merge(api),
+        router: Router::new().fallback_service(routed),
         gate,
         keys,
         quota: handle,
