@@ -51,9 +51,10 @@ use keygate::{KeyFilter, KeySpec, Verifier};
 #[derive(Debug, Parser)]
 #[command(name = "vector_db", version)]
 struct Args {
-    /// The address to listen on.
+    /// The address to listen on: `HOST:PORT`, the host an IP address or a name to resolve
+    /// (`localhost:6333`); port 0 picks a free one.
     #[arg(long, default_value = "127.0.0.1:6333")]
-    listen: SocketAddr,
+    listen: String,
     /// The key database: `sqlite://FILE` (created if missing) or `postgres://...`.
     #[arg(
         long,
@@ -62,7 +63,8 @@ struct Args {
     )]
     database_url: String,
     /// The audit log: `DIR/NAME.jsonl` writes `DIR/NAME-000001.jsonl`, ... (one file per
-    /// start, one hash chain across them).
+    /// start, one hash chain across them); a directory (`logs/`, or an existing one) writes
+    /// `keygate-audit-000001.jsonl`, ... in it.
     #[arg(long, default_value = "keygate-audit.jsonl")]
     audit_log: PathBuf,
     /// Redis, for several replicas: rate limits and quota counters shared by every replica,
@@ -75,8 +77,16 @@ struct Args {
     redis_prefix: String,
 }
 
-/// The directory and file stem of the audit log named `path`.
+/// The file stem of the audit log when `--audit-log` names a directory.
+const DEFAULT_AUDIT_STEM: &str = "keygate-audit";
+
+/// The directory and file stem of the audit log named `path`: a path ending in `/`, or
+/// naming an existing directory, means the default stem in that directory.
 fn audit_location(path: &Path) -> Result<(PathBuf, String), String> {
+    let text = path.as_os_str().to_string_lossy();
+    if text.ends_with('/') || text.ends_with(std::path::MAIN_SEPARATOR) || path.is_dir() {
+        return Ok((path.to_path_buf(), DEFAULT_AUDIT_STEM.to_owned()));
+    }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -120,6 +130,17 @@ async fn shutdown_signal() {
     }
 }
 
+/// `text` as one shell word: as it is when it holds only safe characters, else in single
+/// quotes.
+fn shell_word(text: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c);
+    if !text.is_empty() && text.chars().all(safe) {
+        text.to_owned()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
+}
+
 /// Hides a database URL's password.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -134,14 +155,43 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// Binds the listener, before anything is created, so a busy port or a bad address is
+/// said at once (with the address) and leaves no database or audit folder behind.
+async fn listen(addr: &str) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::AddrInUse => "address in use".to_owned(),
+            std::io::ErrorKind::AddrNotAvailable => "address not available on this host".to_owned(),
+            std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+            _ => e.to_string(),
+        };
+        format!("cannot listen on {addr}: {why}")
+    })
+}
+
+/// Runs the server; an error is printed as one `error: ...` line on stderr, exit code 1.
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use std::io::IsTerminal;
+    // Colours only on a terminal: piped into a file, the log stays plain text.
     tracing_subscriber::fmt()
         .with_max_level(tracing::Level::WARN)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let (audit_dir, audit_stem) = audit_location(&args.audit_log)?;
+    let listener = listen(&args.listen).await?;
 
     // Keys: the SQL store, followed so changes made elsewhere reach this server's cache.
     let store = SqlStore::open(&args.database_url).await.map_err(|e| {
@@ -190,13 +240,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
     let app = server::build(opts)?;
 
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     println!("keygate vector_db listening on http://{addr}");
     println!("keys: {} ({})", redact(&args.database_url), store.backend());
     println!(
-        "audit log: {}/{audit_stem}-NNNNNN.jsonl",
-        audit_dir.display()
+        "audit log: {}",
+        audit_dir
+            .join(format!("{audit_stem}-NNNNNN.jsonl"))
+            .display()
     );
     if let Some(url) = &args.redis_url {
         println!(
@@ -226,6 +277,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             "warning: this key is not stored in plaintext anywhere and will not be shown again"
         );
     }
+    println!(
+        "another admin key (if this one is lost): keygate --database-url {} keys create --name admin --scope '*' --collection '*'",
+        shell_word(&redact(&args.database_url))
+    );
     println!("ready");
 
     axum::serve(
