@@ -13,10 +13,19 @@
 //!   by the `keygate` CLI (or another replica) take effect here without a restart.
 //! - On first start, with no key in the database, it issues an admin key (`*` on every
 //!   collection) and prints it once.
+//!   Every start also prints the `keygate` CLI command that makes another one (for when it
+//!   is lost): `keygate --database-url URL keys create --name admin --scope '*'
+//!   --collection '*'`.
+//! - `--listen HOST:PORT` takes an address or a host name (`localhost:6333`). The address
+//!   is bound before anything else: a busy port is one line, `error: cannot listen on ADDR:
+//!   address in use`, exit code 1, and no database or audit folder is created. Every
+//!   startup error is one `error: ...` line on stderr and exit code 1.
 //! - Audit events go to a hash-chained JSON Lines log: `--audit-log keygate-audit.jsonl`
 //!   writes `keygate-audit-000001.jsonl`, `keygate-audit-000002.jsonl`, ... (one file per
 //!   start; each continues the chain of the one before). Verify with
-//!   `keygate audit verify keygate-audit-*.jsonl`.
+//!   `keygate audit verify keygate-audit-*.jsonl`. A directory (`--audit-log logs/`, or one
+//!   that exists) holds `keygate-audit-000001.jsonl`, ...
+//! - Warnings go to stderr, coloured only when stderr is a terminal.
 //! - Ctrl-C or SIGTERM: stop accepting, let in-flight requests finish, flush quota usage,
 //!   then drain and fsync the audit log.
 //!
