@@ -3,6 +3,9 @@
 //! axum router behind all six keygate layers, with the admin API at `/admin`.
 //!
 //! # The stack (outermost first)
+//! 0. [`qdrant_extra::resolve_aliases`], around the whole router: a collection alias in the
+//!    path is replaced by its collection before routing, so every layer below checks (and
+//!    the audit records) the real collection. Without aliases it reads one atomic flag.
 //! 1. `AuditLayer`: one event per request, denied ones included, into the auditor.
 //! 2. [`count_upserted_points`]: for an upsert by a valid key that may write points to that
 //!    collection only, reads the body (at most [`MAX_BODY`]), counts its points and puts a

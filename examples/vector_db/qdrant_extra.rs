@@ -1032,6 +1032,32 @@ struct FacetRequest {
     shard_key: Option<Value>,
 }
 
+/// `FacetValueHit`.
+#[derive(Debug, Serialize)]
+struct FacetHit {
+    value: Value,
+    count: usize,
+}
+
+/// `FacetResponse`.
+#[derive(Debug, Serialize)]
+struct FacetResponse {
+    hits: Vec<FacetHit>,
+}
+
+/// `PointGroup`.
+#[derive(Debug, Serialize)]
+struct PointGroup {
+    id: Value,
+    hits: Vec<ScoredPoint>,
+}
+
+/// `GroupsResult`.
+#[derive(Debug, Serialize)]
+struct GroupsResult {
+    groups: Vec<PointGroup>,
+}
+
 /// A facet value in the order Qdrant lists equal counts: by value.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum FacetValue {
@@ -1115,12 +1141,15 @@ pub async fn facet(
     };
     let mut hits: Vec<(FacetValue, usize)> = counts.into_iter().collect();
     hits.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    let hits: Vec<Value> = hits
+    let hits: Vec<FacetHit> = hits
         .into_iter()
         .take(limit)
-        .map(|(v, n)| json!({"value": v.to_json(), "count": n}))
+        .map(|(v, count)| FacetHit {
+            value: v.to_json(),
+            count,
+        })
         .collect();
-    ok(json!({ "hits": hits }), started)
+    ok(FacetResponse { hits }, started)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1194,7 +1223,7 @@ fn group(
     size: usize,
     payload: &WithPayload,
     vector: &WithVector,
-) -> Vec<Value> {
+) -> Vec<PointGroup> {
     let mut order: Vec<FacetValue> = Vec::new();
     let mut groups: HashMap<FacetValue, Vec<ScoredPoint>> = HashMap::new();
     for f in found {
@@ -1219,7 +1248,10 @@ fn group(
         .into_iter()
         .map(|v| {
             let hits = groups.remove(&v).unwrap_or_default();
-            json!({"id": v.to_json(), "hits": hits})
+            PointGroup {
+                id: v.to_json(),
+                hits,
+            }
         })
         .collect()
 }
@@ -1312,7 +1344,7 @@ fn groups(app: &AppState, p: &Principal, name: &str, bytes: &[u8], search: bool)
     let payload = req.with_payload.unwrap_or(WithPayload::All(false));
     let vector = req.with_vector.unwrap_or(WithVector::All(false));
     let groups = group(&found, &req.group_by, limit, size, &payload, &vector);
-    ok(json!({ "groups": groups }), started)
+    ok(GroupsResult { groups }, started)
 }
 
 /// `POST /collections/{c}/points/search/groups`: `{"groups": [{"id": value, "hits":
