@@ -736,15 +736,24 @@ async fn batches_answer_each_request_and_keep_tenants_apart() {
         "{}",
         r.text
     );
+    // (101 requests cost 101: more than the admin key's 100 per second, refused first.)
+    let (big, _) = w
+        .issue(
+            json!({"name": "big", "scopes": ["points:read"], "collections": ["shared"],
+                      "rate_limits": ["burst=1000/s"]}),
+        )
+        .await;
     let many: Vec<Value> = (0..101).map(|_| json!({"limit": 1})).collect();
     let r = w
-        .admin(
+        .call(
             "POST",
             "/collections/shared/points/query/batch",
+            Some(&big),
             Some(json!({ "searches": many })),
         )
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert!(error_text(&r).contains("at most 100"), "{}", r.text);
     // Reads: a key without points:read is refused.
     let (writer, _) = w
         .issue(json!({"name": "writer", "scopes": ["points:write"], "collections": ["shared"]}))
@@ -923,4 +932,57 @@ async fn groups_hold_only_the_tenants_points() {
             .await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.text);
     }
+}
+
+#[tokio::test]
+async fn a_batch_costs_its_number_of_requests() {
+    let t = Tenants::new().await;
+    let w = &t.w;
+    let (key, _) = w
+        .issue(
+            json!({"name": "slow", "scopes": ["points:read"], "collections": ["shared"],
+                      "rate_limits": ["burst=5/m"]}),
+        )
+        .await;
+    let three = json!({"searches": [{"limit": 1}, {"limit": 1}, {"query": 1, "limit": 1}]});
+    let r = w
+        .call(
+            "POST",
+            "/collections/shared/points/query/batch",
+            Some(&key),
+            Some(three.clone()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.header("ratelimit"), Some(r#""burst";r=2;t=36"#));
+    // Three more do not fit in the two left; nothing is answered.
+    let r = w
+        .call(
+            "POST",
+            "/collections/shared/points/search/batch",
+            Some(&key),
+            Some(json!({"searches": [
+                {"vector": [1.0, 0.0, 0.0, 0.0], "limit": 1},
+                {"vector": [1.0, 0.0, 0.0, 0.0], "limit": 1},
+                {"vector": [1.0, 0.0, 0.0, 0.0], "limit": 1},
+            ]})),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        "{}",
+        r.text
+    );
+    // An unreadable batch costs one and is refused by the handler.
+    let r = w
+        .call(
+            "POST",
+            "/collections/shared/points/query/batch",
+            Some(&key),
+            Some(json!({"searches": 3})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert_eq!(r.header("ratelimit"), Some(r#""burst";r=1;t=48"#));
 }

@@ -9,7 +9,8 @@
 //! 1. `AuditLayer`: one event per request, denied ones included, into the auditor.
 //! 2. [`count_upserted_points`]: for an upsert by a valid key that may write points to that
 //!    collection only, reads the body (at most [`MAX_BODY`]), counts its points and puts a
-//!    [`PointCount`] in the request's extensions.
+//!    [`PointCount`] in the request's extensions; [`qdrant_extra::count_batch_requests`]
+//!    does the same for batch searches and queries (their number of requests).
 //! 3. `RateLimitLayer`: per key (cost: [`PointCount`], else 1); requests without a valid key
 //!    are limited per client address, so guessing keys gets 429 after a few 401s. It sits
 //!    outside the auth layer for that reason (inside it, failed attempts would never reach
@@ -436,6 +437,10 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
                 .layer(axum::middleware::from_fn_with_state(
                     gate.clone(),
                     count_upserted_points,
+                ))
+                .layer(axum::middleware::from_fn_with_state(
+                    gate.clone(),
+                    qdrant_extra::count_batch_requests,
                 ))
                 .layer(rate)
                 .layer(gate.auth_layer())

@@ -13,7 +13,9 @@
 //!   collection is refused), and the audit log records the collection touched. Creating an
 //!   alias needs access to both names.
 //! - Batch searches and queries run each request of the batch through the single-request
-//!   handler (same parsing, limits and errors); the first failing one fails the batch.
+//!   handler (same parsing, limits and errors); the first failing one fails the batch. A
+//!   batch of `n` costs `n` against rate limits and quotas ([`count_batch_requests`]), as
+//!   `n` separate requests would.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +23,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Instant;
 
 use axum::body::Bytes;
+use axum::extract::Extension;
 use axum::extract::{Path, Request, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::middleware::Next;
@@ -33,7 +36,7 @@ use serde_json::{json, Map, Value};
 use super::filter::Filter;
 use super::qdrant::{error, ok, MAX_LIMIT};
 use super::store::{check_name, Found, Point, PointId, Read, StoreError, TENANT_FIELD};
-use super::AppState;
+use super::{AppState, PointCount, MAX_BODY};
 
 /// The most searches or queries one batch request holds.
 pub const MAX_BATCH: usize = 100;
@@ -931,6 +934,66 @@ pub async fn resolve_aliases(
 // Batches
 // ---------------------------------------------------------------------------------------
 
+/// The collection of a batch search or query (`POST /collections/{c}/points/{search,query}/batch`),
+/// still percent-encoded; `None` for any other request.
+fn batched_collection<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
+    if method != Method::POST {
+        return None;
+    }
+    let rest = path.strip_prefix("/collections/")?;
+    let (raw, tail) = rest.split_at(rest.find('/')?);
+    (!raw.is_empty() && matches!(tail, "/points/search/batch" | "/points/query/batch"))
+        .then_some(raw)
+}
+
+/// Whether the scope layer will let `p` read points of `raw` (the collection as it appears
+/// in the path, decoded as the scope layer decodes it).
+fn may_read(p: &Principal, raw: &str) -> bool {
+    let name = match percent_decode_str(raw).decode_utf8() {
+        Ok(name) if !name.chars().any(|c| c == '/' || c.is_control()) => name,
+        _ => return false,
+    };
+    keygate::core::Scope::parse("points:read").is_ok_and(|s| p.has_scope(&s)) && p.can_access(&name)
+}
+
+/// The number of requests in a batch body, read exactly as the batch handlers read it;
+/// `None` if it does not parse (the handler then refuses it with 400).
+pub fn count_batch(bytes: &[u8]) -> Option<usize> {
+    serde_json::from_slice::<BatchRequest>(bytes)
+        .ok()
+        .map(|b| b.searches.len())
+}
+
+/// Middleware beside [`super::count_upserted_points`]: for a batch search or query by a key
+/// that may read the collection, reads the body (at most [`MAX_BODY`]) and puts the number of
+/// requests in it (at least 1) in a [`PointCount`], which the rate-limit and quota layers
+/// charge. Every other request passes untouched, its body unread.
+pub async fn count_batch_requests(
+    State(gate): State<keygate::KeyGate>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let Some(raw) = batched_collection(req.method(), req.uri().path()).map(str::to_owned) else {
+        return next.run(req).await;
+    };
+    match gate.resolve(&mut req).await {
+        Ok(p) if may_read(&p, &raw) => {}
+        _ => return next.run(req).await,
+    }
+    let (parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Payload too large: the body is over 32 MiB or could not be read",
+            Instant::now(),
+        );
+    };
+    let n = count_batch(&bytes).unwrap_or(1).max(1);
+    let mut req = Request::from_parts(parts, axum::body::Body::from(bytes));
+    req.extensions_mut().insert(PointCount(n));
+    next.run(req).await
+}
+
 #[derive(Debug, Deserialize)]
 struct BatchRequest {
     searches: Vec<Value>,
@@ -939,8 +1002,10 @@ struct BatchRequest {
 }
 
 /// Runs each request of a batch through `one` (the single-request handler), collecting the
-/// `result`s; the first answer that is not 200 is the batch's answer.
-async fn batch<F, Fut>(bytes: &[u8], mut one: F) -> Response
+/// `result`s; the first answer that is not 200 is the batch's answer. A batch that was not
+/// charged its size (see [`count_batch_requests`]) is refused (500: a wiring error, never
+/// answered at the wrong cost).
+async fn batch<F, Fut>(bytes: &[u8], counted: Option<usize>, mut one: F) -> Response
 where
     F: FnMut(Bytes) -> Fut,
     Fut: std::future::Future<Output = Response>,
@@ -951,6 +1016,13 @@ where
         Err(res) => return *res,
     };
     let _ = req.timeout;
+    if counted != Some(req.searches.len().max(1)) {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Service internal error: the batch was not counted",
+            started,
+        );
+    }
     if req.searches.len() > MAX_BATCH {
         return wrong_input(
             format!(
@@ -993,9 +1065,11 @@ pub async fn search_batch(
     State(app): State<AppState>,
     auth: Authenticated,
     Path(name): Path<String>,
+    counted: Option<Extension<PointCount>>,
     bytes: Bytes,
 ) -> Response {
-    batch(&bytes, |b| {
+    let counted = counted.map(|Extension(PointCount(n))| n);
+    batch(&bytes, counted, |b| {
         super::qdrant::search(State(app.clone()), auth.clone(), Path(name.clone()), b)
     })
     .await
@@ -1007,9 +1081,11 @@ pub async fn query_batch(
     State(app): State<AppState>,
     auth: Authenticated,
     Path(name): Path<String>,
+    counted: Option<Extension<PointCount>>,
     bytes: Bytes,
 ) -> Response {
-    batch(&bytes, |b| {
+    let counted = counted.map(|Extension(PointCount(n))| n);
+    batch(&bytes, counted, |b| {
         super::qdrant::query(State(app.clone()), auth.clone(), Path(name.clone()), b)
     })
     .await
