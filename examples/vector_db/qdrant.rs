@@ -379,7 +379,7 @@ pub async fn collection_info(
                     "wal_config": {"wal_capacity_mb": 32, "wal_segments_ahead": 0},
                     "quantization_config": null
                 },
-                "payload_schema": {}
+                "payload_schema": app.extras.payload_schema(&app, &name, tenant(&p))
             }),
             started,
         ),

@@ -706,6 +706,45 @@ impl VectorStore {
     }
 }
 
+// Access for the routes of `qdrant_extra.rs` (payload writes, facets, groups, indexes),
+// which work on whole collections under the same locks as the operations above.
+
+impl Point {
+    /// Whether a caller with `tenant` sees this point (row-level security: `None` sees all).
+    pub fn is_visible_to(&self, tenant: Option<&str>) -> bool {
+        self.visible_to(tenant)
+    }
+}
+
+impl VectorStore {
+    /// Runs `read` over collection `name`'s points under its read lock.
+    pub fn read_points<T>(
+        &self,
+        name: &str,
+        read: impl FnOnce(&BTreeMap<PointId, Point>) -> T,
+    ) -> Result<T, StoreError> {
+        let c = self.get(name)?;
+        let c = c.read().unwrap_or_else(PoisonError::into_inner);
+        Ok(read(&c.points))
+    }
+
+    /// Runs `write` over collection `name`'s points under its write lock, with the id the
+    /// operation gets; the id is used up only when `write` succeeds (`write` must check
+    /// everything before it changes anything, so a refused write changes nothing).
+    pub fn write_points<T>(
+        &self,
+        name: &str,
+        write: impl FnOnce(&mut BTreeMap<PointId, Point>, u64) -> Result<T, StoreError>,
+    ) -> Result<(T, u64), StoreError> {
+        let c = self.get(name)?;
+        let mut c = c.write().unwrap_or_else(PoisonError::into_inner);
+        let version = c.operations + 1;
+        let out = write(&mut c.points, version)?;
+        c.operations = version;
+        Ok((out, version))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
