@@ -24,8 +24,9 @@
 //!   machine shared with other work. The audit writer's own thread is not counted there: it
 //!   works off the request path.
 //! - `file_sink/*`: events per second into a [`FileSink`] (one ~540-byte JSON line each,
-//!   hash chain, 64 MiB rotation), written to the operating system (buffers flushed, no
-//!   `fsync`): `direct` calls the sink on the bench thread (`direct_cpu`: in CPU time);
+//!   hash chain, key masking, 64 MiB rotation; the writers' lock taken and the sealed
+//!   checkpoint written once per flush), written to the operating system (buffers flushed,
+//!   no `fsync`): `direct` calls the sink on the bench thread (`direct_cpu`: in CPU time);
 //!   `queued_10k_then_flush` pushes through the background writer and ends each batch of
 //!   10,000 with `Auditor::flush` (which also `fsync`s).
 

@@ -211,11 +211,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         let _ = stop_tx.send(());
         Ok::<(), std::io::Error>(())
     };
-    let (a, b, _) = tokio::join!(
-        async { bare_server.await },
-        async { stack_server.await },
-        signal
-    );
+    let (a, b, _) = tokio::join!(bare_server, stack_server, signal);
     a?;
     b?;
     usage.flush().await?;

@@ -20,8 +20,48 @@
 //! let req = http::Request::post("/collections/c/points").header("x-batch-size", "100").body(()).unwrap();
 //! assert_eq!(cost(&RequestHead::of(&req, None)), 100);
 //! ```
+//!
+//! # Charging by bytes
+//!
+//! [`ByBytes`] charges a request by the size of its body, in units of `unit` bytes (rounded
+//! up), read from `Content-Length` ([`RequestHead::content_length`]):
+//!
+//! ```
+//! use keygate::cost::{by_bytes, RequestHead};
+//!
+//! // 1 unit per started KiB; a body without a declared length counts as 1 MiB, the most
+//! // the server accepts (pair it with a body limit of that size).
+//! let bytes = by_bytes(1024, 1 << 20);
+//! let post = |len: &str| http::Request::post("/upload").header("content-length", len).body(()).unwrap();
+//! assert_eq!(bytes.cost(&RequestHead::of(&post("1"), None)), 1);
+//! assert_eq!(bytes.cost(&RequestHead::of(&post("4097"), None)), 5);
+//! let chunked = http::Request::post("/upload").header("transfer-encoding", "chunked").body(()).unwrap();
+//! assert_eq!(bytes.cost(&RequestHead::of(&chunked, None)), 1024);
+//! let get = http::Request::get("/points").body(()).unwrap();
+//! assert_eq!(bytes.cost(&RequestHead::of(&get, None)), 1);
+//! ```
+//!
+//! The rules, in order:
+//! - a valid `Content-Length` of `n` bytes: `ceil(n / unit)` units, at least 1 (an empty
+//!   body is still a request);
+//! - a request that declares no body (no `Content-Length`, no `Transfer-Encoding`, and either
+//!   HTTP/1.x, where that means "no body", or a method that carries none: `GET`, `HEAD`,
+//!   `DELETE`, `OPTIONS`, `TRACE`): 1 unit;
+//! - anything else (a streamed body: `Transfer-Encoding: chunked`, or HTTP/2 without
+//!   `Content-Length`; or a `Content-Length` that is not one decimal number) is charged as
+//!   if it were `max_body` bytes long. Set `max_body` to the body limit the server enforces
+//!   (axum's `DefaultBodyLimit`, tower-http's `RequestBodyLimitLayer`): the charge is then
+//!   never below what the request can really send. A `max_body` larger than a policy's
+//!   limit refuses streamed bodies outright (413 `cost_exceeds_limit`: send a
+//!   `Content-Length`).
+//!
+//! Use it with [`RateLimitConfig::cost_in_bytes`](crate::rate_limit::RateLimitConfig::cost_in_bytes)
+//! and [`QuotaConfig::cost_in_bytes`](crate::quota::QuotaConfig::cost_in_bytes); every
+//! policy of that layer is then counted in those units (a layer has one cost function: to
+//! limit requests and bytes at once, stack two layers, one counting each).
 
-use http::{Extensions, HeaderMap, Method, Request, Uri};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{Extensions, HeaderMap, Method, Request, Uri, Version};
 
 use crate::Principal;
 
@@ -32,6 +72,7 @@ pub struct RequestHead<'a> {
     uri: &'a Uri,
     headers: &'a HeaderMap,
     extensions: &'a Extensions,
+    version: Version,
     principal: Option<&'a Principal>,
 }
 
@@ -43,6 +84,7 @@ impl<'a> RequestHead<'a> {
             uri: req.uri(),
             headers: req.headers(),
             extensions: req.extensions(),
+            version: req.version(),
             principal,
         }
     }
@@ -70,6 +112,89 @@ impl<'a> RequestHead<'a> {
     /// The caller, when the request is authenticated.
     pub fn principal(&self) -> Option<&'a Principal> {
         self.principal
+    }
+
+    /// The HTTP version.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The body size the request declares in `Content-Length`: `None` without one, or when
+    /// it is not exactly one decimal number (several differing values, a sign, spaces
+    /// inside, more than `u64::MAX`).
+    pub fn content_length(&self) -> Option<u64> {
+        let mut values = self.headers.get_all(CONTENT_LENGTH).iter();
+        let first = values.next()?;
+        if values.any(|v| v != first) {
+            return None;
+        }
+        let text = first.to_str().ok()?.trim_matches([' ', '\t']);
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        text.parse().ok()
+    }
+
+    /// Whether the request declares that it has no body: no `Content-Length` and no
+    /// `Transfer-Encoding`, and either HTTP/1.x (where that means no body) or a method that
+    /// carries none (`GET`, `HEAD`, `DELETE`, `OPTIONS`, `TRACE`).
+    pub fn declares_no_body(&self) -> bool {
+        if self.headers.contains_key(CONTENT_LENGTH) || self.headers.contains_key(TRANSFER_ENCODING)
+        {
+            return false;
+        }
+        matches!(
+            self.version,
+            Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11
+        ) || matches!(
+            *self.method,
+            Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+        )
+    }
+}
+
+/// A cost in bytes: `ceil(body bytes / unit)` units per request, streamed bodies charged as
+/// `max_body` bytes. See [the module docs](self#charging-by-bytes) for the rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByBytes {
+    unit: u64,
+    max_body: u64,
+}
+
+/// Charges by body size: one unit per started `unit` bytes (a `unit` of 0 counts as 1),
+/// streamed bodies without a declared length as `max_body` bytes.
+pub fn by_bytes(unit: u64, max_body: u64) -> ByBytes {
+    ByBytes {
+        unit: unit.max(1),
+        max_body,
+    }
+}
+
+impl ByBytes {
+    /// The bytes of one unit.
+    pub fn unit(&self) -> u64 {
+        self.unit
+    }
+
+    /// What a streamed body without a declared length is charged as, in bytes.
+    pub fn max_body(&self) -> u64 {
+        self.max_body
+    }
+
+    /// The units `head` costs (at least 1).
+    pub fn cost(&self, head: &RequestHead<'_>) -> u64 {
+        let bytes = match head.content_length() {
+            Some(n) => n,
+            None if head.declares_no_body() => 0,
+            None => self.max_body,
+        };
+        bytes.div_ceil(self.unit).max(1)
+    }
+
+    /// [`cost`](Self::cost) for a rate limit (whose costs are `u32`), saturating: a cost
+    /// beyond `u32::MAX` is above every limit and refused as `cost_exceeds_limit`.
+    pub fn cost_u32(&self, head: &RequestHead<'_>) -> u32 {
+        u32::try_from(self.cost(head)).unwrap_or(u32::MAX)
     }
 }
 
@@ -174,7 +299,64 @@ impl FieldBuf {
 
 #[cfg(test)]
 mod tests {
-    use super::FieldBuf;
+    use super::{by_bytes, FieldBuf, RequestHead};
+
+    fn req(method: &str, version: http::Version, headers: &[(&str, &str)]) -> http::Request<()> {
+        let mut b = http::Request::builder()
+            .method(method)
+            .uri("/x")
+            .version(version);
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn bytes_from_content_length_and_streamed_bodies() {
+        use http::Version as V;
+        let b = by_bytes(100, 10_000);
+        let cost = |r: &http::Request<()>| b.cost(&RequestHead::of(r, None));
+        let one = |m, v, h: &[(&str, &str)]| cost(&req(m, v, h));
+        assert_eq!(one("POST", V::HTTP_11, &[("content-length", "0")]), 1);
+        assert_eq!(one("POST", V::HTTP_11, &[("content-length", "100")]), 1);
+        assert_eq!(one("POST", V::HTTP_11, &[("content-length", "101")]), 2);
+        assert_eq!(
+            one(
+                "POST",
+                V::HTTP_11,
+                &[("content-length", "18446744073709551615")]
+            ),
+            184_467_440_737_095_517
+        );
+        // No body declared: HTTP/1.1 without length headers, or a bodyless method on HTTP/2.
+        assert_eq!(one("POST", V::HTTP_11, &[]), 1);
+        assert_eq!(one("GET", V::HTTP_2, &[]), 1);
+        // Streamed or unreadable lengths are charged as the maximum body.
+        assert_eq!(one("POST", V::HTTP_2, &[]), 100);
+        assert_eq!(
+            one("PUT", V::HTTP_11, &[("transfer-encoding", "chunked")]),
+            100
+        );
+        for bad in ["-1", "+5", "1 2", "", "0x10", "99999999999999999999"] {
+            assert_eq!(
+                one("POST", V::HTTP_11, &[("content-length", bad)]),
+                100,
+                "{bad:?}"
+            );
+        }
+        let two = http::Request::post("/x")
+            .header("content-length", "5")
+            .header("content-length", "6")
+            .body(())
+            .unwrap();
+        assert_eq!(cost(&two), 100, "differing lengths");
+        // A unit of 0 counts as 1; rate limits saturate at u32::MAX.
+        let per_byte = by_bytes(0, u64::MAX);
+        let big = req("POST", V::HTTP_2, &[]);
+        assert_eq!(per_byte.cost(&RequestHead::of(&big, None)), u64::MAX);
+        assert_eq!(per_byte.cost_u32(&RequestHead::of(&big, None)), u32::MAX);
+    }
 
     fn text(f: &FieldBuf) -> String {
         String::from_utf8(f.as_bytes().to_vec()).unwrap()

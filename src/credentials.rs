@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use http::header::{HeaderName, AUTHORIZATION};
 use http::{HeaderMap, HeaderValue, Request, Uri};
 
-use crate::{Denial, DenialCode};
+use crate::{Denial, DenialCode, Prefix};
 
 /// One place a request may carry its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,6 +175,135 @@ impl Credentials {
             }
         }
     }
+}
+
+impl Credentials {
+    /// The `missing_key` denial of a request in which [`extract`](Self::extract) found no
+    /// credential. When something shaped like a key (it starts with one of `prefixes` and
+    /// `_`, or has the key format: a prefix, `_`, 40 base62 characters) sits where keys are
+    /// not read (`Authorization` without `Bearer` or with another scheme, another header, a
+    /// query parameter that is not configured), the detail says where it was found and
+    /// where keys go; the value itself is never echoed. Only called once no credential was
+    /// found, so the requests that carry one pay nothing for it.
+    pub fn missing(&self, headers: &HeaderMap, uri: &Uri, prefixes: &[Prefix]) -> Denial {
+        let denial = Denial::new(DenialCode::MissingKey);
+        match self.misplaced(headers, uri, prefixes) {
+            Some(place) => denial.with_detail(format!(
+                "No API key was provided where keys are read. Something shaped like an API key \
+                 was found in {place}, where keys are not read (it is not shown here); send \
+                 the key in {}.",
+                self.where_keys_go()
+            )),
+            None => denial,
+        }
+    }
+
+    /// Where a key-shaped value sits outside the configured sources, described.
+    fn misplaced(&self, headers: &HeaderMap, uri: &Uri, prefixes: &[Prefix]) -> Option<String> {
+        let shaped = |t: &str| key_shaped(t, prefixes);
+        let bearer = self.sources.contains(&CredentialSource::Bearer);
+        for value in headers.get_all(AUTHORIZATION) {
+            let Ok(text) = value.to_str() else { continue };
+            let mut words = text.split([' ', '\t']).filter(|w| !w.is_empty());
+            let (Some(first), second) = (words.next(), words.next()) else {
+                continue;
+            };
+            if shaped(first) {
+                return Some("the Authorization header without the Bearer scheme".to_owned());
+            }
+            if second.is_some_and(shaped) {
+                if first.eq_ignore_ascii_case("bearer") && !bearer {
+                    return Some("the Authorization header (Bearer)".to_owned());
+                }
+                return Some(format!(
+                    "the Authorization header with the {} scheme (only Bearer is read)",
+                    safe_name(first, 20).map_or("another".to_owned(), |s| format!("{s:?}"))
+                ));
+            }
+        }
+        for (name, value) in headers {
+            if *name == AUTHORIZATION {
+                continue;
+            }
+            let Ok(text) = value.to_str() else { continue };
+            if text
+                .split([' ', '\t', ',', ';', '=', '"'])
+                .any(|t| !t.is_empty() && shaped(t))
+            {
+                return Some(match safe_name(name.as_str(), 64) {
+                    Some(n) => format!("the {n:?} header"),
+                    None => "a request header".to_owned(),
+                });
+            }
+        }
+        if let Some(query) = uri.query() {
+            for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+                if shaped(value.trim_matches(is_ows)) {
+                    return Some(match safe_name(&name, 64) {
+                        Some(n) => format!("the query parameter {n:?}"),
+                        None => "a query parameter".to_owned(),
+                    });
+                }
+            }
+        }
+        None
+    }
+
+    /// The configured sources, described for a person.
+    fn where_keys_go(&self) -> String {
+        let mut places: Vec<String> = self
+            .sources
+            .iter()
+            .map(|s| match s {
+                CredentialSource::Bearer => "the Authorization header as \"Bearer <key>\"".into(),
+                CredentialSource::Header(n) => format!("the {:?} header", n.as_str()),
+                CredentialSource::Query(p) => format!("the {p:?} query parameter"),
+            })
+            .collect();
+        match places.len() {
+            0 => "no place: this service reads no keys".to_owned(),
+            1 => places.remove(0),
+            n => {
+                let last = places.remove(n - 1);
+                format!("{} or {last}", places.join(", "))
+            }
+        }
+    }
+}
+
+/// `name` if it is at most `max` characters of `[A-Za-z0-9_.-]` (safe to echo).
+fn safe_name(name: &str, max: usize) -> Option<&str> {
+    (!name.is_empty()
+        && name.len() <= max
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')))
+    .then_some(name)
+}
+
+/// Whether `t` looks like an API key: one of `prefixes` then `_`, or the key format of any
+/// prefix (`[a-z][a-z0-9]*(_[a-z0-9]+)*`, `_`, 40 base62 characters).
+fn key_shaped(t: &str, prefixes: &[Prefix]) -> bool {
+    if prefixes.iter().any(|p| {
+        t.strip_prefix(p.as_str())
+            .is_some_and(|rest| rest.starts_with('_') && rest.len() > 1)
+    }) {
+        return true;
+    }
+    const BODY: usize = 40;
+    let b = t.as_bytes();
+    if b.len() < BODY + 2 || b[b.len() - BODY - 1] != b'_' {
+        return false;
+    }
+    let (prefix, body) = (&b[..b.len() - BODY - 1], &b[b.len() - BODY..]);
+    body.iter().all(u8::is_ascii_alphanumeric)
+        && prefix[0].is_ascii_lowercase()
+        && prefix.split(|c| *c == b'_').all(|part| {
+            !part.is_empty()
+                && part
+                    .iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        })
 }
 
 fn strip_query<B>(req: &mut Request<B>, param: &str) {

@@ -10,7 +10,7 @@ use http::{Extensions, Request};
 use crate::client_ip::{ClientIp, TrustedProxies};
 use crate::credentials::Credentials;
 use crate::reject::{DefaultRenderer, Renderer};
-use crate::{Clock, Denial, DenialCode, PendingLookup, Principal, Verifier};
+use crate::{Clock, Denial, PendingLookup, Principal, Verifier};
 
 /// The shared hub of keygate: the [`Verifier`] (with its clock and cache), where keys travel
 /// ([`Credentials`]) and how denials are rendered ([`Renderer`]). Cheap to clone.
@@ -159,7 +159,14 @@ impl KeyGate {
         }
         let presented = match self.inner.credentials.extract(req.headers(), req.uri()) {
             Ok(Some(c)) => c,
-            Ok(None) => return Begin::Fresh(Err(Denial::new(DenialCode::MissingKey))),
+            Ok(None) => {
+                // Off the hot path: only requests without a credential look further.
+                return Begin::Fresh(Err(self.inner.credentials.missing(
+                    req.headers(),
+                    req.uri(),
+                    self.inner.verifier.parser().prefixes(),
+                )));
+            }
             Err(d) => return Begin::Fresh(Err(d)),
         };
         match self.inner.verifier.lookup(&presented) {

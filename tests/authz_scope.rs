@@ -16,7 +16,7 @@ use bytes::Bytes;
 use common::Fixture;
 use http::StatusCode;
 use http_body_util::Full;
-use keygate::scope::{RouteScopes, ScopeLayer};
+use keygate::scope::{RouteScopes, ScopeLayer, Unmatched};
 use keygate::{ApiKey, DenialCode};
 use tower::{ServiceBuilder, ServiceExt};
 
@@ -199,15 +199,22 @@ async fn table_routes_need_their_scopes() {
             "/healthz",
             Want::Ok,
         ),
-        // The table says which method: GET on a POST-only read matches no rule.
+        // The table says which method: GET on a POST-only read matches no rule, so it is
+        // an unknown route (404), like a path no rule knows.
         (
             "method matters",
             r,
             "GET",
             "/collections/c1/points/search",
-            denied,
+            Want::Denied(StatusCode::NOT_FOUND, UnknownRoute),
         ),
-        ("unmatched route", r, "GET", "/cluster", denied),
+        (
+            "unmatched route",
+            r,
+            "GET",
+            "/cluster",
+            Want::Denied(StatusCode::NOT_FOUND, UnknownRoute),
+        ),
     ];
     for (what, key, method, path, want) in rows {
         let (out, reached) = call(&svc, &calls, request(method, path, key)).await;
@@ -398,8 +405,14 @@ async fn wildcard_scopes() {
             denied,
         ),
         ("*:read does not manage", a, "PUT", "/collections/c", denied),
-        // Even `*` does not open routes the table does not know.
-        ("* on an unmatched route", e, "GET", "/cluster", denied),
+        // Even `*` does not open routes the table does not know: they do not exist (404).
+        (
+            "* on an unmatched route",
+            e,
+            "GET",
+            "/cluster",
+            Want::Denied(StatusCode::NOT_FOUND, UnknownRoute),
+        ),
     ] {
         let (out, reached) = call(&svc, &calls, request(method, path, key)).await;
         check(&out, reached, want, what);
@@ -533,7 +546,7 @@ async fn custom_resource_parameter() {
 }
 
 #[tokio::test]
-async fn unmatched_routes_are_denied_unless_the_table_allows_them() {
+async fn unmatched_routes_are_unknown_unless_the_table_says_otherwise() {
     let fx = Fixture::new();
     let k = key(&fx, "k", &["*"], &["*"], &[]).await;
     let calls = Arc::new(AtomicUsize::new(0));
@@ -547,17 +560,57 @@ async fn unmatched_routes_are_denied_unless_the_table_allows_them() {
         request("GET", "/cluster", Some(k.expose_secret())),
     )
     .await;
+    // A key holding `*` asks for a route no rule knows: 404 unknown_route, no challenge
+    // (no scope would help).
+    check(
+        &out,
+        reached,
+        Want::Denied(StatusCode::NOT_FOUND, UnknownRoute),
+        "unmatched",
+    );
+    assert!(out.header("www-authenticate").is_none(), "unmatched");
+    assert_eq!(out.json()["code"], "unknown_route");
+    assert_eq!(
+        out.json()["detail"],
+        "No route of this service matches this method and path."
+    );
+    // Without a valid key the authentication verdict comes first: anonymous callers learn
+    // nothing about which routes exist.
+    for bad in [None, Some("kg_garbage")] {
+        let (out, reached) = call(&strict, &calls, request("GET", "/cluster", bad)).await;
+        assert_eq!(out.status, StatusCode::UNAUTHORIZED, "{bad:?}");
+        assert!(!reached);
+    }
+
+    // The older answer, 403 insufficient_scope, on request.
+    let old_table = RouteScopes::builder()
+        .route("PUT", "/collections/{collection}/points", "points:write")
+        .unmatched(Unmatched::InsufficientScope)
+        .build()
+        .expect("table");
+    assert_eq!(old_table.unmatched(), Unmatched::InsufficientScope);
+    assert_eq!(qdrant_table().unmatched(), Unmatched::UnknownRoute);
+    let old = ServiceBuilder::new()
+        .layer(fx.gate.auth_layer())
+        .layer(ScopeLayer::table(old_table))
+        .service(probe(calls.clone()));
+    let (out, reached) = call(
+        &old,
+        &calls,
+        request("GET", "/cluster", Some(k.expose_secret())),
+    )
+    .await;
     check(
         &out,
         reached,
         Want::Denied(FORBIDDEN, InsufficientScope),
-        "unmatched",
+        "unmatched as before",
     );
     // No rule, so no scope to name.
     assert_challenge(
         &out,
         r#"Bearer realm="keygate", error="insufficient_scope""#,
-        "unmatched",
+        "unmatched as before",
     );
     assert!(out.json().get("required_scope").is_none());
     assert!(out.required_scope.is_none());
@@ -619,25 +672,28 @@ async fn grpc_denials_are_permission_denied() {
     let (out, reached) = call(&svc, &calls, grpc_request("/qdrant.Points/Search", k)).await;
     assert_eq!(out.status, StatusCode::OK);
     assert!(reached);
-    for (what, req, code) in [
+    for (what, req, grpc, code) in [
         (
             "scope",
             grpc_request("/qdrant.Points/Upsert", k),
+            7,
             InsufficientScope,
         ),
         (
-            "unmatched",
+            "unmatched: UNIMPLEMENTED",
             grpc_request("/qdrant.Points/Delete", k),
-            InsufficientScope,
+            12,
+            UnknownRoute,
         ),
         (
             "resource",
             grpc_request("/collections/private/points/search", k),
+            7,
             ResourceForbidden,
         ),
     ] {
         let (out, reached) = call(&svc, &calls, req).await;
-        assert_grpc_denied(&out, 7, code, what);
+        assert_grpc_denied(&out, grpc, code, what);
         assert!(!reached, "{what}");
         assert!(
             out.header("www-authenticate").is_none(),
@@ -1038,5 +1094,82 @@ async fn the_first_matching_rule_decides() {
     ] {
         let (out, reached) = call(&svc, &calls, request(method, path, key)).await;
         check(&out, reached, want, what);
+    }
+}
+
+#[tokio::test]
+async fn resource_forbidden_says_which_collection_and_why() {
+    let fx = Fixture::new();
+    let tenant = key(&fx, "tenant", &["*"], &["tenant-*"], &[]).await;
+    let none = key(&fx, "none", &["*"], &[], &[]).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = ServiceBuilder::new()
+        .layer(ScopeLayer::table(qdrant_table()).with_gate(&fx.gate))
+        .service(probe(calls.clone()));
+    let long = "x".repeat(65);
+    let cases: Vec<(&str, &ApiKey, String, String)> = vec![
+        (
+            "no matching pattern",
+            &tenant,
+            "private".into(),
+            r#"Collection "private" is refused: it matches none of the API key's collection patterns."#.into(),
+        ),
+        (
+            "no patterns at all",
+            &none,
+            "tenant-a".into(),
+            r#"Collection "tenant-a" is refused: the API key has no collection patterns, so it may access no collection."#.into(),
+        ),
+        (
+            "quotes and backslashes escaped",
+            &tenant,
+            "a%22b%5Cc".into(),
+            r#"Collection "a\"b\\c" is refused: it matches none of the API key's collection patterns."#.into(),
+        ),
+        (
+            "64 characters are echoed",
+            &tenant,
+            "y".repeat(64),
+            format!(
+                r#"Collection "{}" is refused: it matches none of the API key's collection patterns."#,
+                "y".repeat(64)
+            ),
+        ),
+        (
+            "longer names are not",
+            &tenant,
+            long.clone(),
+            "The collection asked for (65 bytes, not shown) is refused: it matches none of the API key's collection patterns.".into(),
+        ),
+        (
+            "non-ASCII names are not",
+            &tenant,
+            "caf%C3%A9".into(),
+            "The collection asked for (5 bytes, not shown) is refused: it matches none of the API key's collection patterns.".into(),
+        ),
+        (
+            "undecodable names",
+            &tenant,
+            "%FF".into(),
+            "The collection name in the path is not valid (it must decode to UTF-8 without '/' or control characters).".into(),
+        ),
+    ];
+    for (what, k, name, detail) in cases {
+        let path = format!("/collections/{name}/points/search");
+        let (out, reached) = call(
+            &svc,
+            &calls,
+            request("POST", &path, Some(k.expose_secret())),
+        )
+        .await;
+        assert!(!reached, "{what}");
+        assert_eq!(out.status, StatusCode::FORBIDDEN, "{what}");
+        let body = out.json();
+        assert_eq!(body["code"], "resource_forbidden", "{what}");
+        assert_eq!(body["detail"], detail.as_str(), "{what}");
+        assert!(
+            !body["detail"].as_str().unwrap().contains("tenant-*"),
+            "{what}: patterns are never listed"
+        );
     }
 }

@@ -58,7 +58,12 @@ fn check(out: &Outcome, reached: bool, want: Want, what: &str) {
             assert!(reached, "{what}: handler not called");
         }
         Want::Denied(code) => {
-            assert_denied(out, StatusCode::FORBIDDEN, code, what);
+            let status = if code == UnknownRoute {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            assert_denied(out, status, code, what);
             assert!(!reached, "{what}: handler called on a denial");
         }
     }
@@ -75,7 +80,7 @@ async fn percent_encoded_paths() {
         .layer(ScopeLayer::table(table()).with_gate(&fx.gate))
         .service(probe(calls.clone()));
     let forbidden = Want::Denied(ResourceForbidden);
-    let unmatched = Want::Denied(InsufficientScope);
+    let unmatched = Want::Denied(UnknownRoute);
     let rows: Vec<(&str, &ApiKey, &str, Want)> = vec![
         // The resource parameter is decoded before it is checked.
         (
@@ -224,7 +229,7 @@ async fn trailing_and_double_slashes_match_no_rule() {
         check(
             &out,
             reached,
-            Want::Denied(InsufficientScope),
+            Want::Denied(UnknownRoute),
             &format!("{method} {path}"),
         );
     }
@@ -248,7 +253,7 @@ async fn trailing_and_double_slashes_match_no_rule() {
     let mut req = request("OPTIONS", "/", k);
     *req.uri_mut() = http::Uri::from_static("*");
     let (out, reached) = call(&svc, &calls, req).await;
-    check(&out, reached, Want::Denied(InsufficientScope), "OPTIONS *");
+    check(&out, reached, Want::Denied(UnknownRoute), "OPTIONS *");
 }
 
 #[tokio::test]
@@ -276,28 +281,13 @@ async fn very_long_paths() {
     check(&out, reached, Want::Ok, "32 segments");
     let deeper = format!("{deep}/s32");
     let (out, reached) = call(&svc, &calls, request("GET", &deeper, k)).await;
-    check(
-        &out,
-        reached,
-        Want::Denied(InsufficientScope),
-        "33 segments",
-    );
+    check(&out, reached, Want::Denied(UnknownRoute), "33 segments");
     let thousands = "/a".repeat(10_000);
     let (out, reached) = call(&svc, &calls, request("GET", &thousands, k)).await;
-    check(
-        &out,
-        reached,
-        Want::Denied(InsufficientScope),
-        "10,000 segments",
-    );
+    check(&out, reached, Want::Denied(UnknownRoute), "10,000 segments");
     let slashes = "/".repeat(40_000);
     let (out, reached) = call(&svc, &calls, request("GET", &slashes, k)).await;
-    check(
-        &out,
-        reached,
-        Want::Denied(InsufficientScope),
-        "40,000 slashes",
-    );
+    check(&out, reached, Want::Denied(UnknownRoute), "40,000 slashes");
 
     // A 40,000-byte collection name: allowed by `*`, not by `tenant-*`, and the glob with
     // many stars stays fast on it.
@@ -362,7 +352,7 @@ async fn grpc_paths_with_odd_characters() {
         "/pkg.Svc/Method~!$&'()*+,=:@",
     ] {
         let (out, reached) = call(&svc, &calls, grpc_request(path, k)).await;
-        assert_grpc_denied(&out, 7, InsufficientScope, path);
+        assert_grpc_denied(&out, 12, UnknownRoute, path);
         assert!(!reached, "{path}");
     }
 }
@@ -433,7 +423,7 @@ async fn sprayed_paths_never_panic() {
             }
             Some(code) => {
                 assert!(
-                    matches!(code, InsufficientScope | ResourceForbidden),
+                    matches!(code, UnknownRoute | ResourceForbidden),
                     "{path}: {code:?}"
                 );
                 assert!(!reached, "{path}");

@@ -1,6 +1,7 @@
 //! Order-independence of keygate's layers (docs/ARCHITECTURE.md, "Order independence"): for every request
 //! of a matrix that breaks at most one policy, every permutation of the layers gives the same
-//! status, the same client-facing code and the same exact `Denial` code. Also: each layer
+//! status, the same client-facing code and the same exact `Denial` code (a request costing
+//! more than a rate limit or a quota allows at all included). Also: each layer
 //! alone, built from the hub, reaches the same verdicts for what it checks; built without
 //! the hub and without the auth layer, it fails closed.
 
@@ -243,6 +244,12 @@ struct Case {
     breaks: Option<Kind>,
 }
 
+/// A case with an extra request header (a cost).
+fn with_header(mut case: Case, name: &'static str, value: &'static str) -> Case {
+    case.header = Some((name, value));
+    case
+}
+
 fn cases(w: &World) -> Vec<Case> {
     let good = Some(w.good.expose_secret().to_owned());
     let search = "/collections/tenant-a/points/search";
@@ -262,7 +269,40 @@ fn cases(w: &World) -> Vec<Case> {
     use Kind::*;
     let u = StatusCode::UNAUTHORIZED;
     let f = StatusCode::FORBIDDEN;
+    let p = StatusCode::PAYLOAD_TOO_LARGE;
     vec![
+        // A request costing more than the rate limit's burst (1,000) or the whole quota
+        // (1,000 a day): 413 cost_exceeds_limit from whichever layer it breaks.
+        with_header(
+            c(
+                "cost above the rate limit",
+                "POST",
+                search,
+                good.clone(),
+                ok_peer,
+                p,
+                Some("cost_exceeds_limit"),
+                Some("cost_exceeds_limit"),
+                Some(Rate),
+            ),
+            "x-rate-cost",
+            "1001",
+        ),
+        with_header(
+            c(
+                "cost above the quota",
+                "POST",
+                search,
+                good.clone(),
+                ok_peer,
+                p,
+                Some("cost_exceeds_limit"),
+                Some("cost_exceeds_limit"),
+                Some(Quota),
+            ),
+            "x-quota-cost",
+            "1001",
+        ),
         c(
             "allowed",
             "POST",
@@ -351,15 +391,16 @@ fn cases(w: &World) -> Vec<Case> {
             Some("insufficient_scope"),
             Some(Scope),
         ),
+        // A route no rule knows does not exist (404), for a valid key in any order.
         c(
             "unmatched route",
             "GET",
             "/admin",
             good.clone(),
             ok_peer,
-            f,
-            Some("insufficient_scope"),
-            Some("insufficient_scope"),
+            StatusCode::NOT_FOUND,
+            Some("unknown_route"),
+            Some("unknown_route"),
             Some(Scope),
         ),
         c(

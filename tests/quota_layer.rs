@@ -320,15 +320,32 @@ async fn costs_zero_oversized_and_overflowing() {
     let res = svc.clone().oneshot(with("41")).await.unwrap();
     assert_eq!(res.status(), 429);
     assert_eq!(header(&res, "retry-after"), Some("86400"));
+    // More than the whole quota can never pass: 413 cost_exceeds_limit, no Retry-After,
+    // saying what the request costs and what the quota allows.
     let res = svc.clone().oneshot(with("101")).await.unwrap();
-    assert_eq!(res.status(), 429);
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(header(&res, "retry-after"), None, "it can never pass");
+    assert_eq!(header(&res, "ratelimit"), Some(r#""units";r=40;t=86400"#));
+    let denial = res.extensions().get::<Denial>().unwrap().clone();
+    assert_eq!(denial.code(), DenialCode::CostExceedsLimit);
+    let body = json(res).await;
+    assert_eq!(body["code"], "cost_exceeds_limit");
+    assert_eq!(body["violated-policies"], serde_json::json!(["units"]));
+    assert_eq!(
+        body["detail"],
+        "This request costs 101; the quota \"units\" allows 100 per period. \
+         Send smaller requests."
+    );
     let res = svc
         .clone()
         .oneshot(with(&u64::MAX.to_string()))
         .await
         .unwrap();
-    assert_eq!(res.status(), 429, "an overflowing sum is over the limit");
+    assert_eq!(
+        res.status(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "a cost above the whole quota"
+    );
     let res = svc.clone().oneshot(with("40")).await.unwrap();
     assert_eq!(header(&res, "ratelimit"), Some(r#""units";r=0;t=86400"#));
     assert_eq!(calls.load(Ordering::SeqCst), 3);
@@ -816,6 +833,193 @@ async fn a_refusal_by_an_inner_layer_is_refunded() {
         );
         fx.clock.advance(Duration::from_secs(60));
     }
+}
+
+/// An inner service answering the status in `x-status` (and the gRPC status in
+/// `x-grpc-status`, trailers-only), counting its calls.
+fn answering(
+    calls: Arc<AtomicUsize>,
+) -> impl tower::Service<
+    Request<Body>,
+    Response = Response<Body>,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send,
+> + Clone
+       + Send
+       + 'static {
+    tower::service_fn(move |req: Request<Body>| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        let status = req
+            .headers()
+            .get("x-status")
+            .map_or(200, |v| v.to_str().unwrap().parse().unwrap());
+        let grpc = req.headers().get("x-grpc-status").cloned();
+        async move {
+            let mut res = Response::new(Body::default());
+            *res.status_mut() = StatusCode::from_u16(status).unwrap();
+            if let Some(g) = grpc {
+                res.headers_mut().insert("grpc-status", g);
+            }
+            Ok::<_, std::convert::Infallible>(res)
+        }
+    })
+}
+
+#[tokio::test]
+async fn requests_the_service_refuses_are_not_charged() {
+    let fx = Fixture::new();
+    let key = issue(&fx, vec![QuotaPolicy::new("daily", 10, QuotaWindow::Day)]).await;
+    for counting in [
+        Counting::Strict,
+        Counting::Batched {
+            flush_every: Duration::from_secs(3600),
+        },
+    ] {
+        let store = MemoryUsageStore::new();
+        let quota = QuotaLayer::new(
+            &fx.gate,
+            QuotaConfig::new(store.clone())
+                .counting(counting)
+                .cost(|h| {
+                    h.headers()
+                        .get("x-cost")
+                        .map_or(1, |v| v.to_str().unwrap().parse().unwrap())
+                }),
+        )
+        .unwrap();
+        let handle = quota.handle();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = ServiceBuilder::new()
+            .layer(fx.gate.auth_layer())
+            .layer(quota)
+            .service(answering(calls.clone()));
+        let send = |status: &str, grpc: Option<&str>| {
+            let mut r = keyed(&key);
+            let h = r.headers_mut();
+            h.insert("x-cost", "5".parse().unwrap());
+            h.insert("x-status", status.parse().unwrap());
+            if let Some(g) = grpc {
+                h.insert("x-grpc-status", g.parse().unwrap());
+            }
+            svc.clone().oneshot(r)
+        };
+        let day = Window::containing(QuotaWindow::Day, fx.clock_now());
+        let used = || async {
+            handle.flush().await.unwrap();
+            // Strict refunds are written by a spawned task: poll with a bounded count.
+            let mut last = 0;
+            for _ in 0..1000 {
+                last = store.load(&key.id(), &[day]).await.unwrap()[0].cost;
+                tokio::task::yield_now().await;
+            }
+            last
+        };
+        // Two 5-point upserts the service refuses (403, 400), a 404 and a gRPC
+        // PERMISSION_DENIED: none is charged, so the whole 10 is still there.
+        for (status, grpc) in [
+            ("403", None),
+            ("400", None),
+            ("404", None),
+            ("200", Some("7")),
+        ] {
+            let res = send(status, grpc).await.unwrap();
+            assert_eq!(res.status().as_str(), status, "{counting:?}");
+            assert_eq!(
+                used().await,
+                0,
+                "{counting:?}: {status} {grpc:?} is not charged"
+            );
+        }
+        // A 429 from the service itself, a 5xx and a gRPC OK are charged.
+        assert_eq!(send("429", None).await.unwrap().status(), 429);
+        assert_eq!(
+            used().await,
+            5,
+            "{counting:?}: the service's own 429 is charged"
+        );
+        assert_eq!(send("500", Some("0")).await.unwrap().status(), 500);
+        assert_eq!(used().await, 10, "{counting:?}: a 5xx is charged");
+        // Used up: keygate's own refusal, with no call.
+        let before = calls.load(Ordering::SeqCst);
+        let res = send("200", None).await.unwrap();
+        assert_eq!(res.status(), 429);
+        assert_eq!(calls.load(Ordering::SeqCst), before);
+        assert_eq!(used().await, 10);
+        fx.clock.advance(Duration::from_secs(86_400));
+    }
+}
+
+#[tokio::test]
+async fn charge_refused_keeps_charging_refusals() {
+    let fx = Fixture::new();
+    let key = issue(&fx, vec![QuotaPolicy::new("daily", 2, QuotaWindow::Day)]).await;
+    let quota = QuotaLayer::new(
+        &fx.gate,
+        QuotaConfig::new(MemoryUsageStore::new()).charge_refused(true),
+    )
+    .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(fx.gate.auth_layer())
+        .layer(quota)
+        .service(answering(Arc::default()));
+    let forbidden = || {
+        let mut r = keyed(&key);
+        r.headers_mut().insert("x-status", "403".parse().unwrap());
+        svc.clone().oneshot(r)
+    };
+    assert_eq!(forbidden().await.unwrap().status(), 403);
+    let res = forbidden().await.unwrap();
+    assert_eq!(res.status(), 403);
+    assert_eq!(header(&res, "ratelimit"), Some(r#""daily";r=0;t=86400"#));
+    assert_eq!(forbidden().await.unwrap().status(), 429);
+}
+
+#[tokio::test]
+async fn a_quota_in_bytes_charges_the_declared_length() {
+    let fx = Fixture::new();
+    let key = issue(&fx, vec![QuotaPolicy::new("kib", 10, QuotaWindow::Day)]).await;
+    let cfg = QuotaConfig::new(MemoryUsageStore::new())
+        .cost_in_bytes(keygate::cost::by_bytes(1024, 8 * 1024));
+    let (svc, _, calls) = stack(&fx, cfg);
+    let with = |name: &'static str, value: &str| {
+        let mut r = keyed(&key);
+        *r.method_mut() = http::Method::PUT;
+        r.headers_mut().insert(name, value.parse().unwrap());
+        r
+    };
+    let res = svc
+        .clone()
+        .oneshot(with("content-length", "4097"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "ratelimit"), Some(r#""kib";r=5;t=86400"#));
+    // A streamed body is charged as the maximum (8 KiB): more than the 5 left.
+    let res = svc
+        .clone()
+        .oneshot(with("transfer-encoding", "chunked"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+    assert_eq!(
+        res.extensions().get::<Denial>().unwrap().code(),
+        DenialCode::QuotaExceeded
+    );
+    // More bytes than the whole quota: 413.
+    let res = svc
+        .clone()
+        .oneshot(with("content-length", "20000"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        json(res).await["detail"],
+        "This request costs 20; the quota \"kib\" allows 10 per period. Send smaller requests."
+    );
+    // A bodyless GET costs one unit.
+    let res = svc.clone().oneshot(keyed(&key)).await.unwrap();
+    assert_eq!(header(&res, "ratelimit"), Some(r#""kib";r=4;t=86400"#));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]

@@ -247,12 +247,28 @@ async fn weighted_costs_zero_and_oversized() {
     let res = svc.clone().oneshot(batch("41")).await.unwrap();
     assert_eq!(res.status(), 429);
     assert_eq!(header(&res, "retry-after"), Some("1"));
-    // More than the limit can never pass: refused at once, no Retry-After.
+    // More than the limit can never pass: 413 cost_exceeds_limit at once, no Retry-After,
+    // the fields still naming the policy.
     let res = svc.clone().oneshot(batch("101")).await.unwrap();
-    assert_eq!(res.status(), 429);
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(header(&res, "retry-after"), None);
-    let denial = res.extensions().get::<Denial>().unwrap();
-    assert!(denial.detail().contains("costs more"), "{denial:?}");
+    assert_eq!(
+        header(&res, "ratelimit-policy"),
+        Some(r#""points";q=100;w=60"#)
+    );
+    assert_eq!(header(&res, "ratelimit"), Some(r#""points";r=40;t=36"#));
+    let denial = res.extensions().get::<Denial>().unwrap().clone();
+    assert_eq!(denial.code(), DenialCode::CostExceedsLimit);
+    assert_eq!(denial.retry_after(), None);
+    let body = json(res).await;
+    assert_eq!(body["code"], "cost_exceeds_limit");
+    assert_eq!(body["status"], 413);
+    assert_eq!(body["violated-policies"], serde_json::json!(["points"]));
+    assert_eq!(
+        body["detail"],
+        "This request costs 101; the rate limit \"points\" allows at most 100 at once. \
+         Send smaller requests."
+    );
     // Neither refusal was counted: 40 still fit.
     assert_eq!(
         svc.clone().oneshot(batch("40")).await.unwrap().status(),
@@ -498,7 +514,8 @@ async fn fields_can_be_turned_off_for_successes() {
 }
 
 #[tokio::test]
-async fn a_refusal_by_an_inner_layer_is_refunded() {
+async fn a_refusal_by_an_inner_layer_still_counts() {
+    // Rate limits protect capacity: a request another layer refuses used it too.
     let fx = Fixture::new();
     let key = fx
         .issue_with("k", |r| {
@@ -518,16 +535,59 @@ async fn a_refusal_by_an_inner_layer_is_refunded() {
         all(&res, "ratelimit-policy"),
         [r#""daily";q=1;w=86400"#, r#""burst";q=3;w=60"#]
     );
-    for _ in 0..5 {
+    for (left, t) in [(1, 40), (0, 60)] {
         let res = svc.clone().oneshot(keyed(&key)).await.unwrap();
         assert_eq!(res.status(), 429);
         assert_eq!(
             res.extensions().get::<Denial>().unwrap().code(),
             DenialCode::QuotaExceeded
         );
-        // The rate limit gave the request back: still 2 of 3 left.
-        assert_eq!(all(&res, "ratelimit")[1], r#""burst";r=2;t=20"#);
+        // The quota's refusal was counted by the rate limit.
+        assert_eq!(
+            all(&res, "ratelimit")[1],
+            format!(r#""burst";r={left};t={t}"#)
+        );
     }
+    let res = svc.clone().oneshot(keyed(&key)).await.unwrap();
+    assert_eq!(
+        res.extensions().get::<Denial>().unwrap().code(),
+        DenialCode::RateLimited,
+        "the fourth request of the minute is rate limited"
+    );
+    assert_eq!(header(&res, "retry-after"), Some("20"));
+}
+
+#[tokio::test]
+async fn hammering_a_forbidden_route_is_rate_limited() {
+    // A valid key repeating a request the scope layer refuses: every 403 counts, so the
+    // key is slowed down like any other caller (it used to be refunded forever).
+    let fx = Fixture::new();
+    let key = fx
+        .issue_with("k", |r| {
+            r.scopes = vec!["points:read".into()];
+            r.rate_limits = vec![RateLimitPolicy::per_minute("burst", 5)];
+        })
+        .await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = ServiceBuilder::new()
+        .layer(fx.gate.auth_layer())
+        .layer(RateLimitLayer::new(&fx.gate, config(&fx.clock)).unwrap())
+        .layer(keygate::scope::ScopeLayer::require("points:write").unwrap())
+        .service(counting_ok::<Body>(calls.clone()));
+    for i in 0..5 {
+        let res = svc.clone().oneshot(keyed(&key)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN, "request {i}");
+        assert_eq!(
+            header(&res, "ratelimit"),
+            Some(format!(r#""burst";r={};t={}"#, 4 - i, 12 * (i + 1)).as_str())
+        );
+    }
+    for _ in 0..100 {
+        let res = svc.clone().oneshot(keyed(&key)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(header(&res, "retry-after"), Some("12"));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
 }
 
 #[test]

@@ -264,7 +264,8 @@ async fn answers_exactly_as_the_in_process_limiter() {
     // Key 1: the default policy.
     script.extend([req(1, 1); 4]);
     script.extend([Step::Wait(334), req(1, 1), req(1, 2)]);
-    // Key 2: the quota layer inside refuses the third request; the rate limit refunds it.
+    // Key 2: the quota layer inside refuses the third and fourth requests; the rate limit
+    // counts them (no refund), so the fifth is rate limited.
     script.extend([req(2, 1); 5]);
     // Anonymous requests (401 from the auth layer inside) are limited per address.
     script.extend([
@@ -297,11 +298,17 @@ async fn answers_exactly_as_the_in_process_limiter() {
     assert_eq!(count("200 "), 16);
     assert_eq!(count(r#"rate_limited ["burst"]"#), 3);
     assert_eq!(count(r#"rate_limited ["hourly"]"#), 1);
-    assert_eq!(count(r#"rate_limited ["burst", "hourly"]"#), 1);
+    assert_eq!(count(r#"cost_exceeds_limit ["burst"]"#), 1);
+    assert_eq!(count(r#"cost_exceeds_limit ["burst", "hourly"]"#), 1);
     assert_eq!(count(r#"rate_limited ["default"]"#), 2);
     assert_eq!(count(r#"rate_limited ["anonymous"]"#), 1);
-    assert_eq!(count("retry=[] rate_limited"), 2, "the oversized costs");
-    assert_eq!(count("quota_exceeded"), 3);
+    assert_eq!(
+        count("413 "),
+        2,
+        "the oversized costs: cost_exceeds_limit, no retry"
+    );
+    assert_eq!(count("retry=[] cost_exceeds_limit"), 2);
+    assert_eq!(count("quota_exceeded"), 2);
     assert_eq!(count("401 "), 4);
 }
 

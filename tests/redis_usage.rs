@@ -158,6 +158,21 @@ async fn answers_exactly_as_the_memory_store() {
     for (m, r) in memory.iter().zip(&redis) {
         assert_eq!(m, r);
     }
+    // With a durable copy (re-seeding, write-through, reports from the copy): the same.
+    t.redis.delete_all().await.unwrap();
+    let copy = MemoryUsageStore::new();
+    let durable = scenario(&RedisUsageStore::new(&t.redis).durable(copy.clone())).await;
+    for (m, r) in memory.iter().zip(&durable) {
+        assert_eq!(m, r);
+    }
+    // The copy holds what Redis holds.
+    let (k, until) = (key("AAAAAAAAAAAA"), utc(2030, 1, 1, 0, 0, 0));
+    let in_redis = RedisUsageStore::new(&t.redis)
+        .report(&k, UNIX_EPOCH, until)
+        .await
+        .unwrap();
+    assert!(in_redis.len() >= 4, "{in_redis:?}");
+    assert_eq!(copy.report(&k, UNIX_EPOCH, until).await.unwrap(), in_redis);
     // The scenario saw admissions, refusals and reports with rows.
     assert!(memory[0].contains("Admitted"));
     assert!(memory[1].contains("Refused"));

@@ -210,7 +210,7 @@ async fn an_upsert_is_charged_the_points_it_writes() {
     let r = within(&w, "PUT", path, &key, points(1, 8)).await;
     assert_eq!(
         (r.status, r.code()),
-        (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        (StatusCode::PAYLOAD_TOO_LARGE, "cost_exceeds_limit"),
         "{}",
         r.text
     );

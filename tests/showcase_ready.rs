@@ -2,8 +2,6 @@
 //! store at most once per [`READY_CACHE`](showcase_support::server::READY_CACHE) of the
 //! hub's (manual) clock, however many callers come.
 
-#[allow(dead_code, unused_imports, unreachable_pub)]
-#[path = "common/mod.rs"]
 mod common;
 mod showcase_support;
 

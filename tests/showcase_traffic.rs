@@ -58,12 +58,13 @@ async fn batch_upserts_cost_their_point_count_against_rate_limits() {
     w.clock.advance(Duration::from_secs(60));
     let r = upsert(4, 3).await;
     assert_eq!(r.status, StatusCode::OK, "the limit refilled: {}", r.text);
-    // A batch larger than the limit can never pass: refused at once, without Retry-After.
+    // A batch larger than the limit can never pass: refused at once (413
+    // cost_exceeds_limit), without Retry-After.
     w.clock.advance(Duration::from_secs(60));
     let r = upsert(10, 6).await;
     assert_eq!(
         (r.status, r.code()),
-        (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+        (StatusCode::PAYLOAD_TOO_LARGE, "cost_exceeds_limit")
     );
     assert_eq!(r.header("retry-after"), None);
     // The batch form counts too.

@@ -170,11 +170,17 @@ pub async fn restore_denial(req: Request, next: Next) -> Response {
 
 /// The points of an upsert, parsed by [`read_upsert`] and taken by the handler.
 #[derive(Clone)]
-pub struct ParsedUpsert(Arc<Mutex<Option<Result<Vec<NewPoint>, String>>>>);
+pub struct ParsedUpsert(Arc<Mutex<Option<Parsed>>>);
+
+/// The points of an upsert, or why its body was refused (the message of a 400).
+pub type Parsed = Result<Vec<NewPoint>, String>;
+
+/// A point as read: id, vector, payload if any.
+type PointIn = (PointId, Vec<f32>, Option<Map<String, Value>>);
 
 impl ParsedUpsert {
     /// The parsed points, or why the body was refused (once; `None` afterwards).
-    pub fn take(&self) -> Option<Result<Vec<NewPoint>, String>> {
+    pub fn take(&self) -> Option<Parsed> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
     }
 }
@@ -277,7 +283,7 @@ pub fn parse_upsert(bytes: &[u8], dim: usize) -> Result<Vec<NewPoint>, String> {
 }
 
 struct Upsert {
-    points: Option<Vec<(PointId, Vec<f32>, Option<Map<String, Value>>)>>,
+    points: Option<Vec<PointIn>>,
     batch: Option<BatchIn>,
     filtered: bool,
 }
@@ -447,14 +453,14 @@ struct PointSeed {
 }
 
 impl<'de> DeserializeSeed<'de> for PointSeed {
-    type Value = (PointId, Vec<f32>, Option<Map<String, Value>>);
+    type Value = PointIn;
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_map(self)
     }
 }
 
 impl<'de> Visitor<'de> for PointSeed {
-    type Value = (PointId, Vec<f32>, Option<Map<String, Value>>);
+    type Value = PointIn;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a point: {\"id\": ..., \"vector\": [...], \"payload\": {...}}")
     }

@@ -312,8 +312,23 @@ pub enum Selector {
 /// off the async workers (`tokio::task::spawn_blocking`), as the handlers do.
 #[derive(Debug, Clone, Default)]
 pub struct VectorStore {
-    collections: Arc<RwLock<BTreeMap<String, Arc<RwLock<Collection>>>>>,
+    collections: Arc<RwLock<BTreeMap<String, Arc<Slot>>>>,
     scans: Arc<AtomicUsize>,
+}
+
+/// A collection and its dimension, readable without the collection's lock (so checking a
+/// body's size never waits for a scan).
+#[derive(Debug)]
+struct Slot {
+    size: u64,
+    collection: RwLock<Collection>,
+}
+
+impl std::ops::Deref for Slot {
+    type Target = RwLock<Collection>;
+    fn deref(&self) -> &RwLock<Collection> {
+        &self.collection
+    }
 }
 
 /// Counts a scan in [`VectorStore::scans_in_flight`] while it lives.
@@ -383,7 +398,7 @@ impl VectorStore {
         Self::default()
     }
 
-    fn get(&self, name: &str) -> Result<Arc<RwLock<Collection>>, StoreError> {
+    fn get(&self, name: &str) -> Result<Arc<Slot>, StoreError> {
         self.collections
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -422,14 +437,11 @@ impl VectorStore {
 
     /// The vector dimension of collection `name`, if it exists.
     pub fn dimension(&self, name: &str) -> Option<u64> {
-        let c = self
-            .collections
+        self.collections
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(name)
-            .cloned()?;
-        let size = c.read().unwrap_or_else(PoisonError::into_inner).params.size;
-        Some(size)
+            .map(|c| c.size)
     }
 
     /// Whether `name` exists.
@@ -460,11 +472,14 @@ impl VectorStore {
         }
         all.insert(
             name.to_owned(),
-            Arc::new(RwLock::new(Collection {
-                params,
-                points: BTreeMap::new(),
-                operations: HashMap::new(),
-            })),
+            Arc::new(Slot {
+                size: params.size,
+                collection: RwLock::new(Collection {
+                    params,
+                    points: BTreeMap::new(),
+                    operations: HashMap::new(),
+                }),
+            }),
         );
         Ok(())
     }

@@ -92,6 +92,7 @@ pub enum Counting {
 /// | [`headers`](Self::headers) (`RateLimit-Policy` / `RateLimit` on every response) | on |
 /// | [`status_extension`](Self::status_extension) ([`QuotaStatus`](super::QuotaStatus) for handlers) | on |
 /// | [`meter`](Self::meter) (count every key, quota or not) | off |
+/// | [`charge_refused`](Self::charge_refused) (charge requests refused after the count) | off |
 /// | [`clock`](Self::clock) | the hub's clock (standalone: the system clock) |
 #[derive(Clone)]
 pub struct QuotaConfig {
@@ -102,6 +103,7 @@ pub struct QuotaConfig {
     pub(crate) status: bool,
     pub(crate) meter: Option<QuotaWindow>,
     pub(crate) clock: Option<Arc<dyn Clock>>,
+    pub(crate) charge_refused: bool,
 }
 
 impl QuotaConfig {
@@ -117,6 +119,7 @@ impl QuotaConfig {
             status: true,
             meter: None,
             clock: None,
+            charge_refused: false,
         }
     }
 
@@ -128,13 +131,21 @@ impl QuotaConfig {
 
     /// How many units of every quota a request uses (default 1). A cost of 0 passes without
     /// being counted; a cost larger than a quota's limit can never pass and is refused
-    /// without `Retry-After`; a sum that would overflow counts as over the limit.
+    /// at once (413 `cost_exceeds_limit`, no `Retry-After`); a sum that would overflow
+    /// counts as over the limit.
     pub fn cost<F>(mut self, f: F) -> Self
     where
         F: Fn(&RequestHead<'_>) -> u64 + Send + Sync + 'static,
     {
         self.cost = Some(Arc::new(f));
         self
+    }
+
+    /// Charges every quota in bytes: [`ByBytes::cost`](crate::cost::ByBytes::cost) as the
+    /// [`cost`](Self::cost) function (quotas' limits are then in `unit`s of bytes per
+    /// window).
+    pub fn cost_in_bytes(self, bytes: crate::cost::ByBytes) -> Self {
+        self.cost(move |head| bytes.cost(head))
     }
 
     /// Whether successful responses carry `RateLimit-Policy` and `RateLimit` for the key's
@@ -155,6 +166,15 @@ impl QuotaConfig {
     /// not, for usage reports (billing, cost attribution). Off by default.
     pub fn meter(mut self, window: QuotaWindow) -> Self {
         self.meter = Some(window);
+        self
+    }
+
+    /// Whether requests that are refused after being counted are charged anyway (default
+    /// off: they are given back). "Refused" means a keygate layer's denial, or a 4xx other
+    /// than 429 from the service (a gRPC client-error status in a trailers-only answer too);
+    /// see the module docs. Turn it on to bill every request that passed the quota check.
+    pub fn charge_refused(mut self, yes: bool) -> Self {
+        self.charge_refused = yes;
         self
     }
 
@@ -190,6 +210,7 @@ impl fmt::Debug for QuotaConfig {
             .field("headers", &self.headers)
             .field("status_extension", &self.status)
             .field("meter", &self.meter)
+            .field("charge_refused", &self.charge_refused)
             .finish_non_exhaustive()
     }
 }
@@ -207,6 +228,7 @@ pub(crate) struct Shared {
     pub(crate) status: bool,
     pub(crate) meter_window: Option<QuotaWindow>,
     pub(crate) meter: Meter,
+    pub(crate) charge_refused: bool,
 }
 
 fn nanos(t: SystemTime) -> u64 {
@@ -240,6 +262,7 @@ impl Shared {
             status: config.status,
             meter_window: config.meter,
             meter: Meter::default(),
+            charge_refused: config.charge_refused,
         })
     }
 

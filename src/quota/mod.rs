@@ -53,16 +53,33 @@
 //!   the end belongs to the next window), or credits: spent down and refilled to the limit
 //!   daily, monthly on a day (clamped to the month's last day), or never. Quotas with the
 //!   same window share one counter.
-//! - **Cost** per request through [`QuotaConfig::cost`] (default 1). A cost of 0 passes
-//!   uncounted (no fields, no status); a cost above a limit never passes (no `Retry-After`).
+//! - **Cost** per request through [`QuotaConfig::cost`] (default 1; in bytes with
+//!   [`cost::ByBytes`](crate::cost::ByBytes)). A cost of 0 passes uncounted (no fields, no
+//!   status). A cost above a quota's whole limit never passes: 413 `cost_exceeds_limit`
+//!   (gRPC RESOURCE_EXHAUSTED), no `Retry-After`, the detail saying what the request costs
+//!   and what the quota allows per period (`This request costs 12; the quota "daily"
+//!   allows 10 per period.`), with the quotas' fields.
 //! - **Counting** ([`Counting`]): batched in memory and flushed to the store (default; a
 //!   crash loses what was counted since the last flush, a graceful shutdown that calls
 //!   [`QuotaHandle::flush`] loses nothing), or strict (one atomic
 //!   [`check_and_add`](crate::core::usage::UsageStore::check_and_add) per request, before
 //!   the inner service runs). A store that cannot be reached when it must be asked gives
 //!   503 `store_unavailable` (fail closed).
-//! - **Another layer's refusal** (a [`Denial`](crate::Denial) on the response) refunds what
-//!   the request was counted, so the order of layers does not change the counts.
+//! - **Refused requests are not charged** (quotas are for billing): what a request was
+//!   counted is given back when it is refused after the count, which is
+//!   - a keygate layer's refusal (a [`Denial`](crate::Denial) on the response: 401, 403,
+//!     404, 413, 429, 503), so the order of layers does not change the counts;
+//!   - a 4xx answer from the service (400, 403, 404, 409, 413, 422, ...), **except 429**:
+//!     the service's own "too many requests" is charged;
+//!   - a trailers-only gRPC answer whose `grpc-status` (in the response head) is a client
+//!     error: 3, 5, 6, 7, 9, 11, 12 or 16. A `grpc-status` sent in trailers after a body is
+//!     not seen, and the call is charged.
+//!
+//!   5xx answers are charged (the service may have done the work before failing).
+//!   Batched counting gives the units back in memory (or, when already flushed, subtracts
+//!   them at the next flush); strict counting subtracts them from the store in the
+//!   background ([`UsageStore::subtract`](crate::core::usage::UsageStore::subtract)).
+//!   [`QuotaConfig::charge_refused`] turns refunds off.
 //! - **Over quota**: 429 problem+json, type
 //!   `https://iana.org/assignments/http-problem-types#quota-exceeded`, code
 //!   `quota_exceeded`, `violated-policies`, `Retry-After` until the (latest) violated window

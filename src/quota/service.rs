@@ -114,8 +114,9 @@ impl QuotaStatus {
 }
 
 /// What [`Quota`] writes on the inner service's response: the `RateLimit-Policy` and
-/// `RateLimit` fields of the key's quotas, and, when another layer then refused the request
-/// (a [`Denial`] on the response), the refund of what was counted.
+/// `RateLimit` fields of the key's quotas, and, when the request was then refused (a
+/// keygate denial, or a 4xx other than 429 from the service: see the
+/// [module docs](super)), the refund of what was counted.
 pub struct QuotaNote {
     fields: Option<(HeaderValue, HeaderValue)>,
     refund: Option<Refund>,
@@ -152,7 +153,7 @@ impl std::fmt::Debug for QuotaNote {
 impl ResponseNote for QuotaNote {
     fn apply<B>(self, res: &mut Response<B>) {
         if let Some(r) = self.refund {
-            if res.extensions().get::<Denial>().is_some() {
+            if !r.shared.charge_refused && refused(res) {
                 r.run();
             }
         }
@@ -162,6 +163,39 @@ impl ResponseNote for QuotaNote {
             h.append(&RATELIMIT, limit);
         }
     }
+}
+
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
+/// Whether the request of `res` was refused, so a quota does not charge it:
+/// - a keygate layer refused it (a [`Denial`] in the response's extensions, whatever its
+///   status: 401, 403, 404, 413, 429, 503);
+/// - or the service answered a client error, 4xx, except 429 (the service's own "too many
+///   requests" counts: the caller used the service's capacity);
+/// - or a gRPC service answered trailers-only (the `grpc-status` in the response head) with
+///   the status of a client error: 3 INVALID_ARGUMENT, 5 NOT_FOUND, 6 ALREADY_EXISTS,
+///   7 PERMISSION_DENIED, 9 FAILED_PRECONDITION, 11 OUT_OF_RANGE, 12 UNIMPLEMENTED or
+///   16 UNAUTHENTICATED. A `grpc-status` sent in trailers, after the body, is not seen: such
+///   a call is charged.
+///
+/// 5xx answers are charged: the service may have done the work before failing.
+fn refused<B>(res: &Response<B>) -> bool {
+    if res.extensions().get::<Denial>().is_some() {
+        return true;
+    }
+    let status = res.status();
+    if status.is_client_error() {
+        return status != http::StatusCode::TOO_MANY_REQUESTS;
+    }
+    if status == http::StatusCode::OK {
+        if let Some(code) = res.headers().get(&GRPC_STATUS) {
+            return matches!(
+                code.as_bytes(),
+                b"3" | b"5" | b"6" | b"7" | b"9" | b"11" | b"12" | b"16"
+            );
+        }
+    }
+    false
 }
 
 impl Refund {
@@ -453,6 +487,26 @@ fn finish<B>(
                     }
                 })
                 .collect();
+            // A cost above a violated quota's whole limit never passes: say so (413), not
+            // "used up" (which would read as "wait").
+            let oversized = violated
+                .iter()
+                .filter(|&&i| plan.cost > plan.limits[i].limit)
+                .min_by_key(|&&i| plan.limits[i].limit);
+            if let Some(&i) = oversized {
+                let q = &quotas[i];
+                let per = match q.window {
+                    QuotaWindow::Credits(crate::Refill::Never) => "in all",
+                    _ => "per period",
+                };
+                return Err(Denial::new(DenialCode::CostExceedsLimit)
+                    .with_detail(format!(
+                        "This request costs {}; the quota {:?} allows {} {per}. \
+                         Send smaller requests.",
+                        plan.cost, q.name, q.limit
+                    ))
+                    .with_limits(states));
+            }
             let mut denial = Denial::new(DenialCode::QuotaExceeded).with_limits(states);
             if let Some(wait) = retry {
                 denial = denial.with_retry_after(wait);

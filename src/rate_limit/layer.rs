@@ -169,13 +169,20 @@ impl RateLimitConfig {
 
     /// How many units of every policy a request uses (default 1). A cost of 0 lets the
     /// request through without counting it; a cost above a policy's limit can never pass
-    /// and is refused at once (429 `rate_limited`, no `Retry-After`).
+    /// and is refused at once (413 `cost_exceeds_limit`, no `Retry-After`).
     pub fn cost<F>(mut self, f: F) -> Self
     where
         F: Fn(&RequestHead<'_>) -> u32 + Send + Sync + 'static,
     {
         self.cost = Some(Arc::new(f));
         self
+    }
+
+    /// Charges every policy in bytes: [`ByBytes::cost_u32`](crate::cost::ByBytes::cost_u32)
+    /// as the [`cost`](Self::cost) function (policies' limits are then in `unit`s of bytes
+    /// per period).
+    pub fn cost_in_bytes(self, bytes: crate::cost::ByBytes) -> Self {
+        self.cost(move |head| bytes.cost_u32(head))
     }
 
     /// Whether successful responses carry `RateLimit-Policy` and `RateLimit` (default on).
@@ -217,10 +224,9 @@ impl RateLimitConfig {
     /// enforce one limit together (`keygate::redis::RedisRateLimiter`). Every request with
     /// policies then costs one backend call (an async step), unless the backend's
     /// [`precheck`](RateBackend::precheck) refuses it at once. Policies, costs, fields and
-    /// refunds behave as in-process; a refund (another layer refused the request) is sent
-    /// to the backend in the background, and the response's `RateLimit` field is corrected
-    /// locally. A free request (cost 0) asks the backend only for the fields, and not at
-    /// all when [`headers`](Self::headers) are off.
+    /// all-or-nothing counting behave as in-process (the backend decides every policy of a
+    /// request in one call). A free request (cost 0) asks the backend only for the fields,
+    /// and not at all when [`headers`](Self::headers) are off.
     pub fn backend(mut self, backend: impl RateBackend) -> Self {
         self.backend = Some(Arc::new(backend));
         self

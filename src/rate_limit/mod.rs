@@ -49,17 +49,22 @@
 //! - **Units read as written**: `RateLimitPolicy::per_second("burst", 20)` allows 20 per
 //!   second, in bursts of up to 20 (GCRA: one unit every 50 ms, with a tolerance of the whole
 //!   limit). The period is divided by the limit in whole nanoseconds.
-//! - **Weighted costs**: [`RateLimitConfig::cost`] (default 1). A cost of 0 passes uncounted;
-//!   a cost above a policy's limit can never pass and is refused at once without
-//!   `Retry-After`.
+//! - **Weighted costs**: [`RateLimitConfig::cost`] (default 1; in bytes with
+//!   [`cost::ByBytes`](crate::cost::ByBytes)). A cost of 0 passes uncounted. A cost above a
+//!   policy's limit (its burst) can never pass: it is refused at once with 413
+//!   `cost_exceeds_limit` (gRPC RESOURCE_EXHAUSTED), without `Retry-After` (waiting does not
+//!   help), a detail naming the cost and the policy's limit, and the `RateLimit-Policy` /
+//!   `RateLimit` fields of every policy (`violated-policies` names those it exceeds).
 //! - **Without a principal** (no key, or one that failed to resolve) a request is limited by
 //!   client address with [`RateLimitConfig::anonymous_policies`], so guessing keys is slow.
 //!   The layer never rejects for the authentication failure itself (the auth layer does);
 //!   it rejects only for rate. Requests whose address is unknown share one bucket.
-//! - **Another layer's refusal** (a [`Denial`](crate::Denial) on the response, e.g. a scope
-//!   or quota layer inside this one) refunds what a key was counted, so the order of layers
-//!   does not change the counts. Address buckets are never refunded (a failed authentication
-//!   must stay counted).
+//! - **Every request counts**, whatever happens to it afterwards: a request another layer
+//!   refuses (a scope or quota layer inside this one: 403, 429) or the service refuses
+//!   (4xx) used capacity too, and is not given back. So a key repeating a forbidden request
+//!   is slowed down like any other (put this layer outside the layers whose refusals it
+//!   should count: a layer inside a refusing layer never sees the request). Only the
+//!   all-or-nothing rule among the policies of one check gives anything back.
 //! - **Memory is bounded**: subjects whose state is back to fresh are dropped (governor's
 //!   `retain_recent`, then `shrink_to_fit`) after every
 //!   [`housekeeping_every`](RateLimitConfig::housekeeping_every) new subjects and on
@@ -73,12 +78,10 @@
 //! [`RateBackend`](crate::core::rate::RateBackend) instead (feature `redis`:
 //! `keygate::redis::RedisRateLimiter`, GCRA in one Lua script per request), so every
 //! replica enforces one limit. Policies, costs, all-or-nothing counting, anonymous
-//! addresses, fields and refunds behave as in-process (the Redis tests compare both answer
-//! for answer); the differences:
+//! addresses and fields behave as in-process (the Redis tests compare both answer for
+//! answer); the differences:
 //! - each request with policies makes one backend round trip (an async step), unless the
 //!   backend's local pre-check already knows the caller has no room;
-//! - a refund (another layer refused the request) is sent in the background; the
-//!   response's `RateLimit` field is corrected at once;
 //! - when the backend cannot answer, [`Fallback::Deny`] (the default) refuses with 503
 //!   `store_unavailable` and `Retry-After: 1`, and [`Fallback::Local`] limits in-process
 //!   (each replica the whole limit) until the backend is back.
@@ -90,7 +93,9 @@
 //! seconds (rounded up) until the whole limit is back. They can be turned off for successful
 //! responses ([`RateLimitConfig::headers`]). A 429 carries them, `Retry-After` (whole
 //! seconds, rounded up, at least 1: when this request's cost would pass), and problem+json
-//! code `rate_limited` with `violated-policies`; gRPC requests get RESOURCE_EXHAUSTED.
+//! code `rate_limited` with `violated-policies`; gRPC requests get RESOURCE_EXHAUSTED. A
+//! request costing more than a policy's limit gets 413 `cost_exceeds_limit` instead (see
+//! above).
 
 mod layer;
 mod limiter;

@@ -65,54 +65,16 @@ where
 }
 
 /// What [`RateLimit`] writes on the inner service's response: the `RateLimit-Policy` and
-/// `RateLimit` fields of the request's policies, and, for a key whose request another layer
-/// then refused (a [`Denial`] on the response), the refund of what was counted.
+/// `RateLimit` fields of the request's policies. Nothing is given back when another layer
+/// or the service then refuses the request: rate limits protect capacity, and a refused
+/// request used it too.
 pub struct RateLimitNote {
     fields: Option<(HeaderValue, HeaderValue)>,
-    refund: Option<Refund>,
-    /// The refund of a request counted by the backend.
-    remote: Option<Box<RemoteRefund>>,
 }
 
-struct Refund {
-    shared: Arc<Shared>,
-    principal: Principal,
-    cost: u32,
-}
-
-struct RemoteRefund {
-    backend: Arc<dyn RateBackend>,
-    shared: Arc<Shared>,
-    principal: Principal,
-    cost: u32,
-    /// The standings the fields were written from (to correct them after the refund).
-    standings: SmallVec<[Standing; 2]>,
-}
-
-impl RemoteRefund {
-    fn run(self, fields: &mut Option<(HeaderValue, HeaderValue)>) {
-        let (policies, policy_field) = policies_of(&self.shared, Some(&self.principal));
-        self.backend.refund(
-            RateSubject::Key(self.principal.lineage_id()),
-            policies,
-            self.cost,
-        );
-        if fields.is_some() {
-            // What the backend will hold once the refund lands.
-            let standings: SmallVec<[Standing; 2]> = policies
-                .iter()
-                .zip(&self.standings)
-                .map(|(p, s)| Standing {
-                    remaining: (s.remaining + u64::from(self.cost)).min(u64::from(p.limit)),
-                    reset_after: s.reset_after.saturating_sub(
-                        (p.period / p.limit.max(1))
-                            .checked_mul(self.cost)
-                            .unwrap_or(p.period),
-                    ),
-                })
-                .collect();
-            *fields = fields_of(policies, policy_field, &standings);
-        }
+impl RateLimitNote {
+    fn none() -> Self {
+        RateLimitNote { fields: None }
     }
 }
 
@@ -120,37 +82,12 @@ impl std::fmt::Debug for RateLimitNote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimitNote")
             .field("fields", &self.fields)
-            .field("refund", &self.refund.as_ref().map(|r| r.cost))
-            .field("remote", &self.remote.as_ref().map(|r| r.cost))
             .finish()
     }
 }
 
 impl ResponseNote for RateLimitNote {
-    fn apply<B>(mut self, res: &mut Response<B>) {
-        if let Some(r) = self.remote {
-            if res.extensions().get::<Denial>().is_some() {
-                r.run(&mut self.fields);
-            }
-        }
-        if let Some(r) = self.refund {
-            if res.extensions().get::<Denial>().is_some() {
-                if let Ok(plan) = plan(&r.shared, Some(&r.principal)) {
-                    let subject = Subject::Key(r.principal.lineage_id());
-                    for e in plan.entries.iter().filter(|e| e.same_as.is_none()) {
-                        e.limiter.refund(subject, r.cost);
-                    }
-                    if self.fields.is_some() {
-                        let standings: SmallVec<[Standing; 2]> = plan
-                            .entries
-                            .iter()
-                            .map(|e| e.limiter.peek(subject, 1).0)
-                            .collect();
-                        self.fields = fields(&plan, &standings);
-                    }
-                }
-            }
-        }
+    fn apply<B>(self, res: &mut Response<B>) {
         if let Some((policy, limit)) = self.fields {
             let h = res.headers_mut();
             h.append(&RATELIMIT_POLICY, policy);
@@ -235,7 +172,7 @@ impl<ReqB: Send + 'static> Check<ReqB> for RateCheck {
             None => client_address(&self.shared, self.shared.gate.as_ref(), req),
         };
         let req = &*req;
-        decide_locally(self.shared, principal, subject, |shared| {
+        decide_locally(&self.shared, principal, subject, |shared| {
             match &shared.cost {
                 Some(f) => f(&RequestHead::of(req, principal)),
                 None => 1,
@@ -246,19 +183,14 @@ impl<ReqB: Send + 'static> Check<ReqB> for RateCheck {
 
 /// The in-process decision: the policies' governor limiters count `cost` for `subject`.
 fn decide_locally(
-    shared_arc: Arc<Shared>,
+    shared: &Shared,
     principal: Option<&Principal>,
     subject: Subject,
     cost: impl FnOnce(&Shared) -> u32,
 ) -> Result<RateLimitNote, Denial> {
-    let shared = &*shared_arc;
     let plan = plan(shared, principal)?;
     if plan.entries.is_empty() {
-        return Ok(RateLimitNote {
-            fields: None,
-            refund: None,
-            remote: None,
-        });
+        return Ok(RateLimitNote::none());
     }
     let cost = cost(shared);
     let standings = decide(&plan, subject, cost)?;
@@ -268,20 +200,7 @@ fn decide_locally(
         }
     }
     let fields = shared.headers.then(|| fields(&plan, &standings)).flatten();
-    drop(plan);
-    let refund = match principal {
-        Some(p) if cost > 0 => Some(Refund {
-            principal: p.clone(),
-            cost,
-            shared: shared_arc,
-        }),
-        _ => None,
-    };
-    Ok(RateLimitNote {
-        fields,
-        refund,
-        remote: None,
-    })
+    Ok(RateLimitNote { fields })
 }
 
 /// The policies a request is decided on (the key's own, or a configured set) and, for a
@@ -326,11 +245,7 @@ fn begin_remote<ReqB: Send + 'static>(
     };
     let (policies, _) = policies_of(&shared, principal);
     if policies.is_empty() {
-        return Step::Now(Ok(RateLimitNote {
-            fields: None,
-            refund: None,
-            remote: None,
-        }));
+        return Step::Now(Ok(RateLimitNote::none()));
     }
     if let Some(bad) = policies.iter().find(|p| Shape::of(p).is_err()) {
         // A stored record that bypassed validation: fail closed, as in-process.
@@ -343,22 +258,18 @@ fn begin_remote<ReqB: Send + 'static>(
         None => 1,
     };
     if cost == 0 && !shared.headers {
-        return Step::Now(Ok(RateLimitNote {
-            fields: None,
-            refund: None,
-            remote: None,
-        }));
+        return Step::Now(Ok(RateLimitNote::none()));
     }
     let remote = rate_subject(subject);
     if let Some(decision) = backend.precheck(remote, policies, cost) {
-        return Step::Now(settle(&shared, &backend, principal, cost, decision));
+        return Step::Now(settle(&shared, principal, cost, decision));
     }
     let principal = principal.cloned();
     Step::Later(Box::new(move |req| {
         Box::pin(async move {
             let (policies, _) = policies_of(&shared, principal.as_ref());
             let verdict = match backend.check(remote, policies, cost).await {
-                Ok(decision) => settle(&shared, &backend, principal.as_ref(), cost, decision),
+                Ok(decision) => settle(&shared, principal.as_ref(), cost, decision),
                 Err(RateError::InvalidPolicy { name, reason }) => {
                     tracing::warn!(policy = %name, reason, "rate-limit policy refused by the backend; refusing its requests");
                     Err(Denial::new(DenialCode::RateLimited)
@@ -367,7 +278,7 @@ fn begin_remote<ReqB: Send + 'static>(
                 Err(e) => match shared.fallback {
                     Fallback::Local => {
                         tracing::debug!(error = %e, "rate-limit backend unavailable; limiting in-process");
-                        decide_locally(shared.clone(), principal.as_ref(), subject, |_| cost)
+                        decide_locally(&shared, principal.as_ref(), subject, |_| cost)
                     }
                     Fallback::Deny => {
                         tracing::warn!(error = %e, "rate-limit backend unavailable; refusing");
@@ -382,10 +293,9 @@ fn begin_remote<ReqB: Send + 'static>(
     }))
 }
 
-/// Turns a backend's decision into the note (fields, refund) or the denial.
+/// Turns a backend's decision into the note (fields) or the denial.
 fn settle(
-    shared: &Arc<Shared>,
-    backend: &Arc<dyn RateBackend>,
+    shared: &Shared,
     principal: Option<&Principal>,
     cost: u32,
     decision: RateDecision,
@@ -421,34 +331,18 @@ fn settle(
                 state(p, *s, violated)
             })
             .collect();
-        let denial = Denial::new(DenialCode::RateLimited);
         return Err(match decision.retry_after() {
-            Some(wait) => denial.with_retry_after(wait),
-            None => {
-                denial.with_detail("The request costs more than the rate limit allows at once.")
-            }
-        }
-        .with_limits(states));
+            Some(wait) if !oversized => Denial::new(DenialCode::RateLimited)
+                .with_retry_after(wait)
+                .with_limits(states),
+            _ => cost_exceeds_limit(cost, states),
+        });
     }
     let fields = shared
         .headers
         .then(|| fields_of(policies, policy_field, &standings))
         .flatten();
-    let remote = match principal {
-        Some(p) if cost > 0 => Some(Box::new(RemoteRefund {
-            backend: backend.clone(),
-            shared: shared.clone(),
-            principal: p.clone(),
-            cost,
-            standings,
-        })),
-        _ => None,
-    };
-    Ok(RateLimitNote {
-        fields,
-        refund: None,
-        remote,
-    })
+    Ok(RateLimitNote { fields })
 }
 
 fn plan<'a>(shared: &'a Shared, principal: Option<&'a Principal>) -> Result<Plan<'a>, Denial> {
@@ -529,9 +423,7 @@ fn decide(plan: &Plan<'_>, subject: Subject, cost: u32) -> Result<SmallVec<[Stan
                 state(e.policy, standing, cost > e.policy.limit)
             })
             .collect();
-        return Err(Denial::new(DenialCode::RateLimited)
-            .with_detail("The request costs more than the rate limit allows at once.")
-            .with_limits(states));
+        return Err(cost_exceeds_limit(cost, states));
     }
     for (i, e) in entries.iter().enumerate() {
         if let Some(j) = e.same_as {
@@ -551,6 +443,23 @@ fn decide(plan: &Plan<'_>, subject: Subject, cost: u32) -> Result<SmallVec<[Stan
         }
     }
     Ok(standings)
+}
+
+/// The refusal of a request whose cost is above a policy's limit (its burst): it can never
+/// pass, so it is `cost_exceeds_limit` (413), without `Retry-After`, naming the smallest
+/// policy it exceeds in the detail and every policy in the fields.
+fn cost_exceeds_limit(cost: u32, states: Vec<LimitState>) -> Denial {
+    let detail = match states.iter().filter(|s| s.violated).min_by_key(|s| s.limit) {
+        Some(s) => format!(
+            "This request costs {cost}; the rate limit {:?} allows at most {} at once. \
+             Send smaller requests.",
+            s.name, s.limit
+        ),
+        None => format!("This request costs {cost}, more than the rate limit allows at once."),
+    };
+    Denial::new(DenialCode::CostExceedsLimit)
+        .with_detail(detail)
+        .with_limits(states)
 }
 
 fn denied(

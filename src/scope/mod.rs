@@ -12,6 +12,19 @@
 //! verdict (`missing_key`, `invalid_key`, ...), so the layer fails closed whatever its
 //! place in the stack.
 //!
+//! A request that no rule of a table matches gets 404 `unknown_route` (gRPC 12
+//! UNIMPLEMENTED), even for a key holding `*`: the route does not exist, and no scope would
+//! help. It is decided after authentication, so a caller without a valid key still gets
+//! 401 and learns nothing about which routes exist; it never reaches the inner service
+//! unless the table says so ([`RouteScopesBuilder::public`] rules,
+//! [`Unmatched::Pass`]). [`Unmatched::InsufficientScope`] keeps the older 403 answer.
+//!
+//! `resource_forbidden` says which collection was asked for and why it is refused: the key
+//! has no collection pattern matching it, or no collection patterns at all. The name is
+//! the caller's own input, echoed only when it is at most 64 printable ASCII characters
+//! (quoted and escaped; longer or other names are described, not echoed); the key's
+//! patterns are never listed.
+//!
 //! ```
 //! use http::{Request, Response, StatusCode};
 //! use keygate::scope::{RouteScopes, ScopeLayer};
@@ -54,5 +67,5 @@ mod service;
 
 pub use crate::future::ResponseFuture;
 pub use layer::ScopeLayer;
-pub use rules::{InvalidRule, RouteScopes, RouteScopesBuilder};
+pub use rules::{InvalidRule, RouteScopes, RouteScopesBuilder, Unmatched};
 pub use service::Scoped;

@@ -224,6 +224,24 @@ struct Rule {
     resource: Option<usize>,
 }
 
+/// What a [`ScopeLayer`](super::ScopeLayer) with a [`RouteScopes`] table answers for a
+/// request that no rule of the table matches (method and path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Unmatched {
+    /// 404 `unknown_route` (gRPC 12 UNIMPLEMENTED) for an authenticated caller: the route
+    /// does not exist, which is not a permission problem. A caller without a valid key gets
+    /// its authentication verdict (401) first, so anonymous callers learn nothing about
+    /// which routes exist. The default.
+    #[default]
+    UnknownRoute,
+    /// 403 `insufficient_scope` with the detail "No rule grants access to this route." (the
+    /// answer before `unknown_route` existed), for services whose clients rely on it.
+    InsufficientScope,
+    /// The request goes on to the inner service unchecked (and without needing a key).
+    Pass,
+}
+
 /// A route table: for each request, the first rule whose method and path pattern match says
 /// which scope it needs and which path parameter names the resource (collection).
 ///
@@ -243,8 +261,10 @@ struct Rule {
 /// # let _ = rules;
 /// ```
 ///
-/// A request matching no rule is denied (`insufficient_scope`) unless the table was built
-/// with [`RouteScopesBuilder::allow_unmatched`]. The resource is the parameter named
+/// A request matching no rule is denied 404 `unknown_route` (after authentication: a caller
+/// without a valid key gets 401 first), or as [`RouteScopesBuilder::unmatched`] says
+/// ([`Unmatched::InsufficientScope`] keeps the older 403; [`Unmatched::Pass`], also set by
+/// [`RouteScopesBuilder::allow_unmatched`], lets it through). The resource is the parameter named
 /// `collection` unless [`RouteScopesBuilder::resource_param`] says otherwise; its value is
 /// percent-decoded before it is checked against the key's resource patterns (a value that
 /// does not decode to UTF-8, or decodes to a name with `/` or a control character, is
@@ -255,7 +275,7 @@ pub struct RouteScopes {
     /// Rule indexes by segment count, in table order: only rules with as many segments as
     /// the path can match it.
     by_len: Vec<Vec<usize>>,
-    allow_unmatched: bool,
+    unmatched: Unmatched,
 }
 
 /// Builds a [`RouteScopes`]. Errors are collected and reported by
@@ -264,7 +284,7 @@ pub struct RouteScopes {
 pub struct RouteScopesBuilder {
     entries: Vec<(String, String, Option<String>)>,
     resource_param: String,
-    allow_unmatched: bool,
+    unmatched: Unmatched,
 }
 
 impl RouteScopes {
@@ -273,7 +293,7 @@ impl RouteScopes {
         RouteScopesBuilder {
             entries: Vec::new(),
             resource_param: "collection".to_owned(),
-            allow_unmatched: false,
+            unmatched: Unmatched::default(),
         }
     }
 
@@ -305,9 +325,14 @@ impl RouteScopes {
         &self.rules[index].need
     }
 
-    /// Whether requests matching no rule pass.
+    /// Whether requests that match no rule pass.
     pub fn allows_unmatched(&self) -> bool {
-        self.allow_unmatched
+        self.unmatched == Unmatched::Pass
+    }
+
+    /// What requests that match no rule get.
+    pub fn unmatched(&self) -> Unmatched {
+        self.unmatched
     }
 
     /// The scopes the table's rules require, each once, with whether every rule requiring
@@ -377,9 +402,20 @@ impl RouteScopesBuilder {
         self
     }
 
-    /// Lets requests that match no rule pass (default: they are denied).
+    /// Lets requests that match no rule pass (`true`: [`Unmatched::Pass`]) or not (`false`:
+    /// the default, [`Unmatched::UnknownRoute`]).
     pub fn allow_unmatched(mut self, yes: bool) -> Self {
-        self.allow_unmatched = yes;
+        self.unmatched = if yes {
+            Unmatched::Pass
+        } else {
+            Unmatched::default()
+        };
+        self
+    }
+
+    /// What requests that match no rule get (default [`Unmatched::UnknownRoute`]: 404).
+    pub fn unmatched(mut self, unmatched: Unmatched) -> Self {
+        self.unmatched = unmatched;
         self
     }
 
@@ -415,7 +451,7 @@ impl RouteScopesBuilder {
         Ok(RouteScopes {
             rules,
             by_len,
-            allow_unmatched: self.allow_unmatched,
+            unmatched: self.unmatched,
         })
     }
 }

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::rules::{Need, PathPattern, RouteScopes};
+use super::rules::{Need, PathPattern, RouteScopes, Unmatched};
 use crate::core::Scope;
 use crate::future::ResponseFuture;
 use crate::guard::{self, Check, Resolver};
@@ -76,6 +76,12 @@ impl<ReqB> Check<ReqB> for ScopeCheck {
     ) -> Result<(), Denial> {
         let principal = who.map_err(Denial::clone)?;
         let (scope, resource) = match (&*self.policy, self.decision) {
+            (Policy::Table(table), Decision::Unmatched)
+                if table.unmatched() == Unmatched::UnknownRoute =>
+            {
+                return Err(Denial::new(DenialCode::UnknownRoute)
+                    .with_detail("No route of this service matches this method and path."))
+            }
             (_, Decision::Unmatched) => {
                 return Err(Denial::new(DenialCode::InsufficientScope)
                     .with_detail("No rule grants access to this route."))
@@ -100,13 +106,44 @@ impl<ReqB> Check<ReqB> for ScopeCheck {
         }
         if let Some(range) = resource {
             let raw = req.uri().path().get(range).unwrap_or("");
-            let allowed = decode(raw).is_some_and(|name| principal.can_access(&name));
+            let name = decode(raw);
+            let allowed = name.as_deref().is_some_and(|n| principal.can_access(n));
             if !allowed {
-                return Err(Denial::new(DenialCode::ResourceForbidden));
+                return Err(resource_forbidden(name.as_deref(), principal));
             }
         }
         Ok(())
     }
+}
+
+/// Longest collection name echoed in a `resource_forbidden` detail.
+const MAX_ECHOED_NAME: usize = 64;
+
+/// The `resource_forbidden` denial for collection `name` (`None`: the path segment does not
+/// decode to a name any pattern may hold). The name is the caller's own input: echoed
+/// quoted and escaped when it is short printable ASCII, described otherwise. The key's
+/// patterns are never listed (they may name other tenants' collections).
+fn resource_forbidden(name: Option<&str>, principal: &Principal) -> Denial {
+    let Some(name) = name else {
+        return Denial::new(DenialCode::ResourceForbidden).with_detail(
+            "The collection name in the path is not valid (it must decode to UTF-8 without \
+             '/' or control characters).",
+        );
+    };
+    let shown = if name.is_empty() {
+        "The empty collection name".to_owned()
+    } else if name.len() <= MAX_ECHOED_NAME && name.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        // `{:?}` quotes the name and escapes `"` and `\`.
+        format!("Collection {name:?}")
+    } else {
+        format!("The collection asked for ({} bytes, not shown)", name.len())
+    };
+    let why = if principal.resources().is_empty() {
+        "the API key has no collection patterns, so it may access no collection"
+    } else {
+        "it matches none of the API key's collection patterns"
+    };
+    Denial::new(DenialCode::ResourceForbidden).with_detail(format!("{shown} is refused: {why}."))
 }
 
 /// Percent-decodes a path segment; `None` if it does not decode to UTF-8 or decodes to a

@@ -168,7 +168,9 @@ pub trait RateBackend: Send + Sync + 'static {
     }
 
     /// Gives back `cost` counted for `subject` in `policies` by an allowed
-    /// [`check`](Self::check) (another layer then refused the request). Returns at once;
+    /// [`check`](Self::check). keygate's `RateLimitLayer` does not call it (every request
+    /// counts, whether or not another layer then refuses it); it is there for custom layers
+    /// that want to give capacity back. Returns at once;
     /// the backend may finish in the background, and a refund that cannot be delivered is
     /// lost (the subject keeps the cost counted: errs toward refusing).
     fn refund(&self, subject: RateSubject, policies: &[RateLimitPolicy], cost: u32);

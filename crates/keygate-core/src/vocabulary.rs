@@ -171,14 +171,14 @@ impl ScopeVocabulary {
 
     /// Why a key with these scopes and collections can use none of the known routes, or
     /// `None` when it can use one (or the vocabulary is empty, so nothing is known).
-    pub fn reach_warning<S: AsRef<str>>(&self, scopes: &[S], collections: &[S]) -> Option<String> {
+    pub fn reach_warning(&self, scopes: &[String], collections: &[String]) -> Option<String> {
         if self.known.is_empty() {
             return None;
         }
         if scopes.is_empty() {
             return Some("the key grants no scope: it can use none of the server's routes".into());
         }
-        let granted = ScopeSet::compile(scopes.iter().map(AsRef::as_ref));
+        let granted = ScopeSet::compile(scopes);
         let usable: Vec<&KnownScope> = self
             .known
             .iter()

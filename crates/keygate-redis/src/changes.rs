@@ -932,19 +932,13 @@ async fn run<H: ChangeHandler>(
         tick.tick().await;
         let lost = loop {
             let extra = f.next_extra(last_extra, Instant::now());
+            // Timers before messages: a flood of messages must not starve the checks.
             tokio::select! {
                 biased;
                 _ = &mut shutdown => {
                     state.subscribed.store(false, Ordering::Release);
                     return;
                 }
-                msg = stream.next() => match msg {
-                    Some(msg) => match msg.get_payload::<String>() {
-                        Ok(payload) => f.message(&payload),
-                        Err(_) => f.reject("unreadable"),
-                    },
-                    None => break "connection lost",
-                },
                 _ = tokio::time::sleep_until(extra.unwrap_or_else(Instant::now)), if extra.is_some() => {
                     last_extra = Some(Instant::now());
                     match read_stored(&redis, &keys, f.confirmed.unwrap_or(0)).await {
@@ -962,6 +956,13 @@ async fn run<H: ChangeHandler>(
                         Err(_) => break "the change log cannot be read",
                     }
                 }
+                msg = stream.next() => match msg {
+                    Some(msg) => match msg.get_payload::<String>() {
+                        Ok(payload) => f.message(&payload),
+                        Err(_) => f.reject("unreadable"),
+                    },
+                    None => break "connection lost",
+                },
             }
         };
         state.subscribed.store(false, Ordering::Release);

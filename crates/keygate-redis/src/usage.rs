@@ -182,7 +182,7 @@ return 0
     )
 });
 
-/// A [`UsageStore`](keygate_core::usage::UsageStore) on Redis (see the [module docs](self)).
+/// A [`UsageStore`] on Redis (see the [module docs](self)).
 /// Give it to `keygate::quota::QuotaConfig::new`; with `Counting::Strict` every request is
 /// one atomic check-and-add, exact across replicas.
 ///

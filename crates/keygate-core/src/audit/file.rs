@@ -635,9 +635,9 @@ impl State {
         let deadline = Instant::now() + self.lock_timeout;
         let mut pause = Duration::from_millis(1);
         loop {
-            match self.lock.try_lock() {
-                Ok(()) => break,
-                Err(std::fs::TryLockError::WouldBlock) => {
+            match try_lock(&self.lock) {
+                Ok(true) => break,
+                Ok(false) => {
                     if Instant::now() >= deadline {
                         return Err(AuditError::Locked(format!(
                             "{}: another writer held the lock for over {:?}",
@@ -648,7 +648,7 @@ impl State {
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(50));
                 }
-                Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+                Err(e) => return Err(e.into()),
             }
         }
         self.locked = true;
@@ -661,7 +661,7 @@ impl State {
 
     fn unlock(&mut self) {
         if self.locked {
-            if let Err(e) = self.lock.unlock() {
+            if let Err(e) = unlock(&self.lock) {
                 tracing::error!(error = %e, "audit log unlock failed");
             }
             self.locked = false;
@@ -955,6 +955,34 @@ impl Drop for FileSink {
             tracing::error!(error = %e, "audit file flush failed on drop");
         }
     }
+}
+
+/// Takes the exclusive advisory lock on `file` if free: `Ok(false)` when another open file
+/// description holds it. Elsewhere than Unix there is no lock (one writer per log).
+#[cfg(unix)]
+fn try_lock(file: &File) -> io::Result<bool> {
+    use rustix::fs::{flock, FlockOperation};
+    match flock(file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(true),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Ok(false),
+        Err(e) if e == rustix::io::Errno::INTR => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(not(unix))]
+fn try_lock(_file: &File) -> io::Result<bool> {
+    Ok(true)
+}
+
+#[cfg(unix)]
+fn unlock(file: &File) -> io::Result<()> {
+    rustix::fs::flock(file, rustix::fs::FlockOperation::Unlock).map_err(Into::into)
+}
+
+#[cfg(not(unix))]
+fn unlock(_file: &File) -> io::Result<()> {
+    Ok(())
 }
 
 /// Options for files only the owner may read and write (0600 on Unix).
