@@ -58,7 +58,6 @@
 #[path = "vector_db/mod.rs"]
 mod server;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

@@ -55,8 +55,6 @@ use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{Method, StatusCode};
-use axum::middleware::Next;
-use axum::response::Response;
 use axum::routing::{delete, get, post, put};
 use axum::Router;
 use keygate::admin::AdminApi;

@@ -35,7 +35,7 @@ use serde_json::{json, Map, Value};
 
 use super::filter::Filter;
 use super::qdrant::{error, ok, MAX_LIMIT};
-use super::store::{check_name, Found, Point, PointId, Read, StoreError, TENANT_FIELD};
+use super::store::{check_name, Found, PointId, Read, Selector, StoreError, VectorStore};
 use super::{AppState, PointCount, MAX_BODY};
 
 /// The most searches or queries one batch request holds.
@@ -94,10 +94,11 @@ impl Extras {
     }
 
     /// `payload_schema` of collection `name` (`{"field": {"data_type": "keyword", "points":
-    /// n}}`), `n` counting the points with that field the caller can see.
+    /// n}}`), `n` counting the points with that field the caller can see. Blocks like the
+    /// store's methods (it scans the collection once per index).
     pub fn payload_schema(
         &self,
-        app: &AppState,
+        vectors: &VectorStore,
         name: &str,
         tenant: Option<&str>,
     ) -> Map<String, Value> {
@@ -111,12 +112,13 @@ impl Extras {
         fields
             .into_iter()
             .map(|(field, data_type)| {
-                let points = app
-                    .vectors
-                    .read_points(name, |pts| {
-                        pts.values()
-                            .filter(|p| p.is_visible_to(tenant))
-                            .filter(|p| field_values(&p.payload, &field).next().is_some())
+                let read = Read {
+                    tenant,
+                    filter: None,
+                };
+                let points = vectors
+                    .read_points(name, read, |pts| {
+                        pts.filter(|(_, p)| field_values(&p.payload, &field).next().is_some())
                             .count()
                     })
                     .unwrap_or(0);
@@ -301,6 +303,7 @@ struct CreateFieldIndex {
 /// collection's info lists it). Indexes change no result here (every search is exact).
 pub async fn create_index(
     State(app): State<AppState>,
+    Authenticated(p): Authenticated,
     Path(name): Path<String>,
     bytes: Bytes,
 ) -> Response {
@@ -328,7 +331,7 @@ pub async fn create_index(
     }
     // The operation id (and the check that the collection exists) come from the store.
     let indexes = &app.extras.indexes;
-    let done = app.vectors.write_points(&name, |_, _| {
+    let done = app.vectors.write_operation(&name, p.tenant(), || {
         let mut all = indexes.write().unwrap_or_else(PoisonError::into_inner);
         let fields = all.entry(name.clone()).or_default();
         if fields.len() >= MAX_INDEXES && !fields.contains_key(&req.field_name) {
@@ -349,11 +352,12 @@ pub async fn create_index(
 /// not there was one, as Qdrant answers).
 pub async fn delete_index(
     State(app): State<AppState>,
+    Authenticated(p): Authenticated,
     Path((name, field)): Path<(String, String)>,
 ) -> Response {
     let started = Instant::now();
     let indexes = &app.extras.indexes;
-    let done = app.vectors.write_points(&name, |_, _| {
+    let done = app.vectors.write_operation(&name, p.tenant(), || {
         if let Some(fields) = indexes
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -402,36 +406,16 @@ struct DeletePayload {
     shard_key: Option<Value>,
 }
 
-/// The ids of the points `select` names that the caller can see; an id it cannot see (or
-/// that does not exist) is 404 `No point with id ... found`, the same either way so a
-/// tenant learns nothing of other tenants' ids.
-fn selected(
-    points: &BTreeMap<PointId, Point>,
-    select: &Selection,
-    tenant: Option<&str>,
-) -> Result<Vec<PointId>, StoreError> {
-    match (&select.points, &select.filter) {
-        (Some(ids), None) => {
-            let mut out = Vec::with_capacity(ids.len());
-            for id in ids {
-                if !points.get(id).is_some_and(|p| p.is_visible_to(tenant)) {
-                    return Err(StoreError {
-                        status: StatusCode::NOT_FOUND,
-                        message: format!("Not found: No point with id {id} found"),
-                    });
-                }
-                out.push(*id);
-            }
-            Ok(out)
+impl Selection {
+    /// The store's selector: exactly one of `points` and `filter`.
+    fn selector(&self) -> Result<Selector, StoreError> {
+        match (&self.points, &self.filter) {
+            (Some(ids), None) => Ok(Selector::Ids(ids.clone())),
+            (None, Some(f)) => Ok(Selector::Filter(Box::new(f.clone()))),
+            _ => Err(StoreError::wrong_input(
+                "give either points (a list of ids) or filter, not both and not neither",
+            )),
         }
-        (None, Some(f)) => Ok(points
-            .iter()
-            .filter(|(id, p)| p.is_visible_to(tenant) && f.matches(**id, &p.payload))
-            .map(|(id, _)| *id)
-            .collect()),
-        _ => Err(StoreError::wrong_input(
-            "give either points (a list of ids) or filter, not both and not neither",
-        )),
     }
 }
 
@@ -448,7 +432,7 @@ enum Change<'a> {
 }
 
 impl Change<'_> {
-    fn apply(&self, payload: &mut Map<String, Value>, tenant: Option<&str>) {
+    fn apply(&self, payload: &mut Map<String, Value>) {
         match self {
             Change::Set(fields, None) => {
                 for (k, v) in fields.iter() {
@@ -474,10 +458,6 @@ impl Change<'_> {
             }),
             Change::Clear => payload.clear(),
         }
-        // A tenant's points keep naming it, whatever the change said.
-        if let Some(t) = tenant {
-            payload.insert(TENANT_FIELD.to_owned(), Value::String(t.to_owned()));
-        }
     }
 }
 
@@ -489,19 +469,13 @@ fn write_payload(
     change: Change<'_>,
     started: Instant,
 ) -> Response {
-    let tenant = p.tenant();
-    let done = app.vectors.write_points(name, |points, version| {
-        let ids = selected(points, select, tenant)?;
-        for id in ids {
-            if let Some(point) = points.get_mut(&id) {
-                change.apply(&mut point.payload, tenant);
-                point.version = version;
-            }
-        }
-        Ok(())
+    // The store stamps a tenant's `tenant` field back after the change.
+    let done = select.selector().and_then(|selector| {
+        app.vectors
+            .update_payloads(name, &selector, p.tenant(), |payload| change.apply(payload))
     });
     match done {
-        Ok(((), op)) => ok(update_result(op), started),
+        Ok(op) => ok(update_result(op), started),
         Err(e) => store_error(e, started),
     }
 }
@@ -1189,17 +1163,13 @@ pub async fn facet(
     }
     let limit = req.limit.unwrap_or(10).min(MAX_LIMIT);
     let tenant = p.tenant();
-    let counted = app.vectors.read_points(&name, |points| {
+    let read = Read {
+        tenant,
+        filter: req.filter.as_ref(),
+    };
+    let counted = app.vectors.read_points(&name, read, |points| {
         let mut counts: HashMap<FacetValue, usize> = HashMap::new();
-        for (id, point) in points {
-            if !point.is_visible_to(tenant)
-                || req
-                    .filter
-                    .as_ref()
-                    .is_some_and(|f| !f.matches(*id, &point.payload))
-            {
-                continue;
-            }
+        for (_, point) in points {
             let mut values: Vec<FacetValue> = field_values(&point.payload, &req.key)
                 .filter_map(FacetValue::of)
                 .collect();
