@@ -675,11 +675,12 @@ async fn host_names_log_directories_plain_logs_and_a_way_to_a_new_admin_key() {
     let files = keygate::core::audit::log_files(dir.path().join("logs"), "keygate-audit").unwrap();
     assert_eq!(files.len(), 1, "{files:?}");
     assert!(!dir.path().join("logs-000001.jsonl").exists());
-    let report = verify_dir(
-        dir.path().join("logs"),
-        "keygate-audit",
-        &VerifyOptions::default(),
-    );
+    // Keyed with the secret the server made beside its log (in logs/).
+    let options = VerifyOptions {
+        key: ChainKey::from_file(dir.path().join("logs").join("keygate-audit.key")).unwrap(),
+        ..VerifyOptions::default()
+    };
+    let report = verify_dir(dir.path().join("logs"), "keygate-audit", &options);
     assert!(report.is_ok(), "{report:?}");
 }
 
