@@ -481,6 +481,85 @@ async fn payload_writes_touch_only_the_tenants_points() {
     assert_eq!(t.payload(5).await, globex_5);
 }
 
+/// Ids are per tenant: a payload write by id changes only the caller's own point with that
+/// id, and takes its operation id from the caller's counter.
+#[tokio::test]
+async fn payload_writes_by_a_shared_id_change_only_the_callers_point() {
+    let t = Tenants::new().await;
+    let read = |key: &str, id: u64| {
+        let key = key.to_owned();
+        let w = &t.w;
+        async move {
+            let r = w
+                .call(
+                    "GET",
+                    &format!("/collections/shared/points/{id}"),
+                    Some(&key),
+                    None,
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+            r.json["result"]["payload"].clone()
+        }
+    };
+    // acme takes id 4, which globex also owns (acme's second write: operation 2).
+    let r = t
+        .call_as(
+            &t.acme,
+            "PUT",
+            "/collections/shared/points",
+            json!({"points": [{"id": 4, "vector": [1.0, 4.0, 0.5, 0.25], "payload": {"city": "Lima"}}]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json["result"]["operation_id"], 2, "{}", r.text);
+    let globex_4 = read(&t.globex, 4).await;
+    assert_eq!(globex_4["city"], "Paris");
+
+    let r = t
+        .call_as(
+            &t.acme,
+            "POST",
+            "/collections/shared/points/payload",
+            json!({"payload": {"seen": true}, "points": [4]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json["result"]["operation_id"], 3, "{}", r.text);
+    assert_eq!(
+        read(&t.acme, 4).await,
+        json!({"city": "Lima", "seen": true, "tenant": "acme"})
+    );
+    assert_eq!(read(&t.globex, 4).await, globex_4);
+
+    // globex's counter is its own: its first payload write is its second operation.
+    let r = t
+        .call_as(
+            &t.globex,
+            "POST",
+            "/collections/shared/points/payload/clear",
+            json!({"points": [4]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json["result"]["operation_id"], 2, "{}", r.text);
+    assert_eq!(read(&t.globex, 4).await, json!({"tenant": "globex"}));
+    assert_eq!(read(&t.acme, 4).await["seen"], true);
+
+    // An operator's write may not leave an id with two points of one tenant: refused, and
+    // nothing applied.
+    let r =
+        t.w.admin(
+            "PUT",
+            "/collections/shared/points/payload",
+            Some(json!({"payload": {"tenant": "acme"}, "points": [4]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert_eq!(read(&t.globex, 4).await, json!({"tenant": "globex"}));
+    assert_eq!(read(&t.acme, 4).await["city"], "Lima");
+}
+
 #[tokio::test]
 async fn aliases_resolve_to_collections_the_key_may_access() {
     let t = Tenants::new().await;
