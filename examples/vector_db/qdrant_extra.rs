@@ -155,6 +155,16 @@ fn body<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// Runs a handler's body on tokio's blocking pool: it calls the store, whose methods take a
+/// collection's lock and may scan every point, which must not hold up the async workers.
+/// 500 if the body did not finish.
+async fn off_workers(body: impl FnOnce() -> Response + Send + 'static) -> Response {
+    let started = Instant::now();
+    tokio::task::spawn_blocking(body)
+        .await
+        .unwrap_or_else(|_| store_error(StoreError::internal(), started))
+}
+
 fn update_result(operation_id: u64) -> Value {
     json!({"operation_id": operation_id, "status": "completed"})
 }
@@ -307,45 +317,48 @@ pub async fn create_index(
     Path(name): Path<String>,
     bytes: Bytes,
 ) -> Response {
-    let started = Instant::now();
-    let req: CreateFieldIndex = match body(&bytes, started) {
-        Ok(r) => r,
-        Err(res) => return *res,
-    };
-    let kind = match req.field_schema {
-        Some(FieldSchema::Name(k) | FieldSchema::Params { kind: k }) => k,
-        None => return wrong_input("field_schema is required", started),
-    };
-    if !INDEX_TYPES.contains(&kind.as_str()) {
-        return wrong_input(
-            format!(
-                "field_schema {:?} is not one of {}",
-                kind.chars().take(64).collect::<String>(),
-                INDEX_TYPES.join(", ")
-            ),
-            started,
-        );
-    }
-    if req.field_name.is_empty() || req.field_name.len() > 256 {
-        return wrong_input("field_name must be 1 to 256 bytes", started);
-    }
-    // The operation id (and the check that the collection exists) come from the store.
-    let indexes = &app.extras.indexes;
-    let done = app.vectors.write_operation(&name, p.tenant(), || {
-        let mut all = indexes.write().unwrap_or_else(PoisonError::into_inner);
-        let fields = all.entry(name.clone()).or_default();
-        if fields.len() >= MAX_INDEXES && !fields.contains_key(&req.field_name) {
-            return Err(StoreError::wrong_input(format!(
-                "a collection keeps at most {MAX_INDEXES} payload indexes"
-            )));
+    off_workers(move || {
+        let started = Instant::now();
+        let req: CreateFieldIndex = match body(&bytes, started) {
+            Ok(r) => r,
+            Err(res) => return *res,
+        };
+        let kind = match req.field_schema {
+            Some(FieldSchema::Name(k) | FieldSchema::Params { kind: k }) => k,
+            None => return wrong_input("field_schema is required", started),
+        };
+        if !INDEX_TYPES.contains(&kind.as_str()) {
+            return wrong_input(
+                format!(
+                    "field_schema {:?} is not one of {}",
+                    kind.chars().take(64).collect::<String>(),
+                    INDEX_TYPES.join(", ")
+                ),
+                started,
+            );
         }
-        fields.insert(req.field_name.clone(), kind.clone());
-        Ok(())
-    });
-    match done {
-        Ok(((), op)) => ok(update_result(op), started),
-        Err(e) => store_error(e, started),
-    }
+        if req.field_name.is_empty() || req.field_name.len() > 256 {
+            return wrong_input("field_name must be 1 to 256 bytes", started);
+        }
+        // The operation id (and the check that the collection exists) come from the store.
+        let indexes = &app.extras.indexes;
+        let done = app.vectors.write_operation(&name, p.tenant(), || {
+            let mut all = indexes.write().unwrap_or_else(PoisonError::into_inner);
+            let fields = all.entry(name.clone()).or_default();
+            if fields.len() >= MAX_INDEXES && !fields.contains_key(&req.field_name) {
+                return Err(StoreError::wrong_input(format!(
+                    "a collection keeps at most {MAX_INDEXES} payload indexes"
+                )));
+            }
+            fields.insert(req.field_name.clone(), kind.clone());
+            Ok(())
+        });
+        match done {
+            Ok(((), op)) => ok(update_result(op), started),
+            Err(e) => store_error(e, started),
+        }
+    })
+    .await
 }
 
 /// `DELETE /collections/{c}/index/{field}`: forgets a payload index (completed whether or
@@ -355,22 +368,25 @@ pub async fn delete_index(
     Authenticated(p): Authenticated,
     Path((name, field)): Path<(String, String)>,
 ) -> Response {
-    let started = Instant::now();
-    let indexes = &app.extras.indexes;
-    let done = app.vectors.write_operation(&name, p.tenant(), || {
-        if let Some(fields) = indexes
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_mut(&name)
-        {
-            fields.remove(&field);
+    off_workers(move || {
+        let started = Instant::now();
+        let indexes = &app.extras.indexes;
+        let done = app.vectors.write_operation(&name, p.tenant(), || {
+            if let Some(fields) = indexes
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_mut(&name)
+            {
+                fields.remove(&field);
+            }
+            Ok(())
+        });
+        match done {
+            Ok(((), op)) => ok(update_result(op), started),
+            Err(e) => store_error(e, started),
         }
-        Ok(())
-    });
-    match done {
-        Ok(((), op)) => ok(update_result(op), started),
-        Err(e) => store_error(e, started),
-    }
+    })
+    .await
 }
 
 // ---------------------------------------------------------------------------------------
@@ -517,7 +533,7 @@ pub async fn set_payload(
     Path(name): Path<String>,
     bytes: Bytes,
 ) -> Response {
-    set_or_overwrite(&app, &p, &name, &bytes, false)
+    off_workers(move || set_or_overwrite(&app, &p, &name, &bytes, false)).await
 }
 
 /// `PUT /collections/{c}/points/payload`: replaces the selected points' whole payload.
@@ -527,7 +543,7 @@ pub async fn overwrite_payload(
     Path(name): Path<String>,
     bytes: Bytes,
 ) -> Response {
-    set_or_overwrite(&app, &p, &name, &bytes, true)
+    off_workers(move || set_or_overwrite(&app, &p, &name, &bytes, true)).await
 }
 
 /// `POST /collections/{c}/points/payload/delete`: removes fields from the selected points.
@@ -537,22 +553,25 @@ pub async fn delete_payload(
     Path(name): Path<String>,
     bytes: Bytes,
 ) -> Response {
-    let started = Instant::now();
-    let req: DeletePayload = match body(&bytes, started) {
-        Ok(r) => r,
-        Err(res) => return *res,
-    };
-    if let Err(res) = refuse_set(&req.shard_key, "shard_key", started) {
-        return *res;
-    }
-    write_payload(
-        &app,
-        &p,
-        &name,
-        &req.select,
-        Change::Delete(&req.keys),
-        started,
-    )
+    off_workers(move || {
+        let started = Instant::now();
+        let req: DeletePayload = match body(&bytes, started) {
+            Ok(r) => r,
+            Err(res) => return *res,
+        };
+        if let Err(res) = refuse_set(&req.shard_key, "shard_key", started) {
+            return *res;
+        }
+        write_payload(
+            &app,
+            &p,
+            &name,
+            &req.select,
+            Change::Delete(&req.keys),
+            started,
+        )
+    })
+    .await
 }
 
 /// `POST /collections/{c}/points/payload/clear`: removes every field of the selected
@@ -563,12 +582,15 @@ pub async fn clear_payload(
     Path(name): Path<String>,
     bytes: Bytes,
 ) -> Response {
-    let started = Instant::now();
-    let select: Selection = match body(&bytes, started) {
-        Ok(r) => r,
-        Err(res) => return *res,
-    };
-    write_payload(&app, &p, &name, &select, Change::Clear, started)
+    off_workers(move || {
+        let started = Instant::now();
+        let select: Selection = match body(&bytes, started) {
+            Ok(r) => r,
+            Err(res) => return *res,
+        };
+        write_payload(&app, &p, &name, &select, Change::Clear, started)
+    })
+    .await
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1152,50 +1174,53 @@ pub async fn facet(
     Path(name): Path<String>,
     bytes: Bytes,
 ) -> Response {
-    let started = Instant::now();
-    let req: FacetRequest = match body(&bytes, started) {
-        Ok(r) => r,
-        Err(res) => return *res,
-    };
-    let _ = req.exact;
-    if let Err(res) = refuse_set(&req.shard_key, "shard_key", started) {
-        return *res;
-    }
-    let limit = req.limit.unwrap_or(10).min(MAX_LIMIT);
-    let tenant = p.tenant();
-    let read = Read {
-        tenant,
-        filter: req.filter.as_ref(),
-    };
-    let counted = app.vectors.read_points(&name, read, |points| {
-        let mut counts: HashMap<FacetValue, usize> = HashMap::new();
-        for (_, point) in points {
-            let mut values: Vec<FacetValue> = field_values(&point.payload, &req.key)
-                .filter_map(FacetValue::of)
-                .collect();
-            values.sort();
-            values.dedup();
-            for v in values {
-                *counts.entry(v).or_default() += 1;
-            }
+    off_workers(move || {
+        let started = Instant::now();
+        let req: FacetRequest = match body(&bytes, started) {
+            Ok(r) => r,
+            Err(res) => return *res,
+        };
+        let _ = req.exact;
+        if let Err(res) = refuse_set(&req.shard_key, "shard_key", started) {
+            return *res;
         }
-        counts
-    });
-    let counts = match counted {
-        Ok(c) => c,
-        Err(e) => return store_error(e, started),
-    };
-    let mut hits: Vec<(FacetValue, usize)> = counts.into_iter().collect();
-    hits.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    let hits: Vec<FacetHit> = hits
-        .into_iter()
-        .take(limit)
-        .map(|(v, count)| FacetHit {
-            value: v.to_json(),
-            count,
-        })
-        .collect();
-    ok(FacetResponse { hits }, started)
+        let limit = req.limit.unwrap_or(10).min(MAX_LIMIT);
+        let tenant = p.tenant();
+        let read = Read {
+            tenant,
+            filter: req.filter.as_ref(),
+        };
+        let counted = app.vectors.read_points(&name, read, |points| {
+            let mut counts: HashMap<FacetValue, usize> = HashMap::new();
+            for (_, point) in points {
+                let mut values: Vec<FacetValue> = field_values(&point.payload, &req.key)
+                    .filter_map(FacetValue::of)
+                    .collect();
+                values.sort();
+                values.dedup();
+                for v in values {
+                    *counts.entry(v).or_default() += 1;
+                }
+            }
+            counts
+        });
+        let counts = match counted {
+            Ok(c) => c,
+            Err(e) => return store_error(e, started),
+        };
+        let mut hits: Vec<(FacetValue, usize)> = counts.into_iter().collect();
+        hits.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let hits: Vec<FacetHit> = hits
+            .into_iter()
+            .take(limit)
+            .map(|(v, count)| FacetHit {
+                value: v.to_json(),
+                count,
+            })
+            .collect();
+        ok(FacetResponse { hits }, started)
+    })
+    .await
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1403,7 +1428,7 @@ pub async fn search_groups(
     Path(name): Path<String>,
     bytes: Bytes,
 ) -> Response {
-    groups(&app, &p, &name, &bytes, true)
+    off_workers(move || groups(&app, &p, &name, &bytes, true)).await
 }
 
 /// `POST /collections/{c}/points/query/groups`: as [`search_groups`] with a universal query
@@ -1414,5 +1439,5 @@ pub async fn query_groups(
     Path(name): Path<String>,
     bytes: Bytes,
 ) -> Response {
-    groups(&app, &p, &name, &bytes, false)
+    off_workers(move || groups(&app, &p, &name, &bytes, false)).await
 }
