@@ -4,8 +4,11 @@
 //! scope; row-level security by tenant applies to every one that reads or writes points.
 //!
 //! - Payload writes select points by id or filter. A tenant's key selects only its own
-//!   points: an id it cannot see is answered like a missing one (404, nothing changed), and
+//!   points: ids are per tenant, so an id only another tenant owns is answered like a
+//!   missing one (404, nothing changed) and a shared id changes only the caller's point;
 //!   the payload's `tenant` field is stamped back after every change, as upserts stamp it.
+//!   Every write (index changes too) takes one operation id from the caller's tenant's
+//!   counter, as upserts do.
 //! - Facets and groups count and return only the points the caller can see.
 //! - Aliases: `/collections/{alias}/...` is rewritten to the collection the alias names by
 //!   [`resolve_aliases`] before any layer sees the request, so the scope layer checks the

@@ -724,13 +724,6 @@ impl VectorStore {
 // Access for the routes of `qdrant_extra.rs` (payload writes, facets, groups, indexes),
 // under the same locks and per-tenant rules as the operations above.
 
-impl Point {
-    /// Whether a caller with `tenant` sees this point (row-level security: `None` sees all).
-    pub fn is_visible_to(&self, tenant: Option<&str>) -> bool {
-        self.visible_to(tenant)
-    }
-}
-
 impl VectorStore {
     /// Runs `read` over the points of collection `name` the caller can see and the filter
     /// keeps, by id (an id may come once per owner for `None`), under its read lock.
