@@ -25,7 +25,16 @@
 //!   `KEYGATE_AUDIT_KEY_FILE`, else in `keygate-audit.key` beside the log (created on first
 //!   start). Key changes also go to the database's audit table, where the CLI's go too.
 //!   Repeated denials without a key from one source are folded into one event per
-//!   `--audit-window`. Verify with `keygate audit verify .`.
+//!   `--audit-window`. Verify with `keygate audit verify .`. A directory (`--audit-log
+//!   logs/`, or one that exists) holds `keygate-audit-000001.jsonl`, ...
+//!   Every start also prints the `keygate` CLI command that makes another admin key (for
+//!   when it is lost): `keygate keys create --name admin --scope '*' --collection '*'`
+//!   against the same database.
+//! - `--listen HOST:PORT` takes an address or a host name (`localhost:6333`). The address
+//!   is bound before anything else: a busy port is one line, `error: cannot listen on ADDR:
+//!   address in use`, exit code 1, and no database or audit folder is created. Every
+//!   startup error is one `error: ...` line on stderr and exit code 1.
+//! - Warnings go to stderr, coloured only when stderr is a terminal.
 //! - Ctrl-C or SIGTERM: stop accepting, let in-flight requests finish, flush quota usage,
 //!   then drain and fsync the audit log.
 //!
@@ -49,7 +58,6 @@
 #[path = "vector_db/mod.rs"]
 mod server;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -66,9 +74,10 @@ use keygate::{KeyFilter, KeySpec, Verifier};
 #[derive(Debug, Parser)]
 #[command(name = "vector_db", version)]
 struct Args {
-    /// The address to listen on.
+    /// The address to listen on: `HOST:PORT`, the host an IP address or a name to resolve
+    /// (`localhost:6333`); port 0 picks a free one.
     #[arg(long, default_value = "127.0.0.1:6333")]
-    listen: SocketAddr,
+    listen: String,
     /// The key database: `sqlite://FILE` (created if missing) or `postgres://...` [default:
     /// sqlite://keygate.db]. A URL with a password belongs in the environment or in a file
     /// (`KEYGATE_DATABASE_URL_FILE`), not on the command line, where `ps` shows it.
@@ -78,7 +87,8 @@ struct Args {
     #[arg(long, env = "KEYGATE_DATABASE_URL_FILE")]
     database_url_file: Option<PathBuf>,
     /// The audit log: `DIR/NAME.jsonl` writes `DIR/NAME-000001.jsonl`, ... (one file per
-    /// start, one hash chain across them).
+    /// start, one hash chain across them); a directory (`logs/`, or an existing one) writes
+    /// `keygate-audit-000001.jsonl`, ... in it.
     #[arg(long, default_value = "keygate-audit.jsonl")]
     audit_log: PathBuf,
     /// Repeated denials without a key from one client, code and route are folded into one
@@ -115,8 +125,16 @@ struct Args {
     max_connections: u64,
 }
 
-/// The directory and file stem of the audit log named `path`.
+/// The file stem of the audit log when `--audit-log` names a directory.
+const DEFAULT_AUDIT_STEM: &str = "keygate-audit";
+
+/// The directory and file stem of the audit log named `path`: a path ending in `/`, or
+/// naming an existing directory, means the default stem in that directory.
 fn audit_location(path: &Path) -> Result<(PathBuf, String), String> {
+    let text = path.as_os_str().to_string_lossy();
+    if text.ends_with('/') || text.ends_with(std::path::MAIN_SEPARATOR) || path.is_dir() {
+        return Ok((path.to_path_buf(), DEFAULT_AUDIT_STEM.to_owned()));
+    }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -161,10 +179,46 @@ async fn shutdown_signal() {
 }
 
 use server::secrets::redact;
+/// `text` as one shell word: as it is when it holds only safe characters, else in single
+/// quotes.
+fn shell_word(text: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c);
+    if !text.is_empty() && text.chars().all(safe) {
+        text.to_owned()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
+}
 
+/// Binds the listener, before anything is created, so a busy port or a bad address is
+/// said at once (with the address) and leaves no database or audit folder behind.
+async fn listen(addr: &str) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::AddrInUse => "address in use".to_owned(),
+            std::io::ErrorKind::AddrNotAvailable => "address not available on this host".to_owned(),
+            std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+            _ => e.to_string(),
+        };
+        format!("cannot listen on {addr}: {why}")
+    })
+}
+
+/// Runs the server; an error is printed as one `error: ...` line on stderr, exit code 1.
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     {
+        use std::io::IsTerminal;
         use tracing_subscriber::layer::SubscriberExt;
         use tracing_subscriber::util::SubscriberInitExt;
         use tracing_subscriber::Layer;
@@ -176,9 +230,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 "sqlx_postgres::options",
                 tracing_subscriber::filter::LevelFilter::OFF,
             );
+        // Colours only on a terminal: piped into a file, the log stays plain text.
         tracing_subscriber::registry()
             .with(
                 tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
                     .with_writer(std::io::stderr)
                     .with_filter(targets),
             )
@@ -200,6 +256,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         args.redis_url_file.as_deref(),
         "Redis",
     )?;
+    let listener = listen(&args.listen).await?;
 
     // Keys: the SQL store, followed so changes made elsewhere reach this server's cache.
     let store = SqlStore::open(&database_url).await.map_err(|e| {
@@ -284,13 +341,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
     let app = server::build(opts)?;
 
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     println!("keygate vector_db listening on http://{addr}");
     println!("keys: {} ({})", redact(&database_url), store.backend());
     println!(
-        "audit log: {}/{audit_stem}-NNNNNN.jsonl",
-        audit_dir.display()
+        "audit log: {}",
+        audit_dir
+            .join(format!("{audit_stem}-NNNNNN.jsonl"))
+            .display()
     );
     if let Some(url) = &redis_url {
         println!(
@@ -328,6 +386,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             "warning: keygate keeps only the key's digest: move the key from {path} to where you keep secrets, then delete the file"
         );
     }
+    println!(
+        "another admin key (if this one is lost): keygate --database-url {} keys create --name admin --scope '*' --collection '*'",
+        shell_word(&redact(&database_url))
+    );
     println!("ready");
 
     let limits = server::serve::ConnLimits {

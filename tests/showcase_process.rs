@@ -66,16 +66,36 @@ struct Server {
     out: Lines<BufReader<ChildStdout>>,
     addr: std::net::SocketAddr,
     admin_key: Option<String>,
+    /// What it printed up to `ready`.
+    started: Vec<String>,
 }
 
 async fn start(bin: &Path, dir: &Path) -> Server {
     start_with(bin, dir, &[], &[]).await
 }
 
-/// Starts the example in `dir` with extra `args` and environment `env`.
+/// Starts the example in `dir` with extra `args` and environment `env` (listening on a
+/// free loopback port unless `args` names `--listen`), its stderr discarded.
 async fn start_with(bin: &Path, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+    start_full(bin, dir, args, env, Stdio::null()).await
+}
+
+/// Starts the example in `dir` with extra `args` and environment `env`, its stderr going
+/// to `stderr`.
+async fn start_full(
+    bin: &Path,
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    stderr: Stdio,
+) -> Server {
+    let listen: &[&str] = if args.contains(&"--listen") {
+        &[]
+    } else {
+        &["--listen", "127.0.0.1:0"]
+    };
     let mut child = Command::new(bin)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(listen)
         .args(args)
         .current_dir(dir)
         .env_remove("KEYGATE_DATABASE_URL")
@@ -85,15 +105,17 @@ async fn start_with(bin: &Path, dir: &Path, args: &[&str], env: &[(&str, &str)])
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .kill_on_drop(true)
         .spawn()
         .expect("start the example");
     let mut out = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let mut addr = None;
     let mut admin_key = None;
+    let mut lines = Vec::new();
     let read = async {
         while let Some(line) = out.next_line().await.expect("stdout") {
+            lines.push(line.clone());
             if let Some(a) = line.strip_prefix("keygate vector_db listening on http://") {
                 addr = Some(a.parse().expect("address"));
             }
@@ -129,6 +151,7 @@ async fn start_with(bin: &Path, dir: &Path, args: &[&str], env: &[(&str, &str)])
         out,
         addr: addr.expect("the listening line"),
         admin_key,
+        started: lines,
     }
 }
 
@@ -450,7 +473,285 @@ async fn keys_from_the_cli_work_in_the_running_showcase() {
     args.extend(files.iter().map(String::as_str));
     let report = cli(&keygate, dir.path(), &args).await;
     assert_eq!(report["ok"], true, "{report}");
-    assert!(report["lines"].as_u64().unwrap() >= 8, "{report}");
+    // At least: the admin key's issue, the collection, the first read, the refused delete,
+    // the new key's read, the old key's read, the revoked key's refusal (more when a poll
+    // came before a change arrived).
+    assert!(report["lines"].as_u64().unwrap() >= 7, "{report}");
+}
+
+/// Splits a command line printed for a POSIX shell into words (plain words and
+/// single-quoted ones, as the showcase and the README print them).
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let (mut quoted, mut any) = (false, false);
+    for c in line.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    words.push(std::mem::take(&mut word));
+                    any = false;
+                }
+            }
+            c => {
+                word.push(c);
+                any = true;
+            }
+        }
+    }
+    assert!(!quoted, "unbalanced quotes in {line:?}");
+    if any {
+        words.push(word);
+    }
+    words
+}
+
+/// Runs the CLI in `dir` with exactly `args` (no database URL added: the default
+/// `sqlite://keygate.db` there); its stdout parsed as JSON.
+async fn cli_in(bin: &Path, dir: &Path, args: &[String]) -> serde_json::Value {
+    let out = Command::new(bin)
+        .args(args)
+        .arg("--json")
+        .current_dir(dir)
+        .env_remove("KEYGATE_DATABASE_URL")
+        .output()
+        .await
+        .expect("run the CLI");
+    assert!(
+        out.status.success(),
+        "keygate {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+#[tokio::test]
+async fn a_busy_port_is_named_and_nothing_is_created() {
+    let Some(bin) = binary() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let out = Command::new(&bin)
+        .args(["--listen", &addr, "--audit-log", "logs/"])
+        .current_dir(dir.path())
+        .env_remove("KEYGATE_DATABASE_URL")
+        .env_remove("KEYGATE_REDIS_URL")
+        .output()
+        .await
+        .expect("run the example");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("error: cannot listen on {addr}: address in use\n")
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    // Neither the key database nor the audit folder was created.
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+    drop(busy);
+
+    // A host that does not resolve: the same one line, exit 1.
+    let out = Command::new(&bin)
+        .args(["--listen", "no-such-host.invalid:6333"])
+        .current_dir(dir.path())
+        .env_remove("KEYGATE_DATABASE_URL")
+        .env_remove("KEYGATE_REDIS_URL")
+        .output()
+        .await
+        .expect("run the example");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: cannot listen on no-such-host.invalid:6333: ")
+            && err.lines().count() == 1,
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn host_names_log_directories_plain_logs_and_a_way_to_a_new_admin_key() {
+    let (Some(bin), Some(keygate)) = (binary(), cli_binary()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let stderr_path = dir.path().join("stderr.txt");
+    let stderr = std::fs::File::create(&stderr_path).unwrap();
+    let server = start_full(
+        &bin,
+        dir.path(),
+        &["--listen", "localhost:0", "--audit-log", "logs/"],
+        &[],
+        Stdio::from(stderr),
+    )
+    .await;
+    let addr = server.addr;
+    assert!(addr.ip().is_loopback(), "{addr}");
+    assert!(
+        server
+            .started
+            .iter()
+            .any(|l| l == "audit log: logs/keygate-audit-NNNNNN.jsonl"),
+        "{:?}",
+        server.started
+    );
+
+    // The startup output says how to make another admin key; that command works.
+    let line = server
+        .started
+        .iter()
+        .find_map(|l| l.strip_prefix("another admin key (if this one is lost): "))
+        .expect("the line on a new admin key")
+        .to_owned();
+    let words = shell_words(&line);
+    assert_eq!(words[0], "keygate", "{line}");
+    let created = cli_in(&keygate, dir.path(), &words[1..]).await;
+    let second_admin = created["key"].as_str().expect("key").to_owned();
+    let r = call(addr, "GET", "/admin/keys", Some(&second_admin), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = call(
+        addr,
+        "PUT",
+        "/collections/anything",
+        Some(&second_admin),
+        Some(&json!({"vectors": {"size": 2, "distance": "Dot"}})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+
+    // A key record with an invalid rate limit (written behind the CLI's back) makes the
+    // server log a warning: stderr is a file here, so it must hold no colour codes.
+    let store = keygate::sql::SqlStore::open(&format!(
+        "sqlite://{}",
+        dir.path().join("keygate.db").display()
+    ))
+    .await
+    .unwrap();
+    let (bad_key, mut record) = keygate::KeyRecord::generate(
+        &keygate::Prefix::default(),
+        &keygate::KeyHasher::new(),
+        "bad-rate",
+        SystemTime::now(),
+    )
+    .unwrap();
+    record.scopes = vec!["*".into()];
+    record.resources = vec!["*".into()];
+    record.rate_limits = vec![keygate::RateLimitPolicy::per_second("broken", 0)];
+    keygate::KeyStore::insert(&store, &record).await.unwrap();
+    store.close().await;
+    let r = call(
+        addr,
+        "GET",
+        "/collections",
+        Some(bad_key.expose_secret()),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        "{}",
+        r.text
+    );
+    server.terminate().await;
+    let logged = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(
+        logged.contains("invalid rate-limit policy on a key record"),
+        "{logged}"
+    );
+    assert!(
+        !logged.contains('\u{1b}'),
+        "colour codes in a file: {logged:?}"
+    );
+
+    // `--audit-log logs/` wrote its files in logs/, not logs-000001.jsonl beside it.
+    let files = keygate::core::audit::log_files(dir.path().join("logs"), "keygate-audit").unwrap();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(!dir.path().join("logs-000001.jsonl").exists());
+    // Keyed with the secret the server made beside its log (in logs/).
+    let options = VerifyOptions {
+        key: ChainKey::from_file(dir.path().join("logs").join("keygate-audit.key")).unwrap(),
+        ..VerifyOptions::default()
+    };
+    let report = verify_dir(dir.path().join("logs"), "keygate-audit", &options);
+    assert!(report.is_ok(), "{report:?}");
+}
+
+/// The README's CLI example, word for word (the line holding `keygate-cli -- keys create`).
+fn readme_cli_example() -> Vec<String> {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    let line = readme
+        .lines()
+        .find(|l| l.contains("cargo run -p keygate-cli -- keys create"))
+        .expect("the README's CLI example");
+    let start = line.find("cargo run").unwrap();
+    let command = &line[start..];
+    let end = command
+        .find('`')
+        .expect("the example ends with a backquote");
+    let words = shell_words(&command[..end]);
+    let after = words
+        .iter()
+        .position(|w| w == "--")
+        .expect("cargo run ... --");
+    words[after + 1..].to_vec()
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_readme_cli_example_makes_a_key_that_works_in_the_showcase() {
+    let (Some(bin), Some(keygate)) = (binary(), cli_binary()) else {
+        return;
+    };
+    let args = readme_cli_example();
+    assert_eq!(args[..2], ["keys", "create"], "{args:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&bin, dir.path()).await;
+    let admin = server.admin_key.clone().expect("admin key");
+    let addr = server.addr;
+    let r = call(
+        addr,
+        "PUT",
+        "/collections/docs-2026",
+        Some(&admin),
+        Some(&json!({"vectors": {"size": 2, "distance": "Cosine"}})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = call(
+        addr,
+        "PUT",
+        "/collections/docs-2026/points",
+        Some(&admin),
+        Some(
+            &json!({"points": [{"id": 1, "vector": [1.0, 0.0]}, {"id": 2, "vector": [0.0, 1.0]}]}),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+
+    // Exactly the README's command, run where the showcase keeps its keys.
+    let created = cli_in(&keygate, dir.path(), &args).await;
+    let key = created["key"].as_str().expect("key").to_owned();
+    let r = call(
+        addr,
+        "POST",
+        "/collections/docs-2026/points/search",
+        Some(&key),
+        Some(&json!({"vector": [1.0, 0.1], "limit": 1})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json["result"][0]["id"], 1);
+    server.terminate().await;
 }
 
 /// Runs the showcase in `dir` with `env` until it is ready (`Ok(admin key)`) or exits

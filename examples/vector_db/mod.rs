@@ -3,6 +3,9 @@
 //! axum router behind all six keygate layers, with the admin API at `/admin`.
 //!
 //! # The stack (outermost first)
+//! 0. [`qdrant_extra::resolve_aliases`], around the whole router: a collection alias in the
+//!    path is replaced by its collection before routing, so every layer below checks (and
+//!    the audit records) the real collection. Without aliases it reads one atomic flag.
 //! 1. `AuditLayer`: one event per request, denied ones included, into the auditor.
 //! 2. [`body::admit`]: a body's size must be announced (`Content-Length`, else 411) and fit
 //!    the route ([`body::route_cap`], else 413), before anything of it is read.
@@ -13,7 +16,9 @@
 //! 4. [`body::read_upsert`]: for an upsert by a valid key that may write points to that
 //!    collection only, reads the body (one buffer of the announced size), parses it (vectors
 //!    no longer than the collection's dimension, at most [`body::MAX_BATCH_POINTS`] points)
-//!    and puts the points in the request's extensions with their [`PointCount`].
+//!    and puts the points in the request's extensions with their [`PointCount`];
+//!    [`qdrant_extra::count_batch_requests`] puts a [`PointCount`] of a batch search's or
+//!    query's number of requests.
 //! 5. The points rate limit: per key (cost: [`PointCount`], else 1); requests without a
 //!    valid key are limited per client address, so guessing keys gets 429 after a few
 //!    401s. It sits outside the auth layer for that reason (inside it, failed attempts
@@ -40,6 +45,7 @@
 pub mod body;
 pub mod filter;
 pub mod qdrant;
+pub mod qdrant_extra;
 pub mod secrets;
 pub mod serve;
 pub mod store;
@@ -49,7 +55,7 @@ use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{Method, StatusCode};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use keygate::admin::AdminApi;
 use keygate::core::audit::Auditor;
@@ -81,6 +87,8 @@ pub struct AppState {
     pub auditor: Auditor,
     /// `/readyz`'s last answer about the key store.
     pub readiness: Arc<Readiness>,
+    /// Aliases and payload indexes (`qdrant_extra`).
+    pub extras: qdrant_extra::Extras,
 }
 
 /// How long `/readyz` reuses its answer about the key store.
@@ -193,7 +201,10 @@ pub struct Showcase {
 }
 
 /// The route table: which scope each route needs; `{collection}` is checked against the
-/// key's collection patterns. Search, query, scroll, count and retrieve are reads.
+/// key's collection patterns. Search, query, scroll, count, retrieve, facets, groups and
+/// batches are reads; payload changes are point writes; payload indexes and aliases manage
+/// collections (`POST /collections/aliases` names its collections in the body: the handler
+/// checks them). A route no rule names is refused.
 pub fn routes() -> Result<RouteScopes, keygate::scope::InvalidRule> {
     RouteScopes::builder()
         .route("GET", "/collections", "collections:read")
@@ -205,6 +216,44 @@ pub fn routes() -> Result<RouteScopes, keygate::scope::InvalidRule> {
         )
         .route("PUT", "/collections/{collection}", "collections:manage")
         .route("DELETE", "/collections/{collection}", "collections:manage")
+        // Payload indexes and aliases change a collection's schema and names.
+        .route(
+            "PUT",
+            "/collections/{collection}/index",
+            "collections:manage",
+        )
+        .route(
+            "DELETE",
+            "/collections/{collection}/index/{field}",
+            "collections:manage",
+        )
+        .route("POST", "/collections/aliases", "collections:manage")
+        .route("GET", "/aliases", "collections:read")
+        .route(
+            "GET",
+            "/collections/{collection}/aliases",
+            "collections:read",
+        )
+        .route(
+            "POST",
+            "/collections/{collection}/points/payload",
+            "points:write",
+        )
+        .route(
+            "PUT",
+            "/collections/{collection}/points/payload",
+            "points:write",
+        )
+        .route(
+            "POST",
+            "/collections/{collection}/points/payload/delete",
+            "points:write",
+        )
+        .route(
+            "POST",
+            "/collections/{collection}/points/payload/clear",
+            "points:write",
+        )
         .route("PUT", "/collections/{collection}/points", WRITE_POINTS)
         .route(
             "POST",
@@ -219,6 +268,11 @@ pub fn routes() -> Result<RouteScopes, keygate::scope::InvalidRule> {
                 "/collections/{collection}/points/query",
                 "/collections/{collection}/points/scroll",
                 "/collections/{collection}/points/count",
+                "/collections/{collection}/points/search/batch",
+                "/collections/{collection}/points/query/batch",
+                "/collections/{collection}/points/search/groups",
+                "/collections/{collection}/points/query/groups",
+                "/collections/{collection}/facet",
             ],
             "points:read",
         )
@@ -323,11 +377,13 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         .gate(&gate)
         .quota(handle.clone())
         .scope_vocabulary(keygate::core::ScopeVocabulary::new(routes()?.scopes()));
+    let extras = qdrant_extra::Extras::new();
     let state = AppState {
         vectors: vectors.clone(),
         keys: keys.clone(),
         auditor: opts.auditor.clone(),
         readiness: Arc::new(Readiness::new(gate.clock().clone())),
+        extras: extras.clone(),
     };
 
     let api = Router::new()
@@ -336,7 +392,7 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
             "/collections/{collection}",
             put(qdrant::create_collection)
                 .get(qdrant::collection_info)
-                .delete(qdrant::delete_collection),
+                .delete(qdrant_extra::delete_collection),
         )
         .route(
             "/collections/{collection}/exists",
@@ -370,6 +426,49 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
             "/collections/{collection}/points/delete",
             post(qdrant::delete_points),
         )
+        .route("/aliases", get(qdrant_extra::list_aliases))
+        .route("/collections/aliases", post(qdrant_extra::change_aliases))
+        .route(
+            "/collections/{collection}/aliases",
+            get(qdrant_extra::collection_aliases),
+        )
+        .route(
+            "/collections/{collection}/index",
+            put(qdrant_extra::create_index),
+        )
+        .route(
+            "/collections/{collection}/index/{field}",
+            delete(qdrant_extra::delete_index),
+        )
+        .route(
+            "/collections/{collection}/points/payload",
+            post(qdrant_extra::set_payload).put(qdrant_extra::overwrite_payload),
+        )
+        .route(
+            "/collections/{collection}/points/payload/delete",
+            post(qdrant_extra::delete_payload),
+        )
+        .route(
+            "/collections/{collection}/points/payload/clear",
+            post(qdrant_extra::clear_payload),
+        )
+        .route(
+            "/collections/{collection}/points/search/batch",
+            post(qdrant_extra::search_batch),
+        )
+        .route(
+            "/collections/{collection}/points/query/batch",
+            post(qdrant_extra::query_batch),
+        )
+        .route(
+            "/collections/{collection}/points/search/groups",
+            post(qdrant_extra::search_groups),
+        )
+        .route(
+            "/collections/{collection}/points/query/groups",
+            post(qdrant_extra::query_groups),
+        )
+        .route("/collections/{collection}/facet", post(qdrant_extra::facet))
         .nest("/admin", admin.router())
         .fallback(qdrant::not_found)
         .with_state(state.clone())
@@ -387,6 +486,10 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
                     (gate.clone(), vectors.clone()),
                     body::read_upsert,
                 ))
+                .layer(axum::middleware::from_fn_with_state(
+                    gate.clone(),
+                    qdrant_extra::count_batch_requests,
+                ))
                 .layer(rate)
                 .layer(gate.auth_layer())
                 .layer(IpAllowLayer::new(IpPolicy::new()).with_gate(&gate))
@@ -401,8 +504,16 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         .route("/readyz", get(readyz))
         .with_state(state);
 
+    // Aliases are resolved before routing and before any layer (see
+    // `qdrant_extra::resolve_aliases`), so the whole router sits behind that middleware.
+    let routed = ServiceBuilder::new()
+        .layer(axum::middleware::from_fn_with_state(
+            extras,
+            qdrant_extra::resolve_aliases,
+        ))
+        .service(open.merge(api));
     Ok(Showcase {
-        router: open.merge(api),
+        router: Router::new().fallback_service(routed),
         gate,
         keys,
         quota: handle,

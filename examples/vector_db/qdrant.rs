@@ -354,8 +354,14 @@ pub async fn collection_info(
 ) -> Response {
     let started = Instant::now();
     let (vectors, t) = (app.vectors.clone(), owned_tenant(&p));
-    match blocking(move || vectors.info(&name, t.as_deref())).await {
-        Ok((params, points)) => ok(
+    let extras = app.extras.clone();
+    let counted = blocking(move || {
+        let (params, points) = vectors.info(&name, t.as_deref())?;
+        let schema = extras.payload_schema(&vectors, &name, t.as_deref());
+        Ok((params, points, schema))
+    });
+    match counted.await {
+        Ok((params, points, payload_schema)) => ok(
             json!({
                 "status": "green",
                 "optimizer_status": "ok",
@@ -379,7 +385,7 @@ pub async fn collection_info(
                     "wal_config": {"wal_capacity_mb": 32, "wal_segments_ahead": 0},
                     "quantization_config": null
                 },
-                "payload_schema": {}
+                "payload_schema": payload_schema
             }),
             started,
         ),

@@ -721,6 +721,132 @@ impl VectorStore {
     }
 }
 
+// Access for the routes of `qdrant_extra.rs` (payload writes, facets, groups, indexes),
+// under the same locks and per-tenant rules as the operations above.
+
+impl VectorStore {
+    /// Runs `read` over the points of collection `name` the caller can see and the filter
+    /// keeps, by id (an id may come once per owner for `None`), under its read lock.
+    pub fn read_points<T>(
+        &self,
+        name: &str,
+        read: Read<'_>,
+        f: impl FnOnce(&mut dyn Iterator<Item = (PointId, &Point)>) -> T,
+    ) -> Result<T, StoreError> {
+        let _scan = ScanGuard::new(&self.scans);
+        let c = self.get(name)?;
+        let c = c.read().unwrap_or_else(PoisonError::into_inner);
+        check_budget(read.filter, c.points.len())?;
+        let mut points = c
+            .all(read.tenant)
+            .filter(|(id, p)| read.filter.is_none_or(|f| f.matches(*id, &p.payload)));
+        Ok(f(&mut points))
+    }
+
+    /// Runs `write` under collection `name`'s write lock (so it is ordered with every other
+    /// write of it) and, when it succeeds, takes one operation id from the caller's counter,
+    /// as [`VectorStore::upsert`] does; a refused write uses no id.
+    pub fn write_operation<T>(
+        &self,
+        name: &str,
+        tenant: Option<&str>,
+        write: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<(T, u64), StoreError> {
+        let c = self.get(name)?;
+        let mut c = c.write().unwrap_or_else(PoisonError::into_inner);
+        let out = write()?;
+        Ok((out, c.next_operation(tenant)))
+    }
+
+    /// Changes the payload of the selected points the caller can see, all or none; returns
+    /// the operation id (one from the caller's counter).
+    ///
+    /// An id the caller cannot see (missing, or another tenant's) is 404 `No point with id
+    /// ... found` and nothing changes, so a tenant learns nothing of other tenants' ids. With
+    /// a tenant, the payload's `tenant` field is stamped back after the change. Without one
+    /// (operators), every owner's point at a selected id changes, and a change that would
+    /// leave an id with two points of one owner is refused (400).
+    pub fn update_payloads(
+        &self,
+        name: &str,
+        selector: &Selector,
+        tenant: Option<&str>,
+        change: impl Fn(&mut Map<String, Value>),
+    ) -> Result<u64, StoreError> {
+        let _scan = ScanGuard::new(&self.scans);
+        let c = self.get(name)?;
+        let mut c = c.write().unwrap_or_else(PoisonError::into_inner);
+        let ids: Vec<PointId> = match selector {
+            Selector::Ids(ids) => {
+                let mut seen = HashSet::with_capacity(ids.len());
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    if c.at(id, tenant).next().is_none() {
+                        return Err(StoreError::new(
+                            StatusCode::NOT_FOUND,
+                            format!("Not found: No point with id {id} found"),
+                        ));
+                    }
+                    if seen.insert(*id) {
+                        out.push(*id);
+                    }
+                }
+                out
+            }
+            Selector::Filter(f) => {
+                check_budget(Some(f), c.points.len())?;
+                let mut out: Vec<PointId> = c
+                    .all(tenant)
+                    .filter(|(id, p)| f.matches(*id, &p.payload))
+                    .map(|(id, _)| id)
+                    .collect();
+                out.dedup();
+                out
+            }
+        };
+        // Every new payload is worked out and checked before any point changes.
+        let mut changed: Vec<(PointId, Vec<Map<String, Value>>)> = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(owners) = c.points.get(&id) else {
+                continue;
+            };
+            let mut payloads = Vec::with_capacity(owners.len());
+            for p in owners {
+                let mut payload = p.payload.clone();
+                if p.visible_to(tenant) {
+                    change(&mut payload);
+                    if let Some(t) = tenant {
+                        payload.insert(TENANT_FIELD.to_owned(), Value::String(t.to_owned()));
+                    }
+                }
+                payloads.push(payload);
+            }
+            let mut owned = HashSet::with_capacity(payloads.len());
+            if !payloads
+                .iter()
+                .all(|p| owned.insert(p.get(TENANT_FIELD).and_then(Value::as_str)))
+            {
+                return Err(StoreError::wrong_input(format!(
+                    "the change would give point {id} two points of one tenant"
+                )));
+            }
+            changed.push((id, payloads));
+        }
+        let version = c.next_operation(tenant);
+        for (id, payloads) in changed {
+            if let Some(owners) = c.points.get_mut(&id) {
+                for (p, payload) in owners.iter_mut().zip(payloads) {
+                    if p.visible_to(tenant) {
+                        p.payload = payload;
+                        p.version = version;
+                    }
+                }
+            }
+        }
+        Ok(version)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
