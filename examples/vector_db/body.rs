@@ -17,9 +17,8 @@
 //! 4. The points rate limit (cost: [`PointCount`], else 1) and, after auth and scope, the
 //!    quota (cost: points plus byte units).
 //!
-//! Once a body was read its bytes stay charged: when a later layer refuses the request,
-//! [`read_upsert`] hides the refusal from the bytes rate limit (which would refund it) and
-//! [`restore_denial`] puts it back for the audit layer.
+//! Once a body was read its bytes stay charged, even when a later layer refuses the
+//! request: rate limits count every request (they never refund).
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -30,7 +29,7 @@ use axum::http::{header::CONTENT_LENGTH, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use http_body::Body as _;
-use keygate::{Denial, KeyGate};
+use keygate::KeyGate;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -153,21 +152,6 @@ pub async fn admit(State(vectors): State<VectorStore>, mut req: Request, next: N
     next.run(req).await
 }
 
-/// A refusal a later layer made after the body was read, hidden from the bytes rate limit
-/// (so it does not refund what reading cost) until [`restore_denial`] puts it back.
-#[derive(Debug, Clone)]
-struct HeldDenial(Denial);
-
-/// Puts back the refusal [`read_upsert`] held, for the layers outside the bytes rate limit
-/// (the audit log records the exact code).
-pub async fn restore_denial(req: Request, next: Next) -> Response {
-    let mut res = next.run(req).await;
-    if let Some(HeldDenial(d)) = res.extensions_mut().remove::<HeldDenial>() {
-        res.extensions_mut().insert(d);
-    }
-    res
-}
-
 /// The points of an upsert, parsed by [`read_upsert`] and taken by the handler.
 #[derive(Clone)]
 pub struct ParsedUpsert(Arc<Mutex<Option<Parsed>>>);
@@ -236,11 +220,7 @@ pub async fn read_upsert(
     req.extensions_mut().insert(PointCount(n));
     req.extensions_mut()
         .insert(ParsedUpsert(Arc::new(Mutex::new(Some(parsed)))));
-    let mut res = next.run(req).await;
-    if let Some(d) = res.extensions_mut().remove::<Denial>() {
-        res.extensions_mut().insert(HeldDenial(d));
-    }
-    res
+    next.run(req).await
 }
 
 /// Reads `body` (announced as `size` bytes) into one buffer of that size.

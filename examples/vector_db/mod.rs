@@ -22,8 +22,8 @@
 //! 5. The points rate limit: per key (cost: [`PointCount`], else 1); requests without a
 //!    valid key are limited per client address, so guessing keys gets 429 after a few
 //!    401s. It sits outside the auth layer for that reason (inside it, failed attempts
-//!    would never reach it); it resolves the key through the hub itself, and refunds what
-//!    another layer refuses.
+//!    would never reach it); it resolves the key through the hub itself. Every request
+//!    counts, including those another layer then refuses: rate limits protect capacity.
 //! 6. `ApiKeyAuthLayer`: 401 for missing, malformed, unknown, revoked, disabled and expired
 //!    keys (`Authorization: Bearer`, `X-API-Key`, or Qdrant's `api-key` header).
 //! 7. `IpAllowLayer`: the key's own CIDR allowlist (403 `ip_not_allowed`).
@@ -476,7 +476,6 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         .layer(
             ServiceBuilder::new()
                 .layer(gate.audit_layer(opts.auditor))
-                .layer(axum::middleware::from_fn(body::restore_denial))
                 .layer(axum::middleware::from_fn_with_state(
                     vectors.clone(),
                     body::admit,
