@@ -581,6 +581,23 @@ async fn usage_comes_from_the_usage_store() {
     .await;
     assert_eq!(r.json["windows"], json!([]));
     assert_eq!(r.json["quotas"][0]["used"], 30);
+    // Usage belongs to the key's lineage: the rotated key reads what its predecessor used.
+    let rotated = s
+        .keys
+        .rotate("test", id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let r = send(
+        &app,
+        "GET",
+        &format!("/admin/keys/{}/usage", rotated.key.id()),
+        Some(&admin),
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(r.json["quotas"][0]["used"], 30, "{}", r.json);
+    assert_eq!(r.json["key_id"], rotated.key.id().to_string());
 }
 
 /// An admin key that expires in a day and works only from 10.0.0.0/8.

@@ -648,6 +648,8 @@ pub(crate) async fn usage(State(s): St, path: IdPath, req: Request) -> Response 
                 ));
             };
             let record = visible(&s, &who, id).await?;
+            // Usage is counted per lineage (the first key of a rotation chain).
+            let lineage = record.lineage_id();
             let current: Vec<Window> = record
                 .quotas
                 .iter()
@@ -657,9 +659,9 @@ pub(crate) async fn usage(State(s): St, path: IdPath, req: Request) -> Response 
             let lo = current.iter().map(|w| w.start).fold(from, SystemTime::min);
             let hi = to.max(now + Duration::from_secs(1));
             let rows: Vec<UsageRecord> = match source {
-                UsageSource::Store(store) => store.report(&id, lo, hi).await,
+                UsageSource::Store(store) => store.report(&lineage, lo, hi).await,
                 #[cfg(feature = "quota")]
-                UsageSource::Quota(handle) => handle.report(&id, lo, hi).await,
+                UsageSource::Quota(handle) => handle.report(&lineage, lo, hi).await,
             }
             .map_err(|e| AdminError::usage(&e))?;
             let quotas = record
