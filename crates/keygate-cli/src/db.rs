@@ -256,6 +256,9 @@ fn open_file_log(dir: &std::path::Path, stem: &str) -> Result<FileSink, Failure>
     FileSink::builder(dir)
         .stem(stem)
         .key(key)
+        // One key change per command: continue the newest file rather than leave a
+        // one-line file per command.
+        .continue_newest_file(true)
         .open()
         .map_err(failed)
 }

@@ -513,11 +513,19 @@ async fn cli_changes_join_the_servers_log_and_fail_when_it_cannot_be_written() {
     out.ok();
     assert!(out.stdout.starts_with("ok: 4 lines"), "{out:?}");
 
-    // Cut the log's last line (the CLI's, in a file of its own): the next change is
-    // refused before anything is changed.
+    // The CLI continued the server's file rather than leave a one-line file of its own.
     let files = log_files(dir, "keygate-audit").unwrap();
-    assert_eq!(files.len(), 2, "a new file per writer start");
-    std::fs::write(&files[1], "").unwrap();
+    assert_eq!(
+        files.len(),
+        1,
+        "the CLI continues the newest file: {files:?}"
+    );
+
+    // Cut the log's last line (the CLI's): the next change is refused before anything is
+    // changed.
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    let kept: String = text.lines().take(3).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&files[0], kept).unwrap();
     let out = env.run(&["keys", "create", "--name", "refused"]);
     out.fails(1);
     assert!(out.stderr.contains("refusing to continue it"), "{out:?}");
@@ -560,4 +568,50 @@ async fn audit_events_skips_and_reports_a_corrupt_row() {
         out.stderr.contains("unreadable") && out.stderr.contains("skipped"),
         "{out:?}"
     );
+}
+
+/// Each CLI command records its key change by continuing the newest log file, so a series
+/// of commands leaves one file, not one per command; a file ending in a partial line (a
+/// crash) is never continued: the next command starts a new file.
+#[tokio::test]
+async fn cli_commands_continue_one_file_but_not_after_a_partial_line() {
+    let env = Env::sqlite();
+    let dir = env.dir.path().join("log");
+    let d = dir.to_str().unwrap();
+    for i in 0..4 {
+        env.run(&[
+            "--audit-dir",
+            d,
+            "keys",
+            "create",
+            "--name",
+            &format!("k{i}"),
+        ])
+        .ok();
+    }
+    let files = log_files(&dir, "keygate-audit").unwrap();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let out = env.run(&["audit", "verify", d]);
+    out.ok();
+    assert!(
+        out.stdout.starts_with("ok: 4 lines in 1 file(s)"),
+        "{out:?}"
+    );
+
+    // A crash left half a line after the last complete one.
+    let mut text = std::fs::read(&files[0]).unwrap();
+    text.extend_from_slice(b"{\"seq\":5,\"prev\":\"");
+    std::fs::write(&files[0], &text).unwrap();
+    env.run(&["--audit-dir", d, "keys", "create", "--name", "after"])
+        .ok();
+    let files = log_files(&dir, "keygate-audit").unwrap();
+    assert_eq!(files.len(), 2, "a new file after a partial line: {files:?}");
+    assert_eq!(
+        std::fs::read(&files[0]).unwrap(),
+        text,
+        "the damaged file is left as it was"
+    );
+    let second = std::fs::read_to_string(&files[1]).unwrap();
+    assert_eq!(second.lines().count(), 1);
+    assert!(second.starts_with("{\"seq\":5,"), "{second}");
 }

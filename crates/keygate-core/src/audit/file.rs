@@ -384,6 +384,7 @@ pub struct FileSinkBuilder {
     max_files: Option<usize>,
     max_age: Option<Duration>,
     lock_timeout: Duration,
+    continue_newest: bool,
 }
 
 impl FileSinkBuilder {
@@ -429,6 +430,18 @@ impl FileSinkBuilder {
     /// (by their modification time; never the file being written). Off by default.
     pub fn max_age(mut self, age: Duration) -> Self {
         self.max_age = Some(age);
+        self
+    }
+
+    /// Whether opening the log continues in its newest file instead of starting a new one,
+    /// when that file ends with the complete line the checkpoint records (default: off, each
+    /// open starts a new file). Meant for short-lived writers, such as one command of a CLI
+    /// that records a single key change: with it they do not leave a one-line file each.
+    /// A file that ends in a partial line (a crash) is never continued, and with time
+    /// rotation ([`rotate_every`](Self::rotate_every), [`rotate_daily`](Self::rotate_daily))
+    /// each open still starts a new file. Size rotation applies as usual.
+    pub fn continue_newest_file(mut self, yes: bool) -> Self {
+        self.continue_newest = yes;
         self
     }
 
@@ -487,6 +500,7 @@ impl FileSinkBuilder {
             max_files: self.max_files,
             max_age: self.max_age,
             lock_timeout: self.lock_timeout,
+            continue_newest: self.continue_newest,
             lock,
             locked: false,
             writer: None,
@@ -540,6 +554,9 @@ struct State {
     max_files: Option<usize>,
     max_age: Option<Duration>,
     lock_timeout: Duration,
+    /// Whether a sink without an open file continues in the newest one (see
+    /// [`FileSinkBuilder::continue_newest_file`]).
+    continue_newest: bool,
     /// The open lock file (`{stem}.lock`).
     lock: File,
     /// Whether this sink holds the lock now.
@@ -580,6 +597,7 @@ impl FileSink {
             max_files: None,
             max_age: None,
             lock_timeout: Duration::from_secs(10),
+            continue_newest: false,
         }
     }
 
@@ -741,7 +759,18 @@ impl State {
                 self.index = newest;
                 self.writer = Some(BufWriter::with_capacity(self.capacity, file));
             }
-            None => self.index = newest + 1,
+            None => {
+                self.index = newest + 1;
+                if self.continue_newest && self.period.is_none() && newest > 0 {
+                    let path = self.path(newest);
+                    if ends_with_line(&path, (self.seq, self.prev))? {
+                        let file = owner_only().append(true).open(&path)?;
+                        self.bytes = file.metadata()?.len();
+                        self.index = newest;
+                        self.writer = Some(BufWriter::with_capacity(self.capacity, file));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -1080,6 +1109,32 @@ struct Tail {
 }
 
 /// The seq and hash of the last complete, parseable line of `path`.
+/// Whether the file at `path` ends with a newline right after the line of `tail` (its seq
+/// and hash): a file a writer may continue without leaving anything unverifiable in it.
+fn ends_with_line(path: &Path, tail: (u64, [u8; 32])) -> io::Result<bool> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    // A line is far shorter than this; a longer one is simply not continued.
+    let start = len.saturating_sub(1024 * 1024);
+    file.seek(SeekFrom::Start(start))?;
+    let mut data = Vec::new();
+    Read::by_ref(&mut file)
+        .take(len - start)
+        .read_to_end(&mut data)?;
+    let Some(body) = data.strip_suffix(b"\n") else {
+        return Ok(false);
+    };
+    let line = match body.iter().rposition(|&b| b == b'\n') {
+        Some(i) => &body[i + 1..],
+        None if start == 0 => body,
+        None => return Ok(false),
+    };
+    Ok(serde_json::from_slice::<Tail>(line)
+        .ok()
+        .and_then(|t| Some((t.seq, unhex(&t.hash)?)))
+        == Some(tail))
+}
+
 fn last_line(path: &Path) -> io::Result<Option<(u64, [u8; 32])>> {
     let mut file = File::open(path)?;
     let len = file.metadata()?.len();
