@@ -301,7 +301,25 @@ impl SqlStore {
     /// Closes the pool: waits for checked-out connections to come back and closes them all.
     /// Every later operation on this store (and its clones) fails with
     /// `StoreError::Unavailable`.
+    ///
+    /// On a SQLite file opened for writing, first merges the write-ahead log into the file
+    /// and empties it (best effort: skipped while another process reads), so the file alone
+    /// holds every committed change even when a connection's close is cut short, and a
+    /// reader that cannot write (see [`SqlOptions::read_only`]) can open it.
     pub async fn close(&self) {
+        if let Pool::Sqlite(pool) = &self.inner.pool {
+            if !self.inner.options.read_only && !pool.is_closed() {
+                // Not cached, and read to the end: a statement left open would keep the
+                // connection from closing cleanly.
+                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                    .persistent(false)
+                    .fetch_all(pool)
+                    .await
+                {
+                    tracing::debug!(error = %e, "SQLite checkpoint before close failed");
+                }
+            }
+        }
         with_pool!(self, pool => pool.close().await)
     }
 
