@@ -19,7 +19,6 @@ use keygate::redis::{
     RedisUsageStore, RestartMonitor, TimeSource, WatchOptions,
 };
 use keygate::{KeyGate, KeyId, KeyManager, ManualClock, MemoryStore, RateLimitPolicy, Verifier};
-use tokio::net::TcpListener;
 
 /// The variable naming the test Redis server.
 pub const REDIS_ENV: &str = "KEYGATE_TEST_REDIS_URL";
@@ -111,9 +110,7 @@ impl Drop for TestRedis {
     }
 }
 
-#[path = "../support/net.rs"]
-mod net;
-pub use net::*;
+pub use keygate_testkit::net::*;
 
 /// The host and port of a `redis://` URL.
 pub fn redis_addr(url: &str) -> SocketAddr {
@@ -227,16 +224,7 @@ impl ReplicaSpec {
             .layer(quota)
             .layer(rate)
             .layer(gate.auth_layer());
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .await
-            .expect("axum server");
-        });
+        let addr = keygate_testkit::serve::spawn_axum_with_peer(app).await;
         let manager = KeyManager::for_verifier(&verifier, Auditor::tracing());
         let monitor = self.restart_every.map(|every| redis.detect_restarts(every));
         Replica {

@@ -1,7 +1,5 @@
-//! Test support shared by keygate-sql's tests and the root crate's Redis tests (included
-//! with `#[path]`): polling with a deadline, a TCP proxy that can cut or stall connections to
-//! a real server, and URL host rewriting to route a client through it.
-#![allow(dead_code)]
+//! Polling with a deadline, a TCP proxy that can cut or stall connections to a real server
+//! (PostgreSQL, Redis), and URL host rewriting to route a client through it.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -44,12 +42,14 @@ pub enum Mode {
 /// A TCP proxy on 127.0.0.1 in front of `target`, with a switch ([`Mode`]). Leaving
 /// `Stall` closes the stalled connections.
 pub struct Proxy {
+    /// Where clients connect (127.0.0.1, an ephemeral port).
     pub addr: SocketAddr,
     mode: watch::Sender<Mode>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Proxy {
+    /// Starts forwarding connections to `target` (in [`Mode::On`]).
     pub async fn start(target: SocketAddr) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
