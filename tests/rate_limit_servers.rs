@@ -18,12 +18,6 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tower::ServiceBuilder;
 
-fn with_key(key: &ApiKey) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert("x-api-key", key.expose_secret().parse().unwrap());
-    h
-}
-
 fn layer(fx: &Fixture) -> RateLimitLayer {
     let cfg = RateLimitConfig::new()
         .clock(LimiterClock::manual(fx.clock.clone()))

@@ -35,6 +35,13 @@ use tokio::net::TcpStream;
 pub use keygate_testkit::serve::{spawn_axum, spawn_hyper};
 pub use keygate_testkit::CountingStore;
 
+/// Headers carrying `key` in `x-api-key`.
+pub fn with_key(key: &ApiKey) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("x-api-key", key.expose_secret().parse().unwrap());
+    h
+}
+
 // ---------------------------------------------------------------------------------------
 // Fixture: hub, manual clock, key issuing
 // ---------------------------------------------------------------------------------------

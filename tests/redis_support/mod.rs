@@ -18,7 +18,10 @@ use keygate::redis::{
     ChangeKey, ChangeWatcher, Publisher, Publishing, Redis, RedisOptions, RedisRateLimiter,
     RedisUsageStore, RestartMonitor, TimeSource, WatchOptions,
 };
-use keygate::{KeyGate, KeyId, KeyManager, ManualClock, MemoryStore, RateLimitPolicy, Verifier};
+use keygate::{
+    ApiKey, KeyGate, KeyId, KeyManager, KeyRecord, KeyStore, ManualClock, MemoryStore, Prefix,
+    RateLimitPolicy, Verifier,
+};
 
 /// The variable naming the test Redis server.
 pub const REDIS_ENV: &str = "KEYGATE_TEST_REDIS_URL";
@@ -244,4 +247,22 @@ pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
     samples.sort();
     let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
     (at(0.5), at(0.99))
+}
+
+/// Generates a key (named `redis-test`), lets `edit` shape its record, and stores it.
+pub async fn issue(
+    store: &MemoryStore,
+    clock: &ManualClock,
+    edit: impl FnOnce(&mut KeyRecord),
+) -> (ApiKey, KeyRecord) {
+    let (key, mut record) = KeyRecord::generate(
+        &Prefix::default(),
+        &keygate::KeyHasher::new(),
+        "redis-test",
+        keygate::Clock::now(clock),
+    )
+    .unwrap();
+    edit(&mut record);
+    store.insert(&record).await.unwrap();
+    (key, record)
 }

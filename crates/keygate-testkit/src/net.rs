@@ -139,3 +139,16 @@ fn split_authority(url: &str) -> (&str, &str, &str) {
     let end = after.find(['/', '?']).unwrap_or(after.len());
     (scheme, &after[..end], &after[end..])
 }
+
+/// Reads what the server sends until it closes the connection (EOF or reset).
+pub async fn until_closed(s: &mut TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}

@@ -1,7 +1,5 @@
 //! [`CountingStore`]: a memory key store that counts lookups and can simulate an outage.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -16,8 +14,6 @@ pub struct CountingStore {
     gets: Arc<AtomicUsize>,
     down: Arc<AtomicBool>,
 }
-
-type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 impl CountingStore {
     /// An empty, reachable store.
@@ -49,67 +45,26 @@ impl CountingStore {
     }
 }
 
-// `KeyStore` is an `async_trait`; these are its desugared signatures (the test crate does not
-// depend on `async-trait`).
+#[async_trait::async_trait]
 impl KeyStore for CountingStore {
-    fn get<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        id: &'life1 KeyId,
-    ) -> StoreFuture<'async_trait, Option<KeyRecord>>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        Box::pin(async move {
-            self.gets.fetch_add(1, Ordering::SeqCst);
-            self.check()?;
-            self.inner.get(id).await
-        })
+    async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        self.check()?;
+        self.inner.get(id).await
     }
 
-    fn insert<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        record: &'life1 KeyRecord,
-    ) -> StoreFuture<'async_trait, ()>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.insert(record).await
-        })
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.insert(record).await
     }
 
-    fn update<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        record: &'life1 KeyRecord,
-    ) -> StoreFuture<'async_trait, ()>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.update(record).await
-        })
+    async fn update(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.update(record).await
     }
 
-    fn list<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        filter: &'life1 KeyFilter,
-    ) -> StoreFuture<'async_trait, Vec<KeyRecord>>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.list(filter).await
-        })
+    async fn list(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
+        self.check()?;
+        self.inner.list(filter).await
     }
 }
