@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Over-HTTP load test: the showcase's trivial route (GET /) bare and behind keygate's full
-# six-layer stack, served by one process (examples/load_target.rs) on two loopback ports,
+# six-layer stack, served by one process (crates/keygate-showcase/examples/load_target.rs) on two loopback ports,
 # loaded in turn by oha. Prints requests/s and p99 latency for both and their ratio.
 #
 #   scripts/load.sh                          # 2 rounds x (bare, stack), 10 s each, 32 connections
@@ -37,9 +37,8 @@ if [[ ! -x $oha ]]; then
     cargo install oha --version "$OHA_VERSION" --locked --root "$root/.tools"
 fi
 
-features=auth,scope,ip-allow,rate-limit,quota,audit,axum
-echo "building examples/load_target.rs (release)..."
-cargo build --release --quiet --example load_target --features "$features"
+echo "building crates/keygate-showcase/examples/load_target.rs (release)..."
+cargo build --release --quiet -p keygate-showcase --example load_target
 target_dir=${CARGO_TARGET_DIR:-target}
 [[ $target_dir = /* ]] || target_dir="$root/$target_dir"
 bin="$target_dir/release/examples/load_target"

@@ -40,7 +40,6 @@
 //! - `quota`: `QuotaLayer` (per-key allowances).
 //! - `audit`: `AuditLayer` (one event per request).
 //! - `axum`: the [`Authenticated`] extractor.
-//! - `admin`: `admin::AdminApi`, an axum router managing keys over HTTP.
 //! - `full`: everything.
 //! - `sql`: `sql::SqlStore`, the SQLite and PostgreSQL key store (crate `keygate-sql`).
 //! - `redis`: `redis::RedisRateLimiter`, `redis::RedisUsageStore` and key-change
@@ -90,8 +89,6 @@ mod gate;
 mod guard;
 pub mod reject;
 
-#[cfg(feature = "admin")]
-pub mod admin;
 #[cfg(feature = "audit")]
 pub mod audit;
 #[cfg(feature = "auth")]
@@ -107,8 +104,6 @@ pub mod rate_limit;
 #[cfg(feature = "scope")]
 pub mod scope;
 
-#[cfg(feature = "admin")]
-pub use admin::AdminApi;
 #[cfg(feature = "audit")]
 pub use audit::AuditLayer;
 #[cfg(feature = "auth")]

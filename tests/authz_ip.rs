@@ -921,7 +921,7 @@ async fn bad_forwarded_headers_behind_a_trusted_proxy() {
         }
     }
     // `Forwarded` and `X-Forwarded-For` naming different clients: never the allowed one
-    // (today `Forwarded` is read; see tests/authz_findings.rs for why that alone is not
+    // (today `Forwarded` is read; see tests/authz_forwarded_headers.rs for why that alone is not
     // enough).
     let req = from_peer(request("GET", "/", None), "10.0.0.1:443");
     let req = with_header(

@@ -467,11 +467,7 @@ async fn axum_without_connect_info_has_no_address() {
         IpAllowLayer::new(IpPolicy::new().allow(["127.0.0.0/8"]).unwrap()).with_gate(&fx.gate),
     );
     // Served without `into_make_service_with_connect_info`: the layer cannot know the peer.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await.expect("axum") });
+    let addr = keygate_testkit::serve::spawn_axum(app).await;
     let out = send(
         addr,
         "POST",

@@ -18,12 +18,6 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tower::ServiceBuilder;
 
-fn with_key(key: &ApiKey) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert("x-api-key", key.expose_secret().parse().unwrap());
-    h
-}
-
 async fn setup() -> (Fixture, ApiKey, QuotaLayer) {
     let fx = Fixture::new();
     fx.clock.set(utc(2026, 7, 4, 18, 0, 0));

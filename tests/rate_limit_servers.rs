@@ -18,12 +18,6 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tower::ServiceBuilder;
 
-fn with_key(key: &ApiKey) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert("x-api-key", key.expose_secret().parse().unwrap());
-    h
-}
-
 fn layer(fx: &Fixture) -> RateLimitLayer {
     let cfg = RateLimitConfig::new()
         .clock(LimiterClock::manual(fx.clock.clone()))
@@ -58,16 +52,7 @@ async fn axum_over_loopback() {
         .route("/points", get(|| async { "ok" }))
         .layer(fx.gate.auth_layer())
         .layer(layer(&fx));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .unwrap();
-    });
+    let addr = keygate_testkit::serve::spawn_axum_with_peer(app).await;
     for r in ["1", "0"] {
         let (status, headers, body) = send(addr, "/points", with_key(&key)).await;
         assert_eq!(status, StatusCode::OK);

@@ -8,20 +8,14 @@ mod redis_support;
 
 use std::time::{Duration, Instant};
 
-use common::send;
-use http::{HeaderMap, StatusCode};
+use common::{send, with_key};
+use http::StatusCode;
 use keygate::redis::redis::{self, aio::MultiplexedConnection};
 use keygate::redis::ChangeKey;
 use keygate::{
     ApiKey, Clock, KeyId, KeyRecord, KeyStatus, KeyStore, ManualClock, MemoryStore, Prefix,
 };
 use redis_support::*;
-
-fn with_key(key: &ApiKey) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert("x-api-key", key.expose_secret().parse().unwrap());
-    h
-}
 
 async fn issue(store: &MemoryStore, clock: &ManualClock) -> (ApiKey, KeyRecord) {
     let (key, record) = KeyRecord::generate(

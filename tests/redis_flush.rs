@@ -12,42 +12,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::send;
-use http::{HeaderMap, StatusCode};
+use common::{send, with_key};
+use http::StatusCode;
 use keygate::core::usage::{UsageStore, Window};
 use keygate::rate_limit::Fallback;
 use keygate::redis::{Redis, RedisOptions};
 use keygate::sql::{SqlOptions, SqlStore};
-use keygate::{
-    ApiKey, Clock, KeyRecord, KeyStore, ManualClock, MemoryStore, Prefix, QuotaPolicy, QuotaWindow,
-    RateLimitPolicy,
-};
+use keygate::{ApiKey, Clock, ManualClock, MemoryStore, QuotaPolicy, QuotaWindow, RateLimitPolicy};
 use redis_support::*;
 
 const PG_ENV: &str = "KEYGATE_TEST_POSTGRES_URL";
-
-fn with_key(key: &ApiKey) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert("x-api-key", key.expose_secret().parse().unwrap());
-    h
-}
-
-async fn issue(
-    store: &MemoryStore,
-    clock: &ManualClock,
-    edit: impl FnOnce(&mut KeyRecord),
-) -> (ApiKey, KeyRecord) {
-    let (key, mut record) = KeyRecord::generate(
-        &Prefix::default(),
-        &keygate::KeyHasher::new(),
-        "flush",
-        clock.now(),
-    )
-    .unwrap();
-    edit(&mut record);
-    store.insert(&record).await.unwrap();
-    (key, record)
-}
 
 async fn code(body: &[u8]) -> String {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap();

@@ -9,38 +9,14 @@ mod redis_support;
 
 use std::time::{Duration, Instant};
 
-use common::send;
-use http::{HeaderMap, StatusCode};
+use common::{send, with_key};
+use http::StatusCode;
 use keygate::rate_limit::Fallback;
 use keygate::redis::{Publisher, Publishing};
 use keygate::{
-    ApiKey, KeyRecord, KeyStatus, KeyStore, ManualClock, MemoryStore, Prefix, QuotaPolicy,
-    QuotaWindow, RateLimitPolicy,
+    KeyStatus, KeyStore, ManualClock, MemoryStore, QuotaPolicy, QuotaWindow, RateLimitPolicy,
 };
 use redis_support::*;
-
-fn with_key(key: &ApiKey) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert("x-api-key", key.expose_secret().parse().unwrap());
-    h
-}
-
-async fn issue(
-    store: &MemoryStore,
-    clock: &ManualClock,
-    edit: impl FnOnce(&mut KeyRecord),
-) -> (ApiKey, KeyRecord) {
-    let (key, mut record) = KeyRecord::generate(
-        &Prefix::default(),
-        &keygate::KeyHasher::new(),
-        "outage",
-        keygate::Clock::now(clock),
-    )
-    .unwrap();
-    edit(&mut record);
-    store.insert(&record).await.unwrap();
-    (key, record)
-}
 
 /// A replica whose Redis traffic goes through `proxy`, with a 100 ms timeout.
 fn through(t: &TestRedis, proxy: &Proxy, store: &MemoryStore, clock: &ManualClock) -> ReplicaSpec {

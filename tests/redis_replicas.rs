@@ -9,19 +9,13 @@ mod redis_support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::send;
-use http::{HeaderMap, StatusCode};
+use common::{send, with_key};
+use http::StatusCode;
 use keygate::{
     ApiKey, KeyRecord, KeySpec, KeyStatus, KeyStore, ManualClock, MemoryStore, Prefix, QuotaPolicy,
     QuotaWindow, RateLimitPolicy,
 };
 use redis_support::*;
-
-fn with_key(key: &ApiKey) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert("x-api-key", key.expose_secret().parse().unwrap());
-    h
-}
 
 /// The replicas' settings. These tests are about exact counts across replicas, not latency:
 /// a per-call timeout of 2 s (not the default 250 ms) keeps a loaded machine's scheduling

@@ -14,8 +14,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,121 +24,22 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use keygate::{
-    ApiKey, DenialCode, KeyFilter, KeyGate, KeyGateBuilder, KeyId, KeyRecord, KeyStatus, KeyStore,
-    ManualClock, MemoryStore, Prefix, StoreError, Verifier, VerifierBuilder,
+    ApiKey, DenialCode, KeyGate, KeyGateBuilder, KeyRecord, KeyStatus, KeyStore, ManualClock,
+    Prefix, Verifier, VerifierBuilder,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
-// ---------------------------------------------------------------------------------------
-// Counting store
-// ---------------------------------------------------------------------------------------
+// Each test binary uses some of these.
+#[allow(unused_imports)]
+pub use keygate_testkit::serve::{spawn_axum, spawn_hyper};
+pub use keygate_testkit::CountingStore;
 
-/// A [`MemoryStore`] that counts [`KeyStore::get`] calls and can simulate an outage (every
-/// operation then fails with [`StoreError::Unavailable`]). Clones share the records, the
-/// counter and the outage switch.
-#[derive(Clone, Default)]
-pub struct CountingStore {
-    inner: MemoryStore,
-    gets: Arc<AtomicUsize>,
-    down: Arc<AtomicBool>,
-}
-
-type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
-
-impl CountingStore {
-    /// An empty, reachable store.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The records, bypassing the counter and the outage switch.
-    pub fn memory(&self) -> &MemoryStore {
-        &self.inner
-    }
-
-    /// How many times `get` was called.
-    pub fn gets(&self) -> usize {
-        self.gets.load(Ordering::SeqCst)
-    }
-
-    /// Starts (`true`) or ends (`false`) a simulated outage.
-    pub fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::SeqCst);
-    }
-
-    fn check(&self) -> Result<(), StoreError> {
-        if self.down.load(Ordering::SeqCst) {
-            Err(StoreError::Unavailable("simulated outage".into()))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-// `KeyStore` is an `async_trait`; these are its desugared signatures (the test crate does not
-// depend on `async-trait`).
-impl KeyStore for CountingStore {
-    fn get<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        id: &'life1 KeyId,
-    ) -> StoreFuture<'async_trait, Option<KeyRecord>>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        Box::pin(async move {
-            self.gets.fetch_add(1, Ordering::SeqCst);
-            self.check()?;
-            self.inner.get(id).await
-        })
-    }
-
-    fn insert<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        record: &'life1 KeyRecord,
-    ) -> StoreFuture<'async_trait, ()>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.insert(record).await
-        })
-    }
-
-    fn update<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        record: &'life1 KeyRecord,
-    ) -> StoreFuture<'async_trait, ()>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.update(record).await
-        })
-    }
-
-    fn list<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        filter: &'life1 KeyFilter,
-    ) -> StoreFuture<'async_trait, Vec<KeyRecord>>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.list(filter).await
-        })
-    }
+/// Headers carrying `key` in `x-api-key`.
+pub fn with_key(key: &ApiKey) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("x-api-key", key.expose_secret().parse().unwrap());
+    h
 }
 
 // ---------------------------------------------------------------------------------------
@@ -733,48 +633,6 @@ pub fn lossy(b: &[u8]) -> String {
 // ---------------------------------------------------------------------------------------
 // Loopback servers and clients
 // ---------------------------------------------------------------------------------------
-
-/// Serves `app` with axum on 127.0.0.1 (an ephemeral port) until the runtime ends.
-pub async fn spawn_axum(app: axum::Router) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        axum::serve(listener, app).await.expect("axum server");
-    });
-    addr
-}
-
-/// Serves the tower service `svc` with plain hyper 1 (HTTP/1.1, through
-/// `hyper_util::service::TowerToHyperService`) on 127.0.0.1 until the runtime ends.
-pub async fn spawn_hyper<S, B>(svc: S) -> SocketAddr
-where
-    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let svc = hyper_util::service::TowerToHyperService::new(svc.clone());
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
 
 /// Sends one HTTP/1.1 GET of `path` with `headers` to `addr` with hyper's client and
 /// returns the status, headers and whole body.

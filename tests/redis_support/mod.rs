@@ -18,8 +18,10 @@ use keygate::redis::{
     ChangeKey, ChangeWatcher, Publisher, Publishing, Redis, RedisOptions, RedisRateLimiter,
     RedisUsageStore, RestartMonitor, TimeSource, WatchOptions,
 };
-use keygate::{KeyGate, KeyId, KeyManager, ManualClock, MemoryStore, RateLimitPolicy, Verifier};
-use tokio::net::TcpListener;
+use keygate::{
+    ApiKey, KeyGate, KeyId, KeyManager, KeyRecord, KeyStore, ManualClock, MemoryStore, Prefix,
+    RateLimitPolicy, Verifier,
+};
 
 /// The variable naming the test Redis server.
 pub const REDIS_ENV: &str = "KEYGATE_TEST_REDIS_URL";
@@ -111,9 +113,7 @@ impl Drop for TestRedis {
     }
 }
 
-#[path = "../support/net.rs"]
-mod net;
-pub use net::*;
+pub use keygate_testkit::net::*;
 
 /// The host and port of a `redis://` URL.
 pub fn redis_addr(url: &str) -> SocketAddr {
@@ -227,16 +227,7 @@ impl ReplicaSpec {
             .layer(quota)
             .layer(rate)
             .layer(gate.auth_layer());
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .await
-            .expect("axum server");
-        });
+        let addr = keygate_testkit::serve::spawn_axum_with_peer(app).await;
         let manager = KeyManager::for_verifier(&verifier, Auditor::tracing());
         let monitor = self.restart_every.map(|every| redis.detect_restarts(every));
         Replica {
@@ -256,4 +247,22 @@ pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
     samples.sort();
     let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
     (at(0.5), at(0.99))
+}
+
+/// Generates a key (named `redis-test`), lets `edit` shape its record, and stores it.
+pub async fn issue(
+    store: &MemoryStore,
+    clock: &ManualClock,
+    edit: impl FnOnce(&mut KeyRecord),
+) -> (ApiKey, KeyRecord) {
+    let (key, mut record) = KeyRecord::generate(
+        &Prefix::default(),
+        &keygate::KeyHasher::new(),
+        "redis-test",
+        keygate::Clock::now(clock),
+    )
+    .unwrap();
+    edit(&mut record);
+    store.insert(&record).await.unwrap();
+    (key, record)
 }

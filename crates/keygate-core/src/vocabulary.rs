@@ -1,21 +1,5 @@
-//! A server's scope vocabulary: the scopes its routes require, so the tools that issue keys
-//! (the `keygate` CLI, the admin API) can refuse a typo (`points:raed`) when the key is
-//! made instead of at its first request.
-//!
-//! ```
-//! use keygate_core::{KnownScope, ScopeVocabulary};
-//!
-//! let vocabulary = ScopeVocabulary::new([
-//!     KnownScope::new("points:read", true),
-//!     KnownScope::new("collections:read", false),
-//! ]);
-//! assert!(vocabulary.check("points:read").is_ok());
-//! assert!(vocabulary.check("points:*").is_ok());
-//! let err = vocabulary.check("points:raed").unwrap_err();
-//! assert_eq!(err.to_string(), "unknown scope \"points:raed\" (did you mean `points:read`?)");
-//! // A key that may use only `points:read` but no collection reaches nothing.
-//! assert!(vocabulary.reach_warning(&["points:read".into()], &[]).is_some());
-//! ```
+//! A server's scope vocabulary: [`ScopeVocabulary`] (documented on the type, which is public
+//! where this module is not).
 
 use std::fmt;
 
@@ -61,8 +45,27 @@ impl fmt::Display for UnknownScope {
     }
 }
 
-/// The scopes a server's routes require (see the [module docs](self)). An empty vocabulary
-/// means "not known": it refuses nothing.
+/// The scopes a server's routes require. An empty vocabulary means "not known": it refuses
+/// nothing.
+///
+/// A server's scope vocabulary: the scopes its routes require, so the tools that issue keys
+/// (the `keygate` CLI, the admin API) can refuse a typo (`points:raed`) when the key is
+/// made instead of at its first request.
+///
+/// ```
+/// use keygate_core::{KnownScope, ScopeVocabulary};
+///
+/// let vocabulary = ScopeVocabulary::new([
+///     KnownScope::new("points:read", true),
+///     KnownScope::new("collections:read", false),
+/// ]);
+/// assert!(vocabulary.check("points:read").is_ok());
+/// assert!(vocabulary.check("points:*").is_ok());
+/// let err = vocabulary.check("points:raed").unwrap_err();
+/// assert_eq!(err.to_string(), "unknown scope \"points:raed\" (did you mean `points:read`?)");
+/// // A key that may use only `points:read` but no collection reaches nothing.
+/// assert!(vocabulary.reach_warning(&["points:read".into()], &[]).is_some());
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ScopeVocabulary {
     known: Vec<KnownScope>,

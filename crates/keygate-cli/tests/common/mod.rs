@@ -5,17 +5,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use keygate_core::KeyId;
 use keygate_sql::{SqlOptions, SqlStore};
 use serde_json::Value;
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, Connection, Executor};
 
 /// The variable naming the test PostgreSQL server.
-pub const PG_ENV: &str = "KEYGATE_TEST_POSTGRES_URL";
+pub use keygate_testkit::pg::PG_ENV;
 
 /// Where one test's keys live.
 pub struct Env {
@@ -46,13 +42,7 @@ impl Env {
             println!("skipped: {PG_ENV} is not set");
             return None;
         };
-        let schema = format!(
-            "kg_cli_{}",
-            KeyId::generate()
-                .expect("random")
-                .as_str()
-                .to_ascii_lowercase()
-        );
+        let schema = keygate_testkit::pg::schema_name("kg_cli");
         Some(Env {
             dir: tempfile::tempdir().expect("temp dir"),
             url,
@@ -117,31 +107,8 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        let Some(schema) = self.schema.clone() else {
-            return;
-        };
-        let url = self.url.clone();
-        // Drop may run inside a test's runtime: clean up on a thread of its own.
-        let done = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async {
-                let mut c = PgConnectOptions::from_str(&url)
-                    .ok()?
-                    .connect()
-                    .await
-                    .ok()?;
-                c.execute(format!("DROP SCHEMA IF EXISTS {schema} CASCADE").as_str())
-                    .await
-                    .ok()?;
-                c.close().await.ok()
-            })
-        })
-        .join();
-        if !matches!(done, Ok(Some(()))) {
-            eprintln!("warning: could not drop test schema");
+        if let Some(schema) = &self.schema {
+            keygate_testkit::pg::drop_schema(&self.url, schema);
         }
     }
 }

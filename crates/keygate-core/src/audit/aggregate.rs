@@ -1,35 +1,5 @@
-//! Folding floods of anonymous denials into one event per source and window
-//! ([`AggregateSink`]).
-//!
-//! Traffic without a valid key (scanners, a client with a typo in its key, a flood) would
-//! otherwise write one line per request: tens of megabytes a second. Denied requests that
-//! name no key are grouped by source (client address, denial code, method and path) and by
-//! window (`time / window`, from the events' own times, so a manual clock makes it
-//! deterministic). The first of a group in a window is recorded as usual; the rest are
-//! counted, and one [`DenialSummary`] per group is recorded when the first event of a later
-//! window arrives, at [`AuditSink::sync`] (the auditor's `flush` and `shutdown`), or when
-//! the sink is dropped. Allowed requests, requests with a key, and lifecycle events pass
-//! through untouched, in order.
-//!
-//! ```
-//! use keygate_core::audit::{AggregateSink, AuditSink, Decision, MemorySink, RequestEvent};
-//! use keygate_core::DenialCode;
-//! use std::time::{Duration, UNIX_EPOCH};
-//!
-//! let memory = MemorySink::new();
-//! let sink = AggregateSink::new(memory.clone()).window(Duration::from_secs(10));
-//! for i in 0..1000u64 {
-//!     let mut e = RequestEvent::new(UNIX_EPOCH + Duration::from_millis(i), format!("r{i}"), "GET", "/x");
-//!     e.decision = Decision::Denied;
-//!     e.denial = Some(DenialCode::MissingKey);
-//!     e.client_ip = Some("203.0.113.9".parse().unwrap());
-//!     sink.record(&e.into()).unwrap();
-//! }
-//! sink.sync().unwrap();
-//! let events = memory.events();
-//! assert_eq!(events.len(), 2); // the first request, then a summary of the other 999
-//! assert_eq!(events[1].as_denials().unwrap().count, 999);
-//! ```
+//! Folding floods of anonymous denials into one event per source and window: [`AggregateSink`]
+//! (documented on the type, which is public where this module is not).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -71,7 +41,40 @@ struct Window {
 }
 
 /// A sink that folds repeated anonymous denials into [`DenialSummary`] events before
-/// passing everything to `inner`. See the [module docs](self).
+/// passing everything to `inner`.
+///
+/// Folding floods of anonymous denials into one event per source and window
+/// ([`AggregateSink`]).
+///
+/// Traffic without a valid key (scanners, a client with a typo in its key, a flood) would
+/// otherwise write one line per request: tens of megabytes a second. Denied requests that
+/// name no key are grouped by source (client address, denial code, method and path) and by
+/// window (`time / window`, from the events' own times, so a manual clock makes it
+/// deterministic). The first of a group in a window is recorded as usual; the rest are
+/// counted, and one [`DenialSummary`] per group is recorded when the first event of a later
+/// window arrives, at [`AuditSink::sync`] (the auditor's `flush` and `shutdown`), or when
+/// the sink is dropped. Allowed requests, requests with a key, and lifecycle events pass
+/// through untouched, in order.
+///
+/// ```
+/// use keygate_core::audit::{AggregateSink, AuditSink, Decision, MemorySink, RequestEvent};
+/// use keygate_core::DenialCode;
+/// use std::time::{Duration, UNIX_EPOCH};
+///
+/// let memory = MemorySink::new();
+/// let sink = AggregateSink::new(memory.clone()).window(Duration::from_secs(10));
+/// for i in 0..1000u64 {
+///     let mut e = RequestEvent::new(UNIX_EPOCH + Duration::from_millis(i), format!("r{i}"), "GET", "/x");
+///     e.decision = Decision::Denied;
+///     e.denial = Some(DenialCode::MissingKey);
+///     e.client_ip = Some("203.0.113.9".parse().unwrap());
+///     sink.record(&e.into()).unwrap();
+/// }
+/// sink.sync().unwrap();
+/// let events = memory.events();
+/// assert_eq!(events.len(), 2); // the first request, then a summary of the other 999
+/// assert_eq!(events[1].as_denials().unwrap().count, 999);
+/// ```
 pub struct AggregateSink<S: AuditSink> {
     inner: S,
     window: Duration,

@@ -1,67 +1,6 @@
 //! A tamper-evident JSON Lines file sink ([`FileSink`]) and its verifier ([`verify_dir`],
-//! [`verify_files`]).
-//!
-//! Every line is one JSON object:
-//!
-//! ```text
-//! {"seq":7,"prev":"<64 hex>","event":{...},"hash":"<64 hex>"}
-//! ```
-//!
-//! - `seq` counts lines from 1 across all files of the log;
-//! - `prev` is the `hash` of the line before (64 zeros for the first line);
-//! - `hash` is the keyed blake3 hash of the line's bytes up to (not including) `,"hash":`,
-//!   keyed by [`ChainKey`].
-//!
-//! Beside the log files `{stem}-NNNNNN.jsonl` live two more:
-//!
-//! - `{stem}.checkpoint`: the **anchor**. One line naming the log's last line (`seq` and
-//!   `hash`), its first file and the point the chain starts from (after retention removed
-//!   older files), sealed with the chain key. Writers update it each time they hand lines to
-//!   the operating system; [`verify_dir`] checks the log against it, so lines cut off the
-//!   end, an emptied log or deleted files fail verification, and a writer opening a log
-//!   whose tail does not match it refuses to continue it ([`AuditError::Tampered`]).
-//! - `{stem}.lock`: an advisory lock (`flock`) every writer holds while it appends, so two
-//!   writers (a server and the CLI) take turns and the chain stays one line after another.
-//!
-//! What verification proves, and what it cannot:
-//!
-//! - with a **secret** chain key ([`ChainKey::from_env`], [`ChainKey::from_file`]) that an
-//!   attacker does not hold: any edit, deletion, reordering, insertion, truncation, removed
-//!   file or full rewrite of the log (or of its checkpoint) is detected, and the first bad
-//!   line is named;
-//! - with the **public default** key, or against an attacker who can read the key: a
-//!   consistent rewrite of the whole log and its checkpoint cannot be told from the real
-//!   thing. Keep the key where the log's writers can read it but the people you audit
-//!   cannot (a key file beside the log protects against mistakes and against anyone who
-//!   cannot read that file, not against its owner);
-//! - lines lost in a crash after the last checkpoint was written are not noticed (the
-//!   checkpoint trails the log by at most one writer batch); a partial last line is.
-//!
-//! Rotation (by size, by time) starts a new file whose first line continues the chain;
-//! retention ([`FileSinkBuilder::max_files`], [`FileSinkBuilder::max_age`]) removes the
-//! oldest files and moves the checkpoint's start point past them, so the rest still
-//! verifies. Files are created owner-only (0600), the directory (when created) 0700.
-//!
-//! ```
-//! use keygate_core::audit::{verify_dir, AuditSink, ChainKey, FileSink, RequestEvent, VerifyOptions};
-//! use std::time::UNIX_EPOCH;
-//!
-//! let dir = std::env::temp_dir().join(format!("keygate-doc-file-{}", std::process::id()));
-//! let key = ChainKey::new(b"a secret kept away from the people being audited");
-//! let sink = FileSink::builder(&dir).key(key.clone()).open().unwrap();
-//! for i in 0..3 {
-//!     sink.record(&RequestEvent::new(UNIX_EPOCH, format!("r{i}"), "GET", "/").into()).unwrap();
-//! }
-//! sink.sync().unwrap();
-//! let options = VerifyOptions { key, ..VerifyOptions::default() };
-//! let report = verify_dir(&dir, "audit", &options).unwrap();
-//! assert_eq!(report.lines, 3);
-//! assert_eq!(report.last.unwrap().seq, 3);
-//! // The public default key does not verify it.
-//! assert!(verify_dir(&dir, "audit", &VerifyOptions::default()).is_err());
-//! # drop(sink);
-//! # std::fs::remove_dir_all(&dir).unwrap();
-//! ```
+//! [`verify_files`]); the format is documented on [`FileSink`], which is public where this
+//! module is not.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -524,8 +463,8 @@ impl FileSinkBuilder {
 }
 
 /// A JSON Lines audit log with a keyed blake3 hash chain, a sealed checkpoint, a writers'
-/// lock, rotation, retention and verification. See [the module docs](self) for the format
-/// and for what verification proves.
+/// lock, rotation, retention and verification. The format and what verification proves
+/// follow the next paragraph.
 ///
 /// Reopening a directory continues the chain of its newest file in a new file (a partial
 /// last line left by a crash stays, and verification reports it). While it appends, a sink
@@ -539,6 +478,73 @@ impl FileSinkBuilder {
 /// API key, which is masked ([`mask_keys`](super::mask_keys)). Use it behind a background
 /// [`Auditor`](super::Auditor) so requests never wait on the disk (its writer flushes
 /// whenever its queue runs dry, so the lock is held for one batch at a time).
+///
+/// # The format
+///
+/// A tamper-evident JSON Lines file sink ([`FileSink`]) and its verifier ([`verify_dir`],
+/// [`verify_files`]).
+///
+/// Every line is one JSON object:
+///
+/// ```text
+/// {"seq":7,"prev":"<64 hex>","event":{...},"hash":"<64 hex>"}
+/// ```
+///
+/// - `seq` counts lines from 1 across all files of the log;
+/// - `prev` is the `hash` of the line before (64 zeros for the first line);
+/// - `hash` is the keyed blake3 hash of the line's bytes up to (not including) `,"hash":`,
+///   keyed by [`ChainKey`].
+///
+/// Beside the log files `{stem}-NNNNNN.jsonl` live two more:
+///
+/// - `{stem}.checkpoint`: the **anchor**. One line naming the log's last line (`seq` and
+///   `hash`), its first file and the point the chain starts from (after retention removed
+///   older files), sealed with the chain key. Writers update it each time they hand lines to
+///   the operating system; [`verify_dir`] checks the log against it, so lines cut off the
+///   end, an emptied log or deleted files fail verification, and a writer opening a log
+///   whose tail does not match it refuses to continue it ([`AuditError::Tampered`]).
+/// - `{stem}.lock`: an advisory lock (`flock`) every writer holds while it appends, so two
+///   writers (a server and the CLI) take turns and the chain stays one line after another.
+///
+/// What verification proves, and what it cannot:
+///
+/// - with a **secret** chain key ([`ChainKey::from_env`], [`ChainKey::from_file`]) that an
+///   attacker does not hold: any edit, deletion, reordering, insertion, truncation, removed
+///   file or full rewrite of the log (or of its checkpoint) is detected, and the first bad
+///   line is named;
+/// - with the **public default** key, or against an attacker who can read the key: a
+///   consistent rewrite of the whole log and its checkpoint cannot be told from the real
+///   thing. Keep the key where the log's writers can read it but the people you audit
+///   cannot (a key file beside the log protects against mistakes and against anyone who
+///   cannot read that file, not against its owner);
+/// - lines lost in a crash after the last checkpoint was written are not noticed (the
+///   checkpoint trails the log by at most one writer batch); a partial last line is.
+///
+/// Rotation (by size, by time) starts a new file whose first line continues the chain;
+/// retention ([`FileSinkBuilder::max_files`], [`FileSinkBuilder::max_age`]) removes the
+/// oldest files and moves the checkpoint's start point past them, so the rest still
+/// verifies. Files are created owner-only (0600), the directory (when created) 0700.
+///
+/// ```
+/// use keygate_core::audit::{verify_dir, AuditSink, ChainKey, FileSink, RequestEvent, VerifyOptions};
+/// use std::time::UNIX_EPOCH;
+///
+/// let dir = std::env::temp_dir().join(format!("keygate-doc-file-{}", std::process::id()));
+/// let key = ChainKey::new(b"a secret kept away from the people being audited");
+/// let sink = FileSink::builder(&dir).key(key.clone()).open().unwrap();
+/// for i in 0..3 {
+///     sink.record(&RequestEvent::new(UNIX_EPOCH, format!("r{i}"), "GET", "/").into()).unwrap();
+/// }
+/// sink.sync().unwrap();
+/// let options = VerifyOptions { key, ..VerifyOptions::default() };
+/// let report = verify_dir(&dir, "audit", &options).unwrap();
+/// assert_eq!(report.lines, 3);
+/// assert_eq!(report.last.unwrap().seq, 3);
+/// // The public default key does not verify it.
+/// assert!(verify_dir(&dir, "audit", &VerifyOptions::default()).is_err());
+/// # drop(sink);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// ```
 pub struct FileSink {
     state: Mutex<State>,
 }

@@ -11,12 +11,12 @@ use keygate_core::{
     ApiKey, KeyHasher, KeyId, KeyRecord, Prefix, QuotaPolicy, QuotaWindow, RateLimitPolicy,
 };
 use keygate_sql::{SqlOptions, SqlStore};
-use sqlx::postgres::PgConnectOptions;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection, Executor};
 
 /// The variable naming the test PostgreSQL server.
-pub const PG_ENV: &str = "KEYGATE_TEST_POSTGRES_URL";
+#[allow(unused_imports)]
+pub use keygate_testkit::pg::PG_ENV;
 
 /// A database for one test.
 pub enum Db {
@@ -126,87 +126,7 @@ impl Db {
     }
 }
 
-/// A PostgreSQL schema `kg_test_<random>` created for one test and dropped (with
-/// everything in it) when this value is dropped, even if the test panicked.
-pub struct PgSchema {
-    pub url: String,
-    pub schema: String,
-}
-
-impl PgSchema {
-    /// Creates the schema, or prints the skip line and returns `None` when the server is
-    /// not configured.
-    pub async fn create() -> Option<PgSchema> {
-        let Ok(url) = std::env::var(PG_ENV) else {
-            println!("skipped: {PG_ENV} is not set");
-            return None;
-        };
-        let schema = format!(
-            "kg_test_{}",
-            KeyId::generate()
-                .expect("random")
-                .as_str()
-                .to_ascii_lowercase()
-        );
-        let mut c = PgConnectOptions::from_str(&url)
-            .expect("KEYGATE_TEST_POSTGRES_URL")
-            .connect()
-            .await
-            .expect("connect to KEYGATE_TEST_POSTGRES_URL");
-        c.execute(format!("CREATE SCHEMA {schema}").as_str())
-            .await
-            .expect("create schema");
-        c.close().await.expect("close");
-        Some(PgSchema { url, schema })
-    }
-
-    /// A guard that drops schema `name` (made by someone else) at the end of the test.
-    pub fn adopt(url: &str, name: &str) -> PgSchema {
-        PgSchema {
-            url: url.to_owned(),
-            schema: name.to_owned(),
-        }
-    }
-
-    /// A connection whose search_path is the schema.
-    pub async fn connect(&self) -> sqlx::PgConnection {
-        PgConnectOptions::from_str(&self.url)
-            .expect("url")
-            .options([("search_path", self.schema.as_str())])
-            .connect()
-            .await
-            .expect("connect")
-    }
-}
-
-impl Drop for PgSchema {
-    fn drop(&mut self) {
-        let url = self.url.clone();
-        let schema = self.schema.clone();
-        // Drop runs inside the test's runtime: do the async cleanup on a thread of its own.
-        let done = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                let mut c = PgConnectOptions::from_str(&url)
-                    .ok()?
-                    .connect()
-                    .await
-                    .ok()?;
-                c.execute(format!("DROP SCHEMA IF EXISTS {schema} CASCADE").as_str())
-                    .await
-                    .ok()?;
-                c.close().await.ok()
-            })
-        })
-        .join();
-        if !matches!(done, Ok(Some(()))) {
-            eprintln!("warning: could not drop test schema {}", self.schema);
-        }
-    }
-}
+pub use keygate_testkit::pg::PgSchema;
 
 /// Generates both backends' tests from one async check `fn(&Db)`.
 #[macro_export]
@@ -278,9 +198,7 @@ pub fn same(a: &KeyRecord, b: &KeyRecord) -> bool {
     a.info() == b.info() && a.digest.ct_eq(&b.digest)
 }
 
-#[path = "../../../../tests/support/net.rs"]
-mod net;
-pub use net::*;
+pub use keygate_testkit::net::*;
 
 /// The host and port of a `postgres://` URL.
 pub fn pg_addr(url: &str) -> SocketAddr {

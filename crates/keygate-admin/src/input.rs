@@ -8,9 +8,9 @@ use std::time::{Duration, SystemTime};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use super::error::AdminError;
-use crate::core::{Expiry, KeyFilter, KeySpec, Prefix};
-use crate::{KeyStatus, QuotaPolicy, RateLimitPolicy};
+use crate::error::AdminError;
+use keygate::core::{Expiry, KeyFilter, KeySpec, Prefix};
+use keygate::{KeyStatus, QuotaPolicy, RateLimitPolicy};
 
 /// The body of `POST /keys`. Only `name` is required; unknown fields are refused.
 ///
@@ -71,7 +71,7 @@ pub struct CreateKey {
 pub enum PolicyInput<P> {
     /// `NAME=N/UNIT`.
     Text(String),
-    /// The policy's JSON form (as [`KeyInfo`](crate::KeyInfo) shows it).
+    /// The policy's JSON form (as [`KeyInfo`](keygate::KeyInfo) shows it).
     Object(P),
 }
 
@@ -120,9 +120,9 @@ pub(crate) fn json_required<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Admi
 }
 
 /// A duration such as `30s`, `15m`, `12h`, `90d`, at most `36500d` (the CLI's syntax and
-/// limit: `keygate_core::time::parse_duration`).
+/// limit: `keygate::core::time::parse_duration`).
 pub(crate) fn duration(field: &'static str, text: &str) -> Result<Duration, AdminError> {
-    keygate_core::time::parse_duration(text)
+    keygate::core::time::parse_duration(text)
         .map_err(|e| AdminError::invalid(format!("{field}: {e}")))
 }
 
@@ -151,7 +151,7 @@ impl CreateKey {
         spec.resources = self.collections;
         spec.attributes = self.attributes;
         for text in &self.allowed_ips {
-            let net = crate::client_ip::parse_network(text)
+            let net = keygate::client_ip::parse_network(text)
                 .map_err(|e| AdminError::invalid(format!("allowed_ips: {e}")))?;
             spec.allowed_ips.push(net);
         }

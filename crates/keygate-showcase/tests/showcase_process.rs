@@ -4,9 +4,9 @@
 //!
 //! The binary is the one `cargo test` builds next to this test
 //! (`target/<profile>/examples/vector_db`; `cargo test --workspace --all-features` builds
-//! examples). When it is missing or older than the example's sources (a run limited with
+//! examples). When it is missing or older than the showcase's sources (a run limited with
 //! `--test`), the test says so and skips: build it with
-//! `cargo build --example vector_db --all-features`.
+//! `cargo build -p keygate-showcase --example vector_db`.
 
 mod showcase_support;
 
@@ -22,9 +22,9 @@ use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
 fn newest_source() -> SystemTime {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
-    let mut files = vec![root.join("vector_db.rs")];
-    if let Ok(dir) = std::fs::read_dir(root.join("vector_db")) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("examples").join("vector_db.rs")];
+    if let Ok(dir) = std::fs::read_dir(root.join("src")) {
         files.extend(dir.filter_map(|e| e.ok().map(|e| e.path())));
     }
     files
@@ -45,14 +45,14 @@ fn binary() -> Option<PathBuf> {
     match built {
         None => {
             println!(
-                "SKIPPED: {} is not built (cargo build --example vector_db --all-features)",
+                "SKIPPED: {} is not built (cargo build -p keygate-showcase --example vector_db)",
                 bin.display()
             );
             None
         }
         Some(t) if t < newest_source() => {
             println!(
-                "SKIPPED: {} is older than examples/vector_db* (rebuild it)",
+                "SKIPPED: {} is older than the showcase's sources (rebuild it)",
                 bin.display()
             );
             None
@@ -317,7 +317,7 @@ fn cli_binary() -> Option<PathBuf> {
         .parent()?
         .parent()?
         .join(format!("keygate{}", std::env::consts::EXE_SUFFIX));
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/keygate-cli/src");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../keygate-cli/src");
     let newest = std::fs::read_dir(&src)
         .into_iter()
         .flatten()
@@ -686,8 +686,9 @@ async fn host_names_log_directories_plain_logs_and_a_way_to_a_new_admin_key() {
 
 /// The README's CLI example, word for word (the line holding `keygate-cli -- keys create`).
 fn readme_cli_example() -> Vec<String> {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-        .expect("README.md");
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+            .expect("README.md");
     let line = readme
         .lines()
         .find(|l| l.contains("cargo run -p keygate-cli -- keys create"))

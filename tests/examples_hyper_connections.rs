@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use keygate::{KeyGate, MemoryStore, Verifier};
+use keygate_testkit::net::until_closed;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -26,18 +27,6 @@ async fn start(max: usize, header: Duration) -> SocketAddr {
             .expect("serve");
     });
     addr
-}
-
-/// Reads what the server sends until it closes the connection.
-async fn until_closed(s: &mut TcpStream) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => return got,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
 }
 
 #[tokio::test]

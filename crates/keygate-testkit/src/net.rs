@@ -1,7 +1,5 @@
-//! Test support shared by keygate-sql's tests and the root crate's Redis tests (included
-//! with `#[path]`): polling with a deadline, a TCP proxy that can cut or stall connections to
-//! a real server, and URL host rewriting to route a client through it.
-#![allow(dead_code)]
+//! Polling with a deadline, a TCP proxy that can cut or stall connections to a real server
+//! (PostgreSQL, Redis), and URL host rewriting to route a client through it.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -44,12 +42,14 @@ pub enum Mode {
 /// A TCP proxy on 127.0.0.1 in front of `target`, with a switch ([`Mode`]). Leaving
 /// `Stall` closes the stalled connections.
 pub struct Proxy {
+    /// Where clients connect (127.0.0.1, an ephemeral port).
     pub addr: SocketAddr,
     mode: watch::Sender<Mode>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Proxy {
+    /// Starts forwarding connections to `target` (in [`Mode::On`]).
     pub async fn start(target: SocketAddr) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -138,4 +138,17 @@ fn split_authority(url: &str) -> (&str, &str, &str) {
     let (scheme, after) = url.split_once("://").expect("scheme://");
     let end = after.find(['/', '?']).unwrap_or(after.len());
     (scheme, &after[..end], &after[end..])
+}
+
+/// Reads what the server sends until it closes the connection (EOF or reset).
+pub async fn until_closed(s: &mut TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
 }

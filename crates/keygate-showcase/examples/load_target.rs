@@ -3,7 +3,7 @@
 //! second, so a load generator can measure what the layers cost over HTTP.
 //!
 //! ```text
-//! cargo run --release --example load_target --features full -- [--bare ADDR] [--stack ADDR]
+//! cargo run --release -p keygate-showcase --example load_target -- [--bare ADDR] [--stack ADDR]
 //!     [--audit-dir DIR] [--layers LIST]
 //! ```
 //!
@@ -21,9 +21,8 @@
 //! SIGTERM it stops accepting, finishes open requests, flushes the quota counts and the audit
 //! queue, and prints `audit written=N dropped=N failed=N`.
 
-#[allow(dead_code)]
-#[path = "vector_db/serve.rs"]
-mod serve;
+// The showcase's accept loop (bounded connections, header and idle timeouts).
+use keygate_showcase::serve;
 
 use std::error::Error;
 use std::net::SocketAddr;

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keygate_testkit::net::until_closed;
 use showcase_support::server::serve::{serve, ConnLimits};
 use showcase_support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,18 +38,6 @@ async fn limited(w: &World, limits: ConnLimits) -> (SocketAddr, Arc<AtomicUsize>
         .expect("serve");
     });
     (addr, open)
-}
-
-/// Reads until the server closes the connection (EOF or reset); what it sent.
-async fn until_closed(s: &mut TcpStream) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => return got,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
 }
 
 #[tokio::test]

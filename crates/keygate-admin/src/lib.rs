@@ -11,7 +11,7 @@
 //! | `POST /admin/keys/{id}/disable` / `enable` | switches a key off and on | 200 |
 //! | `GET /admin/keys/{id}/usage` | quota usage (`?from=`, `?to=`, RFC 3339) | 200 |
 //!
-//! JSON in and out. Keys are shown as [`KeyInfo`](crate::KeyInfo) (never a digest); issue and
+//! JSON in and out. Keys are shown as [`KeyInfo`](keygate::KeyInfo) (never a digest); issue and
 //! rotate answers add `"key"`, the plaintext, shown this once (issue answers also
 //! `"warnings"`, see [below](#scope-vocabulary)) (`Cache-Control: no-store` on
 //! every answer). Errors are `application/problem+json` with a stable `code`:
@@ -31,14 +31,14 @@
 //! # Who may call it
 //! Every route needs a caller whose key grants `keys:admin` (configurable with
 //! [`AdminApi::required_scope`]). The router checks this itself, from the
-//! [`Principal`](crate::Principal) an earlier keygate layer resolved or, with
+//! [`Principal`](keygate::Principal) an earlier keygate layer resolved or, with
 //! [`AdminApi::gate`], by resolving the key through the hub: mounted without any keygate
 //! layer in front, it still refuses everyone without the scope (fail closed).
 //!
 //! A caller whose key has its own `allowed_ips` is refused (403 `ip_not_allowed`) from any
 //! other address, and when the address is unknown, whether or not an `IpAllowLayer` is in
 //! front. The address is the hub's ([`KeyGate::client_ip`]: an earlier layer's
-//! [`ClientIp`](crate::client_ip::ClientIp), else the peer, through trusted proxies); without
+//! [`ClientIp`](keygate::client_ip::ClientIp), else the peer, through trusted proxies); without
 //! a hub, an earlier layer's `ClientIp`, else the connection's peer (forwarded headers are
 //! then not believed: behind a proxy, use [`AdminApi::gate`] with trusted proxies, or an
 //! `IpAllowLayer` in front).
@@ -95,7 +95,7 @@
 //!
 //! ```
 //! use axum::Router;
-//! use keygate::admin::AdminApi;
+//! use keygate_admin::AdminApi;
 //! use keygate::core::audit::Auditor;
 //! use keygate::{KeyGate, KeyManager, KeySpec, MemoryStore, Verifier};
 //! use tower::ServiceExt;
@@ -132,9 +132,9 @@ use std::sync::Arc;
 use axum::routing::{get, post};
 use axum::Router;
 
-use crate::core::usage::UsageStore;
-use crate::core::{InvalidScope, Scope, ScopeVocabulary};
-use crate::{Clock, KeyGate, KeyManager, SystemClock};
+use keygate::core::usage::UsageStore;
+use keygate::core::{InvalidScope, Scope, ScopeVocabulary};
+use keygate::{Clock, KeyGate, KeyManager, SystemClock};
 
 pub use input::{CreateKey, PolicyInput, RotateKey};
 
@@ -160,7 +160,7 @@ pub(crate) struct Shared {
 pub(crate) enum UsageSource {
     Store(Arc<dyn UsageStore>),
     #[cfg(feature = "quota")]
-    Quota(crate::quota::QuotaHandle),
+    Quota(keygate::quota::QuotaHandle),
 }
 
 impl AdminApi {
@@ -223,7 +223,7 @@ impl AdminApi {
     /// Answers `GET /keys/{id}/usage` from a quota layer's counters, flushed first so the
     /// report includes every request counted so far.
     #[cfg(feature = "quota")]
-    pub fn quota(self, handle: crate::quota::QuotaHandle) -> Self {
+    pub fn quota(self, handle: keygate::quota::QuotaHandle) -> Self {
         self.edit(|s| s.usage = Some(UsageSource::Quota(handle)))
     }
 

@@ -963,7 +963,7 @@ pub fn count_batch(bytes: &[u8]) -> Option<usize> {
         .map(|b| b.searches.len())
 }
 
-/// Middleware beside [`super::count_upserted_points`]: for a batch search or query by a key
+/// Middleware beside [`crate::body::read_upsert`]: for a batch search or query by a key
 /// that may read the collection, reads the body (at most [`MAX_BODY`]) and puts the number of
 /// requests in it (at least 1) in a [`PointCount`], which the rate-limit and quota layers
 /// charge. Every other request passes untouched, its body unread.

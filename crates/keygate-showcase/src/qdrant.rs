@@ -113,10 +113,6 @@ fn body_or_default<T: DeserializeOwned + Default>(
     body(bytes, started)
 }
 
-fn tenant(p: &Principal) -> Option<&str> {
-    p.tenant()
-}
-
 /// The caller's tenant, owned (for [`blocking`]).
 fn owned_tenant(p: &Principal) -> Option<String> {
     p.tenant().map(str::to_owned)

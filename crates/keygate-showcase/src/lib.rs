@@ -1,5 +1,5 @@
 //! The showcase server, as a library the binary (`examples/vector_db.rs`) and the tests
-//! (`tests/showcase_*.rs`, through `#[path]`) share: [`build`] turns [`Options`] into an
+//! (`tests/showcase_*.rs`) share: [`build`] turns [`Options`] into an
 //! axum router behind all six keygate layers, with the admin API at `/admin`.
 //!
 //! # The stack (outermost first)
@@ -57,7 +57,6 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{Method, StatusCode};
 use axum::routing::{delete, get, post, put};
 use axum::Router;
-use keygate::admin::AdminApi;
 use keygate::core::audit::Auditor;
 use keygate::core::usage::{MemoryUsageStore, UsageStore};
 use keygate::ip::{IpAllowLayer, IpPolicy};
@@ -65,6 +64,7 @@ use keygate::quota::{Counting, QuotaConfig, QuotaHandle, QuotaLayer};
 use keygate::rate_limit::{LimiterClock, RateLimitConfig, RateLimitLayer};
 use keygate::scope::{RouteScopes, ScopeLayer};
 use keygate::{KeyGate, KeyId, KeyManager, QuotaWindow, RateLimitPolicy, Verifier};
+use keygate_admin::AdminApi;
 use tower::ServiceBuilder;
 
 use store::VectorStore;

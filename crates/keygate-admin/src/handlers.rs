@@ -15,14 +15,14 @@ use http::StatusCode;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use super::error::AdminError;
-use super::input::{self, CreateKey, NoFields, RotateKey};
-use super::{Shared, UsageSource};
-use crate::client_ip::{peer_addr, ClientIp};
-use crate::core::usage::{UsageRecord, Window};
-use crate::core::{validate_resource_pattern, Expiry, KeySpec, Refill, Scope};
-use crate::reject::{DefaultRenderer, RenderContext, Renderer};
-use crate::{
+use crate::error::AdminError;
+use crate::input::{self, CreateKey, NoFields, RotateKey};
+use crate::{Shared, UsageSource};
+use keygate::client_ip::{peer_addr, ClientIp};
+use keygate::core::usage::{UsageRecord, Window};
+use keygate::core::{validate_resource_pattern, Expiry, KeySpec, Refill, Scope};
+use keygate::reject::{DefaultRenderer, RenderContext, Renderer};
+use keygate::{
     resolution, Denial, DenialCode, KeyId, KeyInfo, KeyRecord, Principal, QuotaPolicy, QuotaWindow,
     RateLimitPolicy,
 };
@@ -597,7 +597,7 @@ pub(crate) async fn enable(State(s): St, path: IdPath, req: Request) -> Response
 // ---------------------------------------------------------------------------------------
 
 fn rfc3339(t: SystemTime) -> String {
-    keygate_core::time::rfc3339_millis(t).to_string()
+    keygate::core::time::rfc3339_millis(t).to_string()
 }
 
 #[derive(Serialize)]

@@ -1,10 +1,8 @@
-//! Shared support for the showcase tests: the example's server module (through `#[path]`),
-//! a world around it on a real socket, and a small HTTP client.
+//! Shared support for the showcase tests: the server library (as `server`), a world around
+//! it on a real socket, and a small HTTP client.
 #![allow(dead_code)]
 
-#[allow(dead_code, unreachable_pub)]
-#[path = "../../examples/vector_db/mod.rs"]
-pub mod server;
+pub use keygate_showcase as server;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +18,7 @@ use keygate::quota::Counting;
 use keygate::rate_limit::LimiterClock;
 use keygate::{KeySpec, ManualClock, MemoryStore, Verifier};
 use serde_json::{json, Value};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 pub use server::{build, Options, Showcase};
 
@@ -87,20 +85,8 @@ pub async fn call(
     }
 }
 
-/// Serves `router` on 127.0.0.1 (an ephemeral port) with the peer address available.
-pub async fn serve(router: axum::Router) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .expect("server");
-    });
-    addr
-}
+/// Serves a router on 127.0.0.1 (an ephemeral port) with the peer address available.
+pub use keygate_testkit::serve::spawn_axum_with_peer as serve;
 
 /// The showcase on a socket, over a memory key store and a manual clock.
 pub struct World {

@@ -6,9 +6,9 @@ use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use http::StatusCode;
 use serde::Serialize;
 
-use crate::core::usage::UsageError;
-use crate::core::LifecycleError;
-use crate::StoreError;
+use keygate::core::usage::UsageError;
+use keygate::core::LifecycleError;
+use keygate::StoreError;
 
 /// A refused admin call: status, stable code and a detail that never holds a key.
 #[derive(Debug)]

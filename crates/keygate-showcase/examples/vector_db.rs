@@ -2,9 +2,9 @@
 //! all six keygate layers, with the admin API at `/admin`. Walk-through: `docs/WALKTHROUGH.md`.
 //!
 //! ```text
-//! cargo run --release --example vector_db --all-features
-//! cargo run --release --example vector_db --all-features -- --listen 0.0.0.0:6333 --audit-log /var/log/keygate/audit.jsonl
-//! KEYGATE_DATABASE_URL=postgres://user@host/db cargo run --release --example vector_db --all-features
+//! cargo run --release --example vector_db
+//! cargo run --release --example vector_db -- --listen 0.0.0.0:6333 --audit-log /var/log/keygate/audit.jsonl
+//! KEYGATE_DATABASE_URL=postgres://user@host/db cargo run --release --example vector_db
 //! ```
 //!
 //! - Keys live in SQLite `keygate.db` (created if missing) or wherever
@@ -53,10 +53,8 @@
 //!
 //! Vectors are kept in memory and lost at exit.
 
-// Shared with the tests (`tests/showcase_*.rs`), which use parts this binary does not.
-#[allow(dead_code)]
-#[path = "vector_db/mod.rs"]
-mod server;
+// The server itself is the `keygate-showcase` library, which its tests (`tests/*.rs`) use too.
+use keygate_showcase as server;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

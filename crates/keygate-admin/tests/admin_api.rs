@@ -12,7 +12,6 @@ use axum::body::Body;
 use axum::Router;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use keygate::admin::AdminApi;
 use keygate::client_ip::{parse_network, TrustedProxies};
 use keygate::core::audit::{Auditor, MemorySink};
 use keygate::core::usage::{Increment, MemoryUsageStore, Usage, UsageStore, Window};
@@ -20,6 +19,7 @@ use keygate::core::{KnownScope, ScopeVocabulary};
 use keygate::{
     Clock, KeyFilter, KeyGate, KeyManager, KeySpec, ManualClock, MemoryStore, QuotaWindow, Verifier,
 };
+use keygate_admin::AdminApi;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 

@@ -2,14 +2,13 @@
 //! store at most once per [`READY_CACHE`](showcase_support::server::READY_CACHE) of the
 //! hub's (manual) clock, however many callers come.
 
-mod common;
 mod showcase_support;
 
 use std::time::Duration;
 
-use common::CountingStore;
 use http::StatusCode;
 use keygate::core::audit::{Auditor, MemorySink};
+use keygate_testkit::CountingStore;
 use showcase_support::*;
 
 #[tokio::test]

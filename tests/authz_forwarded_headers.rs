@@ -1,6 +1,6 @@
-//! Regression tests for bugs found while testing scopes and IP policies, each stating the documented
-//! behaviour (the client-chosen `Forwarded` header: fixed by requiring `Forwarded` and
-//! `X-Forwarded-For` to agree when both are present).
+//! Forwarded headers behind a trusted proxy: a client cannot choose its address with a
+//! `Forwarded` header of its own, because `Forwarded` and `X-Forwarded-For` must agree when
+//! both are present.
 #![cfg(feature = "ip-allow")]
 
 mod authz_support;

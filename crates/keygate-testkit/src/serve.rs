@@ -1,0 +1,94 @@
+//! Loopback servers for tests: axum or plain hyper on 127.0.0.1 (an ephemeral port), served
+//! until the test's runtime ends.
+
+use std::net::SocketAddr;
+
+use http::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// Serves `app` with axum on 127.0.0.1 (an ephemeral port) until the runtime ends.
+pub async fn spawn_axum(app: axum::Router) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.expect("axum server");
+    });
+    addr
+}
+
+/// Serves `app` with axum on 127.0.0.1, recording the peer as `ConnectInfo<SocketAddr>`.
+pub async fn spawn_axum_with_peer(app: axum::Router) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .expect("axum server");
+    });
+    addr
+}
+
+/// Serves `svc` with plain hyper 1 on 127.0.0.1. With `record_peer`, each connection's
+/// requests carry the peer as a plain [`SocketAddr`] extension (inserted by a
+/// `tower::util::MapRequest` wrapped around the service per accepted connection); without
+/// it, no address is recorded.
+pub async fn spawn_hyper_peer<S, B>(svc: S, record_peer: bool) -> SocketAddr
+where
+    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else {
+                return;
+            };
+            let per_connection = tower::util::MapRequest::new(
+                svc.clone(),
+                move |mut req: Request<hyper::body::Incoming>| {
+                    if record_peer {
+                        req.extensions_mut().insert(peer);
+                    }
+                    req
+                },
+            );
+            let svc = hyper_util::service::TowerToHyperService::new(per_connection);
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Serves the tower service `svc` with plain hyper 1 (HTTP/1.1, through
+/// `hyper_util::service::TowerToHyperService`) on 127.0.0.1 until the runtime ends, without
+/// recording the peer.
+pub async fn spawn_hyper<S, B>(svc: S) -> SocketAddr
+where
+    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    spawn_hyper_peer(svc, false).await
+}
