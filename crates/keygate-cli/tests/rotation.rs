@@ -617,3 +617,110 @@ both!(
     postgres_bad_durations_change_nothing,
     bad_durations_change_nothing
 );
+
+/// Runs `sql` against the test's database, outside keygate.
+async fn exec(env: &Env, sql: &str) {
+    match &env.schema {
+        None => {
+            let mut c = sqlx::SqliteConnection::connect(&env.url).await.unwrap();
+            sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
+            c.close().await.unwrap();
+        }
+        Some(schema) => {
+            let mut c = sqlx::PgConnection::connect(&env.url).await.unwrap();
+            sqlx::raw_sql(&format!("SET search_path TO {schema}; {sql}"))
+                .execute(&mut c)
+                .await
+                .unwrap();
+            c.close().await.unwrap();
+        }
+    }
+}
+
+async fn unreadable_rows_are_reported_and_skipped(env: &Env) {
+    let good = create(env, &["--name", "good"]);
+    let bad = create(env, &["--name", "bad"]);
+    let store = env.store().await;
+    for k in [&good, &bad] {
+        backdate(&store, id_of(k), SystemTime::now() - 100 * DAY, None).await;
+    }
+    exec(
+        env,
+        &format!(
+            "UPDATE keygate_keys SET quotas = '[' WHERE id = '{}'",
+            id_of(&bad)
+        ),
+    )
+    .await;
+    let dry = env.run(&["keys", "rotate", "--older-than", "90d", "--dry-run"]);
+    dry.ok();
+    assert_eq!(lines(&dry).len(), 1);
+    let out = env.run(&["keys", "rotate", "--older-than", "90d"]);
+    out.ok();
+    let rotated = lines(&out);
+    assert_eq!(rotated.len(), 1);
+    assert_eq!(rotated[0]["old_id"], good["id"]);
+    for o in [&dry, &out] {
+        assert!(
+            o.stderr.contains(&format!(
+                "keygate: warning: skipped key {}: column quotas cannot be read",
+                id_of(&bad)
+            )) && o.stderr.contains("not considered for rotation"),
+            "{o:?}"
+        );
+    }
+}
+both!(
+    sqlite_unreadable_rows_are_reported_and_skipped,
+    postgres_unreadable_rows_are_reported_and_skipped,
+    unreadable_rows_are_reported_and_skipped
+);
+
+/// A new key that cannot be written out (a full disk behind stdout) stops the run at once:
+/// exit 1, naming the key to revoke and the one to rotate again, and no other key changed.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_unwritable_output_stops_the_run() {
+    let env = Env::sqlite();
+    let keys: Vec<Value> = ["a", "b"]
+        .iter()
+        .map(|n| create(&env, &["--name", n]))
+        .collect();
+    let store = env.store().await;
+    let now = SystemTime::now();
+    backdate(&store, id_of(&keys[0]), now - 101 * DAY, None).await;
+    backdate(&store, id_of(&keys[1]), now - 100 * DAY, None).await;
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = Out::from(
+        env.cmd()
+            .args(["keys", "rotate", "--older-than", "90d"])
+            .stdout(full)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(out.code, 1, "{out:?}");
+    let first = store.get(&id_of(&keys[0])).await.unwrap().unwrap();
+    let successor = store
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.rotated_from == Some(first.id))
+        .expect("the first key was rotated");
+    let last = out.stderr.lines().last().unwrap();
+    assert!(
+        last.starts_with("keygate: cannot write the output")
+            && last.contains(&format!(
+                "revoke {} and rotate {} again",
+                successor.id, first.id
+            )),
+        "{out:?}"
+    );
+    // The second key was left alone.
+    let second = store.get(&id_of(&keys[1])).await.unwrap().unwrap();
+    assert_eq!(second.expires_at, None);
+    assert_eq!(store.list(&Default::default()).await.unwrap().len(), 3);
+}
