@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use keygate_core::{KeyId, KeyStatus, Prefix, QuotaPolicy, RateLimitPolicy};
 
@@ -114,7 +114,9 @@ pub(crate) enum KeysCommand {
     List(ListArgs),
     /// Show one key.
     Show(IdArg),
-    /// Replace a key by a new one; the old key keeps working for the grace period.
+    /// Replace a key by a new one; the old key keeps working for the grace period. With
+    /// --older-than instead of an ID, rotate every active key of that age or older and print
+    /// one JSON line per new key.
     Rotate(RotateArgs),
     /// Revoke a key: it stops working at once, for good.
     Revoke(IdArg),
@@ -209,6 +211,14 @@ pub(crate) struct ListArgs {
     /// Only keys with this prefix.
     #[arg(long, value_name = "P")]
     pub(crate) prefix: Option<String>,
+    /// Only keys whose expiry falls within this time from now: 14d (keys already expired,
+    /// and keys that never expire, are left out).
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, value_parser = parse::duration)]
+    pub(crate) expiring_within: Option<Duration>,
+    /// Only keys created this long ago or longer: 90d (a rotated key's age counts from its
+    /// own creation).
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, value_parser = parse::duration)]
+    pub(crate) older_than: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -218,11 +228,22 @@ pub(crate) struct IdArg {
     pub(crate) id: KeyId,
 }
 
+/// `keys rotate ID` or `keys rotate --older-than AGE`: exactly one of the two.
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("which").required(true).args(["id", "older_than"])))]
 pub(crate) struct RotateArgs {
     /// The key's id.
     #[arg(value_name = "ID", value_parser = key_id)]
-    pub(crate) id: KeyId,
+    pub(crate) id: Option<KeyId>,
+    /// Instead of one key: rotate every active key created this long ago or longer (90d),
+    /// skipping disabled, revoked and expired keys and keys already rotated (in their grace
+    /// period). Prints one JSON line per new key.
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, value_parser = parse::duration)]
+    pub(crate) older_than: Option<Duration>,
+    /// With --older-than: print the keys that would be rotated (one JSON line each, no
+    /// key), change nothing.
+    #[arg(long, requires = "older_than", conflicts_with = "id")]
+    pub(crate) dry_run: bool,
     /// How long the old key keeps working: 0s (stops at once), 15m, 24h, 7d.
     #[arg(
         long,

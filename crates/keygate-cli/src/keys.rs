@@ -13,10 +13,11 @@ use serde_json::Value;
 use crate::cli::{Cli, CreateArgs, ListArgs, RotateArgs};
 use crate::db::{self, Access, Managed};
 use crate::output::{self, key_json, print, print_json};
+use crate::rotation::{self, AgeFilter};
 use crate::Failure;
 
 /// The warning printed (on stderr) with every new plaintext key.
-const SHOWN_ONCE: &str =
+pub(crate) const SHOWN_ONCE: &str =
     "this is the only time the key is shown: store it now, it cannot be recovered";
 
 /// The option (or variable) a key manager's field name stands for, so messages name what
@@ -87,7 +88,7 @@ fn check_scopes(vocabulary: &ScopeVocabulary, args: &CreateArgs) -> Result<Vec<S
     Ok(warnings)
 }
 
-fn store_failure(e: StoreError) -> Failure {
+pub(crate) fn store_failure(e: StoreError) -> Failure {
     Failure::Failed(e.to_string())
 }
 
@@ -193,8 +194,16 @@ pub(crate) async fn list(cli: &Cli, args: &ListArgs) -> Result<(), Failure> {
             row.id, row.column, row.reason, row.id
         ));
     }
-    let records = listing.records;
     let now = SystemTime::now();
+    let age = AgeFilter {
+        expiring_within: args.expiring_within,
+        older_than: args.older_than,
+    };
+    let records: Vec<KeyRecord> = listing
+        .records
+        .into_iter()
+        .filter(|r| age.matches(r, now))
+        .collect();
     if cli.json {
         return print_json(&Value::Array(
             records.iter().map(|r| key_json(r, now)).collect(),
@@ -238,8 +247,20 @@ pub(crate) async fn show(cli: &Cli, id: KeyId) -> Result<(), Failure> {
     }
 }
 
-/// `keys rotate`.
+/// `keys rotate`: one key (`ID`), or every key due (`--older-than`).
 pub(crate) async fn rotate(cli: &Cli, args: &RotateArgs) -> Result<(), Failure> {
+    let id = match (args.id, args.older_than) {
+        (Some(id), None) => id,
+        (None, Some(age)) => {
+            return rotation::rotate_due(cli, age, args.grace, args.dry_run).await;
+        }
+        // The command line allows exactly one of the two.
+        _ => {
+            return Err(Failure::Usage(
+                "give either a key ID or --older-than (see --help)".into(),
+            ))
+        }
+    };
     let actor = db::actor(cli);
     let hasher = db::hasher()?;
     let store = db::open(cli, Access::Write).await?;
@@ -247,12 +268,12 @@ pub(crate) async fn rotate(cli: &Cli, args: &RotateArgs) -> Result<(), Failure> 
     let managed = Managed::new(cli, &store, hasher)?;
     let issued = managed
         .keys
-        .rotate(&actor, args.id, args.grace)
+        .rotate(&actor, id, args.grace)
         .await
         .map_err(failure);
     let audited = managed.finish().await;
     let issued = issued?;
-    let previous = get(&store, args.id).await.ok();
+    let previous = get(&store, id).await.ok();
     print_issued(cli, &issued, previous.as_ref(), SystemTime::now())?;
     audited
 }

@@ -13,6 +13,7 @@ mod db;
 mod keys;
 mod output;
 mod parse;
+mod rotation;
 mod usage;
 
 use std::io::Write;
