@@ -389,12 +389,18 @@ pub fn stack(data: &[u8]) {
         return;
     };
     let reqs: Vec<Req> = reqs.into_iter().take(12).collect();
+    check(&reqs);
+}
+
+/// Runs `reqs` through every order, checking every invariant; answers the outcomes of the
+/// first order.
+fn check(reqs: &[Req]) -> Vec<Outcome> {
     crate::block_on(async {
         let mut per_order: Vec<Vec<Outcome>> = Vec::new();
         for order in ORDERS {
             let world = World::new().await;
             let svc = build_stack(&world, order);
-            per_order.push(run(&world, svc, &reqs).await);
+            per_order.push(run(&world, svc, reqs).await);
         }
         for (o, outcomes) in per_order.iter().enumerate().skip(1) {
             for (i, (a, b)) in per_order[0].iter().zip(outcomes).enumerate() {
@@ -407,7 +413,8 @@ pub fn stack(data: &[u8]) {
                 );
             }
         }
-    });
+        per_order.swap_remove(0)
+    })
 }
 
 async fn run(world: &World, svc: Stack, reqs: &[Req]) -> Vec<Outcome> {
@@ -625,4 +632,63 @@ async fn run(world: &World, svc: Stack, reqs: &[Req]) -> Vec<Outcome> {
         outcomes.push(Outcome { status, denial });
     }
     outcomes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: u8, route: u8, collection: u8, cred: Cred, peer: u8, step: u16) -> Req {
+        Req {
+            method,
+            path: PathIn::Route(route, collection, 7),
+            cred,
+            peer,
+            headers: Vec::new(),
+            step,
+        }
+    }
+
+    #[test]
+    fn the_model_allows_and_denies_what_the_stack_does() {
+        // reader: search in docs from an allowed peer; then a collection it lacks; then
+        // a wrong secret; then no key.
+        let out = check(&[
+            req(1, 6, 0, Cred::Bearer(0), 0, 0),
+            req(1, 6, 2, Cred::Bearer(0), 0, 0),
+            req(1, 6, 0, Cred::WrongSecret(0), 0, 0),
+            req(1, 6, 0, Cred::None, 0, 0),
+            req(1, 6, 0, Cred::Bearer(6), 2, 0),
+        ]);
+        let codes: Vec<Option<DenialCode>> = out.iter().map(|o| o.denial).collect();
+        assert_eq!(
+            codes,
+            [
+                None,
+                Some(DenialCode::ResourceForbidden),
+                Some(DenialCode::InvalidKey),
+                Some(DenialCode::MissingKey),
+                Some(DenialCode::IpNotAllowed),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_admin_key_meets_its_rate_limit_then_its_quota() {
+        // Three at once pass (burst 3), the fourth is rate limited; after a minute, two
+        // more pass and the quota (5 an hour) refuses the next.
+        let mut reqs: Vec<Req> = (0..4)
+            .map(|_| req(0, 0, 0, Cred::Bearer(1), 0, 0))
+            .collect();
+        reqs.push(req(0, 0, 0, Cred::Bearer(1), 0, 60));
+        reqs.push(req(0, 0, 0, Cred::Bearer(1), 0, 0));
+        reqs.push(req(0, 0, 0, Cred::Bearer(1), 0, 60));
+        let codes: Vec<Option<DenialCode>> = check(&reqs).iter().map(|o| o.denial).collect();
+        assert_eq!(
+            &codes[..4],
+            [None, None, None, Some(DenialCode::RateLimited)]
+        );
+        assert_eq!(&codes[4..6], [None, None]);
+        assert_eq!(codes[6], Some(DenialCode::QuotaExceeded));
+    }
 }
