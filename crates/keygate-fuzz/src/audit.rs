@@ -67,10 +67,7 @@ pub fn audit(data: &[u8]) {
         let next = seq.checked_add(1);
         let this = match line.seq {
             Some(s) => s,
-            None => match next {
-                Some(n) => n,
-                None => 0,
-            },
+            None => next.unwrap_or_default(),
         };
         well_formed &= Some(this) == next && (line.linked || prev == [0u8; 32]);
         let link = if line.linked { prev } else { [0u8; 32] };

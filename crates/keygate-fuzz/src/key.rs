@@ -35,7 +35,7 @@ pub(crate) fn reference_parse<'a>(
     if !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(KeyParseError::BadCharacter);
     }
-    if body[34..].as_bytes() != reference_checksum(&presented.as_bytes()[..presented.len() - 6]) {
+    if body.as_bytes()[34..] != reference_checksum(&presented.as_bytes()[..presented.len() - 6]) {
         return Err(KeyParseError::BadChecksum);
     }
     Ok((prefix, &body[..12], &body[12..34]))

@@ -38,8 +38,11 @@ pub use routes::routes;
 pub use spellings::spellings;
 pub use stack::stack;
 
+/// A target: its name and its body.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// Every target by name, for the replay tests and the fuzz script.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[Target] = &[
     ("key", key),
     ("credentials", credentials),
     ("forwarded", forwarded),
