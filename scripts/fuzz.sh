@@ -19,7 +19,7 @@ if [ ${#targets[@]} -eq 0 ]; then
     mapfile -t targets < <(cargo fuzz list)
 fi
 
-cargo fuzz build -O >/dev/null
+cargo fuzz build -O -a -s none >/dev/null
 printf '%-12s %8s %14s %10s %8s %8s\n' target seconds executions exec/s cov crashes
 for t in "${targets[@]}"; do
     work="corpus-work/$t"
@@ -28,7 +28,7 @@ for t in "${targets[@]}"; do
     log="$(mktemp)"
     before=$(find "artifacts/$t" -type f | wc -l)
     # -jobs=1 / one worker: other builds on the machine keep making progress.
-    cargo fuzz run -O "$t" "$work" -- \
+    cargo fuzz run -O -a -s none "$t" "$work" -- \
         -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=2048 \
         -timeout=10 -max_len=4096 >"$log" 2>&1 || true
     after=$(find "artifacts/$t" -type f | wc -l)
@@ -42,7 +42,7 @@ for t in "${targets[@]}"; do
     if [ -n "${FUZZ_SAVE:-}" ]; then
         fresh="corpus-work/$t.min"
         rm -rf "$fresh" && mkdir -p "$fresh"
-        cargo fuzz run -O "$t" "$fresh" "$work" -- -merge=1 -max_len=4096 >/dev/null 2>&1
+        cargo fuzz run -O -a -s none "$t" "$fresh" "$work" -- -merge=1 -max_len=4096 >/dev/null 2>&1
         rm -rf "corpus/$t" && mv "$fresh" "corpus/$t"
     fi
     rm -f "$log"

@@ -91,8 +91,9 @@ pub fn key(data: &[u8]) {
     }
     if let Err(e) = got {
         // Messages never contain the credential.
-        if text.len() >= 8 {
-            assert!(!e.to_string().contains(&text));
+        let message = e.to_string();
+        for run in key_like_runs(text.as_bytes()) {
+            assert!(!message.as_bytes().windows(run.len()).any(|w| w == run));
         }
     }
     let _ = BODY_LEN;

@@ -64,43 +64,49 @@ fn reference_node(node: &str) -> Option<IpAddr> {
     node[..colon].parse::<Ipv4Addr>().ok().map(IpAddr::V4)
 }
 
-/// One forwarded header walked from the right, plainly.
-fn reference_walk(nets: &[IpNet], lines: &[&str], rfc7239: bool, peer: IpAddr) -> Option<IpAddr> {
+/// One forwarded header walked from the right, plainly: lines last to first, entries right
+/// to left; a line that is not visible ASCII (`None` here) is garbage where it stands.
+fn reference_walk(
+    nets: &[IpNet],
+    lines: &[Option<&str>],
+    rfc7239: bool,
+    peer: IpAddr,
+) -> Option<IpAddr> {
     let trusted = |ip: IpAddr| nets.iter().any(|n| n.contains(&ip.to_canonical()));
-    let mut entries = Vec::new();
-    for line in lines {
-        for e in line.split(',') {
-            let e = e.trim();
-            if !e.is_empty() {
-                entries.push(e);
-            }
-        }
-    }
     let mut leftmost = peer;
-    for (hops, entry) in entries.iter().rev().enumerate() {
-        let ip = if rfc7239 {
-            entry.split(';').find_map(|pair| {
-                let (k, v) = pair.trim().split_once('=')?;
-                if !k.trim().eq_ignore_ascii_case("for") {
-                    return None;
-                }
-                let v = v.trim();
-                let v = match v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
-                    Some(inner) => inner,
-                    None => v,
-                };
-                reference_node(v)
-            })?
-        } else {
-            reference_node(entry)?
-        };
-        if !trusted(ip) {
-            return Some(ip);
+    let mut hops = 0;
+    for line in lines.iter().rev() {
+        let line = (*line)?;
+        for entry in line.split(',').rev() {
+            let entry = entry.trim();
+            if entry.is_empty() {
+                continue;
+            }
+            let ip = if rfc7239 {
+                entry.split(';').find_map(|pair| {
+                    let (k, v) = pair.trim().split_once('=')?;
+                    if !k.trim().eq_ignore_ascii_case("for") {
+                        return None;
+                    }
+                    let v = v.trim();
+                    let v = match v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+                        Some(inner) => inner,
+                        None => v,
+                    };
+                    reference_node(v)
+                })?
+            } else {
+                reference_node(entry)?
+            };
+            if !trusted(ip) {
+                return Some(ip);
+            }
+            hops += 1;
+            if hops > 32 {
+                return None;
+            }
+            leftmost = ip;
         }
-        if hops + 1 > 32 {
-            return None;
-        }
-        leftmost = ip;
     }
     Some(leftmost)
 }
@@ -140,21 +146,15 @@ pub fn forwarded(data: &[u8]) {
     let want = if !proxies.is_trusted(peer_c) {
         Some(peer_c)
     } else {
-        let as_text = |lines: &[&Vec<u8>]| -> Option<Vec<String>> {
-            lines
+        let walk = |lines: &[&Vec<u8>], rfc: bool| -> Option<IpAddr> {
+            let text: Vec<Option<&str>> = lines
                 .iter()
                 .map(|l| {
-                    std::str::from_utf8(l)
-                        .ok()
-                        .filter(|s| s.is_ascii())
-                        .map(str::to_owned)
+                    let visible = l.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+                    visible.then(|| std::str::from_utf8(l).expect("ASCII"))
                 })
-                .collect()
-        };
-        let walk = |lines: &[&Vec<u8>], rfc: bool| -> Option<IpAddr> {
-            let text = as_text(lines)?;
-            let refs: Vec<&str> = text.iter().map(String::as_str).collect();
-            reference_walk(nets, &refs, rfc, peer_c)
+                .collect();
+            reference_walk(nets, &text, rfc, peer_c)
         };
         let a = (!fwd.is_empty()).then(|| walk(&fwd, true));
         let b = (!xff.is_empty()).then(|| walk(&xff, false));
@@ -196,8 +196,13 @@ pub fn network(data: &[u8]) {
             let trusted = TrustedProxies::new([text]);
             assert_eq!(trusted.is_ok(), net.prefix_len() != 0);
             if let Ok(t) = trusted {
-                assert!(t.is_trusted(net.network()));
-                assert!(t.is_trusted(net.broadcast()));
+                // Both ends of the network are trusted, unless an end is an IPv4-mapped
+                // address (those are compared as IPv4: `::/80` does not trust `::ffff:a.b.c.d`).
+                for end in [net.network(), net.broadcast()] {
+                    if end.to_canonical() == end {
+                        assert!(t.is_trusted(end), "{end} not trusted by {net}");
+                    }
+                }
             }
         }
         Err(_) => {
