@@ -32,9 +32,9 @@ for t in "${targets[@]}"; do
         -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=2048 \
         -timeout=10 -max_len=4096 >"$log" 2>&1 || true
     after=$(find "artifacts/$t" -type f | wc -l)
-    execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
-    rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
-    cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*')
+    execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1 || true)
+    rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1 || true)
+    cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*' || true)
     printf '%-12s %8s %14s %10s %8s %8s\n' "$t" "$seconds" "${execs:-?}" "${rate:-?}" "${cov:-?}" "$((after - before))"
     if [ "$after" -gt "$before" ]; then
         grep -m1 -A3 'panicked at' "$log" || tail -20 "$log"
