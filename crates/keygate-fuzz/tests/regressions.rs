@@ -30,3 +30,39 @@ fn audit_verify_after_the_last_possible_seq_reports_a_gap() {
         err.problem
     );
 }
+
+/// A key-shaped query parameter name (`?kg_…=kg_…`) was echoed in the `missing_key` detail
+/// as the place the key was found: key material in a response. Now such a name is not shown.
+#[test]
+fn a_key_shaped_parameter_name_is_not_echoed_in_the_missing_key_detail() {
+    let key = keygate::ApiKey::generate(&keygate::Prefix::default()).unwrap();
+    let secret = key.expose_secret();
+    let uri: http::Uri = format!("/p?{secret}={secret}").parse().unwrap();
+    let creds = keygate::Credentials::default();
+    let headers = http::HeaderMap::new();
+    assert!(creds.extract(&headers, &uri).unwrap().is_none());
+    let denial = creds.missing(&headers, &uri, &[keygate::Prefix::default()]);
+    assert!(
+        denial.detail().contains("query parameter"),
+        "{}",
+        denial.detail()
+    );
+    assert!(!denial.detail().contains(secret), "{}", denial.detail());
+}
+
+/// The same through a header whose name is key-shaped (header names are lower case, so an
+/// all-lower-case key body).
+#[test]
+fn a_key_shaped_header_name_is_not_echoed_in_the_missing_key_detail() {
+    let name = format!("kg_{}", "a".repeat(40));
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+        http::HeaderValue::from_str(&name).unwrap(),
+    );
+    let uri = http::Uri::from_static("/p");
+    let denial =
+        keygate::Credentials::default().missing(&headers, &uri, &[keygate::Prefix::default()]);
+    assert!(denial.detail().contains("header"), "{}", denial.detail());
+    assert!(!denial.detail().contains(&name), "{}", denial.detail());
+}
