@@ -66,3 +66,51 @@ fn a_key_shaped_header_name_is_not_echoed_in_the_missing_key_detail() {
     assert!(denial.detail().contains("header"), "{}", denial.detail());
     assert!(!denial.detail().contains(&name), "{}", denial.detail());
 }
+
+/// A collection name sent raw (not percent-encoded) with a C1 control character (`U+0085`,
+/// two UTF-8 bytes the URI parser accepts) skipped the control-character check that the
+/// percent-decoded form gets, and reached a key allowed every collection.
+#[test]
+fn a_raw_control_character_in_a_collection_name_is_forbidden() {
+    use keygate::scope::{RouteScopes, ScopeLayer};
+    use tower::{Layer, ServiceExt};
+
+    let rules = RouteScopes::builder()
+        .route("GET", "/collections/{collection}", "collections:read")
+        .build()
+        .unwrap();
+    let hasher = keygate::KeyHasher::default();
+    let (_, mut record) = keygate::KeyRecord::generate(
+        &keygate::Prefix::default(),
+        &hasher,
+        "any-collection",
+        std::time::SystemTime::UNIX_EPOCH,
+    )
+    .unwrap();
+    record.scopes = vec!["collections:read".into()];
+    record.resources = vec!["*".into()];
+    let principal = keygate::Principal::from_record(&record);
+    let svc = ScopeLayer::table(rules).layer(tower::service_fn(|_: http::Request<()>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(()))
+    }));
+    let call = |path: &str| {
+        let mut req = http::Request::get(path).body(()).unwrap();
+        req.extensions_mut().insert(principal.clone());
+        let res = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(svc.clone().oneshot(req))
+            .unwrap();
+        res.extensions().get::<keygate::Denial>().map(|d| d.code())
+    };
+    // The percent-encoded form was already refused; the raw form must be too.
+    assert_eq!(
+        call("/collections/a%C2%85b"),
+        Some(keygate::core::DenialCode::ResourceForbidden)
+    );
+    assert_eq!(
+        call("/collections/a\u{85}b"),
+        Some(keygate::core::DenialCode::ResourceForbidden)
+    );
+    assert_eq!(call("/collections/docs"), None);
+}
