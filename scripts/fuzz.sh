@@ -4,7 +4,7 @@
 #
 #   scripts/fuzz.sh                 # every target, 60 s each
 #   FUZZ_SECONDS=300 scripts/fuzz.sh key stack
-#   FUZZ_SAVE=1 scripts/fuzz.sh     # then merge the minimized corpus into fuzz/corpus/
+#   FUZZ_SAVE=1 scripts/fuzz.sh     # then save the minimized corpus (at most FUZZ_MAX_CORPUS=300) in fuzz/corpus/
 #
 # Needs cargo-fuzz (`cargo install cargo-fuzz`). libFuzzer needs nightly flags; on a stable
 # toolchain RUSTC_BOOTSTRAP=1 lets rustc accept them. CI does not run this: it replays the
@@ -42,8 +42,11 @@ for t in "${targets[@]}"; do
     if [ -n "${FUZZ_SAVE:-}" ]; then
         fresh="corpus-work/$t.min"
         rm -rf "$fresh" && mkdir -p "$fresh"
-        cargo fuzz run -O -a -s none "$t" "$fresh" "$work" -- -merge=1 -max_len=4096 >/dev/null 2>&1
+        cargo fuzz run -O -a -s none "$t" "$fresh" "$work" -- -set_cover_merge=1 -max_len=4096 >/dev/null 2>&1
+        # Keep the saved corpus small: at most FUZZ_MAX_CORPUS inputs, the smallest first.
+        ls -S "$fresh" | head -n -"${FUZZ_MAX_CORPUS:-300}" | (cd "$fresh" && xargs -r rm -f)
         rm -rf "corpus/$t" && mv "$fresh" "corpus/$t"
+        echo "saved corpus: $(ls "corpus/$t" | wc -l) inputs in fuzz/corpus/$t"
     fi
     rm -f "$log"
 done

@@ -232,7 +232,13 @@ pub fn routes(data: &[u8]) {
             _ => Some(DenialCode::ResourceForbidden),
         },
     };
-    assert_eq!(got, want, "{method} {path} against {table:?}");
+    assert_eq!(
+        got,
+        want,
+        "{method} {path} {:?} against {table:?} resources {:?}",
+        path.as_bytes(),
+        record.resources
+    );
     let expected_status = match want {
         None => StatusCode::OK,
         Some(DenialCode::UnknownRoute) => StatusCode::NOT_FOUND,
