@@ -39,6 +39,15 @@ fn scratch() -> PathBuf {
     dir.join(id.replace(['(', ')'], ""))
 }
 
+/// Removes the scratch file when the input is done (or its check panicked).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn hex_to_bytes(h: &str) -> [u8; 32] {
     let mut out = [0u8; 32];
     for (i, o) in out.iter_mut().enumerate() {
@@ -55,11 +64,12 @@ pub fn audit(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let path = scratch();
+    let scratch = Scratch(scratch());
+    let path = &scratch.0;
     let key = ChainKey::default();
     if mode % 2 == 0 {
-        std::fs::write(&path, rest).expect("write the scratch file");
-        let _ = verify_files(&[&path], &VerifyOptions::default());
+        std::fs::write(path, rest).expect("write the scratch file");
+        let _ = verify_files(&[path], &VerifyOptions::default());
         return;
     }
     let Ok(chain) = Chain::arbitrary_take_rest(Unstructured::new(rest)) else {
@@ -104,7 +114,7 @@ pub fn audit(data: &[u8]) {
             tampered = true;
         }
     }
-    std::fs::write(&path, &file).expect("write the scratch file");
+    std::fs::write(path, &file).expect("write the scratch file");
     let options = VerifyOptions {
         start: chain.start.map(|seq| ChainPoint {
             seq,
@@ -112,7 +122,7 @@ pub fn audit(data: &[u8]) {
         }),
         ..VerifyOptions::default()
     };
-    let verdict = verify_files(&[&path], &options);
+    let verdict = verify_files(&[path], &options);
     if tampered {
         assert!(verdict.is_err(), "a changed byte verified: {verdict:?}");
     } else if well_formed {
