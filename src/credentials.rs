@@ -230,7 +230,8 @@ impl Credentials {
                 .split([' ', '\t', ',', ';', '=', '"'])
                 .any(|t| !t.is_empty() && shaped(t))
             {
-                return Some(match safe_name(name.as_str(), 64) {
+                // A name that is itself key-shaped is not shown: it may be a key.
+                return Some(match safe_name(name.as_str(), 64).filter(|n| !shaped(n)) {
                     Some(n) => format!("the {n:?} header"),
                     None => "a request header".to_owned(),
                 });
@@ -239,7 +240,7 @@ impl Credentials {
         if let Some(query) = uri.query() {
             for (name, value) in form_urlencoded::parse(query.as_bytes()) {
                 if shaped(value.trim_matches(is_ows)) {
-                    return Some(match safe_name(&name, 64) {
+                    return Some(match safe_name(&name, 64).filter(|n| !shaped(n)) {
                         Some(n) => format!("the query parameter {n:?}"),
                         None => "a query parameter".to_owned(),
                     });

@@ -150,7 +150,8 @@ fn resource_forbidden(name: Option<&str>, principal: &Principal) -> Denial {
 /// name no resource pattern may hold (`/`, control characters).
 fn decode(raw: &str) -> Option<Cow<'_, str>> {
     if !raw.contains('%') {
-        return Some(Cow::Borrowed(raw));
+        // The URI parser lets non-ASCII bytes through, C1 controls among them.
+        return (!raw.chars().any(char::is_control)).then_some(Cow::Borrowed(raw));
     }
     let name = percent_encoding::percent_decode_str(raw)
         .decode_utf8()

@@ -1197,7 +1197,7 @@ fn extends(segs: &[(u64, PathBuf)], a: &Anchor, key: &ChainKey) -> Option<(u64, 
                 }
                 None => {}
                 Some((seq, prev)) => {
-                    if l.seq != seq + 1 || l.prev != prev {
+                    if seq.checked_add(1) != Some(l.seq) || l.prev != prev {
                         return None;
                     }
                     at = Some((l.seq, l.hash));
@@ -1502,12 +1502,13 @@ fn walk<P: AsRef<Path>>(
             line.pop();
             let l = parse_line(&line, &options.key, &mut json)
                 .map_err(|(s, problem)| broken(n, s, problem))?;
-            if l.seq != seq + 1 {
+            // No line can follow seq u64::MAX (a start point may name it).
+            if seq.checked_add(1) != Some(l.seq) {
                 return Err(broken(
                     n,
                     Some(l.seq),
                     Problem::SequenceGap {
-                        expected: seq + 1,
+                        expected: seq.saturating_add(1),
                         found: l.seq,
                     },
                 ));
