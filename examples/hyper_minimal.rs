@@ -32,7 +32,7 @@ use tower::ServiceBuilder;
 
 /// The handler: who is calling, as JSON.
 async fn whoami<B>(req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let Some(p) = req.extensions().get::<Principal>() else {
+    let Some(p) = keygate::RequestContext::of(req.extensions()).and_then(|c| c.principal()) else {
         // Only when served without the auth layer: fail closed.
         let mut res = Response::new(Full::new(Bytes::from_static(b"no caller\n")));
         *res.status_mut() = StatusCode::UNAUTHORIZED;

@@ -70,8 +70,8 @@ fn debug_extensions(
         let text = format!(
             "{:?}\n{:?}\n{:#?}\n{:?}\n",
             ext,
-            ext.get::<Principal>(),
-            ext.get::<Principal>(),
+            keygate::RequestContext::of(ext).and_then(|c| c.principal()),
+            keygate::RequestContext::of(ext).and_then(|c| c.principal()),
             resolution(ext)
         );
         out.lock().expect("lock").push_str(&text);

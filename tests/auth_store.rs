@@ -327,7 +327,7 @@ fn recording(
     tower::service_fn(move |req: Req| {
         seen.lock()
             .expect("lock")
-            .push(req.extensions().get::<Principal>().cloned());
+            .push(keygate::RequestContext::of(req.extensions()).and_then(|c| c.principal()).cloned());
         async { Ok(Response::new(Full::new(Bytes::from_static(b"ok")))) }
     })
 }

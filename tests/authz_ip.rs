@@ -481,7 +481,7 @@ async fn client_ip_extension_is_left_for_the_handler() {
                 seen2
                     .lock()
                     .unwrap()
-                    .push(req.extensions().get::<ClientIp>().copied());
+                    .push(keygate::RequestContext::of(req.extensions()).and_then(|c| c.client_ip()).map(ClientIp));
                 async {
                     Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::<
                         bytes::Bytes,

@@ -418,7 +418,8 @@ async fn handlers_see_the_remaining_allowance() {
         .service_fn(|req: Request<Body>| async move {
             let status = req
                 .extensions()
-                .get::<QuotaStatus>()
+                .get::<keygate::RequestContext>()
+                .and_then(|c| c.quota())
                 .expect("status")
                 .clone();
             let hourly = status.get("hourly").unwrap();

@@ -1,10 +1,8 @@
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderValue, Request, Response};
 use smallvec::SmallVec;
-use tower_service::Service;
 
 use super::layer::{validate_policy, Shared};
 use super::meter::{KeyCounters, PolicyField};
@@ -12,56 +10,13 @@ use crate::core::usage::{
     violated_limits, Admission, Increment, Limit, LimitState, Usage, Window, MAX_SF_INTEGER,
 };
 use crate::cost::{FieldBuf, RequestHead};
-use crate::future::{ResponseFuture, ResponseNote};
-use crate::guard::{self, Check, Resolver, Step};
-use crate::reject::{ResponseBody, RATELIMIT, RATELIMIT_POLICY};
-use crate::{Denial, DenialCode, KeyId, Principal, QuotaWindow};
+use crate::check::{Caller, Check, Guarded, One, Step};
+use crate::future::ResponseNote;
+use crate::reject::{RATELIMIT, RATELIMIT_POLICY};
+use crate::{Denial, DenialCode, KeyId, Principal, QuotaWindow, RequestContext};
 
 /// Middleware that enforces per-key quotas. See [`QuotaLayer`](super::QuotaLayer).
-#[derive(Clone)]
-pub struct Quota<S> {
-    pub(crate) inner: S,
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) resolver: Resolver,
-}
-
-impl<S> Quota<S> {
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-}
-
-impl<S> std::fmt::Debug for Quota<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Quota")
-            .field("resolver", &self.resolver)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S, ReqB, ResB> Service<Request<ReqB>> for Quota<S>
-where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    ReqB: Send + 'static,
-    ResB: Send + 'static,
-{
-    type Response = Response<ResponseBody<ResB>>;
-    type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResB, QuotaNote>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let check = QuotaCheck {
-            shared: self.shared.clone(),
-        };
-        guard::call(&mut self.inner, &self.resolver, req, check)
-    }
-}
+pub type Quota<S> = Guarded<One<QuotaCheck>, S>;
 
 /// Where one quota of the caller stands, as a handler sees it in [`QuotaStatus`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +33,8 @@ pub struct QuotaState<'a> {
     pub reset_after: Option<Duration>,
 }
 
-/// The caller's remaining allowance, in the request's extensions for handlers (when the key
+/// The caller's remaining allowance, in the request's context for handlers
+/// ([`RequestContext::quota`]) (when the key
 /// has quotas and the request passed). Values are as of this request, after counting it.
 #[derive(Clone, Debug)]
 pub struct QuotaStatus {
@@ -234,9 +190,22 @@ impl Refund {
     }
 }
 
-/// The quota decision of one request.
-struct QuotaCheck {
-    shared: Arc<Shared>,
+/// The quota check: the caller's quotas (and the meter) count the request.
+#[derive(Clone)]
+pub struct QuotaCheck {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for QuotaCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuotaCheck").finish_non_exhaustive()
+    }
+}
+
+impl Default for QuotaNote {
+    fn default() -> Self {
+        QuotaNote::none()
+    }
 }
 
 /// What one request is checked against: its windows (quota windows, deduplicated, then the
@@ -249,49 +218,35 @@ struct Plan {
     limits: SmallVec<[Limit; 3]>,
 }
 
-impl<ReqB: Send + 'static> Check<ReqB> for QuotaCheck {
+impl Check for QuotaCheck {
     type Note = QuotaNote;
 
-    fn check(
-        self,
-        req: &mut Request<ReqB>,
-        who: Result<&Principal, &Denial>,
-    ) -> Result<QuotaNote, Denial> {
-        match self.begin(req, who) {
-            Step::Now(verdict) => verdict,
-            Step::Later(_) => Err(store_unavailable()),
+    fn check<ReqB>(&self, req: &mut Request<ReqB>, who: Caller<'_>) -> Result<QuotaNote, Denial> {
+        // The synchronous form decides only what needs no store round trip.
+        let plan = match self.prepare(req, who) {
+            Ok(plan) => plan,
+            Err(verdict) => return verdict,
+        };
+        let shared = &self.shared;
+        if shared.strict {
+            return Err(store_unavailable());
+        }
+        match count(shared, &plan) {
+            Some((verdict, policy)) => finish(shared, plan, verdict, policy, req),
+            None => Err(store_unavailable()),
         }
     }
 
-    fn begin(
-        self,
+    fn begin<ReqB: Send + 'static>(
+        &self,
         req: &mut Request<ReqB>,
-        who: Result<&Principal, &Denial>,
+        who: Caller<'_>,
     ) -> Step<ReqB, QuotaNote> {
-        // Quotas are per key: requests without a principal pass unchanged.
-        let Ok(principal) = who else {
-            return Step::Now(Ok(QuotaNote::none()));
+        let plan = match self.prepare(req, who) {
+            Ok(plan) => plan,
+            Err(verdict) => return Step::Now(verdict),
         };
-        let shared = self.shared;
-        let quotas = principal.quotas();
-        if quotas.is_empty() && shared.meter_window.is_none() {
-            return Step::Now(Ok(QuotaNote::none()));
-        }
-        if let Some(bad) = quotas.iter().find(|q| validate_policy(q).is_err()) {
-            // A stored record that bypassed validation: fail closed.
-            tracing::warn!(policy = %bad.name, "invalid quota policy on a key record; refusing its requests");
-            return Step::Now(Err(Denial::new(DenialCode::QuotaExceeded)
-                .with_detail("The key's quota policy is invalid.")));
-        }
-        let cost = match &shared.cost {
-            Some(f) => f(&RequestHead::of(req, Some(principal))),
-            None => 1,
-        };
-        if cost == 0 {
-            // Free requests pass uncounted.
-            return Step::Now(Ok(QuotaNote::none()));
-        }
-        let plan = plan(&shared, principal.clone(), cost);
+        let shared = self.shared.clone();
         if shared.strict {
             return Step::Later(Box::new(move |mut req| {
                 Box::pin(async move {
@@ -309,6 +264,40 @@ impl<ReqB: Send + 'static> Check<ReqB> for QuotaCheck {
                 (req, verdict)
             })
         }))
+    }
+}
+
+impl QuotaCheck {
+    /// What the request is counted against, or the verdict when nothing is to count.
+    fn prepare<ReqB>(
+        &self,
+        req: &Request<ReqB>,
+        who: Caller<'_>,
+    ) -> Result<Plan, Result<QuotaNote, Denial>> {
+        // Quotas are per key: requests without a principal pass unchanged.
+        let Ok(principal) = who else {
+            return Err(Ok(QuotaNote::none()));
+        };
+        let shared = &self.shared;
+        let quotas = principal.quotas();
+        if quotas.is_empty() && shared.meter_window.is_none() {
+            return Err(Ok(QuotaNote::none()));
+        }
+        if let Some(bad) = quotas.iter().find(|q| validate_policy(q).is_err()) {
+            // A stored record that bypassed validation: fail closed.
+            tracing::warn!(policy = %bad.name, "invalid quota policy on a key record; refusing its requests");
+            return Err(Err(Denial::new(DenialCode::QuotaExceeded)
+                .with_detail("The key's quota policy is invalid.")));
+        }
+        let cost = match &shared.cost {
+            Some(f) => f(&RequestHead::of(req, Some(principal))),
+            None => 1,
+        };
+        if cost == 0 {
+            // Free requests pass uncounted.
+            return Err(Ok(QuotaNote::none()));
+        }
+        Ok(plan(shared, principal.clone(), cost))
     }
 }
 
@@ -539,7 +528,7 @@ fn finish<B>(
     let key = plan.principal.lineage_id();
     if let Some(states) = status {
         // The plan ends here: its principal moves into the status.
-        req.extensions_mut().insert(QuotaStatus {
+        RequestContext::of_mut(req.extensions_mut()).set_quota(QuotaStatus {
             principal: plan.principal,
             states,
         });

@@ -6,10 +6,10 @@ use http::HeaderValue;
 use tower_layer::Layer;
 
 use super::limiter::{Limiter, LimiterClock, Shape, ShapeError, ShapeHash};
-use super::RateLimit;
+use super::{RateCheck, RateLimit};
 use crate::core::rate::RateBackend;
 use crate::cost::RequestHead;
-use crate::guard::Resolver;
+use crate::check::{CheckLayer, One, Resolver};
 use crate::{KeyGate, RateLimitPolicy};
 
 /// A cost function: how many units of every rate limit one request uses.
@@ -414,6 +414,13 @@ impl RateLimitLayer {
         })
     }
 
+    /// The check this layer runs (for a fused [`Stack`](crate::stack::Stack)).
+    pub fn check(&self) -> RateCheck {
+        RateCheck {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Runs housekeeping now: drops every subject whose state is back to fresh (governor's
     /// `retain_recent`) and shrinks the maps (`shrink_to_fit`). It also runs by itself after
     /// every [`housekeeping_every`](RateLimitConfig::housekeeping_every) new subjects.
@@ -440,10 +447,6 @@ impl<S> Layer<S> for RateLimitLayer {
     type Service = RateLimit<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RateLimit {
-            inner,
-            shared: self.shared.clone(),
-            resolver: self.resolver.clone(),
-        }
+        CheckLayer::from_parts(One(self.check()), self.resolver.clone()).layer(inner)
     }
 }
