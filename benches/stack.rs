@@ -207,7 +207,10 @@ impl World {
             .insert(axum::extract::ConnectInfo(PEER));
         req.extensions_mut().insert(PEER);
         if resolved {
-            req.extensions_mut().insert(keygate::RequestContext::authenticated(self.hot_principal.clone()));
+            req.extensions_mut()
+                .insert(keygate::RequestContext::authenticated(
+                    self.hot_principal.clone(),
+                ));
         }
         req
     }

@@ -26,7 +26,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use keygate::{KeyGate, KeyRecord, KeyStore, MemoryStore, Prefix, Principal, Verifier};
+use keygate::{KeyGate, KeyRecord, KeyStore, MemoryStore, Prefix, Verifier};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 

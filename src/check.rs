@@ -137,8 +137,9 @@ impl<N> Outcome<N> {
 }
 
 /// The async step of fused checks.
-type FusedLater<B, N> =
-    Box<dyn FnOnce(Request<B>) -> Pin<Box<dyn Future<Output = (Request<B>, Outcome<N>)> + Send>> + Send>;
+type FusedLater<B, N> = Box<
+    dyn FnOnce(Request<B>) -> Pin<Box<dyn Future<Output = (Request<B>, Outcome<N>)> + Send>> + Send,
+>;
 
 /// The fused verdict: now, or after an async step.
 #[doc(hidden)]
@@ -161,7 +162,11 @@ pub trait Checks: sealed::Sealed + Clone + Send + Sync + 'static {
     fn needs_caller<B>(&self, req: &Request<B>) -> bool;
 
     #[doc(hidden)]
-    fn run<B: Send + 'static>(&self, req: &mut Request<B>, caller: Caller<'_>) -> Fused<B, Self::Note>;
+    fn run<B: Send + 'static>(
+        &self,
+        req: &mut Request<B>,
+        caller: Caller<'_>,
+    ) -> Fused<B, Self::Note>;
 }
 
 /// A single [`Check`] as [`Checks`].
@@ -177,7 +182,11 @@ impl<C: Check> Checks for One<C> {
         self.0.needs_caller(req)
     }
 
-    fn run<B: Send + 'static>(&self, req: &mut Request<B>, caller: Caller<'_>) -> Fused<B, C::Note> {
+    fn run<B: Send + 'static>(
+        &self,
+        req: &mut Request<B>,
+        caller: Caller<'_>,
+    ) -> Fused<B, C::Note> {
         match self.0.begin(req, caller) {
             Step::Now(r) => Fused::Now(Outcome::of(r)),
             Step::Later(step) => Fused::Later(Box::new(move |req| {
@@ -217,7 +226,11 @@ where
         self.0.needs_caller(req) || self.1.needs_caller(req)
     }
 
-    fn run<B: Send + 'static>(&self, req: &mut Request<B>, caller: Caller<'_>) -> Fused<B, Self::Note> {
+    fn run<B: Send + 'static>(
+        &self,
+        req: &mut Request<B>,
+        caller: Caller<'_>,
+    ) -> Fused<B, Self::Note> {
         match self.0.run(req, caller) {
             Fused::Now(a) => second(a, || self.1.run(req, caller)),
             Fused::Later(step) => {
@@ -229,7 +242,13 @@ where
                     Box::pin(async move {
                         let (mut req, a) = step(req).await;
                         if a.denial.is_some() {
-                            return (req, Outcome { note: Both(a.note, Y::Note::default()), denial: a.denial });
+                            return (
+                                req,
+                                Outcome {
+                                    note: Both(a.note, Y::Note::default()),
+                                    denial: a.denial,
+                                },
+                            );
                         }
                         let b = match next.run(&mut req, owned.as_ref()) {
                             Fused::Now(b) => b,
@@ -239,7 +258,13 @@ where
                                 b
                             }
                         };
-                        (req, Outcome { note: Both(a.note, b.note), denial: b.denial })
+                        (
+                            req,
+                            Outcome {
+                                note: Both(a.note, b.note),
+                                denial: b.denial,
+                            },
+                        )
                     })
                 }))
             }
@@ -501,7 +526,7 @@ where
 
 /// The end of an async path: calls the inner service, or renders the rejection (with the
 /// notes of the checks that passed).
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::result_large_err)]
 fn settle<S, ReqB, ResB, N: ResponseNote>(
     ready: &mut S,
     req: Request<ReqB>,

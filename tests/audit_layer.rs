@@ -17,13 +17,13 @@ use std::task::{Context, Poll, Waker};
 
 use common::{matrix, matrix_keys, Capture, Expect, Fixture};
 use http::{HeaderValue, Request, Response, StatusCode};
-use keygate::audit::{AuditLayer, RequestId};
+use keygate::audit::AuditLayer;
 use keygate::client_ip::{ClientIp, TrustedProxies};
 use keygate::core::audit::{
     verify_dir, AuditError, AuditEvent, AuditSink, Auditor, Decision, FileSink, MemorySink,
     Overflow, RequestEvent, Transport, VerifyOptions,
 };
-use keygate::{Credentials, Denial, DenialCode, KeyGate, Principal};
+use keygate::{Credentials, Denial, DenialCode, KeyGate};
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 
 type Body = String;
@@ -461,7 +461,10 @@ async fn request_ids_are_reused_when_sane_and_generated_otherwise() {
         .service(service_fn(move |req: Request<Body>| {
             let s = s2.clone();
             async move {
-                let ext = keygate::RequestContext::of(req.extensions()).and_then(|c| c.request_id()).unwrap().to_string();
+                let ext = keygate::RequestContext::of(req.extensions())
+                    .and_then(|c| c.request_id())
+                    .unwrap()
+                    .to_string();
                 let header = req.headers()["x-request-id"].to_str().unwrap().to_owned();
                 s.lock().unwrap().push((ext, header));
                 Ok::<_, Infallible>(Response::new(Body::new()))
@@ -655,7 +658,9 @@ async fn the_client_address_is_recorded() {
     let hub = ServiceBuilder::new()
         .layer(fx.gate.audit_layer(Auditor::direct(sink.clone())))
         .service(service_fn(move |req: Request<Body>| {
-            *saw.lock().unwrap() = keygate::RequestContext::of(req.extensions()).and_then(|c| c.client_ip()).map(ClientIp);
+            *saw.lock().unwrap() = keygate::RequestContext::of(req.extensions())
+                .and_then(|c| c.client_ip())
+                .map(ClientIp);
             async { Ok::<_, Infallible>(Response::new(Body::new())) }
         }));
     let mut req = Request::get("/")

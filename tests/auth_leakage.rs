@@ -14,7 +14,7 @@ use common::*;
 use http::{Request, Response};
 use http_body_util::Full;
 use keygate::{
-    resolution, ApiKey, Credentials, DefaultRenderer, Denial, KeyGate, KeyRecord, Lookup, Principal,
+    resolution, ApiKey, Credentials, DefaultRenderer, Denial, KeyGate, KeyRecord, Lookup,
 };
 use tower::{ServiceBuilder, ServiceExt};
 

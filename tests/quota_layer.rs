@@ -18,9 +18,7 @@ use keygate::core::usage::{
     utc, Admission, Increment, Limit, MemoryUsageStore, Usage, UsageError, UsageRecord, UsageStore,
     Window,
 };
-use keygate::quota::{
-    validate_policy, ConfigError, Counting, QuotaConfig, QuotaLayer, QuotaStatus,
-};
+use keygate::quota::{validate_policy, ConfigError, Counting, QuotaConfig, QuotaLayer};
 use keygate::rate_limit::{LimiterClock, RateLimitConfig, RateLimitLayer};
 use keygate::{
     ApiKey, Denial, DenialCode, KeyId, QuotaPolicy, QuotaWindow, RateLimitPolicy, Refill,

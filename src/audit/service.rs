@@ -14,8 +14,8 @@ use super::future::{Capture, ResponseFuture};
 use super::layer::{AuditLayer, Config};
 use crate::core::audit::{contains_key_like, mask_keys_in, Auditor};
 use crate::gate::Start;
-use crate::RequestContext;
 use crate::reject::Protocol;
+use crate::RequestContext;
 
 /// Longest path recorded, in bytes; longer paths are cut (on a character boundary).
 const MAX_PATH: usize = 2048;

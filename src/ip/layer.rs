@@ -4,8 +4,8 @@ use ipnet::IpNet;
 use tower_layer::Layer;
 
 use super::service::{IpAllow, IpCheck};
-use crate::client_ip::{parse_network, InvalidNetwork, TrustedProxies};
 use crate::check::{CheckLayer, One, Resolver};
+use crate::client_ip::{parse_network, InvalidNetwork, TrustedProxies};
 use crate::reject::Renderer;
 use crate::KeyGate;
 

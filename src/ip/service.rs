@@ -55,8 +55,7 @@ impl Check for IpCheck {
         let ip = self.client_ip(req);
         let p = &*self.policy;
         if !p.deny.is_empty() || !p.allow.is_empty() {
-            let ip = ip
-                .ok_or_else(|| not_allowed("The client address is unknown."))?;
+            let ip = ip.ok_or_else(|| not_allowed("The client address is unknown."))?;
             if contains(&p.deny, ip) {
                 return Err(not_allowed("Requests from this address are not allowed."));
             }
@@ -79,4 +78,3 @@ impl Check for IpCheck {
         Ok(())
     }
 }
-

@@ -7,9 +7,9 @@ use tower_layer::Layer;
 
 use super::meter::Meter;
 use super::{Quota, QuotaCheck};
+use crate::check::{CheckLayer, One, Resolver};
 use crate::core::usage::{UsageError, UsageRecord, UsageStore};
 use crate::cost::RequestHead;
-use crate::check::{CheckLayer, One, Resolver};
 use crate::{Clock, KeyGate, KeyId, QuotaPolicy, QuotaWindow, Refill, SystemClock};
 
 /// A cost function: how many units of every quota one request uses.

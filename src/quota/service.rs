@@ -6,11 +6,11 @@ use smallvec::SmallVec;
 
 use super::layer::{validate_policy, Shared};
 use super::meter::{KeyCounters, PolicyField};
+use crate::check::{Caller, Check, Guarded, One, Step};
 use crate::core::usage::{
     violated_limits, Admission, Increment, Limit, LimitState, Usage, Window, MAX_SF_INTEGER,
 };
 use crate::cost::{FieldBuf, RequestHead};
-use crate::check::{Caller, Check, Guarded, One, Step};
 use crate::future::ResponseNote;
 use crate::reject::{RATELIMIT, RATELIMIT_POLICY};
 use crate::{Denial, DenialCode, KeyId, Principal, QuotaWindow, RequestContext};
@@ -269,6 +269,7 @@ impl Check for QuotaCheck {
 
 impl QuotaCheck {
     /// What the request is counted against, or the verdict when nothing is to count.
+    #[allow(clippy::result_large_err)]
     fn prepare<ReqB>(
         &self,
         req: &Request<ReqB>,

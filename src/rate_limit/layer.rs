@@ -7,9 +7,9 @@ use tower_layer::Layer;
 
 use super::limiter::{Limiter, LimiterClock, Shape, ShapeError, ShapeHash};
 use super::{RateCheck, RateLimit};
+use crate::check::{CheckLayer, One, Resolver};
 use crate::core::rate::RateBackend;
 use crate::cost::RequestHead;
-use crate::check::{CheckLayer, One, Resolver};
 use crate::{KeyGate, RateLimitPolicy};
 
 /// A cost function: how many units of every rate limit one request uses.

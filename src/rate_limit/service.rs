@@ -7,10 +7,10 @@ use smallvec::SmallVec;
 
 use super::layer::{Fallback, Shared};
 use super::limiter::{Limiter, Shape, Standing, Subject, Verdict};
+use crate::check::{Caller, Check, Guarded, One, Step};
 use crate::core::rate::{RateBackend, RateDecision, RateError, RateSubject};
 use crate::core::usage::{LimitState, MAX_SF_INTEGER};
 use crate::cost::{FieldBuf, RequestHead};
-use crate::check::{Caller, Check, Guarded, One, Step};
 use crate::future::ResponseNote;
 use crate::reject::{RATELIMIT, RATELIMIT_POLICY};
 use crate::{client_ip, Denial, DenialCode, Principal, RateLimitPolicy};
@@ -129,7 +129,11 @@ impl Check for RateCheck {
         }
     }
 
-    fn check<ReqB>(&self, req: &mut Request<ReqB>, who: Caller<'_>) -> Result<RateLimitNote, Denial> {
+    fn check<ReqB>(
+        &self,
+        req: &mut Request<ReqB>,
+        who: Caller<'_>,
+    ) -> Result<RateLimitNote, Denial> {
         let principal = who.ok();
         let subject = match principal {
             Some(p) => Subject::Key(p.lineage_id()),

@@ -4,8 +4,8 @@ use tower_layer::Layer;
 
 use super::rules::{InvalidRule, PathPattern, RouteScopes};
 use super::service::{Policy, ScopeCheck, Scoped};
-use crate::core::Scope;
 use crate::check::{CheckLayer, One, Resolver};
+use crate::core::Scope;
 use crate::reject::Renderer;
 use crate::KeyGate;
 

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use http::Request;
 
 use super::rules::{Need, PathPattern, RouteScopes, Unmatched};
-use crate::core::Scope;
 use crate::check::{Caller, Check, Guarded, One};
+use crate::core::Scope;
 use crate::{Denial, DenialCode, Principal};
 
 /// What a [`Scoped`] service enforces.
