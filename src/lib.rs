@@ -92,6 +92,8 @@ pub mod future;
 mod gate;
 pub mod reject;
 pub mod stack;
+#[cfg(any(feature = "rate-limit", feature = "quota"))]
+mod traffic;
 
 #[cfg(feature = "admin")]
 pub mod admin;

@@ -121,8 +121,7 @@ pub fn grpc_status(code: DenialCode) -> u8 {
 
 /// Whole seconds to wait, rounded up, at least 1 (a 0.3 s wait is `1`, never `0`).
 pub fn retry_after_secs(wait: Duration) -> u64 {
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    secs.max(1)
+    crate::core::usage::ceil_secs(wait).max(1)
 }
 
 /// The default renderer: problem+json for HTTP, trailers-only for gRPC.

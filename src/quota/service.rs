@@ -8,11 +8,13 @@ use super::layer::{validate_policy, Shared};
 use super::meter::{KeyCounters, PolicyField};
 use crate::check::{Caller, Check, Guarded, One, Step};
 use crate::core::usage::{
-    violated_limits, Admission, Increment, Limit, LimitState, Usage, Window, MAX_SF_INTEGER,
+    violated_limits, write_limit_item, write_policy_item, Admission, FieldSink, Increment, Limit,
+    LimitState, Usage, Window,
 };
-use crate::cost::{FieldBuf, RequestHead};
+use crate::cost::RequestHead;
 use crate::future::ResponseNote;
 use crate::reject::{RATELIMIT, RATELIMIT_POLICY};
+use crate::traffic::FieldBuf;
 use crate::{Denial, DenialCode, KeyId, Principal, QuotaWindow, RequestContext};
 
 /// Middleware that enforces per-key quotas. See [`QuotaLayer`](super::QuotaLayer).
@@ -553,14 +555,12 @@ fn policy_field(plan: &Plan) -> Option<HeaderValue> {
         if i > 0 {
             policy.push_str(", ");
         }
-        let w = plan.windows[l.window];
-        policy.push_sf_string(&q.name);
-        policy.push_str(";q=");
-        policy.push_u64(q.limit.min(MAX_SF_INTEGER));
-        if let Some(len) = w.length() {
-            policy.push_str(";w=");
-            policy.push_u64(len.as_secs());
-        }
+        write_policy_item(
+            &mut policy,
+            &q.name,
+            q.limit,
+            plan.windows[l.window].length(),
+        );
     }
     policy.to_header()
 }
@@ -573,15 +573,9 @@ fn limit_field(plan: &Plan, usage: &[Usage]) -> Option<HeaderValue> {
         if i > 0 {
             limit.push_str(", ");
         }
-        let w = plan.windows[l.window];
         let used = usage.get(l.window).map_or(0, |u| u.cost);
-        limit.push_sf_string(&q.name);
-        limit.push_str(";r=");
-        limit.push_u64(q.limit.saturating_sub(used).min(MAX_SF_INTEGER));
-        if let Some(t) = w.remaining_at(plan.now) {
-            limit.push_str(";t=");
-            limit.push_u64(t.as_secs() + u64::from(t.subsec_nanos() > 0));
-        }
+        let reset = plan.windows[l.window].remaining_at(plan.now);
+        write_limit_item(&mut limit, &q.name, q.limit.saturating_sub(used), reset);
     }
     limit.to_header()
 }

@@ -9,6 +9,7 @@ use super::limiter::{Limiter, LimiterClock, Shape, ShapeError, ShapeHash};
 use super::{RateCheck, RateLimit};
 use crate::check::{CheckLayer, One, Resolver};
 use crate::core::rate::RateBackend;
+use crate::core::usage::{write_policy_item, FieldSink};
 use crate::cost::RequestHead;
 use crate::{KeyGate, RateLimitPolicy};
 
@@ -336,12 +337,12 @@ impl Shared {
             let limiter = self.limiter(shape);
             entries.push((p, limiter));
         }
-        let mut field = crate::cost::FieldBuf::new();
+        let mut field = crate::traffic::FieldBuf::new();
         for (i, (p, _)) in entries.iter().enumerate() {
             if i > 0 {
                 field.push_str(", ");
             }
-            super::service::write_policy_item(&mut field, &p.name, p.limit, p.period);
+            write_policy_item(&mut field, &p.name, u64::from(p.limit), Some(p.period));
         }
         let policy_field = (!entries.is_empty()).then(|| field.to_header()).flatten();
         Ok(PolicySet {

@@ -9,10 +9,11 @@ use super::layer::{Fallback, Shared};
 use super::limiter::{Limiter, Shape, Standing, Subject, Verdict};
 use crate::check::{Caller, Check, Guarded, One, Step};
 use crate::core::rate::{RateBackend, RateDecision, RateError, RateSubject};
-use crate::core::usage::{LimitState, MAX_SF_INTEGER};
-use crate::cost::{FieldBuf, RequestHead};
+use crate::core::usage::{write_limit_item, write_policy_item, FieldSink, LimitState};
+use crate::cost::RequestHead;
 use crate::future::ResponseNote;
 use crate::reject::{RATELIMIT, RATELIMIT_POLICY};
+use crate::traffic::FieldBuf;
 use crate::{client_ip, Denial, DenialCode, Principal, RateLimitPolicy};
 
 /// Middleware that rate-limits requests per key (and per client address without a key). See
@@ -463,17 +464,6 @@ fn state(policy: &RateLimitPolicy, standing: Standing, violated: bool) -> LimitS
     }
 }
 
-/// Appends `"name";q=limit;w=secs` (no `w` unless the period is whole seconds).
-pub(crate) fn write_policy_item(out: &mut FieldBuf, name: &str, limit: u32, period: Duration) {
-    out.push_sf_string(name);
-    out.push_str(";q=");
-    out.push_u64(u64::from(limit));
-    if period.subsec_nanos() == 0 && period.as_secs() > 0 {
-        out.push_str(";w=");
-        out.push_u64(period.as_secs().min(MAX_SF_INTEGER));
-    }
-}
-
 /// The `RateLimit-Policy` and `RateLimit` fields of a request that passed.
 fn fields(plan: &Plan<'_>, standings: &[Standing]) -> Option<(HeaderValue, HeaderValue)> {
     write_fields(
@@ -505,7 +495,7 @@ fn write_fields<'a>(
                 if i > 0 {
                     out.push_str(", ");
                 }
-                write_policy_item(&mut out, &p.name, p.limit, p.period);
+                write_policy_item(&mut out, &p.name, u64::from(p.limit), Some(p.period));
             }
             out.to_header()?
         }
@@ -515,12 +505,7 @@ fn write_fields<'a>(
         if i > 0 {
             out.push_str(", ");
         }
-        out.push_sf_string(&p.name);
-        let reset = s.reset_after.as_secs() + u64::from(s.reset_after.subsec_nanos() > 0);
-        out.push_str(";r=");
-        out.push_u64(s.remaining);
-        out.push_str(";t=");
-        out.push_u64(reset.min(MAX_SF_INTEGER));
+        write_limit_item(&mut out, &p.name, s.remaining, Some(s.reset_after));
     }
     Some((policy, out.to_header()?))
 }
