@@ -129,4 +129,4 @@ pub use gate::{resolution, KeyGate, KeyGateBuilder};
 pub use quota::QuotaLayer;
 #[cfg(feature = "rate-limit")]
 pub use rate_limit::RateLimitLayer;
-pub use reject::{DefaultRenderer, Protocol, RenderContext, Renderer, ResponseBody};
+pub use reject::{DefaultRenderer, RenderContext, Renderer, ResponseBody};

@@ -12,9 +12,10 @@ use tower_service::Service;
 
 use super::future::{Capture, ResponseFuture};
 use super::layer::{AuditLayer, Config};
+use crate::core::audit::Transport;
 use crate::core::audit::{contains_key_like, mask_keys_in, Auditor};
 use crate::gate::Start;
-use crate::reject::Protocol;
+use crate::reject::transport_of;
 use crate::RequestContext;
 
 /// Longest path recorded, in bytes; longer paths are cut (on a character boundary).
@@ -88,7 +89,7 @@ where
             Some(gate) => gate.client_ip(&mut req),
             None => crate::client_ip::settled(&req, config.proxies.as_ref()),
         };
-        let grpc = Protocol::of(&req) == Protocol::Grpc;
+        let grpc = transport_of(&req) == Transport::Grpc;
         let mut capture = Capture {
             start,
             time,
