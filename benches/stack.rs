@@ -26,16 +26,23 @@
 //!   `rate_limit`).
 //! - `full_stack`: audit → auth → ip → scope (a 13-rule Qdrant route table) → rate limit →
 //!   quota → handler, all from one hub, from the raw key.
+//! - `fused_stack`: the same six as one fused stack (`KeyGate::stack`): the audit layer
+//!   around one service running the auth, ip, scope, rate-limit and quota checks, with one
+//!   response future.
 //!
 //! Policies are never reached (limits of 10⁹), headers are on (`RateLimit` fields), the
 //! quota counts in memory in batches, and the audit layer hands each event to a queued
 //! `Auditor` whose writer thread discards it (the file sink's throughput is `benches/audit.rs`).
 //!
-//! After criterion's groups, three printed reports:
+//! After criterion's groups, four printed reports (`KEYGATE_ALLOCS=1` prints only the
+//! first; it needs no release build: `KEYGATE_ALLOCS=1 cargo test --all-features --bench
+//! stack`):
+//! - **allocations**: allocations (and reallocations) per request of every variant, counted
+//!   by a counting global allocator over 10,000 requests built beforehand.
 //! - **latency**: 20 interleaved rounds of 10,000 requests per variant, each request timed
 //!   on its own (`Instant`, ~20 ns of timer cost in every variant alike); p50 and p99 per
 //!   variant and added over `bare`.
-//! - **throughput**: the full stack and the bare service driven by 1 and 2 OS threads for
+//! - **throughput**: both stacks and the bare service driven by 1 and 2 OS threads for
 //!   3 s each, on one hot key and on 10,000 keys; requests/s and the stack/bare ratio.
 //! - **verify scaling**: `Verifier::lookup` of a cached key with 1k, 100k and 1M keys in
 //!   the cache (1,000 hot keys, and 10,000 keys spread over the map).
