@@ -263,7 +263,8 @@ fn layer_benches(c: &mut Criterion, f: &Fixture) {
     let mut g = c.benchmark_group("resolved");
     let resolved = || {
         let mut req = request(key);
-        req.extensions_mut().insert(f.principal.clone());
+        req.extensions_mut()
+            .insert(keygate::RequestContext::authenticated(f.principal.clone()));
         req
     };
     bench_with(&mut g, "bare", resolved, service_fn(empty));

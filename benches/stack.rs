@@ -26,16 +26,23 @@
 //!   `rate_limit`).
 //! - `full_stack`: audit → auth → ip → scope (a 13-rule Qdrant route table) → rate limit →
 //!   quota → handler, all from one hub, from the raw key.
+//! - `fused_stack`: the same six as one fused stack (`KeyGate::stack`): the audit layer
+//!   around one service running the auth, ip, scope, rate-limit and quota checks, with one
+//!   response future.
 //!
 //! Policies are never reached (limits of 10⁹), headers are on (`RateLimit` fields), the
 //! quota counts in memory in batches, and the audit layer hands each event to a queued
 //! `Auditor` whose writer thread discards it (the file sink's throughput is `benches/audit.rs`).
 //!
-//! After criterion's groups, three printed reports:
+//! After criterion's groups, four printed reports (`KEYGATE_ALLOCS=1` prints only the
+//! first; it needs no release build: `KEYGATE_ALLOCS=1 cargo test --all-features --bench
+//! stack`):
+//! - **allocations**: allocations (and reallocations) per request of every variant, counted
+//!   by a counting global allocator over 10,000 requests built beforehand.
 //! - **latency**: 20 interleaved rounds of 10,000 requests per variant, each request timed
 //!   on its own (`Instant`, ~20 ns of timer cost in every variant alike); p50 and p99 per
 //!   variant and added over `bare`.
-//! - **throughput**: the full stack and the bare service driven by 1 and 2 OS threads for
+//! - **throughput**: both stacks and the bare service driven by 1 and 2 OS threads for
 //!   3 s each, on one hot key and on 10,000 keys; requests/s and the stack/bare ratio.
 //! - **verify scaling**: `Verifier::lookup` of a cached key with 1k, 100k and 1M keys in
 //!   the cache (1,000 hot keys, and 10,000 keys spread over the map).
@@ -67,6 +74,30 @@ use tower_governor::governor::GovernorConfigBuilder;
 use tower_governor::key_extractor::PeerIpKeyExtractor;
 use tower_governor::GovernorLayer;
 use tower_http::validate_request::ValidateRequestHeaderLayer;
+
+/// Counts every allocation (and reallocation) of the process, for the allocation report.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts.
+#[allow(unsafe_code)]
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 /// Discards events: the request path's cost is measured, not the sink's.
 struct Discard;
@@ -207,7 +238,10 @@ impl World {
             .insert(axum::extract::ConnectInfo(PEER));
         req.extensions_mut().insert(PEER);
         if resolved {
-            req.extensions_mut().insert(self.hot_principal.clone());
+            req.extensions_mut()
+                .insert(keygate::RequestContext::authenticated(
+                    self.hot_principal.clone(),
+                ));
         }
         req
     }
@@ -305,6 +339,31 @@ fn full_stack(w: &World) -> Variant {
     )
 }
 
+/// The same six checks as `full_stack`, fused: one service, one response future, the audit
+/// layer around it.
+fn fused_stack(w: &World) -> Variant {
+    let g = &w.gate;
+    let ip = IpAllowLayer::new(IpPolicy::new());
+    let scope = ScopeLayer::table(w.rules.clone());
+    let rate = RateLimitLayer::new(g, w.rate_config()).expect("rate");
+    let quota = QuotaLayer::new(g, w.quota_config()).expect("quota");
+    variant(
+        "fused_stack",
+        false,
+        ServiceBuilder::new()
+            .layer(
+                g.stack()
+                    .auth()
+                    .ip(&ip)
+                    .scope(&scope)
+                    .rate(&rate)
+                    .quota(&quota)
+                    .audit(w.auditor.clone()),
+            )
+            .service_fn(empty),
+    )
+}
+
 fn variants(w: &World) -> Vec<Variant> {
     let g = &w.gate;
     let governor = Arc::new(
@@ -361,7 +420,32 @@ fn variants(w: &World) -> Vec<Variant> {
             keygate::audit::AuditLayer::new(w.auditor.clone()).layer(service_fn(empty)),
         ),
         full_stack(w),
+        fused_stack(w),
     ]
+}
+
+/// Allocations per request of every variant (a counting global allocator; requests are
+/// built before counting starts, and the response is dropped inside, as in the timed runs).
+/// The audit writer thread's work on an event (none with the discarding sink) would count
+/// too.
+fn allocation_report(w: &World, vs: &[Variant], pending: &AtomicU64) {
+    const N: u64 = 10_000;
+    println!("\nallocations per request ({N} requests per variant, after warm-up)");
+    println!("{:<18} {:>10} {:>12}", "variant", "allocs", "added");
+    let mut base = None;
+    for v in vs {
+        for _ in 0..1_000 {
+            black_box((v.svc)(w.request(&w.hot, v.resolved), pending));
+        }
+        let reqs: Vec<_> = (0..N).map(|_| w.request(&w.hot, v.resolved)).collect();
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        for req in reqs {
+            black_box((v.svc)(req, pending));
+        }
+        let per = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / N as f64;
+        let b = *base.get_or_insert(per);
+        println!("{:<18} {:>10.2} {:>12.2}", v.name, per, per - b);
+    }
 }
 
 fn check_statuses(w: &World, vs: &[Variant], pending: &AtomicU64) {
@@ -478,24 +562,31 @@ fn throughput_report(w: &World, vs: &[Variant]) {
         .iter()
         .find(|v| v.name == "full_stack")
         .expect("full_stack");
+    let fused = vs
+        .iter()
+        .find(|v| v.name == "fused_stack")
+        .expect("fused_stack");
     let hot = [&w.hot];
     let many: Vec<&ApiKey> = w.many.iter().collect();
     println!("\nthroughput, requests/s (3 s each; request building included in both)");
     println!(
-        "{:<10} {:<8} {:>12} {:>12} {:>8}",
-        "keys", "threads", "bare", "full_stack", "ratio"
+        "{:<10} {:<8} {:>12} {:>12} {:>8} {:>12} {:>8}",
+        "keys", "threads", "bare", "full_stack", "ratio", "fused_stack", "ratio"
     );
     for (label, keys) in [("1 hot", &hot[..]), ("10,000", &many[..])] {
         for threads in [1, 2] {
             let b = throughput(w, bare, threads, keys, 3.0);
             let s = throughput(w, stack, threads, keys, 3.0);
+            let f = throughput(w, fused, threads, keys, 3.0);
             println!(
-                "{:<10} {:<8} {:>12.0} {:>12.0} {:>7.1}%",
+                "{:<10} {:<8} {:>12.0} {:>12.0} {:>7.1}% {:>12.0} {:>7.1}%",
                 label,
                 threads,
                 b,
                 s,
-                100.0 * s / b
+                100.0 * s / b,
+                f,
+                100.0 * f / b
             );
         }
     }
@@ -574,6 +665,10 @@ fn main() {
     check_statuses(&w, &vs, &pending);
     // `KEYGATE_PROFILE=<variant>`: only drive that variant 100,000 times (for callgrind or
     // perf: `valgrind --tool=callgrind target/release/deps/stack-* --bench`).
+    if std::env::var_os("KEYGATE_ALLOCS").is_some() {
+        allocation_report(&w, &vs, &pending);
+        return;
+    }
     if let Ok(name) = std::env::var("KEYGATE_PROFILE") {
         let v = vs.iter().find(|v| v.name == name).expect("no such variant");
         for _ in 0..100_000 {
@@ -586,6 +681,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return;
     }
+    allocation_report(&w, &vs, &pending);
     latency_report(&w, &vs, &pending);
     throughput_report(&w, &vs);
     verify_scaling();

@@ -64,7 +64,8 @@ fn request(principal: &Principal) -> Request<Body> {
     let mut req = Request::get("/points")
         .body(Body::empty())
         .expect("request");
-    req.extensions_mut().insert(principal.clone());
+    req.extensions_mut()
+        .insert(keygate::RequestContext::authenticated(principal.clone()));
     // tower_governor's `PeerIpKeyExtractor` reads axum's `ConnectInfo`.
     req.extensions_mut()
         .insert(axum::extract::ConnectInfo(SocketAddr::from((

@@ -417,10 +417,13 @@ struct Stored {
 
 /// The caller, as the layers resolved it.
 fn caller<T>(req: &Request<T>) -> Result<Principal, Status> {
-    req.extensions().get::<Principal>().cloned().ok_or_else(|| {
-        // Only when the service is served without keygate's layers: fail closed.
-        Status::unauthenticated("missing_key: no authenticated caller")
-    })
+    keygate::RequestContext::of(req.extensions())
+        .and_then(|c| c.principal())
+        .cloned()
+        .ok_or_else(|| {
+            // Only when the service is served without keygate's layers: fail closed.
+            Status::unauthenticated("missing_key: no authenticated caller")
+        })
 }
 
 /// Validates `name` and checks that `p` may use it.

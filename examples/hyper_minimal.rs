@@ -26,13 +26,13 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use keygate::{KeyGate, KeyRecord, KeyStore, MemoryStore, Prefix, Principal, Verifier};
+use keygate::{KeyGate, KeyRecord, KeyStore, MemoryStore, Prefix, Verifier};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 
 /// The handler: who is calling, as JSON.
 async fn whoami<B>(req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let Some(p) = req.extensions().get::<Principal>() else {
+    let Some(p) = keygate::RequestContext::of(req.extensions()).and_then(|c| c.principal()) else {
         // Only when served without the auth layer: fail closed.
         let mut res = Response::new(Full::new(Bytes::from_static(b"no caller\n")));
         *res.status_mut() = StatusCode::UNAUTHORIZED;

@@ -6,6 +6,7 @@
 #   scripts/load.sh                          # 2 rounds x (bare, stack), 10 s each, 32 connections
 #   DURATION=5s CONNECTIONS=16 ROUNDS=1 scripts/load.sh
 #   LAYERS=auth,scope scripts/load.sh        # a subset of audit,auth,ip,scope,rate,quota
+#   FORM=layers scripts/load.sh              # six separate layers (default: all six fused)
 #
 # Bounded: every run lasts DURATION (oha -z), the number of runs is fixed, and the only
 # target is 127.0.0.1. The load generator, oha, is installed from crates.io into .tools/ on
@@ -18,6 +19,7 @@ CONNECTIONS=${CONNECTIONS:-32}
 ROUNDS=${ROUNDS:-2}
 OHA_VERSION=${OHA_VERSION:-1.16.0}
 LAYERS=${LAYERS:-audit,auth,ip,scope,rate,quota}
+FORM=${FORM:-fused}
 
 die() { echo "load.sh: $*" >&2; exit 1; }
 
@@ -25,6 +27,7 @@ die() { echo "load.sh: $*" >&2; exit 1; }
 [[ $CONNECTIONS =~ ^[1-9][0-9]{0,2}$ ]] || die "CONNECTIONS is 1 to 999, not '$CONNECTIONS'"
 [[ $ROUNDS =~ ^[1-9]$ ]] || die "ROUNDS is 1 to 9, not '$ROUNDS'"
 [[ $LAYERS =~ ^[a-z,]+$ ]] || die "LAYERS is a comma-separated list, not '$LAYERS'"
+[[ $FORM == fused || $FORM == layers ]] || die "FORM is fused or layers, not '$FORM'"
 command -v cargo >/dev/null || die "cargo is needed"
 command -v awk >/dev/null || die "awk is needed"
 
@@ -56,7 +59,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-"$bin" --audit-dir "$work/audit" --layers "$LAYERS" >"$work/target.log" 2>&1 &
+form_args=()
+[[ $FORM == fused ]] && form_args=(--fused)
+"$bin" --audit-dir "$work/audit" --layers "$LAYERS" "${form_args[@]}" >"$work/target.log" 2>&1 &
 server=$!
 
 # Wait (at most 30 s) for the target to print its addresses and key.
@@ -134,7 +139,7 @@ awk -v br="$bare_rps" -v sr="$stack_rps" -v bp="$bare_p99" -v sp="$stack_p99" 'B
     printf "  %-28s %12.0f %12.3f\n", "stack", sr, sp
     printf "  %-28s %11.1f%% %11.2fx\n", "stack / bare", 100 * sr / br, sp / bp
 }'
-echo "  stack layers: $LAYERS"
+echo "  stack layers: $LAYERS ($(awk '$1 == "layers" { print ($3 == "" ? "separate" : "fused"); exit }' "$work/target.log"))"
 if [[ ,$LAYERS, == *,audit,* ]]; then
     echo "  audit: $written events written to the hash-chained file, none dropped"
 fi

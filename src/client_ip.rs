@@ -31,8 +31,10 @@ use http::header::{HeaderName, FORWARDED};
 use http::Request;
 use ipnet::IpNet;
 
-/// The client address a keygate layer settled on for this request (request extension), for
-/// handlers, rate limiting and audit.
+/// A client address a service settled on itself (request extension). keygate's layers keep
+/// the address they settle on in the [`RequestContext`](crate::RequestContext)
+/// ([`client_ip`](crate::RequestContext::client_ip)); a `ClientIp` a service inserts before
+/// them is believed as the settled address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClientIp(pub IpAddr);
 
@@ -60,11 +62,15 @@ pub fn peer_addr<B>(req: &Request<B>) -> Option<IpAddr> {
     ext.get::<SocketAddr>().map(|a| a.ip().to_canonical())
 }
 
-/// The address an earlier layer settled on (the [`ClientIp`] extension), else the one
+/// The address an earlier layer settled on (the request context, or a [`ClientIp`]
+/// extension), else the one
 /// `proxies` give, else (without proxies) the peer. Does not memoize: for layers built
 /// without the hub, which has its own memoizing [`KeyGate::client_ip`](crate::KeyGate::client_ip).
 #[cfg(any(feature = "ip-allow", feature = "rate-limit", feature = "audit"))]
 pub(crate) fn settled<B>(req: &Request<B>, proxies: Option<&TrustedProxies>) -> Option<IpAddr> {
+    if let Some(ip) = crate::RequestContext::of(req.extensions()).and_then(|c| c.client_ip()) {
+        return Some(ip);
+    }
     if let Some(ClientIp(ip)) = req.extensions().get::<ClientIp>() {
         return Some(*ip);
     }

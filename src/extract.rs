@@ -9,7 +9,7 @@ use http::header::{HeaderValue, CONTENT_TYPE};
 use http::request::Parts;
 use http::StatusCode;
 
-use crate::Principal;
+use crate::{Principal, RequestContext};
 
 /// Extracts the [`Principal`] that [`ApiKeyAuthLayer`](crate::ApiKeyAuthLayer) (or another
 /// keygate layer built from the hub) resolved for this request.
@@ -49,9 +49,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Authenticated {
     type Rejection = MissingPrincipal;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        parts
-            .extensions
-            .get::<Principal>()
+        RequestContext::of(&parts.extensions)
+            .and_then(RequestContext::principal)
             .cloned()
             .map(Authenticated)
             .ok_or(MissingPrincipal)
@@ -62,9 +61,8 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for Authenticated {
     type Rejection = Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Option<Self>, Self::Rejection> {
-        Ok(parts
-            .extensions
-            .get::<Principal>()
+        Ok(RequestContext::of(&parts.extensions)
+            .and_then(RequestContext::principal)
             .cloned()
             .map(Authenticated))
     }

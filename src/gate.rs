@@ -7,17 +7,17 @@ use std::sync::Arc;
 
 use http::{Extensions, Request};
 
-use crate::client_ip::{ClientIp, TrustedProxies};
+use crate::client_ip::TrustedProxies;
 use crate::credentials::Credentials;
 use crate::reject::{DefaultRenderer, Renderer};
-use crate::{Clock, Denial, PendingLookup, Principal, Verifier};
+use crate::{Clock, Denial, PendingLookup, Principal, RequestContext, Verifier};
 
 /// The shared hub of keygate: the [`Verifier`] (with its clock and cache), where keys travel
 /// ([`Credentials`]) and how denials are rendered ([`Renderer`]). Cheap to clone.
 ///
 /// Layers built from the same `KeyGate` share the per-request resolution: the key is
 /// verified once per request, by whichever layer gets there first, and the verdict
-/// (success or failure) is memoized in the request's extensions.
+/// (success or failure) is memoized in the request's [`RequestContext`].
 #[derive(Clone)]
 pub struct KeyGate {
     inner: Arc<Inner>,
@@ -113,15 +113,18 @@ impl KeyGate {
         &self.inner.proxies
     }
 
-    /// The client address of `req`, settled once per request: an earlier layer's
-    /// [`ClientIp`] extension if present, else the peer address (through trusted proxies'
-    /// forwarded headers), memoized as a [`ClientIp`] extension. `None` when unknown.
+    /// The client address of `req`, settled once per request: the one an earlier layer
+    /// settled (in the [`RequestContext`]), else the peer address (through trusted proxies'
+    /// forwarded headers), memoized in the context. `None` when unknown.
     pub fn client_ip<B>(&self, req: &mut Request<B>) -> Option<IpAddr> {
-        if let Some(ClientIp(ip)) = req.extensions().get::<ClientIp>() {
+        if let Some(ip) = RequestContext::of(req.extensions()).and_then(RequestContext::client_ip) {
+            return Some(ip);
+        }
+        if let Some(crate::client_ip::ClientIp(ip)) = req.extensions().get() {
             return Some(*ip);
         }
         let ip = self.inner.proxies.client_ip(req)?;
-        req.extensions_mut().insert(ClientIp(ip));
+        RequestContext::of_mut(req.extensions_mut()).set_client_ip(ip);
         Some(ip)
     }
 
@@ -138,41 +141,56 @@ impl KeyGate {
         crate::audit::AuditLayer::with_gate(self, auditor)
     }
 
-    /// Resolves the caller of `req` once: reuses an earlier verdict from the extensions, or
-    /// reads the credential and verifies it (asking the store only on a cache miss), then
-    /// memoizes the verdict in the extensions. For custom layers and handlers.
-    pub async fn resolve<B>(&self, req: &mut Request<B>) -> Result<Principal, Denial> {
-        let result = match self.begin(req) {
-            Begin::Done(r) => return r,
-            Begin::Fresh(r) => r,
-            Begin::Pending(p) => self.inner.verifier.finish(p).await,
-        };
-        remember(req.extensions_mut(), &result);
-        result
+    /// A fused stack of this hub's checks: one service, one response future, whatever the
+    /// number of checks (see [`Stack`](crate::stack::Stack)).
+    pub fn stack(&self) -> crate::stack::Stack<crate::stack::Empty> {
+        crate::stack::Stack::new(self)
     }
 
-    /// The synchronous part of [`KeyGate::resolve`]; memoizes only through
-    /// [`remember`].
-    pub(crate) fn begin<B>(&self, req: &Request<B>) -> Begin {
-        if let Some(r) = resolution(req.extensions()) {
-            return Begin::Done(r.cloned().map_err(Denial::clone));
+    /// Resolves the caller of `req` once: reuses an earlier verdict from the request
+    /// context, or reads the credential and verifies it (asking the store only on a cache
+    /// miss), then memoizes the verdict in the context. The one resolution entry point of
+    /// keygate: its layers, the admin API and custom layers all go through it.
+    pub async fn resolve<B>(&self, req: &mut Request<B>) -> Result<Principal, Denial> {
+        match self.start(req) {
+            Start::Known(r) => r,
+            Start::Pending(p) => self.finish(p, req).await,
         }
-        let presented = match self.inner.credentials.extract(req.headers(), req.uri()) {
-            Ok(Some(c)) => c,
-            Ok(None) => {
-                // Off the hot path: only requests without a credential look further.
-                return Begin::Fresh(Err(self.inner.credentials.missing(
-                    req.headers(),
-                    req.uri(),
-                    self.inner.verifier.parser().prefixes(),
-                )));
-            }
-            Err(d) => return Begin::Fresh(Err(d)),
+    }
+
+    /// The synchronous part of [`KeyGate::resolve`]: an earlier verdict, or one reached now
+    /// without I/O (memoized here), or the store lookup still to make.
+    pub(crate) fn start<B>(&self, req: &mut Request<B>) -> Start {
+        let ctx = RequestContext::of_mut(req.extensions_mut());
+        if let Some(r) = ctx.resolution() {
+            return Start::Known(r.cloned().map_err(Denial::clone));
+        }
+        let result = match self.inner.credentials.extract(req.headers(), req.uri()) {
+            Ok(Some(presented)) => match self.inner.verifier.lookup(&presented) {
+                crate::Lookup::Done(r) => r,
+                crate::Lookup::Pending(p) => return Start::Pending(p),
+            },
+            // Off the hot path: only requests without a credential look further.
+            Ok(None) => Err(self.inner.credentials.missing(
+                req.headers(),
+                req.uri(),
+                self.inner.verifier.parser().prefixes(),
+            )),
+            Err(d) => Err(d),
         };
-        match self.inner.verifier.lookup(&presented) {
-            crate::Lookup::Done(r) => Begin::Fresh(r),
-            crate::Lookup::Pending(p) => Begin::Pending(p),
-        }
+        RequestContext::of_mut(req.extensions_mut()).set_resolution(result.clone());
+        Start::Known(result)
+    }
+
+    /// The async part of [`KeyGate::resolve`]: asks the store, memoizes the verdict.
+    pub(crate) async fn finish<B>(
+        &self,
+        pending: PendingLookup,
+        req: &mut Request<B>,
+    ) -> Result<Principal, Denial> {
+        let result = self.inner.verifier.finish(pending).await;
+        RequestContext::of_mut(req.extensions_mut()).set_resolution(result.clone());
+        result
     }
 }
 
@@ -186,37 +204,17 @@ impl fmt::Debug for KeyGate {
 }
 
 /// Where the synchronous part of resolution got to.
-pub(crate) enum Begin {
-    /// An earlier layer already decided (memoized).
-    Done(Result<Principal, Denial>),
-    /// Decided now, without I/O; not yet memoized.
-    Fresh(Result<Principal, Denial>),
+pub(crate) enum Start {
+    /// Decided (now, or by an earlier layer), and memoized.
+    Known(Result<Principal, Denial>),
     /// The store must be asked.
     Pending(PendingLookup),
 }
 
-/// The memoized failure of a resolution (success is memoized as the [`Principal`] itself).
-#[derive(Clone)]
-struct Unauthenticated(Denial);
-
-/// Memoizes a verdict in `ext`: the [`Principal`] on success, the denial on failure.
-pub(crate) fn remember(ext: &mut Extensions, result: &Result<Principal, Denial>) {
-    match result {
-        Ok(p) => {
-            ext.insert(p.clone());
-        }
-        Err(d) => {
-            ext.insert(Unauthenticated(d.clone()));
-        }
-    }
-}
-
 /// The verdict an earlier layer reached for this request, if any: the [`Principal`] it
 /// resolved, or the exact [`Denial`] (with its precise code, e.g. `revoked_key`, even when
-/// the client was shown `invalid_key`).
+/// the client was shown `invalid_key`). Shorthand for
+/// [`RequestContext::resolution`] on the request's context.
 pub fn resolution(ext: &Extensions) -> Option<Result<&Principal, &Denial>> {
-    if let Some(p) = ext.get::<Principal>() {
-        return Some(Ok(p));
-    }
-    ext.get::<Unauthenticated>().map(|u| Err(&u.0))
+    RequestContext::of(ext)?.resolution()
 }

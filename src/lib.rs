@@ -3,8 +3,9 @@
 //! API-key authentication and access control for Rust services, as composable tower layers.
 //!
 //! Build one [`KeyGate`] (the hub: verifier, clock, credential sources, renderer) and stack
-//! its layers in front of an axum, tonic or plain hyper service. The resolved
-//! [`Principal`] travels in the request's extensions; a rejection is an `Ok` response
+//! its layers in front of an axum, tonic or plain hyper service. Everything keygate learns
+//! about a request (the resolved [`Principal`], the client address, the request id, the
+//! quota standing) travels in one request extension, the [`RequestContext`]; a rejection is an `Ok` response
 //! (problem+json for HTTP, trailers-only for gRPC) carrying a typed [`Denial`] in its
 //! extensions.
 //!
@@ -80,14 +81,18 @@ pub use keygate_redis as redis;
 pub use keygate_sql as sql;
 
 mod builder;
+pub mod check;
 pub mod client_ip;
+mod context;
 #[cfg(any(feature = "rate-limit", feature = "quota"))]
 pub mod cost;
 pub mod credentials;
 pub mod future;
 mod gate;
-mod guard;
 pub mod reject;
+pub mod stack;
+#[cfg(any(feature = "rate-limit", feature = "quota"))]
+mod traffic;
 
 #[cfg(feature = "audit")]
 pub mod audit;
@@ -109,6 +114,8 @@ pub use audit::AuditLayer;
 #[cfg(feature = "auth")]
 pub use auth::ApiKeyAuthLayer;
 pub use builder::ServiceBuilderExt;
+pub use check::{Check, CheckLayer};
+pub use context::{RequestContext, RequestId};
 pub use credentials::{CredentialSource, Credentials};
 #[cfg(feature = "axum")]
 pub use extract::{Authenticated, MissingPrincipal};
@@ -117,4 +124,4 @@ pub use gate::{resolution, KeyGate, KeyGateBuilder};
 pub use quota::QuotaLayer;
 #[cfg(feature = "rate-limit")]
 pub use rate_limit::RateLimitLayer;
-pub use reject::{DefaultRenderer, Protocol, RenderContext, Renderer, ResponseBody};
+pub use reject::{DefaultRenderer, RenderContext, Renderer, ResponseBody};

@@ -36,23 +36,16 @@ use pin_project_lite::pin_project;
 
 use crate::{Denial, DenialCode};
 
-/// The protocol a request speaks, as far as rejections care.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Protocol {
-    /// Plain HTTP.
-    Http,
-    /// gRPC (`content-type: application/grpc...`).
-    Grpc,
-}
+/// The wire protocol of a request (HTTP or gRPC): keygate-core's
+/// [`Transport`](crate::core::audit::Transport), the one name for it in both crates (audit
+/// events record it; rejections are rendered by it).
+pub use crate::core::audit::Transport;
 
-impl Protocol {
-    /// Detects the protocol from the request's `content-type`.
-    pub fn of<B>(req: &Request<B>) -> Self {
-        match req.headers().get(CONTENT_TYPE) {
-            Some(ct) if ct.as_bytes().starts_with(b"application/grpc") => Protocol::Grpc,
-            _ => Protocol::Http,
-        }
+/// The transport of `req`, from its `content-type` (`application/grpc...` is gRPC).
+pub fn transport_of<B>(req: &Request<B>) -> Transport {
+    match req.headers().get(CONTENT_TYPE) {
+        Some(ct) if ct.as_bytes().starts_with(b"application/grpc") => Transport::Grpc,
+        _ => Transport::Http,
     }
 }
 
@@ -60,8 +53,8 @@ impl Protocol {
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub struct RenderContext<'a> {
-    /// The protocol of the request.
-    pub protocol: Protocol,
+    /// The transport of the request (HTTP or gRPC).
+    pub protocol: Transport,
     /// The request method.
     pub method: &'a Method,
     /// The request path (no query string).
@@ -72,7 +65,7 @@ impl<'a> RenderContext<'a> {
     /// The context of `req`.
     pub fn of<B>(req: &'a Request<B>) -> Self {
         RenderContext {
-            protocol: Protocol::of(req),
+            protocol: transport_of(req),
             method: req.method(),
             path: req.uri().path(),
         }
@@ -121,8 +114,7 @@ pub fn grpc_status(code: DenialCode) -> u8 {
 
 /// Whole seconds to wait, rounded up, at least 1 (a 0.3 s wait is `1`, never `0`).
 pub fn retry_after_secs(wait: Duration) -> u64 {
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    secs.max(1)
+    crate::core::usage::ceil_secs(wait).max(1)
 }
 
 /// The default renderer: problem+json for HTTP, trailers-only for gRPC.
@@ -182,8 +174,8 @@ impl Renderer for DefaultRenderer {
             replaced_detail
         };
         match cx.protocol {
-            Protocol::Grpc => grpc_response(denial, code, detail),
-            Protocol::Http => self.http_response(denial, code, detail),
+            Transport::Grpc => grpc_response(denial, code, detail),
+            Transport::Http => self.http_response(denial, code, detail),
         }
     }
 }

@@ -796,7 +796,7 @@ fn a_key_anywhere_in_an_event_is_masked_in_the_file() {
     let k = key.expose_secret().to_owned();
     let body = &k[k.len() - 40..];
     let mut e = RequestEvent::new(UNIX_EPOCH, format!("req-{k}"), "GET", format!("/c/{k}/x"));
-    e.key_name = Some(format!("named {k}"));
+    e.key_name = Some(format!("named {k}").into());
     let sink = FileSink::builder(d.path()).open().unwrap();
     sink.record(&e.into()).unwrap();
     sink.sync().unwrap();

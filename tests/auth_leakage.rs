@@ -14,7 +14,7 @@ use common::*;
 use http::{Request, Response};
 use http_body_util::Full;
 use keygate::{
-    resolution, ApiKey, Credentials, DefaultRenderer, Denial, KeyGate, KeyRecord, Lookup, Principal,
+    resolution, ApiKey, Credentials, DefaultRenderer, Denial, KeyGate, KeyRecord, Lookup,
 };
 use tower::{ServiceBuilder, ServiceExt};
 
@@ -70,8 +70,8 @@ fn debug_extensions(
         let text = format!(
             "{:?}\n{:?}\n{:#?}\n{:?}\n",
             ext,
-            ext.get::<Principal>(),
-            ext.get::<Principal>(),
+            keygate::RequestContext::of(ext).and_then(|c| c.principal()),
+            keygate::RequestContext::of(ext).and_then(|c| c.principal()),
             resolution(ext)
         );
         out.lock().expect("lock").push_str(&text);

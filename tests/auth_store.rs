@@ -325,9 +325,11 @@ fn recording(
        + Send
        + 'static {
     tower::service_fn(move |req: Req| {
-        seen.lock()
-            .expect("lock")
-            .push(req.extensions().get::<Principal>().cloned());
+        seen.lock().expect("lock").push(
+            keygate::RequestContext::of(req.extensions())
+                .and_then(|c| c.principal())
+                .cloned(),
+        );
         async { Ok(Response::new(Full::new(Bytes::from_static(b"ok")))) }
     })
 }

@@ -60,7 +60,9 @@ async fn call(gate: &KeyGate, strip: bool, req: Request<Full<Bytes>>, log: &Log)
             log.lock().expect("lock").push(Seen {
                 headers: req.headers().clone(),
                 uri: req.uri().clone(),
-                principal: req.extensions().get::<Principal>().cloned(),
+                principal: keygate::RequestContext::of(req.extensions())
+                    .and_then(|c| c.principal())
+                    .cloned(),
             });
             async { Ok::<_, std::convert::Infallible>(Response::new(Full::<Bytes>::default())) }
         }));

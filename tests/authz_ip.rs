@@ -478,10 +478,11 @@ async fn client_ip_extension_is_left_for_the_handler() {
         .layer(IpAllowLayer::new(IpPolicy::new().per_key(false)))
         .service_fn(
             move |req: http::Request<http_body_util::Full<bytes::Bytes>>| {
-                seen2
-                    .lock()
-                    .unwrap()
-                    .push(req.extensions().get::<ClientIp>().copied());
+                seen2.lock().unwrap().push(
+                    keygate::RequestContext::of(req.extensions())
+                        .and_then(|c| c.client_ip())
+                        .map(ClientIp),
+                );
                 async {
                     Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::<
                         bytes::Bytes,

@@ -763,7 +763,9 @@ async fn attributes_reach_the_handler_for_row_filtering() {
     let svc = ServiceBuilder::new()
         .layer(ScopeLayer::table(qdrant_table()).with_gate(&fx.gate))
         .service_fn(move |req: http::Request<Full<Bytes>>| {
-            let p = req.extensions().get::<keygate::Principal>().cloned();
+            let p = keygate::RequestContext::of(req.extensions())
+                .and_then(|c| c.principal())
+                .cloned();
             *seen2.lock().unwrap() = p;
             async {
                 Ok::<_, std::convert::Infallible>(http::Response::new(Full::<Bytes>::default()))

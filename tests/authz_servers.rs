@@ -23,7 +23,6 @@ use axum::routing::{get, post, put};
 use axum::{Extension, Router};
 use common::Fixture;
 use http::StatusCode;
-use keygate::client_ip::ClientIp;
 use keygate::ip::{IpAllowLayer, IpPolicy};
 use keygate::scope::{RouteScopes, ScopeLayer};
 use keygate::{ApiKey, Authenticated, DenialCode, KeyGate};
@@ -112,9 +111,11 @@ fn qdrant_app(calls: Arc<AtomicUsize>) -> Router {
             post(
                 move |Authenticated(p): Authenticated,
                       Path(collection): Path<String>,
-                      ip: Option<Extension<ClientIp>>| {
+                      ctx: Option<Extension<keygate::RequestContext>>| {
                     c2.fetch_add(1, Ordering::SeqCst);
-                    let ip = ip.map_or("none".to_owned(), |Extension(ClientIp(ip))| ip.to_string());
+                    let ip = ctx
+                        .and_then(|Extension(c)| c.client_ip())
+                        .map_or("none".to_owned(), |ip| ip.to_string());
                     async move { format!("{collection}|{}|{ip}", rows_of(p.tenant())) }
                 },
             ),

@@ -18,9 +18,7 @@ use keygate::core::usage::{
     utc, Admission, Increment, Limit, MemoryUsageStore, Usage, UsageError, UsageRecord, UsageStore,
     Window,
 };
-use keygate::quota::{
-    validate_policy, ConfigError, Counting, QuotaConfig, QuotaLayer, QuotaStatus,
-};
+use keygate::quota::{validate_policy, ConfigError, Counting, QuotaConfig, QuotaLayer};
 use keygate::rate_limit::{LimiterClock, RateLimitConfig, RateLimitLayer};
 use keygate::{
     ApiKey, Denial, DenialCode, KeyId, QuotaPolicy, QuotaWindow, RateLimitPolicy, Refill,
@@ -418,7 +416,8 @@ async fn handlers_see_the_remaining_allowance() {
         .service_fn(|req: Request<Body>| async move {
             let status = req
                 .extensions()
-                .get::<QuotaStatus>()
+                .get::<keygate::RequestContext>()
+                .and_then(|c| c.quota())
                 .expect("status")
                 .clone();
             let hourly = status.get("hourly").unwrap();

@@ -54,7 +54,8 @@ async fn axum_over_loopback() {
             get(|req: axum::extract::Request| async move {
                 let left = req
                     .extensions()
-                    .get::<QuotaStatus>()
+                    .get::<keygate::RequestContext>()
+                    .and_then(|c| c.quota())
                     .and_then(QuotaStatus::remaining);
                 format!("{left:?}")
             }),

@@ -784,7 +784,10 @@ async fn a_spray_of_a_million_addresses_or_key_ids_leaves_memory_bounded() {
         let mut record = template.clone();
         record.id = KeyId::parse(std::str::from_utf8(&id).unwrap()).unwrap();
         let mut req = Request::get("/").body(Body::default()).unwrap();
-        req.extensions_mut().insert(Principal::from_record(&record));
+        req.extensions_mut()
+            .insert(keygate::RequestContext::authenticated(
+                Principal::from_record(&record),
+            ));
         assert_eq!(svc.clone().oneshot(req).await.unwrap().status(), 200);
         clock.advance(Duration::from_micros(100));
         if i % 4096 == 0 {

@@ -43,9 +43,9 @@ impl Capture {
         let (key_id, key_name, subject, tenant) = match &self.principal {
             Some(p) => (
                 Some(p.key_id()),
-                Some(p.name().to_owned()),
-                p.subject().map(str::to_owned),
-                p.tenant().map(str::to_owned),
+                Some(p.name_shared().clone()),
+                p.subject_shared().cloned(),
+                p.tenant_shared().cloned(),
             ),
             None => (None, None, None, None),
         };

@@ -20,8 +20,8 @@
 //! ## Request ids
 //! The client's `x-request-id` is reused when it is 1 to 128 visible ASCII characters;
 //! otherwise a 128-bit id (32 hex characters) is generated and set on the request's headers
-//! for the inner service. Either way it is put in the request's extensions as a
-//! [`RequestId`] and on the response's headers (unless the response already has one).
+//! for the inner service. Either way it is kept in the request's
+//! [`RequestContext`](crate::RequestContext) as a [`RequestId`] and on the response's headers (unless the response already has one).
 //!
 //! ## Status
 //! `status` is the HTTP status. For gRPC, `grpc_status` is read from the response headers,
@@ -92,31 +92,8 @@ mod guard;
 mod layer;
 mod service;
 
-use http::header::HeaderValue;
-
+pub use crate::context::RequestId;
 pub use future::ResponseFuture;
 pub use guard::{AuditGuard, AuditGuardLayer};
 pub use layer::AuditLayer;
 pub use service::Audit;
-
-/// The request id the audit layer settled on (request extension), for handlers to log.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RequestId(HeaderValue);
-
-impl RequestId {
-    /// The id as text (visible ASCII).
-    pub fn as_str(&self) -> &str {
-        std::str::from_utf8(self.0.as_bytes()).unwrap_or_default()
-    }
-
-    /// The id as a header value.
-    pub fn header_value(&self) -> &HeaderValue {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for RequestId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}

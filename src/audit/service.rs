@@ -12,10 +12,11 @@ use tower_service::Service;
 
 use super::future::{Capture, ResponseFuture};
 use super::layer::{AuditLayer, Config};
-use super::RequestId;
+use crate::core::audit::Transport;
 use crate::core::audit::{contains_key_like, mask_keys_in, Auditor};
-use crate::gate::{remember, resolution, Begin};
-use crate::reject::Protocol;
+use crate::gate::Start;
+use crate::reject::transport_of;
+use crate::RequestContext;
 
 /// Longest path recorded, in bytes; longer paths are cut (on a character boundary).
 const MAX_PATH: usize = 2048;
@@ -82,13 +83,13 @@ where
                 id
             }
         };
-        req.extensions_mut().insert(RequestId(request_id.clone()));
+        RequestContext::of_mut(req.extensions_mut()).set_request_id(request_id.clone());
 
         let client_ip = match &config.gate {
             Some(gate) => gate.client_ip(&mut req),
             None => crate::client_ip::settled(&req, config.proxies.as_ref()),
         };
-        let grpc = Protocol::of(&req) == Protocol::Grpc;
+        let grpc = transport_of(&req) == Transport::Grpc;
         let mut capture = Capture {
             start,
             time,
@@ -101,27 +102,24 @@ where
         };
 
         match &config.gate {
-            Some(gate) => match gate.begin(&req) {
-                Begin::Done(r) => capture.principal = r.ok(),
-                Begin::Fresh(r) => {
-                    remember(req.extensions_mut(), &r);
-                    capture.principal = r.ok();
-                }
-                Begin::Pending(pending) => {
+            Some(gate) => match gate.start(&mut req) {
+                Start::Known(r) => capture.principal = r.ok(),
+                Start::Pending(pending) => {
                     // Drive the service that was polled ready; leave a fresh clone behind.
                     let clone = self.inner.clone();
                     let mut ready = std::mem::replace(&mut self.inner, clone);
                     let gate = gate.clone();
                     let fut = Box::pin(async move {
-                        let result = gate.verifier().finish(pending).await;
-                        remember(req.extensions_mut(), &result);
+                        let result = gate.finish(pending, &mut req).await;
                         (ready.call(req), result.ok())
                     });
                     return ResponseFuture::resolving(fut, capture, self.config.clone());
                 }
             },
             None => {
-                capture.principal = resolution(req.extensions()).and_then(|r| r.ok().cloned());
+                capture.principal = RequestContext::of(req.extensions())
+                    .and_then(RequestContext::principal)
+                    .cloned();
             }
         }
         ResponseFuture::inner(self.inner.call(req), capture, self.config.clone())

@@ -3,7 +3,7 @@
 //!
 //! ```
 //! use http::{Request, Response, StatusCode};
-//! use keygate::{KeyGate, KeyRecord, KeyStore, MemoryStore, Prefix, Principal, Verifier};
+//! use keygate::{KeyGate, KeyRecord, KeyStore, MemoryStore, Prefix, RequestContext, Verifier};
 //! use tower::{ServiceBuilder, ServiceExt};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -16,7 +16,7 @@
 //! let svc = ServiceBuilder::new()
 //!     .layer(gate.auth_layer())
 //!     .service_fn(|req: Request<String>| async move {
-//!         let who = req.extensions().get::<Principal>().unwrap().name().to_owned();
+//!         let who = RequestContext::of(req.extensions()).unwrap().principal().unwrap().name().to_owned();
 //!         Ok::<_, std::convert::Infallible>(Response::new(who))
 //!     });
 //!
@@ -36,4 +36,4 @@ mod service;
 
 pub use crate::future::ResponseFuture;
 pub use layer::ApiKeyAuthLayer;
-pub use service::ApiKeyAuth;
+pub use service::{ApiKeyAuth, Authenticate};

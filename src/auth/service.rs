@@ -1,84 +1,29 @@
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use http::{Request, Response};
-use tower_service::Service;
+use http::Request;
 
-use crate::future::ResponseFuture;
-use crate::guard::{self, Check, Resolver};
-use crate::reject::ResponseBody;
-use crate::{Credentials, Denial, KeyGate, Principal};
+use crate::check::{Caller, Check, Guarded, One};
+use crate::{Credentials, Denial};
 
-/// Middleware that authenticates requests by API key. See [`ApiKeyAuthLayer`].
-///
-/// [`ApiKeyAuthLayer`]: super::ApiKeyAuthLayer
-#[derive(Clone, Debug)]
-pub struct ApiKeyAuth<S> {
-    inner: S,
-    resolver: Resolver,
-    strip: Option<Arc<Credentials>>,
+/// Middleware that authenticates requests by API key. See
+/// [`ApiKeyAuthLayer`](super::ApiKeyAuthLayer).
+pub type ApiKeyAuth<S> = Guarded<One<Authenticate>, S>;
+
+/// The authentication check: the caller's verdict is the decision. Optionally removes the
+/// credentials from the request before the inner service sees it.
+#[derive(Clone, Debug, Default)]
+pub struct Authenticate {
+    pub(crate) strip: Option<Arc<Credentials>>,
 }
 
-impl<S> ApiKeyAuth<S> {
-    pub(crate) fn new(inner: S, gate: KeyGate, strip_credentials: bool) -> Self {
-        ApiKeyAuth {
-            inner,
-            strip: strip_credentials.then(|| Arc::new(gate.credentials().clone())),
-            resolver: Resolver::Hub(gate),
-        }
-    }
-
-    /// The layer of `gate`.
-    pub fn layer(gate: KeyGate) -> super::ApiKeyAuthLayer {
-        super::ApiKeyAuthLayer::new(gate)
-    }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-}
-
-/// The authentication check: the resolution itself is the verdict.
-struct Authenticate(Option<Arc<Credentials>>);
-
-impl<ReqB> Check<ReqB> for Authenticate {
+impl Check for Authenticate {
     type Note = ();
 
-    fn check(
-        self,
-        req: &mut Request<ReqB>,
-        who: Result<&Principal, &Denial>,
-    ) -> Result<(), Denial> {
-        who.map_err(Denial::clone)?;
-        if let Some(credentials) = self.0 {
+    fn check<B>(&self, req: &mut Request<B>, caller: Caller<'_>) -> Result<(), Denial> {
+        caller.map_err(Denial::clone)?;
+        if let Some(credentials) = &self.strip {
             credentials.strip(req);
         }
         Ok(())
-    }
-}
-
-impl<S, ReqB, ResB> Service<Request<ReqB>> for ApiKeyAuth<S>
-where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    ReqB: Send + 'static,
-    ResB: Send + 'static,
-{
-    type Response = Response<ResponseBody<ResB>>;
-    type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResB>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        guard::call(
-            &mut self.inner,
-            &self.resolver,
-            req,
-            Authenticate(self.strip.clone()),
-        )
     }
 }

@@ -3,9 +3,9 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use tower_layer::Layer;
 
-use super::service::IpAllow;
+use super::service::{IpAllow, IpCheck};
+use crate::check::{CheckLayer, One, Resolver};
 use crate::client_ip::{parse_network, InvalidNetwork, TrustedProxies};
-use crate::guard::Resolver;
 use crate::reject::Renderer;
 use crate::KeyGate;
 
@@ -105,6 +105,15 @@ impl IpAllowLayer {
         self
     }
 
+    /// The check this layer runs (for a fused [`Stack`](crate::stack::Stack)).
+    pub fn check(&self) -> IpCheck {
+        IpCheck {
+            policy: self.policy.clone(),
+            proxies: self.proxies.clone(),
+            gate: self.resolver.gate().cloned(),
+        }
+    }
+
     /// Renders denials with `renderer` (for a layer built without the hub; with the hub, the
     /// hub's renderer is used).
     pub fn renderer(mut self, renderer: impl Renderer) -> Self {
@@ -119,11 +128,6 @@ impl<S> Layer<S> for IpAllowLayer {
     type Service = IpAllow<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        IpAllow::new(
-            inner,
-            self.policy.clone(),
-            self.proxies.clone(),
-            self.resolver.clone(),
-        )
+        CheckLayer::from_parts(One(self.check()), self.resolver.clone()).layer(inner)
     }
 }

@@ -4,8 +4,8 @@
 //!
 //! The address is the connection's peer, or, behind configured trusted proxies, the first
 //! untrusted address of `X-Forwarded-For` / `Forwarded` read from the right (see
-//! [`client_ip`](crate::client_ip)). It is left in the request as a
-//! [`ClientIp`](crate::client_ip::ClientIp) extension for handlers and audit.
+//! [`client_ip`](crate::client_ip)). It is left in the request's
+//! [`RequestContext`](crate::RequestContext) for handlers and audit.
 //!
 //! Rules, in order:
 //! 1. a policy applies (a global list, or the key's own list) but the address is unknown:
@@ -44,4 +44,4 @@ mod service;
 
 pub use crate::future::ResponseFuture;
 pub use layer::{IpAllowLayer, IpPolicy};
-pub use service::IpAllow;
+pub use service::{IpAllow, IpCheck};

@@ -1,48 +1,17 @@
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use http::{Request, Response};
+use http::Request;
 use ipnet::IpNet;
-use tower_service::Service;
 
 use super::IpPolicy;
-use crate::client_ip::{settled, ClientIp, TrustedProxies};
-use crate::future::ResponseFuture;
-use crate::guard::{self, Check, Resolver};
-use crate::reject::ResponseBody;
-use crate::{Denial, DenialCode, Principal};
+use crate::check::{Caller, Check, Guarded, One};
+use crate::client_ip::{settled, TrustedProxies};
+use crate::{Denial, DenialCode, KeyGate, RequestContext};
 
 /// Middleware that allows or denies requests by client address. See
 /// [`IpAllowLayer`](super::IpAllowLayer).
-#[derive(Clone, Debug)]
-pub struct IpAllow<S> {
-    inner: S,
-    policy: Arc<IpPolicy>,
-    proxies: Arc<TrustedProxies>,
-    resolver: Resolver,
-}
-
-impl<S> IpAllow<S> {
-    pub(crate) fn new(
-        inner: S,
-        policy: Arc<IpPolicy>,
-        proxies: Arc<TrustedProxies>,
-        resolver: Resolver,
-    ) -> Self {
-        IpAllow {
-            inner,
-            policy,
-            proxies,
-            resolver,
-        }
-    }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-}
+pub type IpAllow<S> = Guarded<One<IpCheck>, S>;
 
 fn contains(nets: &[IpNet], ip: IpAddr) -> bool {
     nets.iter().any(|n| n.contains(&ip))
@@ -52,24 +21,41 @@ fn not_allowed(detail: &'static str) -> Denial {
     Denial::new(DenialCode::IpNotAllowed).with_detail(detail)
 }
 
-struct IpCheck {
-    policy: Arc<IpPolicy>,
-    ip: Option<IpAddr>,
+/// The client-address check: global lists and the key's own allowlist.
+#[derive(Clone, Debug)]
+pub struct IpCheck {
+    pub(crate) policy: Arc<IpPolicy>,
+    pub(crate) proxies: Arc<TrustedProxies>,
+    /// Built from the hub: the address is settled (and memoized) through it.
+    pub(crate) gate: Option<KeyGate>,
 }
 
-impl<ReqB> Check<ReqB> for IpCheck {
+impl IpCheck {
+    /// The client address, settled once per request in the request context.
+    fn client_ip<B>(&self, req: &mut Request<B>) -> Option<IpAddr> {
+        if let Some(gate) = &self.gate {
+            return gate.client_ip(req);
+        }
+        let ip = settled(req, Some(&self.proxies));
+        if let Some(ip) = ip {
+            RequestContext::of_mut(req.extensions_mut()).set_client_ip(ip);
+        }
+        ip
+    }
+}
+
+impl Check for IpCheck {
     type Note = ();
 
-    fn check(
-        self,
-        _req: &mut Request<ReqB>,
-        who: Result<&Principal, &Denial>,
-    ) -> Result<(), Denial> {
+    fn needs_caller<B>(&self, _req: &Request<B>) -> bool {
+        self.policy.per_key
+    }
+
+    fn check<B>(&self, req: &mut Request<B>, who: Caller<'_>) -> Result<(), Denial> {
+        let ip = self.client_ip(req);
         let p = &*self.policy;
         if !p.deny.is_empty() || !p.allow.is_empty() {
-            let ip = self
-                .ip
-                .ok_or_else(|| not_allowed("The client address is unknown."))?;
+            let ip = ip.ok_or_else(|| not_allowed("The client address is unknown."))?;
             if contains(&p.deny, ip) {
                 return Err(not_allowed("Requests from this address are not allowed."));
             }
@@ -81,9 +67,7 @@ impl<ReqB> Check<ReqB> for IpCheck {
             let principal = who.map_err(Denial::clone)?;
             let own = principal.allowed_ips();
             if !own.is_empty() {
-                let ip = self
-                    .ip
-                    .ok_or_else(|| not_allowed("The client address is unknown."))?;
+                let ip = ip.ok_or_else(|| not_allowed("The client address is unknown."))?;
                 if !contains(own, ip) {
                     return Err(not_allowed(
                         "This API key may not be used from this address.",
@@ -92,39 +76,5 @@ impl<ReqB> Check<ReqB> for IpCheck {
             }
         }
         Ok(())
-    }
-}
-
-impl<S, ReqB, ResB> Service<Request<ReqB>> for IpAllow<S>
-where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    ReqB: Send + 'static,
-    ResB: Send + 'static,
-{
-    type Response = Response<ResponseBody<ResB>>;
-    type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResB>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
-        let ip = match &self.resolver {
-            Resolver::Hub(gate) => gate.client_ip(&mut req),
-            Resolver::Extensions(_) => {
-                let ip = settled(&req, Some(&self.proxies));
-                if let Some(ip) = ip {
-                    req.extensions_mut().insert(ClientIp(ip));
-                }
-                ip
-            }
-        };
-        let check = IpCheck {
-            policy: self.policy.clone(),
-            ip,
-        };
-        guard::call(&mut self.inner, &self.resolver, req, check)
     }
 }

@@ -6,10 +6,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tower_layer::Layer;
 
 use super::meter::Meter;
-use super::Quota;
+use super::{Quota, QuotaCheck};
+use crate::check::{CheckLayer, One, Resolver};
 use crate::core::usage::{UsageError, UsageRecord, UsageStore};
 use crate::cost::RequestHead;
-use crate::guard::Resolver;
 use crate::{Clock, KeyGate, KeyId, QuotaPolicy, QuotaWindow, Refill, SystemClock};
 
 /// A cost function: how many units of every quota one request uses.
@@ -330,6 +330,13 @@ impl QuotaLayer {
         })
     }
 
+    /// The check this layer runs (for a fused [`Stack`](crate::stack::Stack)).
+    pub fn check(&self) -> QuotaCheck {
+        QuotaCheck {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// A handle on the layer's counters: flush, reports.
     pub fn handle(&self) -> QuotaHandle {
         QuotaHandle {
@@ -351,11 +358,7 @@ impl<S> Layer<S> for QuotaLayer {
     type Service = Quota<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Quota {
-            inner,
-            shared: self.shared.clone(),
-            resolver: self.resolver.clone(),
-        }
+        CheckLayer::from_parts(One(self.check()), self.resolver.clone()).layer(inner)
     }
 }
 

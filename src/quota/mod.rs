@@ -5,8 +5,8 @@
 //! ```
 //! use http::{Request, Response, StatusCode};
 //! use keygate::core::usage::MemoryUsageStore;
-//! use keygate::quota::{QuotaConfig, QuotaLayer, QuotaStatus};
-//! use keygate::{KeyGate, KeyRecord, KeyStore, MemoryStore, Prefix, QuotaPolicy, QuotaWindow, Verifier};
+//! use keygate::quota::{QuotaConfig, QuotaLayer};
+//! use keygate::{KeyGate, KeyRecord, KeyStore, MemoryStore, Prefix, QuotaPolicy, QuotaWindow, RequestContext, Verifier};
 //! use tower::{ServiceBuilder, ServiceExt};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -24,7 +24,7 @@
 //!     .layer(quota)
 //!     .service_fn(|req: Request<String>| async move {
 //!         // Handlers see what is left.
-//!         let left = req.extensions().get::<QuotaStatus>().unwrap().remaining().unwrap();
+//!         let left = RequestContext::of(req.extensions()).unwrap().quota().unwrap().remaining().unwrap();
 //!         Ok::<_, std::convert::Infallible>(Response::new(left.to_string()))
 //!     });
 //! let call = || svc.clone().oneshot(Request::get("/").header("x-api-key", key.expose_secret()).body(String::new()).unwrap());
@@ -97,4 +97,4 @@ mod service;
 
 pub use crate::future::ResponseFuture;
 pub use layer::{validate_policy, ConfigError, Counting, QuotaConfig, QuotaHandle, QuotaLayer};
-pub use service::{Quota, QuotaNote, QuotaState, QuotaStatus};
+pub use service::{Quota, QuotaCheck, QuotaNote, QuotaState, QuotaStatus};

@@ -1,67 +1,24 @@
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderValue, Request, Response};
 use smallvec::SmallVec;
-use tower_service::Service;
 
 use super::layer::{validate_policy, Shared};
 use super::meter::{KeyCounters, PolicyField};
+use crate::check::{Caller, Check, Guarded, One, Step};
 use crate::core::usage::{
-    violated_limits, Admission, Increment, Limit, LimitState, Usage, Window, MAX_SF_INTEGER,
+    violated_limits, write_limit_item, write_policy_item, Admission, FieldSink, Increment, Limit,
+    LimitState, Usage, Window,
 };
-use crate::cost::{FieldBuf, RequestHead};
-use crate::future::{ResponseFuture, ResponseNote};
-use crate::guard::{self, Check, Resolver, Step};
-use crate::reject::{ResponseBody, RATELIMIT, RATELIMIT_POLICY};
-use crate::{Denial, DenialCode, KeyId, Principal, QuotaWindow};
+use crate::cost::RequestHead;
+use crate::future::ResponseNote;
+use crate::reject::{RATELIMIT, RATELIMIT_POLICY};
+use crate::traffic::FieldBuf;
+use crate::{Denial, DenialCode, KeyId, Principal, QuotaWindow, RequestContext};
 
 /// Middleware that enforces per-key quotas. See [`QuotaLayer`](super::QuotaLayer).
-#[derive(Clone)]
-pub struct Quota<S> {
-    pub(crate) inner: S,
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) resolver: Resolver,
-}
-
-impl<S> Quota<S> {
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-}
-
-impl<S> std::fmt::Debug for Quota<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Quota")
-            .field("resolver", &self.resolver)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S, ReqB, ResB> Service<Request<ReqB>> for Quota<S>
-where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    ReqB: Send + 'static,
-    ResB: Send + 'static,
-{
-    type Response = Response<ResponseBody<ResB>>;
-    type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResB, QuotaNote>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let check = QuotaCheck {
-            shared: self.shared.clone(),
-        };
-        guard::call(&mut self.inner, &self.resolver, req, check)
-    }
-}
+pub type Quota<S> = Guarded<One<QuotaCheck>, S>;
 
 /// Where one quota of the caller stands, as a handler sees it in [`QuotaStatus`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +35,8 @@ pub struct QuotaState<'a> {
     pub reset_after: Option<Duration>,
 }
 
-/// The caller's remaining allowance, in the request's extensions for handlers (when the key
+/// The caller's remaining allowance, in the request's context for handlers
+/// ([`RequestContext::quota`]) (when the key
 /// has quotas and the request passed). Values are as of this request, after counting it.
 #[derive(Clone, Debug)]
 pub struct QuotaStatus {
@@ -234,9 +192,22 @@ impl Refund {
     }
 }
 
-/// The quota decision of one request.
-struct QuotaCheck {
-    shared: Arc<Shared>,
+/// The quota check: the caller's quotas (and the meter) count the request.
+#[derive(Clone)]
+pub struct QuotaCheck {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for QuotaCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuotaCheck").finish_non_exhaustive()
+    }
+}
+
+impl Default for QuotaNote {
+    fn default() -> Self {
+        QuotaNote::none()
+    }
 }
 
 /// What one request is checked against: its windows (quota windows, deduplicated, then the
@@ -249,49 +220,35 @@ struct Plan {
     limits: SmallVec<[Limit; 3]>,
 }
 
-impl<ReqB: Send + 'static> Check<ReqB> for QuotaCheck {
+impl Check for QuotaCheck {
     type Note = QuotaNote;
 
-    fn check(
-        self,
-        req: &mut Request<ReqB>,
-        who: Result<&Principal, &Denial>,
-    ) -> Result<QuotaNote, Denial> {
-        match self.begin(req, who) {
-            Step::Now(verdict) => verdict,
-            Step::Later(_) => Err(store_unavailable()),
+    fn check<ReqB>(&self, req: &mut Request<ReqB>, who: Caller<'_>) -> Result<QuotaNote, Denial> {
+        // The synchronous form decides only what needs no store round trip.
+        let plan = match self.prepare(req, who) {
+            Ok(plan) => plan,
+            Err(verdict) => return verdict,
+        };
+        let shared = &self.shared;
+        if shared.strict {
+            return Err(store_unavailable());
+        }
+        match count(shared, &plan) {
+            Some((verdict, policy)) => finish(shared, plan, verdict, policy, req),
+            None => Err(store_unavailable()),
         }
     }
 
-    fn begin(
-        self,
+    fn begin<ReqB: Send + 'static>(
+        &self,
         req: &mut Request<ReqB>,
-        who: Result<&Principal, &Denial>,
+        who: Caller<'_>,
     ) -> Step<ReqB, QuotaNote> {
-        // Quotas are per key: requests without a principal pass unchanged.
-        let Ok(principal) = who else {
-            return Step::Now(Ok(QuotaNote::none()));
+        let plan = match self.prepare(req, who) {
+            Ok(plan) => plan,
+            Err(verdict) => return Step::Now(verdict),
         };
-        let shared = self.shared;
-        let quotas = principal.quotas();
-        if quotas.is_empty() && shared.meter_window.is_none() {
-            return Step::Now(Ok(QuotaNote::none()));
-        }
-        if let Some(bad) = quotas.iter().find(|q| validate_policy(q).is_err()) {
-            // A stored record that bypassed validation: fail closed.
-            tracing::warn!(policy = %bad.name, "invalid quota policy on a key record; refusing its requests");
-            return Step::Now(Err(Denial::new(DenialCode::QuotaExceeded)
-                .with_detail("The key's quota policy is invalid.")));
-        }
-        let cost = match &shared.cost {
-            Some(f) => f(&RequestHead::of(req, Some(principal))),
-            None => 1,
-        };
-        if cost == 0 {
-            // Free requests pass uncounted.
-            return Step::Now(Ok(QuotaNote::none()));
-        }
-        let plan = plan(&shared, principal.clone(), cost);
+        let shared = self.shared.clone();
         if shared.strict {
             return Step::Later(Box::new(move |mut req| {
                 Box::pin(async move {
@@ -309,6 +266,41 @@ impl<ReqB: Send + 'static> Check<ReqB> for QuotaCheck {
                 (req, verdict)
             })
         }))
+    }
+}
+
+impl QuotaCheck {
+    /// What the request is counted against, or the verdict when nothing is to count.
+    #[allow(clippy::result_large_err)]
+    fn prepare<ReqB>(
+        &self,
+        req: &Request<ReqB>,
+        who: Caller<'_>,
+    ) -> Result<Plan, Result<QuotaNote, Denial>> {
+        // Quotas are per key: requests without a principal pass unchanged.
+        let Ok(principal) = who else {
+            return Err(Ok(QuotaNote::none()));
+        };
+        let shared = &self.shared;
+        let quotas = principal.quotas();
+        if quotas.is_empty() && shared.meter_window.is_none() {
+            return Err(Ok(QuotaNote::none()));
+        }
+        if let Some(bad) = quotas.iter().find(|q| validate_policy(q).is_err()) {
+            // A stored record that bypassed validation: fail closed.
+            tracing::warn!(policy = %bad.name, "invalid quota policy on a key record; refusing its requests");
+            return Err(Err(Denial::new(DenialCode::QuotaExceeded)
+                .with_detail("The key's quota policy is invalid.")));
+        }
+        let cost = match &shared.cost {
+            Some(f) => f(&RequestHead::of(req, Some(principal))),
+            None => 1,
+        };
+        if cost == 0 {
+            // Free requests pass uncounted.
+            return Err(Ok(QuotaNote::none()));
+        }
+        Ok(plan(shared, principal.clone(), cost))
     }
 }
 
@@ -539,7 +531,7 @@ fn finish<B>(
     let key = plan.principal.lineage_id();
     if let Some(states) = status {
         // The plan ends here: its principal moves into the status.
-        req.extensions_mut().insert(QuotaStatus {
+        RequestContext::of_mut(req.extensions_mut()).set_quota(QuotaStatus {
             principal: plan.principal,
             states,
         });
@@ -563,14 +555,12 @@ fn policy_field(plan: &Plan) -> Option<HeaderValue> {
         if i > 0 {
             policy.push_str(", ");
         }
-        let w = plan.windows[l.window];
-        policy.push_sf_string(&q.name);
-        policy.push_str(";q=");
-        policy.push_u64(q.limit.min(MAX_SF_INTEGER));
-        if let Some(len) = w.length() {
-            policy.push_str(";w=");
-            policy.push_u64(len.as_secs());
-        }
+        write_policy_item(
+            &mut policy,
+            &q.name,
+            q.limit,
+            plan.windows[l.window].length(),
+        );
     }
     policy.to_header()
 }
@@ -583,15 +573,9 @@ fn limit_field(plan: &Plan, usage: &[Usage]) -> Option<HeaderValue> {
         if i > 0 {
             limit.push_str(", ");
         }
-        let w = plan.windows[l.window];
         let used = usage.get(l.window).map_or(0, |u| u.cost);
-        limit.push_sf_string(&q.name);
-        limit.push_str(";r=");
-        limit.push_u64(q.limit.saturating_sub(used).min(MAX_SF_INTEGER));
-        if let Some(t) = w.remaining_at(plan.now) {
-            limit.push_str(";t=");
-            limit.push_u64(t.as_secs() + u64::from(t.subsec_nanos() > 0));
-        }
+        let reset = plan.windows[l.window].remaining_at(plan.now);
+        write_limit_item(&mut limit, &q.name, q.limit.saturating_sub(used), reset);
     }
     limit.to_header()
 }

@@ -6,10 +6,11 @@ use http::HeaderValue;
 use tower_layer::Layer;
 
 use super::limiter::{Limiter, LimiterClock, Shape, ShapeError, ShapeHash};
-use super::RateLimit;
+use super::{RateCheck, RateLimit};
+use crate::check::{CheckLayer, One, Resolver};
 use crate::core::rate::RateBackend;
+use crate::core::usage::{write_policy_item, FieldSink};
 use crate::cost::RequestHead;
-use crate::guard::Resolver;
 use crate::{KeyGate, RateLimitPolicy};
 
 /// A cost function: how many units of every rate limit one request uses.
@@ -336,12 +337,12 @@ impl Shared {
             let limiter = self.limiter(shape);
             entries.push((p, limiter));
         }
-        let mut field = crate::cost::FieldBuf::new();
+        let mut field = crate::traffic::FieldBuf::new();
         for (i, (p, _)) in entries.iter().enumerate() {
             if i > 0 {
                 field.push_str(", ");
             }
-            super::service::write_policy_item(&mut field, &p.name, p.limit, p.period);
+            write_policy_item(&mut field, &p.name, u64::from(p.limit), Some(p.period));
         }
         let policy_field = (!entries.is_empty()).then(|| field.to_header()).flatten();
         Ok(PolicySet {
@@ -414,6 +415,13 @@ impl RateLimitLayer {
         })
     }
 
+    /// The check this layer runs (for a fused [`Stack`](crate::stack::Stack)).
+    pub fn check(&self) -> RateCheck {
+        RateCheck {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Runs housekeeping now: drops every subject whose state is back to fresh (governor's
     /// `retain_recent`) and shrinks the maps (`shrink_to_fit`). It also runs by itself after
     /// every [`housekeeping_every`](RateLimitConfig::housekeeping_every) new subjects.
@@ -440,10 +448,6 @@ impl<S> Layer<S> for RateLimitLayer {
     type Service = RateLimit<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RateLimit {
-            inner,
-            shared: self.shared.clone(),
-            resolver: self.resolver.clone(),
-        }
+        CheckLayer::from_parts(One(self.check()), self.resolver.clone()).layer(inner)
     }
 }

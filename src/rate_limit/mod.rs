@@ -104,4 +104,4 @@ mod service;
 pub use crate::future::ResponseFuture;
 pub use layer::{validate_policy, ConfigError, Fallback, RateLimitConfig, RateLimitLayer};
 pub use limiter::{LimiterClock, MAX_PERIOD};
-pub use service::{RateLimit, RateLimitNote};
+pub use service::{RateCheck, RateLimit, RateLimitNote};

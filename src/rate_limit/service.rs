@@ -1,68 +1,24 @@
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
 use smallvec::SmallVec;
-use tower_service::Service;
 
 use super::layer::{Fallback, Shared};
 use super::limiter::{Limiter, Shape, Standing, Subject, Verdict};
+use crate::check::{Caller, Check, Guarded, One, Step};
 use crate::core::rate::{RateBackend, RateDecision, RateError, RateSubject};
-use crate::core::usage::{LimitState, MAX_SF_INTEGER};
-use crate::cost::{FieldBuf, RequestHead};
-use crate::future::{ResponseFuture, ResponseNote};
-use crate::guard::{self, Check, Resolver, Step};
-use crate::reject::{ResponseBody, RATELIMIT, RATELIMIT_POLICY};
+use crate::core::usage::{write_limit_item, write_policy_item, FieldSink, LimitState};
+use crate::cost::RequestHead;
+use crate::future::ResponseNote;
+use crate::reject::{RATELIMIT, RATELIMIT_POLICY};
+use crate::traffic::FieldBuf;
 use crate::{client_ip, Denial, DenialCode, Principal, RateLimitPolicy};
 
 /// Middleware that rate-limits requests per key (and per client address without a key). See
 /// [`RateLimitLayer`](super::RateLimitLayer).
-#[derive(Clone)]
-pub struct RateLimit<S> {
-    pub(crate) inner: S,
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) resolver: Resolver,
-}
-
-impl<S> RateLimit<S> {
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-}
-
-impl<S> std::fmt::Debug for RateLimit<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimit")
-            .field("resolver", &self.resolver)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S, ReqB, ResB> Service<Request<ReqB>> for RateLimit<S>
-where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    ReqB: Send + 'static,
-    ResB: Send + 'static,
-{
-    type Response = Response<ResponseBody<ResB>>;
-    type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResB, RateLimitNote>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let check = RateCheck {
-            shared: self.shared.clone(),
-        };
-        guard::call(&mut self.inner, &self.resolver, req, check)
-    }
-}
+pub type RateLimit<S> = Guarded<One<RateCheck>, S>;
 
 /// What [`RateLimit`] writes on the inner service's response: the `RateLimit-Policy` and
 /// `RateLimit` fields of the request's policies. Nothing is given back when another layer
@@ -75,6 +31,12 @@ pub struct RateLimitNote {
 impl RateLimitNote {
     fn none() -> Self {
         RateLimitNote { fields: None }
+    }
+}
+
+impl Default for RateLimitNote {
+    fn default() -> Self {
+        Self::none()
     }
 }
 
@@ -96,9 +58,16 @@ impl ResponseNote for RateLimitNote {
     }
 }
 
-/// The rate-limit decision of one request.
-struct RateCheck {
-    shared: Arc<Shared>,
+/// The rate-limit check: the caller's policies (or the configured ones) count the request.
+#[derive(Clone)]
+pub struct RateCheck {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RateCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateCheck").finish_non_exhaustive()
+    }
 }
 
 /// A limiter, borrowed from the configuration or fetched for a key's own policy.
@@ -144,27 +113,27 @@ fn client_address<B>(
     Subject::of_addr(ip, shared.ipv6_prefix)
 }
 
-impl<ReqB: Send + 'static> Check<ReqB> for RateCheck {
+impl Check for RateCheck {
     type Note = RateLimitNote;
 
-    fn begin(
-        self,
+    fn begin<ReqB: Send + 'static>(
+        &self,
         req: &mut Request<ReqB>,
-        who: Result<&Principal, &Denial>,
+        who: Caller<'_>,
     ) -> Step<ReqB, RateLimitNote> {
         match &self.shared.backend {
             None => Step::Now(self.check(req, who)),
             Some(backend) => {
                 let backend = backend.clone();
-                begin_remote(self.shared, backend, req, who)
+                begin_remote(self.shared.clone(), backend, req, who)
             }
         }
     }
 
-    fn check(
-        self,
+    fn check<ReqB>(
+        &self,
         req: &mut Request<ReqB>,
-        who: Result<&Principal, &Denial>,
+        who: Caller<'_>,
     ) -> Result<RateLimitNote, Denial> {
         let principal = who.ok();
         let subject = match principal {
@@ -495,17 +464,6 @@ fn state(policy: &RateLimitPolicy, standing: Standing, violated: bool) -> LimitS
     }
 }
 
-/// Appends `"name";q=limit;w=secs` (no `w` unless the period is whole seconds).
-pub(crate) fn write_policy_item(out: &mut FieldBuf, name: &str, limit: u32, period: Duration) {
-    out.push_sf_string(name);
-    out.push_str(";q=");
-    out.push_u64(u64::from(limit));
-    if period.subsec_nanos() == 0 && period.as_secs() > 0 {
-        out.push_str(";w=");
-        out.push_u64(period.as_secs().min(MAX_SF_INTEGER));
-    }
-}
-
 /// The `RateLimit-Policy` and `RateLimit` fields of a request that passed.
 fn fields(plan: &Plan<'_>, standings: &[Standing]) -> Option<(HeaderValue, HeaderValue)> {
     write_fields(
@@ -537,7 +495,7 @@ fn write_fields<'a>(
                 if i > 0 {
                     out.push_str(", ");
                 }
-                write_policy_item(&mut out, &p.name, p.limit, p.period);
+                write_policy_item(&mut out, &p.name, u64::from(p.limit), Some(p.period));
             }
             out.to_header()?
         }
@@ -547,12 +505,7 @@ fn write_fields<'a>(
         if i > 0 {
             out.push_str(", ");
         }
-        out.push_sf_string(&p.name);
-        let reset = s.reset_after.as_secs() + u64::from(s.reset_after.subsec_nanos() > 0);
-        out.push_str(";r=");
-        out.push_u64(s.remaining);
-        out.push_str(";t=");
-        out.push_u64(reset.min(MAX_SF_INTEGER));
+        write_limit_item(&mut out, &p.name, s.remaining, Some(s.reset_after));
     }
     Some((policy, out.to_header()?))
 }

@@ -3,9 +3,9 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::rules::{InvalidRule, PathPattern, RouteScopes};
-use super::service::{Policy, Scoped};
+use super::service::{Policy, ScopeCheck, Scoped};
+use crate::check::{CheckLayer, One, Resolver};
 use crate::core::Scope;
-use crate::guard::Resolver;
 use crate::reject::Renderer;
 use crate::KeyGate;
 
@@ -77,6 +77,11 @@ impl ScopeLayer {
         self
     }
 
+    /// The check this layer runs (for a fused [`Stack`](crate::stack::Stack)).
+    pub fn check(&self) -> ScopeCheck {
+        ScopeCheck::new(self.policy.clone())
+    }
+
     /// Renders denials with `renderer` (for a layer built without the hub).
     pub fn renderer(mut self, renderer: impl Renderer) -> Self {
         if let Resolver::Extensions(_) = self.resolver {
@@ -90,6 +95,6 @@ impl<S> Layer<S> for ScopeLayer {
     type Service = Scoped<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Scoped::new(inner, self.policy.clone(), self.resolver.clone())
+        CheckLayer::from_parts(One(self.check()), self.resolver.clone()).layer(inner)
     }
 }

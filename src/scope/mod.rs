@@ -68,4 +68,4 @@ mod service;
 pub use crate::future::ResponseFuture;
 pub use layer::ScopeLayer;
 pub use rules::{InvalidRule, RouteScopes, RouteScopesBuilder, Unmatched};
-pub use service::Scoped;
+pub use service::{ScopeCheck, Scoped};

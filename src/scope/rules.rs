@@ -325,6 +325,11 @@ impl RouteScopes {
         &self.rules[index].need
     }
 
+    /// Whether some requests pass whoever calls (a public rule, or unmatched requests pass).
+    pub(crate) fn may_pass_anyone(&self) -> bool {
+        self.allows_unmatched() || self.rules.iter().any(|r| matches!(r.need, Need::Public))
+    }
+
     /// Whether requests that match no rule pass.
     pub fn allows_unmatched(&self) -> bool {
         self.unmatched == Unmatched::Pass

@@ -1,16 +1,12 @@
 use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use http::{Request, Response};
-use tower_service::Service;
+use http::Request;
 
 use super::rules::{Need, PathPattern, RouteScopes, Unmatched};
+use crate::check::{Caller, Check, Guarded, One};
 use crate::core::Scope;
-use crate::future::ResponseFuture;
-use crate::guard::{self, Check, Resolver};
-use crate::reject::ResponseBody;
 use crate::{Denial, DenialCode, Principal};
 
 /// What a [`Scoped`] service enforces.
@@ -24,27 +20,7 @@ pub(crate) enum Policy {
 }
 
 /// Middleware that checks scopes and resources. See [`ScopeLayer`](super::ScopeLayer).
-#[derive(Clone, Debug)]
-pub struct Scoped<S> {
-    inner: S,
-    policy: Arc<Policy>,
-    resolver: Resolver,
-}
-
-impl<S> Scoped<S> {
-    pub(crate) fn new(inner: S, policy: Arc<Policy>, resolver: Resolver) -> Self {
-        Scoped {
-            inner,
-            policy,
-            resolver,
-        }
-    }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-}
+pub type Scoped<S> = Guarded<One<ScopeCheck>, S>;
 
 /// Where the request landed in the policy, found before resolution.
 enum Decision {
@@ -61,21 +37,55 @@ enum Decision {
     },
 }
 
-struct ScopeCheck {
+/// The scope check: the caller's scopes and collection patterns against the route's need.
+#[derive(Clone, Debug)]
+pub struct ScopeCheck {
     policy: Arc<Policy>,
-    decision: Decision,
+    /// Whether some requests pass whoever calls (no key verified for them).
+    open: bool,
 }
 
-impl<ReqB> Check<ReqB> for ScopeCheck {
+impl ScopeCheck {
+    pub(crate) fn new(policy: Arc<Policy>) -> Self {
+        let open = matches!(&*policy, Policy::Table(t) if t.may_pass_anyone());
+        ScopeCheck { policy, open }
+    }
+
+    /// Where `req` lands in the policy; `None` when it passes whoever calls (a public rule,
+    /// or an unmatched route the table lets through).
+    fn decide<B>(&self, req: &Request<B>) -> Option<Decision> {
+        Some(match &*self.policy {
+            Policy::Table(table) => match table.find_index(req.method(), req.uri().path()) {
+                Some((index, _)) if matches!(table.need(index), Need::Public) => return None,
+                Some((index, resource)) => Decision::Rule { index, resource },
+                None if table.allows_unmatched() => return None,
+                None => Decision::Unmatched,
+            },
+            Policy::Require { resource, .. } => Decision::Require {
+                resource: match resource {
+                    None => Ok(None),
+                    Some((pattern, param)) => {
+                        pattern.matches(req.uri().path(), Some(param)).ok_or(())
+                    }
+                },
+            },
+        })
+    }
+}
+
+impl Check for ScopeCheck {
     type Note = ();
 
-    fn check(
-        self,
-        req: &mut Request<ReqB>,
-        who: Result<&Principal, &Denial>,
-    ) -> Result<(), Denial> {
+    fn needs_caller<B>(&self, req: &Request<B>) -> bool {
+        !self.open || self.decide(req).is_some()
+    }
+
+    fn check<B>(&self, req: &mut Request<B>, who: Caller<'_>) -> Result<(), Denial> {
+        let Some(decision) = self.decide(req) else {
+            return Ok(());
+        };
         let principal = who.map_err(Denial::clone)?;
-        let (scope, resource) = match (&*self.policy, self.decision) {
+        let (scope, resource) = match (&*self.policy, decision) {
             (Policy::Table(table), Decision::Unmatched)
                 if table.unmatched() == Unmatched::UnknownRoute =>
             {
@@ -160,50 +170,6 @@ fn decode(raw: &str) -> Option<Cow<'_, str>> {
         return None;
     }
     Some(name)
-}
-
-impl<S, ReqB, ResB> Service<Request<ReqB>> for Scoped<S>
-where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    ReqB: Send + 'static,
-    ResB: Send + 'static,
-{
-    type Response = Response<ResponseBody<ResB>>;
-    type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResB>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let decision = match &*self.policy {
-            Policy::Table(table) => match table.find_index(req.method(), req.uri().path()) {
-                Some((index, _)) if matches!(table.need(index), Need::Public) => {
-                    return ResponseFuture::inner(self.inner.call(req), ());
-                }
-                Some((index, resource)) => Decision::Rule { index, resource },
-                None if table.allows_unmatched() => {
-                    return ResponseFuture::inner(self.inner.call(req), ());
-                }
-                None => Decision::Unmatched,
-            },
-            Policy::Require { resource, .. } => Decision::Require {
-                resource: match resource {
-                    None => Ok(None),
-                    Some((pattern, param)) => {
-                        pattern.matches(req.uri().path(), Some(param)).ok_or(())
-                    }
-                },
-            },
-        };
-        let check = ScopeCheck {
-            policy: self.policy.clone(),
-            decision,
-        };
-        guard::call(&mut self.inner, &self.resolver, req, check)
-    }
 }
 
 #[cfg(test)]

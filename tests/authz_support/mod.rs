@@ -99,8 +99,12 @@ where
 {
     tower::service_fn(move |req: Request<B>| {
         calls.fetch_add(1, Ordering::SeqCst);
-        let principal = req.extensions().get::<Principal>().cloned();
-        let ip = req.extensions().get::<ClientIp>().copied();
+        let principal = keygate::RequestContext::of(req.extensions())
+            .and_then(|c| c.principal())
+            .cloned();
+        let ip = keygate::RequestContext::of(req.extensions())
+            .and_then(|c| c.client_ip())
+            .map(ClientIp);
         async move { Ok::<_, Infallible>(probe_response(principal.as_ref(), ip)) }
     })
 }

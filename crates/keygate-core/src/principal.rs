@@ -32,8 +32,8 @@ struct Inner {
     lineage_id: KeyId,
     expires_at: Option<SystemTime>,
     prefix: Prefix,
-    name: Box<str>,
-    owner: Option<Box<str>>,
+    name: Arc<str>,
+    owner: Option<Arc<str>>,
     grants: Arc<Grants>,
     access: Arc<Access>,
     attributes: Arc<Attributes>,
@@ -75,7 +75,7 @@ impl Access {
 /// A key's attributes (`tenant=acme`): a small read-only map, sorted by name.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct Attributes {
-    pairs: Box<[(Box<str>, Box<str>)]>,
+    pairs: Box<[(Box<str>, Arc<str>)]>,
 }
 
 impl Attributes {
@@ -85,17 +85,23 @@ impl Attributes {
         Attributes {
             pairs: map
                 .iter()
-                .map(|(k, v)| (Box::from(k.as_str()), Box::from(v.as_str())))
+                .map(|(k, v)| (Box::from(k.as_str()), Arc::from(v.as_str())))
                 .collect(),
         }
     }
 
     /// The value of attribute `name`.
     pub fn get(&self, name: &str) -> Option<&str> {
+        self.get_shared(name).map(|v| &**v)
+    }
+
+    /// The value of attribute `name`, shared: cloning it copies no text (audit events keep
+    /// it this way).
+    pub fn get_shared(&self, name: &str) -> Option<&Arc<str>> {
         self.pairs
             .binary_search_by(|(k, _)| (**k).cmp(name))
             .ok()
-            .map(|i| &*self.pairs[i].1)
+            .map(|i| &self.pairs[i].1)
     }
 
     /// The attributes as `(name, value)`, sorted by name.
@@ -159,7 +165,7 @@ impl Principal {
                 expires_at: record.expires_at,
                 prefix: record.prefix.clone(),
                 name: record.name.as_str().into(),
-                owner: record.owner.as_deref().map(Box::from),
+                owner: record.owner.as_deref().map(Arc::from),
                 grants,
                 access,
                 attributes,
@@ -191,6 +197,18 @@ impl Principal {
     /// The owner (subject) of the key, if the record names one.
     pub fn subject(&self) -> Option<&str> {
         self.inner.owner.as_deref()
+    }
+    /// The key's name, shared: cloning it copies no text (audit events keep it this way).
+    pub fn name_shared(&self) -> &Arc<str> {
+        &self.inner.name
+    }
+    /// The owner (subject), shared like [`Principal::name_shared`].
+    pub fn subject_shared(&self) -> Option<&Arc<str>> {
+        self.inner.owner.as_ref()
+    }
+    /// The `tenant` attribute, shared like [`Principal::name_shared`].
+    pub fn tenant_shared(&self) -> Option<&Arc<str>> {
+        self.inner.attributes.get_shared("tenant")
     }
     /// When the key expires, if ever.
     pub fn expires_at(&self) -> Option<SystemTime> {

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p keygate-showcase --example load_target -- [--bare ADDR] [--stack ADDR]
-//!     [--audit-dir DIR] [--layers LIST]
+//!     [--audit-dir DIR] [--layers LIST] [--fused]
 //! ```
 //!
 //! The stack, outermost first: audit (hash-chained JSON Lines file written by the
@@ -12,6 +12,9 @@
 //! auth, IP allow list (loopback), scope (`GET /` needs `collections:read`), rate limit and
 //! quota (both per key, generous enough never to refuse during a run, but counted on every
 //! request). The key is created at start and printed; every request of a run must carry it.
+//!
+//! `--fused` serves the six as one fused stack (`KeyGate::stack`: audit around one service
+//! running the five checks) instead of six layers.
 //!
 //! `--layers audit,auth,ip,scope,rate,quota` (the default: all six) serves a subset on the
 //! stack port, to see what each layer costs; layers built from the hub resolve the key
@@ -55,6 +58,7 @@ struct Args {
     stack: SocketAddr,
     audit_dir: Option<PathBuf>,
     layers: Vec<String>,
+    fused: bool,
 }
 
 const LAYERS: [&str; 6] = ["audit", "auth", "ip", "scope", "rate", "quota"];
@@ -66,6 +70,7 @@ fn parse_args() -> Result<Args, String> {
         stack: ([127, 0, 0, 1], 0).into(),
         audit_dir: None,
         layers: LAYERS.iter().map(|l| l.to_string()).collect(),
+        fused: false,
     };
     while let Some(arg) = args.next() {
         let mut value = |what: &str| args.next().ok_or(format!("{arg} needs {what}"));
@@ -81,6 +86,7 @@ fn parse_args() -> Result<Args, String> {
                     out.stack = addr;
                 }
             }
+            "--fused" => out.fused = true,
             "--audit-dir" => out.audit_dir = Some(PathBuf::from(value("a folder")?)),
             "--layers" => {
                 let list = value("a list like auth,scope")?;
@@ -163,10 +169,26 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         .build()?;
     let quota = QuotaLayer::new(&gate, QuotaConfig::new(MemoryUsageStore::new()))?;
     let usage = quota.handle();
-    let on = |name: &str| args.layers.iter().any(|l| l == name);
+    let fused = args.fused && args.layers.len() == LAYERS.len();
+    let on = |name: &str| !fused && args.layers.iter().any(|l| l == name);
     let bare_app = Router::new().route("/", get(root));
     // In axum the layer added last is outermost: innermost (quota) first.
     let mut stack_app = Router::new().route("/", get(root));
+    if fused {
+        // The same six, fused: one service and one response future for the five checks,
+        // the audit layer around it.
+        let ip = IpAllowLayer::new(IpPolicy::new().allow(["127.0.0.0/8", "::1"])?);
+        let rate = RateLimitLayer::new(&gate, RateLimitConfig::new())?;
+        stack_app = stack_app.layer(
+            gate.stack()
+                .auth()
+                .ip(&ip)
+                .scope(&ScopeLayer::table(rules.clone()))
+                .rate(&rate)
+                .quota(&quota)
+                .audit(auditor.clone()),
+        );
+    }
     if on("quota") {
         stack_app = stack_app.layer(quota);
     }
@@ -193,7 +215,11 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     println!("stack http://{}/", stacked.local_addr()?);
     println!("key {}", key.expose_secret());
     println!("audit-dir {}", audit_dir.display());
-    println!("layers {}", args.layers.join(","));
+    println!(
+        "layers {}{}",
+        args.layers.join(","),
+        if fused { " (fused)" } else { "" }
+    );
     println!("ready");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());

@@ -490,10 +490,14 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
                     qdrant_extra::count_batch_requests,
                 ))
                 .layer(rate)
-                .layer(gate.auth_layer())
-                .layer(IpAllowLayer::new(IpPolicy::new()).with_gate(&gate))
-                .layer(ScopeLayer::table(routes()?).with_gate(&gate))
-                .layer(quota),
+                // Authentication, addresses, scopes and quotas fused: one service.
+                .layer(
+                    gate.stack()
+                        .auth()
+                        .ip(&IpAllowLayer::new(IpPolicy::new()))
+                        .scope(&ScopeLayer::table(routes()?))
+                        .quota(&quota),
+                ),
         );
 
     let open = Router::new()

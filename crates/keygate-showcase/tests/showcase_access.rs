@@ -392,7 +392,7 @@ async fn tenants_never_see_or_touch_each_others_points() {
         .iter()
         .filter_map(|e| e.as_request())
         .filter(|r| r.path == "/collections/shared/points/scroll")
-        .map(|r| r.tenant.clone())
+        .map(|r| r.tenant.as_deref().map(str::to_owned))
         .collect();
     assert_eq!(tenants, [Some("acme".into()), Some("globex".into())]);
 }

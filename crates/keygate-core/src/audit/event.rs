@@ -19,6 +19,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -150,12 +151,15 @@ pub struct RequestEvent {
     pub request_id: String,
     /// The key's public id, when the caller was identified.
     pub key_id: Option<KeyId>,
-    /// The key's name.
-    pub key_name: Option<String>,
-    /// The key's owner (subject).
-    pub subject: Option<String>,
-    /// The key's `tenant` attribute.
-    pub tenant: Option<String>,
+    /// The key's name (shared with the key's principal: recording it copies no text).
+    #[serde(default, with = "shared_str")]
+    pub key_name: Option<Arc<str>>,
+    /// The key's owner (subject), shared likewise.
+    #[serde(default, with = "shared_str")]
+    pub subject: Option<Arc<str>>,
+    /// The key's `tenant` attribute, shared likewise.
+    #[serde(default, with = "shared_str")]
+    pub tenant: Option<Arc<str>>,
     /// The client's address, when known.
     pub client_ip: Option<IpAddr>,
     /// HTTP or gRPC.
@@ -390,6 +394,23 @@ mod denial_code {
                 .map(Some)
                 .ok_or_else(|| serde::de::Error::custom("unknown denial code")),
         }
+    }
+}
+
+/// `Option<Arc<str>>` as an optional string.
+mod shared_str {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
+        v.as_deref().serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Arc<str>>, D::Error> {
+        Ok(Option::<String>::deserialize(d)?.map(Arc::from))
     }
 }
 

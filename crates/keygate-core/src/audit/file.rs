@@ -916,7 +916,8 @@ impl State {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         buf.extend_from_slice(b"{\"seq\":");
-        buf.extend_from_slice(seq.to_string().as_bytes());
+        // Formatted straight into the line buffer: no string per line.
+        let _ = std::io::Write::write_fmt(&mut buf, format_args!("{seq}"));
         buf.extend_from_slice(b",\"prev\":\"");
         push_hex(&mut buf, &self.prev);
         buf.extend_from_slice(b"\",\"event\":");

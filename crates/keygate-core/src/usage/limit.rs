@@ -1,7 +1,6 @@
 //! The state of one rate-limit or quota policy for one caller, as the IETF `RateLimit-Policy`
 //! and `RateLimit` fields report it.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 /// Where one policy stands for one caller: what it allows, what is left, and when it is
@@ -30,25 +29,14 @@ impl LimitState {
     /// parameter is left out when the window is not a whole, non-zero number of seconds
     /// (the draft has no sub-second windows).
     pub fn write_policy_item(&self, out: &mut String) {
-        write_sf_string(&self.name, out);
-        let _ = write!(out, ";q={}", self.limit.min(MAX_SF_INTEGER));
-        if let Some(w) = self
-            .window
-            .filter(|w| w.subsec_nanos() == 0 && w.as_secs() > 0)
-        {
-            let _ = write!(out, ";w={}", w.as_secs().min(MAX_SF_INTEGER));
-        }
+        write_policy_item(out, &self.name, self.limit, self.window);
     }
 
     /// Appends this policy as a `RateLimit` list item: `"burst";r=19;t=1`, where `t` is the
     /// whole seconds (rounded up) until the whole limit is available again; left out when it
     /// never is.
     pub fn write_limit_item(&self, out: &mut String) {
-        write_sf_string(&self.name, out);
-        let _ = write!(out, ";r={}", self.remaining.min(MAX_SF_INTEGER));
-        if let Some(t) = self.reset_after {
-            let _ = write!(out, ";t={}", ceil_secs(t).min(MAX_SF_INTEGER));
-        }
+        write_limit_item(out, &self.name, self.remaining, self.reset_after);
     }
 
     /// The `RateLimit-Policy` field value of `states` (a comma-separated list).
@@ -79,9 +67,90 @@ impl LimitState {
 /// The largest Integer a structured field may carry (RFC 9651: 15 digits).
 pub const MAX_SF_INTEGER: u64 = 999_999_999_999_999;
 
-/// Whole seconds, rounded up (`0` stays `0`).
-fn ceil_secs(d: Duration) -> u64 {
+/// Whole seconds, rounded up (`0` stays `0`): the one rounding of `RateLimit`'s `t` and of
+/// `Retry-After` (which is at least 1 on top of it).
+pub fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// Where `RateLimit-Policy` and `RateLimit` field values are written: a `String`, or a
+/// layer's own stack buffer. The one formatter of both fields
+/// ([`write_policy_item`], [`write_limit_item`]) writes through it.
+pub trait FieldSink {
+    /// Appends text.
+    fn push_str(&mut self, s: &str);
+
+    /// Appends `n` in decimal.
+    fn push_u64(&mut self, n: u64) {
+        let mut buf = [0u8; 20];
+        let mut i = buf.len();
+        let mut n = n;
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        // Only ASCII digits were written.
+        self.push_str(std::str::from_utf8(&buf[i..]).unwrap_or("0"));
+    }
+}
+
+impl FieldSink for String {
+    fn push_str(&mut self, s: &str) {
+        String::push_str(self, s);
+    }
+}
+
+/// Appends one `RateLimit-Policy` list item: `"name";q=limit;w=secs`, without `w` when
+/// `window` is not a whole, non-zero number of seconds.
+pub fn write_policy_item(
+    out: &mut impl FieldSink,
+    name: &str,
+    limit: u64,
+    window: Option<Duration>,
+) {
+    push_sf_string(out, name);
+    out.push_str(";q=");
+    out.push_u64(limit.min(MAX_SF_INTEGER));
+    if let Some(w) = window.filter(|w| w.subsec_nanos() == 0 && w.as_secs() > 0) {
+        out.push_str(";w=");
+        out.push_u64(w.as_secs().min(MAX_SF_INTEGER));
+    }
+}
+
+/// Appends one `RateLimit` list item: `"name";r=remaining;t=secs`, `t` rounded up
+/// ([`ceil_secs`]) and left out when the limit never comes back (`None`).
+pub fn write_limit_item(
+    out: &mut impl FieldSink,
+    name: &str,
+    remaining: u64,
+    reset_after: Option<Duration>,
+) {
+    push_sf_string(out, name);
+    out.push_str(";r=");
+    out.push_u64(remaining.min(MAX_SF_INTEGER));
+    if let Some(t) = reset_after {
+        out.push_str(";t=");
+        out.push_u64(ceil_secs(t).min(MAX_SF_INTEGER));
+    }
+}
+
+/// [`write_sf_string`] into any [`FieldSink`].
+fn push_sf_string(out: &mut impl FieldSink, s: &str) {
+    if s.bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push_str("\"");
+        out.push_str(s);
+        out.push_str("\"");
+    } else {
+        let mut quoted = String::new();
+        write_sf_string(s, &mut quoted);
+        out.push_str(&quoted);
+    }
 }
 
 /// Appends `n` in decimal (without the formatting machinery: this runs on every response).

@@ -38,7 +38,10 @@ use async_trait::async_trait;
 
 use crate::key::KeyId;
 
-pub use limit::{push_u64, write_sf_string, LimitState, MAX_SF_INTEGER};
+pub use limit::{
+    ceil_secs, push_u64, write_limit_item, write_policy_item, write_sf_string, FieldSink,
+    LimitState, MAX_SF_INTEGER,
+};
 pub use memory::MemoryUsageStore;
 pub use window::{utc, Window};
 
