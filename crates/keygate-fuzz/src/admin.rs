@@ -7,10 +7,10 @@ use axum::body::Body;
 use axum::Router;
 use http::{Method, Request};
 use http_body_util::BodyExt;
-use keygate_admin::AdminApi;
 use keygate::core::audit::{Auditor, MemorySink};
 use keygate::core::usage::MemoryUsageStore;
 use keygate::{KeyGate, KeyManager, KeySpec, ManualClock, MemoryStore, Verifier};
+use keygate_admin::AdminApi;
 use tower::ServiceExt;
 
 #[derive(Debug, Arbitrary)]
