@@ -1,29 +1,5 @@
 //! The request context: everything keygate learns about a request, in one request
-//! extension.
-//!
-//! The first keygate layer that runs on a request inserts one [`RequestContext`] into its
-//! extensions; every other layer fills in its own fields. Handlers and outer layers read it
-//! through accessors:
-//!
-//! | field | filled by | accessor |
-//! |---|---|---|
-//! | the verdict on the caller's key (principal, or the exact denial) | whichever layer resolves first | [`principal`](RequestContext::principal), [`resolution`](RequestContext::resolution) |
-//! | the client address | the first layer that needs it (IP lists, anonymous rate limits, audit) | [`client_ip`](RequestContext::client_ip) |
-//! | the request id | `AuditLayer` | [`request_id`](RequestContext::request_id) |
-//! | the quota standing | `QuotaLayer` | `quota` (feature `quota`) |
-//!
-//! One extension means one allocation per request for all of keygate's request state,
-//! whatever the number of layers.
-//!
-//! ```
-//! use http::Request;
-//! use keygate::RequestContext;
-//!
-//! fn tenant_of<B>(req: &Request<B>) -> Option<&str> {
-//!     RequestContext::of(req.extensions())?.principal()?.tenant()
-//! }
-//! # assert_eq!(tenant_of(&Request::new(())), None);
-//! ```
+//! extension ([`RequestContext`]).
 
 use std::net::IpAddr;
 
@@ -32,8 +8,31 @@ use http::Extensions;
 
 use crate::{Denial, Principal};
 
-/// Everything keygate learned about one request (a request extension). See the
-/// [module docs](self).
+/// Everything keygate learned about one request (a request extension).
+///
+/// The first keygate layer that runs on a request inserts one [`RequestContext`] into its
+/// extensions; every other layer fills in its own fields. Handlers and outer layers read it
+/// through accessors:
+///
+/// | field | filled by | accessor |
+/// |---|---|---|
+/// | the verdict on the caller's key (principal, or the exact denial) | whichever layer resolves first | [`principal`](RequestContext::principal), [`resolution`](RequestContext::resolution) |
+/// | the client address | the first layer that needs it (IP lists, anonymous rate limits, audit) | [`client_ip`](RequestContext::client_ip) |
+/// | the request id | `AuditLayer` | [`request_id`](RequestContext::request_id) |
+/// | the quota standing | `QuotaLayer` | `quota` (feature `quota`) |
+///
+/// One extension means one allocation per request for all of keygate's request state,
+/// whatever the number of layers.
+///
+/// ```
+/// use http::Request;
+/// use keygate::RequestContext;
+///
+/// fn tenant_of<B>(req: &Request<B>) -> Option<&str> {
+///     RequestContext::of(req.extensions())?.principal()?.tenant()
+/// }
+/// # assert_eq!(tenant_of(&Request::new(())), None);
+/// ```
 #[derive(Clone, Default)]
 pub struct RequestContext {
     resolution: Option<Result<Principal, Denial>>,

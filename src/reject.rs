@@ -37,7 +37,7 @@ use pin_project_lite::pin_project;
 use crate::{Denial, DenialCode};
 
 /// The wire protocol of a request (HTTP or gRPC): keygate-core's
-/// [`Transport`](crate::core::audit::Transport), the one name for it in both crates (audit
+/// [`crate::core::audit::Transport`], the one name for it in both crates (audit
 /// events record it; rejections are rendered by it).
 pub use crate::core::audit::Transport;
 
