@@ -214,7 +214,8 @@ pub fn routes(data: &[u8]) {
         .collect();
     let principal = Principal::from_record(&record);
     let mut req = req;
-    req.extensions_mut().insert(principal.clone());
+    req.extensions_mut()
+        .insert(keygate::RequestContext::authenticated(principal.clone()));
 
     let svc = ScopeLayer::table(rules).layer(service_fn(|_req: Request<()>| async {
         Ok::<_, Infallible>(Response::new(()))

@@ -95,7 +95,8 @@ fn a_raw_control_character_in_a_collection_name_is_forbidden() {
     }));
     let call = |path: &str| {
         let mut req = http::Request::get(path).body(()).unwrap();
-        req.extensions_mut().insert(principal.clone());
+        req.extensions_mut()
+            .insert(keygate::RequestContext::authenticated(principal.clone()));
         let res = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap()
