@@ -52,12 +52,143 @@ const SUFFIXES: &[&str] = &[
 ];
 const COLLECTIONS: &[&str] = &[SHARED, "acme-own", "globex-own", "sh%61red"];
 
+/// A filter in Qdrant's JSON grammar, built from the fuzzer's bytes (raw text alone rarely
+/// becomes valid JSON with the right keys). Depth and width are cut when rendered.
+#[derive(Debug, Arbitrary)]
+enum Cond {
+    Match(u8, Lit),
+    Any(u8, Vec<Lit>),
+    Except(u8, Vec<Lit>),
+    Text(u8, String),
+    Range(u8, Option<f64>, Option<f64>, Option<f64>, Option<f64>),
+    HasId(Vec<u64>),
+    IsEmpty(u8),
+    IsNull(u8),
+    /// The field form's `is_empty` / `is_null` flags.
+    Flags(u8, Option<bool>, Option<bool>),
+    Nested(Box<Clauses>),
+    /// Text spliced in as JSON (may be invalid, or any value).
+    Raw(String),
+}
+
+#[derive(Debug, Arbitrary)]
+enum Lit {
+    Int(i64),
+    Str(String),
+    Bool(bool),
+    Null,
+    Float(f64),
+}
+
+#[derive(Debug, Arbitrary)]
+struct Clauses {
+    must: Option<Vec<Cond>>,
+    should: Option<Vec<Cond>>,
+    must_not: Option<Vec<Cond>>,
+    min_should: Option<(Vec<Cond>, u8)>,
+    /// An unknown or unsupported clause name by index.
+    extra: Option<u8>,
+}
+
+const KEYS: &[&str] = &[
+    "a", "b", "c", "a.b", "a.b.c", "c[].d", "n", "tenant", "secret", "", "k",
+];
+const EXTRA: &[&str] = &[
+    "nested",
+    "geo_radius",
+    "values_count",
+    "datetime_range",
+    "bogus",
+];
+
+fn lit(l: &Lit) -> Value {
+    match l {
+        Lit::Int(i) => json!(i),
+        Lit::Str(s) => json!(s),
+        Lit::Bool(b) => json!(b),
+        Lit::Null => Value::Null,
+        Lit::Float(f) => json!(f),
+    }
+}
+
+fn key(k: u8) -> &'static str {
+    KEYS[usize::from(k) % KEYS.len()]
+}
+
+fn cond(c: &Cond, depth: usize) -> String {
+    let v = match c {
+        Cond::Match(k, l) => json!({"key": key(*k), "match": {"value": lit(l)}}),
+        Cond::Any(k, ls) => {
+            json!({"key": key(*k), "match": {"any": ls.iter().take(16).map(lit).collect::<Vec<_>>()}})
+        }
+        Cond::Except(k, ls) => {
+            json!({"key": key(*k), "match": {"except": ls.iter().take(16).map(lit).collect::<Vec<_>>()}})
+        }
+        Cond::Text(k, t) => json!({"key": key(*k), "match": {"text": t}}),
+        Cond::Range(k, lt, gt, gte, lte) => {
+            json!({"key": key(*k), "range": {"lt": lt, "gt": gt, "gte": gte, "lte": lte}})
+        }
+        Cond::HasId(ids) => json!({"has_id": ids.iter().take(16).collect::<Vec<_>>()}),
+        Cond::IsEmpty(k) => json!({"is_empty": {"key": key(*k)}}),
+        Cond::IsNull(k) => json!({"is_null": {"key": key(*k)}}),
+        Cond::Flags(k, e, n) => json!({"key": key(*k), "is_empty": e, "is_null": n}),
+        Cond::Nested(c) if depth < 6 => return clauses(c, depth + 1),
+        Cond::Nested(_) => json!({}),
+        Cond::Raw(t) => return t.clone(),
+    };
+    v.to_string()
+}
+
+fn list(cs: &[Cond], depth: usize) -> String {
+    let items: Vec<String> = cs.iter().take(6).map(|c| cond(c, depth)).collect();
+    format!("[{}]", items.join(","))
+}
+
+/// The filter's JSON text.
+fn clauses(c: &Clauses, depth: usize) -> String {
+    let mut parts = Vec::new();
+    if let Some(m) = &c.must {
+        parts.push(format!(r#""must":{}"#, list(m, depth)));
+    }
+    if let Some(m) = &c.should {
+        parts.push(format!(r#""should":{}"#, list(m, depth)));
+    }
+    if let Some(m) = &c.must_not {
+        parts.push(format!(r#""must_not":{}"#, list(m, depth)));
+    }
+    if let Some((m, n)) = &c.min_should {
+        parts.push(format!(
+            r#""min_should":{{"conditions":{},"min_count":{n}}}"#,
+            list(m, depth)
+        ));
+    }
+    if let Some(e) = c.extra {
+        parts.push(format!(r#""{}":{{}}"#, EXTRA[usize::from(e) % EXTRA.len()]));
+    }
+    format!("{{{}}}", parts.join(","))
+}
+
+#[derive(Debug, Arbitrary)]
+enum FilterText {
+    Built(Clauses),
+    Raw(String),
+}
+
+impl FilterText {
+    fn text(&self) -> String {
+        match self {
+            FilterText::Built(c) => clauses(c, 0),
+            FilterText::Raw(t) => t.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Arbitrary)]
 enum BodyShape {
     /// `{"filter": F, "limit": n, "with_payload": true}`.
-    Filter(String, u8),
+    Filter(FilterText, u8),
     /// A search or query with a filter.
-    Search(String),
+    Search(FilterText),
     /// An upsert of points whose id and payload are the fuzzer's.
     Upsert(String, String),
     /// A retrieve or delete by ids.
@@ -77,7 +208,7 @@ struct Call {
 #[derive(Debug, Arbitrary)]
 struct ShowcaseInput {
     /// Parsed directly as a filter, then run on a few payloads.
-    filter: String,
+    filter: FilterText,
     calls: Vec<Call>,
 }
 
@@ -255,7 +386,7 @@ pub fn showcase(data: &[u8]) {
     let Ok(input) = ShowcaseInput::arbitrary_take_rest(Unstructured::new(data)) else {
         return;
     };
-    direct(&input.filter);
+    direct(&input.filter.text());
     thread_local! {
         static WORLD: World = world();
     }
@@ -270,14 +401,20 @@ async fn run(w: &World, input: ShowcaseInput) {
         let suffix = SUFFIXES[usize::from(call.suffix) % SUFFIXES.len()];
         let path = format!("/collections/{collection}{suffix}");
         let (body, filter) = match &call.body {
-            BodyShape::Filter(f, n) => (
-                format!(r#"{{"filter":{f},"limit":{n},"with_payload":true}}"#),
-                Some(f),
-            ),
-            BodyShape::Search(f) => (
-                format!(r#"{{"vector":[1,0,0,1],"filter":{f},"with_payload":true}}"#),
-                Some(f),
-            ),
+            BodyShape::Filter(f, n) => {
+                let f = f.text();
+                (
+                    format!(r#"{{"filter":{f},"limit":{n},"with_payload":true}}"#),
+                    Some(f),
+                )
+            }
+            BodyShape::Search(f) => {
+                let f = f.text();
+                (
+                    format!(r#"{{"vector":[1,0,0,1],"filter":{f},"with_payload":true}}"#),
+                    Some(f),
+                )
+            }
             BodyShape::Upsert(id, payload) => (
                 format!(r#"{{"points":[{{"id":{id},"vector":[1,2,3,4],"payload":{payload}}}]}}"#),
                 None,
@@ -302,7 +439,7 @@ async fn run(w: &World, input: ShowcaseInput) {
             !text.contains(MARKER),
             "acme sees globex's point: {method} {path} {call:?}: {text}"
         );
-        if let Some(f) = filter {
+        if let Some(f) = &filter {
             if serde_json::from_str::<Value>(f).is_ok_and(|v| !v.is_null())
                 && serde_json::from_str::<Filter>(f).is_err()
                 && method == Method::POST
