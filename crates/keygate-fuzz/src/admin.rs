@@ -1,5 +1,6 @@
 //! The admin API's JSON inputs, paths and queries, in-process through its router.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use arbitrary::{Arbitrary, Unstructured};
@@ -41,17 +42,25 @@ struct AdminInput {
     narrow: bool,
 }
 
-/// Up to four calls; every answer is a documented status, never 5xx (the store and audit
-/// log are in memory and up), carries no key but the one it issues, and no audit event
-/// carries a key.
-pub fn admin(data: &[u8]) {
-    let Ok(input) = AdminInput::arbitrary_take_rest(Unstructured::new(data)) else {
-        return;
-    };
-    crate::block_on(run(input));
+/// The admin API and its key store, built once per thread and reused across inputs (the
+/// inputs stay independent: the world is rebuilt when an input may have changed the admin
+/// keys themselves, and every [`REBUILD_EVERY`] inputs so the store stays small).
+struct World {
+    app: Router,
+    sink: MemorySink,
+    /// The broad admin key (`*` on `*`) and the narrow one (`keys:admin` and `points:*` on
+    /// `docs`): (secret, id).
+    broad: (String, String),
+    narrow: (String, String),
+    /// Every key issued in this world, so none may appear in a later answer either.
+    secrets: Vec<String>,
+    inputs: usize,
 }
 
-async fn run(input: AdminInput) {
+/// Inputs run in one world before it is rebuilt.
+const REBUILD_EVERY: usize = 512;
+
+async fn world() -> World {
     let clock = ManualClock::at_2026();
     let gate = KeyGate::new(
         Verifier::builder(MemoryStore::new())
@@ -60,20 +69,20 @@ async fn run(input: AdminInput) {
     );
     let sink = MemorySink::new();
     let keys = KeyManager::for_verifier(gate.verifier(), Auditor::direct(sink.clone()));
-    let spec = if input.narrow {
+    let mut admins = Vec::new();
+    for spec in [
+        KeySpec::new("admin").scope("*").resource("*"),
         KeySpec::new("admin")
             .scope("keys:admin")
             .scope("points:*")
-            .resource("docs")
-    } else {
-        KeySpec::new("admin").scope("*").resource("*")
-    };
-    let admin = keys
-        .issue("setup", spec)
-        .await
-        .expect("issue the admin key");
-    let admin_secret = admin.key.expose_secret().to_owned();
-    let admin_id = admin.key.id().to_string();
+            .resource("docs"),
+    ] {
+        let admin = keys.issue("setup", spec).await.expect("issue an admin key");
+        admins.push((
+            admin.key.expose_secret().to_owned(),
+            admin.key.id().to_string(),
+        ));
+    }
     let app: Router = Router::new().nest(
         "/admin",
         AdminApi::new(keys)
@@ -81,7 +90,55 @@ async fn run(input: AdminInput) {
             .usage_store(Arc::new(MemoryUsageStore::new()))
             .router(),
     );
-    let mut secrets = vec![admin_secret.clone()];
+    let narrow = admins.pop().expect("two admin keys");
+    let broad = admins.pop().expect("two admin keys");
+    World {
+        app,
+        sink,
+        secrets: vec![broad.0.clone(), narrow.0.clone()],
+        broad,
+        narrow,
+        inputs: 0,
+    }
+}
+
+/// Up to four calls; every answer is a documented status, never 5xx (the store and audit
+/// log are in memory and up), carries no key but the one it issues, and no audit event
+/// carries a key.
+pub fn admin(data: &[u8]) {
+    let Ok(input) = AdminInput::arbitrary_take_rest(Unstructured::new(data)) else {
+        return;
+    };
+    thread_local! {
+        static WORLD: RefCell<Option<World>> = const { RefCell::new(None) };
+    }
+    WORLD.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let stale = slot.as_ref().is_none_or(|w| w.inputs >= REBUILD_EVERY);
+        if stale {
+            *slot = Some(crate::block_on(world()));
+        }
+        let w = slot.as_mut().expect("a world");
+        w.inputs += 1;
+        let touched_admins = crate::block_on(run(w, input));
+        if touched_admins {
+            *slot = None;
+        }
+    });
+}
+
+/// Runs the calls; true when one of them named an admin key (it may have revoked,
+/// disabled or rotated it, so the next input needs a fresh world).
+async fn run(w: &mut World, input: AdminInput) -> bool {
+    let (admin_secret, admin_id) = if input.narrow {
+        w.narrow.clone()
+    } else {
+        w.broad.clone()
+    };
+    let app = w.app.clone();
+    let events_before = w.sink.len();
+    let mut touched = false;
+    let secrets = &mut w.secrets;
     let mut issued: Vec<String> = Vec::new();
     for call in input.calls.into_iter().take(4) {
         let id = |t: &Target| -> String {
@@ -132,6 +189,9 @@ async fn run(input: AdminInput) {
                 b.clone(),
             ),
         };
+        // GETs change nothing; any other call naming an admin key may have changed it.
+        touched |=
+            method != Method::GET && (path.contains(&w.broad.1) || path.contains(&w.narrow.1));
         let Ok(req) = Request::builder()
             .method(method)
             .uri(&path)
@@ -155,7 +215,7 @@ async fn run(input: AdminInput) {
             String::from_utf8_lossy(&bytes)
         );
         let text = String::from_utf8_lossy(&bytes);
-        for s in &secrets {
+        for s in secrets.iter() {
             assert!(
                 !text.contains(s.as_str()),
                 "a key's secret in an answer to {call:?}"
@@ -173,13 +233,14 @@ async fn run(input: AdminInput) {
             issued.push(id);
         }
     }
-    for event in sink.events() {
+    for event in w.sink.events().iter().skip(events_before) {
         let text = serde_json::to_string(&event).expect("events serialize");
-        for s in &secrets {
+        for s in w.secrets.iter() {
             assert!(
                 !text.contains(s.as_str()),
                 "a key's secret in an audit event"
             );
         }
     }
+    touched
 }

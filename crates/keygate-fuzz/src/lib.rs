@@ -18,6 +18,8 @@
 //! | `spellings` | durations, rate limits, quotas, scopes, statuses, prefixes, key ids | round trips through `Display` |
 //! | `admin` | the admin API's JSON bodies and paths | no 5xx, no key material but the issued key, fail closed |
 //! | `audit` | an audit log file for `verify_files` | no panic; a verified file is a well-formed chain |
+//! | `showcase` | the showcase's filters, searches, upserts and ids through its router | no 5xx; over-cap filters refused; one tenant never sees or changes another's points |
+//! | `router` | a route table and a path, through `ScopeLayer` and axum's `Router` | each other, where their semantics overlap |
 //! | `stack` | request sequences through all six layers | the policies' reference model, every layer order |
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -26,7 +28,9 @@ mod admin;
 mod audit;
 mod key;
 mod net;
+mod router;
 mod routes;
+mod showcase;
 mod spellings;
 pub mod stack;
 
@@ -34,7 +38,9 @@ pub use admin::admin;
 pub use audit::audit;
 pub use key::{credentials, key};
 pub use net::{forwarded, network};
+pub use router::router;
 pub use routes::routes;
+pub use showcase::showcase;
 pub use spellings::spellings;
 pub use stack::stack;
 
@@ -52,6 +58,8 @@ pub const TARGETS: &[Target] = &[
     ("admin", admin),
     ("audit", audit),
     ("stack", stack),
+    ("showcase", showcase),
+    ("router", router),
 ];
 
 /// A current-thread tokio runtime for the targets that drive services, one per thread.
