@@ -82,7 +82,8 @@ async fn keygate(
         .uri(path)
         .body(())
         .expect("a valid uri");
-    req.extensions_mut().insert(p);
+    req.extensions_mut()
+        .insert(keygate::RequestContext::authenticated(p));
     let svc = ScopeLayer::table(rules).layer(service_fn(|_req: Request<()>| async {
         Ok::<_, Infallible>(Response::new(()))
     }));
