@@ -62,17 +62,22 @@ pub fn peer_addr<B>(req: &Request<B>) -> Option<IpAddr> {
     ext.get::<SocketAddr>().map(|a| a.ip().to_canonical())
 }
 
-/// The address an earlier layer settled on (the request context, or a [`ClientIp`]
-/// extension), else the one
+/// The address an earlier layer settled on: the request context's, or a [`ClientIp`]
+/// extension a service inserted itself.
+pub(crate) fn settled_earlier<B>(req: &Request<B>) -> Option<IpAddr> {
+    if let Some(ip) = crate::RequestContext::of(req.extensions()).and_then(|c| c.client_ip()) {
+        return Some(ip);
+    }
+    req.extensions().get::<ClientIp>().map(|ClientIp(ip)| *ip)
+}
+
+/// The address an earlier layer settled on ([`settled_earlier`]), else the one
 /// `proxies` give, else (without proxies) the peer. Does not memoize: for layers built
 /// without the hub, which has its own memoizing [`KeyGate::client_ip`](crate::KeyGate::client_ip).
 #[cfg(any(feature = "ip-allow", feature = "rate-limit", feature = "audit"))]
 pub(crate) fn settled<B>(req: &Request<B>, proxies: Option<&TrustedProxies>) -> Option<IpAddr> {
-    if let Some(ip) = crate::RequestContext::of(req.extensions()).and_then(|c| c.client_ip()) {
+    if let Some(ip) = settled_earlier(req) {
         return Some(ip);
-    }
-    if let Some(ClientIp(ip)) = req.extensions().get::<ClientIp>() {
-        return Some(*ip);
     }
     match proxies {
         Some(p) => p.client_ip(req),

@@ -33,7 +33,7 @@ use crate::{Denial, Principal};
 /// }
 /// # assert_eq!(tenant_of(&Request::new(())), None);
 /// ```
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct RequestContext {
     resolution: Option<Result<Principal, Denial>>,
     client_ip: Option<IpAddr>,
@@ -111,18 +111,6 @@ impl RequestContext {
     #[cfg(feature = "quota")]
     pub(crate) fn set_quota(&mut self, status: crate::quota::QuotaStatus) {
         self.quota = Some(status);
-    }
-}
-
-impl std::fmt::Debug for RequestContext {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut d = f.debug_struct("RequestContext");
-        d.field("resolution", &self.resolution)
-            .field("client_ip", &self.client_ip)
-            .field("request_id", &self.request_id);
-        #[cfg(feature = "quota")]
-        d.field("quota", &self.quota);
-        d.finish()
     }
 }
 

@@ -117,11 +117,8 @@ impl KeyGate {
     /// settled (in the [`RequestContext`]), else the peer address (through trusted proxies'
     /// forwarded headers), memoized in the context. `None` when unknown.
     pub fn client_ip<B>(&self, req: &mut Request<B>) -> Option<IpAddr> {
-        if let Some(ip) = RequestContext::of(req.extensions()).and_then(RequestContext::client_ip) {
+        if let Some(ip) = crate::client_ip::settled_earlier(req) {
             return Some(ip);
-        }
-        if let Some(crate::client_ip::ClientIp(ip)) = req.extensions().get() {
-            return Some(*ip);
         }
         let ip = self.inner.proxies.client_ip(req)?;
         RequestContext::of_mut(req.extensions_mut()).set_client_ip(ip);
