@@ -326,6 +326,7 @@ impl Resolver {
         }
     }
 
+    #[cfg(feature = "ip-allow")]
     pub(crate) fn gate(&self) -> Option<&KeyGate> {
         match self {
             Resolver::Hub(gate) => Some(gate),
