@@ -4,7 +4,8 @@
 //! The peer address is read from the request's extensions, where servers put it:
 //! axum's `ConnectInfo<SocketAddr>` (feature `axum`; serve with
 //! `into_make_service_with_connect_info::<SocketAddr>()`), tonic's `TcpConnectInfo` (feature
-//! `tonic`), or a plain [`SocketAddr`] extension (plain hyper: insert it yourself per
+//! `tonic`) or, behind tonic's TLS server, its `TlsConnectInfo<TcpConnectInfo>` (feature
+//! `tonic-tls`), or a plain [`SocketAddr`] extension (plain hyper: insert it yourself per
 //! connection). IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`) are treated as IPv4.
 //!
 //! `X-Forwarded-For` and RFC 7239 `Forwarded` are believed only when the peer is a
@@ -56,6 +57,14 @@ pub fn peer_addr<B>(req: &Request<B>) -> Option<IpAddr> {
     if let Some(addr) = ext
         .get::<tonic::transport::server::TcpConnectInfo>()
         .and_then(|i| i.remote_addr())
+    {
+        return Some(addr.ip().to_canonical());
+    }
+    // tonic's TLS server records the TCP peer inside its TLS connection info.
+    #[cfg(feature = "tonic-tls")]
+    if let Some(addr) = ext
+        .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
+        .and_then(|i| i.get_ref().remote_addr())
     {
         return Some(addr.ip().to_canonical());
     }

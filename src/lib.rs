@@ -41,6 +41,8 @@
 //! - `quota`: `QuotaLayer` (per-key allowances).
 //! - `audit`: `AuditLayer` (one event per request).
 //! - `axum`: the [`Authenticated`] extractor.
+//! - `tonic-tls`: also read tonic's `TlsConnectInfo` (client address and TLS transport behind
+//!   tonic's TLS server; see [`transport`]).
 //! - `full`: everything.
 //! - `sql`: `sql::SqlStore`, the SQLite and PostgreSQL key store (crate `keygate-sql`).
 //! - `redis`: `redis::RedisRateLimiter`, `redis::RedisUsageStore` and key-change
@@ -93,6 +95,7 @@ pub mod reject;
 pub mod stack;
 #[cfg(any(feature = "rate-limit", feature = "quota"))]
 mod traffic;
+pub mod transport;
 
 #[cfg(feature = "audit")]
 pub mod audit;

@@ -16,6 +16,11 @@
 //!   owner-only, never overwritten); it prints the key too only when standard output is a
 //!   terminal. URLs with passwords belong in the environment or in a file
 //!   (`KEYGATE_DATABASE_URL_FILE`, `KEYGATE_REDIS_URL_FILE`), not on the command line.
+//! - HTTPS: `--tls-cert cert.pem --tls-key key.pem` (PEM; read again on SIGHUP: new
+//!   connections get the new certificate, open ones are not dropped, a failed reload keeps
+//!   the old one), or `--tls-self-signed` (a certificate made at start for local use; its
+//!   SHA-256 fingerprint is printed). Requests served over TLS carry
+//!   `keygate::transport::TlsConnection`.
 //! - Connections: `--header-read-timeout` (10 s), `--idle-timeout` (60 s) and
 //!   `--max-connections` (1,024) bound what slow or idle clients can hold.
 //! - Audit events go to a hash-chained JSON Lines log: `--audit-log keygate-audit.jsonl`
@@ -121,6 +126,18 @@ struct Args {
     /// The most connections held at once; more wait in the listen backlog until one closes.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_connections: u64,
+    /// Serve HTTPS with this PEM certificate chain (the server's certificate first); needs
+    /// `--tls-key`. Both files are read again on SIGHUP: new connections get the new
+    /// certificate, open ones are not dropped.
+    #[arg(long, requires = "tls_key", conflicts_with = "tls_self_signed")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert` (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve HTTPS with a certificate made at start (for `localhost`, 127.0.0.1, ::1 and the
+    /// `--listen` host), for local use; its SHA-256 fingerprint is printed.
+    #[arg(long)]
+    tls_self_signed: bool,
 }
 
 /// The file stem of the audit log when `--audit-log` names a directory.
@@ -152,6 +169,53 @@ fn audit_location(path: &Path) -> Result<(PathBuf, String), String> {
         ));
     }
     Ok((dir, stem.to_owned()))
+}
+
+/// The TLS settings the flags ask for: `--tls-cert`/`--tls-key`, `--tls-self-signed`, or
+/// none (plain HTTP).
+fn tls_from(args: &Args) -> Result<Option<server::tls::Tls>, String> {
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        return server::tls::Tls::from_files(cert, key).map(Some);
+    }
+    if !args.tls_self_signed {
+        return Ok(None);
+    }
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    // The --listen host too (a name or an address; an IPv6 one is in brackets).
+    if let Some((host, _port)) = args.listen.rsplit_once(':') {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if !host.is_empty() && !names.iter().any(|n| n == host) {
+            names.push(host.to_owned());
+        }
+    }
+    server::tls::Tls::self_signed(&names).map(|(tls, _pem)| Some(tls))
+}
+
+/// Reloads the certificate and key files on every SIGHUP; a failed reload keeps the
+/// certificate in use and says why on stderr.
+async fn reload_on_sighup(tls: server::tls::Tls) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            eprintln!("warning: cannot listen for SIGHUP: the certificate will not be reloaded");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match tls.reload() {
+                Ok(fp) => println!("TLS certificate reloaded; SHA-256 fingerprint: {fp}"),
+                Err(e) => {
+                    eprintln!("warning: TLS reload failed, keeping the certificate in use: {e}")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tls;
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -255,6 +319,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         "Redis",
     )?;
     let listener = listen(&args.listen).await?;
+    // TLS before anything is created, so a bad certificate leaves nothing behind.
+    let tls = tls_from(&args)?;
 
     // Keys: the SQL store, followed so changes made elsewhere reach this server's cache.
     let store = SqlStore::open(&database_url).await.map_err(|e| {
@@ -340,7 +406,14 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let app = server::build(opts)?;
 
     let addr = listener.local_addr()?;
-    println!("keygate vector_db listening on http://{addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("keygate vector_db listening on {scheme}://{addr}");
+    if let Some(tls) = &tls {
+        println!("TLS certificate SHA-256 fingerprint: {}", tls.fingerprint());
+        if args.tls_cert.is_some() {
+            println!("SIGHUP reloads the certificate and key files");
+        }
+    }
     println!("keys: {} ({})", redact(&database_url), store.backend());
     println!(
         "audit log: {}",
@@ -395,7 +468,14 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         idle_timeout: std::time::Duration::from_secs(args.idle_timeout),
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
     };
-    server::serve::serve(listener, app.router, limits, shutdown_signal(), None).await?;
+    match tls {
+        Some(tls) => {
+            let _reloads = tokio::spawn(reload_on_sighup(tls.clone()));
+            server::serve::serve_tls(listener, app.router, limits, shutdown_signal(), None, tls)
+                .await?
+        }
+        None => server::serve::serve(listener, app.router, limits, shutdown_signal(), None).await?,
+    }
 
     // In-flight requests are done: flush what they counted and recorded.
     println!("shutting down: flushing quota usage and the audit log");

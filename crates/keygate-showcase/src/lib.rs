@@ -49,6 +49,7 @@ pub mod qdrant_extra;
 pub mod secrets;
 pub mod serve;
 pub mod store;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;

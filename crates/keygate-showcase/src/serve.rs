@@ -16,11 +16,14 @@ use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use keygate::transport::TlsConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
+
+use crate::tls::Tls;
 
 /// Connection limits (the showcase's `--header-read-timeout`, `--idle-timeout` and
 /// `--max-connections`).
@@ -57,6 +60,34 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     open: Option<Arc<std::sync::atomic::AtomicUsize>>,
 ) -> io::Result<()> {
+    accept_loop(listener, router, limits, shutdown, open, None).await
+}
+
+/// [`serve`] over TLS: each connection's handshake (which must finish within the header
+/// read timeout) goes through `tls`'s acceptor of the moment, and its requests carry
+/// [`TlsConnection`] as well as the peer address. The
+/// acceptor's certificate may be replaced while serving
+/// ([`Tls::reload`](crate::tls::Tls::reload)): new handshakes use the new one, open
+/// connections keep theirs.
+pub async fn serve_tls(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnLimits,
+    shutdown: impl Future<Output = ()>,
+    open: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    tls: Tls,
+) -> io::Result<()> {
+    accept_loop(listener, router, limits, shutdown, open, Some(tls)).await
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnLimits,
+    shutdown: impl Future<Output = ()>,
+    open: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    tls: Option<Tls>,
+) -> io::Result<()> {
     let max = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
     let permits = Arc::new(Semaphore::new(max));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -83,27 +114,46 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
         let open = open.clone();
+        // The acceptor in use now: a reload reaches the connections accepted after it.
+        let tls = tls.as_ref().map(Tls::acceptor);
         tokio::spawn(async move {
             let _permit = permit;
             let _counted = open.as_ref().map(|n| Counted::new(n.clone()));
-            let svc = router.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                req
-            });
-            let io = TokioIo::new(IdleIo::new(stream, limits.idle_timeout));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .serve_connection(io, TowerToHyperService::new(svc));
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = stop.wait_for(|s| *s) => {}
+            let io = IdleIo::new(stream, limits.idle_timeout);
+            match tls {
+                None => {
+                    let svc = router.map_request(
+                        move |mut req: hyper::Request<hyper::body::Incoming>| {
+                            req.extensions_mut().insert(ConnectInfo(peer));
+                            req
+                        },
+                    );
+                    connection(io, svc, limits, stop).await;
+                }
+                Some(acceptor) => {
+                    // A client that never finishes its handshake is cut like one that never
+                    // finishes its request head.
+                    let handshake =
+                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(io));
+                    let stream = tokio::select! {
+                        r = handshake => match r {
+                            Ok(Ok(s)) => s,
+                            _ => return,
+                        },
+                        _ = stop_wait(stop.clone()) => return,
+                    };
+                    let svc = router.map_request(
+                        move |mut req: hyper::Request<hyper::body::Incoming>| {
+                            req.extensions_mut().insert(ConnectInfo(peer));
+                            req.extensions_mut().insert(TlsConnection);
+                            req
+                        },
+                    );
+                    connection(stream, svc, limits, stop).await;
+                }
             }
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
         });
     }
     drop(listener);
@@ -111,6 +161,38 @@ pub async fn serve(
     // Every connection holds a permit until it closes.
     let _all = permits.acquire_many(max as u32).await;
     Ok(())
+}
+
+/// Resolves once the server stops.
+async fn stop_wait(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Serves HTTP/1.1 on one connection until it closes, or until the server stops (then the
+/// request in flight finishes first).
+async fn connection<I, S>(io: I, svc: S, limits: ConnLimits, stop: watch::Receiver<bool>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stop_wait(stop) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
 }
 
 /// Counts a connection in the shared counter while it lives.
