@@ -92,6 +92,7 @@ pub mod credentials;
 pub mod future;
 mod gate;
 pub mod reject;
+pub mod require_tls;
 pub mod stack;
 #[cfg(any(feature = "rate-limit", feature = "quota"))]
 mod traffic;

@@ -90,7 +90,8 @@ pub fn http_status(code: DenialCode) -> StatusCode {
     match code {
         DenialCode::InsufficientScope
         | DenialCode::ResourceForbidden
-        | DenialCode::IpNotAllowed => StatusCode::FORBIDDEN,
+        | DenialCode::IpNotAllowed
+        | DenialCode::InsecureTransport => StatusCode::FORBIDDEN,
         DenialCode::RateLimited | DenialCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
         DenialCode::CostExceedsLimit => StatusCode::PAYLOAD_TOO_LARGE,
         DenialCode::UnknownRoute => StatusCode::NOT_FOUND,

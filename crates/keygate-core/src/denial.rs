@@ -45,11 +45,15 @@ pub enum DenialCode {
     CostExceedsLimit,
     /// No rule of the route table knows this route (HTTP 404): not a permission problem.
     UnknownRoute,
+    /// A key arrived over plaintext (not TLS) from a peer that is not on this host, where
+    /// `RequireTls` is in force (HTTP 403): whoever could see the traffic may have the key,
+    /// so it is recorded as exposed (and may be disabled at once).
+    InsecureTransport,
 }
 
 impl DenialCode {
     /// Every code, in a stable order.
-    pub const ALL: [DenialCode; 15] = [
+    pub const ALL: [DenialCode; 16] = [
         DenialCode::MissingKey,
         DenialCode::MalformedKey,
         DenialCode::InvalidKey,
@@ -65,6 +69,7 @@ impl DenialCode {
         DenialCode::CorruptKey,
         DenialCode::CostExceedsLimit,
         DenialCode::UnknownRoute,
+        DenialCode::InsecureTransport,
     ];
 
     /// The stable text form (`missing_key`, `rate_limited`, ...).
@@ -85,6 +90,7 @@ impl DenialCode {
             DenialCode::CorruptKey => "corrupt_key",
             DenialCode::CostExceedsLimit => "cost_exceeds_limit",
             DenialCode::UnknownRoute => "unknown_route",
+            DenialCode::InsecureTransport => "insecure_transport",
         }
     }
 
@@ -135,6 +141,10 @@ impl DenialCode {
                  send a smaller request."
             }
             DenialCode::UnknownRoute => "No such route.",
+            DenialCode::InsecureTransport => {
+                "API keys must be sent over HTTPS; this key was sent in the clear and is \
+                 treated as exposed."
+            }
         }
     }
 }
@@ -296,7 +306,8 @@ mod tests {
                 "store_unavailable",
                 "corrupt_key",
                 "cost_exceeds_limit",
-                "unknown_route"
+                "unknown_route",
+                "insecure_transport"
             ]
         );
         assert_eq!(DenialCode::RevokedKey.public(), DenialCode::InvalidKey);

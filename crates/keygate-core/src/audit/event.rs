@@ -233,10 +233,14 @@ pub enum LifecycleAction {
     Enabled,
     /// The key's policies or descriptive fields changed.
     Updated,
+    /// The key was seen where others may have read it (sent over plaintext to a
+    /// `RequireTls` service): it should be rotated. Its status is unchanged by this event
+    /// (a `disabled` event follows when the policy disables exposed keys).
+    Exposed,
 }
 
 impl LifecycleAction {
-    /// `issued`, `rotated`, `revoked`, `disabled`, `enabled` or `updated`.
+    /// `issued`, `rotated`, `revoked`, `disabled`, `enabled`, `updated` or `exposed`.
     pub fn as_str(self) -> &'static str {
         match self {
             LifecycleAction::Issued => "issued",
@@ -245,6 +249,7 @@ impl LifecycleAction {
             LifecycleAction::Disabled => "disabled",
             LifecycleAction::Enabled => "enabled",
             LifecycleAction::Updated => "updated",
+            LifecycleAction::Exposed => "exposed",
         }
     }
 }
