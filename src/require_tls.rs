@@ -141,9 +141,10 @@ impl RequireTls {
         self
     }
 
-    /// The clock of the events' times (default: the system clock).
-    pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
+    /// The clock of the events' times (default: the system clock; give the hub's,
+    /// `gate.clock().clone()`, so events agree with the other layers').
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
         self
     }
 

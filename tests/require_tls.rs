@@ -100,7 +100,7 @@ async fn a_key_in_the_clear_is_refused_and_recorded_as_exposed() {
     let env = env().await;
     let check = RequireTls::new()
         .audit(Auditor::direct(env.sink.clone()))
-        .clock(env.clock.clone());
+        .clock(std::sync::Arc::new(env.clock.clone()));
     let res = send(&env, check.clone(), request(REMOTE, Some(&env.key), false)).await;
     assert_eq!(res.status(), StatusCode::FORBIDDEN);
     assert_eq!(denial(&res), Some(DenialCode::InsecureTransport));

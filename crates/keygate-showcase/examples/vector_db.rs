@@ -20,7 +20,9 @@
 //!   connections get the new certificate, open ones are not dropped, a failed reload keeps
 //!   the old one), or `--tls-self-signed` (a certificate made at start for local use; its
 //!   SHA-256 fingerprint is printed). Requests served over TLS carry
-//!   `keygate::transport::TlsConnection`.
+//!   `keygate::transport::TlsConnection`. `--require-tls` refuses a key sent in the clear
+//!   from off this host (403 `insecure_transport`, audited as `exposed`);
+//!   `--disable-exposed-keys` also disables it.
 //! - Connections: `--header-read-timeout` (10 s), `--idle-timeout` (60 s) and
 //!   `--max-connections` (1,024) bound what slow or idle clients can hold.
 //! - Audit events go to a hash-chained JSON Lines log: `--audit-log keygate-audit.jsonl`
@@ -138,6 +140,13 @@ struct Args {
     /// `--listen` host), for local use; its SHA-256 fingerprint is printed.
     #[arg(long)]
     tls_self_signed: bool,
+    /// Refuse a key sent without TLS from a peer off this host (403 `insecure_transport`)
+    /// and record it as exposed in the audit log.
+    #[arg(long)]
+    require_tls: bool,
+    /// With `--require-tls`: also disable each key refused that way, at once.
+    #[arg(long, requires = "require_tls")]
+    disable_exposed_keys: bool,
 }
 
 /// The file stem of the audit log when `--audit-log` names a directory.
@@ -385,6 +394,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // Quota counters in the same database (batched, flushed every second and at shutdown),
     // where `keygate usage` reads them.
     let mut opts = server::Options::new(verifier, auditor.clone());
+    opts.require_tls = args.require_tls;
+    opts.disable_exposed = args.disable_exposed_keys;
     opts.usage = Arc::new(store.usage_store());
     if let Some(r) = &redis {
         opts.rate_backend = Some(Arc::new(RedisRateLimiter::new(r)));

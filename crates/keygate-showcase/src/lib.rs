@@ -7,6 +7,8 @@
 //!    path is replaced by its collection before routing, so every layer below checks (and
 //!    the audit records) the real collection. Without aliases it reads one atomic flag.
 //! 1. `AuditLayer`: one event per request, denied ones included, into the auditor.
+//!    With [`Options::require_tls`], `RequireTls` right inside it: a key sent without TLS
+//!    from off this host is refused (`403 insecure_transport`) and recorded as exposed.
 //! 2. [`body::admit`]: a body's size must be announced (`Content-Length`, else 411) and fit
 //!    the route ([`body::route_cap`], else 413), before anything of it is read.
 //! 3. The bytes rate limit: a `RateLimitLayer` with the same policies as the next one,
@@ -58,11 +60,13 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{Method, StatusCode};
 use axum::routing::{delete, get, post, put};
 use axum::Router;
+use keygate::check::CheckLayer;
 use keygate::core::audit::Auditor;
 use keygate::core::usage::{MemoryUsageStore, UsageStore};
 use keygate::ip::{IpAllowLayer, IpPolicy};
 use keygate::quota::{Counting, QuotaConfig, QuotaHandle, QuotaLayer};
 use keygate::rate_limit::{LimiterClock, RateLimitConfig, RateLimitLayer};
+use keygate::require_tls::RequireTls;
 use keygate::scope::{RouteScopes, ScopeLayer};
 use keygate::{KeyGate, KeyId, KeyManager, QuotaWindow, RateLimitPolicy, Verifier};
 use keygate_admin::AdminApi;
@@ -154,6 +158,12 @@ pub struct Options {
     /// shared backend of its own (not the one of `rate_backend`: the two limits use the
     /// same policy names).
     pub bytes_rate_backend: Option<Arc<dyn keygate::core::rate::RateBackend>>,
+    /// Refuse keys sent without TLS from peers off this host (`403 insecure_transport`,
+    /// recorded as `exposed`): `keygate::require_tls::RequireTls`, right inside the audit
+    /// layer.
+    pub require_tls: bool,
+    /// With `require_tls`: also disable each key refused that way, at once.
+    pub disable_exposed: bool,
 }
 
 impl Options {
@@ -173,6 +183,8 @@ impl Options {
             anonymous_rate_limits: vec![RateLimitPolicy::per_second("anonymous", 10)],
             rate_backend: None,
             bytes_rate_backend: None,
+            require_tls: false,
+            disable_exposed: false,
         }
     }
 }
@@ -387,6 +399,21 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         extras: extras.clone(),
     };
 
+    let mut require_tls = RequireTls::new()
+        .audit(opts.auditor.clone())
+        .clock(gate.clock().clone());
+    if opts.disable_exposed {
+        require_tls = require_tls.disable_exposed(keys.clone());
+    }
+    // Off: the check is not in the stack at all.
+    // (The response mapped back to axum's body, so on and off have one type.)
+    let require_tls = opts.require_tls.then(|| {
+        ServiceBuilder::new()
+            .map_response(|r: axum::response::Response<_>| r.map(axum::body::Body::new))
+            .layer(CheckLayer::new(require_tls).with_gate(&gate))
+            .into_inner()
+    });
+
     let api = Router::new()
         .route("/collections", get(qdrant::list_collections))
         .route(
@@ -477,6 +504,7 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         .layer(
             ServiceBuilder::new()
                 .layer(gate.audit_layer(opts.auditor))
+                .option_layer(require_tls)
                 .layer(axum::middleware::from_fn_with_state(
                     vectors.clone(),
                     body::admit,

@@ -210,3 +210,151 @@ async fn unreadable_or_empty_files_are_refused_by_name() {
     let err = Tls::from_files(&empty, &empty).expect_err("empty");
     assert!(err.contains("no PEM certificate"), "{err}");
 }
+
+#[tokio::test]
+async fn requests_served_over_tls_carry_the_tls_extension() {
+    use axum::routing::get;
+    use keygate::transport::is_tls;
+    let probe = || {
+        axum::Router::new().route(
+            "/",
+            get(|req: axum::extract::Request| async move {
+                if is_tls(&req) {
+                    "tls"
+                } else {
+                    "plain"
+                }
+            }),
+        )
+    };
+    // Over TLS.
+    let (tls, pem) = Tls::self_signed(&["localhost".to_owned()]).expect("self-signed");
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let router = probe();
+    tokio::spawn(async move {
+        serve_tls(
+            listener,
+            router,
+            ConnLimits::default(),
+            std::future::pending(),
+            None,
+            tls,
+        )
+        .await
+        .expect("serve");
+    });
+    let (mut conn, _) = connect(&connector(&[&der]), addr).await;
+    conn.ready().await.expect("ready");
+    let res = conn
+        .send_request(
+            Request::get("/")
+                .header("host", "localhost")
+                .body(Full::new(Bytes::new()))
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"tls");
+
+    // In the clear.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let router = probe();
+    tokio::spawn(async move {
+        showcase_support::server::serve::serve(
+            listener,
+            router,
+            ConnLimits::default(),
+            std::future::pending(),
+            None,
+        )
+        .await
+        .expect("serve");
+    });
+    let r = call(addr, "GET", "/", None, None).await;
+    assert_eq!(r.text, "plain");
+}
+
+#[tokio::test]
+async fn the_showcase_with_require_tls_refuses_and_disables_a_key_sent_in_the_clear() {
+    use axum::extract::ConnectInfo;
+    use keygate::core::audit::LifecycleAction;
+    use keygate::transport::TlsConnection;
+    use tower::ServiceExt;
+    let w = World::with(|mut o| {
+        o.require_tls = true;
+        o.disable_exposed = true;
+        o
+    })
+    .await;
+    let (key, id) = w
+        .issue(serde_json::json!({"name": "reader", "scopes": ["collections:read"], "collections": ["*"]}))
+        .await;
+    let remote = SocketAddr::from(([203, 0, 113, 7], 50000));
+    let request = |tls: bool| {
+        let mut req = Request::get("/collections")
+            .header("api-key", &key)
+            .body(axum::body::Body::empty())
+            .expect("request");
+        req.extensions_mut().insert(ConnectInfo(remote));
+        if tls {
+            req.extensions_mut().insert(TlsConnection);
+        }
+        req
+    };
+    // Over TLS from afar: served.
+    let res = w
+        .app
+        .router
+        .clone()
+        .oneshot(request(true))
+        .await
+        .expect("ok");
+    assert_eq!(res.status(), StatusCode::OK);
+    // In the clear from afar: refused, recorded as exposed, disabled.
+    let res = w
+        .app
+        .router
+        .clone()
+        .oneshot(request(false))
+        .await
+        .expect("ok");
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("insecure_transport"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let exposed: Vec<_> = w
+        .sink
+        .events()
+        .iter()
+        .filter_map(|e| e.as_lifecycle().cloned())
+        .filter(|l| l.key_id.as_str() == id)
+        .map(|l| l.action)
+        .collect();
+    assert_eq!(
+        exposed,
+        [
+            LifecycleAction::Issued,
+            LifecycleAction::Exposed,
+            LifecycleAction::Disabled
+        ]
+    );
+    // Now disabled, even over TLS.
+    let res = w
+        .app
+        .router
+        .clone()
+        .oneshot(request(true))
+        .await
+        .expect("ok");
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    // The admin key over the real (loopback) socket is unaffected.
+    let r = w.admin("GET", "/collections", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+}
