@@ -89,6 +89,7 @@ mod context;
 #[cfg(any(feature = "rate-limit", feature = "quota"))]
 pub mod cost;
 pub mod credentials;
+pub mod deprecation;
 pub mod future;
 mod gate;
 pub mod reject;

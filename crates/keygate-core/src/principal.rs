@@ -30,6 +30,7 @@ pub struct Principal {
 struct Inner {
     key_id: KeyId,
     lineage_id: KeyId,
+    created_at: SystemTime,
     expires_at: Option<SystemTime>,
     prefix: Prefix,
     name: Arc<str>,
@@ -162,6 +163,7 @@ impl Principal {
             inner: Arc::new(Inner {
                 key_id: record.id,
                 lineage_id: record.lineage_id(),
+                created_at: record.created_at,
                 expires_at: record.expires_at,
                 prefix: record.prefix.clone(),
                 name: record.name.as_str().into(),
@@ -210,6 +212,11 @@ impl Principal {
     pub fn tenant_shared(&self) -> Option<&Arc<str>> {
         self.inner.attributes.get_shared("tenant")
     }
+    /// When the key was created (its rotation date is this plus the maximum key age).
+    pub fn created_at(&self) -> SystemTime {
+        self.inner.created_at
+    }
+
     /// When the key expires, if ever.
     pub fn expires_at(&self) -> Option<SystemTime> {
         self.inner.expires_at
