@@ -23,6 +23,8 @@
 //!   `keygate::transport::TlsConnection`. `--require-tls` refuses a key sent in the clear
 //!   from off this host (403 `insecure_transport`, audited as `exposed`);
 //!   `--disable-exposed-keys` also disables it.
+//! - Rotation notices: `--max-key-age 90d` and `--expiry-warning 14d`: a key due for
+//!   rotation or about to expire keeps working and answers with `Deprecation` and `Sunset`.
 //! - Connections: `--header-read-timeout` (10 s), `--idle-timeout` (60 s) and
 //!   `--max-connections` (1,024) bound what slow or idle clients can hold.
 //! - Audit events go to a hash-chained JSON Lines log: `--audit-log keygate-audit.jsonl`
@@ -147,6 +149,19 @@ struct Args {
     /// With `--require-tls`: also disable each key refused that way, at once.
     #[arg(long, requires = "require_tls")]
     disable_exposed_keys: bool,
+    /// Keys older than this (`90d`, `12h`) are due for rotation: they keep working, and
+    /// their responses carry `Deprecation` (RFC 9745) and, if they expire, `Sunset`
+    /// (RFC 8594).
+    #[arg(long, value_parser = parse_age)]
+    max_key_age: Option<std::time::Duration>,
+    /// Keys expiring within this window (`14d`) get the same fields.
+    #[arg(long, value_parser = parse_age)]
+    expiry_warning: Option<std::time::Duration>,
+}
+
+/// A duration as the CLI writes them (`90d`, `12h`, `30m`).
+fn parse_age(text: &str) -> Result<std::time::Duration, String> {
+    keygate::core::time::parse_duration(text).map_err(|e| e.to_string())
 }
 
 /// The file stem of the audit log when `--audit-log` names a directory.
@@ -396,6 +411,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut opts = server::Options::new(verifier, auditor.clone());
     opts.require_tls = args.require_tls;
     opts.disable_exposed = args.disable_exposed_keys;
+    opts.max_key_age = args.max_key_age;
+    opts.expiry_warning = args.expiry_warning;
     opts.usage = Arc::new(store.usage_store());
     if let Some(r) = &redis {
         opts.rate_backend = Some(Arc::new(RedisRateLimiter::new(r)));

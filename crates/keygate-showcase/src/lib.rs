@@ -9,6 +9,8 @@
 //! 1. `AuditLayer`: one event per request, denied ones included, into the auditor.
 //!    With [`Options::require_tls`], `RequireTls` right inside it: a key sent without TLS
 //!    from off this host is refused (`403 insecure_transport`) and recorded as exposed.
+//!    With [`Options::max_key_age`] / [`Options::expiry_warning`], `KeyDeprecation` next:
+//!    a key due for rotation or close to expiry answers with `Deprecation` and `Sunset`.
 //! 2. [`body::admit`]: a body's size must be announced (`Content-Length`, else 411) and fit
 //!    the route ([`body::route_cap`], else 413), before anything of it is read.
 //! 3. The bytes rate limit: a `RateLimitLayer` with the same policies as the next one,
@@ -63,6 +65,7 @@ use axum::Router;
 use keygate::check::CheckLayer;
 use keygate::core::audit::Auditor;
 use keygate::core::usage::{MemoryUsageStore, UsageStore};
+use keygate::deprecation::KeyDeprecation;
 use keygate::ip::{IpAllowLayer, IpPolicy};
 use keygate::quota::{Counting, QuotaConfig, QuotaHandle, QuotaLayer};
 use keygate::rate_limit::{LimiterClock, RateLimitConfig, RateLimitLayer};
@@ -164,6 +167,11 @@ pub struct Options {
     pub require_tls: bool,
     /// With `require_tls`: also disable each key refused that way, at once.
     pub disable_exposed: bool,
+    /// Keys older than this are due for rotation: their responses carry `Deprecation` (and
+    /// `Sunset` when they expire). `keygate::deprecation::KeyDeprecation`.
+    pub max_key_age: Option<Duration>,
+    /// Keys expiring within this window get the same fields.
+    pub expiry_warning: Option<Duration>,
 }
 
 impl Options {
@@ -185,6 +193,8 @@ impl Options {
             bytes_rate_backend: None,
             require_tls: false,
             disable_exposed: false,
+            max_key_age: None,
+            expiry_warning: None,
         }
     }
 }
@@ -414,6 +424,20 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
             .into_inner()
     });
 
+    let mut deprecation = KeyDeprecation::new(gate.clock().clone());
+    if let Some(age) = opts.max_key_age {
+        deprecation = deprecation.max_age(age);
+    }
+    if let Some(window) = opts.expiry_warning {
+        deprecation = deprecation.warn_before_expiry(window);
+    }
+    let deprecation = (opts.max_key_age.is_some() || opts.expiry_warning.is_some()).then(|| {
+        ServiceBuilder::new()
+            .map_response(|r: axum::response::Response<_>| r.map(axum::body::Body::new))
+            .layer(CheckLayer::new(deprecation).with_gate(&gate))
+            .into_inner()
+    });
+
     let api = Router::new()
         .route("/collections", get(qdrant::list_collections))
         .route(
@@ -505,6 +529,7 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
             ServiceBuilder::new()
                 .layer(gate.audit_layer(opts.auditor))
                 .option_layer(require_tls)
+                .option_layer(deprecation)
                 .layer(axum::middleware::from_fn_with_state(
                     vectors.clone(),
                     body::admit,
