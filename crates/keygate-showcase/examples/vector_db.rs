@@ -68,7 +68,6 @@ use keygate_showcase as server;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use clap::Parser;
 use keygate::core::audit::{AggregateSink, Auditor, ChainKey, FileSink, TeeSink};
 use keygate::quota::Counting;
 use keygate::redis::{
@@ -78,7 +77,7 @@ use keygate::sql::SqlStore;
 use keygate::{KeyFilter, KeySpec, Verifier};
 
 /// A vector database (a subset of Qdrant's REST API) behind keygate.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(name = "vector_db", version)]
 struct Args {
     /// The address to listen on: `HOST:PORT`, the host an IP address or a name to resolve
@@ -220,47 +219,59 @@ fn tls_from(args: &Args) -> Result<Option<server::tls::Tls>, String> {
 }
 
 /// Reloads the certificate and key files on every SIGHUP; a failed reload keeps the
-/// certificate in use and says why on stderr.
-async fn reload_on_sighup(tls: server::tls::Tls) {
+/// certificate in use and says why on stderr. The handler is installed when this is called
+/// (before `ready`), so an early SIGHUP does not end the process.
+fn reload_on_sighup(tls: server::tls::Tls) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            eprintln!("warning: cannot listen for SIGHUP: the certificate will not be reloaded");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            match tls.reload() {
-                Ok(fp) => println!("TLS certificate reloaded; SHA-256 fingerprint: {fp}"),
-                Err(e) => {
-                    eprintln!("warning: TLS reload failed, keeping the certificate in use: {e}")
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    async move {
+        #[cfg(unix)]
+        {
+            let Ok(mut hup) = hup else {
+                eprintln!(
+                    "warning: cannot listen for SIGHUP: the certificate will not be reloaded"
+                );
+                return;
+            };
+            while hup.recv().await.is_some() {
+                match tls.reload() {
+                    Ok(fp) => println!("TLS certificate reloaded; SHA-256 fingerprint: {fp}"),
+                    Err(e) => {
+                        eprintln!("warning: TLS reload failed, keeping the certificate in use: {e}")
+                    }
                 }
             }
         }
+        #[cfg(not(unix))]
+        let _ = tls;
     }
-    #[cfg(not(unix))]
-    let _ = tls;
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on Ctrl-C or SIGTERM. The SIGTERM handler is installed when this is called
+/// (before `ready` is printed), not when the future is first polled, so a SIGTERM sent
+/// right after `ready` is a graceful shutdown rather than the default (immediate) exit.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    async move {
+        let ctrl_c = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        #[cfg(unix)]
+        let term = async move {
+            match term {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            () = ctrl_c => {},
+            () = term => {},
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
     }
 }
 
@@ -326,7 +337,17 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             )
             .init();
     }
-    let args = Args::parse();
+    let matches = <Args as clap::CommandFactory>::command().get_matches();
+    let args = <Args as clap::FromArgMatches>::from_arg_matches(&matches)?;
+    // Passwords never from the command line (`ps` shows arguments to every user).
+    let from_argv =
+        |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+    if let (Some(url), true) = (&args.database_url, from_argv("database_url")) {
+        server::secrets::refuse_password_argument(url, "--database-url", "KEYGATE_DATABASE_URL")?;
+    }
+    if let (Some(url), true) = (&args.redis_url, from_argv("redis_url")) {
+        server::secrets::refuse_password_argument(url, "--redis-url", "KEYGATE_REDIS_URL")?;
+    }
     let (audit_dir, audit_stem) = audit_location(&args.audit_log)?;
     // The pepper (KEYGATE_PEPPER or an owner-only KEYGATE_PEPPER_FILE), checked against
     // the fingerprint the database recorded at first use once the store is open.
@@ -489,6 +510,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         "another admin key (if this one is lost): keygate --database-url {} keys create --name admin --scope '*' --collection '*'",
         shell_word(&redact(&database_url))
     );
+    let shutdown = shutdown_signal();
+    // Only files can be reloaded (a self-signed certificate has none).
+    let reloads = match (&tls, &args.tls_cert) {
+        (Some(tls), Some(_)) => Some(tokio::spawn(reload_on_sighup(tls.clone()))),
+        _ => None,
+    };
     println!("ready");
 
     let limits = server::serve::ConnLimits {
@@ -498,13 +525,14 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     };
     match tls {
         Some(tls) => {
-            let _reloads = tokio::spawn(reload_on_sighup(tls.clone()));
-            server::serve::serve_tls(listener, app.router, limits, shutdown_signal(), None, tls)
-                .await?
+            server::serve::serve_tls(listener, app.router, limits, shutdown, None, tls).await?
         }
-        None => server::serve::serve(listener, app.router, limits, shutdown_signal(), None).await?,
+        None => server::serve::serve(listener, app.router, limits, shutdown, None).await?,
     }
 
+    if let Some(r) = reloads {
+        r.abort();
+    }
     // In-flight requests are done: flush what they counted and recorded.
     println!("shutting down: flushing quota usage and the audit log");
     if let Err(e) = app.quota.flush().await {

@@ -13,9 +13,23 @@ pub fn redact(url: &str) -> String {
     keygate::core::redact_url(url)
 }
 
-/// Reads a URL from `path` (one line; surrounding whitespace is dropped). The error names
-/// the file, never its contents.
+/// Reads a URL from `path` (one line; surrounding whitespace is dropped). A file every
+/// user may read (mode `o+r`) is refused: it holds a password. The error names the file,
+/// never its contents.
 pub fn read_url_file(path: &Path, what: &str) -> Result<String, String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| format!("cannot read {what} from {}: {e}", path.display()))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o004 != 0 {
+            return Err(format!(
+                "{} can be read by every user (mode {mode:o}): it may hold a password; make it owner-only first (chmod 600, or a secret mount with mode 0400)",
+                path.display()
+            ));
+        }
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {what} from {}: {e}", path.display()))?;
     let url = text.trim();
@@ -43,6 +57,18 @@ pub fn url_from(
         (None, Some(f)) => read_url_file(f, &format!("the {what} URL")).map(Some),
         (None, None) => Ok(None),
     }
+}
+
+/// Refuses a URL with a password given on the command line (`what` names the flag):
+/// `ps` and shell histories show arguments to every user. The environment or a file
+/// (`*_FILE`) carries it instead. The error never quotes the URL.
+pub fn refuse_password_argument(url: &str, flag: &str, env: &str) -> Result<(), String> {
+    if redact(url) == url {
+        return Ok(());
+    }
+    Err(format!(
+        "{flag} carries a password on the command line, where `ps` shows it to every user: put the URL in {env} or in a file named by {env}_FILE"
+    ))
 }
 
 /// A file created for a secret: owner-only (0600 on Unix), never one that already existed.

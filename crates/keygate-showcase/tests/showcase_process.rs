@@ -966,9 +966,27 @@ async fn urls_are_hidden_from_help_and_errors_and_can_come_from_files() {
         "{stdout}{stderr}"
     );
 
-    // The URL from a file (the way to keep a password off the command line).
+    // The URL from a file (the way to keep a password off the command line): owner-only.
     let url_file = dir.path().join("db.url");
     std::fs::write(&url_file, "sqlite://from-file.db\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (ok, _, stderr) = run_to_exit(
+            &bin,
+            dir.path(),
+            &["--listen", "127.0.0.1:0"],
+            &[("KEYGATE_DATABASE_URL_FILE", url_file.to_str().unwrap())],
+        )
+        .await;
+        assert!(!ok, "a world-readable URL file was used");
+        assert!(
+            stderr.contains("can be read by every user (mode 644)") && stderr.contains("chmod 600"),
+            "{stderr}"
+        );
+        assert!(!dir.path().join("from-file.db").exists());
+        std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let server = start_with(
         &bin,
         dir.path(),
@@ -980,4 +998,202 @@ async fn urls_are_hidden_from_help_and_errors_and_can_come_from_files() {
     assert!(dir.path().join("from-file.db").exists());
     assert!(!dir.path().join("keygate.db").exists());
     server.terminate().await;
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn passwords_are_refused_on_the_command_line_and_created_files_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(bin) = binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        ["--database-url", "postgres://app:s3cretpw@127.0.0.1:1/db"],
+        ["--redis-url", "redis://:s3cretpw@127.0.0.1:1"],
+    ] {
+        let mut all = vec!["--listen", "127.0.0.1:0"];
+        all.extend(args);
+        let (ok, stdout, stderr) = run_to_exit(&bin, dir.path(), &all, &[]).await;
+        assert!(!ok, "started with a password in {args:?}");
+        assert!(
+            stderr.contains("carries a password on the command line") && stderr.contains("_FILE"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("s3cretpw") && !stdout.contains("s3cretpw"));
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+            "nothing created"
+        );
+    }
+    // Without a password the flag is fine; everything the showcase creates is owner-only.
+    let server = start_with(
+        &bin,
+        dir.path(),
+        &["--database-url", "sqlite://keys.db"],
+        &[],
+    )
+    .await;
+    assert!(server.admin_key.is_some());
+    let rest = server.terminate().await;
+    assert!(written(&rest) > 0);
+    let mode = |name: &str| {
+        std::fs::metadata(dir.path().join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    for name in [
+        "keys.db",
+        "keygate-audit-000001.jsonl",
+        "keygate-audit.checkpoint",
+        "keygate-audit.key",
+        "keygate-admin.key",
+    ] {
+        assert_eq!(mode(name), 0o600, "{name}");
+    }
+}
+
+/// A client config trusting exactly `roots`.
+fn tls_client(roots: &[&rustls::pki_types::CertificateDer<'static>]) -> tokio_rustls::TlsConnector {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add((*r).clone()).expect("root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+/// `GET /collections` with `key` over a new HTTPS connection: the status and the
+/// certificate the server presented.
+async fn https_get(
+    tls: &tokio_rustls::TlsConnector,
+    addr: std::net::SocketAddr,
+    key: &str,
+) -> (StatusCode, rustls::pki_types::CertificateDer<'static>) {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let stream = tls.connect(name, tcp).await.expect("TLS handshake");
+    let cert = stream.get_ref().1.peer_certificates().expect("certs")[0]
+        .clone()
+        .into_owned();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("HTTP handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get("/collections")
+        .header("host", "localhost")
+        .header("api-key", key)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let res = sender.send_request(req).await.expect("response");
+    let status = res.status();
+    res.into_body().collect().await.expect("body");
+    (status, cert)
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn https_from_pem_files_reloaded_on_sighup() {
+    let Some(bin) = binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let make = || {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        (
+            c.cert.pem(),
+            c.key_pair.serialize_pem(),
+            c.cert.der().clone(),
+        )
+    };
+    let (a_pem, a_key, a_der) = make();
+    let (b_pem, b_key, b_der) = make();
+    std::fs::write(dir.path().join("cert.pem"), &a_pem).unwrap();
+    std::fs::write(dir.path().join("key.pem"), &a_key).unwrap();
+    let mut child = Command::new(&bin)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            "cert.pem",
+            "--tls-key",
+            "key.pem",
+        ])
+        .current_dir(dir.path())
+        .env_remove("KEYGATE_DATABASE_URL")
+        .env_remove("KEYGATE_DATABASE_URL_FILE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut addr = None;
+    let mut fingerprint = None;
+    let ready = async {
+        while let Some(line) = out.next_line().await.expect("stdout") {
+            if let Some(a) = line.strip_prefix("keygate vector_db listening on https://") {
+                addr = Some(a.parse::<std::net::SocketAddr>().expect("address"));
+            }
+            if let Some(f) = line.strip_prefix("TLS certificate SHA-256 fingerprint: ") {
+                fingerprint = Some(f.to_owned());
+            }
+            if line == "ready" {
+                return;
+            }
+        }
+        panic!("exited before ready");
+    };
+    tokio::time::timeout(Duration::from_secs(60), ready)
+        .await
+        .expect("ready within 60 s");
+    let addr = addr.expect("an https address");
+    use keygate_showcase::tls::fingerprint as fp;
+    assert_eq!(fingerprint.as_deref(), Some(fp(&a_der).as_str()));
+    let admin = std::fs::read_to_string(dir.path().join("keygate-admin.key")).unwrap();
+    let client = tls_client(&[&a_der, &b_der]);
+    let (status, cert) = https_get(&client, addr, admin.trim_end()).await;
+    assert_eq!((status, &cert), (StatusCode::OK, &a_der));
+
+    // New files, then SIGHUP: the process says so, and new connections get the new one.
+    std::fs::write(dir.path().join("cert.pem"), &b_pem).unwrap();
+    std::fs::write(dir.path().join("key.pem"), &b_key).unwrap();
+    let pid = child.id().expect("running").to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .await
+        .unwrap()
+        .success());
+    let reloaded = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = out.next_line().await.expect("stdout") {
+            if let Some(f) = line.strip_prefix("TLS certificate reloaded; SHA-256 fingerprint: ") {
+                return f.to_owned();
+            }
+        }
+        panic!("exited instead of reloading");
+    })
+    .await
+    .expect("reloaded within 30 s");
+    assert_eq!(reloaded, fp(&b_der));
+    let (status, cert) = https_get(&client, addr, admin.trim_end()).await;
+    assert_eq!((status, &cert), (StatusCode::OK, &b_der));
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits")
+        .expect("wait");
+    assert!(status.success());
 }
