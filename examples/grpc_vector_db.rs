@@ -16,6 +16,10 @@
 //! cargo run --example grpc_vector_db --features full -- client search docs 0.1,0.8,0.1
 //! ```
 //!
+//! `--tls-cert cert.pem --tls-key key.pem` serves TLS (tonic's rustls server; build with
+//! the `tonic-tls` feature, which `full` includes): keygate then reads the client address
+//! from tonic's `TlsConnectInfo`, so per-key IP lists work behind TLS too.
+//!
 //! Ctrl-C or SIGTERM shuts it down gracefully: calls in flight finish, then quota counts and
 //! audit events are flushed.
 //!
@@ -702,6 +706,20 @@ pub async fn serve(
     db: VectorDb,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn Error + Send + Sync>> {
+    serve_tls(listener, protection, db, shutdown, None).await
+}
+
+/// [`serve`], over TLS when `tls` is given (tonic's rustls server). Its requests carry
+/// tonic's `TlsConnectInfo`, which keygate reads (feature `tonic-tls`) for the client
+/// address of the IP layer and for `RequireTls`. tonic's TLS configuration is fixed once
+/// serving: a new certificate needs a restart (the REST showcase reloads on SIGHUP).
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    protection: Protection,
+    db: VectorDb,
+    shutdown: impl Future<Output = ()> + Send,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> Result<(), Box<dyn Error + Send + Sync>> {
     let Protection {
         gate,
         ip,
@@ -713,7 +731,11 @@ pub async fn serve(
     let usage = quota.handle();
     let rate = RateLimitLayer::new(&gate, rate_limit.cost(|h| point_cost(h.extensions())))?;
     let counter = gate.clone();
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .timeout(CALL_TIMEOUT)
         .concurrency_limit_per_connection(MAX_STREAMS)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -959,7 +981,19 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         args.next();
         return client(args.collect()).await;
     }
-    let (listen, audit_dir) = parse_serve_args(args)?;
+    let (listen, audit_dir, tls_files) = parse_serve_args(args)?;
+    let tls = match &tls_files {
+        Some((cert, key)) => {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+            };
+            Some(tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(read(cert)?, read(key)?),
+            ))
+        }
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
 
     let store = MemoryStore::new();
     let gate = KeyGate::new(Verifier::new(store.clone()));
@@ -994,7 +1028,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     println!(
-        "keygate gRPC vector db listening on http://{addr} (service {})",
+        "keygate gRPC vector db listening on {scheme}://{addr} (service {})",
         pb::SERVICE
     );
     println!(
@@ -1011,7 +1045,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     }
     println!("try:  export KEYGATE_API_KEY={}", demo.expose_secret());
     println!("      cargo run --example grpc_vector_db --features full -- client create docs 3");
-    serve(listener, protection, VectorDb::new(), stop_signal()).await?;
+    serve_tls(listener, protection, VectorDb::new(), stop_signal(), tls).await?;
     let stats = auditor.shutdown().await;
     println!(
         "stopped; audit events written: {}, dropped: {}",
@@ -1043,11 +1077,15 @@ async fn stop_signal() {
     }
 }
 
+/// The PEM certificate chain and key of `--tls-cert` / `--tls-key`.
+type TlsFiles = (PathBuf, PathBuf);
+
 fn parse_serve_args(
     mut args: impl Iterator<Item = String>,
-) -> Result<(SocketAddr, Option<PathBuf>), String> {
+) -> Result<(SocketAddr, Option<PathBuf>, Option<TlsFiles>), String> {
     let mut listen: SocketAddr = ([127, 0, 0, 1], 50051).into();
     let mut audit_dir = None;
+    let (mut cert, mut key) = (None, None);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--listen" => {
@@ -1061,6 +1099,16 @@ fn parse_serve_args(
                     args.next().ok_or("--audit-dir needs a folder")?,
                 ));
             }
+            "--tls-cert" => {
+                cert = Some(PathBuf::from(
+                    args.next().ok_or("--tls-cert needs a PEM file")?,
+                ));
+            }
+            "--tls-key" => {
+                key = Some(PathBuf::from(
+                    args.next().ok_or("--tls-key needs a PEM file")?,
+                ));
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -1068,11 +1116,17 @@ fn parse_serve_args(
             other => return Err(format!("unknown argument {other:?}; try --help")),
         }
     }
-    Ok((listen, audit_dir))
+    let tls = match (cert, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => return Err("--tls-cert and --tls-key go together".into()),
+    };
+    Ok((listen, audit_dir, tls))
 }
 
 const USAGE: &str = "\
-usage: grpc_vector_db [--listen ADDR] [--audit-dir DIR]      serve (default 127.0.0.1:50051)
+usage: grpc_vector_db [--listen ADDR] [--audit-dir DIR] [--tls-cert PEM --tls-key PEM]
+                                                             serve (default 127.0.0.1:50051)
        grpc_vector_db client [--connect URL] COMMAND            call it, with $KEYGATE_API_KEY
 commands:
   create COLLECTION DIMENSION [cosine|dot|euclid]

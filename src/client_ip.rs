@@ -60,7 +60,9 @@ pub fn peer_addr<B>(req: &Request<B>) -> Option<IpAddr> {
     {
         return Some(addr.ip().to_canonical());
     }
-    // tonic's TLS server records the TCP peer inside its TLS connection info.
+    // tonic's own TLS server (`tls_config`) also inserts the TcpConnectInfo above; a stream
+    // of TLS connections accepted outside tonic (`serve_with_incoming` over tokio-rustls
+    // streams, to reload certificates) carries only this.
     #[cfg(feature = "tonic-tls")]
     if let Some(addr) = ext
         .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()

@@ -671,3 +671,83 @@ async fn each_tenant_has_its_own_share_of_memory() {
         .await
         .expect("umbrella fills its own share");
 }
+
+#[tokio::test]
+async fn over_tls_per_key_ip_lists_read_the_tls_peer() {
+    // The example served with tonic's TLS (`tls_config`), called by a tonic client that
+    // trusts the test certificate: per-key IP lists see the TCP peer (tonic 0.14 inserts its
+    // TcpConnectInfo beside TlsConnectInfo; keygate also reads the latter, for incoming
+    // streams of TLS connections accepted outside tonic).
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let (cert, key) = (made.cert.pem(), made.key_pair.serialize_pem());
+    let fx = Fixture::new();
+    let sink = MemorySink::new();
+    let protection = Protection {
+        gate: fx.gate.clone(),
+        ip: IpPolicy::new(),
+        rate_limit: RateLimitConfig::new()
+            .clock(LimiterClock::manual(fx.clock.clone()))
+            .default_policies([RateLimitPolicy::per_minute("default", 1_000)]),
+        quota: QuotaConfig::new(MemoryUsageStore::new()),
+        auditor: Auditor::direct(sink.clone()),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(&cert, &key));
+    tokio::spawn(async move {
+        example::serve_tls(
+            listener,
+            protection,
+            VectorDb::new(),
+            std::future::pending(),
+            Some(tls),
+        )
+        .await
+        .expect("grpc server");
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .expect("endpoint")
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .domain_name("localhost")
+                .ca_certificate(tonic::transport::Certificate::from_pem(&cert)),
+        )
+        .expect("client TLS")
+        .connect()
+        .await
+        .expect("TLS connect");
+    let mut client = VectorDbClient::new(channel);
+    let s = Server {
+        fx,
+        sink,
+        addr,
+        client: client.clone(),
+    };
+    let here = s
+        .key("here", ALL_SCOPES, |r| {
+            r.allowed_ips = vec!["127.0.0.0/8".parse().expect("CIDR")]
+        })
+        .await;
+    let away = s
+        .key("away", ALL_SCOPES, |r| {
+            r.allowed_ips = vec!["192.0.2.0/24".parse().expect("CIDR")]
+        })
+        .await;
+    client
+        .create_collection(req(create("docs", 2), Some(&here)))
+        .await
+        .expect("a loopback-pinned key works over TLS");
+    assert_status(
+        client
+            .search(req(search("docs", [1.0, 0.0]), Some(&away)))
+            .await,
+        Code::PermissionDenied,
+        "ip_not_allowed",
+    );
+    let event = s.sink.events().pop().expect("event");
+    let event = event.as_request().expect("request event");
+    assert_eq!(event.client_ip, Some([127, 0, 0, 1].into()));
+}
