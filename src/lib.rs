@@ -43,6 +43,7 @@
 //! - `axum`: the [`Authenticated`] extractor.
 //! - `tonic-tls`: also read tonic's `TlsConnectInfo` (client address and TLS transport behind
 //!   tonic's TLS server; see [`transport`]).
+//! - `metrics`: [`metrics::Metrics`], Prometheus counters fed from the audit events.
 //! - `full`: everything.
 //! - `sql`: `sql::SqlStore`, the SQLite and PostgreSQL key store (crate `keygate-sql`).
 //! - `redis`: `redis::RedisRateLimiter`, `redis::RedisUsageStore` and key-change
@@ -92,6 +93,8 @@ pub mod credentials;
 pub mod deprecation;
 pub mod future;
 mod gate;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod reject;
 pub mod require_tls;
 pub mod stack;

@@ -23,6 +23,9 @@
 //!   `keygate::transport::TlsConnection`. `--require-tls` refuses a key sent in the clear
 //!   from off this host (403 `insecure_transport`, audited as `exposed`);
 //!   `--disable-exposed-keys` also disables it.
+//! - Metrics: `GET /metrics` (Prometheus/OpenMetrics text, scope `metrics:read`): requests
+//!   by decision and denial code, key lifecycle changes; `--metrics-listen ADDR` also
+//!   serves it without a key on a listener of its own.
 //! - Rotation notices: `--max-key-age 90d` and `--expiry-warning 14d`: a key due for
 //!   rotation or about to expire keeps working and answers with `Deprecation` and `Sunset`.
 //! - Connections: `--header-read-timeout` (10 s), `--idle-timeout` (60 s) and
@@ -156,6 +159,10 @@ struct Args {
     /// Keys expiring within this window (`14d`) get the same fields.
     #[arg(long, value_parser = parse_age)]
     expiry_warning: Option<std::time::Duration>,
+    /// Also serve `/metrics` without a key on this address (`127.0.0.1:9464`): for a
+    /// scraper on a private network. On the main listener it needs `metrics:read`.
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 /// A duration as the CLI writes them (`90d`, `12h`, `30m`).
@@ -364,6 +371,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         "Redis",
     )?;
     let listener = listen(&args.listen).await?;
+    let metrics_listener = match &args.metrics_listen {
+        Some(addr) => Some(listen(addr).await?),
+        None => None,
+    };
     // TLS before anything is created, so a bad certificate leaves nothing behind.
     let tls = tls_from(&args)?;
 
@@ -425,7 +436,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .open()?;
     let sink = AggregateSink::new(TeeSink::lifecycle(file, store.audit_sink()?))
         .window(std::time::Duration::from_secs(args.audit_window));
-    let auditor = Auditor::spawn(sink)?;
+    // Metrics count every event before denials are folded into summaries.
+    let metrics = keygate::metrics::Metrics::new();
+    let auditor = Auditor::spawn(TeeSink::new(metrics.clone(), sink))?;
 
     // Quota counters in the same database (batched, flushed every second and at shutdown),
     // where `keygate usage` reads them.
@@ -433,6 +446,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     opts.require_tls = args.require_tls;
     opts.disable_exposed = args.disable_exposed_keys;
     opts.max_key_age = args.max_key_age;
+    opts.metrics = Some(metrics.clone());
     opts.expiry_warning = args.expiry_warning;
     opts.usage = Arc::new(store.usage_store());
     if let Some(r) = &redis {
@@ -510,6 +524,16 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         "another admin key (if this one is lost): keygate --database-url {} keys create --name admin --scope '*' --collection '*'",
         shell_word(&redact(&database_url))
     );
+    if let Some(l) = metrics_listener {
+        println!(
+            "metrics without a key on http://{}/metrics",
+            l.local_addr()?
+        );
+        let router = metrics.router::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(l, router).await;
+        });
+    }
     let shutdown = shutdown_signal();
     // Only files can be reloaded (a self-signed certificate has none).
     let reloads = match (&tls, &args.tls_cert) {

@@ -172,6 +172,10 @@ pub struct Options {
     pub max_key_age: Option<Duration>,
     /// Keys expiring within this window get the same fields.
     pub expiry_warning: Option<Duration>,
+    /// Prometheus counters, served at `GET /metrics` behind the layers (scope
+    /// `metrics:read`). They count what reaches them as an audit sink: put the same
+    /// `Metrics` in the auditor's pipeline.
+    pub metrics: Option<keygate::metrics::Metrics>,
 }
 
 impl Options {
@@ -195,6 +199,7 @@ impl Options {
             disable_exposed: false,
             max_key_age: None,
             expiry_warning: None,
+            metrics: None,
         }
     }
 }
@@ -304,6 +309,7 @@ pub fn routes() -> Result<RouteScopes, keygate::scope::InvalidRule> {
             "/collections/{collection}/points/{id}",
             "points:read",
         )
+        .route("GET", "/metrics", "metrics:read")
         .route("*", "/admin/keys", "keys:admin")
         .route("*", "/admin/keys/{id}", "keys:admin")
         .route("*", "/admin/keys/{id}/{action}", "keys:admin")
@@ -438,7 +444,13 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
             .into_inner()
     });
 
+    let metrics_routes = match &opts.metrics {
+        Some(m) => m.router(),
+        None => Router::new(),
+    };
+
     let api = Router::new()
+        .merge(metrics_routes)
         .route("/collections", get(qdrant::list_collections))
         .route(
             "/collections/{collection}",
