@@ -6,7 +6,8 @@
 //! treats the key as exposed:
 //!
 //! - with [`RequireTls::audit`], it records a lifecycle event `exposed` naming the key
-//!   (id, name, owner), so the key can be found and rotated;
+//!   (id, name, owner), so the key can be found and rotated (one event per refused
+//!   request, until the key is disabled or rotated);
 //! - with [`RequireTls::disable_exposed`], it also disables the key at once (through the
 //!   [`KeyManager`], which records its own `disabled` event) before the refusal is sent.
 //!

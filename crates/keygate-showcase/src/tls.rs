@@ -158,13 +158,15 @@ impl Tls {
 
 /// The SHA-256 fingerprint of a DER certificate: 32 upper-case hex bytes joined by `:`.
 pub fn fingerprint(der: &[u8]) -> String {
+    use std::fmt::Write;
     let digest = Sha256::digest(der);
     let mut out = String::with_capacity(95);
     for (i, b) in digest.iter().enumerate() {
         if i > 0 {
             out.push(':');
         }
-        out.push_str(&format!("{b:02X}"));
+        // Writing into a String cannot fail.
+        let _ = write!(out, "{b:02X}");
     }
     out
 }
