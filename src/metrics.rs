@@ -8,7 +8,9 @@
 //! - `keygate_requests_total{decision, code}`: requests by decision (`allowed`, `denied`,
 //!   `error`, `cancelled`) and denial code (`none` when not denied);
 //! - `keygate_key_lifecycle_total{action}`: key changes (`issued`, `rotated`, `revoked`,
-//!   `disabled`, `enabled`, `updated`, `exposed`).
+//!   `disabled`, `enabled`, `updated`, `exposed`);
+//! - `keygate_request_duration_seconds{protocol}`: a histogram of each request's time from
+//!   the audit layer to its response head (`http` or `grpc`), the service's time included.
 //!
 //! Labels come from fixed sets (decisions, denial codes, actions): no key id, address or
 //! path becomes a label, so a client spraying keys cannot grow the registry.
@@ -35,9 +37,10 @@ use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::core::audit::{AuditError, AuditEvent, AuditSink, Decision};
+use crate::core::audit::{AuditError, AuditEvent, AuditSink, Decision, Transport};
 
 type Labels = Vec<(&'static str, &'static str)>;
 
@@ -51,6 +54,7 @@ struct Inner {
     registry: Registry,
     requests: Family<Labels, Counter>,
     lifecycle: Family<Labels, Counter>,
+    duration: Family<Labels, Histogram>,
 }
 
 impl fmt::Debug for Metrics {
@@ -93,11 +97,21 @@ impl Metrics {
             "Key lifecycle changes by action",
             lifecycle.clone(),
         );
+        // 0.5 ms to about 8 s.
+        let duration = Family::<Labels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.0005, 2.0, 15))) as fn() -> Histogram,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from the audit layer to the response head, by protocol",
+            duration.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
                 requests,
                 lifecycle,
+                duration,
             }),
         }
     }
@@ -140,6 +154,14 @@ impl AuditSink for Metrics {
                     .requests
                     .get_or_create(&vec![("decision", decision(r.decision)), ("code", code)])
                     .inc();
+                let protocol = match r.protocol {
+                    Transport::Http => "http",
+                    Transport::Grpc => "grpc",
+                };
+                self.inner
+                    .duration
+                    .get_or_create(&vec![("protocol", protocol)])
+                    .observe(r.latency.as_secs_f64());
             }
             AuditEvent::Lifecycle(l) => {
                 self.inner

@@ -11,7 +11,8 @@ use keygate::metrics::Metrics;
 use serde_json::json;
 use showcase_support::*;
 
-/// The `keygate_*` sample lines of a scrape: series (name and labels) to value.
+/// The `keygate_*` sample lines of a scrape with whole values (counters, histogram counts
+/// and buckets): series (name and labels) to value.
 fn samples(text: &str) -> BTreeMap<String, u64> {
     text.lines()
         .filter(|l| l.starts_with("keygate_"))
@@ -92,9 +93,21 @@ async fn a_scrape_sees_exactly_the_requests_sent() {
 
     let second = w.call("GET", "/metrics", Some(&scraper), None).await;
     let after = samples(&second.text);
-    // The first scrape itself was counted once it was answered: allowed.
+    let moved = delta(&before, &after);
+    // Each of the 7 requests (the first scrape's included) was timed once.
     assert_eq!(
-        delta(&before, &after),
+        moved.get(r#"keygate_request_duration_seconds_count{protocol="http"}"#),
+        Some(&7),
+        "{}",
+        second.text
+    );
+    // The first scrape itself was counted once it was answered: allowed.
+    let requests: BTreeMap<String, u64> = moved
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("keygate_requests_total"))
+        .collect();
+    assert_eq!(
+        requests,
         BTreeMap::from([
             (
                 r#"keygate_requests_total{decision="allowed",code="none"}"#.to_owned(),
