@@ -16,6 +16,10 @@
 //! costs two comparisons and writes nothing. Requests without a valid key are left to the
 //! layers that refuse them.
 //!
+//! Fuse it with the auth check in one service: `gate.stack().auth().check(KeyDeprecation::
+//! new(gate.clock().clone()).max_age(..))`, or wrap it alone in a
+//! [`CheckLayer`](crate::check::CheckLayer).
+//!
 //! The maximum age is one setting for every key; per role or per identity maximum ages are
 //! not supported yet.
 //!

@@ -168,3 +168,31 @@ async fn no_key_or_no_policy_writes_nothing() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!((deprecation, sunset), (None, None));
 }
+
+#[tokio::test]
+async fn fused_with_auth_in_one_stack() {
+    let env = env();
+    let key = env.key(Some(30)).await;
+    env.at_day(20);
+    let svc = ServiceBuilder::new()
+        .layer(env.gate.stack().auth().check(policy(&env)))
+        .service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
+    let req = |k: Option<&str>| {
+        let mut b = Request::get("/");
+        if let Some(k) = k {
+            b = b.header("x-api-key", k);
+        }
+        b.body(()).expect("request")
+    };
+    let res = svc
+        .clone()
+        .oneshot(req(Some(&key)))
+        .await
+        .expect("infallible");
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["deprecation"], "@1768608000");
+    assert_eq!(res.headers()["sunset"], "Sat, 31 Jan 2026 00:00:00 GMT");
+    let res = svc.oneshot(req(None)).await.expect("infallible");
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert!(res.headers().get("deprecation").is_none());
+}

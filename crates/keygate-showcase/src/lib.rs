@@ -9,8 +9,6 @@
 //! 1. `AuditLayer`: one event per request, denied ones included, into the auditor.
 //!    With [`Options::require_tls`], `RequireTls` right inside it: a key sent without TLS
 //!    from off this host is refused (`403 insecure_transport`) and recorded as exposed.
-//!    With [`Options::max_key_age`] / [`Options::expiry_warning`], `KeyDeprecation` next:
-//!    a key due for rotation or close to expiry answers with `Deprecation` and `Sunset`.
 //! 2. [`body::admit`]: a body's size must be announced (`Content-Length`, else 411) and fit
 //!    the route ([`body::route_cap`], else 413), before anything of it is read.
 //! 3. The bytes rate limit: a `RateLimitLayer` with the same policies as the next one,
@@ -29,7 +27,9 @@
 //!    would never reach it); it resolves the key through the hub itself. Every request
 //!    counts, including those another layer then refuses: rate limits protect capacity.
 //! 6. `ApiKeyAuthLayer`: 401 for missing, malformed, unknown, revoked, disabled and expired
-//!    keys (`Authorization: Bearer`, `X-API-Key`, or Qdrant's `api-key` header).
+//!    keys (`Authorization: Bearer`, `X-API-Key`, or Qdrant's `api-key` header). Fused with
+//!    it, `KeyDeprecation` ([`Options::max_key_age`], [`Options::expiry_warning`]): a key
+//!    due for rotation or close to expiry answers with `Deprecation` and `Sunset`.
 //! 7. `IpAllowLayer`: the key's own CIDR allowlist (403 `ip_not_allowed`).
 //! 8. `ScopeLayer` with the route table of [`routes`]: 403 `insufficient_scope` /
 //!    `resource_forbidden` (per-collection keys).
@@ -437,13 +437,6 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
     if let Some(window) = opts.expiry_warning {
         deprecation = deprecation.warn_before_expiry(window);
     }
-    let deprecation = (opts.max_key_age.is_some() || opts.expiry_warning.is_some()).then(|| {
-        ServiceBuilder::new()
-            .map_response(|r: axum::response::Response<_>| r.map(axum::body::Body::new))
-            .layer(CheckLayer::new(deprecation).with_gate(&gate))
-            .into_inner()
-    });
-
     let metrics_routes = match &opts.metrics {
         Some(m) => m.router(),
         None => Router::new(),
@@ -541,7 +534,6 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
             ServiceBuilder::new()
                 .layer(gate.audit_layer(opts.auditor))
                 .option_layer(require_tls)
-                .option_layer(deprecation)
                 .layer(axum::middleware::from_fn_with_state(
                     vectors.clone(),
                     body::admit,
@@ -560,6 +552,9 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
                 .layer(
                     gate.stack()
                         .auth()
+                        // Deprecation and Sunset for keys due for rotation (nothing when
+                        // neither age nor warning is set).
+                        .check(deprecation)
                         .ip(&IpAllowLayer::new(IpPolicy::new()))
                         .scope(&ScopeLayer::table(routes()?))
                         .quota(&quota),
