@@ -82,9 +82,9 @@ pub mod core {
     pub use keygate_core::{audit, rate, time, usage};
 }
 pub use keygate_core::{
-    redact_url, validate_resource_pattern, ApiKey, Attributes, Clock, Denial, DenialCode, Expiry,
-    InvalidDigest, InvalidKeyId, InvalidPolicy, InvalidPrefix, InvalidScope, InvalidSpec,
-    InvalidStatus, IssuedKey, KeyDigest, KeyFilter, KeyGenError, KeyHasher, KeyId,
+    redact_url, validate_resource_pattern, ApiKey, Attributes, ChangeHandler, Clock, Denial,
+    DenialCode, Expiry, InvalidDigest, InvalidKeyId, InvalidPolicy, InvalidPrefix, InvalidScope,
+    InvalidSpec, InvalidStatus, IssuedKey, KeyDigest, KeyFilter, KeyGenError, KeyHasher, KeyId,
     KeyIdHashBuilder, KeyIdHasher, KeyInfo, KeyListing, KeyManager, KeyManagerBuilder,
     KeyParseError, KeyParser, KeyRecord, KeySpec, KeyStatus, KeyStore, KeyUpdate, KnownScope,
     LifecycleError, Lookup, ManualClock, MemoryStore, ParsedKey, PendingLookup, PepperError,

@@ -42,7 +42,6 @@ pub use router::router;
 pub use routes::routes;
 pub use showcase::showcase;
 pub use spellings::spellings;
-pub use stack::stack;
 
 /// A target: its name and its body.
 pub type Target = (&'static str, fn(&[u8]));
@@ -57,7 +56,7 @@ pub const TARGETS: &[Target] = &[
     ("spellings", spellings),
     ("admin", admin),
     ("audit", audit),
-    ("stack", stack),
+    ("stack", stack::stack),
     ("showcase", showcase),
     ("router", router),
 ];
