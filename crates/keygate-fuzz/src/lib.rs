@@ -32,7 +32,7 @@ mod router;
 mod routes;
 mod showcase;
 mod spellings;
-pub mod stack;
+mod stack;
 
 pub use admin::admin;
 pub use audit::audit;
@@ -42,6 +42,7 @@ pub use router::router;
 pub use routes::routes;
 pub use showcase::showcase;
 pub use spellings::spellings;
+pub use stack::stack;
 
 /// A target: its name and its body.
 pub type Target = (&'static str, fn(&[u8]));
@@ -56,7 +57,7 @@ pub const TARGETS: &[Target] = &[
     ("spellings", spellings),
     ("admin", admin),
     ("audit", audit),
-    ("stack", stack::stack),
+    ("stack", stack),
     ("showcase", showcase),
     ("router", router),
 ];

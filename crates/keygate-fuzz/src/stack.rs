@@ -382,8 +382,9 @@ struct Outcome {
     denial: Option<DenialCode>,
 }
 
-/// A sequence of up to 12 requests through the stack in every [`ORDERS`] order (each over
-/// its own fresh world), checked against the reference model.
+/// A sequence of up to 12 requests through the stack in three layer orders (auth-ip-scope,
+/// scope-ip-auth, ip-auth-scope; each over its own fresh world), checked against the
+/// reference model.
 pub fn stack(data: &[u8]) {
     let Ok(reqs) = Vec::<Req>::arbitrary_take_rest(Unstructured::new(data)) else {
         return;
