@@ -281,13 +281,13 @@ fn sample_event(i: u64) -> AuditEvent {
     e.tenant = Some("acme".into());
     e.client_ip = Some([203, 0, 113, 7].into());
     e.protocol = Transport::Http;
-    e.status = Some(if i % 10 == 0 { 429 } else { 200 });
-    e.decision = if i % 10 == 0 {
+    e.status = Some(if i.is_multiple_of(10) { 429 } else { 200 });
+    e.decision = if i.is_multiple_of(10) {
         Decision::Denied
     } else {
         Decision::Allowed
     };
-    e.denial = (i % 10 == 0).then_some(DenialCode::RateLimited);
+    e.denial = i.is_multiple_of(10).then_some(DenialCode::RateLimited);
     e.latency = Duration::from_micros(180 + i % 50);
     e.into()
 }

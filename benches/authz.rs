@@ -41,12 +41,12 @@ use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body_util::Empty;
 use keygate::client_ip::{parse_network, TrustedProxies};
-use keygate::core::{ResourceSet, Scope, ScopeSet};
 use keygate::ip::{IpAllowLayer, IpPolicy};
 use keygate::scope::{RouteScopes, ScopeLayer};
 use keygate::{
     ApiKey, KeyGate, KeyRecord, KeyStore, Lookup, MemoryStore, Prefix, Principal, Verifier,
 };
+use keygate::{ResourceSet, Scope, ScopeSet};
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 
 const KEYS: usize = 1_000;

@@ -611,7 +611,7 @@ fn verify_scaling() {
             let mut batch = Vec::new();
             while have < n {
                 let (k, r) = record(&hasher);
-                if sample.len() < 10_000 && have % (n / 10_000).max(1) == 0 {
+                if sample.len() < 10_000 && have.is_multiple_of((n / 10_000).max(1)) {
                     sample.push(k);
                 }
                 batch.push(r);

@@ -805,7 +805,7 @@ where
             if req.uri().path() != pb::UPSERT {
                 return inner.call(req).await;
             }
-            let writes = keygate::core::Scope::parse("points:write")
+            let writes = keygate::Scope::parse("points:write")
                 .ok()
                 .zip(gate.resolve(&mut req).await.ok())
                 .is_some_and(|(s, p)| p.has_scope(&s));

@@ -17,14 +17,18 @@ use crate::KeyGate;
 /// let _stack = ServiceBuilder::new().api_key_auth(&gate);
 /// ```
 pub trait ServiceBuilderExt<L>: sealed::Sealed {
-    /// Adds the [`ApiKeyAuthLayer`](crate::ApiKeyAuthLayer) of `gate`.
+    /// Adds the [`ApiKeyAuthLayer`](crate::auth::ApiKeyAuthLayer) of `gate`.
     #[cfg(feature = "auth")]
-    fn api_key_auth(self, gate: &KeyGate) -> ServiceBuilder<Stack<crate::ApiKeyAuthLayer, L>>;
+    fn api_key_auth(self, gate: &KeyGate)
+        -> ServiceBuilder<Stack<crate::auth::ApiKeyAuthLayer, L>>;
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
     #[cfg(feature = "auth")]
-    fn api_key_auth(self, gate: &KeyGate) -> ServiceBuilder<Stack<crate::ApiKeyAuthLayer, L>> {
+    fn api_key_auth(
+        self,
+        gate: &KeyGate,
+    ) -> ServiceBuilder<Stack<crate::auth::ApiKeyAuthLayer, L>> {
         self.layer(gate.auth_layer())
     }
 }

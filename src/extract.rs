@@ -11,7 +11,7 @@ use http::StatusCode;
 
 use crate::{Principal, RequestContext};
 
-/// Extracts the [`Principal`] that [`ApiKeyAuthLayer`](crate::ApiKeyAuthLayer) (or another
+/// Extracts the [`Principal`] that [`ApiKeyAuthLayer`](crate::auth::ApiKeyAuthLayer) (or another
 /// keygate layer built from the hub) resolved for this request.
 ///
 /// Use `Option<Authenticated>` on routes that allow anonymous callers. Without a principal,

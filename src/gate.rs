@@ -140,7 +140,7 @@ impl KeyGate {
 
     /// A fused stack of this hub's checks: one service, one response future, whatever the
     /// number of checks (see [`Stack`](crate::stack::Stack)).
-    pub fn stack(&self) -> crate::stack::Stack<crate::stack::Empty> {
+    pub fn stack(&self) -> crate::stack::Stack<crate::check::Empty> {
         crate::stack::Stack::new(self)
     }
 

@@ -34,12 +34,12 @@
 //! ```
 //!
 //! ## Features
-//! - `auth` (default): [`ApiKeyAuthLayer`].
-//! - `scope`: `ScopeLayer` (operations and collections).
-//! - `ip-allow`: `IpAllowLayer` (client addresses).
-//! - `rate-limit`: `RateLimitLayer` (per-key GCRA).
-//! - `quota`: `QuotaLayer` (per-key allowances).
-//! - `audit`: `AuditLayer` (one event per request).
+//! - `auth` (default): `auth::ApiKeyAuthLayer`.
+//! - `scope`: `scope::ScopeLayer` (operations and collections).
+//! - `ip-allow`: `ip::IpAllowLayer` (client addresses).
+//! - `rate-limit`: `rate_limit::RateLimitLayer` (per-key GCRA).
+//! - `quota`: `quota::QuotaLayer` (per-key allowances).
+//! - `audit`: `audit::AuditLayer` (one event per request).
 //! - `axum`: the [`Authenticated`] extractor.
 //! - `tonic-tls`: also read tonic's `TlsConnectInfo` (client address and TLS transport behind
 //!   tonic's TLS server; see [`transport`]).
@@ -48,6 +48,16 @@
 //! - `sql`: `sql::SqlStore`, the SQLite and PostgreSQL key store (crate `keygate-sql`).
 //! - `redis`: `redis::RedisRateLimiter`, `redis::RedisUsageStore` and key-change
 //!   propagation for replicas (crate `keygate-redis`).
+//!
+//! ## One path per item
+//! Every public item has exactly one path. keygate-core's flat items (keys, records,
+//! principals, the verifier, the stores) are at this crate's root ([`Principal`],
+//! [`KeyStore`]); keygate-core's modules are under [`core`] (`keygate::core::audit`,
+//! `keygate::core::usage`, `keygate::core::rate`, `keygate::core::time`), which holds
+//! nothing else. An item of a public module of this crate is reached through its module
+//! (`keygate::quota::QuotaLayer`, `keygate::credentials::Credentials`,
+//! `keygate::reject::Renderer`); the root re-exports only keygate-core and the hub's
+//! private modules ([`KeyGate`], [`RequestContext`], [`RequestId`], [`ServiceBuilderExt`]).
 #![deny(unsafe_code, unreachable_pub)]
 #![warn(missing_docs)]
 // Without any layer feature only the shared parts are built, and some of them go unused.
@@ -68,14 +78,26 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
-pub use keygate_core as core;
+/// keygate-core's modules: audit events and sinks, rate-limit backends, time parsing, usage
+/// counters. keygate-core's flat items (keys, records, principals, the verifier, the stores)
+/// are at this crate's root, and only there.
+pub mod core {
+    pub use keygate_core::{audit, rate, time, usage};
+}
 pub use keygate_core::{
-    ApiKey, Attributes, Clock, Denial, DenialCode, KeyDigest, KeyFilter, KeyHasher, KeyId, KeyInfo,
-    KeyParseError, KeyParser, KeyRecord, KeyStatus, KeyStore, Lookup, ManualClock, MemoryStore,
-    PendingLookup, Prefix, Principal, QuotaPolicy, QuotaWindow, RateLimitPolicy, Refill,
-    StoreError, SystemClock, Verifier, VerifierBuilder, SCANNER_REGEX,
+    redact_url, validate_resource_pattern, ApiKey, Attributes, ChangeHandler, Clock, Denial,
+    DenialCode, Expiry, InvalidDigest, InvalidKeyId, InvalidPolicy, InvalidPrefix, InvalidScope,
+    InvalidSpec, InvalidStatus, IssuedKey, KeyDigest, KeyFilter, KeyGenError, KeyHasher, KeyId,
+    KeyIdHashBuilder, KeyIdHasher, KeyInfo, KeyListing, KeyManager, KeyManagerBuilder,
+    KeyParseError, KeyParser, KeyRecord, KeySpec, KeyStatus, KeyStore, KeyUpdate, KnownScope,
+    LifecycleError, Lookup, ManualClock, MemoryStore, ParsedKey, PendingLookup, PepperError,
+    Prefix, Principal, QuotaPolicy, QuotaWindow, RateLimitPolicy, Refill, ResourceSet, Scope,
+    ScopeSet, ScopeVocabulary, SkippedRow, StatusWrite, StoreError, SystemClock, UnknownScope,
+    Verifier, VerifierBuilder, BODY_LEN, CHECKSUM_LEN, KEY_ID_LEN, MAX_ATTRIBUTE_VALUE_LEN,
+    MAX_KEY_LEN, MAX_METADATA_BYTES, MAX_NAME_LEN, MAX_OWNER_LEN, MAX_PEPPER_FILE_LEN,
+    MAX_PREFIX_LEN, NO_PEPPER_FINGERPRINT, PEPPER_ENV, PEPPER_FILE_ENV, REDACTED, SCANNER_REGEX,
+    SECRET_LEN,
 };
-pub use keygate_core::{KeyManager, KeySpec, KeyUpdate};
 /// Redis-backed rate limits, quota counters and key-change propagation (crate `keygate-redis`).
 #[cfg(feature = "redis")]
 pub use keygate_redis as redis;
@@ -117,19 +139,8 @@ pub mod rate_limit;
 #[cfg(feature = "scope")]
 pub mod scope;
 
-#[cfg(feature = "audit")]
-pub use audit::AuditLayer;
-#[cfg(feature = "auth")]
-pub use auth::ApiKeyAuthLayer;
 pub use builder::ServiceBuilderExt;
-pub use check::{Check, CheckLayer};
 pub use context::{RequestContext, RequestId};
-pub use credentials::{CredentialSource, Credentials};
 #[cfg(feature = "axum")]
 pub use extract::{Authenticated, MissingPrincipal};
 pub use gate::{resolution, KeyGate, KeyGateBuilder};
-#[cfg(feature = "quota")]
-pub use quota::QuotaLayer;
-#[cfg(feature = "rate-limit")]
-pub use rate_limit::RateLimitLayer;
-pub use reject::{DefaultRenderer, RenderContext, Renderer, ResponseBody};

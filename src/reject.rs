@@ -36,10 +36,9 @@ use pin_project_lite::pin_project;
 
 use crate::{Denial, DenialCode};
 
-/// The wire protocol of a request (HTTP or gRPC): keygate-core's
-/// [`crate::core::audit::Transport`], the one name for it in both crates (audit
-/// events record it; rejections are rendered by it).
-pub use crate::core::audit::Transport;
+// The wire protocol of a request (HTTP or gRPC) is keygate-core's `audit::Transport`, the one
+// name for it in both crates (audit events record it; rejections are rendered by it).
+use crate::core::audit::Transport;
 
 /// The transport of `req`, from its `content-type` (`application/grpc...` is gRPC).
 pub fn transport_of<B>(req: &Request<B>) -> Transport {

@@ -1,6 +1,6 @@
 //! Fused stacks: several keygate checks in one service, with one response future.
 //!
-//! The separate layers ([`ApiKeyAuthLayer`](crate::ApiKeyAuthLayer), `ScopeLayer`,
+//! The separate layers ([`ApiKeyAuthLayer`](crate::auth::ApiKeyAuthLayer), `ScopeLayer`,
 //! `IpAllowLayer`, `RateLimitLayer`, `QuotaLayer`) stay the any-order, adopt-one-alone
 //! interface. A [`Stack`] runs the same checks, in the order they are added, inside one
 //! service: the caller is resolved once, each check reads and fills the one
@@ -28,10 +28,8 @@
 
 use tower_layer::Layer;
 
-use crate::check::{Check, CheckLayer, Checks, Guarded, One, Resolver, Then};
+use crate::check::{Check, CheckLayer, Checks, Empty, Guarded, One, Resolver, Then};
 use crate::KeyGate;
-
-pub use crate::check::Empty;
 
 /// A fused stack of checks, built from the hub with [`KeyGate::stack`]. A tower layer: one
 /// service ([`Guarded`]) running every check added, in order.

@@ -23,7 +23,8 @@ use keygate::core::audit::{
     verify_dir, AuditError, AuditEvent, AuditSink, Auditor, Decision, FileSink, MemorySink,
     Overflow, RequestEvent, Transport, VerifyOptions,
 };
-use keygate::{Credentials, Denial, DenialCode, KeyGate};
+use keygate::credentials::Credentials;
+use keygate::{Denial, DenialCode, KeyGate};
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 
 type Body = String;

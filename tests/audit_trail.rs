@@ -16,8 +16,8 @@ use http::{Request, Response, StatusCode};
 use keygate::core::audit::{
     AggregateSink, AuditError, AuditEvent, AuditSink, Auditor, Decision, MemorySink,
 };
-use keygate::core::{KeyFilter, KeyManager, KeySpec, LifecycleError};
 use keygate::{Clock, DenialCode, KeyStatus};
+use keygate::{KeyFilter, KeyManager, KeySpec, LifecycleError};
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 
 type Body = String;

@@ -13,9 +13,9 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, Response};
 use http_body_util::Full;
-use keygate::{
-    resolution, ApiKey, Credentials, DefaultRenderer, Denial, KeyGate, KeyRecord, Lookup,
-};
+use keygate::credentials::Credentials;
+use keygate::reject::DefaultRenderer;
+use keygate::{resolution, ApiKey, Denial, KeyGate, KeyRecord, Lookup};
 use tower::{ServiceBuilder, ServiceExt};
 
 type Req = Request<Full<Bytes>>;
@@ -32,7 +32,7 @@ fn assert_clean(secrets: &[String], what: &str, text: &str) {
 }
 
 /// The status line, headers, body and `Debug` of a response, as one text.
-async fn render(res: Response<keygate::ResponseBody<Full<Bytes>>>) -> String {
+async fn render(res: Response<keygate::reject::ResponseBody<Full<Bytes>>>) -> String {
     let debug = format!("{res:?}");
     let (parts, body) = res.into_parts();
     let mut text = format!(

@@ -11,7 +11,8 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use keygate::{Credentials, Denial, DenialCode};
+use keygate::credentials::Credentials;
+use keygate::{Denial, DenialCode};
 use tower::{ServiceBuilder, ServiceExt};
 
 type Body = Full<Bytes>;

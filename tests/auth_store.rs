@@ -36,7 +36,7 @@ fn protected(
     calls: &Arc<AtomicUsize>,
 ) -> impl Service<
     Req,
-    Response = Response<keygate::ResponseBody<Full<Bytes>>>,
+    Response = Response<keygate::reject::ResponseBody<Full<Bytes>>>,
     Error = std::convert::Infallible,
 > + Clone {
     ServiceBuilder::new()
@@ -410,7 +410,7 @@ fn resolve_then_auth(
     seen: Arc<Mutex<Vec<Option<Principal>>>>,
 ) -> impl Service<
     Req,
-    Response = Response<keygate::ResponseBody<Full<Bytes>>>,
+    Response = Response<keygate::reject::ResponseBody<Full<Bytes>>>,
     Error = std::convert::Infallible,
 > + Clone {
     let inner = ServiceBuilder::new()

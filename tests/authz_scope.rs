@@ -993,7 +993,7 @@ async fn standalone_behind_the_auth_layer_works() {
 
 #[tokio::test]
 async fn custom_renderer_on_a_standalone_layer() {
-    use keygate::{RenderContext, Renderer};
+    use keygate::reject::{RenderContext, Renderer};
     struct Teapot;
     impl Renderer for Teapot {
         fn render(&self, denial: &keygate::Denial, _: &RenderContext<'_>) -> http::Response<Bytes> {

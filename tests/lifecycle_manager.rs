@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keygate::core::audit::{AuditEvent, Auditor, LifecycleAction, MemorySink};
-use keygate::core::{Expiry, LifecycleError};
 use keygate::{
     Clock, DenialCode, KeyFilter, KeyManager, KeySpec, KeyStatus, KeyStore, KeyUpdate, ManualClock,
     MemoryStore, Prefix, QuotaPolicy, QuotaWindow, RateLimitPolicy, Verifier,
 };
+use keygate::{Expiry, LifecycleError};
 
 struct Env {
     store: MemoryStore,

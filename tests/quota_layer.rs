@@ -51,7 +51,7 @@ async fn issue(fx: &Fixture, quotas: Vec<QuotaPolicy>) -> ApiKey {
 }
 
 /// The response of a quota stack behind authentication.
-type Res = Response<keygate::ResponseBody<keygate::ResponseBody<Body>>>;
+type Res = Response<keygate::reject::ResponseBody<keygate::reject::ResponseBody<Body>>>;
 type Stack = tower::util::BoxCloneService<Request<Body>, Res, std::convert::Infallible>;
 
 /// A quota stack (authentication outside) with `config`, its handle, and a counter of inner

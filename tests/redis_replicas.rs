@@ -58,23 +58,6 @@ fn count(statuses: &[StatusCode], s: StatusCode) -> usize {
     statuses.iter().filter(|x| **x == s).count()
 }
 
-async fn issue(
-    store: &MemoryStore,
-    clock: &ManualClock,
-    edit: impl FnOnce(&mut KeyRecord),
-) -> ApiKey {
-    let (key, mut record) = KeyRecord::generate(
-        &Prefix::default(),
-        &keygate::KeyHasher::new(),
-        "replicated",
-        keygate::Clock::now(clock),
-    )
-    .unwrap();
-    edit(&mut record);
-    store.insert(&record).await.unwrap();
-    key
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_key_allowed_n_per_minute_gets_n_across_three_replicas() {
     let Some(t) = TestRedis::new().await else {
@@ -83,7 +66,7 @@ async fn a_key_allowed_n_per_minute_gets_n_across_three_replicas() {
     let (store, clock) = (MemoryStore::new(), ManualClock::at_2026());
     let replicas = three(&replica_spec(&t, store.clone(), clock.clone())).await;
     let n = 50;
-    let key = issue(&store, &clock, |r| {
+    let (key, _) = issue(&store, &clock, |r| {
         r.rate_limits = vec![RateLimitPolicy::per_minute("per-minute", n)]
     })
     .await;
@@ -111,7 +94,7 @@ async fn with_the_redis_clock_the_limit_holds_within_what_refills_meanwhile() {
     spec.server_time = true;
     let replicas = three(&spec).await;
     let n = 60;
-    let key = issue(&store, &clock, |r| {
+    let (key, _) = issue(&store, &clock, |r| {
         r.rate_limits = vec![RateLimitPolicy::per_minute("per-minute", n)]
     })
     .await;
@@ -135,7 +118,7 @@ async fn a_quota_holds_across_three_replicas() {
     let (store, clock) = (MemoryStore::new(), ManualClock::at_2026());
     let replicas = three(&replica_spec(&t, store.clone(), clock.clone())).await;
     let n = 40;
-    let key = issue(&store, &clock, |r| {
+    let (key, _) = issue(&store, &clock, |r| {
         r.quotas = vec![QuotaPolicy::new("daily", n, QuotaWindow::Day)]
     })
     .await;

@@ -98,7 +98,7 @@ impl<S, ReqB, ResB> Service<Request<ReqB>> for AuditGuard<S>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
 {
-    type Response = Response<crate::ResponseBody<ResB>>;
+    type Response = Response<crate::reject::ResponseBody<ResB>>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future, ResB>;
 

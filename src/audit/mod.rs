@@ -21,7 +21,7 @@
 //! The client's `x-request-id` is reused when it is 1 to 128 visible ASCII characters;
 //! otherwise a 128-bit id (32 hex characters) is generated and set on the request's headers
 //! for the inner service. Either way it is kept in the request's
-//! [`RequestContext`](crate::RequestContext) as a [`RequestId`] and on the response's headers (unless the response already has one).
+//! [`RequestContext`](crate::RequestContext) as a [`RequestId`](crate::RequestId) and on the response's headers (unless the response already has one).
 //!
 //! ## Status
 //! `status` is the HTTP status. For gRPC, `grpc_status` is read from the response headers,
@@ -92,7 +92,6 @@ mod guard;
 mod layer;
 mod service;
 
-pub use crate::context::RequestId;
 pub use future::ResponseFuture;
 pub use guard::{AuditGuard, AuditGuardLayer};
 pub use layer::AuditLayer;

@@ -34,6 +34,5 @@
 mod layer;
 mod service;
 
-pub use crate::future::ResponseFuture;
 pub use layer::ApiKeyAuthLayer;
 pub use service::{ApiKeyAuth, Authenticate};

@@ -3,7 +3,8 @@ use std::sync::Arc;
 use http::Request;
 
 use crate::check::{Caller, Check, Guarded, One};
-use crate::{Credentials, Denial};
+use crate::credentials::Credentials;
+use crate::Denial;
 
 /// Middleware that authenticates requests by API key. See
 /// [`ApiKeyAuthLayer`](super::ApiKeyAuthLayer).

@@ -42,6 +42,5 @@
 mod layer;
 mod service;
 
-pub use crate::future::ResponseFuture;
 pub use layer::{IpAllowLayer, IpPolicy};
 pub use service::{IpAllow, IpCheck};

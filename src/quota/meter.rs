@@ -9,7 +9,7 @@ use http::HeaderValue;
 use smallvec::SmallVec;
 
 use crate::core::usage::{Increment, Usage, UsageError, UsageStore, Window};
-use crate::core::KeyIdHashBuilder;
+use crate::KeyIdHashBuilder;
 use crate::{KeyId, QuotaPolicy};
 
 /// One window of one key.

@@ -95,6 +95,5 @@ mod layer;
 mod meter;
 mod service;
 
-pub use crate::future::ResponseFuture;
 pub use layer::{validate_policy, ConfigError, Counting, QuotaConfig, QuotaHandle, QuotaLayer};
 pub use service::{Quota, QuotaCheck, QuotaNote, QuotaState, QuotaStatus};

@@ -222,7 +222,7 @@ impl StateStore for Store {
         let cell = inner.map.entry(subject).or_insert_with(|| {
             let n = inner.inserted.fetch_add(1, Ordering::Relaxed) + 1;
             inner.live.fetch_add(1, Ordering::Relaxed);
-            if n % inner.every == 0 {
+            if n.is_multiple_of(inner.every) {
                 inner.due.store(true, Ordering::Relaxed);
             }
             AtomicU64::new(0)

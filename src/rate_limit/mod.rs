@@ -101,7 +101,6 @@ mod layer;
 mod limiter;
 mod service;
 
-pub use crate::future::ResponseFuture;
 pub use layer::{validate_policy, ConfigError, Fallback, RateLimitConfig, RateLimitLayer};
 pub use limiter::{LimiterClock, MAX_PERIOD};
 pub use service::{RateCheck, RateLimit, RateLimitNote};

@@ -3,13 +3,12 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::rules::{InvalidRule, PathPattern, RouteScopes};
-use super::service::{Policy, ScopeCheck, Scoped};
+use super::service::{Policy, Scope, ScopeCheck};
 use crate::check::{CheckLayer, One, Resolver};
-use crate::core::Scope;
 use crate::reject::Renderer;
 use crate::KeyGate;
 
-/// Layer that applies [`Scoped`]: checks the caller's scopes and resource patterns.
+/// Layer that applies [`Scope`]: checks the caller's scopes and resource patterns.
 ///
 /// Built with [`ScopeLayer::require`] (one scope, per route) or [`ScopeLayer::table`] (a
 /// route table). By default it only reads the principal an earlier layer resolved (and
@@ -25,7 +24,7 @@ impl ScopeLayer {
     /// Every request needs `scope` (`points:write`). An invalid scope is an error now.
     pub fn require(scope: &str) -> Result<Self, InvalidRule> {
         Ok(Self::from_policy(Policy::Require {
-            scope: Scope::parse(scope)?,
+            scope: crate::Scope::parse(scope)?,
             resource: None,
         }))
     }
@@ -92,7 +91,7 @@ impl ScopeLayer {
 }
 
 impl<S> Layer<S> for ScopeLayer {
-    type Service = Scoped<S>;
+    type Service = Scope<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
         CheckLayer::from_parts(One(self.check()), self.resolver.clone()).layer(inner)

@@ -65,7 +65,6 @@ mod layer;
 mod rules;
 mod service;
 
-pub use crate::future::ResponseFuture;
 pub use layer::ScopeLayer;
 pub use rules::{InvalidRule, RouteScopes, RouteScopesBuilder, Unmatched};
-pub use service::{ScopeCheck, Scoped};
+pub use service::{Scope, ScopeCheck};

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use http::Method;
 
-use crate::core::{InvalidScope, Scope};
+use crate::{InvalidScope, Scope};
 
 /// Why a route table could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -344,8 +344,8 @@ impl RouteScopes {
     /// it names a resource (so a key holding it but no resource can use none of them): the
     /// vocabulary to register where keys are issued (`SqlStore::register_scopes`, the admin
     /// API's `scope_vocabulary`), so a typo in a new key's scope is refused.
-    pub fn scopes(&self) -> Vec<crate::core::KnownScope> {
-        let mut out: Vec<crate::core::KnownScope> = Vec::new();
+    pub fn scopes(&self) -> Vec<crate::KnownScope> {
+        let mut out: Vec<crate::KnownScope> = Vec::new();
         for rule in &self.rules {
             let Need::Scope(scope) = &rule.need else {
                 continue;
@@ -354,7 +354,7 @@ impl RouteScopes {
             let needs = rule.resource.is_some();
             match out.iter_mut().find(|k| k.scope == text) {
                 Some(k) => k.needs_collection &= needs,
-                None => out.push(crate::core::KnownScope::new(text, needs)),
+                None => out.push(crate::KnownScope::new(text, needs)),
             }
         }
         out
@@ -544,8 +544,8 @@ mod tests {
         assert_eq!(
             scopes,
             [
-                crate::core::KnownScope::new("collections:read", false),
-                crate::core::KnownScope::new("points:read", true),
+                crate::KnownScope::new("collections:read", false),
+                crate::KnownScope::new("points:read", true),
             ]
         );
     }

@@ -6,21 +6,24 @@ use http::Request;
 
 use super::rules::{Need, PathPattern, RouteScopes, Unmatched};
 use crate::check::{Caller, Check, Guarded, One};
-use crate::core::Scope;
 use crate::{Denial, DenialCode, Principal};
 
-/// What a [`Scoped`] service enforces.
+/// What a [`Scope`] service enforces.
 #[derive(Debug)]
 pub(crate) enum Policy {
     Require {
-        scope: Scope,
+        scope: crate::Scope,
         resource: Option<(PathPattern, Box<str>)>,
     },
     Table(RouteScopes),
 }
 
 /// Middleware that checks scopes and resources. See [`ScopeLayer`](super::ScopeLayer).
-pub type Scoped<S> = Guarded<One<ScopeCheck>, S>;
+///
+/// Not to be confused with [`keygate::Scope`](crate::Scope), one scope a key holds (a
+/// different path: the layers' services are named after their feature, as
+/// [`IpAllow`](crate::ip::IpAllow) and [`Quota`](crate::quota::Quota) are).
+pub type Scope<S> = Guarded<One<ScopeCheck>, S>;
 
 /// Where the request landed in the policy, found before resolution.
 enum Decision {

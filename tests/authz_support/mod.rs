@@ -3,8 +3,6 @@
 //! assertions, and loopback servers that record the peer address.
 #![allow(dead_code)]
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,11 +10,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::Full;
 use keygate::client_ip::ClientIp;
 use keygate::{Denial, DenialCode, Principal};
-use tokio::net::TcpStream;
+use keygate_testkit::http::CountingService;
 
 /// Rows a handler may return; the `tenant` attribute of the caller filters them.
 pub const ROWS: [(&str, &str); 5] = [
@@ -86,26 +83,13 @@ pub const SEEN_KEY: &str = "x-seen-key";
 /// reports the principal's name and tenant and the `ClientIp` it saw in headers.
 pub fn probe<B>(
     calls: Arc<AtomicUsize>,
-) -> impl tower::Service<
-    Request<B>,
-    Response = Response<Full<Bytes>>,
-    Error = Infallible,
-    Future = impl Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send,
-> + Clone
-       + Send
-       + 'static
-where
-    B: Send + 'static,
+) -> CountingService<impl Fn(&Request<B>) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static>
 {
-    tower::service_fn(move |req: Request<B>| {
-        calls.fetch_add(1, Ordering::SeqCst);
-        let principal = keygate::RequestContext::of(req.extensions())
-            .and_then(|c| c.principal())
-            .cloned();
-        let ip = keygate::RequestContext::of(req.extensions())
-            .and_then(|c| c.client_ip())
-            .map(ClientIp);
-        async move { Ok::<_, Infallible>(probe_response(principal.as_ref(), ip)) }
+    keygate_testkit::http::counting(calls, |req: &Request<B>| {
+        let context = keygate::RequestContext::of(req.extensions());
+        let principal = context.and_then(|c| c.principal());
+        let ip = context.and_then(|c| c.client_ip()).map(ClientIp);
+        probe_response(principal, ip)
     })
 }
 
@@ -195,7 +179,7 @@ where
         denial: denial.map(Denial::code),
         required_scope: denial.and_then(|d| d.required_scope().map(str::to_owned)),
         headers: parts.headers,
-        body: body.collect().await.expect("body").to_bytes(),
+        body: keygate_testkit::http::body_bytes(body).await,
     }
 }
 
@@ -286,11 +270,6 @@ pub async fn send(
     key: Option<&str>,
     extra: &[(&'static str, &str)],
 ) -> Outcome {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
     let mut req = request(method, path, key);
     req.headers_mut().insert(
         "host",
@@ -302,8 +281,7 @@ pub async fn send(
             HeaderValue::from_str(value).expect("header value"),
         );
     }
-    let res = sender.send_request(req).await.expect("response");
-    outcome(res).await
+    outcome(keygate_testkit::http::send(addr, req).await).await
 }
 
 /// One in-process call through a clone of `svc`; also says whether the inner service was

@@ -10,19 +10,16 @@
 //! Each test binary uses a different part of this module.
 #![allow(dead_code)]
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::{Empty, Full};
 use keygate::{
     ApiKey, DenialCode, KeyGate, KeyGateBuilder, KeyRecord, KeyStatus, KeyStore, ManualClock,
     Prefix, Verifier, VerifierBuilder,
@@ -31,9 +28,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 // Each test binary uses some of these.
+use keygate_testkit::http::CountingService;
 #[allow(unused_imports)]
 pub use keygate_testkit::serve::{spawn_axum, spawn_hyper};
-pub use keygate_testkit::CountingStore;
+pub use keygate_testkit::store::CountingStore;
 
 /// Headers carrying `key` in `x-api-key`.
 pub fn with_key(key: &ApiKey) -> HeaderMap {
@@ -641,11 +639,6 @@ pub async fn send(
     path: &str,
     headers: HeaderMap,
 ) -> (StatusCode, HeaderMap, Bytes) {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
     let mut req = Request::get(path)
         .header("host", addr.to_string())
         .body(Empty::<Bytes>::new())
@@ -653,10 +646,8 @@ pub async fn send(
     for (name, value) in headers.iter() {
         req.headers_mut().append(name.clone(), value.clone());
     }
-    let res = sender.send_request(req).await.expect("response");
-    let (parts, body) = res.into_parts();
-    let body = body.collect().await.expect("body").to_bytes();
-    (parts.status, parts.headers, body)
+    let (parts, body) = keygate_testkit::http::send(addr, req).await.into_parts();
+    (parts.status, parts.headers, body_bytes(body).await)
 }
 
 /// Writes `head` (request line and header lines, without the final blank line) to `addr`
@@ -731,28 +722,11 @@ fn parse_response(raw: &[u8]) -> (StatusCode, HeaderMap, Bytes) {
 /// An inner service that counts its calls and answers 200 "ok".
 pub fn counting_ok<B>(
     calls: Arc<AtomicUsize>,
-) -> impl tower::Service<
-    Request<B>,
-    Response = Response<Full<Bytes>>,
-    Error = Infallible,
-    Future = impl Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send,
-> + Clone
-       + Send
-       + 'static
-where
-    B: Send + 'static,
+) -> CountingService<impl Fn(&Request<B>) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static>
 {
-    tower::service_fn(move |_req: Request<B>| {
-        calls.fetch_add(1, Ordering::SeqCst);
-        async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok")))) }
+    keygate_testkit::http::counting(calls, |_: &Request<B>| {
+        Response::new(Full::new(Bytes::from_static(b"ok")))
     })
 }
 
-/// Collects a response body into bytes.
-pub async fn body_bytes<B>(body: B) -> Bytes
-where
-    B: http_body::Body,
-    B::Error: std::fmt::Debug,
-{
-    body.collect().await.expect("body").to_bytes()
-}
+pub use keygate_testkit::http::body_bytes;

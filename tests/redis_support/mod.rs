@@ -38,10 +38,7 @@ impl TestRedis {
     /// A new prefix, or `None` (after printing the skip line) when `KEYGATE_TEST_REDIS_URL`
     /// is unset.
     pub async fn new() -> Option<TestRedis> {
-        let Ok(url) = std::env::var(REDIS_ENV) else {
-            println!("skipped: {REDIS_ENV} is not set");
-            return None;
-        };
+        let url = keygate_testkit::server_url(REDIS_ENV)?;
         let prefix = format!("kgtest:{}", KeyId::generate().expect("random"));
         let redis = Redis::open_with(&url, RedisOptions::new().prefix(prefix.clone()))
             .await

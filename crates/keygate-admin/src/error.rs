@@ -7,7 +7,7 @@ use http::StatusCode;
 use serde::Serialize;
 
 use keygate::core::usage::UsageError;
-use keygate::core::LifecycleError;
+use keygate::LifecycleError;
 use keygate::StoreError;
 
 /// A refused admin call: status, stable code and a detail that never holds a key.

@@ -20,12 +20,12 @@ use crate::input::{self, CreateKey, NoFields, RotateKey};
 use crate::{Shared, UsageSource};
 use keygate::client_ip::{peer_addr, ClientIp};
 use keygate::core::usage::{UsageRecord, Window};
-use keygate::core::{validate_resource_pattern, Expiry, KeySpec, Refill, Scope};
 use keygate::reject::{DefaultRenderer, RenderContext, Renderer};
 use keygate::{
     resolution, Denial, DenialCode, KeyId, KeyInfo, KeyRecord, Principal, QuotaPolicy, QuotaWindow,
     RateLimitPolicy,
 };
+use keygate::{validate_resource_pattern, Expiry, KeySpec, Refill, Scope};
 
 type St = State<Arc<Shared>>;
 type IdPath = Result<Path<String>, PathRejection>;

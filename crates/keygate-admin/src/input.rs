@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::error::AdminError;
-use keygate::core::{Expiry, KeyFilter, KeySpec, Prefix};
+use keygate::{Expiry, KeyFilter, KeySpec, Prefix};
 use keygate::{KeyStatus, QuotaPolicy, RateLimitPolicy};
 
 /// The body of `POST /keys`. Only `name` is required; unknown fields are refused.

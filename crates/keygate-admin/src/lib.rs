@@ -133,8 +133,8 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use keygate::core::usage::UsageStore;
-use keygate::core::{InvalidScope, Scope, ScopeVocabulary};
 use keygate::{Clock, KeyGate, KeyManager, SystemClock};
+use keygate::{InvalidScope, Scope, ScopeVocabulary};
 
 pub use input::{CreateKey, PolicyInput, RotateKey};
 

@@ -15,10 +15,10 @@ use http_body_util::BodyExt;
 use keygate::client_ip::{parse_network, TrustedProxies};
 use keygate::core::audit::{Auditor, MemorySink};
 use keygate::core::usage::{Increment, MemoryUsageStore, Usage, UsageStore, Window};
-use keygate::core::{KnownScope, ScopeVocabulary};
 use keygate::{
     Clock, KeyFilter, KeyGate, KeyManager, KeySpec, ManualClock, MemoryStore, QuotaWindow, Verifier,
 };
+use keygate::{KnownScope, ScopeVocabulary};
 use keygate_admin::AdminApi;
 use serde_json::{json, Value};
 use tower::ServiceExt;

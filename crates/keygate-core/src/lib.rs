@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod audit;
+mod changes;
 mod clock;
 mod denial;
 mod digest;
@@ -39,6 +40,7 @@ pub mod usage;
 mod verifier;
 mod vocabulary;
 
+pub use changes::ChangeHandler;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use denial::{Denial, DenialCode};
 pub use digest::{

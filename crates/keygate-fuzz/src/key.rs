@@ -5,8 +5,8 @@ use std::borrow::Cow;
 use arbitrary::{Arbitrary, Unstructured};
 use http::header::{HeaderName, HeaderValue, AUTHORIZATION};
 use http::{HeaderMap, Uri};
-use keygate::core::{KeyParseError, KeyParser, Prefix, BODY_LEN, CHECKSUM_LEN, KEY_ID_LEN};
-use keygate::{CredentialSource, Credentials};
+use keygate::credentials::{CredentialSource, Credentials};
+use keygate::{KeyParseError, KeyParser, Prefix, BODY_LEN, CHECKSUM_LEN, KEY_ID_LEN};
 
 const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
@@ -267,7 +267,7 @@ pub fn credentials(data: &[u8]) {
     match (&got, &want) {
         (Ok(a), Ok(b)) => assert_eq!(a, b),
         (Err(d), Err(())) => {
-            assert_eq!(d.code(), keygate::core::DenialCode::MalformedKey);
+            assert_eq!(d.code(), keygate::DenialCode::MalformedKey);
         }
         _ => panic!("extract and reference disagree: {got:?} vs {want:?} on {headers:?} {uri}"),
     }

@@ -32,7 +32,7 @@ mod router;
 mod routes;
 mod showcase;
 mod spellings;
-pub mod stack;
+mod stack;
 
 pub use admin::admin;
 pub use audit::audit;

@@ -32,9 +32,9 @@ use axum::routing::any;
 use axum::Router;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use keygate::core::{DenialCode, KeyHasher, KeyRecord, Prefix, Principal};
 use keygate::scope::{RouteScopes, ScopeLayer};
 use keygate::Denial;
+use keygate::{DenialCode, KeyHasher, KeyRecord, Prefix, Principal};
 use tower::{service_fn, Layer, ServiceExt};
 
 const LITERALS: &[&str] = &["collections", "points", "a", "%41", "A", "", "x.y", "é"];

@@ -5,9 +5,9 @@ use std::convert::Infallible;
 
 use arbitrary::{Arbitrary, Unstructured};
 use http::{Method, Request, Response, StatusCode};
-use keygate::core::{DenialCode, KeyHasher, KeyRecord, Prefix, Principal};
 use keygate::scope::{RouteScopes, ScopeLayer};
 use keygate::Denial;
+use keygate::{DenialCode, KeyHasher, KeyRecord, Prefix, Principal};
 use tower::{service_fn, Layer, ServiceExt};
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "DELETE", "HEAD", "*"];

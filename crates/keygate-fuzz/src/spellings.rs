@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use keygate::core::time::{parse_duration, MAX_DURATION};
-use keygate::core::{KeyId, KeyStatus, Prefix, QuotaPolicy, QuotaWindow, RateLimitPolicy, Scope};
+use keygate::{KeyId, KeyStatus, Prefix, QuotaPolicy, QuotaWindow, RateLimitPolicy, Scope};
 
 /// The documented duration grammar: whitespace, digits, one of `s m h d`, whitespace.
 fn reference_duration(text: &str) -> Option<Duration> {

@@ -15,7 +15,6 @@ use http_body_util::BodyExt;
 use ipnet::IpNet;
 use keygate::core::audit::{AuditEvent, Auditor, Decision, MemorySink};
 use keygate::core::usage::MemoryUsageStore;
-use keygate::core::{DenialCode, KeyStatus};
 use keygate::ip::{IpAllowLayer, IpPolicy};
 use keygate::quota::{QuotaConfig, QuotaLayer};
 use keygate::rate_limit::{LimiterClock, RateLimitConfig, RateLimitLayer};
@@ -24,6 +23,7 @@ use keygate::{
     ApiKey, Denial, KeyGate, KeyRecord, KeyStore, ManualClock, MemoryStore, Prefix, QuotaPolicy,
     QuotaWindow, RateLimitPolicy, Verifier,
 };
+use keygate::{DenialCode, KeyStatus};
 use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 
@@ -289,7 +289,7 @@ enum Presented {
 }
 
 fn fix_checksum(text: &str) -> String {
-    let parser = keygate::core::KeyParser::default();
+    let parser = keygate::KeyParser::default();
     // Recompute the checksum the plain way: CRC32 of the head in base62.
     const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
     let head = &text[..text.len() - 6];
@@ -343,11 +343,11 @@ fn reference(
         .iter()
         .map(|(m, p, _)| (*m, crate::routes::segments(p), false))
         .collect();
-    let principal = keygate::core::Principal::from_record(record);
+    let principal = keygate::Principal::from_record(record);
     match crate::routes::reference_match(&table, method.as_str(), path) {
         None => codes.push(DenialCode::UnknownRoute),
         Some((i, resource)) => {
-            let scope = keygate::core::Scope::parse(ROUTES[i].2).expect("scope");
+            let scope = keygate::Scope::parse(ROUTES[i].2).expect("scope");
             if !principal.has_scope(&scope) {
                 codes.push(DenialCode::InsufficientScope);
             } else if let Some(raw) = resource {
@@ -382,8 +382,9 @@ struct Outcome {
     denial: Option<DenialCode>,
 }
 
-/// A sequence of up to 12 requests through the stack in every [`ORDERS`] order (each over
-/// its own fresh world), checked against the reference model.
+/// A sequence of up to 12 requests through the stack in three layer orders (auth-ip-scope,
+/// scope-ip-auth, ip-auth-scope; each over its own fresh world), checked against the
+/// reference model.
 pub fn stack(data: &[u8]) {
     let Ok(reqs) = Vec::<Req>::arbitrary_take_rest(Unstructured::new(data)) else {
         return;

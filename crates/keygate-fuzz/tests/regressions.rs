@@ -38,7 +38,7 @@ fn a_key_shaped_parameter_name_is_not_echoed_in_the_missing_key_detail() {
     let key = keygate::ApiKey::generate(&keygate::Prefix::default()).unwrap();
     let secret = key.expose_secret();
     let uri: http::Uri = format!("/p?{secret}={secret}").parse().unwrap();
-    let creds = keygate::Credentials::default();
+    let creds = keygate::credentials::Credentials::default();
     let headers = http::HeaderMap::new();
     assert!(creds.extract(&headers, &uri).unwrap().is_none());
     let denial = creds.missing(&headers, &uri, &[keygate::Prefix::default()]);
@@ -61,8 +61,11 @@ fn a_key_shaped_header_name_is_not_echoed_in_the_missing_key_detail() {
         http::HeaderValue::from_str(&name).unwrap(),
     );
     let uri = http::Uri::from_static("/p");
-    let denial =
-        keygate::Credentials::default().missing(&headers, &uri, &[keygate::Prefix::default()]);
+    let denial = keygate::credentials::Credentials::default().missing(
+        &headers,
+        &uri,
+        &[keygate::Prefix::default()],
+    );
     assert!(denial.detail().contains("header"), "{}", denial.detail());
     assert!(!denial.detail().contains(&name), "{}", denial.detail());
 }
@@ -107,11 +110,11 @@ fn a_raw_control_character_in_a_collection_name_is_forbidden() {
     // The percent-encoded form was already refused; the raw form must be too.
     assert_eq!(
         call("/collections/a%C2%85b"),
-        Some(keygate::core::DenialCode::ResourceForbidden)
+        Some(keygate::DenialCode::ResourceForbidden)
     );
     assert_eq!(
         call("/collections/a\u{85}b"),
-        Some(keygate::core::DenialCode::ResourceForbidden)
+        Some(keygate::DenialCode::ResourceForbidden)
     );
     assert_eq!(call("/collections/docs"), None);
 }

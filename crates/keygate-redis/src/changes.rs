@@ -1,43 +1,3 @@
-//! Change propagation between replicas: key writes are published on a Redis channel, and
-//! every replica's verifier evicts the key it is told about.
-//!
-//! - A writer wraps its key store in [`Publishing`] (or calls [`Publisher::publish`]
-//!   itself): after each successful insert or update, one Lua script increments the
-//!   sequence `{prefix}:changes:seq` and appends `"<seq> <key id>"` to the change log
-//!   `{prefix}:changes:log` (a sorted set by sequence, the last [`LOG_LENGTH`] changes);
-//!   then the same line (signed, with a [`ChangeKey`]) is published on `{prefix}:changes`.
-//!   A change that cannot be logged (Redis down) never fails the write: the id is queued
-//!   and published again in the background until Redis answers.
-//! - Every replica runs a [`ChangeWatcher`] ([`Redis::watch`]): a subscriber that calls
-//!   [`Verifier::invalidate`] for each message, so the next request with that key reads the
-//!   store again.
-//!
-//! # What the watcher trusts
-//! Messages are only hints: pub/sub delivers at most once, and anyone allowed to publish on
-//! the channel can send anything. The watcher's accounting uses only what is stored: every
-//! [`WatchOptions::resync_every`] (and soon after a message whose number does not follow
-//! the previous one) it reads the stored sequence, the [epoch](crate::epoch) and the log
-//! entries it has not applied, and evicts each logged key that no message named with the
-//! same number. So a lost message is healed within one period, and a forged one can neither
-//! hide a lost real change (the log still names it) nor make the watcher drop its cache.
-//! The whole cache is dropped ([`Verifier::invalidate_all`]) only when the stored state says
-//! changes may be unaccounted for: the epoch changed (Redis lost or replaced its state), the
-//! sequence went back, or the log no longer reaches back to the last change applied.
-//! Drops happen at most once per [`WatchOptions::resync_interval`]; further reasons within
-//! it coalesce into one drop at its end.
-//!
-//! A forged message still evicts the key it names (the next request for it reads the store)
-//! unless messages are signed: with a [`ChangeKey`] given to the publishers
-//! ([`Publisher::signing_key`]) and the watchers ([`WatchOptions::signing_key`]), each
-//! message carries a keyed blake3 MAC of the channel, sequence and key id, and watchers
-//! ignore (and count, [`ChangeWatcher::rejected`]) messages without a valid one. Roll out
-//! signing publishers first: a watcher without a key accepts signed messages too. A replayed
-//! signed message only evicts its key again. Better still, allow only the writers to
-//! publish (Redis ACLs, see the crate README section of the workspace README).
-//!
-//! So a change reaches every connected replica within one pub/sub delivery, and a replica
-//! that missed it within one resync period (or at once on reconnecting).
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -45,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use keygate_core::{KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, Verifier};
+use keygate_core::{ChangeHandler, KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, Verifier};
 use redis::Script;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -164,7 +124,7 @@ impl std::fmt::Debug for ChangeKey {
     }
 }
 
-/// Announces key changes to every replica (see the [module docs](self)). Cheap to clone;
+/// Announces key changes to every replica (see the [`ChangeWatcher`] docs). Cheap to clone;
 /// clones share the retry queue.
 #[derive(Clone)]
 pub struct Publisher {
@@ -430,33 +390,6 @@ impl<S: KeyStore> KeyStore for Publishing<S> {
     }
 }
 
-/// What a [`ChangeWatcher`] tells about changes. [`Verifier`] implements it by
-/// invalidating its cache.
-pub trait ChangeHandler: Send + Sync + 'static {
-    /// The key `id` changed.
-    fn changed(&self, id: &KeyId);
-    /// Changes may have been missed: forget everything derived from the store.
-    fn resync(&self);
-}
-
-impl ChangeHandler for Verifier {
-    fn changed(&self, id: &KeyId) {
-        self.invalidate(id);
-    }
-    fn resync(&self) {
-        self.invalidate_all();
-    }
-}
-
-impl<H: ChangeHandler + ?Sized> ChangeHandler for Arc<H> {
-    fn changed(&self, id: &KeyId) {
-        (**self).changed(id);
-    }
-    fn resync(&self) {
-        (**self).resync();
-    }
-}
-
 /// Settings of a [`ChangeWatcher`].
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
@@ -499,7 +432,7 @@ impl WatchOptions {
         self
     }
 
-    /// Accepts only messages signed with `key` (see the [module docs](self)); others are
+    /// Accepts only messages signed with `key` (see the [`ChangeWatcher`] docs); others are
     /// ignored and counted ([`ChangeWatcher::rejected`]). The change log still heals what
     /// they would have announced.
     pub fn signing_key(mut self, key: ChangeKey) -> Self {
@@ -521,6 +454,46 @@ struct State {
 /// A running task that makes a [`ChangeHandler`] (a replica's [`Verifier`]) follow the key
 /// changes published on Redis. Made by [`Redis::watch`] or [`Redis::follow`]. Dropping it
 /// stops the task; [`ChangeWatcher::shutdown`] stops it and waits.
+///
+/// Change propagation between replicas: key writes are published on a Redis channel, and
+/// every replica's verifier evicts the key it is told about.
+///
+/// - A writer wraps its key store in [`Publishing`] (or calls [`Publisher::publish`]
+///   itself): after each successful insert or update, one Lua script increments the
+///   sequence `{prefix}:changes:seq` and appends `"<seq> <key id>"` to the change log
+///   `{prefix}:changes:log` (a sorted set by sequence, the last [`LOG_LENGTH`] changes);
+///   then the same line (signed, with a [`ChangeKey`]) is published on `{prefix}:changes`.
+///   A change that cannot be logged (Redis down) never fails the write: the id is queued
+///   and published again in the background until Redis answers.
+/// - Every replica runs a [`ChangeWatcher`] ([`Redis::watch`]): a subscriber that calls
+///   [`Verifier::invalidate`] for each message, so the next request with that key reads the
+///   store again.
+///
+/// # What the watcher trusts
+/// Messages are only hints: pub/sub delivers at most once, and anyone allowed to publish on
+/// the channel can send anything. The watcher's accounting uses only what is stored: every
+/// [`WatchOptions::resync_every`] (and soon after a message whose number does not follow
+/// the previous one) it reads the stored sequence, the [epoch](crate::RestartMonitor) and the log
+/// entries it has not applied, and evicts each logged key that no message named with the
+/// same number. So a lost message is healed within one period, and a forged one can neither
+/// hide a lost real change (the log still names it) nor make the watcher drop its cache.
+/// The whole cache is dropped ([`Verifier::invalidate_all`]) only when the stored state says
+/// changes may be unaccounted for: the epoch changed (Redis lost or replaced its state), the
+/// sequence went back, or the log no longer reaches back to the last change applied.
+/// Drops happen at most once per [`WatchOptions::resync_interval`]; further reasons within
+/// it coalesce into one drop at its end.
+///
+/// A forged message still evicts the key it names (the next request for it reads the store)
+/// unless messages are signed: with a [`ChangeKey`] given to the publishers
+/// ([`Publisher::signing_key`]) and the watchers ([`WatchOptions::signing_key`]), each
+/// message carries a keyed blake3 MAC of the channel, sequence and key id, and watchers
+/// ignore (and count, [`ChangeWatcher::rejected`]) messages without a valid one. Roll out
+/// signing publishers first: a watcher without a key accepts signed messages too. A replayed
+/// signed message only evicts its key again. Better still, allow only the writers to
+/// publish (Redis ACLs, see the crate README section of the workspace README).
+///
+/// So a change reaches every connected replica within one pub/sub delivery, and a replica
+/// that missed it within one resync period (or at once on reconnecting).
 #[must_use = "the watcher stops when dropped"]
 pub struct ChangeWatcher {
     shutdown: Option<oneshot::Sender<()>>,
@@ -616,8 +589,8 @@ impl std::fmt::Debug for ChangeWatcher {
 impl Redis {
     /// Makes `verifier` follow the key changes published on this prefix: each message
     /// evicts its key; the change log heals missed messages; the whole cache is dropped only
-    /// when the stored state says changes may be unaccounted for (see the [module
-    /// docs](crate::changes)). Changes published before the subscription is up are not
+    /// when the stored state says changes may be unaccounted for (see the
+    /// [`ChangeWatcher`] docs). Changes published before the subscription is up are not
     /// reported; wait for [`ChangeWatcher::subscribed`] before relying on it. Must be
     /// called within a tokio runtime.
     pub async fn watch(&self, verifier: &Verifier, options: WatchOptions) -> ChangeWatcher {

@@ -1,24 +1,3 @@
-//! Noticing that Redis lost (or went back on) keygate's state: the epoch.
-//!
-//! Redis can lose what keygate keeps under the prefix: `FLUSHALL`/`FLUSHDB`, someone
-//! deleting the prefix's keys, eviction under `maxmemory`, or a restart without persistence.
-//! A restart *with* persistence can also bring back an older state (an RDB snapshot, or an
-//! AOF synced once a second). Counting on from such a state would silently reset rate
-//! limits and quotas, so keygate marks its state with an **epoch**:
-//!
-//! - `{prefix}:epoch` holds a random token. Every rate-limit and quota script reads it (no
-//!   extra round trip); when it is missing, the script creates a new one. A replica
-//!   remembers the token it last saw, so a different (or missing) token means the state it
-//!   counted in is gone.
-//! - `{prefix}:epoch:run` holds the `run_id` (from `INFO server`) of the Redis process the
-//!   epoch belongs to. A [`RestartMonitor`] ([`Redis::detect_restarts`]) polls it: when
-//!   Redis restarted (another `run_id`) whatever survived is a snapshot of an older state,
-//!   and the monitor starts a new epoch.
-//! - What a new epoch does: quota windows are re-seeded from the durable copy before they
-//!   admit anything ([`RedisUsageStore::durable`](crate::RedisUsageStore::durable)), and the
-//!   rate limiter holds off for [`RedisRateLimiter::hold_after_loss`](crate::RedisRateLimiter::hold_after_loss),
-//!   answering "unavailable" so the rate-limit layer applies its failure policy.
-
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -138,7 +117,7 @@ impl Redis {
     }
 
     /// Checks once whether the Redis process changed since the epoch was stamped; if so
-    /// starts a new epoch (see the [module docs](crate::epoch)). Returns `true` when it did.
+    /// starts a new epoch (see the [`RestartMonitor`] docs). Returns `true` when it did.
     pub async fn check_restart(&self) -> Result<bool, Error> {
         let run_id = self.run_id().await?;
         let (run, epoch) = (run_key(self), epoch_key(self));
@@ -212,6 +191,27 @@ struct MonitorState {
 }
 
 /// The task made by [`Redis::detect_restarts`]. Dropping it stops the task.
+///
+/// Noticing that Redis lost (or went back on) keygate's state: the epoch.
+///
+/// Redis can lose what keygate keeps under the prefix: `FLUSHALL`/`FLUSHDB`, someone
+/// deleting the prefix's keys, eviction under `maxmemory`, or a restart without persistence.
+/// A restart *with* persistence can also bring back an older state (an RDB snapshot, or an
+/// AOF synced once a second). Counting on from such a state would silently reset rate
+/// limits and quotas, so keygate marks its state with an **epoch**:
+///
+/// - `{prefix}:epoch` holds a random token. Every rate-limit and quota script reads it (no
+///   extra round trip); when it is missing, the script creates a new one. A replica
+///   remembers the token it last saw, so a different (or missing) token means the state it
+///   counted in is gone.
+/// - `{prefix}:epoch:run` holds the `run_id` (from `INFO server`) of the Redis process the
+///   epoch belongs to. A [`RestartMonitor`] ([`Redis::detect_restarts`]) polls it: when
+///   Redis restarted (another `run_id`) whatever survived is a snapshot of an older state,
+///   and the monitor starts a new epoch.
+/// - What a new epoch does: quota windows are re-seeded from the durable copy before they
+///   admit anything ([`RedisUsageStore::durable`](crate::RedisUsageStore::durable)), and the
+///   rate limiter holds off for [`RedisRateLimiter::hold_after_loss`](crate::RedisRateLimiter::hold_after_loss),
+///   answering "unavailable" so the rate-limit layer applies its failure policy.
 #[must_use = "the monitor stops when dropped"]
 pub struct RestartMonitor {
     stop: Option<oneshot::Sender<()>>,

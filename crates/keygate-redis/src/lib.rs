@@ -12,7 +12,7 @@
 //!   logs and publishes the id of every key it writes; [`Redis::watch`] makes a replica's
 //!   [`Verifier`](keygate_core::Verifier) evict that key, heals lost messages from the log,
 //!   and trusts no message for more than an eviction (optionally signed: [`ChangeKey`]).
-//! - Losing state: an [epoch] marks what Redis holds, so a flush, an eviction or a
+//! - Losing state: an [epoch](RestartMonitor) marks what Redis holds, so a flush, an eviction or a
 //!   restart ([`Redis::detect_restarts`]) is noticed instead of silently resetting limits.
 //!
 //! # What the Redis server needs
@@ -57,15 +57,14 @@
 #![deny(unsafe_code, unreachable_pub)]
 #![warn(missing_docs)]
 
-pub mod changes;
+mod changes;
 mod conn;
-pub mod epoch;
-pub mod rate;
-pub mod usage;
+mod epoch;
+mod rate;
+mod usage;
 
 pub use changes::{
-    ChangeHandler, ChangeKey, ChangeWatcher, InvalidChangeKey, Publisher, Publishing, WatchOptions,
-    LOG_LENGTH,
+    ChangeKey, ChangeWatcher, InvalidChangeKey, Publisher, Publishing, WatchOptions, LOG_LENGTH,
 };
 pub use conn::{Error, OpenError, Redis, RedisOptions};
 pub use epoch::RestartMonitor;

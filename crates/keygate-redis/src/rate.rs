@@ -1,63 +1,3 @@
-//! [`RedisRateLimiter`]: GCRA in one Lua script per request, shared by every replica.
-//!
-//! # State and arithmetic
-//! One Redis string per (subject, policy shape): `{prefix}:rl:{<subject>}:<limit>:<period µs>`
-//! holding `"<base> <units>"`, meaning the theoretical arrival time (GCRA's TAT) is
-//! `base + units · period / limit` microseconds since the Unix epoch. `base` and `units` are
-//! integers (whole periods are folded from `units` into `base`), so the state never drifts
-//! however long a key stays busy, and every comparison is made on differences of a few
-//! periods, far inside a double's exact range. A request of cost `c` fits a policy when
-//! `max(TAT, now) + c · period / limit - now <= period` (bursts of up to `limit`, one unit
-//! every `period / limit`), exactly as the in-process limiter. Keys expire when their state
-//! is back to fresh.
-//!
-//! # One round trip
-//! The script decides every policy of the request (deduplicated by shape) and writes only if
-//! all have room, so a request is counted everywhere or nowhere; Redis runs scripts one at a
-//! time, so concurrent replicas cannot both take the last unit. It answers each policy's
-//! remaining units, time until full, and wait, which is all the `RateLimit` fields and
-//! `Retry-After` need.
-//!
-//! # Time
-//! [`TimeSource::Server`] (the default) reads Redis's clock (`TIME`) inside the script: one
-//! clock for every replica, so clock skew between replicas cannot matter.
-//! [`TimeSource::Clock`] passes the caller's clock instead (a `ManualClock` in tests, so
-//! windows can be stepped). Then replicas must agree on the time: a replica whose clock runs
-//! `δ` ahead sees every state `δ` older and may let up to `δ / (period / limit)` extra units
-//! through early; one running behind is stricter. Key expiry always uses Redis's clock
-//! (relative TTLs), so a caller clock must advance at the real rate.
-//!
-//! Time resolution is one microsecond: a policy of more than one unit per microsecond is
-//! refused ([`RateError::InvalidPolicy`]), and periods count in whole microseconds.
-//!
-//! # When Redis loses the state
-//! GCRA state lost to a flush, an eviction or a restart cannot be recovered exactly: it
-//! exists nowhere else. Every script reads the [epoch](crate::epoch), so a replica notices
-//! the loss on its first call after it (a restart that brought back an older snapshot: when
-//! a [`RestartMonitor`](crate::RestartMonitor) notices it). It then holds for
-//! [`hold_after_loss`](RedisRateLimiter::hold_after_loss) (default 60 s, shared by every
-//! replica through `{prefix}:epoch:hold`): checks fail with [`RateError::Unavailable`], so
-//! the layer answers 503 `store_unavailable` (`Fallback::Deny`) or limits in-process
-//! (`Fallback::Local`); then counting starts over from a fresh state.
-//!
-//! The bound: a subject's lost TAT was at most one period `P` ahead of the moment of the
-//! loss, so after a hold `H` a policy of `limit` per `P` lets through at most
-//! `ceil(limit · (P − H) / P)` units more than had nothing been lost (none when `H ≥ P`),
-//! per loss and subject. With `Fallback::Local`, add what each replica allows in-process
-//! during the hold (up to `limit` each). Not covered: calls made between the loss and the
-//! first call of a replica that had seen the old state (only a replica started after the loss
-//! can make them), and, after a restart that brought back an older state, calls until the
-//! restart monitor's next check.
-//!
-//! # Local pre-check
-//! With [`RedisRateLimiter::local_precheck`] the limiter remembers, per subject and shape,
-//! the TAT of the last answer (bounded memory). A request whose cost cannot fit according to
-//! that memory is refused without a round trip. Other replicas only add to the state and the
-//! memory is never ahead of Redis, so this refuses only what Redis would refuse, except
-//! right after a refund made by another replica (its own refunds correct the memory),
-//! which it does not see: such a subject may be refused up to its wait early. Errs toward
-//! refusing.
-
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -214,7 +154,7 @@ pub enum TimeSource {
     #[default]
     Server,
     /// The caller's clock, passed to the script (tests step a `ManualClock`). Replicas'
-    /// clocks must agree; see the module docs for what skew does.
+    /// clocks must agree; see the [`RedisRateLimiter`] docs for what skew does.
     Clock(Arc<dyn Clock>),
 }
 
@@ -228,7 +168,7 @@ impl std::fmt::Debug for TimeSource {
 }
 
 /// A [`RateBackend`] on Redis: GCRA for every replica at once, one Lua script (one round
-/// trip) per request. See the [module docs](self) for the arithmetic, the time source and
+/// trip) per request. See the [`RedisRateLimiter`] docs for the arithmetic, the time source and
 /// the local pre-check. Cheap to clone; clones share the pre-check memory and counters.
 ///
 /// ```no_run
@@ -246,6 +186,66 @@ impl std::fmt::Debug for TimeSource {
 /// assert!(decision.allowed);
 /// # }
 /// ```
+///
+/// [`RedisRateLimiter`]: GCRA in one Lua script per request, shared by every replica.
+///
+/// # State and arithmetic
+/// One Redis string per (subject, policy shape): `{prefix}:rl:{<subject>}:<limit>:<period µs>`
+/// holding `"<base> <units>"`, meaning the theoretical arrival time (GCRA's TAT) is
+/// `base + units · period / limit` microseconds since the Unix epoch. `base` and `units` are
+/// integers (whole periods are folded from `units` into `base`), so the state never drifts
+/// however long a key stays busy, and every comparison is made on differences of a few
+/// periods, far inside a double's exact range. A request of cost `c` fits a policy when
+/// `max(TAT, now) + c · period / limit - now <= period` (bursts of up to `limit`, one unit
+/// every `period / limit`), exactly as the in-process limiter. Keys expire when their state
+/// is back to fresh.
+///
+/// # One round trip
+/// The script decides every policy of the request (deduplicated by shape) and writes only if
+/// all have room, so a request is counted everywhere or nowhere; Redis runs scripts one at a
+/// time, so concurrent replicas cannot both take the last unit. It answers each policy's
+/// remaining units, time until full, and wait, which is all the `RateLimit` fields and
+/// `Retry-After` need.
+///
+/// # Time
+/// [`TimeSource::Server`] (the default) reads Redis's clock (`TIME`) inside the script: one
+/// clock for every replica, so clock skew between replicas cannot matter.
+/// [`TimeSource::Clock`] passes the caller's clock instead (a `ManualClock` in tests, so
+/// windows can be stepped). Then replicas must agree on the time: a replica whose clock runs
+/// `δ` ahead sees every state `δ` older and may let up to `δ / (period / limit)` extra units
+/// through early; one running behind is stricter. Key expiry always uses Redis's clock
+/// (relative TTLs), so a caller clock must advance at the real rate.
+///
+/// Time resolution is one microsecond: a policy of more than one unit per microsecond is
+/// refused ([`RateError::InvalidPolicy`]), and periods count in whole microseconds.
+///
+/// # When Redis loses the state
+/// GCRA state lost to a flush, an eviction or a restart cannot be recovered exactly: it
+/// exists nowhere else. Every script reads the [epoch](crate::RestartMonitor), so a replica notices
+/// the loss on its first call after it (a restart that brought back an older snapshot: when
+/// a [`RestartMonitor`](crate::RestartMonitor) notices it). It then holds for
+/// [`hold_after_loss`](RedisRateLimiter::hold_after_loss) (default 60 s, shared by every
+/// replica through `{prefix}:epoch:hold`): checks fail with [`RateError::Unavailable`], so
+/// the layer answers 503 `store_unavailable` (`Fallback::Deny`) or limits in-process
+/// (`Fallback::Local`); then counting starts over from a fresh state.
+///
+/// The bound: a subject's lost TAT was at most one period `P` ahead of the moment of the
+/// loss, so after a hold `H` a policy of `limit` per `P` lets through at most
+/// `ceil(limit · (P − H) / P)` units more than had nothing been lost (none when `H ≥ P`),
+/// per loss and subject. With `Fallback::Local`, add what each replica allows in-process
+/// during the hold (up to `limit` each). Not covered: calls made between the loss and the
+/// first call of a replica that had seen the old state (only a replica started after the loss
+/// can make them), and, after a restart that brought back an older state, calls until the
+/// restart monitor's next check.
+///
+/// # Local pre-check
+/// With [`RedisRateLimiter::local_precheck`] the limiter remembers, per subject and shape,
+/// the TAT of the last answer (bounded memory). A request whose cost cannot fit according to
+/// that memory is refused without a round trip. Other replicas only add to the state and the
+/// memory is never ahead of Redis, so this refuses only what Redis would refuse, except
+/// right after a refund made by another replica (its own refunds correct the memory),
+/// which it does not see: such a subject may be refused up to its wait early. Errs toward
+/// refusing.
 #[derive(Clone)]
 pub struct RedisRateLimiter {
     inner: Arc<Inner>,
@@ -421,7 +421,7 @@ impl RedisRateLimiter {
     /// from a fresh state at once). While it lasts, checks fail with
     /// [`RateError::Unavailable`], so the rate-limit layer applies its failure policy:
     /// 503 `store_unavailable` with `Fallback::Deny`, in-process limits with
-    /// `Fallback::Local`. See the [module docs](self) for what a loss costs with and
+    /// `Fallback::Local`. See the [`RedisRateLimiter`] docs for what a loss costs with and
     /// without it.
     pub fn hold_after_loss(self, hold: Duration) -> Self {
         self.edit(|i| i.hold = hold)

@@ -1,43 +1,3 @@
-//! [`RedisUsageStore`]: quota counters in Redis, shared by every replica.
-//!
-//! # Layout
-//! - One hash per key and window, `{prefix}:q:{<key id>}:<kind>:<start>` (`<start>` in
-//!   seconds since the Unix epoch), with fields `c` (summed cost) and `r` (requests).
-//!   It expires [`retention`](RedisUsageStore::retention) plus the window's length after its
-//!   last write, so it outlives its window by at least the retention whatever clock the
-//!   caller uses. Credits that never refill never expire.
-//! - One sorted set per key, `{prefix}:q:{<key id>}:w`, listing the key's windows by start
-//!   (for [`report`](keygate_core::usage::UsageStore::report)), trimmed and expiring with the
-//!   same horizon.
-//!
-//! # Atomicity
-//! [`check_and_add`](keygate_core::usage::UsageStore::check_and_add) is one Lua script:
-//! Redis runs scripts one at a time, so no two replicas can both take the last unit of a
-//! window. [`add`](keygate_core::usage::UsageStore::add) (batched counting) is one
-//! `MULTI`/`EXEC` transaction per call; [`subtract`](keygate_core::usage::UsageStore::subtract)
-//! a script that saturates at zero.
-//!
-//! Counts are exact up to 2^53 (Lua numbers); a cost above that is refused with
-//! [`UsageError::Corrupt`], and larger limits behave as 2^53.
-//!
-//! # Losing Redis
-//! Redis may lose the counters (`FLUSHALL`, the prefix's keys deleted, eviction, a restart
-//! without persistence) or bring back older ones (a restart from an RDB snapshot). In strict
-//! counting Redis would then hold the only copy, and every loss would reset every quota. So
-//! give the store a durable copy ([`RedisUsageStore::durable`], `keygate_sql`'s usage store
-//! on the key database): every count is written to it too, and a window is trusted in Redis
-//! only once it was seeded in the current [epoch](crate::epoch). A window that is missing,
-//! or was written in an earlier epoch, is seeded first (the larger of Redis's count and the
-//! durable one, atomically in the script) and only then admits anything. A new epoch starts
-//! when the epoch key is gone (a flush or a restart without persistence: noticed on the
-//! next call) or when a [`RestartMonitor`](crate::RestartMonitor) sees another Redis
-//! process (noticed within its period).
-//!
-//! What stays uncovered: requests admitted in Redis whose durable write was still in flight
-//! at the moment of the loss (at most the requests in flight then), and, after a restart
-//! that brought back an older state, the requests admitted before the monitor's next check.
-//! Without a durable copy a loss resets the windows it hit to zero.
-
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -182,7 +142,7 @@ return 0
     )
 });
 
-/// A [`UsageStore`] on Redis (see the [module docs](self)).
+/// A [`UsageStore`] on Redis.
 /// Give it to `keygate::quota::QuotaConfig::new`; with `Counting::Strict` every request is
 /// one atomic check-and-add, exact across replicas.
 ///
@@ -200,6 +160,46 @@ return 0
 /// assert!(matches!(admitted, Admission::Admitted(_)));
 /// # }
 /// ```
+///
+/// [`RedisUsageStore`]: quota counters in Redis, shared by every replica.
+///
+/// # Layout
+/// - One hash per key and window, `{prefix}:q:{<key id>}:<kind>:<start>` (`<start>` in
+///   seconds since the Unix epoch), with fields `c` (summed cost) and `r` (requests).
+///   It expires [`retention`](RedisUsageStore::retention) plus the window's length after its
+///   last write, so it outlives its window by at least the retention whatever clock the
+///   caller uses. Credits that never refill never expire.
+/// - One sorted set per key, `{prefix}:q:{<key id>}:w`, listing the key's windows by start
+///   (for [`report`](keygate_core::usage::UsageStore::report)), trimmed and expiring with the
+///   same horizon.
+///
+/// # Atomicity
+/// [`check_and_add`](keygate_core::usage::UsageStore::check_and_add) is one Lua script:
+/// Redis runs scripts one at a time, so no two replicas can both take the last unit of a
+/// window. [`add`](keygate_core::usage::UsageStore::add) (batched counting) is one
+/// `MULTI`/`EXEC` transaction per call; [`subtract`](keygate_core::usage::UsageStore::subtract)
+/// a script that saturates at zero.
+///
+/// Counts are exact up to 2^53 (Lua numbers); a cost above that is refused with
+/// [`UsageError::Corrupt`], and larger limits behave as 2^53.
+///
+/// # Losing Redis
+/// Redis may lose the counters (`FLUSHALL`, the prefix's keys deleted, eviction, a restart
+/// without persistence) or bring back older ones (a restart from an RDB snapshot). In strict
+/// counting Redis would then hold the only copy, and every loss would reset every quota. So
+/// give the store a durable copy ([`RedisUsageStore::durable`], `keygate_sql`'s usage store
+/// on the key database): every count is written to it too, and a window is trusted in Redis
+/// only once it was seeded in the current [epoch](crate::RestartMonitor). A window that is missing,
+/// or was written in an earlier epoch, is seeded first (the larger of Redis's count and the
+/// durable one, atomically in the script) and only then admits anything. A new epoch starts
+/// when the epoch key is gone (a flush or a restart without persistence: noticed on the
+/// next call) or when a [`RestartMonitor`](crate::RestartMonitor) sees another Redis
+/// process (noticed within its period).
+///
+/// What stays uncovered: requests admitted in Redis whose durable write was still in flight
+/// at the moment of the loss (at most the requests in flight then), and, after a restart
+/// that brought back an older state, the requests admitted before the monitor's next check.
+/// Without a durable copy a loss resets the windows it hit to zero.
 #[derive(Clone)]
 pub struct RedisUsageStore {
     redis: Redis,
@@ -223,7 +223,7 @@ impl RedisUsageStore {
     }
 
     /// Keeps a durable copy of every count in `store` (`keygate_sql`'s usage store, say),
-    /// so that losing Redis's data does not reset quotas. See [Losing Redis](self#losing-redis).
+    /// so that losing Redis's data does not reset quotas. See [Losing Redis](RedisUsageStore#losing-redis).
     ///
     /// Every admitted [`check_and_add`](UsageStore::check_and_add), every
     /// [`add`](UsageStore::add) and [`subtract`](UsageStore::subtract) is written to `store`

@@ -358,7 +358,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (audit_dir, audit_stem) = audit_location(&args.audit_log)?;
     // The pepper (KEYGATE_PEPPER or an owner-only KEYGATE_PEPPER_FILE), checked against
     // the fingerprint the database recorded at first use once the store is open.
-    let hasher = keygate::core::KeyHasher::from_env().map_err(|e| e.to_string())?;
+    let hasher = keygate::KeyHasher::from_env().map_err(|e| e.to_string())?;
     let database_url = server::secrets::url_from(
         args.database_url.clone(),
         args.database_url_file.as_deref(),
@@ -387,9 +387,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     })?;
     // The route table's scopes, so `keygate keys create` refuses a typo in a scope.
     store
-        .register_scopes(&keygate::core::ScopeVocabulary::new(
-            server::routes()?.scopes(),
-        ))
+        .register_scopes(&keygate::ScopeVocabulary::new(server::routes()?.scopes()))
         .await
         .map_err(|e| format!("cannot register the scope vocabulary: {e}"))?;
     // With Redis: key writes made here are announced to every replica at once (the SQL

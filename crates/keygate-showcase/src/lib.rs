@@ -337,7 +337,7 @@ pub(crate) fn may_upsert(p: &keygate::Principal, raw: &str) -> bool {
         Ok(name) if !name.chars().any(|c| c == '/' || c.is_control()) => name,
         _ => return false,
     };
-    keygate::core::Scope::parse(WRITE_POINTS).is_ok_and(|s| p.has_scope(&s)) && p.can_access(&name)
+    keygate::Scope::parse(WRITE_POINTS).is_ok_and(|s| p.has_scope(&s)) && p.can_access(&name)
 }
 
 fn point_cost(ext: &axum::http::Extensions) -> usize {
@@ -405,7 +405,7 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
     let admin = AdminApi::new(keys.clone())
         .gate(&gate)
         .quota(handle.clone())
-        .scope_vocabulary(keygate::core::ScopeVocabulary::new(routes()?.scopes()));
+        .scope_vocabulary(keygate::ScopeVocabulary::new(routes()?.scopes()));
     let extras = qdrant_extra::Extras::new();
     let state = AppState {
         vectors: vectors.clone(),

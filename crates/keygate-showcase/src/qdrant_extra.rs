@@ -952,7 +952,7 @@ fn may_read(p: &Principal, raw: &str) -> bool {
         Ok(name) if !name.chars().any(|c| c == '/' || c.is_control()) => name,
         _ => return false,
     };
-    keygate::core::Scope::parse("points:read").is_ok_and(|s| p.has_scope(&s)) && p.can_access(&name)
+    keygate::Scope::parse("points:read").is_ok_and(|s| p.has_scope(&s)) && p.can_access(&name)
 }
 
 /// The number of requests in a batch body, read exactly as the batch handlers read it;

@@ -8,9 +8,9 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 /// `url` (a database or Redis URL, or a key/value DSN) with every credential hidden:
-/// keygate-core's [`redact_url`](keygate::core::redact_url).
+/// keygate-core's [`redact_url`](keygate::redact_url).
 pub fn redact(url: &str) -> String {
-    keygate::core::redact_url(url)
+    keygate::redact_url(url)
 }
 
 /// Reads a URL from `path` (one line; surrounding whitespace is dropped). A file every

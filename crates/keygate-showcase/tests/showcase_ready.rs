@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use keygate::core::audit::{Auditor, MemorySink};
-use keygate_testkit::CountingStore;
+use keygate_testkit::store::CountingStore;
 use showcase_support::*;
 
 #[tokio::test]

@@ -48,7 +48,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keygate_core::{KeyId, StoreError, Verifier};
+use keygate_core::{ChangeHandler, StoreError, Verifier};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
@@ -64,34 +64,6 @@ const BATCH: u32 = 1_000;
 /// Listener reconnection backoff: first wait, and the most it grows to.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
-
-/// What a [`ChangeFollower`] tells about changes. [`Verifier`] implements it by
-/// invalidating its cache.
-pub trait ChangeHandler: Send + Sync + 'static {
-    /// The key `id` was inserted, updated or deleted.
-    fn changed(&self, id: &KeyId);
-    /// Some changes can no longer be read (pruned before this follower saw them): forget
-    /// everything derived from the store.
-    fn resync(&self);
-}
-
-impl ChangeHandler for Verifier {
-    fn changed(&self, id: &KeyId) {
-        self.invalidate(id);
-    }
-    fn resync(&self) {
-        self.invalidate_all();
-    }
-}
-
-impl<H: ChangeHandler + ?Sized> ChangeHandler for Arc<H> {
-    fn changed(&self, id: &KeyId) {
-        (**self).changed(id);
-    }
-    fn resync(&self) {
-        (**self).resync();
-    }
-}
 
 #[derive(Default)]
 struct State {

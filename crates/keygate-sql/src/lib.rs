@@ -86,7 +86,7 @@ mod usage;
 
 pub use audit::{AuditEntry, AuditQuery, SqlAuditSink, SqlAuditSinkBuilder, StoredEvent};
 pub use error::OpenError;
-pub use follow::{ChangeFollower, ChangeHandler};
+pub use follow::ChangeFollower;
 pub use options::{SqlOptions, POSTGRES_POLL_INTERVAL, SQLITE_POLL_INTERVAL};
 pub use settings::{PepperCheck, PepperCheckError};
 pub use store::{Change, SqlStore};

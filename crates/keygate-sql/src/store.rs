@@ -557,7 +557,7 @@ impl SqlStore {
 
     /// Deletes the changes recorded before `before` and returns how many. A follower whose
     /// position falls in the deleted range notices it and clears its verifier's cache
-    /// ([`ChangeHandler::resync`](crate::ChangeHandler::resync)) instead of missing
+    /// ([`ChangeHandler::resync`](keygate_core::ChangeHandler::resync)) instead of missing
     /// changes. Keep at least a few minutes of history so a follower that lost its
     /// connection briefly can catch up change by change.
     pub async fn prune_changes(&self, before: SystemTime) -> Result<u64, StoreError> {

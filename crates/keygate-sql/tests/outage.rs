@@ -27,8 +27,11 @@ const MAX_STALE: Duration = Duration::from_secs(20);
 /// The auth layer of `gate` in front of a 200 service.
 fn app(
     gate: &KeyGate,
-) -> impl Service<Req, Response = Response<keygate::ResponseBody<Full<Bytes>>>, Error = Infallible> + Clone
-{
+) -> impl Service<
+    Req,
+    Response = Response<keygate::reject::ResponseBody<Full<Bytes>>>,
+    Error = Infallible,
+> + Clone {
     ServiceBuilder::new()
         .layer(gate.auth_layer())
         .service(tower::service_fn(|_req: Req| async {
@@ -39,8 +42,11 @@ fn app(
 /// Status and denial code of one request with `key`.
 async fn call<S>(svc: &S, key: &str) -> (StatusCode, Option<DenialCode>, Option<String>)
 where
-    S: Service<Req, Response = Response<keygate::ResponseBody<Full<Bytes>>>, Error = Infallible>
-        + Clone,
+    S: Service<
+            Req,
+            Response = Response<keygate::reject::ResponseBody<Full<Bytes>>>,
+            Error = Infallible,
+        > + Clone,
 {
     let req = Request::get("/")
         .header("authorization", format!("Bearer {key}"))

@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use common::*;
+use keygate_core::ChangeHandler;
 use keygate_core::{
     DenialCode, KeyFilter, KeyHasher, KeyId, KeyRecord, KeyStatus, KeyStore, MemoryStore, Prefix,
     StatusWrite, StoreError, Verifier,
 };
-use keygate_sql::{Backend, ChangeHandler, OpenError, SqlOptions, SqlStore};
+use keygate_sql::{Backend, OpenError, SqlOptions, SqlStore};
 
 const T0: u64 = 1_780_000_000_000;
 

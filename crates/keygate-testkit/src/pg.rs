@@ -22,10 +22,7 @@ impl PgSchema {
     /// Creates the schema, or prints the skip line and returns `None` when the server is
     /// not configured.
     pub async fn create() -> Option<PgSchema> {
-        let Ok(url) = std::env::var(PG_ENV) else {
-            println!("skipped: {PG_ENV} is not set");
-            return None;
-        };
+        let url = crate::server_url(PG_ENV)?;
         let schema = schema_name("kg_test");
         let mut c = PgConnectOptions::from_str(&url)
             .expect("KEYGATE_TEST_POSTGRES_URL")

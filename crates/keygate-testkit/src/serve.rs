@@ -7,10 +7,44 @@ use http::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-/// Serves `app` with axum on 127.0.0.1 (an ephemeral port) until the runtime ends.
-pub async fn spawn_axum(app: axum::Router) -> SocketAddr {
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A tower service plain hyper can serve on a spawned task: what [`spawn_hyper`] and
+/// [`spawn_hyper_peer`] take (implemented for every such service).
+pub trait HyperService<B>:
+    tower::Service<
+        Request<hyper::body::Incoming>,
+        Response = Response<B>,
+        Error: Into<BoxError>,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> HyperService<B> for S where
+    S: tower::Service<
+            Request<hyper::body::Incoming>,
+            Response = Response<B>,
+            Error: Into<BoxError>,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// A listener on 127.0.0.1 (an ephemeral port) and its address.
+async fn bind() -> (TcpListener, SocketAddr) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    (listener, addr)
+}
+
+/// Serves `app` with axum on 127.0.0.1 (an ephemeral port) until the runtime ends.
+pub async fn spawn_axum(app: axum::Router) -> SocketAddr {
+    let (listener, addr) = bind().await;
     tokio::spawn(async move {
         axum::serve(listener, app).await.expect("axum server");
     });
@@ -19,8 +53,7 @@ pub async fn spawn_axum(app: axum::Router) -> SocketAddr {
 
 /// Serves `app` with axum on 127.0.0.1, recording the peer as `ConnectInfo<SocketAddr>`.
 pub async fn spawn_axum_with_peer(app: axum::Router) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    let (listener, addr) = bind().await;
     tokio::spawn(async move {
         axum::serve(
             listener,
@@ -38,18 +71,10 @@ pub async fn spawn_axum_with_peer(app: axum::Router) -> SocketAddr {
 /// it, no address is recorded.
 pub async fn spawn_hyper_peer<S, B>(svc: S, record_peer: bool) -> SocketAddr
 where
-    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: HyperService<B>,
+    B: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    let (listener, addr) = bind().await;
     tokio::spawn(async move {
         loop {
             let Ok((stream, peer)) = listener.accept().await else {
@@ -80,15 +105,8 @@ where
 /// recording the peer.
 pub async fn spawn_hyper<S, B>(svc: S) -> SocketAddr
 where
-    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: HyperService<B>,
+    B: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static,
 {
     spawn_hyper_peer(svc, false).await
 }

@@ -38,10 +38,7 @@ impl Env {
     /// A PostgreSQL schema of its own, or `None` (after printing the skip line) when
     /// `KEYGATE_TEST_POSTGRES_URL` is unset. The CLI creates the schema on first use.
     pub fn postgres() -> Option<Env> {
-        let Ok(url) = std::env::var(PG_ENV) else {
-            println!("skipped: {PG_ENV} is not set");
-            return None;
-        };
+        let url = keygate_testkit::server_url(PG_ENV)?;
         let schema = keygate_testkit::pg::schema_name("kg_cli");
         Some(Env {
             dir: tempfile::tempdir().expect("temp dir"),
@@ -167,19 +164,13 @@ impl Out {
 #[macro_export]
 macro_rules! both {
     ($sqlite:ident, $postgres:ident, $check:path) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $sqlite() {
-            let env = $crate::common::Env::sqlite();
-            $check(&env).await;
-        }
-
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $postgres() {
-            let Some(env) = $crate::common::Env::postgres() else {
-                return;
-            };
-            $check(&env).await;
-        }
+        keygate_testkit::sqlite_and_postgres!(
+            $sqlite,
+            $postgres,
+            $check,
+            sqlite = $crate::common::Env::sqlite(),
+            postgres = $crate::common::Env::postgres()
+        );
     };
 }
 

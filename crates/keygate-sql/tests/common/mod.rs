@@ -26,6 +26,15 @@ pub enum Db {
     Postgres(PgSchema),
 }
 
+/// A connection of its own to the SQLite database at `url`.
+async fn sqlite_connect(url: &str) -> sqlx::SqliteConnection {
+    SqliteConnectOptions::from_str(url)
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect")
+}
+
 impl Db {
     /// A new SQLite database file (not created yet: opening creates it).
     pub fn sqlite() -> Db {
@@ -73,11 +82,7 @@ impl Db {
     pub async fn exec(&self, sql: &str) {
         match self {
             Db::Sqlite { url, .. } => {
-                let mut c = SqliteConnectOptions::from_str(url)
-                    .expect("url")
-                    .connect()
-                    .await
-                    .expect("connect");
+                let mut c = sqlite_connect(url).await;
                 c.execute(sql).await.expect("exec");
                 c.close().await.expect("close");
             }
@@ -93,11 +98,7 @@ impl Db {
     pub async fn scalar(&self, sql: &str) -> i64 {
         match self {
             Db::Sqlite { url, .. } => {
-                let mut c = SqliteConnectOptions::from_str(url)
-                    .expect("url")
-                    .connect()
-                    .await
-                    .expect("connect");
+                let mut c = sqlite_connect(url).await;
                 let v: i64 = sqlx::query_scalar(sql)
                     .fetch_one(&mut c)
                     .await
@@ -132,19 +133,13 @@ pub use keygate_testkit::pg::PgSchema;
 #[macro_export]
 macro_rules! both {
     ($sqlite:ident, $postgres:ident, $check:path) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $sqlite() {
-            let db = $crate::common::Db::sqlite();
-            $check(&db).await;
-        }
-
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $postgres() {
-            let Some(db) = $crate::common::Db::postgres().await else {
-                return;
-            };
-            $check(&db).await;
-        }
+        keygate_testkit::sqlite_and_postgres!(
+            $sqlite,
+            $postgres,
+            $check,
+            sqlite = $crate::common::Db::sqlite(),
+            postgres = $crate::common::Db::postgres().await
+        );
     };
 }
 
