@@ -61,7 +61,7 @@ use http::header::HeaderName;
 use http::{HeaderValue, Request, Response};
 
 use crate::check::{Caller, Check};
-use crate::core::Clock;
+use keygate_core::Clock;
 use crate::future::ResponseNote;
 use crate::{Denial, Principal};
 

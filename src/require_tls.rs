@@ -66,7 +66,7 @@ use http::Request;
 use crate::check::{Caller, Check, Step};
 use crate::client_ip::{peer_addr, TrustedProxies};
 use crate::core::audit::{AuditEvent, Auditor, LifecycleAction, LifecycleEvent};
-use crate::core::{Clock, KeyManager, KeyStatus, SystemClock};
+use keygate_core::{Clock, KeyManager, KeyStatus, SystemClock};
 use crate::transport::is_tls;
 use crate::{Denial, DenialCode, Principal};
 

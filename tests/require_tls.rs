@@ -70,7 +70,7 @@ async fn send(
     env: &Env,
     check: RequireTls,
     req: Request<String>,
-) -> Response<keygate::ResponseBody<String>> {
+) -> Response<keygate::reject::ResponseBody<String>> {
     ServiceBuilder::new()
         .layer(CheckLayer::new(check).with_gate(&env.gate))
         .service_fn(|_: Request<String>| async {
