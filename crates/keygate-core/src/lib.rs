@@ -32,6 +32,7 @@ mod principal;
 pub mod rate;
 mod record;
 mod redact;
+pub mod role;
 mod scope;
 mod store;
 pub mod time;
@@ -61,6 +62,7 @@ pub use record::{
     RateLimitPolicy, Refill,
 };
 pub use redact::{redact_url, REDACTED};
+pub use role::{validate_name, Grant, Identity, InvalidName, Role};
 pub use scope::{validate_resource_pattern, InvalidScope, ResourceSet, Scope, ScopeSet};
 pub use store::{
     KeyFilter, KeyListing, KeyStore, MemoryStore, SkippedRow, StatusWrite, StoreError,

@@ -78,6 +78,7 @@ mod files;
 mod follow;
 mod migrate;
 mod options;
+mod policy;
 mod row;
 mod scopes;
 mod settings;
