@@ -54,7 +54,8 @@ pub use key::{
 };
 pub use lifecycle::{
     Expiry, InvalidSpec, IssuedKey, KeyManager, KeyManagerBuilder, KeySpec, KeyUpdate,
-    LifecycleError, MAX_ATTRIBUTE_VALUE_LEN, MAX_METADATA_BYTES, MAX_NAME_LEN, MAX_OWNER_LEN,
+    LifecycleError, RoleUpdate, MAX_ATTRIBUTE_VALUE_LEN, MAX_METADATA_BYTES, MAX_NAME_LEN,
+    MAX_OWNER_LEN,
 };
 pub use principal::{Attributes, Principal};
 pub use record::{

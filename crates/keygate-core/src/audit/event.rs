@@ -233,10 +233,13 @@ pub enum LifecycleAction {
     Enabled,
     /// The key's policies or descriptive fields changed.
     Updated,
+    /// A role the key holds was created, changed or deleted: the key's effective policy
+    /// changed without its record changing. The change names the role (`role:NAME`).
+    RoleChanged,
 }
 
 impl LifecycleAction {
-    /// `issued`, `rotated`, `revoked`, `disabled`, `enabled` or `updated`.
+    /// `issued`, `rotated`, `revoked`, `disabled`, `enabled`, `updated` or `role_changed`.
     pub fn as_str(self) -> &'static str {
         match self {
             LifecycleAction::Issued => "issued",
@@ -245,6 +248,7 @@ impl LifecycleAction {
             LifecycleAction::Disabled => "disabled",
             LifecycleAction::Enabled => "enabled",
             LifecycleAction::Updated => "updated",
+            LifecycleAction::RoleChanged => "role_changed",
         }
     }
 }
