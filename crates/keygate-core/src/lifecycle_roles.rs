@@ -127,6 +127,20 @@ impl KeyManager {
         name: &str,
         update: RoleUpdate,
     ) -> Result<Role, LifecycleError> {
+        self.update_role_checked(actor, name, update, |_, _| Ok(()))
+            .await
+    }
+
+    /// [`KeyManager::update_role`], calling `check` with the role as read and as it would
+    /// be written: an `Err` refuses the change ([`LifecycleError::Refused`]). The write
+    /// lands only over the version `check` saw.
+    pub async fn update_role_checked(
+        &self,
+        actor: &str,
+        name: &str,
+        update: RoleUpdate,
+        check: impl FnOnce(&Role, &Role) -> Result<(), String>,
+    ) -> Result<Role, LifecycleError> {
         self.preflight(actor)?;
         let _guard = self.inner.lock.lock().await;
         let now = self.inner.clock.now();
@@ -148,6 +162,7 @@ impl KeyManager {
         if new == old {
             return Ok(old);
         }
+        check(&old, &new).map_err(LifecycleError::Refused)?;
         new.updated_at = now;
         self.inner.store.update_role(&new).await?;
         new.version = old.version.wrapping_add(1);
@@ -159,6 +174,17 @@ impl KeyManager {
     /// Deletes a role: keys keep naming it, and it grants them nothing from their next
     /// request on. Whether there was one.
     pub async fn delete_role(&self, actor: &str, name: &str) -> Result<bool, LifecycleError> {
+        self.delete_role_checked(actor, name, |_| Ok(())).await
+    }
+
+    /// [`KeyManager::delete_role`], calling `check` with the role first: an `Err` refuses
+    /// the deletion ([`LifecycleError::Refused`]).
+    pub async fn delete_role_checked(
+        &self,
+        actor: &str,
+        name: &str,
+        check: impl FnOnce(&Role) -> Result<(), String>,
+    ) -> Result<bool, LifecycleError> {
         self.preflight(actor)?;
         let _guard = self.inner.lock.lock().await;
         let old = match self.show_role(name).await {
@@ -166,6 +192,7 @@ impl KeyManager {
             Err(LifecycleError::Store(StoreError::NoSuchName { .. })) => return Ok(false),
             Err(e) => return Err(e),
         };
+        check(&old).map_err(LifecycleError::Refused)?;
         let deleted = self.inner.store.delete_role(name).await?;
         if deleted {
             self.role_changed(actor, name, Some(&old), None).await?;

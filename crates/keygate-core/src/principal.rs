@@ -50,6 +50,7 @@ struct Inner {
 /// The per-collection grants and the roles behind them, compiled.
 struct Policy {
     grants: Box<[CompiledGrant]>,
+    raw: Box<[Grant]>,
     roles: Box<[Arc<str>]>,
 }
 
@@ -73,6 +74,7 @@ impl Policy {
                     role: *role,
                 })
                 .collect(),
+            raw: resolved.grants.clone(),
             roles: resolved
                 .roles
                 .iter()
@@ -334,6 +336,24 @@ impl Principal {
             .iter()
             .zip(seen)
             .filter_map(|(r, s)| s.then_some(r))
+    }
+
+    /// Every grant of the effective policy as written (the key's own scopes × collections
+    /// first, then its extra grants, then its roles'): what an admin check compares a new
+    /// grant with (one grant must cover it whole).
+    pub fn grants(&self) -> Vec<Grant> {
+        let policy = &*self.inner.policy;
+        if policy.raw.is_empty() {
+            // One grant of the key's own (or none): the unions are that grant.
+            if self.scopes().is_empty() && self.resources().is_empty() {
+                return Vec::new();
+            }
+            return vec![Grant {
+                scopes: self.scopes().to_vec(),
+                collections: self.resources().to_vec(),
+            }];
+        }
+        policy.raw.to_vec()
     }
 
     /// The roles that contributed to this principal (stored roles the key names), in the
