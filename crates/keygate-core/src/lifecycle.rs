@@ -560,9 +560,9 @@ impl KeyManager {
     }
 
     /// Rotates a key: issues a new key that inherits everything (name, owner, scopes,
-    /// collections, attributes, networks, policies, metadata and expiry) with
-    /// `rotated_from` set, and makes the old key expire `grace` from now (at once for
-    /// zero; an earlier expiry stays). Only active, unexpired keys rotate. The new key
+    /// collections, grants, roles, identity, attributes, networks, policies, metadata and
+    /// expiry) with `rotated_from` set, and makes the old key expire `grace` from now (at
+    /// once for zero; an earlier expiry stays). Only active, unexpired keys rotate. The new key
     /// keeps the old one's lineage ([`KeyRecord::lineage`]), so rate limits and quotas go on
     /// counting where they were, and old and new key share one allowance during the grace.
     pub async fn rotate(
@@ -595,6 +595,9 @@ impl KeyManager {
         new.rate_limits = old.rate_limits.clone();
         new.quotas = old.quotas.clone();
         new.metadata = old.metadata.clone();
+        new.grants = old.grants.clone();
+        new.roles = old.roles.clone();
+        new.identity = old.identity.clone();
         new.expires_at = old.expires_at;
         new.rotated_from = Some(old.id);
         // Usage is counted per lineage: the new key goes on with the old one's.

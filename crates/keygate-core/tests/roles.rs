@@ -325,3 +325,38 @@ async fn racing_updates_cannot_both_land() {
         ["docs", "shared"]
     );
 }
+
+#[tokio::test]
+async fn a_rotated_key_keeps_its_grants_roles_and_identity() {
+    let (_, verifier, keys, _) = setup();
+    let t = verifier.clock().now();
+    keys.create_role(
+        "admin",
+        Role::new("reader", t).with_grant(Grant::new(["points:read"], ["shared"])),
+    )
+    .await
+    .unwrap();
+    keys.create_identity("admin", Identity::new("etl", t))
+        .await
+        .unwrap();
+    let old = keys
+        .issue(
+            "admin",
+            KeySpec::new("k")
+                .role("reader")
+                .identity("etl")
+                .grant(Grant::new(["points:write"], ["docs-*"])),
+        )
+        .await
+        .unwrap();
+    let new = keys
+        .rotate("admin", old.key.id(), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(new.record.roles, ["reader"]);
+    assert_eq!(new.record.identity.as_deref(), Some("etl"));
+    assert_eq!(new.record.grants, old.record.grants);
+    let p = verifier.verify(new.key.expose_secret()).await.unwrap();
+    assert!(p.permits(&scope("points:read"), "shared"));
+    assert!(p.permits(&scope("points:write"), "docs-1"));
+}
