@@ -564,8 +564,12 @@ fn vocabulary_check(
             warnings.push(format!("granted on purpose: {e}"));
         }
     }
-    if let Some(w) = vocabulary.reach_warning(&spec.scopes, &spec.resources) {
-        warnings.push(w);
+    // A key with roles or extra grants may reach routes through them: only a key with its
+    // scopes × collections alone is judged.
+    if spec.roles.is_empty() && spec.grants.is_empty() {
+        if let Some(w) = vocabulary.reach_warning(&spec.scopes, &spec.resources) {
+            warnings.push(w);
+        }
     }
     Ok(warnings)
 }

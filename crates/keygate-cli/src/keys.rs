@@ -81,7 +81,13 @@ fn check_scopes(vocabulary: &ScopeVocabulary, args: &CreateArgs) -> Result<Vec<S
             warnings.push(format!("granting on purpose: {e}"));
         }
     }
-    if let Some(w) = vocabulary.reach_warning(&args.scopes, &args.collections) {
+    // A key with roles may reach routes through them: only a key on its own is judged.
+    let reach = if args.roles.is_empty() {
+        vocabulary.reach_warning(&args.scopes, &args.collections)
+    } else {
+        None
+    };
+    if let Some(w) = reach {
         warnings.push(if args.collections.is_empty() {
             format!("{w} (add --collection)")
         } else {

@@ -40,8 +40,9 @@ fn role_json(role: &Role, holders: Option<&[String]>) -> Value {
     v
 }
 
-fn role_details(role: &Role, holders: &[String]) -> String {
-    let rows: Vec<(&str, String)> = vec![
+/// A role as `field  value` lines; with `holders`, the keys holding it too.
+fn role_details(role: &Role, holders: Option<&[String]>) -> String {
+    let mut rows: Vec<(&str, String)> = vec![
         ("name", role.name.clone()),
         ("grants", list(role.grants.iter().map(output::grant))),
         (
@@ -56,8 +57,10 @@ fn role_details(role: &Role, holders: &[String]) -> String {
         ("created", output::time(role.created_at)),
         ("updated", output::time(role.updated_at)),
         ("version", role.version.to_string()),
-        ("keys", list(holders.iter().cloned())),
     ];
+    if let Some(h) = holders {
+        rows.push(("keys", list(h.iter().cloned())));
+    }
     let mut out = String::new();
     for (k, v) in rows {
         out.push_str(&format!("{k:<11}  {v}\n"));
@@ -86,7 +89,7 @@ pub(crate) async fn create(cli: &Cli, args: &RoleArgs) -> Result<(), Failure> {
     if cli.json {
         print_json(&role_json(&role, None))?;
     } else {
-        print(&role_details(&role, &[]))?;
+        print(&role_details(&role, None))?;
     }
     audited
 }
@@ -135,7 +138,7 @@ pub(crate) async fn show(cli: &Cli, role_name: &str) -> Result<(), Failure> {
     if cli.json {
         print_json(&role_json(&role, Some(&holders)))
     } else {
-        print(&role_details(&role, &holders))
+        print(&role_details(&role, Some(&holders)))
     }
 }
 
@@ -167,7 +170,7 @@ pub(crate) async fn update(cli: &Cli, args: &RoleArgs) -> Result<(), Failure> {
     if cli.json {
         print_json(&role_json(&role, None))?;
     } else {
-        print(&role_details(&role, &[]))?;
+        print(&role_details(&role, None))?;
     }
     audited
 }
