@@ -22,12 +22,15 @@ use keygate_admin::AdminApi;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+/// A write made by "another admin", run once on the memory store.
+type Hook = Box<dyn FnOnce(&MemoryStore) + Send>;
+
 /// A memory store that runs a hook (once) just before a conditional write: another
 /// writer landing between an admin's check and its write.
 #[derive(Clone, Default)]
 struct Racing {
     inner: MemoryStore,
-    hook: Arc<Mutex<Option<Box<dyn FnOnce(&MemoryStore) + Send>>>>,
+    hook: Arc<Mutex<Option<Hook>>>,
 }
 
 #[async_trait::async_trait]
