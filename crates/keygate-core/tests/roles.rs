@@ -360,3 +360,35 @@ async fn a_rotated_key_keeps_its_grants_roles_and_identity() {
     assert!(p.permits(&scope("points:read"), "shared"));
     assert!(p.permits(&scope("points:write"), "docs-1"));
 }
+
+/// A preloaded verifier resolves every key's roles and identity from one listing each.
+#[tokio::test]
+async fn preload_resolves_roles_and_identities() {
+    let store = MemoryStore::new();
+    let t = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    store
+        .insert_role(&Role::new("reader", t).with_grant(Grant::new(["points:read"], ["docs"])))
+        .await
+        .unwrap();
+    let mut id = Identity::new("etl", t);
+    id.quotas = vec![QuotaPolicy::new("daily", 10, QuotaWindow::Day)];
+    store.insert_identity(&id).await.unwrap();
+    let hasher = keygate_core::KeyHasher::new();
+    let (key, mut record) =
+        keygate_core::KeyRecord::generate(&keygate_core::Prefix::default(), &hasher, "k", t)
+            .unwrap();
+    record.roles = vec!["reader".into()];
+    record.identity = Some("etl".into());
+    store.insert(&record).await.unwrap();
+    let verifier = Verifier::builder(store.clone())
+        .clock(ManualClock::at_2026())
+        .build();
+    assert_eq!(verifier.preload().await.unwrap(), 1);
+    let p = verifier.verify(key.expose_secret()).await.unwrap();
+    assert!(p.permits(&scope("points:read"), "docs"));
+    assert_eq!(
+        p.quotas(),
+        [QuotaPolicy::new("daily", 10, QuotaWindow::Day)]
+    );
+    assert!(p.quota_is_shared(0));
+}
