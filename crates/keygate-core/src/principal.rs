@@ -51,7 +51,7 @@ struct Inner {
 struct Policy {
     grants: Box<[CompiledGrant]>,
     raw: Box<[Grant]>,
-    roles: Box<[Arc<str>]>,
+    roles: Arc<[Arc<str>]>,
 }
 
 struct CompiledGrant {
@@ -360,6 +360,13 @@ impl Principal {
     /// key's order.
     pub fn roles(&self) -> &[Arc<str>] {
         &self.inner.policy.roles
+    }
+
+    /// [`Principal::roles`], shared (cloning it is one reference-count increment; audit
+    /// events keep it this way). `None` when there are none.
+    pub fn roles_shared(&self) -> Option<&Arc<[Arc<str>]>> {
+        let roles = &self.inner.policy.roles;
+        (!roles.is_empty()).then_some(roles)
     }
 
     /// The identity owning the key, if any.
