@@ -328,10 +328,10 @@ pub struct IdentityInput {
     /// Free JSON metadata.
     #[serde(default)]
     pub metadata: Option<serde_json::Value>,
-    /// Rate limits shared by all its keys.
+    /// Rate limits applied to each of its keys.
     #[serde(default)]
     pub rate_limits: Vec<PolicyInput<RateLimitPolicy>>,
-    /// Quotas shared by all its keys.
+    /// Quotas applied to each of its keys.
     #[serde(default)]
     pub quotas: Vec<PolicyInput<QuotaPolicy>>,
 }

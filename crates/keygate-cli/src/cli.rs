@@ -101,8 +101,8 @@ pub(crate) enum Command {
     /// that keys hold by name.
     #[command(subcommand)]
     Roles(RolesCommand),
-    /// Create, list and show identities: service principals owning several keys, whose
-    /// limits all their keys share.
+    /// Create, list and show identities: service principals owning several keys (usage
+    /// adds them up: `usage --identity`).
     #[command(subcommand)]
     Identities(IdentitiesCommand),
     /// Quota usage in the current windows, per key (or per identity).
@@ -257,10 +257,10 @@ pub(crate) struct IdentityArgs {
     /// The identity's name: 1 to 64 characters of [A-Za-z0-9_.-].
     #[arg(value_name = "NAME")]
     pub(crate) name: String,
-    /// A rate limit shared by all the identity's keys (repeatable).
+    /// A rate limit applied to each of the identity's keys (repeatable).
     #[arg(long = "rate", value_name = "NAME=N/UNIT", value_parser = parse::rate)]
     pub(crate) rates: Vec<RateLimitPolicy>,
-    /// A quota shared by all the identity's keys (repeatable).
+    /// A quota applied to each of the identity's keys (repeatable).
     #[arg(long = "quota", value_name = "NAME=N/UNIT", value_parser = parse::quota)]
     pub(crate) quotas: Vec<QuotaPolicy>,
     /// Free JSON metadata (at most 64 KiB).

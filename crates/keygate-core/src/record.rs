@@ -304,7 +304,7 @@ pub struct KeyRecord {
     /// Names of the roles the key holds; their grants, attributes and limits join the
     /// key's own when it is resolved. A name no stored role has grants nothing.
     pub roles: Vec<String>,
-    /// The identity (service principal) owning the key, whose limits all its keys share.
+    /// The identity (service principal) owning the key; its limits join the key's.
     pub identity: Option<String>,
     /// Bumped by the store on every write;
     /// [`KeyStore::update_versioned`](crate::KeyStore::update_versioned) writes only over

@@ -149,17 +149,21 @@ impl Role {
     }
 }
 
-/// A service principal (`etl-pipeline`) owning many keys. Its rate limits and quotas are
-/// shared by all its keys: they are counted once for the identity, not per key.
+/// A service principal (`etl-pipeline`) owning many keys, which usage reports can add up
+/// (`keygate usage --identity`). Its rate limits and quotas join each of its keys' policy
+/// (tightest of a name wins) and are marked in the principal as the identity's
+/// ([`Principal::rate_limit_is_shared`](crate::Principal::rate_limit_is_shared)); the
+/// rate-limit and quota layers still count them per key (lineage), not once for the whole
+/// identity.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Identity {
     /// The identity's name: 1 to 64 characters of `[A-Za-z0-9_.-]`.
     pub name: String,
     /// Free JSON metadata (not used by keygate).
     pub metadata: serde_json::Value,
-    /// Rate limits shared by every key of the identity.
+    /// Rate limits applied to every key of the identity.
     pub rate_limits: Vec<RateLimitPolicy>,
-    /// Quotas shared by every key of the identity.
+    /// Quotas applied to every key of the identity.
     pub quotas: Vec<QuotaPolicy>,
     /// When it was created.
     #[serde(serialize_with = "rfc3339")]
