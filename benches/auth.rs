@@ -20,6 +20,10 @@
 //!   are polled with `now_or_never` (all three complete on the first poll). Dropping the
 //!   request (inside the inner service) is timed in all three.
 //!
+//! - `verifier/*/cached_3_roles`: the same for a cached key holding three roles (with
+//!   per-collection grants, attributes and limits): a key's roles are resolved once per
+//!   change and interned in its cached principal, so this should cost what `cached` does.
+//!
 //! The store holds 10,000 keys, all of them in the verifier's cache.
 
 use std::convert::Infallible;
@@ -31,7 +35,11 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body_util::Empty;
-use keygate::{ApiKey, KeyGate, KeyRecord, KeyStore, Lookup, MemoryStore, Prefix, Verifier};
+use keygate::{
+    ApiKey, KeyGate, KeyRecord, KeyStore, Lookup, MemoryStore, Prefix, QuotaPolicy, QuotaWindow,
+    RateLimitPolicy, Verifier,
+};
+use keygate::{Grant, Role};
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 #[allow(deprecated)] // tower-http calls it "too basic"; it is the peer the issue names.
 use tower_http::validate_request::ValidateRequestHeaderLayer;
@@ -49,6 +57,8 @@ struct Fixture {
     verifier: Verifier,
     /// A cached, active key.
     cached: ApiKey,
+    /// A cached, active key holding three roles.
+    with_roles: ApiKey,
     /// A well-formed key that is not in the store; its id is in the negative cache.
     unknown: ApiKey,
     /// `cached` with its checksum broken.
@@ -93,6 +103,43 @@ fn fixture() -> Fixture {
     });
     assert_eq!(verifier.cached(), KEYS);
 
+    // A key holding three roles, each with grants, an attribute and limits.
+    let with_roles = rt.block_on(async {
+        for (i, name) in ["vector-reader", "data-ingester", "index-admin"]
+            .iter()
+            .enumerate()
+        {
+            let role = Role::new(*name, verifier.clock().now())
+                .with_grant(Grant::new(
+                    [format!("points:{name}"), "collections:read".into()],
+                    [format!("tenant-{i}-*"), "shared".into()],
+                ))
+                .with_attribute(format!("role{i}"), *name)
+                .with_rate_limit(RateLimitPolicy::per_second("burst", 100 + i as u32))
+                .with_quota(QuotaPolicy::new("daily", 10_000, QuotaWindow::Day));
+            store.insert_role(&role).await.expect("insert role");
+        }
+        let (key, mut record) = KeyRecord::generate(
+            &prefix,
+            verifier.hasher(),
+            "bench-roles",
+            verifier.clock().now(),
+        )
+        .expect("generate key");
+        record.roles = vec![
+            "vector-reader".into(),
+            "data-ingester".into(),
+            "index-admin".into(),
+        ];
+        store.insert(&record).await.expect("insert key");
+        let p = verifier
+            .verify(key.expose_secret())
+            .await
+            .expect("fresh key verifies");
+        assert_eq!(p.roles().len(), 3, "the roles are resolved");
+        key
+    });
+
     let unknown = ApiKey::generate(&prefix).expect("generate key");
     let denial = rt
         .block_on(verifier.verify(unknown.expose_secret()))
@@ -117,9 +164,13 @@ fn fixture() -> Fixture {
         verifier.lookup(&malformed),
         Lookup::Done(Err(ref d)) if d.code().as_str() == "malformed_key"
     ));
+    assert!(matches!(
+        verifier.lookup(with_roles.expose_secret()),
+        Lookup::Done(Ok(_))
+    ));
     assert_eq!(
         verifier.cached(),
-        KEYS,
+        KEYS + 1,
         "the benchmarks must not touch the store"
     );
 
@@ -127,6 +178,7 @@ fn fixture() -> Fixture {
         rt,
         verifier,
         cached,
+        with_roles,
         unknown,
         malformed,
     }
@@ -140,7 +192,18 @@ fn verifier_benches(c: &mut Criterion, f: &Fixture) {
     let garbage = "not-a-key";
 
     let mut g = c.benchmark_group("verifier");
+    let with_roles = f.with_roles.expose_secret();
     g.bench_function("lookup/cached", |b| b.iter(|| v.lookup(black_box(cached))));
+    g.bench_function("lookup/cached_3_roles", |b| {
+        b.iter(|| v.lookup(black_box(with_roles)))
+    });
+    g.bench_function("verify/cached_3_roles/now_or_never", |b| {
+        b.iter(|| {
+            v.verify(black_box(with_roles))
+                .now_or_never()
+                .expect("a cached key needs no I/O")
+        })
+    });
     g.bench_function("lookup/unknown_negative_cached", |b| {
         b.iter(|| v.lookup(black_box(unknown)))
     });

@@ -61,9 +61,9 @@ use http::header::HeaderName;
 use http::{HeaderValue, Request, Response};
 
 use crate::check::{Caller, Check};
-use keygate_core::Clock;
 use crate::future::ResponseNote;
 use crate::{Denial, Principal};
+use keygate_core::Clock;
 
 /// `Deprecation` (RFC 9745).
 pub static DEPRECATION: HeaderName = HeaderName::from_static("deprecation");

@@ -66,9 +66,9 @@ use http::Request;
 use crate::check::{Caller, Check, Step};
 use crate::client_ip::{peer_addr, TrustedProxies};
 use crate::core::audit::{AuditEvent, Auditor, LifecycleAction, LifecycleEvent};
-use keygate_core::{Clock, KeyManager, KeyStatus, SystemClock};
 use crate::transport::is_tls;
 use crate::{Denial, DenialCode, Principal};
+use keygate_core::{Clock, KeyManager, KeyStatus, SystemClock};
 
 /// The actor named in the events `RequireTls` records.
 pub const ACTOR: &str = "keygate:require-tls";

@@ -336,6 +336,59 @@ async fn outermost_audit_names_the_key_of_a_request_an_inner_layer_refused() {
     assert_eq!(fx.store.gets(), 1);
 }
 
+/// A request event names the roles behind the calling key's policy (and none for a key
+/// without roles, whose JSON has no `roles` field).
+#[cfg(feature = "scope")]
+#[tokio::test]
+async fn request_events_name_the_roles_behind_the_key() {
+    use keygate::{Grant, KeyStore, Role};
+    let fx = Fixture::new();
+    let role = Role::new("shared-reader", fx.gate.clock().now())
+        .with_grant(Grant::new(["points:read"], ["*"]));
+    fx.store.memory().insert_role(&role).await.unwrap();
+    let with_role = fx
+        .issue_with("with-role", |r| r.roles = vec!["shared-reader".into()])
+        .await;
+    let plain = fx
+        .issue_with("plain", |r| r.scopes = vec!["points:read".into()])
+        .await;
+    let sink = MemorySink::new();
+    let svc = ServiceBuilder::new()
+        .layer(fx.gate.audit_layer(Auditor::direct(sink.clone())))
+        .layer(fx.gate.auth_layer())
+        .layer(
+            keygate::scope::ScopeLayer::require("points:read")
+                .unwrap()
+                .with_gate(&fx.gate),
+        )
+        .service(ok_service());
+    for key in [&with_role, &plain] {
+        let res = svc
+            .clone()
+            .oneshot(
+                Request::get("/x")
+                    .header("x-api-key", key.expose_secret())
+                    .body(Body::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    let events = requests(&sink.events());
+    let roles: Vec<&str> = events[0]
+        .roles
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(|r| &**r)
+        .collect();
+    assert_eq!(roles, ["shared-reader"]);
+    assert!(events[1].roles.is_none());
+    let json = serde_json::to_value(AuditEvent::Request(events[1].clone())).unwrap();
+    assert!(json.get("roles").is_none());
+}
+
 #[tokio::test]
 async fn any_layer_s_denial_on_the_response_is_recorded_with_its_exact_code() {
     // An inner layer that refuses with a code of its own (as the rate limiter does).

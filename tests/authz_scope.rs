@@ -1175,3 +1175,104 @@ async fn resource_forbidden_says_which_collection_and_why() {
         );
     }
 }
+
+/// Grants pair scopes with collections: a key that may write `docs-*` (its own grant) and
+/// only read `shared` (through a role) is refused a write to `shared`, with the required
+/// scope named, and may still read `shared` and write `docs-1`. Changing the role reaches
+/// the key at its next resolution.
+#[tokio::test]
+async fn write_docs_but_only_read_shared() {
+    use keygate::{Grant, KeyStore, Role};
+    let fx = Fixture::new();
+    let role = Role::new("shared-reader", fx.gate.clock().now())
+        .with_grant(Grant::new(["points:read"], ["shared"]));
+    fx.store.memory().insert_role(&role).await.unwrap();
+    let k = fx
+        .issue_with("ingest", |r| {
+            r.scopes = vec!["points:write".into(), "points:read".into()];
+            r.resources = vec!["docs-*".into()];
+            r.roles = vec!["shared-reader".into()];
+        })
+        .await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = ServiceBuilder::new()
+        .layer(fx.gate.auth_layer())
+        .layer(ScopeLayer::table(qdrant_table()))
+        .service(probe(calls.clone()));
+    let insufficient = Want::Denied(FORBIDDEN, InsufficientScope);
+    let forbidden = Want::Denied(FORBIDDEN, ResourceForbidden);
+    let cases: Vec<(&str, &str, &str, Want)> = vec![
+        (
+            "write docs-1",
+            "PUT",
+            "/collections/docs-1/points",
+            Want::Ok,
+        ),
+        (
+            "read docs-1",
+            "POST",
+            "/collections/docs-1/points/search",
+            Want::Ok,
+        ),
+        (
+            "read shared",
+            "POST",
+            "/collections/shared/points/search",
+            Want::Ok,
+        ),
+        (
+            "write shared",
+            "PUT",
+            "/collections/shared/points",
+            insufficient,
+        ),
+        ("write other", "PUT", "/collections/other/points", forbidden),
+        (
+            "read other",
+            "POST",
+            "/collections/other/points/search",
+            forbidden,
+        ),
+    ];
+    for (what, method, path, want) in &cases {
+        let (out, reached) =
+            call(&svc, &calls, request(method, path, Some(k.expose_secret()))).await;
+        check(&out, reached, *want, what);
+        if matches!(want, Want::Denied(_, InsufficientScope)) {
+            assert_eq!(out.json()["required_scope"], "points:write", "{what}");
+        }
+    }
+    // The principal names the role that granted the read of `shared`, and no role for
+    // the write to `docs-1` (the key's own grant).
+    let p = fx.gate.verifier().verify(k.expose_secret()).await.unwrap();
+    let read = keygate::Scope::parse("points:read").unwrap();
+    let write = keygate::Scope::parse("points:write").unwrap();
+    let names: Vec<_> = p.granting_roles(&read, Some("shared")).collect();
+    assert_eq!(names.len(), 1);
+    assert_eq!(&**names[0], "shared-reader");
+    assert_eq!(p.granting_roles(&write, Some("docs-1")).count(), 0);
+
+    // Deleting the role takes the read of `shared` away once the key is resolved again.
+    fx.store
+        .memory()
+        .delete_role("shared-reader")
+        .await
+        .unwrap();
+    fx.gate.verifier().invalidate(&k.id());
+    let (out, reached) = call(
+        &svc,
+        &calls,
+        request(
+            "POST",
+            "/collections/shared/points/search",
+            Some(k.expose_secret()),
+        ),
+    )
+    .await;
+    check(
+        &out,
+        reached,
+        forbidden,
+        "read shared after the role is gone",
+    );
+}

@@ -258,3 +258,68 @@ async fn a_missed_message_heals_at_the_periodic_resync() {
     assert!(healed < Duration::from_millis(500), "{healed:?}");
     assert_eq!(replica.watcher.resyncs(), 1);
 }
+
+/// A role changed on one replica reaches every key holding it on the others through the
+/// key-change announcements (one per holder), without touching the keys: the others'
+/// cached principals are dropped and resolved again on the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_role_change_on_one_replica_reaches_the_others() {
+    use keygate::{Grant, Role, RoleUpdate, Scope};
+    let Some(t) = TestRedis::new().await else {
+        return;
+    };
+    let store = MemoryStore::new();
+    let clock = ManualClock::at_2026();
+    let mut spec = replica_spec(&t, store.clone(), clock.clone());
+    // No periodic resync: only the announcements can carry the change in time.
+    spec.resync_every = Duration::from_secs(3600);
+    let replicas = three(&spec).await;
+    let read = Scope::parse("points:read").unwrap();
+    let mut times = vec![];
+    for round in 0..5 {
+        let name = format!("reader-{round}");
+        replicas[0]
+            .manager
+            .create_role(
+                "test",
+                Role::new(&name, keygate::Clock::now(&clock))
+                    .with_grant(Grant::new(["points:read"], ["docs"])),
+            )
+            .await
+            .unwrap();
+        let holder = name.clone();
+        let (key, _) = issue(&store, &clock, move |r| r.roles = vec![holder]).await;
+        for r in &replicas {
+            let p = r.gate.verifier().verify(key.expose_secret()).await.unwrap();
+            assert!(p.permits(&read, "docs"), "the role grants the read");
+        }
+        let start = Instant::now();
+        replicas[0]
+            .manager
+            .update_role(
+                "test",
+                &name,
+                RoleUpdate {
+                    grants: Some(vec![Grant::new(["points:read"], ["other"])]),
+                    ..RoleUpdate::default()
+                },
+            )
+            .await
+            .unwrap();
+        for r in &replicas[1..] {
+            poll_until(
+                Duration::from_secs(2),
+                "the role change reaches the replica",
+                || async {
+                    let p = r.gate.verifier().verify(key.expose_secret()).await.unwrap();
+                    (!p.permits(&read, "docs")).then_some(())
+                },
+            )
+            .await;
+        }
+        times.push(start.elapsed());
+    }
+    let (median, _) = percentiles(&mut times);
+    println!("a role change reached two other replicas in a median {median:?} (bound 100 ms)");
+    assert!(median <= Duration::from_millis(100), "median {median:?}");
+}

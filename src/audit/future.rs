@@ -40,14 +40,15 @@ impl Capture {
         } else {
             None
         };
-        let (key_id, key_name, subject, tenant) = match &self.principal {
+        let (key_id, key_name, subject, tenant, roles) = match &self.principal {
             Some(p) => (
                 Some(p.key_id()),
                 Some(p.name_shared().clone()),
                 p.subject_shared().cloned(),
                 p.tenant_shared().cloned(),
+                p.roles_shared().cloned(),
             ),
-            None => (None, None, None, None),
+            None => (None, None, None, None, None),
         };
         RequestEvent {
             time: self.time,
@@ -70,6 +71,7 @@ impl Capture {
             decision,
             denial: None,
             latency: self.start.elapsed(),
+            roles,
         }
     }
 

@@ -124,6 +124,17 @@ impl Check for ScopeCheck {
             if !allowed {
                 return Err(resource_forbidden(name.as_deref(), principal));
             }
+            // Grants pair scopes with collections: the scope must be granted on this one.
+            if name
+                .as_deref()
+                .is_some_and(|n| !principal.permits(scope, n))
+            {
+                return Err(Denial::new(DenialCode::InsufficientScope)
+                    .with_required_scope(scope.to_string())
+                    .with_detail(
+                        "The API key holds this scope only on other collections, not this one.",
+                    ));
+            }
         }
         Ok(())
     }

@@ -70,6 +70,11 @@ impl AdminError {
         &self.detail
     }
 
+    /// The detail text, owned (a refusal handed back through the key manager).
+    pub(crate) fn detail_text(self) -> String {
+        self.detail
+    }
+
     pub(crate) fn store(e: &StoreError) -> Self {
         match e {
             StoreError::Unavailable(_) => Self::new(
@@ -82,6 +87,36 @@ impl AdminError {
                 StatusCode::CONFLICT,
                 "conflict",
                 "a key with this id already exists",
+            ),
+            StoreError::Conflict { kind, .. } => Self::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "the {kind} was changed by another request since it was read; nothing was \
+                     written: read it again and retry"
+                ),
+            ),
+            StoreError::NameTaken { kind, name } => Self::new(
+                StatusCode::CONFLICT,
+                "name_taken",
+                format!(
+                    "a {kind} named {:?} already exists",
+                    crate::input::clip(name)
+                ),
+            ),
+            StoreError::NoSuchName { kind, name } => Self::new(
+                StatusCode::NOT_FOUND,
+                if *kind == "role" {
+                    "role_not_found"
+                } else {
+                    "identity_not_found"
+                },
+                format!("no {kind} named {:?}", crate::input::clip(name)),
+            ),
+            StoreError::Unsupported(what) => Self::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "unsupported",
+                format!("this key store does not keep {what}"),
             ),
             _ => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -119,6 +154,7 @@ impl From<LifecycleError> for AdminError {
                 Self::new(StatusCode::CONFLICT, "wrong_status", e.to_string())
             }
             LifecycleError::Store(e) => Self::store(&e),
+            LifecycleError::Refused(detail) => Self::escalation(detail),
             LifecycleError::AuditClosed => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "audit_unavailable",

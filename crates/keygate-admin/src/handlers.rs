@@ -21,11 +21,14 @@ use crate::{Shared, UsageSource};
 use keygate::client_ip::{peer_addr, ClientIp};
 use keygate::core::usage::{UsageRecord, Window};
 use keygate::reject::{DefaultRenderer, RenderContext, Renderer};
+use keygate::StoreError;
 use keygate::{
     resolution, Denial, DenialCode, KeyId, KeyInfo, KeyRecord, Principal, QuotaPolicy, QuotaWindow,
     RateLimitPolicy,
 };
-use keygate::{validate_resource_pattern, Expiry, KeySpec, Refill, Scope};
+use keygate::{
+    validate_resource_pattern, Expiry, Grant, KeySpec, Refill, ResourceSet, Role, Scope, ScopeSet,
+};
 
 type St = State<Arc<Shared>>;
 type IdPath = Result<Path<String>, PathRejection>;
@@ -152,28 +155,67 @@ fn key_id(path: IdPath) -> Result<KeyId, AdminError> {
 // Escalation and tenants
 // ---------------------------------------------------------------------------------------
 
-fn scope_covered(caller: &Principal, scope: &str) -> Result<bool, AdminError> {
-    let s = Scope::parse(scope).map_err(|e| AdminError::invalid(format!("scopes: {e}")))?;
-    Ok(caller.has_scope(&s))
-}
-
-/// Whether every collection `pattern` matches is one the caller may access: exactly when
-/// the caller holds `*` or the same pattern, the pattern is a plain name the caller may
-/// access, or the caller holds `P*` (one trailing star) and the pattern starts with `P`.
-fn collection_covered(caller: &Principal, pattern: &str) -> Result<bool, AdminError> {
-    validate_resource_pattern(pattern)
-        .map_err(|e| AdminError::invalid(format!("collections: {e}")))?;
-    let held = caller.resources();
+/// Whether every collection `pattern` matches is one of `held` may: exactly when `held`
+/// has `*` or the same pattern, the pattern is a plain name `held` matches, or `held` has
+/// `P*` (one trailing star) and the pattern starts with `P`.
+fn pattern_within(held: &[String], pattern: &str) -> bool {
     if held.iter().any(|r| r == "*" || r == pattern) {
-        return Ok(true);
+        return true;
     }
     if !pattern.contains('*') {
-        return Ok(caller.can_access(pattern));
+        return ResourceSet::compile(held).allows(pattern);
     }
-    Ok(held.iter().any(|r| {
+    held.iter().any(|r| {
         r.strip_suffix('*')
             .is_some_and(|p| !p.contains('*') && pattern.starts_with(p))
-    }))
+    })
+}
+
+/// Refuses a grant (`scopes` on `collections`) beyond the caller's: one of the caller's
+/// grants must hold each scope on each collection (a scope the caller holds only on other
+/// collections does not count), and without scopes each collection must be one a caller's
+/// grant reaches.
+fn grant_within(
+    held: &[Grant],
+    scopes: &[String],
+    collections: &[String],
+    what: &str,
+) -> Result<(), AdminError> {
+    let compiled: Vec<ScopeSet> = held.iter().map(|g| ScopeSet::compile(&g.scopes)).collect();
+    for c in collections {
+        validate_resource_pattern(c)
+            .map_err(|e| AdminError::invalid(format!("collections: {e}")))?;
+        if !held.iter().any(|g| pattern_within(&g.collections, c)) {
+            return Err(AdminError::escalation(format!(
+                "{what} collections {:?}, beyond the calling key's own",
+                input::clip(c)
+            )));
+        }
+    }
+    for text in scopes {
+        let s = Scope::parse(text).map_err(|e| AdminError::invalid(format!("scopes: {e}")))?;
+        if !compiled.iter().any(|set| set.allows(&s)) {
+            return Err(AdminError::escalation(format!(
+                "{what} scope {:?}, which the calling key does not hold",
+                input::clip(text)
+            )));
+        }
+        for c in collections {
+            let covered = held
+                .iter()
+                .zip(&compiled)
+                .any(|(g, set)| set.allows(&s) && pattern_within(&g.collections, c));
+            if !covered {
+                return Err(AdminError::escalation(format!(
+                    "{what} scope {:?} on collections {:?}, which the calling key holds only \
+                     on other collections",
+                    input::clip(text),
+                    input::clip(c)
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Refuses grants beyond the caller's own.
@@ -183,23 +225,41 @@ fn check_grants(
     collections: &[String],
     what: &str,
 ) -> Result<(), AdminError> {
-    for s in scopes {
-        if !scope_covered(caller, s)? {
-            return Err(AdminError::escalation(format!(
-                "{what} scope {:?}, which the calling key does not hold",
-                input::clip(s)
-            )));
+    grant_within(&caller.grants(), scopes, collections, what)
+}
+
+/// Every grant a record gives its key: its own scopes × collections, its extra grants, and
+/// those of the roles it names (`roles`: the stored roles; unknown names grant nothing).
+fn record_grants(record: &KeyRecord, roles: &[Role]) -> Vec<Grant> {
+    let mut out = vec![Grant {
+        scopes: record.scopes.clone(),
+        collections: record.resources.clone(),
+    }];
+    out.extend(record.grants.iter().cloned());
+    for name in &record.roles {
+        if let Some(r) = roles.iter().find(|r| &r.name == name) {
+            out.extend(r.grants.iter().cloned());
         }
     }
-    for c in collections {
-        if !collection_covered(caller, c)? {
-            return Err(AdminError::escalation(format!(
-                "{what} collections {:?}, beyond the calling key's own",
-                input::clip(c)
-            )));
-        }
+    out
+}
+
+/// Refuses grants (a record's, or a role's) beyond the caller's own.
+fn grants_within(caller: &Principal, grants: &[Grant], what: &str) -> Result<(), AdminError> {
+    let held = caller.grants();
+    for g in grants {
+        grant_within(&held, &g.scopes, &g.collections, what)?;
     }
     Ok(())
+}
+
+/// The stored roles (none from a store without roles).
+async fn all_roles(shared: &Shared) -> Result<Vec<Role>, AdminError> {
+    match shared.keys.list_roles().await {
+        Ok(r) => Ok(r),
+        Err(keygate::LifecycleError::Store(StoreError::Unsupported(_))) => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn same_tenant(caller: &Principal, record: &KeyRecord) -> bool {
@@ -211,9 +271,9 @@ fn same_tenant(caller: &Principal, record: &KeyRecord) -> bool {
 /// Whether the caller may see and manage `record`: of its tenant (for a tenant admin),
 /// holding no scope or collection the caller lacks, and no less restricted than the caller
 /// (expiry, allowlist, rate limits, quotas).
-fn within_caller(caller: &Principal, record: &KeyRecord) -> bool {
+fn within_caller(caller: &Principal, record: &KeyRecord, roles: &[Role]) -> bool {
     same_tenant(caller, record)
-        && check_grants(caller, &record.scopes, &record.resources, "the key holds").is_ok()
+        && grants_within(caller, &record_grants(record, roles), "the key holds").is_ok()
         && check_restrictions(caller, record).is_ok()
         && limits_within(caller, &record.rate_limits, &record.quotas)
 }
@@ -222,7 +282,17 @@ fn within_caller(caller: &Principal, record: &KeyRecord) -> bool {
 /// `key_not_found`, so an admin cannot learn of keys beyond its own authority.
 async fn visible(shared: &Shared, caller: &Principal, id: KeyId) -> Result<KeyRecord, AdminError> {
     let record = shared.keys.show(id).await?;
-    if !within_caller(caller, &record) {
+    let roles = if record.roles.is_empty() {
+        Vec::new()
+    } else {
+        shared
+            .keys
+            .store()
+            .roles(&record.roles)
+            .await
+            .map_err(|e| AdminError::store(&e))?
+    };
+    if !within_caller(caller, &record, &roles) {
         return Err(AdminError::not_found(id.as_str()));
     }
     Ok(record)
@@ -418,6 +488,18 @@ pub(crate) async fn create(State(s): St, req: Request) -> Response {
             let mut spec = body.into_spec()?;
             let warnings = vocabulary_check(&s, &spec, allow_unknown)?;
             check_grants(&who, &spec.scopes, &spec.resources, "cannot grant")?;
+            grants_within(&who, &spec.grants, "cannot grant")?;
+            if !spec.roles.is_empty() {
+                let roles = s
+                    .keys
+                    .store()
+                    .roles(&spec.roles)
+                    .await
+                    .map_err(|e| AdminError::store(&e))?;
+                for r in &roles {
+                    grants_within(&who, &r.grants, &format!("role {:?} would grant", r.name))?;
+                }
+            }
             bound_restrictions(&who, &mut spec, s.clock.now())?;
             bound_limits(&who, &mut spec)?;
             if let Some(t) = who.tenant() {
@@ -482,8 +564,12 @@ fn vocabulary_check(
             warnings.push(format!("granted on purpose: {e}"));
         }
     }
-    if let Some(w) = vocabulary.reach_warning(&spec.scopes, &spec.resources) {
-        warnings.push(w);
+    // A key with roles or extra grants may reach routes through them: only a key with its
+    // scopes × collections alone is judged.
+    if spec.roles.is_empty() && spec.grants.is_empty() {
+        if let Some(w) = vocabulary.reach_warning(&spec.scopes, &spec.resources) {
+            warnings.push(w);
+        }
     }
     Ok(warnings)
 }
@@ -496,12 +582,13 @@ pub(crate) async fn list(State(s): St, req: Request) -> Response {
     done(
         async {
             let filter = input::list_filter(parts.uri.query())?;
+            let roles = all_roles(&s).await?;
             let keys = s
                 .keys
                 .list(&filter)
                 .await?
                 .iter()
-                .filter(|r| within_caller(&who, r))
+                .filter(|r| within_caller(&who, r, &roles))
                 .map(KeyRecord::info)
                 .collect();
             Ok(json(StatusCode::OK, &KeyList { keys }))
@@ -704,6 +791,285 @@ pub(crate) async fn usage(State(s): St, path: IdPath, req: Request) -> Response 
                     quotas,
                 },
             ))
+        }
+        .await,
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Live policy changes, roles and identities
+// ---------------------------------------------------------------------------------------
+
+/// Whether the key (as it would be written) stays within the caller; the refusal's detail
+/// otherwise. Run inside the key manager's conditional write, so it judges exactly the
+/// version that is overwritten.
+fn judged(
+    caller: &Principal,
+    old: &KeyRecord,
+    new: &KeyRecord,
+    roles: &[Role],
+) -> Result<(), String> {
+    if !within_caller(caller, old, roles) {
+        return Err("the key is beyond the calling key's authority".into());
+    }
+    if !same_tenant(caller, new) {
+        return Err("a tenant admin keeps its keys in its own tenant".into());
+    }
+    grants_within(caller, &record_grants(new, roles), "cannot grant")
+        .map_err(|e| e.detail_text())?;
+    check_restrictions(caller, new).map_err(|e| e.detail_text())?;
+    if !limits_within(caller, &new.rate_limits, &new.quotas) {
+        return Err("cannot grant rate limits or quotas looser than the calling key's own".into());
+    }
+    Ok(())
+}
+
+pub(crate) async fn update(State(s): St, path: IdPath, req: Request) -> Response {
+    let (_, who, body) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let id = key_id(path)?;
+            let body: input::UpdateKey = input::json_required(&body)?;
+            let update = body.into_update()?;
+            // Beyond the caller reads as not found, before anything else is said.
+            visible(&s, &who, id).await?;
+            let roles = all_roles(&s).await?;
+            let record = s
+                .keys
+                .update_checked(&actor(&who), id, update, |old, new| {
+                    judged(&who, old, new, &roles)
+                })
+                .await?;
+            Ok(json(StatusCode::OK, &record.info()))
+        }
+        .await,
+    )
+}
+
+/// Roles are shared by every tenant: a tenant admin may not manage them.
+fn not_tenant_admin(caller: &Principal) -> Result<(), AdminError> {
+    if caller.tenant().is_some() {
+        return Err(AdminError::escalation(
+            "a tenant admin cannot manage roles or identities (they are shared by every tenant)",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the caller holds everything `role` grants and meters no looser than itself.
+fn role_within(caller: &Principal, role: &Role, what: &str) -> Result<(), AdminError> {
+    grants_within(caller, &role.grants, what)?;
+    if !limits_within(caller, &role.rate_limits, &role.quotas) {
+        return Err(AdminError::escalation(
+            "cannot grant rate limits or quotas looser than the calling key's own",
+        ));
+    }
+    Ok(())
+}
+
+fn role_name(path: IdPath) -> Result<String, AdminError> {
+    let Path(text) = path.map_err(|_| AdminError::invalid("the name in the path is not valid"))?;
+    keygate::validate_name("role", &text).map_err(|e| AdminError::invalid(e.to_string()))?;
+    Ok(text)
+}
+
+fn role_not_found(name: &str) -> AdminError {
+    AdminError::new(
+        StatusCode::NOT_FOUND,
+        "role_not_found",
+        format!("no role named {:?}", input::clip(name)),
+    )
+}
+
+#[derive(Serialize)]
+struct RoleList {
+    roles: Vec<Role>,
+}
+
+pub(crate) async fn create_role(State(s): St, req: Request) -> Response {
+    let (_, who, body) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let body: input::RoleInput = input::json_required(&body)?;
+            let role = body.into_role(s.clock.now())?;
+            not_tenant_admin(&who)?;
+            role_within(&who, &role, "cannot grant")?;
+            let role = s.keys.create_role(&actor(&who), role).await?;
+            Ok(json(StatusCode::CREATED, &role))
+        }
+        .await,
+    )
+}
+
+pub(crate) async fn list_roles(State(s): St, req: Request) -> Response {
+    let (_, who, _) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let roles = all_roles(&s)
+                .await?
+                .into_iter()
+                .filter(|r| grants_within(&who, &r.grants, "").is_ok())
+                .collect();
+            Ok(json(StatusCode::OK, &RoleList { roles }))
+        }
+        .await,
+    )
+}
+
+/// The role `name`, if the caller holds everything it grants (any other reads as not
+/// found).
+async fn visible_role(shared: &Shared, caller: &Principal, name: &str) -> Result<Role, AdminError> {
+    match shared.keys.show_role(name).await {
+        Ok(r) if grants_within(caller, &r.grants, "").is_ok() => Ok(r),
+        Ok(_) => Err(role_not_found(name)),
+        Err(keygate::LifecycleError::Store(StoreError::NoSuchName { .. })) => {
+            Err(role_not_found(name))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub(crate) async fn show_role(State(s): St, path: IdPath, req: Request) -> Response {
+    let (_, who, _) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let name = role_name(path)?;
+            let role = visible_role(&s, &who, &name).await?;
+            Ok(json(StatusCode::OK, &role))
+        }
+        .await,
+    )
+}
+
+pub(crate) async fn update_role(State(s): St, path: IdPath, req: Request) -> Response {
+    let (_, who, body) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let name = role_name(path)?;
+            let body: input::RoleUpdateInput = input::json_required(&body)?;
+            let update = body.into_update()?;
+            visible_role(&s, &who, &name).await?;
+            not_tenant_admin(&who)?;
+            let role = s
+                .keys
+                .update_role_checked(&actor(&who), &name, update, |old, new| {
+                    grants_within(&who, &old.grants, "the role holds")
+                        .and_then(|()| role_within(&who, new, "cannot grant"))
+                        .map_err(|e| e.detail_text())
+                })
+                .await
+                .map_err(|e| match e {
+                    keygate::LifecycleError::Store(StoreError::NoSuchName { .. }) => {
+                        role_not_found(&name)
+                    }
+                    e => e.into(),
+                })?;
+            Ok(json(StatusCode::OK, &role))
+        }
+        .await,
+    )
+}
+
+pub(crate) async fn delete_role(State(s): St, path: IdPath, req: Request) -> Response {
+    let (_, who, body) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let name = role_name(path)?;
+            let _: NoFields = input::json_body(&body, true)?;
+            visible_role(&s, &who, &name).await?;
+            not_tenant_admin(&who)?;
+            let deleted = s
+                .keys
+                .delete_role_checked(&actor(&who), &name, |old| {
+                    // Deleting takes its limits off the keys holding it: only an admin
+                    // metered no tighter than the role may.
+                    role_within(&who, old, "the role holds").map_err(|e| e.detail_text())
+                })
+                .await?;
+            if !deleted {
+                return Err(role_not_found(&name));
+            }
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "name": name, "deleted": true }),
+            ))
+        }
+        .await,
+    )
+}
+
+#[derive(Serialize)]
+struct IdentityList {
+    identities: Vec<keygate::Identity>,
+}
+
+pub(crate) async fn create_identity(State(s): St, req: Request) -> Response {
+    let (_, who, body) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let body: input::IdentityInput = input::json_required(&body)?;
+            let identity = body.into_identity(s.clock.now())?;
+            not_tenant_admin(&who)?;
+            let identity = s.keys.create_identity(&actor(&who), identity).await?;
+            Ok(json(StatusCode::CREATED, &identity))
+        }
+        .await,
+    )
+}
+
+pub(crate) async fn list_identities(State(s): St, req: Request) -> Response {
+    let (_, _who, _) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let identities = s.keys.list_identities().await?;
+            Ok(json(StatusCode::OK, &IdentityList { identities }))
+        }
+        .await,
+    )
+}
+
+pub(crate) async fn show_identity(State(s): St, path: IdPath, req: Request) -> Response {
+    let (_, _who, _) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let Path(name) =
+                path.map_err(|_| AdminError::invalid("the name in the path is not valid"))?;
+            let identity = s.keys.show_identity(&name).await.map_err(|e| match e {
+                keygate::LifecycleError::Store(StoreError::NoSuchName { .. }) => AdminError::new(
+                    StatusCode::NOT_FOUND,
+                    "identity_not_found",
+                    format!("no identity named {:?}", input::clip(&name)),
+                ),
+                e => e.into(),
+            })?;
+            Ok(json(StatusCode::OK, &identity))
         }
         .await,
     )

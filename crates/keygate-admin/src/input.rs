@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::error::AdminError;
-use keygate::{Expiry, KeyFilter, KeySpec, Prefix};
+use keygate::{Expiry, Grant, Identity, KeyFilter, KeySpec, KeyUpdate, Prefix, Role, RoleUpdate};
 use keygate::{KeyStatus, QuotaPolicy, RateLimitPolicy};
 
 /// The body of `POST /keys`. Only `name` is required; unknown fields are refused.
@@ -63,6 +63,289 @@ pub struct CreateKey {
     /// handler rather than the route table); default `false`: such a scope is refused.
     #[serde(default)]
     pub allow_unknown_scopes: bool,
+    /// Grants beyond `scopes` × `collections`: `[{"scopes": ["points:write"],
+    /// "collections": ["docs-*"]}]`.
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+    /// Roles the key holds (each must exist).
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// The identity owning the key (it must exist).
+    #[serde(default)]
+    pub identity: Option<String>,
+}
+
+/// The body of `PATCH /keys/{id}`: each field given replaces the key's (`add_roles` and
+/// `remove_roles` add and remove roles; `identity: null` detaches the key from its
+/// identity, `expires_at: null` makes it never expire). Unknown fields are refused.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateKey {
+    /// A new name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// A new owner.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// New scopes.
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+    /// New collections (also accepted as `resources`).
+    #[serde(default, alias = "resources")]
+    pub collections: Option<Vec<String>>,
+    /// New extra grants.
+    #[serde(default)]
+    pub grants: Option<Vec<Grant>>,
+    /// New attributes.
+    #[serde(default)]
+    pub attributes: Option<BTreeMap<String, String>>,
+    /// New networks.
+    #[serde(default)]
+    pub allowed_ips: Option<Vec<String>>,
+    /// New rate limits.
+    #[serde(default)]
+    pub rate_limits: Option<Vec<PolicyInput<RateLimitPolicy>>>,
+    /// New quotas.
+    #[serde(default)]
+    pub quotas: Option<Vec<PolicyInput<QuotaPolicy>>>,
+    /// New roles (replacing the key's).
+    #[serde(default)]
+    pub roles: Option<Vec<String>>,
+    /// Roles to add.
+    #[serde(default)]
+    pub add_roles: Vec<String>,
+    /// Roles to remove.
+    #[serde(default)]
+    pub remove_roles: Vec<String>,
+    /// The identity (`null` detaches the key).
+    #[serde(default, deserialize_with = "present")]
+    pub identity: Option<Option<String>>,
+    /// Expires this long from now.
+    #[serde(default)]
+    pub expires_in: Option<String>,
+    /// Expires at this instant (`null`: never).
+    #[serde(default, deserialize_with = "present")]
+    pub expires_at: Option<Option<String>>,
+    /// New metadata.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// A field that may be absent (`None`), `null` (`Some(None)`) or a value.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+impl UpdateKey {
+    /// The lifecycle update this body asks for.
+    pub(crate) fn into_update(self) -> Result<KeyUpdate, AdminError> {
+        let mut u = KeyUpdate::new();
+        u.name = self.name;
+        u.owner = self.owner.map(Some);
+        u.scopes = self.scopes;
+        u.resources = self.collections;
+        u.grants = self.grants;
+        u.attributes = self.attributes;
+        if let Some(ips) = self.allowed_ips {
+            let mut nets = Vec::with_capacity(ips.len());
+            for text in &ips {
+                nets.push(
+                    keygate::client_ip::parse_network(text)
+                        .map_err(|e| AdminError::invalid(format!("allowed_ips: {e}")))?,
+                );
+            }
+            u.allowed_ips = Some(nets);
+        }
+        if let Some(ps) = self.rate_limits {
+            u.rate_limits = Some(
+                ps.into_iter()
+                    .map(|p| p.resolve("rate_limits"))
+                    .collect::<Result<_, _>>()?,
+            );
+        }
+        if let Some(ps) = self.quotas {
+            u.quotas = Some(
+                ps.into_iter()
+                    .map(|p| p.resolve("quotas"))
+                    .collect::<Result<_, _>>()?,
+            );
+        }
+        u.roles = self.roles;
+        u.add_roles = self.add_roles;
+        u.remove_roles = self.remove_roles;
+        u.identity = self.identity;
+        u.expires = match (self.expires_in, self.expires_at) {
+            (Some(_), Some(_)) => {
+                return Err(AdminError::invalid(
+                    "give expires_in or expires_at, not both",
+                ))
+            }
+            (Some(d), None) => Some(Some(Expiry::In(duration("expires_in", &d)?))),
+            (None, Some(Some(t))) => Some(Some(Expiry::At(instant("expires_at", &t)?))),
+            (None, Some(None)) => Some(None),
+            (None, None) => None,
+        };
+        u.metadata = self.metadata;
+        if u == KeyUpdate::new() {
+            return Err(AdminError::invalid("the body changes nothing"));
+        }
+        Ok(u)
+    }
+}
+
+/// The body of `POST /roles`: a name, and grants given as `grants` and/or as one grant
+/// `scopes` × `collections`. Unknown fields are refused.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleInput {
+    /// The role's name.
+    pub name: String,
+    /// Grants.
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+    /// Scopes of one more grant, on `collections`.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Collections of that grant.
+    #[serde(default)]
+    pub collections: Vec<String>,
+    /// Attributes given to the keys holding the role.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// Rate limits.
+    #[serde(default)]
+    pub rate_limits: Vec<PolicyInput<RateLimitPolicy>>,
+    /// Quotas.
+    #[serde(default)]
+    pub quotas: Vec<PolicyInput<QuotaPolicy>>,
+}
+
+fn one_grant(
+    mut grants: Vec<Grant>,
+    scopes: Vec<String>,
+    collections: Vec<String>,
+) -> Result<Vec<Grant>, AdminError> {
+    if scopes.is_empty() && !collections.is_empty() {
+        return Err(AdminError::invalid(
+            "collections: give scopes for them to apply to",
+        ));
+    }
+    if !scopes.is_empty() {
+        grants.push(Grant {
+            scopes,
+            collections,
+        });
+    }
+    Ok(grants)
+}
+
+impl RoleInput {
+    pub(crate) fn into_role(self, now: SystemTime) -> Result<Role, AdminError> {
+        let mut role = Role::new(self.name, now);
+        role.grants = one_grant(self.grants, self.scopes, self.collections)?;
+        role.attributes = self.attributes;
+        for p in self.rate_limits {
+            role.rate_limits.push(p.resolve("rate_limits")?);
+        }
+        for p in self.quotas {
+            role.quotas.push(p.resolve("quotas")?);
+        }
+        Ok(role)
+    }
+}
+
+/// The body of `PATCH /roles/{name}`: each field given replaces the role's (`scopes` and
+/// `collections` together stand for one more grant added to `grants`, or for the only one).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleUpdateInput {
+    /// New grants.
+    #[serde(default)]
+    pub grants: Option<Vec<Grant>>,
+    /// Scopes of one grant, on `collections`.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Collections of that grant.
+    #[serde(default)]
+    pub collections: Vec<String>,
+    /// New attributes.
+    #[serde(default)]
+    pub attributes: Option<BTreeMap<String, String>>,
+    /// New rate limits.
+    #[serde(default)]
+    pub rate_limits: Option<Vec<PolicyInput<RateLimitPolicy>>>,
+    /// New quotas.
+    #[serde(default)]
+    pub quotas: Option<Vec<PolicyInput<QuotaPolicy>>>,
+}
+
+impl RoleUpdateInput {
+    pub(crate) fn into_update(self) -> Result<RoleUpdate, AdminError> {
+        let grants = if self.grants.is_some() || !self.scopes.is_empty() {
+            Some(one_grant(
+                self.grants.unwrap_or_default(),
+                self.scopes,
+                self.collections,
+            )?)
+        } else if !self.collections.is_empty() {
+            return Err(AdminError::invalid(
+                "collections: give scopes for them to apply to",
+            ));
+        } else {
+            None
+        };
+        let u = RoleUpdate {
+            grants,
+            attributes: self.attributes,
+            rate_limits: self
+                .rate_limits
+                .map(|ps| ps.into_iter().map(|p| p.resolve("rate_limits")).collect())
+                .transpose()?,
+            quotas: self
+                .quotas
+                .map(|ps| ps.into_iter().map(|p| p.resolve("quotas")).collect())
+                .transpose()?,
+        };
+        if u == RoleUpdate::default() {
+            return Err(AdminError::invalid("the body changes nothing"));
+        }
+        Ok(u)
+    }
+}
+
+/// The body of `POST /identities`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityInput {
+    /// The identity's name.
+    pub name: String,
+    /// Free JSON metadata.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+    /// Rate limits applied to each of its keys.
+    #[serde(default)]
+    pub rate_limits: Vec<PolicyInput<RateLimitPolicy>>,
+    /// Quotas applied to each of its keys.
+    #[serde(default)]
+    pub quotas: Vec<PolicyInput<QuotaPolicy>>,
+}
+
+impl IdentityInput {
+    pub(crate) fn into_identity(self, now: SystemTime) -> Result<Identity, AdminError> {
+        let mut identity = Identity::new(self.name, now);
+        identity.metadata = self.metadata.unwrap_or(serde_json::Value::Null);
+        for p in self.rate_limits {
+            identity.rate_limits.push(p.resolve("rate_limits")?);
+        }
+        for p in self.quotas {
+            identity.quotas.push(p.resolve("quotas")?);
+        }
+        Ok(identity)
+    }
 }
 
 /// A policy written as text (`burst=20/s`, `daily=10000/day`) or as its JSON object.
@@ -178,6 +461,9 @@ impl CreateKey {
         if let Some(m) = self.metadata {
             spec.metadata = m;
         }
+        spec.grants = self.grants;
+        spec.roles = self.roles;
+        spec.identity = self.identity;
         Ok(spec)
     }
 }

@@ -10,6 +10,11 @@
 //! | `POST /admin/keys/{id}/revoke` | revokes, for good | 200 |
 //! | `POST /admin/keys/{id}/disable` / `enable` | switches a key off and on | 200 |
 //! | `GET /admin/keys/{id}/usage` | quota usage (`?from=`, `?to=`, RFC 3339) | 200 |
+//! | `PATCH /admin/keys/{id}` | changes a live key ([`UpdateKey`]: scopes, collections, grants, attributes, networks, limits, quotas, roles, identity, expiry, metadata); holds on the next request | 200 |
+//! | `POST /admin/roles` / `GET /admin/roles` | creates ([`RoleInput`]) / lists roles | 201 / 200 |
+//! | `GET`, `PATCH`, `DELETE /admin/roles/{name}` | one role; changes it ([`RoleUpdateInput`]) or deletes it, reaching every key holding it on its next request | 200 |
+//! | `POST /admin/identities` / `GET /admin/identities` | creates ([`IdentityInput`]) / lists identities | 201 / 200 |
+//! | `GET /admin/identities/{name}` | one identity | 200 |
 //!
 //! JSON in and out. Keys are shown as [`KeyInfo`](keygate::KeyInfo) (never a digest); issue and
 //! rotate answers add `"key"`, the plaintext, shown this once (issue answers also
@@ -24,7 +29,10 @@
 //! | 401 / 403 | keygate's denial codes | no key, a bad key, a key used from outside its `allowed_ips` (`ip_not_allowed`), or a key without `keys:admin` |
 //! | 403 | `privilege_escalation` | the key would grant (or manage a key holding or allowed) more than its caller holds or is allowed |
 //! | 404 | `key_not_found` | no such key (or one beyond the caller's authority: another tenant's, more scopes, collections or looser restrictions or limits) |
+//! | 404 | `role_not_found`, `identity_not_found` | no such role (or one granting more than the caller holds) or identity |
 //! | 409 | `wrong_status` | the key's status forbids it (enable a revoked key, rotate a disabled one) |
+//! | 409 | `conflict` | the key (or role) was changed by another request between this one's check and its write: nothing was written; read and retry |
+//! | 409 | `name_taken` | a role or identity with this name exists |
 //! | 501 | `usage_unavailable` | `usage` asked of an API built without a usage source |
 //! | 503 | `store_unavailable`, `audit_unavailable` | the key or usage store, or the audit log, is down: nothing changed |
 //!
@@ -80,11 +88,28 @@
 //! scope granted on purpose, or a key that can use none of the routes (for example scopes
 //! whose routes all need a collection, and no collection).
 
+//! # Grants, roles and identities
+//! "Grants only what it holds" is checked per grant: every scope a new or changed key (or
+//! role) would hold on a collection must be held by *one* of the caller's grants on that
+//! collection, so an admin that writes `docs-*` and only reads `shared` cannot give a key
+//! write on `shared`. A key's roles count as its grants: giving a key a role needs
+//! authority over everything the role grants. Roles and identities are shared by every
+//! tenant, so a tenant admin cannot create, change or delete them; a caller sees (and may
+//! change or delete) only roles whose grants it holds, and changes or deletes one only if
+//! it meters no looser than the role's own limits.
+//!
+//! # Atomic check and write
+//! `PATCH /keys/{id}` and `PATCH /roles/{name}` check the caller's authority over the
+//! record as read *and* as it would be written inside the key manager's conditional write
+//! ([`KeyManager::update_checked`]): the write lands only over the version the check saw,
+//! so an admin racing another (or another replica) cannot have its change land on a key it
+//! could no longer manage; it gets 409 `conflict` instead.
+//!
 //! # Limitations
-//! The permission check and the change are not atomic: the target key is read and checked
-//! (scopes, collections, tenant, expiry, allowlist) outside the [`KeyManager`]'s lock, and
-//! then changed, so an update landing in between (for example one that widens the key's
-//! scopes through [`KeyManager::update`]) is not seen by the check.
+//! Rotate, revoke, disable and enable still check the target key outside the manager's
+//! lock (they only ever take access away or copy the key's own grants). A role given to a
+//! key is checked as read: a role widened at the same moment by another admin (one who
+//! holds the wider grants) is not re-checked.
 //!
 //! # Audit
 //! [`KeyManager`] records every change (issue, rotate, revoke, disable, enable) as a
@@ -136,7 +161,9 @@ use keygate::core::usage::UsageStore;
 use keygate::{Clock, KeyGate, KeyManager, SystemClock};
 use keygate::{InvalidScope, Scope, ScopeVocabulary};
 
-pub use input::{CreateKey, PolicyInput, RotateKey};
+pub use input::{
+    CreateKey, IdentityInput, PolicyInput, RoleInput, RoleUpdateInput, RotateKey, UpdateKey,
+};
 
 /// The admin API over a [`KeyManager`]: configure it, then take its [`router`](Self::router)
 /// and mount it (`Router::new().nest("/admin", api.router())`). See the
@@ -251,7 +278,22 @@ impl AdminApi {
     {
         Router::new()
             .route("/keys", post(handlers::create).get(handlers::list))
-            .route("/keys/{id}", get(handlers::show))
+            .route("/keys/{id}", get(handlers::show).patch(handlers::update))
+            .route(
+                "/roles",
+                post(handlers::create_role).get(handlers::list_roles),
+            )
+            .route(
+                "/roles/{name}",
+                get(handlers::show_role)
+                    .patch(handlers::update_role)
+                    .delete(handlers::delete_role),
+            )
+            .route(
+                "/identities",
+                post(handlers::create_identity).get(handlers::list_identities),
+            )
+            .route("/identities/{name}", get(handlers::show_identity))
             .route("/keys/{id}/rotate", post(handlers::rotate))
             .route("/keys/{id}/revoke", post(handlers::revoke))
             .route("/keys/{id}/disable", post(handlers::disable))

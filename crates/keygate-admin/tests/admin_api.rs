@@ -1224,7 +1224,7 @@ async fn an_unknown_field_is_named_with_every_allowed_field() {
         r.json["detail"],
         "unknown field \"scope\"; the allowed fields are: name, owner, scopes, collections, \
          resources, attributes, allowed_ips, rate_limits, quotas, expires_in, expires_at, \
-         prefix, metadata, allow_unknown_scopes"
+         prefix, metadata, allow_unknown_scopes, grants, roles, identity"
     );
     let r = send(
         &app,

@@ -97,7 +97,15 @@ pub(crate) enum Command {
     /// Create, list, show, rotate, revoke, disable and enable keys.
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// Quota usage in the current windows, per key.
+    /// Create, list, show, update and delete roles: named grants, attributes and limits
+    /// that keys hold by name.
+    #[command(subcommand)]
+    Roles(RolesCommand),
+    /// Create, list and show identities: service principals owning several keys (usage
+    /// adds them up: `usage --identity`).
+    #[command(subcommand)]
+    Identities(IdentitiesCommand),
+    /// Quota usage in the current windows, per key (or per identity).
     Usage(UsageArgs),
     /// Verify hash-chained audit logs, read them, read the database's audit table.
     #[command(subcommand)]
@@ -124,6 +132,140 @@ pub(crate) enum KeysCommand {
     Disable(IdArg),
     /// Enable a disabled key.
     Enable(IdArg),
+    /// Change a live key's policy: each option given replaces that field (--role adds a
+    /// role, --remove-role removes one). The change holds on the next request everywhere.
+    Update(UpdateArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct UpdateArgs {
+    /// The key's id.
+    #[arg(value_name = "ID", value_parser = key_id)]
+    pub(crate) id: KeyId,
+    /// A new name.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) name: Option<String>,
+    /// A new owner.
+    #[arg(long, value_name = "S")]
+    pub(crate) owner: Option<String>,
+    /// Replace the scopes (repeatable).
+    #[arg(long = "scope", value_name = "S", value_parser = parse::scope)]
+    pub(crate) scopes: Vec<String>,
+    /// Remove every scope.
+    #[arg(long, conflicts_with = "scopes")]
+    pub(crate) no_scopes: bool,
+    /// Replace the collections (repeatable).
+    #[arg(long = "collection", value_name = "C", value_parser = parse::collection)]
+    pub(crate) collections: Vec<String>,
+    /// Remove every collection.
+    #[arg(long, conflicts_with = "collections")]
+    pub(crate) no_collections: bool,
+    /// Replace the attributes (repeatable).
+    #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse::attribute)]
+    pub(crate) attributes: Vec<(String, String)>,
+    /// Replace the allowed networks (repeatable).
+    #[arg(long = "allow-ip", value_name = "CIDR", value_parser = parse::cidr)]
+    pub(crate) allow_ips: Vec<IpNet>,
+    /// Allow any address again.
+    #[arg(long, conflicts_with = "allow_ips")]
+    pub(crate) any_ip: bool,
+    /// Replace the rate limits (repeatable).
+    #[arg(long = "rate", value_name = "NAME=N/UNIT", value_parser = parse::rate)]
+    pub(crate) rates: Vec<RateLimitPolicy>,
+    /// Replace the quotas (repeatable).
+    #[arg(long = "quota", value_name = "NAME=N/UNIT", value_parser = parse::quota)]
+    pub(crate) quotas: Vec<QuotaPolicy>,
+    /// Add a role (repeatable; it must exist).
+    #[arg(long = "role", value_name = "NAME")]
+    pub(crate) roles: Vec<String>,
+    /// Remove a role (repeatable).
+    #[arg(long = "remove-role", value_name = "NAME")]
+    pub(crate) remove_roles: Vec<String>,
+    /// Set the identity owning the key (it must exist).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) identity: Option<String>,
+    /// Detach the key from its identity.
+    #[arg(long, conflicts_with = "identity")]
+    pub(crate) no_identity: bool,
+    /// The key stops working this long after now: 30s, 15m, 12h, 90d.
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, value_parser = parse::duration)]
+    pub(crate) expires_in: Option<Duration>,
+    /// The key never expires.
+    #[arg(long, conflicts_with = "expires_in")]
+    pub(crate) no_expiry: bool,
+    /// Replace the metadata (JSON, at most 64 KiB).
+    #[arg(long, value_name = "JSON", value_parser = parse::json)]
+    pub(crate) meta: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RolesCommand {
+    /// Create a role. Its --scope values on its --collection values are one grant.
+    Create(RoleArgs),
+    /// List roles, by name.
+    List,
+    /// Show one role and the keys holding it.
+    Show(NameArg),
+    /// Change a role: each option given replaces that field. Every key holding it sees the
+    /// change on its next request.
+    Update(RoleArgs),
+    /// Delete a role: keys keep naming it, and it grants them nothing any more.
+    Delete(NameArg),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RoleArgs {
+    /// The role's name: 1 to 64 characters of [A-Za-z0-9_.-].
+    #[arg(value_name = "NAME")]
+    pub(crate) name: String,
+    /// A granted scope (repeatable).
+    #[arg(long = "scope", value_name = "S", value_parser = parse::scope)]
+    pub(crate) scopes: Vec<String>,
+    /// A collection the scopes apply to: a name or a pattern (repeatable).
+    #[arg(long = "collection", value_name = "C", value_parser = parse::collection)]
+    pub(crate) collections: Vec<String>,
+    /// An attribute given to the keys holding the role (repeatable).
+    #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse::attribute)]
+    pub(crate) attributes: Vec<(String, String)>,
+    /// A rate limit (repeatable; the tightest of a name applies to a key).
+    #[arg(long = "rate", value_name = "NAME=N/UNIT", value_parser = parse::rate)]
+    pub(crate) rates: Vec<RateLimitPolicy>,
+    /// A quota (repeatable; the tightest of a name applies to a key).
+    #[arg(long = "quota", value_name = "NAME=N/UNIT", value_parser = parse::quota)]
+    pub(crate) quotas: Vec<QuotaPolicy>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct NameArg {
+    /// The name.
+    #[arg(value_name = "NAME")]
+    pub(crate) name: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum IdentitiesCommand {
+    /// Create an identity.
+    Create(IdentityArgs),
+    /// List identities, by name.
+    List,
+    /// Show one identity and its keys.
+    Show(NameArg),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct IdentityArgs {
+    /// The identity's name: 1 to 64 characters of [A-Za-z0-9_.-].
+    #[arg(value_name = "NAME")]
+    pub(crate) name: String,
+    /// A rate limit applied to each of the identity's keys (repeatable).
+    #[arg(long = "rate", value_name = "NAME=N/UNIT", value_parser = parse::rate)]
+    pub(crate) rates: Vec<RateLimitPolicy>,
+    /// A quota applied to each of the identity's keys (repeatable).
+    #[arg(long = "quota", value_name = "NAME=N/UNIT", value_parser = parse::quota)]
+    pub(crate) quotas: Vec<QuotaPolicy>,
+    /// Free JSON metadata (at most 64 KiB).
+    #[arg(long, value_name = "JSON", value_parser = parse::json)]
+    pub(crate) meta: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Args)]
@@ -168,6 +310,12 @@ pub(crate) struct CreateArgs {
     /// Free JSON metadata (at most 64 KiB).
     #[arg(long, value_name = "JSON", value_parser = parse::json)]
     pub(crate) meta: Option<serde_json::Value>,
+    /// A role the key holds (repeatable; it must exist: `keygate roles create`).
+    #[arg(long = "role", value_name = "NAME")]
+    pub(crate) roles: Vec<String>,
+    /// The identity owning the key (it must exist: `keygate identities create`).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) identity: Option<String>,
 }
 
 /// A key id; a whole API key is refused without being repeated, naming only its id.
@@ -258,8 +406,11 @@ pub(crate) struct RotateArgs {
 #[derive(Debug, Args)]
 pub(crate) struct UsageArgs {
     /// One key (default: every key with a quota).
-    #[arg(value_name = "ID", value_parser = key_id)]
+    #[arg(value_name = "ID", value_parser = key_id, conflicts_with = "identity")]
     pub(crate) id: Option<KeyId>,
+    /// The keys of one identity, with their total per quota name (the chargeback view).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) identity: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

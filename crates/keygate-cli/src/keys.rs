@@ -6,11 +6,11 @@ use std::time::SystemTime;
 use keygate_core::audit::{Auditor, MemorySink};
 use keygate_core::{
     IssuedKey, KeyFilter, KeyHasher, KeyId, KeyManager, KeyRecord, KeySpec, KeyStatus, KeyStore,
-    LifecycleError, MemoryStore, ScopeVocabulary, StatusWrite, StoreError,
+    KeyUpdate, LifecycleError, MemoryStore, ScopeVocabulary, StatusWrite, StoreError,
 };
 use serde_json::Value;
 
-use crate::cli::{Cli, CreateArgs, ListArgs, RotateArgs};
+use crate::cli::{Cli, CreateArgs, ListArgs, RotateArgs, UpdateArgs};
 use crate::db::{self, Access, Managed};
 use crate::output::{self, key_json, print, print_json};
 use crate::rotation::{self, AgeFilter};
@@ -37,6 +37,9 @@ fn flag(field: &str) -> &str {
         "prefix" => "--prefix",
         "actor" => "--actor (KEYGATE_ACTOR)",
         "grace" => "--grace",
+        "roles" => "--role",
+        "identity" => "--identity",
+        "grants" => "--grant",
         other => other,
     }
 }
@@ -78,7 +81,13 @@ fn check_scopes(vocabulary: &ScopeVocabulary, args: &CreateArgs) -> Result<Vec<S
             warnings.push(format!("granting on purpose: {e}"));
         }
     }
-    if let Some(w) = vocabulary.reach_warning(&args.scopes, &args.collections) {
+    // A key with roles may reach routes through them: only a key on its own is judged.
+    let reach = if args.roles.is_empty() {
+        vocabulary.reach_warning(&args.scopes, &args.collections)
+    } else {
+        None
+    };
+    if let Some(w) = reach {
         warnings.push(if args.collections.is_empty() {
             format!("{w} (add --collection)")
         } else {
@@ -104,6 +113,8 @@ fn spec(args: &CreateArgs) -> KeySpec {
     spec.expires = args.expires_in.map(keygate_core::Expiry::In);
     spec.prefix = args.prefix.clone();
     spec.metadata = args.meta.clone().unwrap_or(Value::Null);
+    spec.roles = args.roles.clone();
+    spec.identity = args.identity.clone();
     spec
 }
 
@@ -114,10 +125,18 @@ async fn validate(actor: &str, spec: &KeySpec, hasher: &KeyHasher) -> Result<(),
         .hasher(hasher.clone())
         .auditor(Auditor::direct(MemorySink::new()))
         .build();
-    dry.issue(actor, spec.clone())
-        .await
-        .map(|_| ())
-        .map_err(failure)
+    // Roles and identities are checked against the database by the real issue (before it
+    // writes anything); here only their names.
+    let mut spec = spec.clone();
+    for r in std::mem::take(&mut spec.roles) {
+        keygate_core::validate_name("role", &r)
+            .map_err(|e| Failure::Usage(format!("invalid --role: {e}")))?;
+    }
+    if let Some(i) = spec.identity.take() {
+        keygate_core::validate_name("identity", &i)
+            .map_err(|e| Failure::Usage(format!("invalid --identity: {e}")))?;
+    }
+    dry.issue(actor, spec).await.map(|_| ()).map_err(failure)
 }
 
 /// Prints a new key: its record and the plaintext (once), with the warning on stderr.
@@ -354,6 +373,69 @@ pub(crate) async fn set_status(cli: &Cli, id: KeyId, change: StatusChange) -> Re
             record.status,
             if unchanged { " (unchanged)" } else { "" }
         ))?;
+    }
+    audited
+}
+
+/// `keys update`.
+pub(crate) async fn update(cli: &Cli, args: &UpdateArgs) -> Result<(), Failure> {
+    let actor = db::actor(cli);
+    let mut u = KeyUpdate::new();
+    u.name = args.name.clone();
+    u.owner = args.owner.clone().map(Some);
+    if !args.scopes.is_empty() || args.no_scopes {
+        u.scopes = Some(args.scopes.clone());
+    }
+    if !args.collections.is_empty() || args.no_collections {
+        u.resources = Some(args.collections.clone());
+    }
+    if !args.attributes.is_empty() {
+        u.attributes = Some(args.attributes.iter().cloned().collect());
+    }
+    if !args.allow_ips.is_empty() || args.any_ip {
+        u.allowed_ips = Some(args.allow_ips.clone());
+    }
+    if !args.rates.is_empty() {
+        u.rate_limits = Some(args.rates.clone());
+    }
+    if !args.quotas.is_empty() {
+        u.quotas = Some(args.quotas.clone());
+    }
+    u.add_roles = args.roles.clone();
+    u.remove_roles = args.remove_roles.clone();
+    if let Some(i) = &args.identity {
+        u.identity = Some(Some(i.clone()));
+    } else if args.no_identity {
+        u.identity = Some(None);
+    }
+    if let Some(d) = args.expires_in {
+        u.expires = Some(Some(keygate_core::Expiry::In(d)));
+    } else if args.no_expiry {
+        u.expires = Some(None);
+    }
+    u.metadata = args.meta.clone();
+    if u == KeyUpdate::new() {
+        return Err(Failure::Usage(
+            "nothing to change: give at least one option (see --help)".into(),
+        ));
+    }
+    let store = db::open(cli, Access::Write).await?;
+    let managed = Managed::new(cli, &store, KeyHasher::new())?;
+    let done = managed
+        .keys
+        .update(&actor, args.id, u)
+        .await
+        .map_err(|e| match e {
+            LifecycleError::NotFound(id) => Failure::Failed(format!("no key with id {id}")),
+            other => failure(other),
+        });
+    let audited = managed.finish().await;
+    let record = done?;
+    let now = SystemTime::now();
+    if cli.json {
+        print_json(&key_json(&record, now))?;
+    } else {
+        print(&output::key_details(&record, now))?;
     }
     audited
 }

@@ -13,6 +13,7 @@ mod db;
 mod keys;
 mod output;
 mod parse;
+mod roles;
 mod rotation;
 mod usage;
 
@@ -23,7 +24,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
 
-use crate::cli::{AuditCommand, Cli, Command, KeysCommand};
+use crate::cli::{AuditCommand, Cli, Command, IdentitiesCommand, KeysCommand, RolesCommand};
 
 /// Why a command did not succeed, and so its exit code.
 #[derive(Debug)]
@@ -293,6 +294,19 @@ async fn run_async(cli: &Cli) -> Result<(), Failure> {
         }
         Command::Keys(KeysCommand::Enable(args)) => {
             keys::set_status(cli, args.id, keys::StatusChange::Enable).await
+        }
+        Command::Keys(KeysCommand::Update(args)) => keys::update(cli, args).await,
+        Command::Roles(RolesCommand::Create(args)) => roles::create(cli, args).await,
+        Command::Roles(RolesCommand::List) => roles::list_roles(cli).await,
+        Command::Roles(RolesCommand::Show(args)) => roles::show(cli, &args.name).await,
+        Command::Roles(RolesCommand::Update(args)) => roles::update(cli, args).await,
+        Command::Roles(RolesCommand::Delete(args)) => roles::delete(cli, &args.name).await,
+        Command::Identities(IdentitiesCommand::Create(args)) => {
+            roles::create_identity(cli, args).await
+        }
+        Command::Identities(IdentitiesCommand::List) => roles::list_identities(cli).await,
+        Command::Identities(IdentitiesCommand::Show(args)) => {
+            roles::show_identity(cli, &args.name).await
         }
         Command::Usage(args) => usage::usage(cli, args).await,
         Command::Audit(AuditCommand::Events(args)) => audit::events(cli, args).await,

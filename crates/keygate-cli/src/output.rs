@@ -71,8 +71,17 @@ pub(crate) fn quota(q: &QuotaPolicy) -> String {
     format!("{}={}/{}", q.name, q.limit, window(q.window))
 }
 
+/// A grant as `scope,scope on collection,collection` (`on -`: no collection).
+pub(crate) fn grant(g: &keygate_core::Grant) -> String {
+    format!(
+        "{} on {}",
+        g.scopes.join(","),
+        list(g.collections.iter().cloned())
+    )
+}
+
 /// `-` for an empty list, else the items joined with `, `.
-fn list<I: IntoIterator<Item = String>>(items: I) -> String {
+pub(crate) fn list<I: IntoIterator<Item = String>>(items: I) -> String {
     let v: Vec<String> = items.into_iter().collect();
     if v.is_empty() {
         "-".into()
@@ -123,6 +132,12 @@ pub(crate) fn key_details(record: &KeyRecord, now: SystemTime) -> String {
             } else {
                 record.metadata.to_string()
             },
+        ),
+        ("grants", list(record.grants.iter().map(grant))),
+        ("roles", list(record.roles.iter().cloned())),
+        (
+            "identity",
+            record.identity.clone().unwrap_or_else(|| "-".into()),
         ),
         (
             "rotated from",

@@ -110,6 +110,9 @@ const HEADER: [&str; 9] = [
 pub(crate) async fn usage(cli: &Cli, args: &UsageArgs) -> Result<(), Failure> {
     let store = db::open(cli, db::Access::Read).await?;
     let now = SystemTime::now();
+    if let Some(identity) = &args.identity {
+        return by_identity(cli, &store, identity, now).await;
+    }
     if let Some(id) = args.id {
         let record = store
             .get(&id)
@@ -144,6 +147,76 @@ pub(crate) async fn usage(cli: &Cli, args: &UsageArgs) -> Result<(), Failure> {
         print_json(&Value::Array(objects))
     } else if table.is_empty() {
         print("no key has a quota\n")
+    } else {
+        print(&output::table(&HEADER, &table))
+    }
+}
+
+/// `keygate usage --identity NAME`: every key of the identity with its quotas, and the
+/// identity's total per quota name and window (what it is billed for).
+async fn by_identity(
+    cli: &Cli,
+    store: &SqlStore,
+    identity: &str,
+    now: SystemTime,
+) -> Result<(), Failure> {
+    keygate_core::validate_name("identity", identity)
+        .map_err(|e| Failure::Usage(format!("invalid --identity: {e}")))?;
+    if store
+        .get_identity(identity)
+        .await
+        .map_err(|e| Failure::Failed(e.to_string()))?
+        .is_none()
+    {
+        return Err(Failure::Failed(format!("no identity named {identity:?}")));
+    }
+    let records = crate::roles::keys_of(store, identity).await?;
+    let mut objects = Vec::new();
+    let mut table = Vec::new();
+    // (quota name, window kind) -> (used, requests), in first-seen order.
+    let mut totals: Vec<((String, String), u64, u64)> = Vec::new();
+    for record in &records {
+        let lines = lines(store, record, now).await?;
+        for l in &lines {
+            let k = (l.name.clone(), output::window(l.window.kind));
+            match totals.iter_mut().find(|(t, _, _)| *t == k) {
+                Some(t) => {
+                    t.1 += l.used;
+                    t.2 += l.requests;
+                }
+                None => totals.push((k, l.used, l.requests)),
+            }
+        }
+        objects.push(key_object(record, &lines));
+        table.extend(rows(record, &lines, now));
+    }
+    if cli.json {
+        return print_json(&json!({
+            "identity": identity,
+            "keys": objects,
+            "totals": totals.iter().map(|((name, window), used, requests)| json!({
+                "name": name,
+                "window": window,
+                "used": used,
+                "requests": requests,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    for ((name, window), used, requests) in &totals {
+        table.push(vec![
+            "total".into(),
+            identity.to_owned(),
+            name.clone(),
+            window.clone(),
+            "-".into(),
+            used.to_string(),
+            "-".into(),
+            requests.to_string(),
+            "-".into(),
+        ]);
+    }
+    if table.is_empty() {
+        print(&format!("identity {identity} has no key with a quota\n"))
     } else {
         print(&output::table(&HEADER, &table))
     }

@@ -33,6 +33,7 @@ mod principal;
 pub mod rate;
 mod record;
 mod redact;
+pub mod role;
 mod scope;
 mod store;
 pub mod time;
@@ -55,7 +56,8 @@ pub use key::{
 };
 pub use lifecycle::{
     Expiry, InvalidSpec, IssuedKey, KeyManager, KeyManagerBuilder, KeySpec, KeyUpdate,
-    LifecycleError, MAX_ATTRIBUTE_VALUE_LEN, MAX_METADATA_BYTES, MAX_NAME_LEN, MAX_OWNER_LEN,
+    LifecycleError, RoleUpdate, MAX_ATTRIBUTE_VALUE_LEN, MAX_METADATA_BYTES, MAX_NAME_LEN,
+    MAX_OWNER_LEN,
 };
 pub use principal::{Attributes, Principal};
 pub use record::{
@@ -63,6 +65,7 @@ pub use record::{
     RateLimitPolicy, Refill,
 };
 pub use redact::{redact_url, REDACTED};
+pub use role::{validate_name, Grant, Identity, InvalidName, Role};
 pub use scope::{validate_resource_pattern, InvalidScope, ResourceSet, Scope, ScopeSet};
 pub use store::{
     KeyFilter, KeyListing, KeyStore, MemoryStore, SkippedRow, StatusWrite, StoreError,

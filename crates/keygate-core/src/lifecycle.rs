@@ -40,9 +40,14 @@ use crate::clock::{Clock, SystemClock};
 use crate::digest::KeyHasher;
 use crate::key::{ApiKey, KeyGenError, KeyId, Prefix};
 use crate::record::{KeyRecord, KeyStatus, QuotaPolicy, RateLimitPolicy};
+use crate::role::Grant;
 use crate::scope::{validate_resource_pattern, Scope};
 use crate::store::{KeyFilter, KeyStore, StatusWrite, StoreError};
 use crate::verifier::Verifier;
+
+#[path = "lifecycle_roles.rs"]
+mod roles;
+pub use roles::RoleUpdate;
 
 /// Longest key name, in characters.
 pub const MAX_NAME_LEN: usize = 128;
@@ -101,6 +106,12 @@ pub struct KeySpec {
     pub prefix: Option<Prefix>,
     /// Free JSON metadata.
     pub metadata: serde_json::Value,
+    /// Grants beyond scopes × resources (scopes paired with collections).
+    pub grants: Vec<Grant>,
+    /// Roles the key holds (each must exist when the key is issued).
+    pub roles: Vec<String>,
+    /// The identity owning the key (it must exist).
+    pub identity: Option<String>,
 }
 
 impl KeySpec {
@@ -118,7 +129,25 @@ impl KeySpec {
             expires: None,
             prefix: None,
             metadata: serde_json::Value::Null,
+            grants: Vec::new(),
+            roles: Vec::new(),
+            identity: None,
         }
+    }
+    /// Adds a grant (scopes on collections).
+    pub fn grant(mut self, grant: Grant) -> Self {
+        self.grants.push(grant);
+        self
+    }
+    /// Adds a role.
+    pub fn role(mut self, name: impl Into<String>) -> Self {
+        self.roles.push(name.into());
+        self
+    }
+    /// Sets the identity owning the key.
+    pub fn identity(mut self, name: impl Into<String>) -> Self {
+        self.identity = Some(name.into());
+        self
     }
     /// Sets the owner (subject).
     pub fn owner(mut self, owner: impl Into<String>) -> Self {
@@ -201,6 +230,16 @@ pub struct KeyUpdate {
     pub expires: Option<Option<Expiry>>,
     /// New metadata.
     pub metadata: Option<serde_json::Value>,
+    /// New extra grants (replacing the old ones).
+    pub grants: Option<Vec<Grant>>,
+    /// New roles (replacing the old ones; applied before `add_roles` and `remove_roles`).
+    pub roles: Option<Vec<String>>,
+    /// Roles to add (each must exist).
+    pub add_roles: Vec<String>,
+    /// Roles to remove.
+    pub remove_roles: Vec<String>,
+    /// New identity (`Some(None)` removes it).
+    pub identity: Option<Option<String>>,
 }
 
 impl KeyUpdate {
@@ -258,6 +297,26 @@ impl KeyUpdate {
         self.metadata = Some(metadata);
         self
     }
+    /// Replaces the extra grants.
+    pub fn grants(mut self, grants: Vec<Grant>) -> Self {
+        self.grants = Some(grants);
+        self
+    }
+    /// Adds a role.
+    pub fn add_role(mut self, name: impl Into<String>) -> Self {
+        self.add_roles.push(name.into());
+        self
+    }
+    /// Removes a role.
+    pub fn remove_role(mut self, name: impl Into<String>) -> Self {
+        self.remove_roles.push(name.into());
+        self
+    }
+    /// Sets or removes the identity.
+    pub fn identity(mut self, identity: Option<String>) -> Self {
+        self.identity = Some(identity);
+        self
+    }
 }
 
 /// Why a spec, update or actor is not acceptable: the field and the reason. Never contains
@@ -311,6 +370,9 @@ pub enum LifecycleError {
     /// The auditor has shut down, so the change would go unrecorded: refused.
     #[error("the audit log is shut down; no change was made")]
     AuditClosed,
+    /// A caller's check refused the change ([`KeyManager::update_checked`]).
+    #[error("refused: {0}")]
+    Refused(String),
     /// The change's audit event could not be written. A change that grants access (issue,
     /// rotate, enable, update) was undone (`kept` is `false`; an issued key is revoked, its
     /// plaintext never shown); one that takes access away (revoke, disable) was kept
@@ -338,9 +400,9 @@ pub struct IssuedKey {
 /// Issues and manages keys over a [`KeyStore`], keeping a [`Verifier`] up to date and
 /// recording every change through an [`Auditor`]. Cheap to clone.
 ///
-/// Changes made through one `KeyManager` are serialized (one at a time). Two managers (or
-/// processes) changing the same key at once are last-writer-wins on that record: the
-/// [`KeyStore`] trait has no compare-and-swap.
+/// Changes made through one `KeyManager` are serialized (one at a time). Updates by two
+/// managers (or processes) at once cannot both land: [`KeyManager::update`] writes only
+/// over the version it read, and the later writer gets [`StoreError::Conflict`].
 #[derive(Clone)]
 pub struct KeyManager {
     inner: Arc<Inner>,
@@ -482,6 +544,9 @@ impl KeyManager {
         record.quotas = check_quotas(spec.quotas)?;
         record.expires_at = spec.expires.map(|e| check_expiry(e, now)).transpose()?;
         record.metadata = check_metadata(spec.metadata)?;
+        record.grants = check_grants(spec.grants)?;
+        record.roles = self.check_roles(spec.roles, &[]).await?;
+        record.identity = self.check_identity(spec.identity).await?;
         self.inner.store.insert(&record).await?;
         self.notify(&record.id).await;
         if let Err(e) = self
@@ -495,9 +560,9 @@ impl KeyManager {
     }
 
     /// Rotates a key: issues a new key that inherits everything (name, owner, scopes,
-    /// collections, attributes, networks, policies, metadata and expiry) with
-    /// `rotated_from` set, and makes the old key expire `grace` from now (at once for
-    /// zero; an earlier expiry stays). Only active, unexpired keys rotate. The new key
+    /// collections, grants, roles, identity, attributes, networks, policies, metadata and
+    /// expiry) with `rotated_from` set, and makes the old key expire `grace` from now (at
+    /// once for zero; an earlier expiry stays). Only active, unexpired keys rotate. The new key
     /// keeps the old one's lineage ([`KeyRecord::lineage`]), so rate limits and quotas go on
     /// counting where they were, and old and new key share one allowance during the grace.
     pub async fn rotate(
@@ -530,6 +595,9 @@ impl KeyManager {
         new.rate_limits = old.rate_limits.clone();
         new.quotas = old.quotas.clone();
         new.metadata = old.metadata.clone();
+        new.grants = old.grants.clone();
+        new.roles = old.roles.clone();
+        new.identity = old.identity.clone();
         new.expires_at = old.expires_at;
         new.rotated_from = Some(old.id);
         // Usage is counted per lineage: the new key goes on with the old one's.
@@ -675,11 +743,30 @@ impl KeyManager {
 
     /// Changes a key's policies or descriptive fields. A revoked key cannot be changed. An
     /// update that changes nothing records nothing.
+    ///
+    /// The write is conditional on the version read ([`KeyStore::update_versioned`]): if
+    /// another writer changed the key in between, nothing is written and the error is
+    /// [`StoreError::Conflict`].
     pub async fn update(
         &self,
         actor: &str,
         id: KeyId,
         update: KeyUpdate,
+    ) -> Result<KeyRecord, LifecycleError> {
+        self.update_checked(actor, id, update, |_, _| Ok(())).await
+    }
+
+    /// [`KeyManager::update`], calling `check` with the record as read and as it would be
+    /// written before writing: an `Err` refuses the change ([`LifecycleError::Refused`]).
+    /// Check and write are one step: the write lands only over the version `check` saw, so
+    /// a concurrent change makes this fail with [`StoreError::Conflict`] instead of writing
+    /// over what `check` did not see.
+    pub async fn update_checked(
+        &self,
+        actor: &str,
+        id: KeyId,
+        update: KeyUpdate,
+        check: impl FnOnce(&KeyRecord, &KeyRecord) -> Result<(), String>,
     ) -> Result<KeyRecord, LifecycleError> {
         self.preflight(actor)?;
         let _guard = self.inner.lock.lock().await;
@@ -723,11 +810,27 @@ impl KeyManager {
         if let Some(v) = update.metadata {
             new.metadata = check_metadata(v)?;
         }
+        if let Some(v) = update.grants {
+            new.grants = check_grants(v)?;
+        }
+        if update.roles.is_some() || !update.add_roles.is_empty() || !update.remove_roles.is_empty()
+        {
+            let mut roles = update.roles.unwrap_or_else(|| old.roles.clone());
+            roles.extend(update.add_roles);
+            roles.retain(|r| !update.remove_roles.contains(r));
+            // Roles the key already holds may have been deleted since: they stay allowed.
+            new.roles = self.check_roles(roles, &old.roles).await?;
+        }
+        if let Some(v) = update.identity {
+            new.identity = self.check_identity(v).await?;
+        }
         if changes(Some(&old), &new).is_empty() {
             return Ok(old);
         }
+        check(&old, &new).map_err(LifecycleError::Refused)?;
         new.updated_at = now;
-        self.inner.store.update(&new).await?;
+        self.inner.store.update_versioned(&new).await?;
+        new.version = old.version.wrapping_add(1);
         self.notify(&id).await;
         if let Err(e) = self
             .emit(actor, LifecycleAction::Updated, Some(&old), &new, None, now)
@@ -883,7 +986,13 @@ fn changes(old: Option<&KeyRecord>, new: &KeyRecord) -> Vec<FieldChange> {
         _ => serde_json::Map::new(),
     };
     let before = old.map(as_map).unwrap_or_default();
-    let after = as_map(new);
+    let mut after = as_map(new);
+    // Fields left out when empty (grants, roles, identity) still count when they empty.
+    for field in before.keys() {
+        if !after.contains_key(field) {
+            after.insert(field.clone(), serde_json::Value::Null);
+        }
+    }
     after
         .into_iter()
         .filter(|(field, _)| field != "updated_at")
@@ -936,6 +1045,23 @@ fn check_scopes(scopes: Vec<String>) -> Result<Vec<String>, InvalidSpec> {
         Scope::parse(&s).map_err(|e| invalid("scopes", e.to_string()))?;
         if !out.contains(&s) {
             out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+fn check_grants(grants: Vec<Grant>) -> Result<Vec<Grant>, InvalidSpec> {
+    let mut out: Vec<Grant> = Vec::with_capacity(grants.len());
+    for g in grants {
+        let g = Grant {
+            scopes: check_scopes(g.scopes).map_err(|e| invalid("grants", e.reason))?,
+            collections: check_resources(g.collections).map_err(|e| invalid("grants", e.reason))?,
+        };
+        if g.scopes.is_empty() {
+            return Err(invalid("grants", "a grant needs at least one scope"));
+        }
+        if !out.contains(&g) {
+            out.push(g);
         }
     }
     Ok(out)

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 
 use crate::key::{KeyId, Prefix};
 use crate::record::{KeyRecord, QuotaPolicy, RateLimitPolicy};
+use crate::role::{self, Grant, Identity, Role};
 use crate::scope::{ResourceSet, Scope, ScopeSet};
 
 /// Who is calling: the key a request was authenticated with and what its record grants.
@@ -37,10 +38,66 @@ struct Inner {
     owner: Option<Arc<str>>,
     grants: Arc<Grants>,
     access: Arc<Access>,
+    policy: Arc<Policy>,
     attributes: Arc<Attributes>,
     allowed_ips: Box<[IpNet]>,
     rate_limits: Box<[RateLimitPolicy]>,
     quotas: Box<[QuotaPolicy]>,
+    identity: Option<Arc<str>>,
+    /// Per rate limit, then per quota: whether it is the identity's (counted per identity).
+    shared_limits: Box<[bool]>,
+}
+
+/// The per-collection grants and the roles behind them, compiled.
+struct Policy {
+    grants: Box<[CompiledGrant]>,
+    raw: Box<[Grant]>,
+    roles: Arc<[Arc<str>]>,
+}
+
+struct CompiledGrant {
+    scopes: ScopeSet,
+    collections: ResourceSet,
+    /// Index into [`Policy::roles`]; `None` for the key's own grants.
+    role: Option<usize>,
+}
+
+impl Policy {
+    fn new(resolved: &PolicyKey) -> Self {
+        Policy {
+            grants: resolved
+                .grants
+                .iter()
+                .zip(resolved.grant_roles.iter())
+                .map(|(g, role)| CompiledGrant {
+                    scopes: ScopeSet::compile(&g.scopes),
+                    collections: ResourceSet::compile(&g.collections),
+                    role: *role,
+                })
+                .collect(),
+            raw: resolved.grants.clone(),
+            roles: resolved
+                .roles
+                .iter()
+                .map(|r| Arc::from(r.as_str()))
+                .collect(),
+        }
+    }
+}
+
+/// What a [`Policy`] is interned by.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+struct PolicyKey {
+    grants: Box<[Grant]>,
+    grant_roles: Box<[Option<usize>]>,
+    roles: Box<[String]>,
+}
+
+impl PolicyKey {
+    /// At most one grant and no role: [`Principal::permits`] needs no per-grant sets.
+    fn is_trivial(&self) -> bool {
+        self.grants.len() <= 1 && self.roles.is_empty()
+    }
 }
 
 /// Granted scopes, as stored and compiled.
@@ -132,33 +189,92 @@ impl fmt::Debug for Attributes {
     }
 }
 
+/// The union of the scopes and of the collection patterns of every grant, each listed
+/// once in first-seen order.
+fn unions(grants: &[Grant]) -> (Vec<String>, Vec<String>) {
+    let (mut scopes, mut collections) = (Vec::<String>::new(), Vec::<String>::new());
+    for g in grants {
+        for s in &g.scopes {
+            if !scopes.contains(s) {
+                scopes.push(s.clone());
+            }
+        }
+        for c in &g.collections {
+            if !collections.contains(c) {
+                collections.push(c.clone());
+            }
+        }
+    }
+    (scopes, collections)
+}
+
 impl Principal {
-    /// The principal a record grants (its digest is not copied).
+    /// The principal a record grants on its own (its digest is not copied): the roles it
+    /// names grant nothing here; use [`Principal::resolve`] to include them.
     pub fn from_record(record: &KeyRecord) -> Self {
+        Self::resolve(record, &[], None)
+    }
+
+    /// The principal a record grants with its roles and identity, by the rule of
+    /// [`crate::role`]: `roles` are stored roles (only those the record names count),
+    /// `identity` the record's identity if it exists.
+    pub fn resolve(record: &KeyRecord, roles: &[Role], identity: Option<&Identity>) -> Self {
+        let resolved = role::resolve(record, roles, identity);
+        let (scopes, collections) = unions(&resolved.grants);
+        let mut key = policy_key(&resolved);
+        if key.is_trivial() {
+            key = PolicyKey::default();
+        }
         Self::build(
             record,
-            Arc::new(Grants::new(&record.scopes)),
-            Arc::new(Access::new(&record.resources)),
-            Arc::new(Attributes::from_map(&record.attributes)),
+            &resolved,
+            Arc::new(Grants::new(&scopes)),
+            Arc::new(Access::new(&collections)),
+            Arc::new(Policy::new(&key)),
+            Arc::new(Attributes::from_map(&resolved.attributes)),
         )
     }
 
-    /// [`Principal::from_record`], sharing compiled parts with earlier principals.
-    pub(crate) fn from_record_shared(record: &KeyRecord, interner: &Interner) -> Self {
+    /// [`Principal::resolve`], sharing compiled parts with earlier principals.
+    pub(crate) fn resolve_shared(
+        record: &KeyRecord,
+        roles: &[Role],
+        identity: Option<&Identity>,
+        interner: &Interner,
+    ) -> Self {
+        let resolved = role::resolve(record, roles, identity);
+        let (scopes, collections) = unions(&resolved.grants);
         Self::build(
             record,
-            interner.grants(&record.scopes),
-            interner.access(&record.resources),
-            interner.attributes(&record.attributes),
+            &resolved,
+            interner.grants(&scopes),
+            interner.access(&collections),
+            interner.policy(policy_key(&resolved)),
+            interner.attributes(&resolved.attributes),
         )
     }
 
     fn build(
         record: &KeyRecord,
+        resolved: &role::Resolved,
         grants: Arc<Grants>,
         access: Arc<Access>,
+        policy: Arc<Policy>,
         attributes: Arc<Attributes>,
     ) -> Self {
+        let any_shared = resolved.rate_limits.iter().any(|(_, shared)| *shared)
+            || resolved.quotas.iter().any(|(_, shared)| *shared);
+        // Empty (no allocation) unless some limit is the identity's.
+        let shared_limits = if any_shared {
+            resolved
+                .rate_limits
+                .iter()
+                .map(|(_, shared)| *shared)
+                .chain(resolved.quotas.iter().map(|(_, shared)| *shared))
+                .collect()
+        } else {
+            Box::default()
+        };
         Principal {
             inner: Arc::new(Inner {
                 key_id: record.id,
@@ -170,12 +286,114 @@ impl Principal {
                 owner: record.owner.as_deref().map(Arc::from),
                 grants,
                 access,
+                policy,
                 attributes,
                 allowed_ips: record.allowed_ips.iter().map(|n| canonical(*n)).collect(),
-                rate_limits: record.rate_limits.iter().cloned().collect(),
-                quotas: record.quotas.iter().cloned().collect(),
+                rate_limits: resolved
+                    .rate_limits
+                    .iter()
+                    .map(|(p, _)| p.clone())
+                    .collect(),
+                quotas: resolved.quotas.iter().map(|(p, _)| p.clone()).collect(),
+                identity: record.identity.as_deref().map(Arc::from),
+                shared_limits,
             }),
         }
+    }
+
+    /// Whether one grant holds both `scope` and a pattern matching collection `name`: the
+    /// check for a request that names a collection. [`Principal::has_scope`] and
+    /// [`Principal::can_access`] each look at the union of all grants, so a key that may
+    /// write `docs-*` and only read `shared` has the scope `points:write` and may access
+    /// `shared`, yet is not permitted to write to `shared`.
+    pub fn permits(&self, scope: &Scope, name: &str) -> bool {
+        let grants = &self.inner.policy.grants;
+        if grants.len() <= 1 {
+            // One grant: the union is that grant (the common case, no extra work).
+            return self.has_scope(scope) && self.can_access(name);
+        }
+        grants
+            .iter()
+            .any(|g| g.scopes.allows(scope) && g.collections.allows(name))
+    }
+
+    /// The names of the roles whose grants permit `scope` (on collection `name`, when the
+    /// request names one), in the key's order. Empty when only the key's own grants do.
+    pub fn granting_roles<'a>(
+        &'a self,
+        scope: &'a Scope,
+        name: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a Arc<str>> + 'a {
+        let policy = &*self.inner.policy;
+        let mut seen = vec![false; policy.roles.len()];
+        for g in policy.grants.iter() {
+            if let Some(i) = g.role {
+                if g.scopes.allows(scope) && name.is_none_or(|n| g.collections.allows(n)) {
+                    seen[i] = true;
+                }
+            }
+        }
+        policy
+            .roles
+            .iter()
+            .zip(seen)
+            .filter_map(|(r, s)| s.then_some(r))
+    }
+
+    /// Every grant of the effective policy as written (the key's own scopes × collections
+    /// first, then its extra grants, then its roles'): what an admin check compares a new
+    /// grant with (one grant must cover it whole).
+    pub fn grants(&self) -> Vec<Grant> {
+        let policy = &*self.inner.policy;
+        if policy.raw.is_empty() {
+            // One grant of the key's own (or none): the unions are that grant.
+            if self.scopes().is_empty() && self.resources().is_empty() {
+                return Vec::new();
+            }
+            return vec![Grant {
+                scopes: self.scopes().to_vec(),
+                collections: self.resources().to_vec(),
+            }];
+        }
+        policy.raw.to_vec()
+    }
+
+    /// The roles that contributed to this principal (stored roles the key names), in the
+    /// key's order.
+    pub fn roles(&self) -> &[Arc<str>] {
+        &self.inner.policy.roles
+    }
+
+    /// [`Principal::roles`], shared (cloning it is one reference-count increment; audit
+    /// events keep it this way). `None` when there are none.
+    pub fn roles_shared(&self) -> Option<&Arc<[Arc<str>]>> {
+        let roles = &self.inner.policy.roles;
+        (!roles.is_empty()).then_some(roles)
+    }
+
+    /// The identity owning the key, if any.
+    pub fn identity(&self) -> Option<&str> {
+        self.inner.identity.as_deref()
+    }
+
+    /// Whether rate limit number `index` (in [`Principal::rate_limits`]) comes from the
+    /// key's identity, so it is counted once for all the identity's keys.
+    pub fn rate_limit_is_shared(&self, index: usize) -> bool {
+        self.inner
+            .shared_limits
+            .get(index)
+            .copied()
+            .unwrap_or(false)
+    }
+
+    /// Whether quota number `index` (in [`Principal::quotas`]) comes from the key's
+    /// identity, so it is counted once for all the identity's keys.
+    pub fn quota_is_shared(&self, index: usize) -> bool {
+        self.inner
+            .shared_limits
+            .get(self.inner.rate_limits.len() + index)
+            .copied()
+            .unwrap_or(false)
     }
 
     /// The public key id.
@@ -221,11 +439,11 @@ impl Principal {
     pub fn expires_at(&self) -> Option<SystemTime> {
         self.inner.expires_at
     }
-    /// Granted scopes as stored.
+    /// Granted scopes: the union of every grant's (the key's own and its roles').
     pub fn scopes(&self) -> &[String] {
         &self.inner.grants.scopes
     }
-    /// Collection patterns the key may touch, as stored.
+    /// Collection patterns the key may touch with some scope: the union of every grant's.
     pub fn resources(&self) -> &[String] {
         &self.inner.access.resources
     }
@@ -280,6 +498,7 @@ pub(crate) struct Interner {
     grants: Table<Box<[String]>, Grants>,
     access: Table<Box<[String]>, Access>,
     attributes: Table<Attributes, Attributes>,
+    policies: Table<PolicyKey, Policy>,
 }
 
 struct Table<K, V> {
@@ -323,7 +542,21 @@ impl Interner {
             grants: Table::new(),
             access: Table::new(),
             attributes: Table::new(),
+            policies: Table::new(),
         }
+    }
+
+    fn policy(&self, key: PolicyKey) -> Arc<Policy> {
+        if key.is_trivial() {
+            // One grant of the key's own and no role: the union sets answer every question,
+            // so all such keys share one empty policy (no per-key cost).
+            let empty = PolicyKey::default();
+            return self
+                .policies
+                .get_or_insert(&empty, || (empty.clone(), Policy::new(&empty)));
+        }
+        self.policies
+            .get_or_insert(&key, || (key.clone(), Policy::new(&key)))
     }
 
     fn grants(&self, scopes: &[String]) -> Arc<Grants> {
@@ -345,6 +578,14 @@ impl Interner {
         let probe = Attributes::from_map(map);
         self.attributes
             .get_or_insert(&probe, || (probe.clone(), probe.clone()))
+    }
+}
+
+fn policy_key(resolved: &role::Resolved) -> PolicyKey {
+    PolicyKey {
+        grants: resolved.grants.clone().into(),
+        grant_roles: resolved.grant_roles.clone().into(),
+        roles: resolved.roles.clone().into(),
     }
 }
 

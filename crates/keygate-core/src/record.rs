@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::KeyDigest;
 use crate::key::{KeyId, Prefix};
+use crate::role::Grant;
 
 /// Where a key stands in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -297,6 +298,18 @@ pub struct KeyRecord {
     /// replaced, and both share one allowance during the grace period. Stores keep it;
     /// rows written before stores knew it read as `None`.
     pub lineage: Option<KeyId>,
+    /// Grants beyond `scopes` × `resources` (which stay one grant of their own): scopes
+    /// paired with the collections they apply to. See [`crate::role`] for the rule.
+    pub grants: Vec<Grant>,
+    /// Names of the roles the key holds; their grants, attributes and limits join the
+    /// key's own when it is resolved. A name no stored role has grants nothing.
+    pub roles: Vec<String>,
+    /// The identity (service principal) owning the key; its limits join the key's.
+    pub identity: Option<String>,
+    /// Bumped by the store on every write;
+    /// [`KeyStore::update_versioned`](crate::KeyStore::update_versioned) writes only over
+    /// the version it read.
+    pub version: u64,
 }
 
 impl KeyRecord {
@@ -327,6 +340,10 @@ impl KeyRecord {
             metadata: serde_json::Value::Null,
             rotated_from: None,
             lineage: None,
+            grants: Vec::new(),
+            roles: Vec::new(),
+            identity: None,
+            version: 0,
         }
     }
 
@@ -376,6 +393,9 @@ impl KeyRecord {
             quotas: self.quotas.clone(),
             metadata: self.metadata.clone(),
             rotated_from: self.rotated_from,
+            grants: self.grants.clone(),
+            roles: self.roles.clone(),
+            identity: self.identity.clone(),
         }
     }
 }
@@ -432,6 +452,15 @@ pub struct KeyInfo {
     pub metadata: serde_json::Value,
     /// The key this one replaced.
     pub rotated_from: Option<KeyId>,
+    /// Grants beyond scopes × resources.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<Grant>,
+    /// Roles held.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
+    /// Owning identity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 mod duration_ms {

@@ -8,6 +8,7 @@ use dashmap::DashMap;
 
 use crate::key::KeyId;
 use crate::record::{KeyRecord, KeyStatus};
+use crate::role::{Identity, Role};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,34 @@ pub enum StoreError {
     /// A stored record could not be read (a damaged or foreign row).
     #[error("stored key record is unreadable: {0}")]
     Corrupt(String),
+    /// A conditional write found a newer version than the one it was based on: someone
+    /// else changed the record first. Nothing was written; read it again and retry.
+    #[error("{kind} {name} was changed by someone else; nothing was written")]
+    Conflict {
+        /// `key`, `role` or `identity`.
+        kind: &'static str,
+        /// The key id or the name.
+        name: String,
+    },
+    /// No role or identity with this name.
+    #[error("no {kind} named {name}")]
+    NoSuchName {
+        /// `role` or `identity`.
+        kind: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// A role or identity with this name already exists.
+    #[error("a {kind} named {name} already exists")]
+    NameTaken {
+        /// `role` or `identity`.
+        kind: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// The store does not keep this kind of data (roles or identities).
+    #[error("this key store does not support {0}")]
+    Unsupported(&'static str),
 }
 
 /// Which records [`KeyStore::list`] returns. Every set field must match.
@@ -154,6 +183,86 @@ pub trait KeyStore: Send + Sync + 'static {
         self.update(&record).await?;
         Ok(StatusWrite::Written)
     }
+
+    /// Replaces an existing record only if the stored one still has `record.version` (the
+    /// version it was read with), bumping the version: a compare-and-set, so two writers
+    /// that read the same version cannot both write. [`StoreError::Conflict`] when the
+    /// stored version differs, [`StoreError::NotFound`] when there is no such key.
+    ///
+    /// The default reads and then writes (not atomic); every store in this workspace
+    /// overrides it with one atomic step.
+    async fn update_versioned(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let Some(stored) = self.get(&record.id).await?.filter(|r| r.id == record.id) else {
+            return Err(StoreError::NotFound(record.id));
+        };
+        if stored.version != record.version {
+            return Err(StoreError::Conflict {
+                kind: "key",
+                name: record.id.to_string(),
+            });
+        }
+        let mut next = record.clone();
+        next.version = record.version.wrapping_add(1);
+        self.update(&next).await
+    }
+
+    /// The stored roles among `names` (in any order; names with no role are left out).
+    /// The verifier calls it when it reads a key that holds roles. The default knows no
+    /// roles, so keys' roles grant nothing (fail closed).
+    async fn roles(&self, names: &[String]) -> Result<Vec<Role>, StoreError> {
+        let _ = names;
+        Ok(Vec::new())
+    }
+
+    /// Every role, ordered by name.
+    async fn list_roles(&self) -> Result<Vec<Role>, StoreError> {
+        Err(StoreError::Unsupported("roles"))
+    }
+
+    /// Adds a role; [`StoreError::NameTaken`] if the name is taken.
+    async fn insert_role(&self, role: &Role) -> Result<(), StoreError> {
+        let _ = role;
+        Err(StoreError::Unsupported("roles"))
+    }
+
+    /// Replaces a role if the stored one still has `role.version` (compare-and-set, the
+    /// version bumped), and announces a change of every key holding it, so caches
+    /// everywhere resolve those keys again. [`StoreError::Conflict`] or
+    /// [`StoreError::NoSuchName`] otherwise.
+    async fn update_role(&self, role: &Role) -> Result<(), StoreError> {
+        let _ = role;
+        Err(StoreError::Unsupported("roles"))
+    }
+
+    /// Deletes a role (keys keep naming it; it grants them nothing any more) and announces
+    /// a change of every key holding it. Whether there was one.
+    async fn delete_role(&self, name: &str) -> Result<bool, StoreError> {
+        let _ = name;
+        Err(StoreError::Unsupported("roles"))
+    }
+
+    /// The ids of the keys that name role `name`.
+    async fn keys_with_role(&self, name: &str) -> Result<Vec<KeyId>, StoreError> {
+        let _ = name;
+        Ok(Vec::new())
+    }
+
+    /// The identity named `name`, if any. The default knows none.
+    async fn get_identity(&self, name: &str) -> Result<Option<Identity>, StoreError> {
+        let _ = name;
+        Ok(None)
+    }
+
+    /// Every identity, ordered by name.
+    async fn list_identities(&self) -> Result<Vec<Identity>, StoreError> {
+        Err(StoreError::Unsupported("identities"))
+    }
+
+    /// Adds an identity; [`StoreError::NameTaken`] if the name is taken.
+    async fn insert_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        let _ = identity;
+        Err(StoreError::Unsupported("identities"))
+    }
 }
 
 #[async_trait]
@@ -181,6 +290,36 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
     ) -> Result<StatusWrite, StoreError> {
         (**self).set_status(id, status, at).await
     }
+    async fn update_versioned(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        (**self).update_versioned(record).await
+    }
+    async fn roles(&self, names: &[String]) -> Result<Vec<Role>, StoreError> {
+        (**self).roles(names).await
+    }
+    async fn list_roles(&self) -> Result<Vec<Role>, StoreError> {
+        (**self).list_roles().await
+    }
+    async fn insert_role(&self, role: &Role) -> Result<(), StoreError> {
+        (**self).insert_role(role).await
+    }
+    async fn update_role(&self, role: &Role) -> Result<(), StoreError> {
+        (**self).update_role(role).await
+    }
+    async fn delete_role(&self, name: &str) -> Result<bool, StoreError> {
+        (**self).delete_role(name).await
+    }
+    async fn keys_with_role(&self, name: &str) -> Result<Vec<KeyId>, StoreError> {
+        (**self).keys_with_role(name).await
+    }
+    async fn get_identity(&self, name: &str) -> Result<Option<Identity>, StoreError> {
+        (**self).get_identity(name).await
+    }
+    async fn list_identities(&self) -> Result<Vec<Identity>, StoreError> {
+        (**self).list_identities().await
+    }
+    async fn insert_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        (**self).insert_identity(identity).await
+    }
 }
 
 /// An in-memory key store (a concurrent hash map). For tests, examples and single-process
@@ -188,6 +327,8 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
 #[derive(Clone, Default)]
 pub struct MemoryStore {
     records: Arc<DashMap<KeyId, KeyRecord>>,
+    roles: Arc<DashMap<String, Role>>,
+    identities: Arc<DashMap<String, Identity>>,
 }
 
 impl MemoryStore {
@@ -234,10 +375,110 @@ impl KeyStore for MemoryStore {
     async fn update(&self, record: &KeyRecord) -> Result<(), StoreError> {
         match self.records.get_mut(&record.id) {
             Some(mut r) => {
+                let version = r.version.wrapping_add(1);
                 *r = record.clone();
+                r.version = version;
                 Ok(())
             }
             None => Err(StoreError::NotFound(record.id)),
+        }
+    }
+
+    async fn update_versioned(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        // The shard lock held by `get_mut` makes the compare and the write one step.
+        match self.records.get_mut(&record.id) {
+            Some(mut r) if r.version == record.version => {
+                *r = record.clone();
+                r.version = record.version.wrapping_add(1);
+                Ok(())
+            }
+            Some(_) => Err(StoreError::Conflict {
+                kind: "key",
+                name: record.id.to_string(),
+            }),
+            None => Err(StoreError::NotFound(record.id)),
+        }
+    }
+
+    async fn roles(&self, names: &[String]) -> Result<Vec<Role>, StoreError> {
+        Ok(names
+            .iter()
+            .filter_map(|n| self.roles.get(n).map(|r| r.clone()))
+            .collect())
+    }
+
+    async fn list_roles(&self) -> Result<Vec<Role>, StoreError> {
+        let mut out: Vec<Role> = self.roles.iter().map(|r| r.value().clone()).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn insert_role(&self, role: &Role) -> Result<(), StoreError> {
+        match self.roles.entry(role.name.clone()) {
+            dashmap::Entry::Occupied(_) => Err(StoreError::NameTaken {
+                kind: "role",
+                name: role.name.clone(),
+            }),
+            dashmap::Entry::Vacant(v) => {
+                let mut role = role.clone();
+                role.version = 0;
+                v.insert(role);
+                Ok(())
+            }
+        }
+    }
+
+    async fn update_role(&self, role: &Role) -> Result<(), StoreError> {
+        match self.roles.get_mut(&role.name) {
+            Some(mut r) if r.version == role.version => {
+                *r = role.clone();
+                r.version = role.version.wrapping_add(1);
+                Ok(())
+            }
+            Some(_) => Err(StoreError::Conflict {
+                kind: "role",
+                name: role.name.clone(),
+            }),
+            None => Err(StoreError::NoSuchName {
+                kind: "role",
+                name: role.name.clone(),
+            }),
+        }
+    }
+
+    async fn delete_role(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.roles.remove(name).is_some())
+    }
+
+    async fn keys_with_role(&self, name: &str) -> Result<Vec<KeyId>, StoreError> {
+        Ok(self
+            .records
+            .iter()
+            .filter(|r| r.roles.iter().any(|n| n == name))
+            .map(|r| r.id)
+            .collect())
+    }
+
+    async fn get_identity(&self, name: &str) -> Result<Option<Identity>, StoreError> {
+        Ok(self.identities.get(name).map(|i| i.clone()))
+    }
+
+    async fn list_identities(&self) -> Result<Vec<Identity>, StoreError> {
+        let mut out: Vec<Identity> = self.identities.iter().map(|r| r.value().clone()).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn insert_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        match self.identities.entry(identity.name.clone()) {
+            dashmap::Entry::Occupied(_) => Err(StoreError::NameTaken {
+                kind: "identity",
+                name: identity.name.clone(),
+            }),
+            dashmap::Entry::Vacant(v) => {
+                v.insert(identity.clone());
+                Ok(())
+            }
         }
     }
 

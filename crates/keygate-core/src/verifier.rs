@@ -98,11 +98,11 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(record: &KeyRecord, now: SystemTime, interner: &Interner) -> Self {
+    fn new(record: &KeyRecord, principal: Principal, now: SystemTime) -> Self {
         Entry {
             digest: record.digest,
             status: record.status,
-            principal: Principal::from_record_shared(record, interner),
+            principal,
             fetched_at: unix_nanos(now),
             refreshing: AtomicBool::new(false),
         }
@@ -406,12 +406,19 @@ impl Verifier {
     async fn fetch(&self, id: KeyId) -> Fetched {
         let s = &*self.shared;
         let epoch = s.epoch.load(Ordering::Acquire);
-        let fetched = s.store.get(&id).await;
+        let fetched = match s.store.get(&id).await {
+            Ok(Some(record)) if record.id == id => match self.resolve(&record).await {
+                Ok(principal) => Ok(Some((record, principal))),
+                Err(e) => Err(e),
+            },
+            Ok(_) => Ok(None),
+            Err(e) => Err(e),
+        };
         let now = s.clock.now();
         let unchanged = s.epoch.load(Ordering::Acquire) == epoch;
         match fetched {
-            Ok(Some(record)) if record.id == id => {
-                let entry = Entry::new(&record, now, &s.interner);
+            Ok(Some((record, principal))) => {
+                let entry = Entry::new(&record, principal, now);
                 let found = Fetched::Found {
                     digest: entry.digest,
                     status: entry.status,
@@ -424,7 +431,7 @@ impl Verifier {
                 s.negative.remove(&id);
                 found
             }
-            Ok(_) => {
+            Ok(None) => {
                 if unchanged {
                     s.cache.remove(&id);
                     s.recheck.remove(&id);
@@ -454,6 +461,27 @@ impl Verifier {
                 Fetched::Failed
             }
         }
+    }
+
+    /// Resolves a record's effective policy: reads its roles and identity when it has
+    /// them (the only extra store reads, on a miss), and interns the result.
+    async fn resolve(&self, record: &KeyRecord) -> Result<Principal, StoreError> {
+        let s = &*self.shared;
+        let roles = if record.roles.is_empty() {
+            Vec::new()
+        } else {
+            s.store.roles(&record.roles).await?
+        };
+        let identity = match &record.identity {
+            Some(name) => s.store.get_identity(name).await?,
+            None => None,
+        };
+        Ok(Principal::resolve_shared(
+            record,
+            &roles,
+            identity.as_ref(),
+            &s.interner,
+        ))
     }
 
     /// The verdict for `pending` from what the store read found.
@@ -516,7 +544,16 @@ impl Verifier {
         let s = &*self.shared;
         s.epoch.fetch_add(1, Ordering::AcqRel);
         let record = match s.store.get(id).await {
-            Ok(r) => r,
+            Ok(Some(r)) => match self.resolve(&r).await {
+                Ok(p) => Some((r, p)),
+                Err(e) => {
+                    if matches!(e, StoreError::Corrupt(_)) {
+                        s.cache.remove(id);
+                    }
+                    return Err(e);
+                }
+            },
+            Ok(None) => None,
             Err(e) => {
                 if matches!(e, StoreError::Corrupt(_)) {
                     // A corrupt record must not stay cached.
@@ -527,8 +564,8 @@ impl Verifier {
         };
         let now = s.clock.now();
         match record {
-            Some(r) => {
-                s.cache.insert(*id, Entry::new(&r, now, &s.interner));
+            Some((r, p)) => {
+                s.cache.insert(*id, Entry::new(&r, p, now));
                 s.negative.remove(id);
             }
             None => {
@@ -577,10 +614,33 @@ impl Verifier {
         }
         let guard = Loading(s);
         let listing = s.store.list_report(&KeyFilter::default()).await?;
+        let roles = if listing.records.iter().any(|r| !r.roles.is_empty()) {
+            match s.store.list_roles().await {
+                Ok(roles) => roles,
+                Err(StoreError::Unsupported(_)) => Vec::new(),
+                Err(e) => return Err(e),
+            }
+        } else {
+            Vec::new()
+        };
+        let identities = if listing.records.iter().any(|r| r.identity.is_some()) {
+            match s.store.list_identities().await {
+                Ok(list) => list,
+                Err(StoreError::Unsupported(_)) => Vec::new(),
+                Err(e) => return Err(e),
+            }
+        } else {
+            Vec::new()
+        };
         let now = s.clock.now();
         s.recheck.clear();
         for r in &listing.records {
-            s.cache.insert(r.id, Entry::new(r, now, &s.interner));
+            let identity = r
+                .identity
+                .as_deref()
+                .and_then(|n| identities.iter().find(|i| i.name == n));
+            let principal = Principal::resolve_shared(r, &roles, identity, &s.interner);
+            s.cache.insert(r.id, Entry::new(r, principal, now));
         }
         for bad in &listing.skipped {
             tracing::warn!(key_id = %bad.id, column = %bad.column, reason = %bad.reason, "preload: left out a key record that cannot be read; requests with that key are refused (corrupt_key)");

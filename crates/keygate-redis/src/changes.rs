@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use keygate_core::{ChangeHandler, KeyFilter, KeyId, KeyRecord, KeyStore, StoreError, Verifier};
+use keygate_core::{
+    ChangeHandler, Identity, KeyFilter, KeyId, KeyRecord, KeyStore, Role, StoreError, Verifier,
+};
 use redis::Script;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -387,6 +389,75 @@ impl<S: KeyStore> KeyStore for Publishing<S> {
             self.publisher.announce(id).await;
         }
         Ok(written)
+    }
+
+    async fn update_versioned(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.inner.update_versioned(record).await?;
+        self.publisher.announce(&record.id).await;
+        Ok(())
+    }
+
+    async fn roles(&self, names: &[String]) -> Result<Vec<Role>, StoreError> {
+        self.inner.roles(names).await
+    }
+
+    async fn list_roles(&self) -> Result<Vec<Role>, StoreError> {
+        self.inner.list_roles().await
+    }
+
+    async fn insert_role(&self, role: &Role) -> Result<(), StoreError> {
+        self.inner.insert_role(role).await?;
+        // Keys may already name it: they gain its grants.
+        self.announce_holders(&role.name).await;
+        Ok(())
+    }
+
+    async fn update_role(&self, role: &Role) -> Result<(), StoreError> {
+        self.inner.update_role(role).await?;
+        self.announce_holders(&role.name).await;
+        Ok(())
+    }
+
+    async fn delete_role(&self, name: &str) -> Result<bool, StoreError> {
+        let deleted = self.inner.delete_role(name).await?;
+        if deleted {
+            self.announce_holders(name).await;
+        }
+        Ok(deleted)
+    }
+
+    async fn keys_with_role(&self, name: &str) -> Result<Vec<KeyId>, StoreError> {
+        self.inner.keys_with_role(name).await
+    }
+
+    async fn get_identity(&self, name: &str) -> Result<Option<Identity>, StoreError> {
+        self.inner.get_identity(name).await
+    }
+
+    async fn list_identities(&self) -> Result<Vec<Identity>, StoreError> {
+        self.inner.list_identities().await
+    }
+
+    async fn insert_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        self.inner.insert_identity(identity).await
+    }
+}
+
+impl<S: KeyStore> Publishing<S> {
+    /// Announces a change of every key naming role `name`, so replicas resolve them again.
+    /// If the holders cannot be listed, a warning says so (replicas then see the change
+    /// at their next refresh of those keys).
+    async fn announce_holders(&self, name: &str) {
+        match self.inner.keys_with_role(name).await {
+            Ok(ids) => {
+                for id in ids {
+                    self.publisher.announce(&id).await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(role = %name, error = %e, "could not list the keys holding a changed role; replicas resolve them at their next refresh");
+            }
+        }
     }
 }
 

@@ -313,6 +313,10 @@ pub fn routes() -> Result<RouteScopes, keygate::scope::InvalidRule> {
         .route("*", "/admin/keys", "keys:admin")
         .route("*", "/admin/keys/{id}", "keys:admin")
         .route("*", "/admin/keys/{id}/{action}", "keys:admin")
+        .route("*", "/admin/roles", "keys:admin")
+        .route("*", "/admin/roles/{name}", "keys:admin")
+        .route("*", "/admin/identities", "keys:admin")
+        .route("*", "/admin/identities/{name}", "keys:admin")
         .build()
 }
 

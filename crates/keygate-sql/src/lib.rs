@@ -38,6 +38,12 @@
 //!   hand count too) and a [`ChangeFollower`] ([`SqlStore::watch`]) that makes a running
 //!   [`Verifier`](keygate_core::Verifier)'s cache follow it: LISTEN/NOTIFY on PostgreSQL,
 //!   with a poll behind it; a poll on SQLite.
+//! - Roles, identities and conditional writes (migration 6): the store keeps
+//!   [`Role`](keygate_core::Role)s and [`Identity`](keygate_core::Identity)s, and a trigger
+//!   advances the change sequence of every key that names a role (or belongs to an
+//!   identity) when it is written, so a role change reaches every follower like a
+//!   revocation, without touching the keys. Every write bumps a key's version;
+//!   `update_versioned` and `update_role` write only over the version read.
 //! - [`SqlUsageStore`] ([`SqlStore::usage_store`]): quota counters, a
 //!   [`UsageStore`](keygate_core::usage::UsageStore) whose `check_and_add` is atomic per key
 //!   across processes and replicas (a transaction holding the key's counters locked).
@@ -78,6 +84,7 @@ mod files;
 mod follow;
 mod migrate;
 mod options;
+mod policy;
 mod row;
 mod scopes;
 mod settings;

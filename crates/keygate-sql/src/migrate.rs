@@ -77,6 +77,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         description: "lineage",
         sql: include_str!("../migrations/sqlite/0005_lineage.sql"),
     },
+    Migration {
+        version: 6,
+        description: "iam",
+        sql: include_str!("../migrations/sqlite/0006_iam.sql"),
+    },
 ];
 
 /// PostgreSQL's migrations, in order (same versions as [`SQLITE`]).
@@ -105,6 +110,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 5,
         description: "lineage",
         sql: include_str!("../migrations/postgres/0005_lineage.sql"),
+    },
+    Migration {
+        version: 6,
+        description: "iam",
+        sql: include_str!("../migrations/postgres/0006_iam.sql"),
     },
 ];
 

@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keygate_core::{
-    KeyDigest, KeyId, KeyRecord, KeyStatus, Prefix, QuotaPolicy, RateLimitPolicy, SkippedRow,
-    StoreError,
+    Grant, KeyDigest, KeyId, KeyRecord, KeyStatus, Prefix, QuotaPolicy, RateLimitPolicy,
+    SkippedRow, StoreError,
 };
 use serde::de::DeserializeOwned;
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 /// How many columns `keygate_keys` has (the values [`KeyRow`] binds).
-pub(crate) const COLUMN_COUNT: usize = 18;
+pub(crate) const COLUMN_COUNT: usize = 21;
 
 /// A record's column values, ready to bind.
 pub(crate) struct KeyRow {
@@ -35,6 +35,9 @@ pub(crate) struct KeyRow {
     pub(crate) rotated_from: Option<String>,
     /// `NULL` when the key is the first of its lineage (as every row from before migration 5).
     pub(crate) lineage: Option<String>,
+    pub(crate) grants: String,
+    pub(crate) roles: String,
+    pub(crate) identity: Option<String>,
 }
 
 impl KeyRow {
@@ -79,6 +82,9 @@ impl KeyRow {
             metadata: json("metadata", serde_json::to_string(&r.metadata))?,
             rotated_from: r.rotated_from.map(|id| id.as_str().to_owned()),
             lineage: r.lineage.map(|id| id.as_str().to_owned()),
+            grants: json("grants", serde_json::to_string(&r.grants))?,
+            roles: json("roles", serde_json::to_string(&r.roles))?,
+            identity: r.identity.clone(),
         })
     }
 }
@@ -233,6 +239,13 @@ where
         metadata: d.json::<serde_json::Value>("metadata")?,
         rotated_from,
         lineage,
+        grants: d.json::<Vec<Grant>>("grants")?,
+        roles: d.json::<Vec<String>>("roles")?,
+        identity: d.get("identity")?,
+        version: {
+            let v: i64 = d.get("version")?;
+            u64::try_from(v).map_err(|_| d.bad("version", "negative"))?
+        },
     })
 }
 

@@ -10,7 +10,8 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
 use keygate_core::{
-    KeyFilter, KeyId, KeyListing, KeyRecord, KeyStatus, KeyStore, StatusWrite, StoreError,
+    Identity, KeyFilter, KeyId, KeyListing, KeyRecord, KeyStatus, KeyStore, Role, StatusWrite,
+    StoreError,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
@@ -25,7 +26,8 @@ use crate::{migrate, Backend};
 macro_rules! key_columns {
     () => {
         "id, prefix, digest, name, owner, status, created_at, updated_at, expires_at, scopes, \
-         resources, attributes, allowed_ips, rate_limits, quotas, metadata, rotated_from, lineage"
+         resources, attributes, allowed_ips, rate_limits, quotas, metadata, rotated_from, lineage, \
+         grants, roles, identity"
     };
 }
 
@@ -39,7 +41,7 @@ macro_rules! with_pool {
     };
 }
 
-/// Binds a [`KeyRow`]'s 18 values in column order.
+/// Binds a [`KeyRow`]'s 21 values in column order.
 macro_rules! bind_row {
     ($query:expr, $row:expr) => {{
         let r = $row;
@@ -62,6 +64,9 @@ macro_rules! bind_row {
             .bind(r.metadata)
             .bind(r.rotated_from)
             .bind(r.lineage)
+            .bind(r.grants)
+            .bind(r.roles)
+            .bind(r.identity)
     }};
 }
 
@@ -98,28 +103,38 @@ macro_rules! prune_in {
 const GET: &str = concat!(
     "SELECT ",
     key_columns!(),
-    " FROM keygate_keys WHERE id = $1"
+    ", version FROM keygate_keys WHERE id = $1"
 );
 
 const INSERT: &str = concat!(
     "INSERT INTO keygate_keys (",
     key_columns!(),
-    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
+     $19, $20, $21)"
 );
 
 const UPDATE: &str = "UPDATE keygate_keys SET prefix = $2, digest = $3, name = $4, owner = $5, \
      status = $6, created_at = $7, updated_at = $8, expires_at = $9, scopes = $10, \
      resources = $11, attributes = $12, allowed_ips = $13, rate_limits = $14, quotas = $15, \
-     metadata = $16, rotated_from = $17, lineage = $18 WHERE id = $1";
+     metadata = $16, rotated_from = $17, lineage = $18, grants = $19, roles = $20, \
+     identity = $21, version = version + 1 WHERE id = $1";
+
+/// [`UPDATE`] only over the version the record was read with (compare-and-set).
+const UPDATE_VERSIONED: &str = "UPDATE keygate_keys SET prefix = $2, digest = $3, name = $4, \
+     owner = $5, status = $6, created_at = $7, updated_at = $8, expires_at = $9, scopes = $10, \
+     resources = $11, attributes = $12, allowed_ips = $13, rate_limits = $14, quotas = $15, \
+     metadata = $16, rotated_from = $17, lineage = $18, grants = $19, roles = $20, \
+     identity = $21, version = version + 1 WHERE id = $1 AND version = $22";
 
 /// Writes a status unless the row has it already or is revoked.
-const SET_STATUS: &str = "UPDATE keygate_keys SET status = $2, updated_at = $3 \
+const SET_STATUS: &str = "UPDATE keygate_keys SET status = $2, updated_at = $3, \
+     version = version + 1 \
      WHERE id = $1 AND status <> $2 AND status <> 'revoked'";
 
 const LIST: &str = concat!(
     "SELECT ",
     key_columns!(),
-    " FROM keygate_keys",
+    ", version FROM keygate_keys",
     " WHERE (CAST($1 AS TEXT) IS NULL OR owner = $1)",
     " AND (CAST($2 AS TEXT) IS NULL OR status = $2)",
     " AND (CAST($3 AS TEXT) IS NULL OR prefix = $3)",
@@ -131,7 +146,8 @@ const PG_INSERT_MANY: &str = concat!(
     key_columns!(),
     ") SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[], $5::text[], \
      $6::text[], $7::int8[], $8::int8[], $9::int8[], $10::text[], $11::text[], $12::text[], \
-     $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[])"
+     $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], \
+     $19::text[], $20::text[], $21::text[])"
 );
 
 /// Rows per multi-row `INSERT` on SQLite (18 values each, well under SQLite's 32,766
@@ -433,6 +449,9 @@ impl SqlStore {
                         .bind(c.metadata)
                         .bind(c.rotated_from)
                         .bind(c.lineage)
+                        .bind(c.grants)
+                        .bind(c.roles)
+                        .bind(c.identity)
                         .execute(&mut *tx)
                         .await?
                         .rows_affected();
@@ -668,6 +687,9 @@ struct PgColumns {
     metadata: Vec<String>,
     rotated_from: Vec<Option<String>>,
     lineage: Vec<Option<String>>,
+    grants: Vec<String>,
+    roles: Vec<String>,
+    identity: Vec<Option<String>>,
 }
 
 impl PgColumns {
@@ -693,6 +715,9 @@ impl PgColumns {
             c.metadata.push(r.metadata);
             c.rotated_from.push(r.rotated_from);
             c.lineage.push(r.lineage);
+            c.grants.push(r.grants);
+            c.roles.push(r.roles);
+            c.identity.push(r.identity);
         }
         Ok(c)
     }
@@ -822,6 +847,77 @@ impl KeyStore for SqlStore {
                 }
             }
         })
+    }
+
+    async fn update_versioned(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let row = KeyRow::from_record(record)?;
+        let version = i64::try_from(record.version).unwrap_or(i64::MAX);
+        self.timed("update_versioned", async {
+            let result: Result<(u64, bool), sqlx::Error> = with_pool!(self, pool => {
+                async {
+                    let n = bind_row!(sqlx::query(UPDATE_VERSIONED), row)
+                        .bind(version)
+                        .execute(pool)
+                        .await?
+                        .rows_affected();
+                    if n > 0 {
+                        return Ok((n, true));
+                    }
+                    let exists: Option<i64> =
+                        sqlx::query_scalar("SELECT version FROM keygate_keys WHERE id = $1")
+                            .bind(record.id.as_str())
+                            .fetch_optional(pool)
+                            .await?;
+                    Ok((0, exists.is_some()))
+                }
+                .await
+            });
+            match result.map_err(|e| unavailable("update_versioned", e))? {
+                (n, _) if n > 0 => Ok(()),
+                (_, true) => Err(StoreError::Conflict {
+                    kind: "key",
+                    name: record.id.to_string(),
+                }),
+                (_, false) => Err(StoreError::NotFound(record.id)),
+            }
+        })
+        .await
+    }
+
+    async fn roles(&self, names: &[String]) -> Result<Vec<Role>, StoreError> {
+        self.roles_sql(names).await
+    }
+
+    async fn list_roles(&self) -> Result<Vec<Role>, StoreError> {
+        self.list_roles_sql().await
+    }
+
+    async fn insert_role(&self, role: &Role) -> Result<(), StoreError> {
+        self.insert_role_sql(role).await
+    }
+
+    async fn update_role(&self, role: &Role) -> Result<(), StoreError> {
+        self.update_role_sql(role).await
+    }
+
+    async fn delete_role(&self, name: &str) -> Result<bool, StoreError> {
+        self.delete_role_sql(name).await
+    }
+
+    async fn keys_with_role(&self, name: &str) -> Result<Vec<KeyId>, StoreError> {
+        self.keys_with_role_sql(name).await
+    }
+
+    async fn get_identity(&self, name: &str) -> Result<Option<Identity>, StoreError> {
+        self.get_identity_sql(name).await
+    }
+
+    async fn list_identities(&self) -> Result<Vec<Identity>, StoreError> {
+        self.list_identities_sql().await
+    }
+
+    async fn insert_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        self.insert_identity_sql(identity).await
     }
 
     /// One `UPDATE` of the status and `updated_at` columns only (a revoked row is left

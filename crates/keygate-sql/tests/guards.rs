@@ -10,7 +10,7 @@ use keygate_core::{KeyHasher, KeyStore, StoreError};
 use keygate_sql::{OpenError, PepperCheck, PepperCheckError, SqlOptions, SqlStore};
 
 /// The newest migration version this build embeds.
-const LATEST: i64 = 5;
+const LATEST: i64 = 6;
 
 async fn open_err(url: &str, options: SqlOptions) -> OpenError {
     match SqlStore::open_with(url, options).await {
@@ -219,6 +219,26 @@ async fn read_only_creates_and_migrates_nothing(db: &Db) {
 
     // Older than this build: a clear error, no migration attempted.
     // (A database from before migration 3: its later migrations' tables and column go too.)
+    for sql in [
+        "DROP TRIGGER keygate_keys_roles_insert",
+        "DROP TRIGGER keygate_keys_roles_update",
+        "DROP TRIGGER keygate_keys_roles_delete",
+        "DROP TABLE keygate_key_roles",
+        "DROP TABLE keygate_roles",
+        "DROP TABLE keygate_identities",
+        "DROP INDEX keygate_keys_identity",
+        "ALTER TABLE keygate_keys DROP COLUMN grants",
+        "ALTER TABLE keygate_keys DROP COLUMN roles",
+        "ALTER TABLE keygate_keys DROP COLUMN identity",
+        "ALTER TABLE keygate_keys DROP COLUMN version",
+    ] {
+        let sql = match (db, sql.strip_prefix("DROP TRIGGER ")) {
+            // PostgreSQL names a trigger's table.
+            (Db::Postgres(_), Some(t)) => format!("DROP TRIGGER {t} ON keygate_keys"),
+            _ => sql.to_owned(),
+        };
+        db.exec(&sql).await;
+    }
     db.exec("DROP TABLE keygate_settings").await;
     db.exec("DROP TABLE keygate_scopes").await;
     db.exec("ALTER TABLE keygate_keys DROP COLUMN lineage")

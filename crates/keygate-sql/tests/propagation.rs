@@ -370,3 +370,125 @@ both!(
     postgres_revocation_after_a_sequence_reset_reaches_another_handle,
     revocation_after_a_sequence_reset_reaches_another_handle
 );
+
+/// A role changed or deleted through another handle reaches every key holding it, without
+/// touching the keys, within the revocation bound: the role trigger advances the change
+/// sequence of each holder, and the follower invalidates them.
+async fn role_change_reaches_another_handle(db: &Db) {
+    use keygate_core::{Grant, Role, Scope};
+    let serving = db.open().await;
+    let admin = db.open().await;
+    let verifier = Verifier::builder(serving.clone())
+        .refresh_after(Duration::from_secs(30))
+        .build();
+    let follower = serving.watch(&verifier).await.unwrap();
+    let h = KeyHasher::new();
+    let write = Scope::parse("points:write").unwrap();
+    let mut times = Vec::new();
+    for i in 0..5 {
+        let name = format!("writer-{i}");
+        let mut role = Role::new(&name, SystemTime::now())
+            .with_grant(Grant::new(["points:write"], ["docs-*"]));
+        admin.insert_role(&role).await.unwrap();
+        let (a, mut ra) = plain(&h, &format!("a{i}"), SystemTime::now());
+        let (b, mut rb) = plain(&h, &format!("b{i}"), SystemTime::now());
+        ra.roles = vec![name.clone()];
+        rb.roles = vec![name.clone()];
+        admin.insert(&ra).await.unwrap();
+        admin.insert(&rb).await.unwrap();
+        assert_eq!(admin.keys_with_role(&name).await.unwrap().len(), 2);
+        for k in [&a, &b] {
+            let p = verifier.verify(k.expose_secret()).await.unwrap();
+            assert!(p.permits(&write, "docs-1"), "the role grants the write");
+            assert_eq!(&*p.roles()[0], name.as_str());
+        }
+        follower.caught_up(admin.last_change().await.unwrap()).await;
+        // Cached now (the follower's invalidations of the inserts are behind us).
+        for k in [&a, &b] {
+            verifier.verify(k.expose_secret()).await.unwrap();
+        }
+        let keys_version = admin.get(&ra.id).await.unwrap().unwrap().version;
+
+        // Narrow the role: it no longer writes docs-*.
+        role.grants = vec![Grant::new(["points:read"], ["docs-*"])];
+        let start = now_us();
+        admin.update_role(&role).await.unwrap();
+        let done = poll_until(
+            ceiling(db),
+            "the role change to reach both keys",
+            || async {
+                let pa = verifier.verify(a.expose_secret()).await.unwrap();
+                let pb = verifier.verify(b.expose_secret()).await.unwrap();
+                (!pa.permits(&write, "docs-1") && !pb.permits(&write, "docs-1")).then(now_us)
+            },
+        )
+        .await
+        .0;
+        times.push(Duration::from_micros((done - start) as u64));
+        // The keys were not written.
+        assert_eq!(
+            admin.get(&ra.id).await.unwrap().unwrap().version,
+            keys_version
+        );
+        // A stale version is refused: compare-and-set.
+        assert!(matches!(
+            admin.update_role(&role).await,
+            Err(keygate_core::StoreError::Conflict { .. })
+        ));
+
+        // Deleting the role takes its grants away too.
+        assert!(admin.delete_role(&name).await.unwrap());
+        let read = Scope::parse("points:read").unwrap();
+        poll_until(
+            ceiling(db),
+            "the role deletion to reach the key",
+            || async {
+                let p = verifier.verify(a.expose_secret()).await.unwrap();
+                (!p.permits(&read, "docs-1") && p.roles().is_empty()).then_some(())
+            },
+        )
+        .await;
+        rb.roles.clear();
+        admin.update(&rb).await.unwrap();
+        assert!(admin.keys_with_role(&name).await.unwrap().len() == 1);
+        ra.status = KeyStatus::Revoked;
+        admin.update(&ra).await.unwrap();
+    }
+    assert_within_bound(db, "a role change through another handle", &mut times);
+    follower.shutdown().await;
+}
+both!(
+    sqlite_role_change_reaches_another_handle,
+    postgres_role_change_reaches_another_handle,
+    role_change_reaches_another_handle
+);
+
+/// Two writers that read the same version of a key: only one conditional write lands.
+async fn conditional_key_writes_refuse_a_stale_version(db: &Db) {
+    let a = db.open().await;
+    let b = db.open().await;
+    let (_, rec) = plain(&KeyHasher::new(), "raced", SystemTime::now());
+    a.insert(&rec).await.unwrap();
+    let read = a.get(&rec.id).await.unwrap().unwrap();
+    let mut first = read.clone();
+    first.scopes = vec!["points:read".into()];
+    let mut second = read.clone();
+    second.scopes = vec!["*".into()];
+    let (x, y) = tokio::join!(a.update_versioned(&first), b.update_versioned(&second));
+    assert!(
+        x.is_ok() != y.is_ok(),
+        "exactly one conditional write lands: {x:?} / {y:?}"
+    );
+    let stored = a.get(&rec.id).await.unwrap().unwrap();
+    assert_eq!(stored.version, read.version + 1);
+    let loser = if x.is_ok() { y } else { x };
+    assert!(matches!(
+        loser,
+        Err(keygate_core::StoreError::Conflict { .. })
+    ));
+}
+both!(
+    sqlite_conditional_key_writes_refuse_a_stale_version,
+    postgres_conditional_key_writes_refuse_a_stale_version,
+    conditional_key_writes_refuse_a_stale_version
+);

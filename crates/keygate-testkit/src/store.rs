@@ -3,7 +3,9 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use keygate_core::{KeyFilter, KeyId, KeyRecord, KeyStore, MemoryStore, StoreError};
+use keygate_core::{
+    Identity, KeyFilter, KeyId, KeyRecord, KeyStore, MemoryStore, Role, StoreError,
+};
 
 /// A [`MemoryStore`] that counts [`KeyStore::get`] calls and can simulate an outage (every
 /// operation then fails with [`StoreError::Unavailable`]). Clones share the records, the
@@ -66,5 +68,55 @@ impl KeyStore for CountingStore {
     async fn list(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
         self.check()?;
         self.inner.list(filter).await
+    }
+
+    async fn update_versioned(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.update_versioned(record).await
+    }
+
+    async fn roles(&self, names: &[String]) -> Result<Vec<Role>, StoreError> {
+        self.check()?;
+        self.inner.roles(names).await
+    }
+
+    async fn list_roles(&self) -> Result<Vec<Role>, StoreError> {
+        self.check()?;
+        self.inner.list_roles().await
+    }
+
+    async fn insert_role(&self, role: &Role) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.insert_role(role).await
+    }
+
+    async fn update_role(&self, role: &Role) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.update_role(role).await
+    }
+
+    async fn delete_role(&self, name: &str) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.delete_role(name).await
+    }
+
+    async fn keys_with_role(&self, name: &str) -> Result<Vec<KeyId>, StoreError> {
+        self.check()?;
+        self.inner.keys_with_role(name).await
+    }
+
+    async fn get_identity(&self, name: &str) -> Result<Option<Identity>, StoreError> {
+        self.check()?;
+        self.inner.get_identity(name).await
+    }
+
+    async fn list_identities(&self) -> Result<Vec<Identity>, StoreError> {
+        self.check()?;
+        self.inner.list_identities().await
+    }
+
+    async fn insert_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.insert_identity(identity).await
     }
 }

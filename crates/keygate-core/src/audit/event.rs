@@ -185,6 +185,19 @@ pub struct RequestEvent {
     /// Time from the request reaching the audit layer to the response head leaving it.
     #[serde(rename = "latency_us", with = "micros")]
     pub latency: Duration,
+    /// The roles behind the calling key's policy (the stored roles it holds, in its order;
+    /// shared with the key's principal: recording them copies nothing). Left out of the
+    /// JSON when there are none, so events of keys without roles, and every line written
+    /// before roles existed, read and chain exactly as before.
+    #[serde(default, skip_serializing_if = "no_roles", with = "shared_list")]
+    pub roles: Option<SharedNames>,
+}
+
+/// A list of names shared between a principal and the events that record it.
+pub type SharedNames = Arc<[Arc<str>]>;
+
+fn no_roles(roles: &Option<SharedNames>) -> bool {
+    roles.as_deref().is_none_or(<[Arc<str>]>::is_empty)
 }
 
 impl RequestEvent {
@@ -212,6 +225,7 @@ impl RequestEvent {
             decision: Decision::Allowed,
             denial: None,
             latency: Duration::ZERO,
+            roles: None,
         }
     }
 }
@@ -237,10 +251,14 @@ pub enum LifecycleAction {
     /// `RequireTls` service): it should be rotated. Its status is unchanged by this event
     /// (a `disabled` event follows when the policy disables exposed keys).
     Exposed,
+    /// A role the key holds was created, changed or deleted: the key's effective policy
+    /// changed without its record changing. The change names the role (`role:NAME`).
+    RoleChanged,
 }
 
 impl LifecycleAction {
-    /// `issued`, `rotated`, `revoked`, `disabled`, `enabled`, `updated` or `exposed`.
+    /// `issued`, `rotated`, `revoked`, `disabled`, `enabled`, `updated`, `exposed` or
+    /// `role_changed`.
     pub fn as_str(self) -> &'static str {
         match self {
             LifecycleAction::Issued => "issued",
@@ -250,6 +268,7 @@ impl LifecycleAction {
             LifecycleAction::Enabled => "enabled",
             LifecycleAction::Updated => "updated",
             LifecycleAction::Exposed => "exposed",
+            LifecycleAction::RoleChanged => "role_changed",
         }
     }
 }
@@ -419,6 +438,30 @@ mod shared_str {
     }
 }
 
+mod shared_list {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::SharedNames;
+
+    pub(super) fn serialize<S: Serializer>(
+        v: &Option<SharedNames>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().flat_map(|l| l.iter()).map(|r| &**r))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<SharedNames>, D::Error> {
+        let list = Option::<Vec<String>>::deserialize(d)?;
+        Ok(list
+            .filter(|l| !l.is_empty())
+            .map(|l| l.into_iter().map(Arc::from).collect()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,6 +486,13 @@ mod tests {
         assert_eq!(v["decision"], "denied");
         assert_eq!(v["protocol"], "http");
         assert_eq!(v["latency_us"], 7);
+        assert!(v.get("roles").is_none(), "no roles: no field");
+        let back: AuditEvent = serde_json::from_value(v).unwrap();
+        assert_eq!(back, AuditEvent::Request(e.clone()));
+        // With roles, they are listed and read back.
+        e.roles = Some(Arc::from(vec![Arc::from("vector-reader")]));
+        let v = serde_json::to_value(AuditEvent::Request(e.clone())).unwrap();
+        assert_eq!(v["roles"], serde_json::json!(["vector-reader"]));
         let back: AuditEvent = serde_json::from_value(v).unwrap();
         assert_eq!(back, AuditEvent::Request(e));
     }

@@ -40,7 +40,7 @@ mod sink;
 pub use aggregate::AggregateSink;
 pub use event::{
     AuditEvent, Decision, DenialSummary, FieldChange, LifecycleAction, LifecycleEvent,
-    RequestEvent, Transport,
+    RequestEvent, SharedNames, Transport,
 };
 pub use file::{
     checkpoint_path, log_files, log_stems, read_checkpoint, verify_dir, verify_files, BrokenChain,

@@ -1,0 +1,254 @@
+//! `keygate roles ...`, `keygate identities ...`, `keygate keys create --role/--identity`,
+//! `keygate keys update` and `keygate usage --identity`, run as processes against SQLite
+//! and PostgreSQL: the changes reach a `Verifier` over the same store, JSON shapes, and bad
+//! input failing with exit 2 (or 1), one line on stderr, and nothing changed.
+
+mod common;
+
+use common::*;
+use keygate_core::usage::{Admission, Limit, UsageStore, Window};
+use keygate_core::{KeyId, KeyStore, QuotaWindow, Scope, Verifier};
+use serde_json::{json, Value};
+
+fn id_of(v: &Value) -> KeyId {
+    KeyId::parse(v["id"].as_str().unwrap()).unwrap()
+}
+
+fn scope(s: &str) -> Scope {
+    Scope::parse(s).unwrap()
+}
+
+async fn roles_and_keys_update(env: &Env) {
+    // A role: read points on shared, with a rate limit and an attribute.
+    let role = env
+        .run(&[
+            "roles",
+            "create",
+            "vector-reader",
+            "--json",
+            "--scope",
+            "points:read",
+            "--collection",
+            "shared",
+            "--rate",
+            "burst=5/s",
+            "--attr",
+            "tier=reader",
+        ])
+        .ok()
+        .json();
+    assert_eq!(role["name"], "vector-reader");
+    assert_eq!(
+        role["grants"],
+        json!([{"scopes": ["points:read"], "collections": ["shared"]}])
+    );
+    assert_eq!(role["version"], 0);
+    // A key that writes docs-* on its own and holds the role.
+    let key = create(
+        env,
+        &[
+            "--name",
+            "ingest",
+            "--scope",
+            "points:write",
+            "--collection",
+            "docs-*",
+            "--role",
+            "vector-reader",
+        ],
+    );
+    assert_eq!(key["roles"], json!(["vector-reader"]));
+    let id = id_of(&key);
+    let secret = key["key"].as_str().unwrap().to_owned();
+    let store = env.store().await;
+    let verifier = Verifier::new(store.clone());
+    let p = verifier.verify(&secret).await.unwrap();
+    assert!(p.permits(&scope("points:write"), "docs-1"));
+    assert!(p.permits(&scope("points:read"), "shared"));
+    assert!(!p.permits(&scope("points:write"), "shared"));
+    assert_eq!(p.attribute("tier"), Some("reader"));
+
+    // roles list / show.
+    let listed = env.run(&["roles", "list", "--json"]).ok().json();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let shown = env
+        .run(&["roles", "show", "vector-reader", "--json"])
+        .ok()
+        .json();
+    assert_eq!(shown["keys"], json!([id.to_string()]));
+    let text = env.run(&["roles", "list"]).ok().stdout.clone();
+    assert!(text.contains("points:read on shared"), "{text}");
+
+    // roles update: the key reads docs-* too from now on (a fresh verifier: no follower).
+    let updated = env
+        .run(&[
+            "roles",
+            "update",
+            "vector-reader",
+            "--json",
+            "--scope",
+            "points:read",
+            "--collection",
+            "shared",
+            "--collection",
+            "docs-*",
+        ])
+        .ok()
+        .json();
+    assert_eq!(updated["version"], 1);
+    let p = Verifier::new(store.clone()).verify(&secret).await.unwrap();
+    assert!(p.permits(&scope("points:read"), "docs-1"));
+
+    // keys update: remove the role, narrow the collections, set an expiry.
+    let out = env
+        .run(&[
+            "keys",
+            "update",
+            &id.to_string(),
+            "--json",
+            "--remove-role",
+            "vector-reader",
+            "--collection",
+            "docs-a",
+            "--expires-in",
+            "30d",
+        ])
+        .ok()
+        .json();
+    assert!(out.get("roles").is_none(), "no roles left: {out}");
+    assert_eq!(out["resources"], json!(["docs-a"]));
+    assert!(out["expires_at"].is_string());
+    let p = Verifier::new(store.clone()).verify(&secret).await.unwrap();
+    assert!(!p.permits(&scope("points:read"), "shared"));
+    assert!(!p.permits(&scope("points:write"), "docs-1"));
+    assert!(p.permits(&scope("points:write"), "docs-a"));
+    let stored = store.get(&id).await.unwrap().unwrap();
+    assert!(stored.version >= 1);
+
+    // Bad input: exit 2 (or 1 for an unknown name), one line, nothing changed.
+    let before = store.get(&id).await.unwrap().unwrap();
+    env.run(&["keys", "update", &id.to_string(), "--role", "nope"])
+        .fails(2);
+    env.run(&["keys", "update", &id.to_string(), "--scope", "bad scope"])
+        .fails(2);
+    env.run(&["keys", "update", &id.to_string()]).fails(2);
+    env.run(&["keys", "update", "AAAAAAAAAAAA", "--name", "x"])
+        .fails(1);
+    env.run(&["keys", "create", "--name", "x", "--role", "nope"])
+        .fails(2);
+    env.run(&["keys", "create", "--name", "x", "--role", "bad name"])
+        .fails(2);
+    env.run(&["roles", "create", "bad name"]).fails(2);
+    env.run(&["roles", "create", "r2", "--collection", "x"])
+        .fails(2);
+    env.run(&["roles", "create", "vector-reader"]).fails(1);
+    env.run(&["roles", "update", "ghost", "--scope", "points:read"])
+        .fails(1);
+    env.run(&["roles", "update", "vector-reader"]).fails(2);
+    let after = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(after.version, before.version);
+    assert_eq!(after.info(), before.info());
+    assert_eq!(store.list_roles().await.unwrap().len(), 1);
+    assert_eq!(store.list(&Default::default()).await.unwrap().len(), 1);
+
+    // roles delete.
+    env.run(&["roles", "delete", "vector-reader", "--json"])
+        .ok();
+    env.run(&["roles", "delete", "vector-reader"]).fails(1);
+    assert!(store.list_roles().await.unwrap().is_empty());
+}
+both!(
+    sqlite_roles_and_keys_update,
+    postgres_roles_and_keys_update,
+    roles_and_keys_update
+);
+
+async fn identities_and_usage(env: &Env) {
+    let made = env
+        .run(&[
+            "identities",
+            "create",
+            "etl-pipeline",
+            "--json",
+            "--rate",
+            "burst=50/s",
+            "--meta",
+            r#"{"team":"data"}"#,
+        ])
+        .ok()
+        .json();
+    assert_eq!(made["name"], "etl-pipeline");
+    assert_eq!(made["metadata"], json!({"team": "data"}));
+    env.run(&["identities", "create", "etl-pipeline"]).fails(1);
+    env.run(&["identities", "create", "bad/name"]).fails(2);
+    let a = create(
+        env,
+        &[
+            "--name",
+            "a",
+            "--identity",
+            "etl-pipeline",
+            "--quota",
+            "daily=100/d",
+        ],
+    );
+    let b = create(
+        env,
+        &[
+            "--name",
+            "b",
+            "--identity",
+            "etl-pipeline",
+            "--quota",
+            "daily=100/d",
+        ],
+    );
+    create(env, &["--name", "other", "--quota", "daily=100/d"]);
+    env.run(&["keys", "create", "--name", "x", "--identity", "ghost"])
+        .fails(2);
+    let shown = env
+        .run(&["identities", "show", "etl-pipeline", "--json"])
+        .ok()
+        .json();
+    assert_eq!(shown["keys"].as_array().unwrap().len(), 2);
+    let listed = env.run(&["identities", "list", "--json"]).ok().json();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+
+    // Use: a spends 3, b spends 4; the identity's total is 7.
+    let store = env.store().await;
+    let usage = store.usage_store();
+    let now = std::time::SystemTime::now();
+    for (key, n) in [(&a, 3u64), (&b, 4)] {
+        let id = id_of(key);
+        let windows = [Window::containing(QuotaWindow::Day, now)];
+        let limits = [Limit {
+            window: 0,
+            limit: 100,
+        }];
+        let r = usage
+            .check_and_add(&id, &windows, &limits, n)
+            .await
+            .unwrap();
+        assert!(matches!(r, Admission::Admitted(_)));
+    }
+    let out = env
+        .run(&["usage", "--identity", "etl-pipeline", "--json"])
+        .ok()
+        .json();
+    assert_eq!(out["identity"], "etl-pipeline");
+    assert_eq!(out["keys"].as_array().unwrap().len(), 2);
+    assert_eq!(out["totals"][0]["name"], "daily");
+    assert_eq!(out["totals"][0]["used"], 7);
+    let text = env
+        .run(&["usage", "--identity", "etl-pipeline"])
+        .ok()
+        .stdout
+        .clone();
+    assert!(text.contains("total"), "{text}");
+    env.run(&["usage", "--identity", "ghost"]).fails(1);
+}
+both!(
+    sqlite_identities_and_usage,
+    postgres_identities_and_usage,
+    identities_and_usage
+);
