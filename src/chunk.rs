@@ -25,26 +25,30 @@ thread_local! {
 
 /// `b` as [`Bytes`], cut from this thread's buffer when short.
 pub(crate) fn copy(b: &[u8]) -> Bytes {
-    if b.len() > MAX_SHARED {
-        return Bytes::copy_from_slice(b);
+    concat(&[b])
+}
+
+/// The concatenation of `parts` as [`Bytes`], cut from this thread's buffer when short.
+pub(crate) fn concat(parts: &[&[u8]]) -> Bytes {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len > MAX_SHARED {
+        return Bytes::from(parts.concat());
     }
     BUF.with(|buf| {
         let mut buf = buf.borrow_mut();
-        if buf.capacity() - buf.len() < b.len() {
+        if buf.capacity() - buf.len() < len {
             *buf = BytesMut::with_capacity(CHUNK);
         }
-        buf.extend_from_slice(b);
+        for p in parts {
+            buf.extend_from_slice(p);
+        }
         buf.split().freeze()
     })
 }
 
 /// `b` as a header value cut from this thread's buffer (`None` if it holds a byte a header
-/// value may not).
+/// value may not: never for the values keygate writes).
 pub(crate) fn header_value(b: &[u8]) -> Option<http::HeaderValue> {
-    // Checked first, so a refused value takes no room in the buffer.
-    if !b.iter().all(|&c| c == b'\t' || (c >= 0x20 && c != 0x7f)) {
-        return None;
-    }
     http::HeaderValue::from_maybe_shared(copy(b)).ok()
 }
 
@@ -66,6 +70,8 @@ mod tests {
         let long = "x".repeat(MAX_SHARED + 1);
         assert_eq!(copy(long.as_bytes()), long.as_bytes());
         assert_eq!(copy(b""), &b""[..]);
+        assert_eq!(concat(&[b"a", b", ", b"b"]), &b"a, b"[..]);
+        assert_eq!(concat(&[long.as_bytes(), b"!"]).len(), MAX_SHARED + 2);
     }
 
     #[test]

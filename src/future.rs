@@ -61,16 +61,10 @@ impl RateLimitFields {
     }
 }
 
-/// `a, b`: two members lists of one structured field joined into one value.
+/// `a, b`: the member lists of one structured field joined into one value.
 fn join(a: &HeaderValue, b: &HeaderValue) -> Option<HeaderValue> {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    let mut buf = [0u8; 512];
-    let len = a.len() + 2 + b.len();
-    let out = buf.get_mut(..len)?;
-    out[..a.len()].copy_from_slice(a);
-    out[a.len()..a.len() + 2].copy_from_slice(b", ");
-    out[a.len() + 2..].copy_from_slice(b);
-    crate::chunk::header_value(out)
+    let bytes = crate::chunk::concat(&[a.as_bytes(), b", ", b.as_bytes()]);
+    HeaderValue::from_maybe_shared(bytes).ok()
 }
 
 impl ResponseNote for () {
