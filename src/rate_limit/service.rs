@@ -5,7 +5,7 @@ use std::time::Duration;
 use http::{HeaderValue, Request, Response};
 use smallvec::SmallVec;
 
-use super::layer::{Fallback, Shared};
+use super::config::{Fallback, Shared};
 use super::limiter::{Limiter, Shape, Standing, Subject, Verdict};
 use crate::check::{Caller, Check, Guarded, One, Step};
 use crate::core::rate::{RateBackend, RateDecision, RateError, RateSubject};
