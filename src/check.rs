@@ -217,7 +217,10 @@ impl<A: ResponseNote, B: ResponseNote> ResponseNote for Both<A, B> {
         self.take_ratelimit_fields(&mut fields);
         self.1.apply(res);
         self.0.apply(res);
-        fields.write(res);
+        // Nested pairs find nothing left to write: only the outermost one writes.
+        if !fields.is_empty() {
+            fields.write(res);
+        }
     }
 
     fn take_ratelimit_fields(&mut self, out: &mut RateLimitFields) {

@@ -51,6 +51,11 @@ impl RateLimitFields {
         }
     }
 
+    /// Whether no check handed over any value.
+    pub fn is_empty(&self) -> bool {
+        self.joined.is_none()
+    }
+
     /// Appends the values to `res`.
     pub fn write<B>(self, res: &mut Response<B>) {
         let h = res.headers_mut();
