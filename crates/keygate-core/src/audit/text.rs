@@ -163,7 +163,7 @@ mod tests {
         assert_eq!(a, "abc");
         assert_eq!("abc", a);
         assert_eq!(a, String::from("abc"));
-        assert!(Text::from("abd") > a);
+        assert_eq!(Text::from("abd").cmp(&a), std::cmp::Ordering::Greater);
         let set: HashSet<Text> = [a.clone()].into();
         assert!(set.contains("abc"));
         assert_eq!(format!("{a} {a:?}"), r#"abc "abc""#);
