@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderValue, Request, Response};
 use smallvec::SmallVec;
 
-use super::layer::{validate_policy, Shared};
+use super::config::{validate_policy, Shared};
 use super::meter::{KeyCounters, PolicyField};
 use crate::check::{Caller, Check, Guarded, One, Step};
 use crate::core::usage::{
