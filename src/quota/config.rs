@@ -32,7 +32,7 @@ pub enum ConfigError {
     ZeroFlushInterval,
 }
 
-/// Checks that `policy` can be enforced by [`QuotaLayer`]: a name of 1 to 64
+/// Checks that `policy` can be enforced by [`QuotaLayer`](super::QuotaLayer): a name of 1 to 64
 /// `[A-Za-z0-9_-]`, a limit of at least 1, and a monthly refill day of 1 to 31. Key-issuing
 /// code calls it so a bad policy is refused when the key is built; a stored record that
 /// slips through is enforced fail-closed (every request of the key refused).
@@ -68,7 +68,7 @@ pub fn validate_policy(policy: &QuotaPolicy) -> Result<(), ConfigError> {
 pub enum Counting {
     /// Count in memory (the store is read once per key and window) and write the counts to
     /// the store in batches, every `flush_every` (when a request finds the time has come and
-    /// a tokio runtime is running) and on [`QuotaHandle::flush`]. A crash loses what was
+    /// a tokio runtime is running) and on [`QuotaHandle::flush`](super::QuotaHandle::flush). A crash loses what was
     /// counted since the last flush (keys get that much extra allowance); a graceful shutdown
     /// that calls `flush` loses nothing. Replicas sharing a store see each other's counts
     /// only when they load a window, so limits are per replica between loads.
@@ -82,7 +82,7 @@ pub enum Counting {
     Strict,
 }
 
-/// How a [`QuotaLayer`] counts. Built with the [`UsageStore`] to count in; every other
+/// How a [`QuotaLayer`](super::QuotaLayer) counts. Built with the [`UsageStore`] to count in; every other
 /// setting has a default.
 ///
 /// | setting | default |

@@ -11,7 +11,7 @@ use crate::core::usage::{UsageError, UsageRecord};
 use crate::{KeyGate, KeyId};
 
 /// Layer that applies [`Quota`]: per-key allowances per UTC calendar window (hour, day,
-/// month) and credits that refill (or not), counted in a [`UsageStore`]. Rejects with 429
+/// month) and credits that refill (or not), counted in a [`UsageStore`](crate::core::usage::UsageStore). Rejects with 429
 /// `quota_exceeded` (gRPC RESOURCE_EXHAUSTED); requests without a principal pass unchanged
 /// (quotas are per key).
 ///

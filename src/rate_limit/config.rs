@@ -44,7 +44,7 @@ pub enum ConfigError {
     Zero(&'static str),
 }
 
-/// Checks that `policy` can be enforced by [`RateLimitLayer`]: a name of 1 to 64
+/// Checks that `policy` can be enforced by [`RateLimitLayer`](super::RateLimitLayer): a name of 1 to 64
 /// `[A-Za-z0-9_-]`, a limit of at least 1, a period of at most 366 days and no more than one
 /// unit per nanosecond. Key-issuing code calls it so a bad policy is refused when the key is
 /// built; a stored record that slips through is enforced fail-closed (every request refused).
@@ -79,7 +79,7 @@ fn validate_set(policies: &[RateLimitPolicy]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// How a [`RateLimitLayer`] limits. Every setting has a default; invalid values are refused
+/// How a [`RateLimitLayer`](super::RateLimitLayer) limits. Every setting has a default; invalid values are refused
 /// when the layer is built.
 ///
 /// | setting | default |
@@ -108,7 +108,7 @@ pub struct RateLimitConfig {
     pub(crate) fallback: Fallback,
 }
 
-/// What a [`RateLimitLayer`] with a [backend](RateLimitConfig::backend) does when the
+/// What a [`RateLimitLayer`](super::RateLimitLayer) with a [backend](RateLimitConfig::backend) does when the
 /// backend cannot answer ([`RateError::Unavailable`](crate::core::rate::RateError)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
