@@ -664,7 +664,9 @@ fn main() {
     let pending = AtomicU64::new(0);
     check_statuses(&w, &vs, &pending);
     // `KEYGATE_PROFILE=<variant>`: only drive that variant 100,000 times (for callgrind or
-    // perf: `valgrind --tool=callgrind target/release/deps/stack-* --bench`).
+    // perf: `valgrind --tool=callgrind target/release/deps/stack-* --bench`). Instructions
+    // per request: the inclusive count of `stack::variant::{{closure}}` / 100,000, minus
+    // `bare`'s (whole-program totals move with the random keys of the setup).
     if std::env::var_os("KEYGATE_ALLOCS").is_some() {
         allocation_report(&w, &vs, &pending);
         return;

@@ -52,7 +52,7 @@ use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::future::{ResponseFuture, ResponseNote};
+use crate::future::{RateLimitFields, ResponseFuture, ResponseNote};
 use crate::gate::Start;
 use crate::reject::{rejection, DefaultRenderer, Renderer, ResponseBody};
 use crate::{Denial, DenialCode, KeyGate, Principal, RequestContext};
@@ -210,9 +210,22 @@ impl<A, B> sealed::Sealed for Then<A, B> {}
 pub struct Both<A, B>(A, B);
 
 impl<A: ResponseNote, B: ResponseNote> ResponseNote for Both<A, B> {
-    fn apply<R>(self, res: &mut Response<R>) {
+    /// Writes one `RateLimit-Policy` and one `RateLimit` value for all the checks (their
+    /// members in the order separate layers would append them), then the rest of each note.
+    fn apply<R>(mut self, res: &mut Response<R>) {
+        let mut fields = RateLimitFields::default();
+        self.take_ratelimit_fields(&mut fields);
         self.1.apply(res);
         self.0.apply(res);
+        // Nested pairs find nothing left to write: only the outermost one writes.
+        if !fields.is_empty() {
+            fields.write(res);
+        }
+    }
+
+    fn take_ratelimit_fields(&mut self, out: &mut RateLimitFields) {
+        self.1.take_ratelimit_fields(out);
+        self.0.take_ratelimit_fields(out);
     }
 }
 

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use http::Response;
+use http::{HeaderValue, Response};
 use pin_project_lite::pin_project;
 
 use crate::reject::ResponseBody;
@@ -15,6 +15,61 @@ use crate::reject::ResponseBody;
 pub trait ResponseNote: Send + 'static {
     /// Writes the note onto the response (headers, extensions).
     fn apply<B>(self, res: &mut Response<B>);
+
+    /// Hands over the note's `RateLimit-Policy` and `RateLimit` field values, innermost
+    /// check first, so fused checks write one value of each field (the list members joined,
+    /// as RFC 9110 section 5.3 makes equivalent to one field line per check). A note that
+    /// writes no such fields keeps the default.
+    #[doc(hidden)]
+    fn take_ratelimit_fields(&mut self, out: &mut RateLimitFields) {
+        let _ = out;
+    }
+}
+
+/// The `RateLimit-Policy` and `RateLimit` values of fused checks, joined as they are
+/// handed over ([`ResponseNote::take_ratelimit_fields`]).
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct RateLimitFields {
+    joined: Option<(HeaderValue, HeaderValue)>,
+    /// Values that could not be joined (never expected), appended on their own.
+    apart: Vec<(HeaderValue, HeaderValue)>,
+}
+
+impl RateLimitFields {
+    /// Adds one check's values after those already handed over.
+    pub fn push(&mut self, policy: HeaderValue, limit: HeaderValue) {
+        match self.joined.take() {
+            None => self.joined = Some((policy, limit)),
+            Some((p, l)) => match (join(&p, &policy), join(&l, &limit)) {
+                (Some(jp), Some(jl)) => self.joined = Some((jp, jl)),
+                _ => {
+                    self.joined = Some((p, l));
+                    self.apart.push((policy, limit));
+                }
+            },
+        }
+    }
+
+    /// Whether no check handed over any value.
+    pub fn is_empty(&self) -> bool {
+        self.joined.is_none()
+    }
+
+    /// Appends the values to `res`.
+    pub fn write<B>(self, res: &mut Response<B>) {
+        let h = res.headers_mut();
+        for (policy, limit) in self.joined.into_iter().chain(self.apart) {
+            h.append(&crate::reject::RATELIMIT_POLICY, policy);
+            h.append(&crate::reject::RATELIMIT, limit);
+        }
+    }
+}
+
+/// `a, b`: the member lists of one structured field joined into one value.
+fn join(a: &HeaderValue, b: &HeaderValue) -> Option<HeaderValue> {
+    let bytes = crate::chunk::concat(&[a.as_bytes(), b", ", b.as_bytes()]);
+    HeaderValue::from_maybe_shared(bytes).ok()
 }
 
 impl ResponseNote for () {

@@ -107,6 +107,7 @@ pub use keygate_sql as sql;
 
 mod builder;
 pub mod check;
+mod chunk;
 pub mod client_ip;
 mod context;
 #[cfg(any(feature = "rate-limit", feature = "quota"))]

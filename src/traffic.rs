@@ -8,7 +8,7 @@ use crate::core::usage::FieldSink;
 /// A stack buffer for the `RateLimit-Policy` / `RateLimit` field values the rate-limit and
 /// quota layers write on every response: formatted without a heap allocation (up to 256
 /// bytes; longer values spill to the heap), then copied once into the
-/// [`HeaderValue`](http::HeaderValue).
+/// [`HeaderValue`](http::HeaderValue), itself cut from a per-thread buffer.
 pub(crate) struct FieldBuf {
     len: usize,
     buf: [u8; 256],
@@ -73,9 +73,10 @@ impl FieldBuf {
         }
     }
 
-    /// The value as a header value (`None` if it holds a byte a header value may not).
+    /// The value as a header value (`None` if it holds a byte a header value may not), cut
+    /// from the per-thread buffer of [`chunk`](crate::chunk): no allocation of its own.
     pub(crate) fn to_header(&self) -> Option<http::HeaderValue> {
-        http::HeaderValue::from_bytes(self.as_bytes()).ok()
+        crate::chunk::header_value(self.as_bytes())
     }
 }
 

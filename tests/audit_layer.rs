@@ -159,7 +159,7 @@ async fn concurrent_mixed_requests_give_exactly_n_events_with_exact_codes() {
             "duplicate {}",
             e.request_id
         );
-        let row = &expected[&e.request_id];
+        let row = &expected[e.request_id.as_str()];
         match row.expect {
             Expect::Allowed => {
                 assert_eq!(e.decision, Decision::Allowed, "{}", row.name);

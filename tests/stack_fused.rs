@@ -163,13 +163,19 @@ async fn run(svc: &Svc, req: Request<String>) -> Seen {
         .extensions()
         .get::<Denial>()
         .map(|d| d.code().as_str().to_owned());
-    let mut fields: Vec<String> = ["ratelimit-policy", "ratelimit", "retry-after"]
+    (res.status(), code, members(&res))
+}
+
+/// The list members of the rate-limit fields, in order: one field line per layer (separate
+/// layers) and one line holding every layer's members (fused) mean the same (RFC 9110
+/// section 5.3).
+fn members<B>(res: &Response<B>) -> Vec<String> {
+    ["ratelimit-policy", "ratelimit", "retry-after"]
         .iter()
         .flat_map(|h| res.headers().get_all(*h).iter())
-        .map(|v| v.to_str().unwrap().to_owned())
-        .collect();
-    fields.sort();
-    (res.status(), code, fields)
+        .flat_map(|v| v.to_str().unwrap().split(", "))
+        .map(str::to_owned)
+        .collect()
 }
 
 #[tokio::test]
@@ -245,6 +251,38 @@ async fn fused_and_separate_stacks_answer_alike() {
             Some("quota_exceeded"),
             Some("quota_exceeded"),
             Some("rate_limited"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn fused_checks_write_one_line_per_rate_limit_field() {
+    let w = world().await;
+    let search = "/collections/tenant-a/points/search";
+    let mut lines = Vec::new();
+    for fused in [false, true] {
+        let svc = stack(&w, fused, &MemorySink::new(), Arc::new(AtomicUsize::new(0)));
+        let res = svc
+            .oneshot(request("POST", search, Some(&w.good), [198, 51, 100, 7]))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let count = |h: &str| res.headers().get_all(h).iter().count();
+        lines.push((count("ratelimit-policy"), count("ratelimit"), members(&res)));
+        w.clock.advance(Duration::from_secs(86_400));
+    }
+    // Separate layers: a line per layer; fused: one line each, the same members in the
+    // same order (the quota, inner, first).
+    assert_eq!((lines[0].0, lines[0].1), (2, 2));
+    assert_eq!((lines[1].0, lines[1].1), (1, 1));
+    assert_eq!(lines[0].2, lines[1].2);
+    assert_eq!(
+        lines[1].2,
+        [
+            r#""daily";q=2;w=86400"#,
+            r#""burst";q=8;w=60"#,
+            r#""daily";r=1;t=86400"#,
+            r#""burst";r=7;t=8"#,
         ]
     );
 }

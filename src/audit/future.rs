@@ -13,7 +13,7 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 use super::layer::Config;
-use crate::core::audit::{AuditEvent, Decision, RequestEvent, Transport};
+use crate::core::audit::{AuditEvent, Decision, RequestEvent, Text, Transport};
 use crate::{Denial, Principal};
 
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -23,8 +23,10 @@ pub(crate) struct Capture {
     pub(crate) start: Instant,
     pub(crate) time: SystemTime,
     pub(crate) request_id: HeaderValue,
+    /// The request id as recorded (sharing the bytes it was cut from).
+    pub(crate) id_text: Text,
     pub(crate) method: Cow<'static, str>,
-    pub(crate) path: String,
+    pub(crate) path: Text,
     pub(crate) grpc: bool,
     pub(crate) client_ip: Option<IpAddr>,
     pub(crate) principal: Option<Principal>,
@@ -32,9 +34,6 @@ pub(crate) struct Capture {
 
 impl Capture {
     fn event(self, decision: Decision) -> RequestEvent {
-        let request_id = std::str::from_utf8(self.request_id.as_bytes())
-            .unwrap_or_default()
-            .to_owned();
         let rpc = if self.grpc {
             self.path.strip_prefix('/').map(str::to_owned)
         } else {
@@ -52,7 +51,7 @@ impl Capture {
         };
         RequestEvent {
             time: self.time,
-            request_id,
+            request_id: self.id_text,
             key_id,
             key_name,
             subject,

@@ -1,11 +1,9 @@
 use std::borrow::Cow;
-use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::BytesMut;
 use http::header::{Entry, HeaderValue};
 use http::{Method, Request, Response};
 use tower_service::Service;
@@ -13,7 +11,7 @@ use tower_service::Service;
 use super::future::{Capture, ResponseFuture};
 use super::layer::{AuditLayer, Config};
 use crate::core::audit::Transport;
-use crate::core::audit::{contains_key_like, mask_keys_in, Auditor};
+use crate::core::audit::{contains_key_like, mask_keys_in, Auditor, Text};
 use crate::gate::Start;
 use crate::reject::transport_of;
 use crate::RequestContext;
@@ -68,19 +66,21 @@ where
 
         // One lookup of the request id header: reuse the client's, or set a generated one
         // (replacing every value the client sent).
-        let request_id = match req.headers_mut().entry(&config.header) {
+        let (request_id, id_text) = match req.headers_mut().entry(&config.header) {
             Entry::Occupied(o) if config.trust_incoming && acceptable_id(o.get()) => {
-                o.get().clone()
+                let v = o.get().clone();
+                let text = Text::from_utf8(crate::chunk::copy(v.as_bytes())).unwrap_or_default();
+                (v, text)
             }
             Entry::Occupied(mut o) => {
-                let id = generate_id();
-                o.insert(id.clone());
-                id
+                let (v, text) = generate_id();
+                o.insert(v.clone());
+                (v, text)
             }
             Entry::Vacant(v) => {
-                let id = generate_id();
+                let (id, text) = generate_id();
                 v.insert(id.clone());
-                id
+                (id, text)
             }
         };
         RequestContext::of_mut(req.extensions_mut()).set_request_id(request_id.clone());
@@ -94,6 +94,7 @@ where
             start,
             time,
             request_id,
+            id_text,
             method: method(req.method()),
             path: path(req.uri().path()),
             grpc,
@@ -158,21 +159,27 @@ fn method(m: &Method) -> Cow<'static, str> {
     Cow::Borrowed(s)
 }
 
-/// The path as recorded: cut to `MAX_PATH` bytes, anything shaped like a key masked.
-fn path(p: &str) -> String {
+/// The path as recorded: cut to `MAX_PATH` bytes, anything shaped like a key masked. Cut
+/// from the per-thread buffer of [`chunk`](crate::chunk) when there is nothing to mask.
+fn path(p: &str) -> Text {
     let mut end = p.len().min(MAX_PATH);
     while !p.is_char_boundary(end) {
         end -= 1;
     }
-    let mut out = p[..end].to_owned();
+    let p = &p[..end];
+    if !contains_key_like(p.as_bytes()) {
+        return Text::from_utf8(crate::chunk::copy(p.as_bytes())).unwrap_or_default();
+    }
+    let mut out = p.to_owned();
     mask_keys_in(&mut out);
-    out
+    Text::from(out)
 }
 
 /// A new 128-bit request id, 32 lower-case hex characters: a random per-process half and a
 /// bijective mix of a per-process counter, so ids never repeat within a process and collide
-/// across processes only with negligible probability. No system call per request.
-pub(crate) fn generate_id() -> HeaderValue {
+/// across processes only with negligible probability. No system call per request. Answers
+/// the id as a header value and as text, sharing their bytes.
+pub(crate) fn generate_id() -> (HeaderValue, Text) {
     static SEED: OnceLock<(u64, u64)> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let (high, salt) = *SEED.get_or_init(|| {
@@ -196,26 +203,13 @@ pub(crate) fn generate_id() -> HeaderValue {
     let mut out = [0u8; 32];
     write_hex(&mut out[..16], high);
     write_hex(&mut out[16..], low);
-    // Ids are cut from a per-thread buffer: one allocation per `IDS_PER_CHUNK` requests.
-    let bytes = ID_CHUNK.with(|chunk| {
-        let mut chunk = chunk.borrow_mut();
-        if chunk.capacity() - chunk.len() < out.len() {
-            *chunk = BytesMut::with_capacity(out.len() * IDS_PER_CHUNK);
-        }
-        chunk.extend_from_slice(&out);
-        chunk.split().freeze()
-    });
-    HeaderValue::from_maybe_shared(bytes).unwrap_or_else(|_| HeaderValue::from_static("0"))
-}
-
-/// Ids per buffer: 31 ids of 32 bytes stay under 1 KiB. Larger blocks cost far more than
-/// they save: glibc serves a request of 1 KiB or more from its large bins and first
-/// consolidates every free small chunk of the arena (measured: ~130k instructions per 8 KiB
-/// block, ~500 per request amortized, against a few for a block this size).
-const IDS_PER_CHUNK: usize = 31;
-
-thread_local! {
-    static ID_CHUNK: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+    // Cut from the per-thread buffer: one allocation per ~30 ids.
+    let bytes = crate::chunk::copy(&out);
+    match HeaderValue::from_maybe_shared(bytes.clone()) {
+        Ok(v) => (v, Text::from_utf8(bytes).unwrap_or_default()),
+        // Unreachable: hex digits are a valid header value.
+        Err(_) => (HeaderValue::from_static("0"), Text::from("0")),
+    }
 }
 
 /// The splitmix64 finalizer: a bijection on `u64`.
@@ -240,9 +234,10 @@ mod tests {
 
     #[test]
     fn generated_ids_are_distinct_hex() {
-        let a = generate_id();
-        let b = generate_id();
+        let (a, text) = generate_id();
+        let (b, _) = generate_id();
         assert_ne!(a, b);
+        assert_eq!(text, a.to_str().unwrap());
         assert_eq!(a.len(), 32);
         assert!(a.as_bytes().iter().all(|c| c.is_ascii_hexdigit()));
         assert!(acceptable_id(&a));

@@ -91,9 +91,11 @@
 //! - **Usage reports** per key and period: [`QuotaHandle::report`] (requests and cost per
 //!   window; add [`QuotaConfig::meter`] to count keys without quotas too).
 
+mod config;
 mod layer;
 mod meter;
 mod service;
 
-pub use layer::{validate_policy, ConfigError, Counting, QuotaConfig, QuotaHandle, QuotaLayer};
+pub use config::{validate_policy, ConfigError, Counting, QuotaConfig};
+pub use layer::{QuotaHandle, QuotaLayer};
 pub use service::{Quota, QuotaCheck, QuotaNote, QuotaState, QuotaStatus};

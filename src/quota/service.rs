@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderValue, Request, Response};
 use smallvec::SmallVec;
 
-use super::layer::{validate_policy, Shared};
+use super::config::{validate_policy, Shared};
 use super::meter::{KeyCounters, PolicyField};
 use crate::check::{Caller, Check, Guarded, One, Step};
 use crate::core::usage::{
@@ -12,7 +12,7 @@ use crate::core::usage::{
     LimitState, Usage, Window,
 };
 use crate::cost::RequestHead;
-use crate::future::ResponseNote;
+use crate::future::{RateLimitFields, ResponseNote};
 use crate::reject::{RATELIMIT, RATELIMIT_POLICY};
 use crate::traffic::FieldBuf;
 use crate::{Denial, DenialCode, KeyId, Principal, QuotaWindow, RequestContext};
@@ -119,6 +119,12 @@ impl ResponseNote for QuotaNote {
             let h = res.headers_mut();
             h.append(&RATELIMIT_POLICY, policy);
             h.append(&RATELIMIT, limit);
+        }
+    }
+
+    fn take_ratelimit_fields(&mut self, out: &mut RateLimitFields) {
+        if let Some((policy, limit)) = self.fields.take() {
+            out.push(policy, limit);
         }
     }
 }

@@ -97,10 +97,12 @@
 //! request costing more than a policy's limit gets 413 `cost_exceeds_limit` instead (see
 //! above).
 
+mod config;
 mod layer;
 mod limiter;
 mod service;
 
-pub use layer::{validate_policy, ConfigError, Fallback, RateLimitConfig, RateLimitLayer};
+pub use config::{validate_policy, ConfigError, Fallback, RateLimitConfig};
+pub use layer::RateLimitLayer;
 pub use limiter::{LimiterClock, MAX_PERIOD};
 pub use service::{RateCheck, RateLimit, RateLimitNote};

@@ -5,13 +5,13 @@ use std::time::Duration;
 use http::{HeaderValue, Request, Response};
 use smallvec::SmallVec;
 
-use super::layer::{Fallback, Shared};
+use super::config::{Fallback, Shared};
 use super::limiter::{Limiter, Shape, Standing, Subject, Verdict};
 use crate::check::{Caller, Check, Guarded, One, Step};
 use crate::core::rate::{RateBackend, RateDecision, RateError, RateSubject};
 use crate::core::usage::{write_limit_item, write_policy_item, FieldSink, LimitState};
 use crate::cost::RequestHead;
-use crate::future::ResponseNote;
+use crate::future::{RateLimitFields, ResponseNote};
 use crate::reject::{RATELIMIT, RATELIMIT_POLICY};
 use crate::traffic::FieldBuf;
 use crate::{client_ip, Denial, DenialCode, Principal, RateLimitPolicy};
@@ -54,6 +54,12 @@ impl ResponseNote for RateLimitNote {
             let h = res.headers_mut();
             h.append(&RATELIMIT_POLICY, policy);
             h.append(&RATELIMIT, limit);
+        }
+    }
+
+    fn take_ratelimit_fields(&mut self, out: &mut RateLimitFields) {
+        if let Some((policy, limit)) = self.fields.take() {
+            out.push(policy, limit);
         }
     }
 }

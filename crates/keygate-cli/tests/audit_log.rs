@@ -42,7 +42,7 @@ fn ids(out: &str) -> Vec<String> {
     out.lines()
         .map(|l| {
             let e: AuditEvent = serde_json::from_str(l).expect("a JSON event per line");
-            e.as_request().unwrap().request_id.clone()
+            e.as_request().unwrap().request_id.to_string()
         })
         .collect()
 }

@@ -46,7 +46,7 @@ async fn open_routes_need_no_key_and_the_api_needs_one() {
         .sink
         .events()
         .iter()
-        .filter_map(|e| e.as_request().map(|r| r.path.clone()))
+        .filter_map(|e| e.as_request().map(|r| r.path.to_string()))
         .collect();
     assert_eq!(paths, ["/collections", "/collections"]);
 }

@@ -628,7 +628,7 @@ async fn aliases_resolve_to_collections_the_key_may_access() {
         .sink
         .events()
         .iter()
-        .filter_map(|e| e.as_request().map(|r| r.path.clone()))
+        .filter_map(|e| e.as_request().map(|r| r.path.to_string()))
         .filter(|p| p.ends_with("/points/count"))
         .collect();
     assert_eq!(

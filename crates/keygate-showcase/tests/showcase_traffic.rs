@@ -145,7 +145,8 @@ async fn quotas_answer_429_and_the_admin_api_reports_usage() {
         .headers
         .get_all("ratelimit")
         .iter()
-        .any(|v| v == r#""daily";r=2;t=21600"#));
+        .flat_map(|v| v.to_str().unwrap().split(", "))
+        .any(|m| m == r#""daily";r=2;t=21600"#));
     let r = upsert(9, 4).await;
     assert_eq!(
         (r.status, r.code()),

@@ -294,7 +294,7 @@ async fn postgres_outage_keeps_events_until_the_database_returns() {
         .await
         .unwrap()
         .into_iter()
-        .map(|e| e.event.as_request().unwrap().request_id.clone())
+        .map(|e| e.event.as_request().unwrap().request_id.to_string())
         .collect();
     assert_eq!(ids, ["o0", "o1", "o2", "o3", "o4", "o5"]);
     auditor.shutdown().await;

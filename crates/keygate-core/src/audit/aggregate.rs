@@ -155,7 +155,8 @@ impl<S: AuditSink> AggregateSink<S> {
             denial: r.denial,
             protocol: r.protocol,
             method: r.method.clone(),
-            path: r.path.clone(),
+            // Owned: a shared `Text` would keep its whole buffer alive in the map.
+            path: r.path.to_string(),
         };
         if let Some(f) = w.groups.get_mut(&key) {
             f.count += 1;

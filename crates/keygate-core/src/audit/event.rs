@@ -28,6 +28,8 @@ use crate::denial::DenialCode;
 use crate::key::KeyId;
 use crate::record::KeyStatus;
 
+use super::Text;
+
 /// One audit event.
 ///
 /// ```
@@ -148,7 +150,7 @@ pub struct RequestEvent {
     #[serde(with = "rfc3339")]
     pub time: SystemTime,
     /// The request id: the client's `x-request-id` when it was acceptable, else generated.
-    pub request_id: String,
+    pub request_id: Text,
     /// The key's public id, when the caller was identified.
     pub key_id: Option<KeyId>,
     /// The key's name (shared with the key's principal: recording it copies no text).
@@ -169,7 +171,7 @@ pub struct RequestEvent {
     /// The HTTP method.
     pub method: Cow<'static, str>,
     /// The request path, without the query string.
-    pub path: String,
+    pub path: Text,
     /// The HTTP status of the response (absent when the service failed without one).
     pub status: Option<u16>,
     /// The gRPC status when the response headers carry it (trailers-only answers, rejections
@@ -204,9 +206,9 @@ impl RequestEvent {
     /// An allowed HTTP request with no key, status or latency yet.
     pub fn new(
         time: SystemTime,
-        request_id: impl Into<String>,
+        request_id: impl Into<Text>,
         method: impl Into<Cow<'static, str>>,
-        path: impl Into<String>,
+        path: impl Into<Text>,
     ) -> Self {
         RequestEvent {
             time,

@@ -36,6 +36,7 @@ mod file;
 mod queue;
 mod redact;
 mod sink;
+mod text;
 
 pub use aggregate::AggregateSink;
 pub use event::{
@@ -50,3 +51,4 @@ pub use file::{
 pub use queue::{AuditStats, Auditor, AuditorBuilder, Overflow};
 pub use redact::{contains_key_like, mask_keys, mask_keys_in};
 pub use sink::{AuditError, AuditSink, MemorySink, TeeSink, TracingSink};
+pub use text::Text;

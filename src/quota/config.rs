@@ -1,0 +1,298 @@
+//! The quota's configuration and the state its checks share: built and validated here,
+//! read by the check ([`super::service`]) and wrapped by the layer ([`super::layer`]).
+//! Neither of those two imports the other's module.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::meter::Meter;
+use crate::core::usage::{UsageError, UsageStore};
+use crate::cost::RequestHead;
+use crate::{Clock, KeyGate, QuotaPolicy, QuotaWindow, Refill, SystemClock};
+
+/// A cost function: how many units of every quota one request uses.
+pub(crate) type CostFn = Arc<dyn Fn(&RequestHead<'_>) -> u64 + Send + Sync>;
+
+/// Why a quota configuration (or a key's quota policy) was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A policy cannot be enforced.
+    #[error("quota policy {name:?}: {reason}")]
+    InvalidPolicy {
+        /// The policy's name.
+        name: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The flush interval is zero.
+    #[error("the flush interval must not be zero")]
+    ZeroFlushInterval,
+}
+
+/// Checks that `policy` can be enforced by [`QuotaLayer`](super::QuotaLayer): a name of 1 to 64
+/// `[A-Za-z0-9_-]`, a limit of at least 1, and a monthly refill day of 1 to 31. Key-issuing
+/// code calls it so a bad policy is refused when the key is built; a stored record that
+/// slips through is enforced fail-closed (every request of the key refused).
+pub fn validate_policy(policy: &QuotaPolicy) -> Result<(), ConfigError> {
+    let invalid = |reason| ConfigError::InvalidPolicy {
+        name: policy.name.chars().take(64).collect(),
+        reason,
+    };
+    let name = &policy.name;
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+    {
+        return Err(invalid(
+            "the name must be 1 to 64 characters of [A-Za-z0-9_-]",
+        ));
+    }
+    if policy.limit == 0 {
+        return Err(invalid("the limit must be at least 1"));
+    }
+    if let QuotaWindow::Credits(Refill::Monthly { day }) = policy.window {
+        if !(1..=31).contains(&day) {
+            return Err(invalid("the refill day must be 1 to 31"));
+        }
+    }
+    Ok(())
+}
+
+/// How counts reach the [`UsageStore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counting {
+    /// Count in memory (the store is read once per key and window) and write the counts to
+    /// the store in batches, every `flush_every` (when a request finds the time has come and
+    /// a tokio runtime is running) and on [`QuotaHandle::flush`](super::QuotaHandle::flush). A crash loses what was
+    /// counted since the last flush (keys get that much extra allowance); a graceful shutdown
+    /// that calls `flush` loses nothing. Replicas sharing a store see each other's counts
+    /// only when they load a window, so limits are per replica between loads.
+    Batched {
+        /// How often counts are written.
+        flush_every: Duration,
+    },
+    /// Every request is one atomic [`UsageStore::check_and_add`] before the inner service
+    /// runs: exact across replicas, nothing to lose in a crash, one store round trip per
+    /// request.
+    Strict,
+}
+
+/// How a [`QuotaLayer`](super::QuotaLayer) counts. Built with the [`UsageStore`] to count in; every other
+/// setting has a default.
+///
+/// | setting | default |
+/// |---|---|
+/// | [`counting`](Self::counting) | batched, flushed every second |
+/// | [`cost`](Self::cost) | 1 per request |
+/// | [`headers`](Self::headers) (`RateLimit-Policy` / `RateLimit` on every response) | on |
+/// | [`status_extension`](Self::status_extension) ([`QuotaStatus`](super::QuotaStatus) for handlers) | on |
+/// | [`meter`](Self::meter) (count every key, quota or not) | off |
+/// | [`charge_refused`](Self::charge_refused) (charge requests refused after the count) | off |
+/// | [`clock`](Self::clock) | the hub's clock (standalone: the system clock) |
+#[derive(Clone)]
+pub struct QuotaConfig {
+    pub(crate) store: Arc<dyn UsageStore>,
+    pub(crate) counting: Counting,
+    pub(crate) cost: Option<CostFn>,
+    pub(crate) headers: bool,
+    pub(crate) status: bool,
+    pub(crate) meter: Option<QuotaWindow>,
+    pub(crate) clock: Option<Arc<dyn Clock>>,
+    pub(crate) charge_refused: bool,
+}
+
+impl QuotaConfig {
+    /// Counting in `store`, with the defaults above.
+    pub fn new(store: impl UsageStore) -> Self {
+        QuotaConfig {
+            store: Arc::new(store),
+            counting: Counting::Batched {
+                flush_every: Duration::from_secs(1),
+            },
+            cost: None,
+            headers: true,
+            status: true,
+            meter: None,
+            clock: None,
+            charge_refused: false,
+        }
+    }
+
+    /// Batched (default) or strict counting.
+    pub fn counting(mut self, counting: Counting) -> Self {
+        self.counting = counting;
+        self
+    }
+
+    /// How many units of every quota a request uses (default 1). A cost of 0 passes without
+    /// being counted; a cost larger than a quota's limit can never pass and is refused
+    /// at once (413 `cost_exceeds_limit`, no `Retry-After`); a sum that would overflow
+    /// counts as over the limit.
+    pub fn cost<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&RequestHead<'_>) -> u64 + Send + Sync + 'static,
+    {
+        self.cost = Some(Arc::new(f));
+        self
+    }
+
+    /// Charges every quota in bytes: [`ByBytes::cost`](crate::cost::ByBytes::cost) as the
+    /// [`cost`](Self::cost) function (quotas' limits are then in `unit`s of bytes per
+    /// window).
+    pub fn cost_in_bytes(self, bytes: crate::cost::ByBytes) -> Self {
+        self.cost(move |head| bytes.cost(head))
+    }
+
+    /// Whether successful responses carry `RateLimit-Policy` and `RateLimit` for the key's
+    /// quotas (default on). Rejections always carry them.
+    pub fn headers(mut self, yes: bool) -> Self {
+        self.headers = yes;
+        self
+    }
+
+    /// Whether requests that pass carry a [`QuotaStatus`](super::QuotaStatus) extension
+    /// (default on).
+    pub fn status_extension(mut self, yes: bool) -> Self {
+        self.status = yes;
+        self
+    }
+
+    /// Also counts every authenticated request in this window, whether its key has quotas or
+    /// not, for usage reports (billing, cost attribution). Off by default.
+    pub fn meter(mut self, window: QuotaWindow) -> Self {
+        self.meter = Some(window);
+        self
+    }
+
+    /// Whether requests that are refused after being counted are charged anyway (default
+    /// off: they are given back). "Refused" means a keygate layer's denial, or a 4xx other
+    /// than 429 from the service (a gRPC client-error status in a trailers-only answer too);
+    /// see the module docs. Turn it on to bill every request that passed the quota check.
+    pub fn charge_refused(mut self, yes: bool) -> Self {
+        self.charge_refused = yes;
+        self
+    }
+
+    /// The clock windows are read from (default: the hub's; standalone: the system clock).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Counting::Batched { flush_every } = self.counting {
+            if flush_every.is_zero() {
+                return Err(ConfigError::ZeroFlushInterval);
+            }
+        }
+        if let Some(QuotaWindow::Credits(Refill::Monthly { day })) = self.meter {
+            if !(1..=31).contains(&day) {
+                return Err(ConfigError::InvalidPolicy {
+                    name: "meter".into(),
+                    reason: "the refill day must be 1 to 31",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for QuotaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuotaConfig")
+            .field("counting", &self.counting)
+            .field("cost", &self.cost.as_ref().map(|_| "fn"))
+            .field("headers", &self.headers)
+            .field("status_extension", &self.status)
+            .field("meter", &self.meter)
+            .field("charge_refused", &self.charge_refused)
+            .finish_non_exhaustive()
+    }
+}
+
+/// State shared by every clone of the layer, its services and handles.
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn UsageStore>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) strict: bool,
+    pub(crate) flush_every: Duration,
+    /// Nanoseconds since the epoch of the next automatic flush.
+    pub(crate) next_flush: AtomicU64,
+    pub(crate) cost: Option<CostFn>,
+    pub(crate) headers: bool,
+    pub(crate) status: bool,
+    pub(crate) meter_window: Option<QuotaWindow>,
+    pub(crate) meter: Meter,
+    pub(crate) charge_refused: bool,
+}
+
+fn nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl Shared {
+    pub(super) fn new(config: QuotaConfig, gate: Option<&KeyGate>) -> Result<Shared, ConfigError> {
+        config.validate()?;
+        let clock = match (config.clock, gate) {
+            (Some(c), _) => c,
+            (None, Some(g)) => g.clock().clone(),
+            (None, None) => Arc::new(SystemClock),
+        };
+        let (strict, flush_every) = match config.counting {
+            Counting::Strict => (true, Duration::MAX),
+            Counting::Batched { flush_every } => (false, flush_every),
+        };
+        let first = nanos(clock.now())
+            .saturating_add(u64::try_from(flush_every.as_nanos()).unwrap_or(u64::MAX));
+        Ok(Shared {
+            store: config.store,
+            clock,
+            strict,
+            flush_every,
+            next_flush: AtomicU64::new(first),
+            cost: config.cost,
+            headers: config.headers,
+            status: config.status,
+            meter_window: config.meter,
+            meter: Meter::default(),
+            charge_refused: config.charge_refused,
+        })
+    }
+
+    /// Starts a flush in the background when one is due (batched counting, a tokio runtime).
+    pub(crate) fn maybe_flush(self: &Arc<Self>, now: SystemTime) {
+        let now = nanos(now);
+        let due = self.next_flush.load(Ordering::Relaxed);
+        if now < due {
+            return;
+        }
+        let next =
+            now.saturating_add(u64::try_from(self.flush_every.as_nanos()).unwrap_or(u64::MAX));
+        if self
+            .next_flush
+            .compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let shared = self.clone();
+            rt.spawn(async move {
+                if let Err(e) = shared.flush().await {
+                    tracing::warn!(error = %e, "quota usage flush failed; counts stay pending");
+                }
+            });
+        }
+    }
+
+    pub(crate) async fn flush(&self) -> Result<usize, UsageError> {
+        self.meter.flush(&*self.store, self.clock.now()).await
+    }
+}
