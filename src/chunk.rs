@@ -24,6 +24,7 @@ thread_local! {
 }
 
 /// `b` as [`Bytes`], cut from this thread's buffer when short.
+#[cfg_attr(not(feature = "audit"), allow(dead_code))]
 pub(crate) fn copy(b: &[u8]) -> Bytes {
     concat(&[b])
 }
@@ -48,6 +49,7 @@ pub(crate) fn concat(parts: &[&[u8]]) -> Bytes {
 
 /// `b` as a header value cut from this thread's buffer (`None` if it holds a byte a header
 /// value may not: never for the values keygate writes).
+#[cfg_attr(not(any(feature = "rate-limit", feature = "quota")), allow(dead_code))]
 pub(crate) fn header_value(b: &[u8]) -> Option<http::HeaderValue> {
     http::HeaderValue::from_maybe_shared(copy(b)).ok()
 }
