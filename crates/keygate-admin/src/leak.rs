@@ -51,7 +51,8 @@
 //! Once the candidates are classified, a store or audit log that fails while a leaked key
 //! is handled answers 503 too (`store_unavailable`, `audit_unavailable`): keys handled
 //! before it stay handled, and the policy is applied even when the `exposed` event cannot
-//! be written (a leaked key goes out of service first); the reporter retries, which is
+//! be written (a leaked key goes out of service first; only a closed audit log stops it,
+//! since the key manager then refuses every change); the reporter retries, which is
 //! harmless.
 //!
 //! The router takes no API key: the signature is the caller's credential. Mount it apart

@@ -466,3 +466,71 @@ fn public_keys_load_from_the_published_json_and_refuse_bad_keys() {
     assert!(PublicKeys::new().with_key("", &pem(&signer)).is_err());
     assert!(PublicKeys::from_file(std::path::Path::new("/nonexistent/keys.json")).is_err());
 }
+
+/// A memory store whose `get` fails while `down` is set.
+#[derive(Clone)]
+struct FlakyStore {
+    inner: MemoryStore,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl keygate::KeyStore for FlakyStore {
+    async fn get(
+        &self,
+        id: &keygate::KeyId,
+    ) -> Result<Option<keygate::KeyRecord>, keygate::StoreError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(keygate::StoreError::Unavailable("test outage".into()));
+        }
+        self.inner.get(id).await
+    }
+    async fn insert(&self, record: &keygate::KeyRecord) -> Result<(), keygate::StoreError> {
+        self.inner.insert(record).await
+    }
+    async fn update(&self, record: &keygate::KeyRecord) -> Result<(), keygate::StoreError> {
+        self.inner.update(record).await
+    }
+    async fn list(
+        &self,
+        filter: &keygate::KeyFilter,
+    ) -> Result<Vec<keygate::KeyRecord>, keygate::StoreError> {
+        self.inner.list(filter).await
+    }
+}
+
+#[tokio::test]
+async fn a_store_outage_while_classifying_answers_503_and_changes_nothing() {
+    let store = FlakyStore {
+        inner: MemoryStore::new(),
+        down: Default::default(),
+    };
+    let verifier = Verifier::builder(store.clone())
+        .clock(ManualClock::at_2026())
+        .build();
+    let sink = MemorySink::new();
+    let keys = KeyManager::for_verifier(&verifier, Auditor::direct(sink.clone()));
+    let s = Setup {
+        keys,
+        sink,
+        signer: signing_key(7),
+        verifier,
+    };
+    let app = s.app(LeakPolicy::Revoke);
+    let (leaked, id) = s.issue("leaked").await;
+
+    store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let body = json!([candidate(&leaked, "https://github.com/o/r/blob/1/a")]).to_string();
+    let a = report(&s, &app, &body).await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.json["code"], "store_unavailable");
+    assert!(!a.json.to_string().contains(&leaked));
+
+    store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(s.status(id).await, KeyStatus::Active);
+    assert!(s.events().is_empty());
+    // The reporter's retry then works.
+    let a = report(&s, &app, &body).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(s.status(id).await, KeyStatus::Revoked);
+}
