@@ -534,3 +534,35 @@ async fn a_store_outage_while_classifying_answers_503_and_changes_nothing() {
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(s.status(id).await, KeyStatus::Revoked);
 }
+
+/// The signed sample request of GitHub's partner program documentation, with the public key
+/// GitHub published for it: the signature verifies (its DER `s` is 31 bytes long), and the
+/// sample token is not a keygate key.
+#[tokio::test]
+async fn the_signed_sample_request_from_githubs_documentation_verifies() {
+    const ID: &str = "bcb53661c06b4728e59d897fb6165d5c9cda0fd9cdf9d09ead458168deb7518c";
+    const PEM: &str = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEYAGMWO8XgCamYKMJS6jc/qgvSlAd\nAjPuDPRcXU22YxgBrz+zoN19MzuRyW87qEt9/AmtoNP5GrobzUvQSyJFVw==\n-----END PUBLIC KEY-----\n";
+    const SIGNATURE: &str = "MEQCIQDaMKqrGnE27S0kgMrEK0eYBmyG0LeZismAEz/BgZyt7AIfXt9fErtRS4XaeSt/AO1RtBY66YcAdjxji410VQV4xg==";
+    const BODY: &str = r#"[{"source":"commit","token":"some_token","type":"some_type","url":"https://example.com/base-repo-url/"}]"#;
+    let s = setup();
+    let published =
+        json!({"public_keys": [{"key_identifier": ID, "key": PEM, "is_current": true}]});
+    let public = PublicKeys::from_github_json(&published.to_string()).unwrap();
+    let app = Router::new().nest(
+        "/leaks/github",
+        LeakReports::new(s.keys.clone(), &s.verifier, public, LeakPolicy::Revoke).router(),
+    );
+    let headers = [
+        ("Github-Public-Key-Identifier", ID),
+        ("Github-Public-Key-Signature", SIGNATURE),
+    ];
+    let a = post(&app, &headers, BODY).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.json);
+    assert_eq!(
+        a.json,
+        json!([{"token_raw": "some_token", "token_type": "some_type", "label": "false_positive"}])
+    );
+    // One byte changed: refused.
+    let a = post(&app, &headers, &BODY.replace("commit", "commis")).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+}
