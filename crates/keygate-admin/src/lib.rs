@@ -16,6 +16,10 @@
 //! | `POST /admin/identities` / `GET /admin/identities` | creates ([`IdentityInput`]) / lists identities | 201 / 200 |
 //! | `GET /admin/identities/{name}` | one identity | 200 |
 //!
+//! The [`leak`] module holds a second router, mounted apart and without an API key: an
+//! endpoint for GitHub's secret scanning partner program that revokes (or disables) keys a
+//! signed report shows leaked ([`leak::LeakReports`]).
+//!
 //! JSON in and out. Keys are shown as [`KeyInfo`](keygate::KeyInfo) (never a digest); issue and
 //! rotate answers add `"key"`, the plaintext, shown this once (issue answers also
 //! `"warnings"`, see [below](#scope-vocabulary)) (`Cache-Control: no-store` on
@@ -150,6 +154,7 @@
 mod error;
 mod handlers;
 mod input;
+pub mod leak;
 
 use std::fmt;
 use std::sync::Arc;

@@ -163,6 +163,14 @@ struct Args {
     /// scraper on a private network. On the main listener it needs `metrics:read`.
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// Take GitHub secret-scanning reports at `POST /leaks/github`, signed by the keys in
+    /// this file (the JSON GitHub publishes, saved: nothing is fetched). Each reported key
+    /// that is one of ours gets `--leak-policy` and an `exposed` audit event.
+    #[arg(long)]
+    leak_public_keys: Option<PathBuf>,
+    /// What a reported leaked key gets: `revoke`, `disable` or `report-only`.
+    #[arg(long, default_value = "revoke", requires = "leak_public_keys")]
+    leak_policy: keygate_admin::leak::LeakPolicy,
 }
 
 /// A duration as the CLI writes them (`90d`, `12h`, `30m`).
@@ -446,6 +454,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     opts.max_key_age = args.max_key_age;
     opts.metrics = Some(metrics.clone());
     opts.expiry_warning = args.expiry_warning;
+    if let Some(path) = &args.leak_public_keys {
+        opts.leak_public_keys = Some(
+            keygate_admin::leak::PublicKeys::from_file(path)
+                .map_err(|e| format!("--leak-public-keys {}: {e}", path.display()))?,
+        );
+        opts.leak_policy = args.leak_policy;
+    }
     opts.usage = Arc::new(store.usage_store());
     if let Some(r) = &redis {
         opts.rate_backend = Some(Arc::new(RedisRateLimiter::new(r)));

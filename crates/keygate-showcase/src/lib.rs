@@ -44,7 +44,9 @@
 //! paid for. The handler writes exactly the points that were counted.
 //!
 //! `/`, `/healthz`, `/livez` and `/readyz` are outside the stack: open, unaudited, unlimited
-//! (like Qdrant, which exempts them from its API key).
+//! (like Qdrant, which exempts them from its API key). So is `POST /leaks/github`, the
+//! secret-scanning endpoint, when [`Options::leak_public_keys`] is set: it takes no API
+//! key, only reports signed by a configured public key.
 
 pub mod body;
 pub mod filter;
@@ -72,6 +74,7 @@ use keygate::rate_limit::{LimiterClock, RateLimitConfig, RateLimitLayer};
 use keygate::require_tls::RequireTls;
 use keygate::scope::{RouteScopes, ScopeLayer};
 use keygate::{KeyGate, KeyId, KeyManager, QuotaWindow, RateLimitPolicy, Verifier};
+use keygate_admin::leak::LeakReports;
 use keygate_admin::AdminApi;
 use tower::ServiceBuilder;
 
@@ -176,6 +179,12 @@ pub struct Options {
     /// `metrics:read`). They count what reaches them as an audit sink: put the same
     /// `Metrics` in the auditor's pipeline.
     pub metrics: Option<keygate::metrics::Metrics>,
+    /// GitHub's secret-scanning public keys: with them, `POST /leaks/github` (open, outside
+    /// the layers: the report's signature is its credential) takes reports of leaked keys
+    /// and applies [`Options::leak_policy`] ([`keygate_admin::leak`]).
+    pub leak_public_keys: Option<keygate_admin::leak::PublicKeys>,
+    /// What `POST /leaks/github` does to a reported key (default: revoke).
+    pub leak_policy: keygate_admin::leak::LeakPolicy,
 }
 
 impl Options {
@@ -200,6 +209,8 @@ impl Options {
             max_key_age: None,
             expiry_warning: None,
             metrics: None,
+            leak_public_keys: None,
+            leak_policy: keygate_admin::leak::LeakPolicy::default(),
         }
     }
 }
@@ -571,6 +582,13 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         .route("/livez", get(qdrant::healthz))
         .route("/readyz", get(readyz))
         .with_state(state);
+    let open = match opts.leak_public_keys {
+        Some(public_keys) => open.nest(
+            "/leaks/github",
+            LeakReports::new(keys.clone(), gate.verifier(), public_keys, opts.leak_policy).router(),
+        ),
+        None => open,
+    };
 
     // Aliases are resolved before routing and before any layer (see
     // `qdrant_extra::resolve_aliases`), so the whole router sits behind that middleware.
