@@ -540,8 +540,11 @@ const DISABLE_QUEUE: usize = 1024;
 pub struct AnomalySink<S> {
     detector: Mutex<AnomalyDetector>,
     inner: S,
-    disable: Option<(Vec<AnomalyKind>, mpsc::Sender<(KeyId, AnomalyKind)>)>,
+    disable: Option<(Vec<AnomalyKind>, mpsc::Sender<DisableRequest>)>,
 }
+
+/// A key to disable, and the kind of signal that asked for it.
+type DisableRequest = (KeyId, AnomalyKind);
 
 impl<S> std::fmt::Debug for AnomalySink<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -630,7 +633,7 @@ impl<S: AuditSink> AuditSink for AnomalySink<S> {
 
 /// Disables the keys an [`AnomalySink`] names (see [`AnomalySink::disable_keys_on`]).
 pub struct KeyDisabler {
-    rx: mpsc::Receiver<(KeyId, AnomalyKind)>,
+    rx: mpsc::Receiver<DisableRequest>,
     manager: KeyManager,
 }
 
