@@ -1,56 +1,7 @@
 //! Anomaly signals from the request stream: [`AnomalyDetector`] (pure, deterministic),
 //! [`AnomalySink`] (runs it in the audit pipeline) and [`KeyDisabler`] (disables keys for
-//! the signal kinds a policy names).
-//!
-//! Four detectors, each per key or per client address, all driven by the events' own
-//! timestamps (so replaying a recorded log raises the same signals as the live stream did,
-//! and tests use a manual clock):
-//!
-//! - **new network** ([`AnomalyKind::NewNetwork`]): a key used from a network (the client
-//!   address cut to a /24 for IPv4, a /64 for IPv6) it has not used before, once the key's
-//!   learning period (counted from the first request the detector saw with it) is over;
-//! - **spike** ([`AnomalyKind::Spike`]): a key's requests in one window beyond
-//!   `spike_factor` times its own exponentially weighted moving average of requests per
-//!   window (and at least `spike_min`), after the learning period;
-//! - **denial burst** ([`AnomalyKind::DenialBurst`]): `denial_threshold` denied requests
-//!   from one client address in one window (scope probing with a key, key guessing without
-//!   one); rate-limit and quota refusals are not counted (they are the limiter working);
-//! - **many networks** ([`AnomalyKind::ManyNetworks`]): one key used from
-//!   `networks_threshold` networks or more within one window.
-//!
-//! Each detector raises a signal at most once per window for one key or address.
-//!
-//! Memory is bounded: at most [`AnomalyConfig::max_keys`] keys and
-//! [`AnomalyConfig::max_addresses`] addresses are tracked, each key remembering at most
-//! [`AnomalyConfig::max_networks_per_key`] networks. When a table is full, the quarter
-//! seen least recently is forgotten (a forgotten key starts a new learning period when it
-//! comes back; a forgotten network counts as new again). With the defaults that is about
-//! 10 000 × (120 + 32 × 48) + 10 000 × 80 bytes: under 20 MB, whatever a client sprays.
-//!
-//! ```
-//! use keygate_core::audit::{AnomalyConfig, AnomalyDetector, AnomalyKind, RequestEvent};
-//! use keygate_core::KeyId;
-//! use std::time::{Duration, UNIX_EPOCH};
-//!
-//! let mut detector = AnomalyDetector::new(AnomalyConfig {
-//!     learning: Duration::from_secs(3600),
-//!     ..AnomalyConfig::default()
-//! });
-//! let key: KeyId = "3hG7xQ2mPa9Z".parse().unwrap();
-//! let request = |secs: u64, ip: &str| {
-//!     let mut e = RequestEvent::new(UNIX_EPOCH + Duration::from_secs(secs), "r", "GET", "/");
-//!     e.key_id = Some(key);
-//!     e.client_ip = Some(ip.parse().unwrap());
-//!     e.into()
-//! };
-//! // Learning: the key's usual network.
-//! assert!(detector.observe(&request(0, "192.0.2.10")).is_empty());
-//! // After the learning period, the same /24 is fine; another network is a signal.
-//! assert!(detector.observe(&request(7200, "192.0.2.99")).is_empty());
-//! let signals = detector.observe(&request(7201, "198.51.100.7"));
-//! assert_eq!(signals[0].kind, AnomalyKind::NewNetwork);
-//! assert_eq!(signals[0].network.as_deref(), Some("198.51.100.0/24"));
-//! ```
+//! the signal kinds a policy names). Documented on the types, which are public where this
+//! module is not.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -182,8 +133,58 @@ struct AddressState {
     key: Option<Option<KeyId>>,
 }
 
-/// Runs the four detectors over audit events; see the [module docs](self). Pure: no clock,
-/// no I/O, no randomness in what it raises.
+/// Runs four anomaly detectors over audit events. Pure: no clock, no I/O, no randomness in
+/// what it raises.
+///
+/// Four detectors, each per key or per client address, all driven by the events' own
+/// timestamps (so replaying a recorded log raises the same signals as the live stream did,
+/// and tests use a manual clock):
+///
+/// - **new network** ([`AnomalyKind::NewNetwork`]): a key used from a network (the client
+///   address cut to a /24 for IPv4, a /64 for IPv6) it has not used before, once the key's
+///   learning period (counted from the first request the detector saw with it) is over;
+/// - **spike** ([`AnomalyKind::Spike`]): a key's requests in one window beyond
+///   `spike_factor` times its own exponentially weighted moving average of requests per
+///   window (and at least `spike_min`), after the learning period;
+/// - **denial burst** ([`AnomalyKind::DenialBurst`]): `denial_threshold` denied requests
+///   from one client address in one window (scope probing with a key, key guessing without
+///   one); rate-limit and quota refusals are not counted (they are the limiter working);
+/// - **many networks** ([`AnomalyKind::ManyNetworks`]): one key used from
+///   `networks_threshold` networks or more within one window.
+///
+/// Each detector raises a signal at most once per window for one key or address.
+///
+/// Memory is bounded: at most [`AnomalyConfig::max_keys`] keys and
+/// [`AnomalyConfig::max_addresses`] addresses are tracked, each key remembering at most
+/// [`AnomalyConfig::max_networks_per_key`] networks. When a table is full, the quarter
+/// seen least recently is forgotten (a forgotten key starts a new learning period when it
+/// comes back; a forgotten network counts as new again). With the defaults that is about
+/// 10 000 × (120 + 32 × 48) + 10 000 × 80 bytes: under 20 MB, whatever a client sprays.
+///
+/// ```
+/// use keygate_core::audit::{AnomalyConfig, AnomalyDetector, AnomalyKind, RequestEvent};
+/// use keygate_core::KeyId;
+/// use std::time::{Duration, UNIX_EPOCH};
+///
+/// let mut detector = AnomalyDetector::new(AnomalyConfig {
+///     learning: Duration::from_secs(3600),
+///     ..AnomalyConfig::default()
+/// });
+/// let key: KeyId = "3hG7xQ2mPa9Z".parse().unwrap();
+/// let request = |secs: u64, ip: &str| {
+///     let mut e = RequestEvent::new(UNIX_EPOCH + Duration::from_secs(secs), "r", "GET", "/");
+///     e.key_id = Some(key);
+///     e.client_ip = Some(ip.parse().unwrap());
+///     e.into()
+/// };
+/// // Learning: the key's usual network.
+/// assert!(detector.observe(&request(0, "192.0.2.10")).is_empty());
+/// // After the learning period, the same /24 is fine; another network is a signal.
+/// assert!(detector.observe(&request(7200, "192.0.2.99")).is_empty());
+/// let signals = detector.observe(&request(7201, "198.51.100.7"));
+/// assert_eq!(signals[0].kind, AnomalyKind::NewNetwork);
+/// assert_eq!(signals[0].network.as_deref(), Some("198.51.100.0/24"));
+/// ```
 pub struct AnomalyDetector {
     config: AnomalyConfig,
     keys: HashMap<KeyId, KeyState>,
