@@ -421,3 +421,36 @@ async fn disable_policy_disables_the_key_for_chosen_kinds_only() {
     assert_eq!(disabled[0].key_id, probed);
     assert_eq!(disabled[0].actor, "anomaly:denial_burst");
 }
+
+/// Events per second through the detector (1 000 keys from 50 networks, one denial in ten):
+/// `cargo test -p keygate-core --release --test anomaly -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement: run in release with --nocapture"]
+fn throughput() {
+    let clock = ManualClock::at_2026();
+    let mut events = Vec::new();
+    for i in 0..200_000u32 {
+        let from = format!("10.{}.{}.1", i % 50, i % 7);
+        events.push(if i % 10 == 0 {
+            denied(
+                &clock,
+                Some(key(i % 1000)),
+                &from,
+                DenialCode::InsufficientScope,
+            )
+        } else {
+            request(&clock, Some(key(i % 1000)), &from)
+        });
+        clock.advance(Duration::from_millis(3));
+    }
+    let mut d = AnomalyDetector::new(config());
+    let start = std::time::Instant::now();
+    let signals: usize = events.iter().map(|e| d.observe(e).len()).sum();
+    let took = start.elapsed();
+    println!(
+        "{} events in {took:?}: {:.0} events/s, {:.0} ns each, {signals} signals",
+        events.len(),
+        events.len() as f64 / took.as_secs_f64(),
+        took.as_nanos() as f64 / events.len() as f64
+    );
+}
