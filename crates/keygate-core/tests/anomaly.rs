@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use keygate_core::audit::{
     AggregateSink, AnomalyConfig, AnomalyDetector, AnomalyEvent, AnomalyKind, AnomalySink,
-    AuditEvent, AuditSink, Auditor, Decision, LifecycleAction, MemorySink, RequestEvent,
+    AuditEvent, AuditSink, Auditor, Decision, DenialSummary, LifecycleAction, MemorySink,
+    RequestEvent, Transport,
 };
 use keygate_core::{
     Clock, DenialCode, KeyId, KeyManager, KeySpec, KeyStatus, KeyStore, ManualClock, MemoryStore,
@@ -219,6 +220,32 @@ fn denial_burst_from_one_address() {
             .observe(&denied(&clock, None, "192.0.2.251", DenialCode::InvalidKey))
             .is_empty());
     }
+}
+
+#[test]
+fn folded_denials_in_a_recorded_log_count_toward_a_burst() {
+    let clock = ManualClock::at_2026();
+    let mut d = AnomalyDetector::new(config());
+    // A log written through an AggregateSink: the first denial, then a summary of 30 more.
+    assert!(d
+        .observe(&denied(&clock, None, "203.0.113.9", DenialCode::MissingKey))
+        .is_empty());
+    let summary = DenialSummary {
+        time: clock.now(),
+        until: clock.now() + Duration::from_secs(10),
+        first: clock.now(),
+        last: clock.now() + Duration::from_secs(9),
+        client_ip: Some(ip("203.0.113.9")),
+        protocol: Transport::Http,
+        method: "GET".into(),
+        path: "/collections".into(),
+        status: Some(401),
+        denial: Some(DenialCode::MissingKey),
+        count: 30,
+    };
+    let s = d.observe(&AuditEvent::Denials(summary));
+    assert_eq!(kinds(&s), [AnomalyKind::DenialBurst]);
+    assert_eq!(s[0].count, 31);
 }
 
 #[test]

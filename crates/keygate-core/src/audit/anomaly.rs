@@ -518,7 +518,8 @@ const DISABLE_QUEUE: usize = 1024;
 ///
 /// Put it outermost, before an [`AggregateSink`](super::AggregateSink), so every denial is
 /// seen one by one: `AnomalySink::new(config, AggregateSink::new(file_sink))`. Anomaly events
-/// it is given are passed on and not looked at.
+/// it is given are passed on and not looked at. Signals are written within the call that
+/// records their event, so an [`Auditor`](super::Auditor)'s counters count that event once.
 ///
 /// ```
 /// use keygate_core::audit::{AnomalyConfig, AnomalySink, AuditSink, Decision, MemorySink, RequestEvent};
