@@ -9,6 +9,9 @@
 //!   `error`, `cancelled`) and denial code (`none` when not denied);
 //! - `keygate_key_lifecycle_total{action}`: key changes (`issued`, `rotated`, `revoked`,
 //!   `disabled`, `enabled`, `updated`, `exposed`);
+//! - `keygate_anomalies_total{kind}`: anomaly signals (`new_network`, `spike`,
+//!   `denial_burst`, `many_networks`) written by an
+//!   [`AnomalySink`](crate::core::audit::AnomalySink);
 //! - `keygate_request_duration_seconds{protocol}`: a histogram of each request's time from
 //!   the audit layer to its response head (`http` or `grpc`), the service's time included.
 //!
@@ -55,6 +58,7 @@ struct Inner {
     requests: Family<Labels, Counter>,
     lifecycle: Family<Labels, Counter>,
     duration: Family<Labels, Histogram>,
+    anomalies: Family<Labels, Counter>,
 }
 
 impl fmt::Debug for Metrics {
@@ -97,6 +101,8 @@ impl Metrics {
             "Key lifecycle changes by action",
             lifecycle.clone(),
         );
+        let anomalies = Family::<Labels, Counter>::default();
+        registry.register("anomalies", "Anomaly signals by kind", anomalies.clone());
         // 0.5 ms to about 8 s.
         let duration = Family::<Labels, Histogram>::new_with_constructor(
             (|| Histogram::new(exponential_buckets(0.0005, 2.0, 15))) as fn() -> Histogram,
@@ -112,6 +118,7 @@ impl Metrics {
                 requests,
                 lifecycle,
                 duration,
+                anomalies,
             }),
         }
     }
@@ -169,6 +176,12 @@ impl AuditSink for Metrics {
                     .get_or_create(&vec![("action", l.action.as_str())])
                     .inc();
             }
+            AuditEvent::Anomaly(a) => {
+                self.inner
+                    .anomalies
+                    .get_or_create(&vec![("kind", a.kind.as_str())])
+                    .inc();
+            }
             AuditEvent::Denials(d) => {
                 let code = d.denial.map_or("none", |c| c.as_str());
                 self.inner
@@ -178,5 +191,42 @@ impl AuditSink for Metrics {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::audit::{AnomalyEvent, AnomalyKind};
+
+    #[test]
+    fn anomalies_are_counted_by_kind() {
+        let metrics = Metrics::new();
+        for kind in [
+            AnomalyKind::Spike,
+            AnomalyKind::Spike,
+            AnomalyKind::DenialBurst,
+        ] {
+            let signal = AnomalyEvent {
+                time: std::time::UNIX_EPOCH,
+                kind,
+                key_id: None,
+                key_name: None,
+                client_ip: None,
+                network: None,
+                count: 1,
+                threshold: None,
+                baseline: None,
+                window_s: None,
+            };
+            metrics.record(&AuditEvent::Anomaly(signal)).unwrap();
+        }
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"keygate_anomalies_total{kind="spike"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"keygate_anomalies_total{kind="denial_burst"} 1"#));
+        assert!(!text.contains(r#"kind="new_network""#));
     }
 }

@@ -1,4 +1,4 @@
-//! `keygate audit verify | tail | events`.
+//! `keygate audit verify | tail | events | anomalies`.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -12,7 +12,7 @@ use keygate_core::audit::{
 use keygate_sql::AuditQuery;
 use serde_json::{json, Value};
 
-use crate::cli::{Cli, EventsArgs, TailArgs, VerifyArgs};
+use crate::cli::{AnomaliesArgs, Cli, EventsArgs, TailArgs, VerifyArgs};
 use crate::output::{self, print, print_json};
 use crate::{db, warning, Failure};
 
@@ -471,6 +471,83 @@ pub(crate) async fn events(cli: &Cli, args: &EventsArgs) -> Result<(), Failure> 
         return Err(Failure::Reported(format!(
             "{skipped} unreadable audit event(s) skipped"
         )));
+    }
+    Ok(())
+}
+
+/// `audit anomalies FILE...`: the anomaly detectors over recorded logs, one signal per line
+/// (text, or the event's JSON with `--json`). Files are read line by line (memory stays
+/// bounded by the detector's caps, whatever the log's size); lines that are not events are
+/// skipped with a warning.
+pub(crate) fn anomalies(args: &AnomaliesArgs, json: bool) -> Result<(), Failure> {
+    use keygate_core::audit::{AnomalyConfig, AnomalyDetector};
+    use std::io::{BufRead, BufReader};
+
+    if !(args.spike_factor.is_finite() && args.spike_factor >= 1.0) {
+        return Err(Failure::Usage(
+            "--spike-factor must be a number of at least 1".into(),
+        ));
+    }
+    let mut files = Vec::new();
+    for f in &args.files {
+        let meta = std::fs::metadata(f)
+            .map_err(|e| Failure::Failed(format!("cannot read {}: {e}", f.display())))?;
+        if meta.is_dir() {
+            for stem in stems(f, args.stem.as_deref())? {
+                files.extend(
+                    log_files(f, &stem).map_err(|e| {
+                        Failure::Failed(format!("cannot list {}: {e}", f.display()))
+                    })?,
+                );
+            }
+        } else {
+            files.push(f.clone());
+        }
+    }
+    let mut detector = AnomalyDetector::new(AnomalyConfig {
+        learning: args.learning,
+        spike_factor: args.spike_factor,
+        spike_min: args.spike_min,
+        denial_threshold: args.denials,
+        networks_threshold: args.networks,
+        ..AnomalyConfig::default()
+    });
+    for path in &files {
+        let file = File::open(path)
+            .map_err(|e| Failure::Failed(format!("cannot read {}: {e}", path.display())))?;
+        let mut reader = BufReader::new(file);
+        let mut line = Vec::new();
+        let mut line_no = 0u64;
+        loop {
+            line.clear();
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| Failure::Failed(format!("cannot read {}: {e}", path.display())))?;
+            if n == 0 {
+                break;
+            }
+            line_no += 1;
+            let text = line.strip_suffix(b"\n").unwrap_or(&line);
+            if text.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let Some((_, event)) = parse_line(text) else {
+                warning(&format!(
+                    "{} line {line_no} is not an audit event; skipped",
+                    path.display()
+                ));
+                continue;
+            };
+            for signal in detector.observe(&event) {
+                let event = AuditEvent::Anomaly(signal);
+                let shown = if json {
+                    output::event_json(&event).to_string()
+                } else {
+                    output::event_line(None, &event)
+                };
+                print(&format!("{shown}\n"))?;
+            }
+        }
     }
     Ok(())
 }

@@ -425,6 +425,37 @@ pub(crate) enum AuditCommand {
     /// Print events from the database's keygate_audit table (the CLI's own changes go
     /// there).
     Events(EventsArgs),
+    /// Run the anomaly detectors over recorded audit logs (files in the order given; a
+    /// directory stands for each log in it, oldest file first) and print each signal: a
+    /// new network for a key, a traffic spike, a burst of denials, one key from many
+    /// networks. Exit 0 whether or not signals were raised.
+    Anomalies(AnomaliesArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AnomaliesArgs {
+    /// Log files (oldest first) or log directories.
+    #[arg(value_name = "FILE", required = true)]
+    pub(crate) files: Vec<PathBuf>,
+    /// The file-name stem of the log in directories (default: every log found there).
+    #[arg(long, value_name = "STEM")]
+    pub(crate) stem: Option<String>,
+    /// How long after a key's first request in the log its networks and traffic are only
+    /// learned.
+    #[arg(long, default_value = "1d", value_name = "DURATION", value_parser = parse::duration)]
+    pub(crate) learning: Duration,
+    /// A key's requests in one minute must exceed its moving baseline this many times...
+    #[arg(long, default_value_t = 10.0, value_name = "FACTOR")]
+    pub(crate) spike_factor: f64,
+    /// ...and be at least this many, to be a spike.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub(crate) spike_min: u64,
+    /// Denied requests from one address in one minute that make a burst.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub(crate) denials: u64,
+    /// Distinct networks of one key within ten minutes that raise a signal.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub(crate) networks: usize,
 }
 
 #[derive(Debug, Args)]

@@ -266,6 +266,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         // Reading files needs no runtime.
         Command::Audit(AuditCommand::Verify(args)) => audit::verify(args, cli.json),
         Command::Audit(AuditCommand::Tail(args)) => audit::tail(args, cli.json),
+        Command::Audit(AuditCommand::Anomalies(args)) => audit::anomalies(args, cli.json),
         _ => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -310,6 +311,8 @@ async fn run_async(cli: &Cli) -> Result<(), Failure> {
         }
         Command::Usage(args) => usage::usage(cli, args).await,
         Command::Audit(AuditCommand::Events(args)) => audit::events(cli, args).await,
-        Command::Audit(AuditCommand::Verify(_) | AuditCommand::Tail(_)) => Ok(()),
+        Command::Audit(
+            AuditCommand::Verify(_) | AuditCommand::Tail(_) | AuditCommand::Anomalies(_),
+        ) => Ok(()),
     }
 }

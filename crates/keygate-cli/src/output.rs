@@ -220,6 +220,32 @@ pub(crate) fn event_line(seq: Option<u64>, event: &AuditEvent) -> String {
             ));
             s
         }
+        AuditEvent::Anomaly(a) => {
+            let mut s = format!("{when}  {seq}anomaly    {}", a.kind.as_str());
+            if let Some(k) = a.key_id {
+                s.push_str(&format!("  key={k}"));
+            }
+            if let Some(n) = &a.key_name {
+                s.push_str(&format!("  name={n:?}"));
+            }
+            if let Some(ip) = a.client_ip {
+                s.push_str(&format!("  ip={ip}"));
+            }
+            if let Some(n) = &a.network {
+                s.push_str(&format!("  network={n}"));
+            }
+            s.push_str(&format!("  count={}", a.count));
+            if let Some(t) = a.threshold {
+                s.push_str(&format!("  threshold={t:.1}"));
+            }
+            if let Some(b) = a.baseline {
+                s.push_str(&format!("  baseline={b:.1}"));
+            }
+            if let Some(w) = a.window_s {
+                s.push_str(&format!("  window={w}s"));
+            }
+            s
+        }
         AuditEvent::Request(r) => {
             let decision = match r.decision {
                 Decision::Allowed => "allowed",

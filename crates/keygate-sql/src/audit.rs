@@ -36,6 +36,7 @@ impl AuditRow {
                 ("lifecycle", Some(l.action.as_str()), Some(l.actor.clone()))
             }
             AuditEvent::Denials(_) => ("denials", Some("denied"), None),
+            AuditEvent::Anomaly(a) => ("anomaly", Some(a.kind.as_str()), None),
         };
         Ok(AuditRow {
             at: to_ms(event.time()),

@@ -54,6 +54,10 @@ pub enum AuditEvent {
     /// Repeated anonymous denials from one source in one window, folded into one event by
     /// an [`AggregateSink`](super::AggregateSink).
     Denials(DenialSummary),
+    /// An anomaly signal raised from the request stream by an
+    /// [`AnomalyDetector`](super::AnomalyDetector) (a new network for a key, a traffic
+    /// spike, a burst of denials, a key used from many networks).
+    Anomaly(AnomalyEvent),
 }
 
 impl AuditEvent {
@@ -63,6 +67,7 @@ impl AuditEvent {
             AuditEvent::Request(r) => r.time,
             AuditEvent::Lifecycle(l) => l.time,
             AuditEvent::Denials(d) => d.time,
+            AuditEvent::Anomaly(a) => a.time,
         }
     }
 
@@ -72,6 +77,7 @@ impl AuditEvent {
             AuditEvent::Request(r) => r.key_id,
             AuditEvent::Lifecycle(l) => Some(l.key_id),
             AuditEvent::Denials(_) => None,
+            AuditEvent::Anomaly(a) => a.key_id,
         }
     }
 
@@ -79,7 +85,7 @@ impl AuditEvent {
     pub fn as_request(&self) -> Option<&RequestEvent> {
         match self {
             AuditEvent::Request(r) => Some(r),
-            AuditEvent::Lifecycle(_) | AuditEvent::Denials(_) => None,
+            AuditEvent::Lifecycle(_) | AuditEvent::Denials(_) | AuditEvent::Anomaly(_) => None,
         }
     }
 
@@ -87,7 +93,7 @@ impl AuditEvent {
     pub fn as_lifecycle(&self) -> Option<&LifecycleEvent> {
         match self {
             AuditEvent::Lifecycle(l) => Some(l),
-            AuditEvent::Request(_) | AuditEvent::Denials(_) => None,
+            AuditEvent::Request(_) | AuditEvent::Denials(_) | AuditEvent::Anomaly(_) => None,
         }
     }
 
@@ -95,7 +101,15 @@ impl AuditEvent {
     pub fn as_denials(&self) -> Option<&DenialSummary> {
         match self {
             AuditEvent::Denials(d) => Some(d),
-            AuditEvent::Request(_) | AuditEvent::Lifecycle(_) => None,
+            AuditEvent::Request(_) | AuditEvent::Lifecycle(_) | AuditEvent::Anomaly(_) => None,
+        }
+    }
+
+    /// The anomaly signal, if this is one.
+    pub fn as_anomaly(&self) -> Option<&AnomalyEvent> {
+        match self {
+            AuditEvent::Anomaly(a) => Some(a),
+            AuditEvent::Request(_) | AuditEvent::Lifecycle(_) | AuditEvent::Denials(_) => None,
         }
     }
 }
@@ -360,6 +374,97 @@ pub struct DenialSummary {
     pub denial: Option<DenialCode>,
     /// How many requests were folded into this event (not recorded one by one).
     pub count: u64,
+}
+
+/// Which anomaly detector raised a signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnomalyKind {
+    /// A key was used from a network (a /24 for IPv4, a /64 for IPv6 by default) it had not
+    /// used before, after the key's learning period.
+    NewNetwork,
+    /// A key's requests in one window exceeded its own moving baseline by the configured
+    /// factor.
+    Spike,
+    /// Many denied requests from one client address in one window (scope probing, key
+    /// guessing).
+    DenialBurst,
+    /// One key was used from many networks within one window.
+    ManyNetworks,
+}
+
+impl AnomalyKind {
+    /// Every kind, in a fixed order.
+    pub const ALL: [AnomalyKind; 4] = [
+        AnomalyKind::NewNetwork,
+        AnomalyKind::Spike,
+        AnomalyKind::DenialBurst,
+        AnomalyKind::ManyNetworks,
+    ];
+
+    /// `new_network`, `spike`, `denial_burst` or `many_networks`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AnomalyKind::NewNetwork => "new_network",
+            AnomalyKind::Spike => "spike",
+            AnomalyKind::DenialBurst => "denial_burst",
+            AnomalyKind::ManyNetworks => "many_networks",
+        }
+    }
+}
+
+impl fmt::Display for AnomalyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An anomaly signal: what was seen, about which key or address, and the figures behind it.
+/// Like every event, it never holds a key or a credential.
+///
+/// ```
+/// use keygate_core::audit::{AnomalyKind, AuditEvent};
+///
+/// let json = r#"{"type":"anomaly","time":"2026-01-01T00:00:00Z","kind":"new_network",
+///   "key_id":"3hG7xQ2mPa9Z","key_name":"ci","client_ip":"198.51.100.7",
+///   "network":"198.51.100.0/24","count":1,"threshold":null,"baseline":null,"window_s":null}"#;
+/// let event: AuditEvent = serde_json::from_str(json).unwrap();
+/// assert_eq!(event.as_anomaly().unwrap().kind, AnomalyKind::NewNetwork);
+/// assert_eq!(event.key_id().unwrap().as_str(), "3hG7xQ2mPa9Z");
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnomalyEvent {
+    /// The time of the request that raised the signal (taken from the request event, so a
+    /// recorded log replayed raises the same signals at the same times).
+    #[serde(with = "rfc3339")]
+    pub time: SystemTime,
+    /// Which detector raised it.
+    pub kind: AnomalyKind,
+    /// The key concerned (for a denial burst: the key of the denied requests when they all
+    /// named one, else none).
+    pub key_id: Option<KeyId>,
+    /// The key's name, when the request event carried it.
+    #[serde(default, with = "shared_str")]
+    pub key_name: Option<Arc<str>>,
+    /// The client address of the request that raised the signal.
+    pub client_ip: Option<IpAddr>,
+    /// The client's network (`198.51.100.0/24`) for `new_network` and `many_networks`.
+    pub network: Option<String>,
+    /// The figure that crossed the line: requests in the window (`spike`), denials in the
+    /// window (`denial_burst`), networks in the window (`many_networks`), 1 (`new_network`).
+    pub count: u64,
+    /// The line it crossed, when there is one.
+    pub threshold: Option<f64>,
+    /// The key's moving baseline of requests per window (`spike`).
+    pub baseline: Option<f64>,
+    /// The window's length in seconds, when the detector counts in windows.
+    pub window_s: Option<u64>,
+}
+
+impl From<AnomalyEvent> for AuditEvent {
+    fn from(e: AnomalyEvent) -> Self {
+        AuditEvent::Anomaly(e)
+    }
 }
 
 /// RFC 3339 UTC timestamps with microseconds.

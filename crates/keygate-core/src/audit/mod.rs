@@ -4,6 +4,9 @@
 //!   `AuditLayer`) and one per key lifecycle change ([`LifecycleEvent`], written by
 //!   [`KeyManager`](crate::KeyManager)). Events never carry a key, a digest, a credential
 //!   header or a query string.
+//! - [`AnomalyEvent`]: signals raised from the request stream by an [`AnomalyDetector`]
+//!   (run in the pipeline by an [`AnomalySink`]): a new network for a key, a traffic spike,
+//!   a burst of denials, one key from many networks.
 //! - [`AuditSink`]: where events go. [`TracingSink`] (the default), [`MemorySink`] (tests),
 //!   [`FileSink`] (JSON Lines with a blake3 hash chain, rotation and [`verify_dir`]).
 //! - [`Auditor`]: the handle that records events, straight into a sink
@@ -31,6 +34,7 @@
 //! ```
 
 mod aggregate;
+mod anomaly;
 mod event;
 mod file;
 mod queue;
@@ -39,9 +43,10 @@ mod sink;
 mod text;
 
 pub use aggregate::AggregateSink;
+pub use anomaly::{AnomalyConfig, AnomalyDetector, AnomalySink, KeyDisabler};
 pub use event::{
-    AuditEvent, Decision, DenialSummary, FieldChange, LifecycleAction, LifecycleEvent,
-    RequestEvent, SharedNames, Transport,
+    AnomalyEvent, AnomalyKind, AuditEvent, Decision, DenialSummary, FieldChange, LifecycleAction,
+    LifecycleEvent, RequestEvent, SharedNames, Transport,
 };
 pub use file::{
     checkpoint_path, log_files, log_stems, read_checkpoint, verify_dir, verify_files, BrokenChain,

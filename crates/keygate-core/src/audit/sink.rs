@@ -274,6 +274,23 @@ impl AuditSink for TracingSink {
                     "denials"
                 );
             }
+            AuditEvent::Anomaly(a) => {
+                tracing::warn!(
+                    target: "keygate::audit",
+                    kind = "anomaly",
+                    time = %crate::time::rfc3339_micros(a.time),
+                    anomaly = a.kind.as_str(),
+                    key_id = a.key_id.as_ref().map(|k| k.as_str()),
+                    key_name = a.key_name.as_deref(),
+                    client_ip = a.client_ip.map(tracing::field::display),
+                    network = a.network.as_deref(),
+                    count = a.count,
+                    threshold = a.threshold,
+                    baseline = a.baseline,
+                    "anomaly {}",
+                    a.kind
+                );
+            }
             AuditEvent::Lifecycle(l) => {
                 let changes = serde_json::to_string(&l.changes)?;
                 tracing::info!(
