@@ -71,7 +71,9 @@ use keygate_showcase as server;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use keygate::core::audit::{AggregateSink, Auditor, ChainKey, FileSink, TeeSink};
+use keygate::core::audit::{
+    AggregateSink, AnomalyConfig, AnomalySink, Auditor, ChainKey, FileSink, TeeSink,
+};
 use keygate::quota::Counting;
 use keygate::redis::{
     Publishing, Redis, RedisOptions, RedisRateLimiter, RedisUsageStore, WatchOptions,
@@ -442,9 +444,14 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .open()?;
     let sink = AggregateSink::new(TeeSink::lifecycle(file, store.audit_sink()?))
         .window(std::time::Duration::from_secs(args.audit_window));
-    // Metrics count every event before denials are folded into summaries.
+    // Metrics count every event before denials are folded into summaries. The anomaly
+    // detectors see every event first (bounded memory, on the writer thread) and write
+    // their signals into the same chain, where the metrics count them too.
     let metrics = keygate::metrics::Metrics::new();
-    let auditor = Auditor::spawn(TeeSink::new(metrics.clone(), sink))?;
+    let auditor = Auditor::spawn(AnomalySink::new(
+        AnomalyConfig::default(),
+        TeeSink::new(metrics.clone(), sink),
+    ))?;
 
     // Quota counters in the same database (batched, flushed every second and at shutdown),
     // where `keygate usage` reads them.
