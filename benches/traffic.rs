@@ -95,7 +95,7 @@ fn key_id(n: u64) -> KeyId {
 /// Prints the memory per tracked key of both layers.
 fn memory_per_key() {
     let clock = ManualClock::at_2026();
-    let layer = RateLimitLayer::standalone(
+    let layer = RateLimitLayer::new(
         RateLimitConfig::new()
             .clock(LimiterClock::manual(clock))
             .headers(false),
@@ -131,7 +131,7 @@ fn memory_per_key() {
     }
 
     const Q: u64 = 100_000;
-    let quota = QuotaLayer::standalone(
+    let quota = QuotaLayer::new(
         QuotaConfig::new(MemoryUsageStore::new())
             .counting(Counting::Batched {
                 flush_every: Duration::from_secs(3600),
@@ -259,16 +259,13 @@ fn benches(c: &mut Criterion) {
     let bare = service_fn(empty);
     let rl = |headers: bool| {
         ServiceBuilder::new()
-            .layer(
-                RateLimitLayer::standalone(RateLimitConfig::new().headers(headers))
-                    .expect("config"),
-            )
+            .layer(RateLimitLayer::new(RateLimitConfig::new().headers(headers)).expect("config"))
             .service_fn(empty)
     };
     let quota = |on: bool| {
         ServiceBuilder::new()
             .layer(
-                QuotaLayer::standalone(
+                QuotaLayer::new(
                     QuotaConfig::new(MemoryUsageStore::new())
                         .counting(Counting::Batched {
                             flush_every: Duration::from_secs(3600),

@@ -727,9 +727,11 @@ pub async fn serve_tls(
         quota,
         auditor,
     } = protection;
-    let quota = QuotaLayer::new(&gate, quota.cost(|h| u64::from(point_cost(h.extensions()))))?;
+    let quota =
+        QuotaLayer::new(quota.cost(|h| u64::from(point_cost(h.extensions()))))?.with_gate(&gate);
     let usage = quota.handle();
-    let rate = RateLimitLayer::new(&gate, rate_limit.cost(|h| point_cost(h.extensions())))?;
+    let rate =
+        RateLimitLayer::new(rate_limit.cost(|h| point_cost(h.extensions())))?.with_gate(&gate);
     let counter = gate.clone();
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = tls {

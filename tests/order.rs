@@ -188,23 +188,21 @@ impl World {
                 boxed(AuditLayer::new(Auditor::direct(self.sink.clone())).layer(svc))
             }
             (Kind::Rate, true) => boxed(
-                RateLimitLayer::new(g, self.rate_config())
+                RateLimitLayer::new(self.rate_config())
                     .unwrap()
+                    .with_gate(g)
                     .layer(svc),
             ),
-            (Kind::Rate, false) => boxed(
-                RateLimitLayer::standalone(self.rate_config())
-                    .unwrap()
-                    .layer(svc),
-            ),
-            (Kind::Quota, true) => {
-                boxed(QuotaLayer::new(g, self.quota_config()).unwrap().layer(svc))
+            (Kind::Rate, false) => {
+                boxed(RateLimitLayer::new(self.rate_config()).unwrap().layer(svc))
             }
-            (Kind::Quota, false) => boxed(
-                QuotaLayer::standalone(self.quota_config())
+            (Kind::Quota, true) => boxed(
+                QuotaLayer::new(self.quota_config())
                     .unwrap()
+                    .with_gate(g)
                     .layer(svc),
             ),
+            (Kind::Quota, false) => boxed(QuotaLayer::new(self.quota_config()).unwrap().layer(svc)),
             (Kind::Auth, _) => boxed(g.auth_layer().layer(svc)),
             (Kind::Scope, true) => boxed(
                 ScopeLayer::table(self.rules.clone())

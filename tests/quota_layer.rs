@@ -60,7 +60,7 @@ fn stack(
     fx: &Fixture,
     config: QuotaConfig,
 ) -> (Stack, keygate::quota::QuotaHandle, Arc<AtomicUsize>) {
-    let layer = QuotaLayer::new(&fx.gate, config).unwrap();
+    let layer = QuotaLayer::new(config).unwrap().with_gate(&fx.gate);
     let handle = layer.handle();
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = ServiceBuilder::new()
@@ -358,11 +358,9 @@ async fn requests_without_a_principal_pass_unchanged() {
     // untouched (the auth layer, wherever it is, rejects them) and count nothing.
     let svc = ServiceBuilder::new()
         .layer(
-            QuotaLayer::new(
-                &fx.gate,
-                QuotaConfig::new(store.clone()).meter(QuotaWindow::Day),
-            )
-            .unwrap(),
+            QuotaLayer::new(QuotaConfig::new(store.clone()).meter(QuotaWindow::Day))
+                .unwrap()
+                .with_gate(&fx.gate),
         )
         .service(counting_ok::<Body>(calls.clone()));
     let bad = forge("kg", "AAAAAAAAAAAA", "BBBBBBBBBBBBBBBBBBBBBB");
@@ -387,7 +385,7 @@ async fn requests_without_a_principal_pass_unchanged() {
         .is_empty());
     // Standalone, with nothing in the extensions: the same.
     let svc = ServiceBuilder::new()
-        .layer(QuotaLayer::standalone(QuotaConfig::new(store)).unwrap())
+        .layer(QuotaLayer::new(QuotaConfig::new(store)).unwrap())
         .service(counting_ok::<Body>(calls.clone()));
     assert_eq!(
         svc.oneshot(Request::get("/").body(Body::default()).unwrap())
@@ -412,7 +410,11 @@ async fn handlers_see_the_remaining_allowance() {
     fx.clock.set(utc(2026, 1, 1, 12, 30, 0));
     let svc = ServiceBuilder::new()
         .layer(fx.gate.auth_layer())
-        .layer(QuotaLayer::new(&fx.gate, QuotaConfig::new(MemoryUsageStore::new())).unwrap())
+        .layer(
+            QuotaLayer::new(QuotaConfig::new(MemoryUsageStore::new()))
+                .unwrap()
+                .with_gate(&fx.gate),
+        )
         .service_fn(|req: Request<Body>| async move {
             let status = req
                 .extensions()
@@ -791,14 +793,15 @@ async fn a_refusal_by_an_inner_layer_is_refunded() {
         },
     ] {
         let store = MemoryUsageStore::new();
-        let quota =
-            QuotaLayer::new(&fx.gate, QuotaConfig::new(store.clone()).counting(counting)).unwrap();
+        let quota = QuotaLayer::new(QuotaConfig::new(store.clone()).counting(counting))
+            .unwrap()
+            .with_gate(&fx.gate);
         let handle = quota.handle();
         let rate = RateLimitLayer::new(
-            &fx.gate,
             RateLimitConfig::new().clock(LimiterClock::manual(fx.clock.clone())),
         )
-        .unwrap();
+        .unwrap()
+        .with_gate(&fx.gate);
         let svc = ServiceBuilder::new()
             .layer(quota)
             .layer(rate)
@@ -876,7 +879,6 @@ async fn requests_the_service_refuses_are_not_charged() {
     ] {
         let store = MemoryUsageStore::new();
         let quota = QuotaLayer::new(
-            &fx.gate,
             QuotaConfig::new(store.clone())
                 .counting(counting)
                 .cost(|h| {
@@ -885,7 +887,8 @@ async fn requests_the_service_refuses_are_not_charged() {
                         .map_or(1, |v| v.to_str().unwrap().parse().unwrap())
                 }),
         )
-        .unwrap();
+        .unwrap()
+        .with_gate(&fx.gate);
         let handle = quota.handle();
         let calls = Arc::new(AtomicUsize::new(0));
         let svc = ServiceBuilder::new()
@@ -952,11 +955,9 @@ async fn requests_the_service_refuses_are_not_charged() {
 async fn charge_refused_keeps_charging_refusals() {
     let fx = Fixture::new();
     let key = issue(&fx, vec![QuotaPolicy::new("daily", 2, QuotaWindow::Day)]).await;
-    let quota = QuotaLayer::new(
-        &fx.gate,
-        QuotaConfig::new(MemoryUsageStore::new()).charge_refused(true),
-    )
-    .unwrap();
+    let quota = QuotaLayer::new(QuotaConfig::new(MemoryUsageStore::new()).charge_refused(true))
+        .unwrap()
+        .with_gate(&fx.gate);
     let svc = ServiceBuilder::new()
         .layer(fx.gate.auth_layer())
         .layer(quota)
@@ -1047,12 +1048,12 @@ async fn bad_configurations_are_refused_and_bad_records_fail_closed() {
         flush_every: Duration::ZERO,
     });
     assert_eq!(
-        QuotaLayer::standalone(zero).unwrap_err(),
+        QuotaLayer::new(zero).unwrap_err(),
         ConfigError::ZeroFlushInterval
     );
     let bad_meter = QuotaConfig::new(MemoryUsageStore::new())
         .meter(QuotaWindow::Credits(Refill::Monthly { day: 0 }));
-    assert!(QuotaLayer::standalone(bad_meter).is_err());
+    assert!(QuotaLayer::new(bad_meter).is_err());
     let err = |p: QuotaPolicy| validate_policy(&p).unwrap_err().to_string();
     assert!(err(QuotaPolicy::new("z", 0, QuotaWindow::Day)).contains("at least 1"));
     assert!(err(QuotaPolicy::new(

@@ -100,16 +100,13 @@ fn inner(
 /// The same six policies, separate (`fused == false`) or fused, with fresh counters.
 fn stack(w: &World, fused: bool, sink: &MemorySink, calls: Arc<AtomicUsize>) -> Svc {
     let g = &w.gate;
-    let rate = RateLimitLayer::new(
-        g,
-        RateLimitConfig::new().clock(LimiterClock::manual(w.clock.clone())),
-    )
-    .unwrap();
-    let quota = QuotaLayer::new(
-        g,
-        QuotaConfig::new(MemoryUsageStore::new()).clock(w.clock.clone()),
-    )
-    .unwrap();
+    let rate =
+        RateLimitLayer::new(RateLimitConfig::new().clock(LimiterClock::manual(w.clock.clone())))
+            .unwrap()
+            .with_gate(g);
+    let quota = QuotaLayer::new(QuotaConfig::new(MemoryUsageStore::new()).clock(w.clock.clone()))
+        .unwrap()
+        .with_gate(g);
     let ip = IpAllowLayer::new(IpPolicy::new().deny(["203.0.113.0/24"]).unwrap());
     let scope = ScopeLayer::table(w.rules.clone());
     let auditor = Auditor::direct(sink.clone());

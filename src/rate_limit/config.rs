@@ -12,7 +12,7 @@ use super::limiter::{Limiter, LimiterClock, Shape, ShapeError, ShapeHash};
 use crate::core::rate::RateBackend;
 use crate::core::usage::{write_policy_item, FieldSink};
 use crate::cost::RequestHead;
-use crate::{KeyGate, RateLimitPolicy};
+use crate::RateLimitPolicy;
 
 /// A cost function: how many units of every rate limit one request uses.
 pub(crate) type CostFn = Arc<dyn Fn(&RequestHead<'_>) -> u32 + Send + Sync>;
@@ -290,8 +290,6 @@ pub(crate) struct Shared {
     pub(crate) cost: Option<CostFn>,
     pub(crate) headers: bool,
     pub(crate) ipv6_prefix: u8,
-    /// The hub, when the layer was built from one (client addresses through its proxies).
-    pub(crate) gate: Option<KeyGate>,
     /// Shared state, when configured (otherwise the limiters above decide).
     pub(crate) backend: Option<Arc<dyn RateBackend>>,
     pub(crate) fallback: Fallback,
@@ -301,10 +299,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(super) fn new(
-        config: RateLimitConfig,
-        gate: Option<KeyGate>,
-    ) -> Result<Shared, ConfigError> {
+    pub(super) fn new(config: RateLimitConfig) -> Result<Shared, ConfigError> {
         config.validate()?;
         let mut shared = Shared {
             limiters: DashMap::default(),
@@ -321,7 +316,6 @@ impl Shared {
             cost: config.cost,
             headers: config.headers,
             ipv6_prefix: config.ipv6_prefix,
-            gate,
             backend: config.backend,
             fallback: config.fallback,
             clock: config.clock,

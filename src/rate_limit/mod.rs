@@ -18,7 +18,7 @@
 //!
 //! let svc = ServiceBuilder::new()
 //!     .layer(gate.auth_layer())
-//!     .layer(RateLimitLayer::new(&gate, RateLimitConfig::new()).unwrap())
+//!     .layer(RateLimitLayer::new(RateLimitConfig::new()).unwrap().with_gate(&gate))
 //!     .service_fn(|_: Request<String>| async { Ok::<_, std::convert::Infallible>(Response::new(String::new())) });
 //! let call = || svc.clone().oneshot(Request::get("/").header("x-api-key", key.expose_secret()).body(String::new()).unwrap());
 //!

@@ -68,6 +68,8 @@ impl ResponseNote for RateLimitNote {
 #[derive(Clone)]
 pub struct RateCheck {
     pub(crate) shared: Arc<Shared>,
+    /// The hub, when the layer has one (client addresses through its proxies).
+    pub(crate) gate: Option<crate::KeyGate>,
 }
 
 impl std::fmt::Debug for RateCheck {
@@ -131,7 +133,7 @@ impl Check for RateCheck {
             None => Step::Now(self.check(req, who)),
             Some(backend) => {
                 let backend = backend.clone();
-                begin_remote(self.shared.clone(), backend, req, who)
+                begin_remote(self.shared.clone(), self.gate.as_ref(), backend, req, who)
             }
         }
     }
@@ -144,7 +146,7 @@ impl Check for RateCheck {
         let principal = who.ok();
         let subject = match principal {
             Some(p) => Subject::Key(p.lineage_id()),
-            None => client_address(&self.shared, self.shared.gate.as_ref(), req),
+            None => client_address(&self.shared, self.gate.as_ref(), req),
         };
         let req = &*req;
         decide_locally(&self.shared, principal, subject, |shared| {
@@ -209,6 +211,7 @@ fn rate_subject(subject: Subject) -> RateSubject {
 /// async step).
 fn begin_remote<ReqB: Send + 'static>(
     shared: Arc<Shared>,
+    gate: Option<&crate::KeyGate>,
     backend: Arc<dyn RateBackend>,
     req: &mut Request<ReqB>,
     who: Result<&Principal, &Denial>,
@@ -216,7 +219,7 @@ fn begin_remote<ReqB: Send + 'static>(
     let principal = who.ok();
     let subject = match principal {
         Some(p) => Subject::Key(p.lineage_id()),
-        None => client_address(&shared, shared.gate.as_ref(), req),
+        None => client_address(&shared, gate, req),
     };
     let (policies, _) = policies_of(&shared, principal);
     if policies.is_empty() {

@@ -392,10 +392,9 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
     if let Some(backend) = opts.bytes_rate_backend {
         bytes_config = bytes_config.backend(backend);
     }
-    let rate_bytes = RateLimitLayer::new(&gate, bytes_config)?;
-    let rate = RateLimitLayer::new(&gate, rate_config)?;
+    let rate_bytes = RateLimitLayer::new(bytes_config)?.with_gate(&gate);
+    let rate = RateLimitLayer::new(rate_config)?.with_gate(&gate);
     let quota = QuotaLayer::new(
-        &gate,
         QuotaConfig::new(opts.usage)
             .counting(opts.counting)
             .meter(QuotaWindow::Day)
@@ -404,7 +403,8 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
                     .unwrap_or(u64::MAX)
                     .saturating_add(body_units(h.extensions()))
             }),
-    )?;
+    )?
+    .with_gate(&gate);
     let handle = quota.handle();
     let admin = AdminApi::new(keys.clone())
         .gate(&gate)
