@@ -168,7 +168,7 @@ impl World {
             .clock(LimiterClock::manual(self.clock.clone()))
             .default_policies([RateLimitPolicy::per_minute("default", 1_000)])
             .anonymous_policies([RateLimitPolicy::per_minute("anonymous", 1_000)])
-            .cost(|h| header_cost(h, "x-rate-cost").map_or(1, |c| c as u32))
+            .cost(|h| header_cost(h, "x-rate-cost").unwrap_or(1))
     }
 
     fn quota_config(&self) -> QuotaConfig {

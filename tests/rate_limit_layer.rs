@@ -281,7 +281,18 @@ async fn weighted_costs_zero_and_oversized() {
         "This request costs 101; the rate limit \"points\" allows at most 100 at once. \
          Send smaller requests."
     );
-    // Neither refusal was counted: 40 still fit.
+    // A cost beyond u32 (costs are u64, as for quotas) is refused the same way, naming
+    // the real cost, not a truncated or saturated one.
+    let res = svc.clone().oneshot(batch("4294967297")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body = json(res).await;
+    assert_eq!(body["code"], "cost_exceeds_limit");
+    assert_eq!(
+        body["detail"],
+        "This request costs 4294967297; the rate limit \"points\" allows at most 100 at once. \
+         Send smaller requests."
+    );
+    // No refusal was counted: 40 still fit.
     assert_eq!(
         svc.clone().oneshot(batch("40")).await.unwrap().status(),
         200

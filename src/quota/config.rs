@@ -9,11 +9,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::meter::Meter;
 use crate::core::usage::{UsageError, UsageStore};
-use crate::cost::RequestHead;
+use crate::cost::{Cost, CostFn, RequestHead};
 use crate::{Clock, QuotaPolicy, QuotaWindow, Refill, SystemClock};
 
 /// A cost function: how many units of every quota one request uses.
-pub(crate) type CostFn = Arc<dyn Fn(&RequestHead<'_>) -> u64 + Send + Sync>;
 
 /// Why a quota configuration (or a key's quota policy) was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -135,7 +134,7 @@ impl QuotaConfig {
     /// counts as over the limit.
     pub fn cost<F>(mut self, f: F) -> Self
     where
-        F: Fn(&RequestHead<'_>) -> u64 + Send + Sync + 'static,
+        F: Fn(&RequestHead<'_>) -> Cost + Send + Sync + 'static,
     {
         self.cost = Some(Arc::new(f));
         self

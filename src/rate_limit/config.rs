@@ -11,11 +11,10 @@ use http::HeaderValue;
 use super::limiter::{Limiter, LimiterClock, Shape, ShapeError, ShapeHash};
 use crate::core::rate::RateBackend;
 use crate::core::usage::{write_policy_item, FieldSink};
-use crate::cost::RequestHead;
+use crate::cost::{Cost, CostFn, RequestHead};
 use crate::RateLimitPolicy;
 
 /// A cost function: how many units of every rate limit one request uses.
-pub(crate) type CostFn = Arc<dyn Fn(&RequestHead<'_>) -> u32 + Send + Sync>;
 
 /// Why a rate-limit configuration (or a key's policy) was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -174,17 +173,17 @@ impl RateLimitConfig {
     /// and is refused at once (413 `cost_exceeds_limit`, no `Retry-After`).
     pub fn cost<F>(mut self, f: F) -> Self
     where
-        F: Fn(&RequestHead<'_>) -> u32 + Send + Sync + 'static,
+        F: Fn(&RequestHead<'_>) -> Cost + Send + Sync + 'static,
     {
         self.cost = Some(Arc::new(f));
         self
     }
 
-    /// Charges every policy in bytes: [`ByBytes::cost_u32`](crate::cost::ByBytes::cost_u32)
+    /// Charges every policy in bytes: [`ByBytes::cost`](crate::cost::ByBytes::cost)
     /// as the [`cost`](Self::cost) function (policies' limits are then in `unit`s of bytes
     /// per period).
     pub fn cost_in_bytes(self, bytes: crate::cost::ByBytes) -> Self {
-        self.cost(move |head| bytes.cost_u32(head))
+        self.cost(move |head| bytes.cost(head))
     }
 
     /// Whether successful responses carry `RateLimit-Policy` and `RateLimit` (default on).
