@@ -73,6 +73,39 @@ use crate::Principal;
 /// naming the real cost, so the wider type loses nothing there.
 pub type Cost = u64;
 
+/// Why a rate-limit or quota configuration (or a key's policy) was refused: one error for
+/// both layers ([`RateLimitLayer::new`](crate::rate_limit::RateLimitLayer::new),
+/// [`QuotaLayer::new`](crate::quota::QuotaLayer::new) and their `validate_policy`), each
+/// variant meaning the same in both.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A policy cannot be enforced: a limit of 0; for a rate limit a period of 0 or over 366
+    /// days, or more than one unit per nanosecond; for a quota a monthly refill day outside
+    /// 1 to 31.
+    #[error("policy {name:?}: {reason}")]
+    InvalidPolicy {
+        /// The policy's name (at most 64 characters of it).
+        name: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A policy name is empty, too long, or not `[A-Za-z0-9_-]` (at most 64 characters of
+    /// it are kept).
+    #[error("policy name {0:?}: must be 1 to 64 characters of [A-Za-z0-9_-]")]
+    InvalidName(String),
+    /// Two policies of one set share a name.
+    #[error("policy {0:?} appears twice")]
+    DuplicateName(String),
+    /// The IPv6 prefix length is outside 1 to 64.
+    #[error("IPv6 prefix length {0}: must be 1 to 64")]
+    InvalidIpv6Prefix(u8),
+    /// A setting that must not be zero is (a count or an interval; names the setting:
+    /// `max_tracked_addresses`, `housekeeping_every`, `flush_every`).
+    #[error("{0} must not be zero")]
+    Zero(&'static str),
+}
+
 /// A cost function, as the layers store it.
 pub(crate) type CostFn = std::sync::Arc<dyn Fn(&RequestHead<'_>) -> Cost + Send + Sync>;
 

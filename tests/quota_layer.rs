@@ -18,7 +18,8 @@ use keygate::core::usage::{
     utc, Admission, Increment, Limit, MemoryUsageStore, Usage, UsageError, UsageRecord, UsageStore,
     Window,
 };
-use keygate::quota::{validate_policy, ConfigError, Counting, QuotaConfig, QuotaLayer};
+use keygate::cost::ConfigError;
+use keygate::quota::{validate_policy, Counting, QuotaConfig, QuotaLayer};
 use keygate::rate_limit::{LimiterClock, RateLimitConfig, RateLimitLayer};
 use keygate::{
     ApiKey, Denial, DenialCode, KeyId, QuotaPolicy, QuotaWindow, RateLimitPolicy, Refill,
@@ -1049,7 +1050,7 @@ async fn bad_configurations_are_refused_and_bad_records_fail_closed() {
     });
     assert_eq!(
         QuotaLayer::new(zero).unwrap_err(),
-        ConfigError::ZeroFlushInterval
+        ConfigError::Zero("flush_every")
     );
     let bad_meter = QuotaConfig::new(MemoryUsageStore::new())
         .meter(QuotaWindow::Credits(Refill::Monthly { day: 0 }));
@@ -1063,6 +1064,15 @@ async fn bad_configurations_are_refused_and_bad_records_fail_closed() {
     ))
     .contains("1 to 31"));
     assert!(err(QuotaPolicy::new("", 5, QuotaWindow::Day)).contains("[A-Za-z0-9_-]"));
+    // The same error type as rate limits, with the same variant for the same fault.
+    assert_eq!(
+        validate_policy(&QuotaPolicy::new("bad name", 5, QuotaWindow::Day)),
+        Err(ConfigError::InvalidName("bad name".into()))
+    );
+    assert_eq!(
+        keygate::rate_limit::validate_policy(&keygate::RateLimitPolicy::per_second("bad name", 5)),
+        Err(ConfigError::InvalidName("bad name".into()))
+    );
     assert!(validate_policy(&QuotaPolicy::new(
         "ok",
         1,

@@ -14,10 +14,9 @@ use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use keygate::core::usage::MemoryUsageStore;
+use keygate::cost::ConfigError;
 use keygate::quota::{QuotaConfig, QuotaLayer};
-use keygate::rate_limit::{
-    validate_policy, ConfigError, LimiterClock, RateLimitConfig, RateLimitLayer,
-};
+use keygate::rate_limit::{validate_policy, LimiterClock, RateLimitConfig, RateLimitLayer};
 use keygate::{
     ApiKey, Clock, Denial, DenialCode, KeyId, KeyRecord, ManualClock, Prefix, Principal,
     QuotaPolicy, QuotaWindow, RateLimitPolicy,

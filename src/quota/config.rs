@@ -9,27 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::meter::Meter;
 use crate::core::usage::{UsageError, UsageStore};
-use crate::cost::{Cost, CostFn, RequestHead};
+use crate::cost::{ConfigError, Cost, CostFn, RequestHead};
 use crate::{Clock, QuotaPolicy, QuotaWindow, Refill, SystemClock};
-
-/// A cost function: how many units of every quota one request uses.
-
-/// Why a quota configuration (or a key's quota policy) was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// A policy cannot be enforced.
-    #[error("quota policy {name:?}: {reason}")]
-    InvalidPolicy {
-        /// The policy's name.
-        name: String,
-        /// What is wrong.
-        reason: &'static str,
-    },
-    /// The flush interval is zero.
-    #[error("the flush interval must not be zero")]
-    ZeroFlushInterval,
-}
 
 /// Checks that `policy` can be enforced by [`QuotaLayer`](super::QuotaLayer): a name of 1 to 64
 /// `[A-Za-z0-9_-]`, a limit of at least 1, and a monthly refill day of 1 to 31. Key-issuing
@@ -47,9 +28,7 @@ pub fn validate_policy(policy: &QuotaPolicy) -> Result<(), ConfigError> {
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
     {
-        return Err(invalid(
-            "the name must be 1 to 64 characters of [A-Za-z0-9_-]",
-        ));
+        return Err(ConfigError::InvalidName(name.chars().take(64).collect()));
     }
     if policy.limit == 0 {
         return Err(invalid("the limit must be at least 1"));
@@ -186,7 +165,7 @@ impl QuotaConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if let Counting::Batched { flush_every } = self.counting {
             if flush_every.is_zero() {
-                return Err(ConfigError::ZeroFlushInterval);
+                return Err(ConfigError::Zero("flush_every"));
             }
         }
         if let Some(QuotaWindow::Credits(Refill::Monthly { day })) = self.meter {

@@ -5,9 +5,10 @@ use std::time::{Duration, SystemTime};
 use tower_layer::Layer;
 
 use super::config::{QuotaConfig, Shared};
-use super::{ConfigError, Quota, QuotaCheck};
+use super::{Quota, QuotaCheck};
 use crate::check::{CheckLayer, One, Resolver};
 use crate::core::usage::{UsageError, UsageRecord};
+use crate::cost::ConfigError;
 use crate::{Clock, KeyGate, KeyId};
 
 /// Layer that applies [`Quota`]: per-key allowances per UTC calendar window (hour, day,

@@ -96,6 +96,6 @@ mod layer;
 mod meter;
 mod service;
 
-pub use config::{validate_policy, ConfigError, Counting, QuotaConfig};
+pub use config::{validate_policy, Counting, QuotaConfig};
 pub use layer::{QuotaHandle, QuotaLayer};
 pub use service::{Quota, QuotaCheck, QuotaNote, QuotaState, QuotaStatus};

@@ -11,37 +11,8 @@ use http::HeaderValue;
 use super::limiter::{Limiter, LimiterClock, Shape, ShapeError, ShapeHash};
 use crate::core::rate::RateBackend;
 use crate::core::usage::{write_policy_item, FieldSink};
-use crate::cost::{Cost, CostFn, RequestHead};
+use crate::cost::{ConfigError, Cost, CostFn, RequestHead};
 use crate::RateLimitPolicy;
-
-/// A cost function: how many units of every rate limit one request uses.
-
-/// Why a rate-limit configuration (or a key's policy) was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// A policy cannot be enforced (zero limit, zero or too long a period, or more than one
-    /// request per nanosecond).
-    #[error("rate-limit policy {name:?}: {reason}")]
-    InvalidPolicy {
-        /// The policy's name.
-        name: String,
-        /// What is wrong.
-        reason: &'static str,
-    },
-    /// A policy name is empty, too long, or not `[A-Za-z0-9_-]`.
-    #[error("rate-limit policy name {0:?}: must be 1 to 64 characters of [A-Za-z0-9_-]")]
-    InvalidName(String),
-    /// Two policies of one set share a name.
-    #[error("rate-limit policy {0:?} appears twice")]
-    DuplicateName(String),
-    /// The IPv6 prefix length is outside 1 to 64.
-    #[error("IPv6 prefix length {0}: must be 1 to 64")]
-    InvalidIpv6Prefix(u8),
-    /// A size setting is zero.
-    #[error("{0} must be at least 1")]
-    Zero(&'static str),
-}
 
 /// Checks that `policy` can be enforced by [`RateLimitLayer`](super::RateLimitLayer): a name of 1 to 64
 /// `[A-Za-z0-9_-]`, a limit of at least 1, a period of at most 366 days and no more than one

@@ -4,8 +4,9 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::config::{RateLimitConfig, Shared};
-use super::{ConfigError, RateCheck, RateLimit};
+use super::{RateCheck, RateLimit};
 use crate::check::{CheckLayer, One, Resolver};
+use crate::cost::ConfigError;
 use crate::KeyGate;
 
 /// Layer that applies [`RateLimit`]: per-key GCRA rate limits (governor), several named

@@ -102,7 +102,7 @@ mod layer;
 mod limiter;
 mod service;
 
-pub use config::{validate_policy, ConfigError, Fallback, RateLimitConfig};
+pub use config::{validate_policy, Fallback, RateLimitConfig};
 pub use layer::RateLimitLayer;
 pub use limiter::{LimiterClock, MAX_PERIOD};
 pub use service::{RateCheck, RateLimit, RateLimitNote};
