@@ -333,8 +333,16 @@ fn full_stack(w: &World) -> Variant {
             .layer(g.auth_layer())
             .layer(IpAllowLayer::new(IpPolicy::new()).with_gate(g))
             .layer(ScopeLayer::table(w.rules.clone()).with_gate(g))
-            .layer(RateLimitLayer::new(g, w.rate_config()).expect("rate"))
-            .layer(QuotaLayer::new(g, w.quota_config()).expect("quota"))
+            .layer(
+                RateLimitLayer::new(w.rate_config())
+                    .expect("rate")
+                    .with_gate(g),
+            )
+            .layer(
+                QuotaLayer::new(w.quota_config())
+                    .expect("quota")
+                    .with_gate(g),
+            )
             .service_fn(empty),
     )
 }
@@ -345,8 +353,12 @@ fn fused_stack(w: &World) -> Variant {
     let g = &w.gate;
     let ip = IpAllowLayer::new(IpPolicy::new());
     let scope = ScopeLayer::table(w.rules.clone());
-    let rate = RateLimitLayer::new(g, w.rate_config()).expect("rate");
-    let quota = QuotaLayer::new(g, w.quota_config()).expect("quota");
+    let rate = RateLimitLayer::new(w.rate_config())
+        .expect("rate")
+        .with_gate(g);
+    let quota = QuotaLayer::new(w.quota_config())
+        .expect("quota")
+        .with_gate(g);
     variant(
         "fused_stack",
         false,
@@ -398,7 +410,7 @@ fn variants(w: &World) -> Vec<Variant> {
         variant(
             "rate_limit",
             true,
-            RateLimitLayer::standalone(w.rate_config())
+            RateLimitLayer::new(w.rate_config())
                 .expect("rate")
                 .layer(service_fn(empty)),
         ),
@@ -410,7 +422,7 @@ fn variants(w: &World) -> Vec<Variant> {
         variant(
             "quota",
             true,
-            QuotaLayer::standalone(w.quota_config())
+            QuotaLayer::new(w.quota_config())
                 .expect("quota")
                 .layer(service_fn(empty)),
         ),

@@ -5,13 +5,13 @@
 //! `-- --warm-up-time 1 --measurement-time 3`).
 //!
 //! - `traffic/bare`: a `service_fn` returning an empty response.
-//! - `traffic/keygate_rate_limit[_no_headers]`: the same behind a standalone
-//!   `RateLimitLayer` (one policy of 10⁹ per second, never reached), the principal already in
-//!   the extensions (as an earlier auth layer leaves it); with and without the `RateLimit`
-//!   fields.
-//! - `traffic/keygate_quota[_no_headers]`: behind a standalone `QuotaLayer` (batched counting,
-//!   one daily quota never reached); with the fields and the `QuotaStatus` extension, and
-//!   without both.
+//! - `traffic/keygate_rate_limit[_no_headers]`: the same behind a `RateLimitLayer` built
+//!   without the hub (one policy of 10⁹ per second, never reached), the principal already
+//!   in the extensions (as an earlier auth layer leaves it); with and without the
+//!   `RateLimit` fields.
+//! - `traffic/keygate_quota[_no_headers]`: behind a `QuotaLayer` built without the hub
+//!   (batched counting, one daily quota never reached); with the fields and the
+//!   `QuotaStatus` extension, and without both.
 //! - `traffic/tower_governor[_headers]`: behind tower_governor 0.8's `GovernorLayer` keyed by
 //!   peer address (axum's `ConnectInfo` extension), one nanosecond per cell, burst `u32::MAX`;
 //!   with `use_headers()` for the `x-ratelimit-*` headers.
@@ -95,7 +95,7 @@ fn key_id(n: u64) -> KeyId {
 /// Prints the memory per tracked key of both layers.
 fn memory_per_key() {
     let clock = ManualClock::at_2026();
-    let layer = RateLimitLayer::standalone(
+    let layer = RateLimitLayer::new(
         RateLimitConfig::new()
             .clock(LimiterClock::manual(clock))
             .headers(false),
@@ -131,7 +131,7 @@ fn memory_per_key() {
     }
 
     const Q: u64 = 100_000;
-    let quota = QuotaLayer::standalone(
+    let quota = QuotaLayer::new(
         QuotaConfig::new(MemoryUsageStore::new())
             .counting(Counting::Batched {
                 flush_every: Duration::from_secs(3600),
@@ -259,16 +259,13 @@ fn benches(c: &mut Criterion) {
     let bare = service_fn(empty);
     let rl = |headers: bool| {
         ServiceBuilder::new()
-            .layer(
-                RateLimitLayer::standalone(RateLimitConfig::new().headers(headers))
-                    .expect("config"),
-            )
+            .layer(RateLimitLayer::new(RateLimitConfig::new().headers(headers)).expect("config"))
             .service_fn(empty)
     };
     let quota = |on: bool| {
         ServiceBuilder::new()
             .layer(
-                QuotaLayer::standalone(
+                QuotaLayer::new(
                     QuotaConfig::new(MemoryUsageStore::new())
                         .counting(Counting::Batched {
                             flush_every: Duration::from_secs(3600),

@@ -727,9 +727,10 @@ pub async fn serve_tls(
         quota,
         auditor,
     } = protection;
-    let quota = QuotaLayer::new(&gate, quota.cost(|h| u64::from(point_cost(h.extensions()))))?;
+    let quota = QuotaLayer::new(quota.cost(|h| point_cost(h.extensions())))?.with_gate(&gate);
     let usage = quota.handle();
-    let rate = RateLimitLayer::new(&gate, rate_limit.cost(|h| point_cost(h.extensions())))?;
+    let rate =
+        RateLimitLayer::new(rate_limit.cost(|h| point_cost(h.extensions())))?.with_gate(&gate);
     let counter = gate.clone();
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = tls {
@@ -763,8 +764,8 @@ pub async fn serve_tls(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PointCount(pub u32);
 
-fn point_cost(ext: &http::Extensions) -> u32 {
-    ext.get::<PointCount>().map_or(1, |c| c.0)
+fn point_cost(ext: &http::Extensions) -> u64 {
+    ext.get::<PointCount>().map_or(1, |c| u64::from(c.0))
 }
 
 /// Counts the points of an `Upsert` call by a key that may write points (resolved through

@@ -339,7 +339,7 @@ impl Resolver {
         }
     }
 
-    #[cfg(feature = "ip-allow")]
+    #[cfg(any(feature = "ip-allow", feature = "rate-limit"))]
     pub(crate) fn gate(&self) -> Option<&KeyGate> {
         match self {
             Resolver::Hub(gate) => Some(gate),

@@ -11,7 +11,7 @@
 //! use keygate::cost::RequestHead;
 //!
 //! // A batch upsert of N points costs N (at least 1), read from a header.
-//! let cost = |head: &RequestHead<'_>| -> u32 {
+//! let cost = |head: &RequestHead<'_>| -> u64 {
 //!     head.headers()
 //!         .get("x-batch-size")
 //!         .and_then(|v| v.to_str().ok()?.parse().ok())
@@ -64,6 +64,50 @@ use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{Extensions, HeaderMap, Method, Request, Uri, Version};
 
 use crate::Principal;
+
+/// How many units of a rate limit or quota one request uses: one type for both, `u64`.
+///
+/// Why `u64`: costs measured in bytes or tokens come as `u64` (`Content-Length`,
+/// [`ByBytes::cost`]), and a quota counts a month of them. Rate limits' own limits are
+/// `u32`: a cost above one can never pass and is refused as `cost_exceeds_limit` (413),
+/// naming the real cost, so the wider type loses nothing there.
+pub type Cost = u64;
+
+/// Why a rate-limit or quota configuration (or a key's policy) was refused: one error for
+/// both layers ([`RateLimitLayer::new`](crate::rate_limit::RateLimitLayer::new),
+/// [`QuotaLayer::new`](crate::quota::QuotaLayer::new) and their `validate_policy`), each
+/// variant meaning the same in both.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A policy cannot be enforced: a limit of 0; for a rate limit a period of 0 or over 366
+    /// days, or more than one unit per nanosecond; for a quota a monthly refill day outside
+    /// 1 to 31.
+    #[error("policy {name:?}: {reason}")]
+    InvalidPolicy {
+        /// The policy's name (at most 64 characters of it).
+        name: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A policy name is empty, too long, or not `[A-Za-z0-9_-]` (at most 64 characters of
+    /// it are kept).
+    #[error("policy name {0:?}: must be 1 to 64 characters of [A-Za-z0-9_-]")]
+    InvalidName(String),
+    /// Two policies of one set share a name.
+    #[error("policy {0:?} appears twice")]
+    DuplicateName(String),
+    /// The IPv6 prefix length is outside 1 to 64.
+    #[error("IPv6 prefix length {0}: must be 1 to 64")]
+    InvalidIpv6Prefix(u8),
+    /// A setting that must not be zero is (a count or an interval; names the setting:
+    /// `max_tracked_addresses`, `housekeeping_every`, `flush_every`).
+    #[error("{0} must not be zero")]
+    Zero(&'static str),
+}
+
+/// A cost function, as the layers store it.
+pub(crate) type CostFn = std::sync::Arc<dyn Fn(&RequestHead<'_>) -> Cost + Send + Sync>;
 
 /// What a cost function sees of a request: its head and the resolved principal.
 #[derive(Debug, Clone, Copy)]
@@ -190,12 +234,6 @@ impl ByBytes {
         };
         bytes.div_ceil(self.unit).max(1)
     }
-
-    /// [`cost`](Self::cost) for a rate limit (whose costs are `u32`), saturating: a cost
-    /// beyond `u32::MAX` is above every limit and refused as `cost_exceeds_limit`.
-    pub fn cost_u32(&self, head: &RequestHead<'_>) -> u32 {
-        u32::try_from(self.cost(head)).unwrap_or(u32::MAX)
-    }
 }
 
 #[cfg(test)]
@@ -252,10 +290,9 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(cost(&two), 100, "differing lengths");
-        // A unit of 0 counts as 1; rate limits saturate at u32::MAX.
+        // A unit of 0 counts as 1.
         let per_byte = by_bytes(0, u64::MAX);
         let big = req("POST", V::HTTP_2, &[]);
         assert_eq!(per_byte.cost(&RequestHead::of(&big, None)), u64::MAX);
-        assert_eq!(per_byte.cost_u32(&RequestHead::of(&big, None)), u32::MAX);
     }
 }

@@ -106,25 +106,30 @@ impl Credentials {
                 }
             }
         };
-        for source in &self.sources {
+        // One pass over the header fields, each matched against the header sources.
+        for (name, value) in headers {
+            let Some(source) = self.header_source(name) else {
+                continue;
+            };
             match source {
                 CredentialSource::Bearer => {
-                    for value in headers.get_all(AUTHORIZATION) {
-                        if let Some(token) = bearer_token(value)? {
-                            offer(Cow::Borrowed(token))?;
-                        }
+                    if let Some(token) = bearer_token(value)? {
+                        offer(Cow::Borrowed(token))?;
                     }
                 }
-                CredentialSource::Header(name) => {
-                    for value in headers.get_all(name) {
-                        let text = value.to_str().map_err(|_| non_ascii())?;
-                        let text = text.trim_matches(is_ows);
-                        if text.is_empty() {
-                            return Err(malformed("An API key header is present but empty."));
-                        }
-                        offer(Cow::Borrowed(text))?;
+                _ => {
+                    let text = value.to_str().map_err(|_| non_ascii())?;
+                    let text = text.trim_matches(is_ows);
+                    if text.is_empty() {
+                        return Err(malformed("An API key header is present but empty."));
                     }
+                    offer(Cow::Borrowed(text))?;
                 }
+            }
+        }
+        for source in &self.sources {
+            match source {
+                CredentialSource::Bearer | CredentialSource::Header(_) => {}
                 CredentialSource::Query(param) => {
                     let Some(query) = uri.query() else { continue };
                     for pair in query.split('&') {
@@ -149,6 +154,15 @@ impl Credentials {
             }
         }
         Ok(found)
+    }
+
+    /// The header source that reads header `name`, if any.
+    fn header_source(&self, name: &HeaderName) -> Option<&CredentialSource> {
+        self.sources.iter().find(|s| match s {
+            CredentialSource::Bearer => *name == AUTHORIZATION,
+            CredentialSource::Header(h) => h == name,
+            CredentialSource::Query(_) => false,
+        })
     }
 
     /// Removes every configured credential from the request, so the inner service never sees
@@ -452,6 +466,48 @@ mod tests {
         assert_eq!(
             extract(&[("authorization", b"Basic dXNlcjpwYXNz")], "/", &c),
             Ok(None)
+        );
+    }
+
+    #[test]
+    fn one_pass_reads_every_source_whatever_the_header_order() {
+        let c = Credentials::default().with_header(HeaderName::from_static("x-tenant-key"));
+        // Sources seen in any order agree or conflict the same way.
+        assert_eq!(
+            extract(
+                &[
+                    ("x-tenant-key", b"abc"),
+                    ("accept", b"*/*"),
+                    ("authorization", b"Bearer abc"),
+                    ("api-key", b"abc"),
+                ],
+                "/",
+                &c
+            ),
+            Ok(Some("abc".into()))
+        );
+        assert_eq!(
+            extract(
+                &[("api-key", b"abd"), ("authorization", b"Bearer abc")],
+                "/",
+                &c
+            ),
+            Err(DenialCode::MalformedKey)
+        );
+        assert_eq!(
+            extract(&[("x-api-key2", b"abc"), ("x-api-key-", b"abd")], "/", &c),
+            Ok(None),
+            "names that only start like a source are not read"
+        );
+        // The query parameter is still read after the headers, and compared with them.
+        let q = Credentials::default().with_query("api_key");
+        assert_eq!(
+            extract(&[("x-api-key", b"abc")], "/?api_key=abd", &q),
+            Err(DenialCode::MalformedKey)
+        );
+        assert_eq!(
+            extract(&[("x-api-key", b"abc")], "/?api_key=abc", &q),
+            Ok(Some("abc".into()))
         );
     }
 

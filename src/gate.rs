@@ -125,17 +125,17 @@ impl KeyGate {
         Some(ip)
     }
 
-    /// The authentication layer of this hub.
+    /// The authentication layer of this hub: [`ApiKeyAuthLayer::new(self)`](crate::auth::ApiKeyAuthLayer::new).
     #[cfg(feature = "auth")]
     pub fn auth_layer(&self) -> crate::auth::ApiKeyAuthLayer {
-        crate::auth::ApiKeyAuthLayer::new(self.clone())
+        crate::auth::ApiKeyAuthLayer::new(self)
     }
 
-    /// The audit layer of this hub, recording through `auditor` (see
-    /// [`AuditLayer::with_gate`](crate::audit::AuditLayer::with_gate)).
+    /// The audit layer of this hub, recording through `auditor`: shorthand for
+    /// [`AuditLayer::new(auditor).with_gate(self)`](crate::audit::AuditLayer::with_gate).
     #[cfg(feature = "audit")]
     pub fn audit_layer(&self, auditor: crate::core::audit::Auditor) -> crate::audit::AuditLayer {
-        crate::audit::AuditLayer::with_gate(self, auditor)
+        crate::audit::AuditLayer::new(auditor).with_gate(self)
     }
 
     /// A fused stack of this hub's checks: one service, one response future, whatever the

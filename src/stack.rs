@@ -17,7 +17,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! let gate = KeyGate::new(Verifier::new(MemoryStore::new()));
-//! let rate = RateLimitLayer::new(&gate, RateLimitConfig::new()).unwrap();
+//! let rate = RateLimitLayer::new(RateLimitConfig::new()).unwrap();
 //! let svc = ServiceBuilder::new()
 //!     .layer(gate.stack().rate(&rate).auth())
 //!     .service_fn(|_: Request<String>| async { Ok::<_, std::convert::Infallible>(Response::new(String::new())) });
@@ -60,7 +60,7 @@ impl<C: Checks> Stack<C> {
     /// Adds authentication: a request whose key does not resolve is refused.
     #[cfg(feature = "auth")]
     pub fn auth(self) -> Stack<Then<C, One<crate::auth::Authenticate>>> {
-        let check = crate::auth::ApiKeyAuthLayer::new(self.gate.clone()).check();
+        let check = crate::auth::ApiKeyAuthLayer::new(&self.gate).check();
         self.check(check)
     }
 
@@ -80,22 +80,26 @@ impl<C: Checks> Stack<C> {
         self.check(layer.check())
     }
 
-    /// Adds the check of `layer` (rate limits); it shares `layer`'s limiters.
+    /// Adds the check of `layer` (rate limits); it shares `layer`'s limiters, and settles
+    /// client addresses through the hub.
     #[cfg(feature = "rate-limit")]
     pub fn rate(
         self,
         layer: &crate::rate_limit::RateLimitLayer,
     ) -> Stack<Then<C, One<crate::rate_limit::RateCheck>>> {
+        let layer = layer.clone().with_gate(&self.gate);
         self.check(layer.check())
     }
 
     /// Adds the check of `layer` (quotas); it shares `layer`'s counters (and its
-    /// [`QuotaHandle`](crate::quota::QuotaHandle)).
+    /// [`QuotaHandle`](crate::quota::QuotaHandle)), and reads the hub's clock unless the
+    /// layer's configuration names one.
     #[cfg(feature = "quota")]
     pub fn quota(
         self,
         layer: &crate::quota::QuotaLayer,
     ) -> Stack<Then<C, One<crate::quota::QuotaCheck>>> {
+        let layer = layer.clone().with_gate(&self.gate);
         self.check(layer.check())
     }
 

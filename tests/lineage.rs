@@ -72,10 +72,10 @@ async fn a_rotated_key_keeps_its_rate_limit_and_shares_it_during_the_grace() {
         .layer(fx.gate.auth_layer())
         .layer(
             RateLimitLayer::new(
-                &fx.gate,
                 RateLimitConfig::new().clock(LimiterClock::manual(fx.clock.clone())),
             )
-            .unwrap(),
+            .unwrap()
+            .with_gate(&fx.gate),
         )
         .service(counting_ok::<Body>(Arc::new(AtomicUsize::new(0))));
     // 4 a minute: one more every 15 s.
@@ -124,7 +124,9 @@ async fn a_rotated_key_keeps_its_rate_limit_and_shares_it_during_the_grace() {
 async fn a_rotated_key_keeps_its_quota_and_shares_it_during_the_grace() {
     let fx = Fixture::new();
     let keys = manager(&fx);
-    let layer = QuotaLayer::new(&fx.gate, QuotaConfig::new(MemoryUsageStore::new())).unwrap();
+    let layer = QuotaLayer::new(QuotaConfig::new(MemoryUsageStore::new()))
+        .unwrap()
+        .with_gate(&fx.gate);
     let handle = layer.handle();
     let svc = ServiceBuilder::new()
         .layer(fx.gate.auth_layer())

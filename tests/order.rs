@@ -168,7 +168,7 @@ impl World {
             .clock(LimiterClock::manual(self.clock.clone()))
             .default_policies([RateLimitPolicy::per_minute("default", 1_000)])
             .anonymous_policies([RateLimitPolicy::per_minute("anonymous", 1_000)])
-            .cost(|h| header_cost(h, "x-rate-cost").map_or(1, |c| c as u32))
+            .cost(|h| header_cost(h, "x-rate-cost").unwrap_or(1))
     }
 
     fn quota_config(&self) -> QuotaConfig {
@@ -188,23 +188,21 @@ impl World {
                 boxed(AuditLayer::new(Auditor::direct(self.sink.clone())).layer(svc))
             }
             (Kind::Rate, true) => boxed(
-                RateLimitLayer::new(g, self.rate_config())
+                RateLimitLayer::new(self.rate_config())
                     .unwrap()
+                    .with_gate(g)
                     .layer(svc),
             ),
-            (Kind::Rate, false) => boxed(
-                RateLimitLayer::standalone(self.rate_config())
-                    .unwrap()
-                    .layer(svc),
-            ),
-            (Kind::Quota, true) => {
-                boxed(QuotaLayer::new(g, self.quota_config()).unwrap().layer(svc))
+            (Kind::Rate, false) => {
+                boxed(RateLimitLayer::new(self.rate_config()).unwrap().layer(svc))
             }
-            (Kind::Quota, false) => boxed(
-                QuotaLayer::standalone(self.quota_config())
+            (Kind::Quota, true) => boxed(
+                QuotaLayer::new(self.quota_config())
                     .unwrap()
+                    .with_gate(g)
                     .layer(svc),
             ),
+            (Kind::Quota, false) => boxed(QuotaLayer::new(self.quota_config()).unwrap().layer(svc)),
             (Kind::Auth, _) => boxed(g.auth_layer().layer(svc)),
             (Kind::Scope, true) => boxed(
                 ScopeLayer::table(self.rules.clone())

@@ -18,7 +18,8 @@ use keygate::core::usage::{
     utc, Admission, Increment, Limit, MemoryUsageStore, Usage, UsageError, UsageRecord, UsageStore,
     Window,
 };
-use keygate::quota::{validate_policy, ConfigError, Counting, QuotaConfig, QuotaLayer};
+use keygate::cost::ConfigError;
+use keygate::quota::{validate_policy, Counting, QuotaConfig, QuotaLayer};
 use keygate::rate_limit::{LimiterClock, RateLimitConfig, RateLimitLayer};
 use keygate::{
     ApiKey, Denial, DenialCode, KeyId, QuotaPolicy, QuotaWindow, RateLimitPolicy, Refill,
@@ -60,7 +61,7 @@ fn stack(
     fx: &Fixture,
     config: QuotaConfig,
 ) -> (Stack, keygate::quota::QuotaHandle, Arc<AtomicUsize>) {
-    let layer = QuotaLayer::new(&fx.gate, config).unwrap();
+    let layer = QuotaLayer::new(config).unwrap().with_gate(&fx.gate);
     let handle = layer.handle();
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = ServiceBuilder::new()
@@ -358,11 +359,9 @@ async fn requests_without_a_principal_pass_unchanged() {
     // untouched (the auth layer, wherever it is, rejects them) and count nothing.
     let svc = ServiceBuilder::new()
         .layer(
-            QuotaLayer::new(
-                &fx.gate,
-                QuotaConfig::new(store.clone()).meter(QuotaWindow::Day),
-            )
-            .unwrap(),
+            QuotaLayer::new(QuotaConfig::new(store.clone()).meter(QuotaWindow::Day))
+                .unwrap()
+                .with_gate(&fx.gate),
         )
         .service(counting_ok::<Body>(calls.clone()));
     let bad = forge("kg", "AAAAAAAAAAAA", "BBBBBBBBBBBBBBBBBBBBBB");
@@ -387,7 +386,7 @@ async fn requests_without_a_principal_pass_unchanged() {
         .is_empty());
     // Standalone, with nothing in the extensions: the same.
     let svc = ServiceBuilder::new()
-        .layer(QuotaLayer::standalone(QuotaConfig::new(store)).unwrap())
+        .layer(QuotaLayer::new(QuotaConfig::new(store)).unwrap())
         .service(counting_ok::<Body>(calls.clone()));
     assert_eq!(
         svc.oneshot(Request::get("/").body(Body::default()).unwrap())
@@ -412,7 +411,11 @@ async fn handlers_see_the_remaining_allowance() {
     fx.clock.set(utc(2026, 1, 1, 12, 30, 0));
     let svc = ServiceBuilder::new()
         .layer(fx.gate.auth_layer())
-        .layer(QuotaLayer::new(&fx.gate, QuotaConfig::new(MemoryUsageStore::new())).unwrap())
+        .layer(
+            QuotaLayer::new(QuotaConfig::new(MemoryUsageStore::new()))
+                .unwrap()
+                .with_gate(&fx.gate),
+        )
         .service_fn(|req: Request<Body>| async move {
             let status = req
                 .extensions()
@@ -791,14 +794,15 @@ async fn a_refusal_by_an_inner_layer_is_refunded() {
         },
     ] {
         let store = MemoryUsageStore::new();
-        let quota =
-            QuotaLayer::new(&fx.gate, QuotaConfig::new(store.clone()).counting(counting)).unwrap();
+        let quota = QuotaLayer::new(QuotaConfig::new(store.clone()).counting(counting))
+            .unwrap()
+            .with_gate(&fx.gate);
         let handle = quota.handle();
         let rate = RateLimitLayer::new(
-            &fx.gate,
             RateLimitConfig::new().clock(LimiterClock::manual(fx.clock.clone())),
         )
-        .unwrap();
+        .unwrap()
+        .with_gate(&fx.gate);
         let svc = ServiceBuilder::new()
             .layer(quota)
             .layer(rate)
@@ -876,7 +880,6 @@ async fn requests_the_service_refuses_are_not_charged() {
     ] {
         let store = MemoryUsageStore::new();
         let quota = QuotaLayer::new(
-            &fx.gate,
             QuotaConfig::new(store.clone())
                 .counting(counting)
                 .cost(|h| {
@@ -885,7 +888,8 @@ async fn requests_the_service_refuses_are_not_charged() {
                         .map_or(1, |v| v.to_str().unwrap().parse().unwrap())
                 }),
         )
-        .unwrap();
+        .unwrap()
+        .with_gate(&fx.gate);
         let handle = quota.handle();
         let calls = Arc::new(AtomicUsize::new(0));
         let svc = ServiceBuilder::new()
@@ -952,11 +956,9 @@ async fn requests_the_service_refuses_are_not_charged() {
 async fn charge_refused_keeps_charging_refusals() {
     let fx = Fixture::new();
     let key = issue(&fx, vec![QuotaPolicy::new("daily", 2, QuotaWindow::Day)]).await;
-    let quota = QuotaLayer::new(
-        &fx.gate,
-        QuotaConfig::new(MemoryUsageStore::new()).charge_refused(true),
-    )
-    .unwrap();
+    let quota = QuotaLayer::new(QuotaConfig::new(MemoryUsageStore::new()).charge_refused(true))
+        .unwrap()
+        .with_gate(&fx.gate);
     let svc = ServiceBuilder::new()
         .layer(fx.gate.auth_layer())
         .layer(quota)
@@ -1047,12 +1049,12 @@ async fn bad_configurations_are_refused_and_bad_records_fail_closed() {
         flush_every: Duration::ZERO,
     });
     assert_eq!(
-        QuotaLayer::standalone(zero).unwrap_err(),
-        ConfigError::ZeroFlushInterval
+        QuotaLayer::new(zero).unwrap_err(),
+        ConfigError::Zero("flush_every")
     );
     let bad_meter = QuotaConfig::new(MemoryUsageStore::new())
         .meter(QuotaWindow::Credits(Refill::Monthly { day: 0 }));
-    assert!(QuotaLayer::standalone(bad_meter).is_err());
+    assert!(QuotaLayer::new(bad_meter).is_err());
     let err = |p: QuotaPolicy| validate_policy(&p).unwrap_err().to_string();
     assert!(err(QuotaPolicy::new("z", 0, QuotaWindow::Day)).contains("at least 1"));
     assert!(err(QuotaPolicy::new(
@@ -1062,6 +1064,15 @@ async fn bad_configurations_are_refused_and_bad_records_fail_closed() {
     ))
     .contains("1 to 31"));
     assert!(err(QuotaPolicy::new("", 5, QuotaWindow::Day)).contains("[A-Za-z0-9_-]"));
+    // The same error type as rate limits, with the same variant for the same fault.
+    assert_eq!(
+        validate_policy(&QuotaPolicy::new("bad name", 5, QuotaWindow::Day)),
+        Err(ConfigError::InvalidName("bad name".into()))
+    );
+    assert_eq!(
+        keygate::rate_limit::validate_policy(&keygate::RateLimitPolicy::per_second("bad name", 5)),
+        Err(ConfigError::InvalidName("bad name".into()))
+    );
     assert!(validate_policy(&QuotaPolicy::new(
         "ok",
         1,

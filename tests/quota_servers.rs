@@ -26,7 +26,9 @@ async fn setup() -> (Fixture, ApiKey, QuotaLayer) {
             r.quotas = vec![QuotaPolicy::new("daily", 2, QuotaWindow::Day)]
         })
         .await;
-    let layer = QuotaLayer::new(&fx.gate, QuotaConfig::new(MemoryUsageStore::new())).unwrap();
+    let layer = QuotaLayer::new(QuotaConfig::new(MemoryUsageStore::new()))
+        .unwrap()
+        .with_gate(&fx.gate);
     (fx, key, layer)
 }
 

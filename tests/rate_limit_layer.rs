@@ -14,10 +14,9 @@ use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use keygate::core::usage::MemoryUsageStore;
+use keygate::cost::ConfigError;
 use keygate::quota::{QuotaConfig, QuotaLayer};
-use keygate::rate_limit::{
-    validate_policy, ConfigError, LimiterClock, RateLimitConfig, RateLimitLayer,
-};
+use keygate::rate_limit::{validate_policy, LimiterClock, RateLimitConfig, RateLimitLayer};
 use keygate::{
     ApiKey, Clock, Denial, DenialCode, KeyId, KeyRecord, ManualClock, Prefix, Principal,
     QuotaPolicy, QuotaWindow, RateLimitPolicy,
@@ -66,7 +65,11 @@ async fn twenty_per_second_means_twenty_per_second() {
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = ServiceBuilder::new()
         .layer(fx.gate.auth_layer())
-        .layer(RateLimitLayer::new(&fx.gate, config(&fx.clock)).unwrap())
+        .layer(
+            RateLimitLayer::new(config(&fx.clock))
+                .unwrap()
+                .with_gate(&fx.gate),
+        )
         .service(counting_ok::<Body>(calls.clone()));
     for i in 0..20u32 {
         let res = svc.clone().oneshot(keyed(&key)).await.unwrap();
@@ -143,7 +146,11 @@ async fn every_policy_must_pass_and_a_refused_request_costs_nothing() {
         })
         .await;
     let svc = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(&fx.gate, config(&fx.clock)).unwrap())
+        .layer(
+            RateLimitLayer::new(config(&fx.clock))
+                .unwrap()
+                .with_gate(&fx.gate),
+        )
         .service(counting_ok::<Body>(Arc::default()));
     for _ in 0..3 {
         let res = svc.clone().oneshot(keyed(&key)).await.unwrap();
@@ -194,7 +201,11 @@ async fn two_policies_of_one_shape_count_once() {
         })
         .await;
     let svc = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(&fx.gate, config(&fx.clock)).unwrap())
+        .layer(
+            RateLimitLayer::new(config(&fx.clock))
+                .unwrap()
+                .with_gate(&fx.gate),
+        )
         .service(counting_ok::<Body>(Arc::default()));
     let res = svc.clone().oneshot(keyed(&key)).await.unwrap();
     assert_eq!(
@@ -229,7 +240,7 @@ async fn weighted_costs_zero_and_oversized() {
     });
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(&fx.gate, cfg).unwrap())
+        .layer(RateLimitLayer::new(cfg).unwrap().with_gate(&fx.gate))
         .service(counting_ok::<Body>(calls.clone()));
     let batch = |n: &str| {
         let mut r = keyed(&key);
@@ -269,7 +280,18 @@ async fn weighted_costs_zero_and_oversized() {
         "This request costs 101; the rate limit \"points\" allows at most 100 at once. \
          Send smaller requests."
     );
-    // Neither refusal was counted: 40 still fit.
+    // A cost beyond u32 (costs are u64, as for quotas) is refused the same way, naming
+    // the real cost, not a truncated or saturated one.
+    let res = svc.clone().oneshot(batch("4294967297")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body = json(res).await;
+    assert_eq!(body["code"], "cost_exceeds_limit");
+    assert_eq!(
+        body["detail"],
+        "This request costs 4294967297; the rate limit \"points\" allows at most 100 at once. \
+         Send smaller requests."
+    );
+    // No refusal was counted: 40 still fit.
     assert_eq!(
         svc.clone().oneshot(batch("40")).await.unwrap().status(),
         200
@@ -283,7 +305,7 @@ async fn keys_without_policies_get_the_default() {
     let key = fx.issue("plain").await;
     let cfg = config(&fx.clock).default_policies([RateLimitPolicy::per_hour("default", 2)]);
     let svc = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(&fx.gate, cfg).unwrap())
+        .layer(RateLimitLayer::new(cfg).unwrap().with_gate(&fx.gate))
         .service(counting_ok::<Body>(Arc::default()));
     let res = svc.clone().oneshot(keyed(&key)).await.unwrap();
     assert_eq!(
@@ -306,7 +328,11 @@ async fn keys_without_policies_get_the_default() {
     );
     // No default: keys without policies are not limited (and get no fields).
     let unlimited = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(&fx.gate, config(&fx.clock).default_policies([])).unwrap())
+        .layer(
+            RateLimitLayer::new(config(&fx.clock).default_policies([]))
+                .unwrap()
+                .with_gate(&fx.gate),
+        )
         .service(counting_ok::<Body>(Arc::default()));
     for _ in 0..500 {
         let res = unlimited.clone().oneshot(keyed(&key)).await.unwrap();
@@ -339,7 +365,7 @@ async fn guessing_keys_is_limited_by_address_and_never_touches_a_key() {
     let calls = Arc::new(AtomicUsize::new(0));
     // Rate limit outside authentication: failed authentications are counted per address.
     let svc = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(&fx.gate, cfg).unwrap())
+        .layer(RateLimitLayer::new(cfg).unwrap().with_gate(&fx.gate))
         .layer(fx.gate.auth_layer())
         .service(counting_ok::<Body>(calls.clone()));
     for _ in 0..3 {
@@ -418,7 +444,7 @@ async fn without_an_auth_layer_anonymous_requests_pass_until_the_address_limit()
     let cfg = config(&clock).anonymous_policies([RateLimitPolicy::per_minute("anonymous", 2)]);
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = ServiceBuilder::new()
-        .layer(RateLimitLayer::standalone(cfg).unwrap())
+        .layer(RateLimitLayer::new(cfg).unwrap())
         .service(counting_ok::<Body>(calls.clone()));
     for _ in 0..2 {
         assert_eq!(
@@ -460,7 +486,11 @@ async fn grpc_requests_get_resource_exhausted() {
         })
         .await;
     let svc = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(&fx.gate, config(&fx.clock)).unwrap())
+        .layer(
+            RateLimitLayer::new(config(&fx.clock))
+                .unwrap()
+                .with_gate(&fx.gate),
+        )
         .service(counting_ok::<Body>(Arc::default()));
     let grpc = || {
         let mut r = keyed(&key);
@@ -498,7 +528,11 @@ async fn fields_can_be_turned_off_for_successes() {
         })
         .await;
     let svc = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(&fx.gate, config(&fx.clock).headers(false)).unwrap())
+        .layer(
+            RateLimitLayer::new(config(&fx.clock).headers(false))
+                .unwrap()
+                .with_gate(&fx.gate),
+        )
         .service(counting_ok::<Body>(Arc::default()));
     let res = svc.clone().oneshot(keyed(&key)).await.unwrap();
     assert_eq!(res.status(), 200);
@@ -523,9 +557,15 @@ async fn a_refusal_by_an_inner_layer_still_counts() {
             r.quotas = vec![QuotaPolicy::new("daily", 1, QuotaWindow::Day)];
         })
         .await;
-    let quota = QuotaLayer::new(&fx.gate, QuotaConfig::new(MemoryUsageStore::new())).unwrap();
+    let quota = QuotaLayer::new(QuotaConfig::new(MemoryUsageStore::new()))
+        .unwrap()
+        .with_gate(&fx.gate);
     let svc = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(&fx.gate, config(&fx.clock)).unwrap())
+        .layer(
+            RateLimitLayer::new(config(&fx.clock))
+                .unwrap()
+                .with_gate(&fx.gate),
+        )
         .layer(quota)
         .service(counting_ok::<Body>(Arc::default()));
     let res = svc.clone().oneshot(keyed(&key)).await.unwrap();
@@ -571,7 +611,11 @@ async fn hammering_a_forbidden_route_is_rate_limited() {
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = ServiceBuilder::new()
         .layer(fx.gate.auth_layer())
-        .layer(RateLimitLayer::new(&fx.gate, config(&fx.clock)).unwrap())
+        .layer(
+            RateLimitLayer::new(config(&fx.clock))
+                .unwrap()
+                .with_gate(&fx.gate),
+        )
         .layer(keygate::scope::ScopeLayer::require("points:write").unwrap())
         .service(counting_ok::<Body>(calls.clone()));
     for i in 0..5 {
@@ -592,9 +636,8 @@ async fn hammering_a_forbidden_route_is_rate_limited() {
 
 #[test]
 fn bad_configurations_are_refused_when_built() {
-    let build = |p: RateLimitPolicy| {
-        RateLimitLayer::standalone(RateLimitConfig::new().default_policies([p]))
-    };
+    let build =
+        |p: RateLimitPolicy| RateLimitLayer::new(RateLimitConfig::new().default_policies([p]));
     let err = |p| build(p).unwrap_err().to_string();
     assert!(err(RateLimitPolicy::per_second("zero", 0)).contains("at least 1"));
     assert!(err(RateLimitPolicy::new("p", 5, Duration::ZERO)).contains("period must not be zero"));
@@ -616,15 +659,15 @@ fn bad_configurations_are_refused_when_built() {
         RateLimitPolicy::per_minute("x", 5),
     ]);
     assert_eq!(
-        RateLimitLayer::standalone(dup).unwrap_err(),
+        RateLimitLayer::new(dup).unwrap_err(),
         ConfigError::DuplicateName("x".into())
     );
     for n in [0u8, 65] {
-        let e = RateLimitLayer::standalone(RateLimitConfig::new().ipv6_prefix(n)).unwrap_err();
+        let e = RateLimitLayer::new(RateLimitConfig::new().ipv6_prefix(n)).unwrap_err();
         assert_eq!(e, ConfigError::InvalidIpv6Prefix(n));
     }
-    assert!(RateLimitLayer::standalone(RateLimitConfig::new().max_tracked_addresses(0)).is_err());
-    assert!(RateLimitLayer::standalone(RateLimitConfig::new().housekeeping_every(0)).is_err());
+    assert!(RateLimitLayer::new(RateLimitConfig::new().max_tracked_addresses(0)).is_err());
+    assert!(RateLimitLayer::new(RateLimitConfig::new().housekeeping_every(0)).is_err());
     assert!(validate_policy(&RateLimitPolicy::per_second("ok", 20)).is_ok());
     assert!("burst=0/s".parse::<RateLimitPolicy>().is_err());
 }
@@ -639,7 +682,11 @@ async fn an_invalid_policy_on_a_record_fails_closed() {
         .await;
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(&fx.gate, config(&fx.clock)).unwrap())
+        .layer(
+            RateLimitLayer::new(config(&fx.clock))
+                .unwrap()
+                .with_gate(&fx.gate),
+        )
         .service(counting_ok::<Body>(calls.clone()));
     let res = svc.oneshot(keyed(&key)).await.unwrap();
     assert_eq!(res.status(), 429);
@@ -669,7 +716,11 @@ async fn concurrent_requests_never_pass_more_than_the_limit() {
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = ServiceBuilder::new()
         .layer(fx.gate.auth_layer())
-        .layer(RateLimitLayer::new(&fx.gate, config(&fx.clock)).unwrap())
+        .layer(
+            RateLimitLayer::new(config(&fx.clock))
+                .unwrap()
+                .with_gate(&fx.gate),
+        )
         .service(counting_ok::<Body>(calls.clone()));
     for (key, limit) in [(&one, 50), (&two, 30)] {
         let before = calls.load(Ordering::SeqCst);
@@ -732,7 +783,7 @@ impl Rng {
 async fn a_spray_of_a_million_addresses_or_key_ids_leaves_memory_bounded() {
     const N: usize = 1_000_000;
     let clock = ManualClock::at_2026();
-    let layer = RateLimitLayer::standalone(
+    let layer = RateLimitLayer::new(
         config(&clock)
             .headers(false)
             .default_policies([RateLimitPolicy::per_second("default", 100)])
@@ -817,7 +868,7 @@ async fn a_spray_of_a_million_addresses_or_key_ids_leaves_memory_bounded() {
 #[tokio::test]
 async fn addresses_beyond_the_cap_share_the_overflow_bucket() {
     let clock = ManualClock::at_2026();
-    let layer = RateLimitLayer::standalone(
+    let layer = RateLimitLayer::new(
         config(&clock)
             .anonymous_policies([RateLimitPolicy::per_minute("anonymous", 2)])
             .max_tracked_addresses(1000),
@@ -848,7 +899,7 @@ async fn addresses_beyond_the_cap_share_the_overflow_bucket() {
 /// governor's own must not read as a spent unit: one request of ten per second leaves nine.
 #[tokio::test]
 async fn the_first_request_on_the_real_clock_leaves_limit_minus_one() {
-    let layer = RateLimitLayer::standalone(
+    let layer = RateLimitLayer::new(
         RateLimitConfig::new()
             .anonymous_policies([RateLimitPolicy::per_second("anonymous", 10)])
             .headers(true),

@@ -22,7 +22,7 @@ fn layer(fx: &Fixture) -> RateLimitLayer {
     let cfg = RateLimitConfig::new()
         .clock(LimiterClock::manual(fx.clock.clone()))
         .anonymous_policies([RateLimitPolicy::per_minute("anonymous", 2)]);
-    RateLimitLayer::new(&fx.gate, cfg).unwrap()
+    RateLimitLayer::new(cfg).unwrap().with_gate(&fx.gate)
 }
 
 async fn limited_key(fx: &Fixture) -> ApiKey {

@@ -76,7 +76,7 @@ async fn redis_backed_check_latency_against_local_governor() {
         BoxCloneService::new(
             ServiceBuilder::new()
                 .layer(fx.gate.auth_layer())
-                .layer(RateLimitLayer::new(&fx.gate, cfg).unwrap())
+                .layer(RateLimitLayer::new(cfg).unwrap().with_gate(&fx.gate))
                 .service(counting_ok::<Body>(Arc::default()))
                 .map_response(|r: Response<_>| r.status()),
         )
@@ -185,7 +185,7 @@ async fn requests_per_second_with_redis_against_local() {
         BoxCloneService::new(
             ServiceBuilder::new()
                 .layer(fx.gate.auth_layer())
-                .layer(RateLimitLayer::new(&fx.gate, cfg).unwrap())
+                .layer(RateLimitLayer::new(cfg).unwrap().with_gate(&fx.gate))
                 .service(counting_ok::<Body>(Arc::default()))
                 .map_response(|r: Response<_>| r.status()),
         )

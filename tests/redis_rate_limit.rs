@@ -248,9 +248,13 @@ async fn answers_exactly_as_the_in_process_limiter() {
             cfg = cfg.backend(b);
         }
         ServiceBuilder::new()
-            .layer(RateLimitLayer::new(&fx.gate, cfg).unwrap())
+            .layer(RateLimitLayer::new(cfg).unwrap().with_gate(&fx.gate))
             .layer(fx.gate.auth_layer())
-            .layer(QuotaLayer::new(&fx.gate, QuotaConfig::new(MemoryUsageStore::new())).unwrap())
+            .layer(
+                QuotaLayer::new(QuotaConfig::new(MemoryUsageStore::new()))
+                    .unwrap()
+                    .with_gate(&fx.gate),
+            )
             .service(counting_ok::<Body>(Arc::default()))
     };
     let local = stack(None);
@@ -326,8 +330,9 @@ async fn an_invalid_policy_on_a_record_fails_closed() {
     let svc = ServiceBuilder::new()
         .layer(fx.gate.auth_layer())
         .layer(
-            RateLimitLayer::new(&fx.gate, RateLimitConfig::new().backend(limiter(&t, &fx)))
-                .unwrap(),
+            RateLimitLayer::new(RateLimitConfig::new().backend(limiter(&t, &fx)))
+                .unwrap()
+                .with_gate(&fx.gate),
         )
         .service(counting_ok::<Body>(Arc::default()));
     let res = svc
@@ -362,7 +367,9 @@ async fn the_local_precheck_saves_round_trips_for_keys_over_their_limit() {
         let svc = ServiceBuilder::new()
             .layer(fx.gate.auth_layer())
             .layer(
-                RateLimitLayer::new(&fx.gate, RateLimitConfig::new().backend(l.clone())).unwrap(),
+                RateLimitLayer::new(RateLimitConfig::new().backend(l.clone()))
+                    .unwrap()
+                    .with_gate(&fx.gate),
             )
             .service(counting_ok::<Body>(Arc::default()));
         (l, svc)

@@ -100,16 +100,13 @@ fn inner(
 /// The same six policies, separate (`fused == false`) or fused, with fresh counters.
 fn stack(w: &World, fused: bool, sink: &MemorySink, calls: Arc<AtomicUsize>) -> Svc {
     let g = &w.gate;
-    let rate = RateLimitLayer::new(
-        g,
-        RateLimitConfig::new().clock(LimiterClock::manual(w.clock.clone())),
-    )
-    .unwrap();
-    let quota = QuotaLayer::new(
-        g,
-        QuotaConfig::new(MemoryUsageStore::new()).clock(w.clock.clone()),
-    )
-    .unwrap();
+    let rate =
+        RateLimitLayer::new(RateLimitConfig::new().clock(LimiterClock::manual(w.clock.clone())))
+            .unwrap()
+            .with_gate(g);
+    let quota = QuotaLayer::new(QuotaConfig::new(MemoryUsageStore::new()).clock(w.clock.clone()))
+        .unwrap()
+        .with_gate(g);
     let ip = IpAllowLayer::new(IpPolicy::new().deny(["203.0.113.0/24"]).unwrap());
     let scope = ScopeLayer::table(w.rules.clone());
     let auditor = Auditor::direct(sink.clone());
@@ -285,4 +282,48 @@ async fn fused_checks_write_one_line_per_rate_limit_field() {
             r#""burst";r=7;t=8"#,
         ]
     );
+}
+
+/// A layer built without the hub (`QuotaLayer::new`, no configured clock) added to a fused
+/// stack counts on the hub's clock; `with_gate` on a clone shares the clone's counters.
+#[tokio::test]
+async fn a_layer_added_to_a_stack_takes_the_hubs_clock_and_shares_its_counters() {
+    let w = world().await;
+    let search = "/collections/tenant-a/points/search";
+    let ok = [198, 51, 100, 7];
+    let quota = QuotaLayer::new(QuotaConfig::new(MemoryUsageStore::new())).unwrap();
+    let fused: Svc = BoxCloneService::new(
+        ServiceBuilder::new()
+            .layer(w.gate.stack().auth().quota(&quota))
+            .service(inner(Arc::default()))
+            .map_response(drop_body),
+    );
+    let separate: Svc = BoxCloneService::new(
+        ServiceBuilder::new()
+            .layer(w.gate.auth_layer())
+            .layer(quota.clone().with_gate(&w.gate))
+            .service(inner(Arc::default()))
+            .map_response(drop_body),
+    );
+    let code = |seen: Seen| seen.1;
+    let call = |svc: &Svc| {
+        let svc = svc.clone();
+        let req = request("POST", search, Some(&w.good), ok);
+        async move { run(&svc, req).await }
+    };
+    // The daily quota of 2: used up through the fused stack...
+    assert_eq!(code(call(&fused).await), None);
+    assert_eq!(code(call(&fused).await), None);
+    assert_eq!(code(call(&fused).await).as_deref(), Some("quota_exceeded"));
+    // ...and so through the separate layer too (the same counters, the same day).
+    assert_eq!(
+        code(call(&separate).await).as_deref(),
+        Some("quota_exceeded")
+    );
+    // A day later on the hub's clock, both count afresh: the windows follow the hub's
+    // clock, not the system clock the layer would read alone.
+    w.clock.advance(Duration::from_secs(86_400));
+    assert_eq!(code(call(&fused).await), None);
+    assert_eq!(code(call(&separate).await), None);
+    assert_eq!(code(call(&fused).await).as_deref(), Some("quota_exceeded"));
 }

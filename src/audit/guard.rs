@@ -65,14 +65,19 @@ impl std::fmt::Debug for AuditGuardLayer {
 }
 
 impl AuditGuardLayer {
-    /// A guard over `auditor`; refusals are rendered with the hub's renderer when `gate` is
-    /// given, else with the default one.
-    pub fn new(auditor: Auditor, gate: Option<KeyGate>) -> Self {
+    /// A guard over `auditor`; refusals are rendered with the default renderer.
+    pub fn new(auditor: Auditor) -> Self {
         AuditGuardLayer {
             auditor,
-            gate,
+            gate: None,
             renderer: Arc::new(DefaultRenderer::default()),
         }
+    }
+
+    /// Renders refusals with `gate`'s renderer.
+    pub fn with_gate(mut self, gate: &KeyGate) -> Self {
+        self.gate = Some(gate.clone());
+        self
     }
 }
 

@@ -11,12 +11,12 @@ use crate::{Clock, KeyGate, SystemClock};
 /// Layer that applies [`Audit`]: records one [`RequestEvent`](crate::core::audit::RequestEvent)
 /// per request through an [`Auditor`], and never rejects.
 ///
-/// Built from the hub ([`AuditLayer::with_gate`], [`KeyGate::audit_layer`]) it resolves the
-/// caller itself (once per request, memoized, so an inner auth layer reuses the verdict) and
-/// so names the key even when it is the outermost layer. Built without the hub
-/// ([`AuditLayer::new`]) it reads the caller from the request's extensions: it names the key
-/// when an outer layer resolved it, and otherwise only records what comes back (status and
-/// the exact denial code).
+/// With the hub ([`AuditLayer::with_gate`], or the shorthand [`KeyGate::audit_layer`]) it
+/// resolves the caller itself (once per request, memoized, so an inner auth layer reuses the
+/// verdict) and so names the key even when it is the outermost layer. Without it
+/// ([`AuditLayer::new`] alone) it reads the caller from the request's extensions: it names
+/// the key when an outer layer resolved it, and otherwise only records what comes back
+/// (status and the exact denial code).
 #[derive(Clone, Debug)]
 pub struct AuditLayer {
     pub(crate) config: Arc<Config>,
@@ -59,15 +59,14 @@ impl AuditLayer {
         }
     }
 
-    /// A layer of `gate` recording through `auditor`: it resolves the caller through the hub
-    /// (never rejecting), settles the client address with the hub's trusted proxies, and
-    /// reads time from the hub's clock.
-    pub fn with_gate(gate: &KeyGate, auditor: Auditor) -> Self {
-        let mut layer = Self::new(auditor);
-        let c = Arc::make_mut(&mut layer.config);
+    /// Resolves the caller through `gate` (never rejecting), settles the client address
+    /// with the hub's trusted proxies, and reads time from the hub's clock (a
+    /// [`clock`](Self::clock) set afterwards wins).
+    pub fn with_gate(mut self, gate: &KeyGate) -> Self {
+        let c = Arc::make_mut(&mut self.config);
         c.clock = gate.clock().clone();
         c.gate = Some(gate.clone());
-        layer
+        self
     }
 
     /// The request-id header (default `x-request-id`).
@@ -106,7 +105,11 @@ impl AuditLayer {
     /// (see [`AuditGuardLayer`](super::AuditGuardLayer)). Without it, requests carry on
     /// when the log cannot be written, and the auditor counts the lost events.
     pub fn fail_closed(&self) -> super::AuditGuardLayer {
-        super::AuditGuardLayer::new(self.config.auditor.clone(), self.config.gate.clone())
+        let guard = super::AuditGuardLayer::new(self.config.auditor.clone());
+        match &self.config.gate {
+            Some(gate) => guard.with_gate(gate),
+            None => guard,
+        }
     }
 }
 

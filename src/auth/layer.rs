@@ -18,10 +18,11 @@ pub struct ApiKeyAuthLayer {
 }
 
 impl ApiKeyAuthLayer {
-    /// The layer of `gate`.
-    pub fn new(gate: KeyGate) -> Self {
+    /// The layer of `gate`: authentication always needs the hub (its verifier and
+    /// credential sources), so it is the one layer whose `new` takes it.
+    pub fn new(gate: &KeyGate) -> Self {
         ApiKeyAuthLayer {
-            gate,
+            gate: gate.clone(),
             check: Authenticate::default(),
         }
     }

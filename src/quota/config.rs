@@ -9,28 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::meter::Meter;
 use crate::core::usage::{UsageError, UsageStore};
-use crate::cost::RequestHead;
-use crate::{Clock, KeyGate, QuotaPolicy, QuotaWindow, Refill, SystemClock};
-
-/// A cost function: how many units of every quota one request uses.
-pub(crate) type CostFn = Arc<dyn Fn(&RequestHead<'_>) -> u64 + Send + Sync>;
-
-/// Why a quota configuration (or a key's quota policy) was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// A policy cannot be enforced.
-    #[error("quota policy {name:?}: {reason}")]
-    InvalidPolicy {
-        /// The policy's name.
-        name: String,
-        /// What is wrong.
-        reason: &'static str,
-    },
-    /// The flush interval is zero.
-    #[error("the flush interval must not be zero")]
-    ZeroFlushInterval,
-}
+use crate::cost::{ConfigError, Cost, CostFn, RequestHead};
+use crate::{Clock, QuotaPolicy, QuotaWindow, Refill, SystemClock};
 
 /// Checks that `policy` can be enforced by [`QuotaLayer`](super::QuotaLayer): a name of 1 to 64
 /// `[A-Za-z0-9_-]`, a limit of at least 1, and a monthly refill day of 1 to 31. Key-issuing
@@ -48,9 +28,7 @@ pub fn validate_policy(policy: &QuotaPolicy) -> Result<(), ConfigError> {
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
     {
-        return Err(invalid(
-            "the name must be 1 to 64 characters of [A-Za-z0-9_-]",
-        ));
+        return Err(ConfigError::InvalidName(name.chars().take(64).collect()));
     }
     if policy.limit == 0 {
         return Err(invalid("the limit must be at least 1"));
@@ -93,7 +71,7 @@ pub enum Counting {
 /// | [`status_extension`](Self::status_extension) ([`QuotaStatus`](super::QuotaStatus) for handlers) | on |
 /// | [`meter`](Self::meter) (count every key, quota or not) | off |
 /// | [`charge_refused`](Self::charge_refused) (charge requests refused after the count) | off |
-/// | [`clock`](Self::clock) | the hub's clock (standalone: the system clock) |
+/// | [`clock`](Self::clock) | the hub's clock with [`with_gate`](super::QuotaLayer::with_gate), else the system clock |
 #[derive(Clone)]
 pub struct QuotaConfig {
     pub(crate) store: Arc<dyn UsageStore>,
@@ -135,7 +113,7 @@ impl QuotaConfig {
     /// counts as over the limit.
     pub fn cost<F>(mut self, f: F) -> Self
     where
-        F: Fn(&RequestHead<'_>) -> u64 + Send + Sync + 'static,
+        F: Fn(&RequestHead<'_>) -> Cost + Send + Sync + 'static,
     {
         self.cost = Some(Arc::new(f));
         self
@@ -178,7 +156,7 @@ impl QuotaConfig {
         self
     }
 
-    /// The clock windows are read from (default: the hub's; standalone: the system clock).
+    /// The clock windows are read from (default: the hub's with [`QuotaLayer::with_gate`](super::QuotaLayer::with_gate), else the system clock).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Some(Arc::new(clock));
         self
@@ -187,7 +165,7 @@ impl QuotaConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if let Counting::Batched { flush_every } = self.counting {
             if flush_every.is_zero() {
-                return Err(ConfigError::ZeroFlushInterval);
+                return Err(ConfigError::Zero("flush_every"));
             }
         }
         if let Some(QuotaWindow::Credits(Refill::Monthly { day })) = self.meter {
@@ -231,6 +209,9 @@ pub(crate) struct Shared {
     pub(crate) charge_refused: bool,
 }
 
+/// `next_flush` before the first counted request.
+const UNSET: u64 = 0;
+
 fn nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -238,25 +219,19 @@ fn nanos(t: SystemTime) -> u64 {
 }
 
 impl Shared {
-    pub(super) fn new(config: QuotaConfig, gate: Option<&KeyGate>) -> Result<Shared, ConfigError> {
+    pub(super) fn new(config: QuotaConfig) -> Result<Shared, ConfigError> {
         config.validate()?;
-        let clock = match (config.clock, gate) {
-            (Some(c), _) => c,
-            (None, Some(g)) => g.clock().clone(),
-            (None, None) => Arc::new(SystemClock),
-        };
+        let clock = config.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let (strict, flush_every) = match config.counting {
             Counting::Strict => (true, Duration::MAX),
             Counting::Batched { flush_every } => (false, flush_every),
         };
-        let first = nanos(clock.now())
-            .saturating_add(u64::try_from(flush_every.as_nanos()).unwrap_or(u64::MAX));
         Ok(Shared {
             store: config.store,
             clock,
             strict,
             flush_every,
-            next_flush: AtomicU64::new(first),
+            next_flush: AtomicU64::new(UNSET),
             cost: config.cost,
             headers: config.headers,
             status: config.status,
@@ -270,11 +245,18 @@ impl Shared {
     pub(crate) fn maybe_flush(self: &Arc<Self>, now: SystemTime) {
         let now = nanos(now);
         let due = self.next_flush.load(Ordering::Relaxed);
+        let next =
+            now.saturating_add(u64::try_from(self.flush_every.as_nanos()).unwrap_or(u64::MAX));
+        if due == UNSET {
+            // The first counted request starts the interval, on the clock the check reads.
+            let _ =
+                self.next_flush
+                    .compare_exchange(UNSET, next, Ordering::Relaxed, Ordering::Relaxed);
+            return;
+        }
         if now < due {
             return;
         }
-        let next =
-            now.saturating_add(u64::try_from(self.flush_every.as_nanos()).unwrap_or(u64::MAX));
         if self
             .next_flush
             .compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed)
@@ -285,14 +267,18 @@ impl Shared {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let shared = self.clone();
             rt.spawn(async move {
-                if let Err(e) = shared.flush().await {
+                if let Err(e) = shared
+                    .flush(SystemTime::UNIX_EPOCH + Duration::from_nanos(now))
+                    .await
+                {
                     tracing::warn!(error = %e, "quota usage flush failed; counts stay pending");
                 }
             });
         }
     }
 
-    pub(crate) async fn flush(&self) -> Result<usize, UsageError> {
-        self.meter.flush(&*self.store, self.clock.now()).await
+    /// Writes the pending counts, as of `now`.
+    pub(crate) async fn flush(&self, now: SystemTime) -> Result<usize, UsageError> {
+        self.meter.flush(&*self.store, now).await
     }
 }

@@ -5,48 +5,65 @@ use std::time::{Duration, SystemTime};
 use tower_layer::Layer;
 
 use super::config::{QuotaConfig, Shared};
-use super::{ConfigError, Quota, QuotaCheck};
+use super::{Quota, QuotaCheck};
 use crate::check::{CheckLayer, One, Resolver};
 use crate::core::usage::{UsageError, UsageRecord};
-use crate::{KeyGate, KeyId};
+use crate::cost::ConfigError;
+use crate::{Clock, KeyGate, KeyId};
 
 /// Layer that applies [`Quota`]: per-key allowances per UTC calendar window (hour, day,
 /// month) and credits that refill (or not), counted in a [`UsageStore`](crate::core::usage::UsageStore). Rejects with 429
 /// `quota_exceeded` (gRPC RESOURCE_EXHAUSTED); requests without a principal pass unchanged
 /// (quotas are per key).
 ///
-/// Build it from the hub ([`QuotaLayer::new`]: resolves the caller itself when no earlier
-/// layer has, reads the hub's clock) or without it ([`QuotaLayer::standalone`]: reads the
-/// principal an earlier layer put in the extensions). Clones share the counters; keep a
-/// [`QuotaHandle`] to flush at shutdown and read usage reports.
+/// [`QuotaLayer::new`] builds a layer that reads the principal an earlier layer resolved and
+/// the system clock (or the configured one); [`QuotaLayer::with_gate`] makes it resolve the
+/// caller itself when no earlier layer has, and read the hub's clock. Clones share the
+/// counters; keep a [`QuotaHandle`] to flush at shutdown and read usage reports.
 #[derive(Clone)]
 pub struct QuotaLayer {
     pub(crate) shared: Arc<Shared>,
+    /// The clock windows are read from: the configured one, else the hub's (with a gate),
+    /// else the system clock.
+    clock: Arc<dyn Clock>,
+    explicit_clock: bool,
     pub(crate) resolver: Resolver,
 }
 
 impl QuotaLayer {
-    /// The layer of `gate` with `config`; refuses invalid configurations.
-    pub fn new(gate: &KeyGate, config: QuotaConfig) -> Result<Self, ConfigError> {
+    /// A layer enforcing `config`; refuses invalid configurations. Without
+    /// [`with_gate`](Self::with_gate) it reads the principal an earlier layer put in the
+    /// request context, reads the system clock (unless [`QuotaConfig::clock`] names one),
+    /// and renders with the default renderer.
+    pub fn new(config: QuotaConfig) -> Result<Self, ConfigError> {
+        let explicit_clock = config.clock.is_some();
+        let shared = Shared::new(config)?;
         Ok(QuotaLayer {
-            shared: Arc::new(Shared::new(config, Some(gate))?),
-            resolver: Resolver::Hub(gate.clone()),
+            clock: shared.clock.clone(),
+            explicit_clock,
+            shared: Arc::new(shared),
+            resolver: Resolver::standalone(),
         })
     }
 
-    /// A layer without the hub: reads the [`Principal`](crate::Principal) an earlier layer
-    /// put in the extensions, and renders with the default renderer.
-    pub fn standalone(config: QuotaConfig) -> Result<Self, ConfigError> {
-        Ok(QuotaLayer {
-            shared: Arc::new(Shared::new(config, None)?),
-            resolver: Resolver::standalone(),
-        })
+    /// Resolves the caller through `gate` when no earlier layer has (memoized: the key is
+    /// verified once per request), reads windows from the hub's clock (unless
+    /// [`QuotaConfig::clock`] names one), and renders denials with the hub's renderer.
+    /// Clones made before keep sharing the counters. Take the [`handle`](Self::handle)
+    /// after this call, so its flushes read the same clock.
+    pub fn with_gate(mut self, gate: &KeyGate) -> Self {
+        if !self.explicit_clock {
+            self.clock = gate.clock().clone();
+        }
+        self.resolver = Resolver::Hub(gate.clone());
+        self
     }
 
     /// The check this layer runs (for a fused [`Stack`](crate::stack::Stack)).
     pub fn check(&self) -> QuotaCheck {
         QuotaCheck {
             shared: self.shared.clone(),
+            clock: self.clock.clone(),
         }
     }
 
@@ -54,6 +71,7 @@ impl QuotaLayer {
     pub fn handle(&self) -> QuotaHandle {
         QuotaHandle {
             shared: self.shared.clone(),
+            clock: self.clock.clone(),
         }
     }
 }
@@ -79,6 +97,7 @@ impl<S> Layer<S> for QuotaLayer {
 #[derive(Clone)]
 pub struct QuotaHandle {
     shared: Arc<Shared>,
+    clock: Arc<dyn Clock>,
 }
 
 impl QuotaHandle {
@@ -86,7 +105,7 @@ impl QuotaHandle {
     /// shutdown, after the server stopped taking requests, so nothing is lost. Returns how
     /// many (key, window) counters were written. On failure the counts stay pending.
     pub async fn flush(&self) -> Result<usize, UsageError> {
-        self.shared.flush().await
+        self.shared.flush(self.clock.now()).await
     }
 
     /// Flushes every `every` until the returned task is aborted (or the runtime ends). Requests
@@ -94,12 +113,13 @@ impl QuotaHandle {
     /// periods.
     pub fn spawn_flusher(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let shared = self.shared.clone();
+        let clock = self.clock.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every.max(Duration::from_millis(1)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if let Err(e) = shared.flush().await {
+                if let Err(e) = shared.flush(clock.now()).await {
                     tracing::warn!(error = %e, "quota usage flush failed; counts stay pending");
                 }
             }

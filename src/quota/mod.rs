@@ -17,7 +17,7 @@
 //! record.quotas = vec![QuotaPolicy::new("daily", 2, QuotaWindow::Day)];
 //! store.insert(&record).await.unwrap();
 //!
-//! let quota = QuotaLayer::new(&gate, QuotaConfig::new(MemoryUsageStore::new())).unwrap();
+//! let quota = QuotaLayer::new(QuotaConfig::new(MemoryUsageStore::new())).unwrap().with_gate(&gate);
 //! let handle = quota.handle();
 //! let svc = ServiceBuilder::new()
 //!     .layer(gate.auth_layer())
@@ -96,6 +96,6 @@ mod layer;
 mod meter;
 mod service;
 
-pub use config::{validate_policy, ConfigError, Counting, QuotaConfig};
+pub use config::{validate_policy, Counting, QuotaConfig};
 pub use layer::{QuotaHandle, QuotaLayer};
 pub use service::{Quota, QuotaCheck, QuotaNote, QuotaState, QuotaStatus};

@@ -202,6 +202,8 @@ impl Refund {
 #[derive(Clone)]
 pub struct QuotaCheck {
     pub(crate) shared: Arc<Shared>,
+    /// The clock windows are read from (the layer's: configured, hub's or system).
+    pub(crate) clock: Arc<dyn crate::Clock>,
 }
 
 impl std::fmt::Debug for QuotaCheck {
@@ -306,12 +308,11 @@ impl QuotaCheck {
             // Free requests pass uncounted.
             return Err(Ok(QuotaNote::none()));
         }
-        Ok(plan(shared, principal.clone(), cost))
+        Ok(plan(shared, self.clock.now(), principal.clone(), cost))
     }
 }
 
-fn plan(shared: &Shared, principal: Principal, cost: u64) -> Plan {
-    let now = shared.clock.now();
+fn plan(shared: &Shared, now: SystemTime, principal: Principal, cost: u64) -> Plan {
     let mut windows: SmallVec<[Window; 3]> = SmallVec::new();
     let mut limits: SmallVec<[Limit; 3]> = SmallVec::new();
     let mut window_of = |kind: QuotaWindow| -> usize {

@@ -11,38 +11,8 @@ use http::HeaderValue;
 use super::limiter::{Limiter, LimiterClock, Shape, ShapeError, ShapeHash};
 use crate::core::rate::RateBackend;
 use crate::core::usage::{write_policy_item, FieldSink};
-use crate::cost::RequestHead;
-use crate::{KeyGate, RateLimitPolicy};
-
-/// A cost function: how many units of every rate limit one request uses.
-pub(crate) type CostFn = Arc<dyn Fn(&RequestHead<'_>) -> u32 + Send + Sync>;
-
-/// Why a rate-limit configuration (or a key's policy) was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// A policy cannot be enforced (zero limit, zero or too long a period, or more than one
-    /// request per nanosecond).
-    #[error("rate-limit policy {name:?}: {reason}")]
-    InvalidPolicy {
-        /// The policy's name.
-        name: String,
-        /// What is wrong.
-        reason: &'static str,
-    },
-    /// A policy name is empty, too long, or not `[A-Za-z0-9_-]`.
-    #[error("rate-limit policy name {0:?}: must be 1 to 64 characters of [A-Za-z0-9_-]")]
-    InvalidName(String),
-    /// Two policies of one set share a name.
-    #[error("rate-limit policy {0:?} appears twice")]
-    DuplicateName(String),
-    /// The IPv6 prefix length is outside 1 to 64.
-    #[error("IPv6 prefix length {0}: must be 1 to 64")]
-    InvalidIpv6Prefix(u8),
-    /// A size setting is zero.
-    #[error("{0} must be at least 1")]
-    Zero(&'static str),
-}
+use crate::cost::{ConfigError, Cost, CostFn, RequestHead};
+use crate::RateLimitPolicy;
 
 /// Checks that `policy` can be enforced by [`RateLimitLayer`](super::RateLimitLayer): a name of 1 to 64
 /// `[A-Za-z0-9_-]`, a limit of at least 1, a period of at most 366 days and no more than one
@@ -174,17 +144,17 @@ impl RateLimitConfig {
     /// and is refused at once (413 `cost_exceeds_limit`, no `Retry-After`).
     pub fn cost<F>(mut self, f: F) -> Self
     where
-        F: Fn(&RequestHead<'_>) -> u32 + Send + Sync + 'static,
+        F: Fn(&RequestHead<'_>) -> Cost + Send + Sync + 'static,
     {
         self.cost = Some(Arc::new(f));
         self
     }
 
-    /// Charges every policy in bytes: [`ByBytes::cost_u32`](crate::cost::ByBytes::cost_u32)
+    /// Charges every policy in bytes: [`ByBytes::cost`](crate::cost::ByBytes::cost)
     /// as the [`cost`](Self::cost) function (policies' limits are then in `unit`s of bytes
     /// per period).
     pub fn cost_in_bytes(self, bytes: crate::cost::ByBytes) -> Self {
-        self.cost(move |head| bytes.cost_u32(head))
+        self.cost(move |head| bytes.cost(head))
     }
 
     /// Whether successful responses carry `RateLimit-Policy` and `RateLimit` (default on).
@@ -290,8 +260,6 @@ pub(crate) struct Shared {
     pub(crate) cost: Option<CostFn>,
     pub(crate) headers: bool,
     pub(crate) ipv6_prefix: u8,
-    /// The hub, when the layer was built from one (client addresses through its proxies).
-    pub(crate) gate: Option<KeyGate>,
     /// Shared state, when configured (otherwise the limiters above decide).
     pub(crate) backend: Option<Arc<dyn RateBackend>>,
     pub(crate) fallback: Fallback,
@@ -301,10 +269,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(super) fn new(
-        config: RateLimitConfig,
-        gate: Option<KeyGate>,
-    ) -> Result<Shared, ConfigError> {
+    pub(super) fn new(config: RateLimitConfig) -> Result<Shared, ConfigError> {
         config.validate()?;
         let mut shared = Shared {
             limiters: DashMap::default(),
@@ -321,7 +286,6 @@ impl Shared {
             cost: config.cost,
             headers: config.headers,
             ipv6_prefix: config.ipv6_prefix,
-            gate,
             backend: config.backend,
             fallback: config.fallback,
             clock: config.clock,

@@ -4,19 +4,20 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::config::{RateLimitConfig, Shared};
-use super::{ConfigError, RateCheck, RateLimit};
+use super::{RateCheck, RateLimit};
 use crate::check::{CheckLayer, One, Resolver};
+use crate::cost::ConfigError;
 use crate::KeyGate;
 
 /// Layer that applies [`RateLimit`]: per-key GCRA rate limits (governor), several named
 /// policies per key, weighted costs, and per-address limits for requests without a
 /// principal. Rejects with 429 `rate_limited` (gRPC RESOURCE_EXHAUSTED).
 ///
-/// Build it from the hub ([`RateLimitLayer::new`]; it then resolves the caller itself when no
-/// earlier layer has, and settles the client address through the hub's trusted proxies) or
-/// without it ([`RateLimitLayer::standalone`]: reads the principal an earlier layer put in
-/// the extensions, and the [`ClientIp`](crate::client_ip::ClientIp) extension or the peer
-/// address). Clones share the limiters.
+/// [`RateLimitLayer::new`] builds a layer that reads the principal an earlier layer resolved,
+/// and the [`ClientIp`](crate::client_ip::ClientIp) extension or the peer address;
+/// [`RateLimitLayer::with_gate`] makes it resolve the caller itself when no earlier layer
+/// has, and settle the client address through the hub's trusted proxies. Clones share the
+/// limiters.
 #[derive(Clone)]
 pub struct RateLimitLayer {
     pub(crate) shared: Arc<Shared>,
@@ -24,27 +25,30 @@ pub struct RateLimitLayer {
 }
 
 impl RateLimitLayer {
-    /// The layer of `gate` with `config`; refuses invalid configurations.
-    pub fn new(gate: &KeyGate, config: RateLimitConfig) -> Result<Self, ConfigError> {
+    /// A layer enforcing `config`; refuses invalid configurations. Without
+    /// [`with_gate`](Self::with_gate) it reads the principal an earlier layer put in the
+    /// request context, and renders with the default renderer.
+    pub fn new(config: RateLimitConfig) -> Result<Self, ConfigError> {
         Ok(RateLimitLayer {
-            shared: Arc::new(Shared::new(config, Some(gate.clone()))?),
-            resolver: Resolver::Hub(gate.clone()),
+            shared: Arc::new(Shared::new(config)?),
+            resolver: Resolver::standalone(),
         })
     }
 
-    /// A layer without the hub: reads the [`Principal`](crate::Principal) an earlier layer
-    /// put in the extensions, and renders with the default renderer.
-    pub fn standalone(config: RateLimitConfig) -> Result<Self, ConfigError> {
-        Ok(RateLimitLayer {
-            shared: Arc::new(Shared::new(config, None)?),
-            resolver: Resolver::standalone(),
-        })
+    /// Resolves the caller through `gate` when no earlier layer has (memoized: the key is
+    /// verified once per request), settles client addresses through the hub's trusted
+    /// proxies, and renders denials with the hub's renderer. Clones made before keep
+    /// sharing the limiters.
+    pub fn with_gate(mut self, gate: &KeyGate) -> Self {
+        self.resolver = Resolver::Hub(gate.clone());
+        self
     }
 
     /// The check this layer runs (for a fused [`Stack`](crate::stack::Stack)).
     pub fn check(&self) -> RateCheck {
         RateCheck {
             shared: self.shared.clone(),
+            gate: self.resolver.gate().cloned(),
         }
     }
 

@@ -18,7 +18,7 @@
 //!
 //! let svc = ServiceBuilder::new()
 //!     .layer(gate.auth_layer())
-//!     .layer(RateLimitLayer::new(&gate, RateLimitConfig::new()).unwrap())
+//!     .layer(RateLimitLayer::new(RateLimitConfig::new()).unwrap().with_gate(&gate))
 //!     .service_fn(|_: Request<String>| async { Ok::<_, std::convert::Infallible>(Response::new(String::new())) });
 //! let call = || svc.clone().oneshot(Request::get("/").header("x-api-key", key.expose_secret()).body(String::new()).unwrap());
 //!
@@ -102,7 +102,7 @@ mod layer;
 mod limiter;
 mod service;
 
-pub use config::{validate_policy, ConfigError, Fallback, RateLimitConfig};
+pub use config::{validate_policy, Fallback, RateLimitConfig};
 pub use layer::RateLimitLayer;
 pub use limiter::{LimiterClock, MAX_PERIOD};
 pub use service::{RateCheck, RateLimit, RateLimitNote};

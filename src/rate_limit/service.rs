@@ -68,6 +68,8 @@ impl ResponseNote for RateLimitNote {
 #[derive(Clone)]
 pub struct RateCheck {
     pub(crate) shared: Arc<Shared>,
+    /// The hub, when the layer has one (client addresses through its proxies).
+    pub(crate) gate: Option<crate::KeyGate>,
 }
 
 impl std::fmt::Debug for RateCheck {
@@ -131,7 +133,7 @@ impl Check for RateCheck {
             None => Step::Now(self.check(req, who)),
             Some(backend) => {
                 let backend = backend.clone();
-                begin_remote(self.shared.clone(), backend, req, who)
+                begin_remote(self.shared.clone(), self.gate.as_ref(), backend, req, who)
             }
         }
     }
@@ -144,7 +146,7 @@ impl Check for RateCheck {
         let principal = who.ok();
         let subject = match principal {
             Some(p) => Subject::Key(p.lineage_id()),
-            None => client_address(&self.shared, self.shared.gate.as_ref(), req),
+            None => client_address(&self.shared, self.gate.as_ref(), req),
         };
         let req = &*req;
         decide_locally(&self.shared, principal, subject, |shared| {
@@ -161,7 +163,7 @@ fn decide_locally(
     shared: &Shared,
     principal: Option<&Principal>,
     subject: Subject,
-    cost: impl FnOnce(&Shared) -> u32,
+    cost: impl FnOnce(&Shared) -> u64,
 ) -> Result<RateLimitNote, Denial> {
     let plan = plan(shared, principal)?;
     if plan.entries.is_empty() {
@@ -209,6 +211,7 @@ fn rate_subject(subject: Subject) -> RateSubject {
 /// async step).
 fn begin_remote<ReqB: Send + 'static>(
     shared: Arc<Shared>,
+    gate: Option<&crate::KeyGate>,
     backend: Arc<dyn RateBackend>,
     req: &mut Request<ReqB>,
     who: Result<&Principal, &Denial>,
@@ -216,7 +219,7 @@ fn begin_remote<ReqB: Send + 'static>(
     let principal = who.ok();
     let subject = match principal {
         Some(p) => Subject::Key(p.lineage_id()),
-        None => client_address(&shared, shared.gate.as_ref(), req),
+        None => client_address(&shared, gate, req),
     };
     let (policies, _) = policies_of(&shared, principal);
     if policies.is_empty() {
@@ -236,14 +239,17 @@ fn begin_remote<ReqB: Send + 'static>(
         return Step::Now(Ok(RateLimitNote::none()));
     }
     let remote = rate_subject(subject);
-    if let Some(decision) = backend.precheck(remote, policies, cost) {
+    // Every limit is a u32: a cost beyond it exceeds them all, and the saturated cost the
+    // backend sees says so; the denial names the real cost.
+    let units = u32::try_from(cost).unwrap_or(u32::MAX);
+    if let Some(decision) = backend.precheck(remote, policies, units) {
         return Step::Now(settle(&shared, principal, cost, decision));
     }
     let principal = principal.cloned();
     Step::Later(Box::new(move |req| {
         Box::pin(async move {
             let (policies, _) = policies_of(&shared, principal.as_ref());
-            let verdict = match backend.check(remote, policies, cost).await {
+            let verdict = match backend.check(remote, policies, units).await {
                 Ok(decision) => settle(&shared, principal.as_ref(), cost, decision),
                 Err(RateError::InvalidPolicy { name, reason }) => {
                     tracing::warn!(policy = %name, reason, "rate-limit policy refused by the backend; refusing its requests");
@@ -272,7 +278,7 @@ fn begin_remote<ReqB: Send + 'static>(
 fn settle(
     shared: &Shared,
     principal: Option<&Principal>,
-    cost: u32,
+    cost: u64,
     decision: RateDecision,
 ) -> Result<RateLimitNote, Denial> {
     let (policies, policy_field) = policies_of(shared, principal);
@@ -380,9 +386,22 @@ fn plan<'a>(shared: &'a Shared, principal: Option<&'a Principal>) -> Result<Plan
 }
 
 /// Counts `cost` against every policy of `plan`, all or nothing; the standing of each entry.
-fn decide(plan: &Plan<'_>, subject: Subject, cost: u32) -> Result<SmallVec<[Standing; 2]>, Denial> {
+fn decide(plan: &Plan<'_>, subject: Subject, cost: u64) -> Result<SmallVec<[Standing; 2]>, Denial> {
     let entries = &plan.entries;
     let mut standings: SmallVec<[Standing; 2]> = SmallVec::new();
+    let over = |e: &Entry<'_>| cost > u64::from(e.policy.limit);
+    if entries.iter().any(over) {
+        let states = entries
+            .iter()
+            .map(|e| {
+                let (standing, _) = e.limiter.peek(subject, 1);
+                state(e.policy, standing, over(e))
+            })
+            .collect();
+        return Err(cost_exceeds_limit(cost, states));
+    }
+    // Within every limit, so within u32 (limits are u32).
+    let cost = u32::try_from(cost).unwrap_or(u32::MAX);
     let Some(n) = NonZeroU32::new(cost) else {
         // Free requests pass without being counted.
         for e in entries {
@@ -390,16 +409,6 @@ fn decide(plan: &Plan<'_>, subject: Subject, cost: u32) -> Result<SmallVec<[Stan
         }
         return Ok(standings);
     };
-    if entries.iter().any(|e| cost > e.policy.limit) {
-        let states = entries
-            .iter()
-            .map(|e| {
-                let (standing, _) = e.limiter.peek(subject, 1);
-                state(e.policy, standing, cost > e.policy.limit)
-            })
-            .collect();
-        return Err(cost_exceeds_limit(cost, states));
-    }
     for (i, e) in entries.iter().enumerate() {
         if let Some(j) = e.same_as {
             let s = standings[j];
@@ -423,7 +432,7 @@ fn decide(plan: &Plan<'_>, subject: Subject, cost: u32) -> Result<SmallVec<[Stan
 /// The refusal of a request whose cost is above a policy's limit (its burst): it can never
 /// pass, so it is `cost_exceeds_limit` (413), without `Retry-After`, naming the smallest
 /// policy it exceeds in the detail and every policy in the fields.
-fn cost_exceeds_limit(cost: u32, states: Vec<LimitState>) -> Denial {
+fn cost_exceeds_limit(cost: u64, states: Vec<LimitState>) -> Denial {
     let detail = match states.iter().filter(|s| s.violated).min_by_key(|s| s.limit) {
         Some(s) => format!(
             "This request costs {cost}; the rate limit {:?} allows at most {} at once. \

@@ -201,7 +201,6 @@ impl ReplicaSpec {
             limiter = limiter.hold_after_loss(hold);
         }
         let rate = RateLimitLayer::new(
-            &gate,
             RateLimitConfig::new()
                 .default_policies([])
                 .anonymous_policies([RateLimitPolicy::per_minute("anonymous", 1000)])
@@ -209,16 +208,15 @@ impl ReplicaSpec {
                 .backend(limiter.clone())
                 .fallback(self.fallback),
         )
-        .expect("rate-limit layer");
+        .expect("rate-limit layer")
+        .with_gate(&gate);
         let mut usage = RedisUsageStore::new(&redis);
         if let Some(durable) = &self.durable {
             usage = usage.durable(durable.clone());
         }
-        let quota = QuotaLayer::new(
-            &gate,
-            QuotaConfig::new(usage.clone()).counting(Counting::Strict),
-        )
-        .expect("quota layer");
+        let quota = QuotaLayer::new(QuotaConfig::new(usage.clone()).counting(Counting::Strict))
+            .expect("quota layer")
+            .with_gate(&gate);
         let app = Router::new()
             .route("/", get(|| async { "ok" }))
             .layer(quota)

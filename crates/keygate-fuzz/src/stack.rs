@@ -167,13 +167,15 @@ pub fn build_stack(world: &World, order: Order) -> Stack {
     let ip = IpAllowLayer::new(IpPolicy::new().deny([DENIED_NET]).expect("cidr")).with_gate(g);
     let scope = ScopeLayer::table(rules()).with_gate(g);
     let rate = RateLimitLayer::new(
-        g,
         RateLimitConfig::new()
             .headers(true)
             .clock(LimiterClock::manual(world.clock.clone())),
     )
-    .expect("rate limit config");
-    let quota = QuotaLayer::new(g, QuotaConfig::new(MemoryUsageStore::new())).expect("quota");
+    .expect("rate limit config")
+    .with_gate(g);
+    let quota = QuotaLayer::new(QuotaConfig::new(MemoryUsageStore::new()))
+        .expect("quota")
+        .with_gate(g);
     let tail = ServiceBuilder::new()
         .layer(rate)
         .layer(quota)

@@ -167,7 +167,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     let rules = RouteScopes::builder()
         .route("GET", "/", "collections:read")
         .build()?;
-    let quota = QuotaLayer::new(&gate, QuotaConfig::new(MemoryUsageStore::new()))?;
+    let quota = QuotaLayer::new(QuotaConfig::new(MemoryUsageStore::new()))?.with_gate(&gate);
     let usage = quota.handle();
     let fused = args.fused && args.layers.len() == LAYERS.len();
     let on = |name: &str| !fused && args.layers.iter().any(|l| l == name);
@@ -178,7 +178,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         // The same six, fused: one service and one response future for the five checks,
         // the audit layer around it.
         let ip = IpAllowLayer::new(IpPolicy::new().allow(["127.0.0.0/8", "::1"])?);
-        let rate = RateLimitLayer::new(&gate, RateLimitConfig::new())?;
+        let rate = RateLimitLayer::new(RateLimitConfig::new())?.with_gate(&gate);
         stack_app = stack_app.layer(
             gate.stack()
                 .auth()
@@ -193,7 +193,7 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         stack_app = stack_app.layer(quota);
     }
     if on("rate") {
-        stack_app = stack_app.layer(RateLimitLayer::new(&gate, RateLimitConfig::new())?);
+        stack_app = stack_app.layer(RateLimitLayer::new(RateLimitConfig::new())?.with_gate(&gate));
     }
     if on("scope") {
         stack_app = stack_app.layer(ScopeLayer::table(rules).with_gate(&gate));

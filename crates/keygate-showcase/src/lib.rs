@@ -355,8 +355,9 @@ pub(crate) fn may_upsert(p: &keygate::Principal, raw: &str) -> bool {
     keygate::Scope::parse(WRITE_POINTS).is_ok_and(|s| p.has_scope(&s)) && p.can_access(&name)
 }
 
-fn point_cost(ext: &axum::http::Extensions) -> usize {
-    ext.get::<PointCount>().map_or(1, |c| c.0)
+fn point_cost(ext: &axum::http::Extensions) -> u64 {
+    ext.get::<PointCount>()
+        .map_or(1, |c| u64::try_from(c.0).unwrap_or(u64::MAX))
 }
 
 fn body_units(ext: &axum::http::Extensions) -> u64 {
@@ -390,12 +391,12 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         .anonymous_policies(Vec::new())
         .clock(opts.limiter_clock.clone())
         .headers(false)
-        .cost(|h| u32::try_from(body_units(h.extensions())).unwrap_or(u32::MAX));
+        .cost(|h| body_units(h.extensions()));
     let mut rate_config = RateLimitConfig::new()
         .default_policies(opts.default_rate_limits)
         .anonymous_policies(opts.anonymous_rate_limits)
         .clock(opts.limiter_clock)
-        .cost(|h| u32::try_from(point_cost(h.extensions())).unwrap_or(u32::MAX));
+        .cost(|h| point_cost(h.extensions()));
     let mut bytes_config = bytes_config;
     if let Some(backend) = opts.rate_backend {
         rate_config = rate_config.backend(backend);
@@ -403,19 +404,15 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
     if let Some(backend) = opts.bytes_rate_backend {
         bytes_config = bytes_config.backend(backend);
     }
-    let rate_bytes = RateLimitLayer::new(&gate, bytes_config)?;
-    let rate = RateLimitLayer::new(&gate, rate_config)?;
+    let rate_bytes = RateLimitLayer::new(bytes_config)?.with_gate(&gate);
+    let rate = RateLimitLayer::new(rate_config)?.with_gate(&gate);
     let quota = QuotaLayer::new(
-        &gate,
         QuotaConfig::new(opts.usage)
             .counting(opts.counting)
             .meter(QuotaWindow::Day)
-            .cost(|h| {
-                u64::try_from(point_cost(h.extensions()))
-                    .unwrap_or(u64::MAX)
-                    .saturating_add(body_units(h.extensions()))
-            }),
-    )?;
+            .cost(|h| point_cost(h.extensions()).saturating_add(body_units(h.extensions()))),
+    )?
+    .with_gate(&gate);
     let handle = quota.handle();
     let admin = AdminApi::new(keys.clone())
         .gate(&gate)
