@@ -795,8 +795,10 @@ impl<H: ChangeHandler> Follow<H> {
                 return self.reject("not signed with the configured key");
             }
         }
-        self.handler.changed(&id);
+        // Counted before the eviction, so whoever sees the eviction's effect (a refused key)
+        // also sees the message counted.
         self.state.messages.fetch_add(1, Ordering::AcqRel);
+        self.handler.changed(&id);
         if self.recent.len() < RECENT_CAP {
             self.recent.insert((seq, id));
         }
