@@ -972,13 +972,7 @@ pub(crate) async fn update_role(State(s): St, path: IdPath, req: Request) -> Res
                         .and_then(|()| role_within(&who, new, "cannot grant"))
                         .map_err(|e| e.detail_text())
                 })
-                .await
-                .map_err(|e| match e {
-                    keygate::LifecycleError::Store(StoreError::NoSuchName { .. }) => {
-                        role_not_found(&name)
-                    }
-                    e => e.into(),
-                })?;
+                .await?;
             Ok(json(StatusCode::OK, &role))
         }
         .await,
@@ -1061,14 +1055,8 @@ pub(crate) async fn show_identity(State(s): St, path: IdPath, req: Request) -> R
         async {
             let Path(name) =
                 path.map_err(|_| AdminError::invalid("the name in the path is not valid"))?;
-            let identity = s.keys.show_identity(&name).await.map_err(|e| match e {
-                keygate::LifecycleError::Store(StoreError::NoSuchName { .. }) => AdminError::new(
-                    StatusCode::NOT_FOUND,
-                    "identity_not_found",
-                    format!("no identity named {:?}", input::clip(&name)),
-                ),
-                e => e.into(),
-            })?;
+            // A missing identity is the store's `NoSuchName`: 404 `identity_not_found`.
+            let identity = s.keys.show_identity(&name).await?;
             Ok(json(StatusCode::OK, &identity))
         }
         .await,

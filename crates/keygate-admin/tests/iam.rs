@@ -394,7 +394,7 @@ async fn roles_and_identities_through_the_api() {
     let (st, body) = send(&s.app, "GET", "/admin/identities", &admin, Value::Null).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(body["identities"][0]["name"], "etl-pipeline");
-    let (st, _) = send(
+    let (st, body) = send(
         &s.app,
         "GET",
         "/admin/identities/ghost",
@@ -403,6 +403,17 @@ async fn roles_and_identities_through_the_api() {
     )
     .await;
     assert_eq!(st, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "identity_not_found", "{body}");
+    let (st, body) = send(
+        &s.app,
+        "PATCH",
+        "/admin/roles/ghost",
+        &admin,
+        json!({"scopes": ["points:read"]}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "role_not_found", "{body}");
 
     // A key with the role and the identity.
     let (st, key) = send(
