@@ -153,29 +153,102 @@ fn civil(days: i128) -> (i128, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-impl fmt::Display for Rfc3339 {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Rfc3339 {
+    /// Renders the time into `buf` and answers the text: the same as [`Display`](fmt::Display),
+    /// without the formatting machinery (the audit writer formats one timestamp per event).
+    pub fn render<'a>(&self, buf: &'a mut Rfc3339Buf) -> &'a str {
         let (secs, nanos) = split(self.time);
         let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
         let (year, month, day) = civil(days);
-        match year {
-            0..=9999 => write!(f, "{year:04}")?,
-            10_000.. => write!(f, "+{year}")?,
-            _ => write!(f, "-{:04}", -year)?,
+        let out = &mut buf.0;
+        let mut n = 0;
+        let mut put = |bytes: &[u8], n: &mut usize| {
+            out[*n..*n + bytes.len()].copy_from_slice(bytes);
+            *n += bytes.len();
+        };
+        // `year` is within ±3e11 (what `SystemTime` can hold): at most 12 digits and a sign.
+        let (sign, abs) = match year {
+            0..=9999 => (None, year as u64),
+            10_000.. => (Some(b'+'), year as u64),
+            _ => (Some(b'-'), year.unsigned_abs() as u64),
+        };
+        if let Some(sign) = sign {
+            put(&[sign], &mut n);
         }
-        write!(
-            f,
-            "-{month:02}-{day:02}T{:02}:{:02}:{:02}",
-            sod / 3_600,
-            sod / 60 % 60,
-            sod % 60
-        )?;
+        let mut digits = [0u8; 20];
+        let len = decimal(abs, &mut digits).max(4);
+        put(&digits[digits.len() - len..], &mut n);
+        let sod = sod as u32;
+        let mut tail = *b"-MM-DDTHH:MM:SS";
+        two(&mut tail[1..3], month);
+        two(&mut tail[4..6], day);
+        two(&mut tail[7..9], sod / 3_600);
+        two(&mut tail[10..12], sod / 60 % 60);
+        two(&mut tail[13..15], sod % 60);
+        put(&tail, &mut n);
         match self.digits {
-            3 => write!(f, ".{:03}", nanos / 1_000_000)?,
-            6 => write!(f, ".{:06}", nanos / 1_000)?,
+            3 | 6 => {
+                let (value, width) = if self.digits == 3 {
+                    (nanos / 1_000_000, 3)
+                } else {
+                    (nanos / 1_000, 6)
+                };
+                let mut frac = [b'.', 0, 0, 0, 0, 0, 0];
+                let mut v = value;
+                for slot in frac[1..=width].iter_mut().rev() {
+                    *slot = b'0' + (v % 10) as u8;
+                    v /= 10;
+                }
+                put(&frac[..=width], &mut n);
+            }
             _ => {}
         }
-        f.write_str("Z")
+        put(b"Z", &mut n);
+        // Only ASCII digits and punctuation were written.
+        std::str::from_utf8(&out[..n]).unwrap_or_default()
+    }
+}
+
+/// Room for one [`Rfc3339`] text ([`Rfc3339::render`]): the longest is 36 bytes.
+pub struct Rfc3339Buf([u8; 40]);
+
+impl Rfc3339Buf {
+    /// An empty buffer.
+    pub fn new() -> Self {
+        Rfc3339Buf([0; 40])
+    }
+}
+
+impl Default for Rfc3339Buf {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Writes `v` in decimal at the end of `out`, zero-padded to the left; answers the number of
+/// digits (at least one).
+fn decimal(mut v: u64, out: &mut [u8; 20]) -> usize {
+    out.fill(b'0');
+    let mut len = 0;
+    loop {
+        out[out.len() - 1 - len] = b'0' + (v % 10) as u8;
+        len += 1;
+        v /= 10;
+        if v == 0 {
+            return len;
+        }
+    }
+}
+
+/// Writes `v` (below 100) as two digits.
+fn two(out: &mut [u8], v: u32) {
+    out[0] = b'0' + (v / 10 % 10) as u8;
+    out[1] = b'0' + (v % 10) as u8;
+}
+
+impl fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.render(&mut Rfc3339Buf::new()))
     }
 }
 
@@ -224,6 +297,21 @@ mod tests {
                     humantime::format_rfc3339_seconds(t).to_string()
                 );
             }
+        }
+    }
+
+    #[test]
+    fn formats_like_humantime_across_four_centuries() {
+        // A stride that is prime to every calendar period walks days, hours, minutes and
+        // seconds through all their values.
+        let mut secs = 0i64;
+        while secs < 253_402_300_799 {
+            let t = at(secs, (secs % 1_000_000_007) as u32 % 1_000_000_000);
+            assert_eq!(
+                rfc3339_micros(t).to_string(),
+                humantime::format_rfc3339_micros(t).to_string()
+            );
+            secs += 1_234_567_891;
         }
     }
 

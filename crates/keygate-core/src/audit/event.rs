@@ -473,7 +473,7 @@ pub(crate) mod rfc3339 {
     use std::time::SystemTime;
 
     pub(crate) fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&crate::time::rfc3339_micros(*t))
+        s.serialize_str(crate::time::rfc3339_micros(*t).render(&mut crate::time::Rfc3339Buf::new()))
     }
 
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {

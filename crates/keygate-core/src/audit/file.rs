@@ -1211,10 +1211,13 @@ fn extends(segs: &[(u64, PathBuf)], a: &Anchor, key: &ChainKey) -> Option<(u64, 
 
 fn push_hex(out: &mut Vec<u8>, bytes: &[u8; 32]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)]);
-        out.push(DIGITS[usize::from(b & 0xf)]);
+    // Rendered on the stack, appended once (one capacity check, not 64).
+    let mut text = [0u8; 64];
+    for (pair, b) in text.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
     }
+    out.extend_from_slice(&text);
 }
 
 fn hex(bytes: &[u8; 32]) -> String {

@@ -23,7 +23,7 @@ use crate::key::BODY_LEN;
 /// The start of the body of the first key-shaped run in `b` at or after `from`.
 fn find(b: &[u8], mut from: usize) -> Option<usize> {
     while from < b.len() {
-        let at = from + b[from..].iter().position(|&c| c == b'_')?;
+        let at = from + memchr::memchr(b'_', &b[from..])?;
         let body = at + 1;
         let preceded = at > 0 && b[at - 1].is_ascii_alphanumeric();
         if preceded
