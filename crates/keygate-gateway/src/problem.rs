@@ -56,7 +56,7 @@ impl Refusal {
         Refusal::new(
             409,
             "tenant_conflict",
-            "A point id in this request is held by another owner; choose other ids.",
+            "An id in this request is held by another owner; choose other ids.",
         )
     }
 
