@@ -3,7 +3,7 @@
 //! --config gateway.toml`; this library is what it and the tests build on.
 //!
 //! # The stack (outermost first)
-//! 0. The preset's open health routes ([`Preset::open_paths`]), `GET` only: forwarded
+//! 0. The preset's open health routes ([`Preset::open_paths`](preset::Preset::open_paths)), `GET` only: forwarded
 //!    without a key, like the upstream answers them.
 //! 1. `AuditLayer`: one event per request.
 //! 2. `RateLimitLayer`: per key (the configuration's `rate_limits` for keys whose record
@@ -40,9 +40,8 @@ use keygate::{KeyGate, KeyManager, Verifier};
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
 
-pub use config::Config;
-pub use preset::Preset;
-pub use proxy::UpstreamCredential;
+use config::Config;
+use proxy::UpstreamCredential;
 
 /// The error type of bodies the gateway answers with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

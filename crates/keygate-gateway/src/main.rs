@@ -22,7 +22,8 @@ use keygate::redis::{
 };
 use keygate::sql::SqlStore;
 use keygate::Verifier;
-use keygate_gateway::{serve, Config};
+use keygate_gateway::config::Config;
+use keygate_gateway::serve;
 use keygate_showcase::secrets;
 
 /// keygate's API-key layers in front of a vector database (Qdrant, Chroma).

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use keygate::KeySpec;
-use keygate_gateway::Preset;
+use keygate_gateway::preset::Preset;
 use serde_json::Value;
 use support::{call_with, Gw};
 

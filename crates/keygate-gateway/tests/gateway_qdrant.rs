@@ -14,7 +14,8 @@ use keygate::core::usage::MemoryUsageStore;
 use keygate::quota::Counting;
 use keygate::rate_limit::LimiterClock;
 use keygate::{KeySpec, ManualClock, MemoryStore, Verifier};
-use keygate_gateway::{Preset, UpstreamCredential};
+use keygate_gateway::preset::Preset;
+use keygate_gateway::proxy::UpstreamCredential;
 use serde_json::{json, Value};
 use support::{call, call_h2, Gw};
 

@@ -14,7 +14,10 @@ use keygate::core::usage::MemoryUsageStore;
 use keygate::quota::Counting;
 use keygate::rate_limit::LimiterClock;
 use keygate::{KeyId, KeySpec, ManualClock, MemoryStore, Verifier};
-use keygate_gateway::{Config, Gateway, Preset, UpstreamCredential};
+use keygate_gateway::config::Config;
+use keygate_gateway::preset::Preset;
+use keygate_gateway::proxy::UpstreamCredential;
+use keygate_gateway::Gateway;
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 
