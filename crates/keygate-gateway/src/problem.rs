@@ -3,6 +3,7 @@
 //!
 //! | status | code | when |
 //! |---|---|---|
+//! | 400 | `bad_path` | a path with a `.` or `..` segment or an encoded `/` or `\` |
 //! | 400 | `bad_body` | a body the gateway must rewrite is not JSON of the expected shape |
 //! | 403 | `tenant_unscopable` | a key with a tenant asks for something that cannot be scoped to it |
 //! | 404 | `point_not_found` | a tenant key names a point that is not its own |
@@ -39,6 +40,15 @@ impl Refusal {
     /// `400 bad_body`.
     pub fn bad_body(detail: impl Into<String>) -> Self {
         Refusal::new(400, "bad_body", detail)
+    }
+
+    /// `400 bad_path`.
+    pub fn bad_path() -> Self {
+        Refusal::new(
+            400,
+            "bad_path",
+            "The path has a dot segment or an encoded separator, which is not forwarded.",
+        )
     }
 
     /// `403 tenant_unscopable`.

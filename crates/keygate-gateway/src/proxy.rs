@@ -210,6 +210,9 @@ impl Proxy {
         if let Err(r) = self.check_length(&parts.headers) {
             return problem(&r);
         }
+        if !plain_path(parts.uri.path()) {
+            return problem(&Refusal::bad_path());
+        }
         let body = Either::Left(Limited::new(body, cap(self.inner.config.max_body)));
         self.forward(parts, body).await
     }
@@ -223,6 +226,9 @@ impl Proxy {
         self.clean(&mut parts.headers);
         if let Err(r) = self.check_length(&parts.headers) {
             return problem(&r);
+        }
+        if !plain_path(parts.uri.path()) {
+            return problem(&Refusal::bad_path());
         }
         let Some(tenant) = tenant else {
             let body = Either::Left(Limited::new(body, cap(self.inner.config.max_body)));
@@ -541,6 +547,19 @@ impl Proxy {
     }
 }
 
+/// Whether `path` is safe to forward as it was checked: no `.` or `..` segment and no
+/// encoded `/` or `\` in a segment, however percent-encoded, so the upstream cannot resolve
+/// it to another route or collection than the one the scope layer saw.
+pub fn plain_path(path: &str) -> bool {
+    path.split('/').all(|segment| {
+        if !segment.contains(['.', '%']) {
+            return true;
+        }
+        let decoded = percent_encoding::percent_decode_str(segment).collect::<Vec<u8>>();
+        decoded != b"." && decoded != b".." && !decoded.contains(&b'/') && !decoded.contains(&b'\\')
+    })
+}
+
 fn cap(n: u64) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX)
 }
@@ -587,5 +606,27 @@ impl tower::Service<Request<Incoming>> for Proxy {
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move { Ok(this.handle(req).await) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plain_path;
+
+    #[test]
+    fn dot_segments_and_encoded_separators_are_not_plain() {
+        assert!(plain_path("/collections/docs/points/search"));
+        assert!(plain_path("/collections/my.docs/points/1"));
+        assert!(plain_path("/collections/caf%C3%A9/points"));
+        for bad in [
+            "/collections/docs/../other/points/search",
+            "/collections/./docs",
+            "/collections/%2e%2E/points",
+            "/collections/.%2e/points",
+            "/collections/a%2Fb/points",
+            "/collections/a%5Cb/points",
+        ] {
+            assert!(!plain_path(bad), "{bad}");
+        }
     }
 }

@@ -360,6 +360,15 @@ async fn routes_outside_the_preset_are_refused_and_scopes_enforced() {
     let r = upsert(&gw, &reader, json!([{"id": 9, "vector": [1.0, 0.0]}])).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     assert_eq!(r.code(), "insufficient_scope");
+    // A dot segment the upstream could resolve to another route is not forwarded.
+    for path in [
+        "/collections/docs/points/..",
+        "/collections/docs/points/%2E%2e",
+    ] {
+        let r = gw.call("GET", path, Some(&operator), None).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text);
+        assert_eq!(r.code(), "bad_path");
+    }
     // Health checks pass without a key.
     let r = gw.call("GET", "/healthz", None, None).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
