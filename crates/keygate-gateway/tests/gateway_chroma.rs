@@ -2,8 +2,8 @@
 //! (`tests/chroma/client.py`): scoped keys, two tenants that cannot see each other's
 //! records, and revocation.
 //!
-//! Needs `KEYGATE_TEST_CHROMA_VENV`, a virtualenv with the `chromadb` package
-//! (`scripts/chroma-venv.sh` makes one); prints that it skipped when unset.
+//! Needs `KEYGATE_TEST_GATEWAY_VENV`, a virtualenv with the `chromadb` package
+//! (`scripts/gateway-venv.sh` makes one); prints that it skipped when unset.
 
 mod support;
 
@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use http::StatusCode;
 use keygate::KeySpec;
 use keygate_gateway::preset::Preset;
-use serde_json::Value;
-use support::{call_with, Gw};
+use support::{call_with, python, Gw};
+
+const SCRIPT: &str = "tests/chroma/client.py";
 
 /// Kills the Chroma server when the test ends, however it ends.
 struct Server(tokio::process::Child);
@@ -63,28 +64,6 @@ async fn chroma(venv: &Path, data: &Path) -> (Server, u16) {
     (server, port)
 }
 
-/// Runs one step of the Python client; returns its JSON report.
-async fn python(venv: &Path, port: u16, step: &str, keys: &[&str]) -> Value {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/chroma/client.py");
-    let out = tokio::process::Command::new(venv.join("bin").join("python"))
-        .arg(script)
-        .arg(port.to_string())
-        .arg(step)
-        .args(keys)
-        .env("ANONYMIZED_TELEMETRY", "False")
-        .output()
-        .await
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{step}: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let last = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(last).unwrap_or_else(|_| panic!("{step}: not JSON: {stdout}"))
-}
-
 fn tenant_spec(tenant: &str) -> KeySpec {
     let mut spec = KeySpec::new(tenant);
     for s in [
@@ -103,8 +82,8 @@ fn tenant_spec(tenant: &str) -> KeySpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_client_through_the_gateway() {
-    let Ok(venv) = std::env::var("KEYGATE_TEST_CHROMA_VENV") else {
-        eprintln!("skipped: KEYGATE_TEST_CHROMA_VENV is not set (scripts/chroma-venv.sh)");
+    let Ok(venv) = std::env::var("KEYGATE_TEST_GATEWAY_VENV") else {
+        eprintln!("skipped: KEYGATE_TEST_GATEWAY_VENV is not set (scripts/gateway-venv.sh)");
         return;
     };
     let venv = PathBuf::from(venv);
@@ -122,10 +101,10 @@ async fn the_official_client_through_the_gateway() {
     let (acme, acme_id) = gw.issue(tenant_spec("acme")).await;
     let (globex, _) = gw.issue(tenant_spec("globex")).await;
 
-    let setup = python(&venv, port, "setup", &[&operator]).await;
+    let setup = python(&venv, SCRIPT, port, "setup", &[&operator]).await;
     assert_eq!(setup["collections"], serde_json::json!(["docs"]), "{setup}");
 
-    let r = python(&venv, port, "isolation", &[&acme, &globex]).await;
+    let r = python(&venv, SCRIPT, port, "isolation", &[&acme, &globex]).await;
     assert_eq!(r["acme_get"], serde_json::json!(["a1", "a2"]), "{r}");
     // Acme's second record claimed to be Globex's: stamped Acme's.
     assert_eq!(
@@ -169,7 +148,7 @@ async fn the_official_client_through_the_gateway() {
         .revoke("test", acme_id)
         .await
         .expect("revoke");
-    let r = python(&venv, port, "refused", &[&acme]).await;
+    let r = python(&venv, SCRIPT, port, "refused", &[&acme]).await;
     let error = r["error"].as_str().unwrap_or_default();
     assert!(
         error.contains("invalid_key") || error.contains("401"),

@@ -17,7 +17,7 @@ use keygate::{KeySpec, ManualClock, MemoryStore, Verifier};
 use keygate_gateway::preset::Preset;
 use keygate_gateway::proxy::UpstreamCredential;
 use serde_json::{json, Value};
-use support::{call, call_h2, Gw};
+use support::{call, call_h2, python, Gw};
 
 /// The showcase on a loopback port; returns its address and admin key.
 async fn upstream() -> (std::net::SocketAddr, String) {
@@ -398,4 +398,57 @@ async fn http2_clients_are_served() {
     )
     .await;
     assert_eq!(r.json["result"]["count"], 1, "{}", r.text);
+}
+
+/// The official `qdrant-client` through the gateway (`tests/qdrant/client.py`). Needs
+/// `KEYGATE_TEST_GATEWAY_VENV` (`scripts/gateway-venv.sh`); prints that it skipped when unset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_python_client_through_the_gateway() {
+    let Ok(venv) = std::env::var("KEYGATE_TEST_GATEWAY_VENV") else {
+        eprintln!("skipped: KEYGATE_TEST_GATEWAY_VENV is not set (scripts/gateway-venv.sh)");
+        return;
+    };
+    let venv = std::path::PathBuf::from(venv);
+    let (gw, _, _) = world().await;
+    let spec = |tenant: &str| {
+        KeySpec::new(tenant)
+            .scope("service:read")
+            .scope("collections:read")
+            .scope("points:read")
+            .scope("points:write")
+            .resource("docs")
+            .attribute("tenant", tenant)
+    };
+    let (acme, acme_id) = gw.issue(spec("acme")).await;
+    let (globex, _) = gw.issue(spec("globex")).await;
+    let script = "tests/qdrant/client.py";
+    let port = gw.addr.port();
+    let r = python(&venv, script, port, "isolation", &[&acme, &globex]).await;
+    assert_eq!(r["acme_scroll"], json!([1, 2]), "{r}");
+    assert_eq!(r["acme_tenants"], json!(["acme", "acme"]), "{r}");
+    assert_eq!(r["globex_scroll"], json!([3]), "{r}");
+    assert_eq!(r["acme_query"], json!([1, 2]), "{r}");
+    assert_eq!(r["globex_query_filtered"], json!([]), "{r}");
+    assert_eq!(r["acme_count"], 2, "{r}");
+    assert_eq!(r["acme_retrieve"], json!([1]), "{r}");
+    let upsert = r["globex_upsert_acme_id"].as_str().unwrap_or_default();
+    assert!(
+        upsert.contains("409") && upsert.contains("tenant_conflict"),
+        "{r}"
+    );
+    assert_eq!(r["acme_after_globex_delete"], 2, "{r}");
+    let delete = r["acme_delete_collection"].as_str().unwrap_or_default();
+    assert!(delete.contains("insufficient_scope"), "{r}");
+
+    gw.gateway
+        .keys
+        .revoke("test", acme_id)
+        .await
+        .expect("revoke");
+    let r = python(&venv, script, port, "refused", &[&acme]).await;
+    let error = r["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("401") && error.contains("invalid_key"),
+        "{r}"
+    );
 }

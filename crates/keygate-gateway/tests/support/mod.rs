@@ -207,3 +207,32 @@ impl Gw {
         call(self.addr, method, path, key, body.as_ref()).await
     }
 }
+
+/// Runs one step of a Python client script (`script`, relative to this crate) with the
+/// virtualenv `venv`; returns the JSON report on its last line of output.
+pub async fn python(
+    venv: &std::path::Path,
+    script: &str,
+    port: u16,
+    step: &str,
+    keys: &[&str],
+) -> Value {
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script);
+    let out = tokio::process::Command::new(venv.join("bin").join("python"))
+        .arg(script)
+        .arg(port.to_string())
+        .arg(step)
+        .args(keys)
+        .env("ANONYMIZED_TELEMETRY", "False")
+        .output()
+        .await
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{step}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|_| panic!("{step}: not JSON: {stdout}"))
+}
