@@ -303,6 +303,10 @@ impl Proxy {
         match sent.await {
             Err(_) => Err(Refusal::upstream_timeout()),
             Ok(Err(e)) if e.is_connect() => Err(Refusal::upstream_unavailable()),
+            // The client's body ran over the cap while it was streamed.
+            Ok(Err(e)) if over_limit(&e) => {
+                Err(Refusal::body_too_large(self.inner.config.max_body))
+            }
             Ok(Err(_)) => Err(Refusal::upstream_error()),
             Ok(Ok(res)) => Ok(res),
         }
@@ -558,6 +562,18 @@ pub fn plain_path(path: &str) -> bool {
         let decoded = percent_encoding::percent_decode_str(segment).collect::<Vec<u8>>();
         decoded != b"." && decoded != b".." && !decoded.contains(&b'/') && !decoded.contains(&b'\\')
     })
+}
+
+/// Whether `e` (or an error it wraps) is a body running over its [`Limited`] cap.
+fn over_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn cap(n: u64) -> usize {

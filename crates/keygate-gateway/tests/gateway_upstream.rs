@@ -192,6 +192,32 @@ async fn bodies_over_the_caps_are_refused_before_the_upstream() {
     .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text);
     assert_eq!(calls.load(Ordering::SeqCst), 0);
+    // A streamed body without a length is cut at the cap: 413.
+    let stream = TcpStream::connect(gw.addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    tx.send(Bytes::from(vec![b' '; 800])).await.expect("send");
+    tx.send(Bytes::from(vec![b' '; 800])).await.expect("send");
+    drop(tx);
+    let req = Request::post("/collections/docs/points/search")
+        .header("host", gw.addr.to_string())
+        .header("api-key", &key)
+        .body(ChannelBody(rx))
+        .expect("request");
+    let res = sender.send_request(req).await.expect("answer");
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    let problem: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(problem["code"], "body_too_large");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the upstream was called, cut short"
+    );
+    calls.store(0, Ordering::SeqCst);
     // Under both caps it goes through.
     let r = support::call(
         gw.addr,
