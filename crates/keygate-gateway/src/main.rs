@@ -10,6 +10,7 @@
 //!   HTTP/2 by ALPN.
 //! - Audit events go to a hash-chained JSON Lines log (`--audit-log`), keyed by
 //!   `KEYGATE_AUDIT_KEY` / `KEYGATE_AUDIT_KEY_FILE` or a key file beside the log.
+//! - `--metrics-listen ADDR`: Prometheus/OpenMetrics counters at `/metrics`, without a key.
 //! - Every startup error is one `error: ...` line and exit code 1.
 
 use std::path::PathBuf;
@@ -64,6 +65,11 @@ struct Args {
     /// HTTPS with a certificate made at start (local use; its fingerprint is printed).
     #[arg(long, conflicts_with = "tls_cert")]
     tls_self_signed: bool,
+    /// Serve Prometheus/OpenMetrics counters at `/metrics` without a key on this address
+    /// (requests by decision and denial code, key lifecycle changes), for a scraper on a
+    /// private network.
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 #[tokio::main]
@@ -103,6 +109,14 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let metrics_listener = match &args.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(keygate_showcase::tls::Tls::from_files(cert, key)?),
         _ if args.tls_self_signed => {
@@ -162,7 +176,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .stem("keygate-gateway-audit".to_owned())
         .key(key)
         .open()?;
-    let auditor = Auditor::spawn(TeeSink::lifecycle(file, store.audit_sink()?))?;
+    // Metrics count every event the auditor records.
+    let metrics = keygate::metrics::Metrics::new();
+    let auditor = Auditor::spawn(TeeSink::new(
+        metrics.clone(),
+        TeeSink::lifecycle(file, store.audit_sink()?),
+    ))?;
 
     let limits = serve::ConnLimits {
         header_read_timeout: keygate_gateway::config::duration(
@@ -192,6 +211,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         secrets::redact(&database_url),
         store.backend()
     );
+    if let Some(l) = metrics_listener {
+        println!(
+            "metrics without a key on http://{}/metrics",
+            l.local_addr()?
+        );
+        tokio::spawn(serve::serve_metrics(l, metrics));
+    }
     println!("ready");
 
     serve::serve(listener, gateway.service, limits, tls, shutdown_signal()).await?;

@@ -131,3 +131,37 @@ pub async fn serve(
     let _all = permits.acquire_many(max as u32).await;
     Ok(())
 }
+
+/// Serves `metrics` at `GET /metrics` (OpenMetrics text) on `listener`, without a key: for
+/// a scraper on a private network (`--metrics-listen`). Runs until the task is dropped.
+pub async fn serve_metrics(listener: TcpListener, metrics: keygate::metrics::Metrics) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let answer = if req.method() == http::Method::GET && req.uri().path() == "/metrics"
+                {
+                    let mut res = http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from(metrics.render()),
+                    ));
+                    res.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static(keygate::metrics::CONTENT_TYPE),
+                    );
+                    res
+                } else {
+                    let mut res =
+                        http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+                    *res.status_mut() = http::StatusCode::NOT_FOUND;
+                    res
+                };
+                async move { Ok::<_, std::convert::Infallible>(answer) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

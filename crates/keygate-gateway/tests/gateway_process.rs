@@ -110,6 +110,7 @@ async fn the_binary_serves_keys_from_the_database_and_follows_revocations() {
         .args(["--listen", "127.0.0.1:0", "--database-url", &url])
         .arg("--audit-log")
         .arg(dir.path().join("audit"))
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .env_remove("KEYGATE_DATABASE_URL")
         .env_remove("KEYGATE_REDIS_URL")
         .env_remove("KEYGATE_PEPPER")
@@ -127,6 +128,7 @@ async fn the_binary_serves_keys_from_the_database_and_follows_revocations() {
         }
     });
     let mut addr = None;
+    let mut metrics = None;
     while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
         assert!(
             !line.contains(&admin),
@@ -134,6 +136,9 @@ async fn the_binary_serves_keys_from_the_database_and_follows_revocations() {
         );
         if let Some(rest) = line.split("listening on http://").nth(1) {
             addr = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if let Some(rest) = line.split("metrics without a key on http://").nth(1) {
+            metrics = rest.split('/').next().map(str::to_owned);
         }
         if line == "ready" {
             break;
@@ -200,6 +205,28 @@ async fn the_binary_serves_keys_from_the_database_and_follows_revocations() {
             Instant::now() < deadline,
             "the revocation did not reach the gateway"
         );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The counters see the allowed requests and the refusal (recorded off the request
+    // path: polled, bounded).
+    let metrics: std::net::SocketAddr = metrics
+        .expect("the metrics address")
+        .parse()
+        .expect("address");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = call(metrics, "GET", "/metrics", None, None).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(
+            r.text
+                .contains("keygate_requests_total{decision=\"allowed\""),
+            "{}",
+            r.text
+        );
+        if r.text.contains("code=\"revoked_key\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no refusal counted: {}", r.text);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(running);
