@@ -452,8 +452,8 @@ impl Proxy {
                     .cloned()
                     .ok_or_else(|| problem(&Refusal::bad_body("`ids` must be a list")))?;
                 let ids = qdrant::distinct(&ids);
-                let owned: Vec<String> = if ids.is_empty() {
-                    Vec::new()
+                let owned: std::collections::HashSet<String> = if ids.is_empty() {
+                    std::collections::HashSet::new()
                 } else {
                     let scroll_path = format!("/collections/{collection}/points/scroll");
                     let found = self
