@@ -1,0 +1,648 @@
+//! The forwarding service: the innermost service of the gateway, behind keygate's layers.
+//!
+//! - Client credentials are always removed before forwarding (`Authorization`,
+//!   `Proxy-Authorization`, `X-API-Key`, `api-key`, `X-Chroma-Token`, and every header the
+//!   hub reads keys from); the upstream's own credential is added.
+//! - Hop-by-hop headers (RFC 9110 section 7.6.1, and those named in `Connection`) are not
+//!   forwarded, either way.
+//! - Bodies stream both ways. A request body announced larger than the cap is refused
+//!   `413` before it is read; a longer stream is cut at the cap. Only a request of a key with
+//!   a tenant, on a route whose body must be rewritten, is read whole (within
+//!   `rewrite_body_bytes`).
+//! - The upstream client pools keep-alive connections (hyper-util's client).
+//! - Upstream failures are problem documents: `503 upstream_unavailable` (connection
+//!   refused or not made), `504 upstream_timeout` (no answer head in time), `502
+//!   upstream_error` (anything else).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::{HeaderMap, Method, Request, Response, Uri};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use keygate::RequestContext;
+use serde_json::Value;
+
+use crate::config::ExtraRoute;
+use crate::preset::{ChromaOp, Preset, QdrantOp, Tenancy};
+use crate::problem::Refusal;
+use crate::qdrant::{self, Check};
+
+/// The body of a request sent upstream: the client's, streamed (and capped), or one the
+/// gateway wrote.
+pub type UpstreamBody = Either<Limited<Incoming>, Full<Bytes>>;
+
+/// The body of the gateway's answers: the upstream's, streamed, or one the gateway wrote.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// The upstream's own credential: a header value, marked sensitive, never shown by `Debug`.
+#[derive(Clone)]
+pub struct UpstreamCredential {
+    header: HeaderName,
+    value: HeaderValue,
+}
+
+impl UpstreamCredential {
+    /// `header: [scheme ]secret`. Fails on a header name or value HTTP cannot carry.
+    pub fn new(header: &str, scheme: Option<&str>, secret: &str) -> Result<Self, String> {
+        let header = HeaderName::from_bytes(header.as_bytes())
+            .map_err(|_| format!("{header:?} is not a header name"))?;
+        let text = match scheme {
+            Some(s) => format!("{s} {secret}"),
+            None => secret.to_owned(),
+        };
+        let mut value = HeaderValue::from_str(&text).map_err(|_| {
+            "the upstream credential holds characters a header cannot carry".to_owned()
+        })?;
+        value.set_sensitive(true);
+        Ok(UpstreamCredential { header, value })
+    }
+
+    /// The header it travels in.
+    pub fn header(&self) -> &HeaderName {
+        &self.header
+    }
+}
+
+impl std::fmt::Debug for UpstreamCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamCredential")
+            .field("header", &self.header)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the proxy reaches the upstream and what it lets through.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// The upstream's base URL (`http://host:port`, maybe with a path prefix).
+    pub upstream: Uri,
+    /// The upstream's credential.
+    pub credential: Option<UpstreamCredential>,
+    /// How long connecting may take.
+    pub connect_timeout: Duration,
+    /// How long the upstream may take to answer a request's head.
+    pub timeout: Duration,
+    /// HTTP/2 without negotiation to the upstream.
+    pub http2: bool,
+    /// Idle connections kept per host.
+    pub pool_max_idle: usize,
+    /// The largest request body forwarded.
+    pub max_body: u64,
+    /// The largest body read whole for a rewrite.
+    pub rewrite_cap: u64,
+    /// The API spoken.
+    pub preset: Preset,
+    /// The configuration's extra routes.
+    pub extra_routes: Vec<ExtraRoute>,
+    /// The payload / metadata field naming a record's tenant.
+    pub tenant_field: String,
+}
+
+/// The forwarding service (cheap to clone).
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client<HttpConnector, UpstreamBody>,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    prefix: String,
+    config: ProxyConfig,
+    /// Headers a client key may travel in, removed before forwarding.
+    credential_headers: Vec<HeaderName>,
+}
+
+/// Headers that never carry a client's key upstream, whatever the hub reads.
+const CLIENT_CREDENTIALS: [&str; 5] = [
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "x-chroma-token",
+];
+
+/// Hop-by-hop headers.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+impl Proxy {
+    /// A proxy to `config.upstream`; `hub_credentials` are the headers the hub reads keys
+    /// from (removed too). Fails on an upstream URL without a scheme and host, or not
+    /// `http`.
+    pub fn new(
+        config: ProxyConfig,
+        hub_credentials: &keygate::credentials::Credentials,
+    ) -> Result<Proxy, String> {
+        let parts = config.upstream.clone().into_parts();
+        let scheme = parts
+            .scheme
+            .ok_or("the upstream URL needs a scheme (http://)")?;
+        if scheme != http::uri::Scheme::HTTP {
+            return Err(
+                "the upstream URL must be http:// (TLS to the upstream is not supported yet)"
+                    .into(),
+            );
+        }
+        let authority = parts.authority.ok_or("the upstream URL needs a host")?;
+        if authority.as_str().contains('@') {
+            return Err("the upstream URL may not carry a user or password: use credential_file or credential_env".into());
+        }
+        let prefix = parts
+            .path_and_query
+            .map(|p| p.path().trim_end_matches('/').to_owned())
+            .unwrap_or_default();
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(config.pool_max_idle)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .http2_only(config.http2)
+            .build(connector);
+        let mut credential_headers: Vec<HeaderName> = CLIENT_CREDENTIALS
+            .iter()
+            .map(|h| HeaderName::from_static(h))
+            .collect();
+        for source in hub_credentials.sources() {
+            if let keygate::credentials::CredentialSource::Header(h) = source {
+                if !credential_headers.contains(h) {
+                    credential_headers.push(h.clone());
+                }
+            }
+        }
+        Ok(Proxy {
+            inner: Arc::new(Inner {
+                client,
+                scheme,
+                authority,
+                prefix,
+                config,
+                credential_headers,
+            }),
+        })
+    }
+
+    /// Forwards `req` as it is (credentials and hop-by-hop headers removed): the open
+    /// health routes.
+    pub async fn forward_plain(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        self.clean(&mut parts.headers);
+        if let Err(r) = self.check_length(&parts.headers) {
+            return problem(&r);
+        }
+        if !plain_path(parts.uri.path()) {
+            return problem(&Refusal::bad_path());
+        }
+        let body = Either::Left(Limited::new(body, cap(self.inner.config.max_body)));
+        self.forward(parts, body).await
+    }
+
+    async fn handle(self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let tenant = RequestContext::of(req.extensions())
+            .and_then(RequestContext::principal)
+            .and_then(|p| p.tenant())
+            .map(str::to_owned);
+        let (mut parts, body) = req.into_parts();
+        self.clean(&mut parts.headers);
+        if let Err(r) = self.check_length(&parts.headers) {
+            return problem(&r);
+        }
+        if !plain_path(parts.uri.path()) {
+            return problem(&Refusal::bad_path());
+        }
+        let Some(tenant) = tenant else {
+            let body = Either::Left(Limited::new(body, cap(self.inner.config.max_body)));
+            return self.forward(parts, body).await;
+        };
+        let config = &self.inner.config;
+        let tenancy = crate::preset::tenancy(
+            config.preset,
+            &config.extra_routes,
+            parts.method.as_str(),
+            parts.uri.path(),
+        );
+        match tenancy {
+            Some(Tenancy::Pass) => {
+                let body = Either::Left(Limited::new(body, cap(config.max_body)));
+                self.forward(parts, body).await
+            }
+            Some(Tenancy::Qdrant(op)) => match self.qdrant(op, &mut parts, body, &tenant).await {
+                Ok(Some(body)) => self.forward_json(parts, body).await,
+                Ok(None) => {
+                    self.forward(parts, Either::Right(Full::new(Bytes::new())))
+                        .await
+                }
+                Err(res) => res,
+            },
+            Some(Tenancy::Chroma(op)) => match self.chroma(op, &parts, body, &tenant).await {
+                Ok(body) => self.forward_json(parts, body).await,
+                Err(res) => res,
+            },
+            Some(Tenancy::Refuse) | None => problem(&Refusal::tenant_unscopable(
+                "This operation cannot be scoped to a tenant.",
+            )),
+        }
+    }
+
+    /// Removes client credentials and hop-by-hop headers.
+    fn clean(&self, headers: &mut HeaderMap) {
+        strip_hop_by_hop(headers);
+        for h in &self.inner.credential_headers {
+            headers.remove(h);
+        }
+        headers.remove(HOST);
+    }
+
+    fn check_length(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+        let max = self.inner.config.max_body;
+        match headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            Some(n) if n > max => Err(Refusal::body_too_large(max)),
+            _ => Ok(()),
+        }
+    }
+
+    fn uri(&self, path_and_query: &str) -> Result<Uri, Refusal> {
+        let i = &self.inner;
+        Uri::builder()
+            .scheme(i.scheme.clone())
+            .authority(i.authority.clone())
+            .path_and_query(format!("{}{}", i.prefix, path_and_query))
+            .build()
+            .map_err(|_| Refusal::bad_body("the request path cannot be forwarded"))
+    }
+
+    async fn send(&self, mut req: Request<UpstreamBody>) -> Result<Response<Incoming>, Refusal> {
+        if let Some(c) = &self.inner.config.credential {
+            req.headers_mut().insert(c.header.clone(), c.value.clone());
+        }
+        let sent = tokio::time::timeout(self.inner.config.timeout, self.inner.client.request(req));
+        match sent.await {
+            Err(_) => Err(Refusal::upstream_timeout()),
+            Ok(Err(e)) if e.is_connect() => Err(Refusal::upstream_unavailable()),
+            // The client's body ran over the cap while it was streamed.
+            Ok(Err(e)) if over_limit(&e) => {
+                Err(Refusal::body_too_large(self.inner.config.max_body))
+            }
+            Ok(Err(_)) => Err(Refusal::upstream_error()),
+            Ok(Ok(res)) => Ok(res),
+        }
+    }
+
+    async fn forward(
+        &self,
+        parts: http::request::Parts,
+        body: UpstreamBody,
+    ) -> Response<ProxyBody> {
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map_or("/", http::uri::PathAndQuery::as_str);
+        let uri = match self.uri(pq) {
+            Ok(u) => u,
+            Err(r) => return problem(&r),
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = parts.headers;
+        if self.inner.config.http2 {
+            *req.version_mut() = http::Version::HTTP_2;
+        }
+        match self.send(req).await {
+            Ok(res) => {
+                let (mut parts, body) = res.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, Either::Left(body))
+            }
+            Err(r) => problem(&r),
+        }
+    }
+
+    async fn forward_json(
+        &self,
+        mut parts: http::request::Parts,
+        body: Value,
+    ) -> Response<ProxyBody> {
+        let bytes = Bytes::from(body.to_string());
+        parts
+            .headers
+            .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        parts
+            .headers
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        parts.headers.remove(http::header::CONTENT_ENCODING);
+        self.forward(parts, Either::Right(Full::new(bytes))).await
+    }
+
+    /// Reads a body whole, within the rewrite cap, as JSON (`Null` when empty).
+    async fn read_json(&self, body: Incoming) -> Result<Value, Response<ProxyBody>> {
+        let limit = self.inner.config.rewrite_cap;
+        let bytes = match Limited::new(body, cap(limit)).collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(problem(&Refusal::body_too_large(limit)))
+            }
+            Err(_) => return Err(problem(&Refusal::bad_body("the body could not be read"))),
+        };
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|_| problem(&Refusal::bad_body("the body is not valid JSON")))
+    }
+
+    /// A JSON request of the gateway's own to the upstream (checks): the `result` of a 2xx
+    /// answer; any other answer is passed to the client as it is.
+    async fn ask(
+        &self,
+        method: Method,
+        path: &str,
+        body: &Value,
+    ) -> Result<Value, Response<ProxyBody>> {
+        let uri = self.uri(path).map_err(|r| problem(&r))?;
+        let bytes = Bytes::from(body.to_string());
+        let mut req = Request::new(Either::Right(Full::new(bytes)));
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        req.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let res = self.send(req).await.map_err(|r| problem(&r))?;
+        if !res.status().is_success() {
+            let (mut parts, body) = res.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            return Err(Response::from_parts(parts, Either::Left(body)));
+        }
+        let limit = self.inner.config.rewrite_cap;
+        let bytes = Limited::new(res.into_body(), cap(limit))
+            .collect()
+            .await
+            .map_err(|_| problem(&Refusal::upstream_error()))?
+            .to_bytes();
+        let mut v: Value =
+            serde_json::from_slice(&bytes).map_err(|_| problem(&Refusal::upstream_error()))?;
+        Ok(v.get_mut("result").map(Value::take).unwrap_or(v))
+    }
+
+    /// The Qdrant rules: `Some(body)` to forward rewritten, `None` for a bodiless request
+    /// to forward as it is, `Err` for the answer.
+    async fn qdrant(
+        &self,
+        op: QdrantOp,
+        parts: &mut http::request::Parts,
+        body: Incoming,
+        tenant: &str,
+    ) -> Result<Option<Value>, Response<ProxyBody>> {
+        let field = self.inner.config.tenant_field.as_str();
+        let path = parts.uri.path().to_owned();
+        let segments: Vec<&str> = path.split('/').collect();
+        // `/collections/{c}/...`: every tenant operation names a collection.
+        let Some(collection) = segments.get(2).filter(|c| !c.is_empty()) else {
+            return Err(problem(&Refusal::tenant_unscopable(
+                "no collection in the path",
+            )));
+        };
+        let count_path = format!("/collections/{collection}/points/count");
+        match op {
+            QdrantOp::GetPoint => {
+                let id = qdrant::path_id(segments.last().copied().unwrap_or_default());
+                let found = self
+                    .ask(
+                        Method::POST,
+                        &count_path,
+                        &qdrant::owned_count(&[id], field, tenant),
+                    )
+                    .await?;
+                if found["count"].as_u64() != Some(1) {
+                    return Err(problem(&Refusal::point_not_found()));
+                }
+                Ok(None)
+            }
+            QdrantOp::Retrieve => {
+                let mut req = self.read_json(body).await?;
+                let obj = req
+                    .as_object_mut()
+                    .ok_or_else(|| problem(&Refusal::bad_body("the body must be a JSON object")))?;
+                let ids = obj
+                    .get("ids")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .ok_or_else(|| problem(&Refusal::bad_body("`ids` must be a list")))?;
+                let ids = qdrant::distinct(&ids);
+                let owned: std::collections::HashSet<String> = if ids.is_empty() {
+                    std::collections::HashSet::new()
+                } else {
+                    let scroll_path = format!("/collections/{collection}/points/scroll");
+                    let found = self
+                        .ask(
+                            Method::POST,
+                            &scroll_path,
+                            &qdrant::owned_scroll(&ids, field, tenant),
+                        )
+                        .await?;
+                    found["points"]
+                        .as_array()
+                        .map(|ps| ps.iter().map(|p| p["id"].to_string()).collect())
+                        .unwrap_or_default()
+                };
+                let kept: Vec<Value> = ids
+                    .into_iter()
+                    .filter(|id| owned.contains(&id.to_string()))
+                    .collect();
+                obj.insert("ids".into(), Value::Array(kept));
+                Ok(Some(req))
+            }
+            _ => {
+                let req = self.read_json(body).await?;
+                let scoped = qdrant::scope(op, req, field, tenant).map_err(|r| problem(&r))?;
+                for check in &scoped.checks {
+                    match check {
+                        Check::Owned(ids) => {
+                            let ids = qdrant::distinct(ids);
+                            let found = self
+                                .ask(
+                                    Method::POST,
+                                    &count_path,
+                                    &qdrant::owned_count(&ids, field, tenant),
+                                )
+                                .await?;
+                            if found["count"].as_u64() != Some(ids.len() as u64) {
+                                return Err(problem(&Refusal::point_not_found()));
+                            }
+                        }
+                        Check::NotElsewhere(ids) => {
+                            let ids = qdrant::distinct(ids);
+                            let found = self
+                                .ask(
+                                    Method::POST,
+                                    &count_path,
+                                    &qdrant::elsewhere_count(&ids, field, tenant),
+                                )
+                                .await?;
+                            if found["count"].as_u64() != Some(0) {
+                                return Err(problem(&Refusal::tenant_conflict()));
+                            }
+                        }
+                    }
+                }
+                Ok(Some(scoped.body))
+            }
+        }
+    }
+
+    /// The Chroma rules.
+    async fn chroma(
+        &self,
+        op: ChromaOp,
+        parts: &http::request::Parts,
+        body: Incoming,
+        tenant: &str,
+    ) -> Result<Value, Response<ProxyBody>> {
+        let field = self.inner.config.tenant_field.as_str();
+        let req = self.read_json(body).await?;
+        let scoped = crate::chroma::scope(op, req, field, tenant).map_err(|r| problem(&r))?;
+        if let Some(ids) = &scoped.check_ids {
+            // Records with these ids that exist must be the tenant's: an upsert would
+            // overwrite another tenant's record.
+            let path = parts.uri.path();
+            let get_path = match path.rsplit_once('/') {
+                Some((base, _)) => format!("{base}/get"),
+                None => {
+                    return Err(problem(&Refusal::tenant_unscopable(
+                        "no collection in the path",
+                    )))
+                }
+            };
+            let found = self
+                .ask(
+                    Method::POST,
+                    &get_path,
+                    &serde_json::json!({"ids": ids, "include": ["metadatas"]}),
+                )
+                .await?;
+            if !crate::chroma::all_owned(&found, field, tenant) {
+                return Err(problem(&Refusal::tenant_conflict()));
+            }
+        }
+        Ok(scoped.body)
+    }
+}
+
+/// Whether `path` is safe to forward as it was checked: no `.` or `..` segment and no
+/// encoded `/` or `\` in a segment, however percent-encoded, so the upstream cannot resolve
+/// it to another route or collection than the one the scope layer saw.
+pub fn plain_path(path: &str) -> bool {
+    path.split('/').all(|segment| {
+        if !segment.contains(['.', '%']) {
+            return true;
+        }
+        let decoded = percent_encoding::percent_decode_str(segment).collect::<Vec<u8>>();
+        decoded != b"." && decoded != b".." && !decoded.contains(&b'/') && !decoded.contains(&b'\\')
+    })
+}
+
+/// Whether `e` (or an error it wraps) is a body running over its [`Limited`] cap.
+fn over_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn cap(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// A gateway answer.
+pub fn problem(r: &Refusal) -> Response<ProxyBody> {
+    r.response().map(|b| Either::Right(Full::new(b)))
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers the `Connection` field names are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP {
+        // gRPC needs `te: trailers` end to end.
+        if h == "te"
+            && headers
+                .get(h)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+        {
+            continue;
+        }
+        headers.remove(h);
+    }
+}
+
+impl tower::Service<Request<Incoming>> for Proxy {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.handle(req).await) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plain_path;
+
+    #[test]
+    fn dot_segments_and_encoded_separators_are_not_plain() {
+        assert!(plain_path("/collections/docs/points/search"));
+        assert!(plain_path("/collections/my.docs/points/1"));
+        assert!(plain_path("/collections/caf%C3%A9/points"));
+        for bad in [
+            "/collections/docs/../other/points/search",
+            "/collections/./docs",
+            "/collections/%2e%2E/points",
+            "/collections/.%2e/points",
+            "/collections/a%2Fb/points",
+            "/collections/a%5Cb/points",
+        ] {
+            assert!(!plain_path(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! Forwarding: credentials, streaming bodies, body caps and upstream failures, against
+//! small upstreams on loopback ports.
+
+mod support;
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use keygate::KeySpec;
+use keygate_gateway::preset::Preset;
+use keygate_gateway::proxy::UpstreamCredential;
+use serde_json::{json, Value};
+use support::{call_with, Gw};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// An upstream answering every request with what it saw: method, path, headers, body
+/// length. Counts its requests.
+async fn echo() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let svc = tower::service_fn(move |req: Request<Incoming>| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            let headers: serde_json::Map<String, Value> = parts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or("?"))))
+                .collect();
+            let answer = json!({
+                "method": parts.method.as_str(),
+                "path": parts.uri.to_string(),
+                "headers": headers,
+                "body_len": body.len(),
+                "body": String::from_utf8_lossy(&body),
+            });
+            let mut res = Response::new(Full::new(Bytes::from(answer.to_string())));
+            res.headers_mut()
+                .insert("connection", "x-secret-hop".parse().expect("value"));
+            res.headers_mut()
+                .insert("x-secret-hop", "1".parse().expect("value"));
+            Ok::<_, Infallible>(res)
+        }
+    });
+    (keygate_testkit::serve::spawn_hyper(svc).await, calls)
+}
+
+#[tokio::test]
+async fn client_credentials_are_stripped_and_the_upstreams_added() {
+    let (up, _) = echo().await;
+    let credential =
+        UpstreamCredential::new("api-key", None, "upstream-secret").expect("credential");
+    let gw = Gw::start(
+        Preset::Qdrant,
+        &format!("http://{up}"),
+        Some(credential),
+        |_| {},
+    )
+    .await;
+    let key = gw.operator_key().await;
+    let bearer = format!("Bearer {key}");
+    let r = call_with(
+        gw.addr,
+        "POST",
+        "/collections/docs/points/search?timeout=3",
+        &[
+            ("authorization", &bearer),
+            ("x-chroma-token", "stray"),
+            ("x-custom", "kept"),
+        ],
+        Some(&json!({"vector": [1.0]})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let seen = &r.json["headers"];
+    assert_eq!(seen["api-key"], "upstream-secret");
+    assert!(seen.get("authorization").is_none(), "{seen}");
+    assert!(seen.get("x-chroma-token").is_none(), "{seen}");
+    assert_eq!(seen["x-custom"], "kept");
+    assert_eq!(r.json["path"], "/collections/docs/points/search?timeout=3");
+    assert_eq!(r.json["body"], "{\"vector\":[1.0]}");
+    assert!(!r.text.contains(&key));
+    // Hop-by-hop fields of the answer (and those its `Connection` names) stop here.
+    assert!(r.headers.get("x-secret-hop").is_none());
+
+    // The client's key in the upstream's own header is stripped just the same, and the
+    // upstream's credential replaces it.
+    let r = call_with(gw.addr, "GET", "/collections", &[("api-key", &key)], None).await;
+    assert_eq!(
+        r.json["headers"]["api-key"], "upstream-secret",
+        "{}",
+        r.text
+    );
+}
+
+#[tokio::test]
+async fn chroma_credential_as_a_bearer_token_and_the_tenant_in_where() {
+    let (up, _) = echo().await;
+    let credential = UpstreamCredential::new("authorization", Some("Bearer"), "chroma-secret")
+        .expect("credential");
+    let gw = Gw::start(
+        Preset::Chroma,
+        &format!("http://{up}/"),
+        Some(credential),
+        |_| {},
+    )
+    .await;
+    let (key, _) = gw
+        .issue(
+            KeySpec::new("acme")
+                .scope("records:read")
+                .scope("records:write")
+                .resource("db")
+                .attribute("tenant", "acme"),
+        )
+        .await;
+    let base = "/api/v2/tenants/default_tenant/databases/db/collections/4b1e";
+    let r = call_with(
+        gw.addr,
+        "POST",
+        &format!("{base}/query"),
+        &[("x-chroma-token", &key)],
+        Some(&json!({"query_embeddings": [[1.0]], "where": {"k": 1}})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json["headers"]["authorization"], "Bearer chroma-secret");
+    let sent: Value = serde_json::from_str(r.json["body"].as_str().expect("body")).expect("json");
+    assert_eq!(
+        sent["where"],
+        json!({"$and": [{"k": 1}, {"tenant": {"$eq": "acme"}}]})
+    );
+    // Another database is not this key's.
+    let r = call_with(
+        gw.addr,
+        "POST",
+        "/api/v2/tenants/default_tenant/databases/other/collections/4b1e/get",
+        &[("x-chroma-token", &key)],
+        Some(&json!({})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.code(), "resource_forbidden");
+}
+
+#[tokio::test]
+async fn bodies_over_the_caps_are_refused_before_the_upstream() {
+    let (up, calls) = echo().await;
+    let gw = Gw::start(Preset::Qdrant, &format!("http://{up}"), None, |c| {
+        c.limits.max_body_bytes = 1024;
+        c.limits.rewrite_body_bytes = 64;
+    })
+    .await;
+    let key = gw.operator_key().await;
+    let big = json!({"vector": vec![0.5; 400]});
+    let r = support::call(
+        gw.addr,
+        "POST",
+        "/collections/docs/points/search",
+        Some(&key),
+        Some(&big),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text);
+    assert_eq!(r.code(), "body_too_large");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    // A tenant key's body is read to be rewritten: the smaller cap applies.
+    let (tenant, _) = gw.tenant_key("acme", "docs").await;
+    let medium = json!({"vector": vec![0.5; 30]});
+    let r = support::call(
+        gw.addr,
+        "POST",
+        "/collections/docs/points/search",
+        Some(&tenant),
+        Some(&medium),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    // A streamed body without a length is cut at the cap: 413.
+    let stream = TcpStream::connect(gw.addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    tx.send(Bytes::from(vec![b' '; 800])).await.expect("send");
+    tx.send(Bytes::from(vec![b' '; 800])).await.expect("send");
+    drop(tx);
+    let req = Request::post("/collections/docs/points/search")
+        .header("host", gw.addr.to_string())
+        .header("api-key", &key)
+        .body(ChannelBody(rx))
+        .expect("request");
+    let res = sender.send_request(req).await.expect("answer");
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    let problem: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(problem["code"], "body_too_large");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the upstream was called, cut short"
+    );
+    calls.store(0, Ordering::SeqCst);
+    // Under both caps it goes through.
+    let r = support::call(
+        gw.addr,
+        "POST",
+        "/collections/docs/points/search",
+        Some(&key),
+        Some(&medium),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn upstream_failures_are_problem_documents() {
+    // Nothing listens: 503.
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let closed_addr = closed.local_addr().expect("addr");
+    drop(closed);
+    let gw = Gw::start(
+        Preset::Qdrant,
+        &format!("http://{closed_addr}"),
+        None,
+        |_| {},
+    )
+    .await;
+    let key = gw.operator_key().await;
+    let r = support::call(gw.addr, "GET", "/collections", Some(&key), None).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
+    assert_eq!(r.code(), "upstream_unavailable");
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+
+    // Accepts and never answers: 504 after the configured timeout.
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let holder = held.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = silent.accept().await {
+            holder.lock().expect("lock").push(s);
+        }
+    });
+    let gw = Gw::start(
+        Preset::Qdrant,
+        &format!("http://{silent_addr}"),
+        None,
+        |c| {
+            c.upstream.timeout = "300ms".into();
+        },
+    )
+    .await;
+    let key = gw.operator_key().await;
+    let r = support::call(gw.addr, "GET", "/collections", Some(&key), None).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text);
+    assert_eq!(r.code(), "upstream_timeout");
+
+    // Accepts, reads the request and hangs up: 502.
+    let rude = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let rude_addr = rude.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = rude.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+            drop(s);
+        }
+    });
+    let gw = Gw::start(Preset::Qdrant, &format!("http://{rude_addr}"), None, |_| {}).await;
+    let key = gw.operator_key().await;
+    let r = support::call(gw.addr, "GET", "/collections", Some(&key), None).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text);
+    assert_eq!(r.code(), "upstream_error");
+}
+
+/// A body fed from a channel: each message is one frame; the body ends when the sender is
+/// dropped.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|m| m.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+#[tokio::test]
+async fn bodies_stream_both_ways() {
+    // The upstream answers at once with the first request frame it reads, then one more
+    // frame for each further request frame: so the client sees an answer while its own
+    // body is still open, and the answer's frames arrive one by one.
+    let svc = tower::service_fn(|req: Request<Incoming>| async move {
+        let (tx, rx) = mpsc::channel::<Bytes>(4);
+        let mut body = req.into_body();
+        let first = loop {
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        break data;
+                    }
+                }
+                _ => break Bytes::new(),
+            }
+        };
+        tx.send(first).await.expect("send");
+        tokio::spawn(async move {
+            while let Some(Ok(f)) = body.frame().await {
+                if let Ok(data) = f.into_data() {
+                    if tx.send(data).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok::<_, Infallible>(Response::new(ChannelBody(rx)))
+    });
+    let up = keygate_testkit::serve::spawn_hyper(svc).await;
+    let gw = Gw::start(Preset::Qdrant, &format!("http://{up}"), None, |_| {}).await;
+    let key = gw.operator_key().await;
+
+    let stream = TcpStream::connect(gw.addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let req = Request::post("/collections/docs/points/search")
+        .header("host", gw.addr.to_string())
+        .header("api-key", &key)
+        .body(ChannelBody(rx))
+        .expect("request");
+    tx.send(Bytes::from_static(b"first")).await.expect("send");
+    let res = sender
+        .send_request(req)
+        .await
+        .expect("answer while the body is open");
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    let frame = body.frame().await.expect("a frame").expect("ok");
+    assert_eq!(
+        frame.into_data().expect("data"),
+        Bytes::from_static(b"first")
+    );
+    tx.send(Bytes::from_static(b"second")).await.expect("send");
+    let frame = body.frame().await.expect("a frame").expect("ok");
+    assert_eq!(
+        frame.into_data().expect("data"),
+        Bytes::from_static(b"second")
+    );
+    drop(tx);
+    assert!(body.frame().await.is_none());
+}
