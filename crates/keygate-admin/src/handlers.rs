@@ -44,7 +44,7 @@ const MAX_BODY: usize = 256 * 1024;
 /// the rendered denial (401 for credential problems, 403 `ip_not_allowed`, 403
 /// `insufficient_scope`). Fails closed: no principal and no hub to resolve one is
 /// `missing_key`.
-async fn caller(shared: &Shared, parts: Parts) -> (Parts, Result<Principal, Response>) {
+pub(crate) async fn caller(shared: &Shared, parts: Parts) -> (Parts, Result<Principal, Response>) {
     let mut req = http::Request::from_parts(parts, ());
     let verdict = match &shared.gate {
         Some(gate) => gate.resolve(&mut req).await,

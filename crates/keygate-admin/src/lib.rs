@@ -151,6 +151,7 @@
 //! # }
 //! ```
 
+pub mod console;
 mod error;
 mod handlers;
 mod input;

@@ -74,6 +74,7 @@ use keygate::rate_limit::{LimiterClock, RateLimitConfig, RateLimitLayer};
 use keygate::require_tls::RequireTls;
 use keygate::scope::{RouteScopes, ScopeLayer};
 use keygate::{KeyGate, KeyId, KeyManager, QuotaWindow, RateLimitPolicy, Verifier};
+use keygate_admin::console::Console;
 use keygate_admin::leak::LeakReports;
 use keygate_admin::AdminApi;
 use tower::ServiceBuilder;
@@ -418,6 +419,12 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         .gate(&gate)
         .quota(handle.clone())
         .scope_vocabulary(keygate::ScopeVocabulary::new(routes()?.scopes()));
+    // The key console at `/console`: outside the layers (its pages carry no API key), it
+    // acts only through the admin API above, with the signed-in key as the bearer.
+    let mut console = Console::new(admin.clone());
+    if let Some(age) = opts.max_key_age {
+        console = console.rotation_due_after(age);
+    }
     let extras = qdrant_extra::Extras::new();
     let state = AppState {
         vectors: vectors.clone(),
@@ -578,6 +585,7 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         .route("/healthz", get(qdrant::healthz))
         .route("/livez", get(qdrant::healthz))
         .route("/readyz", get(readyz))
+        .nest("/console", console.router())
         .with_state(state);
     let open = match opts.leak_public_keys {
         Some(public_keys) => open.nest(
