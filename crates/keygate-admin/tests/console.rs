@@ -6,17 +6,22 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::Router;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use keygate::core::audit::{Auditor, MemorySink};
+use keygate::core::audit::{
+    AuditEvent, AuditSink, Auditor, Decision, FileSink, RequestEvent, VerifyOptions,
+};
+use keygate::core::usage::{Increment, MemoryUsageStore, Usage, UsageStore, Window};
 use keygate::transport::TlsConnection;
+use keygate::{Clock, DenialCode, KeyId, QuotaWindow};
 use keygate::{KeyFilter, KeyGate, KeyManager, KeySpec, ManualClock, MemoryStore, Verifier};
 use keygate::{KnownScope, ScopeVocabulary};
-use keygate_admin::console::Console;
+use keygate_admin::console::{ChainCheck, Console, RecentEvents};
 use keygate_admin::AdminApi;
 use tower::ServiceExt;
 
@@ -25,6 +30,8 @@ struct Setup {
     keys: KeyManager,
     clock: ManualClock,
     app: Router,
+    usage: Arc<MemoryUsageStore>,
+    recent: RecentEvents,
 }
 
 fn setup() -> Setup {
@@ -38,22 +45,28 @@ fn setup_with(f: impl FnOnce(Console) -> Console) -> Setup {
             .clock(clock.clone())
             .build(),
     );
-    let keys = KeyManager::for_verifier(gate.verifier(), Auditor::direct(MemorySink::new()));
+    let recent = RecentEvents::new(1000);
+    let keys = KeyManager::for_verifier(gate.verifier(), Auditor::direct(recent.clone()));
+    let usage = Arc::new(MemoryUsageStore::new());
     let api = AdminApi::new(keys.clone())
         .gate(&gate)
+        .usage_store(usage.clone())
         .scope_vocabulary(ScopeVocabulary::new([
             KnownScope::new("points:read", true),
             KnownScope::new("points:write", true),
             KnownScope::new("keys:admin", false),
         ]));
-    let app = Router::new()
-        .nest("/admin", api.clone().router())
-        .nest("/console", f(Console::new(api)).router());
+    let app = Router::new().nest("/admin", api.clone().router()).nest(
+        "/console",
+        f(Console::new(api).recent_events(recent.clone())).router(),
+    );
     Setup {
         gate,
         keys,
         clock,
         app,
+        usage,
+        recent,
     }
 }
 
@@ -75,6 +88,31 @@ impl Setup {
 
     async fn count(&self) -> usize {
         self.keys.list(&KeyFilter::default()).await.unwrap().len()
+    }
+
+    async fn spend(&self, id: &str, window: QuotaWindow, requests: u64, cost: u64) {
+        self.usage
+            .add(&[Increment {
+                key: id.parse().unwrap(),
+                window: Window::containing(window, self.clock.now()),
+                usage: Usage { cost, requests },
+            }])
+            .await
+            .unwrap();
+    }
+
+    /// Records a request event for `key` (none: anonymous), refused with `denial`.
+    fn request(&self, key: Option<&str>, denial: Option<DenialCode>, path: &str) {
+        let mut e = RequestEvent::new(self.clock.now(), "r", "GET", path.to_owned());
+        e.key_id = key.map(|k| KeyId::parse(k).unwrap());
+        if let Some(d) = denial {
+            e.decision = Decision::Denied;
+            e.denial = Some(d);
+            e.status = Some(403);
+        } else {
+            e.status = Some(200);
+        }
+        self.recent.record(&AuditEvent::Request(e)).unwrap();
     }
 
     fn browser(&self) -> Browser {
@@ -674,4 +712,221 @@ async fn assets_are_served_compiled_in() {
     let js = b.get("/console/static/console.js").await;
     assert_eq!(js.status, StatusCode::OK);
     assert!(js.text.contains("clipboard"));
+}
+
+#[tokio::test]
+async fn usage_charts_requests_per_key_ranks_spend_stacks_denials_and_exports_csv() {
+    let s = setup();
+    let (admin, _) = s.key(admin_spec()).await;
+    let (_, big) = s
+        .key(
+            KeySpec::new("big-spender")
+                .scope("points:read")
+                .resource("docs"),
+        )
+        .await;
+    let (_, small) = s
+        .key(
+            KeySpec::new("small,spender")
+                .scope("points:read")
+                .resource("docs"),
+        )
+        .await;
+    s.spend(&big, QuotaWindow::Day, 7, 700).await;
+    s.spend(&big, QuotaWindow::Hour, 7, 700).await;
+    s.spend(&small, QuotaWindow::Day, 2, 20).await;
+    s.request(Some(&big), None, "/collections");
+    s.request(Some(&big), Some(DenialCode::RateLimited), "/collections");
+    s.request(
+        Some(&small),
+        Some(DenialCode::QuotaExceeded),
+        "/collections",
+    );
+    s.request(None, Some(DenialCode::MissingKey), "/collections");
+    let mut b = s.browser();
+    b.signed_in(&admin).await;
+
+    let page = b.get("/console/usage").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.text);
+    assert!(page
+        .text
+        .contains("<figure class=\"chart\" id=\"requests\">"));
+    assert!(page
+        .text
+        .contains(&format!("data-series=\"big-spender ({big})\"")));
+    assert!(page
+        .text
+        .contains(&format!("data-series=\"small,spender ({small})\"")));
+    // The top keys, by spend.
+    let top = between(&page.text, "<table id=\"top\">", "</table>").unwrap();
+    let (at_big, at_small) = (top.find(&big).unwrap(), top.find(&small).unwrap());
+    assert!(at_big < at_small, "{top}");
+    assert!(top.contains("<td>7</td><td>700</td>"));
+    // Requests by outcome: allowed and each denial code stacked; a * admin sees anonymous ones.
+    let outcomes = between(&page.text, "id=\"outcomes\"", "</figure>").unwrap();
+    for code in ["allowed", "rate_limited", "quota_exceeded", "missing_key"] {
+        assert!(
+            outcomes.contains(&format!("data-series=\"{code}\"")),
+            "{code}: {outcomes}"
+        );
+    }
+
+    // One key, per hour: only its hourly windows.
+    let hour = b
+        .get(&format!("/console/usage?period=hour&key={big}"))
+        .await;
+    assert!(hour
+        .text
+        .contains(&format!("data-series=\"big-spender ({big})\"")));
+    assert!(!hour.text.contains(&format!("({small})\"")));
+    let month = b.get("/console/usage?period=month").await;
+    assert!(month.text.contains("Nothing counted in this period"));
+
+    // CSV for billing.
+    let csv = b.get("/console/usage.csv?period=day").await;
+    assert_eq!(csv.status, StatusCode::OK);
+    assert!(csv.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/csv"));
+    assert_eq!(
+        csv.headers["content-disposition"],
+        "attachment; filename=\"keygate-usage-day.csv\""
+    );
+    let mut lines = csv.text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("key_id,name,owner,identity,window,start,end,requests,cost")
+    );
+    let rest: Vec<&str> = lines.collect();
+    assert_eq!(rest.len(), 2, "{rest:?}");
+    assert!(rest
+        .iter()
+        .any(|l| l.starts_with(&format!("{big},big-spender,,,day,")) && l.ends_with(",7,700")));
+    assert!(rest.iter().any(
+        |l| l.starts_with(&format!("{small},\"small,spender\",,,day,")) && l.ends_with(",2,20")
+    ));
+
+    // A narrow admin sees neither the other keys' usage nor anonymous denials.
+    let (narrow, _) = s
+        .key(
+            KeySpec::new("narrow")
+                .scope("keys:admin")
+                .scope("points:read")
+                .resource("faq"),
+        )
+        .await;
+    let mut n = s.browser();
+    n.signed_in(&narrow).await;
+    let page = n.get("/console/usage").await;
+    assert!(!page.text.contains(&big) && !page.text.contains("missing_key"));
+    let csv = n.get("/console/usage.csv").await;
+    assert_eq!(csv.text.lines().count(), 1);
+    // Not signed in: no export.
+    let mut anon = s.browser();
+    assert_eq!(
+        anon.get("/console/usage.csv").await.status,
+        StatusCode::SEE_OTHER
+    );
+}
+
+#[tokio::test]
+async fn the_audit_page_filters_the_events_the_caller_may_see_and_verifies_the_chain() {
+    let dir = std::env::temp_dir().join(format!("keygate-console-audit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let file = FileSink::builder(&dir).open().unwrap();
+    for i in 0..3 {
+        file.record(&RequestEvent::new(std::time::UNIX_EPOCH, format!("r{i}"), "GET", "/").into())
+            .unwrap();
+    }
+    file.sync().unwrap();
+    let s = setup_with(|c| c.chain_check(ChainCheck::new(&dir, "audit", VerifyOptions::default())));
+    let (admin, _) = s.key(admin_spec()).await;
+    let (_, victim) = s
+        .key(KeySpec::new("victim").scope("points:read").resource("docs"))
+        .await;
+    s.keys
+        .revoke("test", victim.parse().unwrap())
+        .await
+        .unwrap();
+    s.request(
+        Some(&victim),
+        Some(DenialCode::RevokedKey),
+        "/collections/docs",
+    );
+    s.request(None, Some(DenialCode::MissingKey), "/collections");
+    let mut b = s.browser();
+    b.signed_in(&admin).await;
+
+    let page = b.get("/console/audit").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        page.text.contains("Chain verified: 3 lines in 1 files"),
+        "{}",
+        page.text
+    );
+    let events = between(&page.text, "<table id=\"events\">", "</table>").unwrap();
+    assert!(
+        events.contains("<code>revoked_key</code>")
+            && events.contains("GET /collections/docs → 403")
+    );
+    assert!(
+        events.contains("<code>revoked</code>"),
+        "the lifecycle event"
+    );
+    assert!(
+        events.contains("<code>missing_key</code>"),
+        "a * admin sees anonymous denials"
+    );
+    // Newest first.
+    assert!(events.find("missing_key").unwrap() < events.find("revoked_key").unwrap());
+
+    let only = b.get("/console/audit?code=revoked_key").await;
+    let events = between(&only.text, "<table id=\"events\">", "</table>").unwrap();
+    assert_eq!(
+        events.matches("<tr>").count(),
+        2,
+        "header and one event: {events}"
+    );
+    let by_key = b.get(&format!("/console/audit?key={victim}")).await;
+    let events = between(&by_key.text, "<table id=\"events\">", "</table>").unwrap();
+    assert!(!events.contains("missing_key") && events.contains("revoked_key"));
+    s.clock.advance(Duration::from_secs(2 * 3600));
+    b.signed_in(&admin).await;
+    let old = b.get("/console/audit?since=1h").await;
+    let events = between(&old.text, "<table id=\"events\">", "</table>").unwrap();
+    assert!(!events.contains("revoked_key"), "older than an hour");
+    let all = b.get("/console/audit?since=1d&live=1").await;
+    assert!(all.text.contains("revoked_key"));
+    assert!(all
+        .text
+        .contains("<meta http-equiv=\"refresh\" content=\"5\">"));
+
+    // A narrow admin sees neither other keys' events nor anonymous ones.
+    let (narrow, _) = s
+        .key(
+            KeySpec::new("narrow")
+                .scope("keys:admin")
+                .scope("points:read")
+                .resource("faq"),
+        )
+        .await;
+    let mut n = s.browser();
+    n.signed_in(&narrow).await;
+    let page = n.get("/console/audit").await;
+    assert!(!page.text.contains("revoked_key") && !page.text.contains("missing_key"));
+
+    // A tampered log reads as broken.
+    let log = keygate::core::audit::log_files(&dir, "audit")
+        .unwrap()
+        .remove(0);
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::write(&log, text.replacen("r1", "r9", 1)).unwrap();
+    let page = b.get("/console/audit").await;
+    assert!(
+        page.text.contains("Chain BROKEN at line 2"),
+        "{}",
+        page.text
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

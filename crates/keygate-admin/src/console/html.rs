@@ -31,6 +31,8 @@ pub(crate) struct Frame<'a> {
     pub title: &'a str,
     /// The signed-in caller's key id and the session's CSRF token, when signed in.
     pub session: Option<(&'a str, &'a str)>,
+    /// Reload the page every this many seconds.
+    pub refresh: Option<u32>,
 }
 
 /// The whole page: head, navigation (when signed in), `body` in `<main>`.
@@ -41,11 +43,15 @@ pub(crate) fn page(frame: &Frame<'_>, body: &str) -> String {
         out,
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{title} · keygate console</title>\
+         {refresh}<title>{title} · keygate console</title>\
          <link rel=\"stylesheet\" href=\"{base}/static/console.css\">\
          <script src=\"{base}/static/console.js\" defer></script></head><body>\
          <header><span class=\"brand\">keygate console</span>",
         title = esc(frame.title),
+        refresh = frame
+            .refresh
+            .map(|s| format!("<meta http-equiv=\"refresh\" content=\"{s}\">"))
+            .unwrap_or_default(),
     );
     if let Some((who, csrf)) = frame.session {
         let _ = write!(

@@ -45,6 +45,9 @@ pub(crate) struct Row {
     pub(crate) roles: Vec<String>,
     #[serde(default)]
     pub(crate) identity: Option<String>,
+    /// The key this one replaced.
+    #[serde(default)]
+    pub(crate) rotated_from: Option<String>,
     /// When the store keeps it.
     #[serde(default)]
     pub(crate) last_used_at: Option<String>,

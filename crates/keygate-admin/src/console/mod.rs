@@ -20,6 +20,9 @@
 //! | `POST /keys/{id}/rotate` | rotates (field `grace`) and shows the new plaintext, this once |
 //! | `GET /keys/{id}/revoke`, `POST /keys/{id}/revoke` | asks for confirmation; revokes (field `confirm=yes`) |
 //! | `POST /keys/{id}/disable`, `/enable` | switches a key off and on |
+//! | `GET /usage` | requests per key over hours, days or months (`?period=`, `?key=`, `?identity=`), the top keys by spend, and requests by outcome with denials by code (from [`RecentEvents`]) |
+//! | `GET /usage.csv` | the same usage as CSV, for billing |
+//! | `GET /audit` | the recent events (`?key=`, `?code=`, `?since=1h`, `?live=1` reloads every 5 s) and the log's chain verification ([`ChainCheck`]) |
 //! | `GET /static/console.css`, `/static/console.js` | the style sheet and the copy button's script |
 //!
 //! Every `POST` needs the session's CSRF token (field `csrf`) and is refused (403) without
@@ -43,8 +46,14 @@
 //!     .nest("/console", Console::new(api).router());
 //! ```
 
+mod audit;
+mod chart;
+mod events;
 mod html;
 mod keys;
+mod usage;
+
+pub use events::{ChainCheck, RecentEvents};
 
 use std::collections::HashMap;
 use std::fmt;
@@ -92,6 +101,8 @@ pub struct Console {
     idle: Duration,
     lifetime: Duration,
     rotate_after: Option<Duration>,
+    events: Option<RecentEvents>,
+    chain: Option<ChainCheck>,
 }
 
 impl Console {
@@ -105,7 +116,23 @@ impl Console {
             idle: Duration::from_secs(30 * 60),
             lifetime: Duration::from_secs(8 * 3600),
             rotate_after: None,
+            events: None,
+            chain: None,
         }
+    }
+
+    /// Shows these events on the audit page and the usage page's denials chart (only
+    /// events of keys the caller may see; events of no key only to a caller holding
+    /// `audit:read`, as a `*` admin does, and no `tenant`).
+    pub fn recent_events(mut self, events: RecentEvents) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    /// Verifies this hash-chained log each time the audit page is shown.
+    pub fn chain_check(mut self, chain: ChainCheck) -> Self {
+        self.chain = Some(chain);
+        self
     }
 
     /// Where the router is mounted (default `/console`): the links and the cookies' `Path`.
@@ -155,6 +182,8 @@ impl Console {
             idle: self.idle,
             lifetime: self.lifetime,
             rotate_after: self.rotate_after,
+            events: self.events,
+            chain: self.chain,
             sessions: Mutex::new(HashMap::new()),
         });
         Router::new()
@@ -169,6 +198,9 @@ impl Console {
                 get(keys::confirm_revoke).post(keys::action),
             )
             .route("/keys/{id}/{action}", post(keys::action))
+            .route("/usage", get(usage::page))
+            .route("/usage.csv", get(usage::export))
+            .route("/audit", get(audit::page))
             .with_state(inner)
     }
 }
@@ -192,6 +224,8 @@ pub(crate) struct Inner {
     idle: Duration,
     lifetime: Duration,
     rotate_after: Option<Duration>,
+    events: Option<RecentEvents>,
+    chain: Option<ChainCheck>,
     sessions: Mutex<HashMap<String, Session>>,
 }
 
@@ -309,7 +343,15 @@ impl Inner {
             base: &self.base,
             title,
             session: signed.map(|s| (s.key_id.as_str(), s.csrf.as_str())),
+            refresh: None,
         }
+    }
+
+    /// Whether the caller sees events of no key (anonymous requests): it holds
+    /// `audit:read` and is no tenant admin.
+    fn sees_anonymous(&self, signed: &Signed) -> bool {
+        signed.caller.tenant().is_none()
+            && keygate::Scope::parse("audit:read").is_ok_and(|s| signed.caller.has_scope(&s))
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
