@@ -79,11 +79,17 @@ pub(crate) fn stacked(id: &str, title: &str, buckets: &[String], series: &[Serie
     // Bucket labels: the first, the middle and the last.
     let mut marks = vec![0, buckets.len() / 2, buckets.len() - 1];
     marks.dedup();
+    let last = buckets.len() - 1;
     for i in marks {
-        let x = left + step * i as f64 + step / 2.0;
+        // The first label starts at its bar, the last ends at its bar: none is cut off.
+        let (x, anchor) = match i {
+            0 => (left + step * i as f64, "start"),
+            i if i == last => (left + step * (i + 1) as f64, "end"),
+            _ => (left + step * i as f64 + step / 2.0, "middle"),
+        };
         let _ = write!(
             out,
-            "<text x=\"{x:.1}\" y=\"{y}\" text-anchor=\"middle\" font-size=\"11\">{}</text>",
+            "<text x=\"{x:.1}\" y=\"{y}\" text-anchor=\"{anchor}\" font-size=\"11\">{}</text>",
             esc(&buckets[i]),
             y = h - 8.0
         );
