@@ -49,7 +49,7 @@ pub(crate) struct Row {
     #[serde(default)]
     pub(crate) rotated_from: Option<String>,
     /// When the store keeps it.
-    #[serde(default)]
+    #[serde(default, alias = "last_used")]
     pub(crate) last_used_at: Option<String>,
 }
 
@@ -403,12 +403,7 @@ fn secret_page(c: &Inner, signed: &Signed, title: &str, answer: &Value) -> Respo
         "<p><a href=\"{}/keys\">Back to the keys</a></p>",
         esc(&c.base)
     );
-    let mut res = answer_page(c, signed, title, body, StatusCode::CREATED);
-    res.headers_mut().insert(
-        http::header::REFERRER_POLICY,
-        http::HeaderValue::from_static("no-referrer"),
-    );
-    res
+    answer_page(c, signed, title, body, StatusCode::CREATED)
 }
 
 fn answer_page(
