@@ -74,7 +74,7 @@ pub(crate) async fn caller(shared: &Shared, parts: Parts) -> (Parts, Result<Prin
 /// The client address: through the hub (an earlier layer's [`ClientIp`], else the peer
 /// through trusted proxies, memoized), or without a hub an earlier layer's [`ClientIp`],
 /// else the connection's peer (forwarded headers are not believed).
-fn client_addr(shared: &Shared, req: &mut http::Request<()>) -> Option<IpAddr> {
+pub(crate) fn client_addr(shared: &Shared, req: &mut http::Request<()>) -> Option<IpAddr> {
     match &shared.gate {
         Some(gate) => gate.client_ip(req),
         None => match req.extensions().get::<ClientIp>() {

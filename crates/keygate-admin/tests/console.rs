@@ -18,7 +18,7 @@ use keygate::core::audit::{
 };
 use keygate::core::usage::{Increment, MemoryUsageStore, Usage, UsageStore, Window};
 use keygate::transport::TlsConnection;
-use keygate::{Clock, DenialCode, KeyId, QuotaWindow};
+use keygate::{Clock, DenialCode, Identity, KeyId, QuotaWindow};
 use keygate::{KeyFilter, KeyGate, KeyManager, KeySpec, ManualClock, MemoryStore, Verifier};
 use keygate::{KnownScope, ScopeVocabulary};
 use keygate_admin::console::{ChainCheck, Console, RecentEvents};
@@ -121,6 +121,7 @@ impl Setup {
             cookies: BTreeMap::new(),
             tls: false,
             headers: Vec::new(),
+            peer: "127.0.0.1:40000".parse().unwrap(),
         }
     }
 }
@@ -135,6 +136,7 @@ struct Browser {
     cookies: BTreeMap<String, String>,
     tls: bool,
     headers: Vec<(&'static str, &'static str)>,
+    peer: SocketAddr,
 }
 
 struct Page {
@@ -195,9 +197,8 @@ impl Browser {
             req = req.header("content-type", "application/x-www-form-urlencoded");
         }
         let mut req = req.body(Body::from(body.unwrap_or_default())).unwrap();
-        req.extensions_mut().insert(axum::extract::ConnectInfo(
-            "127.0.0.1:40000".parse::<SocketAddr>().unwrap(),
-        ));
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
         if self.tls {
             req.extensions_mut().insert(TlsConnection);
         }
@@ -367,6 +368,27 @@ async fn a_key_without_the_admin_scope_or_a_bad_key_cannot_sign_in() {
     assert!(!b.cookies.contains_key("kg_console"));
     let r = b.get("/console/keys").await;
     assert_eq!(r.status, StatusCode::SEE_OTHER);
+}
+
+#[tokio::test]
+async fn refused_sign_ins_are_limited_per_address_on_the_clock() {
+    let s = setup_with(|c| c.failed_sign_ins_per_minute(3));
+    let (admin, _) = s.key(admin_spec()).await;
+    let mut b = s.browser();
+    for _ in 0..3 {
+        assert_eq!(b.sign_in("kg_guess").await.status, StatusCode::UNAUTHORIZED);
+    }
+    // Spent: even the right key waits, and no session is made.
+    let r = b.sign_in(&admin).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(!b.cookies.contains_key("kg_console"));
+    // Another address is not held back.
+    let mut other = s.browser();
+    other.peer = "127.0.0.2:40000".parse().unwrap();
+    other.signed_in(&admin).await;
+    // The minute over, the first address signs in.
+    s.clock.advance(Duration::from_secs(60));
+    b.signed_in(&admin).await;
 }
 
 #[tokio::test]
@@ -806,6 +828,36 @@ async fn usage_charts_requests_per_key_ranks_spend_stacks_denials_and_exports_cs
     assert!(rest.iter().any(
         |l| l.starts_with(&format!("{small},\"small,spender\",,,day,")) && l.ends_with(",2,20")
     ));
+
+    // Per identity: only its keys.
+    s.keys
+        .create_identity("test", Identity::new("etl", s.clock.now()))
+        .await
+        .unwrap();
+    let (_, etl) = s
+        .key(
+            KeySpec::new("etl-1")
+                .scope("points:read")
+                .resource("docs")
+                .identity("etl"),
+        )
+        .await;
+    s.spend(&etl, QuotaWindow::Day, 4, 40).await;
+    let page = b.get("/console/usage?identity=etl").await;
+    assert!(page
+        .text
+        .contains(&format!("data-series=\"etl-1 ({etl})\"")));
+    assert!(!page
+        .text
+        .contains(&format!("data-series=\"big-spender ({big})\"")));
+    assert!(page
+        .text
+        .contains("<option value=\"etl\" selected>etl</option>"));
+    let keys = b.get("/console/keys").await;
+    assert!(
+        keys.text.contains("<option value=\"etl\">etl</option>"),
+        "the create form offers it"
+    );
 
     // A narrow admin sees neither the other keys' usage nor anonymous denials.
     let (narrow, _) = s

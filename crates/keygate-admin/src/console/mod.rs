@@ -25,6 +25,10 @@
 //! | `GET /audit` | the recent events (`?key=`, `?code=`, `?since=1h`, `?live=1` reloads every 5 s) and the log's chain verification ([`ChainCheck`]) |
 //! | `GET /static/console.css`, `/static/console.js` | the style sheet and the copy button's script |
 //!
+//! Refused sign-ins are limited per client address
+//! ([`Console::failed_sign_ins_per_minute`]), as the console sits outside the layers' rate
+//! limits.
+//!
 //! Every `POST` needs the session's CSRF token (field `csrf`) and is refused (403) without
 //! it; a browser's cross-site `Sec-Fetch-Site` is refused as well. Sessions expire after
 //! [`Console::session_idle`] without a page and after [`Console::session_lifetime`] in
@@ -57,7 +61,7 @@ pub use events::{ChainCheck, RecentEvents};
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -103,6 +107,7 @@ pub struct Console {
     rotate_after: Option<Duration>,
     events: Option<RecentEvents>,
     chain: Option<ChainCheck>,
+    failed_sign_ins: u32,
 }
 
 impl Console {
@@ -118,7 +123,17 @@ impl Console {
             rotate_after: None,
             events: None,
             chain: None,
+            failed_sign_ins: 10,
         }
+    }
+
+    /// How many refused sign-ins one client address may make per minute (default 10);
+    /// beyond them its sign-ins are answered 429 until the minute ends (the console sits
+    /// outside the layers' anonymous rate limit). Counted on the admin API's clock, per
+    /// address as the hub sees it; an unknown address counts as one.
+    pub fn failed_sign_ins_per_minute(mut self, n: u32) -> Self {
+        self.failed_sign_ins = n;
+        self
     }
 
     /// Shows these events on the audit page and the usage page's denials chart (only
@@ -184,6 +199,8 @@ impl Console {
             rotate_after: self.rotate_after,
             events: self.events,
             chain: self.chain,
+            failed_sign_ins: self.failed_sign_ins,
+            failures: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
         });
         Router::new()
@@ -226,6 +243,9 @@ pub(crate) struct Inner {
     rotate_after: Option<Duration>,
     events: Option<RecentEvents>,
     chain: Option<ChainCheck>,
+    failed_sign_ins: u32,
+    /// Refused sign-ins per client address: (minute start, count).
+    failures: Mutex<HashMap<Option<IpAddr>, (SystemTime, u32)>>,
     sessions: Mutex<HashMap<String, Session>>,
 }
 
@@ -315,6 +335,10 @@ impl Carry {
     }
 }
 
+/// The most addresses whose refused sign-ins are counted; beyond it, finished minutes are
+/// dropped first, then the table is cleared (fail open on counting, never on checking).
+const MAX_FAILURE_SOURCES: usize = 10_000;
+
 /// An admin API error answer, for the page.
 pub(crate) struct Problem {
     pub(crate) status: StatusCode,
@@ -345,6 +369,40 @@ impl Inner {
             session: signed.map(|s| (s.key_id.as_str(), s.csrf.as_str())),
             refresh: None,
         }
+    }
+
+    /// The client address of a sign-in, as the admin API's caller check would see it.
+    fn address(&self, carry: &Carry) -> Option<IpAddr> {
+        let (parts, _) = carry
+            .request(&HeldKey(String::new()), Method::POST, "/", Body::empty())
+            .into_parts();
+        let mut req = http::Request::from_parts(parts, ());
+        crate::handlers::client_addr(&self.shared, &mut req)
+    }
+
+    /// Whether `ip` has used up its refused sign-ins for this minute.
+    fn sign_ins_spent(&self, ip: Option<IpAddr>, now: SystemTime) -> bool {
+        let table = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        table.get(&ip).is_some_and(|(start, n)| {
+            now < *start + Duration::from_secs(60) && *n >= self.failed_sign_ins
+        })
+    }
+
+    /// Counts a refused sign-in from `ip`.
+    fn sign_in_refused(&self, ip: Option<IpAddr>, now: SystemTime) {
+        let minute = Duration::from_secs(60);
+        let mut table = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        if table.len() >= MAX_FAILURE_SOURCES && !table.contains_key(&ip) {
+            table.retain(|_, (start, _)| now < *start + minute);
+            if table.len() >= MAX_FAILURE_SOURCES {
+                table.clear();
+            }
+        }
+        let entry = table.entry(ip).or_insert((now, 0));
+        if now >= entry.0 + minute {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
     }
 
     /// Whether the caller sees events of no key (anonymous requests): it holds
@@ -714,7 +772,18 @@ async fn login(State(c): St, req: Request) -> Response {
     }
     let key = HeldKey(form.get("key").unwrap_or("").to_owned());
     let carry = Carry::of(&parts);
+    let ip = c.address(&carry);
+    if c.sign_ins_spent(ip, c.now()) {
+        return login_page(
+            &c,
+            &parts,
+            StatusCode::TOO_MANY_REQUESTS,
+            "<div class=\"error\" role=\"alert\">Too many refused sign-ins from this address: \
+             wait a minute.</div>",
+        );
+    }
     if let Err(p) = c.check(&key, &carry).await {
+        c.sign_in_refused(ip, c.now());
         let status = if p.status.is_client_error() {
             p.status
         } else {
