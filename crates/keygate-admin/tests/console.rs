@@ -298,6 +298,31 @@ async fn sign_in_sets_a_strict_http_only_session_cookie_and_keeps_the_key_off_th
     assert!(!r.location().contains(&admin));
     let sid = b.cookies["kg_console"].clone();
     assert!(sid.len() >= 43, "a 256-bit session id: {sid}");
+    // Signing in again starts a new session and ends the old one.
+    let mut again = s.browser();
+    again.cookies.insert("kg_console".into(), sid.clone());
+    assert_eq!(again.get("/console/keys").await.status, StatusCode::OK);
+    let login = again.get("/console/login").await;
+    assert_eq!(login.status, StatusCode::SEE_OTHER, "signed in already");
+    again.cookies.remove("kg_console");
+    let login = again.get("/console/login").await;
+    again.cookies.insert("kg_console".into(), sid.clone());
+    let r = again
+        .post(
+            "/console/login",
+            &[("csrf", &login.csrf()), ("key", &admin)],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert_ne!(again.cookies["kg_console"], sid);
+    let mut stale = s.browser();
+    stale.cookies.insert("kg_console".into(), sid.clone());
+    assert_eq!(
+        stale.get("/console/keys").await.status,
+        StatusCode::SEE_OTHER
+    );
+    // (`b` shared that session: it signs in afresh.)
+    b.signed_in(&admin).await;
 
     let keys = b.get("/console/keys").await;
     assert_eq!(keys.status, StatusCode::OK);

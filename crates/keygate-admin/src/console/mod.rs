@@ -806,6 +806,10 @@ async fn login(State(c): St, req: Request) -> Response {
     let now = c.now();
     {
         let mut table = c.sessions();
+        // A new sign-in never continues an earlier session (no fixation): that one ends.
+        if let Some(old) = cookie(&parts, SESSION_COOKIE) {
+            table.remove(&old);
+        }
         if table.len() >= MAX_SESSIONS {
             table.retain(|_, s| c.live(s, now));
         }
