@@ -938,7 +938,7 @@ async fn the_audit_page_filters_the_events_the_caller_may_see_and_verifies_the_c
     let page = b.get("/console/audit").await;
     assert_eq!(page.status, StatusCode::OK);
     assert!(
-        page.text.contains("Chain verified: 3 lines in 1 files"),
+        page.text.contains("Chain verified: 3 lines in 1 file,"),
         "{}",
         page.text
     );

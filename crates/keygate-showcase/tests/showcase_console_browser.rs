@@ -18,8 +18,8 @@ use std::time::Duration;
 use fantoccini::{Client, ClientBuilder, Locator};
 use http::StatusCode;
 use hyper_util::client::legacy::connect::HttpConnector;
-use keygate::core::audit::{Auditor, MemorySink, TeeSink};
-use keygate_admin::console::RecentEvents;
+use keygate::core::audit::{Auditor, FileSink, MemorySink, TeeSink, VerifyOptions};
+use keygate_admin::console::{ChainCheck, RecentEvents};
 use serde_json::json;
 use showcase_support::World;
 
@@ -131,11 +131,23 @@ async fn sign_in_issue_rotate_revoke_and_see_usage_and_audit_in_chromium() {
         println!("SKIPPED: KEYGATE_TEST_CHROMEDRIVER is not set (run .ci/browser.sh)");
         return;
     };
+    // Events into memory (the test's), the console's buffer and a hash-chained log, whose
+    // chain the audit page verifies.
+    let log_dir = tempfile::tempdir().expect("audit directory");
+    let file = FileSink::builder(log_dir.path()).open().expect("audit log");
     let recent = RecentEvents::new(10_000);
     let sink = MemorySink::new();
-    let auditor = Auditor::direct(TeeSink::new(sink.clone(), recent.clone()));
+    let auditor = Auditor::direct(TeeSink::new(
+        sink.clone(),
+        TeeSink::new(recent.clone(), file),
+    ));
     let w = World::with_auditor(auditor, sink, |mut o| {
         o.console_events = Some(recent.clone());
+        o.console_chain = Some(ChainCheck::new(
+            log_dir.path(),
+            "audit",
+            VerifyOptions::default(),
+        ));
         o
     })
     .await;
@@ -230,7 +242,9 @@ async fn sign_in_issue_rotate_revoke_and_see_usage_and_audit_in_chromium() {
     assert_eq!(outcomes.len(), 1, "the denial, stacked by code");
     shot(&c, "06-usage").await;
 
-    // Audit: the denial of the revoked key.
+    // Audit: the log made durable (its checkpoint written), the chain verifies; the denial
+    // of the revoked key is listed.
+    w.auditor.flush().await.expect("flush the audit log");
     c.goto(&format!("{base}/console/audit?code=revoked_key"))
         .await
         .expect("goto");
@@ -241,6 +255,8 @@ async fn sign_in_issue_rotate_revoke_and_see_usage_and_audit_in_chromium() {
         events.contains("revoked_key") && events.contains("GET /collections/docs → 401"),
         "{events}"
     );
+    let chain = text_of(&c, "#chain").await;
+    assert!(chain.starts_with("Chain verified:"), "{chain}");
     shot(&c, "07-audit").await;
     // The revocation itself, by key.
     c.goto(&format!(

@@ -183,8 +183,11 @@ async fn chain_status(c: &Inner) -> String {
     let result = tokio_blocking(move || verify_dir(&chain.dir, &chain.stem, &chain.options)).await;
     match result {
         Some(Ok(r)) => format!(
-            "<p id=\"chain\" class=\"notice\" role=\"status\">Chain verified: {} lines in {} files, unbroken.</p>",
-            r.lines, r.files
+            "<p id=\"chain\" class=\"notice\" role=\"status\">Chain verified: {} line{} in {} file{}, unbroken.</p>",
+            r.lines,
+            if r.lines == 1 { "" } else { "s" },
+            r.files,
+            if r.files == 1 { "" } else { "s" },
         ),
         Some(Err(b)) => format!(
             "<p id=\"chain\" class=\"error\" role=\"alert\">Chain BROKEN at line {} of {}: {}</p>",
