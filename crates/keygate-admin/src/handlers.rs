@@ -44,7 +44,7 @@ const MAX_BODY: usize = 256 * 1024;
 /// the rendered denial (401 for credential problems, 403 `ip_not_allowed`, 403
 /// `insufficient_scope`). Fails closed: no principal and no hub to resolve one is
 /// `missing_key`.
-async fn caller(shared: &Shared, parts: Parts) -> (Parts, Result<Principal, Response>) {
+pub(crate) async fn caller(shared: &Shared, parts: Parts) -> (Parts, Result<Principal, Response>) {
     let mut req = http::Request::from_parts(parts, ());
     let verdict = match &shared.gate {
         Some(gate) => gate.resolve(&mut req).await,
@@ -74,7 +74,7 @@ async fn caller(shared: &Shared, parts: Parts) -> (Parts, Result<Principal, Resp
 /// The client address: through the hub (an earlier layer's [`ClientIp`], else the peer
 /// through trusted proxies, memoized), or without a hub an earlier layer's [`ClientIp`],
 /// else the connection's peer (forwarded headers are not believed).
-fn client_addr(shared: &Shared, req: &mut http::Request<()>) -> Option<IpAddr> {
+pub(crate) fn client_addr(shared: &Shared, req: &mut http::Request<()>) -> Option<IpAddr> {
     match &shared.gate {
         Some(gate) => gate.client_ip(req),
         None => match req.extensions().get::<ClientIp>() {

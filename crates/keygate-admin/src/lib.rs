@@ -20,6 +20,9 @@
 //! endpoint for GitHub's secret scanning partner program that revokes (or disables) keys a
 //! signed report shows leaked ([`leak::LeakReports`]).
 //!
+//! The [`console`] module serves a key console in the browser, acting only through this
+//! router with the signed-in caller's key.
+//!
 //! JSON in and out. Keys are shown as [`KeyInfo`](keygate::KeyInfo) (never a digest); issue and
 //! rotate answers add `"key"`, the plaintext, shown this once (issue answers also
 //! `"warnings"`, see [below](#scope-vocabulary)) (`Cache-Control: no-store` on
@@ -151,6 +154,7 @@
 //! # }
 //! ```
 
+pub mod console;
 mod error;
 mod handlers;
 mod input;

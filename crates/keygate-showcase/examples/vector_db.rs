@@ -438,6 +438,15 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         Some(k) => k,
         None => ChainKey::load_or_create(audit_dir.join(format!("{audit_stem}.key")))?.0,
     };
+    // The console's audit page verifies this chain with the same key.
+    let console_chain = keygate_admin::console::ChainCheck::new(
+        &audit_dir,
+        audit_stem.clone(),
+        keygate::core::audit::VerifyOptions {
+            key: key.clone(),
+            ..Default::default()
+        },
+    );
     let file = FileSink::builder(&audit_dir)
         .stem(audit_stem.clone())
         .key(key)
@@ -448,9 +457,11 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // detectors see every event first (bounded memory, on the writer thread) and write
     // their signals into the same chain, where the metrics count them too.
     let metrics = keygate::metrics::Metrics::new();
+    // The console (`/console`) shows the newest events, every one before aggregation.
+    let recent = keygate_admin::console::RecentEvents::new(10_000);
     let auditor = Auditor::spawn(AnomalySink::new(
         AnomalyConfig::default(),
-        TeeSink::new(metrics.clone(), sink),
+        TeeSink::new(metrics.clone(), TeeSink::new(recent.clone(), sink)),
     ))?;
 
     // Quota counters in the same database (batched, flushed every second and at shutdown),
@@ -461,6 +472,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     opts.max_key_age = args.max_key_age;
     opts.metrics = Some(metrics.clone());
     opts.expiry_warning = args.expiry_warning;
+    opts.console_events = Some(recent);
+    opts.console_chain = Some(console_chain);
     if let Some(path) = &args.leak_public_keys {
         opts.leak_public_keys = Some(
             keygate_admin::leak::PublicKeys::from_file(path)

@@ -1,6 +1,7 @@
 //! The showcase server, as a library the binary (`examples/vector_db.rs`) and the tests
 //! (`tests/showcase_*.rs`) share: [`build`] turns [`Options`] into an
-//! axum router behind all six keygate layers, with the admin API at `/admin`.
+//! axum router behind all six keygate layers, with the admin API at `/admin` and the key
+//! console at `/console` ([`keygate_admin::console`]).
 //!
 //! # The stack (outermost first)
 //! 0. [`qdrant_extra::resolve_aliases`], around the whole router: a collection alias in the
@@ -74,6 +75,7 @@ use keygate::rate_limit::{LimiterClock, RateLimitConfig, RateLimitLayer};
 use keygate::require_tls::RequireTls;
 use keygate::scope::{RouteScopes, ScopeLayer};
 use keygate::{KeyGate, KeyId, KeyManager, QuotaWindow, RateLimitPolicy, Verifier};
+use keygate_admin::console::Console;
 use keygate_admin::leak::LeakReports;
 use keygate_admin::AdminApi;
 use tower::ServiceBuilder;
@@ -185,6 +187,11 @@ pub struct Options {
     pub leak_public_keys: Option<keygate_admin::leak::PublicKeys>,
     /// What `POST /leaks/github` does to a reported key (default: revoke).
     pub leak_policy: keygate_admin::leak::LeakPolicy,
+    /// The audit events the console at `/console` shows (its audit page and denials
+    /// chart): put the same buffer in the auditor's pipeline.
+    pub console_events: Option<keygate_admin::console::RecentEvents>,
+    /// The hash-chained audit log whose chain the console's audit page verifies.
+    pub console_chain: Option<keygate_admin::console::ChainCheck>,
 }
 
 impl Options {
@@ -211,6 +218,8 @@ impl Options {
             metrics: None,
             leak_public_keys: None,
             leak_policy: keygate_admin::leak::LeakPolicy::default(),
+            console_events: None,
+            console_chain: None,
         }
     }
 }
@@ -418,6 +427,18 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         .gate(&gate)
         .quota(handle.clone())
         .scope_vocabulary(keygate::ScopeVocabulary::new(routes()?.scopes()));
+    // The key console at `/console`: outside the layers (its pages carry no API key), it
+    // acts only through the admin API above, with the signed-in key as the bearer.
+    let mut console = Console::new(admin.clone());
+    if let Some(age) = opts.max_key_age {
+        console = console.rotation_due_after(age);
+    }
+    if let Some(events) = opts.console_events {
+        console = console.recent_events(events);
+    }
+    if let Some(chain) = opts.console_chain {
+        console = console.chain_check(chain);
+    }
     let extras = qdrant_extra::Extras::new();
     let state = AppState {
         vectors: vectors.clone(),
@@ -578,6 +599,7 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         .route("/healthz", get(qdrant::healthz))
         .route("/livez", get(qdrant::healthz))
         .route("/readyz", get(readyz))
+        .nest("/console", console.router())
         .with_state(state);
     let open = match opts.leak_public_keys {
         Some(public_keys) => open.nest(
