@@ -5,6 +5,8 @@
 //! - `add` and `upsert` get the tenant stamped on every record's metadata, and ids that
 //!   already exist must be the tenant's (an upsert would overwrite another tenant's
 //!   record);
+//! - `update` may name only the tenant's records (ids that exist must be its own), and the
+//!   metadatas it gives are stamped;
 //! - `get`, `query` and `delete` get `{FIELD: {"$eq": TENANT}}` joined to their `where`
 //!   filter with `$and` (or as the filter when there is none), so they only reach the
 //!   tenant's records, by id or not.
@@ -37,6 +39,34 @@ fn object(body: &mut Value) -> Result<&mut Map<String, Value>, Refusal> {
 pub fn scope(op: ChromaOp, mut body: Value, field: &str, tenant: &str) -> Result<Scoped, Refusal> {
     let obj = object(&mut body)?;
     match op {
+        ChromaOp::Update => {
+            let ids = obj
+                .get("ids")
+                .and_then(Value::as_array)
+                .cloned()
+                .ok_or_else(|| Refusal::bad_body("`ids` must be a list"))?;
+            match obj.get_mut("metadatas") {
+                None | Some(Value::Null) => {}
+                Some(Value::Array(list)) => {
+                    if list.len() != ids.len() {
+                        return Err(Refusal::bad_body("`metadatas` must have one entry per id"));
+                    }
+                    for m in list {
+                        // No metadata: this record's stays as it is (and keeps its tenant).
+                        if let Some(m) = m.as_object_mut() {
+                            m.insert(field.to_owned(), Value::String(tenant.to_owned()));
+                        } else if !m.is_null() {
+                            return Err(Refusal::bad_body("a metadata must be a JSON object"));
+                        }
+                    }
+                }
+                Some(_) => return Err(Refusal::bad_body("`metadatas` must be a list")),
+            }
+            Ok(Scoped {
+                body,
+                check_ids: Some(ids),
+            })
+        }
         ChromaOp::Write => {
             let ids = obj
                 .get("ids")
@@ -134,6 +164,37 @@ mod tests {
         )
         .is_err());
         assert!(scope(ChromaOp::Write, json!({"metadatas": []}), "tenant", "a").is_err());
+    }
+
+    #[test]
+    fn updates_are_checked_and_stamped() {
+        let s = scope(
+            ChromaOp::Update,
+            json!({"ids": ["a", "b"], "metadatas": [{"k": 2, "tenant": "x"}, null]}),
+            "tenant",
+            "acme",
+        )
+        .expect("scoped");
+        assert_eq!(
+            s.body["metadatas"],
+            json!([{"k": 2, "tenant": "acme"}, null])
+        );
+        assert_eq!(s.check_ids, Some(vec![json!("a"), json!("b")]));
+        let s = scope(
+            ChromaOp::Update,
+            json!({"ids": ["a"], "embeddings": [[1.0]]}),
+            "tenant",
+            "acme",
+        )
+        .expect("scoped");
+        assert!(s.body.get("metadatas").is_none());
+        assert!(scope(
+            ChromaOp::Update,
+            json!({"ids": ["a"], "metadatas": [1]}),
+            "tenant",
+            "a"
+        )
+        .is_err());
     }
 
     #[test]

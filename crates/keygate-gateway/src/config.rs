@@ -348,6 +348,25 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_configuration_parses() {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("## Configuration")
+            .nth(1)
+            .expect("a Configuration section");
+        let block = section
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("a toml block");
+        let c = Config::parse(block).expect("the README's configuration parses");
+        assert_eq!(c.preset, Preset::Qdrant);
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(c.anonymous_rate_limits[0].limit, 10);
+        duration(&c.limits.header_read_timeout, "x").expect("duration");
+    }
+
+    #[test]
     fn unknown_fields_and_presets_are_refused() {
         let e = Config::parse(
             "preset = \"qdrant\"\nupstream = { url = \"http://x\", tiemout = \"1s\" }",

@@ -6,8 +6,8 @@
 //!   made by the CLI (a revocation) reach the gateway without a restart.
 //! - `--redis-url` / `KEYGATE_REDIS_URL`: rate limits and quota counters shared by every
 //!   replica, key changes announced through Redis.
-//! - `--tls-cert` / `--tls-key` (reloaded on SIGHUP) or `--tls-self-signed`: HTTPS, with
-//!   HTTP/2 by ALPN.
+//! - `--tls-cert` / `--tls-key` or `--tls-self-signed`: HTTPS (HTTP/1.1; HTTP/2 is served
+//!   in clear text by prior knowledge).
 //! - Audit events go to a hash-chained JSON Lines log (`--audit-log`), keyed by
 //!   `KEYGATE_AUDIT_KEY` / `KEYGATE_AUDIT_KEY_FILE` or a key file beside the log.
 //! - `--metrics-listen ADDR`: Prometheus/OpenMetrics counters at `/metrics`, without a key.
@@ -120,11 +120,14 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(keygate_showcase::tls::Tls::from_files(cert, key)?),
         _ if args.tls_self_signed => {
-            let (tls, fingerprint) = keygate_showcase::tls::Tls::self_signed(&[
+            let (tls, _pem) = keygate_showcase::tls::Tls::self_signed(&[
                 "localhost".to_owned(),
                 "127.0.0.1".to_owned(),
             ])?;
-            println!("self-signed TLS certificate, SHA-256 fingerprint {fingerprint}");
+            println!(
+                "self-signed TLS certificate, SHA-256 fingerprint {}",
+                tls.fingerprint()
+            );
             Some(tls)
         }
         _ => None,

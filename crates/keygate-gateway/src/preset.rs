@@ -75,6 +75,9 @@ pub enum ChromaOp {
     Write,
     /// `get` / `query` / `delete`: the tenant condition joins `where`.
     Filter,
+    /// `update`: every named record that exists must be the tenant's; metadatas given are
+    /// stamped.
+    Update,
 }
 
 /// One route of a preset.
@@ -526,12 +529,11 @@ pub const CHROMA: &[Route] = &[
         "records:write",
         CHROMA_WRITE,
     ),
-    // `update` names records by id only; the gateway cannot tell whose they are.
     r(
         "POST",
         "/api/v2/tenants/{tenant}/databases/{database}/collections/{collection_id}/update",
         "records:write",
-        Refuse,
+        Tenancy::Chroma(ChromaOp::Update),
     ),
     r(
         "POST",
@@ -734,7 +736,10 @@ mod tests {
         assert_eq!(t("POST", &format!("{base}get")), Some(CHROMA_FILTER));
         assert_eq!(t("POST", &format!("{base}query")), Some(CHROMA_FILTER));
         assert_eq!(t("POST", &format!("{base}delete")), Some(CHROMA_FILTER));
-        assert_eq!(t("POST", &format!("{base}update")), Some(Refuse));
+        assert_eq!(
+            t("POST", &format!("{base}update")),
+            Some(Tenancy::Chroma(ChromaOp::Update))
+        );
         assert_eq!(t("GET", &format!("{base}count")), Some(Refuse));
         assert_eq!(t("POST", "/api/v2/tenants"), Some(Refuse));
         assert_eq!(t("GET", "/api/v2/auth/identity"), Some(Pass));

@@ -465,12 +465,12 @@ impl Proxy {
                         .await?;
                     found["points"]
                         .as_array()
-                        .map(|ps| ps.iter().map(|p| p["id"].to_string()).collect())
+                        .map(|ps| ps.iter().map(|p| qdrant::id_key(&p["id"])).collect())
                         .unwrap_or_default()
                 };
                 let kept: Vec<Value> = ids
                     .into_iter()
-                    .filter(|id| owned.contains(&id.to_string()))
+                    .filter(|id| owned.contains(&qdrant::id_key(id)))
                     .collect();
                 obj.insert("ids".into(), Value::Array(kept));
                 Ok(Some(req))

@@ -355,11 +355,20 @@ pub fn scope(op: QdrantOp, mut body: Value, field: &str, tenant: &str) -> Result
     Ok(Scoped { body, checks })
 }
 
-/// Ids without repeats (by their JSON text), in first-seen order.
+/// An id compared as Qdrant compares them: an integer by its digits, a UUID in any case,
+/// with or without hyphens.
+pub fn id_key(id: &Value) -> String {
+    match id {
+        Value::String(s) => format!("u{}", s.to_ascii_lowercase().replace('-', "")),
+        other => format!("n{other}"),
+    }
+}
+
+/// Ids without repeats (by [`id_key`]), in first-seen order.
 pub fn distinct(ids: &[Value]) -> Vec<Value> {
     let mut seen = std::collections::HashSet::new();
     ids.iter()
-        .filter(|v| seen.insert(v.to_string()))
+        .filter(|v| seen.insert(id_key(v)))
         .cloned()
         .collect()
 }

@@ -1,4 +1,4 @@
-//! Serving the gateway: HTTP/1.1 and HTTP/2 (prior knowledge, or ALPN over TLS) on one
+//! Serving the gateway: HTTP/1.1 and HTTP/2 (prior knowledge; TLS offers HTTP/1.1) on one
 //! listener, at most `max_connections` connections at once, a header read timeout, and a
 //! graceful stop (no new connections; requests in flight finish).
 

@@ -128,6 +128,18 @@ async fn the_official_client_through_the_gateway() {
         serde_json::json!([1.0, 0.0]),
         "{r}"
     );
+    assert_eq!(
+        r["acme_a1_after_update"],
+        serde_json::json!([{"n": 10, "tenant": "acme"}]),
+        "{r}"
+    );
+    let update = r["acme_update_globex_id"].as_str().unwrap_or_default();
+    assert!(update.contains("tenant_conflict"), "{r}");
+    assert_eq!(
+        r["globex_after_acme_update"],
+        serde_json::json!([{"n": 3, "tenant": "globex"}]),
+        "{r}"
+    );
     assert!(
         r["acme_count"]
             .as_str()

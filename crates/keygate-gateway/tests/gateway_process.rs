@@ -104,50 +104,13 @@ async fn the_binary_serves_keys_from_the_database_and_follows_revocations() {
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate-gateway"))
-        .arg("--config")
-        .arg(&config)
-        .args(["--listen", "127.0.0.1:0", "--database-url", &url])
-        .arg("--audit-log")
-        .arg(dir.path().join("audit"))
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .env_remove("KEYGATE_DATABASE_URL")
-        .env_remove("KEYGATE_REDIS_URL")
-        .env_remove("KEYGATE_PEPPER")
-        .env_remove("KEYGATE_PEPPER_FILE")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the gateway");
-    let stdout = child.stdout.take().expect("stdout");
-    let running = Running(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut addr = None;
-    let mut metrics = None;
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
-        assert!(
-            !line.contains(&admin),
-            "the upstream credential was printed"
-        );
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            addr = rest.split_whitespace().next().map(str::to_owned);
-        }
-        if let Some(rest) = line.split("metrics without a key on http://").nth(1) {
-            metrics = rest.split('/').next().map(str::to_owned);
-        }
-        if line == "ready" {
-            break;
-        }
-    }
-    let addr: std::net::SocketAddr = addr
-        .expect("the gateway printed its address")
-        .parse()
-        .expect("address");
+    let (running, addr, metrics) = start(
+        &config,
+        &url,
+        &dir.path().join("audit"),
+        &["--metrics-listen", "127.0.0.1:0"],
+        &admin,
+    );
 
     let r = call(
         addr,
@@ -209,10 +172,7 @@ async fn the_binary_serves_keys_from_the_database_and_follows_revocations() {
     }
     // The counters see the allowed requests and the refusal (recorded off the request
     // path: polled, bounded).
-    let metrics: std::net::SocketAddr = metrics
-        .expect("the metrics address")
-        .parse()
-        .expect("address");
+    let metrics = metrics.expect("the metrics address");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let r = call(metrics, "GET", "/metrics", None, None).await;
@@ -230,5 +190,127 @@ async fn the_binary_serves_keys_from_the_database_and_follows_revocations() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(running);
+    store.close().await;
+}
+
+/// Starts the binary with `config` over the key database `url` and `extra` flags; waits
+/// for `ready`. Returns the process, its address and its metrics address (if printed).
+/// `secret` must never appear in its output.
+fn start(
+    config: &std::path::Path,
+    url: &str,
+    audit: &std::path::Path,
+    extra: &[&str],
+    secret: &str,
+) -> (Running, std::net::SocketAddr, Option<std::net::SocketAddr>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate-gateway"))
+        .arg("--config")
+        .arg(config)
+        .args(["--listen", "127.0.0.1:0", "--database-url", url])
+        .arg("--audit-log")
+        .arg(audit)
+        .args(extra)
+        .env_remove("KEYGATE_DATABASE_URL")
+        .env_remove("KEYGATE_REDIS_URL")
+        .env_remove("KEYGATE_PEPPER")
+        .env_remove("KEYGATE_PEPPER_FILE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the gateway");
+    let stdout = child.stdout.take().expect("stdout");
+    let running = Running(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (mut addr, mut metrics) = (None, None);
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
+        assert!(!line.contains(secret), "a secret was printed");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            addr = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+        }
+        if let Some(rest) = line.split("metrics without a key on http://").nth(1) {
+            metrics = rest.split('/').next().and_then(|a| a.parse().ok());
+        }
+        if line == "ready" {
+            break;
+        }
+    }
+    (
+        running,
+        addr.expect("the gateway printed its address"),
+        metrics,
+    )
+}
+
+/// With `--redis-url`, rate limits are counted in Redis: a second process with the same
+/// prefix continues the first one's count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_rate_limits_outlive_the_process() {
+    let Some(redis) = keygate_testkit::server_url("KEYGATE_TEST_REDIS_URL") else {
+        return;
+    };
+    let svc = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+            bytes::Bytes::from_static(b"{\"result\":{\"count\":0}}"),
+        )))
+    });
+    let up = keygate_testkit::serve::spawn_hyper(svc).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "preset = \"qdrant\"\n[upstream]\nurl = \"http://{up}\"\n[[rate_limits]]\nname = \"hourly\"\nlimit = 2\nperiod = \"1h\"\n"
+        ),
+    )
+    .expect("write");
+    let url = format!("sqlite://{}", dir.path().join("keys.db").display());
+    let store = SqlStore::open(&url).await.expect("open");
+    let keys = KeyManager::for_verifier(
+        &Verifier::builder(store.clone()).build(),
+        Auditor::direct(MemorySink::new()),
+    );
+    let key = keys
+        .issue("cli", KeySpec::new("ops").scope("*").resource("*"))
+        .await
+        .expect("issue");
+    let key = key.key.expose_secret().to_owned();
+    let prefix = format!("kg-gw-test-{}", std::process::id());
+    let flags = [
+        "--redis-url",
+        redis.as_str(),
+        "--redis-prefix",
+        prefix.as_str(),
+    ];
+    let audit = dir.path().join("audit");
+
+    let (first, addr, _) = start(&config, &url, &audit, &flags, &key);
+    for _ in 0..2 {
+        let r = call(
+            addr,
+            "POST",
+            "/collections/docs/points/count",
+            Some(&key),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
+    drop(first);
+    let (_second, addr, _) = start(&config, &url, &audit, &flags, &key);
+    let r = call(
+        addr,
+        "POST",
+        "/collections/docs/points/count",
+        Some(&key),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text);
+    assert_eq!(r.code(), "rate_limited");
     store.close().await;
 }

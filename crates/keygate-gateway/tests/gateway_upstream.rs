@@ -373,3 +373,69 @@ async fn bodies_stream_both_ways() {
     drop(tx);
     assert!(body.frame().await.is_none());
 }
+
+#[tokio::test]
+async fn https_clients_are_served() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+
+    let (up, _) = echo().await;
+    let (tls, pem) =
+        keygate_showcase::tls::Tls::self_signed(&["localhost".to_owned()]).expect("certificate");
+    let credential =
+        UpstreamCredential::new("api-key", None, "upstream-secret").expect("credential");
+    let gw = Gw::start_tls(
+        Preset::Qdrant,
+        &format!("http://{up}"),
+        Some(credential),
+        |_| {},
+        Some(tls),
+    )
+    .await;
+    let key = gw.operator_key().await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem"))
+        .expect("root");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(gw.addr).await.expect("connect");
+    let stream = connector
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("TLS handshake");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::get("/collections")
+        .header("host", "localhost")
+        .header("api-key", &key)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let res = sender.send_request(req).await.expect("answer");
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    let seen: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(seen["headers"]["api-key"], "upstream-secret");
+
+    // Plain HTTP on the TLS port gets no answer: the handshake fails, the connection closes.
+    let tcp = TcpStream::connect(gw.addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::get("/collections")
+        .header("host", "localhost")
+        .header("api-key", &key)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    assert!(sender.send_request(req).await.is_err());
+}

@@ -70,6 +70,10 @@ def main():
             lambda: acme.upsert(ids=["g1"], embeddings=[[0.0, 1.0]], metadatas=[{"n": 9}])
         )
         out["globex_after_acme_upsert"] = globex.get(include=["embeddings"])["embeddings"][0].tolist()
+        acme.update(ids=["a1"], metadatas=[{"n": 10}])
+        out["acme_a1_after_update"] = acme.get(ids=["a1"], include=["metadatas"])["metadatas"]
+        out["acme_update_globex_id"] = error_of(lambda: acme.update(ids=["g1"], metadatas=[{"n": 0}]))
+        out["globex_after_acme_update"] = globex.get(include=["metadatas"])["metadatas"]
         out["acme_count"] = error_of(lambda: acme.count())
         out["acme_delete_collection"] = error_of(lambda: client(port, keys[0]).delete_collection("docs"))
     elif step == "refused":

@@ -138,6 +138,17 @@ impl Gw {
         credential: Option<UpstreamCredential>,
         edit: impl FnOnce(&mut Config),
     ) -> Gw {
+        Gw::start_tls(preset, upstream, credential, edit, None).await
+    }
+
+    /// As [`Gw::start`], serving HTTPS with `tls` when given.
+    pub async fn start_tls(
+        preset: Preset,
+        upstream: &str,
+        credential: Option<UpstreamCredential>,
+        edit: impl FnOnce(&mut Config),
+        tls: Option<keygate_showcase::tls::Tls>,
+    ) -> Gw {
         let mut config = Config::new(preset, upstream);
         edit(&mut config);
         let clock = ManualClock::at_2026();
@@ -159,7 +170,7 @@ impl Gw {
             listener,
             service,
             keygate_gateway::serve::ConnLimits::default(),
-            None,
+            tls,
             std::future::pending(),
         ));
         Gw {
