@@ -46,6 +46,47 @@ struct Inner {
     identity: Option<Arc<str>>,
     /// Per rate limit, then per quota: whether it is the identity's (counted per identity).
     shared_limits: Box<[bool]>,
+    /// Set when the caller presented a short-lived token derived from the key.
+    token: Option<Box<Narrowing>>,
+}
+
+/// What a short-lived token derived from an API key says: its id, who it is for, and the
+/// narrowing of the key's policy it carries. [`Principal::narrow`] applies it to the key's
+/// *current* principal, so the token never grants more than the key holds now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenGrant {
+    /// The token's id (the JWT `jti`).
+    pub id: String,
+    /// The end user the token was issued for (the JWT `sub`), if any.
+    pub subject: Option<String>,
+    /// The scopes the token is limited to; `None`: the key's.
+    pub scopes: Option<Vec<String>>,
+    /// The collection patterns the token is limited to; `None`: the key's.
+    pub collections: Option<Vec<String>>,
+    /// When the token expires.
+    pub expires_at: SystemTime,
+}
+
+/// A token's narrowing of its key's principal, compiled.
+struct Narrowing {
+    /// The key's principal the token narrows (its current policy).
+    parent: Principal,
+    id: Arc<str>,
+    subject: Option<Arc<str>>,
+    scopes: Option<ScopeSet>,
+    collections: Option<ResourceSet>,
+    scope_list: Option<Box<[String]>>,
+    collection_list: Option<Box<[String]>>,
+}
+
+impl Narrowing {
+    fn allows_scope(&self, scope: &Scope) -> bool {
+        self.scopes.as_ref().is_none_or(|s| s.allows(scope))
+    }
+
+    fn allows_collection(&self, name: &str) -> bool {
+        self.collections.as_ref().is_none_or(|c| c.allows(name))
+    }
 }
 
 /// The per-collection grants and the roles behind them, compiled.
@@ -297,6 +338,7 @@ impl Principal {
                 quotas: resolved.quotas.iter().map(|(p, _)| p.clone()).collect(),
                 identity: record.identity.as_deref().map(Arc::from),
                 shared_limits,
+                token: None,
             }),
         }
     }
@@ -307,6 +349,11 @@ impl Principal {
     /// write `docs-*` and only read `shared` has the scope `points:write` and may access
     /// `shared`, yet is not permitted to write to `shared`.
     pub fn permits(&self, scope: &Scope, name: &str) -> bool {
+        if let Some(t) = &self.inner.token {
+            return t.allows_scope(scope)
+                && t.allows_collection(name)
+                && t.parent.permits(scope, name);
+        }
         let grants = &self.inner.policy.grants;
         if grants.len() <= 1 {
             // One grant: the union is that grant (the common case, no extra work).
@@ -344,6 +391,9 @@ impl Principal {
     /// first, then its extra grants, then its roles'): what an admin check compares a new
     /// grant with (one grant must cover it whole).
     pub fn grants(&self) -> Vec<Grant> {
+        if let Some(t) = &self.inner.token {
+            return narrow_grants(&t.parent.grants(), t);
+        }
         let policy = &*self.inner.policy;
         if policy.raw.is_empty() {
             // One grant of the key's own (or none): the unions are that grant.
@@ -439,26 +489,35 @@ impl Principal {
     pub fn expires_at(&self) -> Option<SystemTime> {
         self.inner.expires_at
     }
-    /// Granted scopes: the union of every grant's (the key's own and its roles').
+    /// Granted scopes: the union of every grant's (the key's own and its roles'). For a
+    /// token that names scopes, those of its scopes the key still holds.
     pub fn scopes(&self) -> &[String] {
         &self.inner.grants.scopes
     }
     /// Collection patterns the key may touch with some scope: the union of every grant's.
+    /// For a token that names collections, its patterns.
     pub fn resources(&self) -> &[String] {
         &self.inner.access.resources
     }
-    /// The granted scopes, compiled.
+    /// The granted scopes, compiled (for a token: [`Principal::scopes`] compiled; decisions
+    /// go through [`Principal::has_scope`], which also asks the key).
     pub fn granted(&self) -> &ScopeSet {
         &self.inner.grants.granted
     }
-    /// Whether the key grants `scope`.
+    /// Whether the key grants `scope` (and, for a token, the token too).
     pub fn has_scope(&self, scope: &Scope) -> bool {
-        self.inner.grants.granted.allows(scope)
+        match &self.inner.token {
+            None => self.inner.grants.granted.allows(scope),
+            Some(t) => t.allows_scope(scope) && t.parent.has_scope(scope),
+        }
     }
-    /// Whether the key may touch the resource (collection) `name`. A key with no resource
-    /// patterns may touch none.
+    /// Whether the key may touch the resource (collection) `name` (and, for a token, the
+    /// token too). A key with no resource patterns may touch none.
     pub fn can_access(&self, name: &str) -> bool {
-        self.inner.access.collections.allows(name)
+        match &self.inner.token {
+            None => self.inner.access.collections.allows(name),
+            Some(t) => t.allows_collection(name) && t.parent.can_access(name),
+        }
     }
     /// All attributes.
     pub fn attributes(&self) -> &Attributes {
@@ -484,6 +543,91 @@ impl Principal {
     pub fn quotas(&self) -> &[QuotaPolicy] {
         &self.inner.quotas
     }
+    /// The id (`jti`) of the short-lived token the caller presented; `None` for a key.
+    pub fn token_id(&self) -> Option<&str> {
+        self.inner.token.as_ref().map(|t| &*t.id)
+    }
+    /// [`Principal::token_id`], shared (audit events keep it this way).
+    pub fn token_id_shared(&self) -> Option<&Arc<str>> {
+        self.inner.token.as_ref().map(|t| &t.id)
+    }
+    /// The end user the presented token was issued for (its `sub`), if any. The key's
+    /// owner stays [`Principal::subject`].
+    pub fn token_subject(&self) -> Option<&str> {
+        self.inner.token.as_ref()?.subject.as_deref()
+    }
+    /// [`Principal::token_subject`], shared (audit events keep it this way).
+    pub fn token_subject_shared(&self) -> Option<&Arc<str>> {
+        self.inner.token.as_ref()?.subject.as_ref()
+    }
+    /// The key's own principal behind a token's ([`Principal::narrow`]); `None` for a key.
+    pub fn parent(&self) -> Option<&Principal> {
+        self.inner.token.as_ref().map(|t| &t.parent)
+    }
+
+    /// This key's principal narrowed by a short-lived token derived from it: everything
+    /// (key id, lineage, limits, quotas, networks, attributes, roles) stays the key's, so
+    /// limits and quotas are charged to the key; a request is permitted only when both the
+    /// key (as it is now) and the token allow it; the expiry is the earlier of the two; the
+    /// token's id and subject are carried for handlers and the audit log.
+    pub fn narrow(&self, token: &TokenGrant) -> Principal {
+        let parent = match &self.inner.token {
+            // A token of a token narrows the same key, within both.
+            Some(t) => t.parent.clone(),
+            None => self.clone(),
+        };
+        let p = &*parent.inner;
+        let grants = match &token.scopes {
+            Some(list) => {
+                let kept: Vec<String> = list
+                    .iter()
+                    .filter(|s| Scope::parse(s).is_ok_and(|s| parent.has_scope(&s)))
+                    .cloned()
+                    .collect();
+                Arc::new(Grants::new(&kept))
+            }
+            None => p.grants.clone(),
+        };
+        let access = match &token.collections {
+            Some(list) => Arc::new(Access::new(list)),
+            None => p.access.clone(),
+        };
+        let expires_at = match p.expires_at {
+            Some(e) if e < token.expires_at => Some(e),
+            _ => Some(token.expires_at),
+        };
+        let narrowing = Narrowing {
+            parent: parent.clone(),
+            id: Arc::from(token.id.as_str()),
+            subject: token.subject.as_deref().map(Arc::from),
+            scopes: token.scopes.as_ref().map(ScopeSet::compile),
+            collections: token.collections.as_ref().map(ResourceSet::compile),
+            scope_list: token.scopes.as_deref().map(Box::from),
+            collection_list: token.collections.as_deref().map(Box::from),
+        };
+        Principal {
+            inner: Arc::new(Inner {
+                key_id: p.key_id,
+                lineage_id: p.lineage_id,
+                created_at: p.created_at,
+                expires_at,
+                prefix: p.prefix.clone(),
+                name: p.name.clone(),
+                owner: p.owner.clone(),
+                grants,
+                access,
+                policy: p.policy.clone(),
+                attributes: p.attributes.clone(),
+                allowed_ips: p.allowed_ips.clone(),
+                rate_limits: p.rate_limits.clone(),
+                quotas: p.quotas.clone(),
+                identity: p.identity.clone(),
+                shared_limits: p.shared_limits.clone(),
+                token: Some(Box::new(narrowing)),
+            }),
+        }
+    }
+
     /// Whether two principals are the same resolution (same allocation).
     pub fn ptr_eq(a: &Principal, b: &Principal) -> bool {
         Arc::ptr_eq(&a.inner, &b.inner)
@@ -587,6 +731,47 @@ fn policy_key(resolved: &role::Resolved) -> PolicyKey {
         grant_roles: resolved.grant_roles.clone().into(),
         roles: resolved.roles.clone().into(),
     }
+}
+
+/// The key's grants within a token's narrowing: of each grant, the token's scopes the grant
+/// holds and the token's collection patterns the grant reaches (a pattern counts when the
+/// grant has `*` or the same pattern, or when it is a plain name the grant matches); a list
+/// the token does not name stays the grant's. Grants left empty are dropped, so it never
+/// holds more than both the key and the token.
+fn narrow_grants(held: &[Grant], t: &Narrowing) -> Vec<Grant> {
+    let mut out = Vec::new();
+    for g in held {
+        let scopes: Vec<String> = match &t.scope_list {
+            None => g.scopes.clone(),
+            Some(ts) => {
+                let set = ScopeSet::compile(&g.scopes);
+                ts.iter()
+                    .filter(|s| Scope::parse(s).is_ok_and(|s| set.allows(&s)))
+                    .cloned()
+                    .collect()
+            }
+        };
+        let collections: Vec<String> = match &t.collection_list {
+            None => g.collections.clone(),
+            Some(tc) => {
+                let gc = ResourceSet::compile(&g.collections);
+                tc.iter()
+                    .filter(|c| {
+                        g.collections.iter().any(|h| h == "*" || h == *c)
+                            || (!c.contains('*') && gc.allows(c))
+                    })
+                    .cloned()
+                    .collect()
+            }
+        };
+        if !scopes.is_empty() && !collections.is_empty() {
+            out.push(Grant {
+                scopes,
+                collections,
+            });
+        }
+    }
+    out
 }
 
 /// IPv4-mapped IPv6 networks (`::ffff:10.0.0.0/104`) as IPv4 (`10.0.0.0/8`), so they match
