@@ -75,7 +75,7 @@ use keygate::require_tls::RequireTls;
 use keygate::scope::{RouteScopes, ScopeLayer};
 use keygate::{KeyGate, KeyId, KeyManager, QuotaWindow, RateLimitPolicy, Verifier};
 use keygate_admin::leak::LeakReports;
-use keygate_admin::AdminApi;
+use keygate_admin::{AdminApi, TokenApi};
 use tower::ServiceBuilder;
 
 use store::VectorStore;
@@ -185,6 +185,11 @@ pub struct Options {
     pub leak_public_keys: Option<keygate_admin::leak::PublicKeys>,
     /// What `POST /leaks/github` does to a reported key (default: revoke).
     pub leak_policy: keygate_admin::leak::LeakPolicy,
+    /// Short-lived tokens: with them, `POST /auth/token` (behind the layers, any valid key)
+    /// trades a key for a signed token that every route accepts in its place, and
+    /// `GET /.well-known/jwks.json` (open) publishes the public keys
+    /// ([`keygate_admin::TokenApi`]).
+    pub tokens: Option<keygate::token::Tokens>,
 }
 
 impl Options {
@@ -211,6 +216,7 @@ impl Options {
             metrics: None,
             leak_public_keys: None,
             leak_policy: keygate_admin::leak::LeakPolicy::default(),
+            tokens: None,
         }
     }
 }
@@ -328,6 +334,8 @@ pub fn routes() -> Result<RouteScopes, keygate::scope::InvalidRule> {
         .route("*", "/admin/roles/{name}", "keys:admin")
         .route("*", "/admin/identities", "keys:admin")
         .route("*", "/admin/identities/{name}", "keys:admin")
+        // Any valid key may trade itself for a narrower token.
+        .public("POST", "/auth/token")
         .build()
 }
 
@@ -383,7 +391,16 @@ async fn readyz(State(app): State<AppState>) -> (StatusCode, &'static str) {
 
 /// Builds the server: the Qdrant routes and the admin API behind the six layers.
 pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send + Sync>> {
-    let gate = KeyGate::new(opts.verifier);
+    let gate = match &opts.tokens {
+        Some(tokens) => KeyGate::builder(opts.verifier)
+            .tokens(tokens.clone())
+            .build(),
+        None => KeyGate::new(opts.verifier),
+    };
+    let token_api = opts
+        .tokens
+        .as_ref()
+        .map(|t| TokenApi::new(&gate, t.clone()));
     let keys = KeyManager::for_verifier(gate.verifier(), opts.auditor.clone());
     let vectors = VectorStore::new();
     let bytes_config = RateLimitConfig::new()
@@ -454,8 +471,18 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         None => Router::new(),
     };
 
+    // `POST /auth/token` behind the layers (audited, rate limited, any valid key);
+    // `GET /.well-known/jwks.json` open, below.
+    let (token_routes, jwks_routes) = match &token_api {
+        Some(api) => {
+            let (issue, jwks) = api.clone().split();
+            (issue, jwks)
+        }
+        None => (Router::new(), Router::new()),
+    };
     let api = Router::new()
         .merge(metrics_routes)
+        .merge(token_routes)
         .route("/collections", get(qdrant::list_collections))
         .route(
             "/collections/{collection}",
@@ -578,7 +605,8 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         .route("/healthz", get(qdrant::healthz))
         .route("/livez", get(qdrant::healthz))
         .route("/readyz", get(readyz))
-        .with_state(state);
+        .with_state(state)
+        .merge(jwks_routes);
     let open = match opts.leak_public_keys {
         Some(public_keys) => open.nest(
             "/leaks/github",
