@@ -68,9 +68,53 @@ struct Inner {
     capacity: usize,
     validation: Validation,
     /// Verified tokens, by the digest of their signature.
-    cache: DashMap<[u8; 32], Entry>,
+    cache: DashMap<Digest, Entry, DigestHash>,
     /// Serializes the (rare) sweeps of a full cache.
     sweeping: Mutex<()>,
+}
+
+/// The blake3 digest of a token's signature: the cache key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Digest([u8; 32]);
+
+impl std::hash::Hash for Digest {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
+
+/// Hashes a [`Digest`] by its first 8 bytes: a digest is already uniform, and only
+/// verified tokens (each with a valid signature) are ever inserted, so no caller can aim
+/// entries at one bucket.
+#[derive(Clone, Copy, Default)]
+struct DigestHash;
+
+/// The hasher of [`DigestHash`].
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl std::hash::BuildHasher for DigestHash {
+    type Hasher = DigestHasher;
+    fn build_hasher(&self) -> DigestHasher {
+        DigestHasher(0)
+    }
+}
+
+impl std::hash::Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used by `Digest`; anything else is folded in.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 /// One verified token.
@@ -219,7 +263,7 @@ impl TokensBuilder {
                 max_ttl: self.max_ttl,
                 capacity: self.capacity,
                 validation,
-                cache: DashMap::new(),
+                cache: DashMap::with_hasher(DigestHash),
                 sweeping: Mutex::new(()),
             }),
         }
@@ -236,7 +280,7 @@ pub(crate) enum TokenLookup {
 
 /// A verified token waiting for its key's record.
 pub(crate) struct TokenPending {
-    digest: [u8; 32],
+    digest: Digest,
     grant: Arc<TokenGrant>,
 }
 
@@ -359,7 +403,7 @@ impl Tokens {
         let Some((signed, signature)) = token.rsplit_once('.') else {
             return TokenLookup::Done(Err(invalid("The access token is not a JWT.")));
         };
-        let digest = *blake3::hash(signature.as_bytes()).as_bytes();
+        let digest = Digest(*blake3::hash(signature.as_bytes()).as_bytes());
         let grant = match self.inner.cache.get(&digest) {
             Some(e) if *e.signed == *signed => {
                 if now >= e.grant.expires_at {
@@ -367,7 +411,7 @@ impl Tokens {
                     self.inner.cache.remove(&digest);
                     return TokenLookup::Done(Err(Denial::new(DenialCode::ExpiredToken)));
                 }
-                let parent = match verifier.lookup_parent(e.parent) {
+                let parent = match verifier.lookup_parent(e.parent, now) {
                     Lookup::Done(Ok(p)) => p,
                     Lookup::Done(Err(d)) => return TokenLookup::Done(Err(d)),
                     Lookup::Pending(p) => {
@@ -401,7 +445,7 @@ impl Tokens {
             },
             now,
         );
-        match verifier.lookup_parent(parent_id) {
+        match verifier.lookup_parent(parent_id, now) {
             Lookup::Done(Ok(parent)) => {
                 TokenLookup::Done(Ok(self.remember(digest, &grant, parent)))
             }
@@ -416,7 +460,7 @@ impl Tokens {
     }
 
     /// Narrows `parent` by `grant` and remembers it for the token's next use.
-    fn remember(&self, digest: [u8; 32], grant: &TokenGrant, parent: Principal) -> Principal {
+    fn remember(&self, digest: Digest, grant: &TokenGrant, parent: Principal) -> Principal {
         let narrowed = parent.narrow(grant);
         if let Some(mut e) = self.inner.cache.get_mut(&digest) {
             e.memo = Some((parent, narrowed.clone()));
@@ -424,7 +468,7 @@ impl Tokens {
         narrowed
     }
 
-    fn insert(&self, digest: [u8; 32], entry: Entry, now: SystemTime) {
+    fn insert(&self, digest: Digest, entry: Entry, now: SystemTime) {
         let inner = &*self.inner;
         if inner.cache.len() >= inner.capacity {
             let _one = inner

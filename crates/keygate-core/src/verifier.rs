@@ -354,10 +354,10 @@ impl Verifier {
     /// presented the key. Status and expiry are checked exactly as for the key itself
     /// (a revoked, disabled, expired or deleted key refuses its tokens), through the same
     /// cache, refresh and change notification, so a change to the key reaches its tokens on
-    /// the next request. Never call it for an id a caller merely named.
-    pub fn lookup_parent(&self, id: KeyId) -> Lookup {
+    /// the next request. Never call it for an id a caller merely named. `now` is the
+    /// verifier's clock, as the caller already read it.
+    pub fn lookup_parent(&self, id: KeyId, now: SystemTime) -> Lookup {
         let s = &*self.shared;
-        let now = s.clock.now();
         if let Some(entry) = s.cache.get(&id) {
             let age = entry.age(now);
             let must_refresh = age >= s.refresh_after;
