@@ -340,9 +340,24 @@ mod tests {
                 "corrupt_key",
                 "cost_exceeds_limit",
                 "unknown_route",
-                "insecure_transport"
+                "insecure_transport",
+                "expired_token",
+                "invalid_token",
+                "unknown_token_key",
+                "unsupported_token_algorithm"
             ]
         );
+        // Token codes: a foreign key or algorithm reads invalid_token; all are 401s.
+        assert_eq!(
+            DenialCode::UnknownTokenKey.public(),
+            DenialCode::InvalidToken
+        );
+        assert_eq!(
+            DenialCode::UnsupportedTokenAlgorithm.public(),
+            DenialCode::InvalidToken
+        );
+        assert_eq!(DenialCode::ExpiredToken.public(), DenialCode::ExpiredToken);
+        assert!(DenialCode::ALL[16..].iter().all(|c| c.is_authentication()));
         assert_eq!(DenialCode::RevokedKey.public(), DenialCode::InvalidKey);
         assert_eq!(DenialCode::DisabledKey.public(), DenialCode::InvalidKey);
         assert_eq!(DenialCode::CorruptKey.public(), DenialCode::InvalidKey);
