@@ -80,6 +80,44 @@ struct Narrowing {
 }
 
 impl Narrowing {
+    /// `next` limited to this token's narrowing too (scopes and collections this one
+    /// allows, the earlier expiry).
+    fn within(&self, next: &TokenGrant, expires_at: Option<SystemTime>) -> TokenGrant {
+        let scopes = match (&self.scope_list, &next.scopes) {
+            (None, n) => n.clone(),
+            (Some(o), None) => Some(o.to_vec()),
+            (Some(_), Some(n)) => Some(
+                n.iter()
+                    .filter(|s| Scope::parse(s).is_ok_and(|s| self.allows_scope(&s)))
+                    .cloned()
+                    .collect(),
+            ),
+        };
+        let collections = match (&self.collection_list, &next.collections) {
+            (None, n) => n.clone(),
+            (Some(o), None) => Some(o.to_vec()),
+            (Some(o), Some(n)) => Some(
+                n.iter()
+                    .filter(|c| {
+                        o.iter().any(|h| h == "*" || h == *c)
+                            || (!c.contains('*') && self.allows_collection(c))
+                    })
+                    .cloned()
+                    .collect(),
+            ),
+        };
+        TokenGrant {
+            id: next.id.clone(),
+            subject: next.subject.clone(),
+            scopes,
+            collections,
+            expires_at: match expires_at {
+                Some(e) if e < next.expires_at => e,
+                _ => next.expires_at,
+            },
+        }
+    }
+
     fn allows_scope(&self, scope: &Scope) -> bool {
         self.scopes.as_ref().is_none_or(|s| s.allows(scope))
     }
@@ -570,11 +608,20 @@ impl Principal {
     /// limits and quotas are charged to the key; a request is permitted only when both the
     /// key (as it is now) and the token allow it; the expiry is the earlier of the two; the
     /// token's id and subject are carried for handlers and the audit log.
+    ///
+    /// Narrowing a token's principal again narrows the same key, within both tokens.
     pub fn narrow(&self, token: &TokenGrant) -> Principal {
-        let parent = match &self.inner.token {
-            // A token of a token narrows the same key, within both.
-            Some(t) => t.parent.clone(),
-            None => self.clone(),
+        let (parent, combined);
+        let token = match &self.inner.token {
+            Some(t) => {
+                parent = t.parent.clone();
+                combined = t.within(token, self.inner.expires_at);
+                &combined
+            }
+            None => {
+                parent = self.clone();
+                token
+            }
         };
         let p = &*parent.inner;
         let grants = match &token.scopes {
@@ -824,5 +871,116 @@ mod interner_tests {
         assert_eq!(a.get("tenant"), Some("acme"));
         assert_eq!(a.get("other"), None);
         assert_eq!(format!("{a:?}"), r#"{"tenant": "acme"}"#);
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::digest::KeyHasher;
+
+    fn scope(s: &str) -> Scope {
+        Scope::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_token_narrows_within_the_key_and_keeps_the_key_for_limits() {
+        let (_, mut record) = KeyRecord::generate(
+            &Prefix::default(),
+            &KeyHasher::new(),
+            "app",
+            SystemTime::UNIX_EPOCH,
+        )
+        .unwrap();
+        record.scopes = vec!["points:read".into(), "points:write".into()];
+        record.resources = vec!["docs-*".into()];
+        record.grants = vec![Grant {
+            scopes: vec!["points:read".into()],
+            collections: vec!["shared".into()],
+        }];
+        record.expires_at = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(100));
+        let key = Principal::from_record(&record);
+        let token = TokenGrant {
+            id: "t1".into(),
+            subject: Some("user-42".into()),
+            scopes: Some(vec!["points:read".into(), "points:delete".into()]),
+            collections: Some(vec!["docs-a".into(), "shared".into(), "other".into()]),
+            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(500),
+        };
+        let t = key.narrow(&token);
+        assert_eq!(t.key_id(), key.key_id(), "limits and quotas count the key");
+        assert_eq!(t.lineage_id(), key.lineage_id());
+        assert_eq!(t.token_id(), Some("t1"));
+        assert_eq!(t.token_subject(), Some("user-42"));
+        assert!(key.token_id().is_none() && key.token_subject().is_none());
+        assert!(Principal::ptr_eq(t.parent().unwrap(), &key));
+        assert_eq!(t.expires_at(), key.expires_at(), "the earlier expiry");
+
+        assert!(t.permits(&scope("points:read"), "docs-a"));
+        assert!(t.permits(&scope("points:read"), "shared"));
+        assert!(
+            !t.permits(&scope("points:write"), "docs-a"),
+            "not the token's"
+        );
+        assert!(
+            !t.permits(&scope("points:read"), "docs-b"),
+            "not the token's"
+        );
+        assert!(
+            !t.permits(&scope("points:delete"), "docs-a"),
+            "not the key's"
+        );
+        assert!(!t.can_access("other"), "not the key's");
+        assert!(t.has_scope(&scope("points:read")));
+        assert!(!t.has_scope(&scope("points:delete")));
+        assert_eq!(t.scopes(), ["points:read"], "the token's, within the key");
+
+        // The grants an admin check would compare: never more than both.
+        let grants = t.grants();
+        assert_eq!(
+            grants,
+            vec![
+                Grant {
+                    scopes: vec!["points:read".into()],
+                    collections: vec!["docs-a".into()],
+                },
+                Grant {
+                    scopes: vec!["points:read".into()],
+                    collections: vec!["shared".into()],
+                },
+            ]
+        );
+
+        // A token without narrowing is the key, with the token's id and expiry.
+        let plain = key.narrow(&TokenGrant {
+            id: "t2".into(),
+            subject: None,
+            scopes: None,
+            collections: None,
+            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(50),
+        });
+        assert!(plain.permits(&scope("points:write"), "docs-b"));
+        assert_eq!(plain.grants(), key.grants());
+        assert_eq!(
+            plain.expires_at(),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(50))
+        );
+        // Narrowing a token narrows the same key, within both.
+        let twice = t.narrow(&TokenGrant {
+            id: "t3".into(),
+            subject: None,
+            scopes: Some(vec!["points:write".into()]),
+            collections: None,
+            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(50),
+        });
+        assert!(Principal::ptr_eq(twice.parent().unwrap(), &key));
+        assert!(
+            !twice.has_scope(&scope("points:write")),
+            "not the first token's"
+        );
+        assert!(!twice.has_scope(&scope("points:read")), "not the second's");
+        assert!(twice.expires_at() <= t.expires_at());
     }
 }
