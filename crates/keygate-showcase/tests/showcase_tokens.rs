@@ -514,13 +514,34 @@ async fn a_role_taken_from_the_key_narrows_and_then_refuses_its_tokens() {
 
 #[tokio::test]
 async fn a_second_replica_on_the_same_sqlite_store_refuses_a_token_after_revocation() {
-    use keygate::sql::SqlStore;
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("keygate.db").display());
+    two_replicas(
+        &url,
+        keygate::sql::SqlOptions::new(),
+        Duration::from_secs(3),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_second_replica_on_the_same_postgres_store_refuses_a_token_after_revocation() {
+    let Some(pg) = keygate_testkit::pg::PgSchema::create().await else {
+        return;
+    };
+    let options = keygate::sql::SqlOptions::new().schema(pg.schema.clone());
+    two_replicas(&pg.url, options, Duration::from_secs(2)).await;
+}
+
+/// Two showcases over one database (`url`, `options`), sharing the signing keys: a token
+/// minted at one works at the other, and once its key is revoked at the first, the second
+/// refuses it within `bound`.
+async fn two_replicas(url: &str, options: keygate::sql::SqlOptions, bound: Duration) {
+    use keygate::sql::SqlStore;
     let shared_keys = tokens();
     let mut replicas = Vec::new();
     for _ in 0..2 {
-        let store = SqlStore::open(&url).await.unwrap();
+        let store = SqlStore::open_with(url, options.clone()).await.unwrap();
         let verifier = Verifier::new(store.clone());
         let follower = store.watch(&verifier).await.unwrap();
         let mut opts = Options::new(verifier, Auditor::direct(MemorySink::new()));
