@@ -145,6 +145,8 @@ async fn a_token_is_issued_used_narrowed_and_audited_by_id_and_subject() {
         .call("POST", &scroll("docs-a"), Some(&tok), Some(json!({})))
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    // Verified once, then served from the cache by its digest.
+    assert_eq!(w.app.gate.tokens().unwrap().cached(), 1);
 
     // Another collection of the key's: not the token's.
     let r = bearer(w.addr, "POST", &scroll("docs-b"), &tok, Some(json!({}))).await;
