@@ -26,6 +26,13 @@
 //! Claims: `kid` (header), `sub` (the end user, when given), `jti`, `iat`, `exp`, `kgk`
 //! (the parent key id), `scope` (space-separated, when narrowed) and `collections` (when
 //! narrowed).
+//!
+//! Limitations: Ed25519 (`EdDSA`) only, no ES256. One token cannot be revoked alone (revoke
+//! or disable its key; tokens are short). A token's first use costs a signature check
+//! (tens of microseconds), which a caller without a key can also trigger with well-formed
+//! garbage under a known `kid`: keep a per-address limit for anonymous callers in front
+//! (the showcase's `RateLimitLayer` has one). A refused token's audit record names no key
+//! (the key is named once the token is verified and the key found).
 
 mod keys;
 
