@@ -46,7 +46,12 @@
 //! `/`, `/healthz`, `/livez` and `/readyz` are outside the stack: open, unaudited, unlimited
 //! (like Qdrant, which exempts them from its API key). So is `POST /leaks/github`, the
 //! secret-scanning endpoint, when [`Options::leak_public_keys`] is set: it takes no API
-//! key, only reports signed by a configured public key.
+//! key, only reports signed by a configured public key. And `GET /.well-known/jwks.json`,
+//! with [`Options::tokens`]: the public keys of short-lived tokens.
+//!
+//! With [`Options::tokens`], `POST /auth/token` sits behind the whole stack (audited, rate
+//! limited, any valid key: a public route of the table) and trades the key for a token;
+//! the hub accepts such tokens in every place a key is read, narrowed from their key.
 
 pub mod body;
 pub mod filter;
