@@ -412,6 +412,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // The pepper (KEYGATE_PEPPER or an owner-only KEYGATE_PEPPER_FILE), checked against
     // the fingerprint the database recorded at first use once the store is open.
     let hasher = keygate::KeyHasher::from_env().map_err(|e| e.to_string())?;
+    // The token signing keys, read (or made) before any file or database is created.
+    let token_keys = token_keys(&args)?;
     let database_url = server::secrets::url_from(
         args.database_url.clone(),
         args.database_url_file.as_deref(),
@@ -512,7 +514,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         opts.leak_policy = args.leak_policy;
     }
     opts.tokens = Some(
-        keygate::token::Tokens::builder(token_keys(&args)?)
+        keygate::token::Tokens::builder(token_keys)
             .max_ttl(args.token_max_ttl)
             .build(),
     );

@@ -618,3 +618,78 @@ async fn two_replicas(url: &str, options: keygate::sql::SqlOptions, bound: Durat
         follower.shutdown().await;
     }
 }
+
+/// The example binary, if built and newer than the example's source.
+fn example_binary() -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe.parent()?.parent()?.join("examples").join("vector_db");
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join("vector_db.rs");
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+    let written = std::fs::metadata(&source).and_then(|m| m.modified()).ok();
+    match (built, written) {
+        (Some(b), Some(w)) if b >= w => Some(bin),
+        _ => {
+            println!("SKIPPED: the vector_db example is not built or older than its source");
+            None
+        }
+    }
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_showcase_refuses_bad_token_keys_before_creating_anything() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(bin) = example_binary() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("token-keys.pem");
+    let pem = {
+        let der = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+            .unwrap();
+        format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(der.as_ref())
+        )
+    };
+    std::fs::write(&keys, &pem).unwrap();
+    let body_line = pem.lines().nth(1).unwrap().to_owned();
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let keys_text = keys.display().to_string();
+    for env in [
+        vec![("KEYGATE_TOKEN_KEYS_FILE", keys_text.as_str())],
+        vec![("KEYGATE_TOKEN_KEYS", "not a key")],
+    ] {
+        let out = tokio::process::Command::new(&bin)
+            .args(["--listen", "127.0.0.1:0"])
+            .current_dir(&work)
+            .env_remove("KEYGATE_DATABASE_URL")
+            .env_remove("KEYGATE_REDIS_URL")
+            .env_remove("KEYGATE_TOKEN_KEYS")
+            .env_remove("KEYGATE_TOKEN_KEYS_FILE")
+            .envs(env.iter().copied())
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.starts_with("error: ") && err.lines().count() == 1,
+            "{err}"
+        );
+        assert!(err.contains("token signing key"), "{err}");
+        assert!(
+            !err.contains(&body_line[..16]) && !err.contains("not a key"),
+            "no key material: {err}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&work).unwrap().count(),
+            0,
+            "nothing created"
+        );
+    }
+}
