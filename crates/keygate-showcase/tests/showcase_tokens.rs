@@ -605,13 +605,9 @@ async fn two_replicas(url: &str, options: keygate::sql::SqlOptions, bound: Durat
         bearer(a, "GET", "/collections", &tok, None).await.status,
         StatusCode::UNAUTHORIZED
     );
-    let took = poll_until(
-        Duration::from_secs(3),
-        "revocation reaches replica B",
-        || async {
-            bearer(b, "GET", "/collections", &tok, None).await.status == StatusCode::UNAUTHORIZED
-        },
-    )
+    let took = poll_until(bound, "revocation reaches replica B", || async {
+        bearer(b, "GET", "/collections", &tok, None).await.status == StatusCode::UNAUTHORIZED
+    })
     .await;
     println!("a token's revocation reached the second replica in {took:?}");
     for (_, _, follower) in replicas {
