@@ -412,8 +412,6 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // The pepper (KEYGATE_PEPPER or an owner-only KEYGATE_PEPPER_FILE), checked against
     // the fingerprint the database recorded at first use once the store is open.
     let hasher = keygate::KeyHasher::from_env().map_err(|e| e.to_string())?;
-    // The token signing keys, read (or made) before any file or database is created.
-    let token_keys = token_keys(&args)?;
     let database_url = server::secrets::url_from(
         args.database_url.clone(),
         args.database_url_file.as_deref(),
@@ -432,6 +430,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     };
     // TLS before anything is created, so a bad certificate leaves nothing behind.
     let tls = tls_from(&args)?;
+    // The token signing keys likewise (after the address is bound, before any file).
+    let token_keys = token_keys(&args)?;
 
     // Keys: the SQL store, followed so changes made elsewhere reach this server's cache.
     let store = SqlStore::open(&database_url).await.map_err(|e| {
