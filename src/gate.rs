@@ -28,6 +28,8 @@ struct Inner {
     credentials: Credentials,
     renderer: Arc<dyn Renderer>,
     proxies: TrustedProxies,
+    #[cfg(feature = "tokens")]
+    tokens: Option<crate::token::Tokens>,
 }
 
 /// Configures a [`KeyGate`].
@@ -36,6 +38,8 @@ pub struct KeyGateBuilder {
     credentials: Credentials,
     renderer: Arc<dyn Renderer>,
     proxies: TrustedProxies,
+    #[cfg(feature = "tokens")]
+    tokens: Option<crate::token::Tokens>,
 }
 
 impl KeyGateBuilder {
@@ -59,6 +63,15 @@ impl KeyGateBuilder {
         self
     }
 
+    /// Accepts short-lived tokens signed by `tokens` wherever keys are read (feature
+    /// `tokens`): a credential shaped like a JWT is verified as a token and resolves to its
+    /// key's principal, narrowed ([`crate::token`]). Without it a token is `malformed_key`.
+    #[cfg(feature = "tokens")]
+    pub fn tokens(mut self, tokens: crate::token::Tokens) -> Self {
+        self.tokens = Some(tokens);
+        self
+    }
+
     /// Builds the hub.
     pub fn build(self) -> KeyGate {
         KeyGate {
@@ -67,6 +80,8 @@ impl KeyGateBuilder {
                 credentials: self.credentials,
                 renderer: self.renderer,
                 proxies: self.proxies,
+                #[cfg(feature = "tokens")]
+                tokens: self.tokens,
             }),
         }
     }
@@ -85,7 +100,15 @@ impl KeyGate {
             credentials: Credentials::default(),
             renderer: Arc::new(DefaultRenderer::default()),
             proxies: TrustedProxies::none(),
+            #[cfg(feature = "tokens")]
+            tokens: None,
         }
+    }
+
+    /// The short-lived tokens this hub accepts, if any (feature `tokens`).
+    #[cfg(feature = "tokens")]
+    pub fn tokens(&self) -> Option<&crate::token::Tokens> {
+        self.inner.tokens.as_ref()
     }
 
     /// The verifier.
@@ -163,9 +186,33 @@ impl KeyGate {
             return Start::Known(r.cloned().map_err(Denial::clone));
         }
         let result = match self.inner.credentials.extract(req.headers(), req.uri()) {
+            #[cfg(feature = "tokens")]
+            Ok(Some(presented))
+                if self.inner.tokens.is_some() && crate::token::is_token_shaped(&presented) =>
+            {
+                let Some(tokens) = &self.inner.tokens else {
+                    return Start::Known(Err(Denial::new(crate::DenialCode::InvalidToken)));
+                };
+                let now = self.inner.verifier.clock().now();
+                match tokens.lookup(&presented, &self.inner.verifier, now) {
+                    crate::token::TokenLookup::Done(r) => r,
+                    crate::token::TokenLookup::Pending(lookup, token) => {
+                        return Start::Pending(Pending {
+                            lookup,
+                            token: Some(token),
+                        })
+                    }
+                }
+            }
             Ok(Some(presented)) => match self.inner.verifier.lookup(&presented) {
                 crate::Lookup::Done(r) => r,
-                crate::Lookup::Pending(p) => return Start::Pending(p),
+                crate::Lookup::Pending(lookup) => {
+                    return Start::Pending(Pending {
+                        lookup,
+                        #[cfg(feature = "tokens")]
+                        token: None,
+                    })
+                }
             },
             // Off the hot path: only requests without a credential look further.
             Ok(None) => Err(self.inner.credentials.missing(
@@ -182,10 +229,15 @@ impl KeyGate {
     /// The async part of [`KeyGate::resolve`]: asks the store, memoizes the verdict.
     pub(crate) async fn finish<B>(
         &self,
-        pending: PendingLookup,
+        pending: Pending,
         req: &mut Request<B>,
     ) -> Result<Principal, Denial> {
-        let result = self.inner.verifier.finish(pending).await;
+        let result = self.inner.verifier.finish(pending.lookup).await;
+        #[cfg(feature = "tokens")]
+        let result = match (pending.token, &self.inner.tokens) {
+            (Some(token), Some(tokens)) => result.map(|parent| tokens.narrowed(token, parent)),
+            _ => result,
+        };
         RequestContext::of_mut(req.extensions_mut()).set_resolution(result.clone());
         result
     }
@@ -205,7 +257,15 @@ pub(crate) enum Start {
     /// Decided (now, or by an earlier layer), and memoized.
     Known(Result<Principal, Denial>),
     /// The store must be asked.
-    Pending(PendingLookup),
+    Pending(Pending),
+}
+
+/// A resolution waiting for the store: the key's lookup, and for a token what narrows the
+/// key's principal once it is read.
+pub(crate) struct Pending {
+    lookup: PendingLookup,
+    #[cfg(feature = "tokens")]
+    token: Option<crate::token::TokenPending>,
 }
 
 /// The verdict an earlier layer reached for this request, if any: the [`Principal`] it

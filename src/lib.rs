@@ -44,6 +44,8 @@
 //! - `tonic-tls`: also read tonic's `TlsConnectInfo` (client address and TLS transport behind
 //!   tonic's TLS server; see [`transport`]).
 //! - `metrics`: [`metrics::Metrics`], Prometheus counters fed from the audit events.
+//! - `tokens`: [`token::Tokens`], short-lived signed tokens (JWT, EdDSA) traded for an API
+//!   key and accepted by `auth::ApiKeyAuthLayer` in its place.
 //! - `full`: everything.
 //! - `sql`: `sql::SqlStore`, the SQLite and PostgreSQL key store (crate `keygate-sql`).
 //! - `redis`: `redis::RedisRateLimiter`, `redis::RedisUsageStore` and key-change
@@ -93,8 +95,8 @@ pub use keygate_core::{
     KeyStore, KeyUpdate, KnownScope, LifecycleError, Lookup, ManualClock, MemoryStore, ParsedKey,
     PendingLookup, PepperError, Prefix, Principal, QuotaPolicy, QuotaWindow, RateLimitPolicy,
     Refill, ResourceSet, Role, RoleUpdate, Scope, ScopeSet, ScopeVocabulary, SkippedRow,
-    StatusWrite, StoreError, SystemClock, UnknownScope, Verifier, VerifierBuilder, BODY_LEN,
-    CHECKSUM_LEN, KEY_ID_LEN, MAX_ATTRIBUTE_VALUE_LEN, MAX_KEY_LEN, MAX_METADATA_BYTES,
+    StatusWrite, StoreError, SystemClock, TokenGrant, UnknownScope, Verifier, VerifierBuilder,
+    BODY_LEN, CHECKSUM_LEN, KEY_ID_LEN, MAX_ATTRIBUTE_VALUE_LEN, MAX_KEY_LEN, MAX_METADATA_BYTES,
     MAX_NAME_LEN, MAX_OWNER_LEN, MAX_PEPPER_FILE_LEN, MAX_PREFIX_LEN, NO_PEPPER_FINGERPRINT,
     PEPPER_ENV, PEPPER_FILE_ENV, REDACTED, SCANNER_REGEX, SECRET_LEN,
 };
@@ -139,6 +141,8 @@ pub mod quota;
 pub mod rate_limit;
 #[cfg(feature = "scope")]
 pub mod scope;
+#[cfg(feature = "tokens")]
+pub mod token;
 
 pub use builder::ServiceBuilderExt;
 pub use context::{RequestContext, RequestId};

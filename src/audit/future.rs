@@ -49,6 +49,13 @@ impl Capture {
             ),
             None => (None, None, None, None, None),
         };
+        let (token_id, token_subject) = match &self.principal {
+            Some(p) => (
+                p.token_id_shared().cloned(),
+                p.token_subject_shared().cloned(),
+            ),
+            None => (None, None),
+        };
         RequestEvent {
             time: self.time,
             request_id: self.id_text,
@@ -71,6 +78,8 @@ impl Capture {
             denial: None,
             latency: self.start.elapsed(),
             roles,
+            token_id,
+            token_subject,
         }
     }
 

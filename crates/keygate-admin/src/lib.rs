@@ -16,6 +16,10 @@
 //! | `POST /admin/identities` / `GET /admin/identities` | creates ([`IdentityInput`]) / lists identities | 201 / 200 |
 //! | `GET /admin/identities/{name}` | one identity | 200 |
 //!
+//! With the feature `tokens`, [`TokenApi`] is a third router: `POST /auth/token` trades an
+//! API key for a short-lived signed token, `GET /.well-known/jwks.json` publishes the keys
+//! that verify it.
+//!
 //! The [`leak`] module holds a second router, mounted apart and without an API key: an
 //! endpoint for GitHub's secret scanning partner program that revokes (or disables) keys a
 //! signed report shows leaked ([`leak::LeakReports`]).
@@ -159,6 +163,8 @@ mod error;
 mod handlers;
 mod input;
 pub mod leak;
+#[cfg(feature = "tokens")]
+mod token;
 
 use std::fmt;
 use std::sync::Arc;
@@ -173,6 +179,8 @@ use keygate::{InvalidScope, Scope, ScopeVocabulary};
 pub use input::{
     CreateKey, IdentityInput, PolicyInput, RoleInput, RoleUpdateInput, RotateKey, UpdateKey,
 };
+#[cfg(feature = "tokens")]
+pub use token::TokenApi;
 
 /// The admin API over a [`KeyManager`]: configure it, then take its [`router`](Self::router)
 /// and mount it (`Router::new().nest("/admin", api.router())`). See the

@@ -49,11 +49,22 @@ pub enum DenialCode {
     /// `RequireTls` is in force (HTTP 403): whoever could see the traffic may have the key,
     /// so it is recorded as exposed (and may be disabled at once).
     InsecureTransport,
+    /// A short-lived token (a signed JWT derived from an API key) whose `exp` has passed.
+    ExpiredToken,
+    /// A token that is not a well-formed signed JWT of this service, or whose signature or
+    /// claims do not check out (a tampered token). The exact reason is in the detail.
+    InvalidToken,
+    /// A token signed with a key (`kid`) this service does not hold: another issuer's, or
+    /// one rotated out. Clients read `invalid_token`; the audit record keeps this code.
+    UnknownTokenKey,
+    /// A token whose `alg` is not the one this service signs with (`none` among them).
+    /// Clients read `invalid_token`; the audit record keeps this code.
+    UnsupportedTokenAlgorithm,
 }
 
 impl DenialCode {
     /// Every code, in a stable order.
-    pub const ALL: [DenialCode; 16] = [
+    pub const ALL: [DenialCode; 20] = [
         DenialCode::MissingKey,
         DenialCode::MalformedKey,
         DenialCode::InvalidKey,
@@ -70,6 +81,10 @@ impl DenialCode {
         DenialCode::CostExceedsLimit,
         DenialCode::UnknownRoute,
         DenialCode::InsecureTransport,
+        DenialCode::ExpiredToken,
+        DenialCode::InvalidToken,
+        DenialCode::UnknownTokenKey,
+        DenialCode::UnsupportedTokenAlgorithm,
     ];
 
     /// The stable text form (`missing_key`, `rate_limited`, ...).
@@ -91,6 +106,10 @@ impl DenialCode {
             DenialCode::CostExceedsLimit => "cost_exceeds_limit",
             DenialCode::UnknownRoute => "unknown_route",
             DenialCode::InsecureTransport => "insecure_transport",
+            DenialCode::ExpiredToken => "expired_token",
+            DenialCode::InvalidToken => "invalid_token",
+            DenialCode::UnknownTokenKey => "unknown_token_key",
+            DenialCode::UnsupportedTokenAlgorithm => "unsupported_token_algorithm",
         }
     }
 
@@ -105,16 +124,24 @@ impl DenialCode {
                 | DenialCode::RevokedKey
                 | DenialCode::DisabledKey
                 | DenialCode::CorruptKey
+                | DenialCode::ExpiredToken
+                | DenialCode::InvalidToken
+                | DenialCode::UnknownTokenKey
+                | DenialCode::UnsupportedTokenAlgorithm
         )
     }
 
     /// The code a client is shown by default: `revoked_key`, `disabled_key` and
-    /// `corrupt_key` read `invalid_key`, so a client learns no more than it needs; every
+    /// `corrupt_key` read `invalid_key`, `unknown_token_key` and
+    /// `unsupported_token_algorithm` read `invalid_token`, so a client learns no more than it needs; every
     /// other code reads as itself. Audit records keep the exact code.
     pub const fn public(self) -> DenialCode {
         match self {
             DenialCode::RevokedKey | DenialCode::DisabledKey | DenialCode::CorruptKey => {
                 DenialCode::InvalidKey
+            }
+            DenialCode::UnknownTokenKey | DenialCode::UnsupportedTokenAlgorithm => {
+                DenialCode::InvalidToken
             }
             other => other,
         }
@@ -144,6 +171,12 @@ impl DenialCode {
             DenialCode::InsecureTransport => {
                 "API keys must be sent over HTTPS; this key was sent in the clear and is \
                  treated as exposed."
+            }
+            DenialCode::ExpiredToken => "The access token has expired; request a new one.",
+            DenialCode::InvalidToken => "The access token is not valid.",
+            DenialCode::UnknownTokenKey => "The access token is signed with an unknown key.",
+            DenialCode::UnsupportedTokenAlgorithm => {
+                "The access token uses a signing algorithm this service does not accept."
             }
         }
     }
@@ -307,9 +340,24 @@ mod tests {
                 "corrupt_key",
                 "cost_exceeds_limit",
                 "unknown_route",
-                "insecure_transport"
+                "insecure_transport",
+                "expired_token",
+                "invalid_token",
+                "unknown_token_key",
+                "unsupported_token_algorithm"
             ]
         );
+        // Token codes: a foreign key or algorithm reads invalid_token; all are 401s.
+        assert_eq!(
+            DenialCode::UnknownTokenKey.public(),
+            DenialCode::InvalidToken
+        );
+        assert_eq!(
+            DenialCode::UnsupportedTokenAlgorithm.public(),
+            DenialCode::InvalidToken
+        );
+        assert_eq!(DenialCode::ExpiredToken.public(), DenialCode::ExpiredToken);
+        assert!(DenialCode::ALL[16..].iter().all(|c| c.is_authentication()));
         assert_eq!(DenialCode::RevokedKey.public(), DenialCode::InvalidKey);
         assert_eq!(DenialCode::DisabledKey.public(), DenialCode::InvalidKey);
         assert_eq!(DenialCode::CorruptKey.public(), DenialCode::InvalidKey);

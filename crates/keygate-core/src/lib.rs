@@ -59,7 +59,7 @@ pub use lifecycle::{
     LifecycleError, RoleUpdate, MAX_ATTRIBUTE_VALUE_LEN, MAX_METADATA_BYTES, MAX_NAME_LEN,
     MAX_OWNER_LEN,
 };
-pub use principal::{Attributes, Principal};
+pub use principal::{Attributes, Principal, TokenGrant};
 pub use record::{
     InvalidPolicy, InvalidStatus, KeyInfo, KeyRecord, KeyStatus, QuotaPolicy, QuotaWindow,
     RateLimitPolicy, Refill,

@@ -46,6 +46,85 @@ struct Inner {
     identity: Option<Arc<str>>,
     /// Per rate limit, then per quota: whether it is the identity's (counted per identity).
     shared_limits: Box<[bool]>,
+    /// Set when the caller presented a short-lived token derived from the key.
+    token: Option<Box<Narrowing>>,
+}
+
+/// What a short-lived token derived from an API key says: its id, who it is for, and the
+/// narrowing of the key's policy it carries. [`Principal::narrow`] applies it to the key's
+/// *current* principal, so the token never grants more than the key holds now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenGrant {
+    /// The token's id (the JWT `jti`).
+    pub id: String,
+    /// The end user the token was issued for (the JWT `sub`), if any.
+    pub subject: Option<String>,
+    /// The scopes the token is limited to; `None`: the key's.
+    pub scopes: Option<Vec<String>>,
+    /// The collection patterns the token is limited to; `None`: the key's.
+    pub collections: Option<Vec<String>>,
+    /// When the token expires.
+    pub expires_at: SystemTime,
+}
+
+/// A token's narrowing of its key's principal, compiled.
+struct Narrowing {
+    /// The key's principal the token narrows (its current policy).
+    parent: Principal,
+    id: Arc<str>,
+    subject: Option<Arc<str>>,
+    scopes: Option<ScopeSet>,
+    collections: Option<ResourceSet>,
+    scope_list: Option<Box<[String]>>,
+    collection_list: Option<Box<[String]>>,
+}
+
+impl Narrowing {
+    /// `next` limited to this token's narrowing too (scopes and collections this one
+    /// allows, the earlier expiry).
+    fn within(&self, next: &TokenGrant, expires_at: Option<SystemTime>) -> TokenGrant {
+        let scopes = match (&self.scope_list, &next.scopes) {
+            (None, n) => n.clone(),
+            (Some(o), None) => Some(o.to_vec()),
+            (Some(_), Some(n)) => Some(
+                n.iter()
+                    .filter(|s| Scope::parse(s).is_ok_and(|s| self.allows_scope(&s)))
+                    .cloned()
+                    .collect(),
+            ),
+        };
+        let collections = match (&self.collection_list, &next.collections) {
+            (None, n) => n.clone(),
+            (Some(o), None) => Some(o.to_vec()),
+            (Some(o), Some(n)) => Some(
+                n.iter()
+                    .filter(|c| {
+                        o.iter().any(|h| h == "*" || h == *c)
+                            || (!c.contains('*') && self.allows_collection(c))
+                    })
+                    .cloned()
+                    .collect(),
+            ),
+        };
+        TokenGrant {
+            id: next.id.clone(),
+            subject: next.subject.clone(),
+            scopes,
+            collections,
+            expires_at: match expires_at {
+                Some(e) if e < next.expires_at => e,
+                _ => next.expires_at,
+            },
+        }
+    }
+
+    fn allows_scope(&self, scope: &Scope) -> bool {
+        self.scopes.as_ref().is_none_or(|s| s.allows(scope))
+    }
+
+    fn allows_collection(&self, name: &str) -> bool {
+        self.collections.as_ref().is_none_or(|c| c.allows(name))
+    }
 }
 
 /// The per-collection grants and the roles behind them, compiled.
@@ -297,6 +376,7 @@ impl Principal {
                 quotas: resolved.quotas.iter().map(|(p, _)| p.clone()).collect(),
                 identity: record.identity.as_deref().map(Arc::from),
                 shared_limits,
+                token: None,
             }),
         }
     }
@@ -307,6 +387,11 @@ impl Principal {
     /// write `docs-*` and only read `shared` has the scope `points:write` and may access
     /// `shared`, yet is not permitted to write to `shared`.
     pub fn permits(&self, scope: &Scope, name: &str) -> bool {
+        if let Some(t) = &self.inner.token {
+            return t.allows_scope(scope)
+                && t.allows_collection(name)
+                && t.parent.permits(scope, name);
+        }
         let grants = &self.inner.policy.grants;
         if grants.len() <= 1 {
             // One grant: the union is that grant (the common case, no extra work).
@@ -344,6 +429,9 @@ impl Principal {
     /// first, then its extra grants, then its roles'): what an admin check compares a new
     /// grant with (one grant must cover it whole).
     pub fn grants(&self) -> Vec<Grant> {
+        if let Some(t) = &self.inner.token {
+            return narrow_grants(&t.parent.grants(), t);
+        }
         let policy = &*self.inner.policy;
         if policy.raw.is_empty() {
             // One grant of the key's own (or none): the unions are that grant.
@@ -439,26 +527,35 @@ impl Principal {
     pub fn expires_at(&self) -> Option<SystemTime> {
         self.inner.expires_at
     }
-    /// Granted scopes: the union of every grant's (the key's own and its roles').
+    /// Granted scopes: the union of every grant's (the key's own and its roles'). For a
+    /// token that names scopes, those of its scopes the key still holds.
     pub fn scopes(&self) -> &[String] {
         &self.inner.grants.scopes
     }
     /// Collection patterns the key may touch with some scope: the union of every grant's.
+    /// For a token that names collections, its patterns.
     pub fn resources(&self) -> &[String] {
         &self.inner.access.resources
     }
-    /// The granted scopes, compiled.
+    /// The granted scopes, compiled (for a token: [`Principal::scopes`] compiled; decisions
+    /// go through [`Principal::has_scope`], which also asks the key).
     pub fn granted(&self) -> &ScopeSet {
         &self.inner.grants.granted
     }
-    /// Whether the key grants `scope`.
+    /// Whether the key grants `scope` (and, for a token, the token too).
     pub fn has_scope(&self, scope: &Scope) -> bool {
-        self.inner.grants.granted.allows(scope)
+        match &self.inner.token {
+            None => self.inner.grants.granted.allows(scope),
+            Some(t) => t.allows_scope(scope) && t.parent.has_scope(scope),
+        }
     }
-    /// Whether the key may touch the resource (collection) `name`. A key with no resource
-    /// patterns may touch none.
+    /// Whether the key may touch the resource (collection) `name` (and, for a token, the
+    /// token too). A key with no resource patterns may touch none.
     pub fn can_access(&self, name: &str) -> bool {
-        self.inner.access.collections.allows(name)
+        match &self.inner.token {
+            None => self.inner.access.collections.allows(name),
+            Some(t) => t.allows_collection(name) && t.parent.can_access(name),
+        }
     }
     /// All attributes.
     pub fn attributes(&self) -> &Attributes {
@@ -484,6 +581,100 @@ impl Principal {
     pub fn quotas(&self) -> &[QuotaPolicy] {
         &self.inner.quotas
     }
+    /// The id (`jti`) of the short-lived token the caller presented; `None` for a key.
+    pub fn token_id(&self) -> Option<&str> {
+        self.inner.token.as_ref().map(|t| &*t.id)
+    }
+    /// [`Principal::token_id`], shared (audit events keep it this way).
+    pub fn token_id_shared(&self) -> Option<&Arc<str>> {
+        self.inner.token.as_ref().map(|t| &t.id)
+    }
+    /// The end user the presented token was issued for (its `sub`), if any. The key's
+    /// owner stays [`Principal::subject`].
+    pub fn token_subject(&self) -> Option<&str> {
+        self.inner.token.as_ref()?.subject.as_deref()
+    }
+    /// [`Principal::token_subject`], shared (audit events keep it this way).
+    pub fn token_subject_shared(&self) -> Option<&Arc<str>> {
+        self.inner.token.as_ref()?.subject.as_ref()
+    }
+    /// The key's own principal behind a token's ([`Principal::narrow`]); `None` for a key.
+    pub fn parent(&self) -> Option<&Principal> {
+        self.inner.token.as_ref().map(|t| &t.parent)
+    }
+
+    /// This key's principal narrowed by a short-lived token derived from it: everything
+    /// (key id, lineage, limits, quotas, networks, attributes, roles) stays the key's, so
+    /// limits and quotas are charged to the key; a request is permitted only when both the
+    /// key (as it is now) and the token allow it; the expiry is the earlier of the two; the
+    /// token's id and subject are carried for handlers and the audit log.
+    ///
+    /// Narrowing a token's principal again narrows the same key, within both tokens.
+    pub fn narrow(&self, token: &TokenGrant) -> Principal {
+        let (parent, combined);
+        let token = match &self.inner.token {
+            Some(t) => {
+                parent = t.parent.clone();
+                combined = t.within(token, self.inner.expires_at);
+                &combined
+            }
+            None => {
+                parent = self.clone();
+                token
+            }
+        };
+        let p = &*parent.inner;
+        let grants = match &token.scopes {
+            Some(list) => {
+                let kept: Vec<String> = list
+                    .iter()
+                    .filter(|s| Scope::parse(s).is_ok_and(|s| parent.has_scope(&s)))
+                    .cloned()
+                    .collect();
+                Arc::new(Grants::new(&kept))
+            }
+            None => p.grants.clone(),
+        };
+        let access = match &token.collections {
+            Some(list) => Arc::new(Access::new(list)),
+            None => p.access.clone(),
+        };
+        let expires_at = match p.expires_at {
+            Some(e) if e < token.expires_at => Some(e),
+            _ => Some(token.expires_at),
+        };
+        let narrowing = Narrowing {
+            parent: parent.clone(),
+            id: Arc::from(token.id.as_str()),
+            subject: token.subject.as_deref().map(Arc::from),
+            scopes: token.scopes.as_ref().map(ScopeSet::compile),
+            collections: token.collections.as_ref().map(ResourceSet::compile),
+            scope_list: token.scopes.as_deref().map(Box::from),
+            collection_list: token.collections.as_deref().map(Box::from),
+        };
+        Principal {
+            inner: Arc::new(Inner {
+                key_id: p.key_id,
+                lineage_id: p.lineage_id,
+                created_at: p.created_at,
+                expires_at,
+                prefix: p.prefix.clone(),
+                name: p.name.clone(),
+                owner: p.owner.clone(),
+                grants,
+                access,
+                policy: p.policy.clone(),
+                attributes: p.attributes.clone(),
+                allowed_ips: p.allowed_ips.clone(),
+                rate_limits: p.rate_limits.clone(),
+                quotas: p.quotas.clone(),
+                identity: p.identity.clone(),
+                shared_limits: p.shared_limits.clone(),
+                token: Some(Box::new(narrowing)),
+            }),
+        }
+    }
+
     /// Whether two principals are the same resolution (same allocation).
     pub fn ptr_eq(a: &Principal, b: &Principal) -> bool {
         Arc::ptr_eq(&a.inner, &b.inner)
@@ -589,6 +780,47 @@ fn policy_key(resolved: &role::Resolved) -> PolicyKey {
     }
 }
 
+/// The key's grants within a token's narrowing: of each grant, the token's scopes the grant
+/// holds and the token's collection patterns the grant reaches (a pattern counts when the
+/// grant has `*` or the same pattern, or when it is a plain name the grant matches); a list
+/// the token does not name stays the grant's. Grants left empty are dropped, so it never
+/// holds more than both the key and the token.
+fn narrow_grants(held: &[Grant], t: &Narrowing) -> Vec<Grant> {
+    let mut out = Vec::new();
+    for g in held {
+        let scopes: Vec<String> = match &t.scope_list {
+            None => g.scopes.clone(),
+            Some(ts) => {
+                let set = ScopeSet::compile(&g.scopes);
+                ts.iter()
+                    .filter(|s| Scope::parse(s).is_ok_and(|s| set.allows(&s)))
+                    .cloned()
+                    .collect()
+            }
+        };
+        let collections: Vec<String> = match &t.collection_list {
+            None => g.collections.clone(),
+            Some(tc) => {
+                let gc = ResourceSet::compile(&g.collections);
+                tc.iter()
+                    .filter(|c| {
+                        g.collections.iter().any(|h| h == "*" || h == *c)
+                            || (!c.contains('*') && gc.allows(c))
+                    })
+                    .cloned()
+                    .collect()
+            }
+        };
+        if !scopes.is_empty() && !collections.is_empty() {
+            out.push(Grant {
+                scopes,
+                collections,
+            });
+        }
+    }
+    out
+}
+
 /// IPv4-mapped IPv6 networks (`::ffff:10.0.0.0/104`) as IPv4 (`10.0.0.0/8`), so they match
 /// the canonical client addresses the layers compare them with.
 fn canonical(net: IpNet) -> IpNet {
@@ -639,5 +871,116 @@ mod interner_tests {
         assert_eq!(a.get("tenant"), Some("acme"));
         assert_eq!(a.get("other"), None);
         assert_eq!(format!("{a:?}"), r#"{"tenant": "acme"}"#);
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::digest::KeyHasher;
+
+    fn scope(s: &str) -> Scope {
+        Scope::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_token_narrows_within_the_key_and_keeps_the_key_for_limits() {
+        let (_, mut record) = KeyRecord::generate(
+            &Prefix::default(),
+            &KeyHasher::new(),
+            "app",
+            SystemTime::UNIX_EPOCH,
+        )
+        .unwrap();
+        record.scopes = vec!["points:read".into(), "points:write".into()];
+        record.resources = vec!["docs-*".into()];
+        record.grants = vec![Grant {
+            scopes: vec!["points:read".into()],
+            collections: vec!["shared".into()],
+        }];
+        record.expires_at = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(100));
+        let key = Principal::from_record(&record);
+        let token = TokenGrant {
+            id: "t1".into(),
+            subject: Some("user-42".into()),
+            scopes: Some(vec!["points:read".into(), "points:delete".into()]),
+            collections: Some(vec!["docs-a".into(), "shared".into(), "other".into()]),
+            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(500),
+        };
+        let t = key.narrow(&token);
+        assert_eq!(t.key_id(), key.key_id(), "limits and quotas count the key");
+        assert_eq!(t.lineage_id(), key.lineage_id());
+        assert_eq!(t.token_id(), Some("t1"));
+        assert_eq!(t.token_subject(), Some("user-42"));
+        assert!(key.token_id().is_none() && key.token_subject().is_none());
+        assert!(Principal::ptr_eq(t.parent().unwrap(), &key));
+        assert_eq!(t.expires_at(), key.expires_at(), "the earlier expiry");
+
+        assert!(t.permits(&scope("points:read"), "docs-a"));
+        assert!(t.permits(&scope("points:read"), "shared"));
+        assert!(
+            !t.permits(&scope("points:write"), "docs-a"),
+            "not the token's"
+        );
+        assert!(
+            !t.permits(&scope("points:read"), "docs-b"),
+            "not the token's"
+        );
+        assert!(
+            !t.permits(&scope("points:delete"), "docs-a"),
+            "not the key's"
+        );
+        assert!(!t.can_access("other"), "not the key's");
+        assert!(t.has_scope(&scope("points:read")));
+        assert!(!t.has_scope(&scope("points:delete")));
+        assert_eq!(t.scopes(), ["points:read"], "the token's, within the key");
+
+        // The grants an admin check would compare: never more than both.
+        let grants = t.grants();
+        assert_eq!(
+            grants,
+            vec![
+                Grant {
+                    scopes: vec!["points:read".into()],
+                    collections: vec!["docs-a".into()],
+                },
+                Grant {
+                    scopes: vec!["points:read".into()],
+                    collections: vec!["shared".into()],
+                },
+            ]
+        );
+
+        // A token without narrowing is the key, with the token's id and expiry.
+        let plain = key.narrow(&TokenGrant {
+            id: "t2".into(),
+            subject: None,
+            scopes: None,
+            collections: None,
+            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(50),
+        });
+        assert!(plain.permits(&scope("points:write"), "docs-b"));
+        assert_eq!(plain.grants(), key.grants());
+        assert_eq!(
+            plain.expires_at(),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(50))
+        );
+        // Narrowing a token narrows the same key, within both.
+        let twice = t.narrow(&TokenGrant {
+            id: "t3".into(),
+            subject: None,
+            scopes: Some(vec!["points:write".into()]),
+            collections: None,
+            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(50),
+        });
+        assert!(Principal::ptr_eq(twice.parent().unwrap(), &key));
+        assert!(
+            !twice.has_scope(&scope("points:write")),
+            "not the first token's"
+        );
+        assert!(!twice.has_scope(&scope("points:read")), "not the second's");
+        assert!(twice.expires_at() <= t.expires_at());
     }
 }

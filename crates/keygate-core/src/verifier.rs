@@ -113,21 +113,22 @@ impl Entry {
         Duration::from_nanos(unix_nanos(now).saturating_sub(self.fetched_at))
     }
 
-    fn evaluate(&self, digest: &KeyDigest, now: SystemTime) -> Result<Principal, Denial> {
+    fn evaluate(&self, digest: Option<&KeyDigest>, now: SystemTime) -> Result<Principal, Denial> {
         evaluate(&self.digest, self.status, &self.principal, digest, now)
     }
 }
 
-/// Checks a presented digest against a record's digest, status and expiry.
+/// Checks a presented digest against a record's digest, status and expiry (`None`: the
+/// caller proved the key otherwise, see [`Verifier::lookup_parent`]).
 fn evaluate(
     stored: &KeyDigest,
     status: KeyStatus,
     principal: &Principal,
-    presented: &KeyDigest,
+    presented: Option<&KeyDigest>,
     now: SystemTime,
 ) -> Result<Principal, Denial> {
     // The secret is checked first, so nobody learns a key's status without its secret.
-    if !stored.ct_eq(presented) {
+    if presented.is_some_and(|p| !stored.ct_eq(p)) {
         return Err(Denial::new(DenialCode::InvalidKey));
     }
     match status {
@@ -161,7 +162,8 @@ pub enum Lookup {
 #[derive(Debug)]
 pub struct PendingLookup {
     id: KeyId,
-    digest: KeyDigest,
+    /// `None` for [`Verifier::lookup_parent`]: the credential proved the key otherwise.
+    digest: Option<KeyDigest>,
 }
 
 impl PendingLookup {
@@ -332,7 +334,7 @@ impl Verifier {
                     && entry.refreshing.swap(true, Ordering::AcqRel));
             if use_cached {
                 let digest = s.hasher.digest(parsed);
-                return Lookup::Done(entry.evaluate(&digest, now));
+                return Lookup::Done(entry.evaluate(Some(&digest), now));
             }
         } else if s.complete.load(Ordering::Acquire) {
             if !s.recheck.contains(&id) {
@@ -343,8 +345,36 @@ impl Verifier {
         }
         Lookup::Pending(PendingLookup {
             id,
-            digest: s.hasher.digest(parsed),
+            digest: Some(s.hasher.digest(parsed)),
         })
+    }
+
+    /// The current principal of key `id`, for a credential that proves the key by other
+    /// means than its secret: a short-lived token this service signed for a caller who
+    /// presented the key. Status and expiry are checked exactly as for the key itself
+    /// (a revoked, disabled, expired or deleted key refuses its tokens), through the same
+    /// cache, refresh and change notification, so a change to the key reaches its tokens on
+    /// the next request. Never call it for an id a caller merely named. `now` is the
+    /// verifier's clock, as the caller already read it.
+    pub fn lookup_parent(&self, id: KeyId, now: SystemTime) -> Lookup {
+        let s = &*self.shared;
+        if let Some(entry) = s.cache.get(&id) {
+            let age = entry.age(now);
+            let must_refresh = age >= s.refresh_after;
+            let use_cached = !must_refresh
+                || (age < s.refresh_after.saturating_add(s.max_stale)
+                    && entry.refreshing.swap(true, Ordering::AcqRel));
+            if use_cached {
+                return Lookup::Done(entry.evaluate(None, now));
+            }
+        } else if s.complete.load(Ordering::Acquire) {
+            if !s.recheck.contains(&id) {
+                return Lookup::Done(Err(Denial::new(DenialCode::InvalidKey)));
+            }
+        } else if s.negative.contains(&id, now) {
+            return Lookup::Done(Err(Denial::new(DenialCode::InvalidKey)));
+        }
+        Lookup::Pending(PendingLookup { id, digest: None })
     }
 
     /// Finishes a verification that needs the store: reads the record, caches it (or
@@ -493,13 +523,13 @@ impl Verifier {
                 digest,
                 status,
                 principal,
-            } => evaluate(digest, *status, principal, &pending.digest, now),
+            } => evaluate(digest, *status, principal, pending.digest.as_ref(), now),
             Fetched::Missing => Err(Denial::new(DenialCode::InvalidKey)),
             Fetched::Corrupt => Err(Denial::new(DenialCode::CorruptKey)),
             Fetched::Failed => {
                 if let Some(entry) = s.cache.get(&pending.id) {
                     if entry.age(now) < s.refresh_after.saturating_add(s.max_stale) {
-                        return entry.evaluate(&pending.digest, now);
+                        return entry.evaluate(pending.digest.as_ref(), now);
                     }
                 }
                 Err(Denial::new(DenialCode::StoreUnavailable)

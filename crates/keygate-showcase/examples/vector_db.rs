@@ -26,6 +26,12 @@
 //! - Metrics: `GET /metrics` (Prometheus/OpenMetrics text, scope `metrics:read`): requests
 //!   by decision and denial code, key lifecycle changes; `--metrics-listen ADDR` also
 //!   serves it without a key on a listener of its own.
+//! - Short-lived tokens: `POST /auth/token` (any valid key; JSON body `scopes`,
+//!   `collections`, `ttl`, `subject`, all optional) answers a signed token (EdDSA JWT,
+//!   15 minutes by default, at most `--token-max-ttl`) that every route accepts in the
+//!   key's place, narrowed; `GET /.well-known/jwks.json` publishes the public keys. Signing
+//!   keys from `--token-keys-file` / `KEYGATE_TOKEN_KEYS_FILE` or `KEYGATE_TOKEN_KEYS`;
+//!   with neither, a key made at start (said on stderr).
 //! - Rotation notices: `--max-key-age 90d` and `--expiry-warning 14d`: a key due for
 //!   rotation or about to expire keeps working and answers with `Deprecation` and `Sunset`.
 //! - Connections: `--header-read-timeout` (10 s), `--idle-timeout` (60 s) and
@@ -173,6 +179,43 @@ struct Args {
     /// What a reported leaked key gets: `revoke`, `disable` or `report-only`.
     #[arg(long, default_value = "revoke", requires = "leak_public_keys")]
     leak_policy: keygate_admin::leak::LeakPolicy,
+    /// The Ed25519 keys short-lived tokens are signed with (PEM `PRIVATE KEY` blocks or a
+    /// JWK set; the last key signs, all verify; owner-only file). The keys themselves may
+    /// be in `KEYGATE_TOKEN_KEYS` instead. With neither, a key is made at start (tokens then
+    /// die with the process and no other replica accepts them).
+    #[arg(long, env = "KEYGATE_TOKEN_KEYS_FILE")]
+    token_keys_file: Option<PathBuf>,
+    /// The longest time to live of a token (`1h`); requests asking more get this.
+    #[arg(long, value_parser = parse_age, default_value = "1h")]
+    token_max_ttl: std::time::Duration,
+}
+
+/// The token signing keys: `--token-keys-file` / `KEYGATE_TOKEN_KEYS_FILE`, or the keys
+/// in `KEYGATE_TOKEN_KEYS`, or (with neither) one made at start, said on stderr.
+fn token_keys(args: &Args) -> Result<keygate::token::SigningKeys, String> {
+    use keygate::token::{SigningKeys, TOKEN_KEYS_ENV};
+    let direct = std::env::var_os(TOKEN_KEYS_ENV).filter(|v| !v.is_empty());
+    match (&args.token_keys_file, direct) {
+        (Some(_), Some(_)) => Err(format!(
+            "the token signing keys are given both in {TOKEN_KEYS_ENV} and in a file: give one"
+        )),
+        (Some(path), None) => SigningKeys::from_file(path).map_err(|e| e.to_string()),
+        (None, Some(_)) => match SigningKeys::from_env() {
+            Ok(Some(keys)) => Ok(keys),
+            Ok(None) => Err(format!("{TOKEN_KEYS_ENV} is empty")),
+            Err(e) => Err(e.to_string()),
+        },
+        (None, None) => {
+            let keys = SigningKeys::generate().map_err(|e| e.to_string())?;
+            eprintln!(
+                "warning: no token signing keys given (KEYGATE_TOKEN_KEYS_FILE or {TOKEN_KEYS_ENV}): \
+                 tokens from POST /auth/token are signed with a key made at start (kid {}); \
+                 they stop working at restart and other replicas refuse them",
+                keys.kids().last().unwrap_or_default()
+            );
+            Ok(keys)
+        }
+    }
 }
 
 /// A duration as the CLI writes them (`90d`, `12h`, `30m`).
@@ -387,6 +430,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     };
     // TLS before anything is created, so a bad certificate leaves nothing behind.
     let tls = tls_from(&args)?;
+    // The token signing keys likewise (after the address is bound, before any file).
+    let token_keys = token_keys(&args)?;
 
     // Keys: the SQL store, followed so changes made elsewhere reach this server's cache.
     let store = SqlStore::open(&database_url).await.map_err(|e| {
@@ -481,6 +526,11 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         );
         opts.leak_policy = args.leak_policy;
     }
+    opts.tokens = Some(
+        keygate::token::Tokens::builder(token_keys)
+            .max_ttl(args.token_max_ttl)
+            .build(),
+    );
     opts.usage = Arc::new(store.usage_store());
     if let Some(r) = &redis {
         opts.rate_backend = Some(Arc::new(RedisRateLimiter::new(r)));

@@ -47,7 +47,12 @@
 //! `/`, `/healthz`, `/livez` and `/readyz` are outside the stack: open, unaudited, unlimited
 //! (like Qdrant, which exempts them from its API key). So is `POST /leaks/github`, the
 //! secret-scanning endpoint, when [`Options::leak_public_keys`] is set: it takes no API
-//! key, only reports signed by a configured public key.
+//! key, only reports signed by a configured public key. And `GET /.well-known/jwks.json`,
+//! with [`Options::tokens`]: the public keys of short-lived tokens.
+//!
+//! With [`Options::tokens`], `POST /auth/token` sits behind the whole stack (audited, rate
+//! limited, any valid key: a public route of the table) and trades the key for a token;
+//! the hub accepts such tokens in every place a key is read, narrowed from their key.
 
 pub mod body;
 pub mod filter;
@@ -77,7 +82,7 @@ use keygate::scope::{RouteScopes, ScopeLayer};
 use keygate::{KeyGate, KeyId, KeyManager, QuotaWindow, RateLimitPolicy, Verifier};
 use keygate_admin::console::Console;
 use keygate_admin::leak::LeakReports;
-use keygate_admin::AdminApi;
+use keygate_admin::{AdminApi, TokenApi};
 use tower::ServiceBuilder;
 
 use store::VectorStore;
@@ -192,6 +197,11 @@ pub struct Options {
     pub console_events: Option<keygate_admin::console::RecentEvents>,
     /// The hash-chained audit log whose chain the console's audit page verifies.
     pub console_chain: Option<keygate_admin::console::ChainCheck>,
+    /// Short-lived tokens: with them, `POST /auth/token` (behind the layers, any valid key)
+    /// trades a key for a signed token that every route accepts in its place, and
+    /// `GET /.well-known/jwks.json` (open) publishes the public keys
+    /// ([`keygate_admin::TokenApi`]).
+    pub tokens: Option<keygate::token::Tokens>,
 }
 
 impl Options {
@@ -220,6 +230,7 @@ impl Options {
             leak_policy: keygate_admin::leak::LeakPolicy::default(),
             console_events: None,
             console_chain: None,
+            tokens: None,
         }
     }
 }
@@ -337,6 +348,8 @@ pub fn routes() -> Result<RouteScopes, keygate::scope::InvalidRule> {
         .route("*", "/admin/roles/{name}", "keys:admin")
         .route("*", "/admin/identities", "keys:admin")
         .route("*", "/admin/identities/{name}", "keys:admin")
+        // Any valid key may trade itself for a narrower token.
+        .public("POST", "/auth/token")
         .build()
 }
 
@@ -392,7 +405,16 @@ async fn readyz(State(app): State<AppState>) -> (StatusCode, &'static str) {
 
 /// Builds the server: the Qdrant routes and the admin API behind the six layers.
 pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send + Sync>> {
-    let gate = KeyGate::new(opts.verifier);
+    let gate = match &opts.tokens {
+        Some(tokens) => KeyGate::builder(opts.verifier)
+            .tokens(tokens.clone())
+            .build(),
+        None => KeyGate::new(opts.verifier),
+    };
+    let token_api = opts
+        .tokens
+        .as_ref()
+        .map(|t| TokenApi::new(&gate, t.clone()));
     let keys = KeyManager::for_verifier(gate.verifier(), opts.auditor.clone());
     let vectors = VectorStore::new();
     let bytes_config = RateLimitConfig::new()
@@ -475,8 +497,18 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         None => Router::new(),
     };
 
+    // `POST /auth/token` behind the layers (audited, rate limited, any valid key);
+    // `GET /.well-known/jwks.json` open, below.
+    let (token_routes, jwks_routes) = match &token_api {
+        Some(api) => {
+            let (issue, jwks) = api.clone().split();
+            (issue, jwks)
+        }
+        None => (Router::new(), Router::new()),
+    };
     let api = Router::new()
         .merge(metrics_routes)
+        .merge(token_routes)
         .route("/collections", get(qdrant::list_collections))
         .route(
             "/collections/{collection}",
@@ -600,7 +632,8 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         .route("/livez", get(qdrant::healthz))
         .route("/readyz", get(readyz))
         .nest("/console", console.router())
-        .with_state(state);
+        .with_state(state)
+        .merge(jwks_routes);
     let open = match opts.leak_public_keys {
         Some(public_keys) => open.nest(
             "/leaks/github",

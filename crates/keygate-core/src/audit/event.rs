@@ -207,6 +207,14 @@ pub struct RequestEvent {
     /// before roles existed, read and chain exactly as before.
     #[serde(default, skip_serializing_if = "no_roles", with = "shared_list")]
     pub roles: Option<SharedNames>,
+    /// The id (`jti`) of the short-lived token the caller presented instead of the key
+    /// (never the token itself). Left out of the JSON for a key, like `roles`.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "shared_str")]
+    pub token_id: Option<Arc<str>>,
+    /// The end user the presented token was issued for (its `sub`). Left out of the JSON
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "shared_str")]
+    pub token_subject: Option<Arc<str>>,
 }
 
 /// A list of names shared between a principal and the events that record it.
@@ -242,6 +250,8 @@ impl RequestEvent {
             denial: None,
             latency: Duration::ZERO,
             roles: None,
+            token_id: None,
+            token_subject: None,
         }
     }
 }
