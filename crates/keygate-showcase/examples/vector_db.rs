@@ -106,6 +106,10 @@ struct Args {
     /// audit event per window of this many seconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     audit_window: u64,
+    /// Keys' last-used times (to the minute, shown by `keygate keys list`) are marked in
+    /// memory and written to the key database every this many seconds, and at shutdown.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    last_used_every: u64,
     /// Redis, for several replicas: rate limits and quota counters shared by every replica,
     /// and key changes announced to all of them (`redis://HOST:6379`). Unset: limits and
     /// quota counting are per process (quota usage flushed to the key database). A URL with
@@ -422,6 +426,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         None => Verifier::builder(store.clone()).hasher(hasher).build(),
     };
     let follower = store.watch(&verifier).await?;
+    let last_used = verifier.clone();
+    let last_used_flusher =
+        last_used.spawn_last_used_flusher(std::time::Duration::from_secs(args.last_used_every));
     let watcher = match &redis {
         Some(r) => Some(r.watch(&verifier, WatchOptions::new()).await),
         None => None,
@@ -578,9 +585,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         r.abort();
     }
     // In-flight requests are done: flush what they counted and recorded.
-    println!("shutting down: flushing quota usage and the audit log");
+    println!("shutting down: flushing quota usage, last-used times and the audit log");
     if let Err(e) = app.quota.flush().await {
         eprintln!("quota usage flush failed: {e}");
+    }
+    last_used_flusher.abort();
+    if let Err(e) = last_used.flush_last_used().await {
+        eprintln!("last-used times flush failed: {e}");
     }
     follower.shutdown().await;
     if let Some(w) = watcher {
