@@ -121,6 +121,7 @@ pub mod metrics;
 pub mod reject;
 pub mod require_tls;
 pub mod stack;
+mod timing;
 #[cfg(any(feature = "rate-limit", feature = "quota"))]
 mod traffic;
 pub mod transport;

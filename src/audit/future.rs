@@ -30,6 +30,11 @@ pub(crate) struct Capture {
     pub(crate) grpc: bool,
     pub(crate) client_ip: Option<IpAddr>,
     pub(crate) principal: Option<Principal>,
+    /// When this layer called its inner service.
+    pub(crate) called_at: Option<Instant>,
+    /// When the innermost keygate layer called the protected service, if one did
+    /// (`crate::timing`).
+    pub(crate) inner_at: Option<Instant>,
 }
 
 impl Capture {
@@ -48,6 +53,13 @@ impl Capture {
                 p.roles_shared().cloned(),
             ),
             None => (None, None, None, None, None),
+        };
+        let latency = self.start.elapsed();
+        // A refused request spent all its time in keygate; an allowed one until the
+        // innermost keygate layer (or this one, with none inside) called the service.
+        let stack_time = match self.inner_at.or(self.called_at) {
+            Some(t) if decision != Decision::Denied => t.saturating_duration_since(self.start),
+            _ => latency,
         };
         RequestEvent {
             time: self.time,
@@ -69,8 +81,10 @@ impl Capture {
             grpc_status: None,
             decision,
             denial: None,
-            latency: self.start.elapsed(),
+            latency,
             roles,
+            policy: None,
+            stack_time: Some(stack_time),
         }
     }
 
@@ -79,7 +93,11 @@ impl Capture {
         if let Entry::Vacant(v) = res.headers_mut().entry(&config.header) {
             v.insert(self.request_id.clone());
         }
-        let denial = res.extensions().get::<Denial>().map(Denial::code);
+        let refusal = res.extensions().get::<Denial>();
+        let denial = refusal.map(Denial::code);
+        let policy = refusal
+            .and_then(|d| d.violated_policies().next())
+            .map(str::to_owned);
         let decision = if denial.is_some() {
             Decision::Denied
         } else {
@@ -93,6 +111,7 @@ impl Capture {
             .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
             .and_then(|s| s.trim().parse().ok());
         event.denial = denial;
+        event.policy = policy;
         event
     }
 }
@@ -172,14 +191,30 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Resolving { fut } => {
-                    let (inner, principal) = ready!(fut.as_mut().poll(cx));
+                    crate::timing::arm();
+                    let polled = fut.as_mut().poll(cx);
+                    let called = crate::timing::take();
+                    let (inner, principal) = ready!(polled);
                     if let Some(c) = this.capture.as_mut() {
                         c.principal = principal;
+                        c.inner_at = c.inner_at.or(called);
+                        c.called_at = Some(Instant::now());
                     }
                     this.state.set(State::Inner { fut: inner });
                 }
                 StateProj::Inner { fut } => {
-                    let mut output = ready!(fut.poll(cx));
+                    let waiting = this.capture.as_ref().is_some_and(|c| c.inner_at.is_none());
+                    if waiting {
+                        crate::timing::arm();
+                    }
+                    let polled = fut.poll(cx);
+                    if waiting {
+                        let called = crate::timing::take();
+                        if let Some(c) = this.capture.as_mut() {
+                            c.inner_at = called;
+                        }
+                    }
+                    let mut output = ready!(polled);
                     let Some(capture) = this.capture.take() else {
                         return Poll::Ready(output);
                     };

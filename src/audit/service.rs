@@ -100,6 +100,8 @@ where
             grpc,
             client_ip,
             principal: None,
+            called_at: None,
+            inner_at: None,
         };
 
         match &config.gate {
@@ -123,7 +125,11 @@ where
                     .cloned();
             }
         }
-        ResponseFuture::inner(self.inner.call(req), capture, self.config.clone())
+        capture.called_at = Some(Instant::now());
+        crate::timing::arm();
+        let fut = self.inner.call(req);
+        capture.inner_at = crate::timing::take();
+        ResponseFuture::inner(fut, capture, self.config.clone())
     }
 }
 

@@ -69,6 +69,76 @@ struct Shared {
     /// eviction): kept for the next [`Verifier::flush_last_used`], at most
     /// [`MAX_ORPHAN_MARKS`].
     orphan_marks: Mutex<Vec<(KeyId, u32)>>,
+    /// How lookups were answered ([`Verifier::stats`]).
+    stats: Counters,
+}
+
+/// How a verifier's lookups were answered since it was built ([`Verifier::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VerifierStats {
+    /// Answered from the cache of known keys (no store read).
+    pub hits: u64,
+    /// Needed a store read (a key not cached, or one due for a refresh).
+    pub misses: u64,
+    /// Answered `invalid_key` from the memory of unknown ids (no store read).
+    pub negative_hits: u64,
+    /// Store reads that failed (the store unreachable or slow; not a corrupt record).
+    pub store_errors: u64,
+}
+
+/// A counter spread over cache lines, so that threads counting hits at once do not fight
+/// over one line (each thread adds to its own stripe; a reader sums them).
+struct Striped([Padded; STRIPES]);
+
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded(AtomicU64);
+
+const STRIPES: usize = 8;
+
+impl Default for Striped {
+    fn default() -> Self {
+        Striped(std::array::from_fn(|_| Padded::default()))
+    }
+}
+
+impl Striped {
+    #[inline]
+    fn add(&self) {
+        self.0[stripe()].0.fetch_add(1, Ordering::Relaxed);
+    }
+    fn sum(&self) -> u64 {
+        self.0
+            .iter()
+            .fold(0u64, |n, p| n.wrapping_add(p.0.load(Ordering::Relaxed)))
+    }
+}
+
+/// This thread's stripe, assigned round-robin on first use.
+#[inline]
+fn stripe() -> usize {
+    use std::cell::Cell;
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    STRIPE.with(|s| {
+        let mut i = s.get();
+        if i == usize::MAX {
+            i = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+            s.set(i);
+        }
+        i
+    })
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: Striped,
+    negative_hits: Striped,
+    misses: AtomicU64,
+    store_errors: AtomicU64,
 }
 
 /// How many last-use marks of evicted cache entries wait for the next flush at most (a
@@ -299,6 +369,7 @@ impl VerifierBuilder {
                 interner: Interner::new(),
                 inflight: DashMap::with_hasher(KeyIdHashBuilder::new()),
                 orphan_marks: Mutex::new(Vec::new()),
+                stats: Counters::default(),
             }),
         }
     }
@@ -350,6 +421,20 @@ impl Verifier {
         self.shared.cache.len()
     }
 
+    /// How lookups were answered since this verifier was built (clones share the
+    /// counts): cache hits, misses (store reads), hits of the memory of unknown ids, and
+    /// failed store reads. Counting costs a hit one relaxed add on a counter of its
+    /// thread's own.
+    pub fn stats(&self) -> VerifierStats {
+        let c = &self.shared.stats;
+        VerifierStats {
+            hits: c.hits.sum(),
+            misses: c.misses.load(Ordering::Relaxed),
+            negative_hits: c.negative_hits.sum(),
+            store_errors: c.store_errors.load(Ordering::Relaxed),
+        }
+    }
+
     /// Verifies `presented`, asking the store on a cache miss.
     pub async fn verify(&self, presented: &str) -> Result<Principal, Denial> {
         match self.lookup(presented) {
@@ -383,16 +468,20 @@ impl Verifier {
                 || (age < s.refresh_after.saturating_add(s.max_stale)
                     && entry.refreshing.swap(true, Ordering::AcqRel));
             if use_cached {
+                s.stats.hits.add();
                 let digest = s.hasher.digest(parsed);
                 return Lookup::Done(entry.evaluate(&digest, now));
             }
         } else if s.complete.load(Ordering::Acquire) {
             if !s.recheck.contains(&id) {
+                s.stats.negative_hits.add();
                 return Lookup::Done(Err(Denial::new(DenialCode::InvalidKey)));
             }
         } else if s.negative.contains(&id, now) {
+            s.stats.negative_hits.add();
             return Lookup::Done(Err(Denial::new(DenialCode::InvalidKey)));
         }
+        s.stats.misses.fetch_add(1, Ordering::Relaxed);
         Lookup::Pending(PendingLookup {
             id,
             digest: s.hasher.digest(parsed),
@@ -506,6 +595,7 @@ impl Verifier {
                 Fetched::Corrupt
             }
             Err(err) => {
+                s.stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(key_id = %id, error = %err, "key store lookup failed");
                 if let Some(entry) = s.cache.get(&id) {
                     entry.refreshing.store(false, Ordering::Release);

@@ -24,8 +24,12 @@
 //!   from off this host (403 `insecure_transport`, audited as `exposed`);
 //!   `--disable-exposed-keys` also disables it.
 //! - Metrics: `GET /metrics` (Prometheus/OpenMetrics text, scope `metrics:read`): requests
-//!   by decision and denial code, key lifecycle changes; `--metrics-listen ADDR` also
-//!   serves it without a key on a listener of its own.
+//!   by decision and denial code, rate-limit and quota refusals by policy, key lifecycle
+//!   changes, anomalies, verifier cache lookups, audit events and queue depth, request and
+//!   stack-time histograms; `--metrics-listen ADDR` also serves it without a key on a
+//!   listener of its own.
+//! - Last use: each key's last-used time (to the minute) is written to the key database
+//!   every `--last-used-every` seconds (30) and at shutdown; `keygate keys list` shows it.
 //! - Rotation notices: `--max-key-age 90d` and `--expiry-warning 14d`: a key due for
 //!   rotation or about to expire keeps working and answers with `Deprecation` and `Sunset`.
 //! - Connections: `--header-read-timeout` (10 s), `--idle-timeout` (60 s) and
@@ -462,6 +466,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 
     // Quota counters in the same database (batched, flushed every second and at shutdown),
     // where `keygate usage` reads them.
+    // Verifier lookups and the audit queue are read at each scrape.
+    metrics.observe_verifier(&verifier);
+    metrics.observe_auditor(&auditor);
     let mut opts = server::Options::new(verifier, auditor.clone());
     opts.require_tls = args.require_tls;
     opts.disable_exposed = args.disable_exposed_keys;

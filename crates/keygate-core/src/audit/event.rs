@@ -207,6 +207,17 @@ pub struct RequestEvent {
     /// before roles existed, read and chain exactly as before.
     #[serde(default, skip_serializing_if = "no_roles", with = "shared_list")]
     pub roles: Option<SharedNames>,
+    /// For a refusal by a rate limit or quota (`rate_limited`, `quota_exceeded`,
+    /// `cost_exceeds_limit`), the first policy the request broke (`burst`, `daily`). Left
+    /// out of the JSON otherwise, so other lines read and chain exactly as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// The time keygate's layers added: from the audit layer to the protected service
+    /// being called (the whole latency when a layer refused the request). In memory only,
+    /// for metrics (`keygate::metrics::Metrics`): never
+    /// written to a log, absent from events read back.
+    #[serde(skip)]
+    pub stack_time: Option<Duration>,
 }
 
 /// A list of names shared between a principal and the events that record it.
@@ -242,6 +253,8 @@ impl RequestEvent {
             denial: None,
             latency: Duration::ZERO,
             roles: None,
+            policy: None,
+            stack_time: None,
         }
     }
 }

@@ -788,3 +788,32 @@ async fn last_use_marks_survive_invalidation_refresh_and_a_failed_flush() {
     assert_eq!(after.name, "renamed");
     assert!(after.last_used_at.is_some());
 }
+
+#[tokio::test]
+async fn stats_count_hits_misses_negative_hits_and_store_errors() {
+    let f = fixture(|b| b);
+    let (key, record) = f.issue(|_| {}).await;
+    f.verifier.verify(key.expose_secret()).await.unwrap(); // miss
+    for _ in 0..4 {
+        f.verifier.verify(key.expose_secret()).await.unwrap(); // hits
+    }
+    let unknown = crate::ApiKey::generate(&Prefix::default()).unwrap();
+    let _ = f.verifier.verify(unknown.expose_secret()).await; // miss, then unknown
+    let _ = f.verifier.verify(unknown.expose_secret()).await; // negative hit
+    let _ = f.verifier.verify("kg_not-a-key").await; // malformed: none of them
+    f.verifier.invalidate(&record.id);
+    f.store.set_down(true);
+    let _ = f.verifier.verify(key.expose_secret()).await; // miss, store error
+    let stats = f.verifier.stats();
+    assert_eq!(
+        stats,
+        VerifierStats {
+            hits: 4,
+            misses: 3,
+            negative_hits: 1,
+            store_errors: 1,
+        }
+    );
+    // Clones share the counts.
+    assert_eq!(f.verifier.clone().stats(), stats);
+}
