@@ -118,6 +118,8 @@ pub mod future;
 mod gate;
 #[cfg(feature = "metrics")]
 pub mod metrics;
+#[cfg(feature = "notices")]
+pub mod notices;
 pub mod reject;
 pub mod require_tls;
 pub mod stack;

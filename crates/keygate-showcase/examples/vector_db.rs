@@ -31,7 +31,9 @@
 //! - Last use: each key's last-used time (to the minute) is written to the key database
 //!   every `--last-used-every` seconds (30) and at shutdown; `keygate keys list` shows it.
 //! - Rotation notices: `--max-key-age 90d` and `--expiry-warning 14d`: a key due for
-//!   rotation or about to expire keeps working and answers with `Deprecation` and `Sunset`.
+//!   rotation or about to expire keeps working and answers with `Deprecation` and `Sunset`;
+//!   a sweep every `--notices-every` seconds records a `rotation_due` / `expiring` audit
+//!   event per due key (once a day), POSTed to `--notice-webhook URL` too when given.
 //! - Connections: `--header-read-timeout` (10 s), `--idle-timeout` (60 s) and
 //!   `--max-connections` (1,024) bound what slow or idle clients can hold.
 //! - Audit events go to a hash-chained JSON Lines log: `--audit-log keygate-audit.jsonl`
@@ -169,6 +171,16 @@ struct Args {
     /// Keys expiring within this window (`14d`) get the same fields.
     #[arg(long, value_parser = parse_age)]
     expiry_warning: Option<std::time::Duration>,
+    /// Every this many seconds, a sweep of the keys records a `rotation_due` or `expiring`
+    /// audit event (and metric) for each key past its maximum age (`--max-key-age`, or a
+    /// key's, role's or identity's `max_key_age`) or inside `--expiry-warning`; once per
+    /// key and day.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    notices_every: u64,
+    /// Also POST each notice as JSON to this `http://` URL (retried 4 times with backoff;
+    /// never with a key in the body).
+    #[arg(long)]
+    notice_webhook: Option<String>,
     /// Also serve `/metrics` without a key on this address (`127.0.0.1:9464`): for a
     /// scraper on a private network. On the main listener it needs `metrics:read`.
     #[arg(long)]
@@ -500,6 +512,20 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         opts.usage = Arc::new(RedisUsageStore::new(r).durable(store.usage_store()));
         opts.counting = Counting::Strict;
     }
+    let mut sweep =
+        keygate::notices::NoticeSweep::new(Arc::new(store.clone()), Arc::new(keygate::SystemClock))
+            .auditor(auditor.clone());
+    if let Some(age) = args.max_key_age {
+        sweep = sweep.max_age(age);
+    }
+    if let Some(window) = args.expiry_warning {
+        sweep = sweep.warn_before_expiry(window);
+    }
+    if let Some(url) = &args.notice_webhook {
+        sweep = sweep.webhook(
+            keygate::notices::Webhook::new(url).map_err(|e| format!("--notice-webhook: {e}"))?,
+        );
+    }
     let app = server::build(opts)?;
 
     let addr = listener.local_addr()?;
@@ -574,6 +600,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         (Some(tls), Some(_)) => Some(tokio::spawn(reload_on_sighup(tls.clone()))),
         _ => None,
     };
+    let notices = sweep.spawn(std::time::Duration::from_secs(args.notices_every));
     println!("ready");
 
     let limits = server::serve::ConnLimits {
@@ -591,6 +618,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     if let Some(r) = reloads {
         r.abort();
     }
+    notices.abort();
     // In-flight requests are done: flush what they counted and recorded.
     println!("shutting down: flushing quota usage, last-used times and the audit log");
     if let Err(e) = app.quota.flush().await {

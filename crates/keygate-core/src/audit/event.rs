@@ -283,11 +283,17 @@ pub enum LifecycleAction {
     /// A role the key holds was created, changed or deleted: the key's effective policy
     /// changed without its record changing. The change names the role (`role:NAME`).
     RoleChanged,
+    /// A notice: the key is past its rotation date (its maximum age). Nothing changed;
+    /// the change `rotation_due_at` says since when.
+    RotationDue,
+    /// A notice: the key expires soon (it is inside the expiry warning window). Nothing
+    /// changed; the change `expires_at` says when.
+    Expiring,
 }
 
 impl LifecycleAction {
-    /// `issued`, `rotated`, `revoked`, `disabled`, `enabled`, `updated`, `exposed` or
-    /// `role_changed`.
+    /// `issued`, `rotated`, `revoked`, `disabled`, `enabled`, `updated`, `exposed`,
+    /// `role_changed`, `rotation_due` or `expiring`.
     pub fn as_str(self) -> &'static str {
         match self {
             LifecycleAction::Issued => "issued",
@@ -298,6 +304,8 @@ impl LifecycleAction {
             LifecycleAction::Updated => "updated",
             LifecycleAction::Exposed => "exposed",
             LifecycleAction::RoleChanged => "role_changed",
+            LifecycleAction::RotationDue => "rotation_due",
+            LifecycleAction::Expiring => "expiring",
         }
     }
 }
