@@ -116,6 +116,8 @@ pub mod credentials;
 pub mod deprecation;
 pub mod future;
 mod gate;
+#[cfg(feature = "rate-limit")]
+mod legacy_headers;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 #[cfg(feature = "notices")]

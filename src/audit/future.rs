@@ -35,10 +35,79 @@ pub(crate) struct Capture {
     /// When the innermost keygate layer called the protected service, if one did
     /// (`crate::timing`).
     pub(crate) inner_at: Option<Instant>,
+    /// The request's `keygate.request` span (disabled, and free, without a subscriber that
+    /// wants it).
+    pub(crate) span: tracing::Span,
+}
+
+/// The span of a request, with OpenTelemetry's semantic names; the outcome fields are
+/// recorded when the response is known ([`record_outcome`]).
+pub(crate) fn request_span(method: &str, path: &str, client: Option<IpAddr>) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: "keygate",
+        "keygate.request",
+        otel.kind = "server",
+        http.request.method = method,
+        url.path = path,
+        client.address = tracing::field::Empty,
+        user.id = tracing::field::Empty,
+        keygate.key_id = tracing::field::Empty,
+        keygate.decision = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    if let Some(ip) = client {
+        span.record("client.address", tracing::field::display(ip));
+    }
+    span
+}
+
+/// Records what became of the request on its span: the caller (`user.id`: the key's owner,
+/// else its id), the decision, the status and, for a refusal or failure, `error.type` (the
+/// exact denial code, `error` or `cancelled`).
+fn record_outcome(span: &tracing::Span, e: &RequestEvent) {
+    if span.is_disabled() {
+        return;
+    }
+    if let Some(id) = e.key_id {
+        span.record("keygate.key_id", id.as_str());
+        match e.subject.as_deref() {
+            Some(s) => span.record("user.id", s),
+            None => span.record("user.id", id.as_str()),
+        };
+    }
+    let decision = match e.decision {
+        Decision::Allowed => "allowed",
+        Decision::Denied => "denied",
+        Decision::Error => "error",
+        Decision::Cancelled => "cancelled",
+    };
+    span.record("keygate.decision", decision);
+    if let Some(status) = e.status {
+        span.record("http.response.status_code", status);
+    }
+    match (e.denial, e.decision) {
+        (Some(code), _) => {
+            span.record("error.type", code.as_str());
+        }
+        (None, Decision::Error | Decision::Cancelled) => {
+            span.record("error.type", decision);
+        }
+        _ => {}
+    }
 }
 
 impl Capture {
+    /// The event of a request that ended without a response (`error`, `cancelled`), its
+    /// span told.
     fn event(self, decision: Decision) -> RequestEvent {
+        let (event, span) = self.finish(decision);
+        record_outcome(&span, &event);
+        event
+    }
+
+    /// The event so far, and the span to record the outcome on.
+    fn finish(self, decision: Decision) -> (RequestEvent, tracing::Span) {
         let rpc = if self.grpc {
             self.path.strip_prefix('/').map(str::to_owned)
         } else {
@@ -61,7 +130,7 @@ impl Capture {
             Some(t) if decision != Decision::Denied => t.saturating_duration_since(self.start),
             _ => latency,
         };
-        RequestEvent {
+        let event = RequestEvent {
             time: self.time,
             request_id: self.id_text,
             key_id,
@@ -85,7 +154,8 @@ impl Capture {
             roles,
             policy: None,
             stack_time: Some(stack_time),
-        }
+        };
+        (event, self.span)
     }
 
     /// The event of a response; sets the request id on it when it has none.
@@ -103,7 +173,7 @@ impl Capture {
         } else {
             Decision::Allowed
         };
-        let mut event = self.event(decision);
+        let (mut event, span) = self.finish(decision);
         event.status = Some(res.status().as_u16());
         event.grpc_status = res
             .headers()
@@ -112,6 +182,7 @@ impl Capture {
             .and_then(|s| s.trim().parse().ok());
         event.denial = denial;
         event.policy = policy;
+        record_outcome(&span, &event);
         event
     }
 }
@@ -188,6 +259,8 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let span = this.capture.as_ref().map(|c| c.span.clone());
+        let _entered = span.as_ref().map(tracing::Span::enter);
         loop {
             match this.state.as_mut().project() {
                 StateProj::Resolving { fut } => {
