@@ -181,6 +181,10 @@ struct Args {
     /// never with a key in the body).
     #[arg(long)]
     notice_webhook: Option<String>,
+    /// Also send the legacy `X-RateLimit-Limit`, `-Remaining` and `-Reset` fields (the
+    /// tightest policy) beside the IETF `RateLimit` fields.
+    #[arg(long)]
+    legacy_ratelimit_headers: bool,
     /// Also serve `/metrics` without a key on this address (`127.0.0.1:9464`): for a
     /// scraper on a private network. On the main listener it needs `metrics:read`.
     #[arg(long)]
@@ -487,6 +491,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     opts.max_key_age = args.max_key_age;
     opts.metrics = Some(metrics.clone());
     opts.expiry_warning = args.expiry_warning;
+    opts.legacy_ratelimit_headers = args.legacy_ratelimit_headers;
     if let Some(path) = &args.leak_public_keys {
         opts.leak_public_keys = Some(
             keygate_admin::leak::PublicKeys::from_file(path)

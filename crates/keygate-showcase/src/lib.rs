@@ -185,6 +185,9 @@ pub struct Options {
     pub leak_public_keys: Option<keygate_admin::leak::PublicKeys>,
     /// What `POST /leaks/github` does to a reported key (default: revoke).
     pub leak_policy: keygate_admin::leak::LeakPolicy,
+    /// Also write the legacy `X-RateLimit-Limit`, `-Remaining` and `-Reset` fields
+    /// (`keygate::rate_limit::LegacyRateLimitHeadersLayer`), for clients that read those.
+    pub legacy_ratelimit_headers: bool,
 }
 
 impl Options {
@@ -211,6 +214,7 @@ impl Options {
             metrics: None,
             leak_public_keys: None,
             leak_policy: keygate_admin::leak::LeakPolicy::default(),
+            legacy_ratelimit_headers: false,
         }
     }
 }
@@ -449,6 +453,9 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
     if let Some(window) = opts.expiry_warning {
         deprecation = deprecation.warn_before_expiry(window);
     }
+    let legacy_headers = opts
+        .legacy_ratelimit_headers
+        .then(keygate::rate_limit::LegacyRateLimitHeadersLayer::new);
     let metrics_routes = match &opts.metrics {
         Some(m) => m.router(),
         None => Router::new(),
@@ -545,6 +552,7 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         .layer(
             ServiceBuilder::new()
                 .layer(gate.audit_layer(opts.auditor))
+                .option_layer(legacy_headers)
                 .option_layer(require_tls)
                 .layer(axum::middleware::from_fn_with_state(
                     vectors.clone(),
