@@ -40,10 +40,11 @@ pub(crate) struct Capture {
     pub(crate) span: tracing::Span,
 }
 
-/// The span of a request, with OpenTelemetry's semantic names; the outcome fields are
-/// recorded when the response is known ([`record_outcome`]).
+/// The span of a request (target `keygate`, level DEBUG, as tower-http's trace spans: a
+/// subscriber at INFO creates none), with OpenTelemetry's semantic names; the outcome
+/// fields are recorded when the response is known ([`record_outcome`]).
 pub(crate) fn request_span(method: &str, path: &str, client: Option<IpAddr>) -> tracing::Span {
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         target: "keygate",
         "keygate.request",
         otel.kind = "server",
