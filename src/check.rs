@@ -516,7 +516,10 @@ where
         },
     };
     match checks.run(&mut req, known.as_ref()) {
-        Fused::Now(Outcome { note, denial: None }) => ResponseFuture::inner(inner.call(req), note),
+        Fused::Now(Outcome { note, denial: None }) => {
+            crate::timing::mark();
+            ResponseFuture::inner(inner.call(req), note)
+        }
         Fused::Now(Outcome {
             note,
             denial: Some(denial),
@@ -551,7 +554,10 @@ where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
 {
     match outcome.denial {
-        None => Ok((ready.call(req), outcome.note)),
+        None => {
+            crate::timing::mark();
+            Ok((ready.call(req), outcome.note))
+        }
         Some(denial) => {
             let mut res = rejection(renderer, denial, &req);
             outcome.note.apply(&mut res);

@@ -20,8 +20,12 @@
 //! new(gate.clock().clone()).max_age(..))`, or wrap it alone in a
 //! [`CheckLayer`](crate::check::CheckLayer).
 //!
-//! The maximum age is one setting for every key; per role or per identity maximum ages are
-//! not supported yet.
+//! A key (or a role it holds) may set a tighter maximum age of its own with the attribute
+//! `max_key_age` (`30d`, `12h`; the resolved attribute: the key's own, else its first role
+//! having one); the tighter of it and the global one applies. An identity's maximum age
+//! (its metadata field `max_key_age`) is applied by the background sweep
+//! ([`keygate::notices`](https://docs.rs/keygate/latest/keygate/notices/), feature
+//! `notices`), which reads identities; the request path does not.
 //!
 //! ```
 //! use std::time::Duration;
@@ -69,6 +73,9 @@ use keygate_core::Clock;
 pub static DEPRECATION: HeaderName = HeaderName::from_static("deprecation");
 /// `Sunset` (RFC 8594).
 pub static SUNSET: HeaderName = HeaderName::from_static("sunset");
+
+/// The attribute (on a key or a role) naming a key's own maximum age (`30d`).
+pub const MAX_KEY_AGE: &str = "max_key_age";
 
 /// Adds `Deprecation` and `Sunset` to the responses of keys past their rotation date or
 /// close to their expiry. See the [module docs](self).
@@ -133,8 +140,8 @@ impl KeyDeprecation {
         }
     }
 
-    /// Keys older than `age` are due for rotation (every key; per role or identity ages
-    /// are not supported yet).
+    /// Keys older than `age` are due for rotation (a key's or role's tighter
+    /// `max_key_age` attribute wins).
     pub fn max_age(mut self, age: Duration) -> Self {
         self.max_age = Some(age);
         self
@@ -148,8 +155,14 @@ impl KeyDeprecation {
 
     /// The notice for `p` at `now`: `None` when the key is not due.
     pub fn notice(&self, p: &Principal, now: SystemTime) -> Option<Notice> {
-        let rotation = self
-            .max_age
+        let own = p
+            .attribute(MAX_KEY_AGE)
+            .and_then(|t| keygate_core::time::parse_duration(t).ok());
+        let max_age = match (self.max_age, own) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let rotation = max_age
             .and_then(|age| p.created_at().checked_add(age))
             .filter(|due| *due <= now);
         let expires = p.expires_at();
@@ -176,7 +189,7 @@ impl Check for KeyDeprecation {
     type Note = DeprecationNote;
 
     fn needs_caller<B>(&self, _req: &Request<B>) -> bool {
-        self.max_age.is_some() || self.warn_before_expiry.is_some()
+        true
     }
 
     fn check<B>(
@@ -185,10 +198,8 @@ impl Check for KeyDeprecation {
         caller: Caller<'_>,
     ) -> Result<DeprecationNote, Denial> {
         match caller {
-            Ok(p) if self.max_age.is_some() || self.warn_before_expiry.is_some() => {
-                Ok(DeprecationNote(self.notice(p, self.clock.now())))
-            }
-            _ => Ok(DeprecationNote(None)),
+            Ok(p) => Ok(DeprecationNote(self.notice(p, self.clock.now()))),
+            Err(_) => Ok(DeprecationNote(None)),
         }
     }
 }

@@ -118,11 +118,16 @@ pub mod credentials;
 pub mod deprecation;
 pub mod future;
 mod gate;
+#[cfg(feature = "rate-limit")]
+mod legacy_headers;
 #[cfg(feature = "metrics")]
 pub mod metrics;
+#[cfg(feature = "notices")]
+pub mod notices;
 pub mod reject;
 pub mod require_tls;
 pub mod stack;
+mod timing;
 #[cfg(any(feature = "rate-limit", feature = "quota"))]
 mod traffic;
 pub mod transport;

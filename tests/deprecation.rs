@@ -196,3 +196,49 @@ async fn fused_with_auth_in_one_stack() {
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
     assert!(res.headers().get("deprecation").is_none());
 }
+
+#[tokio::test]
+async fn a_key_or_role_max_key_age_tighter_than_the_global_one_wins() {
+    let env = env();
+    let check = policy(&env);
+    // The key's own attribute: 30 days, under the global 90.
+    let issued = env
+        .keys
+        .issue(
+            "setup",
+            KeySpec::new("short").attribute("max_key_age", "30d"),
+        )
+        .await
+        .expect("issue");
+    let short = issued.key.expose_secret().to_owned();
+    // A looser one (120 days) does not loosen the global 90.
+    let issued = env
+        .keys
+        .issue(
+            "setup",
+            KeySpec::new("long").attribute("max_key_age", "120d"),
+        )
+        .await
+        .expect("issue");
+    let long = issued.key.expose_secret().to_owned();
+    env.at_day(29);
+    assert_eq!(env.call(&check, Some(&short)).await.1, None);
+    env.at_day(30);
+    assert_eq!(
+        env.call(&check, Some(&short)).await.1,
+        Some(format!("@{}", START + 30 * DAY))
+    );
+    assert_eq!(env.call(&check, Some(&long)).await.1, None);
+    env.at_day(90);
+    assert_eq!(
+        env.call(&check, Some(&long)).await.1,
+        Some(format!("@{}", START + 90 * DAY))
+    );
+    // Without a global age the attribute alone applies.
+    let only_attr = KeyDeprecation::new(Arc::new(env.clock.clone()));
+    assert_eq!(
+        env.call(&only_attr, Some(&short)).await.1,
+        Some(format!("@{}", START + 30 * DAY))
+    );
+    assert_eq!(env.call(&only_attr, Some(&long)).await.1, None);
+}

@@ -30,10 +30,85 @@ pub(crate) struct Capture {
     pub(crate) grpc: bool,
     pub(crate) client_ip: Option<IpAddr>,
     pub(crate) principal: Option<Principal>,
+    /// When this layer called its inner service.
+    pub(crate) called_at: Option<Instant>,
+    /// When the innermost keygate layer called the protected service, if one did
+    /// (`crate::timing`).
+    pub(crate) inner_at: Option<Instant>,
+    /// The request's `keygate.request` span (disabled, and free, without a subscriber that
+    /// wants it).
+    pub(crate) span: tracing::Span,
+}
+
+/// The span of a request (target `keygate`, level DEBUG, as tower-http's trace spans: a
+/// subscriber at INFO creates none), with OpenTelemetry's semantic names; the outcome
+/// fields are recorded when the response is known ([`record_outcome`]).
+pub(crate) fn request_span(method: &str, path: &str, client: Option<IpAddr>) -> tracing::Span {
+    let span = tracing::debug_span!(
+        target: "keygate",
+        "keygate.request",
+        otel.kind = "server",
+        http.request.method = method,
+        url.path = path,
+        client.address = tracing::field::Empty,
+        user.id = tracing::field::Empty,
+        keygate.key_id = tracing::field::Empty,
+        keygate.decision = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    if let Some(ip) = client {
+        span.record("client.address", tracing::field::display(ip));
+    }
+    span
+}
+
+/// Records what became of the request on its span: the caller (`user.id`: the key's owner,
+/// else its id), the decision, the status and, for a refusal or failure, `error.type` (the
+/// exact denial code, `error` or `cancelled`).
+fn record_outcome(span: &tracing::Span, e: &RequestEvent) {
+    if span.is_disabled() {
+        return;
+    }
+    if let Some(id) = e.key_id {
+        span.record("keygate.key_id", id.as_str());
+        match e.subject.as_deref() {
+            Some(s) => span.record("user.id", s),
+            None => span.record("user.id", id.as_str()),
+        };
+    }
+    let decision = match e.decision {
+        Decision::Allowed => "allowed",
+        Decision::Denied => "denied",
+        Decision::Error => "error",
+        Decision::Cancelled => "cancelled",
+    };
+    span.record("keygate.decision", decision);
+    if let Some(status) = e.status {
+        span.record("http.response.status_code", status);
+    }
+    match (e.denial, e.decision) {
+        (Some(code), _) => {
+            span.record("error.type", code.as_str());
+        }
+        (None, Decision::Error | Decision::Cancelled) => {
+            span.record("error.type", decision);
+        }
+        _ => {}
+    }
 }
 
 impl Capture {
+    /// The event of a request that ended without a response (`error`, `cancelled`), its
+    /// span told.
     fn event(self, decision: Decision) -> RequestEvent {
+        let (event, span) = self.finish(decision);
+        record_outcome(&span, &event);
+        event
+    }
+
+    /// The event so far, and the span to record the outcome on.
+    fn finish(self, decision: Decision) -> (RequestEvent, tracing::Span) {
         let rpc = if self.grpc {
             self.path.strip_prefix('/').map(str::to_owned)
         } else {
@@ -56,7 +131,14 @@ impl Capture {
             ),
             None => (None, None),
         };
-        RequestEvent {
+        let latency = self.start.elapsed();
+        // A refused request spent all its time in keygate; an allowed one until the
+        // innermost keygate layer (or this one, with none inside) called the service.
+        let stack_time = match self.inner_at.or(self.called_at) {
+            Some(t) if decision != Decision::Denied => t.saturating_duration_since(self.start),
+            _ => latency,
+        };
+        let event = RequestEvent {
             time: self.time,
             request_id: self.id_text,
             key_id,
@@ -76,11 +158,14 @@ impl Capture {
             grpc_status: None,
             decision,
             denial: None,
-            latency: self.start.elapsed(),
+            latency,
             roles,
             token_id,
             token_subject,
-        }
+            policy: None,
+            stack_time: Some(stack_time),
+        };
+        (event, self.span)
     }
 
     /// The event of a response; sets the request id on it when it has none.
@@ -88,13 +173,17 @@ impl Capture {
         if let Entry::Vacant(v) = res.headers_mut().entry(&config.header) {
             v.insert(self.request_id.clone());
         }
-        let denial = res.extensions().get::<Denial>().map(Denial::code);
+        let refusal = res.extensions().get::<Denial>();
+        let denial = refusal.map(Denial::code);
+        let policy = refusal
+            .and_then(|d| d.violated_policies().next())
+            .map(str::to_owned);
         let decision = if denial.is_some() {
             Decision::Denied
         } else {
             Decision::Allowed
         };
-        let mut event = self.event(decision);
+        let (mut event, span) = self.finish(decision);
         event.status = Some(res.status().as_u16());
         event.grpc_status = res
             .headers()
@@ -102,6 +191,8 @@ impl Capture {
             .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
             .and_then(|s| s.trim().parse().ok());
         event.denial = denial;
+        event.policy = policy;
+        record_outcome(&span, &event);
         event
     }
 }
@@ -178,17 +269,35 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let span = this.capture.as_ref().map(|c| c.span.clone());
+        let _entered = span.as_ref().map(tracing::Span::enter);
         loop {
             match this.state.as_mut().project() {
                 StateProj::Resolving { fut } => {
-                    let (inner, principal) = ready!(fut.as_mut().poll(cx));
+                    crate::timing::arm();
+                    let polled = fut.as_mut().poll(cx);
+                    let called = crate::timing::take();
+                    let (inner, principal) = ready!(polled);
                     if let Some(c) = this.capture.as_mut() {
                         c.principal = principal;
+                        c.inner_at = c.inner_at.or(called);
+                        c.called_at = Some(Instant::now());
                     }
                     this.state.set(State::Inner { fut: inner });
                 }
                 StateProj::Inner { fut } => {
-                    let mut output = ready!(fut.poll(cx));
+                    let waiting = this.capture.as_ref().is_some_and(|c| c.inner_at.is_none());
+                    if waiting {
+                        crate::timing::arm();
+                    }
+                    let polled = fut.poll(cx);
+                    if waiting {
+                        let called = crate::timing::take();
+                        if let Some(c) = this.capture.as_mut() {
+                            c.inner_at = called;
+                        }
+                    }
+                    let mut output = ready!(polled);
                     let Some(capture) = this.capture.take() else {
                         return Poll::Ready(output);
                     };

@@ -17,6 +17,16 @@
 //! read `invalid_key`). Placed inside another layer, it sees only the requests that layer
 //! let through.
 //!
+//! ## Tracing span
+//! Each request also gets a `keygate.request` span (target `keygate`, level DEBUG) with
+//! OpenTelemetry's semantic names: `http.request.method`, `url.path` (keys masked, as in
+//! the event), `client.address`, and once the response is known `user.id` (the key's owner,
+//! else its id), `http.response.status_code` and, for a refusal or failure, `error.type`
+//! (the exact denial code, `error` or `cancelled`); also `keygate.key_id`,
+//! `keygate.decision` and `otel.kind = "server"`. The inner service runs inside it, so its
+//! own spans and events nest under it. Without a subscriber enabled for it, it costs
+//! nothing.
+//!
 //! ## Request ids
 //! The client's `x-request-id` is reused when it is 1 to 128 visible ASCII characters;
 //! otherwise a 128-bit id (32 hex characters) is generated and set on the request's headers

@@ -100,7 +100,12 @@ where
             grpc,
             client_ip,
             principal: None,
+            called_at: None,
+            inner_at: None,
+            span: tracing::Span::none(),
         };
+        // The method and path as recorded: a key-shaped part is masked there too.
+        capture.span = super::future::request_span(&capture.method, &capture.path, client_ip);
 
         match &config.gate {
             Some(gate) => match gate.start(&mut req) {
@@ -123,7 +128,14 @@ where
                     .cloned();
             }
         }
-        ResponseFuture::inner(self.inner.call(req), capture, self.config.clone())
+        capture.called_at = Some(Instant::now());
+        crate::timing::arm();
+        let fut = {
+            let _entered = capture.span.enter();
+            self.inner.call(req)
+        };
+        capture.inner_at = crate::timing::take();
+        ResponseFuture::inner(fut, capture, self.config.clone())
     }
 }
 

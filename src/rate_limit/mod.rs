@@ -102,6 +102,10 @@ mod layer;
 mod limiter;
 mod service;
 
+pub use crate::legacy_headers::{
+    LegacyFuture, LegacyRateLimitHeaders, LegacyRateLimitHeadersLayer, X_RATELIMIT_LIMIT,
+    X_RATELIMIT_REMAINING, X_RATELIMIT_RESET,
+};
 pub use config::{validate_policy, Fallback, RateLimitConfig};
 pub use layer::RateLimitLayer;
 pub use limiter::{LimiterClock, MAX_PERIOD};

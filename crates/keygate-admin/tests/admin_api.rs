@@ -1251,3 +1251,41 @@ async fn an_unknown_field_is_named_with_every_allowed_field() {
         "unknown field \"why\": this body takes no fields"
     );
 }
+
+#[tokio::test]
+async fn keys_show_their_last_use_once_the_verifier_flushed_it() {
+    let s = setup();
+    let (admin, admin_id) = s.key(admin_spec()).await;
+    let (_, idle_id) = s.key(KeySpec::new("idle").scope("points:read")).await;
+    let app = Router::new().nest(
+        "/admin",
+        AdminApi::new(s.keys.clone()).gate(&s.gate).router(),
+    );
+    // 2026-01-01T00:00:00Z + 61 s: the admin's own requests use its key.
+    s.clock.advance(Duration::from_secs(61));
+    let r = send(
+        &app,
+        "GET",
+        &format!("/admin/keys/{admin_id}"),
+        Some(&admin),
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.json.get("last_used_at").is_none(), "not flushed yet");
+    assert_eq!(s.gate.verifier().flush_last_used().await.unwrap(), 1);
+    let r = send(
+        &app,
+        "GET",
+        &format!("/admin/keys/{admin_id}"),
+        Some(&admin),
+        "",
+    )
+    .await;
+    assert_eq!(r.json["last_used_at"], "2026-01-01T00:01:00.000Z");
+    let r = send(&app, "GET", "/admin/keys", Some(&admin), "").await;
+    let keys = r.json["keys"].as_array().unwrap();
+    let find = |id: &str| keys.iter().find(|k| k["id"] == id).unwrap();
+    assert_eq!(find(&admin_id)["last_used_at"], "2026-01-01T00:01:00.000Z");
+    assert!(find(&idle_id).get("last_used_at").is_none());
+}

@@ -238,11 +238,20 @@ pub(crate) async fn list(cli: &Cli, args: &ListArgs) -> Result<(), Failure> {
                 output::status(r, now),
                 output::time(r.created_at),
                 r.expires_at.map_or_else(|| "never".into(), output::time),
+                r.last_used_at.map_or_else(|| "never".into(), output::time),
             ]
         })
         .collect();
     print(&output::table(
-        &["ID", "NAME", "OWNER", "STATUS", "CREATED", "EXPIRES"],
+        &[
+            "ID",
+            "NAME",
+            "OWNER",
+            "STATUS",
+            "CREATED",
+            "EXPIRES",
+            "LAST USED",
+        ],
         &rows,
     ))
 }

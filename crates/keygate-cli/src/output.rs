@@ -113,6 +113,10 @@ pub(crate) fn key_details(record: &KeyRecord, now: SystemTime) -> String {
             "expires",
             record.expires_at.map_or_else(|| "never".into(), time),
         ),
+        (
+            "last used",
+            record.last_used_at.map_or_else(|| "never".into(), time),
+        ),
         ("scopes", list(record.scopes.iter().cloned())),
         ("collections", list(record.resources.iter().cloned())),
         (

@@ -250,11 +250,12 @@ async fn list_and_show_shapes(env: &Env) {
     let header: Vec<&str> = lines[0].split_whitespace().collect();
     assert_eq!(
         header,
-        ["ID", "NAME", "OWNER", "STATUS", "CREATED", "EXPIRES"]
+        ["ID", "NAME", "OWNER", "STATUS", "CREATED", "EXPIRES", "LAST", "USED"]
     );
     let row_b: Vec<&str> = lines[2].split_whitespace().collect();
     assert_eq!(row_b[..4], [str_of(&b, "id"), "b", "alice", "disabled"]);
     assert_eq!(row_b[5], "never");
+    assert_eq!(row_b[6], "never", "never used");
 
     let shown = env
         .run(&["keys", "show", str_of(&c, "id"), "--json"])
@@ -845,3 +846,81 @@ fn help_and_version() {
     // Nothing was created by asking for help.
     assert!(files_in(env.dir.path()).is_empty());
 }
+
+/// A key used through a verifier over the same database shows its last use (to the
+/// minute) in `keys list` and `keys show`, table and JSON, once the verifier flushed it; an
+/// unused key reads `never` and has no `last_used_at`.
+async fn last_used_is_listed_and_shown(env: &Env) {
+    let used = create(env, &["--name", "used"]);
+    let idle = create(env, &["--name", "idle"]);
+    let store = env.store().await;
+    use keygate_core::Clock as _;
+    let clock = keygate_core::ManualClock::new(SystemTime::now());
+    let verifier = Verifier::builder(store).clock(clock.clone()).build();
+    for _ in 0..3 {
+        verifier.verify(str_of(&used, "key")).await.unwrap();
+    }
+    // Requests alone write nothing.
+    let shown = env
+        .run(&["keys", "show", str_of(&used, "id"), "--json"])
+        .ok()
+        .json();
+    assert!(shown.get("last_used_at").is_none(), "{shown}");
+    assert_eq!(verifier.flush_last_used().await.unwrap(), 1);
+
+    let secs = clock
+        .now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let minute = SystemTime::UNIX_EPOCH + Duration::from_secs(secs / 60 * 60);
+    let shown = env
+        .run(&["keys", "show", str_of(&used, "id"), "--json"])
+        .ok()
+        .json();
+    assert_eq!(rfc3339(&shown["last_used_at"]), minute, "{shown}");
+    let listed = env.run(&["keys", "list", "--json"]).ok().json();
+    let find = |id: &str| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        find(str_of(&used, "id"))["last_used_at"],
+        shown["last_used_at"]
+    );
+    assert!(find(str_of(&idle, "id")).get("last_used_at").is_none());
+
+    let human = keygate_core::time::rfc3339_seconds(minute).to_string();
+    let details = env
+        .run(&["keys", "show", str_of(&used, "id")])
+        .ok()
+        .stdout
+        .clone();
+    assert!(
+        details.contains(&format!("last used     {human}")),
+        "{details}"
+    );
+    let table = env.run(&["keys", "list"]).ok().stdout.clone();
+    let row = |name: &str| {
+        table
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|cells| cells.get(1) == Some(&name))
+            .unwrap()
+            .last()
+            .map(|c| c.to_string())
+            .unwrap()
+    };
+    assert_eq!(row("used"), human, "{table}");
+    assert_eq!(row("idle"), "never", "{table}");
+}
+both!(
+    sqlite_last_used_is_listed_and_shown,
+    postgres_last_used_is_listed_and_shown,
+    last_used_is_listed_and_shown
+);

@@ -70,5 +70,5 @@ pub use scope::{validate_resource_pattern, InvalidScope, ResourceSet, Scope, Sco
 pub use store::{
     KeyFilter, KeyListing, KeyStore, MemoryStore, SkippedRow, StatusWrite, StoreError,
 };
-pub use verifier::{Lookup, PendingLookup, Verifier, VerifierBuilder};
+pub use verifier::{Lookup, PendingLookup, Verifier, VerifierBuilder, VerifierStats};
 pub use vocabulary::{KnownScope, ScopeVocabulary, UnknownScope};

@@ -995,7 +995,8 @@ fn changes(old: Option<&KeyRecord>, new: &KeyRecord) -> Vec<FieldChange> {
     }
     after
         .into_iter()
-        .filter(|(field, _)| field != "updated_at")
+        // The last-used time is not a change anyone made.
+        .filter(|(field, _)| field != "updated_at" && field != "last_used_at")
         .filter_map(|(field, value)| {
             let prior = before
                 .get(&field)

@@ -310,6 +310,13 @@ pub struct KeyRecord {
     /// [`KeyStore::update_versioned`](crate::KeyStore::update_versioned) writes only over
     /// the version it read.
     pub version: u64,
+    /// When the key was last used successfully, to the minute (the start of the minute),
+    /// as far as the store knows: the verifier marks uses in memory and writes them behind
+    /// the request path ([`Verifier::flush_last_used`](crate::Verifier::flush_last_used)).
+    /// Stores fill it when they read a record and write it only through
+    /// [`KeyStore::record_last_used`](crate::KeyStore::record_last_used): `insert` and
+    /// `update` ignore it, so a record read earlier never moves it back.
+    pub last_used_at: Option<SystemTime>,
 }
 
 impl KeyRecord {
@@ -344,6 +351,7 @@ impl KeyRecord {
             roles: Vec::new(),
             identity: None,
             version: 0,
+            last_used_at: None,
         }
     }
 
@@ -396,6 +404,7 @@ impl KeyRecord {
             grants: self.grants.clone(),
             roles: self.roles.clone(),
             identity: self.identity.clone(),
+            last_used_at: self.last_used_at.map(rfc3339),
         }
     }
 }
@@ -461,6 +470,10 @@ pub struct KeyInfo {
     /// Owning identity.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// Last successful use, to the minute (RFC 3339); absent when never used (or not
+    /// recorded yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<String>,
 }
 
 mod duration_ms {

@@ -263,6 +263,20 @@ pub trait KeyStore: Send + Sync + 'static {
         let _ = identity;
         Err(StoreError::Unsupported("identities"))
     }
+
+    /// Records when keys were last used: for each `(id, time)`, the stored last-used time
+    /// becomes `time` unless it is later already (it never moves back). Ids with no record
+    /// are ignored or kept apart; nothing else of the record changes: no version bump, no
+    /// change announcement, no cache invalidation anywhere. Read it back in
+    /// [`KeyRecord::last_used_at`].
+    ///
+    /// The verifier calls it from [`Verifier::flush_last_used`](crate::Verifier::flush_last_used),
+    /// in the background, with one entry per key used since the last flush; never once per
+    /// request. The default keeps nothing ([`StoreError::Unsupported`]).
+    async fn record_last_used(&self, used: &[(KeyId, SystemTime)]) -> Result<(), StoreError> {
+        let _ = used;
+        Err(StoreError::Unsupported("last-used times"))
+    }
 }
 
 #[async_trait]
@@ -320,6 +334,9 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
     async fn insert_identity(&self, identity: &Identity) -> Result<(), StoreError> {
         (**self).insert_identity(identity).await
     }
+    async fn record_last_used(&self, used: &[(KeyId, SystemTime)]) -> Result<(), StoreError> {
+        (**self).record_last_used(used).await
+    }
 }
 
 /// An in-memory key store (a concurrent hash map). For tests, examples and single-process
@@ -329,6 +346,8 @@ pub struct MemoryStore {
     records: Arc<DashMap<KeyId, KeyRecord>>,
     roles: Arc<DashMap<String, Role>>,
     identities: Arc<DashMap<String, Identity>>,
+    /// Last-used times, apart from the records so that writing one never touches a record.
+    last_used: Arc<DashMap<KeyId, SystemTime>>,
 }
 
 impl MemoryStore {
@@ -346,6 +365,11 @@ impl MemoryStore {
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
     }
+
+    fn with_last_used(&self, mut record: KeyRecord) -> KeyRecord {
+        record.last_used_at = self.last_used.get(&record.id).map(|t| *t);
+        record
+    }
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -359,7 +383,7 @@ impl std::fmt::Debug for MemoryStore {
 #[async_trait]
 impl KeyStore for MemoryStore {
     async fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        Ok(self.records.get(id).map(|r| r.clone()))
+        Ok(self.records.get(id).map(|r| self.with_last_used(r.clone())))
     }
 
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
@@ -469,6 +493,19 @@ impl KeyStore for MemoryStore {
         Ok(out)
     }
 
+    async fn record_last_used(&self, used: &[(KeyId, SystemTime)]) -> Result<(), StoreError> {
+        for (id, at) in used {
+            if !self.records.contains_key(id) {
+                continue;
+            }
+            self.last_used
+                .entry(*id)
+                .and_modify(|t| *t = (*t).max(*at))
+                .or_insert(*at);
+        }
+        Ok(())
+    }
+
     async fn insert_identity(&self, identity: &Identity) -> Result<(), StoreError> {
         match self.identities.entry(identity.name.clone()) {
             dashmap::Entry::Occupied(_) => Err(StoreError::NameTaken {
@@ -487,7 +524,7 @@ impl KeyStore for MemoryStore {
             .records
             .iter()
             .filter(|r| filter.matches(r.value()))
-            .map(|r| r.value().clone())
+            .map(|r| self.with_last_used(r.value().clone()))
             .collect();
         out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok(out)

@@ -20,8 +20,8 @@
 //! allocates nothing: one CRC32, one blake3 of ~40 bytes, one sharded map read, one
 //! constant-time compare and one reference-count increment.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
 use dashmap::{DashMap, DashSet};
@@ -65,7 +65,89 @@ struct Shared {
     interner: Interner,
     /// Store reads under way, by key id: later misses for the same id wait for its result.
     inflight: DashMap<KeyId, Arc<Flight>, KeyIdHashBuilder>,
+    /// Last-use marks not yet written whose cache entry went away (an invalidation, an
+    /// eviction): kept for the next [`Verifier::flush_last_used`], at most
+    /// [`MAX_ORPHAN_MARKS`].
+    orphan_marks: Mutex<Vec<(KeyId, u32)>>,
+    /// How lookups were answered ([`Verifier::stats`]).
+    stats: Counters,
 }
+
+/// How a verifier's lookups were answered since it was built ([`Verifier::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VerifierStats {
+    /// Answered from the cache of known keys (no store read).
+    pub hits: u64,
+    /// Needed a store read (a key not cached, or one due for a refresh).
+    pub misses: u64,
+    /// Answered `invalid_key` from the memory of unknown ids (no store read).
+    pub negative_hits: u64,
+    /// Store reads that failed (the store unreachable or slow; not a corrupt record).
+    pub store_errors: u64,
+}
+
+/// A counter spread over cache lines, so that threads counting hits at once do not fight
+/// over one line (each thread adds to its own stripe; a reader sums them).
+struct Striped([Padded; STRIPES]);
+
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded(AtomicU64);
+
+const STRIPES: usize = 8;
+
+impl Default for Striped {
+    fn default() -> Self {
+        Striped(std::array::from_fn(|_| Padded::default()))
+    }
+}
+
+impl Striped {
+    #[inline]
+    fn add(&self) {
+        self.0[stripe()].0.fetch_add(1, Ordering::Relaxed);
+    }
+    fn sum(&self) -> u64 {
+        self.0
+            .iter()
+            .fold(0u64, |n, p| n.wrapping_add(p.0.load(Ordering::Relaxed)))
+    }
+}
+
+/// This thread's stripe, assigned round-robin on first use.
+#[inline]
+fn stripe() -> usize {
+    use std::cell::Cell;
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    STRIPE.with(|s| {
+        let mut i = s.get();
+        if i == usize::MAX {
+            i = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+            s.set(i);
+        }
+        i
+    })
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: Striped,
+    negative_hits: Striped,
+    misses: AtomicU64,
+    store_errors: AtomicU64,
+}
+
+/// How many last-use marks of evicted cache entries wait for the next flush at most (a
+/// flood of invalidations cannot grow memory; past it, the oldest keys' marks are lost
+/// until they are used again).
+const MAX_ORPHAN_MARKS: usize = 65_536;
+
+/// The resolution of last-used times: one minute.
+const LAST_USED_RESOLUTION_S: u64 = 60;
 
 /// One store read shared by every concurrent miss of a key id. The value is set once, when
 /// the read ends; a flight dropped without a value (its reader was cancelled) makes the
@@ -95,6 +177,10 @@ struct Entry {
     /// When the record was read, in nanoseconds since the Unix epoch (8 bytes, not 16).
     fetched_at: u64,
     refreshing: AtomicBool,
+    /// The minute (since the Unix epoch) of the last successful use seen here; 0: none.
+    used: AtomicU32,
+    /// The latest minute written to the store.
+    flushed: AtomicU32,
 }
 
 impl Entry {
@@ -105,7 +191,23 @@ impl Entry {
             principal,
             fetched_at: unix_nanos(now),
             refreshing: AtomicBool::new(false),
+            used: AtomicU32::new(0),
+            flushed: AtomicU32::new(0),
         }
+    }
+
+    /// Marks a successful use at `now`: one atomic read, and a write once a minute.
+    fn mark_used(&self, now: SystemTime) {
+        let minute = use_minute(now);
+        if self.used.load(Ordering::Relaxed) < minute {
+            self.used.fetch_max(minute, Ordering::Relaxed);
+        }
+    }
+
+    /// The mark not yet written, if any.
+    fn unflushed(&self) -> Option<u32> {
+        let used = self.used.load(Ordering::Relaxed);
+        (used > self.flushed.load(Ordering::Relaxed)).then_some(used)
     }
 
     fn age(&self, now: SystemTime) -> Duration {
@@ -114,7 +216,11 @@ impl Entry {
     }
 
     fn evaluate(&self, digest: Option<&KeyDigest>, now: SystemTime) -> Result<Principal, Denial> {
-        evaluate(&self.digest, self.status, &self.principal, digest, now)
+        let verdict = evaluate(&self.digest, self.status, &self.principal, digest, now);
+        if verdict.is_ok() {
+            self.mark_used(now);
+        }
+        verdict
     }
 }
 
@@ -140,6 +246,21 @@ fn evaluate(
         return Err(Denial::new(DenialCode::ExpiredKey));
     }
     Ok(principal.clone())
+}
+
+/// The minute of `t` since the Unix epoch (at least 1, so 0 can mean "never").
+fn use_minute(t: SystemTime) -> u32 {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    u32::try_from(secs / LAST_USED_RESOLUTION_S)
+        .unwrap_or(u32::MAX)
+        .max(1)
+}
+
+/// The start of minute `m`.
+fn minute_start(m: u32) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(u64::from(m) * LAST_USED_RESOLUTION_S)
 }
 
 /// `t` in nanoseconds since the Unix epoch (0 before it; saturating in year 2554).
@@ -249,6 +370,8 @@ impl VerifierBuilder {
                 loading: Mutex::new((0, Vec::new())),
                 interner: Interner::new(),
                 inflight: DashMap::with_hasher(KeyIdHashBuilder::new()),
+                orphan_marks: Mutex::new(Vec::new()),
+                stats: Counters::default(),
             }),
         }
     }
@@ -300,6 +423,20 @@ impl Verifier {
         self.shared.cache.len()
     }
 
+    /// How lookups were answered since this verifier was built (clones share the
+    /// counts): cache hits, misses (store reads), hits of the memory of unknown ids, and
+    /// failed store reads. Counting costs a hit one relaxed add on a counter of its
+    /// thread's own.
+    pub fn stats(&self) -> VerifierStats {
+        let c = &self.shared.stats;
+        VerifierStats {
+            hits: c.hits.sum(),
+            misses: c.misses.load(Ordering::Relaxed),
+            negative_hits: c.negative_hits.sum(),
+            store_errors: c.store_errors.load(Ordering::Relaxed),
+        }
+    }
+
     /// Verifies `presented`, asking the store on a cache miss.
     pub async fn verify(&self, presented: &str) -> Result<Principal, Denial> {
         match self.lookup(presented) {
@@ -333,16 +470,20 @@ impl Verifier {
                 || (age < s.refresh_after.saturating_add(s.max_stale)
                     && entry.refreshing.swap(true, Ordering::AcqRel));
             if use_cached {
+                s.stats.hits.add();
                 let digest = s.hasher.digest(parsed);
                 return Lookup::Done(entry.evaluate(Some(&digest), now));
             }
         } else if s.complete.load(Ordering::Acquire) {
             if !s.recheck.contains(&id) {
+                s.stats.negative_hits.add();
                 return Lookup::Done(Err(Denial::new(DenialCode::InvalidKey)));
             }
         } else if s.negative.contains(&id, now) {
+            s.stats.negative_hits.add();
             return Lookup::Done(Err(Denial::new(DenialCode::InvalidKey)));
         }
+        s.stats.misses.fetch_add(1, Ordering::Relaxed);
         Lookup::Pending(PendingLookup {
             id,
             digest: Some(s.hasher.digest(parsed)),
@@ -455,7 +596,7 @@ impl Verifier {
                     principal: entry.principal.clone(),
                 };
                 if unchanged {
-                    s.cache.insert(id, entry);
+                    s.put(id, entry);
                     s.recheck.remove(&id);
                 }
                 s.negative.remove(&id);
@@ -463,7 +604,7 @@ impl Verifier {
             }
             Ok(None) => {
                 if unchanged {
-                    s.cache.remove(&id);
+                    s.evict(&id);
                     s.recheck.remove(&id);
                     s.negative.insert(id, now);
                 }
@@ -474,7 +615,7 @@ impl Verifier {
                 // the key alive. The message names the key and the column, never a value
                 // that could be a secret.
                 tracing::warn!(key_id = %id, error = %why, "stored key record is unreadable; the key is refused (corrupt_key) until the row is repaired");
-                s.cache.remove(&id);
+                s.evict(&id);
                 s.negative.remove(&id);
                 if s.complete.load(Ordering::Acquire) {
                     // Preloaded mode: keep asking the store for it (so it reads corrupt_key,
@@ -484,6 +625,7 @@ impl Verifier {
                 Fetched::Corrupt
             }
             Err(err) => {
+                s.stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(key_id = %id, error = %err, "key store lookup failed");
                 if let Some(entry) = s.cache.get(&id) {
                     entry.refreshing.store(false, Ordering::Release);
@@ -523,7 +665,15 @@ impl Verifier {
                 digest,
                 status,
                 principal,
-            } => evaluate(digest, *status, principal, pending.digest.as_ref(), now),
+            } => {
+                let verdict = evaluate(digest, *status, principal, pending.digest.as_ref(), now);
+                if verdict.is_ok() {
+                    if let Some(entry) = s.cache.get(&pending.id) {
+                        entry.mark_used(now);
+                    }
+                }
+                verdict
+            }
             Fetched::Missing => Err(Denial::new(DenialCode::InvalidKey)),
             Fetched::Corrupt => Err(Denial::new(DenialCode::CorruptKey)),
             Fetched::Failed => {
@@ -551,7 +701,7 @@ impl Verifier {
         s.epoch.fetch_add(1, Ordering::AcqRel);
         // A read under way may predate the change: later misses start a read of their own.
         s.inflight.remove(id);
-        s.cache.remove(id);
+        s.evict(id);
         s.negative.remove(id);
         if s.complete.load(Ordering::Acquire) {
             s.recheck.insert(*id);
@@ -564,6 +714,7 @@ impl Verifier {
         s.epoch.fetch_add(1, Ordering::AcqRel);
         s.complete.store(false, Ordering::Release);
         s.inflight.clear();
+        s.keep_all_marks();
         s.cache.clear();
         s.negative.clear();
         s.recheck.clear();
@@ -578,7 +729,7 @@ impl Verifier {
                 Ok(p) => Some((r, p)),
                 Err(e) => {
                     if matches!(e, StoreError::Corrupt(_)) {
-                        s.cache.remove(id);
+                        s.evict(id);
                     }
                     return Err(e);
                 }
@@ -587,7 +738,7 @@ impl Verifier {
             Err(e) => {
                 if matches!(e, StoreError::Corrupt(_)) {
                     // A corrupt record must not stay cached.
-                    s.cache.remove(id);
+                    s.evict(id);
                 }
                 return Err(e);
             }
@@ -595,11 +746,11 @@ impl Verifier {
         let now = s.clock.now();
         match record {
             Some((r, p)) => {
-                s.cache.insert(*id, Entry::new(&r, p, now));
+                s.put(*id, Entry::new(&r, p, now));
                 s.negative.remove(id);
             }
             None => {
-                s.cache.remove(id);
+                s.evict(id);
             }
         }
         s.recheck.remove(id);
@@ -635,7 +786,7 @@ impl Verifier {
                 // loaded copy: forget it, and ask the store for it on its next use.
                 let complete = s.complete.load(Ordering::Acquire);
                 for id in raced {
-                    s.cache.remove(&id);
+                    s.evict(&id);
                     if complete {
                         s.recheck.insert(id);
                     }
@@ -670,7 +821,7 @@ impl Verifier {
                 .as_deref()
                 .and_then(|n| identities.iter().find(|i| i.name == n));
             let principal = Principal::resolve_shared(r, &roles, identity, &s.interner);
-            s.cache.insert(r.id, Entry::new(r, principal, now));
+            s.put(r.id, Entry::new(r, principal, now));
         }
         for bad in &listing.skipped {
             tracing::warn!(key_id = %bad.id, column = %bad.column, reason = %bad.reason, "preload: left out a key record that cannot be read; requests with that key are refused (corrupt_key)");
@@ -683,6 +834,146 @@ impl Verifier {
         s.complete.store(true, Ordering::Release);
         drop(guard);
         Ok(listing.records.len())
+    }
+}
+
+impl Shared {
+    /// Caches `entry` for `id`, carrying over the last-use mark of the entry it replaces.
+    fn put(&self, id: KeyId, entry: Entry) {
+        if let Some(old) = self.cache.insert(id, entry) {
+            let (used, flushed) = (old.used.into_inner(), old.flushed.into_inner());
+            if used > 0 {
+                if let Some(new) = self.cache.get(&id) {
+                    new.used.fetch_max(used, Ordering::Relaxed);
+                    new.flushed.fetch_max(flushed, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Drops `id` from the cache, keeping its unwritten last-use mark for the next flush.
+    fn evict(&self, id: &KeyId) {
+        if let Some((_, old)) = self.cache.remove(id) {
+            if let Some(minute) = old.unflushed() {
+                self.keep_marks([(*id, minute)]);
+            }
+        }
+    }
+
+    /// Keeps the unwritten marks of every cached entry (before the cache is cleared).
+    fn keep_all_marks(&self) {
+        let marks: Vec<(KeyId, u32)> = self
+            .cache
+            .iter()
+            .filter_map(|e| e.unflushed().map(|m| (*e.key(), m)))
+            .collect();
+        self.keep_marks(marks);
+    }
+
+    fn keep_marks(&self, marks: impl IntoIterator<Item = (KeyId, u32)>) {
+        let mut kept = self
+            .orphan_marks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for mark in marks {
+            if kept.len() >= MAX_ORPHAN_MARKS {
+                break;
+            }
+            kept.push(mark);
+        }
+    }
+}
+
+impl Verifier {
+    /// Writes the last-use marks taken since the previous flush to the store, in one
+    /// [`KeyStore::record_last_used`] call; returns how many keys it wrote (0: nothing to
+    /// write, and the store was not called).
+    ///
+    /// A successful verification marks its key in memory (the cache entry's minute, one
+    /// atomic read per request and one write per key and minute): requests never write to
+    /// the store. Times are kept to the minute (the start of the minute of the last use).
+    /// Call this in the background ([`Verifier::spawn_last_used_flusher`]); when the store
+    /// fails, the marks stay and the next flush writes them.
+    pub async fn flush_last_used(&self) -> Result<usize, StoreError> {
+        let s = &*self.shared;
+        let mut marks: Vec<(KeyId, u32)> = std::mem::take(
+            &mut *s
+                .orphan_marks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        let orphans = marks.len();
+        marks.extend(
+            s.cache
+                .iter()
+                .filter_map(|e| e.unflushed().map(|m| (*e.key(), m))),
+        );
+        if marks.is_empty() {
+            return Ok(0);
+        }
+        // One entry per key, the latest minute.
+        marks.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        marks.dedup_by_key(|m| m.0);
+        let times: Vec<(KeyId, SystemTime)> =
+            marks.iter().map(|&(id, m)| (id, minute_start(m))).collect();
+        let written = s.store.record_last_used(&times).await;
+        if let Err(e) = written {
+            if matches!(e, StoreError::Unsupported(_)) {
+                // The store keeps no such times: holding the marks would only repeat this.
+                for (id, minute) in &marks {
+                    if let Some(entry) = s.cache.get(id) {
+                        entry.flushed.fetch_max(*minute, Ordering::Relaxed);
+                    }
+                }
+                return Err(e);
+            }
+            // Cached entries still hold theirs; put the orphans back.
+            if orphans > 0 {
+                let cached: Vec<(KeyId, u32)> = marks
+                    .into_iter()
+                    .filter(|(id, _)| !s.cache.contains_key(id))
+                    .collect();
+                s.keep_marks(cached);
+            }
+            return Err(e);
+        }
+        for (id, minute) in &marks {
+            if let Some(entry) = s.cache.get(id) {
+                entry.flushed.fetch_max(*minute, Ordering::Relaxed);
+            }
+        }
+        Ok(marks.len())
+    }
+
+    /// Spawns a task on the current tokio runtime that calls
+    /// [`flush_last_used`](Self::flush_last_used) every `every` (a failed flush logs a
+    /// warning and is retried at the next tick; a store that keeps no last-used times is
+    /// not warned about). The task ends by itself once every clone of this verifier is
+    /// dropped, or when its handle is aborted.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (as `tokio::spawn`).
+    pub fn spawn_last_used_flusher(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let weak: Weak<Shared> = Arc::downgrade(&self.shared);
+        let every = every.max(Duration::from_millis(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(shared) = weak.upgrade() else {
+                    return;
+                };
+                let verifier = Verifier { shared };
+                if let Err(e) = verifier.flush_last_used().await {
+                    if !matches!(e, StoreError::Unsupported(_)) {
+                        tracing::warn!(error = %e, "could not write keys' last-used times; retrying at the next flush");
+                    }
+                }
+            }
+        })
     }
 }
 

@@ -441,6 +441,14 @@ impl<S: KeyStore> KeyStore for Publishing<S> {
     async fn insert_identity(&self, identity: &Identity) -> Result<(), StoreError> {
         self.inner.insert_identity(identity).await
     }
+
+    /// Not a key change: nothing is announced (no replica drops its cached key).
+    async fn record_last_used(
+        &self,
+        used: &[(KeyId, std::time::SystemTime)],
+    ) -> Result<(), StoreError> {
+        self.inner.record_last_used(used).await
+    }
 }
 
 impl<S: KeyStore> Publishing<S> {

@@ -32,8 +32,16 @@
 //!   key's place, narrowed; `GET /.well-known/jwks.json` publishes the public keys. Signing
 //!   keys from `--token-keys-file` / `KEYGATE_TOKEN_KEYS_FILE` or `KEYGATE_TOKEN_KEYS`;
 //!   with neither, a key made at start (said on stderr).
+//!   by decision and denial code, rate-limit and quota refusals by policy, key lifecycle
+//!   changes, anomalies, verifier cache lookups, audit events and queue depth, request and
+//!   stack-time histograms; `--metrics-listen ADDR` also serves it without a key on a
+//!   listener of its own.
+//! - Last use: each key's last-used time (to the minute) is written to the key database
+//!   every `--last-used-every` seconds (30) and at shutdown; `keygate keys list` shows it.
 //! - Rotation notices: `--max-key-age 90d` and `--expiry-warning 14d`: a key due for
-//!   rotation or about to expire keeps working and answers with `Deprecation` and `Sunset`.
+//!   rotation or about to expire keeps working and answers with `Deprecation` and `Sunset`;
+//!   a sweep every `--notices-every` seconds records a `rotation_due` / `expiring` audit
+//!   event per due key (once a day), POSTed to `--notice-webhook URL` too when given.
 //! - Connections: `--header-read-timeout` (10 s), `--idle-timeout` (60 s) and
 //!   `--max-connections` (1,024) bound what slow or idle clients can hold.
 //! - Audit events go to a hash-chained JSON Lines log: `--audit-log keygate-audit.jsonl`
@@ -112,6 +120,10 @@ struct Args {
     /// audit event per window of this many seconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     audit_window: u64,
+    /// Keys' last-used times (to the minute, shown by `keygate keys list`) are marked in
+    /// memory and written to the key database every this many seconds, and at shutdown.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    last_used_every: u64,
     /// Redis, for several replicas: rate limits and quota counters shared by every replica,
     /// and key changes announced to all of them (`redis://HOST:6379`). Unset: limits and
     /// quota counting are per process (quota usage flushed to the key database). A URL with
@@ -167,6 +179,20 @@ struct Args {
     /// Keys expiring within this window (`14d`) get the same fields.
     #[arg(long, value_parser = parse_age)]
     expiry_warning: Option<std::time::Duration>,
+    /// Every this many seconds, a sweep of the keys records a `rotation_due` or `expiring`
+    /// audit event (and metric) for each key past its maximum age (`--max-key-age`, or a
+    /// key's, role's or identity's `max_key_age`) or inside `--expiry-warning`; once per
+    /// key and day.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    notices_every: u64,
+    /// Also POST each notice as JSON to this `http://` URL (retried 4 times with backoff;
+    /// never with a key in the body).
+    #[arg(long)]
+    notice_webhook: Option<String>,
+    /// Also send the legacy `X-RateLimit-Limit`, `-Remaining` and `-Reset` fields (the
+    /// tightest policy) beside the IETF `RateLimit` fields.
+    #[arg(long)]
+    legacy_ratelimit_headers: bool,
     /// Also serve `/metrics` without a key on this address (`127.0.0.1:9464`): for a
     /// scraper on a private network. On the main listener it needs `metrics:read`.
     #[arg(long)]
@@ -467,6 +493,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         None => Verifier::builder(store.clone()).hasher(hasher).build(),
     };
     let follower = store.watch(&verifier).await?;
+    let last_used = verifier.clone();
+    let last_used_flusher =
+        last_used.spawn_last_used_flusher(std::time::Duration::from_secs(args.last_used_every));
     let watcher = match &redis {
         Some(r) => Some(r.watch(&verifier, WatchOptions::new()).await),
         None => None,
@@ -511,6 +540,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 
     // Quota counters in the same database (batched, flushed every second and at shutdown),
     // where `keygate usage` reads them.
+    // Verifier lookups and the audit queue are read at each scrape.
+    metrics.observe_verifier(&verifier);
+    metrics.observe_auditor(&auditor);
     let mut opts = server::Options::new(verifier, auditor.clone());
     opts.require_tls = args.require_tls;
     opts.disable_exposed = args.disable_exposed_keys;
@@ -519,6 +551,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     opts.expiry_warning = args.expiry_warning;
     opts.console_events = Some(recent);
     opts.console_chain = Some(console_chain);
+    opts.legacy_ratelimit_headers = args.legacy_ratelimit_headers;
     if let Some(path) = &args.leak_public_keys {
         opts.leak_public_keys = Some(
             keygate_admin::leak::PublicKeys::from_file(path)
@@ -548,6 +581,20 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         // data resets no quota (windows are re-seeded from it).
         opts.usage = Arc::new(RedisUsageStore::new(r).durable(store.usage_store()));
         opts.counting = Counting::Strict;
+    }
+    let mut sweep =
+        keygate::notices::NoticeSweep::new(Arc::new(store.clone()), Arc::new(keygate::SystemClock))
+            .auditor(auditor.clone());
+    if let Some(age) = args.max_key_age {
+        sweep = sweep.max_age(age);
+    }
+    if let Some(window) = args.expiry_warning {
+        sweep = sweep.warn_before_expiry(window);
+    }
+    if let Some(url) = &args.notice_webhook {
+        sweep = sweep.webhook(
+            keygate::notices::Webhook::new(url).map_err(|e| format!("--notice-webhook: {e}"))?,
+        );
     }
     let app = server::build(opts)?;
 
@@ -623,6 +670,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         (Some(tls), Some(_)) => Some(tokio::spawn(reload_on_sighup(tls.clone()))),
         _ => None,
     };
+    let notices = sweep.spawn(std::time::Duration::from_secs(args.notices_every));
     println!("ready");
 
     let limits = server::serve::ConnLimits {
@@ -640,10 +688,15 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     if let Some(r) = reloads {
         r.abort();
     }
+    notices.abort();
     // In-flight requests are done: flush what they counted and recorded.
-    println!("shutting down: flushing quota usage and the audit log");
+    println!("shutting down: flushing quota usage, last-used times and the audit log");
     if let Err(e) = app.quota.flush().await {
         eprintln!("quota usage flush failed: {e}");
+    }
+    last_used_flusher.abort();
+    if let Err(e) = last_used.flush_last_used().await {
+        eprintln!("last-used times flush failed: {e}");
     }
     follower.shutdown().await;
     if let Some(w) = watcher {

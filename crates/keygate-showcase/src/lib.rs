@@ -202,6 +202,9 @@ pub struct Options {
     /// `GET /.well-known/jwks.json` (open) publishes the public keys
     /// ([`keygate_admin::TokenApi`]).
     pub tokens: Option<keygate::token::Tokens>,
+    /// Also write the legacy `X-RateLimit-Limit`, `-Remaining` and `-Reset` fields
+    /// (`keygate::rate_limit::LegacyRateLimitHeadersLayer`), for clients that read those.
+    pub legacy_ratelimit_headers: bool,
 }
 
 impl Options {
@@ -231,6 +234,7 @@ impl Options {
             console_events: None,
             console_chain: None,
             tokens: None,
+            legacy_ratelimit_headers: false,
         }
     }
 }
@@ -492,6 +496,9 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
     if let Some(window) = opts.expiry_warning {
         deprecation = deprecation.warn_before_expiry(window);
     }
+    let legacy_headers = opts
+        .legacy_ratelimit_headers
+        .then(keygate::rate_limit::LegacyRateLimitHeadersLayer::new);
     let metrics_routes = match &opts.metrics {
         Some(m) => m.router(),
         None => Router::new(),
@@ -598,6 +605,7 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
         .layer(
             ServiceBuilder::new()
                 .layer(gate.audit_layer(opts.auditor))
+                .option_layer(legacy_headers)
                 .option_layer(require_tls)
                 .layer(axum::middleware::from_fn_with_state(
                     vectors.clone(),

@@ -101,6 +101,13 @@ async fn a_scrape_sees_exactly_the_requests_sent() {
         "{}",
         second.text
     );
+    // And the time keygate added to each, once.
+    assert_eq!(
+        moved.get(r#"keygate_stack_duration_seconds_count{protocol="http"}"#),
+        Some(&7),
+        "{}",
+        second.text
+    );
     // The first scrape itself was counted once it was answered: allowed.
     let requests: BTreeMap<String, u64> = moved
         .into_iter()

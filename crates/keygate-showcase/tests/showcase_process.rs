@@ -1197,3 +1197,40 @@ async fn https_from_pem_files_reloaded_on_sighup() {
         .expect("wait");
     assert!(status.success());
 }
+
+/// Last-used times are written behind the request path: with a flush interval longer than
+/// the test, requests leave the database untouched, and the graceful shutdown writes them.
+#[cfg(unix)]
+#[tokio::test]
+async fn last_used_times_are_flushed_at_shutdown_not_per_request() {
+    use keygate::KeyStore as _;
+    let Some(bin) = binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(&bin, dir.path(), &["--last-used-every", "86400"], &[]).await;
+    let admin = server.admin_key.clone().expect("an admin key");
+    for _ in 0..3 {
+        let r = call(server.addr, "GET", "/collections", Some(&admin), None).await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let url = format!("sqlite://{}", dir.path().join("keygate.db").display());
+    let last_used = || async {
+        let store = keygate::sql::SqlStore::open(&url).await.expect("open");
+        let keys = store.list(&Default::default()).await.expect("list");
+        store.close().await;
+        keys.iter()
+            .find(|k| k.name == "admin")
+            .expect("the admin key")
+            .last_used_at
+    };
+    assert_eq!(last_used().await, None, "no write per request");
+    let before = SystemTime::now();
+    let rest = server.terminate().await;
+    assert!(
+        rest.iter().any(|l| l.contains("last-used times")),
+        "{rest:?}"
+    );
+    let at = last_used().await.expect("written at shutdown");
+    // To the minute: at most a minute before now.
+    assert!(at <= SystemTime::now());
+    assert!(before.duration_since(at).unwrap_or_default() < Duration::from_secs(61));
+}

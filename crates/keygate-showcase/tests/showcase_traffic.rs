@@ -188,3 +188,51 @@ async fn quotas_answer_429_and_the_admin_api_reports_usage() {
     w.clock.set(keygate::core::usage::utc(2026, 7, 5, 0, 0, 1));
     assert_eq!(upsert(9, 4).await.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn legacy_ratelimit_fields_are_sent_when_asked_for() {
+    let w = World::with(|mut o| {
+        o.legacy_ratelimit_headers = true;
+        o
+    })
+    .await;
+    w.collection("docs").await;
+    let (key, _) = w
+        .issue(
+            json!({"name": "ingest", "scopes": ["points:*"], "collections": ["docs"],
+                      "rate_limits": ["burst=5/m"]}),
+        )
+        .await;
+    let r = w
+        .call(
+            "PUT",
+            "/collections/docs/points",
+            Some(&key),
+            Some(points(1, 3)),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.header("ratelimit"), Some(r#""burst";r=2;t=36"#));
+    assert_eq!(r.header("x-ratelimit-limit"), Some("5"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("2"));
+    assert_eq!(r.header("x-ratelimit-reset"), Some("36"));
+    let r = w
+        .call(
+            "PUT",
+            "/collections/docs/points",
+            Some(&key),
+            Some(points(4, 3)),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("2"));
+
+    // Off by default.
+    let plain = World::new().await;
+    plain.collection("docs").await;
+    let r = plain
+        .call("GET", "/collections", Some(&plain.admin), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.header("x-ratelimit-limit").is_none());
+}

@@ -82,6 +82,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         description: "iam",
         sql: include_str!("../migrations/sqlite/0006_iam.sql"),
     },
+    Migration {
+        version: 7,
+        description: "last_used",
+        sql: include_str!("../migrations/sqlite/0007_last_used.sql"),
+    },
 ];
 
 /// PostgreSQL's migrations, in order (same versions as [`SQLITE`]).
@@ -115,6 +120,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 6,
         description: "iam",
         sql: include_str!("../migrations/postgres/0006_iam.sql"),
+    },
+    Migration {
+        version: 7,
+        description: "last_used",
+        sql: include_str!("../migrations/postgres/0007_last_used.sql"),
     },
 ];
 

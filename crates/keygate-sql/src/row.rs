@@ -246,6 +246,13 @@ where
             let v: i64 = d.get("version")?;
             u64::try_from(v).map_err(|_| d.bad("version", "negative"))?
         },
+        // A hint, not part of the key: absent (a query without it), unreadable or out of
+        // range reads as "not known", never as a damaged key.
+        last_used_at: row
+            .try_get::<Option<i64>, _>("last_used_at")
+            .ok()
+            .flatten()
+            .and_then(stored_time),
     })
 }
 

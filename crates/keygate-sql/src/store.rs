@@ -100,11 +100,32 @@ macro_rules! prune_in {
     }};
 }
 
+/// The last-used time of the row's key (migration 7), beside the key's columns.
+macro_rules! last_used_column {
+    () => {
+        ", (SELECT used_at FROM keygate_key_last_used WHERE key_id = keygate_keys.id) \
+         AS last_used_at"
+    };
+}
+
 const GET: &str = concat!(
     "SELECT ",
     key_columns!(),
-    ", version FROM keygate_keys WHERE id = $1"
+    ", version",
+    last_used_column!(),
+    " FROM keygate_keys WHERE id = $1"
 );
+
+/// Raises a key's last-used time (never lowers it).
+const SQLITE_LAST_USED: &str = "INSERT INTO keygate_key_last_used (key_id, used_at) \
+     SELECT $1, $2 WHERE EXISTS (SELECT 1 FROM keygate_keys WHERE id = $1) \
+     ON CONFLICT (key_id) DO UPDATE SET used_at = MAX(used_at, excluded.used_at)";
+/// [`SQLITE_LAST_USED`] for many keys at once.
+const PG_LAST_USED: &str = "INSERT INTO keygate_key_last_used (key_id, used_at) \
+     SELECT u.k, u.t FROM UNNEST($1::text[], $2::int8[]) AS u(k, t) \
+     WHERE EXISTS (SELECT 1 FROM keygate_keys WHERE id = u.k) \
+     ON CONFLICT (key_id) DO UPDATE \
+     SET used_at = GREATEST(keygate_key_last_used.used_at, EXCLUDED.used_at)";
 
 const INSERT: &str = concat!(
     "INSERT INTO keygate_keys (",
@@ -134,7 +155,9 @@ const SET_STATUS: &str = "UPDATE keygate_keys SET status = $2, updated_at = $3, 
 const LIST: &str = concat!(
     "SELECT ",
     key_columns!(),
-    ", version FROM keygate_keys",
+    ", version",
+    last_used_column!(),
+    " FROM keygate_keys",
     " WHERE (CAST($1 AS TEXT) IS NULL OR owner = $1)",
     " AND (CAST($2 AS TEXT) IS NULL OR status = $2)",
     " AND (CAST($3 AS TEXT) IS NULL OR prefix = $3)",
@@ -922,6 +945,52 @@ impl KeyStore for SqlStore {
 
     /// One `UPDATE` of the status and `updated_at` columns only (a revoked row is left
     /// alone), so it works on a row whose other columns cannot be read.
+    async fn record_last_used(&self, used: &[(KeyId, SystemTime)]) -> Result<(), StoreError> {
+        // One row per key, the latest time (PostgreSQL refuses to update a row twice in
+        // one statement).
+        let mut latest: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+        for (id, at) in used {
+            let ms = row::to_ms(*at);
+            latest
+                .entry(id.as_str())
+                .and_modify(|t| *t = (*t).max(ms))
+                .or_insert(ms);
+        }
+        if latest.is_empty() {
+            return Ok(());
+        }
+        self.timed("record_last_used", async {
+            let done: Result<(), sqlx::Error> = match &self.inner.pool {
+                Pool::Sqlite(pool) => {
+                    async {
+                        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                        for (id, ms) in &latest {
+                            sqlx::query(SQLITE_LAST_USED)
+                                .bind(*id)
+                                .bind(*ms)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                        tx.commit().await
+                    }
+                    .await
+                }
+                Pool::Postgres(pool) => {
+                    let ids: Vec<&str> = latest.keys().copied().collect();
+                    let times: Vec<i64> = latest.values().copied().collect();
+                    sqlx::query(PG_LAST_USED)
+                        .bind(ids)
+                        .bind(times)
+                        .execute(pool)
+                        .await
+                        .map(|_| ())
+                }
+            };
+            done.map_err(|e| unavailable("record_last_used", e))
+        })
+        .await
+    }
+
     async fn set_status(
         &self,
         id: &KeyId,

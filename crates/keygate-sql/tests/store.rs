@@ -718,9 +718,9 @@ both!(
 );
 
 /// The newest migration version this build embeds (1: keys; 2: usage and audit; 3: meta;
-/// 4: scopes; 5: lineage), and how many versions it embeds.
-const LATEST: i64 = 6;
-const EMBEDDED: i64 = 6;
+/// 4: scopes; 5: lineage; 6: iam; 7: last-used times), and how many versions it embeds.
+const LATEST: i64 = 7;
+const EMBEDDED: i64 = 7;
 
 async fn migrations_apply_once_under_concurrency(db: &Db) {
     // Eight handles open the same new database at once.
@@ -857,3 +857,80 @@ async fn postgres_schema_is_created_and_used() {
         1
     );
 }
+
+/// Last-used times: marked by the verifier in memory, written by its flush (one statement
+/// per flush, not per request), read back by `get` and `list`, never moved back, left
+/// alone by `update`, and invisible to the change sequence and the record's version.
+async fn last_used_is_flushed_not_written_per_request(db: &Db) {
+    let store = Arc::new(db.open().await);
+    let h = KeyHasher::new();
+    let clock = keygate_core::ManualClock::new(at_ms(T0));
+    let (key, rec) = plain(&h, "used", at_ms(T0));
+    let (_, idle) = plain(&h, "idle", at_ms(T0 + 1));
+    store.insert(&rec).await.unwrap();
+    store.insert(&idle).await.unwrap();
+    let verifier = Verifier::builder_shared(store.clone())
+        .clock(clock.clone())
+        .build();
+    let changes_before = store.last_change().await.unwrap();
+
+    clock.advance(Duration::from_secs(125));
+    for _ in 0..50 {
+        verifier.verify(key.expose_secret()).await.unwrap();
+    }
+    // Requests wrote nothing.
+    assert_eq!(
+        store.get(&rec.id).await.unwrap().unwrap().last_used_at,
+        None
+    );
+    assert_eq!(verifier.flush_last_used().await.unwrap(), 1);
+    // T0 is 1_780_000_000_000 ms; + 125 s, cut to the minute.
+    let minute_ms = (T0 / 1000 + 125) / 60 * 60 * 1000;
+    let got = store.get(&rec.id).await.unwrap().unwrap();
+    assert_eq!(got.last_used_at, Some(at_ms(minute_ms)));
+    assert_eq!(got.version, rec.version, "no version bump");
+    let listed = store.list(&KeyFilter::default()).await.unwrap();
+    let by_name = |n: &str| listed.iter().find(|r| r.name == n).unwrap().last_used_at;
+    assert_eq!(by_name("used"), Some(at_ms(minute_ms)));
+    assert_eq!(by_name("idle"), None);
+    assert_eq!(
+        store.last_change().await.unwrap(),
+        changes_before,
+        "a last-used write is not a key change"
+    );
+
+    // Older times never move it back; unknown ids are ignored.
+    let (_, ghost) = plain(&h, "ghost", at_ms(T0));
+    store
+        .record_last_used(&[(rec.id, at_ms(T0)), (ghost.id, at_ms(T0))])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get(&rec.id).await.unwrap().unwrap().last_used_at,
+        Some(at_ms(minute_ms))
+    );
+    assert!(store.get(&ghost.id).await.unwrap().is_none());
+
+    // An update from a record read before the flush leaves the time alone.
+    let mut stale = rec.clone();
+    stale.name = "renamed".into();
+    store.update(&stale).await.unwrap();
+    let got = store.get(&rec.id).await.unwrap().unwrap();
+    assert_eq!(got.name, "renamed");
+    assert_eq!(got.last_used_at, Some(at_ms(minute_ms)));
+
+    // A later minute moves it forward; a flush with nothing new does not call the store.
+    clock.advance(Duration::from_secs(60));
+    verifier.verify(key.expose_secret()).await.unwrap();
+    assert_eq!(verifier.flush_last_used().await.unwrap(), 1);
+    assert_eq!(verifier.flush_last_used().await.unwrap(), 0);
+    assert_eq!(
+        store.get(&rec.id).await.unwrap().unwrap().last_used_at,
+        Some(at_ms(minute_ms + 60_000))
+    );
+}
+both!(
+    sqlite_last_used_is_flushed_not_written_per_request,
+    postgres_last_used_is_flushed_not_written_per_request,
+    last_used_is_flushed_not_written_per_request
+);

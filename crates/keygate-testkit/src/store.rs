@@ -1,4 +1,5 @@
-//! [`CountingStore`]: a memory key store that counts lookups and can simulate an outage.
+//! [`CountingStore`]: a memory key store that counts lookups and last-used writes and can
+//! simulate an outage.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -15,6 +16,7 @@ pub struct CountingStore {
     inner: MemoryStore,
     gets: Arc<AtomicUsize>,
     down: Arc<AtomicBool>,
+    last_used_writes: Arc<AtomicUsize>,
 }
 
 impl CountingStore {
@@ -26,6 +28,12 @@ impl CountingStore {
     /// The records, bypassing the counter and the outage switch.
     pub fn memory(&self) -> &MemoryStore {
         &self.inner
+    }
+
+    /// How many times [`KeyStore::record_last_used`] was called (a request must never
+    /// cause one; a flush causes one).
+    pub fn last_used_writes(&self) -> usize {
+        self.last_used_writes.load(Ordering::SeqCst)
     }
 
     /// How many times `get` was called.
@@ -118,5 +126,14 @@ impl KeyStore for CountingStore {
     async fn insert_identity(&self, identity: &Identity) -> Result<(), StoreError> {
         self.check()?;
         self.inner.insert_identity(identity).await
+    }
+
+    async fn record_last_used(
+        &self,
+        used: &[(KeyId, std::time::SystemTime)],
+    ) -> Result<(), StoreError> {
+        self.last_used_writes.fetch_add(1, Ordering::SeqCst);
+        self.check()?;
+        self.inner.record_last_used(used).await
     }
 }

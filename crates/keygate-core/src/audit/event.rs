@@ -215,6 +215,17 @@ pub struct RequestEvent {
     /// when absent.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "shared_str")]
     pub token_subject: Option<Arc<str>>,
+    /// For a refusal by a rate limit or quota (`rate_limited`, `quota_exceeded`,
+    /// `cost_exceeds_limit`), the first policy the request broke (`burst`, `daily`). Left
+    /// out of the JSON otherwise, so other lines read and chain exactly as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// The time keygate's layers added: from the audit layer to the protected service
+    /// being called (the whole latency when a layer refused the request). In memory only,
+    /// for metrics (`keygate::metrics::Metrics`): never
+    /// written to a log, absent from events read back.
+    #[serde(skip)]
+    pub stack_time: Option<Duration>,
 }
 
 /// A list of names shared between a principal and the events that record it.
@@ -252,6 +263,8 @@ impl RequestEvent {
             roles: None,
             token_id: None,
             token_subject: None,
+            policy: None,
+            stack_time: None,
         }
     }
 }
@@ -280,11 +293,17 @@ pub enum LifecycleAction {
     /// A role the key holds was created, changed or deleted: the key's effective policy
     /// changed without its record changing. The change names the role (`role:NAME`).
     RoleChanged,
+    /// A notice: the key is past its rotation date (its maximum age). Nothing changed;
+    /// the change `rotation_due_at` says since when.
+    RotationDue,
+    /// A notice: the key expires soon (it is inside the expiry warning window). Nothing
+    /// changed; the change `expires_at` says when.
+    Expiring,
 }
 
 impl LifecycleAction {
-    /// `issued`, `rotated`, `revoked`, `disabled`, `enabled`, `updated`, `exposed` or
-    /// `role_changed`.
+    /// `issued`, `rotated`, `revoked`, `disabled`, `enabled`, `updated`, `exposed`,
+    /// `role_changed`, `rotation_due` or `expiring`.
     pub fn as_str(self) -> &'static str {
         match self {
             LifecycleAction::Issued => "issued",
@@ -295,6 +314,8 @@ impl LifecycleAction {
             LifecycleAction::Updated => "updated",
             LifecycleAction::Exposed => "exposed",
             LifecycleAction::RoleChanged => "role_changed",
+            LifecycleAction::RotationDue => "rotation_due",
+            LifecycleAction::Expiring => "expiring",
         }
     }
 }

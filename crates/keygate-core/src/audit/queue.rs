@@ -235,6 +235,22 @@ impl Auditor {
         self.handle.counters.dropped.load(Ordering::Acquire)
     }
 
+    /// How many events wait in the queue for the writer now (0 for a direct auditor).
+    pub fn queue_depth(&self) -> usize {
+        match &self.handle.target {
+            Target::Direct(_) => 0,
+            Target::Queued(q) => q.events.len(),
+        }
+    }
+
+    /// How many events the queue holds at most (0 for a direct auditor).
+    pub fn queue_capacity(&self) -> usize {
+        match &self.handle.target {
+            Target::Direct(_) => 0,
+            Target::Queued(q) => q.events.capacity(),
+        }
+    }
+
     /// Whether the writer has shut down (a direct auditor never does).
     pub fn is_closed(&self) -> bool {
         match &self.handle.target {

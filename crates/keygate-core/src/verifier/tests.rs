@@ -16,6 +16,7 @@ struct CountingStore {
     down: Arc<AtomicBool>,
     corrupt: Arc<AtomicBool>,
     gate: Option<Arc<tokio::sync::Semaphore>>,
+    last_used_writes: Arc<AtomicUsize>,
 }
 
 impl CountingStore {
@@ -61,6 +62,11 @@ impl KeyStore for CountingStore {
     async fn list(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
         self.check()?;
         self.inner.list(filter).await
+    }
+    async fn record_last_used(&self, used: &[(KeyId, SystemTime)]) -> Result<(), StoreError> {
+        self.last_used_writes.fetch_add(1, Ordering::SeqCst);
+        self.check()?;
+        self.inner.record_last_used(used).await
     }
 }
 
@@ -655,4 +661,159 @@ async fn an_invalidation_during_a_read_is_not_answered_by_it() {
     gate.add_permits(2);
     early.await.unwrap();
     assert_eq!(late.await.unwrap().unwrap_err(), DenialCode::RevokedKey);
+}
+
+#[tokio::test]
+async fn last_use_is_marked_in_memory_and_written_by_the_flush_only() {
+    let f = fixture(|b| b);
+    let (key, record) = f.issue(|_| {}).await;
+    let (unused, unused_record) = f.issue(|_| {}).await;
+    let _ = unused;
+    // 2026-01-01T00:00:00Z plus 90 s: the minute starting at 00:01:00.
+    f.clock.advance(Duration::from_secs(90));
+    for _ in 0..100 {
+        f.verifier.verify(key.expose_secret()).await.unwrap();
+    }
+    // A refused secret for the same id marks nothing.
+    let wrong = crate::ApiKey::generate(&Prefix::default()).unwrap();
+    let _ = f.verifier.verify(wrong.expose_secret()).await;
+    assert_eq!(
+        f.store.last_used_writes.load(Ordering::SeqCst),
+        0,
+        "no write per request"
+    );
+    assert_eq!(
+        f.store
+            .inner
+            .get(&record.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_used_at,
+        None
+    );
+
+    assert_eq!(f.verifier.flush_last_used().await.unwrap(), 1);
+    assert_eq!(f.store.last_used_writes.load(Ordering::SeqCst), 1);
+    let minute = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600 + 60);
+    let stored = f.store.inner.get(&record.id).await.unwrap().unwrap();
+    assert_eq!(stored.last_used_at, Some(minute));
+    assert_eq!(
+        stored.info().last_used_at.as_deref(),
+        Some("2026-01-01T00:01:00.000Z")
+    );
+    let never = f.store.inner.get(&unused_record.id).await.unwrap().unwrap();
+    assert_eq!(never.last_used_at, None);
+    assert!(serde_json::to_value(never.info())
+        .unwrap()
+        .get("last_used_at")
+        .is_none());
+
+    // Nothing new: the store is not called.
+    assert_eq!(f.verifier.flush_last_used().await.unwrap(), 0);
+    // More uses in the same minute: still nothing to write.
+    f.clock.advance(Duration::from_secs(20));
+    f.verifier.verify(key.expose_secret()).await.unwrap();
+    assert_eq!(f.verifier.flush_last_used().await.unwrap(), 0);
+    assert_eq!(f.store.last_used_writes.load(Ordering::SeqCst), 1);
+
+    // The next minute: written once more.
+    f.clock.advance(Duration::from_secs(60));
+    f.verifier.verify(key.expose_secret()).await.unwrap();
+    assert_eq!(f.verifier.flush_last_used().await.unwrap(), 1);
+    let stored = f.store.inner.get(&record.id).await.unwrap().unwrap();
+    assert_eq!(stored.last_used_at, Some(minute + Duration::from_secs(60)));
+}
+
+#[tokio::test]
+async fn last_use_marks_survive_invalidation_refresh_and_a_failed_flush() {
+    let f = fixture(|b| b);
+    let (key, record) = f.issue(|_| {}).await;
+    f.verifier.verify(key.expose_secret()).await.unwrap();
+    // The entry is dropped before the flush: the mark is kept for it.
+    f.verifier.invalidate(&record.id);
+    assert_eq!(f.verifier.cached(), 0);
+    // The store is down: the flush fails and keeps the mark.
+    f.store.set_down(true);
+    assert!(f.verifier.flush_last_used().await.is_err());
+    f.store.set_down(false);
+    assert_eq!(f.verifier.flush_last_used().await.unwrap(), 1);
+    assert_eq!(
+        f.store
+            .inner
+            .get(&record.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_used_at,
+        Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600))
+    );
+
+    // A use, then the entry is read again (a refresh replaces it): the mark goes along.
+    f.clock.advance(Duration::from_secs(120));
+    f.verifier.verify(key.expose_secret()).await.unwrap();
+    f.verifier.refresh(&record.id).await.unwrap();
+    assert_eq!(f.verifier.flush_last_used().await.unwrap(), 1);
+    assert_eq!(
+        f.store
+            .inner
+            .get(&record.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_used_at,
+        Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600 + 120))
+    );
+    // An older time never moves it back.
+    f.store
+        .inner
+        .record_last_used(&[(record.id, SystemTime::UNIX_EPOCH)])
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store
+            .inner
+            .get(&record.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_used_at,
+        Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600 + 120))
+    );
+    // An update of the record (read before the flush) leaves it alone.
+    let mut stale = record.clone();
+    stale.name = "renamed".into();
+    f.store.inner.update(&stale).await.unwrap();
+    let after = f.store.inner.get(&record.id).await.unwrap().unwrap();
+    assert_eq!(after.name, "renamed");
+    assert!(after.last_used_at.is_some());
+}
+
+#[tokio::test]
+async fn stats_count_hits_misses_negative_hits_and_store_errors() {
+    let f = fixture(|b| b);
+    let (key, record) = f.issue(|_| {}).await;
+    f.verifier.verify(key.expose_secret()).await.unwrap(); // miss
+    for _ in 0..4 {
+        f.verifier.verify(key.expose_secret()).await.unwrap(); // hits
+    }
+    let unknown = crate::ApiKey::generate(&Prefix::default()).unwrap();
+    let _ = f.verifier.verify(unknown.expose_secret()).await; // miss, then unknown
+    let _ = f.verifier.verify(unknown.expose_secret()).await; // negative hit
+    let _ = f.verifier.verify("kg_not-a-key").await; // malformed: none of them
+    f.verifier.invalidate(&record.id);
+    f.store.set_down(true);
+    let _ = f.verifier.verify(key.expose_secret()).await; // miss, store error
+    let stats = f.verifier.stats();
+    assert_eq!(
+        stats,
+        VerifierStats {
+            hits: 4,
+            misses: 3,
+            negative_hits: 1,
+            store_errors: 1,
+        }
+    );
+    // Clones share the counts.
+    assert_eq!(f.verifier.clone().stats(), stats);
 }
