@@ -49,10 +49,20 @@ pub struct TokenApi {
     shared: Arc<TokenShared>,
 }
 
-#[derive(Debug)]
 struct TokenShared {
     gate: KeyGate,
     tokens: Tokens,
+    on_issued: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for TokenShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenShared")
+            .field("gate", &self.gate)
+            .field("tokens", &self.tokens)
+            .field("on_issued", &self.on_issued.is_some())
+            .finish()
+    }
 }
 
 impl TokenApi {
@@ -64,6 +74,28 @@ impl TokenApi {
             shared: Arc::new(TokenShared {
                 gate: gate.clone(),
                 tokens,
+                on_issued: None,
+            }),
+        }
+    }
+
+    /// Calls `hook` once for every token handed out (after it is signed, before the answer
+    /// leaves), e.g. `move || metrics.token_issued()` to count them in
+    /// `keygate_tokens_issued_total`. Set it before [`router`](TokenApi::router) or
+    /// [`split`](TokenApi::split); a later call replaces it.
+    pub fn on_issued(self, hook: impl Fn() + Send + Sync + 'static) -> Self {
+        let shared = match Arc::try_unwrap(self.shared) {
+            Ok(shared) => shared,
+            Err(shared) => TokenShared {
+                gate: shared.gate.clone(),
+                tokens: shared.tokens.clone(),
+                on_issued: None,
+            },
+        };
+        TokenApi {
+            shared: Arc::new(TokenShared {
+                on_issued: Some(Box::new(hook)),
+                ..shared
             }),
         }
     }
@@ -147,6 +179,9 @@ async fn issue(State(shared): State<Arc<TokenShared>>, req: Request) -> Response
     };
     match shared.tokens.issue(&parent, &request, gate.clock().now()) {
         Ok(t) => {
+            if let Some(hook) = &shared.on_issued {
+                hook();
+            }
             let body = serde_json::json!({
                 "access_token": t.expose_secret(),
                 "token_type": "Bearer",

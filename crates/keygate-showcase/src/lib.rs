@@ -415,10 +415,13 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
             .build(),
         None => KeyGate::new(opts.verifier),
     };
-    let token_api = opts
-        .tokens
-        .as_ref()
-        .map(|t| TokenApi::new(&gate, t.clone()));
+    let token_api = opts.tokens.as_ref().map(|t| {
+        let api = TokenApi::new(&gate, t.clone());
+        match opts.metrics.clone() {
+            Some(metrics) => api.on_issued(move || metrics.token_issued()),
+            None => api,
+        }
+    });
     let keys = KeyManager::for_verifier(gate.verifier(), opts.auditor.clone());
     let vectors = VectorStore::new();
     let bytes_config = RateLimitConfig::new()

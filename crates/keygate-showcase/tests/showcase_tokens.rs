@@ -689,3 +689,44 @@ async fn the_showcase_refuses_bad_token_keys_before_creating_anything() {
         );
     }
 }
+
+/// The counter of issued tokens, from the metrics text.
+fn tokens_issued(metrics: &keygate::metrics::Metrics) -> u64 {
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix("keygate_tokens_issued_total "))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn issued_tokens_are_counted_in_the_metrics_and_refusals_are_not() {
+    let metrics = keygate::metrics::Metrics::new();
+    let m = metrics.clone();
+    let w = World::with(move |mut o| {
+        o.tokens = Some(tokens());
+        o.metrics = Some(m);
+        o.anonymous_rate_limits = Vec::new();
+        o
+    })
+    .await;
+    let (key, _) = w
+        .issue(json!({"name": "app", "scopes": ["points:read"], "collections": ["docs-*"]}))
+        .await;
+    assert_eq!(tokens_issued(&metrics), 0);
+    token(w.addr, &key, json!({})).await;
+    token(w.addr, &key, json!({"subject": "user-7"})).await;
+    assert_eq!(tokens_issued(&metrics), 2);
+    // Asking for more than the key holds issues nothing, and counts nothing.
+    let r = bearer(
+        w.addr,
+        "POST",
+        "/auth/token",
+        &key,
+        Some(json!({"scopes": ["points:write"]})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert_eq!(tokens_issued(&metrics), 2);
+}
