@@ -172,6 +172,8 @@ async fn identities_and_usage(env: &Env) {
             "--json",
             "--rate",
             "burst=50/s",
+            "--quota",
+            "etl-daily=1000/d",
             "--meta",
             r#"{"team":"data"}"#,
         ])
@@ -231,11 +233,27 @@ async fn identities_and_usage(env: &Env) {
             .unwrap();
         assert!(matches!(r, Admission::Admitted(_)));
     }
+    // The identity's own quota, one count for all its keys, under its usage id.
+    let shared_id = keygate_core::Identity::usage_id("etl-pipeline");
+    let day = [Window::containing(QuotaWindow::Day, now)];
+    let one = [Limit {
+        window: 0,
+        limit: 1000,
+    }];
+    let r = usage
+        .check_and_add(&shared_id, &day, &one, 9)
+        .await
+        .unwrap();
+    assert!(matches!(r, Admission::Admitted(_)));
     let out = env
         .run(&["usage", "--identity", "etl-pipeline", "--json"])
         .ok()
         .json();
     assert_eq!(out["identity"], "etl-pipeline");
+    assert_eq!(out["usage_id"], shared_id.to_string());
+    assert_eq!(out["shared"][0]["name"], "etl-daily");
+    assert_eq!(out["shared"][0]["used"], 9);
+    assert_eq!(out["shared"][0]["remaining"], 991);
     assert_eq!(out["keys"].as_array().unwrap().len(), 2);
     assert_eq!(out["totals"][0]["name"], "daily");
     assert_eq!(out["totals"][0]["used"], 7);
@@ -245,6 +263,7 @@ async fn identities_and_usage(env: &Env) {
         .stdout
         .clone();
     assert!(text.contains("total"), "{text}");
+    assert!(text.contains("etl-daily"), "{text}");
     env.run(&["usage", "--identity", "ghost"]).fails(1);
 }
 both!(

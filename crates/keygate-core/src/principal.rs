@@ -44,6 +44,8 @@ struct Inner {
     rate_limits: Box<[RateLimitPolicy]>,
     quotas: Box<[QuotaPolicy]>,
     identity: Option<Arc<str>>,
+    /// [`Identity::usage_id`] of the identity, when some limit is shared.
+    identity_usage: Option<KeyId>,
     /// Per rate limit, then per quota: whether it is the identity's (counted per identity).
     shared_limits: Box<[bool]>,
 }
@@ -296,6 +298,11 @@ impl Principal {
                     .collect(),
                 quotas: resolved.quotas.iter().map(|(p, _)| p.clone()).collect(),
                 identity: record.identity.as_deref().map(Arc::from),
+                identity_usage: record
+                    .identity
+                    .as_deref()
+                    .filter(|_| any_shared)
+                    .map(Identity::usage_id),
                 shared_limits,
             }),
         }
@@ -384,6 +391,12 @@ impl Principal {
             .get(index)
             .copied()
             .unwrap_or(false)
+    }
+
+    /// The id the identity's shared limits are counted under ([`Identity::usage_id`]):
+    /// `Some` when the key has an identity and some of its limits are the identity's.
+    pub fn identity_usage_id(&self) -> Option<KeyId> {
+        self.inner.identity_usage
     }
 
     /// Whether quota number `index` (in [`Principal::quotas`]) comes from the key's

@@ -32,11 +32,20 @@
 //!   every grant of every role. A request needing scope `S` on collection `C` is allowed
 //!   when *one* grant holds both `S` and a pattern matching `C`; a scope held only on other
 //!   collections does not reach `C`. Identities carry no grants.
-//! - **Rate limits and quotas: tightest.** Policies from every source are gathered; policies
-//!   with different names all apply. Among rate limits sharing a name the lowest rate
-//!   (`limit / period`) wins; among quotas sharing a name the smallest `limit` wins
-//!   (windows compared as written: the kept policy keeps its own window). On a tie the
-//!   earlier source wins (key, then roles in order, then identity).
+//! - **Rate limits and quotas: tightest.** Policies from the key and its roles are
+//!   gathered; policies with different names all apply. Among rate limits sharing a name
+//!   the lowest rate (`limit / period`) wins; among quotas sharing a name the smallest
+//!   `limit` wins (windows compared as written: the kept policy keeps its own window). On a
+//!   tie the earlier source wins (key, then roles in order). These count per key (its
+//!   rotation lineage).
+//! - **The identity's limits: shared, and in addition.** The identity's rate limits and
+//!   quotas (the tightest of a name among them) follow the key's, marked as shared
+//!   ([`Principal::rate_limit_is_shared`](crate::Principal::rate_limit_is_shared)): the
+//!   rate-limit and quota layers count them once for all the identity's keys, under
+//!   [`Identity::usage_id`]. They never replace a key's or a role's limit, even of the same
+//!   name: a request is charged to both and refused when either has no room (the tightest
+//!   standing decides). Give them names of their own (`etl-burst`), so the `RateLimit`
+//!   fields name each policy once.
 //! - **Attributes: the key's own win.** Then each role's, in order, adds the attributes not
 //!   yet set.
 //! - **Networks and expiry** are the key's own: roles and identities do not carry them.
@@ -50,6 +59,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::key::KeyId;
 use crate::record::{KeyRecord, QuotaPolicy, RateLimitPolicy};
 
 /// Scopes paired with the collections they apply to: `points:write` on `docs-*`.
@@ -150,20 +160,20 @@ impl Role {
 }
 
 /// A service principal (`etl-pipeline`) owning many keys, which usage reports can add up
-/// (`keygate usage --identity`). Its rate limits and quotas join each of its keys' policy
-/// (tightest of a name wins) and are marked in the principal as the identity's
-/// ([`Principal::rate_limit_is_shared`](crate::Principal::rate_limit_is_shared)); the
-/// rate-limit and quota layers still count them per key (lineage), not once for the whole
-/// identity.
+/// (`keygate usage --identity`). Its rate limits and quotas are shared by all its keys: they
+/// join each key's policy marked as the identity's
+/// ([`Principal::rate_limit_is_shared`](crate::Principal::rate_limit_is_shared)), and the
+/// rate-limit and quota layers count them in one bucket for the whole identity, under
+/// [`Identity::usage_id`] (see the [resolution rule](crate::role)).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Identity {
     /// The identity's name: 1 to 64 characters of `[A-Za-z0-9_.-]`.
     pub name: String,
     /// Free JSON metadata (not used by keygate).
     pub metadata: serde_json::Value,
-    /// Rate limits applied to every key of the identity.
+    /// Rate limits shared by every key of the identity (one bucket for all).
     pub rate_limits: Vec<RateLimitPolicy>,
-    /// Quotas applied to every key of the identity.
+    /// Quotas shared by every key of the identity (one count for all).
     pub quotas: Vec<QuotaPolicy>,
     /// When it was created.
     #[serde(serialize_with = "rfc3339")]
@@ -174,6 +184,16 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The id an identity's shared rate limits and quotas are counted under, in every
+    /// store (in-process limiters, SQL usage rows, Redis keys): a key id derived from the
+    /// name (blake3, domain-separated), the same in every process. Usage stores hold it as
+    /// they hold a key's lineage id; `keygate usage --identity` reads it back. A derived id
+    /// cannot be told apart from a random key id, but meeting one is as likely as guessing
+    /// a 71-bit number.
+    pub fn usage_id(name: &str) -> KeyId {
+        KeyId::derive("keygate 2026 identity usage id", name.as_bytes())
+    }
+
     /// An identity named `name` with no limits, created at `now`.
     pub fn new(name: impl Into<String>, now: SystemTime) -> Self {
         Identity {
@@ -277,17 +297,31 @@ pub(crate) fn resolve(record: &KeyRecord, roles: &[Role], identity: Option<&Iden
         rates.extend(role.rate_limits.iter().map(|p| (p.clone(), false)));
         quotas.extend(role.quotas.iter().map(|p| (p.clone(), false)));
     }
+    let mut rate_limits = tightest(rates, |a, b| rate_cmp(a, b).is_lt(), |p| &p.name);
+    let mut quota_list = tightest(quotas, |a, b| a.limit < b.limit, |p| &p.name);
     if let Some(identity) = identity.filter(|i| record.identity.as_deref() == Some(&i.name)) {
-        rates.extend(identity.rate_limits.iter().map(|p| (p.clone(), true)));
-        quotas.extend(identity.quotas.iter().map(|p| (p.clone(), true)));
+        // The identity's limits count once for all its keys: they never replace a key's or
+        // a role's limit of the same name (those count per key); both apply.
+        let shared_rates = identity.rate_limits.iter().map(|p| (p.clone(), true));
+        rate_limits.extend(tightest(
+            shared_rates.collect(),
+            |a, b| rate_cmp(a, b).is_lt(),
+            |p| &p.name,
+        ));
+        let shared_quotas = identity.quotas.iter().map(|p| (p.clone(), true));
+        quota_list.extend(tightest(
+            shared_quotas.collect(),
+            |a, b| a.limit < b.limit,
+            |p| &p.name,
+        ));
     }
     Resolved {
         grants,
         roles: found,
         grant_roles,
         attributes,
-        rate_limits: tightest(rates, |a, b| rate_cmp(a, b).is_lt(), |p| &p.name),
-        quotas: tightest(quotas, |a, b| a.limit < b.limit, |p| &p.name),
+        rate_limits,
+        quotas: quota_list,
     }
 }
 
@@ -379,8 +413,16 @@ mod tests {
         r.identity = Some("etl".into());
         let mut id = Identity::new("etl", SystemTime::UNIX_EPOCH);
         id.rate_limits = vec![RateLimitPolicy::new("burst", 1, Duration::from_secs(1))];
+        id.rate_limits.push(RateLimitPolicy::per_second("burst", 5));
         let res = resolve(&r, &[a, b], Some(&id));
-        assert_eq!(res.rate_limits[0], (id.rate_limits[0].clone(), true));
+        // After the key's and roles' (tightest of a name), never replacing them; the
+        // tightest of the identity's own of one name.
+        assert_eq!(res.rate_limits.len(), 3);
+        assert_eq!(
+            res.rate_limits[0],
+            (RateLimitPolicy::per_minute("burst", 600), false)
+        );
+        assert_eq!(res.rate_limits[2], (id.rate_limits[0].clone(), true));
         // An identity other than the key's is ignored.
         r.identity = Some("other".into());
         let res = resolve(&r, &[], Some(&id));
