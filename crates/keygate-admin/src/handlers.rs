@@ -21,7 +21,6 @@ use crate::{Shared, UsageSource};
 use keygate::client_ip::{peer_addr, ClientIp};
 use keygate::core::usage::{UsageRecord, Window};
 use keygate::reject::{DefaultRenderer, RenderContext, Renderer};
-use keygate::StoreError;
 use keygate::{
     resolution, Denial, DenialCode, KeyId, KeyInfo, KeyRecord, Principal, QuotaPolicy, QuotaWindow,
     RateLimitPolicy,
@@ -29,6 +28,7 @@ use keygate::{
 use keygate::{
     validate_resource_pattern, Expiry, Grant, KeySpec, Refill, ResourceSet, Role, Scope, ScopeSet,
 };
+use keygate::{KeyStatus, StoreError};
 
 type St = State<Arc<Shared>>;
 type IdPath = Result<Path<String>, PathRejection>;
@@ -413,6 +413,16 @@ fn check_restrictions(caller: &Principal, record: &KeyRecord) -> Result<(), Admi
     Ok(())
 }
 
+/// The authority check of a rotation or status change, run inside the key manager's
+/// conditional write on exactly the version it overwrites.
+fn may_act_on(caller: &Principal, record: &KeyRecord, roles: &[Role]) -> Result<(), String> {
+    if within_caller(caller, record, roles) {
+        Ok(())
+    } else {
+        Err("the key is beyond the calling key's authority".into())
+    }
+}
+
 /// The key `id`, if the caller may manage it: exactly the keys it may see.
 async fn manageable(
     shared: &Shared,
@@ -625,7 +635,11 @@ pub(crate) async fn rotate(State(s): St, path: IdPath, req: Request) -> Response
                 None => Duration::ZERO,
             };
             manageable(&s, &who, id).await?;
-            let issued = s.keys.rotate(&actor(&who), id, grace).await?;
+            let roles = all_roles(&s).await?;
+            let issued = s
+                .keys
+                .rotate_checked(&actor(&who), id, grace, |old| may_act_on(&who, old, &roles))
+                .await?;
             Ok(json(
                 StatusCode::CREATED,
                 &WithKey {
@@ -655,12 +669,18 @@ async fn switch(s: Arc<Shared>, path: IdPath, req: Request, to: Switch) -> Respo
             let id = key_id(path)?;
             let _: NoFields = input::json_body(&body, true)?;
             manageable(&s, &who, id).await?;
-            let actor = actor(&who);
-            let record = match to {
-                Switch::Revoke => s.keys.revoke(&actor, id).await?,
-                Switch::Disable => s.keys.disable(&actor, id).await?,
-                Switch::Enable => s.keys.enable(&actor, id).await?,
+            let roles = all_roles(&s).await?;
+            let status = match to {
+                Switch::Revoke => KeyStatus::Revoked,
+                Switch::Disable => KeyStatus::Disabled,
+                Switch::Enable => KeyStatus::Active,
             };
+            let record = s
+                .keys
+                .set_status_checked(&actor(&who), id, status, |old| {
+                    may_act_on(&who, old, &roles)
+                })
+                .await?;
             Ok(json(StatusCode::OK, &record.info()))
         }
         .await,

@@ -579,3 +579,88 @@ async fn two_admins_racing_cannot_bypass_the_check() {
     assert_eq!(st, StatusCode::OK, "{body}");
     assert_eq!(body["resources"], json!(["docs-2"]));
 }
+
+/// Revoke, disable and rotate keep the same rule as `PATCH`: the check "the caller may act
+/// on this key" and the write are one conditional step. A narrow admin acts on a key
+/// within its authority; before its write lands, a wide admin makes the key `*`: 409, the
+/// key keeps the wide admin's change and its status (and a rotation leaves no usable new
+/// key). Without the race each succeeds.
+#[tokio::test]
+async fn revoke_disable_and_rotate_racing_a_widening_cannot_bypass_the_check() {
+    let s = setup();
+    let (narrow, _) = s
+        .key(
+            KeySpec::new("narrow")
+                .scope("keys:admin")
+                .scope("points:read")
+                .resource("docs-*"),
+        )
+        .await;
+    for (path, body) in [
+        ("revoke", Value::Null),
+        ("disable", Value::Null),
+        ("rotate", json!({"grace": "1h"})),
+    ] {
+        let (secret, id) = s
+            .key(KeySpec::new("k").scope("points:read").resource("docs-1"))
+            .await;
+        let before = s.store.list(&KeyFilter::default()).await.unwrap().len();
+        *s.store.hook.lock().unwrap() = Some(Box::new(move |store: &MemoryStore| {
+            let mut r = now(store.get(&id)).unwrap().unwrap();
+            r.scopes = vec!["*".into()];
+            r.resources = vec!["*".into()];
+            now(store.update(&r)).unwrap();
+        }));
+        let (st, res) = send(
+            &s.app,
+            "POST",
+            &format!("/admin/keys/{id}/{path}"),
+            &narrow,
+            body.clone(),
+        )
+        .await;
+        assert_eq!(st, StatusCode::CONFLICT, "{path}: {res}");
+        assert_eq!(res["code"], "conflict");
+        let stored = s.store.get(&id).await.unwrap().unwrap();
+        assert_eq!(stored.status, KeyStatus::Active, "{path}");
+        assert_eq!(stored.scopes, ["*"], "{path}");
+        assert_eq!(stored.expires_at, None, "{path}");
+        // The key still works; any key a failed rotation made is revoked.
+        assert!(s.gate.verifier().verify(&secret).await.is_ok(), "{path}");
+        let all = s.store.list(&KeyFilter::default()).await.unwrap();
+        for r in all.iter().filter(|r| r.rotated_from == Some(id)) {
+            assert_eq!(r.status, KeyStatus::Revoked, "{path}");
+        }
+        assert!(all.len() <= before + 1);
+        // Retried, the narrow admin no longer sees the key.
+        let (st, _) = send(
+            &s.app,
+            "POST",
+            &format!("/admin/keys/{id}/{path}"),
+            &narrow,
+            body.clone(),
+        )
+        .await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{path}");
+
+        // Without a race, the same operation on a key within it succeeds.
+        let (_, other) = s
+            .key(KeySpec::new("k2").scope("points:read").resource("docs-1"))
+            .await;
+        let (st, res) = send(
+            &s.app,
+            "POST",
+            &format!("/admin/keys/{other}/{path}"),
+            &narrow,
+            body,
+        )
+        .await;
+        assert!(st.is_success(), "{path}: {st} {res}");
+        let stored = s.store.get(&other).await.unwrap().unwrap();
+        match path {
+            "revoke" => assert_eq!(stored.status, KeyStatus::Revoked),
+            "disable" => assert_eq!(stored.status, KeyStatus::Disabled),
+            _ => assert!(stored.expires_at.is_some(), "the rotated key ends"),
+        }
+    }
+}
