@@ -1066,6 +1066,73 @@ pub(crate) async fn list_identities(State(s): St, req: Request) -> Response {
     )
 }
 
+/// Changing or deleting an identity changes the limits its keys share: only an admin
+/// metered no tighter than the identity's limits (old and new) may.
+fn identity_within(caller: &Principal, identity: &keygate::Identity) -> Result<(), String> {
+    if limits_within(caller, &identity.rate_limits, &identity.quotas) {
+        Ok(())
+    } else {
+        Err("the identity's limits are looser than the calling key's own".into())
+    }
+}
+
+pub(crate) async fn update_identity(State(s): St, path: IdPath, req: Request) -> Response {
+    let (_, who, body) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let Path(name) =
+                path.map_err(|_| AdminError::invalid("the name in the path is not valid"))?;
+            let body: input::IdentityUpdateInput = input::json_required(&body)?;
+            let update = body.into_update()?;
+            let old = s.keys.show_identity(&name).await?;
+            not_tenant_admin(&who)?;
+            identity_within(&who, &old).map_err(AdminError::escalation)?;
+            let mut proposed = old.clone();
+            if let Some(r) = &update.rate_limits {
+                proposed.rate_limits = r.clone();
+            }
+            if let Some(q) = &update.quotas {
+                proposed.quotas = q.clone();
+            }
+            identity_within(&who, &proposed).map_err(AdminError::escalation)?;
+            let identity = s.keys.update_identity(&actor(&who), &name, update).await?;
+            Ok(json(StatusCode::OK, &identity))
+        }
+        .await,
+    )
+}
+
+pub(crate) async fn delete_identity(State(s): St, path: IdPath, req: Request) -> Response {
+    let (_, who, body) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let Path(name) =
+                path.map_err(|_| AdminError::invalid("the name in the path is not valid"))?;
+            let _: NoFields = input::json_body(&body, true)?;
+            let old = s.keys.show_identity(&name).await?;
+            not_tenant_admin(&who)?;
+            identity_within(&who, &old).map_err(AdminError::escalation)?;
+            if !s.keys.delete_identity(&actor(&who), &name).await? {
+                return Err(AdminError::store(&keygate::StoreError::NoSuchName {
+                    kind: "identity",
+                    name,
+                }));
+            }
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "name": name, "deleted": true }),
+            ))
+        }
+        .await,
+    )
+}
+
 pub(crate) async fn show_identity(State(s): St, path: IdPath, req: Request) -> Response {
     let (_, _who, _) = match begin(&s, req).await {
         Ok(x) => x,

@@ -9,7 +9,10 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::error::AdminError;
-use keygate::{Expiry, Grant, Identity, KeyFilter, KeySpec, KeyUpdate, Prefix, Role, RoleUpdate};
+use keygate::{
+    Expiry, Grant, Identity, IdentityUpdate, KeyFilter, KeySpec, KeyUpdate, Prefix, Role,
+    RoleUpdate,
+};
 use keygate::{KeyStatus, QuotaPolicy, RateLimitPolicy};
 
 /// The body of `POST /keys`. Only `name` is required; unknown fields are refused.
@@ -345,6 +348,41 @@ impl IdentityInput {
             identity.quotas.push(p.resolve("quotas")?);
         }
         Ok(identity)
+    }
+}
+
+/// The body of `PATCH /identities/{name}`: each field given replaces the identity's.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityUpdateInput {
+    /// New metadata.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+    /// New rate limits (shared by all its keys).
+    #[serde(default)]
+    pub rate_limits: Option<Vec<PolicyInput<RateLimitPolicy>>>,
+    /// New quotas (shared by all its keys).
+    #[serde(default)]
+    pub quotas: Option<Vec<PolicyInput<QuotaPolicy>>>,
+}
+
+impl IdentityUpdateInput {
+    pub(crate) fn into_update(self) -> Result<IdentityUpdate, AdminError> {
+        let u = IdentityUpdate {
+            metadata: self.metadata,
+            rate_limits: self
+                .rate_limits
+                .map(|ps| ps.into_iter().map(|p| p.resolve("rate_limits")).collect())
+                .transpose()?,
+            quotas: self
+                .quotas
+                .map(|ps| ps.into_iter().map(|p| p.resolve("quotas")).collect())
+                .transpose()?,
+        };
+        if u == IdentityUpdate::default() {
+            return Err(AdminError::invalid("the body changes nothing"));
+        }
+        Ok(u)
     }
 }
 

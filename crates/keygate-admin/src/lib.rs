@@ -15,6 +15,8 @@
 //! | `GET`, `PATCH`, `DELETE /admin/roles/{name}` | one role; changes it ([`RoleUpdateInput`]) or deletes it, reaching every key holding it on its next request | 200 |
 //! | `POST /admin/identities` / `GET /admin/identities` | creates ([`IdentityInput`]) / lists identities | 201 / 200 |
 //! | `GET /admin/identities/{name}` | one identity | 200 |
+//! | `PATCH /admin/identities/{name}` | changes its metadata or shared limits ([`IdentityUpdateInput`]); its keys follow on their next request | 200 |
+//! | `DELETE /admin/identities/{name}` | deletes it; refused (409 `identity_in_use`) while a key that is not revoked names it | 200 |
 //!
 //! The [`leak`] module holds a second router, mounted apart and without an API key: an
 //! endpoint for GitHub's secret scanning partner program that revokes (or disables) keys a
@@ -37,6 +39,7 @@
 //! | 409 | `wrong_status` | the key's status forbids it (enable a revoked key, rotate a disabled one) |
 //! | 409 | `conflict` | the key (or role) was changed by another request between this one's check and its write: nothing was written; read and retry |
 //! | 409 | `name_taken` | a role or identity with this name exists |
+//! | 409 | `identity_in_use` | an identity to delete still owns keys that are not revoked |
 //! | 501 | `usage_unavailable` | `usage` asked of an API built without a usage source |
 //! | 503 | `store_unavailable`, `audit_unavailable` | the key or usage store, or the audit log, is down: nothing changed |
 //!
@@ -167,7 +170,8 @@ use keygate::{Clock, KeyGate, KeyManager, SystemClock};
 use keygate::{InvalidScope, Scope, ScopeVocabulary};
 
 pub use input::{
-    CreateKey, IdentityInput, PolicyInput, RoleInput, RoleUpdateInput, RotateKey, UpdateKey,
+    CreateKey, IdentityInput, IdentityUpdateInput, PolicyInput, RoleInput, RoleUpdateInput,
+    RotateKey, UpdateKey,
 };
 
 /// The admin API over a [`KeyManager`]: configure it, then take its [`router`](Self::router)
@@ -298,7 +302,12 @@ impl AdminApi {
                 "/identities",
                 post(handlers::create_identity).get(handlers::list_identities),
             )
-            .route("/identities/{name}", get(handlers::show_identity))
+            .route(
+                "/identities/{name}",
+                get(handlers::show_identity)
+                    .patch(handlers::update_identity)
+                    .delete(handlers::delete_identity),
+            )
             .route("/keys/{id}/rotate", post(handlers::rotate))
             .route("/keys/{id}/revoke", post(handlers::revoke))
             .route("/keys/{id}/disable", post(handlers::disable))

@@ -92,6 +92,15 @@ impl KeyStore for Racing {
     async fn insert_identity(&self, i: &Identity) -> Result<(), StoreError> {
         self.inner.insert_identity(i).await
     }
+    async fn update_identity(&self, i: &Identity) -> Result<(), StoreError> {
+        self.inner.update_identity(i).await
+    }
+    async fn delete_identity(&self, n: &str) -> Result<bool, StoreError> {
+        self.inner.delete_identity(n).await
+    }
+    async fn keys_with_identity(&self, n: &str) -> Result<Vec<KeyId>, StoreError> {
+        self.inner.keys_with_identity(n).await
+    }
 }
 
 /// Runs a memory-store future (which never waits) to its end.
@@ -663,4 +672,129 @@ async fn revoke_disable_and_rotate_racing_a_widening_cannot_bypass_the_check() {
             _ => assert!(stored.expires_at.is_some(), "the rotated key ends"),
         }
     }
+}
+
+/// `PATCH` and `DELETE /admin/identities/{name}`: the change reaches the identity's keys on
+/// their next request; bad input and a tenant admin change nothing; an identity a live key
+/// names is not deleted (409 `identity_in_use`).
+#[tokio::test]
+async fn identities_are_changed_and_deleted() {
+    let s = setup();
+    let (admin, _) = s.key(KeySpec::new("admin").scope("*").resource("*")).await;
+    let (tenant, _) = s
+        .key(
+            KeySpec::new("tenant")
+                .scope("*")
+                .resource("*")
+                .attribute("tenant", "acme"),
+        )
+        .await;
+    let (st, body) = send(
+        &s.app,
+        "POST",
+        "/admin/identities",
+        &admin,
+        json!({"name": "etl", "rate_limits": ["etl-burst=100/s"]}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let (secret, id) = s.key(KeySpec::new("k").identity("etl")).await;
+    let p = s.gate.verifier().verify(&secret).await.unwrap();
+    assert_eq!(p.rate_limits()[0].limit, 100);
+
+    for (who, body, code) in [
+        (
+            &admin,
+            json!({"rate_limits": ["etl-burst=0/s"]}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (&admin, json!({"unknown": 1}), StatusCode::BAD_REQUEST),
+        (&admin, json!({}), StatusCode::BAD_REQUEST),
+        (
+            &tenant,
+            json!({"rate_limits": ["etl-burst=5/s"]}),
+            StatusCode::FORBIDDEN,
+        ),
+    ] {
+        let (st, res) = send(&s.app, "PATCH", "/admin/identities/etl", who, body).await;
+        assert_eq!(st, code, "{res}");
+    }
+    let (st, res) = send(
+        &s.app,
+        "PATCH",
+        "/admin/identities/ghost",
+        &admin,
+        json!({"metadata": {}}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert_eq!(res["code"], "identity_not_found");
+    let p = s.gate.verifier().verify(&secret).await.unwrap();
+    assert_eq!(p.rate_limits()[0].limit, 100, "nothing changed");
+
+    let (st, res) = send(
+        &s.app,
+        "PATCH",
+        "/admin/identities/etl",
+        &admin,
+        json!({"rate_limits": ["etl-burst=5/s"], "metadata": {"team": "data"}}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{res}");
+    assert_eq!(res["metadata"]["team"], "data");
+    let p = s.gate.verifier().verify(&secret).await.unwrap();
+    assert_eq!(p.rate_limits()[0].limit, 5, "on the next request");
+
+    // In use: refused, and the identity stays.
+    let (st, res) = send(
+        &s.app,
+        "DELETE",
+        "/admin/identities/etl",
+        &admin,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{res}");
+    assert_eq!(res["code"], "identity_in_use");
+    let (st, _) = send(
+        &s.app,
+        "DELETE",
+        "/admin/identities/etl",
+        &tenant,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert!(s.store.get_identity("etl").await.unwrap().is_some());
+    // Its key moves away; then it can go.
+    let (st, res) = send(
+        &s.app,
+        "PATCH",
+        &format!("/admin/keys/{id}"),
+        &admin,
+        json!({"identity": null}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{res}");
+    let (st, res) = send(
+        &s.app,
+        "DELETE",
+        "/admin/identities/etl",
+        &admin,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{res}");
+    assert_eq!(res["deleted"], true);
+    assert!(s.store.get_identity("etl").await.unwrap().is_none());
+    let (st, res) = send(
+        &s.app,
+        "DELETE",
+        "/admin/identities/etl",
+        &admin,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert_eq!(res["code"], "identity_not_found");
 }

@@ -250,6 +250,34 @@ pub(crate) enum IdentitiesCommand {
     List,
     /// Show one identity and its keys.
     Show(NameArg),
+    /// Change an identity: each option given replaces that field. Every key of the
+    /// identity sees the change on its next request.
+    Update(IdentityUpdateArgs),
+    /// Delete an identity. Refused while a key that is not revoked names it: move those
+    /// keys to another identity (keys update ID --identity NAME) or revoke them first.
+    Delete(NameArg),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct IdentityUpdateArgs {
+    /// The identity's name.
+    #[arg(value_name = "NAME")]
+    pub(crate) name: String,
+    /// A rate limit shared by all the identity's keys (repeatable; replaces them all).
+    #[arg(long = "rate", value_name = "NAME=N/UNIT", value_parser = parse::rate)]
+    pub(crate) rates: Vec<RateLimitPolicy>,
+    /// Take every rate limit away.
+    #[arg(long, conflicts_with = "rates")]
+    pub(crate) clear_rates: bool,
+    /// A quota shared by all the identity's keys (repeatable; replaces them all).
+    #[arg(long = "quota", value_name = "NAME=N/UNIT", value_parser = parse::quota)]
+    pub(crate) quotas: Vec<QuotaPolicy>,
+    /// Take every quota away.
+    #[arg(long, conflicts_with = "quotas")]
+    pub(crate) clear_quotas: bool,
+    /// New free JSON metadata (at most 64 KiB).
+    #[arg(long, value_name = "JSON", value_parser = parse::json)]
+    pub(crate) meta: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Args)]
@@ -257,10 +285,10 @@ pub(crate) struct IdentityArgs {
     /// The identity's name: 1 to 64 characters of [A-Za-z0-9_.-].
     #[arg(value_name = "NAME")]
     pub(crate) name: String,
-    /// A rate limit applied to each of the identity's keys (repeatable).
+    /// A rate limit shared by all the identity's keys: one bucket for all (repeatable).
     #[arg(long = "rate", value_name = "NAME=N/UNIT", value_parser = parse::rate)]
     pub(crate) rates: Vec<RateLimitPolicy>,
-    /// A quota applied to each of the identity's keys (repeatable).
+    /// A quota shared by all the identity's keys: one count for all (repeatable).
     #[arg(long = "quota", value_name = "NAME=N/UNIT", value_parser = parse::quota)]
     pub(crate) quotas: Vec<QuotaPolicy>,
     /// Free JSON metadata (at most 64 KiB).

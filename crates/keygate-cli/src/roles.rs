@@ -249,6 +249,73 @@ pub(crate) async fn create_identity(cli: &Cli, args: &IdentityArgs) -> Result<()
     audited
 }
 
+/// `identities update`.
+pub(crate) async fn update_identity(
+    cli: &Cli,
+    args: &crate::cli::IdentityUpdateArgs,
+) -> Result<(), Failure> {
+    name("identity", &args.name)?;
+    let update = keygate_core::IdentityUpdate {
+        metadata: args.meta.clone(),
+        rate_limits: (args.clear_rates || !args.rates.is_empty()).then(|| args.rates.clone()),
+        quotas: (args.clear_quotas || !args.quotas.is_empty()).then(|| args.quotas.clone()),
+    };
+    if update == keygate_core::IdentityUpdate::default() {
+        return Err(Failure::Usage(
+            "nothing to change: give at least one option (see --help)".into(),
+        ));
+    }
+    let actor = db::actor(cli);
+    let store = db::open(cli, Access::Write).await?;
+    let managed = Managed::new(cli, &store, KeyHasher::new())?;
+    let done = managed
+        .keys
+        .update_identity(&actor, &args.name, update)
+        .await
+        .map_err(failure);
+    let audited = managed.finish().await;
+    let identity = done?;
+    let keys: Vec<String> = keys_of(&store, &args.name)
+        .await?
+        .iter()
+        .map(|r| r.id.to_string())
+        .collect();
+    if cli.json {
+        print_json(&serde_json::to_value(&identity).unwrap_or(Value::Null))?;
+    } else {
+        print(&identity_details(&identity, &keys))?;
+    }
+    audited
+}
+
+/// `identities delete`.
+pub(crate) async fn delete_identity(cli: &Cli, identity_name: &str) -> Result<(), Failure> {
+    name("identity", identity_name)?;
+    let actor = db::actor(cli);
+    let store = db::open(cli, Access::Write).await?;
+    let managed = Managed::new(cli, &store, KeyHasher::new())?;
+    let done = managed
+        .keys
+        .delete_identity(&actor, identity_name)
+        .await
+        .map_err(failure);
+    let audited = managed.finish().await;
+    if !done? {
+        return Err(Failure::Failed(format!(
+            "no identity named {identity_name:?}"
+        )));
+    }
+    if cli.json {
+        print_json(&json!({ "name": identity_name, "deleted": true }))?;
+    } else {
+        print(&format!(
+            "identity {identity_name} deleted
+"
+        ))?;
+    }
+    audited
+}
+
 /// `identities list`.
 pub(crate) async fn list_identities(cli: &Cli) -> Result<(), Failure> {
     let store = db::open(cli, Access::Read).await?;

@@ -265,6 +265,52 @@ async fn identities_and_usage(env: &Env) {
     assert!(text.contains("total"), "{text}");
     assert!(text.contains("etl-daily"), "{text}");
     env.run(&["usage", "--identity", "ghost"]).fails(1);
+
+    // identities update: each option replaces its field; the keys are not written.
+    let version = store.get(&id_of(&a)).await.unwrap().unwrap().version;
+    let changed = env
+        .run(&[
+            "identities",
+            "update",
+            "etl-pipeline",
+            "--rate",
+            "etl-burst=5/s",
+            "--clear-quotas",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(changed["rate_limits"][0]["name"], "etl-burst");
+    assert_eq!(changed["quotas"], json!([]));
+    assert_eq!(changed["metadata"], json!({"team": "data"}), "kept");
+    let stored = store.get_identity("etl-pipeline").await.unwrap().unwrap();
+    assert_eq!(stored.rate_limits[0].limit, 5);
+    assert!(stored.quotas.is_empty());
+    assert_eq!(
+        store.get(&id_of(&a)).await.unwrap().unwrap().version,
+        version
+    );
+    env.run(&["identities", "update", "etl-pipeline"]).fails(2);
+    env.run(&["identities", "update", "ghost", "--meta", "{}"])
+        .fails(1);
+    env.run(&["identities", "update", "etl-pipeline", "--rate", "x=0/s"])
+        .fails(2);
+
+    // identities delete: refused while a live key names it.
+    let refused = env.run(&["identities", "delete", "etl-pipeline"]);
+    refused.fails(1);
+    assert!(refused.stderr.contains("not revoked"), "{}", refused.stderr);
+    assert!(store.get_identity("etl-pipeline").await.unwrap().is_some());
+    for k in [&a, &b] {
+        env.run(&["keys", "revoke", &id_of(k).to_string()]).ok();
+    }
+    let gone = env
+        .run(&["identities", "delete", "etl-pipeline", "--json"])
+        .ok()
+        .json();
+    assert_eq!(gone["deleted"], true);
+    assert!(store.get_identity("etl-pipeline").await.unwrap().is_none());
+    env.run(&["identities", "delete", "etl-pipeline"]).fails(1);
 }
 both!(
     sqlite_identities_and_usage,

@@ -47,7 +47,7 @@ use crate::verifier::Verifier;
 
 #[path = "lifecycle_roles.rs"]
 mod roles;
-pub use roles::RoleUpdate;
+pub use roles::{IdentityUpdate, RoleUpdate};
 
 /// Longest key name, in characters.
 pub const MAX_NAME_LEN: usize = 128;

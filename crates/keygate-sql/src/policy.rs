@@ -403,4 +403,70 @@ impl SqlStore {
         })
         .await
     }
+
+    /// One `UPDATE` (the triggers advance the change sequence of every key of the
+    /// identity).
+    pub(crate) async fn update_identity_sql(&self, identity: &Identity) -> Result<(), StoreError> {
+        let n = &identity.name;
+        let metadata = json("identity", n, "metadata", &identity.metadata)?;
+        let rates = json("identity", n, "rate_limits", &identity.rate_limits)?;
+        let quotas = json("identity", n, "quotas", &identity.quotas)?;
+        let updated = time("identity", n, "updated_at", identity.updated_at)?;
+        self.timed("update_identity", async {
+            let rows = on_pool!(self, pool => {
+                sqlx::query(
+                    "UPDATE keygate_identities SET metadata = $2, rate_limits = $3, quotas = $4, \
+                     updated_at = $5, version = version + 1 WHERE name = $1",
+                )
+                .bind(n)
+                .bind(&metadata)
+                .bind(&rates)
+                .bind(&quotas)
+                .bind(updated)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected())
+                .map_err(|e| unavailable("update_identity", e))
+            })?;
+            if rows == 0 {
+                return Err(StoreError::NoSuchName {
+                    kind: "identity",
+                    name: n.clone(),
+                });
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub(crate) async fn delete_identity_sql(&self, name: &str) -> Result<bool, StoreError> {
+        self.timed("delete_identity", async {
+            on_pool!(self, pool => {
+                sqlx::query("DELETE FROM keygate_identities WHERE name = $1")
+                    .bind(name)
+                    .execute(pool)
+                    .await
+                    .map(|r| r.rows_affected() > 0)
+                    .map_err(|e| unavailable("delete_identity", e))
+            })
+        })
+        .await
+    }
+
+    pub(crate) async fn keys_with_identity_sql(
+        &self,
+        name: &str,
+    ) -> Result<Vec<KeyId>, StoreError> {
+        self.timed("keys_with_identity", async {
+            let ids: Vec<String> = on_pool!(self, pool => {
+                sqlx::query_scalar("SELECT id FROM keygate_keys WHERE identity = $1 ORDER BY id")
+                    .bind(name)
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|e| unavailable("keys_with_identity", e))
+            })?;
+            Ok(ids.iter().filter_map(|i| KeyId::parse(i).ok()).collect())
+        })
+        .await
+    }
 }

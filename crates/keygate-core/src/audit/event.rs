@@ -270,11 +270,15 @@ pub enum LifecycleAction {
     /// A role the key holds was created, changed or deleted: the key's effective policy
     /// changed without its record changing. The change names the role (`role:NAME`).
     RoleChanged,
+    /// The identity owning the key was changed or deleted: the key's shared limits
+    /// changed without its record changing. The change names the identity
+    /// (`identity:NAME`).
+    IdentityChanged,
 }
 
 impl LifecycleAction {
-    /// `issued`, `rotated`, `revoked`, `disabled`, `enabled`, `updated`, `exposed` or
-    /// `role_changed`.
+    /// `issued`, `rotated`, `revoked`, `disabled`, `enabled`, `updated`, `exposed`,
+    /// `role_changed` or `identity_changed`.
     pub fn as_str(self) -> &'static str {
         match self {
             LifecycleAction::Issued => "issued",
@@ -285,6 +289,7 @@ impl LifecycleAction {
             LifecycleAction::Updated => "updated",
             LifecycleAction::Exposed => "exposed",
             LifecycleAction::RoleChanged => "role_changed",
+            LifecycleAction::IdentityChanged => "identity_changed",
         }
     }
 }
