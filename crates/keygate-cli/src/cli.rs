@@ -160,6 +160,13 @@ pub(crate) struct UpdateArgs {
     /// Remove every collection.
     #[arg(long, conflicts_with = "collections")]
     pub(crate) no_collections: bool,
+    /// Replace the per-collection grants: one scope on one collection pattern, like
+    /// points:write:docs-* (repeatable; scopes on the same pattern make one grant).
+    #[arg(long = "grant", value_name = "SCOPE:COLLECTION-PATTERN", value_parser = parse::grant)]
+    pub(crate) grants: Vec<(String, String)>,
+    /// Remove every per-collection grant.
+    #[arg(long, conflicts_with = "grants")]
+    pub(crate) no_grants: bool,
     /// Replace the attributes (repeatable).
     #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse::attribute)]
     pub(crate) attributes: Vec<(String, String)>,
@@ -224,6 +231,11 @@ pub(crate) struct RoleArgs {
     /// A collection the scopes apply to: a name or a pattern (repeatable).
     #[arg(long = "collection", value_name = "C", value_parser = parse::collection)]
     pub(crate) collections: Vec<String>,
+    /// One more grant: one scope on one collection pattern, like points:read:shared
+    /// (repeatable; scopes on the same pattern make one grant). With `update`, the
+    /// grants given (these and --scope × --collection) replace the role's.
+    #[arg(long = "grant", value_name = "SCOPE:COLLECTION-PATTERN", value_parser = parse::grant)]
+    pub(crate) grants: Vec<(String, String)>,
     /// An attribute given to the keys holding the role (repeatable).
     #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse::attribute)]
     pub(crate) attributes: Vec<(String, String)>,
@@ -315,6 +327,11 @@ pub(crate) struct CreateArgs {
     /// A collection the key may use: a name or a pattern like tenant-* (repeatable).
     #[arg(long = "collection", value_name = "C", value_parser = parse::collection)]
     pub(crate) collections: Vec<String>,
+    /// A per-collection grant: one scope on one collection pattern, like
+    /// points:write:docs-* (repeatable; scopes on the same pattern make one grant), in
+    /// addition to --scope × --collection.
+    #[arg(long = "grant", value_name = "SCOPE:COLLECTION-PATTERN", value_parser = parse::grant)]
+    pub(crate) grants: Vec<(String, String)>,
     /// An attribute passed to handlers, like tenant=acme (repeatable).
     #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse::attribute)]
     pub(crate) attributes: Vec<(String, String)>,

@@ -16,20 +16,21 @@ fn name(what: &'static str, text: &str) -> Result<(), Failure> {
     validate_name(what, text).map_err(|e| Failure::Usage(e.to_string()))
 }
 
-/// The role's one grant from `--scope` × `--collection` (none without `--scope`).
+/// The role's grants: one from `--scope` × `--collection`, then the `--grant` ones (none
+/// given: `None`).
 fn grants(args: &RoleArgs) -> Result<Option<Vec<Grant>>, Failure> {
+    let extra = crate::parse::grants(&args.grants);
     if args.scopes.is_empty() {
         if !args.collections.is_empty() {
             return Err(Failure::Usage(
                 "--collection needs at least one --scope to apply to".into(),
             ));
         }
-        return Ok(None);
+        return Ok((!extra.is_empty()).then_some(extra));
     }
-    Ok(Some(vec![Grant::new(
-        args.scopes.clone(),
-        args.collections.clone(),
-    )]))
+    let mut all = vec![Grant::new(args.scopes.clone(), args.collections.clone())];
+    all.extend(extra);
+    Ok(Some(all))
 }
 
 fn role_json(role: &Role, holders: Option<&[String]>) -> Value {

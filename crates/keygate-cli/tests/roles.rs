@@ -317,3 +317,114 @@ both!(
     postgres_identities_and_usage,
     identities_and_usage
 );
+
+/// `--grant SCOPE:COLLECTION-PATTERN` on keys create/update and roles create/update: one
+/// scope on one pattern, scopes on the same pattern one grant; bad values change nothing.
+async fn per_collection_grants(env: &Env) {
+    let key = create(
+        env,
+        &[
+            "--name",
+            "ingest",
+            "--grant",
+            "points:write:docs-*",
+            "--grant",
+            "points:read:shared",
+            "--grant",
+            "points:read:docs-*",
+        ],
+    );
+    assert_eq!(
+        key["grants"],
+        json!([
+            {"scopes": ["points:write", "points:read"], "collections": ["docs-*"]},
+            {"scopes": ["points:read"], "collections": ["shared"]},
+        ])
+    );
+    let store = env.store().await;
+    let id = id_of(&key);
+    let secret = key["key"].as_str().unwrap().to_owned();
+    let verifier = Verifier::builder(store.clone()).build();
+    let p = verifier.verify(&secret).await.unwrap();
+    assert!(p.permits(&scope("points:write"), "docs-1"));
+    assert!(p.permits(&scope("points:read"), "shared"));
+    assert!(!p.permits(&scope("points:write"), "shared"));
+
+    for bad in ["points:write", "points:write:", ":docs", "po ints:docs"] {
+        env.run(&["keys", "create", "--name", "x", "--grant", bad])
+            .fails(2);
+        env.run(&["keys", "update", &id.to_string(), "--grant", bad])
+            .fails(2);
+    }
+    assert_eq!(store.list(&Default::default()).await.unwrap().len(), 1);
+    assert_eq!(store.get(&id).await.unwrap().unwrap().version, 0);
+
+    // keys update --grant replaces the grants; --no-grants clears them.
+    let updated = env
+        .run(&[
+            "keys",
+            "update",
+            &id.to_string(),
+            "--grant",
+            "points:read:shared",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(
+        updated["grants"],
+        json!([{"scopes": ["points:read"], "collections": ["shared"]}])
+    );
+    let stored = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(stored.grants.len(), 1);
+    env.run(&["keys", "update", &id.to_string(), "--no-grants"])
+        .ok();
+    assert!(store.get(&id).await.unwrap().unwrap().grants.is_empty());
+
+    // roles create/update --grant, next to --scope × --collection.
+    let role = env
+        .run(&[
+            "roles",
+            "create",
+            "mixed",
+            "--scope",
+            "points:read",
+            "--collection",
+            "docs-*",
+            "--grant",
+            "points:write:docs-2026",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(
+        role["grants"],
+        json!([
+            {"scopes": ["points:read"], "collections": ["docs-*"]},
+            {"scopes": ["points:write"], "collections": ["docs-2026"]},
+        ])
+    );
+    let role = env
+        .run(&[
+            "roles",
+            "update",
+            "mixed",
+            "--grant",
+            "points:read:shared",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(
+        role["grants"],
+        json!([{"scopes": ["points:read"], "collections": ["shared"]}])
+    );
+    env.run(&["roles", "update", "mixed", "--grant", "nope"])
+        .fails(2);
+    assert_eq!(store.list_roles().await.unwrap()[0].grants.len(), 1);
+}
+both!(
+    sqlite_per_collection_grants,
+    postgres_per_collection_grants,
+    per_collection_grants
+);
