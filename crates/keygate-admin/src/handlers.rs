@@ -44,7 +44,11 @@ const MAX_BODY: usize = 256 * 1024;
 /// the rendered denial (401 for credential problems, 403 `ip_not_allowed`, 403
 /// `insufficient_scope`). Fails closed: no principal and no hub to resolve one is
 /// `missing_key`.
-async fn caller(shared: &Shared, parts: Parts) -> (Parts, Result<Principal, Response>) {
+async fn caller(
+    shared: &Shared,
+    parts: Parts,
+    minting: bool,
+) -> (Parts, Result<Principal, Response>) {
     let mut req = http::Request::from_parts(parts, ());
     let verdict = match &shared.gate {
         Some(gate) => gate.resolve(&mut req).await,
@@ -60,6 +64,8 @@ async fn caller(shared: &Shared, parts: Parts) -> (Parts, Result<Principal, Resp
     });
     let result = match verdict {
         Ok(p) if p.has_scope(&shared.scope) => Ok(p),
+        // Delegated minting: `POST /keys` also takes a key that may mint.
+        Ok(p) if minting && may_mint(&p) => Ok(p),
         Ok(_) => Err(render(
             shared,
             &req,
@@ -124,10 +130,26 @@ fn actor(p: &Principal) -> String {
     format!("key:{}", p.key_id())
 }
 
+/// Whether `p` may mint keys without the admin scope: it holds `keys:create` and a role
+/// that sets a minting ceiling.
+fn may_mint(p: &Principal) -> bool {
+    p.mint_ceiling().is_some()
+        && keygate::Scope::parse("keys:create").is_ok_and(|s| p.has_scope(&s))
+}
+
 /// Splits the request, checks the caller, reads the body (bounded).
 async fn begin(shared: &Shared, req: Request) -> Result<(Parts, Principal, Bytes), Response> {
+    begin_as(shared, req, false).await
+}
+
+/// [`begin`], also taking a key that may mint when `minting`.
+async fn begin_as(
+    shared: &Shared,
+    req: Request,
+    minting: bool,
+) -> Result<(Parts, Principal, Bytes), Response> {
     let (parts, body) = req.into_parts();
-    let (parts, who) = caller(shared, parts).await;
+    let (parts, who) = caller(shared, parts, minting).await;
     let who = who?;
     let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
         AdminError::new(
@@ -486,8 +508,78 @@ fn done(result: Result<Response, AdminError>) -> Response {
 // Routes
 // ---------------------------------------------------------------------------------------
 
+/// The rules of a key minted by a key (delegated minting) rather than by an admin: for the
+/// minter's own identity, living at most its ceiling (the ceiling when the body names no
+/// expiry), and unable to mint or administer in turn. The grants are then checked as for
+/// any caller (a subset of the minter's own).
+fn delegated(
+    s: &Shared,
+    minter: &Principal,
+    spec: &mut KeySpec,
+    roles: &[Role],
+) -> Result<(), AdminError> {
+    let ceiling = minter.mint_ceiling().unwrap_or(Duration::ZERO);
+    let Some(own) = minter.identity() else {
+        return Err(AdminError::new(
+            StatusCode::FORBIDDEN,
+            "identity_forbidden",
+            "a key without an identity cannot mint keys",
+        ));
+    };
+    match spec.identity.as_deref() {
+        None => spec.identity = Some(own.to_owned()),
+        Some(i) if i == own => {}
+        Some(_) => {
+            return Err(AdminError::new(
+                StatusCode::FORBIDDEN,
+                "identity_forbidden",
+                "a key mints keys for its own identity only",
+            ))
+        }
+    }
+    let now = s.clock.now();
+    let lifetime = match spec.expires {
+        None => {
+            spec.expires = Some(keygate::Expiry::In(ceiling));
+            ceiling
+        }
+        Some(keygate::Expiry::In(d)) => d,
+        Some(keygate::Expiry::At(t)) => t.duration_since(now).unwrap_or(Duration::ZERO),
+    };
+    if lifetime > ceiling {
+        return Err(AdminError::new(
+            StatusCode::FORBIDDEN,
+            "mint_ceiling_exceeded",
+            format!(
+                "a key minted by this key lives at most {}s (its role's ceiling)",
+                ceiling.as_secs()
+            ),
+        ));
+    }
+    let admin_scopes = [
+        s.scope.clone(),
+        keygate::Scope::parse("keys:create").map_err(|_| AdminError::invalid("keys:create"))?,
+    ];
+    let mut all: Vec<String> = spec.scopes.clone();
+    all.extend(spec.grants.iter().flat_map(|g| g.scopes.iter().cloned()));
+    all.extend(
+        roles
+            .iter()
+            .flat_map(|r| r.grants.iter().flat_map(|g| g.scopes.iter().cloned())),
+    );
+    let set = keygate::ScopeSet::compile(&all);
+    if admin_scopes.iter().any(|a| set.allows(a))
+        || roles.iter().any(|r| r.mint_max_lifetime_secs.is_some())
+    {
+        return Err(AdminError::escalation(
+            "a minted key cannot mint or administer keys in turn",
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) async fn create(State(s): St, req: Request) -> Response {
-    let (_, who, body) = match begin(&s, req).await {
+    let (_, who, body) = match begin_as(&s, req, true).await {
         Ok(x) => x,
         Err(res) => return res,
     };
@@ -496,6 +588,18 @@ pub(crate) async fn create(State(s): St, req: Request) -> Response {
             let body: CreateKey = input::json_required(&body)?;
             let allow_unknown = body.allow_unknown_scopes;
             let mut spec = body.into_spec()?;
+            if !who.has_scope(&s.scope) {
+                let roles = if spec.roles.is_empty() {
+                    Vec::new()
+                } else {
+                    s.keys
+                        .store()
+                        .roles(&spec.roles)
+                        .await
+                        .map_err(|e| AdminError::store(&e))?
+                };
+                delegated(&s, &who, &mut spec, &roles)?;
+            }
             let warnings = vocabulary_check(&s, &spec, allow_unknown)?;
             check_grants(&who, &spec.scopes, &spec.resources, "cannot grant")?;
             grants_within(&who, &spec.grants, "cannot grant")?;

@@ -33,7 +33,9 @@
 //! | 400 | `unknown_scope` | a scope not in the [scope vocabulary](AdminApi::scope_vocabulary), with the closest known one |
 //! | 400 | `invalid_request` | a field's value is refused (name, scope, CIDR, policy, duration, id, ...) |
 //! | 401 / 403 | keygate's denial codes | no key, a bad key, a key used from outside its `allowed_ips` (`ip_not_allowed`), or a key without `keys:admin` |
-//! | 403 | `privilege_escalation` | the key would grant (or manage a key holding or allowed) more than its caller holds or is allowed |
+//! | 403 | `privilege_escalation` | the key would grant (or manage a key holding or allowed) more than its caller holds or is allowed; a minted key that could mint or administer in turn |
+//! | 403 | `mint_ceiling_exceeded` | delegated minting: the key would live longer than the minter's ceiling |
+//! | 403 | `identity_forbidden` | delegated minting: a key for another identity, or a minter without an identity |
 //! | 404 | `key_not_found` | no such key (or one beyond the caller's authority: another tenant's, more scopes, collections or looser restrictions or limits) |
 //! | 404 | `role_not_found`, `identity_not_found` | no such role (or one granting more than the caller holds) or identity |
 //! | 409 | `wrong_status` | the key's status forbids it (enable a revoked key, rotate a disabled one) |
@@ -104,6 +106,17 @@
 //! tenant, so a tenant admin cannot create, change or delete them; a caller sees (and may
 //! change or delete) only roles whose grants it holds, and changes or deletes one only if
 //! it meters no looser than the role's own limits.
+//!
+//! # Delegated minting
+//! `POST /keys` also takes a key without `keys:admin` that holds `keys:create` and a role
+//! with a minting ceiling ([`keygate::Role::mint_max_lifetime_secs`], `mint_max_lifetime`
+//! in [`RoleInput`]): a pipeline mints its own short-lived keys without an admin key or
+//! database access (`keygate keys create --as-key`). The minted key belongs to the
+//! minter's identity (another is `identity_forbidden`; a minter without an identity mints
+//! nothing), lives at most the ceiling (`mint_ceiling_exceeded` beyond it; the ceiling when
+//! the body names no expiry), holds only grants the minter holds (`privilege_escalation`,
+//! as for any caller) and can neither mint nor administer (no `keys:create`, no
+//! `keys:admin`, no role with a ceiling). Every other route still needs `keys:admin`.
 //!
 //! # Atomic check and write
 //! `PATCH /keys/{id}` and `PATCH /roles/{name}` check the caller's authority over the

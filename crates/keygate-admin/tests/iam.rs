@@ -798,3 +798,154 @@ async fn identities_are_changed_and_deleted() {
     assert_eq!(st, StatusCode::NOT_FOUND);
     assert_eq!(res["code"], "identity_not_found");
 }
+
+/// Delegated minting: a key holding a role that grants `keys:create` with a ceiling mints
+/// keys through `POST /admin/keys`, for its own identity, within its own grants, living at
+/// most the ceiling; everything else is refused with its documented code and changes
+/// nothing.
+#[tokio::test]
+async fn a_key_with_a_minting_role_mints_within_its_grants_identity_and_ceiling() {
+    let s = setup();
+    let (admin, _) = s.key(KeySpec::new("admin").scope("*").resource("*")).await;
+    for name in ["etl", "other"] {
+        s.keys
+            .create_identity("test", Identity::new(name, std::time::UNIX_EPOCH))
+            .await
+            .unwrap();
+    }
+    let (st, body) = send(
+        &s.app,
+        "POST",
+        "/admin/roles",
+        &admin,
+        json!({
+            "name": "minter",
+            "grants": [
+                {"scopes": ["keys:create"]},
+                {"scopes": ["points:read"], "collections": ["docs-*"]},
+                {"scopes": ["points:write"], "collections": ["docs-1"]},
+            ],
+            "mint_max_lifetime": "1h",
+        }),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    assert_eq!(body["mint_max_lifetime_secs"], 3600);
+    let (minter, _) = s
+        .key(KeySpec::new("pipeline").role("minter").identity("etl"))
+        .await;
+    let p = s.gate.verifier().verify(&minter).await.unwrap();
+    assert_eq!(p.mint_ceiling(), Some(std::time::Duration::from_secs(3600)));
+    let count = || async { s.store.list(&KeyFilter::default()).await.unwrap().len() };
+    let before = count().await;
+
+    // A subset, for 30 minutes: minted, for the minter's identity.
+    let (st, body) = send(
+        &s.app,
+        "POST",
+        "/admin/keys",
+        &minter,
+        json!({"name": "job-1", "scopes": ["points:read"], "collections": ["docs-2"], "expires_in": "30m"}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    assert_eq!(body["identity"], "etl");
+    let minted = body["key"].as_str().unwrap().to_owned();
+    let mp = s.gate.verifier().verify(&minted).await.unwrap();
+    assert!(mp.permits(&scope("points:read"), "docs-2"));
+    assert_eq!(mp.identity(), Some("etl"));
+    let life = mp
+        .expires_at()
+        .unwrap()
+        .duration_since(keygate::Clock::now(s.gate.clock()))
+        .unwrap();
+    assert_eq!(life, std::time::Duration::from_secs(1800));
+    // Without an expiry: the ceiling.
+    let (st, body) = send(
+        &s.app,
+        "POST",
+        "/admin/keys",
+        &minter,
+        json!({"name": "job-2", "grants": [{"scopes": ["points:write"], "collections": ["docs-1"]}]}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let mp = s
+        .gate
+        .verifier()
+        .verify(body["key"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        mp.expires_at()
+            .unwrap()
+            .duration_since(keygate::Clock::now(s.gate.clock()))
+            .unwrap(),
+        std::time::Duration::from_secs(3600)
+    );
+    assert_eq!(count().await, before + 2);
+
+    // Refused, each with its code; nothing is created.
+    for (body, status, code) in [
+        // A superset: write on every docs-* collection.
+        (
+            json!({"name": "x", "scopes": ["points:write"], "collections": ["docs-*"], "expires_in": "10m"}),
+            StatusCode::FORBIDDEN,
+            "privilege_escalation",
+        ),
+        // Longer than the ceiling.
+        (
+            json!({"name": "x", "scopes": ["points:read"], "collections": ["docs-1"], "expires_in": "2h"}),
+            StatusCode::FORBIDDEN,
+            "mint_ceiling_exceeded",
+        ),
+        // Another identity.
+        (
+            json!({"name": "x", "scopes": ["points:read"], "collections": ["docs-1"], "identity": "other"}),
+            StatusCode::FORBIDDEN,
+            "identity_forbidden",
+        ),
+        // A key that could mint in turn.
+        (
+            json!({"name": "x", "scopes": ["keys:create"]}),
+            StatusCode::FORBIDDEN,
+            "privilege_escalation",
+        ),
+        (
+            json!({"name": "x", "roles": ["minter"]}),
+            StatusCode::FORBIDDEN,
+            "privilege_escalation",
+        ),
+    ] {
+        let (st, res) = send(&s.app, "POST", "/admin/keys", &minter, body.clone()).await;
+        assert_eq!(st, status, "{body}: {res}");
+        assert_eq!(res["code"], code, "{body}: {res}");
+    }
+    assert_eq!(count().await, before + 2);
+
+    // Minting is all it may do: the other routes want the admin scope.
+    let (st, res) = send(&s.app, "GET", "/admin/keys", &minter, Value::Null).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{res}");
+    assert_eq!(res["code"], "insufficient_scope");
+    // A key holding keys:create without a ceiling (no minting role) mints nothing.
+    let (plain_create, _) = s
+        .key(
+            KeySpec::new("no-ceiling")
+                .scope("keys:create")
+                .scope("points:read")
+                .resource("docs-*")
+                .identity("etl"),
+        )
+        .await;
+    let (st, res) = send(
+        &s.app,
+        "POST",
+        "/admin/keys",
+        &plain_create,
+        json!({"name": "x", "scopes": ["points:read"], "collections": ["docs-1"]}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{res}");
+    assert_eq!(res["code"], "insufficient_scope");
+    assert_eq!(count().await, before + 3);
+}

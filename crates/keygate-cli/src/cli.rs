@@ -245,6 +245,13 @@ pub(crate) struct RoleArgs {
     /// A quota (repeatable; the tightest of a name applies to a key).
     #[arg(long = "quota", value_name = "NAME=N/UNIT", value_parser = parse::quota)]
     pub(crate) quotas: Vec<QuotaPolicy>,
+    /// Delegated minting: with keys:create in its grants, the longest lifetime of a key
+    /// that a key holding the role may mint (keys create --as-key): 1h, 7d.
+    #[arg(long, value_name = "DURATION", value_parser = parse::duration)]
+    pub(crate) mint_max_lifetime: Option<Duration>,
+    /// (update) Take the minting ceiling away.
+    #[arg(long, conflicts_with = "mint_max_lifetime")]
+    pub(crate) no_mint: bool,
 }
 
 #[derive(Debug, Args)]
@@ -310,6 +317,19 @@ pub(crate) struct IdentityArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct CreateArgs {
+    /// Mint the key through the admin API at --admin-url, authenticated with an API key
+    /// instead of the database (delegated minting: the key's role must grant keys:create
+    /// with a minting ceiling). The key is read from KEYGATE_KEY or --key-file, never from
+    /// an argument.
+    #[arg(long, requires = "admin_url")]
+    pub(crate) as_key: bool,
+    /// The admin API's base URL (http://127.0.0.1:6333/admin): plain HTTP to this host
+    /// only.
+    #[arg(long, value_name = "URL", env = "KEYGATE_ADMIN_URL")]
+    pub(crate) admin_url: Option<String>,
+    /// A file holding the API key for --as-key (instead of KEYGATE_KEY).
+    #[arg(long, value_name = "PATH", requires = "as_key")]
+    pub(crate) key_file: Option<std::path::PathBuf>,
     /// A human name for the key (1 to 128 characters).
     #[arg(long, value_name = "NAME")]
     pub(crate) name: String,

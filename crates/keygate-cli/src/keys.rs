@@ -176,6 +176,9 @@ fn print_issued(
 
 /// `keys create`.
 pub(crate) async fn create(cli: &Cli, args: &CreateArgs) -> Result<(), Failure> {
+    if args.as_key {
+        return crate::remote::create(cli, args).await;
+    }
     let actor = db::actor(cli);
     let spec = spec(args);
     let hasher = db::hasher()?;

@@ -13,6 +13,7 @@ mod db;
 mod keys;
 mod output;
 mod parse;
+mod remote;
 mod roles;
 mod rotation;
 mod usage;

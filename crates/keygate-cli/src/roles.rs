@@ -74,6 +74,7 @@ pub(crate) async fn create(cli: &Cli, args: &RoleArgs) -> Result<(), Failure> {
     name("role", &args.name)?;
     let mut role = Role::new(args.name.clone(), SystemTime::now());
     role.grants = grants(args)?.unwrap_or_default();
+    role.mint_max_lifetime_secs = args.mint_max_lifetime.map(|d| d.as_secs());
     role.attributes = args.attributes.iter().cloned().collect();
     role.rate_limits = args.rates.clone();
     role.quotas = args.quotas.clone();
@@ -152,6 +153,11 @@ pub(crate) async fn update(cli: &Cli, args: &RoleArgs) -> Result<(), Failure> {
             .then(|| args.attributes.iter().cloned().collect()),
         rate_limits: (!args.rates.is_empty()).then(|| args.rates.clone()),
         quotas: (!args.quotas.is_empty()).then(|| args.quotas.clone()),
+        mint_max_lifetime_secs: match (args.mint_max_lifetime, args.no_mint) {
+            (Some(d), _) => Some(Some(d.as_secs())),
+            (None, true) => Some(None),
+            (None, false) => None,
+        },
     };
     if update == RoleUpdate::default() {
         return Err(Failure::Usage(

@@ -24,7 +24,12 @@ pub struct RoleUpdate {
     pub rate_limits: Option<Vec<RateLimitPolicy>>,
     /// New quotas.
     pub quotas: Option<Vec<QuotaPolicy>>,
+    /// A new minting ceiling (`Some(None)` takes it away).
+    pub mint_max_lifetime_secs: Option<Option<u64>>,
 }
+
+/// The longest minting ceiling a role may set (366 days).
+const MAX_MINT_SECS: u64 = 366 * 86_400;
 
 /// A change to an identity; each `Some` field replaces the identity's. Validated like a
 /// new identity.
@@ -51,6 +56,14 @@ fn role_json(role: Option<&Role>) -> serde_json::Value {
 
 fn check_role(role: Role) -> Result<Role, InvalidSpec> {
     validate_name("role", &role.name).map_err(|e| invalid("name", e.to_string()))?;
+    if let Some(s) = role.mint_max_lifetime_secs {
+        if s == 0 || s > MAX_MINT_SECS {
+            return Err(invalid(
+                "mint_max_lifetime",
+                "the longest lifetime of a minted key must be 1 second to 366 days",
+            ));
+        }
+    }
     Ok(Role {
         grants: check_grants(role.grants)?,
         attributes: check_attributes(role.attributes)?,
@@ -175,6 +188,9 @@ impl KeyManager {
         }
         if let Some(v) = update.quotas {
             new.quotas = v;
+        }
+        if let Some(v) = update.mint_max_lifetime_secs {
+            new.mint_max_lifetime_secs = v;
         }
         let mut new = check_role(new)?;
         if new == old {

@@ -46,6 +46,8 @@ struct Inner {
     identity: Option<Arc<str>>,
     /// [`Identity::usage_id`] of the identity, when some limit is shared.
     identity_usage: Option<KeyId>,
+    /// The longest lifetime of a key this one may mint (delegated minting).
+    mint_ceiling: Option<std::time::Duration>,
     /// Per rate limit, then per quota: whether it is the identity's (counted per identity).
     shared_limits: Box<[bool]>,
 }
@@ -303,6 +305,7 @@ impl Principal {
                     .as_deref()
                     .filter(|_| any_shared)
                     .map(Identity::usage_id),
+                mint_ceiling: resolved.mint_ceiling,
                 shared_limits,
             }),
         }
@@ -397,6 +400,13 @@ impl Principal {
     /// `Some` when the key has an identity and some of its limits are the identity's.
     pub fn identity_usage_id(&self) -> Option<KeyId> {
         self.inner.identity_usage
+    }
+
+    /// The longest lifetime of a key this key may mint through the admin API (delegated
+    /// minting): the shortest [`Role::mint_max_lifetime_secs`] of its roles that grant
+    /// `keys:create`; `None` when it holds no such role.
+    pub fn mint_ceiling(&self) -> Option<std::time::Duration> {
+        self.inner.mint_ceiling
     }
 
     /// Whether quota number `index` (in [`Principal::quotas`]) comes from the key's

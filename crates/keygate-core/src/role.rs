@@ -49,6 +49,11 @@
 //! - **Attributes: the key's own win.** Then each role's, in order, adds the attributes not
 //!   yet set.
 //! - **Networks and expiry** are the key's own: roles and identities do not carry them.
+//! - **Minting ceiling**: the shortest [`Role::mint_max_lifetime_secs`] among the key's
+//!   roles that grant `keys:create`
+//!   ([`Principal::mint_ceiling`](crate::Principal::mint_ceiling)); none without such a
+//!   role. It lets the key mint keys through the admin API (for its own identity, within
+//!   its own grants, living at most that long).
 //!
 //! The verifier resolves a key once per change of the key, of one of its roles or of its
 //! identity, and caches the resulting [`Principal`](crate::Principal); no request pays for
@@ -117,6 +122,11 @@ pub struct Role {
     pub updated_at: SystemTime,
     /// Bumped by the store on every write; a conditional write names the version it read.
     pub version: u64,
+    /// Delegated minting: when the role grants `keys:create`, the longest lifetime (whole
+    /// seconds) of a key that a key holding it may mint through the admin API, for its own
+    /// identity and within its own grants. `None`: holding the role lets no key mint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mint_max_lifetime_secs: Option<u64>,
 }
 
 impl Role {
@@ -131,7 +141,15 @@ impl Role {
             created_at: now,
             updated_at: now,
             version: 0,
+            mint_max_lifetime_secs: None,
         }
+    }
+
+    /// Lets keys holding the role mint keys living at most `max` (whole seconds, rounded
+    /// down); the role must also grant `keys:create`.
+    pub fn with_mint_ceiling(mut self, max: std::time::Duration) -> Self {
+        self.mint_max_lifetime_secs = Some(max.as_secs());
+        self
     }
 
     /// Adds a grant.
@@ -249,6 +267,18 @@ pub(crate) struct Resolved {
     pub(crate) attributes: BTreeMap<String, String>,
     pub(crate) rate_limits: Vec<(RateLimitPolicy, bool)>,
     pub(crate) quotas: Vec<(QuotaPolicy, bool)>,
+    /// The tightest minting ceiling of the roles that grant `keys:create` with one.
+    pub(crate) mint_ceiling: Option<std::time::Duration>,
+}
+
+/// Whether one of `role`'s grants holds the scope `keys:create`.
+fn grants_key_creation(role: &Role) -> bool {
+    let Ok(create) = crate::Scope::parse("keys:create") else {
+        return false;
+    };
+    role.grants
+        .iter()
+        .any(|g| crate::ScopeSet::compile(&g.scopes).allows(&create))
 }
 
 /// Resolves `record`'s effective policy. `roles` are the stored roles (any order; only
@@ -277,6 +307,7 @@ pub(crate) fn resolve(record: &KeyRecord, roles: &[Role], identity: Option<&Iden
     let mut quotas: Vec<(QuotaPolicy, bool)> =
         record.quotas.iter().map(|p| (p.clone(), false)).collect();
     let mut found = Vec::new();
+    let mut mint_ceiling: Option<std::time::Duration> = None;
     let mut seen = std::collections::BTreeSet::new();
     for name in &record.roles {
         if !seen.insert(name.as_str()) {
@@ -287,6 +318,12 @@ pub(crate) fn resolve(record: &KeyRecord, roles: &[Role], identity: Option<&Iden
         };
         let index = found.len();
         found.push(role.name.clone());
+        if let Some(secs) = role.mint_max_lifetime_secs {
+            if grants_key_creation(role) {
+                let c = std::time::Duration::from_secs(secs);
+                mint_ceiling = Some(mint_ceiling.map_or(c, |m| m.min(c)));
+            }
+        }
         for g in &role.grants {
             grants.push(g.clone());
             grant_roles.push(Some(index));
@@ -322,6 +359,7 @@ pub(crate) fn resolve(record: &KeyRecord, roles: &[Role], identity: Option<&Iden
         attributes,
         rate_limits,
         quotas: quota_list,
+        mint_ceiling,
     }
 }
 

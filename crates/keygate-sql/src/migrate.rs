@@ -82,6 +82,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         description: "iam",
         sql: include_str!("../migrations/sqlite/0006_iam.sql"),
     },
+    Migration {
+        version: 8,
+        description: "mint",
+        sql: include_str!("../migrations/sqlite/0008_mint.sql"),
+    },
 ];
 
 /// PostgreSQL's migrations, in order (same versions as [`SQLITE`]).
@@ -115,6 +120,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 6,
         description: "iam",
         sql: include_str!("../migrations/postgres/0006_iam.sql"),
+    },
+    Migration {
+        version: 8,
+        description: "mint",
+        sql: include_str!("../migrations/postgres/0008_mint.sql"),
     },
 ];
 
