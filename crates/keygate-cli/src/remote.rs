@@ -75,6 +75,19 @@ fn keys_url(base: &str) -> Result<Uri, Failure> {
     .map_err(|_| bad("not a URL"))
 }
 
+/// The strings of a JSON array joined with `,` (`-` for none).
+fn join(v: &Value) -> String {
+    let items: Vec<&str> = v
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.join(",")
+    }
+}
+
 fn clip(s: &str) -> String {
     s.chars().take(100).collect()
 }
@@ -118,10 +131,8 @@ fn body(args: &CreateArgs) -> Value {
         serde_json::to_value(&args.quotas).unwrap_or(Value::Null),
     );
     if let Some(d) = args.expires_in {
-        m.insert(
-            "expires_in".into(),
-            json!(humantime::format_duration(d).to_string()),
-        );
+        // Whole seconds: the form every duration parser reads (`1day` is not one).
+        m.insert("expires_in".into(), json!(format!("{}s", d.as_secs())));
     }
     if let Some(p) = &args.prefix {
         m.insert("prefix".into(), json!(p.as_str()));
@@ -189,6 +200,21 @@ pub(crate) async fn create(cli: &Cli, args: &CreateArgs) -> Result<(), Failure> 
     let field = |name: &str| match &value[name] {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
+        Value::Array(items) if items.is_empty() => "-".into(),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| match i {
+                Value::String(s) => s.clone(),
+                // A grant: `points:read on docs-2026`.
+                Value::Object(g) => format!(
+                    "{} on {}",
+                    join(&g["scopes"]),
+                    join(g.get("collections").unwrap_or(&Value::Null))
+                ),
+                v => v.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
         v => v.to_string(),
     };
     let mut out = String::new();

@@ -55,6 +55,13 @@ fn role_details(role: &Role, holders: Option<&[String]>) -> String {
             list(role.rate_limits.iter().map(output::rate)),
         ),
         ("quotas", list(role.quotas.iter().map(output::quota))),
+        (
+            "mints up to",
+            role.mint_max_lifetime_secs.map_or_else(
+                || "-".into(),
+                |s| humantime::format_duration(std::time::Duration::from_secs(s)).to_string(),
+            ),
+        ),
         ("created", output::time(role.created_at)),
         ("updated", output::time(role.updated_at)),
         ("version", role.version.to_string()),
