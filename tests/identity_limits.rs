@@ -393,4 +393,47 @@ mod on_redis {
             "the refused call counted nothing"
         );
     }
+
+    /// A key whose identity shares only a quota, under the layer's default rate limit:
+    /// the default is the key's own (counted per key), never the identity's.
+    #[tokio::test]
+    async fn a_default_rate_limit_is_never_the_identitys() {
+        let Some(t) = TestRedis::new().await else {
+            return;
+        };
+        let fx = Fixture::new();
+        identity(&fx, "quota-only", |i| {
+            i.quotas = vec![QuotaPolicy::new("etl-daily", 100, QuotaWindow::Day)]
+        })
+        .await;
+        let a = key_of(&fx, "quota-only", |_| {}).await;
+        let b = key_of(&fx, "quota-only", |_| {}).await;
+        let p = fx.gate.verifier().verify(a.expose_secret()).await.unwrap();
+        assert!(p.rate_limits().is_empty());
+        assert!(p.quota_is_shared(0));
+        assert!(
+            !p.rate_limit_is_shared(0),
+            "no rate limit of the key at all"
+        );
+        let limiter = RedisRateLimiter::new(&t.redis)
+            .time_source(TimeSource::Clock(Arc::new(fx.clock.clone())));
+        let svc = ServiceBuilder::new()
+            .layer(fx.gate.auth_layer())
+            .layer(
+                RateLimitLayer::new(
+                    RateLimitConfig::new()
+                        .default_policies([RateLimitPolicy::per_second("burst", 2)])
+                        .backend(limiter),
+                )
+                .unwrap()
+                .with_gate(&fx.gate),
+            )
+            .service(counting_ok::<Body>(Arc::new(AtomicUsize::new(0))));
+        for _ in 0..2 {
+            assert_eq!(svc.clone().oneshot(keyed(&a)).await.unwrap().status(), 200);
+        }
+        assert_eq!(svc.clone().oneshot(keyed(&a)).await.unwrap().status(), 429);
+        // b has a bucket of its own.
+        assert_eq!(svc.clone().oneshot(keyed(&b)).await.unwrap().status(), 200);
+    }
 }

@@ -273,7 +273,8 @@ fn begin_remote<ReqB: Send + 'static>(
     let subjects = Subjects::of(principal, subject);
     // Per policy, when some count for the identity (else one subject for all).
     let each: Option<SmallVec<[RateSubject; 4]>> = match (principal, subjects.identity) {
-        (Some(p), Some(identity)) => Some(
+        // Only the key's own policies can be the identity's (a configured set never is).
+        (Some(p), Some(identity)) if !p.rate_limits().is_empty() => Some(
             (0..policies.len())
                 .map(|i| {
                     if p.rate_limit_is_shared(i) {

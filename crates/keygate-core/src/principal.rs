@@ -389,11 +389,13 @@ impl Principal {
     /// Whether rate limit number `index` (in [`Principal::rate_limits`]) comes from the
     /// key's identity, so it is counted once for all the identity's keys.
     pub fn rate_limit_is_shared(&self, index: usize) -> bool {
-        self.inner
-            .shared_limits
-            .get(index)
-            .copied()
-            .unwrap_or(false)
+        index < self.inner.rate_limits.len()
+            && self
+                .inner
+                .shared_limits
+                .get(index)
+                .copied()
+                .unwrap_or(false)
     }
 
     /// The id the identity's shared limits are counted under ([`Identity::usage_id`]):
