@@ -437,3 +437,62 @@ mod on_redis {
         assert_eq!(svc.clone().oneshot(keyed(&b)).await.unwrap().status(), 200);
     }
 }
+
+/// The SQL usage store holds an identity's shared quota as the rows of its usage id.
+#[cfg(feature = "sql")]
+#[tokio::test]
+async fn two_keys_of_one_identity_use_up_one_quota_in_sqlite() {
+    use keygate::sql::SqlStore;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("usage.db").display());
+    let sql = SqlStore::open(&url).await.unwrap();
+    for counting in [
+        Counting::Strict,
+        Counting::Batched {
+            flush_every: Duration::from_secs(3600),
+        },
+    ] {
+        let fx = Fixture::new();
+        identity(&fx, "etl", |i| {
+            i.quotas = vec![QuotaPolicy::new("etl-hourly", 3, QuotaWindow::Hour)]
+        })
+        .await;
+        let a = key_of(&fx, "etl", |_| {}).await;
+        let b = key_of(&fx, "etl", |_| {}).await;
+        let usage = sql.usage_store();
+        let (svc, handle) = quota_stack(&fx, QuotaConfig::new(usage.clone()).counting(counting));
+        for k in [&a, &b, &a] {
+            assert_eq!(svc.clone().oneshot(keyed(k)).await.unwrap().status(), 200);
+        }
+        for k in [&b, &a] {
+            assert_eq!(svc.clone().oneshot(keyed(k)).await.unwrap().status(), 429);
+        }
+        if counting != Counting::Strict {
+            handle.flush().await.unwrap();
+        }
+        let hour = Window::containing(QuotaWindow::Hour, fx.gate.clock().now());
+        let id = Identity::usage_id("etl");
+        assert_eq!(
+            usage.load(&id, &[hour]).await.unwrap()[0],
+            Usage {
+                cost: 3,
+                requests: 3
+            },
+            "{counting:?}"
+        );
+        // Nothing per key: the quota is the identity's only.
+        assert_eq!(usage.load(&a.id(), &[hour]).await.unwrap()[0].cost, 0);
+        // Start the next round from zero.
+        usage
+            .subtract(&[keygate::core::usage::Increment {
+                key: id,
+                window: hour,
+                usage: Usage {
+                    cost: 3,
+                    requests: 3,
+                },
+            }])
+            .await
+            .unwrap();
+    }
+}
