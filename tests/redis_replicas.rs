@@ -330,3 +330,63 @@ async fn a_role_change_on_one_replica_reaches_the_others() {
     println!("a role change reached two other replicas in a median {median:?} (bound 100 ms)");
     assert!(median <= Duration::from_millis(100), "median {median:?}");
 }
+
+/// An identity changed on one replica reaches every key it owns on the others through the
+/// key-change announcements (one per key), without touching the keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_identity_change_on_one_replica_reaches_the_others() {
+    use keygate::{Identity, IdentityUpdate};
+    let Some(t) = TestRedis::new().await else {
+        return;
+    };
+    let store = MemoryStore::new();
+    let clock = ManualClock::at_2026();
+    let mut spec = replica_spec(&t, store.clone(), clock.clone());
+    spec.resync_every = Duration::from_secs(3600);
+    let replicas = three(&spec).await;
+    let mut times = vec![];
+    for round in 0..5 {
+        let name = format!("etl-{round}");
+        let mut identity = Identity::new(&name, keygate::Clock::now(&clock));
+        identity.rate_limits = vec![RateLimitPolicy::per_second("etl-burst", 100)];
+        replicas[0]
+            .manager
+            .create_identity("test", identity)
+            .await
+            .unwrap();
+        let owner = name.clone();
+        let (key, _) = issue(&store, &clock, move |r| r.identity = Some(owner)).await;
+        for r in &replicas {
+            let p = r.gate.verifier().verify(key.expose_secret()).await.unwrap();
+            assert_eq!(p.rate_limits()[0].limit, 100);
+        }
+        let start = Instant::now();
+        replicas[0]
+            .manager
+            .update_identity(
+                "test",
+                &name,
+                IdentityUpdate {
+                    rate_limits: Some(vec![RateLimitPolicy::per_second("etl-burst", 3)]),
+                    ..IdentityUpdate::default()
+                },
+            )
+            .await
+            .unwrap();
+        for r in &replicas[1..] {
+            poll_until(
+                Duration::from_secs(2),
+                "the identity change reaches the replica",
+                || async {
+                    let p = r.gate.verifier().verify(key.expose_secret()).await.unwrap();
+                    (p.rate_limits()[0].limit == 3).then_some(())
+                },
+            )
+            .await;
+        }
+        times.push(start.elapsed());
+    }
+    let (median, _) = percentiles(&mut times);
+    println!("an identity change reached two other replicas in a median {median:?} (bound 100 ms)");
+    assert!(median <= Duration::from_millis(100), "median {median:?}");
+}

@@ -55,10 +55,17 @@ impl KeyCounters {
     }
 }
 
-/// Every key's counters.
+/// The counters of every key (by lineage) and of every identity (by its usage id).
+pub(crate) type Counters = DashMap<KeyId, Mutex<KeyCounters>, KeyIdHashBuilder>;
+
+/// Every key's and identity's counters.
 #[derive(Debug, Default)]
 pub(crate) struct Meter {
-    pub(crate) keys: DashMap<KeyId, Mutex<KeyCounters>, KeyIdHashBuilder>,
+    pub(crate) keys: Counters,
+    /// Identities' shared counters, in a map of their own: a request of an identity's key
+    /// holds its key's entry while it takes its identity's (always in that order), and a
+    /// second entry of one map could share the first's shard lock.
+    pub(crate) identities: Counters,
     /// Serializes flushes.
     flushing: tokio::sync::Mutex<()>,
 }
@@ -70,8 +77,8 @@ fn lock(m: &Mutex<KeyCounters>) -> std::sync::MutexGuard<'_, KeyCounters> {
 impl Meter {
     /// Records what the store holds for `windows` of `key` (keeping counters already loaded
     /// by a concurrent request).
-    pub(crate) fn loaded(&self, key: KeyId, windows: &[Window], usage: &[Usage]) {
-        let entry = self.keys.entry(key).or_default();
+    pub(crate) fn loaded(&self, map: &Counters, key: KeyId, windows: &[Window], usage: &[Usage]) {
+        let entry = map.entry(key).or_default();
         let mut c = lock(&entry);
         c.touched = true;
         for (w, u) in windows.iter().zip(usage) {
@@ -87,8 +94,8 @@ impl Meter {
     }
 
     /// Gives back `usage` counted in `windows` of `key`.
-    pub(crate) fn refund(&self, key: KeyId, windows: &[Window], usage: Usage) {
-        if let Some(entry) = self.keys.get(&key) {
+    pub(crate) fn refund(&self, map: &Counters, key: KeyId, windows: &[Window], usage: Usage) {
+        if let Some(entry) = map.get(&key) {
             let mut c = lock(&entry);
             for w in windows {
                 if let Some(i) = c.find(w) {
@@ -117,7 +124,8 @@ impl Meter {
         let _serial = self.flushing.lock().await;
         let mut adds = Vec::new();
         let mut subs = Vec::new();
-        for entry in self.keys.iter() {
+        // Identity and key ids never meet (see `Identity::usage_id`): one increment list.
+        for entry in self.keys.iter().chain(self.identities.iter()) {
             let mut c = lock(entry.value());
             for counted in c.windows.iter_mut() {
                 if counted.pending != Usage::default() {
@@ -155,7 +163,11 @@ impl Meter {
             // `subtract` failed, the adds are re-sent: stores are not idempotent, so this
             // can over-count by one batch; it never under-counts.)
             for inc in &adds {
-                if let Some(entry) = self.keys.get(&inc.key) {
+                let entry = self
+                    .keys
+                    .get(&inc.key)
+                    .or_else(|| self.identities.get(&inc.key));
+                if let Some(entry) = entry {
                     let mut c = lock(&entry);
                     if let Some(i) = c.find(&inc.window) {
                         let counted = &mut c.windows[i];
@@ -165,7 +177,11 @@ impl Meter {
                 }
             }
             for dec in &subs {
-                if let Some(entry) = self.keys.get(&dec.key) {
+                let entry = self
+                    .keys
+                    .get(&dec.key)
+                    .or_else(|| self.identities.get(&dec.key));
+                if let Some(entry) = entry {
                     let mut c = lock(&entry);
                     if let Some(i) = c.find(&dec.window) {
                         c.windows[i].debt = c.windows[i].debt.plus(dec.usage);
@@ -175,18 +191,20 @@ impl Meter {
             return Err(e);
         }
         // Forget what the store now holds and nobody uses.
-        self.keys.retain(|_, m| {
-            let c = m.get_mut().unwrap_or_else(|p| p.into_inner());
-            c.windows.retain(|w| {
-                w.pending != Usage::default()
-                    || w.debt != Usage::default()
-                    || w.window.end.is_none_or(|e| e > now)
+        for map in [&self.keys, &self.identities] {
+            map.retain(|_, m| {
+                let c = m.get_mut().unwrap_or_else(|p| p.into_inner());
+                c.windows.retain(|w| {
+                    w.pending != Usage::default()
+                        || w.debt != Usage::default()
+                        || w.window.end.is_none_or(|e| e > now)
+                });
+                let keep = c.touched && !c.windows.is_empty();
+                c.touched = false;
+                keep
             });
-            let keep = c.touched && !c.windows.is_empty();
-            c.touched = false;
-            keep
-        });
-        self.keys.shrink_to_fit();
+            map.shrink_to_fit();
+        }
         Ok(written)
     }
 

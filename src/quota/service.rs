@@ -83,6 +83,9 @@ pub struct QuotaNote {
 struct Refund {
     shared: Arc<Shared>,
     key: KeyId,
+    /// The identity's usage id, when some windows are the identity's (those from `split`).
+    identity: Option<KeyId>,
+    split: usize,
     /// The windows counted in, each as its kind and start: a window is rebuilt from its start
     /// on the rare refund, which keeps the note (moved with every response future around it)
     /// small.
@@ -173,14 +176,23 @@ impl Refund {
             .iter()
             .map(|&(kind, start)| Window::containing(kind, start))
             .collect();
+        let split = self.split.min(windows.len());
+        let meter = &self.shared.meter;
         if !self.shared.strict {
-            self.shared.meter.refund(self.key, &windows, usage);
+            meter.refund(&meter.keys, self.key, &windows[..split], usage);
+            if let Some(id) = self.identity {
+                meter.refund(&meter.identities, id, &windows[split..], usage);
+            }
             return;
         }
         let decrements: Vec<Increment> = windows
             .iter()
-            .map(|w| Increment {
-                key: self.key,
+            .enumerate()
+            .map(|(i, w)| Increment {
+                key: match self.identity {
+                    Some(id) if i >= split => id,
+                    _ => self.key,
+                },
                 window: *w,
                 usage,
             })
@@ -218,14 +230,19 @@ impl Default for QuotaNote {
     }
 }
 
-/// What one request is checked against: its windows (quota windows, deduplicated, then the
-/// meter's) and, per policy, the window it counts in.
+/// What one request is checked against: its windows (the key's quota windows, deduplicated,
+/// then the meter's; then the identity's shared quota windows) and, per policy, the window
+/// it counts in.
 struct Plan {
     principal: Principal,
     now: SystemTime,
     cost: u64,
     windows: SmallVec<[Window; 3]>,
     limits: SmallVec<[Limit; 3]>,
+    /// The identity's usage id, when some quota is shared: `windows[split..]` count for it.
+    identity: Option<KeyId>,
+    /// Where the identity's windows start (`windows.len()` without them).
+    split: usize,
 }
 
 impl Check for QuotaCheck {
@@ -315,24 +332,43 @@ impl QuotaCheck {
 fn plan(shared: &Shared, now: SystemTime, principal: Principal, cost: u64) -> Plan {
     let mut windows: SmallVec<[Window; 3]> = SmallVec::new();
     let mut limits: SmallVec<[Limit; 3]> = SmallVec::new();
-    let mut window_of = |kind: QuotaWindow| -> usize {
+    let window_of = |windows: &mut SmallVec<[Window; 3]>, from: usize, kind: QuotaWindow| {
         let w = Window::containing(kind, now);
-        match windows.iter().position(|x| *x == w) {
-            Some(i) => i,
+        match windows[from..].iter().position(|x| *x == w) {
+            Some(i) => from + i,
             None => {
                 windows.push(w);
                 windows.len() - 1
             }
         }
     };
-    for q in principal.quotas() {
+    let quotas = principal.quotas();
+    let identity = principal
+        .identity_usage_id()
+        .filter(|_| (0..quotas.len()).any(|i| principal.quota_is_shared(i)));
+    let is_shared = |i: usize| identity.is_some() && principal.quota_is_shared(i);
+    for (i, q) in quotas.iter().enumerate() {
+        let window = if is_shared(i) {
+            // Placed below, after the key's windows.
+            usize::MAX
+        } else {
+            window_of(&mut windows, 0, q.window)
+        };
         limits.push(Limit {
-            window: window_of(q.window),
+            window,
             limit: q.limit,
         });
     }
     if let Some(kind) = shared.meter_window {
-        window_of(kind);
+        window_of(&mut windows, 0, kind);
+    }
+    let split = windows.len();
+    if identity.is_some() {
+        for (i, q) in quotas.iter().enumerate() {
+            if is_shared(i) {
+                limits[i].window = window_of(&mut windows, split, q.window);
+            }
+        }
     }
     Plan {
         principal,
@@ -340,6 +376,8 @@ fn plan(shared: &Shared, now: SystemTime, principal: Principal, cost: u64) -> Pl
         cost,
         windows,
         limits,
+        identity,
+        split,
     }
 }
 
@@ -350,22 +388,54 @@ type Counted = Result<SmallVec<[Usage; 3]>, (SmallVec<[Usage; 3]>, Vec<usize>)>;
 /// Batched counting in memory; `None` when a window is not loaded yet. Also yields the
 /// key's `RateLimit-Policy` field when headers are on (cached with the counters).
 fn count(shared: &Shared, plan: &Plan) -> Option<(Counted, Option<HeaderValue>)> {
-    let entry = shared.meter.keys.get(&plan.principal.lineage_id())?;
-    let mut c: std::sync::MutexGuard<'_, KeyCounters> =
-        entry.lock().unwrap_or_else(|p| p.into_inner());
+    // The key's counters (none needed when every window is the identity's).
+    let entry = match plan.split {
+        0 => None,
+        _ => Some(shared.meter.keys.get(&plan.principal.lineage_id())?),
+    };
+    let mut c: Option<std::sync::MutexGuard<'_, KeyCounters>> = entry
+        .as_ref()
+        .map(|e| e.lock().unwrap_or_else(|p| p.into_inner()));
     let mut idx: SmallVec<[usize; 3]> = SmallVec::new();
-    for w in &plan.windows {
-        idx.push(c.find(w)?);
+    if let Some(c) = &c {
+        for w in &plan.windows[..plan.split] {
+            idx.push(c.find(w)?);
+        }
+    }
+    // The identity's counters, taken while holding the key's (always in this order, from
+    // a map of their own), so the request is counted in both or neither.
+    let identity_entry = match plan.identity {
+        Some(id) => Some(shared.meter.identities.get(&id)?),
+        None => None,
+    };
+    let mut ic = identity_entry
+        .as_ref()
+        .map(|e| e.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut iidx: SmallVec<[usize; 2]> = SmallVec::new();
+    if let Some(ic) = &ic {
+        for w in &plan.windows[plan.split..] {
+            iidx.push(ic.find(w)?);
+        }
     }
     let policy = if shared.headers && !plan.principal.quotas().is_empty() {
-        cached_policy_field(&mut c, plan)
+        match &mut c {
+            Some(c) => cached_policy_field(c, plan),
+            None => policy_field(plan),
+        }
     } else {
         None
     };
     // Pushes, not `collect`: SmallVec's `Extend` costs more than the loop at these sizes.
     let mut usage: SmallVec<[Usage; 3]> = SmallVec::new();
-    for i in &idx {
-        usage.push(c.windows[*i].total());
+    if let Some(c) = &c {
+        for i in &idx {
+            usage.push(c.windows[*i].total());
+        }
+    }
+    if let Some(ic) = &ic {
+        for i in &iidx {
+            usage.push(ic.windows[*i].total());
+        }
     }
     let violated = violated_limits(&usage, &plan.limits, plan.cost);
     if !violated.is_empty() {
@@ -375,11 +445,21 @@ fn count(shared: &Shared, plan: &Plan) -> Option<(Counted, Option<HeaderValue>)>
         cost: plan.cost,
         requests: 1,
     };
-    for (i, u) in idx.iter().zip(usage.iter_mut()) {
-        c.windows[*i].pending = c.windows[*i].pending.plus(one);
-        *u = u.plus(one);
+    let (own, theirs) = usage.split_at_mut(idx.len());
+    if let Some(c) = &mut c {
+        for (i, u) in idx.iter().zip(own.iter_mut()) {
+            c.windows[*i].pending = c.windows[*i].pending.plus(one);
+            *u = u.plus(one);
+        }
+        c.touched = true;
     }
-    c.touched = true;
+    if let Some(ic) = &mut ic {
+        for (i, u) in iidx.iter().zip(theirs.iter_mut()) {
+            ic.windows[*i].pending = ic.windows[*i].pending.plus(one);
+            *u = u.plus(one);
+        }
+        ic.touched = true;
+    }
     Some((Ok(usage), policy))
 }
 
@@ -407,13 +487,17 @@ async fn load_then_count<B>(
     req: &mut Request<B>,
 ) -> Result<QuotaNote, Denial> {
     let key = plan.principal.lineage_id();
+    let (own, theirs) = plan.windows.split_at(plan.split);
+    let meter = &shared.meter;
     for _ in 0..3 {
-        let usage = shared
-            .store
-            .load(&key, &plan.windows)
-            .await
-            .map_err(unavailable)?;
-        shared.meter.loaded(key, &plan.windows, &usage);
+        if !own.is_empty() {
+            let usage = shared.store.load(&key, own).await.map_err(unavailable)?;
+            meter.loaded(&meter.keys, key, own, &usage);
+        }
+        if let Some(id) = plan.identity {
+            let usage = shared.store.load(&id, theirs).await.map_err(unavailable)?;
+            meter.loaded(&meter.identities, id, theirs, &usage);
+        }
         if let Some((verdict, policy)) = count(shared, &plan) {
             return finish(shared, plan, verdict, policy, req);
         }
@@ -427,14 +511,97 @@ async fn strict<B>(
     req: &mut Request<B>,
 ) -> Result<QuotaNote, Denial> {
     let key = plan.principal.lineage_id();
-    let verdict = match shared
-        .store
-        .check_and_add(&key, &plan.windows, &plan.limits, plan.cost)
-        .await
-        .map_err(unavailable)?
-    {
-        Admission::Admitted(usage) => Ok(usage.into_iter().collect()),
-        Admission::Refused { usage, violated } => Err((usage.into_iter().collect(), violated)),
+    let Some(id) = plan.identity else {
+        let verdict = match shared
+            .store
+            .check_and_add(&key, &plan.windows, &plan.limits, plan.cost)
+            .await
+            .map_err(unavailable)?
+        {
+            Admission::Admitted(usage) => Ok(usage.into_iter().collect()),
+            Admission::Refused { usage, violated } => Err((usage.into_iter().collect(), violated)),
+        };
+        return finish(shared, plan, verdict, None, req);
+    };
+    // Two counts, the key's then the identity's: a store decides one id atomically, so a
+    // request the identity refuses has its key's count given back (another request of the
+    // same key may see that count in between: errs toward refusing).
+    let (own, theirs) = plan.windows.split_at(plan.split);
+    let split_limits = |mine: bool| -> (SmallVec<[usize; 3]>, Vec<Limit>) {
+        plan.limits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| (l.window >= plan.split) != mine)
+            .map(|(i, l)| {
+                let offset = if mine { 0 } else { plan.split };
+                (
+                    i,
+                    Limit {
+                        window: l.window - offset,
+                        limit: l.limit,
+                    },
+                )
+            })
+            .unzip()
+    };
+    let (own_index, own_limits) = split_limits(true);
+    let (their_index, their_limits) = split_limits(false);
+    let store = &shared.store;
+    let counted_own = if own.is_empty() {
+        Admission::Admitted(Vec::new())
+    } else {
+        store
+            .check_and_add(&key, own, &own_limits, plan.cost)
+            .await
+            .map_err(unavailable)?
+    };
+    let verdict = match counted_own {
+        Admission::Refused { usage, violated } => {
+            let mut all: SmallVec<[Usage; 3]> = usage.into_iter().collect();
+            all.extend(store.load(&id, theirs).await.map_err(unavailable)?);
+            Err((all, violated.iter().map(|v| own_index[*v]).collect()))
+        }
+        Admission::Admitted(usage) => {
+            let mut all: SmallVec<[Usage; 3]> = usage.into_iter().collect();
+            let one = Usage {
+                cost: plan.cost,
+                requests: 1,
+            };
+            let give_back = || {
+                own.iter()
+                    .map(|w| Increment {
+                        key,
+                        window: *w,
+                        usage: one,
+                    })
+                    .collect::<Vec<_>>()
+            };
+            match store
+                .check_and_add(&id, theirs, &their_limits, plan.cost)
+                .await
+            {
+                Ok(Admission::Admitted(usage)) => {
+                    all.extend(usage);
+                    Ok(all)
+                }
+                Ok(Admission::Refused { usage, violated }) => {
+                    if let Err(e) = store.subtract(&give_back()).await {
+                        tracing::warn!(error = %e, "quota refund failed");
+                    }
+                    for u in all.iter_mut() {
+                        *u = u.minus(one);
+                    }
+                    all.extend(usage);
+                    Err((all, violated.iter().map(|v| their_index[*v]).collect()))
+                }
+                Err(e) => {
+                    if let Err(e) = store.subtract(&give_back()).await {
+                        tracing::warn!(error = %e, "quota refund failed");
+                    }
+                    return Err(unavailable(e));
+                }
+            }
+        }
     };
     finish(shared, plan, verdict, None, req)
 }
@@ -536,6 +703,7 @@ fn finish<B>(
         windows.push((w.kind, w.start));
     }
     let key = plan.principal.lineage_id();
+    let (identity, split) = (plan.identity, plan.split);
     if let Some(states) = status {
         // The plan ends here: its principal moves into the status.
         RequestContext::of_mut(req.extensions_mut()).set_quota(QuotaStatus {
@@ -548,6 +716,8 @@ fn finish<B>(
         refund: Some(Refund {
             shared: shared.clone(),
             key,
+            identity,
+            split,
             windows,
             cost: plan.cost,
         }),

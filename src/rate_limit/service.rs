@@ -98,8 +98,38 @@ impl std::ops::Deref for LimRef<'_> {
 struct Entry<'a> {
     policy: &'a RateLimitPolicy,
     limiter: LimRef<'a>,
-    /// An earlier entry of the same shape (same GCRA state): decided once.
+    /// An earlier entry of the same shape and subject (same GCRA state): decided once.
     same_as: Option<usize>,
+    /// The identity's (counted under its usage id, for all its keys), not the key's.
+    shared: bool,
+}
+
+/// Who a request's policies count for: the key (or the client address), and the
+/// identity for the identity's own policies.
+#[derive(Clone, Copy)]
+struct Subjects {
+    key: Subject,
+    identity: Option<Subject>,
+}
+
+impl Subjects {
+    fn of(principal: Option<&Principal>, key: Subject) -> Subjects {
+        Subjects {
+            key,
+            identity: principal
+                .and_then(Principal::identity_usage_id)
+                .map(Subject::Key),
+        }
+    }
+
+    /// The subject of `e`: an identity policy without an identity (never built so) counts
+    /// for the key.
+    fn of_entry(&self, e: &Entry<'_>) -> Subject {
+        match (e.shared, self.identity) {
+            (true, Some(id)) => id,
+            _ => self.key,
+        }
+    }
 }
 
 /// The policies of a request and where their fields come from.
@@ -148,6 +178,7 @@ impl Check for RateCheck {
             Some(p) => Subject::Key(p.lineage_id()),
             None => client_address(&self.shared, self.gate.as_ref(), req),
         };
+        let subject = Subjects::of(principal, subject);
         let req = &*req;
         decide_locally(&self.shared, principal, subject, |shared| {
             match &shared.cost {
@@ -162,7 +193,7 @@ impl Check for RateCheck {
 fn decide_locally(
     shared: &Shared,
     principal: Option<&Principal>,
-    subject: Subject,
+    subject: Subjects,
     cost: impl FnOnce(&Shared) -> u64,
 ) -> Result<RateLimitNote, Denial> {
     let plan = plan(shared, principal)?;
@@ -239,17 +270,42 @@ fn begin_remote<ReqB: Send + 'static>(
         return Step::Now(Ok(RateLimitNote::none()));
     }
     let remote = rate_subject(subject);
+    let subjects = Subjects::of(principal, subject);
+    // Per policy, when some count for the identity (else one subject for all).
+    let each: Option<SmallVec<[RateSubject; 4]>> = match (principal, subjects.identity) {
+        // Only the key's own policies can be the identity's (a configured set never is).
+        (Some(p), Some(identity)) if !p.rate_limits().is_empty() => Some(
+            (0..policies.len())
+                .map(|i| {
+                    if p.rate_limit_is_shared(i) {
+                        rate_subject(identity)
+                    } else {
+                        remote
+                    }
+                })
+                .collect(),
+        ),
+        _ => None,
+    };
     // Every limit is a u32: a cost beyond it exceeds them all, and the saturated cost the
     // backend sees says so; the denial names the real cost.
     let units = u32::try_from(cost).unwrap_or(u32::MAX);
-    if let Some(decision) = backend.precheck(remote, policies, units) {
+    let pre = match &each {
+        Some(each) => backend.precheck_each(each, policies, units),
+        None => backend.precheck(remote, policies, units),
+    };
+    if let Some(decision) = pre {
         return Step::Now(settle(&shared, principal, cost, decision));
     }
     let principal = principal.cloned();
     Step::Later(Box::new(move |req| {
         Box::pin(async move {
             let (policies, _) = policies_of(&shared, principal.as_ref());
-            let verdict = match backend.check(remote, policies, units).await {
+            let asked = match &each {
+                Some(each) => backend.check_each(each, policies, units).await,
+                None => backend.check(remote, policies, units).await,
+            };
+            let verdict = match asked {
                 Ok(decision) => settle(&shared, principal.as_ref(), cost, decision),
                 Err(RateError::InvalidPolicy { name, reason }) => {
                     tracing::warn!(policy = %name, reason, "rate-limit policy refused by the backend; refusing its requests");
@@ -259,7 +315,7 @@ fn begin_remote<ReqB: Send + 'static>(
                 Err(e) => match shared.fallback {
                     Fallback::Local => {
                         tracing::debug!(error = %e, "rate-limit backend unavailable; limiting in-process");
-                        decide_locally(&shared, principal.as_ref(), subject, |_| cost)
+                        decide_locally(&shared, principal.as_ref(), subjects, |_| cost)
                     }
                     Fallback::Deny => {
                         tracing::warn!(error = %e, "rate-limit backend unavailable; refusing");
@@ -343,6 +399,7 @@ fn plan<'a>(shared: &'a Shared, principal: Option<&'a Principal>) -> Result<Plan
                 policy,
                 limiter: LimRef::Borrowed(limiter),
                 same_as,
+                shared: false,
             });
         }
         return Ok(Plan {
@@ -351,7 +408,9 @@ fn plan<'a>(shared: &'a Shared, principal: Option<&'a Principal>) -> Result<Plan
         });
     }
     let mut entries: SmallVec<[Entry<'a>; 2]> = SmallVec::new();
-    for policy in own {
+    let principal_shared = |i: usize| principal.is_some_and(|p| p.rate_limit_is_shared(i));
+    for (i, policy) in own.iter().enumerate() {
+        let shared_policy = principal_shared(i);
         let shape = match Shape::of(policy) {
             Ok(s) => s,
             Err(e) => {
@@ -365,7 +424,9 @@ fn plan<'a>(shared: &'a Shared, principal: Option<&'a Principal>) -> Result<Plan
                     .with_detail("The key's rate-limit policy is invalid."));
             }
         };
-        let same_as = entries.iter().position(|e| e.limiter.shape == shape);
+        let same_as = entries
+            .iter()
+            .position(|e| e.limiter.shape == shape && e.shared == shared_policy);
         let limiter = match same_as {
             Some(i) => match &entries[i].limiter {
                 LimRef::Borrowed(l) => LimRef::Borrowed(l),
@@ -377,6 +438,7 @@ fn plan<'a>(shared: &'a Shared, principal: Option<&'a Principal>) -> Result<Plan
             policy,
             limiter,
             same_as,
+            shared: shared_policy,
         });
     }
     Ok(Plan {
@@ -386,7 +448,11 @@ fn plan<'a>(shared: &'a Shared, principal: Option<&'a Principal>) -> Result<Plan
 }
 
 /// Counts `cost` against every policy of `plan`, all or nothing; the standing of each entry.
-fn decide(plan: &Plan<'_>, subject: Subject, cost: u64) -> Result<SmallVec<[Standing; 2]>, Denial> {
+fn decide(
+    plan: &Plan<'_>,
+    subject: Subjects,
+    cost: u64,
+) -> Result<SmallVec<[Standing; 2]>, Denial> {
     let entries = &plan.entries;
     let mut standings: SmallVec<[Standing; 2]> = SmallVec::new();
     let over = |e: &Entry<'_>| cost > u64::from(e.policy.limit);
@@ -394,7 +460,7 @@ fn decide(plan: &Plan<'_>, subject: Subject, cost: u64) -> Result<SmallVec<[Stan
         let states = entries
             .iter()
             .map(|e| {
-                let (standing, _) = e.limiter.peek(subject, 1);
+                let (standing, _) = e.limiter.peek(subject.of_entry(e), 1);
                 state(e.policy, standing, over(e))
             })
             .collect();
@@ -405,7 +471,7 @@ fn decide(plan: &Plan<'_>, subject: Subject, cost: u64) -> Result<SmallVec<[Stan
     let Some(n) = NonZeroU32::new(cost) else {
         // Free requests pass without being counted.
         for e in entries {
-            standings.push(e.limiter.peek(subject, 1).0);
+            standings.push(e.limiter.peek(subject.of_entry(e), 1).0);
         }
         return Ok(standings);
     };
@@ -415,12 +481,12 @@ fn decide(plan: &Plan<'_>, subject: Subject, cost: u64) -> Result<SmallVec<[Stan
             standings.push(s);
             continue;
         }
-        match e.limiter.check(subject, n) {
+        match e.limiter.check(subject.of_entry(e), n) {
             Verdict::Allowed(s) => standings.push(s),
             Verdict::Denied(wait) => {
                 // Give back what the earlier policies counted, then report every policy.
                 for earlier in entries[..i].iter().filter(|e| e.same_as.is_none()) {
-                    earlier.limiter.refund(subject, cost);
+                    earlier.limiter.refund(subject.of_entry(earlier), cost);
                 }
                 return Err(denied(entries, subject, cost, i, wait));
             }
@@ -448,7 +514,7 @@ fn cost_exceeds_limit(cost: u64, states: Vec<LimitState>) -> Denial {
 
 fn denied(
     entries: &[Entry<'_>],
-    subject: Subject,
+    subject: Subjects,
     cost: u32,
     first: usize,
     wait: Duration,
@@ -456,7 +522,7 @@ fn denied(
     let mut retry = wait;
     let mut states = Vec::with_capacity(entries.len());
     for (k, e) in entries.iter().enumerate() {
-        let (standing, would_wait) = e.limiter.peek(subject, cost);
+        let (standing, would_wait) = e.limiter.peek(subject.of_entry(e), cost);
         let violated = k == first || !would_wait.is_zero() || e.same_as == Some(first);
         if violated && k != first {
             retry = retry.max(would_wait);

@@ -113,6 +113,23 @@ impl AdminError {
                 },
                 format!("no {kind} named {:?}", crate::input::clip(name)),
             ),
+            StoreError::InUse {
+                kind,
+                name,
+                holders,
+            } => Self::new(
+                StatusCode::CONFLICT,
+                if *kind == "identity" {
+                    "identity_in_use"
+                } else {
+                    "in_use"
+                },
+                format!(
+                    "the {kind} {:?} still owns {holders} key(s) that are not revoked; move \
+                     them to another identity or revoke them first",
+                    crate::input::clip(name)
+                ),
+            ),
             StoreError::Unsupported(what) => Self::new(
                 StatusCode::NOT_IMPLEMENTED,
                 "unsupported",

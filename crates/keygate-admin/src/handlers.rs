@@ -21,7 +21,6 @@ use crate::{Shared, UsageSource};
 use keygate::client_ip::{peer_addr, ClientIp};
 use keygate::core::usage::{UsageRecord, Window};
 use keygate::reject::{DefaultRenderer, RenderContext, Renderer};
-use keygate::StoreError;
 use keygate::{
     resolution, Denial, DenialCode, KeyId, KeyInfo, KeyRecord, Principal, QuotaPolicy, QuotaWindow,
     RateLimitPolicy,
@@ -29,6 +28,7 @@ use keygate::{
 use keygate::{
     validate_resource_pattern, Expiry, Grant, KeySpec, Refill, ResourceSet, Role, Scope, ScopeSet,
 };
+use keygate::{KeyStatus, StoreError};
 
 type St = State<Arc<Shared>>;
 type IdPath = Result<Path<String>, PathRejection>;
@@ -44,7 +44,11 @@ const MAX_BODY: usize = 256 * 1024;
 /// the rendered denial (401 for credential problems, 403 `ip_not_allowed`, 403
 /// `insufficient_scope`). Fails closed: no principal and no hub to resolve one is
 /// `missing_key`.
-pub(crate) async fn caller(shared: &Shared, parts: Parts) -> (Parts, Result<Principal, Response>) {
+pub(crate) async fn caller(
+    shared: &Shared,
+    parts: Parts,
+    minting: bool,
+) -> (Parts, Result<Principal, Response>) {
     let mut req = http::Request::from_parts(parts, ());
     let verdict = match &shared.gate {
         Some(gate) => gate.resolve(&mut req).await,
@@ -60,6 +64,8 @@ pub(crate) async fn caller(shared: &Shared, parts: Parts) -> (Parts, Result<Prin
     });
     let result = match verdict {
         Ok(p) if p.has_scope(&shared.scope) => Ok(p),
+        // Delegated minting: `POST /keys` also takes a key that may mint.
+        Ok(p) if minting && may_mint(&p) => Ok(p),
         Ok(_) => Err(render(
             shared,
             &req,
@@ -124,10 +130,26 @@ fn actor(p: &Principal) -> String {
     format!("key:{}", p.key_id())
 }
 
+/// Whether `p` may mint keys without the admin scope: it holds `keys:create` and a role
+/// that sets a minting ceiling.
+fn may_mint(p: &Principal) -> bool {
+    p.mint_ceiling().is_some()
+        && keygate::Scope::parse("keys:create").is_ok_and(|s| p.has_scope(&s))
+}
+
 /// Splits the request, checks the caller, reads the body (bounded).
 async fn begin(shared: &Shared, req: Request) -> Result<(Parts, Principal, Bytes), Response> {
+    begin_as(shared, req, false).await
+}
+
+/// [`begin`], also taking a key that may mint when `minting`.
+async fn begin_as(
+    shared: &Shared,
+    req: Request,
+    minting: bool,
+) -> Result<(Parts, Principal, Bytes), Response> {
     let (parts, body) = req.into_parts();
-    let (parts, who) = caller(shared, parts).await;
+    let (parts, who) = caller(shared, parts, minting).await;
     let who = who?;
     let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
         AdminError::new(
@@ -413,6 +435,16 @@ fn check_restrictions(caller: &Principal, record: &KeyRecord) -> Result<(), Admi
     Ok(())
 }
 
+/// The authority check of a rotation or status change, run inside the key manager's
+/// conditional write on exactly the version it overwrites.
+fn may_act_on(caller: &Principal, record: &KeyRecord, roles: &[Role]) -> Result<(), String> {
+    if within_caller(caller, record, roles) {
+        Ok(())
+    } else {
+        Err("the key is beyond the calling key's authority".into())
+    }
+}
+
 /// The key `id`, if the caller may manage it: exactly the keys it may see.
 async fn manageable(
     shared: &Shared,
@@ -476,8 +508,78 @@ fn done(result: Result<Response, AdminError>) -> Response {
 // Routes
 // ---------------------------------------------------------------------------------------
 
+/// The rules of a key minted by a key (delegated minting) rather than by an admin: for the
+/// minter's own identity, living at most its ceiling (the ceiling when the body names no
+/// expiry), and unable to mint or administer in turn. The grants are then checked as for
+/// any caller (a subset of the minter's own).
+fn delegated(
+    s: &Shared,
+    minter: &Principal,
+    spec: &mut KeySpec,
+    roles: &[Role],
+) -> Result<(), AdminError> {
+    let ceiling = minter.mint_ceiling().unwrap_or(Duration::ZERO);
+    let Some(own) = minter.identity() else {
+        return Err(AdminError::new(
+            StatusCode::FORBIDDEN,
+            "identity_forbidden",
+            "a key without an identity cannot mint keys",
+        ));
+    };
+    match spec.identity.as_deref() {
+        None => spec.identity = Some(own.to_owned()),
+        Some(i) if i == own => {}
+        Some(_) => {
+            return Err(AdminError::new(
+                StatusCode::FORBIDDEN,
+                "identity_forbidden",
+                "a key mints keys for its own identity only",
+            ))
+        }
+    }
+    let now = s.clock.now();
+    let lifetime = match spec.expires {
+        None => {
+            spec.expires = Some(keygate::Expiry::In(ceiling));
+            ceiling
+        }
+        Some(keygate::Expiry::In(d)) => d,
+        Some(keygate::Expiry::At(t)) => t.duration_since(now).unwrap_or(Duration::ZERO),
+    };
+    if lifetime > ceiling {
+        return Err(AdminError::new(
+            StatusCode::FORBIDDEN,
+            "mint_ceiling_exceeded",
+            format!(
+                "a key minted by this key lives at most {}s (its role's ceiling)",
+                ceiling.as_secs()
+            ),
+        ));
+    }
+    let admin_scopes = [
+        s.scope.clone(),
+        keygate::Scope::parse("keys:create").map_err(|_| AdminError::invalid("keys:create"))?,
+    ];
+    let mut all: Vec<String> = spec.scopes.clone();
+    all.extend(spec.grants.iter().flat_map(|g| g.scopes.iter().cloned()));
+    all.extend(
+        roles
+            .iter()
+            .flat_map(|r| r.grants.iter().flat_map(|g| g.scopes.iter().cloned())),
+    );
+    let set = keygate::ScopeSet::compile(&all);
+    if admin_scopes.iter().any(|a| set.allows(a))
+        || roles.iter().any(|r| r.mint_max_lifetime_secs.is_some())
+    {
+        return Err(AdminError::escalation(
+            "a minted key cannot mint or administer keys in turn",
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) async fn create(State(s): St, req: Request) -> Response {
-    let (_, who, body) = match begin(&s, req).await {
+    let (_, who, body) = match begin_as(&s, req, true).await {
         Ok(x) => x,
         Err(res) => return res,
     };
@@ -486,6 +588,18 @@ pub(crate) async fn create(State(s): St, req: Request) -> Response {
             let body: CreateKey = input::json_required(&body)?;
             let allow_unknown = body.allow_unknown_scopes;
             let mut spec = body.into_spec()?;
+            if !who.has_scope(&s.scope) {
+                let roles = if spec.roles.is_empty() {
+                    Vec::new()
+                } else {
+                    s.keys
+                        .store()
+                        .roles(&spec.roles)
+                        .await
+                        .map_err(|e| AdminError::store(&e))?
+                };
+                delegated(&s, &who, &mut spec, &roles)?;
+            }
             let warnings = vocabulary_check(&s, &spec, allow_unknown)?;
             check_grants(&who, &spec.scopes, &spec.resources, "cannot grant")?;
             grants_within(&who, &spec.grants, "cannot grant")?;
@@ -625,7 +739,11 @@ pub(crate) async fn rotate(State(s): St, path: IdPath, req: Request) -> Response
                 None => Duration::ZERO,
             };
             manageable(&s, &who, id).await?;
-            let issued = s.keys.rotate(&actor(&who), id, grace).await?;
+            let roles = all_roles(&s).await?;
+            let issued = s
+                .keys
+                .rotate_checked(&actor(&who), id, grace, |old| may_act_on(&who, old, &roles))
+                .await?;
             Ok(json(
                 StatusCode::CREATED,
                 &WithKey {
@@ -655,12 +773,18 @@ async fn switch(s: Arc<Shared>, path: IdPath, req: Request, to: Switch) -> Respo
             let id = key_id(path)?;
             let _: NoFields = input::json_body(&body, true)?;
             manageable(&s, &who, id).await?;
-            let actor = actor(&who);
-            let record = match to {
-                Switch::Revoke => s.keys.revoke(&actor, id).await?,
-                Switch::Disable => s.keys.disable(&actor, id).await?,
-                Switch::Enable => s.keys.enable(&actor, id).await?,
+            let roles = all_roles(&s).await?;
+            let status = match to {
+                Switch::Revoke => KeyStatus::Revoked,
+                Switch::Disable => KeyStatus::Disabled,
+                Switch::Enable => KeyStatus::Active,
             };
+            let record = s
+                .keys
+                .set_status_checked(&actor(&who), id, status, |old| {
+                    may_act_on(&who, old, &roles)
+                })
+                .await?;
             Ok(json(StatusCode::OK, &record.info()))
         }
         .await,
@@ -1041,6 +1165,73 @@ pub(crate) async fn list_identities(State(s): St, req: Request) -> Response {
         async {
             let identities = s.keys.list_identities().await?;
             Ok(json(StatusCode::OK, &IdentityList { identities }))
+        }
+        .await,
+    )
+}
+
+/// Changing or deleting an identity changes the limits its keys share: only an admin
+/// metered no tighter than the identity's limits (old and new) may.
+fn identity_within(caller: &Principal, identity: &keygate::Identity) -> Result<(), String> {
+    if limits_within(caller, &identity.rate_limits, &identity.quotas) {
+        Ok(())
+    } else {
+        Err("the identity's limits are looser than the calling key's own".into())
+    }
+}
+
+pub(crate) async fn update_identity(State(s): St, path: IdPath, req: Request) -> Response {
+    let (_, who, body) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let Path(name) =
+                path.map_err(|_| AdminError::invalid("the name in the path is not valid"))?;
+            let body: input::IdentityUpdateInput = input::json_required(&body)?;
+            let update = body.into_update()?;
+            let old = s.keys.show_identity(&name).await?;
+            not_tenant_admin(&who)?;
+            identity_within(&who, &old).map_err(AdminError::escalation)?;
+            let mut proposed = old.clone();
+            if let Some(r) = &update.rate_limits {
+                proposed.rate_limits = r.clone();
+            }
+            if let Some(q) = &update.quotas {
+                proposed.quotas = q.clone();
+            }
+            identity_within(&who, &proposed).map_err(AdminError::escalation)?;
+            let identity = s.keys.update_identity(&actor(&who), &name, update).await?;
+            Ok(json(StatusCode::OK, &identity))
+        }
+        .await,
+    )
+}
+
+pub(crate) async fn delete_identity(State(s): St, path: IdPath, req: Request) -> Response {
+    let (_, who, body) = match begin(&s, req).await {
+        Ok(x) => x,
+        Err(res) => return res,
+    };
+    done(
+        async {
+            let Path(name) =
+                path.map_err(|_| AdminError::invalid("the name in the path is not valid"))?;
+            let _: NoFields = input::json_body(&body, true)?;
+            let old = s.keys.show_identity(&name).await?;
+            not_tenant_admin(&who)?;
+            identity_within(&who, &old).map_err(AdminError::escalation)?;
+            if !s.keys.delete_identity(&actor(&who), &name).await? {
+                return Err(AdminError::store(&keygate::StoreError::NoSuchName {
+                    kind: "identity",
+                    name,
+                }));
+            }
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "name": name, "deleted": true }),
+            ))
         }
         .await,
     )

@@ -9,7 +9,10 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::error::AdminError;
-use keygate::{Expiry, Grant, Identity, KeyFilter, KeySpec, KeyUpdate, Prefix, Role, RoleUpdate};
+use keygate::{
+    Expiry, Grant, Identity, IdentityUpdate, KeyFilter, KeySpec, KeyUpdate, Prefix, Role,
+    RoleUpdate,
+};
 use keygate::{KeyStatus, QuotaPolicy, RateLimitPolicy};
 
 /// The body of `POST /keys`. Only `name` is required; unknown fields are refused.
@@ -222,6 +225,16 @@ pub struct RoleInput {
     /// Quotas.
     #[serde(default)]
     pub quotas: Vec<PolicyInput<QuotaPolicy>>,
+    /// Delegated minting: with `keys:create` in its grants, the longest lifetime of a key
+    /// that a key holding the role may mint (`1h`, `7d`).
+    #[serde(default)]
+    pub mint_max_lifetime: Option<String>,
+}
+
+/// A minting ceiling as whole seconds.
+fn mint_secs(text: &str) -> Result<u64, AdminError> {
+    let d = duration("mint_max_lifetime", text)?;
+    Ok(d.as_secs())
 }
 
 fn one_grant(
@@ -254,6 +267,11 @@ impl RoleInput {
         for p in self.quotas {
             role.quotas.push(p.resolve("quotas")?);
         }
+        role.mint_max_lifetime_secs = self
+            .mint_max_lifetime
+            .as_deref()
+            .map(mint_secs)
+            .transpose()?;
         Ok(role)
     }
 }
@@ -281,6 +299,9 @@ pub struct RoleUpdateInput {
     /// New quotas.
     #[serde(default)]
     pub quotas: Option<Vec<PolicyInput<QuotaPolicy>>>,
+    /// A new minting ceiling (`null` takes it away).
+    #[serde(default, deserialize_with = "present")]
+    pub mint_max_lifetime: Option<Option<String>>,
 }
 
 impl RoleUpdateInput {
@@ -309,6 +330,11 @@ impl RoleUpdateInput {
                 .quotas
                 .map(|ps| ps.into_iter().map(|p| p.resolve("quotas")).collect())
                 .transpose()?,
+            mint_max_lifetime_secs: match self.mint_max_lifetime {
+                None => None,
+                Some(None) => Some(None),
+                Some(Some(t)) => Some(Some(mint_secs(&t)?)),
+            },
         };
         if u == RoleUpdate::default() {
             return Err(AdminError::invalid("the body changes nothing"));
@@ -345,6 +371,41 @@ impl IdentityInput {
             identity.quotas.push(p.resolve("quotas")?);
         }
         Ok(identity)
+    }
+}
+
+/// The body of `PATCH /identities/{name}`: each field given replaces the identity's.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityUpdateInput {
+    /// New metadata.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+    /// New rate limits (shared by all its keys).
+    #[serde(default)]
+    pub rate_limits: Option<Vec<PolicyInput<RateLimitPolicy>>>,
+    /// New quotas (shared by all its keys).
+    #[serde(default)]
+    pub quotas: Option<Vec<PolicyInput<QuotaPolicy>>>,
+}
+
+impl IdentityUpdateInput {
+    pub(crate) fn into_update(self) -> Result<IdentityUpdate, AdminError> {
+        let u = IdentityUpdate {
+            metadata: self.metadata,
+            rate_limits: self
+                .rate_limits
+                .map(|ps| ps.into_iter().map(|p| p.resolve("rate_limits")).collect())
+                .transpose()?,
+            quotas: self
+                .quotas
+                .map(|ps| ps.into_iter().map(|p| p.resolve("quotas")).collect())
+                .transpose()?,
+        };
+        if u == IdentityUpdate::default() {
+            return Err(AdminError::invalid("the body changes nothing"));
+        }
+        Ok(u)
     }
 }
 

@@ -15,6 +15,8 @@
 //! | `GET`, `PATCH`, `DELETE /admin/roles/{name}` | one role; changes it ([`RoleUpdateInput`]) or deletes it, reaching every key holding it on its next request | 200 |
 //! | `POST /admin/identities` / `GET /admin/identities` | creates ([`IdentityInput`]) / lists identities | 201 / 200 |
 //! | `GET /admin/identities/{name}` | one identity | 200 |
+//! | `PATCH /admin/identities/{name}` | changes its metadata or shared limits ([`IdentityUpdateInput`]); its keys follow on their next request | 200 |
+//! | `DELETE /admin/identities/{name}` | deletes it; refused (409 `identity_in_use`) while a key that is not revoked names it | 200 |
 //!
 //! With the feature `tokens`, [`TokenApi`] is a third router: `POST /auth/token` trades an
 //! API key for a short-lived signed token, `GET /.well-known/jwks.json` publishes the keys
@@ -38,12 +40,15 @@
 //! | 400 | `unknown_scope` | a scope not in the [scope vocabulary](AdminApi::scope_vocabulary), with the closest known one |
 //! | 400 | `invalid_request` | a field's value is refused (name, scope, CIDR, policy, duration, id, ...) |
 //! | 401 / 403 | keygate's denial codes | no key, a bad key, a key used from outside its `allowed_ips` (`ip_not_allowed`), or a key without `keys:admin` |
-//! | 403 | `privilege_escalation` | the key would grant (or manage a key holding or allowed) more than its caller holds or is allowed |
+//! | 403 | `privilege_escalation` | the key would grant (or manage a key holding or allowed) more than its caller holds or is allowed; a minted key that could mint or administer in turn |
+//! | 403 | `mint_ceiling_exceeded` | delegated minting: the key would live longer than the minter's ceiling |
+//! | 403 | `identity_forbidden` | delegated minting: a key for another identity, or a minter without an identity |
 //! | 404 | `key_not_found` | no such key (or one beyond the caller's authority: another tenant's, more scopes, collections or looser restrictions or limits) |
 //! | 404 | `role_not_found`, `identity_not_found` | no such role (or one granting more than the caller holds) or identity |
 //! | 409 | `wrong_status` | the key's status forbids it (enable a revoked key, rotate a disabled one) |
 //! | 409 | `conflict` | the key (or role) was changed by another request between this one's check and its write: nothing was written; read and retry |
 //! | 409 | `name_taken` | a role or identity with this name exists |
+//! | 409 | `identity_in_use` | an identity to delete still owns keys that are not revoked |
 //! | 501 | `usage_unavailable` | `usage` asked of an API built without a usage source |
 //! | 503 | `store_unavailable`, `audit_unavailable` | the key or usage store, or the audit log, is down: nothing changed |
 //!
@@ -108,6 +113,17 @@
 //! tenant, so a tenant admin cannot create, change or delete them; a caller sees (and may
 //! change or delete) only roles whose grants it holds, and changes or deletes one only if
 //! it meters no looser than the role's own limits.
+//!
+//! # Delegated minting
+//! `POST /keys` also takes a key without `keys:admin` that holds `keys:create` and a role
+//! with a minting ceiling ([`keygate::Role::mint_max_lifetime_secs`], `mint_max_lifetime`
+//! in [`RoleInput`]): a pipeline mints its own short-lived keys without an admin key or
+//! database access (`keygate keys create --as-key`). The minted key belongs to the
+//! minter's identity (another is `identity_forbidden`; a minter without an identity mints
+//! nothing), lives at most the ceiling (`mint_ceiling_exceeded` beyond it; the ceiling when
+//! the body names no expiry), holds only grants the minter holds (`privilege_escalation`,
+//! as for any caller) and can neither mint nor administer (no `keys:create`, no
+//! `keys:admin`, no role with a ceiling). Every other route still needs `keys:admin`.
 //!
 //! # Atomic check and write
 //! `PATCH /keys/{id}` and `PATCH /roles/{name}` check the caller's authority over the
@@ -177,7 +193,8 @@ use keygate::{Clock, KeyGate, KeyManager, SystemClock};
 use keygate::{InvalidScope, Scope, ScopeVocabulary};
 
 pub use input::{
-    CreateKey, IdentityInput, PolicyInput, RoleInput, RoleUpdateInput, RotateKey, UpdateKey,
+    CreateKey, IdentityInput, IdentityUpdateInput, PolicyInput, RoleInput, RoleUpdateInput,
+    RotateKey, UpdateKey,
 };
 #[cfg(feature = "tokens")]
 pub use token::TokenApi;
@@ -310,7 +327,12 @@ impl AdminApi {
                 "/identities",
                 post(handlers::create_identity).get(handlers::list_identities),
             )
-            .route("/identities/{name}", get(handlers::show_identity))
+            .route(
+                "/identities/{name}",
+                get(handlers::show_identity)
+                    .patch(handlers::update_identity)
+                    .delete(handlers::delete_identity),
+            )
             .route("/keys/{id}/rotate", post(handlers::rotate))
             .route("/keys/{id}/revoke", post(handlers::revoke))
             .route("/keys/{id}/disable", post(handlers::disable))

@@ -92,6 +92,15 @@ impl KeyStore for Racing {
     async fn insert_identity(&self, i: &Identity) -> Result<(), StoreError> {
         self.inner.insert_identity(i).await
     }
+    async fn update_identity(&self, i: &Identity) -> Result<(), StoreError> {
+        self.inner.update_identity(i).await
+    }
+    async fn delete_identity(&self, n: &str) -> Result<bool, StoreError> {
+        self.inner.delete_identity(n).await
+    }
+    async fn keys_with_identity(&self, n: &str) -> Result<Vec<KeyId>, StoreError> {
+        self.inner.keys_with_identity(n).await
+    }
 }
 
 /// Runs a memory-store future (which never waits) to its end.
@@ -578,4 +587,365 @@ async fn two_admins_racing_cannot_bypass_the_check() {
     .await;
     assert_eq!(st, StatusCode::OK, "{body}");
     assert_eq!(body["resources"], json!(["docs-2"]));
+}
+
+/// Revoke, disable and rotate keep the same rule as `PATCH`: the check "the caller may act
+/// on this key" and the write are one conditional step. A narrow admin acts on a key
+/// within its authority; before its write lands, a wide admin makes the key `*`: 409, the
+/// key keeps the wide admin's change and its status (and a rotation leaves no usable new
+/// key). Without the race each succeeds.
+#[tokio::test]
+async fn revoke_disable_and_rotate_racing_a_widening_cannot_bypass_the_check() {
+    let s = setup();
+    let (narrow, _) = s
+        .key(
+            KeySpec::new("narrow")
+                .scope("keys:admin")
+                .scope("points:read")
+                .resource("docs-*"),
+        )
+        .await;
+    for (path, body) in [
+        ("revoke", Value::Null),
+        ("disable", Value::Null),
+        ("rotate", json!({"grace": "1h"})),
+    ] {
+        let (secret, id) = s
+            .key(KeySpec::new("k").scope("points:read").resource("docs-1"))
+            .await;
+        let before = s.store.list(&KeyFilter::default()).await.unwrap().len();
+        *s.store.hook.lock().unwrap() = Some(Box::new(move |store: &MemoryStore| {
+            let mut r = now(store.get(&id)).unwrap().unwrap();
+            r.scopes = vec!["*".into()];
+            r.resources = vec!["*".into()];
+            now(store.update(&r)).unwrap();
+        }));
+        let (st, res) = send(
+            &s.app,
+            "POST",
+            &format!("/admin/keys/{id}/{path}"),
+            &narrow,
+            body.clone(),
+        )
+        .await;
+        assert_eq!(st, StatusCode::CONFLICT, "{path}: {res}");
+        assert_eq!(res["code"], "conflict");
+        let stored = s.store.get(&id).await.unwrap().unwrap();
+        assert_eq!(stored.status, KeyStatus::Active, "{path}");
+        assert_eq!(stored.scopes, ["*"], "{path}");
+        assert_eq!(stored.expires_at, None, "{path}");
+        // The key still works; any key a failed rotation made is revoked.
+        assert!(s.gate.verifier().verify(&secret).await.is_ok(), "{path}");
+        let all = s.store.list(&KeyFilter::default()).await.unwrap();
+        for r in all.iter().filter(|r| r.rotated_from == Some(id)) {
+            assert_eq!(r.status, KeyStatus::Revoked, "{path}");
+        }
+        assert!(all.len() <= before + 1);
+        // Retried, the narrow admin no longer sees the key.
+        let (st, _) = send(
+            &s.app,
+            "POST",
+            &format!("/admin/keys/{id}/{path}"),
+            &narrow,
+            body.clone(),
+        )
+        .await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{path}");
+
+        // Without a race, the same operation on a key within it succeeds.
+        let (_, other) = s
+            .key(KeySpec::new("k2").scope("points:read").resource("docs-1"))
+            .await;
+        let (st, res) = send(
+            &s.app,
+            "POST",
+            &format!("/admin/keys/{other}/{path}"),
+            &narrow,
+            body,
+        )
+        .await;
+        assert!(st.is_success(), "{path}: {st} {res}");
+        let stored = s.store.get(&other).await.unwrap().unwrap();
+        match path {
+            "revoke" => assert_eq!(stored.status, KeyStatus::Revoked),
+            "disable" => assert_eq!(stored.status, KeyStatus::Disabled),
+            _ => assert!(stored.expires_at.is_some(), "the rotated key ends"),
+        }
+    }
+}
+
+/// `PATCH` and `DELETE /admin/identities/{name}`: the change reaches the identity's keys on
+/// their next request; bad input and a tenant admin change nothing; an identity a live key
+/// names is not deleted (409 `identity_in_use`).
+#[tokio::test]
+async fn identities_are_changed_and_deleted() {
+    let s = setup();
+    let (admin, _) = s.key(KeySpec::new("admin").scope("*").resource("*")).await;
+    let (tenant, _) = s
+        .key(
+            KeySpec::new("tenant")
+                .scope("*")
+                .resource("*")
+                .attribute("tenant", "acme"),
+        )
+        .await;
+    let (st, body) = send(
+        &s.app,
+        "POST",
+        "/admin/identities",
+        &admin,
+        json!({"name": "etl", "rate_limits": ["etl-burst=100/s"]}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let (secret, id) = s.key(KeySpec::new("k").identity("etl")).await;
+    let p = s.gate.verifier().verify(&secret).await.unwrap();
+    assert_eq!(p.rate_limits()[0].limit, 100);
+
+    for (who, body, code) in [
+        (
+            &admin,
+            json!({"rate_limits": ["etl-burst=0/s"]}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (&admin, json!({"unknown": 1}), StatusCode::BAD_REQUEST),
+        (&admin, json!({}), StatusCode::BAD_REQUEST),
+        (
+            &tenant,
+            json!({"rate_limits": ["etl-burst=5/s"]}),
+            StatusCode::FORBIDDEN,
+        ),
+    ] {
+        let (st, res) = send(&s.app, "PATCH", "/admin/identities/etl", who, body).await;
+        assert_eq!(st, code, "{res}");
+    }
+    let (st, res) = send(
+        &s.app,
+        "PATCH",
+        "/admin/identities/ghost",
+        &admin,
+        json!({"metadata": {}}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert_eq!(res["code"], "identity_not_found");
+    let p = s.gate.verifier().verify(&secret).await.unwrap();
+    assert_eq!(p.rate_limits()[0].limit, 100, "nothing changed");
+
+    let (st, res) = send(
+        &s.app,
+        "PATCH",
+        "/admin/identities/etl",
+        &admin,
+        json!({"rate_limits": ["etl-burst=5/s"], "metadata": {"team": "data"}}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{res}");
+    assert_eq!(res["metadata"]["team"], "data");
+    let p = s.gate.verifier().verify(&secret).await.unwrap();
+    assert_eq!(p.rate_limits()[0].limit, 5, "on the next request");
+
+    // In use: refused, and the identity stays.
+    let (st, res) = send(
+        &s.app,
+        "DELETE",
+        "/admin/identities/etl",
+        &admin,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{res}");
+    assert_eq!(res["code"], "identity_in_use");
+    let (st, _) = send(
+        &s.app,
+        "DELETE",
+        "/admin/identities/etl",
+        &tenant,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert!(s.store.get_identity("etl").await.unwrap().is_some());
+    // Its key moves away; then it can go.
+    let (st, res) = send(
+        &s.app,
+        "PATCH",
+        &format!("/admin/keys/{id}"),
+        &admin,
+        json!({"identity": null}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{res}");
+    let (st, res) = send(
+        &s.app,
+        "DELETE",
+        "/admin/identities/etl",
+        &admin,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{res}");
+    assert_eq!(res["deleted"], true);
+    assert!(s.store.get_identity("etl").await.unwrap().is_none());
+    let (st, res) = send(
+        &s.app,
+        "DELETE",
+        "/admin/identities/etl",
+        &admin,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert_eq!(res["code"], "identity_not_found");
+}
+
+/// Delegated minting: a key holding a role that grants `keys:create` with a ceiling mints
+/// keys through `POST /admin/keys`, for its own identity, within its own grants, living at
+/// most the ceiling; everything else is refused with its documented code and changes
+/// nothing.
+#[tokio::test]
+async fn a_key_with_a_minting_role_mints_within_its_grants_identity_and_ceiling() {
+    let s = setup();
+    let (admin, _) = s.key(KeySpec::new("admin").scope("*").resource("*")).await;
+    for name in ["etl", "other"] {
+        s.keys
+            .create_identity("test", Identity::new(name, std::time::UNIX_EPOCH))
+            .await
+            .unwrap();
+    }
+    let (st, body) = send(
+        &s.app,
+        "POST",
+        "/admin/roles",
+        &admin,
+        json!({
+            "name": "minter",
+            "grants": [
+                {"scopes": ["keys:create"]},
+                {"scopes": ["points:read"], "collections": ["docs-*"]},
+                {"scopes": ["points:write"], "collections": ["docs-1"]},
+            ],
+            "mint_max_lifetime": "1h",
+        }),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    assert_eq!(body["mint_max_lifetime_secs"], 3600);
+    let (minter, _) = s
+        .key(KeySpec::new("pipeline").role("minter").identity("etl"))
+        .await;
+    let p = s.gate.verifier().verify(&minter).await.unwrap();
+    assert_eq!(p.mint_ceiling(), Some(std::time::Duration::from_secs(3600)));
+    let count = || async { s.store.list(&KeyFilter::default()).await.unwrap().len() };
+    let before = count().await;
+
+    // A subset, for 30 minutes: minted, for the minter's identity.
+    let (st, body) = send(
+        &s.app,
+        "POST",
+        "/admin/keys",
+        &minter,
+        json!({"name": "job-1", "scopes": ["points:read"], "collections": ["docs-2"], "expires_in": "30m"}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    assert_eq!(body["identity"], "etl");
+    let minted = body["key"].as_str().unwrap().to_owned();
+    let mp = s.gate.verifier().verify(&minted).await.unwrap();
+    assert!(mp.permits(&scope("points:read"), "docs-2"));
+    assert_eq!(mp.identity(), Some("etl"));
+    let life = mp
+        .expires_at()
+        .unwrap()
+        .duration_since(keygate::Clock::now(s.gate.clock()))
+        .unwrap();
+    assert_eq!(life, std::time::Duration::from_secs(1800));
+    // Without an expiry: the ceiling.
+    let (st, body) = send(
+        &s.app,
+        "POST",
+        "/admin/keys",
+        &minter,
+        json!({"name": "job-2", "grants": [{"scopes": ["points:write"], "collections": ["docs-1"]}]}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let mp = s
+        .gate
+        .verifier()
+        .verify(body["key"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        mp.expires_at()
+            .unwrap()
+            .duration_since(keygate::Clock::now(s.gate.clock()))
+            .unwrap(),
+        std::time::Duration::from_secs(3600)
+    );
+    assert_eq!(count().await, before + 2);
+
+    // Refused, each with its code; nothing is created.
+    for (body, status, code) in [
+        // A superset: write on every docs-* collection.
+        (
+            json!({"name": "x", "scopes": ["points:write"], "collections": ["docs-*"], "expires_in": "10m"}),
+            StatusCode::FORBIDDEN,
+            "privilege_escalation",
+        ),
+        // Longer than the ceiling.
+        (
+            json!({"name": "x", "scopes": ["points:read"], "collections": ["docs-1"], "expires_in": "2h"}),
+            StatusCode::FORBIDDEN,
+            "mint_ceiling_exceeded",
+        ),
+        // Another identity.
+        (
+            json!({"name": "x", "scopes": ["points:read"], "collections": ["docs-1"], "identity": "other"}),
+            StatusCode::FORBIDDEN,
+            "identity_forbidden",
+        ),
+        // A key that could mint in turn.
+        (
+            json!({"name": "x", "scopes": ["keys:create"]}),
+            StatusCode::FORBIDDEN,
+            "privilege_escalation",
+        ),
+        (
+            json!({"name": "x", "roles": ["minter"]}),
+            StatusCode::FORBIDDEN,
+            "privilege_escalation",
+        ),
+    ] {
+        let (st, res) = send(&s.app, "POST", "/admin/keys", &minter, body.clone()).await;
+        assert_eq!(st, status, "{body}: {res}");
+        assert_eq!(res["code"], code, "{body}: {res}");
+    }
+    assert_eq!(count().await, before + 2);
+
+    // Minting is all it may do: the other routes want the admin scope.
+    let (st, res) = send(&s.app, "GET", "/admin/keys", &minter, Value::Null).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{res}");
+    assert_eq!(res["code"], "insufficient_scope");
+    // A key holding keys:create without a ceiling (no minting role) mints nothing.
+    let (plain_create, _) = s
+        .key(
+            KeySpec::new("no-ceiling")
+                .scope("keys:create")
+                .scope("points:read")
+                .resource("docs-*")
+                .identity("etl"),
+        )
+        .await;
+    let (st, res) = send(
+        &s.app,
+        "POST",
+        "/admin/keys",
+        &plain_create,
+        json!({"name": "x", "scopes": ["points:read"], "collections": ["docs-1"]}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{res}");
+    assert_eq!(res["code"], "insufficient_scope");
+    assert_eq!(count().await, before + 3);
 }

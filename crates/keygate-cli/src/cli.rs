@@ -160,6 +160,13 @@ pub(crate) struct UpdateArgs {
     /// Remove every collection.
     #[arg(long, conflicts_with = "collections")]
     pub(crate) no_collections: bool,
+    /// Replace the per-collection grants: one scope on one collection pattern, like
+    /// points:write:docs-* (repeatable; scopes on the same pattern make one grant).
+    #[arg(long = "grant", value_name = "SCOPE:COLLECTION-PATTERN", value_parser = parse::grant)]
+    pub(crate) grants: Vec<(String, String)>,
+    /// Remove every per-collection grant.
+    #[arg(long, conflicts_with = "grants")]
+    pub(crate) no_grants: bool,
     /// Replace the attributes (repeatable).
     #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse::attribute)]
     pub(crate) attributes: Vec<(String, String)>,
@@ -224,6 +231,11 @@ pub(crate) struct RoleArgs {
     /// A collection the scopes apply to: a name or a pattern (repeatable).
     #[arg(long = "collection", value_name = "C", value_parser = parse::collection)]
     pub(crate) collections: Vec<String>,
+    /// One more grant: one scope on one collection pattern, like points:read:shared
+    /// (repeatable; scopes on the same pattern make one grant). With `update`, the
+    /// grants given (these and --scope × --collection) replace the role's.
+    #[arg(long = "grant", value_name = "SCOPE:COLLECTION-PATTERN", value_parser = parse::grant)]
+    pub(crate) grants: Vec<(String, String)>,
     /// An attribute given to the keys holding the role (repeatable).
     #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse::attribute)]
     pub(crate) attributes: Vec<(String, String)>,
@@ -233,6 +245,13 @@ pub(crate) struct RoleArgs {
     /// A quota (repeatable; the tightest of a name applies to a key).
     #[arg(long = "quota", value_name = "NAME=N/UNIT", value_parser = parse::quota)]
     pub(crate) quotas: Vec<QuotaPolicy>,
+    /// Delegated minting: with keys:create in its grants, the longest lifetime of a key
+    /// that a key holding the role may mint (keys create --as-key): 1h, 7d.
+    #[arg(long, value_name = "DURATION", value_parser = parse::duration)]
+    pub(crate) mint_max_lifetime: Option<Duration>,
+    /// (update) Take the minting ceiling away.
+    #[arg(long, conflicts_with = "mint_max_lifetime")]
+    pub(crate) no_mint: bool,
 }
 
 #[derive(Debug, Args)]
@@ -250,6 +269,34 @@ pub(crate) enum IdentitiesCommand {
     List,
     /// Show one identity and its keys.
     Show(NameArg),
+    /// Change an identity: each option given replaces that field. Every key of the
+    /// identity sees the change on its next request.
+    Update(IdentityUpdateArgs),
+    /// Delete an identity. Refused while a key that is not revoked names it: move those
+    /// keys to another identity (keys update ID --identity NAME) or revoke them first.
+    Delete(NameArg),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct IdentityUpdateArgs {
+    /// The identity's name.
+    #[arg(value_name = "NAME")]
+    pub(crate) name: String,
+    /// A rate limit shared by all the identity's keys (repeatable; replaces them all).
+    #[arg(long = "rate", value_name = "NAME=N/UNIT", value_parser = parse::rate)]
+    pub(crate) rates: Vec<RateLimitPolicy>,
+    /// Take every rate limit away.
+    #[arg(long, conflicts_with = "rates")]
+    pub(crate) clear_rates: bool,
+    /// A quota shared by all the identity's keys (repeatable; replaces them all).
+    #[arg(long = "quota", value_name = "NAME=N/UNIT", value_parser = parse::quota)]
+    pub(crate) quotas: Vec<QuotaPolicy>,
+    /// Take every quota away.
+    #[arg(long, conflicts_with = "quotas")]
+    pub(crate) clear_quotas: bool,
+    /// New free JSON metadata (at most 64 KiB).
+    #[arg(long, value_name = "JSON", value_parser = parse::json)]
+    pub(crate) meta: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Args)]
@@ -257,10 +304,10 @@ pub(crate) struct IdentityArgs {
     /// The identity's name: 1 to 64 characters of [A-Za-z0-9_.-].
     #[arg(value_name = "NAME")]
     pub(crate) name: String,
-    /// A rate limit applied to each of the identity's keys (repeatable).
+    /// A rate limit shared by all the identity's keys: one bucket for all (repeatable).
     #[arg(long = "rate", value_name = "NAME=N/UNIT", value_parser = parse::rate)]
     pub(crate) rates: Vec<RateLimitPolicy>,
-    /// A quota applied to each of the identity's keys (repeatable).
+    /// A quota shared by all the identity's keys: one count for all (repeatable).
     #[arg(long = "quota", value_name = "NAME=N/UNIT", value_parser = parse::quota)]
     pub(crate) quotas: Vec<QuotaPolicy>,
     /// Free JSON metadata (at most 64 KiB).
@@ -270,6 +317,19 @@ pub(crate) struct IdentityArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct CreateArgs {
+    /// Mint the key through the admin API at --admin-url, authenticated with an API key
+    /// instead of the database (delegated minting: the key's role must grant keys:create
+    /// with a minting ceiling). The key is read from KEYGATE_KEY or --key-file, never from
+    /// an argument.
+    #[arg(long, requires = "admin_url")]
+    pub(crate) as_key: bool,
+    /// The admin API's base URL (http://127.0.0.1:6333/admin): plain HTTP to this host
+    /// only.
+    #[arg(long, value_name = "URL", env = "KEYGATE_ADMIN_URL")]
+    pub(crate) admin_url: Option<String>,
+    /// A file holding the API key for --as-key (instead of KEYGATE_KEY).
+    #[arg(long, value_name = "PATH", requires = "as_key")]
+    pub(crate) key_file: Option<std::path::PathBuf>,
     /// A human name for the key (1 to 128 characters).
     #[arg(long, value_name = "NAME")]
     pub(crate) name: String,
@@ -287,6 +347,11 @@ pub(crate) struct CreateArgs {
     /// A collection the key may use: a name or a pattern like tenant-* (repeatable).
     #[arg(long = "collection", value_name = "C", value_parser = parse::collection)]
     pub(crate) collections: Vec<String>,
+    /// A per-collection grant: one scope on one collection pattern, like
+    /// points:write:docs-* (repeatable; scopes on the same pattern make one grant), in
+    /// addition to --scope × --collection.
+    #[arg(long = "grant", value_name = "SCOPE:COLLECTION-PATTERN", value_parser = parse::grant)]
+    pub(crate) grants: Vec<(String, String)>,
     /// An attribute passed to handlers, like tenant=acme (repeatable).
     #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse::attribute)]
     pub(crate) attributes: Vec<(String, String)>,

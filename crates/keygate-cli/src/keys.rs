@@ -71,7 +71,7 @@ fn check_scopes(vocabulary: &ScopeVocabulary, args: &CreateArgs) -> Result<Vec<S
         }
         return Ok(warnings);
     }
-    for scope in &args.scopes {
+    for scope in args.scopes.iter().chain(args.grants.iter().map(|(s, _)| s)) {
         if let Err(e) = vocabulary.check(scope) {
             if !args.allow_unknown_scope {
                 return Err(Failure::Usage(format!(
@@ -82,7 +82,7 @@ fn check_scopes(vocabulary: &ScopeVocabulary, args: &CreateArgs) -> Result<Vec<S
         }
     }
     // A key with roles may reach routes through them: only a key on its own is judged.
-    let reach = if args.roles.is_empty() {
+    let reach = if args.roles.is_empty() && args.grants.is_empty() {
         vocabulary.reach_warning(&args.scopes, &args.collections)
     } else {
         None
@@ -115,6 +115,7 @@ fn spec(args: &CreateArgs) -> KeySpec {
     spec.metadata = args.meta.clone().unwrap_or(Value::Null);
     spec.roles = args.roles.clone();
     spec.identity = args.identity.clone();
+    spec.grants = crate::parse::grants(&args.grants);
     spec
 }
 
@@ -175,6 +176,9 @@ fn print_issued(
 
 /// `keys create`.
 pub(crate) async fn create(cli: &Cli, args: &CreateArgs) -> Result<(), Failure> {
+    if args.as_key {
+        return crate::remote::create(cli, args).await;
+    }
     let actor = db::actor(cli);
     let spec = spec(args);
     let hasher = db::hasher()?;
@@ -397,6 +401,9 @@ pub(crate) async fn update(cli: &Cli, args: &UpdateArgs) -> Result<(), Failure> 
     }
     if !args.collections.is_empty() || args.no_collections {
         u.resources = Some(args.collections.clone());
+    }
+    if !args.grants.is_empty() || args.no_grants {
+        u.grants = Some(crate::parse::grants(&args.grants));
     }
     if !args.attributes.is_empty() {
         u.attributes = Some(args.attributes.iter().cloned().collect());

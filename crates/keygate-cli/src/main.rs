@@ -13,6 +13,7 @@ mod db;
 mod keys;
 mod output;
 mod parse;
+mod remote;
 mod roles;
 mod rotation;
 mod usage;
@@ -308,6 +309,12 @@ async fn run_async(cli: &Cli) -> Result<(), Failure> {
         Command::Identities(IdentitiesCommand::List) => roles::list_identities(cli).await,
         Command::Identities(IdentitiesCommand::Show(args)) => {
             roles::show_identity(cli, &args.name).await
+        }
+        Command::Identities(IdentitiesCommand::Update(args)) => {
+            roles::update_identity(cli, args).await
+        }
+        Command::Identities(IdentitiesCommand::Delete(args)) => {
+            roles::delete_identity(cli, &args.name).await
         }
         Command::Usage(args) => usage::usage(cli, args).await,
         Command::Audit(AuditCommand::Events(args)) => audit::events(cli, args).await,

@@ -75,6 +75,44 @@ pub(crate) fn collection(text: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// `SCOPE:COLLECTION-PATTERN` (`points:write:docs-*`): one scope on one collection
+/// pattern, split at the last `:` (collection patterns hold no `:`).
+pub(crate) fn grant(text: &str) -> Result<(String, String), String> {
+    let usage = || {
+        format!(
+            "{:?} is not SCOPE:COLLECTION-PATTERN (like points:write:docs-*)",
+            shorten(text)
+        )
+    };
+    let (s, c) = text.rsplit_once(':').ok_or_else(usage)?;
+    if s.is_empty() || c.is_empty() {
+        return Err(usage());
+    }
+    let s = scope(s).map_err(|e| format!("{}: {e}", usage()))?;
+    let c = collection(c).map_err(|e| format!("{}: {e}", usage()))?;
+    Ok((s, c))
+}
+
+/// `--grant` values as grants: the scopes given on one collection pattern make one grant,
+/// in the order first seen.
+pub(crate) fn grants(pairs: &[(String, String)]) -> Vec<keygate_core::Grant> {
+    let mut out: Vec<keygate_core::Grant> = Vec::new();
+    for (s, c) in pairs {
+        match out
+            .iter_mut()
+            .find(|g| g.collections.len() == 1 && &g.collections[0] == c)
+        {
+            Some(g) => {
+                if !g.scopes.contains(s) {
+                    g.scopes.push(s.clone());
+                }
+            }
+            None => out.push(keygate_core::Grant::new([s.clone()], [c.clone()])),
+        }
+    }
+    out
+}
+
 /// `KEY=VALUE` (the value may contain `=`; names are checked when the key is created).
 pub(crate) fn attribute(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {

@@ -16,20 +16,21 @@ fn name(what: &'static str, text: &str) -> Result<(), Failure> {
     validate_name(what, text).map_err(|e| Failure::Usage(e.to_string()))
 }
 
-/// The role's one grant from `--scope` × `--collection` (none without `--scope`).
+/// The role's grants: one from `--scope` × `--collection`, then the `--grant` ones (none
+/// given: `None`).
 fn grants(args: &RoleArgs) -> Result<Option<Vec<Grant>>, Failure> {
+    let extra = crate::parse::grants(&args.grants);
     if args.scopes.is_empty() {
         if !args.collections.is_empty() {
             return Err(Failure::Usage(
                 "--collection needs at least one --scope to apply to".into(),
             ));
         }
-        return Ok(None);
+        return Ok((!extra.is_empty()).then_some(extra));
     }
-    Ok(Some(vec![Grant::new(
-        args.scopes.clone(),
-        args.collections.clone(),
-    )]))
+    let mut all = vec![Grant::new(args.scopes.clone(), args.collections.clone())];
+    all.extend(extra);
+    Ok(Some(all))
 }
 
 fn role_json(role: &Role, holders: Option<&[String]>) -> Value {
@@ -54,6 +55,13 @@ fn role_details(role: &Role, holders: Option<&[String]>) -> String {
             list(role.rate_limits.iter().map(output::rate)),
         ),
         ("quotas", list(role.quotas.iter().map(output::quota))),
+        (
+            "mints up to",
+            role.mint_max_lifetime_secs.map_or_else(
+                || "-".into(),
+                |s| humantime::format_duration(std::time::Duration::from_secs(s)).to_string(),
+            ),
+        ),
         ("created", output::time(role.created_at)),
         ("updated", output::time(role.updated_at)),
         ("version", role.version.to_string()),
@@ -73,6 +81,7 @@ pub(crate) async fn create(cli: &Cli, args: &RoleArgs) -> Result<(), Failure> {
     name("role", &args.name)?;
     let mut role = Role::new(args.name.clone(), SystemTime::now());
     role.grants = grants(args)?.unwrap_or_default();
+    role.mint_max_lifetime_secs = args.mint_max_lifetime.map(|d| d.as_secs());
     role.attributes = args.attributes.iter().cloned().collect();
     role.rate_limits = args.rates.clone();
     role.quotas = args.quotas.clone();
@@ -151,6 +160,11 @@ pub(crate) async fn update(cli: &Cli, args: &RoleArgs) -> Result<(), Failure> {
             .then(|| args.attributes.iter().cloned().collect()),
         rate_limits: (!args.rates.is_empty()).then(|| args.rates.clone()),
         quotas: (!args.quotas.is_empty()).then(|| args.quotas.clone()),
+        mint_max_lifetime_secs: match (args.mint_max_lifetime, args.no_mint) {
+            (Some(d), _) => Some(Some(d.as_secs())),
+            (None, true) => Some(None),
+            (None, false) => None,
+        },
     };
     if update == RoleUpdate::default() {
         return Err(Failure::Usage(
@@ -245,6 +259,73 @@ pub(crate) async fn create_identity(cli: &Cli, args: &IdentityArgs) -> Result<()
         print_json(&serde_json::to_value(&identity).unwrap_or(Value::Null))?;
     } else {
         print(&identity_details(&identity, &[]))?;
+    }
+    audited
+}
+
+/// `identities update`.
+pub(crate) async fn update_identity(
+    cli: &Cli,
+    args: &crate::cli::IdentityUpdateArgs,
+) -> Result<(), Failure> {
+    name("identity", &args.name)?;
+    let update = keygate_core::IdentityUpdate {
+        metadata: args.meta.clone(),
+        rate_limits: (args.clear_rates || !args.rates.is_empty()).then(|| args.rates.clone()),
+        quotas: (args.clear_quotas || !args.quotas.is_empty()).then(|| args.quotas.clone()),
+    };
+    if update == keygate_core::IdentityUpdate::default() {
+        return Err(Failure::Usage(
+            "nothing to change: give at least one option (see --help)".into(),
+        ));
+    }
+    let actor = db::actor(cli);
+    let store = db::open(cli, Access::Write).await?;
+    let managed = Managed::new(cli, &store, KeyHasher::new())?;
+    let done = managed
+        .keys
+        .update_identity(&actor, &args.name, update)
+        .await
+        .map_err(failure);
+    let audited = managed.finish().await;
+    let identity = done?;
+    let keys: Vec<String> = keys_of(&store, &args.name)
+        .await?
+        .iter()
+        .map(|r| r.id.to_string())
+        .collect();
+    if cli.json {
+        print_json(&serde_json::to_value(&identity).unwrap_or(Value::Null))?;
+    } else {
+        print(&identity_details(&identity, &keys))?;
+    }
+    audited
+}
+
+/// `identities delete`.
+pub(crate) async fn delete_identity(cli: &Cli, identity_name: &str) -> Result<(), Failure> {
+    name("identity", identity_name)?;
+    let actor = db::actor(cli);
+    let store = db::open(cli, Access::Write).await?;
+    let managed = Managed::new(cli, &store, KeyHasher::new())?;
+    let done = managed
+        .keys
+        .delete_identity(&actor, identity_name)
+        .await
+        .map_err(failure);
+    let audited = managed.finish().await;
+    if !done? {
+        return Err(Failure::Failed(format!(
+            "no identity named {identity_name:?}"
+        )));
+    }
+    if cli.json {
+        print_json(&json!({ "name": identity_name, "deleted": true }))?;
+    } else {
+        print(&format!(
+            "identity {identity_name} deleted
+"
+        ))?;
     }
     audited
 }

@@ -26,22 +26,30 @@ async fn lines(
     record: &KeyRecord,
     now: SystemTime,
 ) -> Result<Vec<Line>, Failure> {
-    if record.quotas.is_empty() {
+    // Counted per lineage: a rotated key's usage is its chain's.
+    quota_lines(store, &record.lineage_id(), &record.quotas, now).await
+}
+
+/// Where each of `quotas`, counted under `id`, stands now.
+async fn quota_lines(
+    store: &SqlStore,
+    id: &keygate_core::KeyId,
+    quotas: &[keygate_core::QuotaPolicy],
+    now: SystemTime,
+) -> Result<Vec<Line>, Failure> {
+    if quotas.is_empty() {
         return Ok(Vec::new());
     }
-    let windows: Vec<Window> = record
-        .quotas
+    let windows: Vec<Window> = quotas
         .iter()
         .map(|q| Window::containing(q.window, now))
         .collect();
-    // Counted per lineage: a rotated key's usage is its chain's.
     let used = store
         .usage_store()
-        .load(&record.lineage_id(), &windows)
+        .load(id, &windows)
         .await
         .map_err(|e| Failure::Failed(e.to_string()))?;
-    Ok(record
-        .quotas
+    Ok(quotas
         .iter()
         .zip(windows)
         .zip(used)
@@ -61,27 +69,40 @@ fn key_object(record: &KeyRecord, lines: &[Line]) -> Value {
         "name": record.name,
         "owner": record.owner,
         "status": record.status,
-        "quotas": lines.iter().map(|l| json!({
-            "name": l.name,
-            "window": l.window.kind,
-            "window_kind": window_kind(l.window.kind),
-            "window_start": output::time(l.window.start),
-            "window_end": l.window.end.map(output::time),
-            "limit": l.limit,
-            "used": l.used,
-            "remaining": l.limit.saturating_sub(l.used),
-            "requests": l.requests,
-        })).collect::<Vec<_>>(),
+        "quotas": quota_objects(lines),
     })
 }
 
+fn quota_objects(lines: &[Line]) -> Vec<Value> {
+    lines
+        .iter()
+        .map(|l| {
+            json!({
+                "name": l.name,
+                "window": l.window.kind,
+                "window_kind": window_kind(l.window.kind),
+                "window_start": output::time(l.window.start),
+                "window_end": l.window.end.map(output::time),
+                "limit": l.limit,
+                "used": l.used,
+                "remaining": l.limit.saturating_sub(l.used),
+                "requests": l.requests,
+            })
+        })
+        .collect()
+}
+
 fn rows(record: &KeyRecord, lines: &[Line], now: SystemTime) -> Vec<Vec<String>> {
+    rows_of(&record.id.to_string(), &record.name, lines, now)
+}
+
+fn rows_of(id: &str, name: &str, lines: &[Line], now: SystemTime) -> Vec<Vec<String>> {
     lines
         .iter()
         .map(|l| {
             vec![
-                record.id.to_string(),
-                record.name.clone(),
+                id.to_owned(),
+                name.to_owned(),
                 l.name.clone(),
                 output::window(l.window.kind),
                 l.limit.to_string(),
@@ -152,8 +173,9 @@ pub(crate) async fn usage(cli: &Cli, args: &UsageArgs) -> Result<(), Failure> {
     }
 }
 
-/// `keygate usage --identity NAME`: every key of the identity with its quotas, and the
-/// identity's total per quota name and window (what it is billed for).
+/// `keygate usage --identity NAME`: the identity's own quotas (one count shared by all its
+/// keys, stored under `Identity::usage_id`), every key of the identity with its quotas,
+/// and the keys' total per quota name and window (what it is billed for).
 async fn by_identity(
     cli: &Cli,
     store: &SqlStore,
@@ -162,17 +184,18 @@ async fn by_identity(
 ) -> Result<(), Failure> {
     keygate_core::validate_name("identity", identity)
         .map_err(|e| Failure::Usage(format!("invalid --identity: {e}")))?;
-    if store
+    let Some(stored) = store
         .get_identity(identity)
         .await
         .map_err(|e| Failure::Failed(e.to_string()))?
-        .is_none()
-    {
+    else {
         return Err(Failure::Failed(format!("no identity named {identity:?}")));
-    }
+    };
+    let usage_id = keygate_core::Identity::usage_id(identity);
+    let shared = quota_lines(store, &usage_id, &stored.quotas, now).await?;
     let records = crate::roles::keys_of(store, identity).await?;
     let mut objects = Vec::new();
-    let mut table = Vec::new();
+    let mut table = rows_of("identity", identity, &shared, now);
     // (quota name, window kind) -> (used, requests), in first-seen order.
     let mut totals: Vec<((String, String), u64, u64)> = Vec::new();
     for record in &records {
@@ -193,6 +216,8 @@ async fn by_identity(
     if cli.json {
         return print_json(&json!({
             "identity": identity,
+            "usage_id": usage_id,
+            "shared": quota_objects(&shared),
             "keys": objects,
             "totals": totals.iter().map(|((name, window), used, requests)| json!({
                 "name": name,
@@ -216,7 +241,9 @@ async fn by_identity(
         ]);
     }
     if table.is_empty() {
-        print(&format!("identity {identity} has no key with a quota\n"))
+        print(&format!(
+            "identity {identity} has no quota and no key with a quota\n"
+        ))
     } else {
         print(&output::table(&HEADER, &table))
     }

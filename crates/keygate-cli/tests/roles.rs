@@ -172,6 +172,8 @@ async fn identities_and_usage(env: &Env) {
             "--json",
             "--rate",
             "burst=50/s",
+            "--quota",
+            "etl-daily=1000/d",
             "--meta",
             r#"{"team":"data"}"#,
         ])
@@ -231,11 +233,27 @@ async fn identities_and_usage(env: &Env) {
             .unwrap();
         assert!(matches!(r, Admission::Admitted(_)));
     }
+    // The identity's own quota, one count for all its keys, under its usage id.
+    let shared_id = keygate_core::Identity::usage_id("etl-pipeline");
+    let day = [Window::containing(QuotaWindow::Day, now)];
+    let one = [Limit {
+        window: 0,
+        limit: 1000,
+    }];
+    let r = usage
+        .check_and_add(&shared_id, &day, &one, 9)
+        .await
+        .unwrap();
+    assert!(matches!(r, Admission::Admitted(_)));
     let out = env
         .run(&["usage", "--identity", "etl-pipeline", "--json"])
         .ok()
         .json();
     assert_eq!(out["identity"], "etl-pipeline");
+    assert_eq!(out["usage_id"], shared_id.to_string());
+    assert_eq!(out["shared"][0]["name"], "etl-daily");
+    assert_eq!(out["shared"][0]["used"], 9);
+    assert_eq!(out["shared"][0]["remaining"], 991);
     assert_eq!(out["keys"].as_array().unwrap().len(), 2);
     assert_eq!(out["totals"][0]["name"], "daily");
     assert_eq!(out["totals"][0]["used"], 7);
@@ -245,10 +263,168 @@ async fn identities_and_usage(env: &Env) {
         .stdout
         .clone();
     assert!(text.contains("total"), "{text}");
+    assert!(text.contains("etl-daily"), "{text}");
     env.run(&["usage", "--identity", "ghost"]).fails(1);
+
+    // identities update: each option replaces its field; the keys are not written.
+    let version = store.get(&id_of(&a)).await.unwrap().unwrap().version;
+    let changed = env
+        .run(&[
+            "identities",
+            "update",
+            "etl-pipeline",
+            "--rate",
+            "etl-burst=5/s",
+            "--clear-quotas",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(changed["rate_limits"][0]["name"], "etl-burst");
+    assert_eq!(changed["quotas"], json!([]));
+    assert_eq!(changed["metadata"], json!({"team": "data"}), "kept");
+    let stored = store.get_identity("etl-pipeline").await.unwrap().unwrap();
+    assert_eq!(stored.rate_limits[0].limit, 5);
+    assert!(stored.quotas.is_empty());
+    assert_eq!(
+        store.get(&id_of(&a)).await.unwrap().unwrap().version,
+        version
+    );
+    env.run(&["identities", "update", "etl-pipeline"]).fails(2);
+    env.run(&["identities", "update", "ghost", "--meta", "{}"])
+        .fails(1);
+    env.run(&["identities", "update", "etl-pipeline", "--rate", "x=0/s"])
+        .fails(2);
+
+    // identities delete: refused while a live key names it.
+    let refused = env.run(&["identities", "delete", "etl-pipeline"]);
+    refused.fails(1);
+    assert!(refused.stderr.contains("not revoked"), "{}", refused.stderr);
+    assert!(store.get_identity("etl-pipeline").await.unwrap().is_some());
+    for k in [&a, &b] {
+        env.run(&["keys", "revoke", &id_of(k).to_string()]).ok();
+    }
+    let gone = env
+        .run(&["identities", "delete", "etl-pipeline", "--json"])
+        .ok()
+        .json();
+    assert_eq!(gone["deleted"], true);
+    assert!(store.get_identity("etl-pipeline").await.unwrap().is_none());
+    env.run(&["identities", "delete", "etl-pipeline"]).fails(1);
 }
 both!(
     sqlite_identities_and_usage,
     postgres_identities_and_usage,
     identities_and_usage
+);
+
+/// `--grant SCOPE:COLLECTION-PATTERN` on keys create/update and roles create/update: one
+/// scope on one pattern, scopes on the same pattern one grant; bad values change nothing.
+async fn per_collection_grants(env: &Env) {
+    let key = create(
+        env,
+        &[
+            "--name",
+            "ingest",
+            "--grant",
+            "points:write:docs-*",
+            "--grant",
+            "points:read:shared",
+            "--grant",
+            "points:read:docs-*",
+        ],
+    );
+    assert_eq!(
+        key["grants"],
+        json!([
+            {"scopes": ["points:write", "points:read"], "collections": ["docs-*"]},
+            {"scopes": ["points:read"], "collections": ["shared"]},
+        ])
+    );
+    let store = env.store().await;
+    let id = id_of(&key);
+    let secret = key["key"].as_str().unwrap().to_owned();
+    let verifier = Verifier::builder(store.clone()).build();
+    let p = verifier.verify(&secret).await.unwrap();
+    assert!(p.permits(&scope("points:write"), "docs-1"));
+    assert!(p.permits(&scope("points:read"), "shared"));
+    assert!(!p.permits(&scope("points:write"), "shared"));
+
+    for bad in ["points:write", "points:write:", ":docs", "po ints:docs"] {
+        env.run(&["keys", "create", "--name", "x", "--grant", bad])
+            .fails(2);
+        env.run(&["keys", "update", &id.to_string(), "--grant", bad])
+            .fails(2);
+    }
+    assert_eq!(store.list(&Default::default()).await.unwrap().len(), 1);
+    assert_eq!(store.get(&id).await.unwrap().unwrap().version, 0);
+
+    // keys update --grant replaces the grants; --no-grants clears them.
+    let updated = env
+        .run(&[
+            "keys",
+            "update",
+            &id.to_string(),
+            "--grant",
+            "points:read:shared",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(
+        updated["grants"],
+        json!([{"scopes": ["points:read"], "collections": ["shared"]}])
+    );
+    let stored = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(stored.grants.len(), 1);
+    env.run(&["keys", "update", &id.to_string(), "--no-grants"])
+        .ok();
+    assert!(store.get(&id).await.unwrap().unwrap().grants.is_empty());
+
+    // roles create/update --grant, next to --scope × --collection.
+    let role = env
+        .run(&[
+            "roles",
+            "create",
+            "mixed",
+            "--scope",
+            "points:read",
+            "--collection",
+            "docs-*",
+            "--grant",
+            "points:write:docs-2026",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(
+        role["grants"],
+        json!([
+            {"scopes": ["points:read"], "collections": ["docs-*"]},
+            {"scopes": ["points:write"], "collections": ["docs-2026"]},
+        ])
+    );
+    let role = env
+        .run(&[
+            "roles",
+            "update",
+            "mixed",
+            "--grant",
+            "points:read:shared",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(
+        role["grants"],
+        json!([{"scopes": ["points:read"], "collections": ["shared"]}])
+    );
+    env.run(&["roles", "update", "mixed", "--grant", "nope"])
+        .fails(2);
+    assert_eq!(store.list_roles().await.unwrap()[0].grants.len(), 1);
+}
+both!(
+    sqlite_per_collection_grants,
+    postgres_per_collection_grants,
+    per_collection_grants
 );

@@ -160,6 +160,23 @@ impl KeyId {
         Ok(KeyId(id))
     }
 
+    /// A key id derived from `data` (blake3 in key-derivation mode under `context`): the
+    /// same in every process.
+    pub(crate) fn derive(context: &str, data: &[u8]) -> Self {
+        let mut hasher = blake3::Hasher::new_derive_key(context);
+        hasher.update(data);
+        let mut out = [0u8; 2 * KEY_ID_LEN];
+        hasher.finalize_xof().fill(&mut out);
+        // Two hash bytes per character: 65536 mod 62 biases some characters by 1 in 1057,
+        // which matters nowhere here.
+        let mut id = [0u8; KEY_ID_LEN];
+        for (c, pair) in id.iter_mut().zip(out.chunks_exact(2)) {
+            let n = usize::from(u16::from_le_bytes([pair[0], pair[1]]));
+            *c = ALPHABET[n % ALPHABET.len()];
+        }
+        KeyId(id)
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         // Invariant: only base62 ASCII bytes are ever stored.

@@ -55,9 +55,9 @@ pub use key::{
     SECRET_LEN,
 };
 pub use lifecycle::{
-    Expiry, InvalidSpec, IssuedKey, KeyManager, KeyManagerBuilder, KeySpec, KeyUpdate,
-    LifecycleError, RoleUpdate, MAX_ATTRIBUTE_VALUE_LEN, MAX_METADATA_BYTES, MAX_NAME_LEN,
-    MAX_OWNER_LEN,
+    Expiry, IdentityUpdate, InvalidSpec, IssuedKey, KeyManager, KeyManagerBuilder, KeySpec,
+    KeyUpdate, LifecycleError, RoleUpdate, MAX_ATTRIBUTE_VALUE_LEN, MAX_METADATA_BYTES,
+    MAX_NAME_LEN, MAX_OWNER_LEN,
 };
 pub use principal::{Attributes, Principal, TokenGrant};
 pub use record::{

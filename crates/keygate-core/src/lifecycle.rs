@@ -47,7 +47,7 @@ use crate::verifier::Verifier;
 
 #[path = "lifecycle_roles.rs"]
 mod roles;
-pub use roles::RoleUpdate;
+pub use roles::{IdentityUpdate, RoleUpdate};
 
 /// Longest key name, in characters.
 pub const MAX_NAME_LEN: usize = 128;
@@ -571,6 +571,22 @@ impl KeyManager {
         id: KeyId,
         grace: Duration,
     ) -> Result<IssuedKey, LifecycleError> {
+        self.rotate_checked(actor, id, grace, |_| Ok(())).await
+    }
+
+    /// [`KeyManager::rotate`], calling `check` with the old key's record as read: an `Err`
+    /// refuses the rotation ([`LifecycleError::Refused`]). Check and write are one step:
+    /// the old key's new expiry is written only over the version `check` saw
+    /// ([`KeyStore::update_versioned`]), so a concurrent change makes this fail with
+    /// [`StoreError::Conflict`] (the new key, whose plaintext nobody has seen, is then
+    /// revoked).
+    pub async fn rotate_checked(
+        &self,
+        actor: &str,
+        id: KeyId,
+        grace: Duration,
+        check: impl FnOnce(&KeyRecord) -> Result<(), String>,
+    ) -> Result<IssuedKey, LifecycleError> {
         self.preflight(actor)?;
         let _guard = self.inner.lock.lock().await;
         let now = self.inner.clock.now();
@@ -585,6 +601,7 @@ impl KeyManager {
         if old.is_expired_at(now) {
             return Err(LifecycleError::Expired(id));
         }
+        check(&old).map_err(LifecycleError::Refused)?;
         let (key, mut new) =
             KeyRecord::generate(&old.prefix, &self.inner.hasher, old.name.clone(), now)?;
         new.owner = old.owner.clone();
@@ -608,7 +625,7 @@ impl KeyManager {
         let end = now.checked_add(grace).unwrap_or(now);
         ending.expires_at = Some(old.expires_at.map_or(end, |e| e.min(end)));
         ending.updated_at = now;
-        if let Err(e) = self.inner.store.update(&ending).await {
+        if let Err(e) = self.inner.store.update_versioned(&ending).await {
             // Nobody will ever see the new key's plaintext: make sure it cannot work.
             let mut dead = new.clone();
             dead.status = KeyStatus::Revoked;
@@ -618,6 +635,7 @@ impl KeyManager {
             self.notify(&new.id).await;
             return Err(e.into());
         }
+        ending.version = old.version.wrapping_add(1);
         self.notify(&new.id).await;
         self.notify(&old.id).await;
         let audited = match self
@@ -655,19 +673,39 @@ impl KeyManager {
     /// Revokes a key: it stops working at once, for good. Revoking a revoked key changes
     /// nothing and records nothing.
     pub async fn revoke(&self, actor: &str, id: KeyId) -> Result<KeyRecord, LifecycleError> {
-        self.set_status(actor, id, KeyStatus::Revoked).await
+        self.set_status(actor, id, KeyStatus::Revoked, |_| Ok(()))
+            .await
     }
 
     /// Disables a key (it can be enabled again). Disabling a disabled key changes nothing;
     /// a revoked key cannot be disabled.
     pub async fn disable(&self, actor: &str, id: KeyId) -> Result<KeyRecord, LifecycleError> {
-        self.set_status(actor, id, KeyStatus::Disabled).await
+        self.set_status(actor, id, KeyStatus::Disabled, |_| Ok(()))
+            .await
     }
 
     /// Enables a disabled key. Enabling an active key changes nothing; a revoked key cannot
     /// be enabled.
     pub async fn enable(&self, actor: &str, id: KeyId) -> Result<KeyRecord, LifecycleError> {
-        self.set_status(actor, id, KeyStatus::Active).await
+        self.set_status(actor, id, KeyStatus::Active, |_| Ok(()))
+            .await
+    }
+
+    /// Revokes, disables or enables key `id` (as [`KeyManager::revoke`],
+    /// [`KeyManager::disable`], [`KeyManager::enable`]), calling `check` with the record as
+    /// read: an `Err` refuses the change ([`LifecycleError::Refused`]). Check and write are
+    /// one step: the status is written only over the version `check` saw
+    /// ([`KeyStore::update_versioned`]), so a concurrent change makes this fail with
+    /// [`StoreError::Conflict`] instead of acting on a key `check` did not see. A key
+    /// already in the status asked for is left alone, without calling `check`.
+    pub async fn set_status_checked(
+        &self,
+        actor: &str,
+        id: KeyId,
+        to: KeyStatus,
+        check: impl FnOnce(&KeyRecord) -> Result<(), String>,
+    ) -> Result<KeyRecord, LifecycleError> {
+        self.set_status(actor, id, to, check).await
     }
 
     /// Revokes or disables key `id` by writing only its status ([`KeyStore::set_status`]),
@@ -857,6 +895,7 @@ impl KeyManager {
         actor: &str,
         id: KeyId,
         to: KeyStatus,
+        check: impl FnOnce(&KeyRecord) -> Result<(), String>,
     ) -> Result<KeyRecord, LifecycleError> {
         self.preflight(actor)?;
         let _guard = self.inner.lock.lock().await;
@@ -877,10 +916,12 @@ impl KeyManager {
                 operation,
             });
         }
+        check(&old).map_err(LifecycleError::Refused)?;
         let mut new = old.clone();
         new.status = to;
         new.updated_at = now;
-        self.inner.store.update(&new).await?;
+        self.inner.store.update_versioned(&new).await?;
+        new.version = old.version.wrapping_add(1);
         self.notify(&id).await;
         if let Err(e) = self.emit(actor, action, Some(&old), &new, None, now).await {
             if to == KeyStatus::Active {

@@ -24,6 +24,29 @@ pub struct RoleUpdate {
     pub rate_limits: Option<Vec<RateLimitPolicy>>,
     /// New quotas.
     pub quotas: Option<Vec<QuotaPolicy>>,
+    /// A new minting ceiling (`Some(None)` takes it away).
+    pub mint_max_lifetime_secs: Option<Option<u64>>,
+}
+
+/// The longest minting ceiling a role may set (366 days).
+const MAX_MINT_SECS: u64 = 366 * 86_400;
+
+/// A change to an identity; each `Some` field replaces the identity's. Validated like a
+/// new identity.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IdentityUpdate {
+    /// New metadata.
+    pub metadata: Option<serde_json::Value>,
+    /// New rate limits (shared by all the identity's keys).
+    pub rate_limits: Option<Vec<RateLimitPolicy>>,
+    /// New quotas (shared by all the identity's keys).
+    pub quotas: Option<Vec<QuotaPolicy>>,
+}
+
+fn identity_json(identity: Option<&Identity>) -> serde_json::Value {
+    identity
+        .and_then(|i| serde_json::to_value(i).ok())
+        .unwrap_or(serde_json::Value::Null)
 }
 
 fn role_json(role: Option<&Role>) -> serde_json::Value {
@@ -33,6 +56,14 @@ fn role_json(role: Option<&Role>) -> serde_json::Value {
 
 fn check_role(role: Role) -> Result<Role, InvalidSpec> {
     validate_name("role", &role.name).map_err(|e| invalid("name", e.to_string()))?;
+    if let Some(s) = role.mint_max_lifetime_secs {
+        if s == 0 || s > MAX_MINT_SECS {
+            return Err(invalid(
+                "mint_max_lifetime",
+                "the longest lifetime of a minted key must be 1 second to 366 days",
+            ));
+        }
+    }
     Ok(Role {
         grants: check_grants(role.grants)?,
         attributes: check_attributes(role.attributes)?,
@@ -157,6 +188,9 @@ impl KeyManager {
         }
         if let Some(v) = update.quotas {
             new.quotas = v;
+        }
+        if let Some(v) = update.mint_max_lifetime_secs {
+            new.mint_max_lifetime_secs = v;
         }
         let mut new = check_role(new)?;
         if new == old {
@@ -291,5 +325,127 @@ impl KeyManager {
     /// Every identity, by name.
     pub async fn list_identities(&self) -> Result<Vec<Identity>, LifecycleError> {
         Ok(self.inner.store.list_identities().await?)
+    }
+
+    /// Changes an identity's metadata or shared limits. Every key it owns follows on its
+    /// next request (the store announces each, and this manager's verifier is told at
+    /// once); each key that is not revoked gets one `identity_changed` lifecycle event. An
+    /// update that changes nothing records nothing.
+    pub async fn update_identity(
+        &self,
+        actor: &str,
+        name: &str,
+        update: IdentityUpdate,
+    ) -> Result<Identity, LifecycleError> {
+        self.preflight(actor)?;
+        let _guard = self.inner.lock.lock().await;
+        let now = self.inner.clock.now();
+        let old = self.show_identity(name).await?;
+        let mut new = old.clone();
+        if let Some(v) = update.metadata {
+            new.metadata = check_metadata(v)?;
+        }
+        if let Some(v) = update.rate_limits {
+            new.rate_limits = check_rate_limits(v)?;
+        }
+        if let Some(v) = update.quotas {
+            new.quotas = check_quotas(v)?;
+        }
+        if new == old {
+            return Ok(old);
+        }
+        new.updated_at = now;
+        self.inner.store.update_identity(&new).await?;
+        self.identity_changed(actor, name, Some(&old), Some(&new))
+            .await?;
+        Ok(new)
+    }
+
+    /// Deletes an identity. Refused with [`StoreError::InUse`] while a key that is not
+    /// revoked names it (move those keys to another identity, or revoke them, first): a
+    /// key losing its identity would lose the limits it shares, so deleting must not do
+    /// that behind the keys' backs. Whether there was one.
+    pub async fn delete_identity(&self, actor: &str, name: &str) -> Result<bool, LifecycleError> {
+        self.preflight(actor)?;
+        let _guard = self.inner.lock.lock().await;
+        let old = match self.show_identity(name).await {
+            Ok(i) => i,
+            Err(LifecycleError::Store(StoreError::NoSuchName { .. })) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let mut holders = 0;
+        for id in self.inner.store.keys_with_identity(name).await? {
+            match self.inner.store.get(&id).await? {
+                Some(r) if r.status != KeyStatus::Revoked => holders += 1,
+                _ => {}
+            }
+        }
+        if holders > 0 {
+            return Err(StoreError::InUse {
+                kind: "identity",
+                name: name.to_owned(),
+                holders,
+            }
+            .into());
+        }
+        let deleted = self.inner.store.delete_identity(name).await?;
+        if deleted {
+            self.identity_changed(actor, name, Some(&old), None).await?;
+        }
+        Ok(deleted)
+    }
+
+    /// Tells the verifier about every key of identity `name` and records one
+    /// `identity_changed` event per key that is not revoked. The change stays even when its
+    /// audit fails (the error says so).
+    async fn identity_changed(
+        &self,
+        actor: &str,
+        name: &str,
+        old: Option<&Identity>,
+        new: Option<&Identity>,
+    ) -> Result<(), LifecycleError> {
+        let owned = self.inner.store.keys_with_identity(name).await?;
+        let now = self.inner.clock.now();
+        let change = FieldChange {
+            field: format!("identity:{name}"),
+            old: identity_json(old),
+            new: identity_json(new),
+        };
+        let mut failure = None;
+        for id in owned {
+            self.notify(&id).await;
+            let Ok(Some(record)) = self.inner.store.get(&id).await else {
+                continue;
+            };
+            if record.status == KeyStatus::Revoked {
+                continue;
+            }
+            let event = LifecycleEvent {
+                time: now,
+                actor: actor.to_owned(),
+                action: LifecycleAction::IdentityChanged,
+                key_id: id,
+                key_name: record.name.clone(),
+                subject: record.owner.clone(),
+                status: record.status,
+                related_key: None,
+                changes: vec![change.clone()],
+            };
+            if let Err(e) = self
+                .inner
+                .auditor
+                .record_durable(AuditEvent::Lifecycle(event))
+                .await
+            {
+                tracing::error!(key_id = %id, identity = %name, error = %e, "identity change could not be audited");
+                failure = Some(e.to_string());
+            }
+        }
+        tracing::info!(identity = %name, actor = %actor, "identity changed");
+        match failure {
+            Some(reason) => Err(LifecycleError::AuditFailed { kept: true, reason }),
+            None => Ok(()),
+        }
     }
 }

@@ -44,6 +44,10 @@ struct Inner {
     rate_limits: Box<[RateLimitPolicy]>,
     quotas: Box<[QuotaPolicy]>,
     identity: Option<Arc<str>>,
+    /// [`Identity::usage_id`] of the identity, when some limit is shared.
+    identity_usage: Option<KeyId>,
+    /// The longest lifetime of a key this one may mint (delegated minting).
+    mint_ceiling: Option<std::time::Duration>,
     /// Per rate limit, then per quota: whether it is the identity's (counted per identity).
     shared_limits: Box<[bool]>,
     /// Set when the caller presented a short-lived token derived from the key.
@@ -375,6 +379,12 @@ impl Principal {
                     .collect(),
                 quotas: resolved.quotas.iter().map(|(p, _)| p.clone()).collect(),
                 identity: record.identity.as_deref().map(Arc::from),
+                identity_usage: record
+                    .identity
+                    .as_deref()
+                    .filter(|_| any_shared)
+                    .map(Identity::usage_id),
+                mint_ceiling: resolved.mint_ceiling,
                 shared_limits,
                 token: None,
             }),
@@ -467,11 +477,26 @@ impl Principal {
     /// Whether rate limit number `index` (in [`Principal::rate_limits`]) comes from the
     /// key's identity, so it is counted once for all the identity's keys.
     pub fn rate_limit_is_shared(&self, index: usize) -> bool {
-        self.inner
-            .shared_limits
-            .get(index)
-            .copied()
-            .unwrap_or(false)
+        index < self.inner.rate_limits.len()
+            && self
+                .inner
+                .shared_limits
+                .get(index)
+                .copied()
+                .unwrap_or(false)
+    }
+
+    /// The id the identity's shared limits are counted under ([`Identity::usage_id`]):
+    /// `Some` when the key has an identity and some of its limits are the identity's.
+    pub fn identity_usage_id(&self) -> Option<KeyId> {
+        self.inner.identity_usage
+    }
+
+    /// The longest lifetime of a key this key may mint through the admin API (delegated
+    /// minting): the shortest [`Role::mint_max_lifetime_secs`] of its roles that grant
+    /// `keys:create`; `None` when it holds no such role.
+    pub fn mint_ceiling(&self) -> Option<std::time::Duration> {
+        self.inner.mint_ceiling
     }
 
     /// Whether quota number `index` (in [`Principal::quotas`]) comes from the key's

@@ -167,6 +167,97 @@ pub trait RateBackend: Send + Sync + 'static {
         None
     }
 
+    /// [`check`](Self::check) with a subject per policy (`subjects[i]` for
+    /// `policies[i]`): what the rate-limit layer asks for a key whose identity has limits
+    /// of its own (those count under the identity's
+    /// [`usage_id`](crate::Identity::usage_id), the others under the key). Still all or
+    /// nothing, and the standings follow the order of `policies`.
+    ///
+    /// The default asks [`check`](Self::check) once per distinct subject, in order of
+    /// first appearance; when one refuses, what the earlier ones counted is given back
+    /// ([`refund`](Self::refund)) and the subjects after it are not asked (their standings
+    /// read as full, not violated). Between the two calls another request may see the
+    /// first subject's count: errs toward refusing. A backend that can decide every
+    /// subject in one step (keygate's Redis backend does) overrides it.
+    async fn check_each(
+        &self,
+        subjects: &[RateSubject],
+        policies: &[RateLimitPolicy],
+        cost: u32,
+    ) -> Result<RateDecision, RateError> {
+        let mut distinct: Vec<RateSubject> = Vec::new();
+        for s in subjects {
+            if !distinct.contains(s) {
+                distinct.push(*s);
+            }
+        }
+        if distinct.len() <= 1 {
+            let subject = distinct.first().copied().unwrap_or(RateSubject::Unknown);
+            return self.check(subject, policies, cost).await;
+        }
+        let full = |p: &RateLimitPolicy| RateStanding {
+            remaining: u64::from(p.limit),
+            reset_after: Duration::ZERO,
+            wait: Some(Duration::ZERO),
+        };
+        let mut standings: Vec<RateStanding> = policies.iter().map(full).collect();
+        let mut counted: Vec<(RateSubject, Vec<RateLimitPolicy>)> = Vec::new();
+        for subject in distinct {
+            let (index, group): (Vec<usize>, Vec<RateLimitPolicy>) = subjects
+                .iter()
+                .zip(policies)
+                .enumerate()
+                .filter(|(_, (s, _))| **s == subject)
+                .map(|(i, (_, p))| (i, p.clone()))
+                .unzip();
+            let decision = match self.check(subject, &group, cost).await {
+                Ok(d) => d,
+                Err(e) => {
+                    for (s, g) in &counted {
+                        self.refund(*s, g, cost);
+                    }
+                    return Err(e);
+                }
+            };
+            for (i, standing) in index.iter().zip(&decision.standings) {
+                if let Some(slot) = standings.get_mut(*i) {
+                    *slot = *standing;
+                }
+            }
+            if !decision.allowed {
+                for (s, g) in &counted {
+                    self.refund(*s, g, cost);
+                }
+                return Ok(RateDecision {
+                    allowed: false,
+                    standings,
+                });
+            }
+            counted.push((subject, group));
+        }
+        Ok(RateDecision {
+            allowed: true,
+            standings,
+        })
+    }
+
+    /// [`precheck`](Self::precheck) with a subject per policy, as in
+    /// [`check_each`](Self::check_each). The default pre-checks only calls with one
+    /// subject.
+    fn precheck_each(
+        &self,
+        subjects: &[RateSubject],
+        policies: &[RateLimitPolicy],
+        cost: u32,
+    ) -> Option<RateDecision> {
+        let first = *subjects.first()?;
+        if subjects.iter().all(|s| *s == first) {
+            self.precheck(first, policies, cost)
+        } else {
+            None
+        }
+    }
+
     /// Gives back `cost` counted for `subject` in `policies` by an allowed
     /// [`check`](Self::check). keygate's `RateLimitLayer` does not call it (every request
     /// counts, whether or not another layer then refuses it); it is there for custom layers
@@ -194,6 +285,24 @@ impl<T: RateBackend + ?Sized> RateBackend for Arc<T> {
         cost: u32,
     ) -> Option<RateDecision> {
         (**self).precheck(subject, policies, cost)
+    }
+
+    async fn check_each(
+        &self,
+        subjects: &[RateSubject],
+        policies: &[RateLimitPolicy],
+        cost: u32,
+    ) -> Result<RateDecision, RateError> {
+        (**self).check_each(subjects, policies, cost).await
+    }
+
+    fn precheck_each(
+        &self,
+        subjects: &[RateSubject],
+        policies: &[RateLimitPolicy],
+        cost: u32,
+    ) -> Option<RateDecision> {
+        (**self).precheck_each(subjects, policies, cost)
     }
 
     fn refund(&self, subject: RateSubject, policies: &[RateLimitPolicy], cost: u32) {

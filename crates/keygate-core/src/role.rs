@@ -32,14 +32,28 @@
 //!   every grant of every role. A request needing scope `S` on collection `C` is allowed
 //!   when *one* grant holds both `S` and a pattern matching `C`; a scope held only on other
 //!   collections does not reach `C`. Identities carry no grants.
-//! - **Rate limits and quotas: tightest.** Policies from every source are gathered; policies
-//!   with different names all apply. Among rate limits sharing a name the lowest rate
-//!   (`limit / period`) wins; among quotas sharing a name the smallest `limit` wins
-//!   (windows compared as written: the kept policy keeps its own window). On a tie the
-//!   earlier source wins (key, then roles in order, then identity).
+//! - **Rate limits and quotas: tightest.** Policies from the key and its roles are
+//!   gathered; policies with different names all apply. Among rate limits sharing a name
+//!   the lowest rate (`limit / period`) wins; among quotas sharing a name the smallest
+//!   `limit` wins (windows compared as written: the kept policy keeps its own window). On a
+//!   tie the earlier source wins (key, then roles in order). These count per key (its
+//!   rotation lineage).
+//! - **The identity's limits: shared, and in addition.** The identity's rate limits and
+//!   quotas (the tightest of a name among them) follow the key's, marked as shared
+//!   ([`Principal::rate_limit_is_shared`](crate::Principal::rate_limit_is_shared)): the
+//!   rate-limit and quota layers count them once for all the identity's keys, under
+//!   [`Identity::usage_id`]. They never replace a key's or a role's limit, even of the same
+//!   name: a request is charged to both and refused when either has no room (the tightest
+//!   standing decides). Give them names of their own (`etl-burst`), so the `RateLimit`
+//!   fields name each policy once.
 //! - **Attributes: the key's own win.** Then each role's, in order, adds the attributes not
 //!   yet set.
 //! - **Networks and expiry** are the key's own: roles and identities do not carry them.
+//! - **Minting ceiling**: the shortest [`Role::mint_max_lifetime_secs`] among the key's
+//!   roles that grant `keys:create`
+//!   ([`Principal::mint_ceiling`](crate::Principal::mint_ceiling)); none without such a
+//!   role. It lets the key mint keys through the admin API (for its own identity, within
+//!   its own grants, living at most that long).
 //!
 //! The verifier resolves a key once per change of the key, of one of its roles or of its
 //! identity, and caches the resulting [`Principal`](crate::Principal); no request pays for
@@ -50,6 +64,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::key::KeyId;
 use crate::record::{KeyRecord, QuotaPolicy, RateLimitPolicy};
 
 /// Scopes paired with the collections they apply to: `points:write` on `docs-*`.
@@ -107,6 +122,11 @@ pub struct Role {
     pub updated_at: SystemTime,
     /// Bumped by the store on every write; a conditional write names the version it read.
     pub version: u64,
+    /// Delegated minting: when the role grants `keys:create`, the longest lifetime (whole
+    /// seconds) of a key that a key holding it may mint through the admin API, for its own
+    /// identity and within its own grants. `None`: holding the role lets no key mint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mint_max_lifetime_secs: Option<u64>,
 }
 
 impl Role {
@@ -121,7 +141,15 @@ impl Role {
             created_at: now,
             updated_at: now,
             version: 0,
+            mint_max_lifetime_secs: None,
         }
+    }
+
+    /// Lets keys holding the role mint keys living at most `max` (whole seconds, rounded
+    /// down); the role must also grant `keys:create`.
+    pub fn with_mint_ceiling(mut self, max: std::time::Duration) -> Self {
+        self.mint_max_lifetime_secs = Some(max.as_secs());
+        self
     }
 
     /// Adds a grant.
@@ -150,20 +178,20 @@ impl Role {
 }
 
 /// A service principal (`etl-pipeline`) owning many keys, which usage reports can add up
-/// (`keygate usage --identity`). Its rate limits and quotas join each of its keys' policy
-/// (tightest of a name wins) and are marked in the principal as the identity's
-/// ([`Principal::rate_limit_is_shared`](crate::Principal::rate_limit_is_shared)); the
-/// rate-limit and quota layers still count them per key (lineage), not once for the whole
-/// identity.
+/// (`keygate usage --identity`). Its rate limits and quotas are shared by all its keys: they
+/// join each key's policy marked as the identity's
+/// ([`Principal::rate_limit_is_shared`](crate::Principal::rate_limit_is_shared)), and the
+/// rate-limit and quota layers count them in one bucket for the whole identity, under
+/// [`Identity::usage_id`] (see the [resolution rule](crate::role)).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Identity {
     /// The identity's name: 1 to 64 characters of `[A-Za-z0-9_.-]`.
     pub name: String,
     /// Free JSON metadata (not used by keygate).
     pub metadata: serde_json::Value,
-    /// Rate limits applied to every key of the identity.
+    /// Rate limits shared by every key of the identity (one bucket for all).
     pub rate_limits: Vec<RateLimitPolicy>,
-    /// Quotas applied to every key of the identity.
+    /// Quotas shared by every key of the identity (one count for all).
     pub quotas: Vec<QuotaPolicy>,
     /// When it was created.
     #[serde(serialize_with = "rfc3339")]
@@ -174,6 +202,16 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The id an identity's shared rate limits and quotas are counted under, in every
+    /// store (in-process limiters, SQL usage rows, Redis keys): a key id derived from the
+    /// name (blake3, domain-separated), the same in every process. Usage stores hold it as
+    /// they hold a key's lineage id; `keygate usage --identity` reads it back. A derived id
+    /// cannot be told apart from a random key id, but meeting one is as likely as guessing
+    /// a 71-bit number.
+    pub fn usage_id(name: &str) -> KeyId {
+        KeyId::derive("keygate 2026 identity usage id", name.as_bytes())
+    }
+
     /// An identity named `name` with no limits, created at `now`.
     pub fn new(name: impl Into<String>, now: SystemTime) -> Self {
         Identity {
@@ -229,6 +267,18 @@ pub(crate) struct Resolved {
     pub(crate) attributes: BTreeMap<String, String>,
     pub(crate) rate_limits: Vec<(RateLimitPolicy, bool)>,
     pub(crate) quotas: Vec<(QuotaPolicy, bool)>,
+    /// The tightest minting ceiling of the roles that grant `keys:create` with one.
+    pub(crate) mint_ceiling: Option<std::time::Duration>,
+}
+
+/// Whether one of `role`'s grants holds the scope `keys:create`.
+fn grants_key_creation(role: &Role) -> bool {
+    let Ok(create) = crate::Scope::parse("keys:create") else {
+        return false;
+    };
+    role.grants
+        .iter()
+        .any(|g| crate::ScopeSet::compile(&g.scopes).allows(&create))
 }
 
 /// Resolves `record`'s effective policy. `roles` are the stored roles (any order; only
@@ -257,6 +307,7 @@ pub(crate) fn resolve(record: &KeyRecord, roles: &[Role], identity: Option<&Iden
     let mut quotas: Vec<(QuotaPolicy, bool)> =
         record.quotas.iter().map(|p| (p.clone(), false)).collect();
     let mut found = Vec::new();
+    let mut mint_ceiling: Option<std::time::Duration> = None;
     let mut seen = std::collections::BTreeSet::new();
     for name in &record.roles {
         if !seen.insert(name.as_str()) {
@@ -267,6 +318,12 @@ pub(crate) fn resolve(record: &KeyRecord, roles: &[Role], identity: Option<&Iden
         };
         let index = found.len();
         found.push(role.name.clone());
+        if let Some(secs) = role.mint_max_lifetime_secs {
+            if grants_key_creation(role) {
+                let c = std::time::Duration::from_secs(secs);
+                mint_ceiling = Some(mint_ceiling.map_or(c, |m| m.min(c)));
+            }
+        }
         for g in &role.grants {
             grants.push(g.clone());
             grant_roles.push(Some(index));
@@ -277,17 +334,32 @@ pub(crate) fn resolve(record: &KeyRecord, roles: &[Role], identity: Option<&Iden
         rates.extend(role.rate_limits.iter().map(|p| (p.clone(), false)));
         quotas.extend(role.quotas.iter().map(|p| (p.clone(), false)));
     }
+    let mut rate_limits = tightest(rates, |a, b| rate_cmp(a, b).is_lt(), |p| &p.name);
+    let mut quota_list = tightest(quotas, |a, b| a.limit < b.limit, |p| &p.name);
     if let Some(identity) = identity.filter(|i| record.identity.as_deref() == Some(&i.name)) {
-        rates.extend(identity.rate_limits.iter().map(|p| (p.clone(), true)));
-        quotas.extend(identity.quotas.iter().map(|p| (p.clone(), true)));
+        // The identity's limits count once for all its keys: they never replace a key's or
+        // a role's limit of the same name (those count per key); both apply.
+        let shared_rates = identity.rate_limits.iter().map(|p| (p.clone(), true));
+        rate_limits.extend(tightest(
+            shared_rates.collect(),
+            |a, b| rate_cmp(a, b).is_lt(),
+            |p| &p.name,
+        ));
+        let shared_quotas = identity.quotas.iter().map(|p| (p.clone(), true));
+        quota_list.extend(tightest(
+            shared_quotas.collect(),
+            |a, b| a.limit < b.limit,
+            |p| &p.name,
+        ));
     }
     Resolved {
         grants,
         roles: found,
         grant_roles,
         attributes,
-        rate_limits: tightest(rates, |a, b| rate_cmp(a, b).is_lt(), |p| &p.name),
-        quotas: tightest(quotas, |a, b| a.limit < b.limit, |p| &p.name),
+        rate_limits,
+        quotas: quota_list,
+        mint_ceiling,
     }
 }
 
@@ -379,8 +451,16 @@ mod tests {
         r.identity = Some("etl".into());
         let mut id = Identity::new("etl", SystemTime::UNIX_EPOCH);
         id.rate_limits = vec![RateLimitPolicy::new("burst", 1, Duration::from_secs(1))];
+        id.rate_limits.push(RateLimitPolicy::per_second("burst", 5));
         let res = resolve(&r, &[a, b], Some(&id));
-        assert_eq!(res.rate_limits[0], (id.rate_limits[0].clone(), true));
+        // After the key's and roles' (tightest of a name), never replacing them; the
+        // tightest of the identity's own of one name.
+        assert_eq!(res.rate_limits.len(), 3);
+        assert_eq!(
+            res.rate_limits[0],
+            (RateLimitPolicy::per_minute("burst", 600), false)
+        );
+        assert_eq!(res.rate_limits[2], (id.rate_limits[0].clone(), true));
         // An identity other than the key's is ignored.
         r.identity = Some("other".into());
         let res = resolve(&r, &[], Some(&id));

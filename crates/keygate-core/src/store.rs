@@ -55,6 +55,16 @@ pub enum StoreError {
     /// The store does not keep this kind of data (roles or identities).
     #[error("this key store does not support {0}")]
     Unsupported(&'static str),
+    /// The role or identity is still held by keys, so it was not deleted.
+    #[error("{kind} {name} is held by {holders} key(s) that are not revoked; nothing was deleted")]
+    InUse {
+        /// `identity`.
+        kind: &'static str,
+        /// The name.
+        name: String,
+        /// How many keys hold it.
+        holders: usize,
+    },
 }
 
 /// Which records [`KeyStore::list`] returns. Every set field must match.
@@ -277,6 +287,27 @@ pub trait KeyStore: Send + Sync + 'static {
         let _ = used;
         Err(StoreError::Unsupported("last-used times"))
     }
+
+    /// Replaces the identity named `identity.name` (its `created_at` is kept) and
+    /// announces a change of every key it owns, so caches everywhere resolve those keys
+    /// again. [`StoreError::NoSuchName`] when there is none. The last writer wins.
+    async fn update_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        let _ = identity;
+        Err(StoreError::Unsupported("identities"))
+    }
+
+    /// Deletes an identity (keys naming it keep the name; it gives them nothing any
+    /// more) and announces a change of every key it owned. Whether there was one.
+    async fn delete_identity(&self, name: &str) -> Result<bool, StoreError> {
+        let _ = name;
+        Err(StoreError::Unsupported("identities"))
+    }
+
+    /// The ids of the keys that name identity `name` (any status).
+    async fn keys_with_identity(&self, name: &str) -> Result<Vec<KeyId>, StoreError> {
+        let _ = name;
+        Ok(Vec::new())
+    }
 }
 
 #[async_trait]
@@ -336,6 +367,16 @@ impl<T: KeyStore + ?Sized> KeyStore for Arc<T> {
     }
     async fn record_last_used(&self, used: &[(KeyId, SystemTime)]) -> Result<(), StoreError> {
         (**self).record_last_used(used).await
+    }
+
+    async fn update_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        (**self).update_identity(identity).await
+    }
+    async fn delete_identity(&self, name: &str) -> Result<bool, StoreError> {
+        (**self).delete_identity(name).await
+    }
+    async fn keys_with_identity(&self, name: &str) -> Result<Vec<KeyId>, StoreError> {
+        (**self).keys_with_identity(name).await
     }
 }
 
@@ -517,6 +558,34 @@ impl KeyStore for MemoryStore {
                 Ok(())
             }
         }
+    }
+
+    async fn update_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        match self.identities.get_mut(&identity.name) {
+            Some(mut stored) => {
+                let created_at = stored.created_at;
+                *stored = identity.clone();
+                stored.created_at = created_at;
+                Ok(())
+            }
+            None => Err(StoreError::NoSuchName {
+                kind: "identity",
+                name: identity.name.clone(),
+            }),
+        }
+    }
+
+    async fn delete_identity(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.identities.remove(name).is_some())
+    }
+
+    async fn keys_with_identity(&self, name: &str) -> Result<Vec<KeyId>, StoreError> {
+        Ok(self
+            .records
+            .iter()
+            .filter(|r| r.identity.as_deref() == Some(name))
+            .map(|r| r.id)
+            .collect())
     }
 
     async fn list(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {

@@ -392,3 +392,92 @@ async fn preload_resolves_roles_and_identities() {
     );
     assert!(p.quota_is_shared(0));
 }
+
+#[tokio::test]
+async fn identity_updates_reach_its_keys_and_deleting_one_in_use_is_refused() {
+    use keygate_core::IdentityUpdate;
+    let (store, verifier, keys, sink) = setup();
+    let mut id = Identity::new("etl", std::time::SystemTime::UNIX_EPOCH);
+    id.rate_limits = vec![RateLimitPolicy::per_second("etl-burst", 100)];
+    keys.create_identity("admin", id).await.unwrap();
+    let a = keys
+        .issue("admin", KeySpec::new("a").identity("etl"))
+        .await
+        .unwrap();
+    let b = keys
+        .issue("admin", KeySpec::new("b").identity("etl"))
+        .await
+        .unwrap();
+    for k in [&a, &b] {
+        let p = verifier.verify(k.key.expose_secret()).await.unwrap();
+        assert_eq!(
+            p.rate_limits(),
+            [RateLimitPolicy::per_second("etl-burst", 100)]
+        );
+    }
+    keys.revoke("admin", b.key.id()).await.unwrap();
+
+    // Bad input changes nothing.
+    let bad = keys
+        .update_identity(
+            "admin",
+            "etl",
+            IdentityUpdate {
+                rate_limits: Some(vec![RateLimitPolicy::per_second("etl-burst", 0)]),
+                ..IdentityUpdate::default()
+            },
+        )
+        .await;
+    assert!(matches!(bad, Err(LifecycleError::Invalid(_))), "{bad:?}");
+    assert!(matches!(
+        keys.update_identity("admin", "ghost", IdentityUpdate::default())
+            .await,
+        Err(LifecycleError::Store(StoreError::NoSuchName { .. }))
+    ));
+
+    let updated = keys
+        .update_identity(
+            "admin",
+            "etl",
+            IdentityUpdate {
+                rate_limits: Some(vec![RateLimitPolicy::per_second("etl-burst", 5)]),
+                metadata: Some(serde_json::json!({"team": "data"})),
+                ..IdentityUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.metadata["team"], "data");
+    // The next request of its key sees it (the cache was told), the key untouched.
+    let p = verifier.verify(a.key.expose_secret()).await.unwrap();
+    assert_eq!(
+        p.rate_limits(),
+        [RateLimitPolicy::per_second("etl-burst", 5)]
+    );
+    assert_eq!(keys.show(a.key.id()).await.unwrap().version, 0);
+    // One identity_changed event, for the key that is not revoked.
+    let changed: Vec<_> = sink
+        .events()
+        .iter()
+        .filter_map(|e| e.as_lifecycle())
+        .filter(|e| e.action == LifecycleAction::IdentityChanged)
+        .map(|e| (e.key_id, e.changes[0].field.clone()))
+        .collect();
+    assert_eq!(changed, [(a.key.id(), "identity:etl".to_string())]);
+
+    // Deleting an identity a live key names is refused; nothing changes.
+    let refused = keys.delete_identity("admin", "etl").await;
+    assert!(
+        matches!(
+            refused,
+            Err(LifecycleError::Store(StoreError::InUse { holders: 1, .. }))
+        ),
+        "{refused:?}"
+    );
+    assert!(now(store.get_identity("etl")).unwrap().is_some());
+    // Once its keys are gone (revoked), it can go.
+    keys.revoke("admin", a.key.id()).await.unwrap();
+    assert!(keys.delete_identity("admin", "etl").await.unwrap());
+    assert!(!keys.delete_identity("admin", "etl").await.unwrap());
+    assert!(now(store.get_identity("etl")).unwrap().is_none());
+}

@@ -449,9 +449,42 @@ impl<S: KeyStore> KeyStore for Publishing<S> {
     ) -> Result<(), StoreError> {
         self.inner.record_last_used(used).await
     }
+
+    async fn update_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        self.inner.update_identity(identity).await?;
+        self.announce_owned(&identity.name).await;
+        Ok(())
+    }
+
+    async fn delete_identity(&self, name: &str) -> Result<bool, StoreError> {
+        let deleted = self.inner.delete_identity(name).await?;
+        if deleted {
+            self.announce_owned(name).await;
+        }
+        Ok(deleted)
+    }
+
+    async fn keys_with_identity(&self, name: &str) -> Result<Vec<KeyId>, StoreError> {
+        self.inner.keys_with_identity(name).await
+    }
 }
 
 impl<S: KeyStore> Publishing<S> {
+    /// Announces a change of every key of identity `name`, as [`Self::announce_holders`]
+    /// does for a role.
+    async fn announce_owned(&self, name: &str) {
+        match self.inner.keys_with_identity(name).await {
+            Ok(ids) => {
+                for id in ids {
+                    self.publisher.announce(&id).await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(identity = %name, error = %e, "could not list the keys of a changed identity; replicas resolve them at their next refresh");
+            }
+        }
+    }
+
     /// Announces a change of every key naming role `name`, so replicas resolve them again.
     /// If the holders cannot be listed, a warning says so (replicas then see the change
     /// at their next refresh of those keys).

@@ -24,7 +24,7 @@ const EPS: f64 = 0.001;
 static GCRA: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- GCRA over the policies of one subject, all or nothing.
+-- GCRA over the policies of a request (each key names its subject), all or nothing.
 -- KEYS[i], i <= n: state of shape i, "<base> <units>" (TAT = base + units * period / limit,
 -- in us); KEYS[n + 1]: the epoch; KEYS[n + 2]: the hold after a loss, "<epoch> <until us>".
 -- ARGV[1]: now (us since the Unix epoch), or "" to read the server's clock.
@@ -335,18 +335,27 @@ impl Shape {
     }
 }
 
-/// The distinct shapes of a call and, per policy, the index of its shape.
+/// The distinct (subject, shape) pairs of a call and, per policy, the index of its pair.
 struct Shapes {
-    shapes: Vec<Shape>,
+    shapes: Vec<(RateSubject, Shape)>,
     index: Vec<usize>,
 }
 
 impl Shapes {
+    #[cfg(test)]
     fn of(policies: &[RateLimitPolicy]) -> Result<Shapes, RateError> {
-        let mut shapes: Vec<Shape> = Vec::with_capacity(policies.len());
+        Self::of_each(|_| RateSubject::Unknown, policies)
+    }
+
+    /// `subject(i)` is the subject of `policies[i]`.
+    fn of_each(
+        subject: impl Fn(usize) -> RateSubject,
+        policies: &[RateLimitPolicy],
+    ) -> Result<Shapes, RateError> {
+        let mut shapes: Vec<(RateSubject, Shape)> = Vec::with_capacity(policies.len());
         let mut index = Vec::with_capacity(policies.len());
-        for p in policies {
-            let s = Shape::of(p)?;
+        for (i, p) in policies.iter().enumerate() {
+            let s = (subject(i), Shape::of(p)?);
             match shapes.iter().position(|x| *x == s) {
                 Some(i) => index.push(i),
                 None => {
@@ -488,18 +497,17 @@ impl Inner {
     async fn run<T: redis::FromRedisValue>(
         &self,
         script: &'static Script,
-        subject: RateSubject,
-        shapes: &[Shape],
+        shapes: &[(RateSubject, Shape)],
         cost: u32,
     ) -> Result<T, Error> {
-        let keys: Vec<String> = shapes.iter().map(|s| self.key(subject, s)).collect();
+        let keys: Vec<String> = shapes.iter().map(|(sub, s)| self.key(*sub, s)).collect();
         let (epoch_key, hold_key) = (&self.epoch_key, &self.hold_key);
         let now = self.now_arg();
         let mut args: Vec<u64> = Vec::with_capacity(3 + 2 * shapes.len());
         args.push(self.epoch.known());
         args.push(self.epoch.candidate());
         args.push(micros(self.hold));
-        for s in shapes {
+        for (_, s) in shapes {
             args.push(s.period_us);
             args.push(u64::from(s.limit));
         }
@@ -578,16 +586,16 @@ fn unavailable(e: Error) -> RateError {
     }
 }
 
-#[async_trait]
-impl RateBackend for RedisRateLimiter {
-    async fn check(
+impl RedisRateLimiter {
+    /// One script for every policy, each counted for its subject.
+    async fn decide(
         &self,
-        subject: RateSubject,
+        subject: impl Fn(usize) -> RateSubject,
         policies: &[RateLimitPolicy],
         cost: u32,
     ) -> Result<RateDecision, RateError> {
         let inner = &*self.inner;
-        let Shapes { shapes, index } = Shapes::of(policies)?;
+        let Shapes { shapes, index } = Shapes::of_each(subject, policies)?;
         if shapes.is_empty() {
             return Ok(RateDecision {
                 allowed: true,
@@ -595,10 +603,7 @@ impl RateBackend for RedisRateLimiter {
             });
         }
         let local_now = inner.local_now();
-        let out: Vec<i64> = inner
-            .run(&GCRA, subject, &shapes, cost)
-            .await
-            .map_err(unavailable)?;
+        let out: Vec<i64> = inner.run(&GCRA, &shapes, cost).await.map_err(unavailable)?;
         if out.len() >= 3 {
             let token = u64::try_from(out[2]).unwrap_or(0);
             if inner.epoch.saw(token) {
@@ -627,11 +632,11 @@ impl RateBackend for RedisRateLimiter {
         }
         let allowed = out[0] == 1;
         let mut per_shape = Vec::with_capacity(shapes.len());
-        for (i, s) in shapes.iter().enumerate() {
+        for (i, (subject, s)) in shapes.iter().enumerate() {
             let remaining = u64::try_from(out[3 + 3 * i]).unwrap_or(0);
             let ahead = out[4 + 3 * i].max(0);
             let wait = out[5 + 3 * i];
-            inner.remember(subject, s, local_now, ahead as f64);
+            inner.remember(*subject, s, local_now, ahead as f64);
             per_shape.push(RateStanding {
                 remaining: remaining.min(u64::from(s.limit)),
                 reset_after: Duration::from_micros(ahead as u64),
@@ -644,9 +649,10 @@ impl RateBackend for RedisRateLimiter {
         })
     }
 
-    fn precheck(
+    /// The local pre-check, each policy looked up for its subject.
+    fn remembered_refusal(
         &self,
-        subject: RateSubject,
+        subject: impl Fn(usize) -> RateSubject,
         policies: &[RateLimitPolicy],
         cost: u32,
     ) -> Option<RateDecision> {
@@ -658,7 +664,8 @@ impl RateBackend for RedisRateLimiter {
         let now = inner.local_now();
         let mut standings = Vec::with_capacity(policies.len());
         let mut refused = false;
-        for p in policies {
+        for (i, p) in policies.iter().enumerate() {
+            let subject = subject(i);
             let shape = Shape::of(p).ok()?;
             let ahead = memory
                 .tats
@@ -677,19 +684,73 @@ impl RateBackend for RedisRateLimiter {
             standings,
         })
     }
+}
+
+#[async_trait]
+impl RateBackend for RedisRateLimiter {
+    async fn check(
+        &self,
+        subject: RateSubject,
+        policies: &[RateLimitPolicy],
+        cost: u32,
+    ) -> Result<RateDecision, RateError> {
+        self.decide(|_| subject, policies, cost).await
+    }
+
+    /// One script for every subject: the key's and the identity's policies are decided
+    /// together, all or nothing, as for one subject.
+    async fn check_each(
+        &self,
+        subjects: &[RateSubject],
+        policies: &[RateLimitPolicy],
+        cost: u32,
+    ) -> Result<RateDecision, RateError> {
+        let Some(&first) = subjects.first() else {
+            return self.decide(|_| RateSubject::Unknown, policies, cost).await;
+        };
+        self.decide(
+            |i| subjects.get(i).copied().unwrap_or(first),
+            policies,
+            cost,
+        )
+        .await
+    }
+
+    fn precheck(
+        &self,
+        subject: RateSubject,
+        policies: &[RateLimitPolicy],
+        cost: u32,
+    ) -> Option<RateDecision> {
+        self.remembered_refusal(|_| subject, policies, cost)
+    }
+
+    fn precheck_each(
+        &self,
+        subjects: &[RateSubject],
+        policies: &[RateLimitPolicy],
+        cost: u32,
+    ) -> Option<RateDecision> {
+        let first = *subjects.first()?;
+        self.remembered_refusal(
+            |i| subjects.get(i).copied().unwrap_or(first),
+            policies,
+            cost,
+        )
+    }
 
     fn refund(&self, subject: RateSubject, policies: &[RateLimitPolicy], cost: u32) {
         if cost == 0 {
             return;
         }
-        let Ok(Shapes { shapes, .. }) = Shapes::of(policies) else {
+        let Ok(Shapes { shapes, .. }) = Shapes::of_each(|_| subject, policies) else {
             return;
         };
         if shapes.is_empty() {
             return;
         }
         if let Some(m) = &self.inner.memory {
-            for s in &shapes {
+            for (_, s) in &shapes {
                 if let Some(mut tat) = m.tats.get_mut(&(subject, s.limit, s.period_us)) {
                     *tat -= f64::from(cost) * s.t();
                 }
@@ -702,7 +763,7 @@ impl RateBackend for RedisRateLimiter {
         let inner = self.inner.clone();
         inner.refunding.fetch_add(1, Ordering::AcqRel);
         rt.spawn(async move {
-            if let Err(e) = inner.run::<i64>(&REFUND, subject, &shapes, cost).await {
+            if let Err(e) = inner.run::<i64>(&REFUND, &shapes, cost).await {
                 tracing::warn!(error = %e, "rate-limit refund failed; the cost stays counted");
             }
             inner.refunding.fetch_sub(1, Ordering::AcqRel);

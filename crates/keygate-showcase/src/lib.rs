@@ -345,6 +345,10 @@ pub fn routes() -> Result<RouteScopes, keygate::scope::InvalidRule> {
             "points:read",
         )
         .route("GET", "/metrics", "metrics:read")
+        // Creating a key: the admin API decides who may (`keys:admin`, or a key that may
+        // mint: delegated minting), so the table only asks for a key (the stack's
+        // authentication still refuses a request without one).
+        .public("POST", "/admin/keys")
         .route("*", "/admin/keys", "keys:admin")
         .route("*", "/admin/keys/{id}", "keys:admin")
         .route("*", "/admin/keys/{id}/{action}", "keys:admin")

@@ -87,6 +87,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         description: "last_used",
         sql: include_str!("../migrations/sqlite/0007_last_used.sql"),
     },
+    Migration {
+        version: 8,
+        description: "mint",
+        sql: include_str!("../migrations/sqlite/0008_mint.sql"),
+    },
 ];
 
 /// PostgreSQL's migrations, in order (same versions as [`SQLITE`]).
@@ -125,6 +130,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 7,
         description: "last_used",
         sql: include_str!("../migrations/postgres/0007_last_used.sql"),
+    },
+    Migration {
+        version: 8,
+        description: "mint",
+        sql: include_str!("../migrations/postgres/0008_mint.sql"),
     },
 ];
 

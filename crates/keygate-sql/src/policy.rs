@@ -25,8 +25,8 @@ macro_rules! on_pool {
     };
 }
 
-const ROLE_COLUMNS: &str =
-    "name, grants, attributes, rate_limits, quotas, created_at, updated_at, version";
+const ROLE_COLUMNS: &str = "name, grants, attributes, rate_limits, quotas, created_at, \
+     updated_at, version, mint_max_lifetime_secs";
 
 const IDENTITY_COLUMNS: &str =
     "name, metadata, rate_limits, quotas, created_at, updated_at, version";
@@ -121,8 +121,19 @@ where
     String: Decode<'r, R::Database> + Type<R::Database>,
     i64: Decode<'r, R::Database> + Type<R::Database>,
 {
+    let mint: Option<i64> = row
+        .try_get("mint_max_lifetime_secs")
+        .map_err(|e| StoreError::Corrupt(format!("role: column mint_max_lifetime_secs: {e}")))?;
+    let mint_max_lifetime_secs = match mint {
+        None => None,
+        Some(n) => Some(
+            u64::try_from(n)
+                .map_err(|_| StoreError::Corrupt("role: negative mint_max_lifetime_secs".into()))?,
+        ),
+    };
     let r = Reader::new(row, "role")?;
     Ok(Role {
+        mint_max_lifetime_secs,
         grants: r.json::<Vec<Grant>>("grants")?,
         attributes: r.json::<BTreeMap<String, String>>("attributes")?,
         rate_limits: r.json::<Vec<RateLimitPolicy>>("rate_limits")?,
@@ -161,6 +172,7 @@ struct RoleRow {
     quotas: String,
     created_at: i64,
     updated_at: i64,
+    mint: Option<i64>,
 }
 
 impl RoleRow {
@@ -174,6 +186,9 @@ impl RoleRow {
             quotas: json("role", n, "quotas", &r.quotas)?,
             created_at: time("role", n, "created_at", r.created_at)?,
             updated_at: time("role", n, "updated_at", r.updated_at)?,
+            mint: r
+                .mint_max_lifetime_secs
+                .map(|s| i64::try_from(s).unwrap_or(i64::MAX)),
         })
     }
 }
@@ -231,7 +246,7 @@ impl SqlStore {
         self.timed("insert_role", async {
             let done = on_pool!(self, pool => {
                 sqlx::query(&format!(
-                    "INSERT INTO keygate_roles ({ROLE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, 0)"
+                    "INSERT INTO keygate_roles ({ROLE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8)"
                 ))
                 .bind(r.name)
                 .bind(r.grants)
@@ -240,6 +255,7 @@ impl SqlStore {
                 .bind(r.quotas)
                 .bind(r.created_at)
                 .bind(r.updated_at)
+                .bind(r.mint)
                 .execute(pool)
                 .await
                 .map(|_| ())
@@ -266,8 +282,8 @@ impl SqlStore {
                 async {
                     let n = sqlx::query(
                         "UPDATE keygate_roles SET grants = $2, attributes = $3, rate_limits = $4, \
-                         quotas = $5, updated_at = $6, version = version + 1 \
-                         WHERE name = $1 AND version = $7",
+                         quotas = $5, updated_at = $6, version = version + 1, \
+                         mint_max_lifetime_secs = $8 WHERE name = $1 AND version = $7",
                     )
                     .bind(&r.name)
                     .bind(&r.grants)
@@ -276,6 +292,7 @@ impl SqlStore {
                     .bind(&r.quotas)
                     .bind(r.updated_at)
                     .bind(version)
+                    .bind(r.mint)
                     .execute(pool)
                     .await?
                     .rows_affected();
@@ -400,6 +417,72 @@ impl SqlStore {
                     unavailable("insert_identity", e)
                 }
             })
+        })
+        .await
+    }
+
+    /// One `UPDATE` (the triggers advance the change sequence of every key of the
+    /// identity).
+    pub(crate) async fn update_identity_sql(&self, identity: &Identity) -> Result<(), StoreError> {
+        let n = &identity.name;
+        let metadata = json("identity", n, "metadata", &identity.metadata)?;
+        let rates = json("identity", n, "rate_limits", &identity.rate_limits)?;
+        let quotas = json("identity", n, "quotas", &identity.quotas)?;
+        let updated = time("identity", n, "updated_at", identity.updated_at)?;
+        self.timed("update_identity", async {
+            let rows = on_pool!(self, pool => {
+                sqlx::query(
+                    "UPDATE keygate_identities SET metadata = $2, rate_limits = $3, quotas = $4, \
+                     updated_at = $5, version = version + 1 WHERE name = $1",
+                )
+                .bind(n)
+                .bind(&metadata)
+                .bind(&rates)
+                .bind(&quotas)
+                .bind(updated)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected())
+                .map_err(|e| unavailable("update_identity", e))
+            })?;
+            if rows == 0 {
+                return Err(StoreError::NoSuchName {
+                    kind: "identity",
+                    name: n.clone(),
+                });
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub(crate) async fn delete_identity_sql(&self, name: &str) -> Result<bool, StoreError> {
+        self.timed("delete_identity", async {
+            on_pool!(self, pool => {
+                sqlx::query("DELETE FROM keygate_identities WHERE name = $1")
+                    .bind(name)
+                    .execute(pool)
+                    .await
+                    .map(|r| r.rows_affected() > 0)
+                    .map_err(|e| unavailable("delete_identity", e))
+            })
+        })
+        .await
+    }
+
+    pub(crate) async fn keys_with_identity_sql(
+        &self,
+        name: &str,
+    ) -> Result<Vec<KeyId>, StoreError> {
+        self.timed("keys_with_identity", async {
+            let ids: Vec<String> = on_pool!(self, pool => {
+                sqlx::query_scalar("SELECT id FROM keygate_keys WHERE identity = $1 ORDER BY id")
+                    .bind(name)
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|e| unavailable("keys_with_identity", e))
+            })?;
+            Ok(ids.iter().filter_map(|i| KeyId::parse(i).ok()).collect())
         })
         .await
     }

@@ -943,6 +943,18 @@ impl KeyStore for SqlStore {
         self.insert_identity_sql(identity).await
     }
 
+    async fn update_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        self.update_identity_sql(identity).await
+    }
+
+    async fn delete_identity(&self, name: &str) -> Result<bool, StoreError> {
+        self.delete_identity_sql(name).await
+    }
+
+    async fn keys_with_identity(&self, name: &str) -> Result<Vec<KeyId>, StoreError> {
+        self.keys_with_identity_sql(name).await
+    }
+
     /// One `UPDATE` of the status and `updated_at` columns only (a revoked row is left
     /// alone), so it works on a row whose other columns cannot be read.
     async fn record_last_used(&self, used: &[(KeyId, SystemTime)]) -> Result<(), StoreError> {

@@ -10,7 +10,7 @@ use keygate_core::{KeyHasher, KeyStore, StoreError};
 use keygate_sql::{OpenError, PepperCheck, PepperCheckError, SqlOptions, SqlStore};
 
 /// The newest migration version this build embeds.
-const LATEST: i64 = 7;
+const LATEST: i64 = 8;
 
 async fn open_err(url: &str, options: SqlOptions) -> OpenError {
     match SqlStore::open_with(url, options).await {

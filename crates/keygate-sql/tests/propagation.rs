@@ -492,3 +492,82 @@ both!(
     postgres_conditional_key_writes_refuse_a_stale_version,
     conditional_key_writes_refuse_a_stale_version
 );
+
+/// An identity changed or deleted through another handle reaches every key it owns,
+/// without touching the keys, within the revocation bound (the identity trigger advances
+/// each key's change sequence).
+async fn identity_change_reaches_another_handle(db: &Db) {
+    use keygate_core::{Identity, RateLimitPolicy};
+    let serving = db.open().await;
+    let admin = db.open().await;
+    let verifier = Verifier::builder(serving.clone())
+        .refresh_after(Duration::from_secs(30))
+        .build();
+    let follower = serving.watch(&verifier).await.unwrap();
+    let h = KeyHasher::new();
+    let mut times = Vec::new();
+    for i in 0..5 {
+        let name = format!("etl-{i}");
+        let mut identity = Identity::new(&name, SystemTime::now());
+        identity.rate_limits = vec![RateLimitPolicy::per_second("etl-burst", 100)];
+        admin.insert_identity(&identity).await.unwrap();
+        let (a, mut ra) = plain(&h, &format!("a{i}"), SystemTime::now());
+        ra.identity = Some(name.clone());
+        admin.insert(&ra).await.unwrap();
+        assert_eq!(admin.keys_with_identity(&name).await.unwrap(), [ra.id]);
+        let p = verifier.verify(a.expose_secret()).await.unwrap();
+        assert_eq!(p.rate_limits()[0].limit, 100);
+        follower.caught_up(admin.last_change().await.unwrap()).await;
+        verifier.verify(a.expose_secret()).await.unwrap();
+        let keys_version = admin.get(&ra.id).await.unwrap().unwrap().version;
+        let created = admin.get_identity(&name).await.unwrap().unwrap().created_at;
+
+        identity.rate_limits = vec![RateLimitPolicy::per_second("etl-burst", 7)];
+        identity.metadata = serde_json::json!({"team": "data"});
+        let start = now_us();
+        admin.update_identity(&identity).await.unwrap();
+        let done = poll_until(
+            ceiling(db),
+            "the identity change to reach its key",
+            || async {
+                let p = verifier.verify(a.expose_secret()).await.unwrap();
+                (p.rate_limits()[0].limit == 7).then(now_us)
+            },
+        )
+        .await
+        .0;
+        times.push(Duration::from_micros((done - start) as u64));
+        let stored = admin.get_identity(&name).await.unwrap().unwrap();
+        assert_eq!(stored.metadata["team"], "data");
+        assert_eq!(stored.created_at, created);
+        assert_eq!(
+            admin.get(&ra.id).await.unwrap().unwrap().version,
+            keys_version,
+            "the key was not written"
+        );
+
+        // Deleted: the key keeps the name, the shared limit is gone on its next request.
+        assert!(admin.delete_identity(&name).await.unwrap());
+        assert!(!admin.delete_identity(&name).await.unwrap());
+        poll_until(
+            ceiling(db),
+            "the identity deletion to reach its key",
+            || async {
+                let p = verifier.verify(a.expose_secret()).await.unwrap();
+                p.rate_limits().is_empty().then_some(())
+            },
+        )
+        .await;
+        assert!(matches!(
+            admin.update_identity(&identity).await,
+            Err(keygate_core::StoreError::NoSuchName { .. })
+        ));
+    }
+    assert_within_bound(db, "an identity change through another handle", &mut times);
+    follower.shutdown().await;
+}
+both!(
+    sqlite_identity_change_reaches_another_handle,
+    postgres_identity_change_reaches_another_handle,
+    identity_change_reaches_another_handle
+);

@@ -718,9 +718,10 @@ both!(
 );
 
 /// The newest migration version this build embeds (1: keys; 2: usage and audit; 3: meta;
-/// 4: scopes; 5: lineage; 6: iam; 7: last-used times), and how many versions it embeds.
-const LATEST: i64 = 7;
-const EMBEDDED: i64 = 7;
+/// 4: scopes; 5: lineage; 6: iam; 7: last-used times; 8: mint), and how many versions it
+/// embeds.
+const LATEST: i64 = 8;
+const EMBEDDED: i64 = 8;
 
 async fn migrations_apply_once_under_concurrency(db: &Db) {
     // Eight handles open the same new database at once.

@@ -136,4 +136,19 @@ impl KeyStore for CountingStore {
         self.check()?;
         self.inner.record_last_used(used).await
     }
+
+    async fn update_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.update_identity(identity).await
+    }
+
+    async fn delete_identity(&self, name: &str) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.delete_identity(name).await
+    }
+
+    async fn keys_with_identity(&self, name: &str) -> Result<Vec<KeyId>, StoreError> {
+        self.check()?;
+        self.inner.keys_with_identity(name).await
+    }
 }

@@ -444,7 +444,7 @@ impl Inner {
         let (parts, _) = carry
             .request(key, Method::GET, "/keys", Body::empty())
             .into_parts();
-        let (_, verdict) = crate::handlers::caller(&self.shared, parts).await;
+        let (_, verdict) = crate::handlers::caller(&self.shared, parts, false).await;
         match verdict {
             Ok(p) => Ok(p),
             Err(res) => Err(problem_of(res).await),

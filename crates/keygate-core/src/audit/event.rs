@@ -299,11 +299,15 @@ pub enum LifecycleAction {
     /// A notice: the key expires soon (it is inside the expiry warning window). Nothing
     /// changed; the change `expires_at` says when.
     Expiring,
+    /// The identity owning the key was changed or deleted: the key's shared limits
+    /// changed without its record changing. The change names the identity
+    /// (`identity:NAME`).
+    IdentityChanged,
 }
 
 impl LifecycleAction {
     /// `issued`, `rotated`, `revoked`, `disabled`, `enabled`, `updated`, `exposed`,
-    /// `role_changed`, `rotation_due` or `expiring`.
+    /// `role_changed`, `identity_changed`, `rotation_due` or `expiring`.
     pub fn as_str(self) -> &'static str {
         match self {
             LifecycleAction::Issued => "issued",
@@ -316,6 +320,7 @@ impl LifecycleAction {
             LifecycleAction::RoleChanged => "role_changed",
             LifecycleAction::RotationDue => "rotation_due",
             LifecycleAction::Expiring => "expiring",
+            LifecycleAction::IdentityChanged => "identity_changed",
         }
     }
 }
