@@ -92,13 +92,13 @@ pub use keygate_core::{
     InvalidName, InvalidPolicy, InvalidPrefix, InvalidScope, InvalidSpec, InvalidStatus, IssuedKey,
     KeyDigest, KeyFilter, KeyGenError, KeyHasher, KeyId, KeyIdHashBuilder, KeyIdHasher, KeyInfo,
     KeyListing, KeyManager, KeyManagerBuilder, KeyParseError, KeyParser, KeyRecord, KeySpec,
-    KeyStatus, KeyStore, KeyUpdate, KnownScope, TokenGrant, LifecycleError, Lookup, ManualClock, MemoryStore,
+    KeyStatus, KeyStore, KeyUpdate, KnownScope, LifecycleError, Lookup, ManualClock, MemoryStore,
     ParsedKey, PendingLookup, PepperError, Prefix, Principal, QuotaPolicy, QuotaWindow,
     RateLimitPolicy, Refill, ResourceSet, Role, RoleUpdate, Scope, ScopeSet, ScopeVocabulary,
-    SkippedRow, StatusWrite, StoreError, SystemClock, UnknownScope, Verifier, VerifierBuilder,
-    BODY_LEN, CHECKSUM_LEN, KEY_ID_LEN, MAX_ATTRIBUTE_VALUE_LEN, MAX_KEY_LEN, MAX_METADATA_BYTES,
-    MAX_NAME_LEN, MAX_OWNER_LEN, MAX_PEPPER_FILE_LEN, MAX_PREFIX_LEN, NO_PEPPER_FINGERPRINT,
-    PEPPER_ENV, PEPPER_FILE_ENV, REDACTED, SCANNER_REGEX, SECRET_LEN,
+    SkippedRow, StatusWrite, StoreError, SystemClock, TokenGrant, UnknownScope, Verifier,
+    VerifierBuilder, BODY_LEN, CHECKSUM_LEN, KEY_ID_LEN, MAX_ATTRIBUTE_VALUE_LEN, MAX_KEY_LEN,
+    MAX_METADATA_BYTES, MAX_NAME_LEN, MAX_OWNER_LEN, MAX_PEPPER_FILE_LEN, MAX_PREFIX_LEN,
+    NO_PEPPER_FINGERPRINT, PEPPER_ENV, PEPPER_FILE_ENV, REDACTED, SCANNER_REGEX, SECRET_LEN,
 };
 /// Redis-backed rate limits, quota counters and key-change propagation (crate `keygate-redis`).
 #[cfg(feature = "redis")]

@@ -695,6 +695,10 @@ impl Principal {
                 quotas: p.quotas.clone(),
                 identity: p.identity.clone(),
                 shared_limits: p.shared_limits.clone(),
+                // Charged like the key: the identity's shared limits too.
+                identity_usage: p.identity_usage,
+                // A token never mints keys, whatever its key's roles allow.
+                mint_ceiling: None,
                 token: Some(Box::new(narrowing)),
             }),
         }
@@ -908,6 +912,43 @@ mod token_tests {
 
     fn scope(s: &str) -> Scope {
         Scope::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_token_keeps_its_keys_identity_limits_and_never_mints() {
+        let (_, mut record) = KeyRecord::generate(
+            &Prefix::default(),
+            &KeyHasher::new(),
+            "pipeline",
+            SystemTime::UNIX_EPOCH,
+        )
+        .unwrap();
+        record.identity = Some("etl".into());
+        record.roles = vec!["minter".into()];
+        let role = Role::new("minter", SystemTime::UNIX_EPOCH)
+            .with_grant(Grant {
+                scopes: vec!["keys:create".into(), "points:read".into()],
+                collections: vec!["*".into()],
+            })
+            .with_mint_ceiling(Duration::from_secs(3_600));
+        let mut identity = Identity::new("etl", SystemTime::UNIX_EPOCH);
+        identity.rate_limits = vec![crate::RateLimitPolicy::per_second("shared", 10)];
+        let key = Principal::resolve(&record, &[role], Some(&identity));
+        assert_eq!(key.mint_ceiling(), Some(Duration::from_secs(3_600)));
+        assert_eq!(key.identity_usage_id(), Some(Identity::usage_id("etl")));
+        let t = key.narrow(&TokenGrant {
+            id: "t2".into(),
+            subject: None,
+            scopes: None,
+            collections: None,
+            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(60),
+        });
+        assert_eq!(
+            t.identity_usage_id(),
+            key.identity_usage_id(),
+            "charged like the key"
+        );
+        assert_eq!(t.mint_ceiling(), None, "a token mints nothing");
     }
 
     #[test]
