@@ -323,10 +323,15 @@ pub(crate) struct CreateArgs {
     /// an argument.
     #[arg(long, requires = "admin_url")]
     pub(crate) as_key: bool,
-    /// The admin API's base URL (http://127.0.0.1:6333/admin): plain HTTP to this host
-    /// only.
+    /// The admin API's base URL: https://admin.example.com/admin (TLS, the server's
+    /// certificate checked against the system's roots or --admin-ca), or plain
+    /// http://127.0.0.1:6333/admin to this host only.
     #[arg(long, value_name = "URL", env = "KEYGATE_ADMIN_URL")]
     pub(crate) admin_url: Option<String>,
+    /// PEM certificates to trust for an https:// --admin-url instead of the system's roots
+    /// (a private CA, or the admin API's self-signed certificate).
+    #[arg(long, value_name = "PATH", requires = "as_key")]
+    pub(crate) admin_ca: Option<std::path::PathBuf>,
     /// A file holding the API key for --as-key (instead of KEYGATE_KEY).
     #[arg(long, value_name = "PATH", requires = "as_key")]
     pub(crate) key_file: Option<std::path::PathBuf>,

@@ -3,12 +3,12 @@
 
 use std::io::Cursor;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
 
 use crate::cli::{Cli, CreateArgs};
@@ -46,33 +46,159 @@ fn api_key(args: &CreateArgs) -> Result<String, Failure> {
     Ok(key.to_owned())
 }
 
-/// The admin API's `keys` URL from `--admin-url`: plain HTTP to this host only (the key
-/// travels in a header; TLS to another host is not supported by the CLI yet).
-fn keys_url(base: &str) -> Result<Uri, Failure> {
+/// Where the admin API's `keys` collection is, from `--admin-url`.
+struct Target {
+    /// `https`, or plain HTTP (to a loopback host only).
+    tls: bool,
+    /// The host as written, without IPv6 brackets (the TLS server name).
+    host: String,
+    port: u16,
+    /// The `Host` field.
+    authority: String,
+    /// `{path}/keys`, the request target.
+    path: String,
+}
+
+/// Reads `--admin-url`: `https://HOST[:PORT]/PATH` anywhere, or `http://` to this host only
+/// (plain HTTP to another host would send the key over the network in the clear).
+fn target(base: &str) -> Result<Target, Failure> {
     let bad = |why: &str| Failure::Usage(format!("--admin-url {:?}: {why}", clip(base)));
     let uri: Uri = base.parse().map_err(|_| bad("not a URL"))?;
-    if uri.scheme_str() != Some("http") {
+    let tls = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(bad("the URL must start with https:// (or http:// to this host)")),
+    };
+    let Some(authority) = uri.authority() else {
+        return Err(bad("the URL names no host"));
+    };
+    if authority.as_str().contains('@') {
+        return Err(bad("credentials in the URL are not accepted"));
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    if host.is_empty() {
+        return Err(bad("the URL names no host"));
+    }
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if !tls && !loopback {
         return Err(bad(
-            "only http:// to this host is supported (run the CLI next to the admin API, \
-             or behind a local TLS proxy)",
+            "plain HTTP would send the key over the network; use https://, or http:// to a loopback host",
         ));
     }
-    let host = uri.host().unwrap_or_default();
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let loopback = bare.eq_ignore_ascii_case("localhost")
-        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
-    if !loopback {
-        return Err(bad(
-            "plain HTTP would send the key over the network; only a loopback host is allowed",
-        ));
+    if uri.query().is_some() {
+        return Err(bad("the URL may not have a query"));
     }
-    let path = uri.path().trim_end_matches('/');
-    format!(
-        "http://{}{path}/keys",
-        uri.authority().map(|a| a.as_str()).unwrap_or(host)
-    )
-    .parse()
-    .map_err(|_| bad("not a URL"))
+    Ok(Target {
+        tls,
+        port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
+        authority: authority.as_str().to_owned(),
+        host,
+        path: format!("{}/keys", uri.path().trim_end_matches('/')),
+    })
+}
+
+/// The TLS client settings: the operating system's trusted roots, or only the
+/// certificates of `--admin-ca` when given (a private CA or a self-signed admin API).
+fn tls_config(ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, Failure> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<_, _>>())
+                .map_err(|e| {
+                    Failure::Usage(format!(
+                        "--admin-ca {}: not readable PEM certificates ({e})",
+                        path.display()
+                    ))
+                })?;
+            if certs.is_empty() {
+                return Err(Failure::Usage(format!(
+                    "--admin-ca {}: holds no certificate",
+                    path.display()
+                )));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| {
+                    Failure::Usage(format!(
+                        "--admin-ca {}: a certificate could not be used ({e})",
+                        path.display()
+                    ))
+                })?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err(Failure::Failed(
+                    "no trusted root certificates were found on this system; give the admin API's CA with --admin-ca"
+                        .into(),
+                ));
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Failure::Failed(format!("TLS settings: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Sends `req` over one connection to `t` (TLS when `t.tls`) and reads the answer.
+async fn exchange(
+    t: &Target,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    req: Request<Full<Cursor<Vec<u8>>>>,
+) -> Result<(StatusCode, bytes::Bytes), Failure> {
+    let unreachable = |e: &dyn std::fmt::Display| {
+        Failure::Failed(format!("the admin API could not be reached: {e}"))
+    };
+    let tcp = tokio::net::TcpStream::connect((t.host.as_str(), t.port))
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let res = match tls {
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::try_from(t.host.clone())
+                .map_err(|e| unreachable(&e))?;
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| unreachable(&e))?;
+            send(TokioIo::new(stream), req).await?
+        }
+        None => send(TokioIo::new(tcp), req).await?,
+    };
+    let status = res.status();
+    let bytes = Limited::new(res.into_body(), MAX_ANSWER)
+        .collect()
+        .await
+        .map_err(|_| Failure::Failed("the admin API's answer could not be read".into()))?
+        .to_bytes();
+    Ok((status, bytes))
+}
+
+async fn send<IO>(
+    io: TokioIo<IO>,
+    req: Request<Full<Cursor<Vec<u8>>>>,
+) -> Result<http::Response<hyper::body::Incoming>, Failure>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let failed = |e: hyper::Error| Failure::Failed(format!("the admin API could not be reached: {e}"));
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(failed)?;
+    tokio::spawn(conn);
+    sender.send_request(req).await.map_err(failed)
 }
 
 /// The strings of a JSON array joined with `,` (`-` for none).
@@ -152,30 +278,27 @@ fn body(args: &CreateArgs) -> Value {
 
 /// `keys create --as-key`.
 pub(crate) async fn create(cli: &Cli, args: &CreateArgs) -> Result<(), Failure> {
-    let url = keys_url(args.admin_url.as_deref().unwrap_or_default())?;
+    let t = target(args.admin_url.as_deref().unwrap_or_default())?;
+    if args.admin_ca.is_some() && !t.tls {
+        return Err(Failure::Usage(
+            "--admin-ca is for an https:// --admin-url".into(),
+        ));
+    }
+    let tls = if t.tls {
+        Some(tls_config(args.admin_ca.as_deref())?)
+    } else {
+        None
+    };
     let key = api_key(args)?;
     let payload = serde_json::to_vec(&body(args))
         .map_err(|e| Failure::Failed(format!("cannot encode the request: {e}")))?;
-    let req = Request::post(url)
+    let req = Request::post(t.path.as_str())
+        .header(http::header::HOST, t.authority.as_str())
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::AUTHORIZATION, format!("Bearer {key}"))
         .body(Full::new(Cursor::new(payload)))
         .map_err(|_| Failure::Failed("cannot build the request".into()))?;
-    let client = Client::builder(TokioExecutor::new()).build_http();
-    let answer = async {
-        let res = client
-            .request(req)
-            .await
-            .map_err(|e| Failure::Failed(format!("the admin API could not be reached: {e}")))?;
-        let status = res.status();
-        let bytes = Limited::new(res.into_body(), MAX_ANSWER)
-            .collect()
-            .await
-            .map_err(|_| Failure::Failed("the admin API's answer could not be read".into()))?
-            .to_bytes();
-        Ok::<_, Failure>((status, bytes))
-    };
-    let (status, bytes) = tokio::time::timeout(TIMEOUT, answer)
+    let (status, bytes) = tokio::time::timeout(TIMEOUT, exchange(&t, tls, req))
         .await
         .map_err(|_| Failure::Failed("the admin API did not answer in 30 s".into()))??;
     let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);

@@ -206,3 +206,126 @@ async fn postgres_a_pipeline_mints_its_own_keys_through_the_admin_api() {
     };
     a_pipeline_mints_its_own_keys_through_the_admin_api(&env).await;
 }
+
+/// Serves `app` over TLS on a loopback port with a self-signed certificate for `localhost`;
+/// answers the base URL and the certificate (PEM).
+async fn serve_tls(app: Router) -> (String, String, tokio::task::JoinHandle<()>) {
+    use std::sync::Arc;
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert_pem = made.cert.pem();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(made.key_pair.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![made.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://localhost:{}/admin", listener.local_addr().unwrap().port());
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (url, cert_pem, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_mints_over_https_trusting_the_admin_apis_certificate() {
+    let env = Env::sqlite();
+    env.run(&["identities", "create", "etl"]).ok();
+    env.run(&[
+        "roles",
+        "create",
+        "minter",
+        "--scope",
+        "keys:create",
+        "--grant",
+        "points:read:docs-*",
+        "--mint-max-lifetime",
+        "1h",
+    ])
+    .ok();
+    let pipeline = create(
+        &env,
+        &["--name", "pipeline", "--role", "minter", "--identity", "etl"],
+    );
+    let secret = pipeline["key"].as_str().unwrap().to_owned();
+
+    let store = env.store().await;
+    let verifier = Verifier::builder(store.clone()).build();
+    let gate = KeyGate::new(verifier);
+    let keys = KeyManager::for_verifier(gate.verifier(), Auditor::direct(MemorySink::new()));
+    let app = Router::new().nest("/admin", AdminApi::new(keys).gate(&gate).router());
+    let (url, cert_pem, server) = serve_tls(app).await;
+    let ca = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca.path(), &cert_pem).unwrap();
+    let count = || async { store.list(&Default::default()).await.unwrap().len() };
+    let before = count().await;
+    let mint = |extra: &[&str]| {
+        let mut c = env.cmd();
+        c.env_remove("KEYGATE_DATABASE_URL")
+            .env("KEYGATE_KEY", &secret)
+            .args(["keys", "create", "--as-key", "--admin-url", &url])
+            .args(extra)
+            .args(["--name", "job", "--grant", "points:read:docs-1", "--json"]);
+        c
+    };
+
+    // The admin API's self-signed certificate is not among the system's roots: refused
+    // before any request, nothing minted.
+    let out = run(mint(&[])).await;
+    out.fails(1);
+    assert!(out.stderr.contains("could not be reached"), "{}", out.stderr);
+    assert_eq!(count().await, before);
+
+    // Trusted through --admin-ca: minted over TLS.
+    let ca_path = ca.path().to_str().unwrap().to_owned();
+    let out = run(mint(&["--admin-ca", &ca_path])).await;
+    let minted = out.ok().json();
+    assert_eq!(minted["identity"], "etl");
+    assert_eq!(count().await, before + 1);
+
+    // --admin-ca with a file that holds no certificate is a usage error (exit 2).
+    let empty = tempfile::NamedTempFile::new().unwrap();
+    run(mint(&["--admin-ca", empty.path().to_str().unwrap()]))
+        .await
+        .fails(2);
+    assert_eq!(count().await, before + 1);
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_to_another_host_is_refused_before_any_connection() {
+    let env = Env::sqlite();
+    for url in [
+        "http://admin.internal:6333/admin",
+        "http://192.0.2.10/admin",
+        "ftp://localhost/admin",
+        "https://user:pw@localhost/admin",
+        "not a url",
+    ] {
+        let mut c = env.cmd();
+        c.env_remove("KEYGATE_DATABASE_URL")
+            .env("KEYGATE_KEY", "kg_whatever")
+            .args(["keys", "create", "--as-key", "--admin-url", url, "--name", "x"]);
+        let out = run(c).await;
+        out.fails(2);
+        assert!(out.stderr.contains("--admin-url"), "{url}: {}", out.stderr);
+    }
+}
