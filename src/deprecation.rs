@@ -22,10 +22,11 @@
 //!
 //! A key (or a role it holds) may set a tighter maximum age of its own with the attribute
 //! `max_key_age` (`30d`, `12h`; the resolved attribute: the key's own, else its first role
-//! having one); the tighter of it and the global one applies. An identity's maximum age
-//! (its metadata field `max_key_age`) is applied by the background sweep
+//! having one), and so may its identity (its metadata field `max_key_age`, folded into the
+//! resolved attribute when tighter, once per change of the key, not per request); the
+//! tightest of those and the global one applies, here and in the background sweep
 //! ([`keygate::notices`](https://docs.rs/keygate/latest/keygate/notices/), feature
-//! `notices`), which reads identities; the request path does not.
+//! `notices`).
 //!
 //! ```
 //! use std::time::Duration;
@@ -140,8 +141,8 @@ impl KeyDeprecation {
         }
     }
 
-    /// Keys older than `age` are due for rotation (a key's or role's tighter
-    /// `max_key_age` attribute wins).
+    /// Keys older than `age` are due for rotation (a key's, role's or identity's tighter
+    /// `max_key_age` wins).
     pub fn max_age(mut self, age: Duration) -> Self {
         self.max_age = Some(age);
         self

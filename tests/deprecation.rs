@@ -11,7 +11,7 @@ use http::{Request, Response, StatusCode};
 use keygate::check::CheckLayer;
 use keygate::core::audit::Auditor;
 use keygate::deprecation::KeyDeprecation;
-use keygate::{KeyGate, KeyManager, KeySpec, ManualClock, MemoryStore, Verifier};
+use keygate::{Clock, KeyGate, KeyManager, KeySpec, ManualClock, MemoryStore, Verifier};
 use tower::{ServiceBuilder, ServiceExt};
 
 const DAY: u64 = 86_400;
@@ -241,4 +241,43 @@ async fn a_key_or_role_max_key_age_tighter_than_the_global_one_wins() {
         Some(format!("@{}", START + 30 * DAY))
     );
     assert_eq!(env.call(&only_attr, Some(&long)).await.1, None);
+}
+
+#[tokio::test]
+async fn an_identitys_max_key_age_tightens_its_keys_rotation_date() {
+    let env = env();
+    let check = policy(&env);
+    let mut etl = keygate::Identity::new("etl", env.clock.now());
+    etl.metadata = serde_json::json!({"max_key_age": "20d"});
+    env.keys.create_identity("setup", etl).await.expect("identity");
+    // The identity's 20 days beat the key's own 30 and the global 90.
+    let issued = env
+        .keys
+        .issue(
+            "setup",
+            KeySpec::new("job")
+                .identity("etl")
+                .attribute("max_key_age", "30d"),
+        )
+        .await
+        .expect("issue");
+    let key = issued.key.expose_secret().to_owned();
+    // A key of no identity keeps its own 30 days.
+    let issued = env
+        .keys
+        .issue(
+            "setup",
+            KeySpec::new("alone").attribute("max_key_age", "30d"),
+        )
+        .await
+        .expect("issue");
+    let alone = issued.key.expose_secret().to_owned();
+    env.at_day(19);
+    assert_eq!(env.call(&check, Some(&key)).await.1, None);
+    env.at_day(20);
+    assert_eq!(
+        env.call(&check, Some(&key)).await.1,
+        Some(format!("@{}", START + 20 * DAY))
+    );
+    assert_eq!(env.call(&check, Some(&alone)).await.1, None);
 }

@@ -47,7 +47,8 @@
 //!   standing decides). Give them names of their own (`etl-burst`), so the `RateLimit`
 //!   fields name each policy once.
 //! - **Attributes: the key's own win.** Then each role's, in order, adds the attributes not
-//!   yet set.
+//!   yet set. One exception: `max_key_age` (a maximum key age, `30d`) is tightened by the
+//!   identity's metadata field of that name when the identity's is shorter.
 //! - **Networks and expiry** are the key's own: roles and identities do not carry them.
 //! - **Minting ceiling**: the shortest [`Role::mint_max_lifetime_secs`] among the key's
 //!   roles that grant `keys:create`
@@ -99,6 +100,11 @@ impl Grant {
         self.scopes.is_empty() && self.collections.is_empty()
     }
 }
+
+/// The attribute (on a key or role) and identity metadata field naming a maximum key age
+/// (`30d`, `12h`): the resolved attribute is the tightest of the key's (else its first
+/// role's) and its identity's.
+const MAX_KEY_AGE: &str = "max_key_age";
 
 /// A named set of grants, attributes and limits that keys hold by name (`vector-reader`,
 /// `index-admin`). Changing a role changes every key holding it, without touching the keys.
@@ -351,6 +357,19 @@ pub(crate) fn resolve(record: &KeyRecord, roles: &[Role], identity: Option<&Iden
             |a, b| a.limit < b.limit,
             |p| &p.name,
         ));
+        // The identity's maximum key age (its metadata field `max_key_age`) tightens the
+        // key's or roles' attribute of that name: the rotation date every key of the
+        // identity answers with (`Deprecation`) and the notices sweep agree.
+        if let Some(text) = identity.metadata.get(MAX_KEY_AGE).and_then(|v| v.as_str()) {
+            if let Ok(age) = crate::time::parse_duration(text) {
+                let own = attributes
+                    .get(MAX_KEY_AGE)
+                    .and_then(|t| crate::time::parse_duration(t).ok());
+                if own.is_none_or(|own| age < own) {
+                    attributes.insert(MAX_KEY_AGE.to_owned(), text.to_owned());
+                }
+            }
+        }
     }
     Resolved {
         grants,
