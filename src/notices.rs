@@ -23,9 +23,10 @@
 //! (default one day) while it stays due. Time comes from the clock given, so tests drive
 //! the sweep with the manual clock; [`NoticeSweep::spawn`] runs it periodically.
 //!
-//! The built-in webhook client speaks plain HTTP/1.1 (`http://` URLs: a local relay, a
-//! sidecar, a collector on a private network). For `https://` endpoints put a TLS proxy
-//! in between.
+//! The built-in webhook client speaks HTTP/1.1 over TLS to `https://` URLs (the server's
+//! certificate checked against the operating system's trusted roots, or only against the
+//! certificates given to [`Webhook::trusting_pem`]) and in plain text to `http://` URLs (a
+//! local relay, a sidecar, a collector on a private network).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -123,9 +124,13 @@ pub struct SweepReport {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WebhookError {
-    /// The URL is not an `http://` URL with a host.
-    #[error("webhook URL must be http://HOST[:PORT]/PATH: {0}")]
+    /// The URL is not an `https://` or `http://` URL with a host.
+    #[error("webhook URL must be https://HOST[:PORT]/PATH or http://HOST[:PORT]/PATH: {0}")]
     BadUrl(String),
+    /// The certificates to trust could not be used (none given, none readable, or none on
+    /// this system for an `https://` URL).
+    #[error("webhook TLS: {0}")]
+    Certificates(String),
     /// Every attempt failed; the last failure.
     #[error("webhook delivery failed after {attempts} attempts: {last}")]
     Failed {
@@ -143,7 +148,28 @@ pub struct Webhook {
     attempts: u32,
     backoff: Duration,
     timeout: Duration,
-    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    client: HttpsClient,
+}
+
+type HttpsClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+/// A client for `http://` and `https://` URLs, trusting `roots` over TLS.
+fn client(roots: rustls::RootCertStore) -> Result<HttpsClient, WebhookError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| WebhookError::Certificates(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(TokioExecutor::new()).build(https))
 }
 
 impl fmt::Debug for Webhook {
@@ -158,20 +184,65 @@ impl fmt::Debug for Webhook {
 }
 
 impl Webhook {
-    /// POSTs to `url` (`http://HOST[:PORT]/PATH`): 4 attempts, the first retry after
-    /// 500 ms, doubling; 10 s per attempt.
+    /// POSTs to `url` (`https://HOST[:PORT]/PATH`, trusting the operating system's roots,
+    /// or `http://...`): 4 attempts, the first retry after 500 ms, doubling; 10 s per
+    /// attempt.
     pub fn new(url: &str) -> Result<Self, WebhookError> {
+        Self::build(url, None)
+    }
+
+    /// [`Webhook::new`] trusting only the PEM certificates in `pem` for an `https://` URL (a
+    /// private CA, or the receiver's own self-signed certificate), not the system's roots.
+    pub fn trusting_pem(url: &str, pem: &[u8]) -> Result<Self, WebhookError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| WebhookError::Certificates(format!("unreadable PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(WebhookError::Certificates("no certificate in the PEM".into()));
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| WebhookError::Certificates(e.to_string()))?;
+        }
+        Self::build(url, Some(roots))
+    }
+
+    fn build(url: &str, roots: Option<rustls::RootCertStore>) -> Result<Self, WebhookError> {
         let bad = || WebhookError::BadUrl(crate::redact_url(url));
         let uri: Uri = url.parse().map_err(|_| bad())?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(bad()),
+        };
+        if uri.host().is_none_or(str::is_empty) {
             return Err(bad());
         }
+        let roots = match roots {
+            Some(given) => given,
+            None if tls => {
+                let mut system = rustls::RootCertStore::empty();
+                system.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+                if system.is_empty() {
+                    return Err(WebhookError::Certificates(
+                        "no trusted root certificates on this system; give them with Webhook::trusting_pem"
+                            .into(),
+                    ));
+                }
+                system
+            }
+            None => rustls::RootCertStore::empty(),
+        };
         Ok(Webhook {
             url: uri,
             attempts: 4,
             backoff: Duration::from_millis(500),
             timeout: Duration::from_secs(10),
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: client(roots)?,
         })
     }
 

@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use keygate::core::audit::{AuditEvent, Auditor, LifecycleAction, MemorySink, TeeSink};
 use keygate::metrics::Metrics;
-use keygate::notices::{NoticeKind, NoticeSweep, Webhook};
+use keygate::notices::{NoticeKind, NoticeSweep, Webhook, WebhookError};
 use keygate::{
     ApiKey, Clock, Identity, KeyHasher, KeyRecord, KeyStatus, KeyStore, ManualClock, MemoryStore,
     Prefix, Role,
@@ -250,14 +250,100 @@ async fn the_webhook_gets_each_notice_retrying_a_failing_receiver() {
 }
 
 #[test]
-fn only_plain_http_urls_are_accepted() {
-    for bad in [
-        "https://hooks.test/x",
-        "ftp://h/x",
-        "not a url",
-        "http:///x",
-    ] {
-        assert!(Webhook::new(bad).is_err(), "{bad}");
+fn only_http_and_https_urls_with_a_host_are_accepted() {
+    for bad in ["ftp://h/x", "not a url", "http:///x", "https:///x", "/relative"] {
+        assert!(
+            matches!(Webhook::new(bad), Err(WebhookError::BadUrl(_))),
+            "{bad}"
+        );
     }
     assert!(Webhook::new("http://127.0.0.1:9/x").is_ok());
+    // An https:// URL needs trusted roots: the system's, or the certificates given.
+    assert!(matches!(
+        Webhook::trusting_pem("https://hooks.test/x", b"no certificate here"),
+        Err(WebhookError::Certificates(_))
+    ));
+    if let Err(e) = Webhook::new("https://hooks.test/x") {
+        assert!(matches!(e, WebhookError::Certificates(_)), "{e}");
+    }
+}
+
+/// A receiver over TLS (a self-signed certificate for `localhost`) that accepts every
+/// POST; answers its URL, its certificate (PEM) and the bodies it saw.
+async fn tls_receiver() -> (String, String, Arc<Mutex<Vec<String>>>) {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let bodies = seen.clone();
+    let app = axum::Router::new().route(
+        "/hooks/keygate",
+        post(move |body: String| {
+            let bodies = bodies.clone();
+            async move {
+                bodies.lock().unwrap().push(body);
+                StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(made.key_pair.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![made.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (
+        format!("https://localhost:{port}/hooks/keygate"),
+        made.cert.pem(),
+        seen,
+    )
+}
+
+#[tokio::test]
+async fn an_https_webhook_gets_the_notice_when_its_certificate_is_trusted() {
+    let (url, pem, seen) = tls_receiver().await;
+    // Trusting the receiver's certificate: delivered over TLS at the first attempt.
+    let w = world();
+    w.key("ci", |_| {}).await;
+    let hook = Webhook::trusting_pem(&url, pem.as_bytes()).unwrap();
+    let sweep = w.sweep().webhook(hook.attempts(2).backoff(Duration::from_millis(1)));
+    w.clock.advance(DAY * 91);
+    let r = sweep.run_once().await.unwrap();
+    assert_eq!((r.notices.len(), r.delivered, r.failed), (1, 1, 0));
+    assert_eq!(seen.lock().unwrap().len(), 1);
+
+    // Trusting another certificate: the handshake fails, nothing is delivered.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let w = world();
+    w.key("ci", |_| {}).await;
+    let hook = Webhook::trusting_pem(&url, other.cert.pem().as_bytes())
+        .unwrap()
+        .attempts(2)
+        .backoff(Duration::from_millis(1));
+    let sweep = w.sweep().webhook(hook);
+    w.clock.advance(DAY * 91);
+    let r = sweep.run_once().await.unwrap();
+    assert_eq!((r.notices.len(), r.delivered, r.failed), (1, 0, 1));
+    assert_eq!(seen.lock().unwrap().len(), 1, "no new delivery");
 }

@@ -41,7 +41,8 @@
 //! - Rotation notices: `--max-key-age 90d` and `--expiry-warning 14d`: a key due for
 //!   rotation or about to expire keeps working and answers with `Deprecation` and `Sunset`;
 //!   a sweep every `--notices-every` seconds records a `rotation_due` / `expiring` audit
-//!   event per due key (once a day), POSTed to `--notice-webhook URL` too when given.
+//!   event per due key (once a day), POSTed to `--notice-webhook URL` too when given
+//!   (`https://` over the system's roots, or `--notice-webhook-ca PEM`).
 //! - Connections: `--header-read-timeout` (10 s), `--idle-timeout` (60 s) and
 //!   `--max-connections` (1,024) bound what slow or idle clients can hold.
 //! - Audit events go to a hash-chained JSON Lines log: `--audit-log keygate-audit.jsonl`
@@ -185,10 +186,14 @@ struct Args {
     /// key and day.
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     notices_every: u64,
-    /// Also POST each notice as JSON to this `http://` URL (retried 4 times with backoff;
-    /// never with a key in the body).
+    /// Also POST each notice as JSON to this `https://` (or `http://`) URL (retried 4 times
+    /// with backoff; never with a key in the body).
     #[arg(long)]
     notice_webhook: Option<String>,
+    /// PEM certificates to trust for an `https://` --notice-webhook instead of the system's
+    /// roots (a private CA, or the receiver's self-signed certificate).
+    #[arg(long, value_name = "PEM", requires = "notice_webhook")]
+    notice_webhook_ca: Option<PathBuf>,
     /// Also send the legacy `X-RateLimit-Limit`, `-Remaining` and `-Reset` fields (the
     /// tightest policy) beside the IETF `RateLimit` fields.
     #[arg(long)]
@@ -592,9 +597,16 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         sweep = sweep.warn_before_expiry(window);
     }
     if let Some(url) = &args.notice_webhook {
-        sweep = sweep.webhook(
-            keygate::notices::Webhook::new(url).map_err(|e| format!("--notice-webhook: {e}"))?,
-        );
+        let hook = match &args.notice_webhook_ca {
+            Some(ca) => {
+                let pem = std::fs::read(ca).map_err(|e| {
+                    format!("--notice-webhook-ca: cannot read {}: {e}", ca.display())
+                })?;
+                keygate::notices::Webhook::trusting_pem(url, &pem)
+            }
+            None => keygate::notices::Webhook::new(url),
+        };
+        sweep = sweep.webhook(hook.map_err(|e| format!("--notice-webhook: {e}"))?);
     }
     let app = server::build(opts)?;
 
