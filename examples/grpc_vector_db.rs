@@ -16,9 +16,11 @@
 //! cargo run --example grpc_vector_db --features full -- client search docs 0.1,0.8,0.1
 //! ```
 //!
-//! `--tls-cert cert.pem --tls-key key.pem` serves TLS (tonic's rustls server; build with
-//! the `tonic-tls` feature, which `full` includes): keygate then reads the client address
-//! from tonic's `TlsConnectInfo`, so per-key IP lists work behind TLS too.
+//! `--tls-cert cert.pem --tls-key key.pem` serves TLS (rustls, accepted before tonic; build
+//! with the `tonic-tls` feature, which `full` includes): keygate then reads the client
+//! address from tonic's `TlsConnectInfo`, so per-key IP lists work behind TLS too. SIGHUP
+//! reads both files again: new connections get the new certificate, open ones keep theirs
+//! (nothing is dropped); a file that does not load leaves the current certificate in use.
 //!
 //! Ctrl-C or SIGTERM shuts it down gracefully: calls in flight finish, then quota counts and
 //! audit events are flushed.
@@ -709,16 +711,16 @@ pub async fn serve(
     serve_tls(listener, protection, db, shutdown, None).await
 }
 
-/// [`serve`], over TLS when `tls` is given (tonic's rustls server). Its requests carry
+/// [`serve`], over TLS when `tls` is given (accepted with rustls before tonic, so the
+/// certificate can be replaced while serving: [`ReloadableTls::reload`]). Its requests carry
 /// tonic's `TlsConnectInfo`, which keygate reads (feature `tonic-tls`) for the client
-/// address of the IP layer and for `RequireTls`. tonic's TLS configuration is fixed once
-/// serving: a new certificate needs a restart (the REST showcase reloads on SIGHUP).
+/// address of the IP layer and for `RequireTls`.
 pub async fn serve_tls(
     listener: tokio::net::TcpListener,
     protection: Protection,
     db: VectorDb,
     shutdown: impl Future<Output = ()> + Send,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<ReloadableTls>,
 ) -> Result<(), Box<dyn Error + Send + Sync>> {
     let Protection {
         gate,
@@ -732,11 +734,7 @@ pub async fn serve_tls(
     let rate =
         RateLimitLayer::new(rate_limit.cost(|h| point_cost(h.extensions())))?.with_gate(&gate);
     let counter = gate.clone();
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls)?;
-    }
-    server
+    let router = tonic::transport::Server::builder()
         .timeout(CALL_TIMEOUT)
         .concurrency_limit_per_connection(MAX_STREAMS)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -751,9 +749,16 @@ pub async fn serve_tls(
         .layer(IpAllowLayer::new(ip).with_gate(&gate))
         .layer(ScopeLayer::table(rules()?).with_gate(&gate))
         .layer(quota)
-        .add_service(pb::VectorDbServer::new(db))
-        .serve_with_incoming_shutdown(capped(listener, MAX_CONNECTIONS), shutdown)
-        .await?;
+        .add_service(pb::VectorDbServer::new(db));
+    let incoming = capped(listener, MAX_CONNECTIONS);
+    match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls.accept(incoming), shutdown)
+                .await?
+        }
+        None => router.serve_with_incoming_shutdown(incoming, shutdown).await?,
+    }
     usage.flush().await?;
     auditor.flush().await?;
     Ok(())
@@ -929,6 +934,112 @@ impl tokio::io::AsyncWrite for Permitted {
     }
 }
 
+/// The server's certificate, read from two PEM files and read again by
+/// [`reload`](ReloadableTls::reload) (the example calls it on SIGHUP): each TLS handshake
+/// takes the certificate current at that moment, so open connections are never dropped.
+#[derive(Clone)]
+pub struct ReloadableTls {
+    current: std::sync::Arc<RwLock<std::sync::Arc<rustls::sign::CertifiedKey>>>,
+    config: std::sync::Arc<rustls::ServerConfig>,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// Hands every handshake the certificate current at that moment.
+#[derive(Debug)]
+struct Current(std::sync::Arc<RwLock<std::sync::Arc<rustls::sign::CertifiedKey>>>);
+
+impl rustls::server::ResolvesServerCert for Current {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(PoisonError::into_inner).clone())
+    }
+}
+
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ReloadableTls {
+    /// Reads the certificate chain and its private key (PEM files).
+    pub fn from_files(cert: PathBuf, key: PathBuf) -> Result<Self, String> {
+        let loaded = load_certified(&cert, &key)?;
+        let current = std::sync::Arc::new(RwLock::new(loaded));
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS settings: {e}"))?
+            .with_no_client_auth()
+            .with_cert_resolver(std::sync::Arc::new(Current(current.clone())));
+        // gRPC is HTTP/2: say so in the handshake (clients insist on it).
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(ReloadableTls {
+            current,
+            config: std::sync::Arc::new(config),
+            cert,
+            key,
+        })
+    }
+
+    /// Reads both files again; from the next handshake on, the new certificate is served.
+    /// On an error the current one stays in use.
+    pub fn reload(&self) -> Result<(), String> {
+        let loaded = load_certified(&self.cert, &self.key)?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = loaded;
+        Ok(())
+    }
+
+    /// The TLS connections of `incoming`: handshakes run side by side (at most 64 at a
+    /// time, 10 s each); a failed one is dropped and the next connection taken.
+    fn accept(
+        &self,
+        incoming: impl futures_util::Stream<Item = std::io::Result<Permitted>>,
+    ) -> impl futures_util::Stream<
+        Item = std::io::Result<tokio_rustls::server::TlsStream<Permitted>>,
+    > {
+        use futures_util::StreamExt;
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.config.clone());
+        incoming
+            .map(move |conn| {
+                let acceptor = acceptor.clone();
+                async move {
+                    let conn = conn.ok()?;
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn))
+                        .await
+                        .ok()?
+                        .ok()
+                }
+            })
+            .buffer_unordered(64)
+            .filter_map(|tls| async move { tls.map(Ok) })
+    }
+}
+
+/// A certificate chain and its key from PEM files, ready to serve.
+fn load_certified(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<std::sync::Arc<rustls::sign::CertifiedKey>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| format!("{}: not a PEM certificate chain ({e})", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: holds no certificate", cert.display()));
+    }
+    let private = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("{}: not a PEM private key ({e})", key.display()))?;
+    let signing = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(private)
+        .map_err(|e| format!("{}: unusable private key ({e})", key.display()))?;
+    Ok(std::sync::Arc::new(rustls::sign::CertifiedKey::new(
+        chain, signing,
+    )))
+}
+
 /// Connections from `listener`, at most `max` held at once: the next is accepted only when
 /// one closes (meanwhile it waits in the listen backlog).
 fn capped(
@@ -983,17 +1094,24 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         return client(args.collect()).await;
     }
     let (listen, audit_dir, tls_files) = parse_serve_args(args)?;
-    let tls = match &tls_files {
-        Some((cert, key)) => {
-            let read = |p: &PathBuf| {
-                std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
-            };
-            Some(tonic::transport::ServerTlsConfig::new().identity(
-                tonic::transport::Identity::from_pem(read(cert)?, read(key)?),
-            ))
-        }
+    let tls = match tls_files {
+        Some((cert, key)) => Some(ReloadableTls::from_files(cert, key)?),
         None => None,
     };
+    #[cfg(unix)]
+    if let Some(tls) = &tls {
+        // SIGHUP: read the certificate files again (open connections keep theirs).
+        let tls = tls.clone();
+        let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                match tls.reload() {
+                    Ok(()) => eprintln!("SIGHUP: certificate reloaded"),
+                    Err(e) => eprintln!("SIGHUP: certificate not reloaded, the current one stays: {e}"),
+                }
+            }
+        });
+    }
     let scheme = if tls.is_some() { "https" } else { "http" };
 
     let store = MemoryStore::new();

@@ -674,10 +674,9 @@ async fn each_tenant_has_its_own_share_of_memory() {
 
 #[tokio::test]
 async fn over_tls_per_key_ip_lists_read_the_tls_peer() {
-    // The example served with tonic's TLS (`tls_config`), called by a tonic client that
-    // trusts the test certificate: per-key IP lists see the TCP peer (tonic 0.14 inserts its
-    // TcpConnectInfo beside TlsConnectInfo; keygate also reads the latter, for incoming
-    // streams of TLS connections accepted outside tonic).
+    // The example served over TLS (accepted with rustls before tonic), called by a tonic
+    // client that trusts the test certificate: per-key IP lists see the TCP peer through
+    // tonic's TlsConnectInfo.
     let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
     let (cert, key) = (made.cert.pem(), made.key_pair.serialize_pem());
     let fx = Fixture::new();
@@ -695,8 +694,8 @@ async fn over_tls_per_key_ip_lists_read_the_tls_peer() {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(&cert, &key));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls = tls_files(dir.path(), &cert, &key);
     tokio::spawn(async move {
         example::serve_tls(
             listener,
@@ -750,4 +749,102 @@ async fn over_tls_per_key_ip_lists_read_the_tls_peer() {
     let event = s.sink.events().pop().expect("event");
     let event = event.as_request().expect("request event");
     assert_eq!(event.client_ip, Some([127, 0, 0, 1].into()));
+}
+
+/// Writes `cert` and `key` (PEM) into `dir` and loads them as the example's TLS.
+fn tls_files(dir: &std::path::Path, cert: &str, key: &str) -> example::ReloadableTls {
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&c, cert).expect("write cert");
+    std::fs::write(&k, key).expect("write key");
+    example::ReloadableTls::from_files(c, k).expect("TLS files")
+}
+
+/// A TLS channel to `addr` trusting only `ca` (PEM).
+async fn tls_channel(
+    addr: SocketAddr,
+    ca: &str,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .expect("endpoint")
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .domain_name("localhost")
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+        )
+        .expect("client TLS")
+        .connect()
+        .await
+}
+
+#[tokio::test]
+async fn a_reloaded_certificate_serves_new_connections_and_open_ones_keep_working() {
+    let first = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let second = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let (cert1, key1) = (first.cert.pem(), first.key_pair.serialize_pem());
+    let (cert2, key2) = (second.cert.pem(), second.key_pair.serialize_pem());
+    let fx = Fixture::new();
+    let protection = Protection {
+        gate: fx.gate.clone(),
+        ip: IpPolicy::new(),
+        rate_limit: RateLimitConfig::new()
+            .clock(LimiterClock::manual(fx.clock.clone()))
+            .default_policies([RateLimitPolicy::per_minute("default", 1_000)]),
+        quota: QuotaConfig::new(MemoryUsageStore::new()),
+        auditor: Auditor::direct(MemorySink::new()),
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls = tls_files(dir.path(), &cert1, &key1);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server_tls = tls.clone();
+    tokio::spawn(async move {
+        example::serve_tls(
+            listener,
+            protection,
+            VectorDb::new(),
+            std::future::pending(),
+            Some(server_tls),
+        )
+        .await
+        .expect("grpc server");
+    });
+    let mut before = VectorDbClient::new(tls_channel(addr, &cert1).await.expect("first cert"));
+    let s = Server {
+        fx,
+        sink: MemorySink::new(),
+        addr,
+        client: before.clone(),
+    };
+    let key = s.key("k", ALL_SCOPES, |_| {}).await;
+    before
+        .create_collection(req(create("docs", 2), Some(&key)))
+        .await
+        .expect("served with the first certificate");
+
+    // A file that does not load leaves the first certificate in use.
+    std::fs::write(dir.path().join("key.pem"), "not a key").expect("write");
+    assert!(tls.reload().is_err());
+    tls_channel(addr, &cert1)
+        .await
+        .expect("still the first certificate");
+
+    // The second certificate: new connections get it, the open one keeps working.
+    std::fs::write(dir.path().join("cert.pem"), &cert2).expect("write");
+    std::fs::write(dir.path().join("key.pem"), &key2).expect("write");
+    tls.reload().expect("reload");
+    assert!(
+        tls_channel(addr, &cert1).await.is_err(),
+        "a new connection is served the second certificate"
+    );
+    let mut after = VectorDbClient::new(tls_channel(addr, &cert2).await.expect("second cert"));
+    after
+        .search(req(search("docs", [1.0, 0.0]), Some(&key)))
+        .await
+        .expect("served with the second certificate");
+    before
+        .search(req(search("docs", [1.0, 0.0]), Some(&key)))
+        .await
+        .expect("the connection opened before the reload still works");
 }
