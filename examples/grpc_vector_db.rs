@@ -936,26 +936,14 @@ impl tokio::io::AsyncWrite for Permitted {
 
 /// The server's certificate, read from two PEM files and read again by
 /// [`reload`](ReloadableTls::reload) (the example calls it on SIGHUP): each TLS handshake
-/// takes the certificate current at that moment, so open connections are never dropped.
+/// takes the settings current at that moment, so open connections are never dropped, and a
+/// reload starts a fresh session cache (no session made under the old certificate is
+/// resumed).
 #[derive(Clone)]
 pub struct ReloadableTls {
-    current: std::sync::Arc<RwLock<std::sync::Arc<rustls::sign::CertifiedKey>>>,
-    config: std::sync::Arc<rustls::ServerConfig>,
+    config: std::sync::Arc<RwLock<std::sync::Arc<rustls::ServerConfig>>>,
     cert: PathBuf,
     key: PathBuf,
-}
-
-/// Hands every handshake the certificate current at that moment.
-#[derive(Debug)]
-struct Current(std::sync::Arc<RwLock<std::sync::Arc<rustls::sign::CertifiedKey>>>);
-
-impl rustls::server::ResolvesServerCert for Current {
-    fn resolve(
-        &self,
-        _hello: rustls::server::ClientHello<'_>,
-    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
-        Some(self.0.read().unwrap_or_else(PoisonError::into_inner).clone())
-    }
 }
 
 /// How long a client may take over its TLS handshake.
@@ -964,19 +952,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 impl ReloadableTls {
     /// Reads the certificate chain and its private key (PEM files).
     pub fn from_files(cert: PathBuf, key: PathBuf) -> Result<Self, String> {
-        let loaded = load_certified(&cert, &key)?;
-        let current = std::sync::Arc::new(RwLock::new(loaded));
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS settings: {e}"))?
-            .with_no_client_auth()
-            .with_cert_resolver(std::sync::Arc::new(Current(current.clone())));
-        // gRPC is HTTP/2: say so in the handshake (clients insist on it).
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        let config = server_config(&cert, &key)?;
         Ok(ReloadableTls {
-            current,
-            config: std::sync::Arc::new(config),
+            config: std::sync::Arc::new(RwLock::new(config)),
             cert,
             key,
         })
@@ -985,8 +963,8 @@ impl ReloadableTls {
     /// Reads both files again; from the next handshake on, the new certificate is served.
     /// On an error the current one stays in use.
     pub fn reload(&self) -> Result<(), String> {
-        let loaded = load_certified(&self.cert, &self.key)?;
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = loaded;
+        let config = server_config(&self.cert, &self.key)?;
+        *self.config.write().unwrap_or_else(PoisonError::into_inner) = config;
         Ok(())
     }
 
@@ -999,12 +977,13 @@ impl ReloadableTls {
         Item = std::io::Result<tokio_rustls::server::TlsStream<Permitted>>,
     > {
         use futures_util::StreamExt;
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.config.clone());
+        let config = self.config.clone();
         incoming
             .map(move |conn| {
-                let acceptor = acceptor.clone();
+                let current = config.read().unwrap_or_else(PoisonError::into_inner).clone();
                 async move {
                     let conn = conn.ok()?;
+                    let acceptor = tokio_rustls::TlsAcceptor::from(current);
                     tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn))
                         .await
                         .ok()?
@@ -1016,11 +995,11 @@ impl ReloadableTls {
     }
 }
 
-/// A certificate chain and its key from PEM files, ready to serve.
-fn load_certified(
+/// Server settings for a certificate chain and its key (PEM files), offering HTTP/2 (gRPC).
+fn server_config(
     cert: &std::path::Path,
     key: &std::path::Path,
-) -> Result<std::sync::Arc<rustls::sign::CertifiedKey>, String> {
+) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
@@ -1031,14 +1010,18 @@ fn load_certified(
     }
     let private = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("{}: not a PEM private key ({e})", key.display()))?;
-    let signing = rustls::crypto::ring::default_provider()
-        .key_provider
-        .load_private_key(private)
-        .map_err(|e| format!("{}: unusable private key ({e})", key.display()))?;
-    Ok(std::sync::Arc::new(rustls::sign::CertifiedKey::new(
-        chain, signing,
-    )))
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS settings: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .map_err(|e| format!("{} and {}: {e}", cert.display(), key.display()))?;
+    // gRPC is HTTP/2: say so in the handshake (clients insist on it).
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(std::sync::Arc::new(config))
 }
+
 
 /// Connections from `listener`, at most `max` held at once: the next is accepted only when
 /// one closes (meanwhile it waits in the listen backlog).
