@@ -757,7 +757,11 @@ pub async fn serve_tls(
                 .serve_with_incoming_shutdown(tls.accept(incoming), shutdown)
                 .await?
         }
-        None => router.serve_with_incoming_shutdown(incoming, shutdown).await?,
+        None => {
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await?
+        }
     }
     usage.flush().await?;
     auditor.flush().await?;
@@ -973,14 +977,16 @@ impl ReloadableTls {
     fn accept(
         &self,
         incoming: impl futures_util::Stream<Item = std::io::Result<Permitted>>,
-    ) -> impl futures_util::Stream<
-        Item = std::io::Result<tokio_rustls::server::TlsStream<Permitted>>,
-    > {
+    ) -> impl futures_util::Stream<Item = std::io::Result<tokio_rustls::server::TlsStream<Permitted>>>
+    {
         use futures_util::StreamExt;
         let config = self.config.clone();
         incoming
             .map(move |conn| {
-                let current = config.read().unwrap_or_else(PoisonError::into_inner).clone();
+                let current = config
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
                 async move {
                     let conn = conn.ok()?;
                     let acceptor = tokio_rustls::TlsAcceptor::from(current);
@@ -1021,7 +1027,6 @@ fn server_config(
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(std::sync::Arc::new(config))
 }
-
 
 /// Connections from `listener`, at most `max` held at once: the next is accepted only when
 /// one closes (meanwhile it waits in the listen backlog).
@@ -1090,7 +1095,9 @@ async fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
             while hangups.recv().await.is_some() {
                 match tls.reload() {
                     Ok(()) => eprintln!("SIGHUP: certificate reloaded"),
-                    Err(e) => eprintln!("SIGHUP: certificate not reloaded, the current one stays: {e}"),
+                    Err(e) => {
+                        eprintln!("SIGHUP: certificate not reloaded, the current one stays: {e}")
+                    }
                 }
             }
         });

@@ -200,7 +200,9 @@ impl Webhook {
             .collect::<Result<_, _>>()
             .map_err(|e| WebhookError::Certificates(format!("unreadable PEM: {e}")))?;
         if certs.is_empty() {
-            return Err(WebhookError::Certificates("no certificate in the PEM".into()));
+            return Err(WebhookError::Certificates(
+                "no certificate in the PEM".into(),
+            ));
         }
         let mut roots = rustls::RootCertStore::empty();
         for cert in certs {

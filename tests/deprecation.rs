@@ -249,7 +249,10 @@ async fn an_identitys_max_key_age_tightens_its_keys_rotation_date() {
     let check = policy(&env);
     let mut etl = keygate::Identity::new("etl", env.clock.now());
     etl.metadata = serde_json::json!({"max_key_age": "20d"});
-    env.keys.create_identity("setup", etl).await.expect("identity");
+    env.keys
+        .create_identity("setup", etl)
+        .await
+        .expect("identity");
     // The identity's 20 days beat the key's own 30 and the global 90.
     let issued = env
         .keys

@@ -251,7 +251,13 @@ async fn the_webhook_gets_each_notice_retrying_a_failing_receiver() {
 
 #[test]
 fn only_http_and_https_urls_with_a_host_are_accepted() {
-    for bad in ["ftp://h/x", "not a url", "http:///x", "https:///x", "/relative"] {
+    for bad in [
+        "ftp://h/x",
+        "not a url",
+        "http:///x",
+        "https:///x",
+        "/relative",
+    ] {
         assert!(
             matches!(Webhook::new(bad), Err(WebhookError::BadUrl(_))),
             "{bad}"
@@ -327,7 +333,9 @@ async fn an_https_webhook_gets_the_notice_when_its_certificate_is_trusted() {
     let w = world();
     w.key("ci", |_| {}).await;
     let hook = Webhook::trusting_pem(&url, pem.as_bytes()).unwrap();
-    let sweep = w.sweep().webhook(hook.attempts(2).backoff(Duration::from_millis(1)));
+    let sweep = w
+        .sweep()
+        .webhook(hook.attempts(2).backoff(Duration::from_millis(1)));
     w.clock.advance(DAY * 91);
     let r = sweep.run_once().await.unwrap();
     assert_eq!((r.notices.len(), r.delivered, r.failed), (1, 1, 0));

@@ -67,7 +67,11 @@ fn target(base: &str) -> Result<Target, Failure> {
     let tls = match uri.scheme_str() {
         Some("https") => true,
         Some("http") => false,
-        _ => return Err(bad("the URL must start with https:// (or http:// to this host)")),
+        _ => {
+            return Err(bad(
+                "the URL must start with https:// (or http:// to this host)",
+            ))
+        }
     };
     let Some(authority) = uri.authority() else {
         return Err(bad("the URL names no host"));
@@ -193,7 +197,8 @@ async fn send<IO>(
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let failed = |e: hyper::Error| Failure::Failed(format!("the admin API could not be reached: {e}"));
+    let failed =
+        |e: hyper::Error| Failure::Failed(format!("the admin API could not be reached: {e}"));
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
         .await
         .map_err(failed)?;

@@ -224,7 +224,10 @@ async fn serve_tls(app: Router) -> (String, String, tokio::task::JoinHandle<()>)
     .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("https://localhost:{}/admin", listener.local_addr().unwrap().port());
+    let url = format!(
+        "https://localhost:{}/admin",
+        listener.local_addr().unwrap().port()
+    );
     let server = tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
@@ -263,7 +266,14 @@ async fn a_pipeline_mints_over_https_trusting_the_admin_apis_certificate() {
     .ok();
     let pipeline = create(
         &env,
-        &["--name", "pipeline", "--role", "minter", "--identity", "etl"],
+        &[
+            "--name",
+            "pipeline",
+            "--role",
+            "minter",
+            "--identity",
+            "etl",
+        ],
     );
     let secret = pipeline["key"].as_str().unwrap().to_owned();
 
@@ -291,7 +301,11 @@ async fn a_pipeline_mints_over_https_trusting_the_admin_apis_certificate() {
     // before any request, nothing minted.
     let out = run(mint(&[])).await;
     out.fails(1);
-    assert!(out.stderr.contains("could not be reached"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("could not be reached"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(count().await, before);
 
     // Trusted through --admin-ca: minted over TLS.
@@ -323,7 +337,15 @@ async fn plain_http_to_another_host_is_refused_before_any_connection() {
         let mut c = env.cmd();
         c.env_remove("KEYGATE_DATABASE_URL")
             .env("KEYGATE_KEY", "kg_whatever")
-            .args(["keys", "create", "--as-key", "--admin-url", url, "--name", "x"]);
+            .args([
+                "keys",
+                "create",
+                "--as-key",
+                "--admin-url",
+                url,
+                "--name",
+                "x",
+            ]);
         let out = run(c).await;
         out.fails(2);
         assert!(out.stderr.contains("--admin-url"), "{url}: {}", out.stderr);
