@@ -157,11 +157,11 @@ async fn a_pipeline_mints_its_own_keys_through_the_admin_api(env: &Env) {
         out.fails(1);
         assert!(out.stderr.contains(code), "{code}: {}", out.stderr);
     }
-    // Bad options: no key, a non-loopback URL, https (exit 2).
+    // Bad options: no key, plain HTTP to another host, another scheme (exit 2).
     for (url, key) in [
         (url.as_str(), None),
         ("http://192.0.2.1:6333/admin", Some(&secret)),
-        ("https://127.0.0.1:6333/admin", Some(&secret)),
+        ("ftp://127.0.0.1:6333/admin", Some(&secret)),
     ] {
         let mut c = env.cmd();
         if let Some(k) = key {
