@@ -7,6 +7,9 @@
 //!
 //! - `keygate_requests_total{decision, code}`: requests by decision (`allowed`, `denied`,
 //!   `error`, `cancelled`) and denial code (`none` when not denied);
+//! - `keygate_denials_total{layer}`: refused requests by the check that refused them
+//!   (`auth`, `scope`, `ip`, `rate_limit`, `quota`, `limit`, `require_tls`:
+//!   [`DenialCode::layer`](crate::DenialCode::layer));
 //! - `keygate_limit_refusals_total{code, policy}`: refusals by a rate limit or quota
 //!   (`rate_limited`, `quota_exceeded`, `cost_exceeds_limit`) by the policy broken
 //!   (`burst`, `daily`; at most [`MAX_POLICY_LABELS`] names, later ones count as `other`);
@@ -95,6 +98,7 @@ pub struct Metrics {
 struct Inner {
     registry: Registry,
     requests: Family<Labels, Counter>,
+    denials: Family<Labels, Counter>,
     refusals: Family<OwnedLabels, Counter>,
     /// The policy names with a label of their own.
     policies: Mutex<HashSet<String>>,
@@ -235,6 +239,12 @@ impl Metrics {
             "Requests by decision and denial code",
             requests.clone(),
         );
+        let denials = Family::<Labels, Counter>::default();
+        registry.register(
+            "denials",
+            "Refused requests by the check that refused them",
+            denials.clone(),
+        );
         let refusals = Family::<OwnedLabels, Counter>::default();
         registry.register(
             "limit_refusals",
@@ -287,6 +297,7 @@ impl Metrics {
             inner: Arc::new(Inner {
                 registry,
                 requests,
+                denials,
                 refusals,
                 policies: Mutex::new(HashSet::new()),
                 lifecycle,
@@ -407,6 +418,12 @@ impl AuditSink for Metrics {
                     .requests
                     .get_or_create(&vec![("decision", decision(r.decision)), ("code", code)])
                     .inc();
+                if let Some(denial) = r.denial {
+                    self.inner
+                        .denials
+                        .get_or_create(&vec![("layer", denial.layer())])
+                        .inc();
+                }
                 if let (Some(denial), Some(policy)) = (r.denial, r.policy.as_deref()) {
                     let policy = self.policy_label(policy);
                     self.inner
@@ -448,6 +465,12 @@ impl AuditSink for Metrics {
                     .requests
                     .get_or_create(&vec![("decision", "denied"), ("code", code)])
                     .inc_by(d.count);
+                if let Some(denial) = d.denial {
+                    self.inner
+                        .denials
+                        .get_or_create(&vec![("layer", denial.layer())])
+                        .inc_by(d.count);
+                }
             }
         }
         Ok(())

@@ -176,6 +176,10 @@ async fn a_scrape_sees_exactly_what_was_sent() {
             r#"keygate_requests_total{decision="denied",code="invalid_key"}"#,
             2.0,
         ),
+        (r#"keygate_denials_total{layer="auth"}"#, 6.0),
+        (r#"keygate_denials_total{layer="rate_limit"}"#, 2.0),
+        (r#"keygate_denials_total{layer="quota"}"#, 1.0),
+        (r#"keygate_denials_total{layer="scope"}"#, 0.0),
         (
             r#"keygate_limit_refusals_total{code="rate_limited",policy="burst"}"#,
             2.0,

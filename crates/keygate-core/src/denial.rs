@@ -87,6 +87,25 @@ impl DenialCode {
         DenialCode::UnsupportedTokenAlgorithm,
     ];
 
+    /// Which of keygate's checks refuses with this code: `auth` (the key or token,
+    /// including a store that cannot be reached to decide), `scope`, `ip`, `rate_limit`,
+    /// `quota`, `limit` (a single request costing more than a rate limit or quota ever
+    /// allows, either of the two) or `require_tls`. For metrics and dashboards.
+    pub const fn layer(self) -> &'static str {
+        use DenialCode::*;
+        match self {
+            MissingKey | MalformedKey | InvalidKey | ExpiredKey | RevokedKey | DisabledKey
+            | StoreUnavailable | CorruptKey | ExpiredToken | InvalidToken | UnknownTokenKey
+            | UnsupportedTokenAlgorithm => "auth",
+            InsufficientScope | ResourceForbidden | UnknownRoute => "scope",
+            IpNotAllowed => "ip",
+            RateLimited => "rate_limit",
+            QuotaExceeded => "quota",
+            CostExceedsLimit => "limit",
+            InsecureTransport => "require_tls",
+        }
+    }
+
     /// The stable text form (`missing_key`, `rate_limited`, ...).
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -318,6 +337,20 @@ impl std::error::Error for Denial {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_code_names_its_layer() {
+        let layers: std::collections::BTreeSet<&str> =
+            DenialCode::ALL.iter().map(|c| c.layer()).collect();
+        assert_eq!(
+            layers.into_iter().collect::<Vec<_>>(),
+            ["auth", "ip", "limit", "quota", "rate_limit", "require_tls", "scope"]
+        );
+        assert_eq!(DenialCode::MissingKey.layer(), "auth");
+        assert_eq!(DenialCode::ExpiredToken.layer(), "auth");
+        assert_eq!(DenialCode::ResourceForbidden.layer(), "scope");
+        assert_eq!(DenialCode::QuotaExceeded.layer(), "quota");
+    }
 
     #[test]
     fn codes_are_stable_and_distinct() {
