@@ -92,6 +92,8 @@ pub(crate) struct Cli {
     pub(crate) command: Command,
 }
 
+// One value per process, parsed once at start: boxing the larger variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Create, list, show, rotate, revoke, disable and enable keys.
