@@ -94,8 +94,17 @@ impl DenialCode {
     pub const fn layer(self) -> &'static str {
         use DenialCode::*;
         match self {
-            MissingKey | MalformedKey | InvalidKey | ExpiredKey | RevokedKey | DisabledKey
-            | StoreUnavailable | CorruptKey | ExpiredToken | InvalidToken | UnknownTokenKey
+            MissingKey
+            | MalformedKey
+            | InvalidKey
+            | ExpiredKey
+            | RevokedKey
+            | DisabledKey
+            | StoreUnavailable
+            | CorruptKey
+            | ExpiredToken
+            | InvalidToken
+            | UnknownTokenKey
             | UnsupportedTokenAlgorithm => "auth",
             InsufficientScope | ResourceForbidden | UnknownRoute => "scope",
             IpNotAllowed => "ip",
@@ -344,7 +353,15 @@ mod tests {
             DenialCode::ALL.iter().map(|c| c.layer()).collect();
         assert_eq!(
             layers.into_iter().collect::<Vec<_>>(),
-            ["auth", "ip", "limit", "quota", "rate_limit", "require_tls", "scope"]
+            [
+                "auth",
+                "ip",
+                "limit",
+                "quota",
+                "rate_limit",
+                "require_tls",
+                "scope"
+            ]
         );
         assert_eq!(DenialCode::MissingKey.layer(), "auth");
         assert_eq!(DenialCode::ExpiredToken.layer(), "auth");

@@ -64,6 +64,23 @@ pub struct Config {
     /// second).
     #[serde(default = "default_anonymous")]
     pub anonymous_rate_limits: Vec<RateLimitConfig>,
+    /// The key console in the browser, at `/console` (off by default).
+    #[serde(default)]
+    pub console: ConsoleConfig,
+}
+
+/// `[console]`: the key console (`keygate_admin::console`) at `/console`, outside the
+/// proxied routes, acting only through the admin API with the signed-in admin key.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Serve it (default: no).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Mark its cookies `Secure` even over plain HTTP (behind a TLS-terminating proxy);
+    /// over the gateway's own TLS they are anyway.
+    #[serde(default)]
+    pub secure_cookies: bool,
 }
 
 fn default_listen() -> String {

@@ -3,6 +3,9 @@
 //! --config gateway.toml`; this library is what it and the tests build on.
 //!
 //! # The stack (outermost first)
+//! 0. With `[console] enabled = true`, `/console` and below: the key console
+//!    ([`keygate_admin::console`]), outside the proxied routes and never forwarded; it acts
+//!    only through the admin API with the signed-in admin key.
 //! 0. The preset's open health routes ([`Preset::open_paths`](preset::Preset::open_paths)), `GET` only: forwarded
 //!    without a key, like the upstream answers them.
 //! 1. `AuditLayer`: one event per request.
@@ -208,13 +211,34 @@ pub fn build(opts: Options) -> Result<Gateway, BoxError> {
         .map_response(boxed);
     let stacked = BoxCloneSyncService::new(stacked);
     let open_paths = config.preset.open_paths();
+    let console: Option<axum::Router> = config.console.enabled.then(|| {
+        let api = keygate_admin::AdminApi::new(keys.clone())
+            .gate(&gate)
+            .quota(handle.clone());
+        axum::Router::new().nest(
+            "/console",
+            keygate_admin::console::Console::new(api)
+                .secure_cookies(config.console.secure_cookies)
+                .router(),
+        )
+    });
     let front = tower::service_fn(move |req: Request<Incoming>| {
-        let open = req.method() == http::Method::GET && open_paths.contains(&req.uri().path());
+        let path = req.uri().path();
+        let to_console = console.is_some() && (path == "/console" || path.starts_with("/console/"));
+        let open = req.method() == http::Method::GET && open_paths.contains(&path);
         let stacked = stacked.clone();
         let proxy = proxy.clone();
+        let console = console.clone();
         async move {
-            if open {
-                Ok::<_, Infallible>(boxed(proxy.forward_plain(req).await))
+            if let (true, Some(console)) = (to_console, console) {
+                let req = req.map(axum::body::Body::new);
+                let res = match console.oneshot(req).await {
+                    Ok(res) => res,
+                    Err(never) => match never {},
+                };
+                Ok::<_, Infallible>(boxed(res))
+            } else if open {
+                Ok(boxed(proxy.forward_plain(req).await))
             } else {
                 stacked.oneshot(req).await
             }
