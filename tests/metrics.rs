@@ -280,8 +280,13 @@ async fn per_key_series_stay_bounded_under_a_key_spray() {
     }
     let sprayed = metrics.render();
     assert_eq!(series(&sprayed), 3, "{sprayed}");
-    // One more series in the whole registry: the invalid_key decision, once.
-    assert_eq!(sprayed.lines().count(), lines + 1, "{sprayed}");
+    // Two more series in the whole registry, once each: the invalid_key decision and the
+    // auth layer's denials.
+    assert_eq!(sprayed.lines().count(), lines + 2, "{sprayed}");
+    assert_eq!(
+        value(&sprayed, r#"keygate_denials_total{layer="auth"}"#),
+        500.0
+    );
     assert_eq!(
         value(
             &sprayed,

@@ -317,6 +317,7 @@ impl Config {
             routes: Vec::new(),
             rate_limits: Vec::new(),
             anonymous_rate_limits: default_anonymous(),
+            console: ConsoleConfig::default(),
         }
     }
 }

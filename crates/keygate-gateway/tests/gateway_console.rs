@@ -113,7 +113,7 @@ async fn the_console_is_served_by_the_gateway_and_never_forwarded() {
     })
     .await;
     let (admin, _) = gw
-        .issue(KeySpec::new("ops").scope("keys:admin").resource("*"))
+        .issue(KeySpec::new("ops").scope("*").resource("*"))
         .await;
     gw.issue(KeySpec::new("reader").scope("points:read").resource("docs"))
         .await;
