@@ -112,9 +112,7 @@ async fn the_console_is_served_by_the_gateway_and_never_forwarded() {
         c.console.enabled = true;
     })
     .await;
-    let (admin, _) = gw
-        .issue(KeySpec::new("ops").scope("*").resource("*"))
-        .await;
+    let (admin, _) = gw.issue(KeySpec::new("ops").scope("*").resource("*")).await;
     gw.issue(KeySpec::new("reader").scope("points:read").resource("docs"))
         .await;
 
