@@ -99,7 +99,8 @@ fn default_anonymous() -> Vec<RateLimitConfig> {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// `http://HOST:PORT` (an optional path prefix is kept in front of every request path).
+    /// `https://HOST[:PORT]` or `http://HOST:PORT` (an optional path prefix is kept in
+    /// front of every request path).
     pub url: String,
     /// The header carrying the upstream's own credential (default: the preset's, `api-key`
     /// for Qdrant, `x-chroma-token` for Chroma).
@@ -127,6 +128,10 @@ pub struct UpstreamConfig {
     /// Idle upstream connections kept per host (default 32).
     #[serde(default = "default_pool")]
     pub pool_max_idle: usize,
+    /// For an `https://` upstream: PEM certificates to trust instead of the system's roots
+    /// (a private CA, or the upstream's self-signed certificate).
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 impl std::fmt::Debug for UpstreamConfig {
@@ -140,6 +145,7 @@ impl std::fmt::Debug for UpstreamConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("timeout", &self.timeout)
             .field("http2", &self.http2)
+            .field("ca_file", &self.ca_file)
             .finish_non_exhaustive()
     }
 }
@@ -311,6 +317,7 @@ impl Config {
                 timeout: default_timeout(),
                 http2: false,
                 pool_max_idle: default_pool(),
+                ca_file: None,
             },
             limits: LimitsConfig::default(),
             tenant: TenantConfig::default(),

@@ -188,6 +188,13 @@ pub fn build(opts: Options) -> Result<Gateway, BoxError> {
             timeout: config::duration(&config.upstream.timeout, "upstream.timeout")?,
             http2: config.upstream.http2,
             pool_max_idle: config.upstream.pool_max_idle,
+            upstream_ca: match &config.upstream.ca_file {
+                Some(path) => Some(
+                    std::fs::read(path)
+                        .map_err(|e| format!("cannot read upstream.ca_file {path}: {e}"))?,
+                ),
+                None => None,
+            },
             max_body: config.limits.max_body_bytes,
             rewrite_cap: config.limits.rewrite_body_bytes,
             preset: config.preset,

@@ -6,8 +6,9 @@
 //!   made by the CLI (a revocation) reach the gateway without a restart.
 //! - `--redis-url` / `KEYGATE_REDIS_URL`: rate limits and quota counters shared by every
 //!   replica, key changes announced through Redis.
-//! - `--tls-cert` / `--tls-key` or `--tls-self-signed`: HTTPS (HTTP/1.1; HTTP/2 is served
-//!   in clear text by prior knowledge).
+//! - `--tls-cert` / `--tls-key` or `--tls-self-signed`: HTTPS (HTTP/1.1 and HTTP/2, chosen
+//!   by ALPN; HTTP/2 in clear text by prior knowledge). SIGHUP reads the certificate files
+//!   again: new connections get the new certificate, open ones keep theirs.
 //! - Audit events go to a hash-chained JSON Lines log (`--audit-log`), keyed by
 //!   `KEYGATE_AUDIT_KEY` / `KEYGATE_AUDIT_KEY_FILE` or a key file beside the log.
 //! - `--metrics-listen ADDR`: Prometheus/OpenMetrics counters at `/metrics`, without a key.
@@ -118,12 +119,34 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         None => None,
     };
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(keygate_showcase::tls::Tls::from_files(cert, key)?),
+        (Some(cert), Some(key)) => {
+            let tls = keygate_showcase::tls::Tls::from_files(cert, key)?.offer_http2();
+            #[cfg(unix)]
+            {
+                // SIGHUP: read the certificate files again (open connections keep theirs).
+                let tls = tls.clone();
+                let mut hangups =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                        .map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
+                tokio::spawn(async move {
+                    while hangups.recv().await.is_some() {
+                        match tls.reload() {
+                            Ok(fp) => println!("SIGHUP: certificate reloaded, SHA-256 {fp}"),
+                            Err(e) => eprintln!(
+                                "SIGHUP: certificate not reloaded, the current one stays: {e}"
+                            ),
+                        }
+                    }
+                });
+            }
+            Some(tls)
+        }
         _ if args.tls_self_signed => {
             let (tls, _pem) = keygate_showcase::tls::Tls::self_signed(&[
                 "localhost".to_owned(),
                 "127.0.0.1".to_owned(),
             ])?;
+            let tls = tls.offer_http2();
             println!(
                 "self-signed TLS certificate, SHA-256 fingerprint {}",
                 tls.fingerprint()

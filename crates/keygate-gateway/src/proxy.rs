@@ -96,6 +96,9 @@ pub struct ProxyConfig {
     pub http2: bool,
     /// Idle connections kept per host.
     pub pool_max_idle: usize,
+    /// For an `https://` upstream: the PEM certificates to trust instead of the system's
+    /// roots.
+    pub upstream_ca: Option<Vec<u8>>,
     /// The largest request body forwarded.
     pub max_body: u64,
     /// The largest body read whole for a rewrite.
@@ -115,7 +118,7 @@ pub struct Proxy {
 }
 
 struct Inner {
-    client: Client<HttpConnector, UpstreamBody>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     prefix: String,
@@ -145,10 +148,44 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
+/// The roots an `https://` upstream's certificate is checked against: the PEM
+/// certificates given, else the system's (none needed for `http://`).
+fn upstream_roots(tls: bool, ca: Option<&[u8]>) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(pem) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("upstream.ca_file: not PEM certificates ({e})"))?;
+            if certs.is_empty() {
+                return Err("upstream.ca_file holds no certificate".into());
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("upstream.ca_file: {e}"))?;
+            }
+        }
+        None if tls => {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            if roots.is_empty() {
+                return Err(
+                    "no trusted root certificates on this system for the https:// upstream; set upstream.ca_file"
+                        .into(),
+                );
+            }
+        }
+        None => {}
+    }
+    Ok(roots)
+}
+
 impl Proxy {
     /// A proxy to `config.upstream`; `hub_credentials` are the headers the hub reads keys
-    /// from (removed too). Fails on an upstream URL without a scheme and host, or not
-    /// `http`.
+    /// from (removed too). Fails on an upstream URL without a scheme and host, or neither
+    /// `https` nor `http`, and on unusable upstream certificates.
     pub fn new(
         config: ProxyConfig,
         hub_credentials: &keygate::credentials::Credentials,
@@ -157,12 +194,13 @@ impl Proxy {
         let scheme = parts
             .scheme
             .ok_or("the upstream URL needs a scheme (http://)")?;
-        if scheme != http::uri::Scheme::HTTP {
-            return Err(
-                "the upstream URL must be http:// (TLS to the upstream is not supported yet)"
-                    .into(),
-            );
-        }
+        let tls = if scheme == http::uri::Scheme::HTTPS {
+            true
+        } else if scheme == http::uri::Scheme::HTTP {
+            false
+        } else {
+            return Err("the upstream URL must be https:// or http://".into());
+        };
         let authority = parts.authority.ok_or("the upstream URL needs a host")?;
         if authority.as_str().contains('@') {
             return Err("the upstream URL may not carry a user or password: use credential_file or credential_env".into());
@@ -174,6 +212,22 @@ impl Proxy {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
+        // The TLS connector below hands it `https://` URIs too.
+        connector.enforce_http(false);
+        let roots = upstream_roots(tls, config.upstream_ca.as_deref())?;
+        let tls_config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("upstream TLS settings: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(config.pool_max_idle)
             .pool_idle_timeout(Duration::from_secs(60))

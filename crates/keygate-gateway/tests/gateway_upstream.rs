@@ -439,3 +439,118 @@ async fn https_clients_are_served() {
         .expect("request");
     assert!(sender.send_request(req).await.is_err());
 }
+
+/// An upstream over TLS (a self-signed certificate for `localhost`) answering every request
+/// with the path and the upstream credential it received; its address and certificate.
+async fn tls_upstream() -> (std::net::SocketAddr, String) {
+    let (tls, pem) =
+        keygate_showcase::tls::Tls::self_signed(&["localhost".to_owned()]).expect("certificate");
+    let svc = tower::service_fn(|req: Request<Incoming>| async move {
+        let answer = json!({
+            "path": req.uri().path(),
+            "api_key": req.headers().get("api-key").and_then(|v| v.to_str().ok()),
+        });
+        let body = Full::new(Bytes::from(answer.to_string()))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        Ok::<_, Infallible>(Response::new(body))
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(keygate_gateway::serve::serve(
+        listener,
+        tower::util::BoxCloneSyncService::new(svc),
+        keygate_gateway::serve::ConnLimits::default(),
+        Some(tls),
+        std::future::pending(),
+    ));
+    (addr, pem)
+}
+
+#[tokio::test]
+async fn an_https_upstream_is_reached_when_its_certificate_is_trusted() {
+    let (up, pem) = tls_upstream().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("upstream-ca.pem");
+    std::fs::write(&ca, &pem).expect("write");
+    let credential =
+        UpstreamCredential::new("api-key", None, "upstream-secret").expect("credential");
+    let upstream = format!("https://localhost:{}", up.port());
+    let gw = Gw::start(Preset::Qdrant, &upstream, Some(credential.clone()), |c| {
+        c.upstream.ca_file = Some(ca.to_str().unwrap().to_owned());
+    })
+    .await;
+    let key = gw.operator_key().await;
+    let r = gw.call("GET", "/collections", Some(&key), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json["path"], "/collections");
+    assert_eq!(
+        r.json["api_key"], "upstream-secret",
+        "the credential travels over TLS"
+    );
+
+    // Trusting only another certificate: the upstream cannot be verified, 502, never
+    // forwarded in the clear.
+    let (_, other) =
+        keygate_showcase::tls::Tls::self_signed(&["localhost".to_owned()]).expect("certificate");
+    let other_ca = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, &other).expect("write");
+    let gw = Gw::start(Preset::Qdrant, &upstream, Some(credential), |c| {
+        c.upstream.ca_file = Some(other_ca.to_str().unwrap().to_owned());
+    })
+    .await;
+    let key = gw.operator_key().await;
+    let r = gw.call("GET", "/collections", Some(&key), None).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text);
+}
+
+#[tokio::test]
+async fn http2_is_negotiated_over_tls() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+
+    let (up, _) = echo().await;
+    let (tls, pem) =
+        keygate_showcase::tls::Tls::self_signed(&["localhost".to_owned()]).expect("certificate");
+    let gw = Gw::start_tls(
+        Preset::Qdrant,
+        &format!("http://{up}"),
+        None,
+        |_| {},
+        Some(tls.offer_http2()),
+    )
+    .await;
+    let key = gw.operator_key().await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem"))
+        .expect("root");
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(gw.addr).await.expect("connect");
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = Request::get("https://localhost/collections")
+        .header("api-key", &key)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let res = sender.send_request(req).await.expect("answer");
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.version(), http::Version::HTTP_2);
+}

@@ -33,13 +33,21 @@ use tokio_rustls::TlsAcceptor;
 pub struct Tls {
     current: Arc<RwLock<Current>>,
     files: Option<(PathBuf, PathBuf)>,
+    /// The protocols offered by ALPN (HTTP/1.1; HTTP/2 too after [`Tls::offer_http2`]).
+    alpn: Vec<Vec<u8>>,
 }
 
-/// The acceptor in use and its certificate's fingerprint.
+/// The acceptor in use, its certificate and the certificate's fingerprint.
 #[derive(Clone)]
 struct Current {
     acceptor: TlsAcceptor,
+    certified: Arc<CertifiedKey>,
     fingerprint: String,
+}
+
+/// ALPN offering HTTP/1.1 only.
+fn http1_only() -> Vec<Vec<u8>> {
+    vec![b"http/1.1".to_vec()]
 }
 
 impl fmt::Debug for Tls {
@@ -56,9 +64,10 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A server configuration (HTTP/1.1 only) around one certificate. Each has its own
+/// A server configuration offering `alpn` around one certificate. Each has its own
 /// session cache, so a session resumed after a reload is one made with the new certificate.
-fn current(certified: CertifiedKey) -> Result<Current, String> {
+fn current(certified: CertifiedKey, alpn: &[Vec<u8>]) -> Result<Current, String> {
+    let certified = Arc::new(certified);
     let fingerprint = certified
         .cert
         .first()
@@ -68,10 +77,11 @@ fn current(certified: CertifiedKey) -> Result<Current, String> {
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS configuration: {e}"))?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SingleCert(Arc::new(certified))));
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        .with_cert_resolver(Arc::new(SingleCert(certified.clone())));
+    config.alpn_protocols = alpn.to_vec();
     Ok(Current {
         acceptor: TlsAcceptor::from(Arc::new(config)),
+        certified,
         fingerprint,
     })
 }
@@ -96,9 +106,11 @@ impl Tls {
     /// Reads the PEM certificate chain in `cert` (the server's certificate first) and the PEM
     /// private key in `key`. Errors name the file, never its contents.
     pub fn from_files(cert: &Path, key: &Path) -> Result<Tls, String> {
+        let alpn = http1_only();
         Ok(Tls {
-            current: Arc::new(RwLock::new(current(load(cert, key)?)?)),
+            current: Arc::new(RwLock::new(current(load(cert, key)?, &alpn)?)),
             files: Some((cert.to_owned(), key.to_owned())),
+            alpn,
         })
     }
 
@@ -112,11 +124,27 @@ impl Tls {
         let key = PrivateKeyDer::Pkcs8(made.key_pair.serialize_der().into());
         let certified = CertifiedKey::from_der(vec![made.cert.der().clone()], key, &provider())
             .map_err(|e| format!("cannot use the self-signed certificate: {e}"))?;
+        let alpn = http1_only();
         let tls = Tls {
-            current: Arc::new(RwLock::new(current(certified)?)),
+            current: Arc::new(RwLock::new(current(certified, &alpn)?)),
             files: None,
+            alpn,
         };
         Ok((tls, made.cert.pem()))
+    }
+
+    /// Also offers HTTP/2 by ALPN (`h2`, then `http/1.1`), for a server that speaks both
+    /// (the showcase's own server speaks HTTP/1.1 only, so it does not call this).
+    pub fn offer_http2(mut self) -> Self {
+        self.alpn = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let certified = self.get().certified;
+        if let Ok(next) = current((*certified).clone(), &self.alpn) {
+            match self.current.write() {
+                Ok(mut c) => *c = next,
+                Err(poisoned) => *poisoned.into_inner() = next,
+            }
+        }
+        self
     }
 
     fn get(&self) -> Current {
@@ -135,7 +163,7 @@ impl Tls {
         let Some((cert, key)) = &self.files else {
             return Err("a self-signed certificate has no files to reload".to_owned());
         };
-        let next = current(load(cert, key)?)?;
+        let next = current(load(cert, key)?, &self.alpn)?;
         let fingerprint = next.fingerprint.clone();
         match self.current.write() {
             Ok(mut c) => *c = next,
