@@ -489,8 +489,8 @@ async fn an_https_upstream_is_reached_when_its_certificate_is_trusted() {
         "the credential travels over TLS"
     );
 
-    // Trusting only another certificate: the upstream cannot be verified, 502, never
-    // forwarded in the clear.
+    // Trusting only another certificate: the handshake fails, so the upstream counts as
+    // unreachable (503 upstream_unavailable); nothing is sent in the clear.
     let (_, other) =
         keygate_showcase::tls::Tls::self_signed(&["localhost".to_owned()]).expect("certificate");
     let other_ca = dir.path().join("other-ca.pem");
@@ -501,7 +501,8 @@ async fn an_https_upstream_is_reached_when_its_certificate_is_trusted() {
     .await;
     let key = gw.operator_key().await;
     let r = gw.call("GET", "/collections", Some(&key), None).await;
-    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text);
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
+    assert_eq!(r.code(), "upstream_unavailable");
 }
 
 #[tokio::test]
