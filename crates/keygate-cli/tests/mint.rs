@@ -207,47 +207,6 @@ async fn postgres_a_pipeline_mints_its_own_keys_through_the_admin_api() {
     a_pipeline_mints_its_own_keys_through_the_admin_api(&env).await;
 }
 
-/// Serves `app` over TLS on a loopback port with a self-signed certificate for `localhost`;
-/// answers the base URL and the certificate (PEM).
-async fn serve_tls(app: Router) -> (String, String, tokio::task::JoinHandle<()>) {
-    use std::sync::Arc;
-    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let cert_pem = made.cert.pem();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(made.key_pair.serialize_der().into());
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![made.cert.der().clone()], key)
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!(
-        "https://localhost:{}/admin",
-        listener.local_addr().unwrap().port()
-    );
-    let server = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let (acceptor, app) = (acceptor.clone(), app.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let svc = hyper_util::service::TowerToHyperService::new(app);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
-    (url, cert_pem, server)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_mints_over_https_trusting_the_admin_apis_certificate() {
     let env = Env::sqlite();
@@ -282,7 +241,8 @@ async fn a_pipeline_mints_over_https_trusting_the_admin_apis_certificate() {
     let gate = KeyGate::new(verifier);
     let keys = KeyManager::for_verifier(gate.verifier(), Auditor::direct(MemorySink::new()));
     let app = Router::new().nest("/admin", AdminApi::new(keys).gate(&gate).router());
-    let (url, cert_pem, server) = serve_tls(app).await;
+    let (addr, cert_pem) = keygate_testkit::serve::spawn_axum_tls(app).await;
+    let url = format!("https://localhost:{}/admin", addr.port());
     let ca = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(ca.path(), &cert_pem).unwrap();
     let count = || async { store.list(&Default::default()).await.unwrap().len() };
@@ -321,7 +281,6 @@ async fn a_pipeline_mints_over_https_trusting_the_admin_apis_certificate() {
         .await
         .fails(2);
     assert_eq!(count().await, before + 1);
-    server.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
