@@ -37,6 +37,20 @@ struct Server {
     client: VectorDbClient,
 }
 
+/// The example's protection over a fixture hub: per-key IP lists, 1,000 calls a minute on
+/// the fixture's manual clock, quotas in memory, audit events into `sink`.
+fn protection(fx: &Fixture, sink: &MemorySink) -> Protection {
+    Protection {
+        gate: fx.gate.clone(),
+        ip: IpPolicy::new(),
+        rate_limit: RateLimitConfig::new()
+            .clock(LimiterClock::manual(fx.clock.clone()))
+            .default_policies([RateLimitPolicy::per_minute("default", 1_000)]),
+        quota: QuotaConfig::new(MemoryUsageStore::new()),
+        auditor: Auditor::direct(sink.clone()),
+    }
+}
+
 /// Serves the example on 127.0.0.1 with a fixture hub (manual clock, counting store that
 /// can fail), a limiter on the same manual clock, and a memory audit sink.
 async fn start() -> Server {
@@ -47,15 +61,7 @@ async fn start() -> Server {
 async fn start_with(db: VectorDb) -> Server {
     let fx = Fixture::new();
     let sink = MemorySink::new();
-    let protection = Protection {
-        gate: fx.gate.clone(),
-        ip: IpPolicy::new(),
-        rate_limit: RateLimitConfig::new()
-            .clock(LimiterClock::manual(fx.clock.clone()))
-            .default_policies([RateLimitPolicy::per_minute("default", 1_000)]),
-        quota: QuotaConfig::new(MemoryUsageStore::new()),
-        auditor: Auditor::direct(sink.clone()),
-    };
+    let protection = protection(&fx, &sink);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -681,15 +687,7 @@ async fn over_tls_per_key_ip_lists_read_the_tls_peer() {
     let (cert, key) = (made.cert.pem(), made.key_pair.serialize_pem());
     let fx = Fixture::new();
     let sink = MemorySink::new();
-    let protection = Protection {
-        gate: fx.gate.clone(),
-        ip: IpPolicy::new(),
-        rate_limit: RateLimitConfig::new()
-            .clock(LimiterClock::manual(fx.clock.clone()))
-            .default_policies([RateLimitPolicy::per_minute("default", 1_000)]),
-        quota: QuotaConfig::new(MemoryUsageStore::new()),
-        auditor: Auditor::direct(sink.clone()),
-    };
+    let protection = protection(&fx, &sink);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -783,15 +781,7 @@ async fn a_reloaded_certificate_serves_new_connections_and_open_ones_keep_workin
     let (cert1, key1) = (first.cert.pem(), first.key_pair.serialize_pem());
     let (cert2, key2) = (second.cert.pem(), second.key_pair.serialize_pem());
     let fx = Fixture::new();
-    let protection = Protection {
-        gate: fx.gate.clone(),
-        ip: IpPolicy::new(),
-        rate_limit: RateLimitConfig::new()
-            .clock(LimiterClock::manual(fx.clock.clone()))
-            .default_policies([RateLimitPolicy::per_minute("default", 1_000)]),
-        quota: QuotaConfig::new(MemoryUsageStore::new()),
-        auditor: Auditor::direct(MemorySink::new()),
-    };
+    let protection = protection(&fx, &MemorySink::new());
     let dir = tempfile::tempdir().expect("tempdir");
     let tls = tls_files(dir.path(), &cert1, &key1);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

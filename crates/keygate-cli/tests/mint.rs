@@ -21,8 +21,10 @@ async fn run(mut c: Command) -> Out {
         .unwrap()
 }
 
-async fn a_pipeline_mints_its_own_keys_through_the_admin_api(env: &Env) {
-    // The policy, made with the CLI: an identity, a role that may mint for an hour.
+/// The policy, made with the CLI: an identity `etl`, a role `minter` that may mint for an
+/// hour, and the pipeline's key holding it; answers the key and the admin API over the
+/// store (a router to serve).
+async fn minting_setup(env: &Env) -> (String, KeyGate, Router) {
     env.run(&["identities", "create", "etl"]).ok();
     env.run(&[
         "roles",
@@ -50,13 +52,17 @@ async fn a_pipeline_mints_its_own_keys_through_the_admin_api(env: &Env) {
         ],
     );
     let secret = pipeline["key"].as_str().unwrap().to_owned();
-
     // The server: the admin API over its own store handle.
-    let store = env.store().await;
-    let verifier = Verifier::builder(store.clone()).build();
+    let verifier = Verifier::builder(env.store().await).build();
     let gate = KeyGate::new(verifier);
     let keys = KeyManager::for_verifier(gate.verifier(), Auditor::direct(MemorySink::new()));
     let app = Router::new().nest("/admin", AdminApi::new(keys).gate(&gate).router());
+    (secret, gate, app)
+}
+
+async fn a_pipeline_mints_its_own_keys_through_the_admin_api(env: &Env) {
+    let (secret, gate, app) = minting_setup(env).await;
+    let store = env.store().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/admin", listener.local_addr().unwrap());
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
@@ -210,37 +216,8 @@ async fn postgres_a_pipeline_mints_its_own_keys_through_the_admin_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_mints_over_https_trusting_the_admin_apis_certificate() {
     let env = Env::sqlite();
-    env.run(&["identities", "create", "etl"]).ok();
-    env.run(&[
-        "roles",
-        "create",
-        "minter",
-        "--scope",
-        "keys:create",
-        "--grant",
-        "points:read:docs-*",
-        "--mint-max-lifetime",
-        "1h",
-    ])
-    .ok();
-    let pipeline = create(
-        &env,
-        &[
-            "--name",
-            "pipeline",
-            "--role",
-            "minter",
-            "--identity",
-            "etl",
-        ],
-    );
-    let secret = pipeline["key"].as_str().unwrap().to_owned();
-
+    let (secret, _gate, app) = minting_setup(&env).await;
     let store = env.store().await;
-    let verifier = Verifier::builder(store.clone()).build();
-    let gate = KeyGate::new(verifier);
-    let keys = KeyManager::for_verifier(gate.verifier(), Auditor::direct(MemorySink::new()));
-    let app = Router::new().nest("/admin", AdminApi::new(keys).gate(&gate).router());
     let (addr, cert_pem) = keygate_testkit::serve::spawn_axum_tls(app).await;
     let url = format!("https://localhost:{}/admin", addr.port());
     let ca = tempfile::NamedTempFile::new().unwrap();
