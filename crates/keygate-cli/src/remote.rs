@@ -62,7 +62,9 @@ struct Target {
 /// Reads `--admin-url`: `https://HOST[:PORT]/PATH` anywhere, or `http://` to this host only
 /// (plain HTTP to another host would send the key over the network in the clear).
 fn target(base: &str) -> Result<Target, Failure> {
-    let bad = |why: &str| Failure::Usage(format!("--admin-url {:?}: {why}", clip(base)));
+    // The URL as shown: a password in it (refused below) is never printed.
+    let shown = clip(&keygate_core::redact_url(base));
+    let bad = |why: &str| Failure::Usage(format!("--admin-url {shown:?}: {why}"));
     let uri: Uri = base.parse().map_err(|_| bad("not a URL"))?;
     let tls = match uri.scheme_str() {
         Some("https") => true,
