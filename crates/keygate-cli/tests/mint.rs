@@ -285,6 +285,10 @@ async fn plain_http_to_another_host_is_refused_before_any_connection() {
         let out = run(c).await;
         out.fails(2);
         assert!(out.stderr.contains("--admin-url"), "{url}: {}", out.stderr);
-        assert!(!out.stderr.contains(":pw@"), "the password is not shown: {}", out.stderr);
+        assert!(
+            !out.stderr.contains(":pw@"),
+            "the password is not shown: {}",
+            out.stderr
+        );
     }
 }
