@@ -49,10 +49,11 @@ pub struct TokenApi {
     shared: Arc<TokenShared>,
 }
 
+#[derive(Clone)]
 struct TokenShared {
     gate: KeyGate,
     tokens: Tokens,
-    on_issued: Option<Box<dyn Fn() + Send + Sync>>,
+    on_issued: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl std::fmt::Debug for TokenShared {
@@ -84,19 +85,10 @@ impl TokenApi {
     /// `keygate_tokens_issued_total`. Set it before [`router`](TokenApi::router) or
     /// [`split`](TokenApi::split); a later call replaces it.
     pub fn on_issued(self, hook: impl Fn() + Send + Sync + 'static) -> Self {
-        let shared = match Arc::try_unwrap(self.shared) {
-            Ok(shared) => shared,
-            Err(shared) => TokenShared {
-                gate: shared.gate.clone(),
-                tokens: shared.tokens.clone(),
-                on_issued: None,
-            },
-        };
+        let mut shared = (*self.shared).clone();
+        shared.on_issued = Some(Arc::new(hook));
         TokenApi {
-            shared: Arc::new(TokenShared {
-                on_issued: Some(Box::new(hook)),
-                ..shared
-            }),
+            shared: Arc::new(shared),
         }
     }
 
