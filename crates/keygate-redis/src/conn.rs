@@ -265,8 +265,26 @@ impl Redis {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
+        self.run_tracked(f).await.map_err(|failed| failed.error)
+    }
+
+    /// [`run`](Self::run), telling a call that never left (the circuit was open) from one
+    /// whose outcome is unknown: it may have reached the server and run there, with only
+    /// the answer lost (a cut connection, a timeout).
+    pub(crate) async fn run_tracked<T, F, Fut>(&self, f: F) -> Result<T, Failed>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
         let inner = &*self.inner;
-        inner.breaker.admit()?;
+        inner.breaker.admit().map_err(|error| Failed {
+            error,
+            maybe_ran: false,
+        })?;
+        let failed = |error| Failed {
+            error,
+            maybe_ran: true,
+        };
         match tokio::time::timeout(inner.timeout, f(inner.manager.clone())).await {
             Ok(Ok(v)) => {
                 inner.breaker.success();
@@ -274,19 +292,23 @@ impl Redis {
             }
             Ok(Err(e)) if is_unavailable(&e) => {
                 inner.breaker.failure();
-                Err(Error::Unavailable(describe(&e)))
+                Err(failed(Error::Unavailable(describe(&e))))
             }
             Ok(Err(e)) => {
-                // The server answered: the connection is fine.
+                // The server answered (with an error): the connection is fine, and the
+                // call did not run to its end.
                 inner.breaker.success();
-                Err(Error::Unexpected(describe(&e)))
+                Err(Failed {
+                    error: Error::Unexpected(describe(&e)),
+                    maybe_ran: false,
+                })
             }
             Err(_) => {
                 inner.breaker.failure();
-                Err(Error::Unavailable(format!(
+                Err(failed(Error::Unavailable(format!(
                     "no answer within {:?}",
                     inner.timeout
-                )))
+                ))))
             }
         }
     }
@@ -295,6 +317,14 @@ impl Redis {
     pub(crate) fn key(&self, parts: std::fmt::Arguments<'_>) -> String {
         format!("{}:{}", self.inner.prefix, parts)
     }
+}
+
+/// A failed [`Redis::run_tracked`] call.
+pub(crate) struct Failed {
+    /// What went wrong.
+    pub(crate) error: Error,
+    /// Whether the call may have run on the server (its answer lost).
+    pub(crate) maybe_ran: bool,
 }
 
 impl std::fmt::Debug for Redis {

@@ -1,4 +1,5 @@
-use std::sync::{Arc, LazyLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -6,7 +7,7 @@ use keygate_core::usage::{Admission, Increment, Limit, Usage, UsageError, UsageR
 use keygate_core::{KeyId, QuotaWindow, Refill};
 use redis::Script;
 
-use crate::conn::{Error, Redis};
+use crate::conn::{Error, Failed, Redis};
 use crate::epoch::{epoch_key, EpochView};
 use keygate_core::usage::UsageStore;
 
@@ -20,19 +21,30 @@ const LONGEST_WINDOW: Duration = Duration::from_secs(31 * 86_400);
 static CHECK_AND_ADD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS[1..n]: window hashes; KEYS[n + 1]: the key's window index; KEYS[n + 2]: the epoch.
+-- KEYS[1..n]: window hashes; KEYS[n + 1]: the key's window index; KEYS[n + 2]: the epoch;
+-- KEYS[n + 3]: this store's hash of admissions not yet acknowledged; KEYS[n + 4]: its hash
+-- of cancelled operations.
 -- ARGV[1]: cost; ARGV[2]: number of limits m; ARGV[3]: index ttl (ms); ARGV[4]: index trim
 -- score (windows starting before it are dropped from the index); ARGV[5]: the epoch to
 -- create if there is none; ARGV[6]: '1' when a durable copy exists (windows not seeded in
 -- this epoch must be seeded from it first); ARGV[7]: the epoch the seeds below were read
 -- for ('0': no seeds);
 -- then per window: ttl (ms, 0: never expires), member, start, seed cost, seed requests;
--- then per limit: window (1-based), limit.
+-- then per limit: window (1-based), limit; then this operation's id, then the ids of
+-- earlier admissions whose answers arrived (their entries are dropped).
 -- Returns {admitted, epoch, then per window: cost, requests, then the violated limits
--- (0-based)}, or {-1, epoch} when windows need seeds read for that epoch.
-local n = #KEYS - 2
+-- (0-based)}, {-1, epoch} when windows need seeds read for that epoch, or {-3, 0} when
+-- this operation was cancelled (settled as lost) before it arrived.
+local n = #KEYS - 4
 local cost = tonumber(ARGV[1])
 local m = tonumber(ARGV[2])
+local ops, cancelled = KEYS[n + 3], KEYS[n + 4]
+local op_at = 8 + 5 * n + 2 * m
+local op = ARGV[op_at]
+if #ARGV > op_at then
+  redis.call('HDEL', ops, unpack(ARGV, op_at + 1, #ARGV))
+end
+if redis.call('HEXISTS', cancelled, op) == 1 then return {-3, 0} end
 local epoch = redis.call('GET', KEYS[n + 2])
 if not epoch then
   epoch = ARGV[5]
@@ -98,6 +110,9 @@ if #violated == 0 then
     redis.call('ZREMRANGEBYSCORE', idx, '-inf', '(' .. ARGV[4])
     redis.call('PEXPIRE', idx, ARGV[3])
   end
+  -- Until its answer is acknowledged, the admission can be settled if the answer is lost.
+  redis.call('HSET', ops, op, 1)
+  redis.call('PEXPIRE', ops, 86400000)
 end
 for i = 1, n do
   out[#out + 1] = usage[i][1]
@@ -142,6 +157,65 @@ return 0
     )
 });
 
+static SETTLE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- Settles an admission whose answer was lost. KEYS[1]: the store's unacknowledged
+-- admissions; KEYS[2]: its cancelled operations; KEYS[3..]: the operation's window hashes.
+-- ARGV[1]: the operation's id; ARGV[2]: its cost.
+-- If the admission ran, its count is taken back (one request and the cost, at most down
+-- to zero) and 1 is returned; if it did not, it is cancelled, so that it admits nothing
+-- should it still arrive, and 0 is returned.
+local op = ARGV[1]
+if redis.call('HEXISTS', KEYS[1], op) == 1 then
+  local cost = tonumber(ARGV[2])
+  for i = 3, #KEYS do
+    local v = redis.call('HMGET', KEYS[i], 'c', 'r')
+    local c, r = tonumber(v[1]), tonumber(v[2])
+    if c and r then
+      redis.call('HSET', KEYS[i], 'c', string.format('%.0f', math.max(0, c - cost)),
+        'r', string.format('%.0f', math.max(0, r - 1)))
+    end
+  end
+  redis.call('HDEL', KEYS[1], op)
+  return 1
+end
+redis.call('HSET', KEYS[2], op, 1)
+redis.call('PEXPIRE', KEYS[2], 86400000)
+return 0
+"#,
+    )
+});
+
+/// Admissions in flight and lost: what makes strict counting exact when a connection
+/// fails between Redis admitting a request and the answer arriving.
+struct Ledger {
+    /// This store's name for its operations (random, per store value).
+    id: String,
+    /// The next operation's number.
+    next: AtomicU64,
+    /// Admissions whose answers arrived, to drop from Redis with the next call.
+    acknowledged: Mutex<Vec<u64>>,
+    /// Operations whose outcome is unknown (the call may have run, its answer lost).
+    unsettled: Mutex<Vec<Lost>>,
+    /// Whether a task is settling them.
+    settling: AtomicBool,
+    /// Admissions taken back, and operations cancelled, by settling.
+    taken_back: AtomicU64,
+    cancelled: AtomicU64,
+}
+
+/// An operation whose outcome is unknown.
+struct Lost {
+    op: u64,
+    key: KeyId,
+    windows: Vec<Window>,
+    cost: u64,
+}
+
+/// At most this many acknowledgements ride on one call (the rest wait for the next).
+const ACKS_PER_CALL: usize = 64;
+
 /// A [`UsageStore`] on Redis.
 /// Give it to `keygate::quota::QuotaConfig::new`; with `Counting::Strict` every request is
 /// one atomic check-and-add, exact across replicas.
@@ -172,6 +246,10 @@ return 0
 /// - One sorted set per key, `{prefix}:q:{<key id>}:w`, listing the key's windows by start
 ///   (for [`report`](keygate_core::usage::UsageStore::report)), trimmed and expiring with the
 ///   same horizon.
+/// - Per store value (a random id each), `{prefix}:q:{ops}:<id>`, the admissions whose
+///   answers were not yet acknowledged, and `{prefix}:q:{cancelled}:<id>`, operations
+///   settled as lost before they ran (see [Lost answers](RedisUsageStore#lost-answers)).
+///   Both expire a day after their last write.
 ///
 /// # Atomicity
 /// [`check_and_add`](keygate_core::usage::UsageStore::check_and_add) is one Lua script:
@@ -179,6 +257,22 @@ return 0
 /// window. [`add`](keygate_core::usage::UsageStore::add) (batched counting) is one
 /// `MULTI`/`EXEC` transaction per call; [`subtract`](keygate_core::usage::UsageStore::subtract)
 /// a script that saturates at zero.
+///
+/// # Lost answers
+/// A connection can fail after Redis ran a check-and-add but before its answer arrived (a
+/// cut, a timeout): the request is refused with `store_unavailable`, yet Redis counted it.
+/// Strict counting stays exact anyway. Every admission is recorded in Redis under an
+/// operation id until its answer is acknowledged (with the store's next call, so this costs
+/// no round trip). An operation whose answer was lost is settled in the background as soon
+/// as Redis answers again: if it ran, its count is taken back; if not, it is cancelled, so
+/// it counts nothing should it still arrive. [`unsettled`](RedisUsageStore::unsettled)
+/// says how many are pending, [`settled`](RedisUsageStore::settled) how many were taken
+/// back or cancelled. So the usage Redis holds equals the requests admitted, except for
+/// admissions whose replica stopped before settling them (at most the requests it had in
+/// flight when its connection failed). Batched counting ([`add`](UsageStore::add)) has no
+/// such ledger: the quota layer sends a batch whose answer is lost again with its next
+/// flush, so that batch may be counted twice (an error toward refusing, never toward
+/// serving more than the quota).
 ///
 /// Counts are exact up to 2^53 (Lua numbers); a cost above that is refused with
 /// [`UsageError::Corrupt`], and larger limits behave as 2^53.
@@ -207,6 +301,7 @@ pub struct RedisUsageStore {
     epoch_key: String,
     epoch: Arc<EpochView>,
     durable: Option<Arc<dyn UsageStore>>,
+    ledger: Arc<Ledger>,
 }
 
 impl RedisUsageStore {
@@ -219,7 +314,38 @@ impl RedisUsageStore {
             epoch_key: epoch_key(redis),
             epoch: Arc::new(EpochView::new()),
             durable: None,
+            ledger: Arc::new(Ledger {
+                id: keygate_core::KeyId::generate()
+                    .map(|id| id.as_str().to_owned())
+                    .unwrap_or_else(|_| format!("{:x}", std::process::id())),
+                next: AtomicU64::new(1),
+                acknowledged: Mutex::new(Vec::new()),
+                unsettled: Mutex::new(Vec::new()),
+                settling: AtomicBool::new(false),
+                taken_back: AtomicU64::new(0),
+                cancelled: AtomicU64::new(0),
+            }),
         }
+    }
+
+    /// How many strict admissions have an unknown outcome right now: the call may have
+    /// counted the request in Redis, but its answer was lost (a cut connection, a
+    /// timeout), so the request was refused with `store_unavailable`. Each is settled in
+    /// the background as soon as Redis answers again: a count that was made is taken
+    /// back, one that was not is cancelled (so that it counts nothing if it still
+    /// arrives). Zero when nothing is pending. See [Lost answers](RedisUsageStore#lost-answers).
+    pub fn unsettled(&self) -> usize {
+        lock(&self.ledger.unsettled).len()
+    }
+
+    /// How many lost admissions settling has taken back (they had been counted in Redis
+    /// though their requests were refused), and how many it cancelled (they had not run),
+    /// since this store was made.
+    pub fn settled(&self) -> (u64, u64) {
+        (
+            self.ledger.taken_back.load(Ordering::Relaxed),
+            self.ledger.cancelled.load(Ordering::Relaxed),
+        )
     }
 
     /// Keeps a durable copy of every count in `store` (`keygate_sql`'s usage store, say),
@@ -279,6 +405,11 @@ impl RedisUsageStore {
             .unwrap_or(0);
         earliest.saturating_sub(LONGEST_WINDOW.saturating_add(self.retention).as_secs())
     }
+}
+
+/// A lock that shrugs off poisoning (what it guards stays consistent: plain lists).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn millis(d: Duration) -> u64 {
@@ -421,10 +552,13 @@ impl RedisUsageStore {
         limits: &[Limit],
         cost: u64,
         seeds: Option<&(u64, Vec<Usage>)>,
-    ) -> Result<Vec<i64>, UsageError> {
+        op: u64,
+    ) -> Result<Vec<i64>, Failed> {
         let mut keys: Vec<String> = windows.iter().map(|w| self.window_key(key, w)).collect();
         keys.push(self.index_key(key));
         keys.push(self.epoch_key.clone());
+        keys.push(self.ops_key());
+        keys.push(self.cancelled_key());
         let mut args: Vec<String> = vec![
             cost.to_string(),
             limits.len().to_string(),
@@ -448,8 +582,16 @@ impl RedisUsageStore {
             args.push((l.window + 1).to_string());
             args.push(l.limit.min(MAX_EXACT).to_string());
         }
-        self.redis
-            .run(move |mut c| async move {
+        args.push(op.to_string());
+        let acks = {
+            let mut acked = lock(&self.ledger.acknowledged);
+            let keep = acked.len().saturating_sub(ACKS_PER_CALL);
+            acked.split_off(keep)
+        };
+        args.extend(acks.iter().map(u64::to_string));
+        let answer = self
+            .redis
+            .run_tracked(move |mut c| async move {
                 let mut inv = CHECK_AND_ADD.prepare_invoke();
                 for k in &keys {
                     inv.key(k);
@@ -459,8 +601,101 @@ impl RedisUsageStore {
                 }
                 inv.invoke_async(&mut c).await
             })
+            .await;
+        if answer.is_err() && !acks.is_empty() {
+            // Whether they were dropped is unknown: send them again (dropping is idempotent).
+            lock(&self.ledger.acknowledged).extend(acks);
+        }
+        answer
+    }
+
+    /// The hash of this store's admissions whose answers have not been acknowledged.
+    fn ops_key(&self) -> String {
+        self.redis.key(format_args!("q:{{ops}}:{}", self.ledger.id))
+    }
+
+    /// The hash of this store's cancelled operations.
+    fn cancelled_key(&self) -> String {
+        self.redis
+            .key(format_args!("q:{{cancelled}}:{}", self.ledger.id))
+    }
+
+    /// Records an operation whose outcome is unknown, and makes sure a task settles it.
+    fn lost(&self, lost: Lost) {
+        lock(&self.ledger.unsettled).push(lost);
+        self.settle_in_background();
+    }
+
+    fn settle_in_background(&self) {
+        if self.ledger.settling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.ledger.settling.store(false, Ordering::Release);
+            return;
+        };
+        let store = self.clone();
+        runtime.spawn(async move {
+            let mut pause = Duration::from_millis(20);
+            loop {
+                let next = lock(&store.ledger.unsettled)
+                    .first()
+                    .map(|l| (l.op, l.key, l.windows.clone(), l.cost));
+                let Some((op, key, windows, cost)) = next else {
+                    store.ledger.settling.store(false, Ordering::Release);
+                    // Something lost between the last look and the flag: settle it too.
+                    if lock(&store.ledger.unsettled).is_empty()
+                        || store.ledger.settling.swap(true, Ordering::AcqRel)
+                    {
+                        return;
+                    }
+                    continue;
+                };
+                match store.settle(op, &key, &windows, cost).await {
+                    Ok(taken_back) => {
+                        lock(&store.ledger.unsettled).retain(|l| l.op != op);
+                        let counter = if taken_back {
+                            &store.ledger.taken_back
+                        } else {
+                            &store.ledger.cancelled
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        pause = Duration::from_millis(20);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "a lost quota admission is not settled yet");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        });
+    }
+
+    /// Settles one lost admission: `true` when it had been counted (and is now taken
+    /// back), `false` when it had not run (and is now cancelled).
+    async fn settle(
+        &self,
+        op: u64,
+        key: &KeyId,
+        windows: &[Window],
+        cost: u64,
+    ) -> Result<bool, UsageError> {
+        let mut keys = vec![self.ops_key(), self.cancelled_key()];
+        keys.extend(windows.iter().map(|w| self.window_key(key, w)));
+        let taken_back: i64 = self
+            .redis
+            .run(move |mut c| async move {
+                let mut inv = SETTLE.prepare_invoke();
+                for k in &keys {
+                    inv.key(k);
+                }
+                inv.arg(op).arg(cost.min(MAX_EXACT));
+                inv.invoke_async(&mut c).await
+            })
             .await
-            .map_err(usage_error)
+            .map_err(usage_error)?;
+        Ok(taken_back == 1)
     }
 
     /// What the durable copy holds for `windows`.
@@ -481,7 +716,7 @@ impl RedisUsageStore {
         Ok(usage)
     }
 
-    /// Writes `increments` to the durable copy; if that fails, takes them back from Redis
+    /// Writes `increments` (an `add`) to the durable copy; if that fails, takes them back from Redis
     /// (best effort) and fails.
     async fn write_through(&self, increments: &[Increment]) -> Result<(), UsageError> {
         let Some(durable) = &self.durable else {
@@ -625,10 +860,30 @@ impl keygate_core::usage::UsageStore for RedisUsageStore {
         let mut seeds: Option<(u64, Vec<Usage>)> = None;
         // A new epoch can start between reading the seeds and using them (a flush, again):
         // then they are read again, a few times at most.
+        let op = self.ledger.next.fetch_add(1, Ordering::Relaxed);
         for _ in 0..3 {
-            let out = self
-                .invoke(key, windows, limits, cost, seeds.as_ref())
-                .await?;
+            let out = match self
+                .invoke(key, windows, limits, cost, seeds.as_ref(), op)
+                .await
+            {
+                Ok(out) => out,
+                Err(Failed { error, maybe_ran }) => {
+                    if maybe_ran {
+                        self.lost(Lost {
+                            op,
+                            key: *key,
+                            windows: windows.to_vec(),
+                            cost,
+                        });
+                    }
+                    return Err(usage_error(error));
+                }
+            };
+            if out.first() == Some(&-3) {
+                return Err(UsageError::Unavailable(
+                    "this quota check was settled as lost before it arrived".into(),
+                ));
+            }
             let epoch = out.get(1).and_then(|e| u64::try_from(*e).ok()).unwrap_or(0);
             if out.first() == Some(&-1) {
                 let Some(durable) = &self.durable else {
@@ -649,7 +904,7 @@ impl keygate_core::usage::UsageStore for RedisUsageStore {
                     }
                 );
             }
-            return self.admission(key, windows, cost, &out).await;
+            return self.admission(key, windows, cost, &out, op).await;
         }
         Err(UsageError::Unavailable(
             "Redis kept losing its state while quota counters were re-seeded".into(),
@@ -743,6 +998,7 @@ impl RedisUsageStore {
         windows: &[Window],
         cost: u64,
         out: &[i64],
+        op: u64,
     ) -> Result<Admission, UsageError> {
         let n = windows.len();
         if out.len() < 2 + 2 * n {
@@ -755,15 +1011,34 @@ impl RedisUsageStore {
             .map(|i| to_usage(out[2 + 2 * i], out[3 + 2 * i]))
             .collect::<Result<Vec<_>, _>>()?;
         if out[0] == 1 {
-            let increments: Vec<Increment> = windows
-                .iter()
-                .map(|w| Increment {
-                    key: *key,
-                    window: *w,
-                    usage: Usage { cost, requests: 1 },
-                })
-                .collect();
-            self.write_through(&increments).await?;
+            if let Some(durable) = &self.durable {
+                let increments: Vec<Increment> = windows
+                    .iter()
+                    .map(|w| Increment {
+                        key: *key,
+                        window: *w,
+                        usage: Usage { cost, requests: 1 },
+                    })
+                    .collect();
+                if let Err(e) = durable.add(&increments).await {
+                    tracing::warn!(error = %e, "the durable usage copy could not be written; the Redis count is taken back");
+                    // Taken back now if Redis answers, else settled in the background
+                    // (the admission stays unacknowledged until then).
+                    match self.settle(op, key, windows, cost).await {
+                        Ok(_) => {}
+                        Err(_) => self.lost(Lost {
+                            op,
+                            key: *key,
+                            windows: windows.to_vec(),
+                            cost,
+                        }),
+                    }
+                    return Err(UsageError::Unavailable(format!(
+                        "the durable usage copy could not be written: {e}"
+                    )));
+                }
+            }
+            lock(&self.ledger.acknowledged).push(op);
             return Ok(Admission::Admitted(usage));
         }
         let violated = out[2 + 2 * n..]
