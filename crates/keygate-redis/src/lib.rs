@@ -60,7 +60,10 @@
 mod changes;
 mod conn;
 mod epoch;
+mod lease;
+mod quota_lease;
 mod rate;
+mod rate_lease;
 mod usage;
 
 pub use changes::{
@@ -68,6 +71,8 @@ pub use changes::{
 };
 pub use conn::{Error, OpenError, Redis, RedisOptions};
 pub use epoch::RestartMonitor;
+pub use lease::LeaseOptions;
+pub use quota_lease::LeaseCounts;
 pub use rate::{RedisRateLimiter, TimeSource};
 pub use usage::RedisUsageStore;
 
