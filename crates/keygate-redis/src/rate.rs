@@ -240,6 +240,37 @@ impl std::fmt::Debug for TimeSource {
 /// can make them), and, after a restart that brought back an older state, calls until the
 /// restart monitor's next check.
 ///
+/// # Leases
+/// With [`RedisRateLimiter::leased`] a replica does not make a round trip per request. For a
+/// (subject, policies) pair it leases `k` units: one script moves the GCRA state's TAT ahead
+/// by `k · period / limit` if the burst has room (the same arithmetic as `k` requests, all
+/// policies of the request at once, all or nothing), and the replica then allows requests
+/// from a lock-free local counter ([`RateBackend::try_local`], no I/O, no await). When the
+/// lease is spent or expired, the next request makes one script that gives back what the
+/// previous lease did not spend (the TAT moved back by that many units, exactly as if they
+/// had never been taken) and takes the next lease; concurrent requests of the same key wait
+/// for that one refill (single flight) and spend from it. Expired leases are given back by a
+/// background task every half lifetime, and [`release_leases`](RedisRateLimiter::release_leases)
+/// gives back everything at shutdown.
+///
+/// - **Never over the limit**: every unit a replica spends was debited in Redis first.
+/// - **Size**: adaptive, see [`LeaseOptions`]: twice what the previous lease served per
+///   lifetime, capped at `min(limit / 10, limit / (2 · replicas))`; a policy below 20 per
+///   period, or named [`LeaseOptions::precise`], is never leased: a request under it makes
+///   one script, as without leases (a request mixing it with leased policies too).
+/// - **Lifetime**: 1 s, at most a tenth of the shortest period; a lease is never spent
+///   after it on this replica's clock (the limiter's [`TimeSource`]).
+/// - **Under-use**: a request is refused only when Redis has no room; what the other
+///   replicas hold unspent then is at most `(replicas − 1) · cap`, given back within one
+///   lifetime. A replica that crashes strands at most its unspent lease, which the GCRA
+///   state forgets within one period.
+/// - **Changes**: a lease belongs to its policies; a lowered limit or a role change is a
+///   different policy, decided afresh from its first request. A revoked key is refused by
+///   the verifier before the rate limit. A change made in Redis itself (the hold after a
+///   loss) reaches a replica at its next refill, within one lifetime.
+/// - **Headers**: `RateLimit` fields from a lease are computed from the last answer and the
+///   units spent since (another replica's spending shows at the next refill).
+///
 /// # Local pre-check
 /// With [`RedisRateLimiter::local_precheck`] the limiter remembers, per subject and shape,
 /// the TAT of the last answer (bounded memory). A request whose cost cannot fit according to

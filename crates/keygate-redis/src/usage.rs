@@ -210,6 +210,36 @@ return 0
 /// at the moment of the loss (at most the requests in flight then), and, after a restart
 /// that brought back an older state, the requests admitted before the monitor's next check.
 /// Without a durable copy a loss resets the windows it hit to zero.
+///
+/// # Leases
+/// With [`RedisUsageStore::leased`] (defaults [`LeaseOptions::for_quotas`]) a check-and-add
+/// whose limits are all at least `min_limit` (1000) is decided from a lease. Each window hash
+/// then also holds `v` (cost reserved by live leases) and `l` (cost lost to leases that
+/// expired unreported); every lease has a record `{prefix}:q:{<key id>}:lease:<id>` (its
+/// amount and windows) listed by expiry in `{prefix}:q:{<key id>}:leases`.
+///
+/// - **Reserve**: one script reserves `k` in every window of the request if, for every
+///   limit, `used + reserved + k ≤ limit` (`k` shrinks to what fits, down to the request's
+///   cost; below it the request is refused). The replica then admits requests from the
+///   lease locally, counting what it served. The precise check-and-add counts `reserved`
+///   as used too, so precise and leased callers share a window exactly.
+/// - **Report**: the next refill of the same key and windows, the background task (every
+///   half lifetime, for leases past their lifetime) or
+///   [`release_leases`](RedisUsageStore::release_leases) (at shutdown) report the lease in
+///   the same script: `used += served`, the lease's whole reservation is freed. So once
+///   every lease is reported, `used` is exactly what was served.
+/// - **Crash**: a lease not reported within `3 · lifetime + 2 s` of its grant is reclaimed by
+///   the next script touching the key: its reservation is freed and added to `lost`
+///   ([`lease_counts`](RedisUsageStore::lease_counts)), never to `used`. `lost` is the
+///   crashed replica's unspent units plus what it served since its last report (at most
+///   one lease, `≤ limit / 100`); a late report of a reclaimed lease moves what it served
+///   from `lost` to `used`.
+/// - **Changes**: a lease is spent only under the limits it was taken for; a lowered limit
+///   refills at once (the old lease reported, the new one sized for the new limit).
+/// - **Durable copy**: windows are seeded before a lease is taken, and what a lease served
+///   is written through when it is reported (within about one lifetime).
+/// - A call with a limit below `min_limit` (or without limits) stays one script per
+///   request.
 #[derive(Clone)]
 pub struct RedisUsageStore {
     pub(crate) redis: Redis,
@@ -358,7 +388,7 @@ impl RedisUsageStore {
     /// How long counters are kept after their window ends (default 35 days).
     pub fn retention(mut self, keep: Duration) -> Self {
         self.retention = keep;
-        self
+        self.rebuild_leases()
     }
 
     fn window_key(&self, key: &KeyId, w: &Window) -> String {
