@@ -355,6 +355,18 @@ async fn precise_policies_still_make_one_script_per_request() {
     }
     assert_eq!(admitted, 10);
     assert_eq!(store.leases_taken(), 0);
+    // A window without a limit (metered only) is leased: counted exactly once reported.
+    let metered = KeyId::parse("AbCdEfGhIjKn").unwrap();
+    for _ in 0..50 {
+        assert!(matches!(
+            store.check_and_add(&metered, &[day], &[], 1).await.unwrap(),
+            Admission::Admitted(_)
+        ));
+    }
+    assert!(store.leases_taken() > 0 && store.decided_locally() > 40);
+    store.release_leases().await;
+    let counts = store.lease_counts(&metered, &[day]).await.unwrap()[0];
+    assert_eq!((counts.used, counts.reserved, counts.lost), (50, 0, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

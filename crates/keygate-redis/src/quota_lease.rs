@@ -182,6 +182,9 @@ pub struct LeaseCounts {
 
 type LeaseKey = (KeyId, Vec<Window>);
 
+/// The largest lease of windows without a limit (metered only): sized by the rate anyway.
+const UNLIMITED_CAP: u64 = 1 << 20;
+
 /// A store's leases.
 pub(crate) struct QuotaLeases {
     pub(crate) options: LeaseOptions,
@@ -314,9 +317,10 @@ impl QuotaLeases {
         }
     }
 
-    /// Whether a call with these limits is leased (every limit at least `min_limit`).
+    /// Whether a call with these limits is leased (every limit at least `min_limit`; a
+    /// call without limits, a metered window, is).
     pub(crate) fn leasable(&self, limits: &[Limit]) -> bool {
-        !limits.is_empty() && limits.iter().all(|l| l.limit >= self.options.min_limit)
+        limits.iter().all(|l| l.limit >= self.options.min_limit)
     }
 
     /// The largest lease for these limits.
@@ -326,7 +330,7 @@ impl QuotaLeases {
             .iter()
             .filter_map(|l| self.options.cap(l.limit.min(MAX_EXACT), replicas))
             .min()
-            .unwrap_or(1)
+            .unwrap_or(UNLIMITED_CAP)
     }
 
     fn lifetime_us(&self) -> u64 {

@@ -238,8 +238,8 @@ return 0
 ///   refills at once (the old lease reported, the new one sized for the new limit).
 /// - **Durable copy**: windows are seeded before a lease is taken, and what a lease served
 ///   is written through when it is reported (within about one lifetime).
-/// - A call with a limit below `min_limit` (or without limits) stays one script per
-///   request.
+/// - A call with a limit below `min_limit` stays one script per request. A call without
+///   limits (a metered window) is leased too, its size from the observed rate alone.
 #[derive(Clone)]
 pub struct RedisUsageStore {
     pub(crate) redis: Redis,
