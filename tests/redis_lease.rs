@@ -395,3 +395,50 @@ async fn a_replica_over_http_answers_from_its_lease() {
     assert!(r.limiter.decided_locally() >= 80);
     assert!(r.usage.decided_locally() >= 80);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leased_quotas_with_a_durable_copy_are_seeded_and_written_through() {
+    let Some(t) = TestRedis::new().await else {
+        return;
+    };
+    let clock = ManualClock::at_2026();
+    let key = KeyId::parse("AbCdEfGhIjKl").unwrap();
+    let day = Window::containing(QuotaWindow::Day, clock.now());
+    let durable = keygate::core::usage::MemoryUsageStore::new();
+    // The durable copy already counted 100 (Redis lost its counters, say).
+    durable
+        .add(&[keygate::core::usage::Increment {
+            key,
+            window: day,
+            usage: keygate::core::usage::Usage {
+                cost: 100,
+                requests: 100,
+            },
+        }])
+        .await
+        .unwrap();
+    let store = RedisUsageStore::new(&t.redis)
+        .durable(durable.clone())
+        .time_source(TimeSource::Clock(Arc::new(clock.clone())))
+        .leased(LeaseOptions::for_quotas());
+    let limits = [Limit {
+        window: 0,
+        limit: 1000,
+    }];
+    let mut admitted = 0u64;
+    for _ in 0..1000 {
+        if matches!(
+            store.check_and_add(&key, &[day], &limits, 1).await.unwrap(),
+            Admission::Admitted(_)
+        ) {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 900, "seeded with the durable 100 first");
+    assert!(store.decided_locally() > 0);
+    store.release_leases().await;
+    let counts = store.lease_counts(&key, &[day]).await.unwrap()[0];
+    assert_eq!((counts.used, counts.reserved, counts.lost), (1000, 0, 0));
+    let kept = durable.load(&key, &[day]).await.unwrap();
+    assert_eq!(kept[0].cost, 1000, "every reported lease written through");
+}
