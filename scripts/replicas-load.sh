@@ -118,8 +118,8 @@ load() {
     done
 }
 
-report() { # LABEL then lines "rps ok"
-    local label=$1
+report() { # LABEL then lines "rps statuses"
+    local label=$1 r
     shift
     printf '%-34s' "$label"
     for r in "$@"; do printf ' %10.0f' "${r%% *}"; done
