@@ -415,6 +415,8 @@ async fn a_restart_that_brings_back_an_older_snapshot_is_noticed() {
         restart_every: Some(Duration::from_millis(20)),
         resync_interval: Duration::from_secs(1),
         signing_key: None,
+        rate_leases: None,
+        quota_leases: None,
     }
     .spawn()
     .await;

@@ -1,6 +1,7 @@
 //! Figures, not a pass/fail check (ignored by default): the latency of a request through
 //! the rate-limit layer with the Redis backend against the in-process governor limiter, in
-//! the same run, and what the local pre-check saves on a key over its limit. Run with
+//! the same run, what the local pre-check saves on a key over its limit, and throughput
+//! with leased allowances. Run with
 //!
 //! ```text
 //! KEYGATE_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test --release \
@@ -21,7 +22,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use keygate::core::rate::{RateBackend, RateSubject};
 use keygate::rate_limit::{RateLimitConfig, RateLimitLayer};
-use keygate::redis::RedisRateLimiter;
+use keygate::redis::{LeaseOptions, RedisRateLimiter};
 use keygate::{ApiKey, RateLimitPolicy};
 use redis_support::*;
 use tower::util::BoxCloneService;
@@ -195,6 +196,12 @@ async fn requests_per_second_with_redis_against_local() {
         (
             "redis backend",
             build(Some(RedisRateLimiter::new(&t.redis))),
+        ),
+        (
+            "redis, leased",
+            build(Some(
+                RedisRateLimiter::new(&t.redis).leased(LeaseOptions::new()),
+            )),
         ),
     ];
     for (name, svc) in variants {

@@ -291,8 +291,8 @@ fn begin_remote<ReqB: Send + 'static>(
     // backend sees says so; the denial names the real cost.
     let units = u32::try_from(cost).unwrap_or(u32::MAX);
     let pre = match &each {
-        Some(each) => backend.precheck_each(each, policies, units),
-        None => backend.precheck(remote, policies, units),
+        Some(each) => backend.try_local_each(each, policies, units),
+        None => backend.try_local(remote, policies, units),
     };
     if let Some(decision) = pre {
         return Step::Now(settle(&shared, principal, cost, decision));

@@ -15,8 +15,8 @@ use keygate::core::usage::UsageStore;
 use keygate::quota::{Counting, QuotaConfig, QuotaLayer};
 use keygate::rate_limit::{Fallback, LimiterClock, RateLimitConfig, RateLimitLayer};
 use keygate::redis::{
-    ChangeKey, ChangeWatcher, Publisher, Publishing, Redis, RedisOptions, RedisRateLimiter,
-    RedisUsageStore, RestartMonitor, TimeSource, WatchOptions,
+    ChangeKey, ChangeWatcher, LeaseOptions, Publisher, Publishing, Redis, RedisOptions,
+    RedisRateLimiter, RedisUsageStore, RestartMonitor, TimeSource, WatchOptions,
 };
 use keygate::{
     ApiKey, KeyGate, KeyId, KeyManager, KeyRecord, KeyStore, ManualClock, MemoryStore, Prefix,
@@ -152,6 +152,10 @@ pub struct ReplicaSpec {
     pub resync_interval: Duration,
     /// Signs published changes and accepts only signed ones.
     pub signing_key: Option<ChangeKey>,
+    /// Leased rate limits (`None`: precise, one script per request).
+    pub rate_leases: Option<LeaseOptions>,
+    /// Leased quotas (`None`: precise).
+    pub quota_leases: Option<LeaseOptions>,
 }
 
 impl ReplicaSpec {
@@ -170,6 +174,8 @@ impl ReplicaSpec {
             restart_every: None,
             resync_interval: Duration::from_secs(1),
             signing_key: None,
+            rate_leases: None,
+            quota_leases: None,
         }
     }
 
@@ -200,6 +206,9 @@ impl ReplicaSpec {
         if let Some(hold) = self.hold {
             limiter = limiter.hold_after_loss(hold);
         }
+        if let Some(options) = &self.rate_leases {
+            limiter = limiter.leased(options.clone());
+        }
         let rate = RateLimitLayer::new(
             RateLimitConfig::new()
                 .default_policies([])
@@ -213,6 +222,12 @@ impl ReplicaSpec {
         let mut usage = RedisUsageStore::new(&redis);
         if let Some(durable) = &self.durable {
             usage = usage.durable(durable.clone());
+        }
+        if !self.server_time {
+            usage = usage.time_source(TimeSource::Clock(Arc::new(self.clock.clone())));
+        }
+        if let Some(options) = &self.quota_leases {
+            usage = usage.leased(options.clone());
         }
         let quota = QuotaLayer::new(QuotaConfig::new(usage.clone()).counting(Counting::Strict))
             .expect("quota layer")

@@ -167,6 +167,32 @@ pub trait RateBackend: Send + Sync + 'static {
         None
     }
 
+    /// A decision made without I/O, allowed or refused: what the rate-limit layer asks
+    /// first. A backend that leases allowances (keygate's Redis backend with leases) answers
+    /// from its lease; `None`: ask [`check`](Self::check). An allowed answer has counted
+    /// `cost` as [`check`](Self::check) would. The default is [`precheck`](Self::precheck)
+    /// (refusals only).
+    fn try_local(
+        &self,
+        subject: RateSubject,
+        policies: &[RateLimitPolicy],
+        cost: u32,
+    ) -> Option<RateDecision> {
+        self.precheck(subject, policies, cost)
+    }
+
+    /// [`try_local`](Self::try_local) with a subject per policy, as in
+    /// [`check_each`](Self::check_each). The default is
+    /// [`precheck_each`](Self::precheck_each).
+    fn try_local_each(
+        &self,
+        subjects: &[RateSubject],
+        policies: &[RateLimitPolicy],
+        cost: u32,
+    ) -> Option<RateDecision> {
+        self.precheck_each(subjects, policies, cost)
+    }
+
     /// [`check`](Self::check) with a subject per policy (`subjects[i]` for
     /// `policies[i]`): what the rate-limit layer asks for a key whose identity has limits
     /// of its own (those count under the identity's
@@ -303,6 +329,24 @@ impl<T: RateBackend + ?Sized> RateBackend for Arc<T> {
         cost: u32,
     ) -> Option<RateDecision> {
         (**self).precheck_each(subjects, policies, cost)
+    }
+
+    fn try_local(
+        &self,
+        subject: RateSubject,
+        policies: &[RateLimitPolicy],
+        cost: u32,
+    ) -> Option<RateDecision> {
+        (**self).try_local(subject, policies, cost)
+    }
+
+    fn try_local_each(
+        &self,
+        subjects: &[RateSubject],
+        policies: &[RateLimitPolicy],
+        cost: u32,
+    ) -> Option<RateDecision> {
+        (**self).try_local_each(subjects, policies, cost)
     }
 
     fn refund(&self, subject: RateSubject, policies: &[RateLimitPolicy], cost: u32) {

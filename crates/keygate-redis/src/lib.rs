@@ -8,6 +8,10 @@
 //!   per-window counters with expiry, and an atomic check-and-add (a Lua script), so
 //!   replicas counting strictly cannot overshoot together; with a durable copy
 //!   ([`RedisUsageStore::durable`], the SQL usage store) losing Redis resets no quota.
+//! - Leases ([`LeaseOptions`], [`RedisRateLimiter::leased`], [`RedisUsageStore::leased`]):
+//!   a replica reserves a slice of a busy key's allowance in Redis (debited there, so
+//!   the shared limit is never exceeded) and spends it locally without a round trip;
+//!   small limits stay precise (one script per request).
 //! - Change propagation: [`Publishing`] wraps a [`KeyStore`](keygate_core::KeyStore),
 //!   logs and publishes the id of every key it writes; [`Redis::watch`] makes a replica's
 //!   [`Verifier`](keygate_core::Verifier) evict that key, heals lost messages from the log,
@@ -60,7 +64,10 @@
 mod changes;
 mod conn;
 mod epoch;
+mod lease;
+mod quota_lease;
 mod rate;
+mod rate_lease;
 mod usage;
 
 pub use changes::{
@@ -68,6 +75,8 @@ pub use changes::{
 };
 pub use conn::{Error, OpenError, Redis, RedisOptions};
 pub use epoch::RestartMonitor;
+pub use lease::LeaseOptions;
+pub use quota_lease::LeaseCounts;
 pub use rate::{RedisRateLimiter, TimeSource};
 pub use usage::RedisUsageStore;
 

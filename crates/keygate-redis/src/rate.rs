@@ -11,6 +11,8 @@ use redis::Script;
 
 use crate::conn::{micros, Error, Redis};
 use crate::epoch::{epoch_key, hold_key, EpochView};
+use crate::lease::LeaseOptions;
+use crate::rate_lease::RateLeases;
 
 /// The default hold after Redis lost the rate-limit state.
 const DEFAULT_HOLD: Duration = Duration::from_secs(60);
@@ -238,6 +240,37 @@ impl std::fmt::Debug for TimeSource {
 /// can make them), and, after a restart that brought back an older state, calls until the
 /// restart monitor's next check.
 ///
+/// # Leases
+/// With [`RedisRateLimiter::leased`] a replica does not make a round trip per request. For a
+/// (subject, policies) pair it leases `k` units: one script moves the GCRA state's TAT ahead
+/// by `k · period / limit` if the burst has room (the same arithmetic as `k` requests, all
+/// policies of the request at once, all or nothing), and the replica then allows requests
+/// from a lock-free local counter ([`RateBackend::try_local`], no I/O, no await). When the
+/// lease is spent or expired, the next request makes one script that gives back what the
+/// previous lease did not spend (the TAT moved back by that many units, exactly as if they
+/// had never been taken) and takes the next lease; concurrent requests of the same key wait
+/// for that one refill (single flight) and spend from it. Expired leases are given back by a
+/// background task every half lifetime, and [`release_leases`](RedisRateLimiter::release_leases)
+/// gives back everything at shutdown.
+///
+/// - **Never over the limit**: every unit a replica spends was debited in Redis first.
+/// - **Size**: adaptive, see [`LeaseOptions`]: twice what the previous lease served per
+///   lifetime, capped at `min(limit / 10, limit / (2 · replicas))`; a policy below 20 per
+///   period, or named [`LeaseOptions::precise`], is never leased: a request under it makes
+///   one script, as without leases (a request mixing it with leased policies too).
+/// - **Lifetime**: 1 s, at most a tenth of the shortest period; a lease is never spent
+///   after it on this replica's clock (the limiter's [`TimeSource`]).
+/// - **Under-use**: a request is refused only when Redis has no room; what the other
+///   replicas hold unspent then is at most `(replicas − 1) · cap`, given back within one
+///   lifetime. A replica that crashes strands at most its unspent lease, which the GCRA
+///   state forgets within one period.
+/// - **Changes**: a lease belongs to its policies; a lowered limit or a role change is a
+///   different policy, decided afresh from its first request. A revoked key is refused by
+///   the verifier before the rate limit. A change made in Redis itself (the hold after a
+///   loss) reaches a replica at its next refill, within one lifetime.
+/// - **Headers**: `RateLimit` fields from a lease are computed from the last answer and the
+///   units spent since (another replica's spending shows at the next refill).
+///
 /// # Local pre-check
 /// With [`RedisRateLimiter::local_precheck`] the limiter remembers, per subject and shape,
 /// the TAT of the last answer (bounded memory). A request whose cost cannot fit according to
@@ -248,22 +281,24 @@ impl std::fmt::Debug for TimeSource {
 /// refusing.
 #[derive(Clone)]
 pub struct RedisRateLimiter {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    redis: Redis,
-    epoch_key: String,
-    hold_key: String,
-    epoch: EpochView,
-    hold: Duration,
+pub(crate) struct Inner {
+    pub(crate) redis: Redis,
+    pub(crate) epoch_key: String,
+    pub(crate) hold_key: String,
+    pub(crate) epoch: EpochView,
+    pub(crate) hold: Duration,
     losses: AtomicU64,
     time: TimeSource,
     origin: Instant,
     memory: Option<Memory>,
-    round_trips: AtomicU64,
-    prechecked: AtomicU64,
+    pub(crate) round_trips: AtomicU64,
+    pub(crate) prechecked: AtomicU64,
     refunding: AtomicU64,
+    /// Leased allowances ([`RedisRateLimiter::leased`]); `None`: precise.
+    pub(crate) leases: Option<RateLeases>,
 }
 
 /// The local pre-check's memory: the TAT (local µs) last seen per subject and shape.
@@ -276,9 +311,9 @@ struct Memory {
 
 /// One distinct policy shape of a call.
 #[derive(Clone, Copy, PartialEq, Eq)]
-struct Shape {
-    limit: u32,
-    period_us: u64,
+pub(crate) struct Shape {
+    pub(crate) limit: u32,
+    pub(crate) period_us: u64,
 }
 
 impl Shape {
@@ -305,13 +340,13 @@ impl Shape {
         })
     }
 
-    fn t(&self) -> f64 {
+    pub(crate) fn t(&self) -> f64 {
         self.period_us as f64 / f64::from(self.limit)
     }
 
     /// Remaining units, time until full, and the wait for `cost` (None: never) when the TAT
     /// is `ahead` µs past now.
-    fn standing(&self, ahead: f64, cost: u32) -> RateStanding {
+    pub(crate) fn standing(&self, ahead: f64, cost: u32) -> RateStanding {
         let ahead = ahead.max(0.0);
         let limit = f64::from(self.limit);
         let spent = (ahead * limit / self.period_us as f64 - EPS)
@@ -385,6 +420,7 @@ impl RedisRateLimiter {
                 round_trips: AtomicU64::new(0),
                 prechecked: AtomicU64::new(0),
                 refunding: AtomicU64::new(0),
+                leases: None,
             }),
         }
     }
@@ -407,6 +443,11 @@ impl RedisRateLimiter {
                     round_trips: AtomicU64::new(0),
                     prechecked: AtomicU64::new(0),
                     refunding: AtomicU64::new(0),
+                    leases: self
+                        .inner
+                        .leases
+                        .as_ref()
+                        .map(|l| RateLeases::new(l.options.clone(), &self.inner.redis)),
                 };
                 f(&mut inner);
                 self.inner = Arc::new(inner);
@@ -434,6 +475,53 @@ impl RedisRateLimiter {
     /// without it.
     pub fn hold_after_loss(self, hold: Duration) -> Self {
         self.edit(|i| i.hold = hold)
+    }
+
+    /// Leases allowances (see [`LeaseOptions`]): a replica reserves a slice of a key's
+    /// allowance in Redis and decides requests from it without a round trip, sized by the
+    /// key's observed rate; policies below the options' `min_limit` or named `precise` keep
+    /// one script per request. See [Leases](RedisRateLimiter#leases).
+    pub fn leased(self, options: LeaseOptions) -> Self {
+        self.edit(|i| i.leases = Some(RateLeases::new(options, &i.redis)))
+    }
+
+    /// Whether allowances are leased.
+    pub fn is_leased(&self) -> bool {
+        self.inner.leases.is_some()
+    }
+
+    /// How many requests were decided from a lease (or a lease's refusal) without a round
+    /// trip.
+    pub fn decided_locally(&self) -> u64 {
+        self.inner
+            .leases
+            .as_ref()
+            .map_or(0, |l| l.local.load(Ordering::Relaxed))
+    }
+
+    /// How many leases this limiter took (refills that granted something).
+    pub fn leases_taken(&self) -> u64 {
+        self.inner
+            .leases
+            .as_ref()
+            .map_or(0, |l| l.taken.load(Ordering::Relaxed))
+    }
+
+    /// How many leases hold unspent units now.
+    pub fn leases_held(&self) -> usize {
+        self.inner.leases.as_ref().map_or(0, |l| l.held())
+    }
+
+    /// Gives back the unspent units of expired leases now (a background task does it every
+    /// half lifetime; tests with a manual clock call it after stepping the clock).
+    pub async fn release_expired(&self) {
+        self.give_back(false).await
+    }
+
+    /// Gives back every lease's unspent units (at shutdown: what a replica holds is
+    /// otherwise lost until its period passes). Requests after it lease again.
+    pub async fn release_leases(&self) {
+        self.give_back(true).await
     }
 
     /// How many times this limiter found that Redis had lost (or replaced) the state it
@@ -470,7 +558,7 @@ impl RedisRateLimiter {
 
 impl Inner {
     /// The script's `now` argument: empty for the server's clock.
-    fn now_arg(&self) -> String {
+    pub(crate) fn now_arg(&self) -> String {
         match &self.time {
             TimeSource::Server => String::new(),
             TimeSource::Clock(c) => {
@@ -480,7 +568,7 @@ impl Inner {
     }
 
     /// The pre-check's time base: the caller's clock, or a local monotonic count.
-    fn local_now(&self) -> f64 {
+    pub(crate) fn local_now(&self) -> f64 {
         match &self.time {
             TimeSource::Server => micros(self.origin.elapsed()) as f64,
             TimeSource::Clock(c) => {
@@ -489,7 +577,7 @@ impl Inner {
         }
     }
 
-    fn key(&self, subject: RateSubject, s: &Shape) -> String {
+    pub(crate) fn key(&self, subject: RateSubject, s: &Shape) -> String {
         self.redis
             .key(format_args!("rl:{{{subject}}}:{}:{}", s.limit, s.period_us))
     }
@@ -550,6 +638,35 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Notes a new epoch in a script's answer (`{status, now, epoch, ..}`); fails while
+    /// holding after a loss.
+    pub(crate) fn check_epoch(&self, out: &[i64]) -> Result<(), RateError> {
+        if out.len() < 3 {
+            return Ok(());
+        }
+        let token = u64::try_from(out[2]).unwrap_or(0);
+        if self.epoch.saw(token) {
+            self.losses.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                hold = ?self.hold,
+                "Redis lost the shared rate-limit state (flushed, evicted or restarted); \
+                 holding before counting from a fresh state"
+            );
+        }
+        if out[0] == -1 {
+            let left = out
+                .get(3)
+                .map_or(0, |until| until.saturating_sub(out[1]).max(0));
+            return Err(RateError::Unavailable(format!(
+                "Redis lost the shared rate-limit state; limits resume in {:?}",
+                Duration::from_micros(left as u64)
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Memory {
     fn new(capacity: usize) -> Memory {
         Memory {
@@ -580,7 +697,7 @@ impl Memory {
     }
 }
 
-fn unavailable(e: Error) -> RateError {
+pub(crate) fn unavailable(e: Error) -> RateError {
     match e {
         Error::Unavailable(s) | Error::Unexpected(s) => RateError::Unavailable(s),
     }
@@ -602,28 +719,14 @@ impl RedisRateLimiter {
                 standings: Vec::new(),
             });
         }
-        let local_now = inner.local_now();
-        let out: Vec<i64> = inner.run(&GCRA, &shapes, cost).await.map_err(unavailable)?;
-        if out.len() >= 3 {
-            let token = u64::try_from(out[2]).unwrap_or(0);
-            if inner.epoch.saw(token) {
-                inner.losses.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    hold = ?inner.hold,
-                    "Redis lost the shared rate-limit state (flushed, evicted or restarted); \
-                     holding before counting from a fresh state"
-                );
-            }
-            if out[0] == -1 {
-                let left = out
-                    .get(3)
-                    .map_or(0, |until| until.saturating_sub(out[1]).max(0));
-                return Err(RateError::Unavailable(format!(
-                    "Redis lost the shared rate-limit state; limits resume in {:?}",
-                    Duration::from_micros(left as u64)
-                )));
+        if let Some(leases) = &inner.leases {
+            if leases.leasable(policies) {
+                return self.lease_decide(&shapes, &index, cost).await;
             }
         }
+        let local_now = inner.local_now();
+        let out: Vec<i64> = inner.run(&GCRA, &shapes, cost).await.map_err(unavailable)?;
+        inner.check_epoch(&out)?;
         if out.len() != 3 + 3 * shapes.len() {
             return Err(RateError::Unavailable(format!(
                 "the rate-limit script answered {} values",
@@ -647,6 +750,25 @@ impl RedisRateLimiter {
             allowed,
             standings: index.iter().map(|i| per_shape[*i]).collect(),
         })
+    }
+
+    /// A decision without I/O: from a lease for leased policies, else the pre-check.
+    fn local_decision(
+        &self,
+        subject: impl Fn(usize) -> RateSubject,
+        policies: &[RateLimitPolicy],
+        cost: u32,
+    ) -> Option<RateDecision> {
+        if let Some(leases) = &self.inner.leases {
+            if leases.leasable(policies) {
+                let Shapes { shapes, index } = Shapes::of_each(&subject, policies).ok()?;
+                if shapes.is_empty() {
+                    return None;
+                }
+                return self.lease_local(&shapes, &index, cost);
+            }
+        }
+        self.remembered_refusal(subject, policies, cost)
     }
 
     /// The local pre-check, each policy looked up for its subject.
@@ -725,6 +847,31 @@ impl RateBackend for RedisRateLimiter {
         self.remembered_refusal(|_| subject, policies, cost)
     }
 
+    /// With leases: allowed from this replica's lease (or refused while Redis's last refusal
+    /// stands) without a round trip. Otherwise the pre-check.
+    fn try_local(
+        &self,
+        subject: RateSubject,
+        policies: &[RateLimitPolicy],
+        cost: u32,
+    ) -> Option<RateDecision> {
+        self.local_decision(|_| subject, policies, cost)
+    }
+
+    fn try_local_each(
+        &self,
+        subjects: &[RateSubject],
+        policies: &[RateLimitPolicy],
+        cost: u32,
+    ) -> Option<RateDecision> {
+        let first = *subjects.first()?;
+        self.local_decision(
+            |i| subjects.get(i).copied().unwrap_or(first),
+            policies,
+            cost,
+        )
+    }
+
     fn precheck_each(
         &self,
         subjects: &[RateSubject],
@@ -747,6 +894,9 @@ impl RateBackend for RedisRateLimiter {
             return;
         };
         if shapes.is_empty() {
+            return;
+        }
+        if self.lease_refund(&shapes, cost) {
             return;
         }
         if let Some(m) = &self.inner.memory {
@@ -777,6 +927,7 @@ impl std::fmt::Debug for RedisRateLimiter {
             .field("redis", &self.inner.redis)
             .field("time", &self.inner.time)
             .field("precheck", &self.inner.memory.is_some())
+            .field("leased", &self.inner.leases.is_some())
             .field("round_trips", &self.round_trips())
             .finish()
     }

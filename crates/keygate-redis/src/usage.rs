@@ -1,6 +1,6 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use keygate_core::usage::{Admission, Increment, Limit, Usage, UsageError, UsageRecord, Window};
@@ -9,10 +9,13 @@ use redis::Script;
 
 use crate::conn::{Error, Failed, Redis};
 use crate::epoch::{epoch_key, EpochView};
+use crate::lease::{LeaseOptions, LocalClock};
+use crate::quota_lease::{LeaseCounts, QuotaLeases};
+use crate::rate::TimeSource;
 use keygate_core::usage::UsageStore;
 
 /// The largest count kept exactly (2^53).
-const MAX_EXACT: u64 = 1 << 53;
+pub(crate) const MAX_EXACT: u64 = 1 << 53;
 
 /// The longest window (a calendar month or a monthly credit period), for the index's
 /// horizon.
@@ -35,6 +38,7 @@ static CHECK_AND_ADD: LazyLock<Script> = LazyLock::new(|| {
 -- Returns {admitted, epoch, then per window: cost, requests, then the violated limits
 -- (0-based)}, {-1, epoch} when windows need seeds read for that epoch, or {-3, 0} when
 -- this operation was cancelled (settled as lost) before it arrived.
+-- Units reserved by leases (field 'v') count as used.
 local n = #KEYS - 4
 local cost = tonumber(ARGV[1])
 local m = tonumber(ARGV[2])
@@ -60,13 +64,15 @@ local function count(x)
 end
 local usage = {}
 local unseeded = {}
+local reserved = {}
 for i = 1, n do
-  local v = redis.call('HMGET', KEYS[i], 'c', 'r', 'e')
-  local c, r = count(v[1]), count(v[2])
-  if c == nil or r == nil then
+  local v = redis.call('HMGET', KEYS[i], 'c', 'r', 'e', 'v')
+  local c, r, rv = count(v[1]), count(v[2]), count(v[4])
+  if c == nil or r == nil or rv == nil then
     return redis.error_reply('keygate: unreadable usage counter')
   end
   usage[i] = {c, r}
+  reserved[i] = rv
   if ARGV[6] == '1' and v[3] ~= epoch then unseeded[#unseeded + 1] = i end
 end
 local idx = KEYS[n + 1]
@@ -92,14 +98,17 @@ local violated = {}
 for j = 1, m do
   local w = tonumber(ARGV[at + 2 * (j - 1)])
   local lim = tonumber(ARGV[at + 2 * (j - 1) + 1])
-  if usage[w][1] + cost > lim then violated[#violated + 1] = j - 1 end
+  if usage[w][1] + reserved[w] + cost > lim then violated[#violated + 1] = j - 1 end
 end
 local out = {0, tonumber(epoch)}
+-- A call of cost 0 without limits only seeds (what leases ask before reserving).
+local requests = 1
+if cost == 0 and m == 0 then requests = 0 end
 if #violated == 0 then
   out[1] = 1
   for i = 1, n do
     usage[i][1] = redis.call('HINCRBY', KEYS[i], 'c', cost)
-    usage[i][2] = redis.call('HINCRBY', KEYS[i], 'r', 1)
+    usage[i][2] = redis.call('HINCRBY', KEYS[i], 'r', requests)
     local ttl = tonumber(ARGV[8 + 5 * (i - 1)])
     if ttl > 0 then
       redis.call('PEXPIRE', KEYS[i], ttl)
@@ -110,9 +119,12 @@ if #violated == 0 then
     redis.call('ZREMRANGEBYSCORE', idx, '-inf', '(' .. ARGV[4])
     redis.call('PEXPIRE', idx, ARGV[3])
   end
-  -- Until its answer is acknowledged, the admission can be settled if the answer is lost.
-  redis.call('HSET', ops, op, 1)
-  redis.call('PEXPIRE', ops, 86400000)
+  -- Until its answer is acknowledged, the admission can be settled if the answer is lost
+  -- (a seeding call counts nothing: there is nothing to settle).
+  if cost > 0 or requests > 0 then
+    redis.call('HSET', ops, op, 1)
+    redis.call('PEXPIRE', ops, 86400000)
+  end
 end
 for i = 1, n do
   out[#out + 1] = usage[i][1]
@@ -294,14 +306,47 @@ const ACKS_PER_CALL: usize = 64;
 /// at the moment of the loss (at most the requests in flight then), and, after a restart
 /// that brought back an older state, the requests admitted before the monitor's next check.
 /// Without a durable copy a loss resets the windows it hit to zero.
+///
+/// # Leases
+/// With [`RedisUsageStore::leased`] (defaults [`LeaseOptions::for_quotas`]) a check-and-add
+/// whose limits are all at least `min_limit` (1000) is decided from a lease. Each window hash
+/// then also holds `v` (cost reserved by live leases) and `l` (cost lost to leases that
+/// expired unreported); every lease has a record `{prefix}:q:{<key id>}:lease:<id>` (its
+/// amount and windows) listed by expiry in `{prefix}:q:{<key id>}:leases`.
+///
+/// - **Reserve**: one script reserves `k` in every window of the request if, for every
+///   limit, `used + reserved + k ≤ limit` (`k` shrinks to what fits, down to the request's
+///   cost; below it the request is refused). The replica then admits requests from the
+///   lease locally, counting what it served. The precise check-and-add counts `reserved`
+///   as used too, so precise and leased callers share a window exactly.
+/// - **Report**: the next refill of the same key and windows, the background task (every
+///   half lifetime, for leases past their lifetime) or
+///   [`release_leases`](RedisUsageStore::release_leases) (at shutdown) report the lease in
+///   the same script: `used += served`, the lease's whole reservation is freed. So once
+///   every lease is reported, `used` is exactly what was served.
+/// - **Crash**: a lease not reported within `3 · lifetime + 2 s` of its grant is reclaimed by
+///   the next script touching the key: its reservation is freed and added to `lost`
+///   ([`lease_counts`](RedisUsageStore::lease_counts)), never to `used`. `lost` is the
+///   crashed replica's unspent units plus what it served since its last report (at most
+///   one lease, `≤ limit / 100`); a late report of a reclaimed lease moves what it served
+///   from `lost` to `used`.
+/// - **Changes**: a lease is spent only under the limits it was taken for; a lowered limit
+///   refills at once (the old lease reported, the new one sized for the new limit).
+/// - **Durable copy**: windows are seeded before a lease is taken, and what a lease served
+///   is written through when it is reported (within about one lifetime).
+/// - A call with a limit below `min_limit` stays one script per request. A call without
+///   limits (a metered window) is leased too, its size from the observed rate alone.
 #[derive(Clone)]
 pub struct RedisUsageStore {
-    redis: Redis,
+    pub(crate) redis: Redis,
     retention: Duration,
-    epoch_key: String,
-    epoch: Arc<EpochView>,
-    durable: Option<Arc<dyn UsageStore>>,
+    pub(crate) epoch_key: String,
+    pub(crate) epoch: Arc<EpochView>,
+    pub(crate) durable: Option<Arc<dyn UsageStore>>,
     ledger: Arc<Ledger>,
+    lease_options: Option<LeaseOptions>,
+    time: TimeSource,
+    leases: Option<Arc<QuotaLeases>>,
 }
 
 impl RedisUsageStore {
@@ -325,6 +370,9 @@ impl RedisUsageStore {
                 taken_back: AtomicU64::new(0),
                 cancelled: AtomicU64::new(0),
             }),
+            lease_options: None,
+            time: TimeSource::Server,
+            leases: None,
         }
     }
 
@@ -348,6 +396,103 @@ impl RedisUsageStore {
         )
     }
 
+    /// Leases quota allowances (see [`LeaseOptions`], [`LeaseOptions::for_quotas`] for the
+    /// defaults): a replica reserves a slice of a key's quota in Redis and admits requests
+    /// from it without a round trip; calls with a limit below the options' `min_limit` keep
+    /// one script per request. See [Leases](RedisUsageStore#leases).
+    pub fn leased(mut self, options: LeaseOptions) -> Self {
+        self.lease_options = Some(options);
+        self.rebuild_leases()
+    }
+
+    /// The clock leases expire on, locally and in Redis (default: Redis's `TIME` in the
+    /// scripts, a monotonic clock locally). Tests pass a `ManualClock`.
+    pub fn time_source(mut self, time: TimeSource) -> Self {
+        self.time = time;
+        self.rebuild_leases()
+    }
+
+    fn rebuild_leases(mut self) -> Self {
+        self.leases = self.lease_options.clone().map(|o| {
+            let clock = LocalClock {
+                time: self.time.clone(),
+                origin: Instant::now(),
+            };
+            Arc::new(QuotaLeases::new(o, clock, &self))
+        });
+        self
+    }
+
+    /// Whether quota allowances are leased.
+    pub fn is_leased(&self) -> bool {
+        self.leases.is_some()
+    }
+
+    /// How many check-and-adds were decided from a lease without a round trip.
+    pub fn decided_locally(&self) -> u64 {
+        self.leases
+            .as_ref()
+            .map_or(0, |l| l.local.load(Ordering::Relaxed))
+    }
+
+    /// How many leases this store took.
+    pub fn leases_taken(&self) -> u64 {
+        self.leases
+            .as_ref()
+            .map_or(0, |l| l.taken.load(Ordering::Relaxed))
+    }
+
+    /// How many leases this store holds now.
+    pub fn leases_held(&self) -> usize {
+        self.leases.as_ref().map_or(0, |l| l.held())
+    }
+
+    /// Reports the leases past their expiry now (a background task does it every half
+    /// lifetime; tests with a manual clock call it after stepping the clock).
+    pub async fn release_expired(&self) {
+        if let Some(l) = &self.leases {
+            l.report_due(false).await;
+        }
+    }
+
+    /// Reports every lease (at shutdown): what they served becomes used, the rest is freed.
+    pub async fn release_leases(&self) {
+        if let Some(l) = &self.leases {
+            l.report_due(true).await;
+        }
+    }
+
+    /// Where `key`'s `windows` stand in Redis: used, reserved by live leases, lost to
+    /// leases that expired unreported.
+    pub async fn lease_counts(
+        &self,
+        key: &KeyId,
+        windows: &[Window],
+    ) -> Result<Vec<LeaseCounts>, UsageError> {
+        let mut pipe = redis::pipe();
+        for w in windows {
+            pipe.cmd("HMGET")
+                .arg(self.window_key(key, w))
+                .arg("c")
+                .arg("v")
+                .arg("l");
+        }
+        let rows: Vec<(Option<String>, Option<String>, Option<String>)> = self
+            .redis
+            .run(move |mut c| async move { pipe.query_async(&mut c).await })
+            .await
+            .map_err(usage_error)?;
+        rows.into_iter()
+            .map(|(c, v, l)| {
+                Ok(LeaseCounts {
+                    used: parse_count(c, "cost")?,
+                    reserved: parse_count(v, "reserved")?,
+                    lost: parse_count(l, "lost")?,
+                })
+            })
+            .collect()
+    }
+
     /// Keeps a durable copy of every count in `store` (`keygate_sql`'s usage store, say),
     /// so that losing Redis's data does not reset quotas. See [Losing Redis](RedisUsageStore#losing-redis).
     ///
@@ -360,7 +505,7 @@ impl RedisUsageStore {
     /// `store`.
     pub fn durable(mut self, store: impl UsageStore) -> Self {
         self.durable = Some(Arc::new(store));
-        self
+        self.rebuild_leases()
     }
 
     /// Whether a durable copy is kept.
@@ -371,7 +516,7 @@ impl RedisUsageStore {
     /// How long counters are kept after their window ends (default 35 days).
     pub fn retention(mut self, keep: Duration) -> Self {
         self.retention = keep;
-        self
+        self.rebuild_leases()
     }
 
     fn window_key(&self, key: &KeyId, w: &Window) -> String {
@@ -383,7 +528,7 @@ impl RedisUsageStore {
     }
 
     /// How long a window's hash lives after a write (ms); 0: forever.
-    fn ttl_ms(&self, w: &Window) -> u64 {
+    pub(crate) fn ttl_ms(&self, w: &Window) -> u64 {
         match w.length() {
             Some(len) => millis(len.saturating_add(self.retention)).max(1),
             None => 0,
@@ -391,12 +536,12 @@ impl RedisUsageStore {
     }
 
     /// The index's lifetime after a write (ms), longer than any window's.
-    fn index_ttl_ms(&self) -> u64 {
+    pub(crate) fn index_ttl_ms(&self) -> u64 {
         millis(LONGEST_WINDOW.saturating_add(self.retention)).max(1)
     }
 
     /// Windows starting before this (seconds) are dropped from the index.
-    fn trim_before(&self, windows: &[Window]) -> u64 {
+    pub(crate) fn trim_before(&self, windows: &[Window]) -> u64 {
         let earliest = windows
             .iter()
             .filter(|w| w.end.is_some())
@@ -440,7 +585,7 @@ fn parse_kind(token: &str) -> Option<QuotaWindow> {
 }
 
 /// The index member (and hash-name suffix) of a window: `<kind>:<start>`.
-fn member(w: &Window) -> String {
+pub(crate) fn member(w: &Window) -> String {
     format!("{}:{}", kind_token(w.kind), w.start_secs())
 }
 
@@ -453,7 +598,7 @@ fn parse_member(s: &str) -> Option<Window> {
     (w.start_secs() == start).then_some(w)
 }
 
-fn usage_error(e: Error) -> UsageError {
+pub(crate) fn usage_error(e: Error) -> UsageError {
     match e {
         Error::Unavailable(s) => UsageError::Unavailable(s),
         Error::Unexpected(s) => UsageError::Corrupt(s),
@@ -545,7 +690,7 @@ impl RedisUsageStore {
 
     /// One run of the check-and-add script; `seeds`: the epoch and the durable usage of
     /// every window.
-    async fn invoke(
+    pub(crate) async fn invoke(
         &self,
         key: &KeyId,
         windows: &[Window],
@@ -607,6 +752,11 @@ impl RedisUsageStore {
             lock(&self.ledger.acknowledged).extend(acks);
         }
         answer
+    }
+
+    /// A new operation id (see [Lost answers](RedisUsageStore#lost-answers)).
+    pub(crate) fn next_op(&self) -> u64 {
+        self.ledger.next.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The hash of this store's admissions whose answers have not been acknowledged.
@@ -857,10 +1007,17 @@ impl keygate_core::usage::UsageStore for RedisUsageStore {
                 windows.len()
             )));
         }
+        if let Some(leases) = &self.leases {
+            if cost > 0 && leases.leasable(limits) {
+                return self
+                    .lease_check_and_add(leases, key, windows, limits, cost)
+                    .await;
+            }
+        }
         let mut seeds: Option<(u64, Vec<Usage>)> = None;
         // A new epoch can start between reading the seeds and using them (a flush, again):
         // then they are read again, a few times at most.
-        let op = self.ledger.next.fetch_add(1, Ordering::Relaxed);
+        let op = self.next_op();
         for _ in 0..3 {
             let out = match self
                 .invoke(key, windows, limits, cost, seeds.as_ref(), op)
@@ -1055,6 +1212,7 @@ impl std::fmt::Debug for RedisUsageStore {
             .field("redis", &self.redis)
             .field("retention", &self.retention)
             .field("durable", &self.durable.is_some())
+            .field("leased", &self.leases.is_some())
             .finish()
     }
 }

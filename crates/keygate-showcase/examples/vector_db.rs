@@ -91,12 +91,21 @@ use keygate::core::audit::{
 };
 use keygate::quota::Counting;
 use keygate::redis::{
-    Publishing, Redis, RedisOptions, RedisRateLimiter, RedisUsageStore, WatchOptions,
+    LeaseOptions, Publishing, Redis, RedisOptions, RedisRateLimiter, RedisUsageStore, WatchOptions,
 };
 use keygate::sql::SqlStore;
 use keygate::{KeyFilter, KeySpec, Verifier};
 
 /// A vector database (a subset of Qdrant's REST API) behind keygate.
+/// How shared limits are decided (`--redis-limits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RedisLimits {
+    /// Leased allowances, small limits precise.
+    Leased,
+    /// One script per request.
+    Precise,
+}
+
 #[derive(Debug, clap::Parser)]
 #[command(name = "vector_db", version)]
 struct Args {
@@ -131,6 +140,12 @@ struct Args {
     /// a password belongs in the environment or in a file (`KEYGATE_REDIS_URL_FILE`).
     #[arg(long, env = "KEYGATE_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
+    /// How shared limits are decided with `--redis-url`: `leased` (default) reserves a slice
+    /// of a busy key's allowance in Redis and spends it locally (no round trip for most
+    /// requests; never more than the limit across replicas, a bounded under-use), keeping
+    /// small limits precise; `precise` makes one Redis script per request for every limit.
+    #[arg(long, env = "KEYGATE_REDIS_LIMITS", value_enum, default_value_t = RedisLimits::Leased)]
+    redis_limits: RedisLimits,
     /// A file holding the Redis URL (one line), instead of `--redis-url`.
     #[arg(long, env = "KEYGATE_REDIS_URL_FILE")]
     redis_url_file: Option<PathBuf>,
@@ -570,8 +585,19 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             .build(),
     );
     opts.usage = Arc::new(store.usage_store());
+    let leased = args.redis_limits == RedisLimits::Leased;
+    let mut shared_limits: Option<(RedisRateLimiter, RedisRateLimiter, RedisUsageStore)> = None;
     if let Some(r) = &redis {
-        opts.rate_backend = Some(Arc::new(RedisRateLimiter::new(r)));
+        let limiter = |redis: &Redis| {
+            let l = RedisRateLimiter::new(redis);
+            if leased {
+                l.leased(LeaseOptions::new())
+            } else {
+                l
+            }
+        };
+        let rate = limiter(r);
+        opts.rate_backend = Some(Arc::new(rate.clone()));
         // The bytes limit uses the same policy names: its counters live under a prefix of
         // their own.
         let bytes = Redis::open_with(
@@ -580,12 +606,18 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         )
         .await
         .map_err(|e| format!("cannot open Redis: {e}"))?;
-        opts.bytes_rate_backend = Some(Arc::new(RedisRateLimiter::new(&bytes)));
-        // Strict: every request is one atomic check-and-add in Redis, so replicas cannot
-        // overshoot a quota together; written through to the database, so losing Redis's
-        // data resets no quota (windows are re-seeded from it).
-        opts.usage = Arc::new(RedisUsageStore::new(r).durable(store.usage_store()));
+        let bytes_rate = limiter(&bytes);
+        opts.bytes_rate_backend = Some(Arc::new(bytes_rate.clone()));
+        // Strict: every request is one atomic check-and-add in Redis (or spends a lease
+        // reserved there), so replicas cannot overshoot a quota together; written through to
+        // the database, so losing Redis's data resets no quota (windows are re-seeded from it).
+        let mut usage = RedisUsageStore::new(r).durable(store.usage_store());
+        if leased {
+            usage = usage.leased(LeaseOptions::for_quotas());
+        }
+        opts.usage = Arc::new(usage.clone());
         opts.counting = Counting::Strict;
+        shared_limits = Some((rate, bytes_rate, usage));
     }
     let mut sweep =
         keygate::notices::NoticeSweep::new(Arc::new(store.clone()), Arc::new(keygate::SystemClock))
@@ -705,6 +737,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     println!("shutting down: flushing quota usage, last-used times and the audit log");
     if let Err(e) = app.quota.flush().await {
         eprintln!("quota usage flush failed: {e}");
+    }
+    if let Some((rate, bytes_rate, usage)) = &shared_limits {
+        // Leases: what they served is reported, what they did not spend goes back.
+        rate.release_leases().await;
+        bytes_rate.release_leases().await;
+        usage.release_leases().await;
     }
     last_used_flusher.abort();
     if let Err(e) = last_used.flush_last_used().await {
