@@ -210,3 +210,56 @@ async fn a_call_that_never_ran_is_cancelled_and_counts_nothing() {
     assert!(matches!(a, Admission::Admitted(_)));
     assert_eq!(requests(&direct, &key).await, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_report_whose_answer_was_lost_is_counted_once() {
+    use keygate::redis::{LeaseOptions, TimeSource};
+    use keygate::ManualClock;
+    let Some(t) = TestRedis::new().await else {
+        return;
+    };
+    let cutter = Cutter::start(t.addr()).await;
+    let clock = ManualClock::at_2026();
+    let redis = Redis::open_with(
+        &with_addr(&t.url, cutter.addr),
+        t.options()
+            .timeout(Duration::from_secs(2))
+            .retry_after(Duration::from_millis(20)),
+    )
+    .await
+    .expect("open through the cutter");
+    let store = RedisUsageStore::new(&redis)
+        .time_source(TimeSource::Clock(Arc::new(clock.clone())))
+        .leased(LeaseOptions::for_quotas());
+    let key = KeyId::parse("LostReport01").unwrap();
+    let day = Window::containing(QuotaWindow::Day, keygate::Clock::now(&clock));
+    let limits = [Limit {
+        window: 0,
+        limit: 10_000,
+    }];
+    for _ in 0..25 {
+        let a = store.check_and_add(&key, &[day], &limits, 1).await.unwrap();
+        assert!(matches!(a, Admission::Admitted(_)), "{a:?}");
+    }
+    assert!(store.decided_locally() > 0, "served from leases");
+    // The report of what the lease served runs in Redis; its answer is lost, so the store
+    // keeps the report and sends it again.
+    cutter.set(LOSE_ANSWER);
+    store.release_leases().await;
+    let direct = RedisUsageStore::new(&t.redis);
+    let ran = direct.lease_counts(&key, &[day]).await.unwrap()[0];
+    assert_eq!(ran.used, 25, "the report ran: {ran:?}");
+    cutter.set(PASS);
+    // Sent again until an answer arrives (the first tries may meet the closed connection).
+    poll_until(Duration::from_secs(10), "the report is answered", || async {
+        store.release_leases().await;
+        (store.leases_held() == 0).then_some(())
+    })
+    .await;
+    let after = direct.lease_counts(&key, &[day]).await.unwrap()[0];
+    assert_eq!(
+        (after.used, after.reserved, after.lost),
+        (25, 0, 0),
+        "counted once: {after:?}"
+    );
+}
