@@ -251,10 +251,14 @@ async fn a_lease_report_whose_answer_was_lost_is_counted_once() {
     assert_eq!(ran.used, 25, "the report ran: {ran:?}");
     cutter.set(PASS);
     // Sent again until an answer arrives (the first tries may meet the closed connection).
-    poll_until(Duration::from_secs(10), "the report is answered", || async {
-        store.release_leases().await;
-        (store.leases_held() == 0).then_some(())
-    })
+    poll_until(
+        Duration::from_secs(10),
+        "the report is answered",
+        || async {
+            store.release_leases().await;
+            (store.leases_held() == 0).then_some(())
+        },
+    )
     .await;
     let after = direct.lease_counts(&key, &[day]).await.unwrap()[0];
     assert_eq!(

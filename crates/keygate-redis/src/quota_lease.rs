@@ -217,6 +217,9 @@ pub(crate) struct QuotaLeases {
     sweeping: AtomicBool,
     pub(crate) local: AtomicU64,
     pub(crate) taken: AtomicU64,
+    /// What reports counted in Redis that the durable copy has not taken yet (it could not
+    /// be written), summed per key and window; written with the next report or release.
+    backlog: Mutex<std::collections::HashMap<(KeyId, Window), Usage>>,
 }
 
 struct QLease {
@@ -333,6 +336,7 @@ impl QuotaLeases {
             sweeping: AtomicBool::new(false),
             local: AtomicU64::new(0),
             taken: AtomicU64::new(0),
+            backlog: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -600,6 +604,7 @@ impl QuotaLeases {
                 }
             }
         }
+        self.write_backlog().await;
         let idle = now.saturating_sub(60_000_000);
         self.table.retain(|_, l| {
             Arc::strong_count(l) > 1
@@ -609,24 +614,48 @@ impl QuotaLeases {
         });
     }
 
-    /// Writes what a reported lease served to the durable copy.
+    /// Writes what a reported lease served to the durable copy, with whatever earlier
+    /// reports it could not take. When the copy cannot be written, the counts wait in the
+    /// backlog for the next report or release: the durable copy is never left short (a
+    /// write whose answer was lost is sent again, so it may count a report twice: an error
+    /// toward refusing, should Redis lose its counters and be re-seeded from the copy).
     async fn write_through(&self, key: &KeyId, old: &Report) {
-        let Some(durable) = &self.durable else { return };
-        if old.served.requests == 0 && old.served.cost == 0 {
+        if self.durable.is_none() || (old.served.requests == 0 && old.served.cost == 0) {
             return;
         }
-        let increments: Vec<Increment> = old
-            .windows
-            .iter()
-            .map(|(w, _)| Increment {
-                key: *key,
-                window: *w,
-                usage: old.served,
-            })
-            .collect();
-        if let Err(e) = durable.add(&increments).await {
-            tracing::warn!(error = %e, "the durable usage copy missed a lease's report; Redis keeps the count");
+        {
+            let mut backlog = lock(&self.backlog);
+            for (w, _) in &old.windows {
+                let u = backlog.entry((*key, *w)).or_default();
+                *u = u.plus(old.served);
+            }
         }
+        self.write_backlog().await;
+    }
+
+    /// Writes the backlog to the durable copy (all of it, or none: it stays for later).
+    pub(crate) async fn write_backlog(&self) {
+        let Some(durable) = &self.durable else { return };
+        let increments: Vec<Increment> = lock(&self.backlog)
+            .drain()
+            .map(|((key, window), usage)| Increment { key, window, usage })
+            .collect();
+        if increments.is_empty() {
+            return;
+        }
+        if let Err(e) = durable.add(&increments).await {
+            tracing::warn!(error = %e, "the durable usage copy cannot take leases' reports now; they are kept for the next try");
+            let mut backlog = lock(&self.backlog);
+            for inc in increments {
+                let u = backlog.entry((inc.key, inc.window)).or_default();
+                *u = u.plus(inc.usage);
+            }
+        }
+    }
+
+    /// How many key windows wait for the durable copy.
+    pub(crate) fn backlog(&self) -> usize {
+        lock(&self.backlog).len()
     }
 
     /// One run of the lease script. `windows` empty and `want` 0: only report `old`.
@@ -726,4 +755,9 @@ impl QuotaLeases {
         }
         answer
     }
+}
+
+/// A lock that shrugs off poisoning (what it guards stays consistent: plain maps).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

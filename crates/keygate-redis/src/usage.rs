@@ -455,6 +455,13 @@ impl RedisUsageStore {
         }
     }
 
+    /// How many key windows have counts that leases reported to Redis but the durable copy
+    /// could not take yet (it was unreachable); they are written with the next report or
+    /// release. Zero without leases or a durable copy.
+    pub fn durable_backlog(&self) -> usize {
+        self.leases.as_ref().map_or(0, |l| l.backlog())
+    }
+
     /// Reports every lease (at shutdown): what they served becomes used, the rest is freed.
     pub async fn release_leases(&self) {
         if let Some(l) = &self.leases {
