@@ -183,26 +183,17 @@ impl Publisher {
     /// log at their next check.
     pub async fn publish(&self, id: &KeyId) -> Result<u64, Error> {
         let inner = &*self.inner;
-        let keys = [
+        let keys = vec![
             inner.sequence.clone(),
             inner.log.clone(),
             inner.epoch.clone(),
         ];
-        let (id, token) = (*id, new_token());
-        let seq: u64 = inner
-            .redis
-            .run(move |mut c| async move {
-                let mut inv = LOG.prepare_invoke();
-                for k in &keys {
-                    inv.key(k);
-                }
-                inv.arg(id.as_str())
-                    .arg(token.to_string())
-                    .arg(LOG_LENGTH)
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
+        let args = vec![
+            id.as_str().to_owned(),
+            new_token().to_string(),
+            LOG_LENGTH.to_string(),
+        ];
+        let seq: u64 = inner.redis.eval(&LOG, keys, args).await?;
         let line = format!("{seq} {id}");
         let message = match &inner.key {
             Some(key) => format!("{line} {}", key.mac(&inner.channel, &line).to_hex()),
@@ -925,15 +916,8 @@ impl<H: ChangeHandler> Follow<H> {
 }
 
 async fn read_stored(redis: &Redis, keys: &[String; 3], after: u64) -> Result<Stored, Error> {
-    let keys = keys.clone();
     let raw: Vec<String> = redis
-        .run(move |mut c| async move {
-            let mut inv = READ_LOG.prepare_invoke();
-            for k in &keys {
-                inv.key(k);
-            }
-            inv.arg(after).arg(LOG_LENGTH).invoke_async(&mut c).await
-        })
+        .eval(&READ_LOG, keys.to_vec(), vec![after, LOG_LENGTH])
         .await?;
     Stored::parse(raw)
 }

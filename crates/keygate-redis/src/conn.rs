@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, RedisError};
+use redis::{AsyncCommands, FromRedisValue, RedisError, Script, ToRedisArgs};
 
 /// Why a Redis operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -266,6 +266,48 @@ impl Redis {
         Fut: Future<Output = Result<T, RedisError>>,
     {
         self.run_tracked(f).await.map_err(|failed| failed.error)
+    }
+
+    /// Runs `script` with `keys` and `args` (in order) on the shared connection, as
+    /// [`run`](Self::run) runs a call.
+    pub(crate) async fn eval<T, A>(
+        &self,
+        script: &'static Script,
+        keys: Vec<String>,
+        args: Vec<A>,
+    ) -> Result<T, Error>
+    where
+        T: FromRedisValue,
+        A: ToRedisArgs,
+    {
+        self.eval_tracked(script, keys, args)
+            .await
+            .map_err(|failed| failed.error)
+    }
+
+    /// [`eval`](Self::eval), telling a script that never left from one whose outcome is
+    /// unknown ([`run_tracked`](Self::run_tracked)).
+    pub(crate) async fn eval_tracked<T, A>(
+        &self,
+        script: &'static Script,
+        keys: Vec<String>,
+        args: Vec<A>,
+    ) -> Result<T, Failed>
+    where
+        T: FromRedisValue,
+        A: ToRedisArgs,
+    {
+        self.run_tracked(move |mut c| async move {
+            let mut inv = script.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            for a in &args {
+                inv.arg(a);
+            }
+            inv.invoke_async(&mut c).await
+        })
+        .await
     }
 
     /// [`run`](Self::run), telling a call that never left (the circuit was open) from one

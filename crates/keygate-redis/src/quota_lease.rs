@@ -730,16 +730,7 @@ impl QuotaLeases {
         args.extend(acks.iter().cloned());
         let answer: Result<Vec<i64>, UsageError> = self
             .redis
-            .run(move |mut c| async move {
-                let mut inv = QUOTA_LEASE.prepare_invoke();
-                for k in &keys {
-                    inv.key(k);
-                }
-                for a in &args {
-                    inv.arg(a);
-                }
-                inv.invoke_async(&mut c).await
-            })
+            .eval(&QUOTA_LEASE, keys, args)
             .await
             .map_err(usage_error);
         let mut acked = self

@@ -588,32 +588,21 @@ impl Inner {
         shapes: &[(RateSubject, Shape)],
         cost: u32,
     ) -> Result<T, Error> {
-        let keys: Vec<String> = shapes.iter().map(|(sub, s)| self.key(*sub, s)).collect();
-        let (epoch_key, hold_key) = (&self.epoch_key, &self.hold_key);
-        let now = self.now_arg();
-        let mut args: Vec<u64> = Vec::with_capacity(3 + 2 * shapes.len());
-        args.push(self.epoch.known());
-        args.push(self.epoch.candidate());
-        args.push(micros(self.hold));
+        let mut keys: Vec<String> = shapes.iter().map(|(sub, s)| self.key(*sub, s)).collect();
+        keys.push(self.epoch_key.clone());
+        keys.push(self.hold_key.clone());
+        let mut args: Vec<String> = Vec::with_capacity(5 + 2 * shapes.len());
+        args.push(self.now_arg());
+        args.push(cost.to_string());
+        args.push(self.epoch.known().to_string());
+        args.push(self.epoch.candidate().to_string());
+        args.push(micros(self.hold).to_string());
         for (_, s) in shapes {
-            args.push(s.period_us);
-            args.push(u64::from(s.limit));
+            args.push(s.period_us.to_string());
+            args.push(s.limit.to_string());
         }
         self.round_trips.fetch_add(1, Ordering::Relaxed);
-        self.redis
-            .run(move |mut c| async move {
-                let mut inv = script.prepare_invoke();
-                for k in &keys {
-                    inv.key(k);
-                }
-                inv.key(epoch_key).key(hold_key);
-                inv.arg(now).arg(cost);
-                for a in &args {
-                    inv.arg(*a);
-                }
-                inv.invoke_async(&mut c).await
-            })
-            .await
+        self.redis.eval(script, keys, args).await
     }
 
     fn remember(&self, subject: RateSubject, shape: &Shape, local_now: f64, ahead: f64) {

@@ -475,16 +475,7 @@ impl RedisRateLimiter {
         inner.round_trips.fetch_add(1, Ordering::Relaxed);
         let out: Vec<i64> = inner
             .redis
-            .run(move |mut c| async move {
-                let mut inv = LEASE.prepare_invoke();
-                for k in &keys {
-                    inv.key(k);
-                }
-                for a in &args {
-                    inv.arg(a);
-                }
-                inv.invoke_async(&mut c).await
-            })
+            .eval(&LEASE, keys, args)
             .await
             .map_err(unavailable)?;
         inner.check_epoch(&out)?;

@@ -741,19 +741,7 @@ impl RedisUsageStore {
             acked.split_off(keep)
         };
         args.extend(acks.iter().map(u64::to_string));
-        let answer = self
-            .redis
-            .run_tracked(move |mut c| async move {
-                let mut inv = CHECK_AND_ADD.prepare_invoke();
-                for k in &keys {
-                    inv.key(k);
-                }
-                for a in &args {
-                    inv.arg(a);
-                }
-                inv.invoke_async(&mut c).await
-            })
-            .await;
+        let answer = self.redis.eval_tracked(&CHECK_AND_ADD, keys, args).await;
         if answer.is_err() && !acks.is_empty() {
             // Whether they were dropped is unknown: send them again (dropping is idempotent).
             lock(&self.ledger.acknowledged).extend(acks);
@@ -842,14 +830,7 @@ impl RedisUsageStore {
         keys.extend(windows.iter().map(|w| self.window_key(key, w)));
         let taken_back: i64 = self
             .redis
-            .run(move |mut c| async move {
-                let mut inv = SETTLE.prepare_invoke();
-                for k in &keys {
-                    inv.key(k);
-                }
-                inv.arg(op).arg(cost.min(MAX_EXACT));
-                inv.invoke_async(&mut c).await
-            })
+            .eval(&SETTLE, keys, vec![op, cost.min(MAX_EXACT)])
             .await
             .map_err(usage_error)?;
         Ok(taken_back == 1)
@@ -956,16 +937,7 @@ impl RedisUsageStore {
             .flat_map(|d| [d.usage.cost.min(MAX_EXACT), d.usage.requests.min(MAX_EXACT)])
             .collect();
         self.redis
-            .run(move |mut c| async move {
-                let mut inv = SUBTRACT.prepare_invoke();
-                for k in &keys {
-                    inv.key(k);
-                }
-                for a in &args {
-                    inv.arg(*a);
-                }
-                inv.invoke_async::<i64>(&mut c).await
-            })
+            .eval::<i64, _>(&SUBTRACT, keys, args)
             .await
             .map(drop)
             .map_err(usage_error)
