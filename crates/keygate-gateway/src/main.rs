@@ -164,7 +164,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     })?;
     store
         .register_scopes(&keygate::ScopeVocabulary::new(
-            config.preset.scopes(&config.routes)?.scopes(),
+            config
+                .preset
+                .scopes(&config.routes, config.grpc.is_some())?
+                .scopes(),
         ))
         .await
         .map_err(|e| format!("cannot register the scope vocabulary: {e}"))?;

@@ -13,6 +13,9 @@
 //! - Upstream failures are problem documents: `503 upstream_unavailable` (connection
 //!   refused or not made), `504 upstream_timeout` (no answer head in time), `502
 //!   upstream_error` (anything else).
+//! - gRPC requests (`content-type: application/grpc...`, and every gRPC method path) go to
+//!   the gRPC upstream (`[grpc]`, HTTP/2) after the checks of [`crate::grpc`]; their
+//!   refusals and upstream failures are in gRPC form ([`Refusal::grpc_response`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -29,7 +32,8 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use keygate::RequestContext;
+use keygate::reject::{DefaultRenderer, RenderContext, Renderer};
+use keygate::{Denial, DenialCode, RequestContext};
 use serde_json::Value;
 
 use crate::config::ExtraRoute;
@@ -39,7 +43,56 @@ use crate::qdrant::{self, Check};
 
 /// The body of a request sent upstream: the client's, streamed (and capped), or one the
 /// gateway wrote.
-pub type UpstreamBody = Either<Limited<Incoming>, Full<Bytes>>;
+pub type UpstreamBody = Either<Prefixed, Full<Bytes>>;
+
+/// A client's body, streamed and capped, after bytes the gateway already read from it (a
+/// gRPC request's first message), which go first.
+#[derive(Debug)]
+pub struct Prefixed {
+    head: Option<Bytes>,
+    rest: Limited<Incoming>,
+}
+
+impl Prefixed {
+    /// `head`, then the rest of `body`, cut when the whole runs over `max` bytes.
+    pub fn new(head: Option<Bytes>, body: Incoming, max: u64) -> Self {
+        let read = head.as_ref().map_or(0, |h| h.len() as u64);
+        Prefixed {
+            head: head.filter(|h| !h.is_empty()),
+            rest: Limited::new(body, cap(max.saturating_sub(read))),
+        }
+    }
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if let Some(head) = self.head.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(head))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let rest = self.rest.size_hint();
+        let n = self.head.as_ref().map_or(0, |h| h.len() as u64);
+        let mut hint = http_body::SizeHint::new();
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(n));
+        }
+        hint.set_lower(rest.lower().saturating_add(n));
+        hint
+    }
+}
 
 /// The body of the gateway's answers: the upstream's, streamed, or one the gateway wrote.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -109,6 +162,18 @@ pub struct ProxyConfig {
     pub extra_routes: Vec<ExtraRoute>,
     /// The payload / metadata field naming a record's tenant.
     pub tenant_field: String,
+    /// gRPC pass-through (`None`: gRPC requests are refused 12 UNIMPLEMENTED).
+    pub grpc: Option<GrpcUpstream>,
+}
+
+/// Where gRPC requests go.
+#[derive(Debug, Clone)]
+pub struct GrpcUpstream {
+    /// The upstream's gRPC base URL (`http://host:6334`: HTTP/2 without negotiation;
+    /// `https://`: HTTP/2 by ALPN).
+    pub upstream: Uri,
+    /// The largest first message read for its collection.
+    pub max_message: u64,
 }
 
 /// The forwarding service (cheap to clone).
@@ -125,6 +190,10 @@ struct Inner {
     config: ProxyConfig,
     /// Headers a client key may travel in, removed before forwarding.
     credential_headers: Vec<HeaderName>,
+    /// The proxy to the gRPC upstream, and the first-message cap.
+    grpc: Option<(Proxy, u64)>,
+    /// Refusals in gRPC form (the gRPC proxy).
+    grpc_form: bool,
 }
 
 /// Headers that never carry a client's key upstream, whatever the hub reads.
@@ -190,6 +259,30 @@ impl Proxy {
         config: ProxyConfig,
         hub_credentials: &keygate::credentials::Credentials,
     ) -> Result<Proxy, String> {
+        let grpc = match &config.grpc {
+            Some(g) => {
+                let sub = ProxyConfig {
+                    upstream: g.upstream.clone(),
+                    http2: true,
+                    grpc: None,
+                    ..config.clone()
+                };
+                Some((Proxy::build(sub, hub_credentials, true)?, g.max_message))
+            }
+            None => None,
+        };
+        let mut proxy = Proxy::build(config, hub_credentials, false)?;
+        if let Some(inner) = Arc::get_mut(&mut proxy.inner) {
+            inner.grpc = grpc;
+        }
+        Ok(proxy)
+    }
+
+    fn build(
+        config: ProxyConfig,
+        hub_credentials: &keygate::credentials::Credentials,
+        grpc_form: bool,
+    ) -> Result<Proxy, String> {
         let parts = config.upstream.clone().into_parts();
         let scheme = parts
             .scheme
@@ -252,6 +345,8 @@ impl Proxy {
                 prefix,
                 config,
                 credential_headers,
+                grpc: None,
+                grpc_form,
             }),
         })
     }
@@ -267,11 +362,19 @@ impl Proxy {
         if !plain_path(parts.uri.path()) {
             return problem(&Refusal::bad_path());
         }
-        let body = Either::Left(Limited::new(body, cap(self.inner.config.max_body)));
+        let body = Either::Left(Prefixed::new(None, body, self.inner.config.max_body));
         self.forward(parts, body).await
     }
 
     async fn handle(self, req: Request<Incoming>) -> Response<ProxyBody> {
+        if crate::grpc::is_grpc(req.headers()) || crate::grpc::method(req.uri().path()).is_some() {
+            return match &self.inner.grpc {
+                Some((grpc, max_message)) => grpc.handle_grpc(req, *max_message).await,
+                None => grpc_refusal(&Refusal::unknown_method(
+                    "gRPC pass-through is not enabled on this gateway.",
+                )),
+            };
+        }
         let tenant = RequestContext::of(req.extensions())
             .and_then(RequestContext::principal)
             .and_then(|p| p.tenant())
@@ -285,7 +388,7 @@ impl Proxy {
             return problem(&Refusal::bad_path());
         }
         let Some(tenant) = tenant else {
-            let body = Either::Left(Limited::new(body, cap(self.inner.config.max_body)));
+            let body = Either::Left(Prefixed::new(None, body, self.inner.config.max_body));
             return self.forward(parts, body).await;
         };
         let config = &self.inner.config;
@@ -297,7 +400,7 @@ impl Proxy {
         );
         match tenancy {
             Some(Tenancy::Pass) => {
-                let body = Either::Left(Limited::new(body, cap(config.max_body)));
+                let body = Either::Left(Prefixed::new(None, body, config.max_body));
                 self.forward(parts, body).await
             }
             Some(Tenancy::Qdrant(op)) => match self.qdrant(op, &mut parts, body, &tenant).await {
@@ -377,7 +480,7 @@ impl Proxy {
             .map_or("/", http::uri::PathAndQuery::as_str);
         let uri = match self.uri(pq) {
             Ok(u) => u,
-            Err(r) => return problem(&r),
+            Err(r) => return self.refuse(&r),
         };
         let mut req = Request::new(body);
         *req.method_mut() = parts.method;
@@ -392,8 +495,72 @@ impl Proxy {
                 strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, Either::Left(body))
             }
-            Err(r) => problem(&r),
+            Err(r) => self.refuse(&r),
         }
+    }
+
+    /// A refusal in the form this proxy's clients read (gRPC or problem+json).
+    fn refuse(&self, r: &Refusal) -> Response<ProxyBody> {
+        if self.inner.grpc_form {
+            grpc_refusal(r)
+        } else {
+            problem(r)
+        }
+    }
+
+    /// A gRPC request (this is the gRPC proxy): the method must be one of the preset's, a
+    /// tenant key may only call the methods that read no points, and every collection the
+    /// first message names must be one the key may use; then the request is forwarded,
+    /// its first message re-sent as it was read.
+    async fn handle_grpc(&self, req: Request<Incoming>, max_message: u64) -> Response<ProxyBody> {
+        let Some(method) = crate::grpc::method(req.uri().path()) else {
+            return grpc_refusal(&Refusal::unknown_method(
+                "The gateway does not forward this gRPC method.",
+            ));
+        };
+        if !crate::grpc::is_grpc(req.headers()) {
+            return problem(&Refusal::not_grpc());
+        }
+        let Some(principal) = RequestContext::of(req.extensions())
+            .and_then(RequestContext::principal)
+            .cloned()
+        else {
+            // The layers let no request without a key this far; fail closed anyway.
+            return grpc_denial(Denial::new(DenialCode::MissingKey));
+        };
+        if principal.tenant().is_some() && !method.tenant_keys {
+            return grpc_refusal(&Refusal::tenant_unscopable(
+                "Keys with a tenant may not call this gRPC method: the gateway scopes tenants only over REST.",
+            ));
+        }
+        let (mut parts, mut body) = req.into_parts();
+        self.clean(&mut parts.headers);
+        if let Err(r) = self.check_length(&parts.headers) {
+            return grpc_refusal(&r);
+        }
+        let max_body = self.inner.config.max_body;
+        if method.message == crate::grpc::Message::NoCollection {
+            return self
+                .forward(parts, Either::Left(Prefixed::new(None, body, max_body)))
+                .await;
+        }
+        let (head, len) = match crate::grpc::read_first(&mut body, max_message.min(max_body)).await
+        {
+            Ok(read) => read,
+            Err(r) => return grpc_refusal(&r),
+        };
+        let names = match crate::grpc::collections(method.message, &head[5..5 + len]) {
+            Ok(names) => names,
+            Err(r) => return grpc_refusal(&r),
+        };
+        if let Some(refused) = names.0.iter().find(|n| !principal.can_access(n)) {
+            return grpc_denial(resource_forbidden(refused));
+        }
+        self.forward(
+            parts,
+            Either::Left(Prefixed::new(Some(head), body, max_body)),
+        )
+        .await
     }
 
     async fn forward_json(
@@ -632,6 +799,44 @@ fn over_limit(e: &(dyn std::error::Error + 'static)) -> bool {
 
 fn cap(n: u64) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// A gateway answer in gRPC form.
+pub fn grpc_refusal(r: &Refusal) -> Response<ProxyBody> {
+    r.grpc_response().map(|b| Either::Right(Full::new(b)))
+}
+
+/// A keygate denial in gRPC form, as keygate's layers render it (the denial in the
+/// response's extensions, for the audit layer).
+fn grpc_denial(denial: Denial) -> Response<ProxyBody> {
+    let mut req = Request::new(());
+    *req.method_mut() = Method::POST;
+    req.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    let res = DefaultRenderer::new().render(&denial, &RenderContext::of(&req));
+    let mut res = res.map(|b| Either::Right(Full::new(b)));
+    res.extensions_mut().insert(denial);
+    res
+}
+
+/// Longest collection name echoed in a refusal.
+const MAX_ECHOED: usize = 64;
+
+/// `resource_forbidden` for collection `name` (echoed when short and printable).
+fn resource_forbidden(name: &str) -> Denial {
+    let shown = if !name.is_empty()
+        && name.len() <= MAX_ECHOED
+        && name
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        format!("The collection \"{name}\"")
+    } else {
+        "The collection".to_owned()
+    };
+    Denial::new(DenialCode::ResourceForbidden).with_detail(format!(
+        "{shown} named in the request is refused: the key's collection patterns do not match it."
+    ))
 }
 
 /// A gateway answer.

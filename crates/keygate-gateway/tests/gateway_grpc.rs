@@ -1,0 +1,693 @@
+//! gRPC pass-through: a tonic client through the gateway to a small gRPC upstream on
+//! Qdrant's method paths (hand-written prost messages with Qdrant's field numbers, tonic's
+//! server glue), which records what it received.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use keygate::core::audit::{AuditEvent, Decision, Transport};
+use keygate::{DenialCode, KeySpec, RateLimitPolicy};
+use keygate_gateway::preset::Preset;
+use keygate_gateway::proxy::UpstreamCredential;
+use support::Gw;
+use tokio::net::{TcpListener, TcpStream};
+use tonic::{Code, Status};
+
+const SEARCH: &str = "/qdrant.Points/Search";
+const UPSERT: &str = "/qdrant.Points/Upsert";
+const LIST: &str = "/qdrant.Collections/List";
+const GET: &str = "/qdrant.Collections/Get";
+
+// Qdrant's messages, with only the fields the tests use (Qdrant's field numbers).
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct PointId {
+    #[prost(uint64, tag = "1")]
+    num: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct SearchPoints {
+    #[prost(string, tag = "1")]
+    collection_name: String,
+    #[prost(float, repeated, tag = "2")]
+    vector: Vec<f32>,
+    #[prost(uint64, tag = "4")]
+    limit: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ScoredPoint {
+    #[prost(message, optional, tag = "1")]
+    id: Option<PointId>,
+    #[prost(float, tag = "3")]
+    score: f32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct SearchResponse {
+    #[prost(message, repeated, tag = "1")]
+    result: Vec<ScoredPoint>,
+    #[prost(double, tag = "2")]
+    time: f64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct PointStruct {
+    #[prost(message, optional, tag = "1")]
+    id: Option<PointId>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct UpsertPoints {
+    #[prost(string, tag = "1")]
+    collection_name: String,
+    #[prost(message, repeated, tag = "3")]
+    points: Vec<PointStruct>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct UpdateResult {
+    #[prost(uint64, optional, tag = "1")]
+    operation_id: Option<u64>,
+    #[prost(int32, tag = "2")]
+    status: i32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct PointsOperationResponse {
+    #[prost(message, optional, tag = "1")]
+    result: Option<UpdateResult>,
+    #[prost(double, tag = "2")]
+    time: f64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ListCollectionsRequest {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct CollectionDescription {
+    #[prost(string, tag = "1")]
+    name: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ListCollectionsResponse {
+    #[prost(message, repeated, tag = "1")]
+    collections: Vec<CollectionDescription>,
+    #[prost(double, tag = "2")]
+    time: f64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct GetCollectionInfoRequest {
+    #[prost(string, tag = "1")]
+    collection_name: String,
+}
+
+/// One request the upstream received: its path and headers, and the collections of the
+/// messages it decoded.
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    headers: HeaderMap,
+}
+
+#[derive(Clone, Default)]
+struct Upstream {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    /// Collections named by the upsert messages received, in order.
+    upserted: Arc<Mutex<Vec<String>>>,
+}
+
+impl Upstream {
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("lock").clone()
+    }
+}
+
+async fn unary<Req, Res>(
+    req: Request<Incoming>,
+    handler: impl Fn(tonic::Request<Req>) -> Result<tonic::Response<Res>, Status>
+        + Send
+        + Sync
+        + 'static,
+) -> Response<tonic::body::Body>
+where
+    Req: prost::Message + Default + Send + 'static,
+    Res: prost::Message + Send + 'static,
+{
+    let codec = tonic_prost::ProstCodec::<Res, Req>::default();
+    let svc = tower::service_fn(move |r| std::future::ready(handler(r)));
+    tonic::server::Grpc::new(codec).unary(svc, req).await
+}
+
+/// The fake Qdrant: `Search` answers two hits, `Upsert` takes a stream of messages (one
+/// for a unary client) and answers how many points it got, `Collections/List` lists
+/// `docs`, `Collections/Get` answers NOT_FOUND (trailers-only).
+async fn upstream() -> (SocketAddr, Upstream) {
+    let state = Upstream::default();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let st = state.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let st = st.clone();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let st = st.clone();
+                async move {
+                    st.seen.lock().expect("lock").push(Seen {
+                        path: req.uri().path().to_owned(),
+                        headers: req.headers().clone(),
+                    });
+                    let res = match req.uri().path() {
+                        SEARCH => {
+                            unary(req, |r: tonic::Request<SearchPoints>| {
+                                let n = r.get_ref().limit.min(2);
+                                Ok(tonic::Response::new(SearchResponse {
+                                    result: (1..=n)
+                                        .map(|i| ScoredPoint {
+                                            id: Some(PointId { num: i }),
+                                            score: 1.0 / i as f32,
+                                        })
+                                        .collect(),
+                                    time: 0.001,
+                                }))
+                            })
+                            .await
+                        }
+                        LIST => {
+                            unary(req, |_r: tonic::Request<ListCollectionsRequest>| {
+                                Ok(tonic::Response::new(ListCollectionsResponse {
+                                    collections: vec![CollectionDescription {
+                                        name: "docs".into(),
+                                    }],
+                                    time: 0.001,
+                                }))
+                            })
+                            .await
+                        }
+                        GET => {
+                            unary(req, |r: tonic::Request<GetCollectionInfoRequest>| {
+                                Err::<tonic::Response<ListCollectionsResponse>, _>(
+                                    Status::not_found(format!(
+                                        "Collection `{}` doesn't exist!",
+                                        r.get_ref().collection_name
+                                    )),
+                                )
+                            })
+                            .await
+                        }
+                        UPSERT => {
+                            let codec = tonic_prost::ProstCodec::<
+                                PointsOperationResponse,
+                                UpsertPoints,
+                            >::default();
+                            let upserted = st.upserted.clone();
+                            let svc = tower::service_fn(
+                                move |r: tonic::Request<tonic::Streaming<UpsertPoints>>| {
+                                    let upserted = upserted.clone();
+                                    async move {
+                                        let mut stream = r.into_inner();
+                                        let mut points = 0;
+                                        while let Some(m) = stream.message().await? {
+                                            points += m.points.len() as u64;
+                                            upserted.lock().expect("lock").push(m.collection_name);
+                                        }
+                                        Ok::<_, Status>(tonic::Response::new(
+                                            PointsOperationResponse {
+                                                result: Some(UpdateResult {
+                                                    operation_id: Some(points),
+                                                    status: 2,
+                                                }),
+                                                time: 0.001,
+                                            },
+                                        ))
+                                    }
+                                },
+                            );
+                            tonic::server::Grpc::new(codec)
+                                .client_streaming(svc, req)
+                                .await
+                        }
+                        _ => Status::unimplemented("no such method").into_http(),
+                    };
+                    Ok::<_, Infallible>(res)
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, state)
+}
+
+/// The gateway with `[grpc]` in front of a fresh fake upstream (REST upstream: nowhere),
+/// holding the upstream credential `up-secret` in `api-key`.
+async fn start(edit: impl FnOnce(&mut keygate_gateway::config::Config)) -> (Gw, Upstream) {
+    let (addr, up) = upstream().await;
+    let credential = UpstreamCredential::new("api-key", None, "up-secret").expect("credential");
+    let gw = Gw::start(
+        Preset::Qdrant,
+        "http://127.0.0.1:9",
+        Some(credential),
+        |c| {
+            c.grpc = Some(keygate_gateway::config::GrpcConfig {
+                url: format!("http://{addr}"),
+                max_message_bytes: 1024,
+            });
+            edit(c);
+        },
+    )
+    .await;
+    (gw, up)
+}
+
+/// A tonic client of the gateway.
+async fn client(gw: &Gw) -> tonic::client::Grpc<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", gw.addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    tonic::client::Grpc::new(channel)
+}
+
+fn with_key<T>(msg: T, key: Option<&str>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(k) = key {
+        req.metadata_mut()
+            .insert("api-key", k.parse().expect("metadata"));
+    }
+    req
+}
+
+async fn call<Req, Res>(
+    gw: &Gw,
+    path: &'static str,
+    msg: Req,
+    key: Option<&str>,
+) -> Result<tonic::Response<Res>, Status>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    Res: prost::Message + Default + Send + Sync + 'static,
+{
+    let mut c = client(gw).await;
+    c.ready().await.expect("ready");
+    c.unary(
+        with_key(msg, key),
+        http::uri::PathAndQuery::from_static(path),
+        tonic_prost::ProstCodec::<Req, Res>::default(),
+    )
+    .await
+}
+
+async fn search(gw: &Gw, collection: &str, key: Option<&str>) -> Result<SearchResponse, Status> {
+    let msg = SearchPoints {
+        collection_name: collection.into(),
+        vector: vec![0.1, 0.2],
+        limit: 5,
+    };
+    call(gw, SEARCH, msg, key)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn upsert_msg(collection: &str, ids: &[u64]) -> UpsertPoints {
+    UpsertPoints {
+        collection_name: collection.into(),
+        points: ids
+            .iter()
+            .map(|&n| PointStruct {
+                id: Some(PointId { num: n }),
+            })
+            .collect(),
+    }
+}
+
+async fn reader(gw: &Gw, collection: &str) -> String {
+    gw.issue(
+        KeySpec::new("reader")
+            .scope("points:read")
+            .scope("collections:read")
+            .resource(collection),
+    )
+    .await
+    .0
+}
+
+async fn writer(gw: &Gw, collection: &str) -> String {
+    gw.issue(
+        KeySpec::new("writer")
+            .scope("points:read")
+            .scope("points:write")
+            .resource(collection),
+    )
+    .await
+    .0
+}
+
+fn assert_code(r: Result<impl std::fmt::Debug, Status>, code: Code, text: &str) -> Status {
+    let s = r.expect_err("refused");
+    assert_eq!(s.code(), code, "{s:?}");
+    assert!(
+        s.message().contains(text),
+        "{:?} lacks {text:?}",
+        s.message()
+    );
+    s
+}
+
+/// Raw gRPC over HTTP/2 to the gateway: `body` as it is; answers the head (a trailers-only
+/// refusal carries `grpc-status` there).
+async fn raw(gw: &Gw, path: &str, key: &str, body: Vec<u8>) -> http::response::Parts {
+    let stream = TcpStream::connect(gw.addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("http://{}{path}", gw.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("api-key", key)
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    let res = sender.send_request(req).await.expect("response");
+    let (parts, body) = res.into_parts();
+    let _ = body.collect().await;
+    parts
+}
+
+fn frame(flag: u8, msg: &[u8]) -> Vec<u8> {
+    let mut b = vec![flag];
+    b.extend_from_slice(&u32::try_from(msg.len()).expect("len").to_be_bytes());
+    b.extend_from_slice(msg);
+    b
+}
+
+fn requests(gw: &Gw) -> Vec<keygate::core::audit::RequestEvent> {
+    gw.sink
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            AuditEvent::Request(r) => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_allowed_call_goes_through_with_the_upstream_credential_only() {
+    let (gw, up) = start(|_| {}).await;
+    let key = reader(&gw, "docs").await;
+    let res = search(&gw, "docs", Some(&key)).await.expect("search");
+    assert_eq!(res.result.len(), 2);
+    assert_eq!(res.result[0].id, Some(PointId { num: 1 }));
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, SEARCH);
+    // The client's key never reaches the upstream; the upstream's own credential does.
+    assert_eq!(seen[0].headers["api-key"], "up-secret");
+    assert!(seen
+        .iter()
+        .all(|s| s.headers.values().all(|v| v.as_bytes() != key.as_bytes())));
+    assert_eq!(seen[0].headers["te"], "trailers");
+    // A key in `authorization: Bearer` works the same, and is removed too.
+    let mut c = client(&gw).await;
+    c.ready().await.expect("ready");
+    let mut req = tonic::Request::new(ListCollectionsRequest {});
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {key}").parse().expect("metadata"),
+    );
+    let list: ListCollectionsResponse = c
+        .unary(
+            req,
+            http::uri::PathAndQuery::from_static(LIST),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(list.collections[0].name, "docs");
+    let seen = up.seen();
+    assert!(!seen[1].headers.contains_key("authorization"));
+    assert_eq!(seen[1].headers["api-key"], "up-secret");
+    // An upstream error (trailers-only) reaches the client as the upstream sent it.
+    let s = call::<_, ListCollectionsResponse>(
+        &gw,
+        GET,
+        GetCollectionInfoRequest {
+            collection_name: "docs".into(),
+        },
+        Some(&key),
+    )
+    .await;
+    assert_code(s, Code::NotFound, "Collection `docs` doesn't exist!");
+}
+
+#[tokio::test]
+async fn a_streamed_request_is_forwarded_whole_after_its_first_message() {
+    let (gw, up) = start(|_| {}).await;
+    let key = writer(&gw, "docs").await;
+    let mut c = client(&gw).await;
+    c.ready().await.expect("ready");
+    let messages = vec![
+        upsert_msg("docs", &[1, 2]),
+        upsert_msg("docs", &[3]),
+        upsert_msg("docs", &[4, 5, 6]),
+    ];
+    let stream = tokio_stream::iter(messages);
+    let res: PointsOperationResponse = c
+        .client_streaming(
+            with_key(stream, Some(&key)),
+            http::uri::PathAndQuery::from_static(UPSERT),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .expect("upsert")
+        .into_inner();
+    assert_eq!(res.result.and_then(|r| r.operation_id), Some(6));
+    assert_eq!(*up.upserted.lock().expect("lock"), vec!["docs"; 3]);
+}
+
+#[tokio::test]
+async fn keys_scopes_and_collections_are_checked() {
+    let (gw, up) = start(|_| {}).await;
+    // No key: 16 UNAUTHENTICATED; a bad key too.
+    assert_code(
+        search(&gw, "docs", None).await,
+        Code::Unauthenticated,
+        "missing_key",
+    );
+    assert_code(
+        search(&gw, "docs", Some("kg_nope")).await,
+        Code::Unauthenticated,
+        "",
+    );
+    // A key for another collection: 7 PERMISSION_DENIED.
+    let other = reader(&gw, "other").await;
+    assert_code(
+        search(&gw, "docs", Some(&other)).await,
+        Code::PermissionDenied,
+        "resource_forbidden",
+    );
+    // A read-only key writing: 7.
+    let docs = reader(&gw, "docs").await;
+    let r = call::<_, PointsOperationResponse>(&gw, UPSERT, upsert_msg("docs", &[1]), Some(&docs))
+        .await;
+    assert_code(r, Code::PermissionDenied, "insufficient_scope");
+    // A method the preset does not list: 12 UNIMPLEMENTED.
+    let r = call::<_, SearchResponse>(
+        &gw,
+        "/qdrant.PointsInternal/Search",
+        SearchPoints::default(),
+        Some(&docs),
+    )
+    .await;
+    assert_code(r, Code::Unimplemented, "unknown_route");
+    // A message naming no collection: 3 INVALID_ARGUMENT.
+    assert_code(
+        search(&gw, "", Some(&docs)).await,
+        Code::InvalidArgument,
+        "bad_message",
+    );
+    assert!(up.seen().is_empty(), "{:?}", up.seen());
+    // The allowed one passes.
+    search(&gw, "docs", Some(&docs)).await.expect("allowed");
+    assert_eq!(up.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn malformed_compressed_and_oversized_first_messages_are_refused() {
+    let (gw, up) = start(|_| {}).await;
+    let key = reader(&gw, "docs").await;
+    let msg = prost::Message::encode_to_vec(&SearchPoints {
+        collection_name: "docs".into(),
+        vector: vec![],
+        limit: 1,
+    });
+    let status = |p: &http::response::Parts| {
+        p.headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        // Compressed.
+        (frame(1, &msg), "3"),
+        // Not a SearchPoints: field 1 with a varint.
+        (frame(0, &[0x08, 0x01]), "3"),
+        // Cut inside the message.
+        (frame(0, &msg)[..8].to_vec(), "3"),
+        // No message at all.
+        (Vec::new(), "3"),
+        // Over max_message_bytes (1024).
+        (frame(0, &vec![0u8; 2000]), "8"),
+    ];
+    for (body, want) in cases {
+        let parts = raw(&gw, SEARCH, &key, body).await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(parts.headers["content-type"], "application/grpc");
+        assert_eq!(status(&parts).as_deref(), Some(want), "{parts:?}");
+    }
+    assert!(up.seen().is_empty(), "the upstream saw {:?}", up.seen());
+    // The same bytes uncompressed pass.
+    let parts = raw(&gw, SEARCH, &key, frame(0, &msg)).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(up.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn tenant_keys_may_not_call_point_methods() {
+    let (gw, up) = start(|_| {}).await;
+    let (key, _) = gw.tenant_key("acme", "docs").await;
+    let s = assert_code(
+        search(&gw, "docs", Some(&key)).await,
+        Code::PermissionDenied,
+        "tenant_unscopable",
+    );
+    assert!(s.message().contains("only over REST"), "{}", s.message());
+    let r =
+        call::<_, PointsOperationResponse>(&gw, UPSERT, upsert_msg("docs", &[1]), Some(&key)).await;
+    assert_code(r, Code::PermissionDenied, "tenant_unscopable");
+    assert!(up.seen().is_empty());
+    // Listing collections reads no points: it passes.
+    let list = call::<_, ListCollectionsResponse>(&gw, LIST, ListCollectionsRequest {}, Some(&key))
+        .await
+        .expect("list");
+    assert_eq!(list.into_inner().collections.len(), 1);
+}
+
+#[tokio::test]
+async fn rate_limits_answer_resource_exhausted() {
+    let (gw, _up) = start(|_| {}).await;
+    let key = gw
+        .issue(
+            KeySpec::new("limited")
+                .scope("points:read")
+                .resource("docs")
+                .rate_limit(RateLimitPolicy::new(
+                    "tight",
+                    2,
+                    std::time::Duration::from_secs(60),
+                )),
+        )
+        .await
+        .0;
+    search(&gw, "docs", Some(&key)).await.expect("first");
+    search(&gw, "docs", Some(&key)).await.expect("second");
+    let s = assert_code(
+        search(&gw, "docs", Some(&key)).await,
+        Code::ResourceExhausted,
+        "rate_limited",
+    );
+    assert!(s.metadata().get("retry-after").is_some(), "{s:?}");
+}
+
+#[tokio::test]
+async fn every_grpc_call_is_audited_with_its_method_and_status() {
+    let (gw, _up) = start(|_| {}).await;
+    let key = reader(&gw, "docs").await;
+    search(&gw, "docs", Some(&key)).await.expect("allowed");
+    let other = reader(&gw, "other").await;
+    let _ = search(&gw, "docs", Some(&other)).await;
+    let _ = call::<_, ListCollectionsResponse>(
+        &gw,
+        GET,
+        GetCollectionInfoRequest {
+            collection_name: "docs".into(),
+        },
+        Some(&key),
+    )
+    .await;
+    let events = requests(&gw);
+    assert_eq!(events.len(), 3, "{events:?}");
+    let ok = &events[0];
+    assert_eq!(ok.protocol, Transport::Grpc);
+    assert_eq!(ok.path.as_ref(), SEARCH);
+    assert_eq!(ok.rpc.as_deref(), Some("qdrant.Points/Search"));
+    assert_eq!(ok.decision, Decision::Allowed);
+    assert_eq!(ok.status, Some(200));
+    assert!(ok.key_id.is_some());
+    let denied = &events[1];
+    assert_eq!(denied.decision, Decision::Denied);
+    assert_eq!(denied.denial, Some(DenialCode::ResourceForbidden));
+    assert_eq!(denied.grpc_status, Some(7));
+    // The upstream's trailers-only status is recorded too.
+    assert_eq!(events[2].grpc_status, Some(5));
+}
+
+#[tokio::test]
+async fn grpc_is_refused_when_not_enabled_and_rest_clients_cannot_call_grpc_paths() {
+    let (addr, up) = upstream().await;
+    let gw = Gw::start(Preset::Qdrant, &format!("http://{addr}"), None, |_| {}).await;
+    let key = gw.operator_key().await;
+    assert_code(
+        search(&gw, "docs", Some(&key)).await,
+        Code::Unimplemented,
+        "unknown_route",
+    );
+    // With gRPC on, a gRPC path without a gRPC content type is refused, not forwarded.
+    let (gw, up2) = start(|_| {}).await;
+    let key = gw.operator_key().await;
+    let r = gw.call("POST", SEARCH, Some(&key), None).await;
+    assert_eq!(r.status, 415, "{}", r.text);
+    assert_eq!(r.code(), "not_grpc");
+    assert!(up.seen().is_empty());
+    assert!(up2.seen().is_empty());
+}
+
+#[tokio::test]
+async fn an_unreachable_grpc_upstream_is_unavailable() {
+    let gw = Gw::start(Preset::Qdrant, "http://127.0.0.1:9", None, |c| {
+        c.grpc = Some(keygate_gateway::config::GrpcConfig {
+            url: "http://127.0.0.1:9".into(),
+            max_message_bytes: 1024,
+        });
+    })
+    .await;
+    let key = gw.operator_key().await;
+    assert_code(
+        search(&gw, "docs", Some(&key)).await,
+        Code::Unavailable,
+        "upstream_unavailable",
+    );
+}
