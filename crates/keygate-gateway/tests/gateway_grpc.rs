@@ -691,3 +691,125 @@ async fn an_unreachable_grpc_upstream_is_unavailable() {
         "upstream_unavailable",
     );
 }
+
+/// A child process killed when dropped.
+struct Child(tokio::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+/// The official `qdrant-client` with `prefer_grpc=True` through the gateway
+/// (`tests/qdrant/grpc_client.py`) to a gRPC stand-in for Qdrant built from the servicers
+/// qdrant-client bundles (`tests/qdrant/grpc_upstream.py`). Needs
+/// `KEYGATE_TEST_GATEWAY_VENV` (`scripts/gateway-venv.sh`); prints that it skipped when
+/// unset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_python_client_over_grpc() {
+    use tokio::io::AsyncBufReadExt;
+    let Ok(venv) = std::env::var("KEYGATE_TEST_GATEWAY_VENV") else {
+        eprintln!("skipped: KEYGATE_TEST_GATEWAY_VENV is not set (scripts/gateway-venv.sh)");
+        return;
+    };
+    let venv = std::path::PathBuf::from(venv);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("calls.jsonl");
+    let script =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/qdrant/grpc_upstream.py");
+    let mut child = tokio::process::Command::new(venv.join("bin").join("python"))
+        .arg(script)
+        .arg(&log)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the upstream");
+    let stdout = child.stdout.take().expect("its stdout");
+    let _child = Child(child);
+    let mut first = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tokio::io::BufReader::new(stdout).read_line(&mut first),
+    )
+    .await
+    .expect("the upstream printed its port in time")
+    .expect("read its port");
+    let port: u16 = first.trim().parse().expect("a port");
+    let credential = UpstreamCredential::new("api-key", None, "up-secret").expect("credential");
+    let gw = Gw::start(
+        Preset::Qdrant,
+        "http://127.0.0.1:9",
+        Some(credential),
+        |c| {
+            c.grpc = Some(keygate_gateway::config::GrpcConfig {
+                url: format!("http://127.0.0.1:{port}"),
+                max_message_bytes: 1 << 20,
+            });
+        },
+    )
+    .await;
+    let writer = gw
+        .issue(
+            KeySpec::new("writer")
+                .scope("collections:read")
+                .scope("points:read")
+                .scope("points:write")
+                .resource("docs"),
+        )
+        .await
+        .0;
+    let other = reader(&gw, "other").await;
+    let reader = reader(&gw, "docs").await;
+    let (tenant, _) = gw.tenant_key("acme", "docs").await;
+    let gport = gw.addr.port();
+    let out = support::python(
+        &venv,
+        "tests/qdrant/grpc_client.py",
+        gport,
+        "allowed",
+        &[&writer],
+    )
+    .await;
+    assert_eq!(out["collections"], serde_json::json!(["docs"]), "{out}");
+    assert_eq!(out["upsert"], "completed", "{out}");
+    assert_eq!(out["query"], serde_json::json!([1, 2]), "{out}");
+    assert_eq!(out["count"], 2, "{out}");
+    let calls = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    };
+    let seen = calls();
+    let methods: Vec<&str> = seen.iter().filter_map(|c| c["method"].as_str()).collect();
+    assert_eq!(methods, ["List", "Upsert", "Query", "Count"], "{seen:?}");
+    for c in &seen {
+        assert_eq!(c["api_key"], "up-secret", "{c}");
+        assert!(c["authorization"].is_null(), "{c}");
+    }
+    let out = support::python(
+        &venv,
+        "tests/qdrant/grpc_client.py",
+        gport,
+        "refused",
+        &[&reader, "-", &other, &tenant],
+    )
+    .await;
+    let code = |v: &serde_json::Value| v["code"].as_str().unwrap_or("").to_owned();
+    assert!(out["count"][0].is_null(), "the reader counts: {out}");
+    assert_eq!(code(&out["count"][1]), "UNAUTHENTICATED", "{out}");
+    assert_eq!(code(&out["count"][2]), "PERMISSION_DENIED", "{out}");
+    assert_eq!(code(&out["count"][3]), "PERMISSION_DENIED", "{out}");
+    assert!(
+        out["count"][3]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("tenant_unscopable")),
+        "{out}"
+    );
+    assert_eq!(code(&out["upsert"]), "PERMISSION_DENIED", "{out}");
+    // Only the reader's count reached the upstream.
+    assert_eq!(calls().len(), seen.len() + 1);
+}
