@@ -14,6 +14,7 @@
 //! | 504 | `upstream_timeout` | the upstream did not answer in time |
 //! | 400 | `bad_message` | a gRPC request whose first message cannot be read for its collection |
 //! | 404 | `unknown_route` | a gRPC method the gRPC preset does not list (or gRPC is off) |
+//! | 408 | `message_timeout` | a gRPC request's first message did not arrive within `upstream.timeout` |
 //! | 415 | `not_grpc` | a gRPC method path called without `content-type: application/grpc` |
 //!
 //! A gRPC client (`content-type: application/grpc...`) gets the same refusals in gRPC form
@@ -124,6 +125,16 @@ impl Refusal {
         Refusal::new(404, "unknown_route", detail)
     }
 
+    /// `408 message_timeout`: a gRPC request whose first message did not arrive within the
+    /// upstream timeout.
+    pub fn message_timeout() -> Self {
+        Refusal::new(
+            408,
+            "message_timeout",
+            "The request's first message did not arrive in time.",
+        )
+    }
+
     /// `415 not_grpc`: a gRPC method path without a gRPC content type.
     pub fn not_grpc() -> Self {
         Refusal::new(
@@ -133,9 +144,9 @@ impl Refusal {
         )
     }
 
-    /// The gRPC status of the refusal: 3 INVALID_ARGUMENT (400), 7 PERMISSION_DENIED
+    /// The gRPC status of the refusal: 3 INVALID_ARGUMENT (400, 415), 7 PERMISSION_DENIED
     /// (403), 12 UNIMPLEMENTED (404), 8 RESOURCE_EXHAUSTED (413), 4 DEADLINE_EXCEEDED
-    /// (504), 14 UNAVAILABLE (502, 503), else 13 INTERNAL.
+    /// (408, 504), 14 UNAVAILABLE (502, 503), else 13 INTERNAL.
     pub fn grpc_status(&self) -> u8 {
         match self.status {
             400 | 415 => 3,
@@ -143,7 +154,7 @@ impl Refusal {
             404 => 12,
             409 => 6,
             413 => 8,
-            504 => 4,
+            408 | 504 => 4,
             502 | 503 => 14,
             _ => 13,
         }

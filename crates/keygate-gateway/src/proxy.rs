@@ -544,10 +544,12 @@ impl Proxy {
                 .forward(parts, Either::Left(Prefixed::new(None, body, max_body)))
                 .await;
         }
-        let (head, len) = match crate::grpc::read_first(&mut body, max_message.min(max_body)).await
-        {
-            Ok(read) => read,
-            Err(r) => return grpc_refusal(&r),
+        // The first message must arrive within the upstream timeout.
+        let first = crate::grpc::read_first(&mut body, max_message.min(max_body));
+        let (head, len) = match tokio::time::timeout(self.inner.config.timeout, first).await {
+            Ok(Ok(read)) => read,
+            Ok(Err(r)) => return grpc_refusal(&r),
+            Err(_) => return grpc_refusal(&Refusal::message_timeout()),
         };
         let names = match crate::grpc::collections(method.message, &head[5..5 + len]) {
             Ok(names) => names,

@@ -575,6 +575,48 @@ async fn malformed_compressed_and_oversized_first_messages_are_refused() {
     assert_eq!(up.seen().len(), 1);
 }
 
+/// A request body that never sends anything.
+struct Silent;
+
+impl http_body::Body for Silent {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Pending
+    }
+}
+
+#[tokio::test]
+async fn a_first_message_that_never_comes_is_refused_in_time() {
+    let (gw, up) = start(|c| c.upstream.timeout = "300ms".into()).await;
+    let key = reader(&gw, "docs").await;
+    let stream = TcpStream::connect(gw.addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("http://{}{SEARCH}", gw.addr))
+        .header("content-type", "application/grpc")
+        .header("api-key", key.as_str())
+        .body(Silent)
+        .expect("request");
+    let res = tokio::time::timeout(std::time::Duration::from_secs(10), sender.send_request(req))
+        .await
+        .expect("answered in time")
+        .expect("response");
+    assert_eq!(res.headers()["grpc-status"], "4");
+    assert!(res.headers()["grpc-message"]
+        .to_str()
+        .is_ok_and(|m| m.starts_with("message_timeout")));
+    assert!(up.seen().is_empty());
+}
+
 #[tokio::test]
 async fn tenant_keys_may_not_call_point_methods() {
     let (gw, up) = start(|_| {}).await;
