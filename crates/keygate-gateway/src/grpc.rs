@@ -10,7 +10,11 @@
 //!   request that has one), and so are the other collections a message can reach:
 //!   `lookup_from` and `with_lookup` (also inside batches and prefetches), and the
 //!   collections and aliases of an alias change. The first message is read whole within
-//!   `max_message_bytes`, then forwarded unchanged with the rest of the stream.
+//!   `max_message_bytes`, then forwarded unchanged with the rest of the stream. Qdrant's
+//!   methods are unary (its server reads the first message and drops the rest), but a
+//!   later message of the same request is checked the same way anyway ([`Checker`]) before
+//!   it is forwarded: the request is cut (and refused 7 PERMISSION_DENIED) at the first one
+//!   naming a collection the key may not use.
 //! - A first message that is compressed, malformed, missing, or names no collection where
 //!   the method needs one is refused (3 INVALID_ARGUMENT), never forwarded.
 //! - Keys with a `tenant` attribute may call only the methods that read no points (health,
@@ -429,6 +433,103 @@ where
                 }
             },
         }
+    }
+}
+
+/// Checks the messages of a request after its first one, as they stream: each is held until
+/// it is whole (within the message cap), its collections checked with `allowed`, then
+/// released to be forwarded.
+pub struct Checker {
+    kind: Message,
+    max_message: u64,
+    allowed: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    buf: BytesMut,
+    verdict: Verdict,
+}
+
+/// Where a [`Checker`] leaves its refusal, for the proxy to answer with once the upstream
+/// call has failed.
+pub type Verdict = std::sync::Arc<std::sync::Mutex<Option<Refusal>>>;
+
+impl std::fmt::Debug for Checker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checker")
+            .field("kind", &self.kind)
+            .field("held", &self.buf.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Checker {
+    /// A checker of `kind` messages, each at most `max_message` bytes, whose collections
+    /// must satisfy `allowed`.
+    pub fn new(
+        kind: Message,
+        max_message: u64,
+        allowed: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        Checker {
+            kind,
+            max_message,
+            allowed: Box::new(allowed),
+            buf: BytesMut::new(),
+            verdict: Verdict::default(),
+        }
+    }
+
+    /// Where its refusal is left.
+    pub fn verdict(&self) -> Verdict {
+        self.verdict.clone()
+    }
+
+    /// Leaves `r` as the verdict (the first one stays) and returns it.
+    pub fn refuse(&self, r: Refusal) -> Refusal {
+        if let Ok(mut v) = self.verdict.lock() {
+            v.get_or_insert_with(|| r.clone());
+        }
+        r
+    }
+
+    /// Takes the next bytes of the request: returns the bytes of the messages completed and
+    /// allowed so far (`None`: nothing whole yet), or the refusal of the first message that
+    /// may not pass.
+    pub fn feed(&mut self, data: &[u8]) -> Result<Option<Bytes>, Refusal> {
+        self.check(data).map_err(|r| self.refuse(r))
+    }
+
+    fn check(&mut self, data: &[u8]) -> Result<Option<Bytes>, Refusal> {
+        self.buf.extend_from_slice(data);
+        let mut ready = 0;
+        loop {
+            let rest = &self.buf[ready..];
+            if rest.len() < FRAME_HEADER {
+                break;
+            }
+            if rest[0] != 0 {
+                return Err(Refusal::bad_message(
+                    "A later message is compressed or malformed; the gateway checks only uncompressed messages.",
+                ));
+            }
+            let n = (&rest[1..FRAME_HEADER]).get_u32();
+            if u64::from(n) > self.max_message {
+                return Err(Refusal::body_too_large(self.max_message));
+            }
+            let end = FRAME_HEADER + n as usize;
+            let Some(msg) = rest.get(FRAME_HEADER..end) else {
+                break;
+            };
+            let names = collections(self.kind, msg)?;
+            if let Some(name) = names.0.iter().find(|n| !(self.allowed)(n)) {
+                return Err(Refusal::collection_refused(name));
+            }
+            ready += end;
+        }
+        Ok((ready > 0).then(|| self.buf.split_to(ready).freeze()))
+    }
+
+    /// Whether part of a message is held (the request may not end there).
+    pub fn holds_partial(&self) -> bool {
+        !self.buf.is_empty()
     }
 }
 
@@ -931,6 +1032,40 @@ mod tests {
             .await
             .expect_err("short");
         assert_eq!(e.code, "bad_message");
+    }
+
+    #[test]
+    fn later_messages_are_held_until_whole_and_checked() {
+        let mut c = Checker::new(M::Collection, 1024, |n| n == "docs");
+        let a = frame(&named("docs"), 0);
+        // Partial: nothing released.
+        assert_eq!(c.feed(&a[..3]).expect("fed"), None);
+        assert!(c.holds_partial());
+        // The rest of it and half of the next one: the first released whole.
+        let b = frame(&named("docs"), 0);
+        let mut more = a[3..].to_vec();
+        more.extend_from_slice(&b[..4]);
+        assert_eq!(c.feed(&more).expect("fed"), Some(a.clone()));
+        assert_eq!(c.feed(&b[4..]).expect("fed"), Some(b));
+        assert!(!c.holds_partial());
+        // A message for another collection is refused, whole or not yet released.
+        let e = c.feed(&frame(&named("private"), 0)).expect_err("refused");
+        assert_eq!(e.grpc_status(), 7);
+        assert_eq!(c.verdict().lock().expect("lock").as_ref(), Some(&e));
+        let mut c = Checker::new(M::Collection, 1024, |_| true);
+        assert_eq!(
+            c.feed(&frame(&named("x"), 1))
+                .expect_err("compressed")
+                .grpc_status(),
+            3
+        );
+        let mut c = Checker::new(M::Collection, 4, |_| true);
+        assert_eq!(
+            c.feed(&frame(&named("docs"), 0))
+                .expect_err("large")
+                .grpc_status(),
+            8
+        );
     }
 
     /// A body of `chunks`, one data frame each.

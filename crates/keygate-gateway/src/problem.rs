@@ -14,6 +14,7 @@
 //! | 504 | `upstream_timeout` | the upstream did not answer in time |
 //! | 400 | `bad_message` | a gRPC request whose first message cannot be read for its collection |
 //! | 404 | `unknown_route` | a gRPC method the gRPC preset does not list (or gRPC is off) |
+//! | 403 | `resource_forbidden` | a later message of a gRPC request names a collection the key may not use |
 //! | 408 | `message_timeout` | a gRPC request's first message did not arrive within `upstream.timeout` |
 //! | 415 | `not_grpc` | a gRPC method path called without `content-type: application/grpc` |
 //!
@@ -123,6 +124,26 @@ impl Refusal {
     /// `404 unknown_route` for a gRPC method the gateway does not forward.
     pub fn unknown_method(detail: impl Into<String>) -> Self {
         Refusal::new(404, "unknown_route", detail)
+    }
+
+    /// `403 resource_forbidden`: a later gRPC message names a collection the key may not
+    /// use (the first one is refused by keygate's own denial).
+    pub fn collection_refused(name: &str) -> Self {
+        let shown = if !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        {
+            format!("The collection \"{name}\"")
+        } else {
+            "A collection".to_owned()
+        };
+        Refusal::new(
+            403,
+            "resource_forbidden",
+            format!("{shown} named in a later message is refused: the key's collection patterns do not match it."),
+        )
     }
 
     /// `408 message_timeout`: a gRPC request whose first message did not arrive within the

@@ -46,11 +46,13 @@ use crate::qdrant::{self, Check};
 pub type UpstreamBody = Either<Prefixed, Full<Bytes>>;
 
 /// A client's body, streamed and capped, after bytes the gateway already read from it (a
-/// gRPC request's first message), which go first.
+/// gRPC request's first message), which go first; with a [`Checker`](crate::grpc::Checker),
+/// every later gRPC message is released only once whole and allowed.
 #[derive(Debug)]
 pub struct Prefixed {
     head: Option<Bytes>,
     rest: Limited<Incoming>,
+    checker: Option<crate::grpc::Checker>,
 }
 
 impl Prefixed {
@@ -60,9 +62,35 @@ impl Prefixed {
         Prefixed {
             head: head.filter(|h| !h.is_empty()),
             rest: Limited::new(body, cap(max.saturating_sub(read))),
+            checker: None,
+        }
+    }
+
+    /// As [`Prefixed::new`], the rest of the body passed through `checker`.
+    pub fn checked(
+        head: Option<Bytes>,
+        body: Incoming,
+        max: u64,
+        checker: crate::grpc::Checker,
+    ) -> Self {
+        Prefixed {
+            checker: Some(checker),
+            ..Prefixed::new(head, body, max)
         }
     }
 }
+
+/// A later gRPC message the gateway refused: the request stream is cut with it.
+#[derive(Debug)]
+pub struct MessageRefused(pub Refusal);
+
+impl std::fmt::Display for MessageRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.0.code, self.0.detail)
+    }
+}
+
+impl std::error::Error for MessageRefused {}
 
 impl http_body::Body for Prefixed {
     type Data = Bytes;
@@ -75,11 +103,48 @@ impl http_body::Body for Prefixed {
         if let Some(head) = self.head.take() {
             return Poll::Ready(Some(Ok(http_body::Frame::data(head))));
         }
-        Pin::new(&mut self.rest).poll_frame(cx)
+        let this = &mut *self;
+        let Some(checker) = this.checker.as_mut() else {
+            return Pin::new(&mut this.rest).poll_frame(cx);
+        };
+        loop {
+            let frame = match Pin::new(&mut this.rest).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) if checker.holds_partial() => {
+                    let cut =
+                        checker.refuse(Refusal::bad_message("The request ended inside a message."));
+                    return Poll::Ready(Some(Err(Box::new(MessageRefused(cut)))));
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            match frame.into_data() {
+                Ok(data) => match checker.feed(&data) {
+                    Ok(Some(ready)) => return Poll::Ready(Some(Ok(http_body::Frame::data(ready)))),
+                    // Part of a message: held; read on.
+                    Ok(None) => {}
+                    Err(r) => return Poll::Ready(Some(Err(Box::new(MessageRefused(r))))),
+                },
+                Err(trailers) => {
+                    if checker.holds_partial() {
+                        let cut = checker
+                            .refuse(Refusal::bad_message("The request ended inside a message."));
+                        return Poll::Ready(Some(Err(Box::new(MessageRefused(cut)))));
+                    }
+                    return Poll::Ready(Some(Ok(trailers)));
+                }
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.head.is_none() && self.rest.is_end_stream()
+        self.head.is_none()
+            && self.rest.is_end_stream()
+            && !self
+                .checker
+                .as_ref()
+                .is_some_and(crate::grpc::Checker::holds_partial)
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
@@ -464,6 +529,10 @@ impl Proxy {
             Ok(Err(e)) if over_limit(&e) => {
                 Err(Refusal::body_too_large(self.inner.config.max_body))
             }
+            // A later gRPC message was refused while the body was streamed.
+            Ok(Err(e)) if refused_message(&e).is_some() => {
+                Err(refused_message(&e).unwrap_or_else(Refusal::upstream_error))
+            }
             Ok(Err(_)) => Err(Refusal::upstream_error()),
             Ok(Ok(res)) => Ok(res),
         }
@@ -551,18 +620,47 @@ impl Proxy {
             Ok(Err(r)) => return grpc_refusal(&r),
             Err(_) => return grpc_refusal(&Refusal::message_timeout()),
         };
-        let names = match crate::grpc::collections(method.message, &head[5..5 + len]) {
+        let Some(first) = head.get(5..5 + len) else {
+            return grpc_refusal(&Refusal::bad_message("The first message is incomplete."));
+        };
+        let names = match crate::grpc::collections(method.message, first) {
             Ok(names) => names,
             Err(r) => return grpc_refusal(&r),
         };
         if let Some(refused) = names.0.iter().find(|n| !principal.can_access(n)) {
             return grpc_denial(resource_forbidden(refused));
         }
-        self.forward(
-            parts,
-            Either::Left(Prefixed::new(Some(head), body, max_body)),
-        )
-        .await
+        // Later messages (bytes already read past the first one, then the stream) are
+        // checked the same way as they come.
+        let first_len = 5 + len;
+        let mut checker =
+            crate::grpc::Checker::new(method.message, max_message.min(max_body), move |name| {
+                principal.can_access(name)
+            });
+        let mut head = head;
+        let extra = head.split_off(first_len.min(head.len()));
+        match checker.feed(&extra) {
+            Ok(Some(ready)) => {
+                let mut joined = bytes::BytesMut::from(&head[..]);
+                joined.extend_from_slice(&ready);
+                head = joined.freeze();
+            }
+            Ok(None) => {}
+            Err(r) => return grpc_refusal(&r),
+        }
+        let verdict = checker.verdict();
+        let res = self
+            .forward(
+                parts,
+                Either::Left(Prefixed::checked(Some(head), body, max_body, checker)),
+            )
+            .await;
+        // A later message refused before the upstream answered: the refusal, not the
+        // failure it caused upstream.
+        match verdict.lock().ok().and_then(|v| v.clone()) {
+            Some(r) => grpc_refusal(&r),
+            None => res,
+        }
     }
 
     async fn forward_json(
@@ -785,6 +883,18 @@ pub fn plain_path(path: &str) -> bool {
         let decoded = percent_encoding::percent_decode_str(segment).collect::<Vec<u8>>();
         decoded != b"." && decoded != b".." && !decoded.contains(&b'/') && !decoded.contains(&b'\\')
     })
+}
+
+/// The refusal of a later gRPC message, if `e` (or an error it wraps) is one.
+fn refused_message(e: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(m) = err.downcast_ref::<MessageRefused>() {
+            return Some(m.0.clone());
+        }
+        cur = err.source();
+    }
+    None
 }
 
 /// Whether `e` (or an error it wraps) is a body running over its [`Limited`] cap.

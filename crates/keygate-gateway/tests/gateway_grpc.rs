@@ -489,6 +489,91 @@ async fn a_streamed_request_is_forwarded_whole_after_its_first_message() {
 }
 
 #[tokio::test]
+async fn a_later_message_for_another_collection_cuts_the_request() {
+    let (gw, up) = start(|_| {}).await;
+    let key = writer(&gw, "docs").await;
+    let mut c = client(&gw).await;
+    c.ready().await.expect("ready");
+    let messages = vec![upsert_msg("docs", &[1]), upsert_msg("private", &[2])];
+    let r: Result<tonic::Response<PointsOperationResponse>, Status> = c
+        .client_streaming(
+            with_key(tokio_stream::iter(messages), Some(&key)),
+            http::uri::PathAndQuery::from_static(UPSERT),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await;
+    assert_code(r, Code::PermissionDenied, "resource_forbidden");
+    // The upstream never saw the second message.
+    assert!(!up
+        .upserted
+        .lock()
+        .expect("lock")
+        .contains(&"private".to_owned()));
+}
+
+/// A request body fed by a channel, one data frame per item.
+struct Fed(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for Fed {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|b| b.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+#[tokio::test]
+async fn a_later_message_is_checked_while_the_request_streams() {
+    let (gw, up) = start(|_| {}).await;
+    let key = writer(&gw, "docs").await;
+    let stream = TcpStream::connect(gw.addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("http://{}{UPSERT}", gw.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("api-key", key.as_str())
+        .body(Fed(rx))
+        .expect("request");
+    let pending = tokio::spawn(async move { sender.send_request(req).await });
+    let first = prost::Message::encode_to_vec(&upsert_msg("docs", &[1]));
+    tx.send(Bytes::from(frame(0, &first))).await.expect("send");
+    // The first message reaches the upstream before the second is written.
+    keygate_testkit::net::poll_until(
+        std::time::Duration::from_secs(10),
+        "the upstream got the first message",
+        || {
+            let got = up.upserted.lock().expect("lock").len();
+            async move { (got == 1).then_some(()) }
+        },
+    )
+    .await;
+    let second = prost::Message::encode_to_vec(&upsert_msg("private", &[2]));
+    tx.send(Bytes::from(frame(0, &second))).await.expect("send");
+    let res = tokio::time::timeout(std::time::Duration::from_secs(10), pending)
+        .await
+        .expect("answered in time")
+        .expect("task")
+        .expect("response");
+    assert_eq!(res.headers()["grpc-status"], "7", "{res:?}");
+    assert!(res.headers()["grpc-message"]
+        .to_str()
+        .is_ok_and(|m| m.starts_with("resource_forbidden")));
+    assert_eq!(*up.upserted.lock().expect("lock"), vec!["docs".to_owned()]);
+}
+
+#[tokio::test]
 async fn keys_scopes_and_collections_are_checked() {
     let (gw, up) = start(|_| {}).await;
     // No key: 16 UNAUTHENTICATED; a bad key too.
