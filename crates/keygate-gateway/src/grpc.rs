@@ -33,6 +33,8 @@ pub enum Message {
     NoCollection,
     /// `collection_name` (field 1).
     Collection,
+    /// `CreateCollection`: and `init_from_collection` (13, the collection copied).
+    Create,
     /// `RecommendPoints`: and `lookup_from` (13).
     Recommend,
     /// `SearchPointGroups`: and `with_lookup` (13).
@@ -113,7 +115,7 @@ pub const QDRANT_GRPC: &[Method] = &[
     m(
         "/qdrant.Collections/Create",
         "collections:manage",
-        M::Collection,
+        M::Create,
         false,
     ),
     m(
@@ -519,7 +521,7 @@ impl Checker {
                 break;
             };
             let names = collections(self.kind, msg)?;
-            if let Some(name) = names.0.iter().find(|n| !(self.allowed)(n)) {
+            if let Some(name) = names.refused(&self.allowed) {
                 return Err(Refusal::collection_refused(name));
             }
             ready += end;
@@ -540,6 +542,15 @@ impl Checker {
 struct Named {
     #[prost(string, tag = "1")]
     collection_name: String,
+}
+
+/// `CreateCollection`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Create {
+    #[prost(string, tag = "1")]
+    collection_name: String,
+    #[prost(string, optional, tag = "13")]
+    init_from_collection: Option<String>,
 }
 
 /// `LookupLocation`.
@@ -665,34 +676,40 @@ struct AliasOperation {
     action: Option<AliasAction>,
 }
 
-#[derive(Clone, PartialEq, prost::Oneof)]
-enum AliasAction {
+/// One alias action: the `oneof` of gRPC's `AliasOperations`, and one entry of the REST
+/// body's `actions` (`{"create_alias": {...}}`, `{"rename_alias": ...}`,
+/// `{"delete_alias": ...}`).
+#[derive(Clone, PartialEq, prost::Oneof, serde::Deserialize)]
+pub(crate) enum AliasAction {
     #[prost(message, tag = "1")]
+    #[serde(rename = "create_alias")]
     Create(CreateAlias),
     #[prost(message, tag = "2")]
+    #[serde(rename = "rename_alias")]
     Rename(RenameAlias),
     #[prost(message, tag = "3")]
+    #[serde(rename = "delete_alias")]
     Delete(DeleteAlias),
 }
 
-#[derive(Clone, PartialEq, prost::Message)]
-struct CreateAlias {
+#[derive(Clone, PartialEq, prost::Message, serde::Deserialize)]
+pub(crate) struct CreateAlias {
     #[prost(string, tag = "1")]
     collection_name: String,
     #[prost(string, tag = "2")]
     alias_name: String,
 }
 
-#[derive(Clone, PartialEq, prost::Message)]
-struct RenameAlias {
+#[derive(Clone, PartialEq, prost::Message, serde::Deserialize)]
+pub(crate) struct RenameAlias {
     #[prost(string, tag = "1")]
     old_alias_name: String,
     #[prost(string, tag = "2")]
     new_alias_name: String,
 }
 
-#[derive(Clone, PartialEq, prost::Message)]
-struct DeleteAlias {
+#[derive(Clone, PartialEq, prost::Message, serde::Deserialize)]
+pub(crate) struct DeleteAlias {
     #[prost(string, tag = "1")]
     alias_name: String,
 }
@@ -743,6 +760,52 @@ impl Names {
         self.prefetches(q.prefetch);
         self.lookup(q.lookup_from);
     }
+
+    /// Adds a collection (or alias) name.
+    pub fn push(&mut self, name: impl Into<String>) {
+        self.0.push(name.into());
+    }
+
+    /// The first name `allowed` refuses, if any.
+    pub fn refused(&self, allowed: impl Fn(&str) -> bool) -> Option<&str> {
+        self.0.iter().map(String::as_str).find(|n| !allowed(n))
+    }
+}
+
+/// Every collection and alias the alias `actions` name (gRPC `ChangeAliases` and the REST
+/// body of `POST /collections/aliases` alike): a creation's collection and alias, a
+/// renaming's old and new alias, a deletion's alias. `bad` makes the refusal of an action
+/// of an unknown kind (`None`), of no action at all, and of an empty name.
+pub(crate) fn alias_names(
+    actions: impl IntoIterator<Item = Option<AliasAction>>,
+    bad: fn(String) -> Refusal,
+) -> Result<Names, Refusal> {
+    let mut names = Names::default();
+    for action in actions {
+        match action {
+            Some(AliasAction::Create(a)) => {
+                names.push(a.collection_name);
+                names.push(a.alias_name);
+            }
+            Some(AliasAction::Rename(a)) => {
+                names.push(a.old_alias_name);
+                names.push(a.new_alias_name);
+            }
+            Some(AliasAction::Delete(a)) => names.push(a.alias_name),
+            None => {
+                return Err(bad(
+                    "An alias action of a kind the gateway does not know cannot be checked.".into(),
+                ))
+            }
+        }
+    }
+    if names.0.is_empty() {
+        return Err(bad("The alias change names no alias.".into()));
+    }
+    if names.0.iter().any(String::is_empty) {
+        return Err(bad("An alias action names no collection or alias.".into()));
+    }
+    Ok(names)
 }
 
 fn decode<T: prost::Message + Default>(msg: &[u8]) -> Result<T, Refusal> {
@@ -759,6 +822,13 @@ pub fn collections(kind: Message, msg: &[u8]) -> Result<Names, Refusal> {
     let own = match kind {
         M::NoCollection => return Ok(names),
         M::Collection => decode::<Named>(msg)?.collection_name,
+        M::Create => {
+            let c = decode::<Create>(msg)?;
+            if let Some(from) = c.init_from_collection {
+                names.push(from);
+            }
+            c.collection_name
+        }
         M::Recommend => {
             let r = decode::<Recommend>(msg)?;
             names.lookup(r.lookup_from);
@@ -817,31 +887,10 @@ pub fn collections(kind: Message, msg: &[u8]) -> Result<Names, Refusal> {
         }
         M::Aliases => {
             let c = decode::<ChangeAliases>(msg)?;
-            for action in c.actions {
-                match action.action {
-                    Some(AliasAction::Create(a)) => {
-                        names.0.push(a.collection_name);
-                        names.0.push(a.alias_name);
-                    }
-                    Some(AliasAction::Rename(a)) => {
-                        names.0.push(a.old_alias_name);
-                        names.0.push(a.new_alias_name);
-                    }
-                    Some(AliasAction::Delete(a)) => names.0.push(a.alias_name),
-                    None => return Err(Refusal::bad_message(
-                        "An alias action of a kind the gateway does not know cannot be checked.",
-                    )),
-                }
-            }
-            if names.0.is_empty() {
-                return Err(Refusal::bad_message("The alias change names no alias."));
-            }
-            if names.0.iter().any(String::is_empty) {
-                return Err(Refusal::bad_message(
-                    "An alias action names no collection or alias.",
-                ));
-            }
-            return Ok(names);
+            return alias_names(
+                c.actions.into_iter().map(|a| a.action),
+                Refusal::bad_message,
+            );
         }
     };
     if own.is_empty() {
@@ -949,6 +998,14 @@ mod tests {
         };
         let names = collections(M::Query, &q.encode_to_vec()).expect("decodes");
         assert_eq!(names.0, vec!["docs", "deep", "other"]);
+        let c = Create {
+            collection_name: "docs".into(),
+            init_from_collection: Some("other".into()),
+        };
+        let names = collections(M::Create, &c.encode_to_vec()).expect("decodes");
+        assert_eq!(names.0, vec!["docs", "other"]);
+        let names = collections(M::Create, &named("docs")).expect("decodes");
+        assert_eq!(names.0, vec!["docs"]);
         let b = QueryBatch {
             collection_name: "docs".into(),
             items: vec![q],
