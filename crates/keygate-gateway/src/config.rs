@@ -197,8 +197,9 @@ pub struct LimitsConfig {
     /// refused `413` before anything is read, a longer stream is cut.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: u64,
-    /// The largest body the gateway reads whole to rewrite it (tenant scoping; default
-    /// 8 MiB): a larger one is refused `413 body_too_large`.
+    /// The largest body the gateway reads whole to rewrite or check it (tenant scoping,
+    /// bodies naming other collections; default 8 MiB): a larger one is refused `413
+    /// body_too_large`.
     #[serde(default = "default_rewrite_body")]
     pub rewrite_body_bytes: u64,
     /// Seconds a client has to send a request head (default 10).

@@ -26,6 +26,7 @@ pub mod preset;
 pub mod problem;
 pub mod proxy;
 pub mod qdrant;
+pub mod reach;
 pub mod serve;
 
 use std::convert::Infallible;

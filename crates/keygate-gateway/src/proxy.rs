@@ -7,7 +7,8 @@
 //!   forwarded, either way.
 //! - Bodies stream both ways. A request body announced larger than the cap is refused
 //!   `413` before it is read; a longer stream is cut at the cap. Only a request of a key with
-//!   a tenant, on a route whose body must be rewritten, is read whole (within
+//!   a tenant, on a route whose body must be rewritten, and one whose body may name other
+//!   collections than its path ([`crate::reach`]), are read whole (within
 //!   `rewrite_body_bytes`).
 //! - The upstream client pools keep-alive connections (hyper-util's client).
 //! - Upstream failures are problem documents: `503 upstream_unavailable` (connection
@@ -440,8 +441,11 @@ impl Proxy {
                 )),
             };
         }
-        let tenant = RequestContext::of(req.extensions())
+        let principal = RequestContext::of(req.extensions())
             .and_then(RequestContext::principal)
+            .cloned();
+        let tenant = principal
+            .as_ref()
             .and_then(|p| p.tenant())
             .map(str::to_owned);
         let (mut parts, body) = req.into_parts();
@@ -453,8 +457,7 @@ impl Proxy {
             return problem(&Refusal::bad_path());
         }
         let Some(tenant) = tenant else {
-            let body = Either::Left(Prefixed::new(None, body, self.inner.config.max_body));
-            return self.forward(parts, body).await;
+            return self.forward_reached(principal.as_ref(), parts, body).await;
         };
         let config = &self.inner.config;
         let tenancy = crate::preset::tenancy(
@@ -484,6 +487,66 @@ impl Proxy {
                 "This operation cannot be scoped to a tenant.",
             )),
         }
+    }
+
+    /// A request of a key without a tenant: forwarded, streamed, unless its route reaches
+    /// other collections ([`crate::reach`]) and the key's grant of the route's scope does
+    /// not cover every collection; then its body is read whole, and forwarded unchanged
+    /// only if every collection it names is permitted to the key.
+    async fn forward_reached(
+        &self,
+        principal: Option<&keygate::Principal>,
+        parts: http::request::Parts,
+        body: Incoming,
+    ) -> Response<ProxyBody> {
+        let config = &self.inner.config;
+        let Some((reach, scope)) =
+            crate::reach::reach(config.preset, parts.method.as_str(), parts.uri.path())
+        else {
+            let body = Either::Left(Prefixed::new(None, body, config.max_body));
+            return self.forward(parts, body).await;
+        };
+        let Some(principal) = principal else {
+            // The layers let no request without a key this far; fail closed anyway.
+            return rest_denial(Denial::new(DenialCode::MissingKey), &parts);
+        };
+        let Ok(scope) = keygate::Scope::parse(scope) else {
+            return problem(&Refusal::upstream_error());
+        };
+        if covers_every_collection(principal, &scope) {
+            let body = Either::Left(Prefixed::new(None, body, config.max_body));
+            return self.forward(parts, body).await;
+        }
+        if reach == crate::reach::Reach::Everything {
+            return rest_denial(
+                Denial::new(DenialCode::ResourceForbidden).with_detail(format!(
+                    "This operation reaches every collection: it needs a grant of {scope} on every collection (*)."
+                )),
+                &parts,
+            );
+        }
+        let bytes = match self.read_body(body).await {
+            Ok(b) => b,
+            Err(res) => return res,
+        };
+        let json = match parse_json(&bytes) {
+            Ok(v) => v,
+            Err(r) => return problem(&r),
+        };
+        let names = match crate::reach::names(reach, &json) {
+            Ok(n) => n,
+            Err(r) => return problem(&r),
+        };
+        // `init_from` copies the other collection's points: reading them is needed too.
+        let read = keygate::Scope::parse("points:read").ok();
+        let extra = read.filter(|_| reach == crate::reach::Reach::Create);
+        let refused = names.refused(|n| {
+            principal.permits(&scope, n) && extra.as_ref().is_none_or(|s| principal.permits(s, n))
+        });
+        if let Some(name) = refused {
+            return rest_denial(resource_forbidden(name), &parts);
+        }
+        self.forward(parts, Either::Right(Full::new(bytes))).await
     }
 
     /// Removes client credentials and hop-by-hop headers.
@@ -627,7 +690,7 @@ impl Proxy {
             Ok(names) => names,
             Err(r) => return grpc_refusal(&r),
         };
-        if let Some(refused) = names.0.iter().find(|n| !principal.can_access(n)) {
+        if let Some(refused) = names.refused(|n| principal.can_access(n)) {
             return grpc_denial(resource_forbidden(refused));
         }
         // Later messages (bytes already read past the first one, then the stream) are
@@ -679,21 +742,22 @@ impl Proxy {
         self.forward(parts, Either::Right(Full::new(bytes))).await
     }
 
+    /// Reads a body whole, within the rewrite cap.
+    async fn read_body(&self, body: Incoming) -> Result<Bytes, Response<ProxyBody>> {
+        let limit = self.inner.config.rewrite_cap;
+        match Limited::new(body, cap(limit)).collect().await {
+            Ok(c) => Ok(c.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                Err(problem(&Refusal::body_too_large(limit)))
+            }
+            Err(_) => Err(problem(&Refusal::bad_body("the body could not be read"))),
+        }
+    }
+
     /// Reads a body whole, within the rewrite cap, as JSON (`Null` when empty).
     async fn read_json(&self, body: Incoming) -> Result<Value, Response<ProxyBody>> {
-        let limit = self.inner.config.rewrite_cap;
-        let bytes = match Limited::new(body, cap(limit)).collect().await {
-            Ok(c) => c.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(problem(&Refusal::body_too_large(limit)))
-            }
-            Err(_) => return Err(problem(&Refusal::bad_body("the body could not be read"))),
-        };
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(Value::Null);
-        }
-        serde_json::from_slice(&bytes)
-            .map_err(|_| problem(&Refusal::bad_body("the body is not valid JSON")))
+        let bytes = self.read_body(body).await?;
+        parse_json(&bytes).map_err(|r| problem(&r))
     }
 
     /// A JSON request of the gateway's own to the upstream (checks): the `result` of a 2xx
@@ -925,10 +989,44 @@ fn grpc_denial(denial: Denial) -> Response<ProxyBody> {
     *req.method_mut() = Method::POST;
     req.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    let res = DefaultRenderer::new().render(&denial, &RenderContext::of(&req));
+    rendered(denial, &req)
+}
+
+/// `denial` rendered for `req` by keygate's renderer, the denial in the response's
+/// extensions (the audit layer records it).
+fn rendered(denial: Denial, req: &Request<()>) -> Response<ProxyBody> {
+    let res = DefaultRenderer::new().render(&denial, &RenderContext::of(req));
     let mut res = res.map(|b| Either::Right(Full::new(b)));
     res.extensions_mut().insert(denial);
     res
+}
+
+/// A body as JSON (`Null` when empty).
+fn parse_json(bytes: &[u8]) -> Result<Value, Refusal> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(bytes).map_err(|_| Refusal::bad_body("the body is not valid JSON"))
+}
+
+/// Whether one grant of `principal` holds `scope` on every collection (`*`): its requests
+/// can reach no collection it may not use, so their bodies need not be read.
+fn covers_every_collection(principal: &keygate::Principal, scope: &keygate::Scope) -> bool {
+    // The union of the patterns first: without `*` there, no grant has it (no allocation).
+    principal.resources().iter().any(|p| p == "*")
+        && principal.grants().iter().any(|g| {
+            g.collections.iter().any(|p| p == "*")
+                && keygate::ScopeSet::compile(&g.scopes).allows(scope)
+        })
+}
+
+/// A keygate denial of a REST request, as keygate's layers render it (the denial in the
+/// response's extensions, for the audit layer).
+fn rest_denial(denial: Denial, parts: &http::request::Parts) -> Response<ProxyBody> {
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    rendered(denial, &req)
 }
 
 /// Longest collection name echoed in a refusal.

@@ -13,11 +13,11 @@ use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use keygate::core::audit::{AuditEvent, Decision, Transport};
+use keygate::core::audit::{Decision, Transport};
 use keygate::{DenialCode, KeySpec, RateLimitPolicy};
 use keygate_gateway::preset::Preset;
 use keygate_gateway::proxy::UpstreamCredential;
-use support::Gw;
+use support::{requests, Gw};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::{Code, Status};
 
@@ -400,17 +400,6 @@ fn frame(flag: u8, msg: &[u8]) -> Vec<u8> {
     b.extend_from_slice(&u32::try_from(msg.len()).expect("len").to_be_bytes());
     b.extend_from_slice(msg);
     b
-}
-
-fn requests(gw: &Gw) -> Vec<keygate::core::audit::RequestEvent> {
-    gw.sink
-        .events()
-        .into_iter()
-        .filter_map(|e| match e {
-            AuditEvent::Request(r) => Some(r),
-            _ => None,
-        })
-        .collect()
 }
 
 #[tokio::test]
