@@ -5,10 +5,11 @@
 //! - Every method of `qdrant.Collections`, `qdrant.Points`, `qdrant.Snapshots` and
 //!   `qdrant.Qdrant` ([`QDRANT_GRPC`]) needs the scope the equivalent REST route needs; any
 //!   other method is refused (12 UNIMPLEMENTED).
-//! - A method on one collection is checked against the key's collection patterns with the
-//!   collection named in its first message (`collection_name`, field 1, in every Qdrant
-//!   request that has one), and so are the other collections a message can reach:
-//!   `lookup_from` and `with_lookup` (also inside batches and prefetches), and the
+//! - A method on one collection is checked against the key's grants (the method's scope on
+//!   that collection) with the collection named in its first message (`collection_name`,
+//!   field 1, in every Qdrant request that has one), and so are the other collections a
+//!   message can reach: `lookup_from` and `with_lookup` (also inside batches and
+//!   prefetches), the collection a creation copies (`init_from_collection`), and the
 //!   collections and aliases of an alias change. The first message is read whole within
 //!   `max_message_bytes`, then forwarded unchanged with the rest of the stream. Qdrant's
 //!   methods are unary (its server reads the first message and drops the rest), but a

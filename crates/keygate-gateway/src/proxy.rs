@@ -540,11 +540,10 @@ impl Proxy {
         // `init_from` copies the other collection's points: reading them is needed too.
         let read = keygate::Scope::parse("points:read").ok();
         let extra = read.filter(|_| reach == crate::reach::Reach::Create);
-        let refused = names.refused(|n| {
-            principal.permits(&scope, n) && extra.as_ref().is_none_or(|s| principal.permits(s, n))
-        });
-        if let Some(name) = refused {
-            return rest_denial(resource_forbidden(name), &parts);
+        for scope in std::iter::once(&scope).chain(extra.as_ref()) {
+            if let Some(name) = names.refused(|n| principal.permits(scope, n)) {
+                return rest_denial(collection_denial(principal, scope, name), &parts);
+            }
         }
         self.forward(parts, Either::Right(Full::new(bytes))).await
     }
@@ -690,15 +689,18 @@ impl Proxy {
             Ok(names) => names,
             Err(r) => return grpc_refusal(&r),
         };
-        if let Some(refused) = names.refused(|n| principal.can_access(n)) {
-            return grpc_denial(resource_forbidden(refused));
+        let Ok(scope) = keygate::Scope::parse(method.scope) else {
+            return grpc_refusal(&Refusal::upstream_error());
+        };
+        if let Some(refused) = names.refused(|n| principal.permits(&scope, n)) {
+            return grpc_denial(collection_denial(&principal, &scope, refused));
         }
         // Later messages (bytes already read past the first one, then the stream) are
         // checked the same way as they come.
         let first_len = 5 + len;
         let mut checker =
             crate::grpc::Checker::new(method.message, max_message.min(max_body), move |name| {
-                principal.can_access(name)
+                principal.permits(&scope, name)
             });
         let mut head = head;
         let extra = head.split_off(first_len.min(head.len()));
@@ -999,6 +1001,21 @@ fn rendered(denial: Denial, req: &Request<()>) -> Response<ProxyBody> {
     let mut res = res.map(|b| Either::Right(Full::new(b)));
     res.extensions_mut().insert(denial);
     res
+}
+
+/// The denial of collection `name` to `principal` for `scope`, as the scope layer words it
+/// for the collection in a path: `resource_forbidden` when no pattern of the key matches
+/// it, `insufficient_scope` when only grants without `scope` do.
+fn collection_denial(principal: &keygate::Principal, scope: &keygate::Scope, name: &str) -> Denial {
+    if principal.can_access(name) {
+        Denial::new(DenialCode::InsufficientScope)
+            .with_required_scope(scope.to_string())
+            .with_detail(
+                "The API key holds this scope only on other collections, not on one the request names.",
+            )
+    } else {
+        resource_forbidden(name)
+    }
 }
 
 /// A body as JSON (`Null` when empty).

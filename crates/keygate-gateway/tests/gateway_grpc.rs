@@ -500,6 +500,57 @@ async fn a_later_message_for_another_collection_cuts_the_request() {
         .contains(&"private".to_owned()));
 }
 
+/// A protobuf string field (`tag` < 16, `value` shorter than 128 bytes).
+fn string_field(tag: u8, value: &str) -> Vec<u8> {
+    let mut b = vec![tag << 3 | 2, u8::try_from(value.len()).expect("short")];
+    b.extend_from_slice(value.as_bytes());
+    b
+}
+
+#[tokio::test]
+async fn create_checks_the_collection_it_copies_and_scopes_pair_with_collections() {
+    let (gw, up) = start(|_| {}).await;
+    let (key, _) = gw
+        .issue(
+            KeySpec::new("manager")
+                .scope("collections:manage")
+                .resource("team-*"),
+        )
+        .await;
+    const CREATE: &str = "/qdrant.Collections/Create";
+    // `init_from_collection` (field 13) names a collection the key may not use.
+    let mut msg = string_field(1, "team-a");
+    msg.extend(string_field(13, "other"));
+    let res = raw(&gw, CREATE, &key, frame(0, &msg)).await;
+    assert_eq!(res.headers["grpc-status"], "7", "{res:?}");
+    assert!(up.seen().is_empty(), "{:?}", up.seen());
+    let denied = requests(&gw).pop().expect("audited");
+    assert_eq!(denied.decision, Decision::Denied);
+    assert_eq!(denied.denial, Some(DenialCode::ResourceForbidden));
+    // Copying one of its own is forwarded.
+    let mut msg = string_field(1, "team-a");
+    msg.extend(string_field(13, "team-b"));
+    raw(&gw, CREATE, &key, frame(0, &msg)).await;
+    assert_eq!(up.seen().len(), 1);
+    // A key that writes `docs-*` and only reads `shared` may not write to `shared`: the
+    // scope must be granted on the collection the message names.
+    let (split, _) = gw
+        .issue(
+            KeySpec::new("split")
+                .grant(keygate::Grant::new(["points:write"], ["docs-*"]))
+                .grant(keygate::Grant::new(["points:read"], ["shared"])),
+        )
+        .await;
+    let r =
+        call::<_, PointsOperationResponse>(&gw, UPSERT, upsert_msg("shared", &[1]), Some(&split))
+            .await;
+    assert_code(r, Code::PermissionDenied, "insufficient_scope");
+    assert!(up.upserted.lock().expect("lock").is_empty());
+    call::<_, PointsOperationResponse>(&gw, UPSERT, upsert_msg("docs-1", &[1]), Some(&split))
+        .await
+        .expect("its own");
+}
+
 /// A request body fed by a channel, one data frame per item.
 struct Fed(tokio::sync::mpsc::Receiver<Bytes>);
 

@@ -34,6 +34,25 @@ async fn refused(
     path: &str,
     body: Option<Value>,
 ) {
+    refused_as(
+        gw,
+        calls,
+        key,
+        (method, path, body),
+        DenialCode::ResourceForbidden,
+    )
+    .await;
+}
+
+/// As [`refused`], with denial `code` (`insufficient_scope`: the key may use the other
+/// collection, but not with the route's scope).
+async fn refused_as(
+    gw: &Gw,
+    calls: &std::sync::atomic::AtomicUsize,
+    key: &str,
+    (method, path, body): (&str, &str, Option<Value>),
+    code: DenialCode,
+) {
     let before = calls.load(Ordering::SeqCst);
     let r = gw.call(method, path, Some(key), body.clone()).await;
     let shown = body.map(|b| b.to_string()).unwrap_or_default();
@@ -43,7 +62,7 @@ async fn refused(
         "{method} {path} {shown}: {}",
         r.text
     );
-    assert_eq!(r.code(), "resource_forbidden", "{method} {path} {shown}");
+    assert_eq!(r.code(), code.as_str(), "{method} {path} {shown}");
     assert_eq!(
         calls.load(Ordering::SeqCst),
         before,
@@ -51,7 +70,7 @@ async fn refused(
     );
     let event = last_request(gw);
     assert_eq!(event.decision, Decision::Denied, "{method} {path} {shown}");
-    assert_eq!(event.denial, Some(DenialCode::ResourceForbidden));
+    assert_eq!(event.denial, Some(code));
     assert_eq!(event.status, Some(403));
 }
 
@@ -246,13 +265,13 @@ async fn alias_actions_must_name_collections_and_aliases_of_the_key() {
                 .grant(keygate::Grant::new(["points:read"], ["other"])),
         )
         .await;
-    refused(
+    let body = json!({"actions": [{"create_alias": {"collection_name": "other", "alias_name": "team-x"}}]});
+    refused_as(
         &gw,
         &calls,
         &split,
-        "POST",
-        "/collections/aliases",
-        Some(json!({"actions": [{"create_alias": {"collection_name": "other", "alias_name": "team-x"}}]})),
+        ("POST", "/collections/aliases", Some(body)),
+        DenialCode::InsufficientScope,
     )
     .await;
 }
@@ -295,13 +314,12 @@ async fn init_from_must_be_readable_by_the_key() {
                 .resource("team-*"),
         )
         .await;
-    refused(
+    refused_as(
         &gw,
         &calls,
         &manage_only,
-        "PUT",
-        "/collections/team-a",
-        Some(create("team-b")),
+        ("PUT", "/collections/team-a", Some(create("team-b"))),
+        DenialCode::InsufficientScope,
     )
     .await;
 }
