@@ -32,6 +32,10 @@ use crate::problem::Refusal;
 pub enum Message {
     /// Nothing: the method names no collection (forwarded without reading).
     NoCollection,
+    /// Nothing read: the method acts on every collection (full snapshots, which hold every
+    /// collection), so only a key whose grant of its scope covers every collection (`*`)
+    /// may call it.
+    Everything,
     /// `collection_name` (field 1).
     Collection,
     /// `CreateCollection`: and `init_from_collection` (13, the collection copied).
@@ -349,7 +353,7 @@ pub const QDRANT_GRPC: &[Method] = &[
     m(
         "/qdrant.Snapshots/CreateFull",
         "snapshots:manage",
-        M::NoCollection,
+        M::Everything,
         false,
     ),
     m(
@@ -361,7 +365,7 @@ pub const QDRANT_GRPC: &[Method] = &[
     m(
         "/qdrant.Snapshots/DeleteFull",
         "snapshots:manage",
-        M::NoCollection,
+        M::Everything,
         false,
     ),
 ];
@@ -821,7 +825,7 @@ fn decode<T: prost::Message + Default>(msg: &[u8]) -> Result<T, Refusal> {
 pub fn collections(kind: Message, msg: &[u8]) -> Result<Names, Refusal> {
     let mut names = Names::default();
     let own = match kind {
-        M::NoCollection => return Ok(names),
+        M::NoCollection | M::Everything => return Ok(names),
         M::Collection => decode::<Named>(msg)?.collection_name,
         M::Create => {
             let c = decode::<Create>(msg)?;

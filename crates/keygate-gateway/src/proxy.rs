@@ -518,12 +518,7 @@ impl Proxy {
             return self.forward(parts, body).await;
         }
         if reach == crate::reach::Reach::Everything {
-            return rest_denial(
-                Denial::new(DenialCode::ResourceForbidden).with_detail(format!(
-                    "This operation reaches every collection: it needs a grant of {scope} on every collection (*)."
-                )),
-                &parts,
-            );
+            return rest_denial(every_collection_denial(&scope.to_string()), &parts);
         }
         let bytes = match self.read_body(body).await {
             Ok(b) => b,
@@ -670,7 +665,17 @@ impl Proxy {
             return grpc_refusal(&r);
         }
         let max_body = self.inner.config.max_body;
-        if method.message == crate::grpc::Message::NoCollection {
+        if method.message == crate::grpc::Message::Everything {
+            let covered = keygate::Scope::parse(method.scope)
+                .is_ok_and(|scope| covers_every_collection(&principal, &scope));
+            if !covered {
+                return grpc_denial(every_collection_denial(method.scope));
+            }
+        }
+        if matches!(
+            method.message,
+            crate::grpc::Message::NoCollection | crate::grpc::Message::Everything
+        ) {
             return self
                 .forward(parts, Either::Left(Prefixed::new(None, body, max_body)))
                 .await;
@@ -1016,6 +1021,14 @@ fn collection_denial(principal: &keygate::Principal, scope: &keygate::Scope, nam
     } else {
         resource_forbidden(name)
     }
+}
+
+/// The denial of an operation on every collection to a key whose grants do not cover
+/// them all.
+fn every_collection_denial(scope: &str) -> Denial {
+    Denial::new(DenialCode::ResourceForbidden).with_detail(format!(
+        "This operation reaches every collection: it needs a grant of {scope} on every collection (*)."
+    ))
 }
 
 /// A body as JSON (`Null` when empty).

@@ -551,6 +551,39 @@ async fn create_checks_the_collection_it_copies_and_scopes_pair_with_collections
         .expect("its own");
 }
 
+#[tokio::test]
+async fn full_snapshots_need_a_grant_on_every_collection() {
+    let (gw, up) = start(|_| {}).await;
+    let (limited, _) = gw
+        .issue(
+            KeySpec::new("limited")
+                .scope("snapshots:manage")
+                .resource("docs"),
+        )
+        .await;
+    for method in [
+        "/qdrant.Snapshots/CreateFull",
+        "/qdrant.Snapshots/DeleteFull",
+    ] {
+        let res = raw(
+            &gw,
+            method,
+            &limited,
+            frame(0, &string_field(1, "full.snapshot")),
+        )
+        .await;
+        assert_eq!(res.headers["grpc-status"], "7", "{method}: {res:?}");
+        let denied = requests(&gw).pop().expect("audited");
+        assert_eq!(denied.denial, Some(DenialCode::ResourceForbidden));
+    }
+    assert!(up.seen().is_empty(), "{:?}", up.seen());
+    let (all, _) = gw
+        .issue(KeySpec::new("all").scope("snapshots:manage").resource("*"))
+        .await;
+    raw(&gw, "/qdrant.Snapshots/CreateFull", &all, frame(0, &[])).await;
+    assert_eq!(up.seen().len(), 1);
+}
+
 /// A request body fed by a channel, one data frame per item.
 struct Fed(tokio::sync::mpsc::Receiver<Bytes>);
 
