@@ -260,7 +260,16 @@ struct Inner {
     grpc: Option<(Proxy, u64)>,
     /// Refusals in gRPC form (the gRPC proxy).
     grpc_form: bool,
+    /// Chroma collection ids seen in a tenant and database (a collection never moves).
+    chroma_known: std::sync::Mutex<std::collections::HashMap<String, (String, String)>>,
 }
+
+/// Chroma collection ids remembered at most (then forgotten all at once).
+const CHROMA_KNOWN_MAX: usize = 10_000;
+/// Collections listed per page, and pages listed at most, when looking for an id in a
+/// Chroma database.
+const CHROMA_PAGE: usize = 1000;
+const CHROMA_MAX_PAGES: usize = 100;
 
 /// Headers that never carry a client's key upstream, whatever the hub reads.
 const CLIENT_CREDENTIALS: [&str; 5] = [
@@ -413,6 +422,7 @@ impl Proxy {
                 credential_headers,
                 grpc: None,
                 grpc_form,
+                chroma_known: std::sync::Mutex::default(),
             }),
         })
     }
@@ -455,6 +465,18 @@ impl Proxy {
         }
         if !plain_path(parts.uri.path()) {
             return problem(&Refusal::bad_path());
+        }
+        if let Some((c, scope)) = crate::reach::chroma_collection(
+            self.inner.config.preset,
+            parts.method.as_str(),
+            parts.uri.path(),
+        ) {
+            if let Err(res) = self
+                .chroma_in_database(principal.as_ref(), &parts, &c, scope)
+                .await
+            {
+                return res;
+            }
         }
         let Some(tenant) = tenant else {
             return self.forward_reached(principal.as_ref(), parts, body).await;
@@ -510,15 +532,22 @@ impl Proxy {
             // The layers let no request without a key this far; fail closed anyway.
             return rest_denial(Denial::new(DenialCode::MissingKey), &parts);
         };
-        let Ok(scope) = keygate::Scope::parse(scope) else {
+        // The route's scope, and for `init_from` (it copies the other collection's points)
+        // `points:read` too.
+        let read = (reach == crate::reach::Reach::Create).then_some("points:read");
+        let Ok(scopes) = std::iter::once(scope)
+            .chain(read)
+            .map(keygate::Scope::parse)
+            .collect::<Result<Vec<_>, _>>()
+        else {
             return problem(&Refusal::upstream_error());
         };
-        if covers_every_collection(principal, &scope) {
+        if scopes.iter().all(|s| covers_every_collection(principal, s)) {
             let body = Either::Left(Prefixed::new(None, body, config.max_body));
             return self.forward(parts, body).await;
         }
         if reach == crate::reach::Reach::Everything {
-            return rest_denial(every_collection_denial(&scope.to_string()), &parts);
+            return rest_denial(every_collection_denial(scope), &parts);
         }
         let bytes = match self.read_body(body).await {
             Ok(b) => b,
@@ -532,15 +561,70 @@ impl Proxy {
             Ok(n) => n,
             Err(r) => return problem(&r),
         };
-        // `init_from` copies the other collection's points: reading them is needed too.
-        let read = keygate::Scope::parse("points:read").ok();
-        let extra = read.filter(|_| reach == crate::reach::Reach::Create);
-        for scope in std::iter::once(&scope).chain(extra.as_ref()) {
+        for scope in &scopes {
             if let Some(name) = names.refused(|n| principal.permits(scope, n)) {
                 return rest_denial(collection_denial(principal, scope, name), &parts);
             }
         }
         self.forward(parts, Either::Right(Full::new(bytes))).await
+    }
+
+    /// Whether Chroma collection `c` (named by id) is in the tenant and database its path
+    /// names, asked of the upstream (its collections listed) unless the key's grant of the
+    /// route's scope covers every database or the id was seen there before. `Err`: the
+    /// answer (`403 resource_forbidden`, or the upstream's own).
+    async fn chroma_in_database(
+        &self,
+        principal: Option<&keygate::Principal>,
+        parts: &http::request::Parts,
+        c: &crate::reach::ChromaCollection,
+        scope: &str,
+    ) -> Result<(), Response<ProxyBody>> {
+        let Some(principal) = principal else {
+            return Err(rest_denial(Denial::new(DenialCode::MissingKey), parts));
+        };
+        if keygate::Scope::parse(scope).is_ok_and(|s| covers_every_collection(principal, &s)) {
+            return Ok(());
+        }
+        let place = (c.tenant.clone(), c.database.clone());
+        let known =
+            |m: &std::collections::HashMap<String, (String, String)>| m.get(&c.id) == Some(&place);
+        if self.inner.chroma_known.lock().is_ok_and(|m| known(&m)) {
+            return Ok(());
+        }
+        for page in 0..CHROMA_MAX_PAGES {
+            let path = format!(
+                "/api/v2/tenants/{}/databases/{}/collections?limit={CHROMA_PAGE}&offset={}",
+                c.tenant,
+                c.database,
+                page * CHROMA_PAGE
+            );
+            let listed = self.ask(Method::GET, &path, &Value::Null).await?;
+            let Some(list) = listed.as_array() else {
+                return Err(problem(&Refusal::upstream_error()));
+            };
+            if list
+                .iter()
+                .any(|col| col["id"].as_str() == Some(c.id.as_str()))
+            {
+                if let Ok(mut m) = self.inner.chroma_known.lock() {
+                    if m.len() >= CHROMA_KNOWN_MAX {
+                        m.clear();
+                    }
+                    m.insert(c.id.clone(), place);
+                }
+                return Ok(());
+            }
+            if list.len() < CHROMA_PAGE {
+                break;
+            }
+        }
+        Err(rest_denial(
+            Denial::new(DenialCode::ResourceForbidden).with_detail(
+                "The collection id in the path is not a collection of the database the path names.",
+            ),
+            parts,
+        ))
     }
 
     /// Removes client credentials and hop-by-hop headers.
@@ -767,8 +851,8 @@ impl Proxy {
         parse_json(&bytes).map_err(|r| problem(&r))
     }
 
-    /// A JSON request of the gateway's own to the upstream (checks): the `result` of a 2xx
-    /// answer; any other answer is passed to the client as it is.
+    /// A JSON request of the gateway's own to the upstream (checks; `Null`: no body): the
+    /// `result` of a 2xx answer; any other answer is passed to the client as it is.
     async fn ask(
         &self,
         method: Method,
@@ -776,7 +860,11 @@ impl Proxy {
         body: &Value,
     ) -> Result<Value, Response<ProxyBody>> {
         let uri = self.uri(path).map_err(|r| problem(&r))?;
-        let bytes = Bytes::from(body.to_string());
+        let bytes = if body.is_null() {
+            Bytes::new()
+        } else {
+            Bytes::from(body.to_string())
+        };
         let mut req = Request::new(Either::Right(Full::new(bytes)));
         *req.method_mut() = method;
         *req.uri_mut() = uri;

@@ -25,6 +25,10 @@
 //! own API), and removing a peer (`DELETE /cluster/peer/{peer}`: the shards of every
 //! collection on it). Only a key whose grant of the route's scope covers every collection
 //! may use them; others upload a snapshot (`.../snapshots/upload`) instead.
+//!
+//! Chroma's record routes name a collection by id, which Chroma serves whatever database
+//! the path names: [`chroma_collection`] finds them, and the proxy checks that the id is
+//! a collection of the path's database.
 
 use serde_json::{Map, Value};
 
@@ -112,9 +116,74 @@ const QDRANT_REACH: &[(&str, &str, Reach)] = &[
     ("DELETE", "/cluster/peer/{peer}", Reach::Everything),
 ];
 
+/// A Chroma collection named by id in a path, with the tenant and database the path puts
+/// it in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChromaCollection {
+    /// The tenant segment.
+    pub tenant: String,
+    /// The database segment (what a key's patterns are matched against).
+    pub database: String,
+    /// The collection id.
+    pub id: String,
+}
+
+/// The Chroma routes naming a collection by id. Chroma (1.x) looks the id up without
+/// checking that the collection is in the path's tenant and database, so the database a
+/// key's patterns matched may not be the collection's: the proxy checks that it is.
+/// (`GET` and `DELETE .../collections/{name}` take a name, looked up in the database.)
+const CHROMA_BY_ID: &[(&str, &str)] = &[
+    ("PUT", ""),
+    ("POST", "/add"),
+    ("POST", "/upsert"),
+    ("POST", "/update"),
+    ("POST", "/get"),
+    ("POST", "/query"),
+    ("POST", "/delete"),
+    ("GET", "/count"),
+];
+
+/// The collection `method` `path` names by id on the Chroma preset, and its route's scope.
+pub fn chroma_collection(
+    preset: Preset,
+    method: &str,
+    path: &str,
+) -> Option<(ChromaCollection, &'static str)> {
+    if preset != Preset::Chroma {
+        return None;
+    }
+    let method = if method == "HEAD" { "GET" } else { method };
+    let rest = path.strip_prefix("/api/v2/tenants/")?;
+    let mut parts = rest.splitn(6, '/');
+    let tenant = parts.next()?;
+    let (Some("databases"), Some(database), Some("collections"), Some(id)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let op = parts.next().map_or(String::new(), |op| format!("/{op}"));
+    if [tenant, database, id].iter().any(|s| s.is_empty())
+        || !CHROMA_BY_ID.iter().any(|(m, o)| *m == method && *o == op)
+    {
+        return None;
+    }
+    let route = preset
+        .routes()
+        .iter()
+        .find(|r| r.method == method && matches(r.path, path))?;
+    Some((
+        ChromaCollection {
+            tenant: tenant.to_owned(),
+            database: database.to_owned(),
+            id: id.to_owned(),
+        },
+        route.scope,
+    ))
+}
+
 /// What `method` `path` reaches beyond its path, and the scope its route needs; `None`
 /// when nothing (every Chroma route: no body of Chroma's v2 API names another collection
-/// or database).
+/// or database; for its ids in paths, see [`chroma_collection`]).
 pub fn reach(preset: Preset, method: &str, path: &str) -> Option<(Reach, &'static str)> {
     if preset != Preset::Qdrant {
         return None;
@@ -258,6 +327,32 @@ mod tests {
             let path = p.replace(['{', '}'], "");
             assert!(reach(q, m, &path).is_some(), "{m} {p}");
         }
+    }
+
+    #[test]
+    fn chroma_collections_by_id_are_found() {
+        let c = Preset::Chroma;
+        let base = "/api/v2/tenants/t/databases/db/collections/0b5e";
+        let (found, scope) =
+            chroma_collection(c, "POST", &format!("{base}/get")).expect("a record route");
+        assert_eq!(
+            found,
+            ChromaCollection {
+                tenant: "t".into(),
+                database: "db".into(),
+                id: "0b5e".into()
+            }
+        );
+        assert_eq!(scope, "records:read");
+        assert!(chroma_collection(c, "PUT", base).is_some());
+        assert!(chroma_collection(c, "GET", &format!("{base}/count")).is_some());
+        assert!(chroma_collection(c, "POST", &format!("{base}/add")).is_some());
+        // By name, looked up in the database by Chroma itself.
+        assert!(chroma_collection(c, "GET", base).is_none());
+        assert!(chroma_collection(c, "DELETE", base).is_none());
+        assert!(chroma_collection(c, "POST", &format!("{base}/fork")).is_none());
+        assert!(chroma_collection(c, "POST", &format!("{base}/get/x")).is_none());
+        assert!(chroma_collection(Preset::Qdrant, "POST", &format!("{base}/get")).is_none());
     }
 
     #[test]

@@ -322,6 +322,30 @@ async fn init_from_must_be_readable_by_the_key() {
         DenialCode::InsufficientScope,
     )
     .await;
+    // Managing every collection is not reading every collection.
+    let (manage_all, _) = gw
+        .issue(
+            KeySpec::new("manage-all")
+                .grant(keygate::Grant::new(["collections:manage"], ["*"]))
+                .grant(keygate::Grant::new(["points:read"], ["team-*"])),
+        )
+        .await;
+    refused_as(
+        &gw,
+        &calls,
+        &manage_all,
+        ("PUT", "/collections/team-a", Some(create("other"))),
+        DenialCode::InsufficientScope,
+    )
+    .await;
+    allowed(
+        &gw,
+        &manage_all,
+        "PUT",
+        "/collections/team-a",
+        create("team-b"),
+    )
+    .await;
 }
 
 #[tokio::test]
