@@ -80,15 +80,16 @@ fn tenant_spec(tenant: &str) -> KeySpec {
         .attribute("tenant", tenant)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_official_client_through_the_gateway() {
+/// A real Chroma server on a fresh data directory and the gateway in front of it; `None`
+/// (and a skip line) without `KEYGATE_TEST_GATEWAY_VENV`.
+async fn world() -> Option<(Server, tempfile::TempDir, PathBuf, Gw)> {
     let Ok(venv) = std::env::var("KEYGATE_TEST_GATEWAY_VENV") else {
         eprintln!("skipped: KEYGATE_TEST_GATEWAY_VENV is not set (scripts/gateway-venv.sh)");
-        return;
+        return None;
     };
     let venv = PathBuf::from(venv);
     let data = tempfile::tempdir().expect("tempdir");
-    let (_server, chroma_port) = chroma(&venv, data.path()).await;
+    let (server, chroma_port) = chroma(&venv, data.path()).await;
     let gw = Gw::start(
         Preset::Chroma,
         &format!("http://127.0.0.1:{chroma_port}"),
@@ -96,6 +97,14 @@ async fn the_official_client_through_the_gateway() {
         |_| {},
     )
     .await;
+    Some((server, data, venv, gw))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_client_through_the_gateway() {
+    let Some((_server, _data, venv, gw)) = world().await else {
+        return;
+    };
     let port = gw.addr.port();
     let operator = gw.operator_key().await;
     let (acme, acme_id) = gw.issue(tenant_spec("acme")).await;
@@ -170,20 +179,9 @@ async fn the_official_client_through_the_gateway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collection_id_of_another_database_is_refused() {
-    let Ok(venv) = std::env::var("KEYGATE_TEST_GATEWAY_VENV") else {
-        eprintln!("skipped: KEYGATE_TEST_GATEWAY_VENV is not set (scripts/gateway-venv.sh)");
+    let Some((_server, _data, _venv, gw)) = world().await else {
         return;
     };
-    let venv = PathBuf::from(venv);
-    let data = tempfile::tempdir().expect("tempdir");
-    let (_server, chroma_port) = chroma(&venv, data.path()).await;
-    let gw = Gw::start(
-        Preset::Chroma,
-        &format!("http://127.0.0.1:{chroma_port}"),
-        None,
-        |_| {},
-    )
-    .await;
     let operator = gw.operator_key().await;
     let base = "/api/v2/tenants/default_tenant/databases";
     let op = |method: &'static str, path: String, body: serde_json::Value| {

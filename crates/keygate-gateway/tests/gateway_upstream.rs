@@ -88,7 +88,9 @@ async fn chroma_credential_as_a_bearer_token_and_the_tenant_in_where() {
             KeySpec::new("acme")
                 .scope("records:read")
                 .scope("records:write")
-                .resource("db")
+                // Every database: the gateway does not list the echo's collections to
+                // check the collection id is the path's database's.
+                .resource("*")
                 .attribute("tenant", "acme"),
         )
         .await;
@@ -108,7 +110,15 @@ async fn chroma_credential_as_a_bearer_token_and_the_tenant_in_where() {
         sent["where"],
         json!({"$and": [{"k": 1}, {"tenant": {"$eq": "acme"}}]})
     );
-    // Another database is not this key's.
+    // Another database is not a key's limited to `db`.
+    let (key, _) = gw
+        .issue(
+            KeySpec::new("acme-db")
+                .scope("records:read")
+                .resource("db")
+                .attribute("tenant", "acme"),
+        )
+        .await;
     let r = call_with(
         gw.addr,
         "POST",
