@@ -10,7 +10,9 @@
 //! are the gateway's cost (the keygate stack, the forwarding, one more loopback hop), not
 //! a vector database's. Three runs: straight to the upstream; through the gateway with a
 //! key without a tenant (streamed, no rewriting); with a tenant key (the search body read,
-//! scoped and forwarded rewritten).
+//! scoped and forwarded rewritten). Then a `query` naming `lookup_from`, with a key on every
+//! collection (streamed) and with a key limited to `docs` (the body read and its
+//! collections checked, [`keygate_gateway::reach`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -29,6 +31,9 @@ use keygate_gateway::preset::Preset;
 use tokio::net::{TcpListener, TcpStream};
 
 const BODY: &[u8] = br#"{"vector":[0.1,0.2,0.3,0.4],"limit":10,"with_payload":true}"#;
+const SEARCH: &str = "/collections/docs/points/search";
+const QUERY_BODY: &[u8] = br#"{"query":[0.1,0.2,0.3,0.4],"limit":10,"with_payload":true,"lookup_from":{"collection":"docs"}}"#;
+const QUERY: &str = "/collections/docs/points/query";
 const ANSWER: &[u8] = br#"{"result":[{"id":1,"version":0,"score":0.9,"payload":{"n":1}}],"status":"ok","time":0.0001}"#;
 
 async fn upstream() -> SocketAddr {
@@ -55,6 +60,7 @@ async fn upstream() -> SocketAddr {
 async fn load(
     addr: SocketAddr,
     key: Option<String>,
+    (path, body): (&'static str, &'static [u8]),
     seconds: u64,
     connections: usize,
 ) -> (usize, Vec<Duration>) {
@@ -71,14 +77,14 @@ async fn load(
             tokio::spawn(conn);
             let mut latencies = Vec::new();
             while Instant::now() < deadline {
-                let mut req = Request::post("/collections/docs/points/search")
+                let mut req = Request::post(path)
                     .header("host", "gateway")
                     .header("content-type", "application/json");
                 if let Some(k) = &key {
                     req = req.header("api-key", k.as_str());
                 }
                 let req = req
-                    .body(Full::new(Bytes::from_static(BODY)))
+                    .body(Full::new(Bytes::from_static(body)))
                     .expect("request");
                 let start = Instant::now();
                 let res = sender.send_request(req).await.expect("response");
@@ -138,6 +144,16 @@ async fn main() {
         )
         .await
         .expect("key");
+    let limited = gateway
+        .keys
+        .issue(
+            "bench",
+            KeySpec::new("limited")
+                .scope("points:read")
+                .resource("docs"),
+        )
+        .await
+        .expect("key");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let gw = listener.local_addr().expect("addr");
     tokio::spawn(keygate_gateway::serve::serve(
@@ -154,10 +170,11 @@ async fn main() {
         BODY.len()
     );
     // A short warm-up of each path first.
-    let _ = load(up, None, 1, connections).await;
+    let _ = load(up, None, (SEARCH, BODY), 1, connections).await;
     let _ = load(
         gw,
         Some(operator.key.expose_secret().to_owned()),
+        (SEARCH, BODY),
         1,
         connections,
     )
@@ -165,7 +182,7 @@ async fn main() {
     let direct = report(
         "upstream directly",
         seconds,
-        load(up, None, seconds, connections).await,
+        load(up, None, (SEARCH, BODY), seconds, connections).await,
     );
     let plain = report(
         "gateway, key without tenant",
@@ -173,6 +190,7 @@ async fn main() {
         load(
             gw,
             Some(operator.key.expose_secret().to_owned()),
+            (SEARCH, BODY),
             seconds,
             connections,
         )
@@ -184,12 +202,46 @@ async fn main() {
         load(
             gw,
             Some(tenant.key.expose_secret().to_owned()),
+            (SEARCH, BODY),
             seconds,
             connections,
         )
         .await,
     );
-    for (name, (rps, p99)) in [("without tenant", plain), ("tenant key", scoped)] {
+    println!(
+        "POST .../points/query with lookup_from ({} B body)",
+        QUERY_BODY.len()
+    );
+    let query_all = report(
+        "gateway, key on *",
+        seconds,
+        load(
+            gw,
+            Some(operator.key.expose_secret().to_owned()),
+            (QUERY, QUERY_BODY),
+            seconds,
+            connections,
+        )
+        .await,
+    );
+    let query_checked = report(
+        "gateway, key on docs",
+        seconds,
+        load(
+            gw,
+            Some(limited.key.expose_secret().to_owned()),
+            (QUERY, QUERY_BODY),
+            seconds,
+            connections,
+        )
+        .await,
+    );
+    for (name, (rps, p99)) in [
+        ("without tenant", plain),
+        ("tenant key", scoped),
+        ("query, key on *", query_all),
+        ("query, body checked", query_checked),
+    ] {
         println!(
             "{name}: {:.0} % of direct throughput, p99 +{:.1} µs",
             rps / direct.0 * 100.0,

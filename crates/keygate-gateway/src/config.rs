@@ -18,6 +18,10 @@
 //! [tenant]
 //! payload_key = "tenant"
 //!
+//! [grpc]                       # Qdrant's gRPC API too (qdrant preset only)
+//! url = "http://127.0.0.1:6334"
+//! max_message_bytes = 4194304
+//!
 //! [[routes]]                   # routes the preset does not know, allowed explicitly
 //! method = "POST"
 //! path = "/collections/{collection}/points/batch"
@@ -67,6 +71,29 @@ pub struct Config {
     /// The key console in the browser, at `/console` (off by default).
     #[serde(default)]
     pub console: ConsoleConfig,
+    /// gRPC pass-through (off without this section).
+    #[serde(default)]
+    pub grpc: Option<GrpcConfig>,
+}
+
+/// `[grpc]`: gRPC pass-through to the upstream's gRPC API (the `qdrant` preset; see
+/// [`crate::grpc`]). gRPC requests on the gateway's listener (`content-type:
+/// application/grpc`) go to `url` over HTTP/2, through the same layers as REST.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// The upstream's gRPC address: `http://HOST:PORT` (HTTP/2 without negotiation, h2c)
+    /// or `https://HOST:PORT` (HTTP/2 by ALPN; `upstream.ca_file` applies). The upstream
+    /// credential, timeouts and pool settings of `[upstream]` apply.
+    pub url: String,
+    /// The largest first message the gateway reads for the collection it names (default
+    /// 4 MiB, gRPC's usual message limit): a larger one is refused 8 RESOURCE_EXHAUSTED.
+    #[serde(default = "default_grpc_message")]
+    pub max_message_bytes: u64,
+}
+
+fn default_grpc_message() -> u64 {
+    4 << 20
 }
 
 /// `[console]`: the key console (`keygate_admin::console`) at `/console`, outside the
@@ -170,8 +197,9 @@ pub struct LimitsConfig {
     /// refused `413` before anything is read, a longer stream is cut.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: u64,
-    /// The largest body the gateway reads whole to rewrite it (tenant scoping; default
-    /// 8 MiB): a larger one is refused `413 body_too_large`.
+    /// The largest body the gateway reads whole to rewrite or check it (tenant scoping,
+    /// bodies naming other collections; default 8 MiB): a larger one is refused `413
+    /// body_too_large`.
     #[serde(default = "default_rewrite_body")]
     pub rewrite_body_bytes: u64,
     /// Seconds a client has to send a request head (default 10).
@@ -325,6 +353,7 @@ impl Config {
             rate_limits: Vec::new(),
             anonymous_rate_limits: default_anonymous(),
             console: ConsoleConfig::default(),
+            grpc: None,
         }
     }
 }
@@ -389,6 +418,23 @@ mod tests {
         assert_eq!(c.routes.len(), 1);
         assert_eq!(c.anonymous_rate_limits[0].limit, 10);
         duration(&c.limits.header_read_timeout, "x").expect("duration");
+    }
+
+    #[test]
+    fn the_grpc_section_parses() {
+        let c = Config::parse(
+            "preset = \"qdrant\"\nupstream = { url = \"http://x:6333\" }\n[grpc]\nurl = \"http://x:6334\"",
+        )
+        .expect("parses");
+        let g = c.grpc.expect("grpc");
+        assert_eq!(g.url, "http://x:6334");
+        assert_eq!(g.max_message_bytes, 4 << 20);
+        assert!(
+            Config::parse("preset = \"qdrant\"\nupstream = { url = \"http://x\" }")
+                .expect("parses")
+                .grpc
+                .is_none()
+        );
     }
 
     #[test]

@@ -15,14 +15,18 @@
 //!    `ScopeLayer` with the preset's route table ([`preset`]; 403, and 404 `unknown_route`
 //!    for a route neither the preset nor the configuration lists), `QuotaLayer` (429).
 //! 4. [`proxy::Proxy`]: client credentials removed, the upstream's added, tenant scoping
-//!    ([`qdrant`], [`chroma`]) for keys with a `tenant` attribute, then forwarded.
+//!    ([`qdrant`], [`chroma`]) for keys with a `tenant` attribute, then forwarded. gRPC
+//!    requests (`[grpc]`): the collections their first message names checked against the
+//!    key's ([`grpc`]), then forwarded to the gRPC upstream.
 
 pub mod chroma;
 pub mod config;
+pub mod grpc;
 pub mod preset;
 pub mod problem;
 pub mod proxy;
 pub mod qdrant;
+pub mod reach;
 pub mod serve;
 
 use std::convert::Infallible;
@@ -170,7 +174,24 @@ pub fn build(opts: Options) -> Result<Gateway, BoxError> {
     let quota =
         QuotaLayer::new(QuotaConfig::new(opts.usage).counting(opts.counting))?.with_gate(&gate);
     let handle = quota.handle();
-    let scopes = ScopeLayer::table(config.preset.scopes(&config.routes)?);
+    if config.grpc.is_some() && config.preset != preset::Preset::Qdrant {
+        return Err("[grpc] is for the qdrant preset only".into());
+    }
+    let scopes = ScopeLayer::table(
+        config
+            .preset
+            .scopes(&config.routes, config.grpc.is_some())?,
+    );
+    let grpc = match &config.grpc {
+        Some(g) => Some(proxy::GrpcUpstream {
+            upstream: g
+                .url
+                .parse()
+                .map_err(|_| "the gRPC upstream URL cannot be read")?,
+            max_message: g.max_message_bytes,
+        }),
+        None => None,
+    };
 
     let upstream: http::Uri = config
         .upstream
@@ -200,6 +221,7 @@ pub fn build(opts: Options) -> Result<Gateway, BoxError> {
             preset: config.preset,
             extra_routes: config.routes.clone(),
             tenant_field: config.tenant.payload_key.clone(),
+            grpc,
         },
         gate.credentials(),
     )?;

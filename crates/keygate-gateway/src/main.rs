@@ -164,7 +164,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     })?;
     store
         .register_scopes(&keygate::ScopeVocabulary::new(
-            config.preset.scopes(&config.routes)?.scopes(),
+            config
+                .preset
+                .scopes(&config.routes, config.grpc.is_some())?
+                .scopes(),
         ))
         .await
         .map_err(|e| format!("cannot register the scope vocabulary: {e}"))?;
@@ -218,6 +221,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     };
     let preset = config.preset;
     let upstream = secrets::redact(&config.upstream.url);
+    let grpc_upstream = config.grpc.as_ref().map(|g| secrets::redact(&g.url));
     let mut opts = keygate_gateway::Options::new(config, verifier, auditor.clone());
     opts.credential = credential;
     opts.usage = Arc::new(store.usage_store());
@@ -232,6 +236,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         "keygate-gateway ({preset:?} preset) listening on {scheme}://{} in front of {upstream}",
         listener.local_addr()?
     );
+    if let Some(g) = grpc_upstream {
+        println!("gRPC (content-type application/grpc) forwarded to {g}");
+    }
     println!(
         "keys: {} ({})",
         secrets::redact(&database_url),

@@ -613,11 +613,18 @@ impl Preset {
         }
     }
 
-    /// The route table for the scope layer: the preset's routes, then `extra`.
-    pub fn scopes(self, extra: &[ExtraRoute]) -> Result<RouteScopes, InvalidRule> {
+    /// The route table for the scope layer: the preset's routes, its gRPC methods when
+    /// `grpc` ([`crate::grpc::QDRANT_GRPC`]; their collections are checked by the proxy),
+    /// then `extra`.
+    pub fn scopes(self, extra: &[ExtraRoute], grpc: bool) -> Result<RouteScopes, InvalidRule> {
         let mut b = RouteScopes::builder().resource_param(self.resource_param());
         for route in self.routes() {
             b = b.route(route.method, route.path, route.scope);
+        }
+        if grpc && self == Preset::Qdrant {
+            for method in crate::grpc::QDRANT_GRPC {
+                b = b.grpc(method.path, method.scope);
+            }
         }
         for route in extra {
             b = b.route(&route.method, &route.path, &route.scope);
@@ -673,7 +680,7 @@ mod tests {
     #[test]
     fn both_tables_build_and_have_no_duplicate_rows() {
         for preset in [Preset::Qdrant, Preset::Chroma] {
-            preset.scopes(&[]).expect("the table builds");
+            preset.scopes(&[], true).expect("the table builds");
             let rows = preset.routes();
             for (i, a) in rows.iter().enumerate() {
                 for b in &rows[i + 1..] {
@@ -765,14 +772,14 @@ mod tests {
         let t = |m: &str, p: &str| tenancy(Preset::Qdrant, &extra, m, p);
         assert_eq!(t("POST", "/collections/c/points/custom"), Some(Refuse));
         assert_eq!(t("GET", "/status/now"), Some(Pass));
-        assert!(Preset::Qdrant.scopes(&extra).is_ok());
+        assert!(Preset::Qdrant.scopes(&extra, false).is_ok());
         let bad = [ExtraRoute {
             method: "GET".into(),
             path: "no-slash".into(),
             scope: "points:read".into(),
             tenant_keys: false,
         }];
-        assert!(Preset::Qdrant.scopes(&bad).is_err());
+        assert!(Preset::Qdrant.scopes(&bad, false).is_err());
     }
 
     #[test]

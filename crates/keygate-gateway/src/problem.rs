@@ -12,6 +12,16 @@
 //! | 502 | `upstream_error` | the upstream's connection failed or its answer was unreadable |
 //! | 503 | `upstream_unavailable` | the upstream refused the connection or could not be reached |
 //! | 504 | `upstream_timeout` | the upstream did not answer in time |
+//! | 400 | `bad_message` | a gRPC request whose first message cannot be read for its collection |
+//! | 404 | `unknown_route` | a gRPC method the gRPC preset does not list (or gRPC is off) |
+//! | 403 | `resource_forbidden` | a later message of a gRPC request names a collection the key may not use |
+//! | 408 | `message_timeout` | a gRPC request's first message did not arrive within `upstream.timeout` |
+//! | 415 | `not_grpc` | a gRPC method path called without `content-type: application/grpc` |
+//!
+//! A gRPC client (`content-type: application/grpc...`) gets the same refusals in gRPC form
+//! ([`Refusal::grpc_response`]): HTTP 200, trailers-only, `grpc-status` from
+//! [`Refusal::grpc_status`] and `grpc-message` `CODE: DETAIL` (as keygate's layers write
+//! theirs).
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
@@ -106,6 +116,88 @@ impl Refusal {
         )
     }
 
+    /// `400 bad_message`: a gRPC request whose first message cannot be scoped.
+    pub fn bad_message(detail: impl Into<String>) -> Self {
+        Refusal::new(400, "bad_message", detail)
+    }
+
+    /// `404 unknown_route` for a gRPC method the gateway does not forward.
+    pub fn unknown_method(detail: impl Into<String>) -> Self {
+        Refusal::new(404, "unknown_route", detail)
+    }
+
+    /// `403 resource_forbidden`: a later gRPC message names a collection the key may not
+    /// use (the first one is refused by keygate's own denial).
+    pub fn collection_refused(name: &str) -> Self {
+        let shown = if !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        {
+            format!("The collection \"{name}\"")
+        } else {
+            "A collection".to_owned()
+        };
+        Refusal::new(
+            403,
+            "resource_forbidden",
+            format!("{shown} named in a later message is refused: the key's collection patterns do not match it."),
+        )
+    }
+
+    /// `408 message_timeout`: a gRPC request whose first message did not arrive within the
+    /// upstream timeout.
+    pub fn message_timeout() -> Self {
+        Refusal::new(
+            408,
+            "message_timeout",
+            "The request's first message did not arrive in time.",
+        )
+    }
+
+    /// `415 not_grpc`: a gRPC method path without a gRPC content type.
+    pub fn not_grpc() -> Self {
+        Refusal::new(
+            415,
+            "not_grpc",
+            "gRPC methods take content-type application/grpc.",
+        )
+    }
+
+    /// The gRPC status of the refusal: 3 INVALID_ARGUMENT (400, 415), 7 PERMISSION_DENIED
+    /// (403), 12 UNIMPLEMENTED (404), 8 RESOURCE_EXHAUSTED (413), 4 DEADLINE_EXCEEDED
+    /// (408, 504), 14 UNAVAILABLE (502, 503), else 13 INTERNAL.
+    pub fn grpc_status(&self) -> u8 {
+        match self.status {
+            400 | 415 => 3,
+            403 => 7,
+            404 => 12,
+            409 => 6,
+            413 => 8,
+            408 | 504 => 4,
+            502 | 503 => 14,
+            _ => 13,
+        }
+    }
+
+    /// The refusal in gRPC form: HTTP 200, `content-type: application/grpc`, no body, and
+    /// `grpc-status` / `grpc-message` in the head (a trailers-only answer).
+    pub fn grpc_response(&self) -> Response<Bytes> {
+        let mut res = Response::new(Bytes::new());
+        let h = res.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert(
+            "grpc-status",
+            HeaderValue::from(u16::from(self.grpc_status())),
+        );
+        let message = grpc_percent_encode(&format!("{}: {}", self.code, self.detail));
+        if let Ok(v) = HeaderValue::from_str(&message) {
+            h.insert("grpc-message", v);
+        }
+        res
+    }
+
     /// The problem document.
     pub fn response(&self) -> Response<Bytes> {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -131,6 +223,20 @@ impl Refusal {
     }
 }
 
+/// Percent-encodes a `grpc-message` (bytes outside 0x20-0x7E, and `%`), as the gRPC
+/// HTTP/2 protocol asks.
+fn grpc_percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +251,25 @@ mod tests {
         assert_eq!(v["status"], 504);
         let res = Refusal::upstream_unavailable().response();
         assert_eq!(res.headers()[http::header::RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn grpc_refusals_are_trailers_only() {
+        let res = Refusal::upstream_timeout().grpc_response();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()[CONTENT_TYPE], "application/grpc");
+        assert_eq!(res.headers()["grpc-status"], "4");
+        assert!(res.body().is_empty());
+        let res = Refusal::bad_message("caf\u{e9} 100%").grpc_response();
+        assert_eq!(res.headers()["grpc-status"], "3");
+        assert_eq!(
+            res.headers()["grpc-message"],
+            "bad_message: caf%C3%A9 100%25"
+        );
+        assert_eq!(Refusal::tenant_unscopable("x").grpc_status(), 7);
+        assert_eq!(Refusal::unknown_method("x").grpc_status(), 12);
+        assert_eq!(Refusal::body_too_large(1).grpc_status(), 8);
+        assert_eq!(Refusal::upstream_unavailable().grpc_status(), 14);
+        assert_eq!(Refusal::upstream_error().grpc_status(), 14);
     }
 }

@@ -7,12 +7,16 @@
 //!   forwarded, either way.
 //! - Bodies stream both ways. A request body announced larger than the cap is refused
 //!   `413` before it is read; a longer stream is cut at the cap. Only a request of a key with
-//!   a tenant, on a route whose body must be rewritten, is read whole (within
+//!   a tenant, on a route whose body must be rewritten, and one whose body may name other
+//!   collections than its path ([`crate::reach`]), are read whole (within
 //!   `rewrite_body_bytes`).
 //! - The upstream client pools keep-alive connections (hyper-util's client).
 //! - Upstream failures are problem documents: `503 upstream_unavailable` (connection
 //!   refused or not made), `504 upstream_timeout` (no answer head in time), `502
 //!   upstream_error` (anything else).
+//! - gRPC requests (`content-type: application/grpc...`, and every gRPC method path) go to
+//!   the gRPC upstream (`[grpc]`, HTTP/2) after the checks of [`crate::grpc`]; their
+//!   refusals and upstream failures are in gRPC form ([`Refusal::grpc_response`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -29,7 +33,8 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use keygate::RequestContext;
+use keygate::reject::{DefaultRenderer, RenderContext, Renderer};
+use keygate::{Denial, DenialCode, RequestContext};
 use serde_json::Value;
 
 use crate::config::ExtraRoute;
@@ -39,7 +44,121 @@ use crate::qdrant::{self, Check};
 
 /// The body of a request sent upstream: the client's, streamed (and capped), or one the
 /// gateway wrote.
-pub type UpstreamBody = Either<Limited<Incoming>, Full<Bytes>>;
+pub type UpstreamBody = Either<Prefixed, Full<Bytes>>;
+
+/// A client's body, streamed and capped, after bytes the gateway already read from it (a
+/// gRPC request's first message), which go first; with a [`Checker`](crate::grpc::Checker),
+/// every later gRPC message is released only once whole and allowed.
+#[derive(Debug)]
+pub struct Prefixed {
+    head: Option<Bytes>,
+    rest: Limited<Incoming>,
+    checker: Option<crate::grpc::Checker>,
+}
+
+impl Prefixed {
+    /// `head`, then the rest of `body`, cut when the whole runs over `max` bytes.
+    pub fn new(head: Option<Bytes>, body: Incoming, max: u64) -> Self {
+        let read = head.as_ref().map_or(0, |h| h.len() as u64);
+        Prefixed {
+            head: head.filter(|h| !h.is_empty()),
+            rest: Limited::new(body, cap(max.saturating_sub(read))),
+            checker: None,
+        }
+    }
+
+    /// As [`Prefixed::new`], the rest of the body passed through `checker`.
+    pub fn checked(
+        head: Option<Bytes>,
+        body: Incoming,
+        max: u64,
+        checker: crate::grpc::Checker,
+    ) -> Self {
+        Prefixed {
+            checker: Some(checker),
+            ..Prefixed::new(head, body, max)
+        }
+    }
+}
+
+/// A later gRPC message the gateway refused: the request stream is cut with it.
+#[derive(Debug)]
+pub struct MessageRefused(pub Refusal);
+
+impl std::fmt::Display for MessageRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.0.code, self.0.detail)
+    }
+}
+
+impl std::error::Error for MessageRefused {}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if let Some(head) = self.head.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(head))));
+        }
+        let this = &mut *self;
+        let Some(checker) = this.checker.as_mut() else {
+            return Pin::new(&mut this.rest).poll_frame(cx);
+        };
+        loop {
+            let frame = match Pin::new(&mut this.rest).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) if checker.holds_partial() => {
+                    let cut =
+                        checker.refuse(Refusal::bad_message("The request ended inside a message."));
+                    return Poll::Ready(Some(Err(Box::new(MessageRefused(cut)))));
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            match frame.into_data() {
+                Ok(data) => match checker.feed(&data) {
+                    Ok(Some(ready)) => return Poll::Ready(Some(Ok(http_body::Frame::data(ready)))),
+                    // Part of a message: held; read on.
+                    Ok(None) => {}
+                    Err(r) => return Poll::Ready(Some(Err(Box::new(MessageRefused(r))))),
+                },
+                Err(trailers) => {
+                    if checker.holds_partial() {
+                        let cut = checker
+                            .refuse(Refusal::bad_message("The request ended inside a message."));
+                        return Poll::Ready(Some(Err(Box::new(MessageRefused(cut)))));
+                    }
+                    return Poll::Ready(Some(Ok(trailers)));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_none()
+            && self.rest.is_end_stream()
+            && !self
+                .checker
+                .as_ref()
+                .is_some_and(crate::grpc::Checker::holds_partial)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let rest = self.rest.size_hint();
+        let n = self.head.as_ref().map_or(0, |h| h.len() as u64);
+        let mut hint = http_body::SizeHint::new();
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(n));
+        }
+        hint.set_lower(rest.lower().saturating_add(n));
+        hint
+    }
+}
 
 /// The body of the gateway's answers: the upstream's, streamed, or one the gateway wrote.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -109,6 +228,18 @@ pub struct ProxyConfig {
     pub extra_routes: Vec<ExtraRoute>,
     /// The payload / metadata field naming a record's tenant.
     pub tenant_field: String,
+    /// gRPC pass-through (`None`: gRPC requests are refused 12 UNIMPLEMENTED).
+    pub grpc: Option<GrpcUpstream>,
+}
+
+/// Where gRPC requests go.
+#[derive(Debug, Clone)]
+pub struct GrpcUpstream {
+    /// The upstream's gRPC base URL (`http://host:6334`: HTTP/2 without negotiation;
+    /// `https://`: HTTP/2 by ALPN).
+    pub upstream: Uri,
+    /// The largest first message read for its collection.
+    pub max_message: u64,
 }
 
 /// The forwarding service (cheap to clone).
@@ -125,7 +256,20 @@ struct Inner {
     config: ProxyConfig,
     /// Headers a client key may travel in, removed before forwarding.
     credential_headers: Vec<HeaderName>,
+    /// The proxy to the gRPC upstream, and the first-message cap.
+    grpc: Option<(Proxy, u64)>,
+    /// Refusals in gRPC form (the gRPC proxy).
+    grpc_form: bool,
+    /// Chroma collection ids seen in a tenant and database (a collection never moves).
+    chroma_known: std::sync::Mutex<std::collections::HashMap<String, (String, String)>>,
 }
+
+/// Chroma collection ids remembered at most (then forgotten all at once).
+const CHROMA_KNOWN_MAX: usize = 10_000;
+/// Collections listed per page, and pages listed at most, when looking for an id in a
+/// Chroma database.
+const CHROMA_PAGE: usize = 1000;
+const CHROMA_MAX_PAGES: usize = 100;
 
 /// Headers that never carry a client's key upstream, whatever the hub reads.
 const CLIENT_CREDENTIALS: [&str; 5] = [
@@ -190,6 +334,30 @@ impl Proxy {
         config: ProxyConfig,
         hub_credentials: &keygate::credentials::Credentials,
     ) -> Result<Proxy, String> {
+        let grpc = match &config.grpc {
+            Some(g) => {
+                let sub = ProxyConfig {
+                    upstream: g.upstream.clone(),
+                    http2: true,
+                    grpc: None,
+                    ..config.clone()
+                };
+                Some((Proxy::build(sub, hub_credentials, true)?, g.max_message))
+            }
+            None => None,
+        };
+        let mut proxy = Proxy::build(config, hub_credentials, false)?;
+        if let Some(inner) = Arc::get_mut(&mut proxy.inner) {
+            inner.grpc = grpc;
+        }
+        Ok(proxy)
+    }
+
+    fn build(
+        config: ProxyConfig,
+        hub_credentials: &keygate::credentials::Credentials,
+        grpc_form: bool,
+    ) -> Result<Proxy, String> {
         let parts = config.upstream.clone().into_parts();
         let scheme = parts
             .scheme
@@ -252,6 +420,9 @@ impl Proxy {
                 prefix,
                 config,
                 credential_headers,
+                grpc: None,
+                grpc_form,
+                chroma_known: std::sync::Mutex::default(),
             }),
         })
     }
@@ -267,13 +438,24 @@ impl Proxy {
         if !plain_path(parts.uri.path()) {
             return problem(&Refusal::bad_path());
         }
-        let body = Either::Left(Limited::new(body, cap(self.inner.config.max_body)));
+        let body = Either::Left(Prefixed::new(None, body, self.inner.config.max_body));
         self.forward(parts, body).await
     }
 
     async fn handle(self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let tenant = RequestContext::of(req.extensions())
+        if crate::grpc::is_grpc(req.headers()) || crate::grpc::method(req.uri().path()).is_some() {
+            return match &self.inner.grpc {
+                Some((grpc, max_message)) => grpc.handle_grpc(req, *max_message).await,
+                None => grpc_refusal(&Refusal::unknown_method(
+                    "gRPC pass-through is not enabled on this gateway.",
+                )),
+            };
+        }
+        let principal = RequestContext::of(req.extensions())
             .and_then(RequestContext::principal)
+            .cloned();
+        let tenant = principal
+            .as_ref()
             .and_then(|p| p.tenant())
             .map(str::to_owned);
         let (mut parts, body) = req.into_parts();
@@ -284,9 +466,20 @@ impl Proxy {
         if !plain_path(parts.uri.path()) {
             return problem(&Refusal::bad_path());
         }
+        if let Some((c, scope)) = crate::reach::chroma_collection(
+            self.inner.config.preset,
+            parts.method.as_str(),
+            parts.uri.path(),
+        ) {
+            if let Err(res) = self
+                .chroma_in_database(principal.as_ref(), &parts, &c, scope)
+                .await
+            {
+                return res;
+            }
+        }
         let Some(tenant) = tenant else {
-            let body = Either::Left(Limited::new(body, cap(self.inner.config.max_body)));
-            return self.forward(parts, body).await;
+            return self.forward_reached(principal.as_ref(), parts, body).await;
         };
         let config = &self.inner.config;
         let tenancy = crate::preset::tenancy(
@@ -297,7 +490,7 @@ impl Proxy {
         );
         match tenancy {
             Some(Tenancy::Pass) => {
-                let body = Either::Left(Limited::new(body, cap(config.max_body)));
+                let body = Either::Left(Prefixed::new(None, body, config.max_body));
                 self.forward(parts, body).await
             }
             Some(Tenancy::Qdrant(op)) => match self.qdrant(op, &mut parts, body, &tenant).await {
@@ -316,6 +509,122 @@ impl Proxy {
                 "This operation cannot be scoped to a tenant.",
             )),
         }
+    }
+
+    /// A request of a key without a tenant: forwarded, streamed, unless its route reaches
+    /// other collections ([`crate::reach`]) and the key's grant of the route's scope does
+    /// not cover every collection; then its body is read whole, and forwarded unchanged
+    /// only if every collection it names is permitted to the key.
+    async fn forward_reached(
+        &self,
+        principal: Option<&keygate::Principal>,
+        parts: http::request::Parts,
+        body: Incoming,
+    ) -> Response<ProxyBody> {
+        let config = &self.inner.config;
+        let Some((reach, scope)) =
+            crate::reach::reach(config.preset, parts.method.as_str(), parts.uri.path())
+        else {
+            let body = Either::Left(Prefixed::new(None, body, config.max_body));
+            return self.forward(parts, body).await;
+        };
+        let Some(principal) = principal else {
+            // The layers let no request without a key this far; fail closed anyway.
+            return rest_denial(Denial::new(DenialCode::MissingKey), &parts);
+        };
+        // The route's scope, and for `init_from` (it copies the other collection's points)
+        // `points:read` too.
+        let read = (reach == crate::reach::Reach::Create).then_some("points:read");
+        let Ok(scopes) = std::iter::once(scope)
+            .chain(read)
+            .map(keygate::Scope::parse)
+            .collect::<Result<Vec<_>, _>>()
+        else {
+            return problem(&Refusal::upstream_error());
+        };
+        if scopes.iter().all(|s| covers_every_collection(principal, s)) {
+            let body = Either::Left(Prefixed::new(None, body, config.max_body));
+            return self.forward(parts, body).await;
+        }
+        if reach == crate::reach::Reach::Everything {
+            return rest_denial(every_collection_denial(scope), &parts);
+        }
+        let bytes = match self.read_body(body).await {
+            Ok(b) => b,
+            Err(res) => return res,
+        };
+        let json = match parse_json(&bytes) {
+            Ok(v) => v,
+            Err(r) => return problem(&r),
+        };
+        let names = match crate::reach::names(reach, &json) {
+            Ok(n) => n,
+            Err(r) => return problem(&r),
+        };
+        for scope in &scopes {
+            if let Some(name) = names.refused(|n| principal.permits(scope, n)) {
+                return rest_denial(collection_denial(principal, scope, name), &parts);
+            }
+        }
+        self.forward(parts, Either::Right(Full::new(bytes))).await
+    }
+
+    /// Whether Chroma collection `c` (named by id) is in the tenant and database its path
+    /// names, asked of the upstream (its collections listed) unless the key's grant of the
+    /// route's scope covers every database or the id was seen there before. `Err`: the
+    /// answer (`403 resource_forbidden`, or the upstream's own).
+    async fn chroma_in_database(
+        &self,
+        principal: Option<&keygate::Principal>,
+        parts: &http::request::Parts,
+        c: &crate::reach::ChromaCollection,
+        scope: &str,
+    ) -> Result<(), Response<ProxyBody>> {
+        let Some(principal) = principal else {
+            return Err(rest_denial(Denial::new(DenialCode::MissingKey), parts));
+        };
+        if keygate::Scope::parse(scope).is_ok_and(|s| covers_every_collection(principal, &s)) {
+            return Ok(());
+        }
+        let place = (c.tenant.clone(), c.database.clone());
+        let known =
+            |m: &std::collections::HashMap<String, (String, String)>| m.get(&c.id) == Some(&place);
+        if self.inner.chroma_known.lock().is_ok_and(|m| known(&m)) {
+            return Ok(());
+        }
+        for page in 0..CHROMA_MAX_PAGES {
+            let path = format!(
+                "/api/v2/tenants/{}/databases/{}/collections?limit={CHROMA_PAGE}&offset={}",
+                c.tenant,
+                c.database,
+                page * CHROMA_PAGE
+            );
+            let listed = self.ask(Method::GET, &path, &Value::Null).await?;
+            let Some(list) = listed.as_array() else {
+                return Err(problem(&Refusal::upstream_error()));
+            };
+            if list
+                .iter()
+                .any(|col| col["id"].as_str() == Some(c.id.as_str()))
+            {
+                if let Ok(mut m) = self.inner.chroma_known.lock() {
+                    if m.len() >= CHROMA_KNOWN_MAX {
+                        m.clear();
+                    }
+                    m.insert(c.id.clone(), place);
+                }
+                return Ok(());
+            }
+            if list.len() < CHROMA_PAGE {
+                break;
+            }
+        }
+        Err(rest_denial(
+            Denial::new(DenialCode::ResourceForbidden).with_detail(
+                "The collection id in the path is not a collection of the database the path names.",
+            ),
+            parts,
+        ))
     }
 
     /// Removes client credentials and hop-by-hop headers.
@@ -361,6 +670,10 @@ impl Proxy {
             Ok(Err(e)) if over_limit(&e) => {
                 Err(Refusal::body_too_large(self.inner.config.max_body))
             }
+            // A later gRPC message was refused while the body was streamed.
+            Ok(Err(e)) if refused_message(&e).is_some() => {
+                Err(refused_message(&e).unwrap_or_else(Refusal::upstream_error))
+            }
             Ok(Err(_)) => Err(Refusal::upstream_error()),
             Ok(Ok(res)) => Ok(res),
         }
@@ -377,7 +690,7 @@ impl Proxy {
             .map_or("/", http::uri::PathAndQuery::as_str);
         let uri = match self.uri(pq) {
             Ok(u) => u,
-            Err(r) => return problem(&r),
+            Err(r) => return self.refuse(&r),
         };
         let mut req = Request::new(body);
         *req.method_mut() = parts.method;
@@ -392,7 +705,115 @@ impl Proxy {
                 strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, Either::Left(body))
             }
-            Err(r) => problem(&r),
+            Err(r) => self.refuse(&r),
+        }
+    }
+
+    /// A refusal in the form this proxy's clients read (gRPC or problem+json).
+    fn refuse(&self, r: &Refusal) -> Response<ProxyBody> {
+        if self.inner.grpc_form {
+            grpc_refusal(r)
+        } else {
+            problem(r)
+        }
+    }
+
+    /// A gRPC request (this is the gRPC proxy): the method must be one of the preset's, a
+    /// tenant key may only call the methods that read no points, and every collection the
+    /// first message names must be one the key may use; then the request is forwarded,
+    /// its first message re-sent as it was read.
+    async fn handle_grpc(&self, req: Request<Incoming>, max_message: u64) -> Response<ProxyBody> {
+        let Some(method) = crate::grpc::method(req.uri().path()) else {
+            return grpc_refusal(&Refusal::unknown_method(
+                "The gateway does not forward this gRPC method.",
+            ));
+        };
+        if !crate::grpc::is_grpc(req.headers()) {
+            return problem(&Refusal::not_grpc());
+        }
+        let Some(principal) = RequestContext::of(req.extensions())
+            .and_then(RequestContext::principal)
+            .cloned()
+        else {
+            // The layers let no request without a key this far; fail closed anyway.
+            return grpc_denial(Denial::new(DenialCode::MissingKey));
+        };
+        if principal.tenant().is_some() && !method.tenant_keys {
+            return grpc_refusal(&Refusal::tenant_unscopable(
+                "Keys with a tenant may not call this gRPC method: the gateway scopes tenants only over REST.",
+            ));
+        }
+        let (mut parts, mut body) = req.into_parts();
+        self.clean(&mut parts.headers);
+        if let Err(r) = self.check_length(&parts.headers) {
+            return grpc_refusal(&r);
+        }
+        let max_body = self.inner.config.max_body;
+        if method.message == crate::grpc::Message::Everything {
+            let covered = keygate::Scope::parse(method.scope)
+                .is_ok_and(|scope| covers_every_collection(&principal, &scope));
+            if !covered {
+                return grpc_denial(every_collection_denial(method.scope));
+            }
+        }
+        if matches!(
+            method.message,
+            crate::grpc::Message::NoCollection | crate::grpc::Message::Everything
+        ) {
+            return self
+                .forward(parts, Either::Left(Prefixed::new(None, body, max_body)))
+                .await;
+        }
+        // The first message must arrive within the upstream timeout.
+        let first = crate::grpc::read_first(&mut body, max_message.min(max_body));
+        let (head, len) = match tokio::time::timeout(self.inner.config.timeout, first).await {
+            Ok(Ok(read)) => read,
+            Ok(Err(r)) => return grpc_refusal(&r),
+            Err(_) => return grpc_refusal(&Refusal::message_timeout()),
+        };
+        let Some(first) = head.get(5..5 + len) else {
+            return grpc_refusal(&Refusal::bad_message("The first message is incomplete."));
+        };
+        let names = match crate::grpc::collections(method.message, first) {
+            Ok(names) => names,
+            Err(r) => return grpc_refusal(&r),
+        };
+        let Ok(scope) = keygate::Scope::parse(method.scope) else {
+            return grpc_refusal(&Refusal::upstream_error());
+        };
+        if let Some(refused) = names.refused(|n| principal.permits(&scope, n)) {
+            return grpc_denial(collection_denial(&principal, &scope, refused));
+        }
+        // Later messages (bytes already read past the first one, then the stream) are
+        // checked the same way as they come.
+        let first_len = 5 + len;
+        let mut checker =
+            crate::grpc::Checker::new(method.message, max_message.min(max_body), move |name| {
+                principal.permits(&scope, name)
+            });
+        let mut head = head;
+        let extra = head.split_off(first_len.min(head.len()));
+        match checker.feed(&extra) {
+            Ok(Some(ready)) => {
+                let mut joined = bytes::BytesMut::from(&head[..]);
+                joined.extend_from_slice(&ready);
+                head = joined.freeze();
+            }
+            Ok(None) => {}
+            Err(r) => return grpc_refusal(&r),
+        }
+        let verdict = checker.verdict();
+        let res = self
+            .forward(
+                parts,
+                Either::Left(Prefixed::checked(Some(head), body, max_body, checker)),
+            )
+            .await;
+        // A later message refused before the upstream answered: the refusal, not the
+        // failure it caused upstream.
+        match verdict.lock().ok().and_then(|v| v.clone()) {
+            Some(r) => grpc_refusal(&r),
+            None => res,
         }
     }
 
@@ -412,25 +833,26 @@ impl Proxy {
         self.forward(parts, Either::Right(Full::new(bytes))).await
     }
 
-    /// Reads a body whole, within the rewrite cap, as JSON (`Null` when empty).
-    async fn read_json(&self, body: Incoming) -> Result<Value, Response<ProxyBody>> {
+    /// Reads a body whole, within the rewrite cap.
+    async fn read_body(&self, body: Incoming) -> Result<Bytes, Response<ProxyBody>> {
         let limit = self.inner.config.rewrite_cap;
-        let bytes = match Limited::new(body, cap(limit)).collect().await {
-            Ok(c) => c.to_bytes(),
+        match Limited::new(body, cap(limit)).collect().await {
+            Ok(c) => Ok(c.to_bytes()),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(problem(&Refusal::body_too_large(limit)))
+                Err(problem(&Refusal::body_too_large(limit)))
             }
-            Err(_) => return Err(problem(&Refusal::bad_body("the body could not be read"))),
-        };
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(Value::Null);
+            Err(_) => Err(problem(&Refusal::bad_body("the body could not be read"))),
         }
-        serde_json::from_slice(&bytes)
-            .map_err(|_| problem(&Refusal::bad_body("the body is not valid JSON")))
     }
 
-    /// A JSON request of the gateway's own to the upstream (checks): the `result` of a 2xx
-    /// answer; any other answer is passed to the client as it is.
+    /// Reads a body whole, within the rewrite cap, as JSON (`Null` when empty).
+    async fn read_json(&self, body: Incoming) -> Result<Value, Response<ProxyBody>> {
+        let bytes = self.read_body(body).await?;
+        parse_json(&bytes).map_err(|r| problem(&r))
+    }
+
+    /// A JSON request of the gateway's own to the upstream (checks; `Null`: no body): the
+    /// `result` of a 2xx answer; any other answer is passed to the client as it is.
     async fn ask(
         &self,
         method: Method,
@@ -438,7 +860,11 @@ impl Proxy {
         body: &Value,
     ) -> Result<Value, Response<ProxyBody>> {
         let uri = self.uri(path).map_err(|r| problem(&r))?;
-        let bytes = Bytes::from(body.to_string());
+        let bytes = if body.is_null() {
+            Bytes::new()
+        } else {
+            Bytes::from(body.to_string())
+        };
         let mut req = Request::new(Either::Right(Full::new(bytes)));
         *req.method_mut() = method;
         *req.uri_mut() = uri;
@@ -618,6 +1044,18 @@ pub fn plain_path(path: &str) -> bool {
     })
 }
 
+/// The refusal of a later gRPC message, if `e` (or an error it wraps) is one.
+fn refused_message(e: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(m) = err.downcast_ref::<MessageRefused>() {
+            return Some(m.0.clone());
+        }
+        cur = err.source();
+    }
+    None
+}
+
 /// Whether `e` (or an error it wraps) is a body running over its [`Limited`] cap.
 fn over_limit(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -632,6 +1070,101 @@ fn over_limit(e: &(dyn std::error::Error + 'static)) -> bool {
 
 fn cap(n: u64) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// A gateway answer in gRPC form.
+pub fn grpc_refusal(r: &Refusal) -> Response<ProxyBody> {
+    r.grpc_response().map(|b| Either::Right(Full::new(b)))
+}
+
+/// A keygate denial in gRPC form, as keygate's layers render it (the denial in the
+/// response's extensions, for the audit layer).
+fn grpc_denial(denial: Denial) -> Response<ProxyBody> {
+    let mut req = Request::new(());
+    *req.method_mut() = Method::POST;
+    req.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    rendered(denial, &req)
+}
+
+/// `denial` rendered for `req` by keygate's renderer, the denial in the response's
+/// extensions (the audit layer records it).
+fn rendered(denial: Denial, req: &Request<()>) -> Response<ProxyBody> {
+    let res = DefaultRenderer::new().render(&denial, &RenderContext::of(req));
+    let mut res = res.map(|b| Either::Right(Full::new(b)));
+    res.extensions_mut().insert(denial);
+    res
+}
+
+/// The denial of collection `name` to `principal` for `scope`, as the scope layer words it
+/// for the collection in a path: `resource_forbidden` when no pattern of the key matches
+/// it, `insufficient_scope` when only grants without `scope` do.
+fn collection_denial(principal: &keygate::Principal, scope: &keygate::Scope, name: &str) -> Denial {
+    if principal.can_access(name) {
+        Denial::new(DenialCode::InsufficientScope)
+            .with_required_scope(scope.to_string())
+            .with_detail(
+                "The API key holds this scope only on other collections, not on one the request names.",
+            )
+    } else {
+        resource_forbidden(name)
+    }
+}
+
+/// The denial of an operation on every collection to a key whose grants do not cover
+/// them all.
+fn every_collection_denial(scope: &str) -> Denial {
+    Denial::new(DenialCode::ResourceForbidden).with_detail(format!(
+        "This operation reaches every collection: it needs a grant of {scope} on every collection (*)."
+    ))
+}
+
+/// A body as JSON (`Null` when empty).
+fn parse_json(bytes: &[u8]) -> Result<Value, Refusal> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(bytes).map_err(|_| Refusal::bad_body("the body is not valid JSON"))
+}
+
+/// Whether one grant of `principal` holds `scope` on every collection (`*`): its requests
+/// can reach no collection it may not use, so their bodies need not be read.
+fn covers_every_collection(principal: &keygate::Principal, scope: &keygate::Scope) -> bool {
+    // The union of the patterns first: without `*` there, no grant has it (no allocation).
+    principal.resources().iter().any(|p| p == "*")
+        && principal.grants().iter().any(|g| {
+            g.collections.iter().any(|p| p == "*")
+                && keygate::ScopeSet::compile(&g.scopes).allows(scope)
+        })
+}
+
+/// A keygate denial of a REST request, as keygate's layers render it (the denial in the
+/// response's extensions, for the audit layer).
+fn rest_denial(denial: Denial, parts: &http::request::Parts) -> Response<ProxyBody> {
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    rendered(denial, &req)
+}
+
+/// Longest collection name echoed in a refusal.
+const MAX_ECHOED: usize = 64;
+
+/// `resource_forbidden` for collection `name` (echoed when short and printable).
+fn resource_forbidden(name: &str) -> Denial {
+    let shown = if !name.is_empty()
+        && name.len() <= MAX_ECHOED
+        && name
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        format!("The collection \"{name}\"")
+    } else {
+        "The collection".to_owned()
+    };
+    Denial::new(DenialCode::ResourceForbidden).with_detail(format!(
+        "{shown} named in the request is refused: the key's collection patterns do not match it."
+    ))
 }
 
 /// A gateway answer.

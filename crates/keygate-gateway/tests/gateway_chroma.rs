@@ -80,15 +80,16 @@ fn tenant_spec(tenant: &str) -> KeySpec {
         .attribute("tenant", tenant)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_official_client_through_the_gateway() {
+/// A real Chroma server on a fresh data directory and the gateway in front of it; `None`
+/// (and a skip line) without `KEYGATE_TEST_GATEWAY_VENV`.
+async fn world() -> Option<(Server, tempfile::TempDir, PathBuf, Gw)> {
     let Ok(venv) = std::env::var("KEYGATE_TEST_GATEWAY_VENV") else {
         eprintln!("skipped: KEYGATE_TEST_GATEWAY_VENV is not set (scripts/gateway-venv.sh)");
-        return;
+        return None;
     };
     let venv = PathBuf::from(venv);
     let data = tempfile::tempdir().expect("tempdir");
-    let (_server, chroma_port) = chroma(&venv, data.path()).await;
+    let (server, chroma_port) = chroma(&venv, data.path()).await;
     let gw = Gw::start(
         Preset::Chroma,
         &format!("http://127.0.0.1:{chroma_port}"),
@@ -96,6 +97,14 @@ async fn the_official_client_through_the_gateway() {
         |_| {},
     )
     .await;
+    Some((server, data, venv, gw))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_client_through_the_gateway() {
+    let Some((_server, _data, venv, gw)) = world().await else {
+        return;
+    };
     let port = gw.addr.port();
     let operator = gw.operator_key().await;
     let (acme, acme_id) = gw.issue(tenant_spec("acme")).await;
@@ -166,4 +175,90 @@ async fn the_official_client_through_the_gateway() {
         error.contains("invalid_key") || error.contains("401"),
         "{r}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_id_of_another_database_is_refused() {
+    let Some((_server, _data, _venv, gw)) = world().await else {
+        return;
+    };
+    let operator = gw.operator_key().await;
+    let base = "/api/v2/tenants/default_tenant/databases";
+    let op = |method: &'static str, path: String, body: serde_json::Value| {
+        let gw = &gw;
+        let operator = operator.clone();
+        async move {
+            let r = gw.call(method, &path, Some(&operator), Some(body)).await;
+            assert!(r.status.is_success(), "{method} {path}: {}", r.text);
+            r.json
+        }
+    };
+    op("POST", base.to_owned(), serde_json::json!({"name": "db2"})).await;
+    let secret = op(
+        "POST",
+        format!("{base}/db2/collections"),
+        serde_json::json!({"name": "secret"}),
+    )
+    .await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let mine = op(
+        "POST",
+        format!("{base}/default_database/collections"),
+        serde_json::json!({"name": "mine"}),
+    )
+    .await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    for (db, id, record) in [("db2", &secret, "s"), ("default_database", &mine, "m")] {
+        op(
+            "POST",
+            format!("{base}/{db}/collections/{id}/add"),
+            serde_json::json!({"ids": [record], "embeddings": [[1.0, 2.0]]}),
+        )
+        .await;
+    }
+    // Chroma itself serves the other database's collection under this database's path.
+    let r = gw
+        .call(
+            "POST",
+            &format!("{base}/default_database/collections/{secret}/get"),
+            Some(&operator),
+            Some(serde_json::json!({})),
+        )
+        .await;
+    assert_eq!(r.json["ids"], serde_json::json!(["s"]), "{}", r.text);
+
+    let mut spec = KeySpec::new("limited");
+    for s in ["collections:read", "records:read", "records:write"] {
+        spec = spec.scope(s);
+    }
+    let (limited, _) = gw.issue(spec.resource("default_database")).await;
+    let (acme, _) = gw.issue(tenant_spec("acme")).await;
+    for key in [&limited, &acme] {
+        for (method, op) in [("POST", "get"), ("POST", "query"), ("GET", "count")] {
+            let body = (method == "POST").then(|| serde_json::json!({}));
+            let path = format!("{base}/default_database/collections/{secret}/{op}");
+            let r = gw.call(method, &path, Some(key), body).await;
+            assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}: {}", r.text);
+            assert_eq!(r.code(), "resource_forbidden", "{path}");
+            let event = support::requests(&gw).pop().expect("audited");
+            assert_eq!(event.decision, keygate::core::audit::Decision::Denied);
+        }
+    }
+    // Its own database's collection, twice (the second time remembered).
+    for _ in 0..2 {
+        let r = gw
+            .call(
+                "POST",
+                &format!("{base}/default_database/collections/{mine}/get"),
+                Some(&limited),
+                Some(serde_json::json!({})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.json["ids"], serde_json::json!(["m"]), "{}", r.text);
+    }
 }

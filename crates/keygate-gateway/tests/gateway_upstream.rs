@@ -5,7 +5,7 @@ mod support;
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -19,46 +19,9 @@ use keygate::KeySpec;
 use keygate_gateway::preset::Preset;
 use keygate_gateway::proxy::UpstreamCredential;
 use serde_json::{json, Value};
-use support::{call_with, Gw};
+use support::{call_with, echo, Gw};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-
-/// An upstream answering every request with what it saw: method, path, headers, body
-/// length. Counts its requests.
-async fn echo() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counted = calls.clone();
-    let svc = tower::service_fn(move |req: Request<Incoming>| {
-        counted.fetch_add(1, Ordering::SeqCst);
-        async move {
-            let (parts, body) = req.into_parts();
-            let body = body
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
-            let headers: serde_json::Map<String, Value> = parts
-                .headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or("?"))))
-                .collect();
-            let answer = json!({
-                "method": parts.method.as_str(),
-                "path": parts.uri.to_string(),
-                "headers": headers,
-                "body_len": body.len(),
-                "body": String::from_utf8_lossy(&body),
-            });
-            let mut res = Response::new(Full::new(Bytes::from(answer.to_string())));
-            res.headers_mut()
-                .insert("connection", "x-secret-hop".parse().expect("value"));
-            res.headers_mut()
-                .insert("x-secret-hop", "1".parse().expect("value"));
-            Ok::<_, Infallible>(res)
-        }
-    });
-    (keygate_testkit::serve::spawn_hyper(svc).await, calls)
-}
 
 #[tokio::test]
 async fn client_credentials_are_stripped_and_the_upstreams_added() {
@@ -125,7 +88,9 @@ async fn chroma_credential_as_a_bearer_token_and_the_tenant_in_where() {
             KeySpec::new("acme")
                 .scope("records:read")
                 .scope("records:write")
-                .resource("db")
+                // Every database: the gateway does not list the echo's collections to
+                // check the collection id is the path's database's.
+                .resource("*")
                 .attribute("tenant", "acme"),
         )
         .await;
@@ -145,7 +110,15 @@ async fn chroma_credential_as_a_bearer_token_and_the_tenant_in_where() {
         sent["where"],
         json!({"$and": [{"k": 1}, {"tenant": {"$eq": "acme"}}]})
     );
-    // Another database is not this key's.
+    // Another database is not a key's limited to `db`.
+    let (key, _) = gw
+        .issue(
+            KeySpec::new("acme-db")
+                .scope("records:read")
+                .resource("db")
+                .attribute("tenant", "acme"),
+        )
+        .await;
     let r = call_with(
         gw.addr,
         "POST",

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -246,4 +247,53 @@ pub async fn python(
     );
     let last = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(last).unwrap_or_else(|_| panic!("{step}: not JSON: {stdout}"))
+}
+
+/// An upstream answering every request with what it saw: method, path, headers, body
+/// length. Counts its requests.
+pub async fn echo() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let svc = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            let headers: serde_json::Map<String, Value> = parts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), serde_json::json!(v.to_str().unwrap_or("?"))))
+                .collect();
+            let answer = serde_json::json!({
+                "method": parts.method.as_str(),
+                "path": parts.uri.to_string(),
+                "headers": headers,
+                "body_len": body.len(),
+                "body": String::from_utf8_lossy(&body),
+            });
+            let mut res = http::Response::new(Full::new(Bytes::from(answer.to_string())));
+            res.headers_mut()
+                .insert("connection", "x-secret-hop".parse().expect("value"));
+            res.headers_mut()
+                .insert("x-secret-hop", "1".parse().expect("value"));
+            Ok::<_, std::convert::Infallible>(res)
+        }
+    });
+    (keygate_testkit::serve::spawn_hyper(svc).await, calls)
+}
+
+/// The request events the gateway's audit sink holds, in order.
+pub fn requests(gw: &Gw) -> Vec<keygate::core::audit::RequestEvent> {
+    gw.sink
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            keygate::core::audit::AuditEvent::Request(r) => Some(r),
+            _ => None,
+        })
+        .collect()
 }
