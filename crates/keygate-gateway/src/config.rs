@@ -22,6 +22,9 @@
 //! url = "http://127.0.0.1:6334"
 //! max_message_bytes = 4194304
 //!
+//! [chroma]                     # the chroma preset: the Chroma tenants served
+//! tenants = ["default_tenant"]
+//!
 //! [[routes]]                   # routes the preset does not know, allowed explicitly
 //! method = "POST"
 //! path = "/collections/{collection}/points/batch"
@@ -74,6 +77,35 @@ pub struct Config {
     /// gRPC pass-through (off without this section).
     #[serde(default)]
     pub grpc: Option<GrpcConfig>,
+    /// The Chroma tenants the gateway serves (the `chroma` preset).
+    #[serde(default)]
+    pub chroma: ChromaConfig,
+}
+
+/// `[chroma]`: which of the Chroma server's tenants the gateway serves. A key's collection
+/// patterns name Chroma *databases*; they do not say in which Chroma tenant. So the gateway
+/// serves the tenants listed here and refuses every path under another one (`403
+/// chroma_tenant_refused`): a key for database `db` reaches `db` in each listed tenant.
+/// Keep one Chroma tenant per gateway (the default, Chroma's own `default_tenant`), or
+/// give the databases of different Chroma tenants different names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChromaConfig {
+    /// The Chroma tenants served (default: `["default_tenant"]`).
+    #[serde(default = "default_chroma_tenants")]
+    pub tenants: Vec<String>,
+}
+
+impl Default for ChromaConfig {
+    fn default() -> Self {
+        ChromaConfig {
+            tenants: default_chroma_tenants(),
+        }
+    }
+}
+
+fn default_chroma_tenants() -> Vec<String> {
+    vec!["default_tenant".to_owned()]
 }
 
 /// `[grpc]`: gRPC pass-through to the upstream's gRPC API (the `qdrant` preset; see
@@ -349,6 +381,7 @@ impl Config {
             },
             limits: LimitsConfig::default(),
             tenant: TenantConfig::default(),
+            chroma: ChromaConfig::default(),
             routes: Vec::new(),
             rate_limits: Vec::new(),
             anonymous_rate_limits: default_anonymous(),

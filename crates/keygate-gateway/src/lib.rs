@@ -221,6 +221,7 @@ pub fn build(opts: Options) -> Result<Gateway, BoxError> {
             preset: config.preset,
             extra_routes: config.routes.clone(),
             tenant_field: config.tenant.payload_key.clone(),
+            chroma_tenants: config.chroma.tenants.clone(),
             grpc,
         },
         gate.credentials(),

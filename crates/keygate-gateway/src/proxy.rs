@@ -228,6 +228,8 @@ pub struct ProxyConfig {
     pub extra_routes: Vec<ExtraRoute>,
     /// The payload / metadata field naming a record's tenant.
     pub tenant_field: String,
+    /// The Chroma tenants served (the `chroma` preset): paths under another are refused.
+    pub chroma_tenants: Vec<String>,
     /// gRPC pass-through (`None`: gRPC requests are refused 12 UNIMPLEMENTED).
     pub grpc: Option<GrpcUpstream>,
 }
@@ -465,6 +467,16 @@ impl Proxy {
         }
         if !plain_path(parts.uri.path()) {
             return problem(&Refusal::bad_path());
+        }
+        if let Some(t) = crate::reach::chroma_tenant(self.inner.config.preset, parts.uri.path()) {
+            if !self.inner.config.chroma_tenants.iter().any(|a| a == t) {
+                return rest_denial(
+                    Denial::new(DenialCode::ResourceForbidden).with_detail(
+                        "This gateway does not serve that Chroma tenant (see [chroma] tenants in its configuration).",
+                    ),
+                    &parts,
+                );
+            }
         }
         if let Some((c, scope)) = crate::reach::chroma_collection(
             self.inner.config.preset,

@@ -143,6 +143,15 @@ const CHROMA_BY_ID: &[(&str, &str)] = &[
     ("GET", "/count"),
 ];
 
+/// The Chroma tenant a path on the Chroma preset is under (`/api/v2/tenants/{tenant}...`).
+pub fn chroma_tenant(preset: Preset, path: &str) -> Option<&str> {
+    if preset != Preset::Chroma {
+        return None;
+    }
+    let rest = path.strip_prefix("/api/v2/tenants/")?;
+    Some(rest.split('/').next().unwrap_or(rest))
+}
+
 /// The collection `method` `path` names by id on the Chroma preset, and its route's scope.
 pub fn chroma_collection(
     preset: Preset,
@@ -327,6 +336,20 @@ mod tests {
             let path = p.replace(['{', '}'], "");
             assert!(reach(q, m, &path).is_some(), "{m} {p}");
         }
+    }
+
+    #[test]
+    fn chroma_tenants_are_read_from_the_path() {
+        let c = Preset::Chroma;
+        assert_eq!(chroma_tenant(c, "/api/v2/tenants/t1"), Some("t1"));
+        assert_eq!(
+            chroma_tenant(c, "/api/v2/tenants/t1/databases/db/collections"),
+            Some("t1")
+        );
+        assert_eq!(chroma_tenant(c, "/api/v2/tenants/"), Some(""));
+        assert_eq!(chroma_tenant(c, "/api/v2/tenants"), None);
+        assert_eq!(chroma_tenant(c, "/api/v2/heartbeat"), None);
+        assert_eq!(chroma_tenant(Preset::Qdrant, "/api/v2/tenants/t1"), None);
     }
 
     #[test]

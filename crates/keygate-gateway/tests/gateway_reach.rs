@@ -406,3 +406,53 @@ async fn routes_reaching_every_collection_need_a_grant_on_every_collection() {
     )
     .await;
 }
+
+/// Chroma: a key's collection patterns name databases, not Chroma tenants, so the gateway
+/// serves only the Chroma tenants its configuration lists (`default_tenant` by default):
+/// a path under another is refused for every key, even one on every database, and never
+/// forwarded.
+#[tokio::test]
+async fn chroma_tenants_not_served_are_refused() {
+    let (up, calls) = echo().await;
+    let gw = Gw::start(Preset::Chroma, &format!("http://{up}"), None, |_| {}).await;
+    let key = gw.operator_key().await;
+    for path in [
+        "/api/v2/tenants/other",
+        "/api/v2/tenants/other/databases",
+        "/api/v2/tenants/other/databases/db/collections",
+        "/api/v2/tenants/default_tenantx/databases",
+    ] {
+        refused(&gw, &calls, &key, "GET", path, None).await;
+    }
+    let r = gw
+        .call(
+            "GET",
+            "/api/v2/tenants/default_tenant/databases",
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json["path"], "/api/v2/tenants/default_tenant/databases");
+
+    // Listed tenants are served, and only those.
+    let gw = Gw::start(Preset::Chroma, &format!("http://{up}"), None, |c| {
+        c.chroma.tenants = vec!["acme".into(), "globex".into()];
+    })
+    .await;
+    let key = gw.operator_key().await;
+    for tenant in ["acme", "globex"] {
+        let path = format!("/api/v2/tenants/{tenant}/databases");
+        let r = gw.call("GET", &path, Some(&key), None).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text);
+    }
+    refused(
+        &gw,
+        &calls,
+        &key,
+        "GET",
+        "/api/v2/tenants/default_tenant/databases",
+        None,
+    )
+    .await;
+}
