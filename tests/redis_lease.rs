@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::{send, with_key};
 use http::StatusCode;
 use keygate::core::rate::{RateBackend, RateSubject};
-use keygate::core::usage::{Admission, Limit, UsageStore, Window};
+use keygate::core::usage::{Admission, Increment, Limit, Usage, UsageStore, Window};
 use keygate::redis::{LeaseOptions, RedisRateLimiter, RedisUsageStore, TimeSource};
 use keygate::{
     ApiKey, Clock, KeyId, ManualClock, MemoryStore, QuotaPolicy, QuotaWindow, RateLimitPolicy,
@@ -441,4 +441,49 @@ async fn leased_quotas_with_a_durable_copy_are_seeded_and_written_through() {
     assert_eq!((counts.used, counts.reserved, counts.lost), (1000, 0, 0));
     let kept = durable.load(&key, &[day]).await.unwrap();
     assert_eq!(kept[0].cost, 1000, "every reported lease written through");
+}
+
+/// A refund (another layer refused the request) of a request a lease served and has not
+/// reported yet comes out of the lease: before, it went to Redis, which had not counted
+/// the request, saturated at zero there, and the later report counted the refunded request
+/// anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_before_the_report_is_taken_from_the_lease() {
+    let Some(t) = TestRedis::new().await else {
+        return;
+    };
+    let clock = ManualClock::at_2026();
+    let key = KeyId::parse("RefundLease1").unwrap();
+    let day = Window::containing(QuotaWindow::Day, clock.now());
+    let limits = [Limit {
+        window: 0,
+        limit: 10_000,
+    }];
+    let store = leased_store(&t, &t.redis, &clock);
+    for _ in 0..2 {
+        let a = store.check_and_add(&key, &[day], &limits, 1).await.unwrap();
+        assert!(matches!(a, Admission::Admitted(_)), "{a:?}");
+    }
+    assert_eq!(
+        store.lease_counts(&key, &[day]).await.unwrap()[0].used,
+        0,
+        "nothing reported yet"
+    );
+    let one = Increment {
+        key,
+        window: day,
+        usage: Usage {
+            cost: 1,
+            requests: 1,
+        },
+    };
+    store.subtract(&[one]).await.unwrap();
+    store.release_leases().await;
+    let after = store.lease_counts(&key, &[day]).await.unwrap()[0];
+    assert_eq!((after.used, after.reserved), (1, 0), "{after:?}");
+    let usage = store.load(&key, &[day]).await.unwrap()[0];
+    assert_eq!(usage.requests, 1);
+    // A refund of what was already reported still goes to Redis.
+    store.subtract(&[one]).await.unwrap();
+    assert_eq!(store.lease_counts(&key, &[day]).await.unwrap()[0].used, 0);
 }

@@ -266,6 +266,20 @@ impl QState {
         Some(self.usage())
     }
 
+    /// Takes `u` back out of what the lease served (and, while it is live, gives the cost
+    /// back to spend); `false` when the lease did not serve that much.
+    fn refund(&mut self, u: Usage, now: u64) -> bool {
+        if self.id.is_empty() || self.served_cost < u.cost || self.served_requests < u.requests {
+            return false;
+        }
+        self.served_cost -= u.cost;
+        self.served_requests -= u.requests;
+        if now < self.expires {
+            self.tokens += u.cost;
+        }
+        true
+    }
+
     fn usage(&self) -> Vec<Usage> {
         self.base
             .iter()
@@ -384,6 +398,40 @@ impl QuotaLeases {
         let usage = lease.state.lock().ok()?.spend(limits, cost, now)?;
         self.local.fetch_add(1, Ordering::Relaxed);
         Some(Admission::Admitted(usage))
+    }
+
+    /// Takes refunds (`subtract`) out of what this replica's leases served and have not
+    /// reported yet, where one lease served them: per key, the decrements of one request
+    /// (the same usage in each window of a lease). Those units go back to the lease when it
+    /// is still live. Returns the decrements left for Redis (and the durable copy): counts
+    /// already reported, or not served from a lease of this replica.
+    pub(crate) fn refund_local(&self, decrements: &[Increment]) -> Vec<Increment> {
+        let mut rest = Vec::new();
+        let mut keys: Vec<KeyId> = Vec::new();
+        for d in decrements {
+            if !keys.contains(&d.key) {
+                keys.push(d.key);
+            }
+        }
+        let now = self.clock.now();
+        for key in keys {
+            let of_key: Vec<&Increment> = decrements.iter().filter(|d| d.key == key).collect();
+            let usage = of_key[0].usage;
+            let windows: Vec<Window> = of_key.iter().map(|d| d.window).collect();
+            let taken = of_key.iter().all(|d| d.usage == usage)
+                && self
+                    .table
+                    .get(&(key, windows))
+                    .map(|e| e.value().clone())
+                    .is_some_and(|lease| match lease.state.lock() {
+                        Ok(mut st) => st.refund(usage, now),
+                        Err(_) => false,
+                    });
+            if !taken {
+                rest.extend(of_key.into_iter().copied());
+            }
+        }
+        rest
     }
 
     pub(crate) fn held(&self) -> usize {

@@ -1061,6 +1061,19 @@ impl keygate_core::usage::UsageStore for RedisUsageStore {
     }
 
     async fn subtract(&self, decrements: &[Increment]) -> Result<(), UsageError> {
+        // With leases, a refund of a request a lease served and has not reported yet comes
+        // out of the lease (neither Redis nor the durable copy has counted it).
+        let rest;
+        let decrements = match &self.leases {
+            Some(leases) => {
+                rest = leases.refund_local(decrements);
+                &rest[..]
+            }
+            None => decrements,
+        };
+        if decrements.is_empty() {
+            return Ok(());
+        }
         let in_redis = self.redis_subtract(decrements).await;
         if let Some(durable) = &self.durable {
             durable.subtract(decrements).await?;
