@@ -15,9 +15,7 @@ use http::StatusCode;
 use keygate::core::rate::{RateBackend, RateSubject};
 use keygate::core::usage::{Admission, Increment, Limit, Usage, UsageStore, Window};
 use keygate::redis::{LeaseOptions, RedisRateLimiter, RedisUsageStore, TimeSource};
-use keygate::{
-    ApiKey, Clock, KeyId, ManualClock, MemoryStore, QuotaPolicy, QuotaWindow, RateLimitPolicy,
-};
+use keygate::{Clock, KeyId, ManualClock, MemoryStore, QuotaPolicy, QuotaWindow, RateLimitPolicy};
 use redis_support::*;
 
 fn replica_spec(t: &TestRedis, store: MemoryStore, clock: ManualClock) -> ReplicaSpec {
@@ -26,38 +24,6 @@ fn replica_spec(t: &TestRedis, store: MemoryStore, clock: ManualClock) -> Replic
     spec.rate_leases = Some(LeaseOptions::new());
     spec.quota_leases = Some(LeaseOptions::for_quotas());
     spec
-}
-
-async fn three(spec: &ReplicaSpec) -> Vec<Replica> {
-    let mut replicas = vec![];
-    for _ in 0..3 {
-        let r = spec.spawn().await;
-        r.watcher.subscribed().await;
-        replicas.push(r);
-    }
-    replicas
-}
-
-/// Sends `per_replica` requests with `key` to every replica at once; returns the statuses.
-async fn load(replicas: &[Replica], key: &ApiKey, per_replica: usize) -> Vec<StatusCode> {
-    let mut tasks = vec![];
-    for r in replicas {
-        for _ in 0..per_replica {
-            let (addr, headers) = (r.addr, with_key(key));
-            tasks.push(tokio::spawn(
-                async move { send(addr, "/", headers).await.0 },
-            ));
-        }
-    }
-    let mut statuses = vec![];
-    for t in tasks {
-        statuses.push(t.await.unwrap());
-    }
-    statuses
-}
-
-fn count(statuses: &[StatusCode], s: StatusCode) -> usize {
-    statuses.iter().filter(|x| **x == s).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -252,6 +252,40 @@ impl ReplicaSpec {
     }
 }
 
+/// Three replicas of `spec`, each subscribed to key changes.
+pub async fn three(spec: &ReplicaSpec) -> Vec<Replica> {
+    let mut replicas = vec![];
+    for _ in 0..3 {
+        let r = spec.spawn().await;
+        r.watcher.subscribed().await;
+        replicas.push(r);
+    }
+    replicas
+}
+
+/// Sends `per_replica` requests with `key` to every replica at once; returns the statuses.
+pub async fn load(replicas: &[Replica], key: &ApiKey, per_replica: usize) -> Vec<http::StatusCode> {
+    let mut tasks = vec![];
+    for r in replicas {
+        for _ in 0..per_replica {
+            let (addr, headers) = (r.addr, crate::common::with_key(key));
+            tasks.push(tokio::spawn(async move {
+                crate::common::send(addr, "/", headers).await.0
+            }));
+        }
+    }
+    let mut statuses = vec![];
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    statuses
+}
+
+/// How many of `statuses` are `s`.
+pub fn count(statuses: &[http::StatusCode], s: http::StatusCode) -> usize {
+    statuses.iter().filter(|x| **x == s).count()
+}
+
 /// The median and 99th percentile of `samples` (sorted in place).
 pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
     samples.sort();
