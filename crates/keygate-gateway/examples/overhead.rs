@@ -14,6 +14,8 @@
 //! collection (streamed) and with a key limited to `docs` (the body read and its
 //! collections checked, [`keygate_gateway::reach`]).
 
+mod support;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -95,23 +97,7 @@ async fn load(
             latencies
         }));
     }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.expect("client"));
-    }
-    (all.len(), all)
-}
-
-fn report(name: &str, seconds: u64, (n, mut lat): (usize, Vec<Duration>)) -> (f64, Duration) {
-    lat.sort_unstable();
-    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
-    let rps = n as f64 / seconds as f64;
-    println!(
-        "{name:<28} {rps:>9.0} req/s   p50 {:>7.1} µs   p99 {:>7.1} µs",
-        pct(0.50).as_secs_f64() * 1e6,
-        pct(0.99).as_secs_f64() * 1e6
-    );
-    (rps, pct(0.99))
+    support::gather(tasks).await
 }
 
 #[tokio::main]
@@ -179,13 +165,15 @@ async fn main() {
         connections,
     )
     .await;
-    let direct = report(
+    let direct = support::report(
         "upstream directly",
+        "req",
         seconds,
         load(up, None, (SEARCH, BODY), seconds, connections).await,
     );
-    let plain = report(
+    let plain = support::report(
         "gateway, key without tenant",
+        "req",
         seconds,
         load(
             gw,
@@ -196,8 +184,9 @@ async fn main() {
         )
         .await,
     );
-    let scoped = report(
+    let scoped = support::report(
         "gateway, tenant key",
+        "req",
         seconds,
         load(
             gw,
@@ -212,8 +201,9 @@ async fn main() {
         "POST .../points/query with lookup_from ({} B body)",
         QUERY_BODY.len()
     );
-    let query_all = report(
+    let query_all = support::report(
         "gateway, key on *",
+        "req",
         seconds,
         load(
             gw,
@@ -224,8 +214,9 @@ async fn main() {
         )
         .await,
     );
-    let query_checked = report(
+    let query_checked = support::report(
         "gateway, key on docs",
+        "req",
         seconds,
         load(
             gw,

@@ -11,6 +11,8 @@
 //! message for its collection, the forwarding, one more loopback hop), not Qdrant's. Each
 //! client connection sends one call at a time.
 
+mod support;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -125,23 +127,7 @@ async fn load(
             latencies
         }));
     }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.expect("client"));
-    }
-    (all.len(), all)
-}
-
-fn report(name: &str, seconds: u64, (n, mut lat): (usize, Vec<Duration>)) -> (f64, Duration) {
-    lat.sort_unstable();
-    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
-    let rps = n as f64 / seconds as f64;
-    println!(
-        "{name:<28} {rps:>9.0} calls/s   p50 {:>7.1} µs   p99 {:>7.1} µs",
-        pct(0.50).as_secs_f64() * 1e6,
-        pct(0.99).as_secs_f64() * 1e6
-    );
-    (rps, pct(0.99))
+    support::gather(tasks).await
 }
 
 #[tokio::main]
@@ -195,13 +181,15 @@ async fn main() {
     // A short warm-up of each path first.
     let _ = load(up, None, body.clone(), 1, connections).await;
     let _ = load(gw, key.clone(), body.clone(), 1, connections).await;
-    let direct = report(
+    let direct = support::report(
         "upstream directly",
+        "calls",
         seconds,
         load(up, None, body.clone(), seconds, connections).await,
     );
-    let through = report(
+    let through = support::report(
         "gateway (collection checked)",
+        "calls",
         seconds,
         load(gw, key, body, seconds, connections).await,
     );
