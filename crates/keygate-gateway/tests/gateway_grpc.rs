@@ -372,23 +372,39 @@ fn assert_code(r: Result<impl std::fmt::Debug, Status>, code: Code, text: &str) 
     s
 }
 
-/// Raw gRPC over HTTP/2 to the gateway: `body` as it is; answers the head (a trailers-only
-/// refusal carries `grpc-status` there).
-async fn raw(gw: &Gw, path: &str, key: &str, body: Vec<u8>) -> http::response::Parts {
+/// An HTTP/2 connection to the gateway (its driver spawned).
+async fn h2<B>(gw: &Gw) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let stream = TcpStream::connect(gw.addr).await.expect("connect");
-    let (mut sender, conn) =
+    let (sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
             .expect("h2 handshake");
     tokio::spawn(conn);
-    let req = Request::builder()
+    sender
+}
+
+/// A gRPC request for `path` with `key` in `api-key` and `body` as it is.
+fn grpc_request<B>(gw: &Gw, path: &str, key: &str, body: B) -> Request<B> {
+    Request::builder()
         .method("POST")
         .uri(format!("http://{}{path}", gw.addr))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .header("api-key", key)
-        .body(Full::new(Bytes::from(body)))
-        .expect("request");
+        .body(body)
+        .expect("request")
+}
+
+/// Raw gRPC over HTTP/2 to the gateway: `body` as it is; answers the head (a trailers-only
+/// refusal carries `grpc-status` there).
+async fn raw(gw: &Gw, path: &str, key: &str, body: Vec<u8>) -> http::response::Parts {
+    let mut sender = h2(gw).await;
+    let req = grpc_request(gw, path, key, Full::new(Bytes::from(body)));
     let res = sender.send_request(req).await.expect("response");
     let (parts, body) = res.into_parts();
     let _ = body.collect().await;
@@ -604,21 +620,9 @@ impl http_body::Body for Fed {
 async fn a_later_message_is_checked_while_the_request_streams() {
     let (gw, up) = start(|_| {}).await;
     let key = writer(&gw, "docs").await;
-    let stream = TcpStream::connect(gw.addr).await.expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(conn);
+    let mut sender = h2(&gw).await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let req = Request::builder()
-        .method("POST")
-        .uri(format!("http://{}{UPSERT}", gw.addr))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("api-key", key.as_str())
-        .body(Fed(rx))
-        .expect("request");
+    let req = grpc_request(&gw, UPSERT, &key, Fed(rx));
     let pending = tokio::spawn(async move { sender.send_request(req).await });
     let first = prost::Message::encode_to_vec(&upsert_msg("docs", &[1]));
     tx.send(Bytes::from(frame(0, &first))).await.expect("send");
@@ -751,19 +755,8 @@ impl http_body::Body for Silent {
 async fn a_first_message_that_never_comes_is_refused_in_time() {
     let (gw, up) = start(|c| c.upstream.timeout = "300ms".into()).await;
     let key = reader(&gw, "docs").await;
-    let stream = TcpStream::connect(gw.addr).await.expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(conn);
-    let req = Request::builder()
-        .method("POST")
-        .uri(format!("http://{}{SEARCH}", gw.addr))
-        .header("content-type", "application/grpc")
-        .header("api-key", key.as_str())
-        .body(Silent)
-        .expect("request");
+    let mut sender = h2(&gw).await;
+    let req = grpc_request(&gw, SEARCH, &key, Silent);
     let res = tokio::time::timeout(std::time::Duration::from_secs(10), sender.send_request(req))
         .await
         .expect("answered in time")
