@@ -61,6 +61,7 @@
 #![deny(unsafe_code, unreachable_pub)]
 #![warn(missing_docs)]
 
+mod acks;
 mod changes;
 mod conn;
 mod epoch;

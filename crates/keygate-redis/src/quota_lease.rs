@@ -11,6 +11,7 @@ use keygate_core::usage::{Admission, Increment, Limit, Usage, UsageError, UsageS
 use keygate_core::KeyId;
 use redis::Script;
 
+use crate::acks::{lock, Acks};
 use crate::conn::{micros, Redis};
 use crate::lease::{next_size, replica_id, spawn_sweeper, LeaseOptions, LocalClock};
 use crate::usage::{member, usage_error, RedisUsageStore, MAX_EXACT};
@@ -211,7 +212,7 @@ pub(crate) struct QuotaLeases {
     /// The hash of this replica's reports whose answers have not been acknowledged.
     reported_key: String,
     /// Reports whose answers arrived, to drop from that hash with the next call.
-    acknowledged: std::sync::Mutex<Vec<String>>,
+    acknowledged: Acks<String>,
     replicas: AtomicU64,
     table: DashMap<LeaseKey, Arc<QLease>>,
     sweeping: AtomicBool,
@@ -344,7 +345,7 @@ impl QuotaLeases {
             redis,
             replica,
             next_id: AtomicU64::new(1),
-            acknowledged: std::sync::Mutex::new(Vec::new()),
+            acknowledged: Acks::new(),
             replicas: AtomicU64::new(1),
             table: DashMap::new(),
             sweeping: AtomicBool::new(false),
@@ -767,36 +768,21 @@ impl QuotaLeases {
             args.push((l.window + 1).to_string());
             args.push(l.limit.min(MAX_EXACT).to_string());
         }
-        let acks = {
-            let mut acked = self
-                .acknowledged
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let keep = acked.len().saturating_sub(64);
-            acked.split_off(keep)
-        };
+        let acks = self.acknowledged.take();
         args.extend(acks.iter().cloned());
         let answer: Result<Vec<i64>, UsageError> = self
             .redis
             .eval(&QUOTA_LEASE, keys, args)
             .await
             .map_err(usage_error);
-        let mut acked = self
-            .acknowledged
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match &answer {
-            // Whether they were dropped is unknown: send them again (dropping is idempotent).
-            Err(_) => acked.extend(acks),
+        match (&answer, old) {
+            (Err(_), _) => self.acknowledged.put_back(acks),
             // The report ran (a call that must seed first writes nothing).
-            Ok(out) if out.first() != Some(&-1) => acked.extend(old.map(|o| o.id.clone())),
-            Ok(_) => {}
+            (Ok(out), Some(old)) if out.first() != Some(&-1) => {
+                self.acknowledged.push(old.id.clone())
+            }
+            _ => {}
         }
         answer
     }
-}
-
-/// A lock that shrugs off poisoning (what it guards stays consistent: plain maps).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

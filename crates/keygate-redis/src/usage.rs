@@ -7,6 +7,7 @@ use keygate_core::usage::{Admission, Increment, Limit, Usage, UsageError, UsageR
 use keygate_core::{KeyId, QuotaWindow, Refill};
 use redis::Script;
 
+use crate::acks::{lock, Acks};
 use crate::conn::{Error, Failed, Redis};
 use crate::epoch::{epoch_key, EpochView};
 use crate::lease::{LeaseOptions, LocalClock};
@@ -207,7 +208,7 @@ struct Ledger {
     /// The next operation's number.
     next: AtomicU64,
     /// Admissions whose answers arrived, to drop from Redis with the next call.
-    acknowledged: Mutex<Vec<u64>>,
+    acknowledged: Acks<u64>,
     /// Operations whose outcome is unknown (the call may have run, its answer lost).
     unsettled: Mutex<Vec<Lost>>,
     /// Whether a task is settling them.
@@ -224,9 +225,6 @@ struct Lost {
     windows: Vec<Window>,
     cost: u64,
 }
-
-/// At most this many acknowledgements ride on one call (the rest wait for the next).
-const ACKS_PER_CALL: usize = 64;
 
 /// A [`UsageStore`] on Redis.
 /// Give it to `keygate::quota::QuotaConfig::new`; with `Counting::Strict` every request is
@@ -364,7 +362,7 @@ impl RedisUsageStore {
                     .map(|id| id.as_str().to_owned())
                     .unwrap_or_else(|_| format!("{:x}", std::process::id())),
                 next: AtomicU64::new(1),
-                acknowledged: Mutex::new(Vec::new()),
+                acknowledged: Acks::new(),
                 unsettled: Mutex::new(Vec::new()),
                 settling: AtomicBool::new(false),
                 taken_back: AtomicU64::new(0),
@@ -559,11 +557,6 @@ impl RedisUsageStore {
     }
 }
 
-/// A lock that shrugs off poisoning (what it guards stays consistent: plain lists).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -735,16 +728,11 @@ impl RedisUsageStore {
             args.push(l.limit.min(MAX_EXACT).to_string());
         }
         args.push(op.to_string());
-        let acks = {
-            let mut acked = lock(&self.ledger.acknowledged);
-            let keep = acked.len().saturating_sub(ACKS_PER_CALL);
-            acked.split_off(keep)
-        };
+        let acks = self.ledger.acknowledged.take();
         args.extend(acks.iter().map(u64::to_string));
         let answer = self.redis.eval_tracked(&CHECK_AND_ADD, keys, args).await;
-        if answer.is_err() && !acks.is_empty() {
-            // Whether they were dropped is unknown: send them again (dropping is idempotent).
-            lock(&self.ledger.acknowledged).extend(acks);
+        if answer.is_err() {
+            self.ledger.acknowledged.put_back(acks);
         }
         answer
     }
@@ -1187,7 +1175,7 @@ impl RedisUsageStore {
                     )));
                 }
             }
-            lock(&self.ledger.acknowledged).push(op);
+            self.ledger.acknowledged.push(op);
             return Ok(Admission::Admitted(usage));
         }
         let violated = out[2 + 2 * n..]
