@@ -17,6 +17,9 @@
 //! - every request has exactly one audit event, with the status the client saw;
 //! - every scroll a tenant's key was served holds that tenant's points only.
 //!
+//! `KEYGATE_SOAK_TIMELINE=1` also prints the statuses per 250 ms of the run and a sample of
+//! the 503s' bodies, to see when the cuts were felt and how fast each replica recovered.
+//!
 //! The clock of limits and quota windows stands still (a manual clock), so "at most N" is
 //! exact: nothing refills during the run.
 
