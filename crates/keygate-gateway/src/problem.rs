@@ -129,16 +129,7 @@ impl Refusal {
     /// `403 resource_forbidden`: a later gRPC message names a collection the key may not
     /// use (the first one is refused by keygate's own denial).
     pub fn collection_refused(name: &str) -> Self {
-        let shown = if !name.is_empty()
-            && name.len() <= 64
-            && name
-                .bytes()
-                .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-        {
-            format!("The collection \"{name}\"")
-        } else {
-            "A collection".to_owned()
-        };
+        let shown = shown_collection(name, "A collection");
         Refusal::new(
             403,
             "resource_forbidden",
@@ -235,6 +226,24 @@ fn grpc_percent_encode(s: &str) -> String {
         }
     }
     out
+}
+
+/// Longest collection name echoed in a refusal.
+const MAX_ECHOED: usize = 64;
+
+/// `The collection "name"` when `name` is short and printable (safe to echo in a refusal),
+/// else `fallback`.
+pub(crate) fn shown_collection(name: &str, fallback: &str) -> String {
+    if !name.is_empty()
+        && name.len() <= MAX_ECHOED
+        && name
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        format!("The collection \"{name}\"")
+    } else {
+        fallback.to_owned()
+    }
 }
 
 #[cfg(test)]

@@ -1159,21 +1159,9 @@ fn rest_denial(denial: Denial, parts: &http::request::Parts) -> Response<ProxyBo
     rendered(denial, &req)
 }
 
-/// Longest collection name echoed in a refusal.
-const MAX_ECHOED: usize = 64;
-
 /// `resource_forbidden` for collection `name` (echoed when short and printable).
 fn resource_forbidden(name: &str) -> Denial {
-    let shown = if !name.is_empty()
-        && name.len() <= MAX_ECHOED
-        && name
-            .bytes()
-            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-    {
-        format!("The collection \"{name}\"")
-    } else {
-        "The collection".to_owned()
-    };
+    let shown = crate::problem::shown_collection(name, "The collection");
     Denial::new(DenialCode::ResourceForbidden).with_detail(format!(
         "{shown} named in the request is refused: the key's collection patterns do not match it."
     ))
