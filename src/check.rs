@@ -80,6 +80,24 @@ pub trait Check: Clone + Send + Sync + 'static {
         true
     }
 
+    /// Whether, fused after a check whose decision waits on I/O ([`Step::Io`]), this check
+    /// may run while that I/O is in flight instead of after it (default: no). A fused stack
+    /// then overlaps their round trips: a rate limit and a quota on the same Redis cost one
+    /// round trip, not two. The decisions stay those of the checks run in order: when the
+    /// earlier check refuses, this one's verdict is dropped and what it counted is given
+    /// back.
+    ///
+    /// A check may answer `true` only when (1) its decision reads nothing an earlier check
+    /// writes on the request after its I/O, and (2) it can give back what it counted: its
+    /// note's [`ResponseNote::cancel`] does, its [`Step::Io`] settles with `go == false`
+    /// do, and its [`Step::Later`] steps count nothing unless they run (a dropped step must
+    /// leave no trace). keygate's authentication, scope, address, TLS, deprecation and quota
+    /// checks are speculative; its rate-limit check is not (what it counted stays counted,
+    /// so it always waits for the checks before it).
+    fn speculative(&self) -> bool {
+        false
+    }
+
     /// Decides `req`, whose caller is `caller`. `Ok` lets the request through (with the
     /// note for its response, and any change the check made to the request); `Err` refuses
     /// it, rendered by the hub's [`Renderer`]. Must not panic, and must fail closed: a check
@@ -104,12 +122,28 @@ pub type Deferred<B, N> = Box<
         + Send,
 >;
 
+/// The end of an I/O step ([`Step::Io`]), called once its I/O is done, with `go`:
+/// - `true`: the checks before it let the request through: write what the check learned on
+///   the request (extensions) and return its verdict;
+/// - `false`: a check before it refused the request while this one's I/O ran (the check
+///   was [speculative](Check::speculative)): give back what the I/O counted. The verdict
+///   returned is then ignored.
+pub type Settle<B, N> = Box<dyn FnOnce(&mut Request<B>, bool) -> Result<N, Denial> + Send>;
+
+/// An I/O step that needs no request (a store round trip), then its [`Settle`]. Fused
+/// checks run such steps concurrently when the later check is
+/// [speculative](Check::speculative).
+pub type Io<B, N> = Pin<Box<dyn Future<Output = Settle<B, N>> + Send>>;
+
 /// A check's verdict: made now, or after an async step.
 pub enum Step<B, N> {
     /// Decided without I/O.
     Now(Result<N, Denial>),
-    /// Decided by an async step (a store round trip).
+    /// Decided by an async step (a store round trip) that takes the request.
     Later(Deferred<B, N>),
+    /// Decided by I/O that needs no request, then settled on it: what store-backed checks
+    /// return, so fused checks can overlap their round trips.
+    Io(Io<B, N>),
 }
 
 /// The verdict of several fused checks: the notes of those that passed, and the denial of
@@ -136,16 +170,65 @@ impl<N> Outcome<N> {
     }
 }
 
+impl<N: ResponseNote> Outcome<N> {
+    /// Gives back what the checks that passed counted (the request goes no further).
+    fn cancel(self) {
+        self.note.cancel();
+    }
+}
+
 /// The async step of fused checks.
 type FusedLater<B, N> = Box<
     dyn FnOnce(Request<B>) -> Pin<Box<dyn Future<Output = (Request<B>, Outcome<N>)> + Send>> + Send,
 >;
 
-/// The fused verdict: now, or after an async step.
+/// The end of fused I/O steps: with `go`, the outcome; without, `None` once everything
+/// counted is given back.
+type FusedSettle<B, N> = Box<dyn FnOnce(&mut Request<B>, bool) -> Option<Outcome<N>> + Send>;
+
+/// Fused I/O steps (run concurrently), then their settle.
+type FusedIo<B, N> = Pin<Box<dyn Future<Output = FusedSettle<B, N>> + Send>>;
+
+/// The fused verdict: now, after an async step, or after I/O that needs no request.
 #[doc(hidden)]
 pub enum Fused<B, N> {
     Now(Outcome<N>),
     Later(FusedLater<B, N>),
+    /// `refuses`: a check already refused without I/O (the outcome is a refusal whatever
+    /// the I/O answers), so no later check runs ahead.
+    Io {
+        io: FusedIo<B, N>,
+        refuses: bool,
+    },
+}
+
+/// Runs fused checks to their outcome (after their async steps, if any).
+async fn run_to_end<B: Send + 'static, C: Checks>(
+    checks: &C,
+    mut req: Request<B>,
+    caller: Caller<'_>,
+) -> (Request<B>, Outcome<C::Note>) {
+    match checks.run(&mut req, caller) {
+        Fused::Now(o) => (req, o),
+        Fused::Later(step) => step(req).await,
+        Fused::Io { io, .. } => {
+            let settle = io.await;
+            let o = settled(settle(&mut req, true));
+            (req, o)
+        }
+    }
+}
+
+/// The outcome a settle called with `go` returns. Never `None` (a settle answers whenever
+/// it is told to go on); if it were, the request is refused rather than let through.
+fn settled<N: Default>(o: Option<Outcome<N>>) -> Outcome<N> {
+    o.unwrap_or_else(|| Outcome {
+        note: N::default(),
+        denial: Some(
+            Denial::new(DenialCode::StoreUnavailable)
+                .with_retry_after(std::time::Duration::from_secs(1)),
+        ),
+    })
 }
 
 mod sealed {
@@ -156,10 +239,13 @@ mod sealed {
 /// implement [`Check`] instead.
 pub trait Checks: sealed::Sealed + Clone + Send + Sync + 'static {
     /// The notes of the checks.
-    type Note: ResponseNote;
+    type Note: ResponseNote + Default;
 
     #[doc(hidden)]
     fn needs_caller<B>(&self, req: &Request<B>) -> bool;
+
+    #[doc(hidden)]
+    fn speculative(&self) -> bool;
 
     #[doc(hidden)]
     fn run<B: Send + 'static>(
@@ -182,6 +268,10 @@ impl<C: Check> Checks for One<C> {
         self.0.needs_caller(req)
     }
 
+    fn speculative(&self) -> bool {
+        self.0.speculative()
+    }
+
     fn run<B: Send + 'static>(
         &self,
         req: &mut Request<B>,
@@ -195,6 +285,16 @@ impl<C: Check> Checks for One<C> {
                     (req, Outcome::of(r))
                 })
             })),
+            Step::Io(io) => Fused::Io {
+                io: Box::pin(async move {
+                    let settle = io.await;
+                    Box::new(move |req: &mut Request<B>, go: bool| {
+                        let r = settle(req, go);
+                        go.then(|| Outcome::of(r))
+                    }) as FusedSettle<B, C::Note>
+                }),
+                refuses: false,
+            },
         }
     }
 }
@@ -227,16 +327,22 @@ impl<A: ResponseNote, B: ResponseNote> ResponseNote for Both<A, B> {
         self.1.take_ratelimit_fields(out);
         self.0.take_ratelimit_fields(out);
     }
+
+    fn cancel(self) {
+        self.1.cancel();
+        self.0.cancel();
+    }
 }
 
-impl<X: Checks, Y: Checks> Checks for Then<X, Y>
-where
-    Y::Note: Default,
-{
+impl<X: Checks, Y: Checks> Checks for Then<X, Y> {
     type Note = Both<X::Note, Y::Note>;
 
     fn needs_caller<B>(&self, req: &Request<B>) -> bool {
         self.0.needs_caller(req) || self.1.needs_caller(req)
+    }
+
+    fn speculative(&self) -> bool {
+        self.0.speculative() && self.1.speculative()
     }
 
     fn run<B: Send + 'static>(
@@ -246,6 +352,32 @@ where
     ) -> Fused<B, Self::Note> {
         match self.0.run(req, caller) {
             Fused::Now(a) => second(a, || self.1.run(req, caller)),
+            Fused::Io { io, refuses: true } => Fused::Io {
+                // Refused whatever the I/O answers: the second check does not run.
+                io: Box::pin(async move {
+                    let settle = io.await;
+                    Box::new(move |req: &mut Request<B>, go: bool| {
+                        settle(req, go).map(|a| Outcome {
+                            note: Both(a.note, Y::Note::default()),
+                            denial: a.denial,
+                        })
+                    }) as FusedSettle<B, Self::Note>
+                }),
+                refuses: true,
+            },
+            Fused::Io { io, .. } if self.1.speculative() => overlapped(io, self.1.run(req, caller)),
+            Fused::Io { io, .. } => {
+                // The second check waits for the first's verdict.
+                let next = self.1.clone();
+                let owned = caller.cloned().map_err(Denial::clone);
+                Fused::Later(Box::new(move |mut req| {
+                    Box::pin(async move {
+                        let settle = io.await;
+                        let a = settled(settle(&mut req, true));
+                        then_after(a, &next, req, owned.as_ref()).await
+                    })
+                }))
+            }
             Fused::Later(step) => {
                 // Rare (a store round trip): the second check runs after the first's step,
                 // with its own copy of the caller.
@@ -253,31 +385,8 @@ where
                 let owned = caller.cloned().map_err(Denial::clone);
                 Fused::Later(Box::new(move |req| {
                     Box::pin(async move {
-                        let (mut req, a) = step(req).await;
-                        if a.denial.is_some() {
-                            return (
-                                req,
-                                Outcome {
-                                    note: Both(a.note, Y::Note::default()),
-                                    denial: a.denial,
-                                },
-                            );
-                        }
-                        let b = match next.run(&mut req, owned.as_ref()) {
-                            Fused::Now(b) => b,
-                            Fused::Later(step) => {
-                                let (r, b) = step(req).await;
-                                req = r;
-                                b
-                            }
-                        };
-                        (
-                            req,
-                            Outcome {
-                                note: Both(a.note, b.note),
-                                denial: b.denial,
-                            },
-                        )
+                        let (req, a) = step(req).await;
+                        then_after(a, &next, req, owned.as_ref()).await
                     })
                 }))
             }
@@ -285,7 +394,34 @@ where
     }
 }
 
-fn second<B: Send + 'static, NA: Send + 'static, NB: Default + Send + 'static>(
+/// The second of two fused checks, run after the first decided `a`.
+async fn then_after<B: Send + 'static, NA, Y: Checks>(
+    a: Outcome<NA>,
+    next: &Y,
+    req: Request<B>,
+    caller: Caller<'_>,
+) -> (Request<B>, Outcome<Both<NA, Y::Note>>) {
+    if a.denial.is_some() {
+        return (
+            req,
+            Outcome {
+                note: Both(a.note, Y::Note::default()),
+                denial: a.denial,
+            },
+        );
+    }
+    let (req, b) = run_to_end(next, req, caller).await;
+    (
+        req,
+        Outcome {
+            note: Both(a.note, b.note),
+            denial: b.denial,
+        },
+    )
+}
+
+/// The fused outcome of `a` then `b` where `a` passed or refused without I/O.
+fn second<B: Send + 'static, NA: ResponseNote, NB: ResponseNote + Default>(
     a: Outcome<NA>,
     b: impl FnOnce() -> Fused<B, NB>,
 ) -> Fused<B, Both<NA, NB>> {
@@ -312,6 +448,118 @@ fn second<B: Send + 'static, NA: Send + 'static, NB: Default + Send + 'static>(
                 )
             })
         })),
+        Fused::Io { io, refuses } => Fused::Io {
+            io: Box::pin(async move {
+                let settle = io.await;
+                Box::new(
+                    move |req: &mut Request<B>, go: bool| match settle(req, go) {
+                        Some(b) => Some(Outcome {
+                            note: Both(a.note, b.note),
+                            denial: b.denial,
+                        }),
+                        None => {
+                            a.cancel();
+                            None
+                        }
+                    },
+                ) as FusedSettle<B, Both<NA, NB>>
+            }),
+            refuses,
+        },
+    }
+}
+
+/// `b` decided (or started) while `a`'s I/O is in flight ([`Check::speculative`]): the
+/// fused outcome is `a`'s then `b`'s, as if run in order, and what `b` counted is given
+/// back when `a` refuses.
+fn overlapped<B: Send + 'static, NA: ResponseNote + Default, NB: ResponseNote + Default>(
+    a: FusedIo<B, NA>,
+    b: Fused<B, NB>,
+) -> Fused<B, Both<NA, NB>> {
+    match b {
+        Fused::Now(b) => {
+            let refuses = b.denial.is_some();
+            Fused::Io {
+                io: Box::pin(async move {
+                    let settle_a = a.await;
+                    Box::new(move |req: &mut Request<B>, go: bool| {
+                        ordered(settle_a(req, go), |pass| {
+                            if pass {
+                                Some(b)
+                            } else {
+                                b.cancel();
+                                None
+                            }
+                        })
+                    }) as FusedSettle<B, Both<NA, NB>>
+                }),
+                refuses,
+            }
+        }
+        // Both round trips at once (on a multiplexed connection, one round trip).
+        Fused::Io { io: b, refuses } => Fused::Io {
+            io: Box::pin(async move {
+                let (settle_a, settle_b) = futures_util::future::join(a, b).await;
+                Box::new(move |req: &mut Request<B>, go: bool| {
+                    let a = settle_a(req, go);
+                    ordered(a, |pass| settle_b(req, pass))
+                }) as FusedSettle<B, Both<NA, NB>>
+            }),
+            refuses,
+        },
+        // A speculative check's later step counts nothing until it runs: it runs only if
+        // `a` lets the request through.
+        Fused::Later(step) => Fused::Later(Box::new(move |mut req| {
+            Box::pin(async move {
+                let settle_a = a.await;
+                let a = settled(settle_a(&mut req, true));
+                if a.denial.is_some() {
+                    return (
+                        req,
+                        Outcome {
+                            note: Both(a.note, NB::default()),
+                            denial: a.denial,
+                        },
+                    );
+                }
+                let (req, b) = step(req).await;
+                (
+                    req,
+                    Outcome {
+                        note: Both(a.note, b.note),
+                        denial: b.denial,
+                    },
+                )
+            })
+        })),
+    }
+}
+
+/// Settles a speculative second check after the first's outcome `a` (`None`: the whole
+/// was cancelled): `b(true)` when `a` passed, else `b(false)` (given back).
+fn ordered<NA, NB: Default>(
+    a: Option<Outcome<NA>>,
+    b: impl FnOnce(bool) -> Option<Outcome<NB>>,
+) -> Option<Outcome<Both<NA, NB>>> {
+    match a {
+        None => {
+            b(false);
+            None
+        }
+        Some(a) if a.denial.is_some() => {
+            b(false);
+            Some(Outcome {
+                note: Both(a.note, NB::default()),
+                denial: a.denial,
+            })
+        }
+        Some(a) => {
+            let b = settled(b(true));
+            Some(Outcome {
+                note: Both(a.note, b.note),
+                denial: b.denial,
+            })
+        }
     }
 }
 
@@ -502,10 +750,7 @@ where
                 let checks = checks.clone();
                 return ResponseFuture::resolving(Box::pin(async move {
                     let result = gate.finish(pending, &mut req).await;
-                    let (req, outcome) = match checks.run(&mut req, result.as_ref()) {
-                        Fused::Now(o) => (req, o),
-                        Fused::Later(step) => step(req).await,
-                    };
+                    let (req, outcome) = run_to_end(&checks, req, result.as_ref()).await;
                     settle(&mut ready, req, outcome, gate.renderer())
                 }));
             }
@@ -535,6 +780,16 @@ where
             let resolver = resolver.clone();
             ResponseFuture::resolving(Box::pin(async move {
                 let (req, outcome) = step(req).await;
+                settle(&mut ready, req, outcome, resolver.renderer())
+            }))
+        }
+        Fused::Io { io, .. } => {
+            let clone = inner.clone();
+            let mut ready = std::mem::replace(inner, clone);
+            let resolver = resolver.clone();
+            ResponseFuture::resolving(Box::pin(async move {
+                let finish = io.await;
+                let outcome = settled(finish(&mut req, true));
                 settle(&mut ready, req, outcome, resolver.renderer())
             }))
         }
@@ -578,6 +833,10 @@ impl Checks for Empty {
 
     fn needs_caller<B>(&self, _req: &Request<B>) -> bool {
         false
+    }
+
+    fn speculative(&self) -> bool {
+        true
     }
 
     fn run<B: Send + 'static>(&self, _req: &mut Request<B>, _caller: Caller<'_>) -> Fused<B, ()> {

@@ -189,6 +189,12 @@ impl KeyDeprecation {
 impl Check for KeyDeprecation {
     type Note = DeprecationNote;
 
+    /// Pure (it only reads the request and its caller): it may run ahead of an earlier
+    /// check's I/O.
+    fn speculative(&self) -> bool {
+        true
+    }
+
     fn needs_caller<B>(&self, _req: &Request<B>) -> bool {
         true
     }

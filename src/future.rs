@@ -24,6 +24,16 @@ pub trait ResponseNote: Send + 'static {
     fn take_ratelimit_fields(&mut self, out: &mut RateLimitFields) {
         let _ = out;
     }
+
+    /// Gives back what the check counted for the request, which goes no further: an
+    /// earlier fused check refused it while this one ran ahead
+    /// ([`Check::speculative`](crate::check::Check::speculative)). The note is not written
+    /// on any response. The default gives back nothing.
+    fn cancel(self)
+    where
+        Self: Sized,
+    {
+    }
 }
 
 /// The `RateLimit-Policy` and `RateLimit` values of fused checks, joined as they are

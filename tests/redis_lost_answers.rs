@@ -211,6 +211,61 @@ async fn a_call_that_never_ran_is_cancelled_and_counts_nothing() {
     assert_eq!(requests(&direct, &key).await, 2);
 }
 
+/// A refund (`subtract`) whose answer, or whose request, was lost is sent again once Redis
+/// answers, and applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_that_did_not_get_through_is_applied_once() {
+    let Some(t) = TestRedis::new().await else {
+        return;
+    };
+    let cutter = Cutter::start(t.addr()).await;
+    let store = store_through(&t, &cutter).await;
+    let direct = RedisUsageStore::new(&t.redis);
+    let key = KeyId::parse("LostRefund01").unwrap();
+    for _ in 0..4 {
+        let a = store
+            .check_and_add(&key, &[day()], &LIMIT, 1)
+            .await
+            .unwrap();
+        assert!(matches!(a, Admission::Admitted(_)));
+    }
+    let one = [keygate::core::usage::Increment {
+        key,
+        window: day(),
+        usage: keygate::core::usage::Usage {
+            cost: 1,
+            requests: 1,
+        },
+    }];
+    // Applied in Redis, its answer lost: queued, and not applied a second time.
+    cutter.set(LOSE_ANSWER);
+    store
+        .subtract(&one)
+        .await
+        .expect("a refund is queued, not failed");
+    assert_eq!(requests(&direct, &key).await, 3, "the refund ran in Redis");
+    assert_eq!(store.unsettled(), 1);
+    cutter.set(PASS);
+    settled(&store).await;
+    assert_eq!(requests(&direct, &key).await, 3, "applied once");
+
+    // Never sent: queued, then applied when Redis answers again.
+    cutter.set(LOSE_REQUEST);
+    store
+        .subtract(&one)
+        .await
+        .expect("a refund is queued, not failed");
+    assert_eq!(requests(&direct, &key).await, 3, "the refund has not run");
+    assert_eq!(store.unsettled(), 1);
+    cutter.set(PASS);
+    settled(&store).await;
+    assert_eq!(requests(&direct, &key).await, 2, "applied once");
+    // A refund that gets through is applied at once.
+    store.subtract(&one).await.unwrap();
+    assert_eq!(requests(&direct, &key).await, 1);
+    assert_eq!(store.unsettled(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_report_whose_answer_was_lost_is_counted_once() {
     use keygate::redis::{LeaseOptions, TimeSource};

@@ -20,6 +20,12 @@ pub struct Authenticate {
 impl Check for Authenticate {
     type Note = ();
 
+    /// It decides on the caller alone (and strips credentials no later check reads): it may
+    /// run ahead of an earlier check's I/O.
+    fn speculative(&self) -> bool {
+        true
+    }
+
     fn check<B>(&self, req: &mut Request<B>, caller: Caller<'_>) -> Result<(), Denial> {
         caller.map_err(Denial::clone)?;
         if let Some(credentials) = &self.strip {

@@ -47,6 +47,12 @@ impl IpCheck {
 impl Check for IpCheck {
     type Note = ();
 
+    /// Pure (it only reads the request and its caller): it may run ahead of an earlier
+    /// check's I/O.
+    fn speculative(&self) -> bool {
+        true
+    }
+
     fn needs_caller<B>(&self, _req: &Request<B>) -> bool {
         self.policy.per_key
     }

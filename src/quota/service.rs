@@ -6,7 +6,7 @@ use smallvec::SmallVec;
 
 use super::config::{validate_policy, Shared};
 use super::meter::{KeyCounters, PolicyField};
-use crate::check::{Caller, Check, Guarded, One, Step};
+use crate::check::{Caller, Check, Guarded, One, Settle, Step};
 use crate::core::usage::{
     violated_limits, write_limit_item, write_policy_item, Admission, FieldSink, Increment, Limit,
     LimitState, Usage, Window,
@@ -130,6 +130,14 @@ impl ResponseNote for QuotaNote {
             out.push(policy, limit);
         }
     }
+
+    /// Gives back what was counted (whether or not refused requests are charged: the
+    /// request was refused by a check before this one).
+    fn cancel(self) {
+        if let Some(r) = self.refund {
+            r.run();
+        }
+    }
 }
 
 static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
@@ -248,6 +256,12 @@ struct Plan {
 impl Check for QuotaCheck {
     type Note = QuotaNote;
 
+    /// Yes: what it counts is given back when a check before it refuses, so a strict
+    /// quota's store round trip overlaps a rate limit's (see [`Check::speculative`]).
+    fn speculative(&self) -> bool {
+        true
+    }
+
     fn check<ReqB>(&self, req: &mut Request<ReqB>, who: Caller<'_>) -> Result<QuotaNote, Denial> {
         // The synchronous form decides only what needs no store round trip.
         let plan = match self.prepare(req, who) {
@@ -275,11 +289,18 @@ impl Check for QuotaCheck {
         };
         let shared = self.shared.clone();
         if shared.strict {
-            return Step::Later(Box::new(move |mut req| {
-                Box::pin(async move {
-                    let verdict = strict(&shared, plan, &mut req).await;
-                    (req, verdict)
-                })
+            return Step::Io(Box::pin(async move {
+                let counted = strict(&shared, &plan).await;
+                Box::new(move |req: &mut Request<ReqB>, go: bool| match counted {
+                    Ok(verdict) if go => finish(&shared, plan, verdict, None, req),
+                    Ok(Ok(_)) => {
+                        // An earlier check refused the request while this one counted it.
+                        refund_of(&shared, &plan).run();
+                        Ok(QuotaNote::none())
+                    }
+                    Ok(Err(_)) => Ok(QuotaNote::none()),
+                    Err(denial) => Err(denial),
+                }) as Settle<ReqB, QuotaNote>
             }));
         }
         if let Some((verdict, policy)) = count(&shared, &plan) {
@@ -505,23 +526,24 @@ async fn load_then_count<B>(
     Err(store_unavailable())
 }
 
-async fn strict<B>(
-    shared: &Arc<Shared>,
-    plan: Plan,
-    req: &mut Request<B>,
-) -> Result<QuotaNote, Denial> {
+/// The strict count: the store decides (one round trip; two when some quotas are the
+/// identity's).
+async fn strict(shared: &Arc<Shared>, plan: &Plan) -> Result<Counted, Denial> {
     let key = plan.principal.lineage_id();
     let Some(id) = plan.identity else {
-        let verdict = match shared
-            .store
-            .check_and_add(&key, &plan.windows, &plan.limits, plan.cost)
-            .await
-            .map_err(unavailable)?
-        {
-            Admission::Admitted(usage) => Ok(usage.into_iter().collect()),
-            Admission::Refused { usage, violated } => Err((usage.into_iter().collect(), violated)),
-        };
-        return finish(shared, plan, verdict, None, req);
+        return Ok(
+            match shared
+                .store
+                .check_and_add(&key, &plan.windows, &plan.limits, plan.cost)
+                .await
+                .map_err(unavailable)?
+            {
+                Admission::Admitted(usage) => Ok(usage.into_iter().collect()),
+                Admission::Refused { usage, violated } => {
+                    Err((usage.into_iter().collect(), violated))
+                }
+            },
+        );
     };
     // Two counts, the key's then the identity's: a store decides one id atomically, so a
     // request the identity refuses has its key's count given back (another request of the
@@ -603,7 +625,7 @@ async fn strict<B>(
             }
         }
     };
-    finish(shared, plan, verdict, None, req)
+    Ok(verdict)
 }
 
 fn unavailable(e: crate::core::usage::UsageError) -> Denial {
@@ -698,12 +720,7 @@ fn finish<B>(
         }
         states
     });
-    let mut windows = SmallVec::new();
-    for w in &plan.windows {
-        windows.push((w.kind, w.start));
-    }
-    let key = plan.principal.lineage_id();
-    let (identity, split) = (plan.identity, plan.split);
+    let refund = refund_of(shared, &plan);
     if let Some(states) = status {
         // The plan ends here: its principal moves into the status.
         RequestContext::of_mut(req.extensions_mut()).set_quota(QuotaStatus {
@@ -713,15 +730,24 @@ fn finish<B>(
     }
     Ok(QuotaNote {
         fields,
-        refund: Some(Refund {
-            shared: shared.clone(),
-            key,
-            identity,
-            split,
-            windows,
-            cost: plan.cost,
-        }),
+        refund: Some(refund),
     })
+}
+
+/// How to give back what `plan` counted.
+fn refund_of(shared: &Arc<Shared>, plan: &Plan) -> Refund {
+    let mut windows = SmallVec::new();
+    for w in &plan.windows {
+        windows.push((w.kind, w.start));
+    }
+    Refund {
+        shared: shared.clone(),
+        key: plan.principal.lineage_id(),
+        identity: plan.identity,
+        split: plan.split,
+        windows,
+        cost: plan.cost,
+    }
 }
 
 /// The `RateLimit-Policy` field of the key's quotas: `"name";q=limit;w=secs, ...`.

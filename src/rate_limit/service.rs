@@ -7,7 +7,7 @@ use smallvec::SmallVec;
 
 use super::config::{Fallback, Shared};
 use super::limiter::{Limiter, Shape, Standing, Subject, Verdict};
-use crate::check::{Caller, Check, Guarded, One, Step};
+use crate::check::{Caller, Check, Guarded, One, Settle, Step};
 use crate::core::rate::{RateBackend, RateDecision, RateError, RateSubject};
 use crate::core::usage::{write_limit_item, write_policy_item, FieldSink, LimitState};
 use crate::cost::RequestHead;
@@ -298,35 +298,37 @@ fn begin_remote<ReqB: Send + 'static>(
         return Step::Now(settle(&shared, principal, cost, decision));
     }
     let principal = principal.cloned();
-    Step::Later(Box::new(move |req| {
-        Box::pin(async move {
-            let (policies, _) = policies_of(&shared, principal.as_ref());
-            let asked = match &each {
-                Some(each) => backend.check_each(each, policies, units).await,
-                None => backend.check(remote, policies, units).await,
-            };
-            let verdict = match asked {
-                Ok(decision) => settle(&shared, principal.as_ref(), cost, decision),
-                Err(RateError::InvalidPolicy { name, reason }) => {
-                    tracing::warn!(policy = %name, reason, "rate-limit policy refused by the backend; refusing its requests");
-                    Err(Denial::new(DenialCode::RateLimited)
-                        .with_detail("The key's rate-limit policy is invalid."))
+    // The round trip needs no request: fused with a speculative check after it (a quota on
+    // the same store), both go out at once.
+    Step::Io(Box::pin(async move {
+        let (policies, _) = policies_of(&shared, principal.as_ref());
+        let asked = match &each {
+            Some(each) => backend.check_each(each, policies, units).await,
+            None => backend.check(remote, policies, units).await,
+        };
+        let verdict = match asked {
+            Ok(decision) => settle(&shared, principal.as_ref(), cost, decision),
+            Err(RateError::InvalidPolicy { name, reason }) => {
+                tracing::warn!(policy = %name, reason, "rate-limit policy refused by the backend; refusing its requests");
+                Err(Denial::new(DenialCode::RateLimited)
+                    .with_detail("The key's rate-limit policy is invalid."))
+            }
+            Err(e) => match shared.fallback {
+                Fallback::Local => {
+                    tracing::debug!(error = %e, "rate-limit backend unavailable; limiting in-process");
+                    decide_locally(&shared, principal.as_ref(), subjects, |_| cost)
                 }
-                Err(e) => match shared.fallback {
-                    Fallback::Local => {
-                        tracing::debug!(error = %e, "rate-limit backend unavailable; limiting in-process");
-                        decide_locally(&shared, principal.as_ref(), subjects, |_| cost)
-                    }
-                    Fallback::Deny => {
-                        tracing::warn!(error = %e, "rate-limit backend unavailable; refusing");
-                        Err(Denial::new(DenialCode::StoreUnavailable)
-                            .with_detail("The rate-limit store is unavailable; try again later.")
-                            .with_retry_after(Duration::from_secs(1)))
-                    }
-                },
-            };
-            (req, verdict)
-        })
+                Fallback::Deny => {
+                    tracing::warn!(error = %e, "rate-limit backend unavailable; refusing");
+                    Err(Denial::new(DenialCode::StoreUnavailable)
+                        .with_detail("The rate-limit store is unavailable; try again later.")
+                        .with_retry_after(Duration::from_secs(1)))
+                }
+            },
+        };
+        // Not speculative, so never settled without `go`: what it counted stays
+        // counted, as for any request it let through.
+        Box::new(move |_: &mut Request<ReqB>, _go: bool| verdict) as Settle<ReqB, RateLimitNote>
     }))
 }
 

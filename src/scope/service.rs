@@ -79,6 +79,12 @@ impl ScopeCheck {
 impl Check for ScopeCheck {
     type Note = ();
 
+    /// Pure (it only reads the request and its caller): it may run ahead of an earlier
+    /// check's I/O.
+    fn speculative(&self) -> bool {
+        true
+    }
+
     fn needs_caller<B>(&self, req: &Request<B>) -> bool {
         !self.open || self.decide(req).is_some()
     }

@@ -140,9 +140,22 @@ return out
 static SUBTRACT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS[i]: window hashes; ARGV[2i - 1], ARGV[2i]: cost and requests to remove (at most
--- down to zero). Windows that do not exist are left alone. An unreadable counter refuses
--- the whole call before any write (it is not "repaired" to zero).
+-- KEYS[i], i <= n: window hashes; KEYS[n + 1]: this store's hash of refunds applied whose
+-- answers were not acknowledged yet.
+-- ARGV[2i - 1], ARGV[2i]: cost and requests to remove from window i (at most down to zero);
+-- then this refund's id, then the ids of earlier refunds whose answers arrived (their
+-- entries are dropped).
+-- A refund whose id is recorded was applied already (its answer was lost and it is sent
+-- again): nothing is removed twice. Windows that do not exist are left alone. An
+-- unreadable counter refuses the whole call before any write (it is not "repaired" to
+-- zero).
+local n = #KEYS - 1
+local done = KEYS[n + 1]
+local op = ARGV[2 * n + 1]
+if #ARGV > 2 * n + 1 then
+  redis.call('HDEL', done, unpack(ARGV, 2 * n + 2, #ARGV))
+end
+if redis.call('HEXISTS', done, op) == 1 then return 0 end
 local function count(x)
   if not x then return 0 end
   local v = tonumber(x)
@@ -150,7 +163,7 @@ local function count(x)
   return v
 end
 local now = {}
-for i = 1, #KEYS do
+for i = 1, n do
   local v = redis.call('HMGET', KEYS[i], 'c', 'r')
   local c, r = count(v[1]), count(v[2])
   if c == nil or r == nil then
@@ -158,13 +171,15 @@ for i = 1, #KEYS do
   end
   now[i] = {c, r, v[1] or v[2]}
 end
-for i = 1, #KEYS do
+for i = 1, n do
   if now[i][3] then
     local c = math.max(0, now[i][1] - tonumber(ARGV[2 * i - 1]))
     local r = math.max(0, now[i][2] - tonumber(ARGV[2 * i]))
     redis.call('HSET', KEYS[i], 'c', string.format('%.0f', c), 'r', string.format('%.0f', r))
   end
 end
+redis.call('HSET', done, op, 1)
+redis.call('PEXPIRE', done, 86400000)
 return 0
 "#,
     )
@@ -209,6 +224,8 @@ struct Ledger {
     next: AtomicU64,
     /// Admissions whose answers arrived, to drop from Redis with the next call.
     acknowledged: Acks<u64>,
+    /// Refunds whose answers arrived, likewise.
+    refunds_acknowledged: Acks<u64>,
     /// Operations whose outcome is unknown (the call may have run, its answer lost).
     unsettled: Mutex<Vec<Lost>>,
     /// Whether a task is settling them.
@@ -216,14 +233,29 @@ struct Ledger {
     /// Admissions taken back, and operations cancelled, by settling.
     taken_back: AtomicU64,
     cancelled: AtomicU64,
+    /// Refunds applied by sending them again.
+    refunds_resent: AtomicU64,
 }
 
 /// An operation whose outcome is unknown.
-struct Lost {
-    op: u64,
-    key: KeyId,
-    windows: Vec<Window>,
-    cost: u64,
+enum Lost {
+    /// A strict admission: taken back if it ran, cancelled if not.
+    Admission {
+        op: u64,
+        key: KeyId,
+        windows: Vec<Window>,
+        cost: u64,
+    },
+    /// A refund: sent again until it is known to be applied (once).
+    Refund { op: u64, decrements: Vec<Increment> },
+}
+
+impl Lost {
+    fn op(&self) -> u64 {
+        match self {
+            Lost::Admission { op, .. } | Lost::Refund { op, .. } => *op,
+        }
+    }
 }
 
 /// A [`UsageStore`] on Redis.
@@ -258,8 +290,9 @@ struct Lost {
 ///   same horizon.
 /// - Per store value (a random id each), `{prefix}:q:{ops}:<id>`, the admissions whose
 ///   answers were not yet acknowledged, and `{prefix}:q:{cancelled}:<id>`, operations
-///   settled as lost before they ran (see [Lost answers](RedisUsageStore#lost-answers)).
-///   Both expire a day after their last write.
+///   settled as lost before they ran (see [Lost answers](RedisUsageStore#lost-answers)),
+///   and `{prefix}:q:{refunds}:<id>`, the refunds applied whose answers were not yet
+///   acknowledged. All three expire a day after their last write.
 ///
 /// # Atomicity
 /// [`check_and_add`](keygate_core::usage::UsageStore::check_and_add) is one Lua script:
@@ -279,7 +312,14 @@ struct Lost {
 /// says how many are pending, [`settled`](RedisUsageStore::settled) how many were taken
 /// back or cancelled. So the usage Redis holds equals the requests admitted, except for
 /// admissions whose replica stopped before settling them (at most the requests it had in
-/// flight when its connection failed). Batched counting ([`add`](UsageStore::add)) has no
+/// flight when its connection failed).
+///
+/// Refunds ([`subtract`](UsageStore::subtract): a request counted, then refused by a later
+/// layer or by a check that decided while the count was in flight) are exact the same way:
+/// each has an id recorded in Redis with the refund until its answer is acknowledged, so a
+/// refund whose answer was lost is sent again in the background until Redis answers, and
+/// applied once. `subtract` returns once the refund is applied or queued; queued refunds
+/// count in [`unsettled`](RedisUsageStore::unsettled). Batched counting ([`add`](UsageStore::add)) has no
 /// such ledger: the quota layer sends a batch whose answer is lost again with its next
 /// flush, so that batch may be counted twice (an error toward refusing, never toward
 /// serving more than the quota).
@@ -363,10 +403,12 @@ impl RedisUsageStore {
                     .unwrap_or_else(|_| format!("{:x}", std::process::id())),
                 next: AtomicU64::new(1),
                 acknowledged: Acks::new(),
+                refunds_acknowledged: Acks::new(),
                 unsettled: Mutex::new(Vec::new()),
                 settling: AtomicBool::new(false),
                 taken_back: AtomicU64::new(0),
                 cancelled: AtomicU64::new(0),
+                refunds_resent: AtomicU64::new(0),
             }),
             lease_options: None,
             time: TimeSource::Server,
@@ -379,7 +421,8 @@ impl RedisUsageStore {
     /// timeout), so the request was refused with `store_unavailable`. Each is settled in
     /// the background as soon as Redis answers again: a count that was made is taken
     /// back, one that was not is cancelled (so that it counts nothing if it still
-    /// arrives). Zero when nothing is pending. See [Lost answers](RedisUsageStore#lost-answers).
+    /// arrives). Refunds that did not get through count here too until they are applied.
+    /// Zero when nothing is pending. See [Lost answers](RedisUsageStore#lost-answers).
     pub fn unsettled(&self) -> usize {
         lock(&self.ledger.unsettled).len()
     }
@@ -771,10 +814,24 @@ impl RedisUsageStore {
         runtime.spawn(async move {
             let mut pause = Duration::from_millis(20);
             loop {
-                let next = lock(&store.ledger.unsettled)
-                    .first()
-                    .map(|l| (l.op, l.key, l.windows.clone(), l.cost));
-                let Some((op, key, windows, cost)) = next else {
+                let next = lock(&store.ledger.unsettled).first().map(|l| match l {
+                    Lost::Admission {
+                        op,
+                        key,
+                        windows,
+                        cost,
+                    } => Lost::Admission {
+                        op: *op,
+                        key: *key,
+                        windows: windows.clone(),
+                        cost: *cost,
+                    },
+                    Lost::Refund { op, decrements } => Lost::Refund {
+                        op: *op,
+                        decrements: decrements.clone(),
+                    },
+                });
+                let Some(next) = next else {
                     store.ledger.settling.store(false, Ordering::Release);
                     // Something lost between the last look and the flag: settle it too.
                     if lock(&store.ledger.unsettled).is_empty()
@@ -784,19 +841,34 @@ impl RedisUsageStore {
                     }
                     continue;
                 };
-                match store.settle(op, &key, &windows, cost).await {
-                    Ok(taken_back) => {
-                        lock(&store.ledger.unsettled).retain(|l| l.op != op);
-                        let counter = if taken_back {
-                            &store.ledger.taken_back
-                        } else {
-                            &store.ledger.cancelled
-                        };
+                let op = next.op();
+                let outcome = match next {
+                    Lost::Admission {
+                        key, windows, cost, ..
+                    } => store
+                        .settle(op, &key, &windows, cost)
+                        .await
+                        .map(|taken_back| {
+                            if taken_back {
+                                &store.ledger.taken_back
+                            } else {
+                                &store.ledger.cancelled
+                            }
+                        }),
+                    Lost::Refund { decrements, .. } => store
+                        .redis_subtract(&decrements, op)
+                        .await
+                        .map(|()| &store.ledger.refunds_resent)
+                        .map_err(|f| usage_error(f.error)),
+                };
+                match outcome {
+                    Ok(counter) => {
+                        lock(&store.ledger.unsettled).retain(|l| l.op() != op);
                         counter.fetch_add(1, Ordering::Relaxed);
                         pause = Duration::from_millis(20);
                     }
                     Err(e) => {
-                        tracing::debug!(error = %e, "a lost quota admission is not settled yet");
+                        tracing::debug!(error = %e, "a lost quota admission or refund is not settled yet");
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_secs(2));
                     }
@@ -850,9 +922,7 @@ impl RedisUsageStore {
         };
         if let Err(e) = durable.add(increments).await {
             tracing::warn!(error = %e, "the durable usage copy could not be written; the Redis count is taken back");
-            if let Err(undo) = self.redis_subtract(increments).await {
-                tracing::warn!(error = %undo, "could not take back the Redis count: it stays counted");
-            }
+            self.refund(increments).await;
             return Err(UsageError::Unavailable(format!(
                 "the durable usage copy could not be written: {e}"
             )));
@@ -912,24 +982,72 @@ impl RedisUsageStore {
             .map_err(usage_error)
     }
 
-    async fn redis_subtract(&self, decrements: &[Increment]) -> Result<(), UsageError> {
+    /// Takes `decrements` back from Redis, exactly once: now, or (when Redis does not
+    /// answer) in the background as soon as it answers again, counted in
+    /// [`unsettled`](Self::unsettled) until then.
+    async fn refund(&self, decrements: &[Increment]) {
         if decrements.is_empty() {
-            return Ok(());
+            return;
         }
-        let keys: Vec<String> = decrements
+        let op = self.next_op();
+        match self.redis_subtract(decrements, op).await {
+            Ok(()) => {}
+            Err(Failed { error, .. }) if is_refused_by_script(&error) => {
+                tracing::warn!(error = %error, "a quota refund was refused by Redis; the count stays");
+            }
+            Err(Failed { error, .. }) => {
+                tracing::debug!(error = %error, "a quota refund did not get through; it is sent again in the background");
+                self.lost(Lost::Refund {
+                    op,
+                    decrements: decrements.to_vec(),
+                });
+            }
+        }
+    }
+
+    /// One refund (`op`): applied once however often it is sent.
+    async fn redis_subtract(&self, decrements: &[Increment], op: u64) -> Result<(), Failed> {
+        let mut keys: Vec<String> = decrements
             .iter()
             .map(|d| self.window_key(&d.key, &d.window))
             .collect();
-        let args: Vec<u64> = decrements
+        keys.push(self.refunds_key());
+        let mut args: Vec<u64> = decrements
             .iter()
             .flat_map(|d| [d.usage.cost.min(MAX_EXACT), d.usage.requests.min(MAX_EXACT)])
             .collect();
-        self.redis
-            .eval::<i64, _>(&SUBTRACT, keys, args)
+        args.push(op);
+        let acks = self.ledger.refunds_acknowledged.take();
+        args.extend(&acks);
+        match self
+            .redis
+            .eval_tracked::<i64, _>(&SUBTRACT, keys, args)
             .await
-            .map(drop)
-            .map_err(usage_error)
+        {
+            Ok(_) => {
+                self.ledger.refunds_acknowledged.push(op);
+                Ok(())
+            }
+            Err(failed) => {
+                self.ledger.refunds_acknowledged.put_back(acks);
+                Err(failed)
+            }
+        }
     }
+
+    /// The hash of this store's applied refunds whose answers were not acknowledged.
+    fn refunds_key(&self) -> String {
+        self.redis
+            .key(format_args!("q:{{refunds}}:{}", self.ledger.id))
+    }
+}
+
+/// Whether Redis answered the script with an error of its own (an unreadable counter):
+/// sending it again would not help.
+fn is_refused_by_script(error: &Error) -> bool {
+    error
+        .to_string()
+        .contains("keygate: unreadable usage counter")
 }
 
 #[async_trait]
@@ -993,7 +1111,7 @@ impl keygate_core::usage::UsageStore for RedisUsageStore {
                 Ok(out) => out,
                 Err(Failed { error, maybe_ran }) => {
                     if maybe_ran {
-                        self.lost(Lost {
+                        self.lost(Lost::Admission {
                             op,
                             key: *key,
                             windows: windows.to_vec(),
@@ -1062,11 +1180,11 @@ impl keygate_core::usage::UsageStore for RedisUsageStore {
         if decrements.is_empty() {
             return Ok(());
         }
-        let in_redis = self.redis_subtract(decrements).await;
+        self.refund(decrements).await;
         if let Some(durable) = &self.durable {
             durable.subtract(decrements).await?;
         }
-        in_redis
+        Ok(())
     }
 
     async fn report(
@@ -1163,7 +1281,7 @@ impl RedisUsageStore {
                     // (the admission stays unacknowledged until then).
                     match self.settle(op, key, windows, cost).await {
                         Ok(_) => {}
-                        Err(_) => self.lost(Lost {
+                        Err(_) => self.lost(Lost::Admission {
                             op,
                             key: *key,
                             windows: windows.to_vec(),

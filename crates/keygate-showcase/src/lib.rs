@@ -627,10 +627,13 @@ pub fn build(opts: Options) -> Result<Showcase, Box<dyn std::error::Error + Send
                     gate.clone(),
                     qdrant_extra::count_batch_requests,
                 ))
-                .layer(rate)
-                // Authentication, addresses, scopes and quotas fused: one service.
+                // Rate limits, authentication, addresses, scopes and quotas fused: one
+                // service. The rate limit decides first (by address for requests without a
+                // key); with Redis in precise mode its round trip and the strict quota's go
+                // out together.
                 .layer(
                     gate.stack()
+                        .rate(&rate)
                         .auth()
                         // Deprecation and Sunset for keys due for rotation (nothing when
                         // neither age nor warning is set).
