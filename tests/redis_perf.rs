@@ -231,3 +231,78 @@ async fn requests_per_second_with_redis_against_local() {
         }
     }
 }
+
+/// A rate limit and a strict quota, both on Redis: as separate layers (two round trips,
+/// one after the other) and fused (the quota is speculative: both scripts go out at once).
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "prints latency figures; run with --release --ignored --nocapture"]
+async fn redis_rate_and_quota_separate_against_fused() {
+    use keygate::quota::{Counting, QuotaConfig, QuotaLayer};
+    use keygate::redis::RedisUsageStore;
+    use keygate::{QuotaPolicy, QuotaWindow};
+
+    let Some(t) = TestRedis::new().await else {
+        return;
+    };
+    let fx = Fixture::new();
+    let key = fx
+        .issue_with("both", |r| {
+            r.rate_limits = vec![RateLimitPolicy::per_second("burst", 1_000_000)];
+            r.quotas = vec![QuotaPolicy::new("daily", 100_000_000, QuotaWindow::Day)];
+        })
+        .await;
+    let rate = RateLimitLayer::new(RateLimitConfig::new().backend(RedisRateLimiter::new(&t.redis)))
+        .unwrap()
+        .with_gate(&fx.gate);
+    let quota = QuotaLayer::new(
+        QuotaConfig::new(RedisUsageStore::new(&t.redis)).counting(Counting::Strict),
+    )
+    .unwrap()
+    .with_gate(&fx.gate);
+    let separate: Svc = BoxCloneService::new(
+        ServiceBuilder::new()
+            .layer(rate.clone())
+            .layer(fx.gate.auth_layer())
+            .layer(quota.clone())
+            .service(counting_ok::<Body>(Arc::default()))
+            .map_response(|r: Response<_>| r.status()),
+    );
+    let fused: Svc = BoxCloneService::new(
+        ServiceBuilder::new()
+            .layer(fx.gate.stack().rate(&rate).auth().quota(&quota))
+            .service(counting_ok::<Body>(Arc::default()))
+            .map_response(|r: Response<_>| r.status()),
+    );
+    let names = ["separate layers", "fused (overlapped)", "PING round trip"];
+    let mut samples: Vec<Vec<Duration>> = vec![vec![]; names.len()];
+    for round in 0..21 {
+        for _ in 0..200 {
+            time(&separate, &key, StatusCode::OK, &mut samples[0]).await;
+            time(&fused, &key, StatusCode::OK, &mut samples[1]).await;
+            let start = Instant::now();
+            t.redis.ping().await.unwrap();
+            samples[2].push(start.elapsed());
+        }
+        if round == 0 {
+            for s in &mut samples {
+                s.clear();
+            }
+        }
+    }
+    println!(
+        "rate limit + strict quota on Redis, {} samples each:",
+        samples[0].len()
+    );
+    let mut medians = vec![];
+    for (name, s) in names.iter().zip(&mut samples) {
+        let (median, p99) = percentiles(s);
+        medians.push(median);
+        println!("  {name:<30} median {median:>10.1?}  p99 {p99:>10.1?}");
+    }
+    println!(
+        "  fused / separate: {:.2}; in PING round trips: separate {:.2}, fused {:.2}",
+        medians[1].as_secs_f64() / medians[0].as_secs_f64(),
+        medians[0].as_secs_f64() / medians[2].as_secs_f64(),
+        medians[1].as_secs_f64() / medians[2].as_secs_f64(),
+    );
+}

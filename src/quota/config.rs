@@ -207,6 +207,48 @@ pub(crate) struct Shared {
     pub(crate) meter_window: Option<QuotaWindow>,
     pub(crate) meter: Meter,
     pub(crate) charge_refused: bool,
+    /// Strict refunds sent to the store and not answered yet.
+    pub(crate) refunds: Refunds,
+}
+
+/// Strict refunds in flight, so a flush can wait for them.
+#[derive(Default)]
+pub(crate) struct Refunds {
+    in_flight: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl Refunds {
+    /// A refund starts; the guard ends it when dropped.
+    pub(crate) fn start(shared: &Arc<Shared>) -> RefundGuard {
+        shared.refunds.in_flight.fetch_add(1, Ordering::AcqRel);
+        RefundGuard(shared.clone())
+    }
+
+    /// Waits until no refund is in flight.
+    async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// One strict refund in flight (see [`Refunds::start`]).
+pub(crate) struct RefundGuard(Arc<Shared>);
+
+impl Drop for RefundGuard {
+    fn drop(&mut self) {
+        let r = &self.0.refunds;
+        if r.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            r.idle.notify_waiters();
+        }
+    }
 }
 
 /// `next_flush` before the first counted request.
@@ -238,6 +280,7 @@ impl Shared {
             meter_window: config.meter,
             meter: Meter::default(),
             charge_refused: config.charge_refused,
+            refunds: Refunds::default(),
         })
     }
 
@@ -279,6 +322,7 @@ impl Shared {
 
     /// Writes the pending counts, as of `now`.
     pub(crate) async fn flush(&self, now: SystemTime) -> Result<usize, UsageError> {
+        self.refunds.idle().await;
         self.meter.flush(&*self.store, now).await
     }
 }

@@ -207,10 +207,13 @@ impl Refund {
             .collect();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
+                // A flush waits for it (so does a report).
+                let guard = super::config::Refunds::start(&self.shared);
                 rt.spawn(async move {
                     if let Err(e) = self.shared.store.subtract(&decrements).await {
                         tracing::warn!(error = %e, "quota refund failed");
                     }
+                    drop(guard);
                 });
             }
             Err(_) => tracing::warn!("quota refund skipped: no tokio runtime"),

@@ -110,6 +110,7 @@ struct Replica {
     auditor: Auditor,
     keys: keygate::KeyManager,
     usage: RedisUsageStore,
+    quota: keygate::quota::QuotaHandle,
     limiter: RedisRateLimiter,
     _watcher: ChangeWatcher,
     _follower: keygate::sql::ChangeFollower,
@@ -185,6 +186,7 @@ async fn replica(
         auditor,
         keys: app.keys,
         usage,
+        quota: app.quota.clone(),
         limiter,
         _watcher: watcher,
         _follower: follower,
@@ -572,6 +574,8 @@ async fn soak(sharing: Sharing) {
     // Usage: Redis counted exactly what was served, once answers lost in the cuts are
     // settled (each replica's store settles its own).
     for rep in &replicas {
+        // Refunds of counts a refused request made (sent in the background) are answered.
+        rep.quota.flush().await.expect("flush the quota layer");
         poll_until(Duration::from_secs(10), "lost answers settled", || async {
             (rep.usage.unsettled() == 0).then_some(())
         })
