@@ -341,8 +341,11 @@ impl<X: Checks, Y: Checks> Checks for Then<X, Y> {
         self.0.needs_caller(req) || self.1.needs_caller(req)
     }
 
+    /// Only single checks run ahead: a fused pair's later step may hold what its first
+    /// check counted, which a dropped step could not give back. (Stacks nest to the left,
+    /// so the check added after a pair is always a single one.)
     fn speculative(&self) -> bool {
-        self.0.speculative() && self.1.speculative()
+        false
     }
 
     fn run<B: Send + 'static>(

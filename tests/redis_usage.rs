@@ -374,3 +374,66 @@ async fn delete_all_spares_nested_prefixes_and_foreign_keys() {
     assert_eq!(keys(format!("{}:*", t.prefix)).await, [foreign.as_str()]);
     let _: () = cmd("DEL").arg(&foreign).query_async(&mut c).await.unwrap();
 }
+
+/// A fused stack with a Redis rate limit and a strict Redis quota (the quota's script goes
+/// out while the rate limit decides): what the rate limit refused is given back, so the
+/// quota counts exactly the requests served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fused_rate_limit_and_strict_quota_count_what_was_served() {
+    use keygate::quota::{Counting, QuotaConfig, QuotaLayer};
+    use keygate::rate_limit::{RateLimitConfig, RateLimitLayer};
+    use keygate::redis::{RedisRateLimiter, TimeSource};
+    use keygate::{Clock, QuotaPolicy, RateLimitPolicy};
+    use tower::{ServiceBuilder, ServiceExt};
+
+    let Some(t) = TestRedis::new().await else {
+        return;
+    };
+    let fx = common::Fixture::new();
+    let api = fx
+        .issue_with("both", |r| {
+            r.rate_limits = vec![RateLimitPolicy::per_minute("burst", 3)];
+            r.quotas = vec![QuotaPolicy::new("daily", 100, QuotaWindow::Day)];
+        })
+        .await;
+    let clock: Arc<dyn Clock> = Arc::new(fx.clock.clone());
+    let rate = RateLimitLayer::new(
+        RateLimitConfig::new()
+            .backend(RedisRateLimiter::new(&t.redis).time_source(TimeSource::Clock(clock))),
+    )
+    .unwrap();
+    let usage = RedisUsageStore::new(&t.redis);
+    let quota = QuotaLayer::new(
+        QuotaConfig::new(usage.clone())
+            .counting(Counting::Strict)
+            .clock(fx.clock.clone()),
+    )
+    .unwrap();
+    let served = Arc::new(AtomicU64::new(0));
+    let svc = ServiceBuilder::new()
+        .layer(fx.gate.stack().rate(&rate).auth().quota(&quota))
+        .service(common::counting_ok::<String>(Arc::default()));
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let req = http::Request::get("/points")
+            .header("x-api-key", api.expose_secret())
+            .body(String::new())
+            .unwrap();
+        let res = svc.clone().oneshot(req).await.unwrap();
+        if res.status() == 200 {
+            served.fetch_add(1, Ordering::SeqCst);
+        }
+        statuses.push(res.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429, 429]);
+    quota.handle().flush().await.unwrap();
+    let day = Window::containing(QuotaWindow::Day, fx.clock.now());
+    let used = usage.load(&api.id(), &[day]).await.unwrap()[0];
+    assert_eq!(
+        used,
+        u(3, 3),
+        "the quota counted the requests served, no more"
+    );
+    assert_eq!(served.load(Ordering::SeqCst), 3);
+    assert_eq!(usage.unsettled(), 0);
+}

@@ -233,8 +233,6 @@ struct Ledger {
     /// Admissions taken back, and operations cancelled, by settling.
     taken_back: AtomicU64,
     cancelled: AtomicU64,
-    /// Refunds applied by sending them again.
-    refunds_resent: AtomicU64,
 }
 
 /// An operation whose outcome is unknown.
@@ -408,7 +406,6 @@ impl RedisUsageStore {
                 settling: AtomicBool::new(false),
                 taken_back: AtomicU64::new(0),
                 cancelled: AtomicU64::new(0),
-                refunds_resent: AtomicU64::new(0),
             }),
             lease_options: None,
             time: TimeSource::Server,
@@ -849,22 +846,34 @@ impl RedisUsageStore {
                         .settle(op, &key, &windows, cost)
                         .await
                         .map(|taken_back| {
-                            if taken_back {
+                            Some(if taken_back {
                                 &store.ledger.taken_back
                             } else {
                                 &store.ledger.cancelled
-                            }
+                            })
                         }),
-                    Lost::Refund { decrements, .. } => store
-                        .redis_subtract(&decrements, op)
-                        .await
-                        .map(|()| &store.ledger.refunds_resent)
-                        .map_err(|f| usage_error(f.error)),
+                    Lost::Refund { decrements, .. } => {
+                        match store.redis_subtract(&decrements, op).await {
+                            Ok(()) => Ok(None),
+                            Err(Failed {
+                                error: Error::Unexpected(e),
+                                ..
+                            }) => {
+                                // Refused by Redis (an unreadable counter): sending it
+                                // again would not help.
+                                tracing::warn!(error = %e, "a quota refund was refused by Redis; the count stays");
+                                Ok(None)
+                            }
+                            Err(f) => Err(usage_error(f.error)),
+                        }
+                    }
                 };
                 match outcome {
                     Ok(counter) => {
                         lock(&store.ledger.unsettled).retain(|l| l.op() != op);
-                        counter.fetch_add(1, Ordering::Relaxed);
+                        if let Some(counter) = counter {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                        }
                         pause = Duration::from_millis(20);
                     }
                     Err(e) => {
@@ -922,7 +931,9 @@ impl RedisUsageStore {
         };
         if let Err(e) = durable.add(increments).await {
             tracing::warn!(error = %e, "the durable usage copy could not be written; the Redis count is taken back");
-            self.refund(increments).await;
+            if let Err(undo) = self.refund(increments).await {
+                tracing::warn!(error = %undo, "could not take back the Redis count: it stays counted");
+            }
             return Err(UsageError::Unavailable(format!(
                 "the durable usage copy could not be written: {e}"
             )));
@@ -984,24 +995,27 @@ impl RedisUsageStore {
 
     /// Takes `decrements` back from Redis, exactly once: now, or (when Redis does not
     /// answer) in the background as soon as it answers again, counted in
-    /// [`unsettled`](Self::unsettled) until then.
-    async fn refund(&self, decrements: &[Increment]) {
+    /// [`unsettled`](Self::unsettled) until then. Fails only when Redis refused it (an
+    /// unreadable counter: sending it again would not help).
+    async fn refund(&self, decrements: &[Increment]) -> Result<(), UsageError> {
         if decrements.is_empty() {
-            return;
+            return Ok(());
         }
         let op = self.next_op();
         match self.redis_subtract(decrements, op).await {
-            Ok(()) => {}
-            Err(Failed { error, .. }) if is_refused_by_script(&error) => {
-                tracing::warn!(error = %error, "a quota refund was refused by Redis; the count stays");
-            }
-            Err(Failed { error, .. }) => {
-                tracing::debug!(error = %error, "a quota refund did not get through; it is sent again in the background");
+            Ok(()) => Ok(()),
+            Err(Failed {
+                error: Error::Unavailable(e),
+                ..
+            }) => {
+                tracing::debug!(error = %e, "a quota refund did not get through; it is sent again in the background");
                 self.lost(Lost::Refund {
                     op,
                     decrements: decrements.to_vec(),
                 });
+                Ok(())
             }
+            Err(Failed { error, .. }) => Err(usage_error(error)),
         }
     }
 
@@ -1040,14 +1054,6 @@ impl RedisUsageStore {
         self.redis
             .key(format_args!("q:{{refunds}}:{}", self.ledger.id))
     }
-}
-
-/// Whether Redis answered the script with an error of its own (an unreadable counter):
-/// sending it again would not help.
-fn is_refused_by_script(error: &Error) -> bool {
-    error
-        .to_string()
-        .contains("keygate: unreadable usage counter")
 }
 
 #[async_trait]
@@ -1180,11 +1186,11 @@ impl keygate_core::usage::UsageStore for RedisUsageStore {
         if decrements.is_empty() {
             return Ok(());
         }
-        self.refund(decrements).await;
+        let in_redis = self.refund(decrements).await;
         if let Some(durable) = &self.durable {
             durable.subtract(decrements).await?;
         }
-        Ok(())
+        in_redis
     }
 
     async fn report(
