@@ -91,9 +91,17 @@ pub trait Check: Clone + Send + Sync + 'static {
     /// writes on the request after its I/O, and (2) it can give back what it counted: its
     /// note's [`ResponseNote::cancel`] does, its [`Step::Io`] settles with `go == false`
     /// do, and its [`Step::Later`] steps count nothing unless they run (a dropped step must
-    /// leave no trace). keygate's authentication, scope, address, TLS, deprecation and quota
+    /// leave no trace). keygate's authentication, scope, address, deprecation and quota
     /// checks are speculative; its rate-limit check is not (what it counted stays counted,
-    /// so it always waits for the checks before it).
+    /// so it always waits for the checks before it), nor is the TLS check (it disables
+    /// exposed keys). What a speculative check counted is also given back when the request
+    /// goes no further (its future dropped while I/O was in flight): its note's `cancel`
+    /// runs, and an `Io` settle dropped without being called must give back by itself.
+    ///
+    /// The price: while the earlier check's I/O runs, what this check counted is visible
+    /// to other requests (a quota unit held by a request the rate limit then refuses may
+    /// make a concurrent request at the quota's last unit see it used up: toward refusing,
+    /// never toward serving more).
     fn speculative(&self) -> bool {
         false
     }
@@ -124,7 +132,8 @@ pub type Deferred<B, N> = Box<
 
 /// The end of an I/O step ([`Step::Io`]), called once its I/O is done, with `go`:
 /// - `true`: the checks before it let the request through: write what the check learned on
-///   the request (extensions) and return its verdict;
+///   the request (extensions; a [speculative](Check::speculative) check after this one may
+///   already have run, so write nothing a later check reads) and return its verdict;
 /// - `false`: a check before it refused the request while this one's I/O ran (the check
 ///   was [speculative](Check::speculative)): give back what the I/O counted. The verdict
 ///   returned is then ignored.
@@ -136,6 +145,7 @@ pub type Settle<B, N> = Box<dyn FnOnce(&mut Request<B>, bool) -> Result<N, Denia
 pub type Io<B, N> = Pin<Box<dyn Future<Output = Settle<B, N>> + Send>>;
 
 /// A check's verdict: made now, or after an async step.
+#[non_exhaustive]
 pub enum Step<B, N> {
     /// Decided without I/O.
     Now(Result<N, Denial>),
@@ -451,24 +461,30 @@ fn second<B: Send + 'static, NA: ResponseNote, NB: ResponseNote + Default>(
                 )
             })
         })),
-        Fused::Io { io, refuses } => Fused::Io {
-            io: Box::pin(async move {
-                let settle = io.await;
-                Box::new(
-                    move |req: &mut Request<B>, go: bool| match settle(req, go) {
-                        Some(b) => Some(Outcome {
-                            note: Both(a.note, b.note),
-                            denial: b.denial,
-                        }),
-                        None => {
-                            a.cancel();
-                            None
+        Fused::Io { io, refuses } => {
+            // Given back if the request goes no further (dropped while `b`'s I/O runs).
+            let held = Held(Some(a));
+            Fused::Io {
+                io: Box::pin(async move {
+                    let settle = io.await;
+                    Box::new(move |req: &mut Request<B>, go: bool| {
+                        let b = settle(req, go);
+                        let a = held.into_inner()?;
+                        match b {
+                            Some(b) => Some(Outcome {
+                                note: Both(a.note, b.note),
+                                denial: b.denial,
+                            }),
+                            None => {
+                                a.cancel();
+                                None
+                            }
                         }
-                    },
-                ) as FusedSettle<B, Both<NA, NB>>
-            }),
-            refuses,
-        },
+                    }) as FusedSettle<B, Both<NA, NB>>
+                }),
+                refuses,
+            }
+        }
     }
 }
 
@@ -482,15 +498,20 @@ fn overlapped<B: Send + 'static, NA: ResponseNote + Default, NB: ResponseNote + 
     match b {
         Fused::Now(b) => {
             let refuses = b.denial.is_some();
+            // Given back if the request goes no further (dropped while `a`'s I/O runs).
+            let held = Held(Some(b));
             Fused::Io {
                 io: Box::pin(async move {
                     let settle_a = a.await;
                     Box::new(move |req: &mut Request<B>, go: bool| {
                         ordered(settle_a(req, go), |pass| {
+                            let b = held.into_inner();
                             if pass {
-                                Some(b)
+                                b
                             } else {
-                                b.cancel();
+                                if let Some(b) = b {
+                                    b.cancel();
+                                }
                                 None
                             }
                         })
@@ -535,6 +556,25 @@ fn overlapped<B: Send + 'static, NA: ResponseNote + Default, NB: ResponseNote + 
                 )
             })
         })),
+    }
+}
+
+/// An outcome not handed on yet: what its checks counted is given back if it is dropped
+/// first (the request went no further: its future was dropped, a client gone, while other
+/// I/O of the stack was in flight).
+struct Held<N: ResponseNote>(Option<Outcome<N>>);
+
+impl<N: ResponseNote> Held<N> {
+    fn into_inner(mut self) -> Option<Outcome<N>> {
+        self.0.take()
+    }
+}
+
+impl<N: ResponseNote> Drop for Held<N> {
+    fn drop(&mut self) {
+        if let Some(o) = self.0.take() {
+            o.cancel();
+        }
     }
 }
 

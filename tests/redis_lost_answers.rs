@@ -27,6 +27,8 @@ const PASS: u8 = 0;
 const LOSE_ANSWER: u8 = 1;
 /// Close the connection when the client sends (the request is dropped).
 const LOSE_REQUEST: u8 = 2;
+/// Hold Redis's answers back (forwarded once the mode changes).
+const HOLD: u8 = 3;
 
 /// A proxy in front of Redis that can lose one side of a call.
 struct Cutter {
@@ -80,6 +82,9 @@ impl Cutter {
                                 .is_ok();
                             if n == 0 || lose {
                                 return;
+                            }
+                            while mode.load(Ordering::SeqCst) == HOLD {
+                                tokio::time::sleep(Duration::from_millis(1)).await;
                             }
                             if cw.write_all(&buf[..n]).await.is_err() {
                                 return;
@@ -211,6 +216,42 @@ async fn a_call_that_never_ran_is_cancelled_and_counts_nothing() {
     assert_eq!(requests(&direct, &key).await, 2);
 }
 
+/// A check-and-add whose future is dropped while its answer is on the way (the request went
+/// no further) is settled like a lost answer: its count is taken back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admission_dropped_in_flight_is_taken_back() {
+    let Some(t) = TestRedis::new().await else {
+        return;
+    };
+    let cutter = Cutter::start(t.addr()).await;
+    let store = store_through(&t, &cutter).await;
+    let direct = RedisUsageStore::new(&t.redis);
+    let key = KeyId::parse("DroppedCall1").unwrap();
+    let a = store
+        .check_and_add(&key, &[day()], &LIMIT, 1)
+        .await
+        .unwrap();
+    assert!(matches!(a, Admission::Admitted(_)));
+    cutter.set(HOLD);
+    let call = {
+        let store = store.clone();
+        tokio::spawn(async move { store.check_and_add(&key, &[day()], &LIMIT, 1).await })
+    };
+    // Redis has run it; its answer is held back.
+    poll_until(Duration::from_secs(10), "the call ran in Redis", || async {
+        (requests(&direct, &key).await == 2).then_some(())
+    })
+    .await;
+    assert_eq!(store.unsettled(), 0);
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
+    assert_eq!(store.unsettled(), 1, "the dropped call is to be settled");
+    cutter.set(PASS);
+    settled(&store).await;
+    assert_eq!(store.settled(), (1, 0), "taken back");
+    assert_eq!(requests(&direct, &key).await, 1);
+}
+
 /// A refund (`subtract`) whose answer, or whose request, was lost is sent again once Redis
 /// answers, and applied exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,6 +305,74 @@ async fn a_refund_that_did_not_get_through_is_applied_once() {
     store.subtract(&one).await.unwrap();
     assert_eq!(requests(&direct, &key).await, 1);
     assert_eq!(store.unsettled(), 0);
+}
+
+/// A refund queued while Redis was unreachable reaches the durable copy only once Redis has
+/// applied it: a window re-seeded from the durable copy in between (Redis lost it) is not
+/// given back twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_refund_is_not_given_back_twice_after_a_reseed() {
+    let Some(t) = TestRedis::new().await else {
+        return;
+    };
+    let cutter = Cutter::start(t.addr()).await;
+    let durable = keygate::core::usage::MemoryUsageStore::new();
+    let store = store_through(&t, &cutter).await.durable(durable.clone());
+    // Another replica, on a connection of its own, with the same durable copy.
+    let other = RedisUsageStore::new(&t.redis).durable(durable.clone());
+    let key = KeyId::parse("ReseedRefund").unwrap();
+    for _ in 0..3 {
+        let a = store
+            .check_and_add(&key, &[day()], &LIMIT, 1)
+            .await
+            .unwrap();
+        assert!(matches!(a, Admission::Admitted(_)));
+    }
+    // One of the three is refunded while Redis is unreachable: queued.
+    cutter.set(LOSE_REQUEST);
+    let one = [keygate::core::usage::Increment {
+        key,
+        window: day(),
+        usage: keygate::core::usage::Usage {
+            cost: 1,
+            requests: 1,
+        },
+    }];
+    store.subtract(&one).await.expect("queued");
+    assert_eq!(store.unsettled(), 1);
+    assert_eq!(
+        durable.load(&key, &[day()]).await.unwrap()[0].requests,
+        3,
+        "the durable copy waits for Redis"
+    );
+    // Redis loses the window; the other replica's next admission re-seeds it from the
+    // durable copy.
+    let window = format!("{}:q:{{{key}}}:day:{}", t.prefix, day().start_secs());
+    let mut c = t
+        .redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = keygate::redis::redis::cmd("DEL")
+        .arg(&window)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let a = other
+        .check_and_add(&key, &[day()], &LIMIT, 1)
+        .await
+        .unwrap();
+    assert!(matches!(a, Admission::Admitted(_)));
+    // The refund is applied once, in both.
+    cutter.set(PASS);
+    settled(&store).await;
+    assert_eq!(
+        requests(&other, &key).await,
+        3,
+        "3 served, 1 given back, 1 more"
+    );
+    assert_eq!(durable.load(&key, &[day()]).await.unwrap()[0].requests, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

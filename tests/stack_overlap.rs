@@ -46,6 +46,8 @@ struct Rate {
     barrier: Option<Arc<Barrier>>,
     calls: Arc<AtomicUsize>,
     answered: Arc<AtomicBool>,
+    /// Never answers while set.
+    hang: Arc<AtomicBool>,
 }
 
 #[async_trait]
@@ -59,6 +61,9 @@ impl RateBackend for Rate {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if let Some(b) = &self.barrier {
             b.wait().await;
+        }
+        if self.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
         }
         let allowed = self.allow.load(Ordering::SeqCst);
         let standings = policies
@@ -162,6 +167,10 @@ struct World {
 /// A fused stack `rate, auth, scope, [observer], quota` (strict, 2 a day) in front of a
 /// service that counts its calls. `barrier`: both round trips wait for each other.
 async fn world(barrier: bool, observer: bool) -> World {
+    world_counting(barrier, observer, Counting::Strict).await
+}
+
+async fn world_counting(barrier: bool, observer: bool, counting: Counting) -> World {
     let clock = ManualClock::at_2026();
     let store = MemoryStore::new();
     let gate = KeyGate::new(
@@ -189,6 +198,7 @@ async fn world(barrier: bool, observer: bool) -> World {
         barrier: barrier.clone(),
         calls: Arc::new(AtomicUsize::new(0)),
         answered: answered.clone(),
+        hang: Arc::new(AtomicBool::new(false)),
     };
     let (tx, subtracted) = mpsc::unbounded_channel();
     let usage = Usages {
@@ -205,7 +215,7 @@ async fn world(barrier: bool, observer: bool) -> World {
     .unwrap();
     let quota = QuotaLayer::new(
         QuotaConfig::new(usage.clone())
-            .counting(Counting::Strict)
+            .counting(counting)
             .clock(clock.clone()),
     )
     .unwrap();
@@ -403,4 +413,50 @@ async fn a_check_that_is_not_speculative_waits_for_the_rate_limit() {
     assert_eq!(w.observer.ran.load(Ordering::SeqCst), 1);
     assert_eq!(w.usage.counted.load(Ordering::SeqCst), 1);
     assert_eq!(used(&w).await, 1);
+}
+
+/// A request whose future is dropped while the rate limit's answer is pending (a client
+/// gone) was never served: what the quota counted meanwhile is given back.
+#[tokio::test]
+async fn a_request_dropped_while_the_rate_limit_decides_is_not_charged() {
+    use futures_util::FutureExt;
+    for counting in [
+        Counting::Strict,
+        Counting::Batched {
+            flush_every: Duration::from_secs(3600),
+        },
+    ] {
+        let w = world_counting(false, false, counting).await;
+        // One request served: counted.
+        let res = call(&w, request("POST", SEARCH, Some(&w.key))).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        w.rate.hang.store(true, Ordering::SeqCst);
+        for _ in 0..2 {
+            // Polled once (the quota counts, the rate limit hangs), then dropped.
+            let pending = w
+                .svc
+                .clone()
+                .oneshot(request("POST", SEARCH, Some(&w.key)))
+                .now_or_never();
+            assert!(
+                pending.is_none(),
+                "{counting:?}: the rate limit never answers"
+            );
+        }
+        w.quota.flush().await.unwrap();
+        assert_eq!(used(&w).await, 1, "{counting:?}: only the request served");
+        // The key still has its second request of the day.
+        w.rate.hang.store(false, Ordering::SeqCst);
+        let res = call(&w, request("POST", SEARCH, Some(&w.key))).await;
+        assert_eq!(res.status(), StatusCode::OK, "{counting:?}");
+        let res = call(&w, request("POST", SEARCH, Some(&w.key))).await;
+        assert_eq!(
+            code(&res).as_deref(),
+            Some("quota_exceeded"),
+            "{counting:?}"
+        );
+        w.quota.flush().await.unwrap();
+        assert_eq!(used(&w).await, 2, "{counting:?}");
+        assert_eq!(w.reached.load(Ordering::SeqCst), 2, "{counting:?}");
+    }
 }

@@ -211,43 +211,59 @@ pub(crate) struct Shared {
     pub(crate) refunds: Refunds,
 }
 
-/// Strict refunds in flight, so a flush can wait for them.
+/// Strict refunds in flight, so a flush can wait for those sent before it.
 #[derive(Default)]
 pub(crate) struct Refunds {
-    in_flight: std::sync::atomic::AtomicUsize,
-    idle: tokio::sync::Notify,
+    /// The next refund's number.
+    next: AtomicU64,
+    /// The numbers of the refunds in flight.
+    in_flight: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// Woken whenever a refund ends.
+    ended: tokio::sync::Notify,
 }
 
 impl Refunds {
     /// A refund starts; the guard ends it when dropped.
     pub(crate) fn start(shared: &Arc<Shared>) -> RefundGuard {
-        shared.refunds.in_flight.fetch_add(1, Ordering::AcqRel);
-        RefundGuard(shared.clone())
+        let r = &shared.refunds;
+        let n = r.next.fetch_add(1, Ordering::Relaxed);
+        lock_set(&r.in_flight).insert(n);
+        RefundGuard(shared.clone(), n)
     }
 
-    /// Waits until no refund is in flight.
-    async fn idle(&self) {
+    /// Waits until every refund started before this call has ended (later ones are not
+    /// waited for, so steady refused traffic cannot hold a flush back).
+    async fn settled(&self) {
+        let before = self.next.load(Ordering::Relaxed);
         loop {
-            let notified = self.idle.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.in_flight.load(Ordering::Acquire) == 0 {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if lock_set(&self.in_flight)
+                .first()
+                .is_none_or(|oldest| *oldest >= before)
+            {
                 return;
             }
-            notified.await;
+            ended.await;
         }
     }
 }
 
+fn lock_set(
+    m: &std::sync::Mutex<std::collections::BTreeSet<u64>>,
+) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<u64>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// One strict refund in flight (see [`Refunds::start`]).
-pub(crate) struct RefundGuard(Arc<Shared>);
+pub(crate) struct RefundGuard(Arc<Shared>, u64);
 
 impl Drop for RefundGuard {
     fn drop(&mut self) {
         let r = &self.0.refunds;
-        if r.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            r.idle.notify_waiters();
-        }
+        lock_set(&r.in_flight).remove(&self.1);
+        r.ended.notify_waiters();
     }
 }
 
@@ -322,7 +338,7 @@ impl Shared {
 
     /// Writes the pending counts, as of `now`.
     pub(crate) async fn flush(&self, now: SystemTime) -> Result<usize, UsageError> {
-        self.refunds.idle().await;
+        self.refunds.settled().await;
         self.meter.flush(&*self.store, now).await
     }
 }

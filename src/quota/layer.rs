@@ -102,8 +102,8 @@ pub struct QuotaHandle {
 
 impl QuotaHandle {
     /// Writes every count not yet in the store (batched counting), after waiting for the
-    /// refunds sent to the store and not answered yet (strict counting gives back requests
-    /// refused after they were counted in the background). Call it at graceful shutdown,
+    /// refunds sent to the store before this call and not answered yet (strict counting
+    /// gives back, in the background, requests refused after they were counted). Call it at graceful shutdown,
     /// after the server stopped taking requests, so nothing is lost. Returns how many
     /// (key, window) counters were written. On failure the counts stay pending.
     pub async fn flush(&self) -> Result<usize, UsageError> {

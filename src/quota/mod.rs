@@ -79,7 +79,11 @@
 //!   Batched counting gives the units back in memory (or, when already flushed, subtracts
 //!   them at the next flush); strict counting subtracts them from the store in the
 //!   background ([`UsageStore::subtract`](crate::core::usage::UsageStore::subtract)).
-//!   [`QuotaConfig::charge_refused`] turns refunds off.
+//!   [`QuotaConfig::charge_refused`] turns these refunds off. A request a check *before*
+//!   the quota refuses is never charged, whatever that setting: in a fused stack the quota
+//!   may count while an earlier check's store round trip is in flight
+//!   ([`Check::speculative`](crate::check::Check::speculative)), and gives the count back
+//!   when that check refuses or when the request's future is dropped before it is decided.
 //! - **Over quota**: 429 problem+json, type
 //!   `https://iana.org/assignments/http-problem-types#quota-exceeded`, code
 //!   `quota_exceeded`, `violated-policies`, `Retry-After` until the (latest) violated window

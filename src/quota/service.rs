@@ -294,15 +294,27 @@ impl Check for QuotaCheck {
         if shared.strict {
             return Step::Io(Box::pin(async move {
                 let counted = strict(&shared, &plan).await;
-                Box::new(move |req: &mut Request<ReqB>, go: bool| match counted {
-                    Ok(verdict) if go => finish(&shared, plan, verdict, None, req),
-                    Ok(Ok(_)) => {
-                        // An earlier check refused the request while this one counted it.
-                        refund_of(&shared, &plan).run();
-                        Ok(QuotaNote::none())
+                // Given back if dropped unsettled (the request went no further).
+                let unsettled = Unsettled {
+                    admitted: matches!(counted, Ok(Ok(_))),
+                    shared: shared.clone(),
+                    plan: Some(plan),
+                };
+                Box::new(move |req: &mut Request<ReqB>, go: bool| {
+                    let mut unsettled = unsettled;
+                    let Some(plan) = unsettled.plan.take() else {
+                        return Err(store_unavailable());
+                    };
+                    match counted {
+                        Ok(verdict) if go => finish(&shared, plan, verdict, None, req),
+                        Ok(Ok(_)) => {
+                            // An earlier check refused the request while this one counted it.
+                            refund_of(&shared, &plan).run();
+                            Ok(QuotaNote::none())
+                        }
+                        Ok(Err(_)) => Ok(QuotaNote::none()),
+                        Err(denial) => Err(denial),
                     }
-                    Ok(Err(_)) => Ok(QuotaNote::none()),
-                    Err(denial) => Err(denial),
                 }) as Settle<ReqB, QuotaNote>
             }));
         }
@@ -735,6 +747,24 @@ fn finish<B>(
         fields,
         refund: Some(refund),
     })
+}
+
+/// A strict count whose settle has not run: what it admitted is given back if it is
+/// dropped so (the request's future was dropped while another check's I/O was in flight).
+struct Unsettled {
+    admitted: bool,
+    shared: Arc<Shared>,
+    plan: Option<Plan>,
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        if let Some(plan) = self.plan.take() {
+            if self.admitted {
+                refund_of(&self.shared, &plan).run();
+            }
+        }
+    }
 }
 
 /// How to give back what `plan` counted.

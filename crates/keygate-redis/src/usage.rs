@@ -244,8 +244,13 @@ enum Lost {
         windows: Vec<Window>,
         cost: u64,
     },
-    /// A refund: sent again until it is known to be applied (once).
-    Refund { op: u64, decrements: Vec<Increment> },
+    /// A refund: sent again until it is known to be applied (once); then written to the
+    /// durable copy too when `durable`.
+    Refund {
+        op: u64,
+        decrements: Vec<Increment>,
+        durable: bool,
+    },
 }
 
 impl Lost {
@@ -823,9 +828,14 @@ impl RedisUsageStore {
                         windows: windows.clone(),
                         cost: *cost,
                     },
-                    Lost::Refund { op, decrements } => Lost::Refund {
+                    Lost::Refund {
+                        op,
+                        decrements,
+                        durable,
+                    } => Lost::Refund {
                         op: *op,
                         decrements: decrements.clone(),
+                        durable: *durable,
                     },
                 });
                 let Some(next) = next else {
@@ -852,21 +862,26 @@ impl RedisUsageStore {
                                 &store.ledger.cancelled
                             })
                         }),
-                    Lost::Refund { decrements, .. } => {
-                        match store.redis_subtract(&decrements, op).await {
-                            Ok(()) => Ok(None),
-                            Err(Failed {
-                                error: Error::Unexpected(e),
-                                ..
-                            }) => {
-                                // Refused by Redis (an unreadable counter): sending it
-                                // again would not help.
-                                tracing::warn!(error = %e, "a quota refund was refused by Redis; the count stays");
-                                Ok(None)
+                    Lost::Refund {
+                        decrements,
+                        durable,
+                        ..
+                    } => match store.redis_subtract(&decrements, op).await {
+                        Ok(()) => {
+                            if let (true, Some(copy)) = (durable, &store.durable) {
+                                if let Err(e) = copy.subtract(&decrements).await {
+                                    tracing::warn!(error = %e, "a quota refund could not be written to the durable copy; it keeps the count");
+                                }
                             }
-                            Err(f) => Err(usage_error(f.error)),
+                            Ok(None)
                         }
-                    }
+                        Err(Failed { error, .. }) if refused_by_script(&error) => {
+                            // An unreadable counter: sending it again would not help.
+                            tracing::warn!(error = %error, "a quota refund was refused by Redis; the count stays");
+                            Ok(None)
+                        }
+                        Err(f) => Err(usage_error(f.error)),
+                    },
                 };
                 match outcome {
                     Ok(counter) => {
@@ -931,9 +946,7 @@ impl RedisUsageStore {
         };
         if let Err(e) = durable.add(increments).await {
             tracing::warn!(error = %e, "the durable usage copy could not be written; the Redis count is taken back");
-            if let Err(undo) = self.refund(increments).await {
-                tracing::warn!(error = %undo, "could not take back the Redis count: it stays counted");
-            }
+            self.refund_in_redis(increments).await;
             return Err(UsageError::Unavailable(format!(
                 "the durable usage copy could not be written: {e}"
             )));
@@ -993,29 +1006,49 @@ impl RedisUsageStore {
             .map_err(usage_error)
     }
 
-    /// Takes `decrements` back from Redis, exactly once: now, or (when Redis does not
-    /// answer) in the background as soon as it answers again, counted in
-    /// [`unsettled`](Self::unsettled) until then. Fails only when Redis refused it (an
-    /// unreadable counter: sending it again would not help).
+    /// Takes `decrements` back from Redis, exactly once, then from the durable copy: now,
+    /// or (when Redis does not answer) in the background as soon as it answers again,
+    /// counted in [`unsettled`](Self::unsettled) until then (the durable copy is written
+    /// after Redis, so a window re-seeded from it in between is not given back twice).
+    /// Fails only when Redis refused it (an unreadable counter: sending it again would not
+    /// help), or when the durable copy could not be written.
     async fn refund(&self, decrements: &[Increment]) -> Result<(), UsageError> {
         if decrements.is_empty() {
             return Ok(());
         }
         let op = self.next_op();
         match self.redis_subtract(decrements, op).await {
-            Ok(()) => Ok(()),
-            Err(Failed {
-                error: Error::Unavailable(e),
-                ..
-            }) => {
-                tracing::debug!(error = %e, "a quota refund did not get through; it is sent again in the background");
+            Ok(()) => match &self.durable {
+                Some(durable) => durable.subtract(decrements).await,
+                None => Ok(()),
+            },
+            Err(Failed { error, .. }) if refused_by_script(&error) => Err(usage_error(error)),
+            Err(Failed { error, .. }) => {
+                tracing::debug!(error = %error, "a quota refund did not get through; it is sent again in the background");
                 self.lost(Lost::Refund {
                     op,
                     decrements: decrements.to_vec(),
+                    durable: true,
                 });
                 Ok(())
             }
-            Err(Failed { error, .. }) => Err(usage_error(error)),
+        }
+    }
+
+    /// Takes `increments` back from Redis only (their durable write failed), exactly once,
+    /// now or in the background.
+    async fn refund_in_redis(&self, increments: &[Increment]) {
+        let op = self.next_op();
+        match self.redis_subtract(increments, op).await {
+            Ok(()) => {}
+            Err(Failed { error, .. }) if refused_by_script(&error) => {
+                tracing::warn!(error = %error, "could not take back the Redis count: it stays counted");
+            }
+            Err(_) => self.lost(Lost::Refund {
+                op,
+                decrements: increments.to_vec(),
+                durable: false,
+            }),
         }
     }
 
@@ -1054,6 +1087,37 @@ impl RedisUsageStore {
         self.redis
             .key(format_args!("q:{{refunds}}:{}", self.ledger.id))
     }
+}
+
+/// A strict admission on its way to Redis: if dropped armed (its future dropped before
+/// the answer arrived), the admission is settled as lost, so a count it made is taken back.
+struct InFlight<'a> {
+    store: &'a RedisUsageStore,
+    op: u64,
+    key: &'a KeyId,
+    windows: &'a [Window],
+    cost: u64,
+    armed: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.store.lost(Lost::Admission {
+                op: self.op,
+                key: *self.key,
+                windows: self.windows.to_vec(),
+                cost: self.cost,
+            });
+        }
+    }
+}
+
+/// Whether Redis refused a refund for a reason sending it again would not cure: keygate's
+/// script found an unreadable counter. Any other error (unreachable, `LOADING` after a
+/// restart, `READONLY` after a failover, `BUSY`) is worth another try.
+fn refused_by_script(error: &Error) -> bool {
+    matches!(error, Error::Unexpected(e) if e.contains("keygate: unreadable usage counter"))
 }
 
 #[async_trait]
@@ -1110,10 +1174,22 @@ impl keygate_core::usage::UsageStore for RedisUsageStore {
         // then they are read again, a few times at most.
         let op = self.next_op();
         for _ in 0..3 {
-            let out = match self
+            // Settled as lost if this future is dropped before the answer arrives (the
+            // request went no further: a client gone, or a check before the quota refused
+            // while this call was in flight).
+            let mut in_flight = InFlight {
+                store: self,
+                op,
+                key,
+                windows,
+                cost,
+                armed: true,
+            };
+            let answer = self
                 .invoke(key, windows, limits, cost, seeds.as_ref(), op)
-                .await
-            {
+                .await;
+            in_flight.armed = false;
+            let out = match answer {
                 Ok(out) => out,
                 Err(Failed { error, maybe_ran }) => {
                     if maybe_ran {
@@ -1186,11 +1262,7 @@ impl keygate_core::usage::UsageStore for RedisUsageStore {
         if decrements.is_empty() {
             return Ok(());
         }
-        let in_redis = self.refund(decrements).await;
-        if let Some(durable) = &self.durable {
-            durable.subtract(decrements).await?;
-        }
-        in_redis
+        self.refund(decrements).await
     }
 
     async fn report(
