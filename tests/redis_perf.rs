@@ -46,6 +46,18 @@ async fn time(svc: &Svc, key: &ApiKey, expect: StatusCode, out: &mut Vec<Duratio
     assert_eq!(status, expect);
 }
 
+/// Prints the median and p99 of each variant's samples; answers the medians.
+fn report(title: &str, names: &[&str], samples: &mut [Vec<Duration>]) -> Vec<Duration> {
+    println!("{title}, {} samples each:", samples[0].len());
+    let mut medians = vec![];
+    for (name, s) in names.iter().zip(samples) {
+        let (median, p99) = percentiles(s);
+        medians.push(median);
+        println!("  {name:<30} median {median:>10.1?}  p99 {p99:>10.1?}");
+    }
+    medians
+}
+
 #[tokio::test(flavor = "current_thread")]
 #[ignore = "prints latency figures; run with --release --ignored --nocapture"]
 async fn redis_backed_check_latency_against_local_governor() {
@@ -127,16 +139,7 @@ async fn redis_backed_check_latency_against_local_governor() {
             }
         }
     }
-    println!(
-        "per request, in process, {} samples each:",
-        samples[0].len()
-    );
-    let mut medians = vec![];
-    for (name, s) in names.iter().zip(&mut samples) {
-        let (median, p99) = percentiles(s);
-        medians.push(median);
-        println!("  {name:<30} median {median:>10.1?}  p99 {p99:>10.1?}");
-    }
+    let medians = report("per request, in process", &names, &mut samples);
     println!(
         "  rate limit added over bare: local {:?}, redis {:?}",
         medians[1].saturating_sub(medians[0]),
@@ -289,16 +292,7 @@ async fn redis_rate_and_quota_separate_against_fused() {
             }
         }
     }
-    println!(
-        "rate limit + strict quota on Redis, {} samples each:",
-        samples[0].len()
-    );
-    let mut medians = vec![];
-    for (name, s) in names.iter().zip(&mut samples) {
-        let (median, p99) = percentiles(s);
-        medians.push(median);
-        println!("  {name:<30} median {median:>10.1?}  p99 {p99:>10.1?}");
-    }
+    let medians = report("rate limit + strict quota on Redis", &names, &mut samples);
     println!(
         "  fused / separate: {:.2}; in PING round trips: separate {:.2}, fused {:.2}",
         medians[1].as_secs_f64() / medians[0].as_secs_f64(),

@@ -1113,11 +1113,23 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Whether Redis refused a refund for a reason sending it again would not cure: keygate's
-/// script found an unreadable counter. Any other error (unreachable, `LOADING` after a
-/// restart, `READONLY` after a failover, `BUSY`) is worth another try.
+/// Whether Redis refused a refund for a reason sending it again would not cure (keygate's
+/// script found an unreadable counter, or any other error of the script's). Unreachable,
+/// and the server's passing states (`LOADING` after a restart, `READONLY` after a failover,
+/// `BUSY`, `TRYAGAIN`, `MASTERDOWN`, `CLUSTERDOWN`), are worth another try.
 fn refused_by_script(error: &Error) -> bool {
-    matches!(error, Error::Unexpected(e) if e.contains("keygate: unreadable usage counter"))
+    const PASSING: [&str; 6] = [
+        "LOADING",
+        "READONLY",
+        "BUSY",
+        "TRYAGAIN",
+        "MASTERDOWN",
+        "CLUSTERDOWN",
+    ];
+    match error {
+        Error::Unavailable(_) => false,
+        Error::Unexpected(e) => !PASSING.iter().any(|code| e.contains(code)),
+    }
 }
 
 #[async_trait]
@@ -1397,6 +1409,22 @@ impl std::fmt::Debug for RedisUsageStore {
 mod tests {
     use super::*;
     use keygate_core::usage::utc;
+
+    #[test]
+    fn refunds_are_retried_unless_the_script_refused_them() {
+        let unexpected = |s: &str| Error::Unexpected(s.into());
+        assert!(refused_by_script(&unexpected(
+            "An error was signalled by the server - ResponseError: keygate: unreadable usage counter"
+        )));
+        for passing in [
+            "LOADING: Redis is loading the dataset in memory",
+            "READONLY: You can't write against a read only replica.",
+            "BUSY: Redis is busy running a script.",
+        ] {
+            assert!(!refused_by_script(&unexpected(passing)), "{passing}");
+        }
+        assert!(!refused_by_script(&Error::Unavailable("cut".into())));
+    }
 
     #[test]
     fn members_round_trip() {
