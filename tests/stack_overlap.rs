@@ -93,6 +93,8 @@ struct Usages {
     barrier: Option<Arc<Barrier>>,
     counted: Arc<AtomicUsize>,
     subtracted: mpsc::UnboundedSender<usize>,
+    /// Calls for this id never answer while the flag is set.
+    hang: Option<(KeyId, Arc<AtomicBool>)>,
 }
 
 #[async_trait]
@@ -110,6 +112,11 @@ impl UsageStore for Usages {
         self.counted.fetch_add(1, Ordering::SeqCst);
         if let Some(b) = &self.barrier {
             b.wait().await;
+        }
+        if let Some((id, on)) = &self.hang {
+            if id == key && on.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
         }
         self.inner.check_and_add(key, windows, limits, cost).await
     }
@@ -206,6 +213,7 @@ async fn world_counting(barrier: bool, observer: bool, counting: Counting) -> Wo
         barrier,
         counted: Arc::new(AtomicUsize::new(0)),
         subtracted: tx,
+        hang: None,
     };
     let rate_layer = RateLimitLayer::new(
         RateLimitConfig::new()
@@ -459,4 +467,88 @@ async fn a_request_dropped_while_the_rate_limit_decides_is_not_charged() {
         assert_eq!(used(&w).await, 2, "{counting:?}");
         assert_eq!(w.reached.load(Ordering::SeqCst), 2, "{counting:?}");
     }
+}
+
+/// A key whose quota is shared with its identity is counted twice, the key's windows then
+/// the identity's: a request dropped in between gives the key's count back.
+#[tokio::test]
+async fn a_request_dropped_between_the_key_and_identity_counts_is_not_charged() {
+    use futures_util::FutureExt;
+    use keygate::Identity;
+
+    let clock = ManualClock::at_2026();
+    let store = MemoryStore::new();
+    let gate = KeyGate::new(
+        Verifier::builder(store.clone())
+            .clock(clock.clone())
+            .build(),
+    );
+    let mut etl = Identity::new("etl", clock.now());
+    etl.quotas = vec![QuotaPolicy::new("etl-daily", 5, QuotaWindow::Day)];
+    store.insert_identity(&etl).await.unwrap();
+    let (key, mut record) = KeyRecord::generate(
+        &Prefix::default(),
+        gate.verifier().hasher(),
+        "k",
+        clock.now(),
+    )
+    .unwrap();
+    record.identity = Some("etl".into());
+    record.quotas = vec![QuotaPolicy::new("own", 100, QuotaWindow::Month)];
+    store.insert(&record).await.unwrap();
+    let hang = Arc::new(AtomicBool::new(true));
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let usage = Usages {
+        inner: MemoryUsageStore::new(),
+        barrier: None,
+        counted: Arc::new(AtomicUsize::new(0)),
+        subtracted: tx,
+        hang: Some((Identity::usage_id("etl"), hang.clone())),
+    };
+    let quota = QuotaLayer::new(
+        QuotaConfig::new(usage.clone())
+            .counting(Counting::Strict)
+            .clock(clock.clone()),
+    )
+    .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(gate.stack().auth().quota(&quota))
+        .service(tower::service_fn(|_: Request<String>| async {
+            Ok::<_, Infallible>(Response::new(String::new()))
+        }));
+    let month = Window::containing(QuotaWindow::Month, clock.now());
+    let day = Window::containing(QuotaWindow::Day, clock.now());
+    let own = |u: &Usages| {
+        let u = u.inner.clone();
+        let id = record.lineage_id();
+        async move { u.load(&id, &[month]).await.unwrap()[0].requests }
+    };
+    // The key's month is counted, the identity's day never answers: dropped.
+    let pending = svc
+        .clone()
+        .oneshot(request("POST", SEARCH, Some(&key)))
+        .now_or_never();
+    assert!(pending.is_none());
+    assert_eq!(
+        usage.counted.load(Ordering::SeqCst),
+        2,
+        "both counts were asked"
+    );
+    quota.handle().flush().await.unwrap();
+    assert_eq!(own(&usage).await, 0, "the key's count was given back");
+
+    hang.store(false, Ordering::SeqCst);
+    let res = svc
+        .clone()
+        .oneshot(request("POST", SEARCH, Some(&key)))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(own(&usage).await, 1);
+    let shared = usage
+        .inner
+        .load(&Identity::usage_id("etl"), &[day])
+        .await
+        .unwrap()[0];
+    assert_eq!(shared.requests, 1);
 }

@@ -205,18 +205,46 @@ impl Refund {
                 usage,
             })
             .collect();
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                // A flush waits for it (so does a report).
-                let guard = super::config::Refunds::start(&self.shared);
-                rt.spawn(async move {
-                    if let Err(e) = self.shared.store.subtract(&decrements).await {
-                        tracing::warn!(error = %e, "quota refund failed");
-                    }
-                    drop(guard);
-                });
-            }
-            Err(_) => tracing::warn!("quota refund skipped: no tokio runtime"),
+        subtract_in_background(&self.shared, decrements);
+    }
+}
+
+/// Gives `decrements` back to the store in the background (a flush waits for it, as does a
+/// report).
+fn subtract_in_background(shared: &Arc<Shared>, decrements: Vec<Increment>) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            let guard = super::config::Refunds::start(shared);
+            let shared = shared.clone();
+            rt.spawn(async move {
+                if let Err(e) = shared.store.subtract(&decrements).await {
+                    tracing::warn!(error = %e, "quota refund failed");
+                }
+                drop(guard);
+            });
+        }
+        Err(_) => tracing::warn!("quota refund skipped: no tokio runtime"),
+    }
+}
+
+/// A count made in the store that the rest of the decision has not kept yet: given back
+/// in the background if dropped armed (the request's future was dropped in between).
+struct GiveBack {
+    shared: Arc<Shared>,
+    decrements: Option<Vec<Increment>>,
+}
+
+impl GiveBack {
+    /// Keeps the count: the decision went on (and gives back itself when it must).
+    fn disarm(mut self) -> Vec<Increment> {
+        self.decrements.take().unwrap_or_default()
+    }
+}
+
+impl Drop for GiveBack {
+    fn drop(&mut self) {
+        if let Some(d) = self.decrements.take() {
+            subtract_in_background(&self.shared, d);
         }
     }
 }
@@ -613,16 +641,23 @@ async fn strict(shared: &Arc<Shared>, plan: &Plan) -> Result<Counted, Denial> {
                     })
                     .collect::<Vec<_>>()
             };
-            match store
+            // The key's count is given back if this future is dropped before the identity
+            // answers (the request went no further).
+            let pending = GiveBack {
+                shared: shared.clone(),
+                decrements: Some(give_back()),
+            };
+            let answer = store
                 .check_and_add(&id, theirs, &their_limits, plan.cost)
-                .await
-            {
+                .await;
+            let give_back = pending.disarm();
+            match answer {
                 Ok(Admission::Admitted(usage)) => {
                     all.extend(usage);
                     Ok(all)
                 }
                 Ok(Admission::Refused { usage, violated }) => {
-                    if let Err(e) = store.subtract(&give_back()).await {
+                    if let Err(e) = store.subtract(&give_back).await {
                         tracing::warn!(error = %e, "quota refund failed");
                     }
                     for u in all.iter_mut() {
@@ -632,7 +667,7 @@ async fn strict(shared: &Arc<Shared>, plan: &Plan) -> Result<Counted, Denial> {
                     Err((all, violated.iter().map(|v| their_index[*v]).collect()))
                 }
                 Err(e) => {
-                    if let Err(e) = store.subtract(&give_back()).await {
+                    if let Err(e) = store.subtract(&give_back).await {
                         tracing::warn!(error = %e, "quota refund failed");
                     }
                     return Err(unavailable(e));
