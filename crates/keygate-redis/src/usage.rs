@@ -236,6 +236,7 @@ struct Ledger {
 }
 
 /// An operation whose outcome is unknown.
+#[derive(Clone)]
 enum Lost {
     /// A strict admission: taken back if it ran, cancelled if not.
     Admission {
@@ -816,28 +817,7 @@ impl RedisUsageStore {
         runtime.spawn(async move {
             let mut pause = Duration::from_millis(20);
             loop {
-                let next = lock(&store.ledger.unsettled).first().map(|l| match l {
-                    Lost::Admission {
-                        op,
-                        key,
-                        windows,
-                        cost,
-                    } => Lost::Admission {
-                        op: *op,
-                        key: *key,
-                        windows: windows.clone(),
-                        cost: *cost,
-                    },
-                    Lost::Refund {
-                        op,
-                        decrements,
-                        durable,
-                    } => Lost::Refund {
-                        op: *op,
-                        decrements: decrements.clone(),
-                        durable: *durable,
-                    },
-                });
+                let next = lock(&store.ledger.unsettled).first().cloned();
                 let Some(next) = next else {
                     store.ledger.settling.store(false, Ordering::Release);
                     // Something lost between the last look and the flag: settle it too.
