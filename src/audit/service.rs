@@ -192,9 +192,11 @@ fn path(p: &str) -> Text {
 /// across processes only with negligible probability. No system call per request. Answers
 /// the id as a header value and as text, sharing their bytes.
 pub(crate) fn generate_id() -> (HeaderValue, Text) {
-    static SEED: OnceLock<(u64, u64)> = OnceLock::new();
+    // The random high half of every id, and the salt of the low half, drawn once per
+    // process; the high half is kept as its hex digits, written once.
+    static SEED: OnceLock<([u8; 16], u64)> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let (high, salt) = *SEED.get_or_init(|| {
+    let (high, salt) = SEED.get_or_init(|| {
         let mut b = [0u8; 16];
         if getrandom::fill(&mut b).is_err() {
             // No OS randomness: fall back to time and process id (still unique per process).
@@ -208,7 +210,9 @@ pub(crate) fn generate_id() -> (HeaderValue, Text) {
         let mut lo = [0u8; 8];
         hi.copy_from_slice(&b[..8]);
         lo.copy_from_slice(&b[8..]);
-        (u64::from_le_bytes(hi), u64::from_le_bytes(lo))
+        let mut high = [0u8; 16];
+        write_hex(&mut high, u64::from_le_bytes(hi));
+        (high, u64::from_le_bytes(lo))
     });
     // Each thread takes a block of counter values at a time, so threads serving requests
     // side by side do not contend for one atomic's cache line on every request.
@@ -225,9 +229,9 @@ pub(crate) fn generate_id() -> (HeaderValue, Text) {
         next.set((at.wrapping_add(1), end));
         at
     });
-    let low = mix(n.wrapping_add(salt));
+    let low = mix(n.wrapping_add(*salt));
     let mut out = [0u8; 32];
-    write_hex(&mut out[..16], high);
+    out[..16].copy_from_slice(high);
     write_hex(&mut out[16..], low);
     // Cut from the per-thread buffer: one allocation per ~30 ids.
     let bytes = crate::chunk::copy(&out);
