@@ -24,7 +24,10 @@ thread_local! {
 }
 
 /// `b` as [`Bytes`], cut from this thread's buffer when short.
-#[cfg_attr(not(feature = "audit"), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "audit", feature = "rate-limit", feature = "quota")),
+    allow(dead_code)
+)]
 pub(crate) fn copy(b: &[u8]) -> Bytes {
     concat(&[b])
 }
@@ -44,6 +47,46 @@ pub(crate) fn concat(parts: &[&[u8]]) -> Bytes {
             buf.extend_from_slice(p);
         }
         buf.split().freeze()
+    })
+}
+
+/// The first and the second members of `pairs`, each list joined with `, ` (`a, b, ...`),
+/// cut from this thread's buffer when short (one buffer access for both).
+pub(crate) fn join_pairs<'a>(
+    pairs: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+) -> (Bytes, Bytes) {
+    let joined_len = |second: bool| -> usize {
+        pairs
+            .clone()
+            .enumerate()
+            .map(|(i, (a, b))| if second { b.len() } else { a.len() } + if i > 0 { 2 } else { 0 })
+            .sum()
+    };
+    let (len_a, len_b) = (joined_len(false), joined_len(true));
+    let write = |buf: &mut BytesMut, second: bool| {
+        for (i, (a, b)) in pairs.clone().enumerate() {
+            if i > 0 {
+                buf.extend_from_slice(b", ");
+            }
+            buf.extend_from_slice(if second { b } else { a });
+        }
+    };
+    if len_a > MAX_SHARED || len_b > MAX_SHARED {
+        let mut a = BytesMut::with_capacity(len_a);
+        write(&mut a, false);
+        let mut b = BytesMut::with_capacity(len_b);
+        write(&mut b, true);
+        return (a.freeze(), b.freeze());
+    }
+    BUF.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        if buf.capacity() - buf.len() < len_a + len_b {
+            *buf = BytesMut::with_capacity(CHUNK);
+        }
+        write(&mut buf, false);
+        let a = buf.split().freeze();
+        write(&mut buf, true);
+        (a, buf.split().freeze())
     })
 }
 
@@ -74,6 +117,11 @@ mod tests {
         assert_eq!(copy(b""), &b""[..]);
         assert_eq!(concat(&[b"a", b", ", b"b"]), &b"a, b"[..]);
         assert_eq!(concat(&[long.as_bytes(), b"!"]).len(), MAX_SHARED + 2);
+        let pairs: [(&[u8], &[u8]); 3] = [(b"a", b"x"), (b"b", b""), (b"c", b"z")];
+        let (a, b) = join_pairs(pairs.iter().copied());
+        assert_eq!((&a[..], &b[..]), (&b"a, b, c"[..], &b"x, , z"[..]));
+        let (a, b) = join_pairs([(&b"a"[..], long.as_bytes())].into_iter());
+        assert_eq!((&a[..], &b[..]), (&b"a"[..], long.as_bytes()));
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use bytes::Bytes;
 use http::{HeaderValue, Response};
 use pin_project_lite::pin_project;
 
@@ -36,50 +37,129 @@ pub trait ResponseNote: Send + 'static {
     }
 }
 
-/// The `RateLimit-Policy` and `RateLimit` values of fused checks, joined as they are
-/// handed over ([`ResponseNote::take_ratelimit_fields`]).
+/// One check's `RateLimit-Policy` and `RateLimit` values. The policy is a header value
+/// (often one precomputed); the limit, rendered per request, is kept as the bytes cut from
+/// the per-thread buffer ([`chunk`](crate::chunk)) and checked as a header value once, when
+/// written: alone by the note's own layer, or joined with the values of fused checks.
 #[doc(hidden)]
-#[derive(Debug, Default)]
-pub struct RateLimitFields {
-    joined: Option<(HeaderValue, HeaderValue)>,
-    /// Values that could not be joined (never expected), appended on their own.
-    apart: Vec<(HeaderValue, HeaderValue)>,
+#[derive(Clone)]
+pub struct FieldValues {
+    policy: HeaderValue,
+    limit: Bytes,
 }
 
-impl RateLimitFields {
-    /// Adds one check's values after those already handed over.
-    pub fn push(&mut self, policy: HeaderValue, limit: HeaderValue) {
-        match self.joined.take() {
-            None => self.joined = Some((policy, limit)),
-            Some((p, l)) => match (join(&p, &policy), join(&l, &limit)) {
-                (Some(jp), Some(jl)) => self.joined = Some((jp, jl)),
-                _ => {
-                    self.joined = Some((p, l));
-                    self.apart.push((policy, limit));
-                }
-            },
-        }
+// The limit bytes are only ever rendered by keygate's field writers, so without the
+// rate-limit and quota features nothing builds these.
+#[cfg_attr(not(any(feature = "rate-limit", feature = "quota")), allow(dead_code))]
+impl FieldValues {
+    pub(crate) fn new(policy: HeaderValue, limit: Bytes) -> Self {
+        FieldValues { policy, limit }
     }
 
-    /// Whether no check handed over any value.
-    pub fn is_empty(&self) -> bool {
-        self.joined.is_none()
-    }
-
-    /// Appends the values to `res`.
-    pub fn write<B>(self, res: &mut Response<B>) {
-        let h = res.headers_mut();
-        for (policy, limit) in self.joined.into_iter().chain(self.apart) {
-            h.append(&crate::reject::RATELIMIT_POLICY, policy);
+    /// Appends the two values to `res` (nothing when the limit is not a valid header value,
+    /// as when its rendering failed).
+    pub(crate) fn write<B>(self, res: &mut Response<B>) {
+        if let Ok(limit) = HeaderValue::from_maybe_shared(self.limit) {
+            let h = res.headers_mut();
+            h.append(&crate::reject::RATELIMIT_POLICY, self.policy);
             h.append(&crate::reject::RATELIMIT, limit);
         }
     }
 }
 
-/// `a, b`: the member lists of one structured field joined into one value.
-fn join(a: &HeaderValue, b: &HeaderValue) -> Option<HeaderValue> {
-    let bytes = crate::chunk::concat(&[a.as_bytes(), b", ", b.as_bytes()]);
-    HeaderValue::from_maybe_shared(bytes).ok()
+impl fmt::Debug for FieldValues {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let limit = HeaderValue::from_maybe_shared(self.limit.clone());
+        f.debug_tuple("")
+            .field(&self.policy)
+            .field(&limit.as_ref().map_err(|_| &self.limit))
+            .finish()
+    }
+}
+
+/// The `RateLimit-Policy` and `RateLimit` values of fused checks, collected as they are
+/// handed over ([`ResponseNote::take_ratelimit_fields`]) and joined once when written.
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct RateLimitFields {
+    // Inline for the usual rate limit and quota; more checks spill into `more`.
+    first: Option<FieldValues>,
+    second: Option<FieldValues>,
+    more: Vec<FieldValues>,
+}
+
+impl RateLimitFields {
+    /// Adds one check's values after those already handed over.
+    pub fn push(&mut self, values: FieldValues) {
+        if self.first.is_none() {
+            self.first = Some(values);
+        } else if self.second.is_none() {
+            self.second = Some(values);
+        } else {
+            self.more.push(values);
+        }
+    }
+
+    /// Whether no check handed over any value.
+    pub fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &FieldValues> + Clone {
+        self.first.iter().chain(&self.second).chain(&self.more)
+    }
+
+    /// Appends the values to `res`: one `RateLimit-Policy` and one `RateLimit` line, each
+    /// the checks' member lists joined (`a, b`) in the order they were handed over. A check
+    /// whose limit is not a valid header value (never expected) is left out, as its own
+    /// layer would write nothing.
+    pub fn write<B>(self, res: &mut Response<B>) {
+        if self.second.is_none() {
+            if let Some(only) = self.first {
+                only.write(res);
+            }
+            return;
+        }
+        if let Some((policy, limit)) = join_all(self.iter()) {
+            append(res, policy, limit);
+            return;
+        }
+        // Some limit is not a header value: join only those that are.
+        let mut valid: Vec<FieldValues> = self
+            .first
+            .into_iter()
+            .chain(self.second)
+            .chain(self.more)
+            .filter(|v| HeaderValue::from_maybe_shared(v.limit.clone()).is_ok())
+            .collect();
+        if valid.len() == 1 {
+            if let Some(only) = valid.pop() {
+                only.write(res);
+            }
+        } else if let Some((policy, limit)) = join_all(valid.iter()) {
+            append(res, policy, limit);
+        }
+    }
+}
+
+fn append<B>(res: &mut Response<B>, policy: HeaderValue, limit: HeaderValue) {
+    let h = res.headers_mut();
+    h.append(&crate::reject::RATELIMIT_POLICY, policy);
+    h.append(&crate::reject::RATELIMIT, limit);
+}
+
+/// `a, b, ...`: the member lists of each field joined into one value (`None` when there
+/// is nothing to join or a joined value is not a valid header value).
+fn join_all<'a>(
+    parts: impl Iterator<Item = &'a FieldValues> + Clone,
+) -> Option<(HeaderValue, HeaderValue)> {
+    parts.clone().next()?;
+    let (policy, limit) =
+        crate::chunk::join_pairs(parts.map(|v| (v.policy.as_bytes(), &v.limit[..])));
+    Some((
+        HeaderValue::from_maybe_shared(policy).ok()?,
+        HeaderValue::from_maybe_shared(limit).ok()?,
+    ))
 }
 
 impl ResponseNote for () {

@@ -78,6 +78,12 @@ impl FieldBuf {
     pub(crate) fn to_header(&self) -> Option<http::HeaderValue> {
         crate::chunk::header_value(self.as_bytes())
     }
+
+    /// The value's bytes, cut from the per-thread buffer of [`chunk`](crate::chunk) and not
+    /// yet checked as a header value.
+    pub(crate) fn to_bytes(&self) -> bytes::Bytes {
+        crate::chunk::copy(self.as_bytes())
+    }
 }
 
 impl FieldSink for FieldBuf {

@@ -12,8 +12,7 @@ use crate::core::usage::{
     LimitState, Usage, Window,
 };
 use crate::cost::RequestHead;
-use crate::future::{RateLimitFields, ResponseNote};
-use crate::reject::{RATELIMIT, RATELIMIT_POLICY};
+use crate::future::{FieldValues, RateLimitFields, ResponseNote};
 use crate::traffic::FieldBuf;
 use crate::{Denial, DenialCode, KeyId, Principal, QuotaWindow, RequestContext};
 
@@ -76,7 +75,7 @@ impl QuotaStatus {
 /// keygate denial, or a 4xx other than 429 from the service: see the
 /// [module docs](super)), the refund of what was counted.
 pub struct QuotaNote {
-    fields: Option<(HeaderValue, HeaderValue)>,
+    fields: Option<FieldValues>,
     refund: Option<Refund>,
 }
 
@@ -118,16 +117,14 @@ impl ResponseNote for QuotaNote {
                 r.run();
             }
         }
-        if let Some((policy, limit)) = self.fields {
-            let h = res.headers_mut();
-            h.append(&RATELIMIT_POLICY, policy);
-            h.append(&RATELIMIT, limit);
+        if let Some(fields) = self.fields {
+            fields.write(res);
         }
     }
 
     fn take_ratelimit_fields(&mut self, out: &mut RateLimitFields) {
-        if let Some((policy, limit)) = self.fields.take() {
-            out.push(policy, limit);
+        if let Some(fields) = self.fields.take() {
+            out.push(fields);
         }
     }
 
@@ -757,9 +754,9 @@ fn finish<B>(
     }
     let fields = (shared.headers && !quotas.is_empty())
         .then(|| {
-            Some((
+            Some(FieldValues::new(
                 policy.or_else(|| policy_field(&plan))?,
-                limit_field(&plan, &usage)?,
+                limit_field(&plan, &usage),
             ))
         })
         .flatten();
@@ -837,7 +834,8 @@ fn policy_field(plan: &Plan) -> Option<HeaderValue> {
 }
 
 /// The `RateLimit` field after this request: `"name";r=remaining;t=secs, ...`.
-fn limit_field(plan: &Plan, usage: &[Usage]) -> Option<HeaderValue> {
+/// Its bytes, checked as a header value when written.
+fn limit_field(plan: &Plan, usage: &[Usage]) -> bytes::Bytes {
     let quotas = plan.principal.quotas();
     let mut limit = FieldBuf::new();
     for (i, (q, l)) in quotas.iter().zip(&plan.limits).enumerate() {
@@ -848,7 +846,7 @@ fn limit_field(plan: &Plan, usage: &[Usage]) -> Option<HeaderValue> {
         let reset = plan.windows[l.window].remaining_at(plan.now);
         write_limit_item(&mut limit, &q.name, q.limit.saturating_sub(used), reset);
     }
-    limit.to_header()
+    limit.to_bytes()
 }
 
 /// The usage store could not answer: 503 `store_unavailable`, to be retried in a second

@@ -11,8 +11,7 @@ use crate::check::{Caller, Check, Guarded, One, Settle, Step};
 use crate::core::rate::{RateBackend, RateDecision, RateError, RateSubject};
 use crate::core::usage::{write_limit_item, write_policy_item, FieldSink, LimitState};
 use crate::cost::RequestHead;
-use crate::future::{RateLimitFields, ResponseNote};
-use crate::reject::{RATELIMIT, RATELIMIT_POLICY};
+use crate::future::{FieldValues, RateLimitFields, ResponseNote};
 use crate::traffic::FieldBuf;
 use crate::{client_ip, Denial, DenialCode, Principal, RateLimitPolicy};
 
@@ -25,7 +24,7 @@ pub type RateLimit<S> = Guarded<One<RateCheck>, S>;
 /// or the service then refuses the request: rate limits protect capacity, and a refused
 /// request used it too.
 pub struct RateLimitNote {
-    fields: Option<(HeaderValue, HeaderValue)>,
+    fields: Option<FieldValues>,
 }
 
 impl RateLimitNote {
@@ -50,16 +49,14 @@ impl std::fmt::Debug for RateLimitNote {
 
 impl ResponseNote for RateLimitNote {
     fn apply<B>(self, res: &mut Response<B>) {
-        if let Some((policy, limit)) = self.fields {
-            let h = res.headers_mut();
-            h.append(&RATELIMIT_POLICY, policy);
-            h.append(&RATELIMIT, limit);
+        if let Some(fields) = self.fields {
+            fields.write(res);
         }
     }
 
     fn take_ratelimit_fields(&mut self, out: &mut RateLimitFields) {
-        if let Some((policy, limit)) = self.fields.take() {
-            out.push(policy, limit);
+        if let Some(fields) = self.fields.take() {
+            out.push(fields);
         }
     }
 }
@@ -548,7 +545,7 @@ fn state(policy: &RateLimitPolicy, standing: Standing, violated: bool) -> LimitS
 }
 
 /// The `RateLimit-Policy` and `RateLimit` fields of a request that passed.
-fn fields(plan: &Plan<'_>, standings: &[Standing]) -> Option<(HeaderValue, HeaderValue)> {
+fn fields(plan: &Plan<'_>, standings: &[Standing]) -> Option<FieldValues> {
     write_fields(
         plan.entries.iter().map(|e| e.policy),
         plan.policy_field,
@@ -561,7 +558,7 @@ fn fields_of(
     policies: &[RateLimitPolicy],
     policy_field: Option<&HeaderValue>,
     standings: &[Standing],
-) -> Option<(HeaderValue, HeaderValue)> {
+) -> Option<FieldValues> {
     write_fields(policies.iter(), policy_field, standings)
 }
 
@@ -569,7 +566,7 @@ fn write_fields<'a>(
     policies: impl Iterator<Item = &'a RateLimitPolicy> + Clone,
     policy_field: Option<&HeaderValue>,
     standings: &[Standing],
-) -> Option<(HeaderValue, HeaderValue)> {
+) -> Option<FieldValues> {
     let policy = match policy_field {
         Some(v) => v.clone(),
         None => {
@@ -590,5 +587,5 @@ fn write_fields<'a>(
         }
         write_limit_item(&mut out, &p.name, s.remaining, Some(s.reset_after));
     }
-    Some((policy, out.to_header()?))
+    Some(FieldValues::new(policy, out.to_bytes()))
 }
