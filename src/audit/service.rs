@@ -69,7 +69,7 @@ where
         let (request_id, id_text) = match req.headers_mut().entry(&config.header) {
             Entry::Occupied(o) if config.trust_incoming && acceptable_id(o.get()) => {
                 let v = o.get().clone();
-                let text = Text::from_utf8(crate::chunk::copy(v.as_bytes())).unwrap_or_default();
+                let text = text_of(crate::chunk::copy(v.as_bytes()));
                 (v, text)
             }
             Entry::Occupied(mut o) => {
@@ -171,6 +171,13 @@ fn method(m: &Method) -> Cow<'static, str> {
     Cow::Borrowed(s)
 }
 
+/// `b` as text (ASCII as a rule, checked cheaply first; empty if not UTF-8).
+fn text_of(b: bytes::Bytes) -> Text {
+    Text::from_ascii(b)
+        .or_else(Text::from_utf8)
+        .unwrap_or_default()
+}
+
 /// The path as recorded: cut to `MAX_PATH` bytes, anything shaped like a key masked. Cut
 /// from the per-thread buffer of [`chunk`](crate::chunk) when there is nothing to mask.
 fn path(p: &str) -> Text {
@@ -180,7 +187,7 @@ fn path(p: &str) -> Text {
     }
     let p = &p[..end];
     if !contains_key_like(p.as_bytes()) {
-        return Text::from_utf8(crate::chunk::copy(p.as_bytes())).unwrap_or_default();
+        return text_of(crate::chunk::copy(p.as_bytes()));
     }
     let mut out = p.to_owned();
     mask_keys_in(&mut out);
@@ -236,7 +243,7 @@ pub(crate) fn generate_id() -> (HeaderValue, Text) {
     // Cut from the per-thread buffer: one allocation per ~30 ids.
     let bytes = crate::chunk::copy(&out);
     match HeaderValue::from_maybe_shared(bytes.clone()) {
-        Ok(v) => (v, Text::from_utf8(bytes).unwrap_or_default()),
+        Ok(v) => (v, text_of(bytes)),
         // Unreachable: hex digits are a valid header value.
         Err(_) => (HeaderValue::from_static("0"), Text::from("0")),
     }

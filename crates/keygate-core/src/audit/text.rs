@@ -34,6 +34,25 @@ impl Text {
         Ok(Text(bytes))
     }
 
+    /// `bytes` as text, if they are ASCII (shared, not copied); otherwise the bytes back.
+    /// Checks less than [`Text::from_utf8`], for text that is ASCII as a rule (request ids,
+    /// paths).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use keygate_core::audit::Text;
+    ///
+    /// assert_eq!(Text::from_ascii(Bytes::from_static(b"/v1/items")).unwrap(), "/v1/items");
+    /// assert!(Text::from_ascii(Bytes::from_static("caf\u{e9}".as_bytes())).is_err());
+    /// ```
+    pub fn from_ascii(bytes: Bytes) -> Result<Text, Bytes> {
+        if bytes.is_ascii() {
+            Ok(Text(bytes))
+        } else {
+            Err(bytes)
+        }
+    }
+
     /// The text.
     pub fn as_str(&self) -> &str {
         // Built only from UTF-8 (`from_utf8`, `From<&str>`, `From<String>`).
