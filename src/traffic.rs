@@ -92,18 +92,27 @@ impl FieldSink for FieldBuf {
         self.push_bytes(s.as_bytes());
     }
 
-    /// Appends `n` in decimal.
+    /// Appends `n` in decimal (four digits per division while it has more than four).
     fn push_u64(&mut self, mut n: u64) {
         let mut digits = [0u8; 20];
         let mut i = digits.len();
-        while n >= 100 {
-            let pair = (n % 100) as usize * 2;
+        while n >= 10_000 {
+            let rest = (n % 10_000) as usize;
+            n /= 10_000;
+            let (hi, lo) = (rest / 100 * 2, rest % 100 * 2);
+            i -= 4;
+            digits[i..i + 2].copy_from_slice(&DIGIT_PAIRS[hi..hi + 2]);
+            digits[i + 2..i + 4].copy_from_slice(&DIGIT_PAIRS[lo..lo + 2]);
+        }
+        let mut n = n as usize;
+        if n >= 100 {
+            let pair = n % 100 * 2;
             n /= 100;
             i -= 2;
             digits[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
         }
         if n >= 10 {
-            let pair = n as usize * 2;
+            let pair = n * 2;
             i -= 2;
             digits[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
         } else {
@@ -141,6 +150,24 @@ mod tests {
             999_999_999_999_999,
             u64::MAX,
         ] {
+            let mut f = FieldBuf::new();
+            f.push_u64(n);
+            assert_eq!(text(&f), n.to_string());
+        }
+        // Every length, and the values around each power of ten.
+        let mut p = 1u64;
+        loop {
+            for n in [p - 1, p, p + 1, p.saturating_mul(7) / 3] {
+                let mut f = FieldBuf::new();
+                f.push_u64(n);
+                assert_eq!(text(&f), n.to_string());
+            }
+            match p.checked_mul(10) {
+                Some(next) => p = next,
+                None => break,
+            }
+        }
+        for n in (0..200_000u64).step_by(7).chain(u64::MAX - 1000..=u64::MAX) {
             let mut f = FieldBuf::new();
             f.push_u64(n);
             assert_eq!(text(&f), n.to_string());
