@@ -90,6 +90,36 @@ pub(crate) fn join_pairs<'a>(
     })
 }
 
+/// `parts` joined with `, ` (`a, b, ...`), cut from this thread's buffer when short.
+pub(crate) fn join<'a>(parts: impl Iterator<Item = &'a [u8]> + Clone) -> Bytes {
+    let len: usize = parts
+        .clone()
+        .enumerate()
+        .map(|(i, p)| p.len() + if i > 0 { 2 } else { 0 })
+        .sum();
+    let write = |buf: &mut BytesMut| {
+        for (i, p) in parts.clone().enumerate() {
+            if i > 0 {
+                buf.extend_from_slice(b", ");
+            }
+            buf.extend_from_slice(p);
+        }
+    };
+    if len > MAX_SHARED {
+        let mut b = BytesMut::with_capacity(len);
+        write(&mut b);
+        return b.freeze();
+    }
+    BUF.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        if buf.capacity() - buf.len() < len {
+            *buf = BytesMut::with_capacity(CHUNK);
+        }
+        write(&mut buf);
+        buf.split().freeze()
+    })
+}
+
 /// `b` as a header value cut from this thread's buffer (`None` if it holds a byte a header
 /// value may not: never for the values keygate writes).
 #[cfg_attr(not(any(feature = "rate-limit", feature = "quota")), allow(dead_code))]
@@ -120,6 +150,9 @@ mod tests {
         let pairs: [(&[u8], &[u8]); 3] = [(b"a", b"x"), (b"b", b""), (b"c", b"z")];
         let (a, b) = join_pairs(pairs.iter().copied());
         assert_eq!((&a[..], &b[..]), (&b"a, b, c"[..], &b"x, , z"[..]));
+        let parts: [&[u8]; 3] = [b"a", b"", b"c"];
+        assert_eq!(join(parts.iter().copied()), &b"a, , c"[..]);
+        assert_eq!(join([long.as_bytes()].into_iter()), long.as_bytes());
         let (a, b) = join_pairs([(&b"a"[..], long.as_bytes())].into_iter());
         assert_eq!((&a[..], &b[..]), (&b"a"[..], long.as_bytes()));
     }

@@ -153,13 +153,66 @@ fn append<B>(res: &mut Response<B>, policy: HeaderValue, limit: HeaderValue) {
 fn join_all<'a>(
     parts: impl Iterator<Item = &'a FieldValues> + Clone,
 ) -> Option<(HeaderValue, HeaderValue)> {
-    parts.clone().next()?;
-    let (policy, limit) =
-        crate::chunk::join_pairs(parts.map(|v| (v.policy.as_bytes(), &v.limit[..])));
-    Some((
-        HeaderValue::from_maybe_shared(policy).ok()?,
-        HeaderValue::from_maybe_shared(limit).ok()?,
-    ))
+    match (
+        parts.clone().next(),
+        parts.clone().nth(1),
+        parts.clone().nth(2),
+    ) {
+        (None, _, _) => None,
+        // The usual two checks: no allocation.
+        (Some(a), Some(b), None) => join_pairs(&[a.pair(), b.pair()]),
+        _ => join_pairs(&parts.map(FieldValues::pair).collect::<Vec<_>>()),
+    }
+}
+
+impl FieldValues {
+    fn pair(&self) -> (&[u8], &[u8]) {
+        (self.policy.as_bytes(), &self.limit)
+    }
+}
+
+thread_local! {
+    /// The last joined `RateLimit-Policy` value made on this thread. The policies of a
+    /// stack are the same request after request (configured, or cached per key), so their
+    /// join is reused while its bytes are those the parts make.
+    static LAST_POLICY: std::cell::RefCell<Option<HeaderValue>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Whether `joined` is exactly the `parts` joined with `, `.
+fn is_join_of(joined: &[u8], parts: &[(&[u8], &[u8])]) -> bool {
+    let mut rest = joined;
+    for (i, (p, _)) in parts.iter().enumerate() {
+        if i > 0 {
+            match rest.strip_prefix(b", ") {
+                Some(r) => rest = r,
+                None => return false,
+            }
+        }
+        match rest.strip_prefix(*p) {
+            Some(r) => rest = r,
+            None => return false,
+        }
+    }
+    rest.is_empty()
+}
+
+fn join_pairs(parts: &[(&[u8], &[u8])]) -> Option<(HeaderValue, HeaderValue)> {
+    let cached = LAST_POLICY.with(|last| {
+        last.borrow()
+            .as_ref()
+            .filter(|v| is_join_of(v.as_bytes(), parts))
+            .cloned()
+    });
+    if let Some(policy) = cached {
+        let limit = crate::chunk::join(parts.iter().map(|p| p.1));
+        return Some((policy, HeaderValue::from_maybe_shared(limit).ok()?));
+    }
+    let (policy, limit) = crate::chunk::join_pairs(parts.iter().copied());
+    let policy = HeaderValue::from_maybe_shared(policy).ok()?;
+    let limit = HeaderValue::from_maybe_shared(limit).ok()?;
+    LAST_POLICY.with(|last| *last.borrow_mut() = Some(policy.clone()));
+    Some((policy, limit))
 }
 
 impl ResponseNote for () {
@@ -267,5 +320,96 @@ impl<F, B, N> fmt::Debug for ResponseFuture<F, B, N> {
             State::Rejected { .. } => "Rejected",
         };
         f.debug_tuple("ResponseFuture").field(&state).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joined(parts: &[(&str, &str)]) -> (String, String) {
+        let parts: Vec<(&[u8], &[u8])> = parts
+            .iter()
+            .map(|(p, l)| (p.as_bytes(), l.as_bytes()))
+            .collect();
+        let (p, l) = join_pairs(&parts).unwrap();
+        (p.to_str().unwrap().into(), l.to_str().unwrap().into())
+    }
+
+    #[test]
+    fn joins_are_exact_whether_or_not_the_policy_is_reused() {
+        let s = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+        // A miss, then hits (the same policies, other limits).
+        assert_eq!(joined(&[("a", "1"), ("b", "2")]), s("a, b", "1, 2"));
+        assert_eq!(joined(&[("a", "3"), ("b", "4")]), s("a, b", "3, 4"));
+        // Other splits of the same bytes join to the same value.
+        assert_eq!(joined(&[("a, b", "5")]), s("a, b", "5"));
+        assert_eq!(
+            joined(&[("a", "6"), ("", "7"), ("b", "8")]),
+            s("a, , b", "6, 7, 8")
+        );
+        assert_eq!(joined(&[("a", "6"), ("b", "7")]), s("a, b", "6, 7"));
+        // Prefixes and extensions of the last value are not it.
+        assert_eq!(joined(&[("a", "1")]), s("a", "1"));
+        assert_eq!(
+            joined(&[("a", "1"), ("b", "2"), ("c", "3")]),
+            s("a, b, c", "1, 2, 3")
+        );
+        assert_eq!(joined(&[("a", "1"), ("b", "2")]), s("a, b", "1, 2"));
+        assert_eq!(joined(&[("a", "1"), ("bc", "2")]), s("a, bc", "1, 2"));
+        // A limit that is no header value: no join.
+        assert!(join_pairs(&[(b"a", b"1"), (b"b", b"\n")]).is_none());
+        assert!(is_join_of(b"x, y", &[(b"x", b""), (b"y", b"")]));
+        assert!(!is_join_of(b"x, y", &[(b"x", b"")]));
+        assert!(!is_join_of(b"x,y", &[(b"x", b""), (b"y", b"")]));
+    }
+
+    #[test]
+    fn fused_fields_write_one_line_each() {
+        let v = |p: &'static str, l: &'static str| {
+            FieldValues::new(
+                HeaderValue::from_static(p),
+                Bytes::from_static(l.as_bytes()),
+            )
+        };
+        let lines = |f: RateLimitFields| {
+            let mut res = Response::new(());
+            f.write(&mut res);
+            let h = res.headers();
+            let all = |n: &http::HeaderName| -> Vec<String> {
+                h.get_all(n)
+                    .iter()
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .collect()
+            };
+            (
+                all(&crate::reject::RATELIMIT_POLICY),
+                all(&crate::reject::RATELIMIT),
+            )
+        };
+        let mut f = RateLimitFields::default();
+        f.push(v("p1", "l1"));
+        assert_eq!(lines(f), (vec!["p1".into()], vec!["l1".into()]));
+        let mut f = RateLimitFields::default();
+        for i in 1..=3 {
+            f.push(v(["p1", "p2", "p3"][i - 1], ["l1", "l2", "l3"][i - 1]));
+        }
+        assert_eq!(
+            lines(f),
+            (vec!["p1, p2, p3".into()], vec!["l1, l2, l3".into()])
+        );
+        // A limit that is no header value is left out, as its layer alone writes nothing.
+        let mut f = RateLimitFields::default();
+        f.push(v("p1", "l1"));
+        f.push(v("p2", "bad\n"));
+        f.push(v("p3", "l3"));
+        assert_eq!(lines(f), (vec!["p1, p3".into()], vec!["l1, l3".into()]));
+        let mut f = RateLimitFields::default();
+        f.push(v("p1", "bad\n"));
+        f.push(v("p2", "l2"));
+        assert_eq!(lines(f), (vec!["p2".into()], vec!["l2".into()]));
+        let mut f = RateLimitFields::default();
+        f.push(v("p1", "bad\n"));
+        assert_eq!(lines(f), (vec![], vec![]));
     }
 }
