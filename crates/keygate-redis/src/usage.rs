@@ -926,7 +926,10 @@ impl RedisUsageStore {
         };
         if let Err(e) = durable.add(increments).await {
             tracing::warn!(error = %e, "the durable usage copy could not be written; the Redis count is taken back");
-            self.refund_in_redis(increments).await;
+            // Redis only: the durable copy never took them.
+            if let Err(undo) = self.refund(increments, false).await {
+                tracing::warn!(error = %undo, "could not take back the Redis count: it stays counted");
+            }
             return Err(UsageError::Unavailable(format!(
                 "the durable usage copy could not be written: {e}"
             )));
@@ -986,21 +989,22 @@ impl RedisUsageStore {
             .map_err(usage_error)
     }
 
-    /// Takes `decrements` back from Redis, exactly once, then from the durable copy: now,
+    /// Takes `decrements` back from Redis, exactly once, then (with `durable`) from the
+    /// durable copy; without `durable` for counts the durable copy never took: now,
     /// or (when Redis does not answer) in the background as soon as it answers again,
     /// counted in [`unsettled`](Self::unsettled) until then (the durable copy is written
     /// after Redis, so a window re-seeded from it in between is not given back twice).
     /// Fails only when Redis refused it (an unreadable counter: sending it again would not
     /// help), or when the durable copy could not be written.
-    async fn refund(&self, decrements: &[Increment]) -> Result<(), UsageError> {
+    async fn refund(&self, decrements: &[Increment], durable: bool) -> Result<(), UsageError> {
         if decrements.is_empty() {
             return Ok(());
         }
         let op = self.next_op();
         match self.redis_subtract(decrements, op).await {
-            Ok(()) => match &self.durable {
-                Some(durable) => durable.subtract(decrements).await,
-                None => Ok(()),
+            Ok(()) => match (&self.durable, durable) {
+                (Some(copy), true) => copy.subtract(decrements).await,
+                _ => Ok(()),
             },
             Err(Failed { error, .. }) if refused_by_script(&error) => Err(usage_error(error)),
             Err(Failed { error, .. }) => {
@@ -1008,27 +1012,10 @@ impl RedisUsageStore {
                 self.lost(Lost::Refund {
                     op,
                     decrements: decrements.to_vec(),
-                    durable: true,
+                    durable,
                 });
                 Ok(())
             }
-        }
-    }
-
-    /// Takes `increments` back from Redis only (their durable write failed), exactly once,
-    /// now or in the background.
-    async fn refund_in_redis(&self, increments: &[Increment]) {
-        let op = self.next_op();
-        match self.redis_subtract(increments, op).await {
-            Ok(()) => {}
-            Err(Failed { error, .. }) if refused_by_script(&error) => {
-                tracing::warn!(error = %error, "could not take back the Redis count: it stays counted");
-            }
-            Err(_) => self.lost(Lost::Refund {
-                op,
-                decrements: increments.to_vec(),
-                durable: false,
-            }),
         }
     }
 
@@ -1254,7 +1241,7 @@ impl keygate_core::usage::UsageStore for RedisUsageStore {
         if decrements.is_empty() {
             return Ok(());
         }
-        self.refund(decrements).await
+        self.refund(decrements, true).await
     }
 
     async fn report(
