@@ -18,7 +18,8 @@ use crate::usage::{member, usage_error, RedisUsageStore, MAX_EXACT};
 
 static QUOTA_LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r#"
+        &[
+            r#"
 -- Reports the previous lease of this replica, reclaims the key's expired leases, and leases
 -- the next (reserves units in every window of the request if every limit has room).
 -- KEYS[1..n]: the request's window hashes; KEYS[n + 1]: the key's window index;
@@ -39,12 +40,9 @@ static QUOTA_LEASE: LazyLock<Script> = LazyLock::new(|| {
 -- Returns {granted?, units, replicas, epoch, then per window: used cost, requests,
 -- reserved, then the violated limits (0-based)}, or {-1, epoch} when a window must be seeded
 -- from the durable copy first (nothing written).
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local n = #KEYS - 5
+"#,
+            crate::rate::LUA_NOW,
+            r#"local n = #KEYS - 5
 local epoch = redis.call('GET', KEYS[n + 2])
 if not epoch then
   epoch = ARGV[11]
@@ -176,6 +174,8 @@ end
 for _, v in ipairs(violated) do out[#out + 1] = v end
 return out
 "#,
+        ]
+        .concat(),
     )
 });
 

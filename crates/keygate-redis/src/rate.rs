@@ -23,26 +23,21 @@ const MAX_PERIOD_US: u64 = 366 * 86_400 * 1_000_000;
 /// Below this (µs), a computed wait counts as zero (rounding of `period / limit`).
 const EPS: f64 = 0.001;
 
-static GCRA: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
--- GCRA over the policies of a request (each key names its subject), all or nothing.
--- KEYS[i], i <= n: state of shape i, "<base> <units>" (TAT = base + units * period / limit,
--- in us); KEYS[n + 1]: the epoch; KEYS[n + 2]: the hold after a loss, "<epoch> <until us>".
--- ARGV[1]: now (us since the Unix epoch), or "" to read the server's clock.
--- ARGV[2]: cost (0: count nothing, report only).
--- ARGV[3]: the epoch this replica saw last ("0": none); ARGV[4]: the epoch to create if
--- there is none; ARGV[5]: how long to hold after a loss (us).
--- ARGV[4 + 2i], ARGV[5 + 2i]: period (us) and limit of shape i.
--- Returns {allowed, now, epoch, then per shape: remaining, ahead (us, floor), wait (us,
--- ceil; 0 fits, -1 never)}, or {-1, now, epoch, hold until} while holding after a loss.
-local now = tonumber(ARGV[1])
+/// Lua, the start of every time-reading script: `now`, microseconds since the Unix epoch,
+/// from ARGV[1], or from the server's clock when ARGV[1] is "".
+pub(crate) const LUA_NOW: &str = r#"local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-local n = #KEYS - 2
-local epoch = redis.call('GET', KEYS[n + 1])
+"#;
+
+/// Lua, after [`LUA_NOW`] and `local n = ...`, in the rate-limit scripts: the epoch
+/// (KEYS[n + 1], created as ARGV[4] when missing) and the hold after Redis lost the state
+/// (KEYS[n + 2], "<epoch> <until us>"): once per new epoch that this replica did not know
+/// (ARGV[3], "0": none), everything is held for ARGV[5] us; while held, the script answers
+/// {-1, now, epoch, hold until}.
+pub(crate) const LUA_EPOCH_HOLD: &str = r#"local epoch = redis.call('GET', KEYS[n + 1])
 if not epoch then
   epoch = ARGV[4]
   redis.call('SET', KEYS[n + 1], epoch)
@@ -58,7 +53,27 @@ end
 if held_epoch == epoch and now < tonumber(held_until) then
   return {-1, now, tonumber(epoch), tonumber(held_until)}
 end
-local cost = tonumber(ARGV[2])
+"#;
+
+static GCRA: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        &[
+            r#"
+-- GCRA over the policies of a request (each key names its subject), all or nothing.
+-- KEYS[i], i <= n: state of shape i, "<base> <units>" (TAT = base + units * period / limit,
+-- in us); KEYS[n + 1]: the epoch; KEYS[n + 2]: the hold after a loss, "<epoch> <until us>".
+-- ARGV[1]: now (us since the Unix epoch), or "" to read the server's clock.
+-- ARGV[2]: cost (0: count nothing, report only).
+-- ARGV[3]: the epoch this replica saw last ("0": none); ARGV[4]: the epoch to create if
+-- there is none; ARGV[5]: how long to hold after a loss (us).
+-- ARGV[4 + 2i], ARGV[5 + 2i]: period (us) and limit of shape i.
+-- Returns {allowed, now, epoch, then per shape: remaining, ahead (us, floor), wait (us,
+-- ceil; 0 fits, -1 never)}, or {-1, now, epoch, hold until} while holding after a loss.
+"#,
+            LUA_NOW,
+            "local n = #KEYS - 2\n",
+            LUA_EPOCH_HOLD,
+            r#"local cost = tonumber(ARGV[2])
 local eps = 0.001
 local out = {1, now, tonumber(epoch)}
 local st = {}
@@ -108,20 +123,20 @@ for i = 1, n do
 end
 return out
 "#,
+        ]
+        .concat(),
     )
 });
 
 static REFUND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r#"
+        &[
+            r#"
 -- Gives back ARGV[2] units in every shape (same KEYS and ARGV as the check; the epoch is
 -- not consulted: giving back to a state that started over only makes it fresher).
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local cost = tonumber(ARGV[2])
+"#,
+            LUA_NOW,
+            r#"local cost = tonumber(ARGV[2])
 for i = 1, #KEYS - 2 do
   local period = tonumber(ARGV[4 + 2 * i])
   local limit = tonumber(ARGV[5 + 2 * i])
@@ -146,6 +161,8 @@ for i = 1, #KEYS - 2 do
 end
 return 0
 "#,
+        ]
+        .concat(),
     )
 });
 

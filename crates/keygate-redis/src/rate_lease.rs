@@ -12,11 +12,12 @@ use redis::Script;
 
 use crate::conn::micros;
 use crate::lease::{next_size, replica_id, spawn_sweeper, LeaseOptions};
-use crate::rate::{unavailable, Inner, RedisRateLimiter, Shape};
+use crate::rate::{unavailable, Inner, RedisRateLimiter, Shape, LUA_EPOCH_HOLD, LUA_NOW};
 
 static LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r#"
+        &[
+            r#"
 -- Leases units of every shape of a request (all or nothing), giving back first what the
 -- previous lease did not spend.
 -- KEYS[1..n]: shape states (as the check); KEYS[n + 1]: the epoch; KEYS[n + 2]: the hold
@@ -27,28 +28,11 @@ static LEASE: LazyLock<Script> = LazyLock::new(|| {
 -- ARGV[8]: units given back; ARGV[7 + 2i], ARGV[8 + 2i]: period (us) and limit of shape i.
 -- Returns {fits, now, epoch, replicas, granted, then per shape: ahead (us, floor), wait
 -- (us, ceil; 0 fits, -1 never)}, or {-1, now, epoch, hold until} while holding.
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local n = #KEYS - 3
-local epoch = redis.call('GET', KEYS[n + 1])
-if not epoch then
-  epoch = ARGV[4]
-  redis.call('SET', KEYS[n + 1], epoch)
-end
-local held = redis.call('GET', KEYS[n + 2])
-local held_epoch, held_until
-if held then held_epoch, held_until = string.match(held, '^(%d+) (%d+)$') end
-if ARGV[3] ~= '0' and epoch ~= ARGV[3] and held_epoch ~= epoch then
-  held_epoch, held_until = epoch, string.format('%.0f', now + tonumber(ARGV[5]))
-  redis.call('SET', KEYS[n + 2], held_epoch .. ' ' .. held_until)
-end
-if held_epoch == epoch and now < tonumber(held_until) then
-  return {-1, now, tonumber(epoch), tonumber(held_until)}
-end
-local rk = KEYS[n + 3]
+"#,
+            LUA_NOW,
+            "local n = #KEYS - 3\n",
+            LUA_EPOCH_HOLD,
+            r#"local rk = KEYS[n + 3]
 redis.call('ZADD', rk, now, ARGV[2])
 redis.call('ZREMRANGEBYSCORE', rk, '-inf', now - 10000000)
 redis.call('PEXPIRE', rk, 60000)
@@ -113,6 +97,8 @@ for i = 1, n do
 end
 return out
 "#,
+        ]
+        .concat(),
     )
 });
 
